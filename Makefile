@@ -1,0 +1,37 @@
+# One command each on a fresh clone: `make test`, `make demo`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_CPU_PIN := torch==2.13.0
+RUNS ?= runs
+
+.PHONY: setup test demo lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# A machine without a usable torch gets the pinned CPU wheel, never a loose pin (which pulls CUDA).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU_PIN)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(VENV)/bin/bench run --method sdpa --model wan-tiny --runs-dir $(RUNS)
+	$(VENV)/bin/bench run --method math --model wan-tiny --runs-dir $(RUNS)
+	$(VENV)/bin/bench report --runs-dir $(RUNS) --out $(RUNS)/report
+
+lint: setup
+	$(VENV)/bin/ruff check harness methods tests
+	$(VENV)/bin/ruff format --check harness methods tests
+
+# GPU benchmark: the latency script of the foundation issue (run on a CUDA machine).
+bench: setup
+	$(PY) -m harness.benchmarks.gpu_latency --out reports/gpu
+
+clean:
+	rm -rf $(VENV) $(RUNS)

@@ -1,0 +1,68 @@
+"""The latency regression gate: re-measure a baseline's methods here, compare time ratios to dense.
+
+Absolute times differ between machines; the ratio of each method's forward time to the dense
+baseline's, measured in one process, is what must not regress beyond the tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.latency_run import LatencyRequest, run_latency
+
+
+@dataclass(frozen=True)
+class Verdict:
+    method: str
+    old_ratio: float
+    new_ratio: float
+    limit: float
+
+    @property
+    def regressed(self) -> bool:
+        return self.new_ratio > self.limit
+
+    @property
+    def change(self) -> float:
+        return self.new_ratio / self.old_ratio - 1.0
+
+
+def load_baseline(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HarnessError(f"cannot read latency baseline {path}: {exc}") from exc
+    if data.get("kind") != "latency" or "methods" not in data:
+        raise HarnessError(f"{path} is not a `bench latency` result (kind 'latency' with 'methods')")
+    return data
+
+
+def request_from_baseline(baseline: dict[str, Any], overrides: dict[str, Any] | None = None) -> LatencyRequest:
+    fields = dict(baseline["spec"]["request"])
+    fields["dense_layers"] = tuple(fields.get("dense_layers", ()))
+    fields.update(overrides or {})
+    return LatencyRequest(**fields)
+
+
+def compare(baseline: dict[str, Any], current: dict[str, Any], tolerance: float) -> list[Verdict]:
+    """One verdict per method of the baseline: regressed iff new ratio > old ratio x (1 + tolerance)."""
+    if tolerance < 0:
+        raise HarnessError(f"tolerance must be >= 0, got {tolerance}")
+    verdicts = []
+    for name, entry in baseline["methods"].items():
+        if name not in current["methods"]:
+            raise HarnessError(f"method {name!r} of the baseline was not measured")
+        old, new = entry["ratio_to_baseline"], current["methods"][name]["ratio_to_baseline"]
+        verdicts.append(Verdict(name, old, new, old * (1.0 + tolerance)))
+    return verdicts
+
+
+def check(baseline_path: Path, tolerance: float, overrides: dict[str, Any] | None = None) -> tuple[list[Verdict], dict[str, Any]]:
+    """Re-measure and compare; returns the verdicts and the new measurement."""
+    baseline = load_baseline(baseline_path)
+    current = run_latency(request_from_baseline(baseline, overrides))
+    return compare(baseline, current, tolerance), current

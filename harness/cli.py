@@ -1,0 +1,356 @@
+"""The ``bench`` command line: parse options, build a spec, call one harness function, print.
+
+Every subcommand prints a rich table or a one-line summary, and ``--json`` prints the
+machine-readable result instead. User errors exit with code 2 and one clear message.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import HarnessError
+
+app = typer.Typer(
+    name="bench",
+    help="Benchmark and ablate efficient attention in video diffusion transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Folder of run records and artifacts.")]
+
+
+def user_errors(fn: F) -> F:
+    """Turn :class:`HarnessError` into a one-line message and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HarnessError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _parse_ints(text: str | None, what: str) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise HarnessError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
+
+
+def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise HarnessError(f"--param takes KEY=VALUE, got {pair!r}")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    table = Table(title=title, show_lines=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*[_fmt(value) for value in row])
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+# -- listing -----------------------------------------------------------------------------------
+
+
+@app.command("methods")
+@user_errors
+def methods_cmd(as_json: JsonOpt = False) -> None:
+    """List attention methods and what each supports (devices, dtypes, sparsity, training)."""
+    from methods import METHODS
+
+    rows = []
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        caps = cls.capabilities
+        rows.append({
+            "name": name, "aliases": METHODS.aliases_of(name), "devices": list(caps.devices),
+            "dtypes": [str(d).removeprefix("torch.") for d in caps.dtypes], "sparsity": caps.sparsity,
+            "data_dependent": caps.data_dependent, "needs_training": caps.needs_training,
+            "needs_calibration": caps.needs_calibration, "notes": caps.notes,
+        })  # fmt: skip
+    if as_json:
+        _print_json(rows)
+        return
+    columns = ["name", "aliases", "devices", "dtypes", "sparsity", "data_dependent", "needs_training", "notes"]
+    console.print(_table("attention methods", columns, [
+        [", ".join(r[c]) if isinstance(r[c], list) else r[c] for c in columns] for r in rows
+    ]))  # fmt: skip
+
+
+@app.command("models")
+@user_errors
+def models_cmd(as_json: JsonOpt = False) -> None:
+    """List model adapters: layers, default sampling, token count, where weights come from."""
+    from harness.models import MODELS
+
+    rows = []
+    for name in MODELS.names():
+        cls = MODELS.get(name)
+        d = cls.defaults
+        rows.append({
+            "name": name, "aliases": MODELS.aliases_of(name), "description": cls.description,
+            "layers": cls.num_layers, "weights": cls.weights_kind, "hub_id": getattr(cls, "hub_id", ""),
+            "default_video": f"{d.height}x{d.width}x{d.frames}", "tokens": cls.token_grid(d).tokens,
+            "steps": d.steps, "cfg": d.cfg, "shift": d.shift, "fps": d.fps,
+        })  # fmt: skip
+    if as_json:
+        _print_json(rows)
+        return
+    columns = ["name", "layers", "default_video", "tokens", "steps", "cfg", "shift", "weights", "description"]
+    console.print(_table("models", columns, [[r[c] for c in columns] for r in rows]))
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    method: Annotated[str, typer.Option(help="Attention method (see `bench methods`).")] = "sdpa",
+    model: Annotated[str, typer.Option(help="Model adapter (see `bench models`).")] = "wan-tiny",
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt; repeat for several.")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each gives the same noise for every method.")] = "0",
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the model's).")] = None,
+    cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale; 1 disables CFG.")] = None,
+    shift: Annotated[float | None, typer.Option(help="Flow-matching timestep shift.")] = None,
+    height: Annotated[int | None, typer.Option(help="Video height in pixels.")] = None,
+    width: Annotated[int | None, typer.Option(help="Video width in pixels.")] = None,
+    frames: Annotated[int | None, typer.Option(help="Video frames (Wan: 4k+1).")] = None,
+    fps: Annotated[int | None, typer.Option(help="Frames per second of the written mp4.")] = None,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt for the CFG branch.")] = "",
+    weights: Annotated[str, typer.Option(help="Local diffusers folder or hub id (default: the model's hub id).")] = "",
+    random_weights: Annotated[bool, typer.Option(help="Real architecture, random weights: latency only.")] = False,
+    download: Annotated[bool, typer.Option(help="Allow fetching weights from the hub (offline otherwise).")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
+    dense_warmup_steps: Annotated[int, typer.Option(help="First steps that run dense attention.")] = 0,
+    dense_layers: Annotated[str, typer.Option(help="Comma-separated layers (0-based) that always run dense.")] = "",
+    param: Annotated[list[str] | None, typer.Option(help="Method parameter KEY=VALUE (JSON values); repeatable.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Method state (safetensors) to load, e.g. a converted model.")] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    force: Annotated[bool, typer.Option(help="Rerun even if this exact spec already finished.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate videos for prompts x seeds with one method and write one record (skips finished specs)."""
+    from harness.generate import run
+    from harness.models import MODELS
+    from harness.spec import RunSpec, Sampling
+
+    adapter_cls = MODELS.get(model)
+    d = adapter_cls.defaults
+    sampling = Sampling(
+        steps=d.steps if steps is None else steps, cfg=d.cfg if cfg is None else cfg,
+        shift=d.shift if shift is None else shift, height=height or d.height, width=width or d.width,
+        frames=frames or d.frames, fps=fps or d.fps, negative_prompt=negative_prompt,
+    )  # fmt: skip
+    if random_weights and weights:
+        raise HarnessError("pass either --weights or --random-weights, not both")
+    spec = RunSpec(
+        model=MODELS.canonical(model), method=_canonical_method(method), sampling=sampling,
+        prompts=tuple(prompt or [DEFAULT_PROMPT]), seeds=_parse_ints(seeds, "--seeds"),
+        device=_resolved_device(device), dtype=_resolved_dtype(dtype, device),
+        weights="random" if random_weights else (weights or adapter_cls.weights_kind if adapter_cls.weights_kind != "pretrained" else weights),
+        method_params=_parse_params(param or []), dense_warmup_steps=dense_warmup_steps,
+        dense_layers=_parse_ints(dense_layers, "--dense-layers"),
+        checkpoint=str(checkpoint) if checkpoint else None,
+    )  # fmt: skip
+    outcome = run(spec, runs_dir, force=force, allow_download=download, show_progress=progress and not as_json)
+    if as_json:
+        _print_json({"skipped": outcome.skipped, "path": str(outcome.path), "record": outcome.record})
+        return
+    rec = outcome.record
+    verb = "skipped (already finished; --force reruns)" if outcome.skipped else "done"
+    console.print(
+        f"[bold]{spec.model} / {spec.method}[/] {verb}: {len(rec['artifacts']['videos'])} video(s), "
+        f"step {_fmt(rec['latency']['stages']['denoise_step']['median_ms'])} ms median, "
+        f"{_fmt(rec['latency']['end_to_end_ms_per_video'] / 1e3)} s/video, "
+        f"density {_fmt(rec['density']['mean'])} -> {outcome.path}"
+    )
+
+
+DEFAULT_PROMPT = "a red fox runs through fresh snow at dawn"
+
+
+def _canonical_method(name: str) -> str:
+    from methods import METHODS
+
+    return METHODS.canonical(name)
+
+
+def _resolved_device(name: str) -> str:
+    from harness.generate import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _resolved_dtype(name: str, device: str) -> str:
+    if name != "auto":
+        return name
+    return "bfloat16" if _resolved_device(device).startswith("cuda") else "float32"
+
+
+# -- latency, check ----------------------------------------------------------------------------
+
+
+@app.command("latency")
+@user_errors
+def latency_cmd(
+    model: Annotated[str, typer.Option(help="Model adapter.")] = "wan-tiny",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, timed in one process on the same inputs.")] = "sdpa,math",
+    random_weights: Annotated[bool, typer.Option(help="Real architecture with random weights (latency only).")] = False,
+    weights: Annotated[str, typer.Option(help="Local diffusers folder or hub id (ignored with --random-weights).")] = "",
+    height: Annotated[int | None, typer.Option(help="Video height in pixels (default: the model's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Video width in pixels.")] = None,
+    frames: Annotated[int | None, typer.Option(help="Video frames (Wan: 4k+1).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "auto",
+    warmup: Annotated[int, typer.Option(help="Warm-up forwards per method (reported, not in the statistics).")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed forwards per method (median and spread).")] = 5,
+    baseline: Annotated[str | None, typer.Option(help="Dense method speedups are computed against (default: fa2, cudnn, sdpa, math: first present).")] = None,
+    sample_steps: Annotated[int, typer.Option(help="Also time one whole sample with this many steps (0: forward only).")] = 0,
+    dense_layers: Annotated[str, typer.Option(help="Comma-separated layers kept dense for every method.")] = "",
+    out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time one transformer forward per method (and optionally a full sample); speedups vs a dense baseline."""
+    from harness.latency_run import LatencyRequest, run_latency, save_latency
+    from harness.models import MODELS
+
+    adapter_cls = MODELS.get(model)
+    request = LatencyRequest(
+        model=MODELS.canonical(model), methods=[m.strip() for m in methods.split(",") if m.strip()],
+        weights="random" if random_weights or adapter_cls.weights_kind == "random" else weights,
+        height=height, width=width, frames=frames, dtype=_resolved_dtype(dtype, device),
+        device=_resolved_device(device), warmup=warmup, repeats=repeats, baseline=baseline,
+        sample_steps=sample_steps, dense_layers=_parse_ints(dense_layers, "--dense-layers"),
+    )  # fmt: skip
+    if out is not None:
+        from harness.io_checks import ensure_writable_dir
+
+        ensure_writable_dir(out.parent)
+    result = run_latency(request)
+    if out is not None:
+        save_latency(result, out)
+    if as_json:
+        _print_json(result)
+        return
+    _print_latency(result)
+    if out is not None:
+        console.print(f"wrote {out}")
+
+
+def _print_latency(result: dict[str, Any]) -> None:
+    env = result["environment"]
+    title = (f"{result['model']} ({result['weights']} weights), {result['tokens']} tokens, "
+             f"{env['device_name']}, baseline {result['baseline']}")  # fmt: skip
+    columns = ["method", "forward ms (median)", "p25-p75", "attn ms/layer", "density", "peak GiB", "speedup"]
+    rows = [[name, e["forward"]["median_ms"], f"{e['forward']['p25_ms']:.4g}-{e['forward']['p75_ms']:.4g}",
+             e["attention_ms_per_layer"], e["density"], e["peak_gib"], e["speedup_vs_baseline"]]
+            for name, e in result["methods"].items()]  # fmt: skip
+    console.print(_table(title, columns, rows))
+
+
+@app.command("check")
+@user_errors
+def check_cmd(
+    baseline: Annotated[Path, typer.Option(help="A `bench latency --out` JSON to compare against.")],
+    tolerance: Annotated[float, typer.Option(help="Allowed relative growth of a method's time ratio to dense.")] = 0.10,
+    repeats: Annotated[int | None, typer.Option(help="Override the baseline's number of timed repeats.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-measure a baseline's methods here; exit 1 if a method's time ratio to dense regressed."""
+    from harness.check import check
+
+    verdicts, current = check(baseline, tolerance, {"repeats": repeats} if repeats else None)
+    failed = [v for v in verdicts if v.regressed]
+    if as_json:
+        _print_json({"passed": not failed, "tolerance": tolerance, "verdicts": [
+            {"method": v.method, "old_ratio": v.old_ratio, "new_ratio": v.new_ratio, "limit": v.limit,
+             "regressed": v.regressed} for v in verdicts]})  # fmt: skip
+    else:
+        rows = [[v.method, v.old_ratio, v.new_ratio, f"{v.change:+.1%}", "REGRESSED" if v.regressed else "ok"]
+                for v in verdicts]  # fmt: skip
+        console.print(_table(f"latency check vs {baseline} (tolerance {tolerance:.0%}, ratio = time / "
+                             f"{current['baseline']})", ["method", "old ratio", "new ratio", "change", "verdict"], rows))  # fmt: skip
+        console.print("[bold red]FAILED[/]" if failed else "[bold green]passed[/]")
+    if failed:
+        raise typer.Exit(1)
+
+
+HIDDEN_IN_CONSOLE = {"device", "weights", "videos", "peak_gib", "forward_p25_ms", "forward_p75_ms", "data_dependent"}
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    runs_dir: RunsDirOpt = Path("runs"),
+    out: Annotated[Path, typer.Option(help="Folder for the markdown and CSV tables.")] = Path("reports"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Build comparison tables (latency, speedup, every recorded metric) from a runs folder."""
+    from harness.report import build_report
+
+    if not runs_dir.is_dir():
+        raise HarnessError(f"runs folder {runs_dir} does not exist; run `bench run` first")
+    report = build_report(runs_dir, out)
+    for path, reason in report.errors:
+        err_console.print(f"[yellow]skipped corrupt record[/] {path}: {reason}")
+    if as_json:
+        _print_json({"tables": {k: t.to_dict(orient="records") for k, t in report.tables.items()},
+                     "files": [str(p) for p in report.files],
+                     "errors": [{"path": str(p), "reason": r} for p, r in report.errors]})  # fmt: skip
+        return
+    if not report.tables:
+        raise HarnessError(f"no readable records under {runs_dir}")
+    for kind, table in report.tables.items():
+        shown = [c for c in table.columns if c not in HIDDEN_IN_CONSOLE]
+        console.print(_table(kind, shown, table[shown].astype(object).values.tolist()))
+    console.print(f"wrote {', '.join(str(p) for p in report.files)}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,222 @@
+"""Paired generation: prompts x seeds, the same initial noise for every method, one record per run.
+
+Everything that can be checked without weights is checked first (names, sampling, schedule, device,
+method support, output folder); then the model is built, videos are sampled with per-stage timing,
+written as mp4 and kept as tensors, and the record is written atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from harness.environment import capture_environment
+from harness.errors import HarnessError
+from harness.io_checks import ensure_writable_dir
+from harness.latency import StageTimer, TimingStats, peak_memory
+from harness.models.base import MODELS, ModelAdapter
+from harness.records import finished_record, record_path, write_record
+from harness.spec import RunSpec
+from harness.video import safe_stem, write_mp4
+from methods import METHODS
+from methods.base import AttentionMethod, Schedule
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+@dataclass
+class Prepared:
+    """A validated spec with its resolved classes, ready to build."""
+
+    spec: RunSpec
+    adapter_cls: type[ModelAdapter]
+    method: AttentionMethod
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HarnessError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise HarnessError(f"unknown dtype {name!r}; use one of {sorted(set(DTYPES))}") from None
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The initial latent noise of one sample: a CPU generator, so it is the same on every device."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def prepare(spec: RunSpec) -> Prepared:
+    """Validate everything that needs no weights; raises :class:`HarnessError` with a clear message."""
+    adapter_cls = MODELS.get(spec.model)
+    method_cls = METHODS.get(spec.method)
+    adapter_cls.validate_sampling(spec.sampling)
+    schedule = Schedule(spec.dense_warmup_steps, spec.dense_layers)
+    schedule.validate_for(adapter_cls.num_layers, spec.sampling.steps)
+    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    if spec.weights == "random" and adapter_cls.weights_kind == "pretrained" and spec.eval_suites:
+        raise HarnessError("quality metrics are meaningless with --random-weights; drop --eval")
+    method = method_cls(schedule=schedule, **spec.method_params)
+    method.check_supported(device, dtype)
+    if spec.checkpoint is not None and not Path(spec.checkpoint).exists():
+        raise HarnessError(f"method checkpoint {spec.checkpoint} does not exist")
+    return Prepared(spec, adapter_cls, method, device, dtype)
+
+
+@dataclass
+class RunOutcome:
+    record: dict[str, Any]
+    path: Path
+    skipped: bool
+
+
+def run(spec: RunSpec, runs_dir: Path, force: bool = False, allow_download: bool = False,
+        show_progress: bool = True) -> RunOutcome:  # fmt: skip
+    """Generate every prompt x seed of ``spec`` and write its record (skipped if already finished)."""
+    prepared = prepare(spec)
+    runs_dir = ensure_writable_dir(runs_dir)
+    path = record_path(runs_dir, spec.run_id)
+    existing = finished_record(path)
+    if existing is not None and not force:
+        return RunOutcome(existing, path, skipped=True)
+
+    started = time.time()
+    model = prepared.adapter_cls.load(spec.weights, prepared.device, prepared.dtype, allow_download)
+    method = prepared.method
+    if spec.checkpoint is not None:
+        method.load_state(Path(spec.checkpoint))
+    artifacts_dir = runs_dir / spec.run_id
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    timer = StageTimer(prepared.device)
+    attention_per_step: list[float] = []
+    videos: list[dict[str, Any]] = []
+    frames_kept: dict[str, torch.Tensor] = {}
+    latent_shape = prepared.adapter_cls.latent_shape(spec.sampling)
+    total_steps = len(spec.prompts) * len(spec.seeds) * spec.sampling.steps
+
+    with (
+        _progress(show_progress) as progress,
+        model.use_method(method) as runtime,
+        peak_memory(prepared.device) as memory,
+        torch.inference_mode(),
+    ):
+        task = progress.add_task(f"{spec.model} / {spec.method}", total=total_steps)
+        with timer.stage("prompt_encoding"):
+            uncond = model.encode_prompts([spec.sampling.negative_prompt]) if spec.sampling.cfg > 1 else None
+        for prompt_index, prompt in enumerate(spec.prompts):
+            with timer.stage("prompt_encoding"):
+                cond = model.encode_prompts([prompt])
+            for seed in spec.seeds:
+                runtime.timer.pop_seconds()
+
+                def step_hook(index: int, _task: Any = task):  # type: ignore[no-untyped-def]
+                    return _StepScope(timer, runtime, attention_per_step, progress, _task)
+
+                latents = model.sample(initial_noise((1, *latent_shape), seed), cond, uncond, spec.sampling,
+                                       runtime, step_hook)  # fmt: skip
+                with timer.stage("decode"):
+                    frames = model.decode(latents)[0]
+                stem = f"{safe_stem(prompt)}-seed{seed}"
+                video_path = artifacts_dir / f"{stem}.mp4"
+                write_mp4(video_path, frames, spec.sampling.fps)
+                frames_kept[stem] = frames
+                videos.append({"prompt": prompt, "prompt_index": prompt_index, "seed": seed,
+                               "video": str(video_path.relative_to(runs_dir)), "frames_key": stem})  # fmt: skip
+
+    frames_path = artifacts_dir / "frames.safetensors"
+    _save_frames(frames_path, frames_kept)
+    record = _build_record(prepared, model, method, timer, attention_per_step, memory["peak_gib"], videos,
+                           str(frames_path.relative_to(runs_dir)), time.time() - started)  # fmt: skip
+    write_record(path, record)
+    return RunOutcome(record, path, skipped=False)
+
+
+class _StepScope:
+    """Times one denoising step and its attention-only share, then advances the progress bar."""
+
+    def __init__(self, timer: StageTimer, runtime: Any, attention: list[float], progress: Progress, task: Any):
+        self.timer, self.runtime, self.attention = timer, runtime, attention
+        self.progress, self.task = progress, task
+        self._stage = timer.stage("denoise_step")
+
+    def __enter__(self) -> None:
+        self._stage.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stage.__exit__(*exc)
+        self.attention.append(self.runtime.timer.pop_seconds())
+        self.progress.advance(self.task)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+        TimeElapsedColumn(), disable=not enabled, transient=False,
+    )  # fmt: skip
+
+
+def _save_frames(path: Path, frames: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    from harness.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({key: value.contiguous() for key, value in frames.items()}, str(tmp))
+
+
+def _build_record(prepared: Prepared, model: ModelAdapter, method: AttentionMethod, timer: StageTimer,
+                  attention_per_step: list[float], peak_gib: float | None, videos: list[dict[str, Any]],
+                  frames_path: str, wall_seconds: float) -> dict[str, Any]:  # fmt: skip
+    spec = prepared.spec
+    stages = {name: stats.to_dict() for name, stats in timer.stats().items()}
+    if attention_per_step:
+        skip = 1 if len(attention_per_step) > 1 else 0
+        stages["attention_per_step"] = TimingStats.from_seconds(
+            attention_per_step[skip:], attention_per_step[:skip]
+        ).to_dict()
+    step_seconds = timer.seconds("denoise_step")
+    per_video = (sum(step_seconds) + sum(timer.seconds("decode"))) / max(len(videos), 1)
+    weights = "random" if spec.weights == "random" or prepared.adapter_cls.weights_kind == "random" else "pretrained"
+    return {
+        "kind": "run",
+        "status": "complete",
+        "run_id": spec.run_id,
+        "spec": spec.to_dict(),
+        "spec_hash": spec.hash(),
+        "cohort": spec.cohort(),
+        "method_params_resolved": method.params(),
+        "method_capabilities": {"sparsity": method.capabilities.sparsity,
+                                "data_dependent": method.capabilities.data_dependent},  # fmt: skip
+        "weights": weights,
+        "quality_reportable": weights != "random",
+        "token_grid": vars(prepared.adapter_cls.token_grid(spec.sampling)),
+        "environment": capture_environment(prepared.device),
+        "latency": {
+            "stages": stages,
+            "denoise_total_ms_per_video": sum(step_seconds) * 1e3 / max(len(videos), 1),
+            "end_to_end_ms_per_video": per_video * 1e3,
+            "note": "per stage, the first call is warm-up (in warmup_ms), the rest are the statistics; "
+            "totals per video include every call",
+        },
+        "memory": {"peak_gib": peak_gib},
+        "density": method.density.summary(),
+        "metrics": {},
+        "artifacts": {"videos": videos, "frames": frames_path},
+        "wall_seconds": wall_seconds,
+    }

@@ -1,0 +1,182 @@
+"""``bench latency``: one transformer forward (and optionally a whole sample) per method, same inputs,
+one process, speedups against a named dense baseline. Obeys :mod:`harness.latency`'s protocol."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.environment import capture_environment
+from harness.errors import HarnessError
+from harness.generate import initial_noise, resolve_device, resolve_dtype
+from harness.latency import StageTimer, measure, peak_memory
+from harness.models.base import MODELS
+from harness.spec import Sampling
+from methods import METHODS, build_method
+from methods.base import AttentionMethod, Schedule
+
+DENSE_METHODS = ("fa2", "cudnn", "sdpa", "math")
+LATENCY_TIMESTEP = 500.0  # mid-trajectory; dense latency does not depend on it
+
+
+@dataclass
+class LatencyRequest:
+    """What to time. ``height``/``width``/``frames`` default to the model's sampling defaults."""
+
+    model: str
+    methods: list[str]
+    weights: str = "random"
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    warmup: int = 2
+    repeats: int = 5
+    baseline: str | None = None
+    sample_steps: int = 0  # > 0: also time a whole sample (CFG, that many steps, decode)
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dense_layers: tuple[int, ...] = ()
+    dense_warmup_steps: int = 0
+
+    def sampling(self) -> Sampling:
+        defaults = MODELS.get(self.model).defaults
+        return Sampling(
+            steps=max(self.sample_steps, 1), cfg=defaults.cfg, shift=defaults.shift,
+            height=self.height or defaults.height, width=self.width or defaults.width,
+            frames=self.frames or defaults.frames, fps=defaults.fps,
+        )  # fmt: skip
+
+
+def _validate(request: LatencyRequest) -> tuple[list[AttentionMethod], torch.device, torch.dtype]:
+    adapter_cls = MODELS.get(request.model)
+    if not request.methods:
+        raise HarnessError("name at least one method")
+    if request.repeats < 1 or request.warmup < 0:
+        raise HarnessError(f"need --repeats >= 1 and --warmup >= 0, got {request.repeats}, {request.warmup}")
+    sampling = request.sampling()
+    adapter_cls.validate_sampling(sampling)
+    schedule = Schedule(request.dense_warmup_steps, request.dense_layers)
+    schedule.validate_for(adapter_cls.num_layers, sampling.steps)
+    device, dtype = resolve_device(request.device), resolve_dtype(request.dtype)
+    names = [METHODS.canonical(name) for name in request.methods]
+    baseline = METHODS.canonical(request.baseline) if request.baseline else _default_baseline(names)
+    if baseline not in names:
+        raise HarnessError(f"baseline {baseline!r} must be one of the timed methods {names}")
+    methods = [build_method(name, schedule, **request.method_params.get(name, {})) for name in names]
+    for method in methods:
+        method.check_supported(device, dtype)
+    request.baseline = baseline
+    return methods, device, dtype
+
+
+def _default_baseline(names: list[str]) -> str:
+    for candidate in DENSE_METHODS:
+        if candidate in names:
+            return candidate
+    raise HarnessError(f"no dense method among {names}; add one (e.g. sdpa) or pass --baseline")
+
+
+def dense_attention_tflop(grid_tokens: int, heads: int, head_dim: int, layers: int, batch: int = 1) -> float:
+    """Dense self-attention FLOPs of one forward, in TFLOP: QK^T and PV, 2 FLOPs per multiply-add."""
+    return 4.0 * batch * heads * grid_tokens**2 * head_dim * layers / 1e12
+
+
+def run_latency(request: LatencyRequest) -> dict[str, Any]:
+    """Time every requested method on the same model and inputs; return the JSON-able result."""
+    methods, device, dtype = _validate(request)
+    adapter_cls = MODELS.get(request.model)
+    sampling = request.sampling()
+    grid = adapter_cls.token_grid(sampling)
+    model = adapter_cls.load(request.weights, device, dtype)
+    config = model.transformer.config
+    dense_tflop = dense_attention_tflop(grid.tokens, config.num_attention_heads, config.attention_head_dim,
+                                        adapter_cls.num_layers)  # fmt: skip
+    with torch.inference_mode():
+        latents = initial_noise((1, *adapter_cls.latent_shape(sampling)), seed=0).to(device)
+        embeddings = model.encode_prompts(["a latency probe"])
+        timestep = torch.tensor(LATENCY_TIMESTEP, device=device)
+
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        with model.use_method(method) as runtime, torch.inference_mode(), peak_memory(device) as memory:
+            runtime.num_steps = 1
+            stats, attention_seconds = measure(
+                lambda runtime=runtime: model.forward(latents, timestep, embeddings),
+                device, request.warmup, request.repeats, after_each=runtime.timer.pop_seconds,
+            )  # fmt: skip
+        attention_ms = sorted(s * 1e3 for s in attention_seconds)[len(attention_seconds) // 2]
+        density = method.density.mean()
+        entry: dict[str, Any] = {
+            "params": method.params(),
+            "sparsity": method.capabilities.sparsity,
+            "data_dependent": method.capabilities.data_dependent,
+            "forward": stats.to_dict(),
+            "attention_ms_per_forward": attention_ms,
+            "attention_ms_per_layer": attention_ms / adapter_cls.num_layers,
+            "non_attention_ms": stats.median_ms - attention_ms,
+            "peak_gib": memory["peak_gib"],
+            "density": density,
+            "attention_tflop_per_forward": dense_tflop * (density if density is not None else 1.0),
+        }
+        entry["attention_tflops"] = entry["attention_tflop_per_forward"] / (attention_ms / 1e3) if attention_ms else None
+        if request.sample_steps > 0:
+            entry["sample"] = _time_sample(model, method, sampling, device)
+        results[method.name] = entry
+
+    _add_speedups(results, request.baseline or "")
+    return {
+        "kind": "latency",
+        "spec": {"request": asdict(request), "sampling": asdict(sampling)},
+        "model": request.model,
+        "weights": "random" if request.weights == "random" or adapter_cls.weights_kind == "random" else "pretrained",
+        "token_grid": vars(grid),
+        "tokens": grid.tokens,
+        "dense_attention_tflop_per_forward": dense_tflop,
+        "baseline": request.baseline,
+        "environment": capture_environment(device),
+        "methods": results,
+    }
+
+
+def _time_sample(model: Any, method: AttentionMethod, sampling: Sampling, device: torch.device) -> dict[str, Any]:
+    """One whole sample (CFG on) with per-stage times; the first step is reported as warm-up."""
+    timer = StageTimer(device)
+    with model.use_method(method) as runtime, torch.inference_mode(), peak_memory(device) as memory:
+        with timer.stage("prompt_encoding"):
+            cond = model.encode_prompts(["a latency probe"])
+            uncond = model.encode_prompts([sampling.negative_prompt])
+        noise = initial_noise((1, *type(model).latent_shape(sampling)), seed=0)
+        latents = model.sample(noise, cond, uncond, sampling, runtime, lambda _i: timer.stage("denoise_step"))
+        with timer.stage("decode"):
+            model.decode(latents)
+    runtime.timer.pop_seconds()
+    total_ms = sum(sum(timer.seconds(name)) for name in ("prompt_encoding", "denoise_step", "decode")) * 1e3
+    return {
+        "steps": sampling.steps,
+        "stages": {name: stats.to_dict() for name, stats in timer.stats().items()},
+        "total_ms": total_ms,
+        "peak_gib": memory["peak_gib"],
+    }
+
+
+def _add_speedups(results: dict[str, dict[str, Any]], baseline: str) -> None:
+    base = results[baseline]["forward"]["median_ms"]
+    dense_present = [name for name in DENSE_METHODS if name in results]
+    for entry in results.values():
+        median = entry["forward"]["median_ms"]
+        entry["ratio_to_baseline"] = median / base
+        entry["speedup_vs_baseline"] = base / median
+        entry["speedup_vs"] = {name: results[name]["forward"]["median_ms"] / median for name in dense_present}
+        base_attn = results[baseline]["attention_ms_per_forward"]
+        entry["attention_speedup_vs_baseline"] = base_attn / entry["attention_ms_per_forward"] if entry[
+            "attention_ms_per_forward"] else None  # fmt: skip
+
+
+def save_latency(result: dict[str, Any], path: Path) -> None:
+    from harness.atomic import write_json_atomic
+
+    write_json_atomic(path, {**result, "status": "complete"})

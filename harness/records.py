@@ -1,0 +1,70 @@
+"""Run records: one JSON file per run, written atomically, read back tolerantly.
+
+A record holds the full spec and its hash, the environment, latency statistics, memory, density,
+metrics and artifact paths. A corrupt file in a runs folder is reported and skipped; the other
+records are still read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.atomic import write_json_atomic
+
+RECORD_SCHEMA = 1
+RECORD_SUFFIX = ".json"
+
+
+@dataclass
+class LoadedRecords:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def record_path(runs_dir: Path, run_id: str) -> Path:
+    return Path(runs_dir) / f"{run_id}{RECORD_SUFFIX}"
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    write_json_atomic(path, {"schema": RECORD_SCHEMA, **record})
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """One record; raises ``ValueError`` with the reason if the file is not a valid record."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable JSON: {exc}") from exc
+    if not isinstance(data, dict) or "kind" not in data or "spec" not in data:
+        raise ValueError("not a run record (no 'kind'/'spec')")
+    return data
+
+
+def finished_record(path: Path) -> dict[str, Any] | None:
+    """The record at ``path`` if it exists and is complete, else None (a rerun is needed)."""
+    if not Path(path).exists():
+        return None
+    try:
+        data = read_record(path)
+    except ValueError:
+        return None
+    return data if data.get("status") == "complete" else None
+
+
+def load_records(runs_dir: Path) -> LoadedRecords:
+    """Every record under ``runs_dir`` (recursively), plus the files that could not be read."""
+    loaded = LoadedRecords()
+    for path in sorted(Path(runs_dir).rglob(f"*{RECORD_SUFFIX}")):
+        if path.name.startswith("."):
+            continue  # temporary files of an interrupted atomic write
+        try:
+            record = read_record(path)
+        except ValueError as exc:
+            loaded.errors.append((path, str(exc)))
+            continue
+        record["_path"] = str(path)
+        loaded.records.append(record)
+    return loaded

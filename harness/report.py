@@ -1,0 +1,120 @@
+"""``bench report``: comparison tables (markdown and CSV) built from records only.
+
+Speedups compare runs of the same cohort (same model, sampling, prompts, seeds, device, dtype and
+weights); the dense baseline used is named in its own column. Quality figures of random-weight runs
+are never shown.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.atomic import atomic_path
+from harness.records import load_records
+
+DENSE_PREFERENCE = ("fa2", "cudnn", "sdpa", "math")
+
+
+@dataclass
+class Report:
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    errors: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _params_label(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, separators=(",", ":")) if params else ""
+
+
+def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per generation run: latency, speedup within its cohort, density, metrics."""
+    rows = []
+    for rec in records:
+        spec, stages = rec["spec"], rec["latency"]["stages"]
+        s = spec["sampling"]
+        row = {
+            "model": spec["model"],
+            "method": spec["method"],
+            "params": _params_label(rec.get("method_params_resolved") or spec.get("method_params", {})),
+            "weights": rec.get("weights"),
+            "device": rec["environment"].get("device_name"),
+            "video": f"{s['height']}x{s['width']}x{s['frames']}",
+            "steps": s["steps"],
+            "videos": len(rec["artifacts"]["videos"]),
+            "step_ms": stages.get("denoise_step", {}).get("median_ms"),
+            "attn_ms_per_step": stages.get("attention_per_step", {}).get("median_ms"),
+            "e2e_s_per_video": rec["latency"]["end_to_end_ms_per_video"] / 1e3,
+            "density": rec["density"].get("mean"),
+            "peak_gib": rec["memory"].get("peak_gib"),
+            "cohort": rec["cohort"],
+        }
+        if rec.get("quality_reportable", False):
+            for name, value in sorted(rec.get("metrics", {}).items()):
+                row[name] = value
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["baseline"], table["speedup"] = None, None
+    for _, group in table.groupby("cohort"):
+        dense = next((m for m in DENSE_PREFERENCE if m in set(group["method"])), None)
+        if dense is None:
+            continue
+        base_ms = group.loc[group["method"] == dense, "step_ms"].median()
+        table.loc[group.index, "baseline"] = dense
+        table.loc[group.index, "speedup"] = base_ms / group["step_ms"]
+    return table.drop(columns="cohort").sort_values(["model", "video", "method"]).reset_index(drop=True)
+
+
+def latency_table(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per method of every ``bench latency`` result."""
+    rows = []
+    for rec in records:
+        for method, entry in rec["methods"].items():
+            rows.append({
+                "model": rec["model"],
+                "weights": rec.get("weights"),
+                "device": rec["environment"].get("device_name"),
+                "tokens": rec["tokens"],
+                "method": method,
+                "forward_ms": entry["forward"]["median_ms"],
+                "forward_p25_ms": entry["forward"]["p25_ms"],
+                "forward_p75_ms": entry["forward"]["p75_ms"],
+                "attn_ms_per_layer": entry["attention_ms_per_layer"],
+                "density": entry.get("density"),
+                "data_dependent": entry.get("data_dependent"),
+                "peak_gib": entry.get("peak_gib"),
+                "baseline": rec["baseline"],
+                "speedup": entry["speedup_vs_baseline"],
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def build_report(runs_dir: Path, out_dir: Path | None) -> Report:
+    """Read every record under ``runs_dir``; write ``runs.md/csv`` and ``latency.md/csv`` to ``out_dir``."""
+    loaded = load_records(runs_dir)
+    report = Report(errors=loaded.errors)
+    for kind, builder in (("runs", runs_table), ("latency", latency_table)):
+        records = [r for r in loaded.records if r.get("kind") == ("run" if kind == "runs" else "latency")]
+        table = builder(records) if records else pd.DataFrame()
+        if table.empty:
+            continue
+        report.tables[kind] = table
+        if out_dir is not None:
+            report.files += _write_table(table, Path(out_dir), kind)
+    return report
+
+
+def _write_table(table: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False)
+    return [md_path, csv_path]

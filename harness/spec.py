@@ -1,0 +1,98 @@
+"""The run specification: everything that determines a run's numbers, and its hash.
+
+A spec is the experiment: the CLI only builds one. Two runs with equal specs are the same run, so
+a finished spec is skipped unless forced, and records from the same *cohort* (same model, sampling,
+prompts, seeds, device, dtype and weights, any method) are comparable for speedups and fidelity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from harness.errors import HarnessError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampler settings. ``height``/``width`` in pixels, ``frames`` in decoded video frames."""
+
+    steps: int
+    cfg: float
+    shift: float
+    height: int
+    width: int
+    frames: int
+    fps: int
+    negative_prompt: str = ""
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise HarnessError(f"steps must be >= 1, got {self.steps}")
+        if self.cfg < 1.0:
+            raise HarnessError(f"cfg (guidance scale) must be >= 1.0 (1.0 disables CFG), got {self.cfg}")
+        if self.shift <= 0:
+            raise HarnessError(f"shift must be > 0, got {self.shift}")
+        for name in ("height", "width", "frames", "fps"):
+            if getattr(self, name) < 1:
+                raise HarnessError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: a model, a method with its parameters and schedule, sampling, prompts x seeds."""
+
+    model: str
+    method: str
+    sampling: Sampling
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    device: str
+    dtype: str
+    weights: str  # "random", "builtin", a local folder or a hub id
+    method_params: dict[str, Any] = field(default_factory=dict)
+    dense_warmup_steps: int = 0
+    dense_layers: tuple[int, ...] = ()
+    checkpoint: str | None = None
+    eval_suites: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.sampling.validate()
+        if not self.prompts:
+            raise HarnessError("at least one prompt is needed")
+        if not self.seeds:
+            raise HarnessError("at least one seed is needed")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("prompts", "seeds", "dense_layers", "eval_suites"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        data = dict(data)
+        data["sampling"] = Sampling(**data["sampling"])
+        for key in ("prompts", "seeds", "dense_layers", "eval_suites"):
+            data[key] = tuple(data.get(key, ()))
+        return cls(**data)
+
+    def hash(self) -> str:
+        """Stable 12-hex-digit hash of the whole spec."""
+        return _digest(self.to_dict())
+
+    def cohort(self) -> str:
+        """Hash of everything but the method: runs of one cohort are directly comparable."""
+        neutral = replace(self, method="", method_params={}, dense_warmup_steps=0, dense_layers=(), checkpoint=None)
+        return _digest(neutral.to_dict())
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.model}__{self.method}__{self.hash()}"
+
+
+def _digest(data: dict[str, Any]) -> str:
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]

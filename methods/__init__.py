@@ -1,0 +1,37 @@
+"""Attention methods, one module each, all behind the contract in :mod:`methods.base`.
+
+Built-in methods are registered lazily so that ``bench methods`` lists them without importing
+their kernels; importing :mod:`methods` is therefore cheap.
+"""
+
+from methods.base import (
+    METHODS,
+    AttentionContext,
+    AttentionMethod,
+    Capabilities,
+    Schedule,
+    TokenGrid,
+    build_method,
+    register_method,
+)
+
+_BUILTIN = {
+    "sdpa": ("methods.dense:Sdpa", ("dense", "default")),
+    "math": ("methods.dense:MathReference", ("reference",)),
+    "cudnn": ("methods.dense:Cudnn", ()),
+    "fa2": ("methods.dense:FlashAttention2", ("flash", "flash-attn2")),
+}
+for _name, (_target, _aliases) in _BUILTIN.items():
+    if _name not in METHODS:
+        METHODS.add(_name, _target, _aliases)
+
+__all__ = [
+    "METHODS",
+    "AttentionContext",
+    "AttentionMethod",
+    "Capabilities",
+    "Schedule",
+    "TokenGrid",
+    "build_method",
+    "register_method",
+]

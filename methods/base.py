@@ -1,0 +1,250 @@
+"""The attention-method contract and the method registry.
+
+A model adapter computes q, k, v exactly as its model does (projections, qk-norm, RoPE) and calls
+``method(q, k, v, ctx)`` for every self-attention call; the method returns the attention output.
+A method therefore never knows which model it runs in. Every method honours a per-layer x per-step
+:class:`Schedule` (dense warm-up steps, dense layers) and reports the density it actually used.
+
+Shapes: q, k, v and the output are ``(batch, heads, tokens, head_dim)``; tokens follow the
+:class:`TokenGrid` layout (frame-major, then row, then column).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from harness.errors import HarnessError, UnsupportedError
+from harness.registry import Registry
+
+CfgBranch = Literal["cond", "uncond", "none"]
+Sparsity = Literal["dense", "static", "dynamic", "linear"]
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """The video token grid after patchify: ``frames x height x width`` tokens, frame-major."""
+
+    frames: int
+    height: int
+    width: int
+    layout: str = "frame-major, then row, then column"
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.height * self.width
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """Where an attention call happens: layer, denoising step, timestep, CFG branch, token grid."""
+
+    layer: int
+    num_layers: int
+    step: int
+    num_steps: int
+    timestep: float
+    cfg_branch: CfgBranch
+    grid: TokenGrid
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method declares it supports; checked before any model is built."""
+
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    sparsity: Sparsity = "dense"
+    data_dependent: bool = False  # True when the density depends on q/k (dynamic masks)
+    needs_training: bool = False
+    needs_calibration: bool = False
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-layer x per-step schedule: where the method runs and where plain dense attention runs."""
+
+    dense_warmup_steps: int = 0
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.dense_warmup_steps < 0:
+            raise HarnessError(f"dense warm-up steps must be >= 0, got {self.dense_warmup_steps}")
+        if any(layer < 0 for layer in self.dense_layers):
+            raise HarnessError(f"dense layers must be >= 0, got {list(self.dense_layers)}")
+
+    def runs_dense(self, ctx: AttentionContext) -> bool:
+        return ctx.step < self.dense_warmup_steps or ctx.layer in self.dense_layers
+
+    def validate_for(self, num_layers: int, num_steps: int) -> None:
+        """Fail early on a schedule that names layers the model does not have."""
+        bad = [layer for layer in self.dense_layers if layer >= num_layers]
+        if bad:
+            raise HarnessError(f"dense layers {bad} do not exist: the model has {num_layers} layers (0-based)")
+        if self.dense_warmup_steps > num_steps:
+            raise HarnessError(
+                f"dense warm-up steps ({self.dense_warmup_steps}) exceed the number of steps ({num_steps})"
+            )
+
+
+@dataclass
+class DensityLog:
+    """Density actually used per (layer, step), averaged over the calls (CFG branches, batches)."""
+
+    _sums: dict[tuple[int, int], float] = field(default_factory=lambda: defaultdict(float))
+    _counts: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, ctx: AttentionContext, density: float) -> None:
+        key = (ctx.layer, ctx.step)
+        self._sums[key] += float(density)
+        self._counts[key] += 1
+
+    def reset(self) -> None:
+        self._sums.clear()
+        self._counts.clear()
+
+    def mean(self) -> float | None:
+        calls = sum(self._counts.values())
+        return sum(self._sums.values()) / calls if calls else None
+
+    def per_layer(self) -> dict[int, float]:
+        return self._grouped(0)
+
+    def per_step(self) -> dict[int, float]:
+        return self._grouped(1)
+
+    def _grouped(self, axis: int) -> dict[int, float]:
+        sums: dict[int, float] = defaultdict(float)
+        counts: dict[int, int] = defaultdict(int)
+        for key, value in self._sums.items():
+            sums[key[axis]] += value
+            counts[key[axis]] += self._counts[key]
+        return {k: sums[k] / counts[k] for k in sorted(sums)}
+
+    def summary(self) -> dict[str, Any]:
+        return {"mean": self.mean(), "per_layer": self.per_layer(), "per_step": self.per_step()}
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain softmax attention, torch chooses the kernel. Shapes ``(B, H, N, D)``."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class AttentionMethod(ABC):
+    """Base class of every attention method.
+
+    Subclasses set ``name`` and ``capabilities`` and implement :meth:`attend`, returning the output
+    and the density used (1.0 for dense attention, the kept fraction of score blocks for sparse
+    ones). Constructor keyword arguments are the method's parameters and are recorded in the spec.
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
+        if params:
+            raise HarnessError(f"method {self.name!r} takes no parameter(s) {sorted(params)}")
+        self.schedule = schedule or Schedule()
+        self.density = DensityLog()
+
+    # -- the contract ------------------------------------------------------------------------
+
+    @abstractmethod
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+    ) -> tuple[torch.Tensor, float]:
+        """Attention output ``(B, H, N, D)`` and the density actually used in ``[0, 1]``."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if self.schedule.runs_dense(ctx):
+            out, density = dense_attention(q, k, v), 1.0
+        else:
+            out, density = self.attend(q, k, v, ctx)
+        self.density.add(ctx, density)
+        return out
+
+    def params(self) -> dict[str, Any]:
+        """The method's parameters as recorded in the run spec (JSON-serialisable)."""
+        return {}
+
+    # -- support checks ----------------------------------------------------------------------
+
+    def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Raise :class:`UnsupportedError` if the method cannot run here (never fall back silently)."""
+        caps = self.capabilities
+        if device.type not in caps.devices:
+            raise UnsupportedError(
+                f"method {self.name!r} cannot run on {device.type}: it needs {' or '.join(caps.devices)}."
+                f"{self._device_hint(device)}"
+            )
+        if dtype not in caps.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes)
+            raise UnsupportedError(f"method {self.name!r} does not support {dtype}; supported: {names}")
+
+    def _device_hint(self, device: torch.device) -> str:
+        return " On CPU use 'sdpa' or 'math'." if device.type == "cpu" else ""
+
+    # -- per-layer state (feature maps, caches, calibration plans) ---------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Learned or calibrated per-layer state; empty for stateless methods."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise HarnessError(f"method {self.name!r} has no state, but the state file holds {len(tensors)} tensors")
+
+    def save_state(self, path: Path) -> None:
+        """Write the state as safetensors (atomically), with the method's name and parameters."""
+        from safetensors.torch import save_file
+
+        from harness.atomic import atomic_path
+
+        meta = {"method": self.name, "params": json.dumps(self.params(), sort_keys=True)}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_tensors().items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    def load_state(self, path: Path) -> None:
+        """Load state saved by :meth:`save_state`; a wrong or corrupt file is a clear error."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError) as exc:
+            raise HarnessError(f"cannot read method state {path}: {exc}") from exc
+        if meta.get("method") != self.name:
+            raise HarnessError(f"state file {path} belongs to method {meta.get('method')!r}, not {self.name!r}")
+        self.load_state_tensors(tensors)
+
+
+METHODS: Registry[type[AttentionMethod]] = Registry("method", entry_point_group="attention_bench.methods")
+
+
+def register_method(name: str, aliases: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    """Class decorator: register an :class:`AttentionMethod` subclass under ``name``."""
+
+    def decorator(cls: type[AttentionMethod]) -> type[AttentionMethod]:
+        cls.name = name
+        return METHODS.register(name, aliases)(cls)
+
+    return decorator
+
+
+def build_method(name: str, schedule: Schedule | None = None, **params: Any) -> AttentionMethod:
+    """Instantiate a registered method by name or alias."""
+    return METHODS.get(name)(schedule=schedule, **params)
