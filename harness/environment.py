@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
@@ -60,6 +61,7 @@ def capture_environment(device: torch.device) -> dict[str, Any]:
         "flash_attn": _package_version("flash-attn"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # Device machines get a copy of the tree without .git: the caller passes the commit in.
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("BENCH_GIT_COMMIT"),
         "git_dirty": bool(status) if status is not None else None,
     }

@@ -46,13 +46,10 @@ def build_transformer(config: dict[str, Any], device: torch.device, dtype: torch
             transformer = WanTransformer3DModel(**config)
     finally:
         torch.set_default_dtype(previous)
+    # Parameters only: the RoPE tables are float64 buffers and stay so, as in diffusers.
     keep = set(WanTransformer3DModel._keep_in_fp32_modules)
-    for name, module in transformer.named_modules():
+    for name, param in transformer.named_parameters():
         if keep.intersection(name.split(".")):
-            module.float()
-    for name in keep:
-        param = getattr(transformer, name, None)
-        if isinstance(param, torch.nn.Parameter):
             param.data = param.data.float()
     return transformer
 

@@ -1,0 +1,1 @@
+"""GPU benchmark scripts (``make bench``): correctness first, then timings, JSON out."""
