@@ -61,7 +61,9 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], tolerance: float)
     return verdicts
 
 
-def check(baseline_path: Path, tolerance: float, overrides: dict[str, Any] | None = None) -> tuple[list[Verdict], dict[str, Any]]:
+def check(
+    baseline_path: Path, tolerance: float, overrides: dict[str, Any] | None = None
+) -> tuple[list[Verdict], dict[str, Any]]:
     """Re-measure and compare; returns the verdicts and the new measurement."""
     baseline = load_baseline(baseline_path)
     current = run_latency(request_from_baseline(baseline, overrides))

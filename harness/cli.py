@@ -102,19 +102,30 @@ def methods_cmd(as_json: JsonOpt = False) -> None:
     for name in METHODS.names():
         cls = METHODS.get(name)
         caps = cls.capabilities
-        rows.append({
-            "name": name, "aliases": METHODS.aliases_of(name), "devices": list(caps.devices),
-            "dtypes": [str(d).removeprefix("torch.") for d in caps.dtypes], "sparsity": caps.sparsity,
-            "data_dependent": caps.data_dependent, "needs_training": caps.needs_training,
-            "needs_calibration": caps.needs_calibration, "notes": caps.notes,
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "aliases": METHODS.aliases_of(name),
+                "devices": list(caps.devices),
+                "dtypes": [str(d).removeprefix("torch.") for d in caps.dtypes],
+                "sparsity": caps.sparsity,
+                "data_dependent": caps.data_dependent,
+                "needs_training": caps.needs_training,
+                "needs_calibration": caps.needs_calibration,
+                "notes": caps.notes,
+            }
+        )
     if as_json:
         _print_json(rows)
         return
     columns = ["name", "aliases", "devices", "dtypes", "sparsity", "data_dependent", "needs_training", "notes"]
-    console.print(_table("attention methods", columns, [
-        [", ".join(r[c]) if isinstance(r[c], list) else r[c] for c in columns] for r in rows
-    ]))  # fmt: skip
+    console.print(
+        _table(
+            "attention methods",
+            columns,
+            [[", ".join(r[c]) if isinstance(r[c], list) else r[c] for c in columns] for r in rows],
+        )
+    )
 
 
 @app.command("models")
@@ -127,12 +138,22 @@ def models_cmd(as_json: JsonOpt = False) -> None:
     for name in MODELS.names():
         cls = MODELS.get(name)
         d = cls.defaults
-        rows.append({
-            "name": name, "aliases": MODELS.aliases_of(name), "description": cls.description,
-            "layers": cls.num_layers, "weights": cls.weights_kind, "hub_id": getattr(cls, "hub_id", ""),
-            "default_video": f"{d.height}x{d.width}x{d.frames}", "tokens": cls.token_grid(d).tokens,
-            "steps": d.steps, "cfg": d.cfg, "shift": d.shift, "fps": d.fps,
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "aliases": MODELS.aliases_of(name),
+                "description": cls.description,
+                "layers": cls.num_layers,
+                "weights": cls.weights_kind,
+                "hub_id": getattr(cls, "hub_id", ""),
+                "default_video": f"{d.height}x{d.width}x{d.frames}",
+                "tokens": cls.token_grid(d).tokens,
+                "steps": d.steps,
+                "cfg": d.cfg,
+                "shift": d.shift,
+                "fps": d.fps,
+            }
+        )
     if as_json:
         _print_json(rows)
         return
@@ -149,7 +170,9 @@ def run_cmd(
     method: Annotated[str, typer.Option(help="Attention method (see `bench methods`).")] = "sdpa",
     model: Annotated[str, typer.Option(help="Model adapter (see `bench models`).")] = "wan-tiny",
     prompt: Annotated[list[str] | None, typer.Option(help="A prompt; repeat for several.")] = None,
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each gives the same noise for every method.")] = "0",
+    seeds: Annotated[
+        str, typer.Option(help="Comma-separated seeds; each gives the same noise for every method.")
+    ] = "0",
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the model's).")] = None,
     cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale; 1 disables CFG.")] = None,
     shift: Annotated[float | None, typer.Option(help="Flow-matching timestep shift.")] = None,
@@ -165,8 +188,12 @@ def run_cmd(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
     dense_warmup_steps: Annotated[int, typer.Option(help="First steps that run dense attention.")] = 0,
     dense_layers: Annotated[str, typer.Option(help="Comma-separated layers (0-based) that always run dense.")] = "",
-    param: Annotated[list[str] | None, typer.Option(help="Method parameter KEY=VALUE (JSON values); repeatable.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Method state (safetensors) to load, e.g. a converted model.")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option(help="Method parameter KEY=VALUE (JSON values); repeatable.")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Method state (safetensors) to load, e.g. a converted model.")
+    ] = None,
     runs_dir: RunsDirOpt = Path("runs"),
     force: Annotated[bool, typer.Option(help="Rerun even if this exact spec already finished.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -180,21 +207,31 @@ def run_cmd(
     adapter_cls = MODELS.get(model)
     d = adapter_cls.defaults
     sampling = Sampling(
-        steps=d.steps if steps is None else steps, cfg=d.cfg if cfg is None else cfg,
-        shift=d.shift if shift is None else shift, height=height or d.height, width=width or d.width,
-        frames=frames or d.frames, fps=fps or d.fps, negative_prompt=negative_prompt,
-    )  # fmt: skip
+        steps=d.steps if steps is None else steps,
+        cfg=d.cfg if cfg is None else cfg,
+        shift=d.shift if shift is None else shift,
+        height=height or d.height,
+        width=width or d.width,
+        frames=frames or d.frames,
+        fps=fps or d.fps,
+        negative_prompt=negative_prompt,
+    )
     if random_weights and weights:
         raise HarnessError("pass either --weights or --random-weights, not both")
     spec = RunSpec(
-        model=MODELS.canonical(model), method=_canonical_method(method), sampling=sampling,
-        prompts=tuple(prompt or [DEFAULT_PROMPT]), seeds=_parse_ints(seeds, "--seeds"),
-        device=_resolved_device(device), dtype=_resolved_dtype(dtype, device),
-        weights="random" if random_weights else (weights or adapter_cls.weights_kind if adapter_cls.weights_kind != "pretrained" else weights),
-        method_params=_parse_params(param or []), dense_warmup_steps=dense_warmup_steps,
+        model=MODELS.canonical(model),
+        method=_canonical_method(method),
+        sampling=sampling,
+        prompts=tuple(prompt or [DEFAULT_PROMPT]),
+        seeds=_parse_ints(seeds, "--seeds"),
+        device=_resolved_device(device),
+        dtype=_resolved_dtype(dtype, device),
+        weights=_weights_value(weights, random_weights, adapter_cls.weights_kind),
+        method_params=_parse_params(param or []),
+        dense_warmup_steps=dense_warmup_steps,
         dense_layers=_parse_ints(dense_layers, "--dense-layers"),
         checkpoint=str(checkpoint) if checkpoint else None,
-    )  # fmt: skip
+    )
     outcome = run(spec, runs_dir, force=force, allow_download=download, show_progress=progress and not as_json)
     if as_json:
         _print_json({"skipped": outcome.skipped, "path": str(outcome.path), "record": outcome.record})
@@ -210,6 +247,15 @@ def run_cmd(
 
 
 DEFAULT_PROMPT = "a red fox runs through fresh snow at dawn"
+
+
+def _weights_value(weights: str, random_weights: bool, weights_kind: str) -> str:
+    """The spec's weights field: "random", the adapter's own kind, or a folder / hub id ("" = default)."""
+    if random_weights:
+        return "random"
+    if weights_kind != "pretrained":
+        return weights_kind
+    return weights
 
 
 def _canonical_method(name: str) -> str:
@@ -237,9 +283,13 @@ def _resolved_dtype(name: str, device: str) -> str:
 @user_errors
 def latency_cmd(
     model: Annotated[str, typer.Option(help="Model adapter.")] = "wan-tiny",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods, timed in one process on the same inputs.")] = "sdpa,math",
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods, timed in one process on the same inputs.")
+    ] = "sdpa,math",
     random_weights: Annotated[bool, typer.Option(help="Real architecture with random weights (latency only).")] = False,
-    weights: Annotated[str, typer.Option(help="Local diffusers folder or hub id (ignored with --random-weights).")] = "",
+    weights: Annotated[
+        str, typer.Option(help="Local diffusers folder or hub id (ignored with --random-weights).")
+    ] = "",
     height: Annotated[int | None, typer.Option(help="Video height in pixels (default: the model's).")] = None,
     width: Annotated[int | None, typer.Option(help="Video width in pixels.")] = None,
     frames: Annotated[int | None, typer.Option(help="Video frames (Wan: 4k+1).")] = None,
@@ -247,8 +297,15 @@ def latency_cmd(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "auto",
     warmup: Annotated[int, typer.Option(help="Warm-up forwards per method (reported, not in the statistics).")] = 2,
     repeats: Annotated[int, typer.Option(help="Timed forwards per method (median and spread).")] = 5,
-    baseline: Annotated[str | None, typer.Option(help="Dense method speedups are computed against (default: fa2, cudnn, sdpa, math: first present).")] = None,
-    sample_steps: Annotated[int, typer.Option(help="Also time one whole sample with this many steps (0: forward only).")] = 0,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="Dense method speedups are computed against (default: fa2, cudnn, sdpa, math: first present)."
+        ),
+    ] = None,
+    sample_steps: Annotated[
+        int, typer.Option(help="Also time one whole sample with this many steps (0: forward only).")
+    ] = 0,
     dense_layers: Annotated[str, typer.Option(help="Comma-separated layers kept dense for every method.")] = "",
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     as_json: JsonOpt = False,
@@ -259,12 +316,20 @@ def latency_cmd(
 
     adapter_cls = MODELS.get(model)
     request = LatencyRequest(
-        model=MODELS.canonical(model), methods=[m.strip() for m in methods.split(",") if m.strip()],
+        model=MODELS.canonical(model),
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
         weights="random" if random_weights or adapter_cls.weights_kind == "random" else weights,
-        height=height, width=width, frames=frames, dtype=_resolved_dtype(dtype, device),
-        device=_resolved_device(device), warmup=warmup, repeats=repeats, baseline=baseline,
-        sample_steps=sample_steps, dense_layers=_parse_ints(dense_layers, "--dense-layers"),
-    )  # fmt: skip
+        height=height,
+        width=width,
+        frames=frames,
+        dtype=_resolved_dtype(dtype, device),
+        device=_resolved_device(device),
+        warmup=warmup,
+        repeats=repeats,
+        baseline=baseline,
+        sample_steps=sample_steps,
+        dense_layers=_parse_ints(dense_layers, "--dense-layers"),
+    )
     if out is not None:
         from harness.io_checks import ensure_writable_dir
 
@@ -282,12 +347,23 @@ def latency_cmd(
 
 def _print_latency(result: dict[str, Any]) -> None:
     env = result["environment"]
-    title = (f"{result['model']} ({result['weights']} weights), {result['tokens']} tokens, "
-             f"{env['device_name']}, baseline {result['baseline']}")  # fmt: skip
+    title = (
+        f"{result['model']} ({result['weights']} weights), {result['tokens']} tokens, "
+        f"{env['device_name']}, baseline {result['baseline']}"
+    )
     columns = ["method", "forward ms (median)", "p25-p75", "attn ms/layer", "density", "peak GiB", "speedup"]
-    rows = [[name, e["forward"]["median_ms"], f"{e['forward']['p25_ms']:.4g}-{e['forward']['p75_ms']:.4g}",
-             e["attention_ms_per_layer"], e["density"], e["peak_gib"], e["speedup_vs_baseline"]]
-            for name, e in result["methods"].items()]  # fmt: skip
+    rows = [
+        [
+            name,
+            e["forward"]["median_ms"],
+            f"{e['forward']['p25_ms']:.4g}-{e['forward']['p75_ms']:.4g}",
+            e["attention_ms_per_layer"],
+            e["density"],
+            e["peak_gib"],
+            e["speedup_vs_baseline"],
+        ]
+        for name, e in result["methods"].items()
+    ]
     console.print(_table(title, columns, rows))
 
 
@@ -305,14 +381,34 @@ def check_cmd(
     verdicts, current = check(baseline, tolerance, {"repeats": repeats} if repeats else None)
     failed = [v for v in verdicts if v.regressed]
     if as_json:
-        _print_json({"passed": not failed, "tolerance": tolerance, "verdicts": [
-            {"method": v.method, "old_ratio": v.old_ratio, "new_ratio": v.new_ratio, "limit": v.limit,
-             "regressed": v.regressed} for v in verdicts]})  # fmt: skip
+        _print_json(
+            {
+                "passed": not failed,
+                "tolerance": tolerance,
+                "verdicts": [
+                    {
+                        "method": v.method,
+                        "old_ratio": v.old_ratio,
+                        "new_ratio": v.new_ratio,
+                        "limit": v.limit,
+                        "regressed": v.regressed,
+                    }
+                    for v in verdicts
+                ],
+            }
+        )
     else:
-        rows = [[v.method, v.old_ratio, v.new_ratio, f"{v.change:+.1%}", "REGRESSED" if v.regressed else "ok"]
-                for v in verdicts]  # fmt: skip
-        console.print(_table(f"latency check vs {baseline} (tolerance {tolerance:.0%}, ratio = time / "
-                             f"{current['baseline']})", ["method", "old ratio", "new ratio", "change", "verdict"], rows))  # fmt: skip
+        rows = [
+            [v.method, v.old_ratio, v.new_ratio, f"{v.change:+.1%}", "REGRESSED" if v.regressed else "ok"]
+            for v in verdicts
+        ]
+        console.print(
+            _table(
+                f"latency check vs {baseline} (tolerance {tolerance:.0%}, ratio = time / {current['baseline']})",
+                ["method", "old ratio", "new ratio", "change", "verdict"],
+                rows,
+            )
+        )
         console.print("[bold red]FAILED[/]" if failed else "[bold green]passed[/]")
     if failed:
         raise typer.Exit(1)
@@ -340,9 +436,13 @@ def report_cmd(
     for path, reason in report.errors:
         err_console.print(f"[yellow]skipped corrupt record[/] {path}: {reason}")
     if as_json:
-        _print_json({"tables": {k: t.to_dict(orient="records") for k, t in report.tables.items()},
-                     "files": [str(p) for p in report.files],
-                     "errors": [{"path": str(p), "reason": r} for p, r in report.errors]})  # fmt: skip
+        _print_json(
+            {
+                "tables": {k: t.to_dict(orient="records") for k, t in report.tables.items()},
+                "files": [str(p) for p in report.files],
+                "errors": [{"path": str(p), "reason": r} for p, r in report.errors],
+            }
+        )
         return
     if not report.tables:
         raise HarnessError(f"no readable records under {runs_dir}")

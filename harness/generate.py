@@ -26,8 +26,14 @@ from harness.video import safe_stem, write_mp4
 from methods import METHODS
 from methods.base import AttentionMethod, Schedule
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -86,8 +92,9 @@ class RunOutcome:
     skipped: bool
 
 
-def run(spec: RunSpec, runs_dir: Path, force: bool = False, allow_download: bool = False,
-        show_progress: bool = True) -> RunOutcome:  # fmt: skip
+def run(
+    spec: RunSpec, runs_dir: Path, force: bool = False, allow_download: bool = False, show_progress: bool = True
+) -> RunOutcome:
     """Generate every prompt x seed of ``spec`` and write its record (skipped if already finished)."""
     prepared = prepare(spec)
     runs_dir = ensure_writable_dir(runs_dir)
@@ -128,21 +135,38 @@ def run(spec: RunSpec, runs_dir: Path, force: bool = False, allow_download: bool
                 def step_hook(index: int, _task: Any = task):  # type: ignore[no-untyped-def]
                     return _StepScope(timer, runtime, attention_per_step, progress, _task)
 
-                latents = model.sample(initial_noise((1, *latent_shape), seed), cond, uncond, spec.sampling,
-                                       runtime, step_hook)  # fmt: skip
+                latents = model.sample(
+                    initial_noise((1, *latent_shape), seed), cond, uncond, spec.sampling, runtime, step_hook
+                )
                 with timer.stage("decode"):
                     frames = model.decode(latents)[0]
                 stem = f"{safe_stem(prompt)}-seed{seed}"
                 video_path = artifacts_dir / f"{stem}.mp4"
                 write_mp4(video_path, frames, spec.sampling.fps)
                 frames_kept[stem] = frames
-                videos.append({"prompt": prompt, "prompt_index": prompt_index, "seed": seed,
-                               "video": str(video_path.relative_to(runs_dir)), "frames_key": stem})  # fmt: skip
+                videos.append(
+                    {
+                        "prompt": prompt,
+                        "prompt_index": prompt_index,
+                        "seed": seed,
+                        "video": str(video_path.relative_to(runs_dir)),
+                        "frames_key": stem,
+                    }
+                )
 
     frames_path = artifacts_dir / "frames.safetensors"
     _save_frames(frames_path, frames_kept)
-    record = _build_record(prepared, model, method, timer, attention_per_step, memory["peak_gib"], videos,
-                           str(frames_path.relative_to(runs_dir)), time.time() - started)  # fmt: skip
+    record = _build_record(
+        prepared,
+        model,
+        method,
+        timer,
+        attention_per_step,
+        memory["peak_gib"],
+        videos,
+        str(frames_path.relative_to(runs_dir)),
+        time.time() - started,
+    )
     write_record(path, record)
     return RunOutcome(record, path, skipped=False)
 
@@ -166,9 +190,14 @@ class _StepScope:
 
 def _progress(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-        TimeElapsedColumn(), disable=not enabled, transient=False,
-    )  # fmt: skip
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=False,
+    )
 
 
 def _save_frames(path: Path, frames: dict[str, torch.Tensor]) -> None:
@@ -180,9 +209,17 @@ def _save_frames(path: Path, frames: dict[str, torch.Tensor]) -> None:
         save_file({key: value.contiguous() for key, value in frames.items()}, str(tmp))
 
 
-def _build_record(prepared: Prepared, model: ModelAdapter, method: AttentionMethod, timer: StageTimer,
-                  attention_per_step: list[float], peak_gib: float | None, videos: list[dict[str, Any]],
-                  frames_path: str, wall_seconds: float) -> dict[str, Any]:  # fmt: skip
+def _build_record(
+    prepared: Prepared,
+    model: ModelAdapter,
+    method: AttentionMethod,
+    timer: StageTimer,
+    attention_per_step: list[float],
+    peak_gib: float | None,
+    videos: list[dict[str, Any]],
+    frames_path: str,
+    wall_seconds: float,
+) -> dict[str, Any]:
     spec = prepared.spec
     stages = {name: stats.to_dict() for name, stats in timer.stats().items()}
     if attention_per_step:
@@ -201,8 +238,10 @@ def _build_record(prepared: Prepared, model: ModelAdapter, method: AttentionMeth
         "spec_hash": spec.hash(),
         "cohort": spec.cohort(),
         "method_params_resolved": method.params(),
-        "method_capabilities": {"sparsity": method.capabilities.sparsity,
-                                "data_dependent": method.capabilities.data_dependent},  # fmt: skip
+        "method_capabilities": {
+            "sparsity": method.capabilities.sparsity,
+            "data_dependent": method.capabilities.data_dependent,
+        },
         "weights": weights,
         "quality_reportable": weights != "random",
         "token_grid": vars(prepared.adapter_cls.token_grid(spec.sampling)),

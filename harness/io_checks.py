@@ -23,6 +23,7 @@ def ensure_writable_dir(folder: Path, min_free_bytes: int = MIN_FREE_BYTES) -> P
     free = shutil.disk_usage(folder).free
     if free < min_free_bytes:
         raise HarnessError(
-            f"output folder {folder} has only {free / 2**20:.0f} MiB free; need at least {min_free_bytes / 2**20:.0f} MiB"
+            f"output folder {folder} has only {free / 2**20:.0f} MiB free; "
+            f"need at least {min_free_bytes / 2**20:.0f} MiB"
         )
     return folder

@@ -45,10 +45,14 @@ class LatencyRequest:
     def sampling(self) -> Sampling:
         defaults = MODELS.get(self.model).defaults
         return Sampling(
-            steps=max(self.sample_steps, 1), cfg=defaults.cfg, shift=defaults.shift,
-            height=self.height or defaults.height, width=self.width or defaults.width,
-            frames=self.frames or defaults.frames, fps=defaults.fps,
-        )  # fmt: skip
+            steps=max(self.sample_steps, 1),
+            cfg=defaults.cfg,
+            shift=defaults.shift,
+            height=self.height or defaults.height,
+            width=self.width or defaults.width,
+            frames=self.frames or defaults.frames,
+            fps=defaults.fps,
+        )
 
 
 def _validate(request: LatencyRequest) -> tuple[list[AttentionMethod], torch.device, torch.dtype]:
@@ -93,8 +97,9 @@ def run_latency(request: LatencyRequest) -> dict[str, Any]:
     grid = adapter_cls.token_grid(sampling)
     model = adapter_cls.load(request.weights, device, dtype)
     config = model.transformer.config
-    dense_tflop = dense_attention_tflop(grid.tokens, config.num_attention_heads, config.attention_head_dim,
-                                        adapter_cls.num_layers)  # fmt: skip
+    dense_tflop = dense_attention_tflop(
+        grid.tokens, config.num_attention_heads, config.attention_head_dim, adapter_cls.num_layers
+    )
     with torch.inference_mode():
         latents = initial_noise((1, *adapter_cls.latent_shape(sampling)), seed=0).to(device)
         embeddings = model.encode_prompts(["a latency probe"])
@@ -106,8 +111,11 @@ def run_latency(request: LatencyRequest) -> dict[str, Any]:
             runtime.num_steps = 1
             stats, attention_seconds = measure(
                 lambda runtime=runtime: model.forward(latents, timestep, embeddings),
-                device, request.warmup, request.repeats, after_each=runtime.timer.pop_seconds,
-            )  # fmt: skip
+                device,
+                request.warmup,
+                request.repeats,
+                after_each=runtime.timer.pop_seconds,
+            )
         attention_ms = sorted(s * 1e3 for s in attention_seconds)[len(attention_seconds) // 2]
         density = method.density.mean()
         entry: dict[str, Any] = {
@@ -122,7 +130,9 @@ def run_latency(request: LatencyRequest) -> dict[str, Any]:
             "density": density,
             "attention_tflop_per_forward": dense_tflop * (density if density is not None else 1.0),
         }
-        entry["attention_tflops"] = entry["attention_tflop_per_forward"] / (attention_ms / 1e3) if attention_ms else None
+        entry["attention_tflops"] = (
+            entry["attention_tflop_per_forward"] / (attention_ms / 1e3) if attention_ms else None
+        )
         if request.sample_steps > 0:
             entry["sample"] = _time_sample(model, method, sampling, device)
         results[method.name] = entry
@@ -172,8 +182,9 @@ def _add_speedups(results: dict[str, dict[str, Any]], baseline: str) -> None:
         entry["speedup_vs_baseline"] = base / median
         entry["speedup_vs"] = {name: results[name]["forward"]["median_ms"] / median for name in dense_present}
         base_attn = results[baseline]["attention_ms_per_forward"]
-        entry["attention_speedup_vs_baseline"] = base_attn / entry["attention_ms_per_forward"] if entry[
-            "attention_ms_per_forward"] else None  # fmt: skip
+        entry["attention_speedup_vs_baseline"] = (
+            base_attn / entry["attention_ms_per_forward"] if entry["attention_ms_per_forward"] else None
+        )
 
 
 def save_latency(result: dict[str, Any], path: Path) -> None:

@@ -62,7 +62,7 @@ class Registry(Generic[T]):
             self._entries[name] = obj
             for alias in aliases:
                 owner = self._aliases.get(alias)
-                if owner not in (None, name) or alias in self._entries and alias != name:
+                if owner not in (None, name) or (alias in self._entries and alias != name):
                     raise ValueError(f"{self.kind} alias {alias!r} already points at {owner or alias!r}")
                 self._aliases[alias] = name
 

@@ -76,22 +76,24 @@ def latency_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for rec in records:
         for method, entry in rec["methods"].items():
-            rows.append({
-                "model": rec["model"],
-                "weights": rec.get("weights"),
-                "device": rec["environment"].get("device_name"),
-                "tokens": rec["tokens"],
-                "method": method,
-                "forward_ms": entry["forward"]["median_ms"],
-                "forward_p25_ms": entry["forward"]["p25_ms"],
-                "forward_p75_ms": entry["forward"]["p75_ms"],
-                "attn_ms_per_layer": entry["attention_ms_per_layer"],
-                "density": entry.get("density"),
-                "data_dependent": entry.get("data_dependent"),
-                "peak_gib": entry.get("peak_gib"),
-                "baseline": rec["baseline"],
-                "speedup": entry["speedup_vs_baseline"],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": rec["model"],
+                    "weights": rec.get("weights"),
+                    "device": rec["environment"].get("device_name"),
+                    "tokens": rec["tokens"],
+                    "method": method,
+                    "forward_ms": entry["forward"]["median_ms"],
+                    "forward_p25_ms": entry["forward"]["p25_ms"],
+                    "forward_p75_ms": entry["forward"]["p75_ms"],
+                    "attn_ms_per_layer": entry["attention_ms_per_layer"],
+                    "density": entry.get("density"),
+                    "data_dependent": entry.get("data_dependent"),
+                    "peak_gib": entry.get("peak_gib"),
+                    "baseline": rec["baseline"],
+                    "speedup": entry["speedup_vs_baseline"],
+                }
+            )
     return pd.DataFrame(rows)
 
 

@@ -35,9 +35,15 @@ def write_mp4(path: Path, frames: torch.Tensor | np.ndarray, fps: int) -> None:
     _, height, width, _ = array.shape
     with atomic_path(Path(path)) as tmp:
         writer = imageio_ffmpeg.write_frames(
-            str(tmp), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-            macro_block_size=1, ffmpeg_log_level="error", output_params=["-f", "mp4"],
-        )  # fmt: skip
+            str(tmp),
+            (width, height),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            macro_block_size=1,
+            ffmpeg_log_level="error",
+            output_params=["-f", "mp4"],
+        )
         writer.send(None)
         for frame in array:
             writer.send(np.ascontiguousarray(frame))

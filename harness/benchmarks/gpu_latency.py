@@ -66,27 +66,43 @@ def main(argv: list[str] | None = None) -> None:
     for model in [m for m in args.models.split(",") if m]:
         warmup, repeats = REPEATS.get(model, (2, 5))
         started = time.time()
-        result = run_latency(LatencyRequest(
-            model=model, methods=passed, weights="random", dtype="bfloat16", device="cuda",
-            warmup=warmup, repeats=repeats, sample_steps=args.sample_steps,
-        ))  # fmt: skip
+        result = run_latency(
+            LatencyRequest(
+                model=model,
+                methods=passed,
+                weights="random",
+                dtype="bfloat16",
+                device="cuda",
+                warmup=warmup,
+                repeats=repeats,
+                sample_steps=args.sample_steps,
+            )
+        )
         result["correctness_relative_error"] = errors
         result["wall_seconds"] = time.time() - started
         save_latency(result, args.out / f"latency_{model}.json")
         for name, entry in result["methods"].items():
-            summary.append({"model": model, "tokens": result["tokens"], "method": name,
-                            "forward_ms": entry["forward"]["median_ms"],
-                            "attn_ms_per_layer": entry["attention_ms_per_layer"],
-                            "speedup_vs_" + result["baseline"]: entry["speedup_vs_baseline"],
-                            "peak_gib": entry["peak_gib"]})  # fmt: skip
+            summary.append(
+                {
+                    "model": model,
+                    "tokens": result["tokens"],
+                    "method": name,
+                    "forward_ms": entry["forward"]["median_ms"],
+                    "attn_ms_per_layer": entry["attention_ms_per_layer"],
+                    "speedup_vs_" + result["baseline"]: entry["speedup_vs_baseline"],
+                    "peak_gib": entry["peak_gib"],
+                }
+            )
         del result
         torch.cuda.empty_cache()
 
     print(f"\n{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     print(f"{'model':>8} {'tokens':>7} {'method':>7} {'forward ms':>11} {'attn ms/layer':>14} {'peak GiB':>9}")
     for row in summary:
-        print(f"{row['model']:>8} {row['tokens']:>7} {row['method']:>7} {row['forward_ms']:>11.1f} "
-              f"{row['attn_ms_per_layer']:>14.2f} {row['peak_gib']:>9.1f}")  # fmt: skip
+        print(
+            f"{row['model']:>8} {row['tokens']:>7} {row['method']:>7} {row['forward_ms']:>11.1f} "
+            f"{row['attn_ms_per_layer']:>14.2f} {row['peak_gib']:>9.1f}"
+        )
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

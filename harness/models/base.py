@@ -79,9 +79,7 @@ class ModelAdapter(ABC):
 
     @classmethod
     @abstractmethod
-    def load(
-        cls, weights: str, device: torch.device, dtype: torch.dtype, allow_download: bool = False
-    ) -> ModelAdapter:
+    def load(cls, weights: str, device: torch.device, dtype: torch.dtype, allow_download: bool = False) -> ModelAdapter:
         """Build the model. ``weights``: a local folder, a hub id, ``random`` or ``builtin``."""
 
     # -- running -----------------------------------------------------------------------------
@@ -99,9 +97,7 @@ class ModelAdapter(ABC):
         """Prompt embeddings ``(len(prompts), text_tokens, text_dim)`` on the model's device."""
 
     @abstractmethod
-    def forward(
-        self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """One transformer forward: predicted velocity, same shape as ``latents`` (B, C, F, H, W)."""
 
     @abstractmethod

@@ -25,10 +25,20 @@ from methods.base import AttentionMethod
 NUM_TRAIN_TIMESTEPS = 1000
 
 WAN_1_3B_CONFIG: dict[str, Any] = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-)  # fmt: skip
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
 WAN_14B_CONFIG: dict[str, Any] = {**WAN_1_3B_CONFIG, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
 
 
@@ -69,7 +79,7 @@ class ByteTokenizer:
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            tokens = [b + 3 for b in prompt.encode()][: self.max_length - 1] + [1]
+            tokens = [*(b + 3 for b in prompt.encode()[: self.max_length - 1]), 1]
             ids[row, : len(tokens)] = torch.tensor(tokens)
         return ids, (ids > 0).long()
 
@@ -136,9 +146,14 @@ class WanFamilyAdapter(ModelAdapter):
         if isinstance(self.tokenizer, ByteTokenizer):
             return self.tokenizer(prompts)
         out = self.tokenizer(
-            prompts, padding="max_length", max_length=self.text_length, truncation=True,
-            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
-        )  # fmt: skip
+            prompts,
+            padding="max_length",
+            max_length=self.text_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         return out.input_ids, out.attention_mask
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
@@ -164,9 +179,11 @@ class WanFamilyAdapter(ModelAdapter):
         from diffusers import UniPCMultistepScheduler
 
         return UniPCMultistepScheduler(
-            num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction",
-            use_flow_sigmas=True, flow_shift=shift,
-        )  # fmt: skip
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=shift,
+        )
 
     def sample(
         self,
@@ -210,9 +227,7 @@ class WanFamilyAdapter(ModelAdapter):
     # -- building ----------------------------------------------------------------------------
 
     @classmethod
-    def load(
-        cls, weights: str, device: torch.device, dtype: torch.dtype, allow_download: bool = False
-    ) -> ModelAdapter:
+    def load(cls, weights: str, device: torch.device, dtype: torch.dtype, allow_download: bool = False) -> ModelAdapter:
         if weights == "random":
             return cls.build_random(device, dtype)
         source = resolve_weights(
@@ -241,7 +256,9 @@ class WanFamilyAdapter(ModelAdapter):
             transformer = WanTransformer3DModel.from_pretrained(
                 source.location, subfolder="transformer", torch_dtype=dtype, **common
             )
-            vae = AutoencoderKLWan.from_pretrained(source.location, subfolder="vae", torch_dtype=torch.float32, **common)
+            vae = AutoencoderKLWan.from_pretrained(
+                source.location, subfolder="vae", torch_dtype=torch.float32, **common
+            )
             text_encoder = UMT5EncoderModel.from_pretrained(
                 source.location, subfolder="text_encoder", torch_dtype=dtype, **common
             )
@@ -278,10 +295,20 @@ class Wan14B(WanFamilyAdapter):
 
 
 WAN_TINY_CONFIG: dict[str, Any] = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4,
-    text_dim=32, freq_dim=64, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64,
-)  # fmt: skip
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=24,
+    in_channels=4,
+    out_channels=4,
+    text_dim=32,
+    freq_dim=64,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=64,
+)
 
 
 class WanTiny(WanFamilyAdapter):
@@ -297,9 +324,7 @@ class WanTiny(WanFamilyAdapter):
     defaults = Sampling(steps=4, cfg=5.0, shift=5.0, height=64, width=64, frames=9, fps=8)
 
     @classmethod
-    def load(
-        cls, weights: str, device: torch.device, dtype: torch.dtype, allow_download: bool = False
-    ) -> ModelAdapter:
+    def load(cls, weights: str, device: torch.device, dtype: torch.dtype, allow_download: bool = False) -> ModelAdapter:
         if weights not in ("random", "builtin", ""):
             raise HarnessError("wan-tiny is always built from its seeded random config; do not pass --weights")
         from diffusers import AutoencoderKLWan
@@ -308,15 +333,25 @@ class WanTiny(WanFamilyAdapter):
         torch.manual_seed(0)
         transformer = build_transformer(cls.transformer_config, device, dtype)
         vae = AutoencoderKLWan(
-            base_dim=8, z_dim=cls.latent_channels, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+            base_dim=8,
+            z_dim=cls.latent_channels,
+            dim_mult=[1, 2, 2, 2],
+            num_res_blocks=1,
             temperal_downsample=[False, True, True],
-            latents_mean=[0.0] * cls.latent_channels, latents_std=[1.0] * cls.latent_channels,
-        )  # fmt: skip
+            latents_mean=[0.0] * cls.latent_channels,
+            latents_std=[1.0] * cls.latent_channels,
+        )
         tokenizer = ByteTokenizer(cls.text_length)
         text_encoder = UMT5EncoderModel(
             UMT5Config(
-                vocab_size=ByteTokenizer.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                vocab_size=ByteTokenizer.vocab_size,
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=16,
             )
-        )  # fmt: skip
+        )
         return cls(transformer, device, dtype, vae.to(device), text_encoder.to(device), tokenizer)
