@@ -254,6 +254,8 @@ def _weights_value(weights: str, random_weights: bool, weights_kind: str) -> str
     if random_weights:
         return "random"
     if weights_kind != "pretrained":
+        if weights:
+            raise HarnessError(f"--weights does not apply to a model with {weights_kind} weights of its own")
         return weights_kind
     return weights
 
@@ -378,6 +380,8 @@ def check_cmd(
     """Re-measure a baseline's methods here; exit 1 if a method's time ratio to dense regressed."""
     from harness.check import check
 
+    if repeats is not None and repeats < 1:
+        raise HarnessError(f"--repeats must be >= 1, got {repeats}")
     verdicts, current = check(baseline, tolerance, {"repeats": repeats} if repeats else None)
     failed = [v for v in verdicts if v.regressed]
     if as_json:

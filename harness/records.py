@@ -16,6 +16,10 @@ from harness.atomic import write_json_atomic
 
 RECORD_SCHEMA = 1
 RECORD_SUFFIX = ".json"
+REQUIRED_KEYS = {
+    "run": ("spec", "latency", "density", "memory", "artifacts", "environment", "cohort"),
+    "latency": ("model", "methods", "environment", "baseline", "tokens"),
+}
 
 
 @dataclass
@@ -40,6 +44,9 @@ def read_record(path: Path) -> dict[str, Any]:
         raise ValueError(f"unreadable JSON: {exc}") from exc
     if not isinstance(data, dict) or "kind" not in data or "spec" not in data:
         raise ValueError("not a run record (no 'kind'/'spec')")
+    missing = [key for key in REQUIRED_KEYS.get(data["kind"], ()) if key not in data]
+    if missing:
+        raise ValueError(f"incomplete {data['kind']} record: missing {', '.join(missing)}")
     return data
 
 

@@ -51,7 +51,8 @@ def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
             "e2e_s_per_video": rec["latency"]["end_to_end_ms_per_video"] / 1e3,
             "density": rec["density"].get("mean"),
             "peak_gib": rec["memory"].get("peak_gib"),
-            "cohort": rec["cohort"],
+            # Same spec on two GPU models is two cohorts: speedups never mix devices.
+            "cohort": f"{rec['cohort']}@{rec['environment'].get('device_name')}",
         }
         if rec.get("quality_reportable", False):
             for name, value in sorted(rec.get("metrics", {}).items()):

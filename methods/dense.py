@@ -72,8 +72,8 @@ class FlashAttention2(_PinnedSdpa):
     )
     IMPLS = ("auto", "torch", "package")
 
-    def __init__(self, schedule: Schedule | None = None, impl: str = "auto") -> None:
-        super().__init__(schedule)
+    def __init__(self, schedule: Schedule | None = None, impl: str = "auto", **params: Any) -> None:
+        super().__init__(schedule, **params)
         if impl not in self.IMPLS:
             raise HarnessError(f"fa2: impl must be one of {self.IMPLS}, got {impl!r}")
         has_package = importlib.util.find_spec("flash_attn") is not None

@@ -67,7 +67,9 @@ def finished_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     runs = tmp_path_factory.mktemp("finished") / "runs"
     for method in ("sdpa", "math"):
-        invoke_cli(["run", "--method", method, "--model", "wan-tiny", "--runs-dir", runs, "--no-progress"])
+        invoke_cli(
+            ["run", "--method", method, "--model", "wan-tiny", "--device", "cpu", "--runs-dir", runs, "--no-progress"]
+        )
     return runs
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import normalise
 
 import harness.models.wan as wan
@@ -33,33 +34,42 @@ def _error(result) -> str:  # type: ignore[no-untyped-def]
     return normalise(result.stderr)
 
 
-RUN = ("run", "--no-progress")
+RUN = ("run", "--no-progress", "--device", "cpu")
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
-BAD_RUNS = {
-    "unknown-method": (["--method", "sdpaa"], ["unknown method 'sdpaa'", "Did you mean", "'sdpa'"]),
-    "unknown-model": (["--model", "wan1.3"], ["unknown model 'wan1.3'", "Did you mean", "'wan1.3b'"]),
-    "fa2-on-cpu": (["--method", "fa2", "--device", "cpu"], ["'fa2' cannot run on cpu", "needs cuda"]),
-    "missing-weights": (["--model", "wan1.3b", "--weights", "/nonexistent/wan"], ["/nonexistent/wan", "does not exist"]),
-    "zero-steps": (["--steps", "0"], ["steps must be >= 1, got 0"]),
-    "frames-not-4k+1": (["--frames", "10"], ["frames must be 4k+1", "got 10", "nearest valid 9 or 13"]),
-    "dense-layers-out-of-range": (["--dense-layers", "5"], ["dense layers [5] do not exist", "2 layers"]),
-    "negative-dense-layer": (["--dense-layers", "-1"], ["dense layers must be >= 0"]),
-    "bad-seeds": (["--seeds", "a,b"], ["--seeds must be a comma-separated list of integers"]),
-    "unknown-param": (["--param", "window=3"], ["takes no parameter(s) ['window']"]),
-    "bad-height": (["--height", "72"], ["height must be a multiple of 16, got 72"]),
-    "cfg-below-one": (["--cfg", "0.5"], ["cfg (guidance scale) must be >= 1.0"]),
-    "weights-and-random": (["--model", "wan1.3b", "--weights", "/x", "--random-weights"], ["not both"]),
-    "unknown-dtype": (["--dtype", "float8"], ["unknown dtype 'float8'"]),
-    "missing-checkpoint": (["--checkpoint", "/nonexistent/state.safetensors"], ["does not exist"]),
-    "cuda-unavailable": (["--device", "cuda"], ["CUDA is not available"]),
-}
+BAD_RUNS = [
+    pytest.param(["--method", "sdpaa"], ["unknown method 'sdpaa'", "Did you mean", "'sdpa'"], id="unknown-method"),
+    pytest.param(["--model", "wan1.3"], ["unknown model 'wan1.3'", "Did you mean", "'wan1.3b'"], id="unknown-model"),
+    pytest.param(["--method", "fa2"], ["'fa2' cannot run on cpu", "needs cuda"], id="fa2-on-cpu"),
+    pytest.param(
+        ["--model", "wan1.3b", "--weights", "/nonexistent/wan"],
+        ["/nonexistent/wan", "does not exist"],
+        id="missing-weights",
+    ),
+    pytest.param(["--steps", "0"], ["steps must be >= 1, got 0"], id="zero-steps"),
+    pytest.param(["--frames", "10"], ["frames must be 4k+1", "got 10", "nearest valid 9 or 13"], id="frames-not-4k+1"),
+    pytest.param(
+        ["--dense-layers", "5"], ["dense layers [5] do not exist", "2 layers"], id="dense-layers-out-of-range"
+    ),
+    pytest.param(["--dense-layers", "-1"], ["dense layers must be >= 0"], id="negative-dense-layer"),
+    pytest.param(["--dense-warmup-steps", "9"], ["exceed the number of steps (4)"], id="warmup-beyond-steps"),
+    pytest.param(["--seeds", "a,b"], ["--seeds must be a comma-separated list of integers"], id="bad-seeds"),
+    pytest.param(["--param", "window=3"], ["takes no parameter(s) ['window']"], id="unknown-param"),
+    pytest.param(["--param", "window"], ["--param takes KEY=VALUE"], id="malformed-param"),
+    pytest.param(["--height", "72"], ["height must be a multiple of 16, got 72"], id="bad-height"),
+    pytest.param(["--cfg", "0.5"], ["cfg (guidance scale) must be >= 1.0"], id="cfg-below-one"),
+    pytest.param(["--model", "wan1.3b", "--weights", "/x", "--random-weights"], ["not both"], id="weights-and-random"),
+    pytest.param(["--dtype", "float8"], ["unknown dtype 'float8'"], id="unknown-dtype"),
+    pytest.param(["--checkpoint", "/nonexistent/state.safetensors"], ["does not exist"], id="missing-checkpoint"),
+    pytest.param(["--device", "cuda"], ["CUDA is not available"], id="cuda-unavailable", marks=NO_CUDA),
+]
 
 
 @pytest.mark.usefixtures("no_model_build")
-@pytest.mark.parametrize("case", list(BAD_RUNS))
-def test_bad_run_exits_2_with_message_before_any_work(case: str, tmp_path: Path, bench) -> None:
+@pytest.mark.parametrize(("args", "fragments"), BAD_RUNS)
+def test_bad_run_exits_2_with_message_before_any_work(args: list[str], fragments: list[str], tmp_path: Path,
+                                                      bench) -> None:  # fmt: skip
     """Each bad `bench run` exits 2 with its message on stderr, no traceback, and writes nothing."""
-    args, fragments = BAD_RUNS[case]
     runs = tmp_path / "runs"
     result = bench(*RUN, "--runs-dir", runs, *args, expect=2)
     message = _error(result)
@@ -121,7 +131,6 @@ def test_report_json_lists_corrupt_record(copy_runs, tmp_path: Path, bench) -> N
     assert len(payload["tables"]["runs"]) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: report crashes (KeyError) on a JSON record with kind/spec but missing fields")
 def test_report_skips_record_with_missing_fields(copy_runs, tmp_path: Path, bench) -> None:
     """A syntactically valid record lacking fields (e.g. 'latency') is skipped like a corrupt one, exit 0."""
     runs = copy_runs()
@@ -145,7 +154,6 @@ def test_report_only_corrupt_records(tmp_path: Path, bench) -> None:
     assert "bad.json" in _error(result) and "no readable records" in _error(result)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: fa2.__init__ does not forward **params, so a bad --param is a TypeError")
 def test_unknown_param_of_fa2_is_a_user_error(tmp_path: Path, bench) -> None:
     """An unknown --param for fa2 exits 2 with a clear message like every other method."""
     result = bench(*RUN, "--runs-dir", tmp_path / "runs", "--method", "fa2", "--param", "foo=1", expect=None)
@@ -164,3 +172,13 @@ def test_check_with_a_run_record_as_baseline(finished_runs: Path, bench) -> None
     record = next(finished_runs.glob("*.json"))
     result = bench("check", "--baseline", record, expect=2)
     assert "is not a `bench latency` result" in _error(result)
+
+
+@pytest.mark.usefixtures("no_model_build")
+def test_weights_for_builtin_random_model_is_refused(tmp_path: Path, bench) -> None:
+    """--weights on wan-tiny (always built from its seeded random config) is refused, not silently ignored."""
+    runs = tmp_path / "runs"
+    result = bench(*RUN, "--runs-dir", runs, "--weights", "/nonexistent/wan", expect=None)
+    assert result.exit_code == 2
+    assert "--weights" in _error(result)
+    _assert_nothing_written(runs)

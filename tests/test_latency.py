@@ -104,8 +104,8 @@ def latency_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path
 
     out = tmp_path_factory.mktemp("latency") / "sub" / "lat.json"
     result = invoke_cli([
-        "latency", "--model", "wan-tiny", "--methods", "sdpa,math", "--repeats", "3", "--warmup", "1",
-        "--out", out, "--json",
+        "latency", "--model", "wan-tiny", "--device", "cpu", "--methods", "sdpa,math",
+        "--repeats", "3", "--warmup", "1", "--out", out, "--json",
     ])  # fmt: skip
     return json.loads(result.stdout), out, result.stdout
 
@@ -149,9 +149,11 @@ def test_latency_out_file_matches_stdout(latency_result) -> None:
     assert written["methods"]["math"]["forward"] == payload["methods"]["math"]["forward"]
 
 
-def test_latency_table_output(tmp_path: Path, bench) -> None:
+def test_latency_table_output(bench) -> None:
     """Without --json `bench latency` prints a table naming the baseline."""
-    result = bench("latency", "--model", "wan-tiny", "--methods", "math,sdpa", "--repeats", "1", "--warmup", "0")
+    result = bench(
+        "latency", "--model", "wan-tiny", "--device", "cpu", "--methods", "math,sdpa", "--repeats", "1", "--warmup", "0"
+    )
     text = normalise(result.stdout)
     assert "baseline sdpa" in text and "math" in text
 

@@ -108,7 +108,7 @@ def test_interleaved_rope_matches_complex_rotation() -> None:
 
 
 def test_interleaved_rope_matches_diffusers_tables(tiny_model) -> None:
-    """With diffusers' own (fp32) Wan RoPE tables of wan-tiny the helper matches the complex rotation."""
+    """With diffusers' own Wan RoPE tables of wan-tiny the helper matches the complex rotation."""
     rope = tiny_model.transformer.rope
     latents = torch.zeros(1, *WanTiny.latent_shape(WanTiny.defaults))
     cos, sin = rope(latents)
@@ -116,5 +116,5 @@ def test_interleaved_rope_matches_diffusers_tables(tiny_model) -> None:
     theta = torch.atan2(sin[0, :, 0, 0::2], cos[0, :, 0, 0::2]).double()
     assert torch.allclose(cos[..., 0::2], cos[..., 1::2]) and torch.allclose(sin[..., 0::2], sin[..., 1::2])
     out = apply_interleaved_rope(x, cos.double(), sin.double())
-    # The tables are stored in fp32, so cos^2 + sin^2 is 1 only to ~1e-7.
+    # Tolerance allows for tables kept in fp32 (cos^2 + sin^2 == 1 only to ~1e-7 then).
     torch.testing.assert_close(out, naive_complex_rope(x, theta), rtol=0, atol=1e-6)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from harness.spec import RunSpec
 from harness.video import safe_stem
 
-RUN_ARGS = ("run", "--method", "sdpa", "--model", "wan-tiny", "--no-progress")
+RUN_ARGS = ("run", "--method", "sdpa", "--model", "wan-tiny", "--device", "cpu", "--no-progress")
 
 
 @pytest.fixture(scope="module")

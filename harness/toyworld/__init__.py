@@ -1,0 +1,1 @@
+"""The toy world: procedural clips with known truth, a prompt grammar, and exact scoring (ToyBench)."""
