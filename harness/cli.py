@@ -253,10 +253,12 @@ def _weights_value(weights: str, random_weights: bool, weights_kind: str) -> str
     """The spec's weights field: "random", the adapter's own kind, or a folder / hub id ("" = default)."""
     if random_weights:
         return "random"
-    if weights_kind != "pretrained":
+    if weights_kind == "random":
         if weights:
-            raise HarnessError(f"--weights does not apply to a model with {weights_kind} weights of its own")
+            raise HarnessError("--weights does not apply to a model built from its own seeded random config")
         return weights_kind
+    if weights_kind == "builtin":
+        return weights or "builtin"
     return weights
 
 
@@ -419,6 +421,52 @@ def check_cmd(
 
 
 HIDDEN_IN_CONSOLE = {"device", "weights", "videos", "peak_gib", "forward_p25_ms", "forward_p75_ms", "data_dependent"}
+
+
+# -- toy world ---------------------------------------------------------------------------------
+
+toy_app = typer.Typer(help="The embedded toy world: train (reproduce) the shipped teacher.", no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
+
+
+@toy_app.command("train")
+@user_errors
+def toy_train_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for the resumable training state and toy_teacher.safetensors.")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 12000,
+    batch_size: Annotated[int, typer.Option(help="Clips per step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (cosine schedule, linear warm-up).")] = 5e-4,
+    seed: Annotated[int, typer.Option(help="Seed of the weights, the data and the noise.")] = 0,
+    pool_size: Annotated[int, typer.Option(help="Pre-rendered training clips held on the device.")] = 40000,
+    eval_every: Annotated[int, typer.Option(help="Score the EMA teacher with ToyBench every N steps.")] = 2000,
+    eval_clips: Annotated[int, typer.Option(help="Held-out prompts sampled per evaluation.")] = 32,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train the toy teacher (seeded, resumable: rerun the same command to continue)."""
+    from harness.generate import resolve_device
+    from harness.io_checks import ensure_writable_dir
+    from harness.toyworld.train import ToyTrainConfig, train
+
+    config = ToyTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool_size=pool_size,
+                            eval_every=eval_every, eval_clips=eval_clips)  # fmt: skip
+    config.validate()
+    target = resolve_device(device)
+    ensure_writable_dir(out)
+
+    def evaluate(transformer: Any, encoder: Any, step: int) -> dict[str, float]:
+        import torch
+
+        from harness.models.toy import ToyModel
+        from harness.toyworld.sampling import toybench_of
+
+        model = ToyModel(transformer, encoder, target, torch.float32)
+        scores = toybench_of(model, config.eval_clips)
+        transformer.requires_grad_(False)
+        return {k: v for k, v in scores.items() if k != "clips"}
+
+    teacher = train(config, out, target, evaluate if eval_clips > 0 else None, show_progress=progress)
+    console.print(f"toy teacher written to {teacher}")
 
 
 # -- report ------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def prepare(spec: RunSpec) -> Prepared:
     adapter_cls = MODELS.get(spec.model)
     method_cls = METHODS.get(spec.method)
     adapter_cls.validate_sampling(spec.sampling)
+    adapter_cls.validate_prompts([*spec.prompts, spec.sampling.negative_prompt])
     schedule = Schedule(spec.dense_warmup_steps, spec.dense_layers)
     schedule.validate_for(adapter_cls.num_layers, spec.sampling.steps)
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)

@@ -60,6 +60,11 @@ class ModelAdapter(ABC):
                 raise HarnessError(f"{cls.name}: {axis} must be a multiple of {multiple}, got {value}")
 
     @classmethod
+    def validate_prompts(cls, prompts: list[str]) -> None:
+        """Reject prompts this model cannot encode (most models take any text)."""
+        return None
+
+    @classmethod
     def latent_shape(cls, sampling: Sampling) -> tuple[int, int, int, int]:
         """(channels, latent frames, latent height, latent width) of one sample."""
         return (
@@ -124,3 +129,4 @@ MODELS: Registry[type[ModelAdapter]] = Registry("model", entry_point_group="atte
 MODELS.add("wan1.3b", "harness.models.wan:Wan13B", aliases=("wan2.1-t2v-1.3b", "wan-1.3b"))
 MODELS.add("wan14b", "harness.models.wan:Wan14B", aliases=("wan2.1-t2v-14b", "wan-14b"))
 MODELS.add("wan-tiny", "harness.models.wan:WanTiny", aliases=("tiny",))
+MODELS.add("toy", "harness.models.toy:ToyModel", aliases=("toy-teacher",))

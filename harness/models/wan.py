@@ -43,10 +43,7 @@ WAN_14B_CONFIG: dict[str, Any] = {**WAN_1_3B_CONFIG, "num_attention_heads": 40, 
 
 
 def build_transformer(config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A randomly initialised ``WanTransformer3DModel`` created on ``device`` in ``dtype``.
-
-    Like ``from_pretrained(torch_dtype=...)``, the modules diffusers keeps in fp32 stay in fp32.
-    """
+    """A randomly initialised ``WanTransformer3DModel`` created on ``device`` in ``dtype``."""
     from diffusers import WanTransformer3DModel
 
     previous = torch.get_default_dtype()
@@ -56,11 +53,19 @@ def build_transformer(config: dict[str, Any], device: torch.device, dtype: torch
             transformer = WanTransformer3DModel(**config)
     finally:
         torch.set_default_dtype(previous)
-    # Parameters only: the RoPE tables are float64 buffers and stay so, as in diffusers.
-    keep = set(WanTransformer3DModel._keep_in_fp32_modules)
+    return cast_transformer(transformer, dtype)
+
+
+def cast_transformer(transformer: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast parameters to ``dtype`` except those diffusers keeps in fp32 (as ``from_pretrained`` does).
+
+    Parameters only: the RoPE tables are buffers and keep their own dtype, as in diffusers.
+    """
+    keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or ())
     for name, param in transformer.named_parameters():
-        if keep.intersection(name.split(".")):
-            param.data = param.data.float()
+        target = torch.float32 if keep.intersection(name.split(".")) else dtype
+        if param.dtype != target:
+            param.data = param.data.to(target)
     return transformer
 
 
@@ -201,6 +206,8 @@ class WanFamilyAdapter(ModelAdapter):
         latents = noise.to(self.device, torch.float32)
         runtime.num_steps = len(timesteps)
         use_cfg = uncond is not None and sampling.cfg > 1.0
+        if use_cfg and uncond.shape[0] != cond.shape[0]:
+            uncond = uncond.expand(cond.shape[0], -1, -1)  # one null prompt for a batch of prompts
         for index, t in enumerate(timesteps):
             runtime.step, runtime.timestep = index, flow_times[index]
             with step_hook(index) if step_hook else nullcontext():

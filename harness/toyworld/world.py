@@ -63,6 +63,10 @@ class Scene:
     objects: tuple[ObjectSpec, ...]
     background: str
 
+    @staticmethod
+    def example_prompt() -> str:
+        return "a small red disk moves left on a gray background"
+
     @property
     def prompt(self) -> str:
         objects = " and ".join(obj.phrase() for obj in self.objects)

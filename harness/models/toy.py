@@ -1,0 +1,57 @@
+"""The embedded default model: a small Wan transformer in pixel space trained on the toy world.
+
+Same ``WanTransformer3DModel`` class as Wan 2.1, no VAE (pixels are the latents, in [-1, 1]),
+a small learned prompt encoder, rectified flow with Wan's sampler. Its checkpoint ships in the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from harness.models.base import ModelAdapter
+from harness.models.wan import WanFamilyAdapter, cast_transformer
+from harness.spec import Sampling
+from harness.toyworld import world
+from harness.toyworld.checkpoint import SHIPPED_CHECKPOINT, TOY_TRANSFORMER_CONFIG, load_checkpoint
+from harness.toyworld.encoder import MAX_WORDS, PromptEncoder, tokenize
+
+
+class ToyModel(WanFamilyAdapter):
+    name = "toy"
+    description = "toy-world teacher shipped with the package: Wan transformer, pixel space, 8 layers"
+    transformer_config = TOY_TRANSFORMER_CONFIG
+    num_layers = 8
+    latent_channels = 3
+    patch_size = (1, 4, 4)
+    vae_temporal_stride = 1
+    vae_spatial_stride = 1
+    text_length = MAX_WORDS
+    weights_kind = "builtin"
+    defaults = Sampling(steps=20, cfg=4.0, shift=3.0, height=world.HEIGHT, width=world.WIDTH,
+                        frames=world.FRAMES, fps=8)  # fmt: skip
+    prompt_encoder: ClassVar[type[PromptEncoder]] = PromptEncoder
+
+    def __init__(self, transformer: torch.nn.Module, encoder: torch.nn.Module, device: torch.device,
+                 dtype: torch.dtype) -> None:  # fmt: skip
+        super().__init__(cast_transformer(transformer.to(device), dtype), device, dtype)
+        self.encoder = encoder.to(device).eval().requires_grad_(False)
+
+    @classmethod
+    def load(cls, weights: str, device: torch.device, dtype: torch.dtype, allow_download: bool = False) -> ModelAdapter:
+        path = SHIPPED_CHECKPOINT if weights in ("", "builtin") else Path(weights).expanduser()
+        transformer, encoder, _ = load_checkpoint(path)
+        return cls(transformer, encoder, device, dtype)
+
+    @classmethod
+    def validate_prompts(cls, prompts: list[str]) -> None:
+        tokenize(prompts)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.encoder(tokenize(prompts).to(self.device)).to(self.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] ``(B, 3, F, H, W)`` -> uint8 ``(B, F, H, W, 3)``."""
+        return ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()

@@ -1,0 +1,260 @@
+"""``bench toy train``: train the toy teacher with Wan's rectified-flow objective.
+
+x_t = (1 - t) x_0 + t eps, the model predicts u = eps - x_0 (t = 1 is noise), t logit-normal.
+The prompt is dropped (empty) 10% of the time so that classifier-free guidance works. An EMA of the
+weights is what ships. Seeded; resumable from the checkpoint folder; stops on a non-finite loss
+keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.atomic import atomic_path, write_json_atomic
+from harness.errors import HarnessError
+from harness.toyworld import world
+from harness.toyworld.checkpoint import (
+    TOY_ENCODER_CONFIG,
+    TOY_TRANSFORMER_CONFIG,
+    build_modules,
+    count_parameters,
+    save_checkpoint,
+)
+from harness.toyworld.encoder import tokenize
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass(frozen=True)
+class ToyTrainConfig:
+    """The training recipe of the shipped teacher (the config is the experiment)."""
+
+    steps: int = 12000
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    ema_decay: float = 0.999
+    prompt_dropout: float = 0.1
+    grad_clip: float = 1.0
+    pool_size: int = 40000  # pre-rendered training scenes, redrawn in part every `refresh_every` steps
+    refresh_every: int = 2000
+    eval_every: int = 2000
+    eval_clips: int = 32
+    checkpoint_every: int = 1000
+    log_every: int = 500
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise HarnessError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.pool_size < self.batch_size:
+            raise HarnessError("need batch_size >= 1 and pool_size >= batch_size")
+
+
+class ScenePool:
+    """Pre-rendered training clips (on the training device) with their prompt token ids."""
+
+    def __init__(self, size: int, rng: random.Random, device: torch.device) -> None:
+        self.rng, self.device = rng, device
+        self.clips = torch.empty(size, 3, world.FRAMES, world.HEIGHT, world.WIDTH, device=device)
+        self.ids = torch.empty(size, tokenize([""]).shape[1], dtype=torch.long, device=device)
+        self.refresh(range(size))
+
+    def refresh(self, rows: range | list[int], chunk: int = 4096) -> None:
+        rows = list(rows)
+        for begin in range(0, len(rows), chunk):
+            part = rows[begin : begin + chunk]
+            placed = [world.sample_placed_scene(self.rng, "train") for _ in part]
+            clips = world.render_batch([s for s, _ in placed], [p for _, p in placed], device=self.device)
+            index = torch.tensor(part, device=self.device)
+            self.clips[index] = clips.permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W) -> (B, 3, F, H, W)
+            self.ids[index] = tokenize([s.prompt for s, _ in placed]).to(self.device)
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.randint(0, len(self.clips), (size,), generator=generator, device="cpu").to(self.device)
+        return self.clips[index], self.ids[index]
+
+
+def flow_matching_loss(transformer: nn.Module, encoder: nn.Module, clips: torch.Tensor, ids: torch.Tensor,
+                       generator: torch.Generator, prompt_dropout: float) -> torch.Tensor:  # fmt: skip
+    """Rectified-flow loss: MSE between predicted and true velocity eps - x0 at logit-normal t."""
+    batch = clips.shape[0]
+    device = clips.device
+    t = torch.sigmoid(torch.randn(batch, generator=generator)).to(device)
+    noise = torch.randn(clips.shape, generator=generator).to(device)
+    drop = (torch.rand(batch, generator=generator) < prompt_dropout).to(device)
+    ids = torch.where(drop.unsqueeze(1), torch.zeros_like(ids), ids)
+    t_ = t.view(-1, 1, 1, 1, 1)
+    noisy = (1 - t_) * clips + t_ * noise
+    embeddings = encoder(ids)
+    velocity = transformer(noisy, timestep=t * NUM_TRAIN_TIMESTEPS, encoder_hidden_states=embeddings,
+                           return_dict=False)[0]  # fmt: skip
+    return torch.nn.functional.mse_loss(velocity.float(), (noise - clips).float())
+
+
+def _lr_factor(step: int, config: ToyTrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@dataclass
+class TrainState:
+    step: int
+    losses: list[float]
+    evals: list[dict[str, Any]]
+    seconds: float
+
+
+def _save_training_state(out: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                         state: TrainState, config: ToyTrainConfig, generator: torch.Generator,
+                         rng: random.Random) -> None:  # fmt: skip
+    """Resumable checkpoint: every module, the optimizer moments, RNG states; tensors in safetensors."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items()
+               for k, v in m.state_dict().items()}  # fmt: skip
+    for index, param_state in optimizer.state_dict()["state"].items():
+        for key, value in param_state.items():
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    tensors["rng.torch"] = generator.get_state()
+    with atomic_path(out / "training_state.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json_atomic(out / "training_state.json", {
+        "config": asdict(config), "step": state.step, "losses": state.losses, "evals": state.evals,
+        "seconds": state.seconds, "python_rng": repr(rng.getstate()),
+    })  # fmt: skip
+
+
+def _load_training_state(
+    out: Path,
+    modules: dict[str, nn.Module],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    rng: random.Random,
+    config: ToyTrainConfig,
+) -> TrainState | None:
+    import ast
+
+    from safetensors import SafetensorError, safe_open
+
+    meta_path, tensor_path = out / "training_state.json", out / "training_state.safetensors"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        with safe_open(str(tensor_path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
+        raise HarnessError(
+            f"cannot resume from {out}: corrupt training state ({exc}); remove it to start over"
+        ) from exc
+    if meta["config"] != asdict(config):
+        raise HarnessError(f"{out} holds a run with another config; use another --out or the same settings")
+    for name, module in modules.items():
+        module.load_state_dict({k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")})
+    opt_state = optimizer.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, field = key.split(".", 2)
+            opt_state["state"].setdefault(int(index), {})[field] = (
+                value.to(next(iter(modules.values())).parameters().__next__().device) if field != "step" else value
+            )
+    optimizer.load_state_dict(opt_state)
+    generator.set_state(tensors["rng.torch"])
+    rng.setstate(ast.literal_eval(meta["python_rng"]))
+    return TrainState(meta["step"], meta["losses"], meta["evals"], meta["seconds"])
+
+
+def train(config: ToyTrainConfig, out: Path, device: torch.device,
+          evaluate: Callable[[nn.Module, nn.Module, int], dict[str, float]] | None = None,
+          show_progress: bool = True) -> Path:  # fmt: skip
+    """Train (or resume) into ``out``; returns the path of the EMA teacher checkpoint."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    config.validate()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    transformer, encoder = build_modules(TOY_TRANSFORMER_CONFIG, TOY_ENCODER_CONFIG)
+    ema_transformer, ema_encoder = build_modules(TOY_TRANSFORMER_CONFIG, TOY_ENCODER_CONFIG)
+    ema_transformer.load_state_dict(transformer.state_dict())
+    ema_encoder.load_state_dict(encoder.state_dict())
+    modules = {"transformer": transformer, "encoder": encoder, "ema_transformer": ema_transformer,
+               "ema_encoder": ema_encoder}  # fmt: skip
+    for module in modules.values():
+        module.to(device)
+    params = [*transformer.parameters(), *encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+    state = _load_training_state(out, modules, optimizer, generator, rng, config) or TrainState(0, [], [], 0.0)
+    pool = ScenePool(config.pool_size, rng, device)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    ema_params = [*ema_transformer.parameters(), *ema_encoder.parameters()]
+
+    columns = (TextColumn("[bold]toy train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+    progress = Progress(*columns, TimeRemainingColumn(), disable=not show_progress)
+    with progress:
+        task = progress.add_task("train", total=config.steps, completed=state.step, info="")
+        started = time.time() - state.seconds
+        first_step, resumed_at = state.step, time.time()
+        while state.step < config.steps:
+            step = state.step
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * _lr_factor(step, config)
+            clips, ids = pool.batch(config.batch_size, generator)
+            transformer.train(), encoder.train()
+            with autocast:
+                loss = flow_matching_loss(transformer, encoder, clips, ids, generator, config.prompt_dropout)
+            if not torch.isfinite(loss):
+                raise HarnessError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint kept in {out}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - config.ema_decay)
+            state.step += 1
+            state.losses.append(loss.item())
+            progress.update(task, advance=1, info=f"loss {sum(state.losses[-50:]) / len(state.losses[-50:]):.4f}")
+            if state.step % config.log_every == 0:
+                rate = (state.step - first_step) / max(time.time() - resumed_at, 1e-9)
+                recent = state.losses[-config.log_every :]
+                progress.console.print(f"step {state.step}: loss {sum(recent) / len(recent):.4f}, {rate:.1f} steps/s")
+            if state.step % config.refresh_every == 0 and state.step < config.steps:
+                pool.refresh(rng.sample(range(config.pool_size), config.pool_size // 4))
+            if evaluate is not None and (state.step % config.eval_every == 0 or state.step == config.steps):
+                scores = evaluate(ema_transformer, ema_encoder, state.step)
+                state.evals.append({"step": state.step, **scores})
+                progress.console.print(f"step {state.step}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()))
+            if state.step % config.checkpoint_every == 0 or state.step == config.steps:
+                state.seconds = time.time() - started
+                _save_training_state(out, modules, optimizer, state, config, generator, rng)
+    recent = state.losses[-100:]
+    info = {
+        "steps": state.step,
+        "train_seconds": state.seconds,
+        "config": asdict(config),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "parameters": count_parameters(ema_transformer, ema_encoder),
+        "final_loss_avg100": sum(recent) / max(len(recent), 1),
+        "evals": state.evals,
+    }
+    teacher = out / "toy_teacher.safetensors"
+    save_checkpoint(teacher, ema_transformer, ema_encoder, info)
+    return teacher
