@@ -433,12 +433,12 @@ app.add_typer(toy_app, name="toy")
 @user_errors
 def toy_train_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the resumable training state and toy_teacher.safetensors.")],
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 12000,
-    batch_size: Annotated[int, typer.Option(help="Clips per step.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (cosine schedule, linear warm-up).")] = 5e-4,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 20000,
+    batch_size: Annotated[int, typer.Option(help="Clips per step.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (cosine schedule, linear warm-up).")] = 8e-4,
     seed: Annotated[int, typer.Option(help="Seed of the weights, the data and the noise.")] = 0,
     pool_size: Annotated[int, typer.Option(help="Pre-rendered training clips held on the device.")] = 40000,
-    eval_every: Annotated[int, typer.Option(help="Score the EMA teacher with ToyBench every N steps.")] = 2000,
+    eval_every: Annotated[int, typer.Option(help="Score the EMA teacher with ToyBench every N steps.")] = 4000,
     eval_clips: Annotated[int, typer.Option(help="Held-out prompts sampled per evaluation.")] = 32,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,

@@ -39,9 +39,9 @@ NUM_TRAIN_TIMESTEPS = 1000
 class ToyTrainConfig:
     """The training recipe of the shipped teacher (the config is the experiment)."""
 
-    steps: int = 12000
-    batch_size: int = 128
-    lr: float = 5e-4
+    steps: int = 20000
+    batch_size: int = 256
+    lr: float = 8e-4
     weight_decay: float = 0.01
     warmup_steps: int = 500
     ema_decay: float = 0.999
@@ -49,10 +49,11 @@ class ToyTrainConfig:
     grad_clip: float = 1.0
     pool_size: int = 40000  # pre-rendered training scenes, redrawn in part every `refresh_every` steps
     refresh_every: int = 2000
-    eval_every: int = 2000
+    eval_every: int = 4000
     eval_clips: int = 32
     checkpoint_every: int = 1000
     log_every: int = 500
+    sync_every: int = 50
     seed: int = 0
 
     def validate(self) -> None:
@@ -60,6 +61,9 @@ class ToyTrainConfig:
             raise HarnessError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.pool_size < self.batch_size:
             raise HarnessError("need batch_size >= 1 and pool_size >= batch_size")
+        for name in ("log_every", "checkpoint_every", "eval_every", "refresh_every"):
+            if getattr(self, name) % self.sync_every:
+                raise HarnessError(f"{name} must be a multiple of sync_every ({self.sync_every})")
 
 
 class ScenePool:
@@ -82,7 +86,7 @@ class ScenePool:
             self.ids[index] = tokenize([s.prompt for s, _ in placed]).to(self.device)
 
     def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.randint(0, len(self.clips), (size,), generator=generator, device="cpu").to(self.device)
+        index = torch.randint(0, len(self.clips), (size,), generator=generator, device=self.device)
         return self.clips[index], self.ids[index]
 
 
@@ -91,9 +95,9 @@ def flow_matching_loss(transformer: nn.Module, encoder: nn.Module, clips: torch.
     """Rectified-flow loss: MSE between predicted and true velocity eps - x0 at logit-normal t."""
     batch = clips.shape[0]
     device = clips.device
-    t = torch.sigmoid(torch.randn(batch, generator=generator)).to(device)
-    noise = torch.randn(clips.shape, generator=generator).to(device)
-    drop = (torch.rand(batch, generator=generator) < prompt_dropout).to(device)
+    t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    noise = torch.randn(clips.shape, generator=generator, device=device)
+    drop = torch.rand(batch, generator=generator, device=device) < prompt_dropout
     ids = torch.where(drop.unsqueeze(1), torch.zeros_like(ids), ids)
     t_ = t.view(-1, 1, 1, 1, 1)
     noisy = (1 - t_) * clips + t_ * noise
@@ -188,7 +192,8 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
+    # Randomness of the data order, noise and timesteps lives on the training device (no host round trips).
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     transformer, encoder = build_modules(TOY_TRANSFORMER_CONFIG, TOY_ENCODER_CONFIG)
     ema_transformer, ema_encoder = build_modules(TOY_TRANSFORMER_CONFIG, TOY_ENCODER_CONFIG)
     ema_transformer.load_state_dict(transformer.state_dict())
@@ -212,6 +217,7 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
         task = progress.add_task("train", total=config.steps, completed=state.step, info="")
         started = time.time() - state.seconds
         first_step, resumed_at = state.step, time.time()
+        pending: list[torch.Tensor] = []
         while state.step < config.steps:
             step = state.step
             for group in optimizer.param_groups:
@@ -220,8 +226,6 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
             transformer.train(), encoder.train()
             with autocast:
                 loss = flow_matching_loss(transformer, encoder, clips, ids, generator, config.prompt_dropout)
-            if not torch.isfinite(loss):
-                raise HarnessError(f"non-finite loss {loss.item()} at step {step}; last good checkpoint kept in {out}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -229,8 +233,18 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, params, 1 - config.ema_decay)
             state.step += 1
-            state.losses.append(loss.item())
-            progress.update(task, advance=1, info=f"loss {sum(state.losses[-50:]) / len(state.losses[-50:]):.4f}")
+            pending.append(loss.detach())
+            progress.update(task, advance=1)
+            if state.step % config.sync_every == 0 or state.step == config.steps:
+                # One host sync per `sync_every` steps; a non-finite loss stops before anything is saved.
+                values = torch.stack(pending).float().cpu().tolist()
+                pending.clear()
+                if not all(math.isfinite(v) for v in values):
+                    raise HarnessError(
+                        f"non-finite loss at or before step {state.step}; last good checkpoint kept in {out}"
+                    )
+                state.losses.extend(values)
+                progress.update(task, info=f"loss {sum(values) / len(values):.4f}")
             if state.step % config.log_every == 0:
                 rate = (state.step - first_step) / max(time.time() - resumed_at, 1e-9)
                 recent = state.losses[-config.log_every :]
@@ -244,17 +258,25 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
             if state.step % config.checkpoint_every == 0 or state.step == config.steps:
                 state.seconds = time.time() - started
                 _save_training_state(out, modules, optimizer, state, config, generator, rng)
+                save_checkpoint(
+                    out / "toy_teacher.safetensors",
+                    ema_transformer,
+                    ema_encoder,
+                    _info(state, config, device, ema_transformer, ema_encoder),
+                )
+    return out / "toy_teacher.safetensors"  # written with the last checkpoint
+
+
+def _info(state: TrainState, config: ToyTrainConfig, device: torch.device, *modules: nn.Module) -> dict[str, Any]:
+    """What the teacher checkpoint records about its training."""
     recent = state.losses[-100:]
-    info = {
+    return {
         "steps": state.step,
         "train_seconds": state.seconds,
         "config": asdict(config),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "parameters": count_parameters(ema_transformer, ema_encoder),
+        "parameters": count_parameters(*modules),
         "final_loss_avg100": sum(recent) / max(len(recent), 1),
         "evals": state.evals,
     }
-    teacher = out / "toy_teacher.safetensors"
-    save_checkpoint(teacher, ema_transformer, ema_encoder, info)
-    return teacher

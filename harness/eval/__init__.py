@@ -1,0 +1,1 @@
+"""Metric suites: ToyBench (exact toy-world scores), fidelity against dense, VBench, proxies."""
