@@ -1,6 +1,8 @@
 """``bench toy train``: train the toy teacher with Wan's rectified-flow objective.
 
-x_t = (1 - t) x_0 + t eps, the model predicts u = eps - x_0 (t = 1 is noise), t logit-normal.
+x_t = (1 - t) x_0 + t eps, the model predicts u = eps - x_0 (t = 1 is noise). t is uniform, shifted
+as the sampler shifts it (t = s u / (1 + (s - 1) u)), so high-noise steps, where layout and motion
+are decided, are trained as often as they are sampled.
 The prompt is dropped (empty) 10% of the time so that classifier-free guidance works. An EMA of the
 weights is what ships. Seeded; resumable from the checkpoint folder; stops on a non-finite loss
 keeping the last good checkpoint.
@@ -46,6 +48,7 @@ class ToyTrainConfig:
     warmup_steps: int = 500
     ema_decay: float = 0.999
     prompt_dropout: float = 0.1
+    timestep_shift: float = 3.0  # the toy model's sampling shift
     grad_clip: float = 1.0
     pool_size: int = 40000  # pre-rendered training scenes, redrawn in part every `refresh_every` steps
     refresh_every: int = 2000
@@ -91,11 +94,12 @@ class ScenePool:
 
 
 def flow_matching_loss(transformer: nn.Module, encoder: nn.Module, clips: torch.Tensor, ids: torch.Tensor,
-                       generator: torch.Generator, prompt_dropout: float) -> torch.Tensor:  # fmt: skip
-    """Rectified-flow loss: MSE between predicted and true velocity eps - x0 at logit-normal t."""
+                       generator: torch.Generator, prompt_dropout: float, shift: float) -> torch.Tensor:  # fmt: skip
+    """Rectified-flow loss: MSE between predicted and true velocity eps - x0 at shifted-uniform t."""
     batch = clips.shape[0]
     device = clips.device
-    t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    u = torch.rand(batch, generator=generator, device=device)
+    t = shift * u / (1 + (shift - 1) * u)
     noise = torch.randn(clips.shape, generator=generator, device=device)
     drop = torch.rand(batch, generator=generator, device=device) < prompt_dropout
     ids = torch.where(drop.unsqueeze(1), torch.zeros_like(ids), ids)
@@ -225,7 +229,9 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
             clips, ids = pool.batch(config.batch_size, generator)
             transformer.train(), encoder.train()
             with autocast:
-                loss = flow_matching_loss(transformer, encoder, clips, ids, generator, config.prompt_dropout)
+                loss = flow_matching_loss(
+                    transformer, encoder, clips, ids, generator, config.prompt_dropout, config.timestep_shift
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
