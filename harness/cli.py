@@ -437,18 +437,28 @@ def toy_train_cmd(
     batch_size: Annotated[int, typer.Option(help="Clips per step.")] = 256,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (cosine schedule, linear warm-up).")] = 8e-4,
     seed: Annotated[int, typer.Option(help="Seed of the weights, the data and the noise.")] = 0,
+    width: Annotated[int, typer.Option(help="Transformer width (a multiple of the head size, 32).")] = 128,
+    layers: Annotated[int, typer.Option(help="Transformer blocks.")] = 8,
+    ffn_dim: Annotated[int, typer.Option(help="Hidden size of each block's feed-forward network.")] = 256,
+    checkpoint_dtype: Annotated[
+        str, typer.Option(help="Precision of the written teacher: float32, float16 or bfloat16.")
+    ] = "float32",
     pool_size: Annotated[int, typer.Option(help="Pre-rendered training clips held on the device.")] = 40000,
     eval_every: Annotated[int, typer.Option(help="Score the EMA teacher with ToyBench every N steps.")] = 4000,
     eval_clips: Annotated[int, typer.Option(help="Held-out prompts sampled per evaluation.")] = 32,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    compile_model: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="torch.compile the training forward (CUDA only).")
+    ] = True,
 ) -> None:
     """Train the toy teacher (seeded, resumable: rerun the same command to continue)."""
     from harness.generate import resolve_device
     from harness.io_checks import ensure_writable_dir
     from harness.toyworld.train import ToyTrainConfig, train
 
-    config = ToyTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool_size=pool_size,
+    config = ToyTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, width=width, layers=layers,
+                            ffn_dim=ffn_dim, checkpoint_dtype=checkpoint_dtype, pool_size=pool_size,
                             eval_every=eval_every, eval_clips=eval_clips)  # fmt: skip
     config.validate()
     target = resolve_device(device)
@@ -465,7 +475,8 @@ def toy_train_cmd(
         transformer.requires_grad_(False)
         return {k: v for k, v in scores.items() if k != "clips"}
 
-    teacher = train(config, out, target, evaluate if eval_clips > 0 else None, show_progress=progress)
+    teacher = train(config, out, target, evaluate if eval_clips > 0 else None, show_progress=progress,
+                    compile_model=compile_model and target.type == "cuda")  # fmt: skip
     console.print(f"toy teacher written to {teacher}")
 
 

@@ -43,13 +43,17 @@ def build_modules(transformer_config: dict[str, Any], encoder_config: dict[str, 
     return WanTransformer3DModel(**transformer_config), PromptEncoder(**encoder_config)
 
 
-def save_checkpoint(path: Path, transformer: nn.Module, encoder: nn.Module, info: dict[str, Any]) -> None:
-    """Write both modules' weights and the configs (plus ``info``: training command, step, ...) atomically."""
+def save_checkpoint(path: Path, transformer: nn.Module, encoder: nn.Module, info: dict[str, Any],
+                    dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+    """Write both modules' weights (as ``dtype``) and the configs (plus ``info``) atomically.
+
+    Loading casts back to the modules' fp32 parameters.
+    """
     from safetensors.torch import save_file
 
     tensors = {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
     tensors |= {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}
     metadata = {
         "transformer_config": json.dumps(dict(transformer.config)),
         "encoder_config": json.dumps(TOY_ENCODER_CONFIG),

@@ -32,6 +32,8 @@ from harness.toyworld.checkpoint import (
     count_parameters,
     save_checkpoint,
 )
+
+HEAD_DIM = TOY_TRANSFORMER_CONFIG["attention_head_dim"]
 from harness.toyworld.encoder import tokenize
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -41,6 +43,10 @@ NUM_TRAIN_TIMESTEPS = 1000
 class ToyTrainConfig:
     """The training recipe of the shipped teacher (the config is the experiment)."""
 
+    width: int = TOY_TRANSFORMER_CONFIG["num_attention_heads"] * HEAD_DIM  # heads of 32 channels
+    layers: int = TOY_TRANSFORMER_CONFIG["num_layers"]
+    ffn_dim: int = TOY_TRANSFORMER_CONFIG["ffn_dim"]
+    checkpoint_dtype: str = "float32"  # of the shipped teacher; float16 halves its size
     steps: int = 20000
     batch_size: int = 256
     lr: float = 8e-4
@@ -59,7 +65,20 @@ class ToyTrainConfig:
     sync_every: int = 50
     seed: int = 0
 
+    def transformer_config(self) -> dict[str, Any]:
+        return TOY_TRANSFORMER_CONFIG | {
+            "num_attention_heads": self.width // HEAD_DIM,
+            "num_layers": self.layers,
+            "ffn_dim": self.ffn_dim,
+        }
+
     def validate(self) -> None:
+        if self.width < HEAD_DIM or self.width % HEAD_DIM:
+            raise HarnessError(f"width must be a positive multiple of {HEAD_DIM} (the head size), got {self.width}")
+        if self.layers < 1 or self.ffn_dim < 1:
+            raise HarnessError("need layers >= 1 and ffn_dim >= 1")
+        if self.checkpoint_dtype not in ("float32", "float16", "bfloat16"):
+            raise HarnessError(f"checkpoint_dtype must be float32, float16 or bfloat16, got {self.checkpoint_dtype!r}")
         if self.steps < 1:
             raise HarnessError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.pool_size < self.batch_size:
@@ -188,8 +207,12 @@ def _load_training_state(
 
 def train(config: ToyTrainConfig, out: Path, device: torch.device,
           evaluate: Callable[[nn.Module, nn.Module, int], dict[str, float]] | None = None,
-          show_progress: bool = True) -> Path:  # fmt: skip
-    """Train (or resume) into ``out``; returns the path of the EMA teacher checkpoint."""
+          show_progress: bool = True, compile_model: bool = False) -> Path:  # fmt: skip
+    """Train (or resume) into ``out``; returns the path of the EMA teacher checkpoint.
+
+    ``compile_model`` runs the training forward through ``torch.compile`` (same computation; at this
+    model size the GPU step is bound by kernel launches, which fusion removes).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     config.validate()
@@ -198,8 +221,8 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
     rng = random.Random(config.seed)
     # Randomness of the data order, noise and timesteps lives on the training device (no host round trips).
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    transformer, encoder = build_modules(TOY_TRANSFORMER_CONFIG, TOY_ENCODER_CONFIG)
-    ema_transformer, ema_encoder = build_modules(TOY_TRANSFORMER_CONFIG, TOY_ENCODER_CONFIG)
+    transformer, encoder = build_modules(config.transformer_config(), TOY_ENCODER_CONFIG)
+    ema_transformer, ema_encoder = build_modules(config.transformer_config(), TOY_ENCODER_CONFIG)
     ema_transformer.load_state_dict(transformer.state_dict())
     ema_encoder.load_state_dict(encoder.state_dict())
     modules = {"transformer": transformer, "encoder": encoder, "ema_transformer": ema_transformer,
@@ -214,6 +237,7 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
     ema_params = [*ema_transformer.parameters(), *ema_encoder.parameters()]
+    forward = torch.compile(transformer) if compile_model else transformer
 
     columns = (TextColumn("[bold]toy train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
     progress = Progress(*columns, TimeRemainingColumn(), disable=not show_progress)
@@ -230,7 +254,7 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
             transformer.train(), encoder.train()
             with autocast:
                 loss = flow_matching_loss(
-                    transformer, encoder, clips, ids, generator, config.prompt_dropout, config.timestep_shift
+                    forward, encoder, clips, ids, generator, config.prompt_dropout, config.timestep_shift
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -269,6 +293,7 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
                     ema_transformer,
                     ema_encoder,
                     _info(state, config, device, ema_transformer, ema_encoder),
+                    dtype=getattr(torch, config.checkpoint_dtype),
                 )
     return out / "toy_teacher.safetensors"  # written with the last checkpoint
 
