@@ -32,11 +32,10 @@ from harness.toyworld.checkpoint import (
     count_parameters,
     save_checkpoint,
 )
-
-HEAD_DIM = TOY_TRANSFORMER_CONFIG["attention_head_dim"]
 from harness.toyworld.encoder import tokenize
 
 NUM_TRAIN_TIMESTEPS = 1000
+HEAD_DIM = TOY_TRANSFORMER_CONFIG["attention_head_dim"]
 
 
 @dataclass(frozen=True)
