@@ -448,6 +448,10 @@ def toy_train_cmd(
     eval_clips: Annotated[int, typer.Option(help="Held-out prompts sampled per evaluation.")] = 32,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(help="Start from this toy teacher's weights (a later stage of the recipe; fresh optimizer)."),
+    ] = None,
     compile_model: Annotated[
         bool, typer.Option("--compile/--no-compile", help="torch.compile the training forward (CUDA only).")
     ] = True,
@@ -455,11 +459,13 @@ def toy_train_cmd(
     """Train the toy teacher (seeded, resumable: rerun the same command to continue)."""
     from harness.generate import resolve_device
     from harness.io_checks import ensure_writable_dir
-    from harness.toyworld.train import ToyTrainConfig, train
+    from harness.toyworld.train import ToyTrainConfig, file_sha256, train
 
     config = ToyTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, width=width, layers=layers,
                             ffn_dim=ffn_dim, checkpoint_dtype=checkpoint_dtype, pool_size=pool_size,
-                            eval_every=eval_every, eval_clips=eval_clips)  # fmt: skip
+                            eval_every=eval_every, eval_clips=eval_clips,
+                            init_from=str(init_from or ""),
+                            init_sha256=file_sha256(init_from) if init_from and init_from.is_file() else "")  # fmt: skip
     config.validate()
     target = resolve_device(device)
     ensure_writable_dir(out)

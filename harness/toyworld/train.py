@@ -63,6 +63,9 @@ class ToyTrainConfig:
     log_every: int = 500
     sync_every: int = 50
     seed: int = 0
+    # A later stage of the recipe starts from an earlier stage's teacher (its weights; fresh optimizer).
+    init_from: str = ""
+    init_sha256: str = ""
 
     def transformer_config(self) -> dict[str, Any]:
         return TOY_TRANSFORMER_CONFIG | {
@@ -82,6 +85,8 @@ class ToyTrainConfig:
             raise HarnessError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.pool_size < self.batch_size:
             raise HarnessError("need batch_size >= 1 and pool_size >= batch_size")
+        if self.init_from and not Path(self.init_from).is_file():
+            raise HarnessError(f"--init-from {self.init_from} does not exist (a toy_teacher.safetensors of an earlier stage)")
         for name in ("log_every", "checkpoint_every", "eval_every", "refresh_every"):
             if getattr(self, name) % self.sync_every:
                 raise HarnessError(f"{name} must be a multiple of sync_every ({self.sync_every})")
@@ -221,6 +226,8 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
     # Randomness of the data order, noise and timesteps lives on the training device (no host round trips).
     generator = torch.Generator(device=device).manual_seed(config.seed)
     transformer, encoder = build_modules(config.transformer_config(), TOY_ENCODER_CONFIG)
+    if config.init_from:
+        _init_from_teacher(Path(config.init_from), transformer, encoder)
     ema_transformer, ema_encoder = build_modules(config.transformer_config(), TOY_ENCODER_CONFIG)
     ema_transformer.load_state_dict(transformer.state_dict())
     ema_encoder.load_state_dict(encoder.state_dict())
@@ -295,6 +302,30 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
                     dtype=getattr(torch, config.checkpoint_dtype),
                 )
     return out / "toy_teacher.safetensors"  # written with the last checkpoint
+
+
+def _init_from_teacher(path: Path, transformer: nn.Module, encoder: nn.Module) -> None:
+    """Start from an earlier stage's teacher; its architecture must be the one configured."""
+    from harness.toyworld.checkpoint import load_checkpoint
+
+    previous_transformer, previous_encoder, _ = load_checkpoint(path)
+    def architecture(module: nn.Module) -> str:
+        return json.dumps({k: v for k, v in module.config.items() if not k.startswith("_")}, sort_keys=True)
+
+    if architecture(previous_transformer) != architecture(transformer):
+        raise HarnessError(f"{path} has another transformer config than this run; match --width/--layers/--ffn-dim")
+    transformer.load_state_dict(previous_transformer.state_dict())
+    encoder.load_state_dict(previous_encoder.state_dict())
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _info(state: TrainState, config: ToyTrainConfig, device: torch.device, *modules: nn.Module) -> dict[str, Any]:
