@@ -168,8 +168,11 @@ def models_cmd(as_json: JsonOpt = False) -> None:
 @user_errors
 def run_cmd(
     method: Annotated[str, typer.Option(help="Attention method (see `bench methods`).")] = "sdpa",
-    model: Annotated[str, typer.Option(help="Model adapter (see `bench models`).")] = "wan-tiny",
-    prompt: Annotated[list[str] | None, typer.Option(help="A prompt; repeat for several.")] = None,
+    model: Annotated[str, typer.Option(help="Model adapter (see `bench models`).")] = "toy",
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(help="A prompt; repeat for several. Default: the model's (toy: its 64 held-out prompts)."),
+    ] = None,
     seeds: Annotated[
         str, typer.Option(help="Comma-separated seeds; each gives the same noise for every method.")
     ] = "0",
@@ -193,6 +196,14 @@ def run_cmd(
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Method state (safetensors) to load, e.g. a converted model.")
+    ] = None,
+    eval_suites: Annotated[
+        str | None,
+        typer.Option(
+            "--eval",
+            help="Comma-separated metric suites to score the videos with (toybench); 'none' for none. "
+            "Default: the model's (toy: toybench).",
+        ),
     ] = None,
     runs_dir: RunsDirOpt = Path("runs"),
     force: Annotated[bool, typer.Option(help="Rerun even if this exact spec already finished.")] = False,
@@ -222,7 +233,7 @@ def run_cmd(
         model=MODELS.canonical(model),
         method=_canonical_method(method),
         sampling=sampling,
-        prompts=tuple(prompt or [DEFAULT_PROMPT]),
+        prompts=tuple(prompt or adapter_cls.default_prompts()),
         seeds=_parse_ints(seeds, "--seeds"),
         device=_resolved_device(device),
         dtype=_resolved_dtype(dtype, device),
@@ -231,6 +242,7 @@ def run_cmd(
         dense_warmup_steps=dense_warmup_steps,
         dense_layers=_parse_ints(dense_layers, "--dense-layers"),
         checkpoint=str(checkpoint) if checkpoint else None,
+        eval_suites=_eval_suites(eval_suites, adapter_cls.default_eval),
     )
     outcome = run(spec, runs_dir, force=force, allow_download=download, show_progress=progress and not as_json)
     if as_json:
@@ -246,7 +258,13 @@ def run_cmd(
     )
 
 
-DEFAULT_PROMPT = "a red fox runs through fresh snow at dawn"
+def _eval_suites(option: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    from harness.eval.suites import SUITES
+
+    if option is None:
+        return default
+    names = [name.strip() for name in option.split(",") if name.strip()]
+    return () if names == ["none"] else tuple(SUITES.canonical(name) for name in names)
 
 
 def _weights_value(weights: str, random_weights: bool, weights_kind: str) -> str:
@@ -433,7 +451,7 @@ app.add_typer(toy_app, name="toy")
 @user_errors
 def toy_train_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the resumable training state and toy_teacher.safetensors.")],
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 20000,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 18000,
     batch_size: Annotated[int, typer.Option(help="Clips per step.")] = 256,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (cosine schedule, linear warm-up).")] = 8e-4,
     seed: Annotated[int, typer.Option(help="Seed of the weights, the data and the noise.")] = 0,

@@ -16,6 +16,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.environment import capture_environment
+from harness.eval.suites import SUITES, mean_scores
 from harness.errors import HarnessError
 from harness.io_checks import ensure_writable_dir
 from harness.latency import StageTimer, TimingStats, peak_memory
@@ -79,6 +80,8 @@ def prepare(spec: RunSpec) -> Prepared:
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     if spec.weights == "random" and adapter_cls.weights_kind == "pretrained" and spec.eval_suites:
         raise HarnessError("quality metrics are meaningless with --random-weights; drop --eval")
+    for suite in spec.eval_suites:
+        SUITES.get(suite).check_model(spec.model)
     method = method_cls(schedule=schedule, **spec.method_params)
     method.check_supported(device, dtype)
     if spec.checkpoint is not None and not Path(spec.checkpoint).exists():
@@ -157,6 +160,7 @@ def run(
 
     frames_path = artifacts_dir / "frames.safetensors"
     _save_frames(frames_path, frames_kept)
+    metrics = _evaluate(spec.eval_suites, videos, frames_kept)
     record = _build_record(
         prepared,
         model,
@@ -167,9 +171,22 @@ def run(
         videos,
         str(frames_path.relative_to(runs_dir)),
         time.time() - started,
+        metrics,
     )
     write_record(path, record)
     return RunOutcome(record, path, skipped=False)
+
+
+def _evaluate(suites: tuple[str, ...], videos: list[dict[str, Any]], frames: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Score the run's videos with each suite: means in the returned metrics, per-video scores in ``videos``."""
+    metrics: dict[str, Any] = {}
+    for name in suites:
+        suite = SUITES.get(name)
+        per_video = suite.score([frames[v["frames_key"]] for v in videos], [v["prompt"] for v in videos])
+        for video, scores in zip(videos, per_video, strict=True):
+            video.setdefault("metrics", {})[suite.name] = scores
+        metrics[suite.name] = mean_scores(per_video)
+    return metrics
 
 
 class _StepScope:
@@ -220,6 +237,7 @@ def _build_record(
     videos: list[dict[str, Any]],
     frames_path: str,
     wall_seconds: float,
+    metrics: dict[str, Any],
 ) -> dict[str, Any]:
     spec = prepared.spec
     stages = {name: stats.to_dict() for name, stats in timer.stats().items()}
@@ -256,7 +274,7 @@ def _build_record(
         },
         "memory": {"peak_gib": peak_gib},
         "density": method.density.summary(),
-        "metrics": {},
+        "metrics": metrics,
         "artifacts": {"videos": videos, "frames": frames_path},
         "wall_seconds": wall_seconds,
     }

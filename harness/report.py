@@ -55,8 +55,9 @@ def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
             "cohort": f"{rec['cohort']}@{rec['environment'].get('device_name')}",
         }
         if rec.get("quality_reportable", False):
-            for name, value in sorted(rec.get("metrics", {}).items()):
-                row[name] = value
+            for suite, scores in sorted(rec.get("metrics", {}).items()):
+                for name, value in scores.items():
+                    row[name if name not in row else f"{suite}.{name}"] = value
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:

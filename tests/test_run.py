@@ -54,12 +54,13 @@ def test_run_writes_one_record_and_one_mp4(single_run: Path) -> None:
 
 def test_video_is_named_after_prompt_and_seed(single_run: Path) -> None:
     """The mp4 is named from a safe stem of the prompt and the seed, and listed in the record."""
-    from harness.cli import DEFAULT_PROMPT
+    from harness.models.wan import WanTiny
 
+    (default_prompt,) = WanTiny.default_prompts()
     (record,) = records_in(single_run)
     (video,) = record["artifacts"]["videos"]
-    assert video["prompt"] == DEFAULT_PROMPT and video["seed"] == 0
-    assert Path(video["video"]).name == f"{safe_stem(DEFAULT_PROMPT)}-seed0.mp4"
+    assert video["prompt"] == default_prompt and video["seed"] == 0
+    assert Path(video["video"]).name == f"{safe_stem(default_prompt)}-seed0.mp4"
     assert (single_run / video["video"]).is_file()
     assert set(load_file(single_run / record["artifacts"]["frames"])) == {video["frames_key"]}
 

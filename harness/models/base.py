@@ -65,6 +65,14 @@ class ModelAdapter(ABC):
         return None
 
     @classmethod
+    def default_prompts(cls) -> tuple[str, ...]:
+        """Prompts of a run that names none."""
+        return ("a red fox runs through fresh snow at dawn",)
+
+    #: Metric suites a run of this model computes when none are named (``--eval``).
+    default_eval: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
     def latent_shape(cls, sampling: Sampling) -> tuple[int, int, int, int]:
         """(channels, latent frames, latent height, latent width) of one sample."""
         return (

@@ -33,6 +33,13 @@ class ToyModel(WanFamilyAdapter):
     defaults = Sampling(steps=20, cfg=4.0, shift=3.0, height=world.HEIGHT, width=world.WIDTH,
                         frames=world.FRAMES, fps=8)  # fmt: skip
     prompt_encoder: ClassVar[type[PromptEncoder]] = PromptEncoder
+    default_eval: ClassVar[tuple[str, ...]] = ("toybench",)
+    #: Held-out prompts a run uses when it names none (the evaluation split of the toy world).
+    default_prompt_count: ClassVar[int] = 64
+
+    @classmethod
+    def default_prompts(cls) -> tuple[str, ...]:
+        return tuple(scene.prompt for scene, _ in world.eval_scenes(cls.default_prompt_count))
 
     def __init__(self, transformer: torch.nn.Module, encoder: torch.nn.Module, device: torch.device,
                  dtype: torch.dtype) -> None:  # fmt: skip

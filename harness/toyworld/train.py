@@ -46,7 +46,7 @@ class ToyTrainConfig:
     layers: int = TOY_TRANSFORMER_CONFIG["num_layers"]
     ffn_dim: int = TOY_TRANSFORMER_CONFIG["ffn_dim"]
     checkpoint_dtype: str = "float32"  # of the shipped teacher; float16 halves its size
-    steps: int = 20000
+    steps: int = 18000
     batch_size: int = 256
     lr: float = 8e-4
     weight_decay: float = 0.01
