@@ -438,7 +438,23 @@ def check_cmd(
         raise typer.Exit(1)
 
 
-HIDDEN_IN_CONSOLE = {"device", "weights", "videos", "peak_gib", "forward_p25_ms", "forward_p75_ms", "data_dependent"}
+# The console shows the comparison at a glance; the markdown and CSV files keep every column.
+HIDDEN_IN_CONSOLE = {
+    "device",
+    "weights",
+    "videos",
+    "peak_gib",
+    "forward_p25_ms",
+    "forward_p75_ms",
+    "data_dependent",
+    "steps",
+    "e2e_s_per_video",
+    "colour",
+    "shape",
+    "size",
+    "direction",
+    "baseline",
+}
 
 
 # -- toy world ---------------------------------------------------------------------------------
@@ -483,7 +499,8 @@ def toy_train_cmd(
                             ffn_dim=ffn_dim, checkpoint_dtype=checkpoint_dtype, pool_size=pool_size,
                             eval_every=eval_every, eval_clips=eval_clips,
                             init_from=str(init_from or ""),
-                            init_sha256=file_sha256(init_from) if init_from and init_from.is_file() else "")  # fmt: skip
+                            init_sha256=file_sha256(init_from) if init_from and init_from.is_file() else "",
+                            )  # fmt: skip
     config.validate()
     target = resolve_device(device)
     ensure_writable_dir(out)

@@ -16,8 +16,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.environment import capture_environment
-from harness.eval.suites import SUITES, mean_scores
 from harness.errors import HarnessError
+from harness.eval.suites import SUITES, mean_scores
 from harness.io_checks import ensure_writable_dir
 from harness.latency import StageTimer, TimingStats, peak_memory
 from harness.models.base import MODELS, ModelAdapter
@@ -76,13 +76,13 @@ def prepare(spec: RunSpec) -> Prepared:
     adapter_cls.validate_sampling(spec.sampling)
     adapter_cls.validate_prompts([*spec.prompts, spec.sampling.negative_prompt])
     schedule = Schedule(spec.dense_warmup_steps, spec.dense_layers)
-    schedule.validate_for(adapter_cls.num_layers, spec.sampling.steps)
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     if spec.weights == "random" and adapter_cls.weights_kind == "pretrained" and spec.eval_suites:
         raise HarnessError("quality metrics are meaningless with --random-weights; drop --eval")
     for suite in spec.eval_suites:
         SUITES.get(suite).check_model(spec.model)
     method = method_cls(schedule=schedule, **spec.method_params)
+    method.validate_for(adapter_cls.num_layers, spec.sampling.steps)
     method.check_supported(device, dtype)
     if spec.checkpoint is not None and not Path(spec.checkpoint).exists():
         raise HarnessError(f"method checkpoint {spec.checkpoint} does not exist")
@@ -111,7 +111,7 @@ def run(
     model = prepared.adapter_cls.load(spec.weights, prepared.device, prepared.dtype, allow_download)
     method = prepared.method
     if spec.checkpoint is not None:
-        method.load_state(Path(spec.checkpoint))
+        method.load_checkpoint(Path(spec.checkpoint), model.transformer)
     artifacts_dir = runs_dir / spec.run_id
     artifacts_dir.mkdir(parents=True, exist_ok=True)
     timer = StageTimer(prepared.device)

@@ -64,7 +64,6 @@ def _validate(request: LatencyRequest) -> tuple[list[AttentionMethod], torch.dev
     sampling = request.sampling()
     adapter_cls.validate_sampling(sampling)
     schedule = Schedule(request.dense_warmup_steps, request.dense_layers)
-    schedule.validate_for(adapter_cls.num_layers, sampling.steps)
     device, dtype = resolve_device(request.device), resolve_dtype(request.dtype)
     names = [METHODS.canonical(name) for name in request.methods]
     baseline = METHODS.canonical(request.baseline) if request.baseline else _default_baseline(names)
@@ -72,6 +71,7 @@ def _validate(request: LatencyRequest) -> tuple[list[AttentionMethod], torch.dev
         raise HarnessError(f"baseline {baseline!r} must be one of the timed methods {names}")
     methods = [build_method(name, schedule, **request.method_params.get(name, {})) for name in names]
     for method in methods:
+        method.validate_for(adapter_cls.num_layers, sampling.steps)
         method.check_supported(device, dtype)
     request.baseline = baseline
     return methods, device, dtype

@@ -20,6 +20,7 @@ _BUILTIN = {
     "math": ("methods.dense:MathReference", ("reference",)),
     "cudnn": ("methods.dense:Cudnn", ()),
     "fa2": ("methods.dense:FlashAttention2", ("flash", "flash-attn2")),
+    "linear": ("methods.linear:LinearAttention", ("linear-attention",)),
 }
 for _name, (_target, _aliases) in _BUILTIN.items():
     if _name not in METHODS:

@@ -179,6 +179,10 @@ class AttentionMethod(ABC):
         """The method's parameters as recorded in the run spec (JSON-serialisable)."""
         return {}
 
+    def validate_for(self, num_layers: int, num_steps: int) -> None:
+        """Fail before the model is built on settings this model cannot take (e.g. layers it lacks)."""
+        self.schedule.validate_for(num_layers, num_steps)
+
     # -- support checks ----------------------------------------------------------------------
 
     def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -216,6 +220,11 @@ class AttentionMethod(ABC):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_tensors().items()}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
+
+    def load_checkpoint(self, path: Path, transformer: torch.nn.Module) -> None:
+        """Load what ``--checkpoint`` names; by default the method's state file (methods that fine-tune
+        the model, such as LinVideo, also load the transformer's weights)."""
+        self.load_state(path)
 
     def load_state(self, path: Path) -> None:
         """Load state saved by :meth:`save_state`; a wrong or corrupt file is a clear error."""

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Invoke, normalise, records_in
 
 from harness.models.toy import ToyModel
 from harness.toyworld.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
 from harness.toyworld.sampling import sample_videos
-from conftest import Invoke, normalise, records_in
 
 PROMPT = "a large green square moves right on a dusk gradient background"
 

@@ -22,6 +22,8 @@ from harness.spec import Sampling
 from methods.base import AttentionMethod, TokenGrid
 
 StepHook = Callable[[int], AbstractContextManager[None]]
+# Called at every sampler step with (index, t, t_next, x_t, guided velocity); t is the flow time in [0, 1].
+TrajectoryObserver = Callable[[int, float, float, torch.Tensor, torch.Tensor], None]
 
 
 class ModelAdapter(ABC):
@@ -122,8 +124,12 @@ class ModelAdapter(ABC):
         sampling: Sampling,
         runtime: AttentionRuntime,
         step_hook: StepHook | None = None,
+        observer: TrajectoryObserver | None = None,
     ) -> torch.Tensor:
-        """Run the sampler from ``noise`` (t = 1) to clean latents, updating ``runtime`` each step."""
+        """Run the sampler from ``noise`` (t = 1) to clean latents, updating ``runtime`` each step.
+
+        ``observer`` sees every step's state and guided velocity (data-free collection uses it).
+        """
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

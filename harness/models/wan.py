@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from harness.errors import HarnessError, MissingWeightsError
-from harness.models.base import ModelAdapter, StepHook
+from harness.models.base import ModelAdapter, StepHook, TrajectoryObserver
 from harness.models.processor import AttentionRuntime, MethodAttnProcessor
 from harness.models.weights import WeightsSource, missing_hub_message, resolve_weights
 from harness.spec import Sampling
@@ -198,6 +198,7 @@ class WanFamilyAdapter(ModelAdapter):
         sampling: Sampling,
         runtime: AttentionRuntime,
         step_hook: StepHook | None = None,
+        observer: TrajectoryObserver | None = None,
     ) -> torch.Tensor:
         scheduler = self.make_scheduler(sampling.shift)
         scheduler.set_timesteps(sampling.steps, device=self.device)
@@ -217,6 +218,9 @@ class WanFamilyAdapter(ModelAdapter):
                     runtime.cfg_branch = "uncond"
                     velocity_uncond = self.forward(latents, t, uncond)
                     velocity = velocity_uncond + sampling.cfg * (velocity - velocity_uncond)
+                if observer is not None:
+                    next_time = flow_times[index + 1] if index + 1 < len(flow_times) else 0.0
+                    observer(index, flow_times[index], next_time, latents, velocity)
                 latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
         runtime.cfg_branch = "none"
         return latents

@@ -86,7 +86,9 @@ class ToyTrainConfig:
         if self.batch_size < 1 or self.pool_size < self.batch_size:
             raise HarnessError("need batch_size >= 1 and pool_size >= batch_size")
         if self.init_from and not Path(self.init_from).is_file():
-            raise HarnessError(f"--init-from {self.init_from} does not exist (a toy_teacher.safetensors of an earlier stage)")
+            raise HarnessError(
+                f"--init-from {self.init_from} does not exist (a toy_teacher.safetensors of an earlier stage)"
+            )
         for name in ("log_every", "checkpoint_every", "eval_every", "refresh_every"):
             if getattr(self, name) % self.sync_every:
                 raise HarnessError(f"{name} must be a multiple of sync_every ({self.sync_every})")
@@ -309,6 +311,7 @@ def _init_from_teacher(path: Path, transformer: nn.Module, encoder: nn.Module) -
     from harness.toyworld.checkpoint import load_checkpoint
 
     previous_transformer, previous_encoder, _ = load_checkpoint(path)
+
     def architecture(module: nn.Module) -> str:
         return json.dumps({k: v for k, v in module.config.items() if not k.startswith("_")}, sort_keys=True)
 

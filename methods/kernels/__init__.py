@@ -1,0 +1,1 @@
+"""Attention kernels shared by methods: linear attention and its feature maps."""

@@ -1,0 +1,146 @@
+"""LinVideo's attention: per-layer mixing of softmax and linear attention, and the converted model.
+
+While training, every self-attention layer l outputs ``r_l * softmax(q, k, v) + (1 - r_l) * linear(q, k, v)``
+from the same q, k, v (Eq. 8), with a learnable score ``r_l = clamp(rho_l, 0, 1)`` and per-layer feature
+maps, separate for q and k, applied after qk-norm and RoPE. After training a layer is linear iff
+``r_l < 0.5`` and only its chosen branch runs (the converted model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import HarnessError
+from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
+from methods.kernels.linear_attention import build_feature_map, check_kernel, linear_attention
+
+LINEAR_THRESHOLD = 0.5
+# A converted checkpoint is a folder holding these two files and the spec that made them.
+STATE_FILE, TRANSFORMER_FILE, SPEC_FILE = "linvideo.safetensors", "transformer.safetensors", "spec.json"
+
+
+class TransferState(nn.Module):
+    """The trainable LinVideo state of one model: scores ``rho (layers,)`` and q/k feature maps per layer."""
+
+    def __init__(self, num_layers: int, heads: int, head_dim: int, kernel: str = "hedgehog",
+                 r_init: float = 0.95) -> None:  # fmt: skip
+        super().__init__()
+        if not 0.0 <= r_init <= 1.0:
+            raise HarnessError(f"r_init must lie in [0, 1], got {r_init}")
+        self.kernel = check_kernel(kernel)
+        self.heads, self.head_dim = heads, head_dim
+        self.rho = nn.Parameter(torch.full((num_layers,), float(r_init)))
+        self.q_maps = nn.ModuleList(
+            build_feature_map(kernel, heads, head_dim, trainable=True) for _ in range(num_layers)
+        )
+        self.k_maps = nn.ModuleList(
+            build_feature_map(kernel, heads, head_dim, trainable=True) for _ in range(num_layers)
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.rho.numel()
+
+    def r(self) -> torch.Tensor:
+        """Scores in [0, 1], ``(layers,)``; a clamped rho stops moving, as a layer that reached 0 stays linear."""
+        return self.rho.clamp(0.0, 1.0)
+
+    def linear_layers(self) -> tuple[int, ...]:
+        """The layers a conversion makes linear: ``r < 0.5``."""
+        return tuple(int(i) for i in torch.nonzero(self.r().detach() < LINEAR_THRESHOLD).flatten())
+
+    def linear(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The layer's linear attention ``(B, H, N, D)``, accumulated in fp32."""
+        return linear_attention(self.q_maps[layer](q), self.k_maps[layer](k), v)
+
+    def mixed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Eq. 8: ``r * softmax + (1 - r) * linear`` from the same q, k, v ``(B, H, N, D)``."""
+        r = self.r()[layer].to(v.dtype)
+        return r * F.scaled_dot_product_attention(q, k, v) + (1 - r) * self.linear(layer, q, k, v)
+
+
+@register_method("linvideo", aliases=("lin-video",))
+class LinVideo(AttentionMethod):
+    """LinVideo: a converted model runs linear attention on its selected layers, softmax elsewhere.
+
+    The state comes from ``bench train --method linvideo`` (a converted checkpoint: which layers are
+    linear, feature-map weights, fine-tuned transformer weights). While training, :attr:`converted` is
+    False and every layer mixes both branches by its score r. Density: 0 for a linear layer's call,
+    1 for a softmax call (mixed calls compute the full softmax, so 1).
+    """
+
+    capabilities = Capabilities(
+        devices=("cpu", "cuda"),
+        sparsity="linear",
+        needs_training=True,
+        notes="learned selective transfer + Hedgehog linear attention; needs a converted checkpoint (--checkpoint)",
+    )
+
+    def __init__(self, schedule: Schedule | None = None, kernel: str = "hedgehog", **params: Any) -> None:
+        super().__init__(schedule, **params)
+        self.kernel = check_kernel(kernel)
+        self.state: TransferState | None = None
+        self.converted = True
+
+    def params(self) -> dict[str, Any]:
+        linear = None if self.state is None or not self.converted else list(self.state.linear_layers())
+        return {"kernel": self.kernel, "linear_layers": linear}
+
+    def attach(self, state: TransferState, converted: bool) -> None:
+        """Use ``state`` (trained or being trained); ``converted=False`` mixes both branches by r."""
+        if state.kernel != self.kernel:
+            raise HarnessError(f"linvideo: state uses kernel {state.kernel!r}, the method {self.kernel!r}")
+        self.state, self.converted = state, converted
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+               ) -> tuple[torch.Tensor, float]:  # fmt: skip
+        if self.state is None:
+            raise HarnessError("linvideo needs a converted checkpoint: pass --checkpoint DIR (made by `bench train`)")
+        if self.state.rho.device != q.device:
+            self.state.to(q.device)
+        if not self.converted:
+            return self.state.mixed(ctx.layer, q, k, v), 1.0
+        if ctx.layer in self.state.linear_layers():
+            return self.state.linear(ctx.layer, q, k, v), 0.0
+        return F.scaled_dot_product_attention(q, k, v), 1.0
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.state is None:
+            return {}
+        tensors = {"rho": self.state.rho.detach(), "shape": torch.tensor([self.state.heads, self.state.head_dim])}
+        # The dropped branch of a softmax layer is not kept: only linear layers' maps are saved.
+        for layer in self.state.linear_layers():
+            for side, maps in (("q", self.state.q_maps), ("k", self.state.k_maps)):
+                for name, tensor in maps[layer].state_dict().items():
+                    tensors[f"{side}_maps.{layer}.{name}"] = tensor
+        return tensors
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            rho, (heads, head_dim) = tensors["rho"], tensors["shape"].tolist()
+        except (KeyError, ValueError) as exc:
+            raise HarnessError(f"linvideo state is missing its scores or shape: {exc}") from exc
+        state = TransferState(rho.numel(), int(heads), int(head_dim), self.kernel)
+        state.rho.data.copy_(rho)
+        expected = {f"{side}_maps.{layer}.{name}" for layer in state.linear_layers() for side in ("q", "k")
+                    for name in state.q_maps[layer].state_dict()}  # fmt: skip
+        given = set(tensors) - {"rho", "shape"}
+        if given != expected:
+            raise HarnessError(f"linvideo state does not match its scores: missing {sorted(expected - given)}, "
+                               f"unexpected {sorted(given - expected)}")  # fmt: skip
+        state.load_state_dict({**state.state_dict(), **{k: v for k, v in tensors.items() if k in expected}})
+        self.attach(state.requires_grad_(False), converted=True)
+
+    def load_checkpoint(self, path: Path, transformer: nn.Module) -> None:
+        """A converted checkpoint folder: the method state and the fine-tuned transformer weights."""
+        from harness.checkpoints import load_module_weights
+
+        self.load_state(path / STATE_FILE)
+        load_module_weights(transformer, path / TRANSFORMER_FILE)

@@ -1,0 +1,227 @@
+"""The LinVideo trainer: selective transfer + the ADM (or MSE) objective on a teacher's trajectories.
+
+The student is a copy of the teacher whose self-attention layers mix softmax and linear attention by
+a learnable score r per layer (Eq. 8). Each step draws stored teacher states x_s (data-free
+collection), and with ``adm`` lets the student take one sampler step to the next grid time t:
+``x_hat = x_s - (s - t) u_student(x_s)``, then ``g = (1 - t)/t (u_teacher(x_hat) - u_student(x_hat))``
+without gradient and the surrogate ``0.5 ||x_hat - sg(x_hat - g)||^2``; velocities are CFG-guided as
+at inference, for teacher and student alike. The total loss is ``L_obj + lambda (L_con + L_reg)``.
+
+AdamW with its own learning rate for r, cosine schedule with warm-up, gradient clipping, bf16 autocast
+on GPU, optional activation checkpointing, resumable checkpoints, and a stop with a message on a
+non-finite loss (the last good checkpoint is kept). Parameters are grouped by role and the loop only
+touches ``student.transformer`` and the transfer state, so FSDP2 can wrap both later.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.atomic import write_json_atomic
+from harness.checkpoints import load_training_state, save_module_weights, save_training_state
+from harness.errors import HarnessError
+from harness.models.base import ModelAdapter
+from methods import build_method
+from methods.kernels.linear_attention import check_kernel
+from methods.linvideo.attention import SPEC_FILE, STATE_FILE, TRANSFORMER_FILE, LinVideo, TransferState
+from methods.linvideo.collect import TrajectoryStore
+from methods.linvideo.losses import (
+    adm_gradient,
+    adm_loss,
+    annealed_alpha,
+    binarization_loss,
+    constraint_loss,
+    mse_loss,
+)
+
+OBJECTIVES = ("adm", "mse")
+
+
+@dataclass(frozen=True)
+class LinVideoTrainConfig:
+    """One LinVideo training run (the config is the experiment; defaults from reference/linvideo.md)."""
+
+    target_layers: int
+    objective: str = "adm"
+    kernel: str = "hedgehog"
+    steps: int = 400
+    batch_size: int = 8
+    lr: float = 1e-4  # transformer and feature maps
+    r_lr: float = 1e-2  # the scores r move far further than the weights
+    r_init: float = 0.95
+    alpha_start: float = 20.0
+    alpha_end: float = 2.0
+    lam: float = 0.01
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.1
+    grad_clip: float = 1.0
+    t_min: float = 0.02
+    adm_reduction: str = "mean"
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def validate(self, num_layers: int) -> None:
+        if not 1 <= self.target_layers <= num_layers:
+            raise HarnessError(
+                f"target layers must be in 1..{num_layers} (the model's layers), got {self.target_layers}"
+            )
+        if self.objective not in OBJECTIVES:
+            raise HarnessError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        check_kernel(self.kernel)
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise HarnessError("steps, batch size and checkpoint interval must be >= 1")
+        if not 0.0 < self.r_init <= 1.0 or not 0.0 <= self.warmup_fraction < 1.0:
+            raise HarnessError("need 0 < r_init <= 1 and 0 <= warmup_fraction < 1")
+
+
+def lr_factor(step: int, config: LinVideoTrainConfig) -> float:
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0."""
+    warmup = max(1, round(config.warmup_fraction * config.steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, config.steps - warmup), 1.0)))
+
+
+def guided_velocity(model: ModelAdapter, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                    uncond: torch.Tensor, cfg: float) -> torch.Tensor:  # fmt: skip
+    """CFG-guided velocity at flow times ``t (B,)``, as the sampler computes it; ``x (B, C, F, H, W)``."""
+    timestep = t * 1000.0
+    velocity = model.forward(x, timestep, cond).float()
+    if cfg <= 1.0:
+        return velocity
+    unconditional = model.forward(x, timestep, uncond.expand(x.shape[0], -1, -1)).float()
+    return unconditional + cfg * (velocity - unconditional)
+
+
+@dataclass
+class StepLosses:
+    objective: torch.Tensor
+    constraint: torch.Tensor
+    regulariser: torch.Tensor
+    total: torch.Tensor
+
+
+class LinVideoTrainer:
+    """Owns teacher, student and transfer state; :meth:`run` trains (or resumes) into ``out``."""
+
+    def __init__(self, config: LinVideoTrainConfig, teacher: ModelAdapter, store: TrajectoryStore, out: Path) -> None:
+        num_layers = len(teacher.self_attention_layers())
+        config.validate(num_layers)
+        self.config, self.teacher, self.store, self.out = config, teacher, store, out
+        self.cfg = float(store.spec["sampling"]["cfg"])
+        self.device = teacher.device
+        self.student = copy.copy(teacher)
+        self.student.transformer = copy.deepcopy(teacher.transformer).requires_grad_(True).train()
+        tc = teacher.transformer.config
+        self.state = TransferState(num_layers, tc.num_attention_heads, tc.attention_head_dim, config.kernel,
+                                   config.r_init).to(self.device)  # fmt: skip
+        self.method = LinVideo(kernel=config.kernel)
+        self.method.attach(self.state, converted=False)
+        if config.activation_checkpointing:
+            self.student.transformer.enable_gradient_checkpointing()
+        weights = [*self.student.transformer.parameters(), *self.state.q_maps.parameters(),
+                   *self.state.k_maps.parameters()]  # fmt: skip
+        self.optimizer = torch.optim.AdamW(
+            [{"params": weights, "lr": config.lr, "name": "weights"},
+             {"params": [self.state.rho], "lr": config.r_lr, "weight_decay": 0.0, "name": "r"}],
+            weight_decay=config.weight_decay,
+        )  # fmt: skip
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.uncond = store.uncond.to(self.device, teacher.dtype)
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {"student": self.student.transformer, "transfer": self.state}
+
+    def losses(self, batch: dict[str, torch.Tensor], step: int) -> StepLosses:
+        """The step's loss terms; gradients reach the student through x_hat (ADM) or its velocity (MSE)."""
+        config = self.config
+        x_s, s, t = batch["x"].to(self.device), batch["t"].to(self.device), batch["t_next"].to(self.device)
+        cond = batch["cond"].to(self.device, self.teacher.dtype)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with autocast:
+            u_student = guided_velocity(self.student, x_s, s, cond, self.uncond, self.cfg)
+            if config.objective == "mse":
+                objective = mse_loss(u_student, batch["u"].to(self.device))
+            else:
+                x_hat = x_s - (s - t).view(-1, 1, 1, 1, 1) * u_student
+                with torch.no_grad():
+                    u_teacher_at = guided_velocity(self.teacher, x_hat, t, cond, self.uncond, self.cfg)
+                    u_student_at = guided_velocity(self.student, x_hat, t, cond, self.uncond, self.cfg)
+                g = adm_gradient(u_teacher_at, u_student_at, t, config.t_min)
+                objective = adm_loss(x_hat.float(), g, config.adm_reduction)
+        r = self.state.r()
+        constraint = constraint_loss(r, config.target_layers)
+        regulariser = binarization_loss(r, annealed_alpha(step, config.steps, config.alpha_start, config.alpha_end))
+        total = objective + config.lam * (constraint + regulariser)
+        return StepLosses(objective, constraint, regulariser, total)
+
+    def run(self, show_progress: bool = True) -> Path:
+        """Train to ``config.steps`` (resuming a half-done run) and write the converted checkpoint."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        config, out = self.config, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        meta = load_training_state(out, self._modules(), self.optimizer, self.generator)
+        if meta is not None and meta["config"] != asdict(config):
+            raise HarnessError(
+                f"{out} holds a LinVideo run with another config; use another --out or the same settings"
+            )
+        log: dict[str, Any] = meta or {"config": asdict(config), "step": 0, "seconds": 0.0, "losses": [], "r": []}
+        columns = (TextColumn("[bold]linvideo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+        started = time.time() - log["seconds"]
+        with (
+            self.teacher.use_method(build_method("sdpa")),
+            self.student.use_method(self.method),
+            Progress(*columns, TimeRemainingColumn(), disable=not show_progress) as progress,
+        ):
+            task = progress.add_task("train", total=config.steps, completed=log["step"], info="")
+            while log["step"] < config.steps:
+                step = log["step"]
+                for group in self.optimizer.param_groups:
+                    base = config.r_lr if group["name"] == "r" else config.lr
+                    group["lr"] = base * lr_factor(step, config)
+                terms = self.losses(self.store.sample(config.batch_size, self.generator), step)
+                values = {
+                    name: float(getattr(terms, name).detach())
+                    for name in ("objective", "constraint", "regulariser", "total")
+                }
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise HarnessError(f"non-finite loss at step {step} ({values}); last good checkpoint kept in {out}")
+                self.optimizer.zero_grad(set_to_none=True)
+                terms.total.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                               config.grad_clip)  # fmt: skip
+                self.optimizer.step()
+                r = self.state.r().detach().cpu().tolist()
+                log["step"] += 1
+                log["losses"].append(values)
+                log["r"].append(r)
+                below = sum(value < 0.5 for value in r)
+                progress.update(task, advance=1, info=(
+                    f"obj {values['objective']:.4g} con {values['constraint']:.3g} reg {values['regulariser']:.3g} "
+                    f"linear {below}/{len(r)}"))  # fmt: skip
+                if log["step"] % config.checkpoint_every == 0 or log["step"] == config.steps:
+                    log["seconds"] = time.time() - started
+                    save_training_state(out, self._modules(), self.optimizer, self.generator, log)
+        return self.write_converted(log)
+
+    def write_converted(self, log: dict[str, Any]) -> Path:
+        """The converted checkpoint: which layers are linear, their feature maps, the fine-tuned transformer."""
+        self.method.attach(self.state, converted=True)
+        self.method.save_state(self.out / STATE_FILE)
+        save_module_weights(self.student.transformer, self.out / TRANSFORMER_FILE)
+        linear = list(self.state.linear_layers())
+        write_json_atomic(self.out / SPEC_FILE, {
+            "method": "linvideo", "config": log["config"], "trajectory_store": self.store.spec,
+            "linear_layers": linear, "final_r": log["r"][-1], "steps": log["step"], "train_seconds": log["seconds"],
+            "seconds_per_step": log["seconds"] / max(log["step"], 1),
+        })  # fmt: skip
+        return self.out

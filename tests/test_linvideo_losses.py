@@ -1,0 +1,96 @@
+"""LinVideo's objectives, each equation checked against hand-computed values or autograd."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from methods.linvideo.losses import (
+    adm_gradient,
+    adm_loss,
+    annealed_alpha,
+    binarization_loss,
+    constraint_loss,
+    ste_round,
+)
+
+
+def test_ste_round_rounds_forward_and_passes_gradient_one() -> None:
+    x = torch.tensor([0.2, 0.49, 0.51, 0.9], requires_grad=True)
+    y = ste_round(x)
+    assert y.tolist() == [0.0, 0.0, 1.0, 1.0]
+    y.sum().backward()
+    assert x.grad is not None and x.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_binarization_loss_and_gradient_at_alpha_20_r_0_9() -> None:
+    """L_reg = 1 - |2r - 1|^a; at a = 20, r = 0.9: value 1 - 0.8^20, dL/dr = -2 a 0.8^19."""
+    r = torch.tensor([0.9], dtype=torch.float64, requires_grad=True)
+    loss = binarization_loss(r, alpha=20.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(1 - 0.8**20, rel=1e-12)
+    assert r.grad is not None and r.grad.item() == pytest.approx(-2 * 20 * 0.8**19, rel=1e-12)
+    assert r.grad.item() == pytest.approx(-0.5765, abs=1e-4)  # the figure quoted in reference/linvideo.md
+
+
+def test_binarization_loss_is_zero_at_the_ends_and_one_at_half() -> None:
+    r = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
+    for alpha in (2.0, 4.0, 20.0):
+        assert binarization_loss(r[:2], alpha).item() == pytest.approx(0.0)
+        assert binarization_loss(r[2:], alpha).item() == pytest.approx(1.0)
+
+
+def test_binarization_loss_at_alpha_2_is_the_parabola() -> None:
+    """At alpha = 2, 1 - (2r - 1)^2 = 4 r (1 - r)."""
+    r = torch.rand(7, dtype=torch.float64)
+    assert binarization_loss(r, 2.0).item() == pytest.approx((4 * r * (1 - r)).sum().item(), rel=1e-12)
+
+
+def test_constraint_loss_counts_layers_below_half_against_the_target() -> None:
+    """(sum round(1 - r) - target)^2: three layers below 0.5, target 5 -> 4; gradient -2 (3 - 5) (-1) each."""
+    r = torch.tensor([0.1, 0.3, 0.45, 0.6, 0.95, 0.99], requires_grad=True)
+    loss = constraint_loss(r, target=5)
+    loss.backward()
+    assert loss.item() == pytest.approx(4.0)
+    assert r.grad is not None and torch.allclose(r.grad, torch.full_like(r, 4.0))
+
+
+def test_constraint_loss_is_zero_on_target() -> None:
+    r = torch.tensor([0.2, 0.7, 0.1, 0.8])
+    assert constraint_loss(r, target=2).item() == 0.0
+
+
+@pytest.mark.parametrize(("start", "end"), [(20.0, 2.0), (16.0, 4.0), (24.0, 1.0), (4.0, 4.0)])
+def test_alpha_anneals_linearly_from_start_to_end(start: float, end: float) -> None:
+    total = 11
+    values = [annealed_alpha(step, total, start, end) for step in range(total)]
+    assert values[0] == start and values[-1] == pytest.approx(end)
+    assert values[5] == pytest.approx((start + end) / 2)
+
+
+def test_adm_gradient_is_weighted_velocity_difference() -> None:
+    """g = (1 - t)/t (u_T - u_S), per sample, with t clamped away from 0."""
+    u_teacher, u_student = torch.randn(2, 3, 2, 4, 4), torch.randn(2, 3, 2, 4, 4)
+    t = torch.tensor([0.25, 0.001])
+    g = adm_gradient(u_teacher, u_student, t, t_min=0.02)
+    assert torch.allclose(g[0], 3.0 * (u_teacher[0] - u_student[0]))
+    assert torch.allclose(g[1], (0.98 / 0.02) * (u_teacher[1] - u_student[1]))
+    assert not g.requires_grad
+
+
+def test_adm_surrogate_gradient_with_respect_to_x_hat_is_g() -> None:
+    """Autograd of 0.5||x_hat - sg(x_hat - g)||^2 (sum) gives exactly g; the mean divides it by numel."""
+    g = torch.randn(2, 3, 2, 4, 4, dtype=torch.float64)
+    for reduction, scale in (("sum", 1.0), ("mean", 1.0 / g.numel())):
+        x_hat = torch.randn_like(g, requires_grad=True)
+        adm_loss(x_hat, g, reduction).backward()
+        assert x_hat.grad is not None and torch.allclose(x_hat.grad, g * scale, rtol=1e-12, atol=0)
+
+
+def test_adm_loss_value_is_half_squared_norm_of_g() -> None:
+    g = torch.randn(4, 5, dtype=torch.float64)
+    x_hat = torch.randn_like(g)
+    assert adm_loss(x_hat, g, "sum").item() == pytest.approx(0.5 * (g**2).sum().item(), rel=1e-12)
+    assert math.isfinite(adm_loss(x_hat, g).item())
