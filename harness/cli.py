@@ -521,6 +521,69 @@ def toy_train_cmd(
     console.print(f"toy teacher written to {teacher}")
 
 
+# -- train -------------------------------------------------------------------------------------
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    out: Annotated[Path, typer.Option(help="Folder of the converted checkpoint (and the resumable training state).")],
+    target_layers: Annotated[int, typer.Option(help="Self-attention layers to convert to linear attention.")],
+    method: Annotated[str, typer.Option(help="Method to train (linvideo).")] = "linvideo",
+    model: Annotated[str, typer.Option(help="Teacher model adapter (see `bench models`).")] = "toy",
+    objective: Annotated[
+        str, typer.Option(help="adm (anytime distribution matching) or mse (stored velocities).")
+    ] = "adm",
+    kernel: Annotated[str, typer.Option(help="Feature map: hedgehog, relu, taylor or elu.")] = "hedgehog",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 400,
+    batch_size: Annotated[int, typer.Option(help="Stored teacher states per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the transformer and feature maps.")] = 1e-4,
+    r_lr: Annotated[float, typer.Option(help="Peak learning rate of the per-layer scores r.")] = 1e-2,
+    r_init: Annotated[float, typer.Option(help="Initial score r of every layer (1 = softmax).")] = 0.95,
+    alpha_start: Annotated[float, typer.Option(help="Exponent of L_reg at the first step.")] = 20.0,
+    alpha_end: Annotated[float, typer.Option(help="Exponent of L_reg at the last step (= start: fixed).")] = 2.0,
+    lam: Annotated[float, typer.Option(help="Weight lambda of L_con + L_reg.")] = 0.01,
+    prompts: Annotated[int, typer.Option(help="Training prompts from the model's prompt world (toy).")] = 64,
+    prompt_file: Annotated[Path | None, typer.Option(help="Training prompts, one per line (real models).")] = None,
+    store: Annotated[Path | None, typer.Option(help="Trajectory store folder (default OUT/trajectories).")] = None,
+    weights: Annotated[str, typer.Option(help="Teacher weights: local folder or hub id (default: the model's).")] = "",
+    activation_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Write a resumable checkpoint every N steps.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the prompts, the batches and the trainer.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train LinVideo on a teacher: data-free collection, selective transfer, ADM; resumable (rerun to continue)."""
+    from harness.models import MODELS
+    from harness.training import TrainRequest, train
+    from methods.linvideo.train import LinVideoTrainConfig
+
+    if _canonical_method(method) != "linvideo":
+        raise HarnessError(f"bench train trains linvideo only, not {method!r}")
+    adapter_cls = MODELS.get(model)
+    config = LinVideoTrainConfig(
+        target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size, lr=lr,
+        r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam,
+        activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every, seed=seed,
+    )  # fmt: skip
+    if prompt_file is not None and not prompt_file.is_file():
+        raise HarnessError(f"--prompt-file {prompt_file} does not exist")
+    listed = (
+        tuple(line.strip() for line in prompt_file.read_text().splitlines() if line.strip()) if prompt_file else None
+    )
+    request = TrainRequest(
+        model=MODELS.canonical(model), weights=_weights_value(weights, False, adapter_cls.weights_kind), config=config,
+        out=out, prompts=listed, prompt_count=prompts, sampling=None, device=_resolved_device(device),
+        dtype="float32", store=store, show_progress=progress,
+    )  # fmt: skip
+    converted = train(request)
+    summary = json.loads((converted / "spec.json").read_text())
+    console.print(
+        f"[bold]linvideo[/] trained {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step): "
+        f"layers {summary['linear_layers']} linear -> {converted}"
+    )
+
+
 # -- report ------------------------------------------------------------------------------------
 
 

@@ -84,6 +84,11 @@ def prepare(spec: RunSpec) -> Prepared:
     method = method_cls(schedule=schedule, **spec.method_params)
     method.validate_for(adapter_cls.num_layers, spec.sampling.steps)
     method.check_supported(device, dtype)
+    if method.capabilities.needs_training and spec.checkpoint is None:
+        raise HarnessError(
+            f"method {spec.method!r} needs a trained checkpoint: make one with `bench train --method {spec.method} "
+            f"--model {spec.model} --target-layers K --out DIR`, then pass --checkpoint DIR"
+        )
     if spec.checkpoint is not None and not Path(spec.checkpoint).exists():
         raise HarnessError(f"method checkpoint {spec.checkpoint} does not exist")
     return Prepared(spec, adapter_cls, method, device, dtype)

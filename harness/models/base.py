@@ -71,6 +71,11 @@ class ModelAdapter(ABC):
         """Prompts of a run that names none."""
         return ("a red fox runs through fresh snow at dawn",)
 
+    @classmethod
+    def training_prompts(cls, count: int, seed: int) -> tuple[str, ...]:
+        """Prompts for data-free collection when the user names none (a model with a prompt world)."""
+        raise HarnessError(f"{cls.name} has no built-in training prompts: pass --prompt-file (one prompt per line)")
+
     #: Metric suites a run of this model computes when none are named (``--eval``).
     default_eval: ClassVar[tuple[str, ...]] = ()
 

@@ -38,6 +38,14 @@ class ToyModel(WanFamilyAdapter):
     default_prompt_count: ClassVar[int] = 64
 
     @classmethod
+    def training_prompts(cls, count: int, seed: int) -> tuple[str, ...]:
+        """Prompts of the training split only: held-out combinations never reach a distillation either."""
+        import random
+
+        rng = random.Random(seed)
+        return tuple(world.sample_placed_scene(rng, "train")[0].prompt for _ in range(count))
+
+    @classmethod
     def default_prompts(cls) -> tuple[str, ...]:
         return tuple(scene.prompt for scene, _ in world.eval_scenes(cls.default_prompt_count))
 

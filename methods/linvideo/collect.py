@@ -106,6 +106,7 @@ class TrajectoryStore:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        self.path = path
         meta_path = path / STORE_FILE
         if not meta_path.is_file():
             raise HarnessError(f"{path} is not a trajectory store (no {STORE_FILE}); run the collection first")

@@ -1,0 +1,224 @@
+"""LinVideo: mixed attention, the transfer state, data-free collection, the trainer and converted checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import Invoke, normalise
+
+from harness.errors import HarnessError
+from harness.models.toy import ToyModel
+from methods.kernels.linear_attention import KERNELS, naive_linear_attention
+from methods.linvideo.attention import LinVideo, TransferState
+from methods.linvideo.collect import CollectionSpec, TrajectoryStore, collect
+from methods.linvideo.train import LinVideoTrainConfig, LinVideoTrainer, lr_factor
+
+B, H, N, D = 2, 3, 29, 8
+
+
+def _qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.randn(B, H, N, D), torch.randn(B, H, N, D), torch.randn(B, H, N, D)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mixed_attention_at_r_1_is_dense_and_at_r_0_is_linear(kernel: str) -> None:
+    """Eq. 8 at its ends: r = 1 gives softmax attention, r = 0 the layer's linear attention (naive reference)."""
+    state = TransferState(2, H, D, kernel)
+    q, k, v = _qkv()
+    with torch.no_grad():
+        state.rho.copy_(torch.tensor([1.0, 0.0]))
+        assert _rel(state.mixed(0, q, k, v), F.scaled_dot_product_attention(q, k, v)) <= 1e-6
+        reference = naive_linear_attention(state.q_maps[1](q), state.k_maps[1](k), v)
+        assert _rel(state.mixed(1, q, k, v), reference) <= 1e-5
+
+
+def test_mixed_attention_interpolates_linearly_in_r() -> None:
+    state = TransferState(1, H, D)
+    q, k, v = _qkv()
+    with torch.no_grad():
+        state.rho.fill_(0.3)
+        expected = 0.3 * F.scaled_dot_product_attention(q, k, v) + 0.7 * state.linear(0, q, k, v)
+        assert _rel(state.mixed(0, q, k, v), expected) <= 1e-6
+
+
+def test_scores_are_clamped_and_layers_below_half_are_linear() -> None:
+    state = TransferState(4, H, D)
+    with torch.no_grad():
+        state.rho.copy_(torch.tensor([1.2, 0.49, 0.5, -0.3]))
+    assert state.r().tolist() == pytest.approx([1.0, 0.49, 0.5, 0.0])
+    assert state.linear_layers() == (1, 3)
+
+
+def test_hedgehog_maps_are_separate_for_queries_and_keys() -> None:
+    state = TransferState(2, H, D)
+    assert state.q_maps[0].weight is not state.k_maps[0].weight
+    assert torch.equal(state.q_maps[0].weight, torch.eye(D).repeat(H, 1, 1))  # identity init
+
+
+def test_gradient_reaches_r_and_both_feature_maps() -> None:
+    state = TransferState(1, H, D)
+    q, k, v = _qkv()
+    state.mixed(0, q, k, v).square().sum().backward()
+    assert state.rho.grad is not None and state.rho.grad.abs().item() > 0
+    assert state.q_maps[0].weight.grad.abs().sum() > 0 and state.k_maps[0].weight.grad.abs().sum() > 0
+
+
+def test_lr_schedule_warms_up_over_a_tenth_then_decays_to_zero() -> None:
+    config = LinVideoTrainConfig(target_layers=1, steps=100)
+    assert lr_factor(0, config) == pytest.approx(0.1) and lr_factor(9, config) == pytest.approx(1.0)
+    assert lr_factor(99, config) < 0.01
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"target_layers": 9}, "target layers must be in 1..8"), ({"target_layers": 0}, "target layers must be in 1..8"),
+    ({"objective": "dmd"}, "unknown objective"), ({"kernel": "hedgehgo"}, "Did you mean 'hedgehog'"),
+    ({"steps": 0}, ">= 1"),
+])  # fmt: skip
+def test_impossible_training_settings_are_refused(changes: dict, message: str) -> None:
+    config = LinVideoTrainConfig(**{"target_layers": 4, **changes})
+    with pytest.raises(HarnessError, match=message):
+        config.validate(num_layers=8)
+
+
+# -- collection and training on the toy teacher (tiny settings) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher() -> ToyModel:
+    return ToyModel.load("builtin", torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def store(teacher: ToyModel, tmp_path_factory: pytest.TempPathFactory) -> TrajectoryStore:
+    """Three prompts, 3 sampler steps, two shards."""
+    sampling = ToyModel.defaults.__class__(**{**vars(ToyModel.defaults), "steps": 3})
+    spec = CollectionSpec("toy", "builtin", sampling, ToyModel.training_prompts(3, 0), (0, 1, 2), batch_size=2)
+    return collect(teacher, spec, tmp_path_factory.mktemp("store"), show_progress=False)
+
+
+def test_store_holds_every_step_of_every_prompt(store: TrajectoryStore) -> None:
+    """3 prompts x 3 steps; times decrease along a trajectory and the last step's next time is 0."""
+    assert len(store) == 9
+    t, t_next = store.tensors["t"], store.tensors["t_next"]
+    assert torch.all(t_next < t) and (t_next == 0).sum() == 3
+    assert store.tensors["x"].shape == (9, *ToyModel.latent_shape(ToyModel.defaults))
+    assert store.cond.shape[0] == 3
+
+
+def test_collection_resumes_a_missing_shard_identically(store: TrajectoryStore, teacher: ToyModel,
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    import shutil
+
+    from methods.linvideo.collect import _shard_path
+
+    copy = tmp_path / "store"
+    shutil.copytree(store.path, copy)
+    _shard_path(copy, 1).unlink()
+    spec = CollectionSpec(**{**store.spec, "sampling": ToyModel.defaults.__class__(**store.spec["sampling"]),
+                             "prompts": tuple(store.spec["prompts"]), "seeds": tuple(store.spec["seeds"])})  # fmt: skip
+    resumed = collect(teacher, spec, copy, show_progress=False)
+    assert torch.equal(resumed.tensors["x"], store.tensors["x"])
+
+
+def test_store_sampling_excludes_the_final_step(store: TrajectoryStore) -> None:
+    batch = store.sample(32, torch.Generator().manual_seed(0))
+    assert torch.all(batch["t_next"] > 0) and batch["cond"].shape[0] == 32
+
+
+def _config(**changes: object) -> LinVideoTrainConfig:
+    return LinVideoTrainConfig(**{"target_layers": 4, "steps": 4, "batch_size": 2, "checkpoint_every": 2, **changes})
+
+
+@pytest.mark.parametrize("objective", ["adm", "mse"])
+def test_trainer_writes_a_converted_checkpoint_and_logs_r(objective: str, teacher: ToyModel, store: TrajectoryStore,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    out = LinVideoTrainer(_config(objective=objective), teacher, store, tmp_path).run(show_progress=False)
+    spec = json.loads((out / "spec.json").read_text())
+    log = json.loads((out / "training_state.json").read_text())
+    assert spec["steps"] == 4 and len(log["r"]) == 4 and len(log["r"][0]) == 8
+    assert {"objective", "constraint", "regulariser", "total"} <= set(log["losses"][0])
+    assert (out / "linvideo.safetensors").is_file() and (out / "transformer.safetensors").is_file()
+
+
+def test_interrupted_training_resumes_to_the_same_weights(teacher: ToyModel, store: TrajectoryStore, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Stopping after the step-2 checkpoint and rerunning gives bit-identical results to one straight run."""
+    straight = LinVideoTrainer(_config(), teacher, store, tmp_path / "a")
+    straight.run(show_progress=False)
+
+    original = LinVideoTrainer.losses
+    calls = {"n": 0}
+
+    def interrupt_after_two(self, batch, step):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return original(self, batch, step)
+
+    monkeypatch.setattr(LinVideoTrainer, "losses", interrupt_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        LinVideoTrainer(_config(), teacher, store, tmp_path / "b").run(show_progress=False)
+    monkeypatch.setattr(LinVideoTrainer, "losses", original)
+    resumed = LinVideoTrainer(_config(), teacher, store, tmp_path / "b")
+    resumed.run(show_progress=False)
+    assert torch.equal(resumed.state.rho, straight.state.rho)
+    for a, b in zip(resumed.student.transformer.parameters(), straight.student.transformer.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(
+    teacher: ToyModel, store: TrajectoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = LinVideoTrainer.losses
+
+    def nan_at_step_three(self, batch, step):  # type: ignore[no-untyped-def]
+        terms = original(self, batch, step)
+        if step == 2:
+            terms.total = terms.total * float("nan")
+        return terms
+
+    monkeypatch.setattr(LinVideoTrainer, "losses", nan_at_step_three)
+    with pytest.raises(HarnessError, match="non-finite loss at step 2"):
+        LinVideoTrainer(_config(), teacher, store, tmp_path).run(show_progress=False)
+    assert json.loads((tmp_path / "training_state.json").read_text())["step"] == 2
+
+
+def test_converted_checkpoint_reloads_to_the_same_outputs_bit_for_bit(teacher: ToyModel, store: TrajectoryStore,
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    """The trained student in memory and a fresh toy model + the loaded checkpoint give identical velocities."""
+    trainer = LinVideoTrainer(_config(steps=2), teacher, store, tmp_path)
+    with torch.no_grad():
+        trainer.state.rho.copy_(torch.tensor([0.2, 0.9, 0.1, 0.8, 0.3, 0.7, 0.45, 0.95]))
+    trainer.write_converted({"config": {}, "r": [[]], "step": 0, "seconds": 0.0})
+    x, t = store.tensors["x"][:2], store.tensors["t"][:2] * 1000
+    cond = store.cond[store.tensors["prompt"][:2]]
+    trainer.student.transformer.eval()
+    with trainer.student.use_method(trainer.method), torch.no_grad():
+        expected = trainer.student.forward(x, t, cond)
+
+    fresh = ToyModel.load("builtin", torch.device("cpu"), torch.float32)
+    method = LinVideo()
+    method.load_checkpoint(tmp_path, fresh.transformer)
+    assert method.state is not None and method.state.linear_layers() == (0, 2, 4, 6)
+    with fresh.use_method(method), torch.no_grad():
+        assert torch.equal(fresh.forward(x, t, cond), expected)
+    assert method.density.per_layer() == {0: 0.0, 1: 1.0, 2: 0.0, 3: 1.0, 4: 0.0, 5: 1.0, 6: 0.0, 7: 1.0}
+
+
+def test_bench_run_linvideo_without_checkpoint_fails_early(bench: Invoke, tmp_path: Path) -> None:
+    result = bench("run", "--method", "linvideo", "--model", "toy", "--runs-dir", tmp_path, expect=2)
+    assert "bench train --method linvideo" in normalise(result.output)
+
+
+def test_bench_train_refuses_more_target_layers_than_the_model_has(bench: Invoke, tmp_path: Path) -> None:
+    result = bench("train", "--model", "toy", "--target-layers", "12", "--out", tmp_path / "o", expect=2)
+    assert "target layers must be in 1..8" in normalise(result.output)
+    assert not (tmp_path / "o").exists()
