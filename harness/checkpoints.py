@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -98,3 +99,12 @@ def load_training_state(folder: Path, modules: dict[str, nn.Module], optimizer: 
     optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
     generator.set_state(tensors["rng.generator"])
     return meta
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -491,9 +491,10 @@ def toy_train_cmd(
     ] = True,
 ) -> None:
     """Train the toy teacher (seeded, resumable: rerun the same command to continue)."""
+    from harness.checkpoints import file_sha256
     from harness.generate import resolve_device
     from harness.io_checks import ensure_writable_dir
-    from harness.toyworld.train import ToyTrainConfig, file_sha256, train
+    from harness.toyworld.train import ToyTrainConfig, train
 
     config = ToyTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, width=width, layers=layers,
                             ffn_dim=ffn_dim, checkpoint_dtype=checkpoint_dtype, pool_size=pool_size,

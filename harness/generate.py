@@ -267,6 +267,7 @@ def _build_record(
             "data_dependent": method.capabilities.data_dependent,
         },
         "weights": weights,
+        "weights_identity": model.weights_identity(),
         "quality_reportable": weights != "random",
         "token_grid": vars(prepared.adapter_cls.token_grid(spec.sampling)),
         "environment": capture_environment(prepared.device),

@@ -10,6 +10,7 @@ import torch
 from conftest import normalise
 
 import harness.models.wan as wan
+import harness.toyworld.checkpoint as toy_checkpoint
 
 
 @pytest.fixture
@@ -20,6 +21,7 @@ def no_model_build(monkeypatch):
         raise AssertionError("the model was built before the error was detected")
 
     monkeypatch.setattr(wan, "build_transformer", refuse)
+    monkeypatch.setattr(toy_checkpoint, "build_modules", refuse)
 
 
 def _assert_nothing_written(runs: Path) -> None:
@@ -34,7 +36,7 @@ def _error(result) -> str:  # type: ignore[no-untyped-def]
     return normalise(result.stderr)
 
 
-RUN = ("run", "--no-progress", "--device", "cpu")
+RUN = ("run", "--no-progress", "--device", "cpu", "--model", "wan-tiny")  # a later --model in args wins
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 BAD_RUNS = [

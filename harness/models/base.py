@@ -71,6 +71,10 @@ class ModelAdapter(ABC):
         """Prompts of a run that names none."""
         return ("a red fox runs through fresh snow at dawn",)
 
+    def weights_identity(self) -> dict[str, str]:
+        """What identifies the loaded weights in a record (e.g. a checkpoint's sha256); empty if unknown."""
+        return {}
+
     @classmethod
     def training_prompts(cls, count: int, seed: int) -> tuple[str, ...]:
         """Prompts for data-free collection when the user names none (a model with a prompt world)."""

@@ -53,12 +53,22 @@ class ToyModel(WanFamilyAdapter):
                  dtype: torch.dtype) -> None:  # fmt: skip
         super().__init__(cast_transformer(transformer.to(device), dtype), device, dtype)
         self.encoder = encoder.to(device).eval().requires_grad_(False)
+        self.checkpoint: Path | None = None
 
     @classmethod
     def load(cls, weights: str, device: torch.device, dtype: torch.dtype, allow_download: bool = False) -> ModelAdapter:
         path = SHIPPED_CHECKPOINT if weights in ("", "builtin") else Path(weights).expanduser()
         transformer, encoder, _ = load_checkpoint(path)
-        return cls(transformer, encoder, device, dtype)
+        model = cls(transformer, encoder, device, dtype)
+        model.checkpoint = path
+        return model
+
+    def weights_identity(self) -> dict[str, str]:
+        from harness.checkpoints import file_sha256
+
+        if self.checkpoint is None:
+            return {}
+        return {"checkpoint": self.checkpoint.name, "sha256": file_sha256(self.checkpoint)}
 
     @classmethod
     def validate_prompts(cls, prompts: list[str]) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.atomic import atomic_path, write_json_atomic
+from harness.checkpoints import load_training_state, save_training_state
 from harness.errors import HarnessError
 from harness.toyworld import world
 from harness.toyworld.checkpoint import (
@@ -154,59 +154,21 @@ class TrainState:
 def _save_training_state(out: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                          state: TrainState, config: ToyTrainConfig, generator: torch.Generator,
                          rng: random.Random) -> None:  # fmt: skip
-    """Resumable checkpoint: every module, the optimizer moments, RNG states; tensors in safetensors."""
-    from safetensors.torch import save_file
-
-    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items()
-               for k, v in m.state_dict().items()}  # fmt: skip
-    for index, param_state in optimizer.state_dict()["state"].items():
-        for key, value in param_state.items():
-            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
-    tensors["rng.torch"] = generator.get_state()
-    with atomic_path(out / "training_state.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    write_json_atomic(out / "training_state.json", {
-        "config": asdict(config), "step": state.step, "losses": state.losses, "evals": state.evals,
-        "seconds": state.seconds, "python_rng": repr(rng.getstate()),
-    })  # fmt: skip
+    """Resumable checkpoint: modules, optimizer moments and RNG states (the scene pool's too)."""
+    meta = {"config": asdict(config), **asdict(state), "python_rng": repr(rng.getstate())}
+    save_training_state(out, modules, optimizer, generator, meta)
 
 
-def _load_training_state(
-    out: Path,
-    modules: dict[str, nn.Module],
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    rng: random.Random,
-    config: ToyTrainConfig,
-) -> TrainState | None:
+def _load_training_state(out: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                         generator: torch.Generator, rng: random.Random,
+                         config: ToyTrainConfig) -> TrainState | None:  # fmt: skip
     import ast
 
-    from safetensors import SafetensorError, safe_open
-
-    meta_path, tensor_path = out / "training_state.json", out / "training_state.safetensors"
-    if not meta_path.exists():
+    meta = load_training_state(out, modules, optimizer, generator)
+    if meta is None:
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        with safe_open(str(tensor_path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
-        raise HarnessError(
-            f"cannot resume from {out}: corrupt training state ({exc}); remove it to start over"
-        ) from exc
     if meta["config"] != asdict(config):
         raise HarnessError(f"{out} holds a run with another config; use another --out or the same settings")
-    for name, module in modules.items():
-        module.load_state_dict({k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")})
-    opt_state = optimizer.state_dict()
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, field = key.split(".", 2)
-            opt_state["state"].setdefault(int(index), {})[field] = (
-                value.to(next(iter(modules.values())).parameters().__next__().device) if field != "step" else value
-            )
-    optimizer.load_state_dict(opt_state)
-    generator.set_state(tensors["rng.torch"])
     rng.setstate(ast.literal_eval(meta["python_rng"]))
     return TrainState(meta["step"], meta["losses"], meta["evals"], meta["seconds"])
 
@@ -319,16 +281,6 @@ def _init_from_teacher(path: Path, transformer: nn.Module, encoder: nn.Module) -
         raise HarnessError(f"{path} has another transformer config than this run; match --width/--layers/--ffn-dim")
     transformer.load_state_dict(previous_transformer.state_dict())
     encoder.load_state_dict(previous_encoder.state_dict())
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _info(state: TrainState, config: ToyTrainConfig, device: torch.device, *modules: nn.Module) -> dict[str, Any]:
