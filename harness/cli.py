@@ -544,6 +544,10 @@ def train_cmd(
     alpha_start: Annotated[float, typer.Option(help="Exponent of L_reg at the first step.")] = 20.0,
     alpha_end: Annotated[float, typer.Option(help="Exponent of L_reg at the last step (= start: fixed).")] = 2.0,
     lam: Annotated[float, typer.Option(help="Weight lambda of L_con + L_reg.")] = 0.01,
+    selection: Annotated[
+        str, typer.Option(help="learned (selective transfer), manual (--layers) or heuristic (greedy by output change).")
+    ] = "learned",
+    layers: Annotated[str, typer.Option(help="Comma-separated layers to convert, with --selection manual.")] = "",
     prompts: Annotated[int, typer.Option(help="Training prompts from the model's prompt world (toy).")] = 64,
     prompt_file: Annotated[Path | None, typer.Option(help="Training prompts, one per line (real models).")] = None,
     store: Annotated[Path | None, typer.Option(help="Trajectory store folder (default OUT/trajectories).")] = None,
@@ -564,8 +568,8 @@ def train_cmd(
     adapter_cls = MODELS.get(model)
     config = LinVideoTrainConfig(
         target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size, lr=lr,
-        r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam,
-        activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every, seed=seed,
+        r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam, selection=selection,
+        layers=_parse_ints(layers, "--layers"), activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every, seed=seed,
     )  # fmt: skip
     if prompt_file is not None and not prompt_file.is_file():
         raise HarnessError(f"--prompt-file {prompt_file} does not exist")

@@ -222,3 +222,39 @@ def test_bench_train_refuses_more_target_layers_than_the_model_has(bench: Invoke
     result = bench("train", "--model", "toy", "--target-layers", "12", "--out", tmp_path / "o", expect=2)
     assert "target layers must be in 1..8" in normalise(result.output)
     assert not (tmp_path / "o").exists()
+
+
+def test_greedy_selection_replaces_the_least_harmful_layer_first() -> None:
+    """With per-layer harms 0.5, 0.1, 0.3 (additive), greedy picks 1 then 2; each round lists every candidate."""
+    from methods.linvideo.selection import greedy_selection
+
+    harm = torch.tensor([0.5, 0.1, 0.3], dtype=torch.float64)
+    reference = torch.ones(4, dtype=torch.float64)
+
+    def output_with(layers: tuple[int, ...]) -> torch.Tensor:
+        return reference + harm[list(layers)].sum()
+
+    layers, rounds = greedy_selection(output_with, reference, num_layers=3, target=2)
+    assert layers == (1, 2)
+    assert rounds[0] == pytest.approx({"0": 0.5, "1": 0.1, "2": 0.3}) and set(rounds[1]) == {"0", "2"}
+
+
+@pytest.mark.parametrize(("layers", "message"), [((1, 1, 2, 3), "distinct"), ((1, 9, 2, 3), "distinct indices"),
+                                                 ((1, 2), "names 2 layers but the target is 4")])  # fmt: skip
+def test_manual_selection_must_name_target_distinct_layers(layers: tuple[int, ...], message: str) -> None:
+    with pytest.raises(HarnessError, match=message):
+        LinVideoTrainConfig(target_layers=4, selection="manual", layers=layers).validate(num_layers=8)
+
+
+@pytest.mark.parametrize("selection", ["manual", "heuristic"])
+def test_fixed_selections_convert_exactly_target_layers_and_freeze_r(selection: str, teacher: ToyModel,
+                                                                     store: TrajectoryStore, tmp_path: Path) -> None:  # fmt: skip
+    layers = (0, 3, 5, 6) if selection == "manual" else ()
+    trainer = LinVideoTrainer(_config(selection=selection, layers=layers, steps=2), teacher, store, tmp_path)
+    out = trainer.run(show_progress=False)
+    spec = json.loads((out / "spec.json").read_text())
+    assert len(spec["linear_layers"]) == 4 and not trainer.state.rho.requires_grad
+    if selection == "manual":
+        assert spec["linear_layers"] == [0, 3, 5, 6]
+    else:
+        assert len(spec["greedy_rounds"]) == 4 and len(spec["greedy_rounds"][0]) == 8

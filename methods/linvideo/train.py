@@ -16,6 +16,7 @@ touches ``student.transformer`` and the transfer state, so FSDP2 can wrap both l
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +41,7 @@ from methods.linvideo.losses import (
     constraint_loss,
     mse_loss,
 )
+from methods.linvideo.selection import SELECTIONS, check_manual_layers, greedy_selection
 
 OBJECTIVES = ("adm", "mse")
 
@@ -64,6 +66,8 @@ class LinVideoTrainConfig:
     grad_clip: float = 1.0
     t_min: float = 0.02
     adm_reduction: str = "mean"
+    selection: str = "learned"  # learned (selective transfer), manual (``layers``) or heuristic (greedy)
+    layers: tuple[int, ...] = ()  # the manual selection
     activation_checkpointing: bool = False
     checkpoint_every: int = 100
     seed: int = 0
@@ -76,6 +80,12 @@ class LinVideoTrainConfig:
         if self.objective not in OBJECTIVES:
             raise HarnessError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         check_kernel(self.kernel)
+        if self.selection not in SELECTIONS:
+            raise HarnessError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.selection == "manual":
+            check_manual_layers(self.layers, self.target_layers, num_layers)
+        elif self.layers:
+            raise HarnessError("layers are given only with the manual selection")
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise HarnessError("steps, batch size and checkpoint interval must be >= 1")
         if not 0.0 < self.r_init <= 1.0 or not 0.0 <= self.warmup_fraction < 1.0:
@@ -136,6 +146,36 @@ class LinVideoTrainer:
         )  # fmt: skip
         self.generator = torch.Generator().manual_seed(config.seed)
         self.uncond = store.uncond.to(self.device, teacher.dtype)
+        self.selection_log: list[dict[str, float]] = []
+        if config.selection != "learned":
+            layers = config.layers if config.selection == "manual" else self.heuristic_layers()
+            self._fix_layers(layers)
+
+    def _fix_layers(self, layers: tuple[int, ...]) -> None:
+        """A fixed selection: r = 0 on ``layers``, 1 elsewhere, not trained (L_con and L_reg are then 0)."""
+        with torch.no_grad():
+            self.state.rho.fill_(1.0)
+            self.state.rho[list(layers)] = 0.0
+        self.state.rho.requires_grad_(False)
+
+    @torch.no_grad()
+    def heuristic_layers(self, states: int = 8) -> tuple[int, ...]:
+        """Greedy selection on a fixed batch of stored states (the same batch for every candidate)."""
+        batch = self.store.sample(states, torch.Generator().manual_seed(self.config.seed + 1))
+        x, t = batch["x"].to(self.device), batch["t"].to(self.device)
+        cond = batch["cond"].to(self.device, self.teacher.dtype)
+        with self.teacher.use_method(build_method("sdpa")):
+            reference = guided_velocity(self.teacher, x, t, cond, self.uncond, self.cfg)
+
+        def output_with(layers: tuple[int, ...]) -> torch.Tensor:
+            self.state.rho.fill_(1.0)
+            self.state.rho[list(layers)] = 0.0
+            with self.student.use_method(self.method):
+                return guided_velocity(self.student, x, t, cond, self.uncond, self.cfg)
+
+        layers, self.selection_log = greedy_selection(output_with, reference, self.state.num_layers,
+                                                      self.config.target_layers)  # fmt: skip
+        return layers
 
     def _modules(self) -> dict[str, torch.nn.Module]:
         return {"student": self.student.transformer, "transfer": self.state}
@@ -170,7 +210,7 @@ class LinVideoTrainer:
         config, out = self.config, self.out
         out.mkdir(parents=True, exist_ok=True)
         meta = load_training_state(out, self._modules(), self.optimizer, self.generator)
-        if meta is not None and meta["config"] != asdict(config):
+        if meta is not None and meta["config"] != json.loads(json.dumps(asdict(config))):
             raise HarnessError(
                 f"{out} holds a LinVideo run with another config; use another --out or the same settings"
             )
@@ -221,7 +261,8 @@ class LinVideoTrainer:
         linear = list(self.state.linear_layers())
         write_json_atomic(self.out / SPEC_FILE, {
             "method": "linvideo", "config": log["config"], "trajectory_store": self.store.spec,
-            "linear_layers": linear, "final_r": log["r"][-1], "steps": log["step"], "train_seconds": log["seconds"],
+            "linear_layers": linear, "selection": log["config"].get("selection"), "greedy_rounds": self.selection_log,
+            "final_r": log["r"][-1], "steps": log["step"], "train_seconds": log["seconds"],
             "seconds_per_step": log["seconds"] / max(log["step"], 1),
         })  # fmt: skip
         return self.out
