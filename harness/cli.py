@@ -522,7 +522,11 @@ def toy_train_cmd(
     console.print(f"toy teacher written to {teacher}")
 
 
-# -- train -------------------------------------------------------------------------------------
+# -- train, ablate ----------------------------------------------------------------------------
+
+TrainStepsOpt = Annotated[int, typer.Option(help="Optimizer steps.")]
+TrainBatchOpt = Annotated[int, typer.Option(help="Stored teacher states per step.")]
+TrainPromptsOpt = Annotated[int, typer.Option(help="Training prompts from the model's prompt world (toy).")]
 
 
 @app.command("train")
@@ -536,8 +540,8 @@ def train_cmd(
         str, typer.Option(help="adm (anytime distribution matching) or mse (stored velocities).")
     ] = "adm",
     kernel: Annotated[str, typer.Option(help="Feature map: hedgehog, relu, taylor or elu.")] = "hedgehog",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 400,
-    batch_size: Annotated[int, typer.Option(help="Stored teacher states per step.")] = 8,
+    steps: TrainStepsOpt = 400,
+    batch_size: TrainBatchOpt = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the transformer and feature maps.")] = 1e-4,
     r_lr: Annotated[float, typer.Option(help="Peak learning rate of the per-layer scores r.")] = 1e-2,
     r_init: Annotated[float, typer.Option(help="Initial score r of every layer (1 = softmax).")] = 0.95,
@@ -545,10 +549,11 @@ def train_cmd(
     alpha_end: Annotated[float, typer.Option(help="Exponent of L_reg at the last step (= start: fixed).")] = 2.0,
     lam: Annotated[float, typer.Option(help="Weight lambda of L_con + L_reg.")] = 0.01,
     selection: Annotated[
-        str, typer.Option(help="learned (selective transfer), manual (--layers) or heuristic (greedy by output change).")
+        str,
+        typer.Option(help="learned (selective transfer), manual (--layers) or heuristic (greedy by output change)."),
     ] = "learned",
     layers: Annotated[str, typer.Option(help="Comma-separated layers to convert, with --selection manual.")] = "",
-    prompts: Annotated[int, typer.Option(help="Training prompts from the model's prompt world (toy).")] = 64,
+    prompts: TrainPromptsOpt = 64,
     prompt_file: Annotated[Path | None, typer.Option(help="Training prompts, one per line (real models).")] = None,
     store: Annotated[Path | None, typer.Option(help="Trajectory store folder (default OUT/trajectories).")] = None,
     weights: Annotated[str, typer.Option(help="Teacher weights: local folder or hub id (default: the model's).")] = "",
@@ -569,7 +574,8 @@ def train_cmd(
     config = LinVideoTrainConfig(
         target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size, lr=lr,
         r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam, selection=selection,
-        layers=_parse_ints(layers, "--layers"), activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every, seed=seed,
+        layers=_parse_ints(layers, "--layers"), activation_checkpointing=activation_checkpointing,
+        checkpoint_every=checkpoint_every, seed=seed,
     )  # fmt: skip
     if prompt_file is not None and not prompt_file.is_file():
         raise HarnessError(f"--prompt-file {prompt_file} does not exist")
@@ -586,6 +592,47 @@ def train_cmd(
     console.print(
         f"[bold]linvideo[/] trained {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step): "
         f"layers {summary['linear_layers']} linear -> {converted}"
+    )
+
+
+@app.command("ablate")
+@user_errors
+def ablate_cmd(
+    axis: Annotated[str, typer.Argument(help="alpha, kernel, objective, selection or target.")],
+    model: Annotated[str, typer.Option(help="Teacher model adapter (a model with built-in prompts: toy).")] = "toy",
+    target_layers: Annotated[
+        int | None, typer.Option(help="Layers to convert in every variant but the target axis (default: half).")
+    ] = None,
+    steps: TrainStepsOpt = 400,
+    batch_size: TrainBatchOpt = 8,
+    prompts: TrainPromptsOpt = 64,
+    runs_dir: RunsDirOpt = Path("runs"),
+    train_dir: Annotated[Path, typer.Option(help="Folder of the trained checkpoints and the trajectory store.")] = Path(
+        "checkpoints"
+    ),
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train, sample, score and record every variant of one LinVideo ablation (resumes a half-done sweep)."""
+    from harness.ablate import AblationRequest, ablate
+    from harness.models import MODELS
+    from methods.linvideo.train import LinVideoTrainConfig
+
+    adapter_cls = MODELS.get(model)
+    base = LinVideoTrainConfig(target_layers=target_layers or adapter_cls.num_layers // 2, steps=steps,
+                               batch_size=batch_size)  # fmt: skip
+    records = ablate(AblationRequest(axis=axis, model=MODELS.canonical(model), base=base, runs_dir=runs_dir,
+                                     train_dir=train_dir, device=_resolved_device(device), prompt_count=prompts,
+                                     show_progress=progress))  # fmt: skip
+    for rec in records:
+        scores = next(iter(rec["metrics"].values()), {})
+        console.print(
+            f"{axis} = {rec['ablation']['variant']}: linear layers {rec['training']['linear_layers']}, "
+            f"prompt correctness {_fmt(scores.get('prompt_correctness'))}, "
+            f"motion smoothness {_fmt(scores.get('motion_smoothness'))}"
+        )
+    console.print(
+        f"{len(records)} variants recorded in {runs_dir}; `bench report --runs-dir {runs_dir}` tabulates them"
     )
 
 

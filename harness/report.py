@@ -99,6 +99,58 @@ def latency_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+ABLATION_TITLES = {
+    "alpha": "alpha range of L_reg", "kernel": "feature map (kernel)", "objective": "training objective",
+    "selection": "layer selection", "target": "number of converted layers",
+}  # fmt: skip
+
+
+def ablation_tables(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
+    """One table per ablation axis: each variant's layers, training cost and metrics, beside the dense run
+    and the untrained ``linear`` baseline of the same cohort (same prompts, seeds, device)."""
+    variants = [r for r in records if "ablation" in r]
+    tables = {}
+    for axis in sorted({r["ablation"]["axis"] for r in variants}):
+        rows = []
+        members = sorted((r for r in variants if r["ablation"]["axis"] == axis), key=lambda r: r["ablation"]["order"])
+        cohorts = {r["cohort"] for r in members}
+        for rec in [r for r in records if "ablation" not in r and r["cohort"] in cohorts] + members:
+            training = rec.get("training", {})
+            label = rec["ablation"]["variant"] if "ablation" in rec else f"{rec['spec']['method']} (reference)"
+            row = {
+                "variant": label,
+                "linear_layers": ",".join(map(str, training["linear_layers"])) if training else "",
+                "linear_count": len(training.get("linear_layers", [])),
+                "train_s_per_step": training.get("seconds_per_step"),
+                "step_ms": rec["latency"]["stages"].get("denoise_step", {}).get("median_ms"),
+            }
+            for scores in rec.get("metrics", {}).values():
+                row.update(scores)
+            rows.append(row)
+        tables[f"ablation_{axis}"] = pd.DataFrame(rows)
+    return tables
+
+
+def ablation_figures(records: list[dict[str, Any]], tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
+    """The L_reg curves, every layer's r over training per variant, ToyBench bars per axis, quality vs layers."""
+    from harness import plots
+
+    files = [plots.regulariser_curves(out_dir / "figures" / "regulariser_curves.png")]
+    for rec in (r for r in records if "ablation" in r and r.get("training", {}).get("r_per_step")):
+        axis, variant = rec["ablation"]["axis"], rec["ablation"]["variant"]
+        name = f"r_{axis}_{variant}".replace(" ", "-").replace(">", "").replace("/", "-")
+        files.append(plots.r_over_training(rec["training"]["r_per_step"], f"r per layer: {axis} = {variant}",
+                                           out_dir / "figures" / f"{name}.png"))  # fmt: skip
+    for name, table in tables.items():
+        axis = name.removeprefix("ablation_")
+        files.append(plots.metric_bars(table, "variant", ABLATION_TITLES.get(axis, axis),
+                                       out_dir / "figures" / f"toybench_{axis}.png"))  # fmt: skip
+        if axis == "target":
+            trained = table[table["linear_count"] > 0]
+            files.append(plots.metric_vs_layers(trained, out_dir / "figures" / "quality_vs_layers.png"))
+    return files
+
+
 def build_report(runs_dir: Path, out_dir: Path | None) -> Report:
     """Read every record under ``runs_dir``; write ``runs.md/csv`` and ``latency.md/csv`` to ``out_dir``."""
     loaded = load_records(runs_dir)
@@ -111,6 +163,14 @@ def build_report(runs_dir: Path, out_dir: Path | None) -> Report:
         report.tables[kind] = table
         if out_dir is not None:
             report.files += _write_table(table, Path(out_dir), kind)
+    runs = [r for r in loaded.records if r.get("kind") == "run" and r.get("quality_reportable", False)]
+    ablations = ablation_tables(runs)
+    for name, table in ablations.items():
+        report.tables[name] = table
+        if out_dir is not None:
+            report.files += _write_table(table, Path(out_dir), name)
+    if ablations and out_dir is not None:
+        report.files += ablation_figures(runs, ablations, Path(out_dir))
     return report
 
 

@@ -247,8 +247,9 @@ def test_manual_selection_must_name_target_distinct_layers(layers: tuple[int, ..
 
 
 @pytest.mark.parametrize("selection", ["manual", "heuristic"])
-def test_fixed_selections_convert_exactly_target_layers_and_freeze_r(selection: str, teacher: ToyModel,
-                                                                     store: TrajectoryStore, tmp_path: Path) -> None:  # fmt: skip
+def test_fixed_selections_convert_exactly_target_layers_and_freeze_r(
+    selection: str, teacher: ToyModel, store: TrajectoryStore, tmp_path: Path
+) -> None:
     layers = (0, 3, 5, 6) if selection == "manual" else ()
     trainer = LinVideoTrainer(_config(selection=selection, layers=layers, steps=2), teacher, store, tmp_path)
     out = trainer.run(show_progress=False)

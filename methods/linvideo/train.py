@@ -44,6 +44,7 @@ from methods.linvideo.losses import (
 from methods.linvideo.selection import SELECTIONS, check_manual_layers, greedy_selection
 
 OBJECTIVES = ("adm", "mse")
+LOG_EVERY = 25  # steps between log lines when the progress bar is off
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,8 @@ class LinVideoTrainer:
             raise HarnessError(
                 f"{out} holds a LinVideo run with another config; use another --out or the same settings"
             )
+        if meta is not None and meta["step"] >= config.steps and (out / SPEC_FILE).exists():
+            return out  # finished and converted earlier
         log: dict[str, Any] = meta or {"config": asdict(config), "step": 0, "seconds": 0.0, "losses": [], "r": []}
         columns = (TextColumn("[bold]linvideo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
         started = time.time() - log["seconds"]
@@ -248,6 +251,9 @@ class LinVideoTrainer:
                 progress.update(task, advance=1, info=(
                     f"obj {values['objective']:.4g} con {values['constraint']:.3g} reg {values['regulariser']:.3g} "
                     f"linear {below}/{len(r)}"))  # fmt: skip
+                if not show_progress and (log["step"] % LOG_EVERY == 0 or log["step"] == config.steps):
+                    progress.console.print(f"step {log['step']}/{config.steps}: " + progress.tasks[0].fields["info"]
+                                           + " r " + " ".join(f"{value:.2f}" for value in r))  # fmt: skip
                 if log["step"] % config.checkpoint_every == 0 or log["step"] == config.steps:
                     log["seconds"] = time.time() - started
                     save_training_state(out, self._modules(), self.optimizer, self.generator, log)
