@@ -24,6 +24,7 @@ from torch import nn
 
 from harness.checkpoints import load_training_state, save_training_state
 from harness.errors import HarnessError
+from harness.optim import warmup_cosine
 from harness.toyworld import world
 from harness.toyworld.checkpoint import (
     TOY_ENCODER_CONFIG,
@@ -136,13 +137,6 @@ def flow_matching_loss(transformer: nn.Module, encoder: nn.Module, clips: torch.
     return torch.nn.functional.mse_loss(velocity.float(), (noise - clips).float())
 
 
-def _lr_factor(step: int, config: ToyTrainConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 @dataclass
 class TrainState:
     step: int
@@ -219,7 +213,7 @@ def train(config: ToyTrainConfig, out: Path, device: torch.device,
         while state.step < config.steps:
             step = state.step
             for group in optimizer.param_groups:
-                group["lr"] = config.lr * _lr_factor(step, config)
+                group["lr"] = config.lr * warmup_cosine(step, config.warmup_steps, config.steps)
             clips, ids = pool.batch(config.batch_size, generator)
             transformer.train(), encoder.train()
             with autocast:

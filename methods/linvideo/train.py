@@ -29,6 +29,7 @@ from harness.atomic import write_json_atomic
 from harness.checkpoints import load_training_state, save_module_weights, save_training_state
 from harness.errors import HarnessError
 from harness.models.base import ModelAdapter
+from harness.optim import warmup_cosine
 from methods import build_method
 from methods.kernels.linear_attention import check_kernel
 from methods.linvideo.attention import SPEC_FILE, STATE_FILE, TRANSFORMER_FILE, LinVideo, TransferState
@@ -95,10 +96,7 @@ class LinVideoTrainConfig:
 
 def lr_factor(step: int, config: LinVideoTrainConfig) -> float:
     """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0."""
-    warmup = max(1, round(config.warmup_fraction * config.steps))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min((step - warmup) / max(1, config.steps - warmup), 1.0)))
+    return warmup_cosine(step, max(1, round(config.warmup_fraction * config.steps)), config.steps)
 
 
 def guided_velocity(model: ModelAdapter, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
