@@ -74,6 +74,17 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
+def _per_method_params(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """``METHOD.KEY=VALUE`` pairs grouped by (canonical) method name."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in _parse_params(pairs).items():
+        method, dot, name = key.partition(".")
+        if not dot or not method or not name:
+            raise HarnessError(f"--param takes METHOD.KEY=VALUE here (e.g. linvideo.linear_layers=[1,2]), got {key!r}")
+        grouped.setdefault(_canonical_method(method), {})[name] = value
+    return grouped
+
+
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     table = Table(title=title, show_lines=False)
     for column in columns:
@@ -329,6 +340,10 @@ def latency_cmd(
         int, typer.Option(help="Also time one whole sample with this many steps (0: forward only).")
     ] = 0,
     dense_layers: Annotated[str, typer.Option(help="Comma-separated layers kept dense for every method.")] = "",
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="A method's parameter METHOD.KEY=VALUE (JSON values), e.g. linvideo.linear_layers=[1,2]."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -351,6 +366,7 @@ def latency_cmd(
         baseline=baseline,
         sample_steps=sample_steps,
         dense_layers=_parse_ints(dense_layers, "--dense-layers"),
+        method_params=_per_method_params(param or []),
     )
     if out is not None:
         from harness.io_checks import ensure_writable_dir

@@ -259,3 +259,16 @@ def test_fixed_selections_convert_exactly_target_layers_and_freeze_r(
         assert spec["linear_layers"] == [0, 3, 5, 6]
     else:
         assert len(spec["greedy_rounds"]) == 4 and len(spec["greedy_rounds"][0]) == 8
+
+
+def test_latency_times_an_untrained_linvideo_state_at_a_given_layer_set(bench: Invoke) -> None:
+    """`bench latency --param linvideo.linear_layers=[1]` times linear attention on layer 1 (density 0.5)."""
+    result = bench("latency", "--model", "wan-tiny", "--device", "cpu", "--methods", "sdpa,linvideo", "--param",
+                   "linvideo.linear_layers=[1]", "--repeats", "1", "--warmup", "0", "--json")  # fmt: skip
+    entry = json.loads(result.stdout)["methods"]["linvideo"]
+    assert entry["density"] == pytest.approx(0.5)
+
+
+def test_latency_param_needs_a_method_prefix(bench: Invoke) -> None:
+    result = bench("latency", "--model", "wan-tiny", "--methods", "sdpa", "--param", "linear_layers=[1]", expect=2)
+    assert "METHOD.KEY=VALUE" in normalise(result.output)

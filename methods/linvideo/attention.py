@@ -81,15 +81,29 @@ class LinVideo(AttentionMethod):
         notes="learned selective transfer + Hedgehog linear attention; needs a converted checkpoint (--checkpoint)",
     )
 
-    def __init__(self, schedule: Schedule | None = None, kernel: str = "hedgehog", **params: Any) -> None:
+    def __init__(self, schedule: Schedule | None = None, kernel: str = "hedgehog", linear_layers: Any = None,
+                 **params: Any) -> None:  # fmt: skip
         super().__init__(schedule, **params)
+        from methods.linear import parse_layers
+
         self.kernel = check_kernel(kernel)
         self.state: TransferState | None = None
         self.converted = True
+        # Latency at real shape needs no trained weights: an untrained state with these layers linear.
+        self.untrained_layers = None if linear_layers is None else parse_layers(linear_layers)
+
+    def validate_for(self, num_layers: int, num_steps: int) -> None:
+        super().validate_for(num_layers, num_steps)
+        bad = [layer for layer in self.untrained_layers or () if layer >= num_layers]
+        if bad:
+            raise HarnessError(f"linvideo: linear layers {bad} do not exist: the model has {num_layers} layers")
 
     def params(self) -> dict[str, Any]:
-        linear = None if self.state is None or not self.converted else list(self.state.linear_layers())
-        return {"kernel": self.kernel, "linear_layers": linear}
+        if self.state is None or not self.converted:
+            linear = None if self.untrained_layers is None else list(self.untrained_layers)
+        else:
+            linear = list(self.state.linear_layers())
+        return {"kernel": self.kernel, "linear_layers": linear, "trained": self.untrained_layers is None}
 
     def attach(self, state: TransferState, converted: bool) -> None:
         """Use ``state`` (trained or being trained); ``converted=False`` mixes both branches by r."""
@@ -99,6 +113,8 @@ class LinVideo(AttentionMethod):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
                ) -> tuple[torch.Tensor, float]:  # fmt: skip
+        if self.state is None and self.untrained_layers is not None:
+            self.attach(self._untrained_state(ctx.num_layers, q), converted=True)
         if self.state is None:
             raise HarnessError("linvideo needs a converted checkpoint: pass --checkpoint DIR (made by `bench train`)")
         if self.state.rho.device != q.device:
@@ -108,6 +124,12 @@ class LinVideo(AttentionMethod):
         if ctx.layer in self.state.linear_layers():
             return self.state.linear(ctx.layer, q, k, v), 0.0
         return F.scaled_dot_product_attention(q, k, v), 1.0
+
+    def _untrained_state(self, num_layers: int, q: torch.Tensor) -> TransferState:
+        state = TransferState(num_layers, q.shape[1], q.shape[-1], self.kernel).requires_grad_(False)
+        state.rho.fill_(1.0)
+        state.rho[list(self.untrained_layers or ())] = 0.0
+        return state.to(q.device)
 
     # -- state ------------------------------------------------------------------------------------
 
