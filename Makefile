@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench bench-linvideo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: setup
 # GPU benchmark: the latency script of the foundation issue (run on a CUDA machine).
 bench: setup
 	$(PY) -m harness.benchmarks.gpu_latency --out reports/gpu
+
+# LinVideo on the GPU: correctness, latency with the paper's converted layers, one ADM training step.
+bench-linvideo: setup
+	$(PY) -m harness.benchmarks.linvideo_gpu --out reports/gpu/linvideo
 
 clean:
 	rm -rf $(VENV) $(RUNS)
