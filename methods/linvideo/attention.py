@@ -89,6 +89,7 @@ class LinVideo(AttentionMethod):
         self.kernel = check_kernel(kernel)
         self.state: TransferState | None = None
         self.converted = True
+        self._linear: frozenset[int] = frozenset()
         # Latency at real shape needs no trained weights: an untrained state with these layers linear.
         self.untrained_layers = None if linear_layers is None else parse_layers(linear_layers)
 
@@ -110,6 +111,8 @@ class LinVideo(AttentionMethod):
         if state.kernel != self.kernel:
             raise HarnessError(f"linvideo: state uses kernel {state.kernel!r}, the method {self.kernel!r}")
         self.state, self.converted = state, converted
+        # Fixed once converted: no device sync on rho inside every attention call.
+        self._linear = frozenset(state.linear_layers()) if converted else frozenset()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
                ) -> tuple[torch.Tensor, float]:  # fmt: skip
@@ -121,7 +124,7 @@ class LinVideo(AttentionMethod):
             self.state.to(q.device)
         if not self.converted:
             return self.state.mixed(ctx.layer, q, k, v), 1.0
-        if ctx.layer in self.state.linear_layers():
+        if ctx.layer in self._linear:
             return self.state.linear(ctx.layer, q, k, v), 0.0
         return F.scaled_dot_product_attention(q, k, v), 1.0
 
