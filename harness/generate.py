@@ -85,7 +85,7 @@ def prepare(spec: RunSpec) -> Prepared:
     method.validate_for(adapter_cls.num_layers, spec.sampling.steps)
     method.check_supported(device, dtype)
     if method.capabilities.needs_training and spec.checkpoint is None:
-        # (an untrained linvideo state is for latency at real shape only, never for a quality run)
+        # Untrained states (linvideo's linear_layers) serve `bench latency` only, never a quality run.
         raise HarnessError(
             f"method {spec.method!r} needs a trained checkpoint: make one with `bench train --method {spec.method} "
             f"--model {spec.model} --target-layers K --out DIR`, then pass --checkpoint DIR"
