@@ -87,18 +87,19 @@ def ablate(request: AblationRequest) -> list[dict[str, Any]]:
     configs = {label: dataclasses.replace(request.base, **changes) for label, changes in plan.items()}
     for config in configs.values():
         config.validate(adapter_cls.num_layers)
+    weights = "builtin" if adapter_cls.weights_kind == "builtin" else ""
     records = []
     for order, (label, config) in enumerate(configs.items()):
         # Named by the config: a variant shared by two axes (the default recipe) is trained once.
         folder = request.train_dir / f"linvideo-{_config_hash(config)}"
         checkpoint = train(TrainRequest(
-            model=request.model, weights="builtin" if adapter_cls.weights_kind == "builtin" else "", config=config,
-            out=folder, prompts=None, prompt_count=request.prompt_count, sampling=None, device=request.device,
-            dtype="float32", store=request.train_dir / "trajectories", show_progress=request.show_progress,
+            model=request.model, weights=weights, config=config, out=folder, prompts=None,
+            prompt_count=request.prompt_count, device=request.device, store=request.train_dir / "trajectories",
+            show_progress=request.show_progress,
         ))  # fmt: skip
         spec = RunSpec(model=request.model, method="linvideo", sampling=adapter_cls.defaults,
                        prompts=adapter_cls.default_prompts(), seeds=(0,), device=request.device, dtype="float32",
-                       weights="builtin" if adapter_cls.weights_kind == "builtin" else "",
+                       weights=weights,
                        method_params={"kernel": config.kernel}, checkpoint=str(checkpoint),
                        eval_suites=adapter_cls.default_eval)  # fmt: skip
         prepare(spec)

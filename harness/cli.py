@@ -600,8 +600,8 @@ def train_cmd(
     )
     request = TrainRequest(
         model=MODELS.canonical(model), weights=_weights_value(weights, False, adapter_cls.weights_kind), config=config,
-        out=out, prompts=listed, prompt_count=prompts, sampling=None, device=_resolved_device(device),
-        dtype="float32", store=store, show_progress=progress,
+        out=out, prompts=listed, prompt_count=prompts, device=_resolved_device(device), store=store,
+        show_progress=progress,
     )  # fmt: skip
     converted = train(request)
     summary = json.loads((converted / "spec.json").read_text())

@@ -18,6 +18,7 @@ from torch import nn
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
 from methods.kernels.linear_attention import build_feature_map, check_kernel, linear_attention
+from methods.linear import parse_layers
 
 LINEAR_THRESHOLD = 0.5
 # A converted checkpoint is a folder holding these two files and the spec that made them.
@@ -49,6 +50,12 @@ class TransferState(nn.Module):
     def r(self) -> torch.Tensor:
         """Scores in [0, 1], ``(layers,)``; a clamped rho stops moving, as a layer that reached 0 stays linear."""
         return self.rho.clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def set_linear(self, layers: tuple[int, ...]) -> None:
+        """Hard selection: r = 0 on ``layers``, 1 elsewhere."""
+        self.rho.fill_(1.0)
+        self.rho[list(layers)] = 0.0
 
     def linear_layers(self) -> tuple[int, ...]:
         """The layers a conversion makes linear: ``r < 0.5``."""
@@ -84,8 +91,6 @@ class LinVideo(AttentionMethod):
     def __init__(self, schedule: Schedule | None = None, kernel: str = "hedgehog", linear_layers: Any = None,
                  **params: Any) -> None:  # fmt: skip
         super().__init__(schedule, **params)
-        from methods.linear import parse_layers
-
         self.kernel = check_kernel(kernel)
         self.state: TransferState | None = None
         self.converted = True
@@ -130,8 +135,7 @@ class LinVideo(AttentionMethod):
 
     def _untrained_state(self, num_layers: int, q: torch.Tensor) -> TransferState:
         state = TransferState(num_layers, q.shape[1], q.shape[-1], self.kernel).requires_grad_(False)
-        state.rho.fill_(1.0)
-        state.rho[list(self.untrained_layers or ())] = 0.0
+        state.set_linear(self.untrained_layers or ())
         return state.to(q.device)
 
     # -- state ------------------------------------------------------------------------------------

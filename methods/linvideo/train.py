@@ -152,9 +152,7 @@ class LinVideoTrainer:
 
     def _fix_layers(self, layers: tuple[int, ...]) -> None:
         """A fixed selection: r = 0 on ``layers``, 1 elsewhere, not trained (L_con and L_reg are then 0)."""
-        with torch.no_grad():
-            self.state.rho.fill_(1.0)
-            self.state.rho[list(layers)] = 0.0
+        self.state.set_linear(layers)
         self.state.rho.requires_grad_(False)
 
     @torch.no_grad()
@@ -167,8 +165,7 @@ class LinVideoTrainer:
             reference = guided_velocity(self.teacher, x, t, cond, self.uncond, self.cfg)
 
         def output_with(layers: tuple[int, ...]) -> torch.Tensor:
-            self.state.rho.fill_(1.0)
-            self.state.rho[list(layers)] = 0.0
+            self.state.set_linear(layers)
             with self.student.use_method(self.method):
                 return guided_velocity(self.student, x, t, cond, self.uncond, self.cfg)
 
