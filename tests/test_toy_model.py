@@ -11,6 +11,7 @@ from conftest import Invoke, normalise, records_in
 
 from harness.models.toy import ToyModel
 from harness.toyworld.checkpoint import SHIPPED_CHECKPOINT, load_checkpoint
+from harness.toyworld.encoder import PromptEncoder, phrase_index, tokenize
 from harness.toyworld.sampling import sample_videos
 
 PROMPT = "a large green square moves right on a dusk gradient background"
@@ -25,8 +26,28 @@ def test_shipped_checkpoint_is_small_and_records_its_training() -> None:
     """The shipped teacher is <= 10 MB of safetensors and says how, where and how long it was trained."""
     assert SHIPPED_CHECKPOINT.stat().st_size <= 10 * 1024 * 1024
     _, _, info = load_checkpoint(SHIPPED_CHECKPOINT)
-    assert info["steps"] == info["config"]["steps"] and info["device_name"].startswith("NVIDIA")
+    assert 0 < info["steps"] <= info["config"]["steps"] and info["device_name"].startswith("NVIDIA")
     assert info["train_seconds"] > 0 and info["evals"], "training time and periodic ToyBench scores are recorded"
+
+
+def test_phrase_index_splits_objects_and_background() -> None:
+    """Each word knows its phrase: first object 0, second object 1, background 2 ("and"/"on" start a phrase)."""
+    prompt = "a small red disk moves left and a large blue square moves up on a black background"
+    phrases = phrase_index(tokenize([prompt]))[0, : len(prompt.split())].tolist()
+    assert phrases == [0] * 6 + [1] * 7 + [2] * 4
+
+
+def test_phrase_summary_starts_as_a_no_op() -> None:
+    """A fresh encoder's output is its transformer's alone, so a teacher trained without the summary loads unchanged."""
+    encoder = PromptEncoder()
+    ids = tokenize([PROMPT])
+    transformer_output: list[torch.Tensor] = []
+    encoder.norm.register_forward_hook(lambda module, args, output: transformer_output.append(output))
+    with torch.no_grad():
+        fresh = encoder(ids)
+        assert torch.equal(fresh, transformer_output[0] * (ids != 0).unsqueeze(-1))
+        torch.nn.init.normal_(encoder.phrase_summary.weight)
+        assert not torch.allclose(encoder(ids), fresh), "a trained summary does change the output"
 
 
 def test_same_seed_same_spec_same_clip_bit_for_bit(toy_model: ToyModel) -> None:
