@@ -611,6 +611,56 @@ def train_cmd(
     )
 
 
+@app.command("calibrate")
+@user_errors
+def calibrate_cmd(
+    out: Annotated[Path, typer.Option(help="Plan file to write (JSON); pass it to `bench run --param plan=OUT`.")],
+    method: Annotated[str, typer.Option(help="Method to calibrate (dfa).")] = "dfa",
+    model: Annotated[str, typer.Option(help="Teacher model adapter (see `bench models`).")] = "toy",
+    threshold: Annotated[
+        float, typer.Option(help="DFA error bound delta: layer i may add up to delta*(i+1)/L relative error.")
+    ] = 0.05,
+    window: Annotated[float, typer.Option(help="Window attention width as a fraction of the tokens.")] = 0.125,
+    prompts: Annotated[int, typer.Option(help="Calibration prompts from the model's training split (toy).")] = 8,
+    prompt_file: Annotated[Path | None, typer.Option(help="Calibration prompts, one per line (real models).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps the plan is for (default: the model's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the prompts and of the first noise draw.")] = 0,
+    weights: Annotated[str, typer.Option(help="Teacher weights: local folder or hub id (default: the model's).")] = "",
+    dense_warmup_steps: Annotated[int, typer.Option(help="First steps kept dense (not searched).")] = 0,
+    dense_layers: Annotated[str, typer.Option(help="Comma-separated layers kept dense (not searched).")] = "",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU).")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search a calibrated plan (DFA: per step x layer, the most aggressive substitute under --threshold)."""
+    from harness.calibration import CalibrationRequest, calibrate
+    from harness.models import MODELS
+    from methods.dfa import DfaPlan
+
+    adapter_cls = MODELS.get(model)
+    if prompt_file is not None and not prompt_file.is_file():
+        raise HarnessError(f"--prompt-file {prompt_file} does not exist")
+    listed = (
+        tuple(line.strip() for line in prompt_file.read_text().splitlines() if line.strip()) if prompt_file else None
+    )
+    request = CalibrationRequest(
+        method=method, model=MODELS.canonical(model), weights=_weights_value(weights, False, adapter_cls.weights_kind),
+        out=out, threshold=threshold, window=window, prompt_count=prompts, prompts=listed, steps=steps, seed=seed,
+        device=_resolved_device(device), dtype=_resolved_dtype(dtype, device), dense_warmup_steps=dense_warmup_steps,
+        dense_layers=_parse_ints(dense_layers, "--dense-layers"), show_progress=progress and not as_json,
+    )  # fmt: skip
+    plan = DfaPlan.load(calibrate(request))
+    if as_json:
+        _print_json({"path": str(out), "choices": plan.counts(), "calibration": plan.calibration})
+        return
+    console.print(
+        f"[bold]{method}[/] plan for {plan.num_steps} steps x {plan.num_layers} layers: "
+        + ", ".join(f"{name} {count}" for name, count in sorted(plan.counts().items()))
+        + f"; density {_fmt(plan.calibration['density']['mean'])} -> {out}"
+    )
+
+
 @app.command("ablate")
 @user_errors
 def ablate_cmd(

@@ -22,6 +22,7 @@ _BUILTIN = {
     "fa2": ("methods.dense:FlashAttention2", ("flash", "flash-attn2")),
     "linear": ("methods.linear:LinearAttention", ("linear-attention",)),
     "linvideo": ("methods.linvideo.attention:LinVideo", ("lin-video",)),
+    "dfa": ("methods.dfa:DiTFastAttn", ("ditfastattn",)),
 }
 for _name, (_target, _aliases) in _BUILTIN.items():
     if _name not in METHODS:
