@@ -23,6 +23,7 @@ _BUILTIN = {
     "linear": ("methods.linear:LinearAttention", ("linear-attention",)),
     "linvideo": ("methods.linvideo.attention:LinVideo", ("lin-video",)),
     "dfa": ("methods.dfa:DiTFastAttn", ("ditfastattn",)),
+    "sla": ("methods.sla:SparseLinearAttention", ("sparse-linear",)),
 }
 for _name, (_target, _aliases) in _BUILTIN.items():
     if _name not in METHODS:

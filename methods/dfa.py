@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, dense_attention, register_method
+from methods.kernels.block_sparse import BlockSparsePattern, block_sparse_attention, num_blocks
+from methods.sparse import auto_block_size
 
 FULL, WINDOW, REUSE_STEP, REUSE_COND = "full", "window_residual", "reuse_step", "reuse_cond"
 WINDOW_REUSE_COND = f"{WINDOW}+{REUSE_COND}"
@@ -60,23 +61,40 @@ def band_density(tokens: int, radius: int) -> float:
     return kept / tokens**2
 
 
-def band_mask(tokens: int, radius: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``(tokens, tokens)`` mask of ``|i - j| <= radius`` (the CPU path's masked dense)."""
-    index = torch.arange(tokens, device=device)
-    return (index[:, None] - index[None, :]).abs() <= radius
+def band_pattern(tokens: int, radius: int, device: torch.device) -> BlockSparsePattern:
+    """The band ``|i - j| <= radius`` as a block-sparse pattern built from block indices (no N x N mask).
+
+    Tiles the band crosses are kept; tiles entirely inside it are full (no per-token mask there). The
+    radius is a captured tensor and the pattern is cached per (tokens, radius, device), so the compiled
+    Flex kernel sees one ``mask_mod`` object per sequence length.
+    """
+    key = (tokens, radius, str(device))
+    if key not in _BAND_PATTERNS:
+        block = auto_block_size(tokens)
+        starts = torch.arange(num_blocks(tokens, block), device=device) * block
+        ends = (starts + block).clamp(max=tokens) - 1
+        q_start, q_end, k_start, k_end = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
+        nearest = torch.maximum((k_start - q_end).clamp(min=0), (q_start - k_end).clamp(min=0))
+        farthest = torch.maximum(q_end - k_start, k_end - q_start)
+        limit = torch.tensor(radius, device=device)
+
+        def in_band(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            return (q_idx - kv_idx).abs() <= limit
+
+        kept, full = (nearest <= radius)[None, None], (farthest <= radius)[None, None]
+        _BAND_PATTERNS[key] = BlockSparsePattern(kept, tokens, block, full=full, mask_mod=in_band)
+    return _BAND_PATTERNS[key]
+
+
+_BAND_PATTERNS: dict[tuple[int, int, str], BlockSparsePattern] = {}
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radius: int) -> torch.Tensor:
     """Softmax attention of each query over keys ``|i - j| <= radius`` only; ``(B, H, N, D)``.
 
-    On CUDA a compiled FlexAttention band (block-sparse: only tiles meeting the band are computed);
-    elsewhere masked dense SDPA with the same result.
+    Compiled FlexAttention on CUDA (only tiles meeting the band), masked dense SDPA elsewhere.
     """
-    if q.is_cuda:
-        from methods.dfa_flex import flex_window_attention
-
-        return flex_window_attention(q, k, v, radius)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(q.shape[-2], radius, q.device))
+    return block_sparse_attention(q, k, v, band_pattern(q.shape[-2], radius, q.device))
 
 
 def base_choice(choice: str) -> str:

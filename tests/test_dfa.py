@@ -18,7 +18,7 @@ from methods.dfa import (
     WINDOW_REUSE_COND,
     DfaPlan,
     band_density,
-    band_mask,
+    band_pattern,
     residual_steps,
     window_radius,
 )
@@ -34,6 +34,11 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1) @ v.double()
+
+
+def band(tokens: int, radius: int) -> torch.Tensor:
+    index = torch.arange(tokens)
+    return (index[:, None] - index[None, :]).abs() <= radius
 
 
 def ctx(step: int, layer: int = 0, branch: str = "cond") -> AttentionContext:
@@ -75,13 +80,13 @@ def test_window_residual_adds_the_cached_residual(tmp_path: Path) -> None:
     """WA-RS at step 2 = window(step 2) + full(step 0) - window(step 0); the band is |i - j| <= radius."""
     method = method_with(tmp_path, [[FULL] * LAYERS, [REUSE_STEP] * LAYERS, [WINDOW] * LAYERS, [FULL] * LAYERS])
     radius = window_radius(N, 0.25)
-    band = band_mask(N, radius, torch.device("cpu"))
+    mask = band(N, radius)
     q0, k0, v0 = qkv()
     method(q0, k0, v0, ctx(0))
     method(*qkv(), ctx(1))
     q2, k2, v2 = qkv()
     out = method(q2, k2, v2, ctx(2))
-    expected = reference(q2, k2, v2, band) + reference(q0, k0, v0) - reference(q0, k0, v0, band)
+    expected = reference(q2, k2, v2, mask) + reference(q0, k0, v0) - reference(q0, k0, v0, mask)
     assert rel(out, expected) < 1e-5
 
 
@@ -99,8 +104,11 @@ def test_recorded_density_is_the_band_mask_density(tmp_path: Path) -> None:
     """A windowed call records the exact share of the band mask; a reuse records 0; a refresh 1 + band."""
     method = method_with(tmp_path, [[FULL] * LAYERS, [WINDOW] * LAYERS, [REUSE_STEP] * LAYERS, [FULL] * LAYERS])
     radius = window_radius(N, 0.25)
-    mask_share = float(band_mask(N, radius, torch.device("cpu")).double().mean())
+    mask_share = float(band(N, radius).double().mean())
+    pattern = band_pattern(N, radius, torch.device("cpu"))
+    assert torch.equal(pattern.dense_mask()[0, 0], band(N, radius))
     assert band_density(N, radius) == pytest.approx(mask_share, abs=1e-12)
+    assert pattern.density() == pytest.approx(mask_share, abs=1e-12)
     for step in range(3):
         method(*qkv(), ctx(step))
     per_step = method.density.per_step()

@@ -1,0 +1,232 @@
+"""SLA: Sparse-Linear Attention (Zhang et al., arXiv 2509.24006; thu-ml/SLA), a fine-tuned method.
+
+Per call, with blocks of ``b`` tokens for queries and keys:
+
+1. Mean-pool q and the mean-centred k over each block (SageAttention's smoothing of k) and score
+   ``P_c = softmax(pool(q) pool(k)^T / sqrt(d))`` per query block.
+2. Per query block, the top ``critical`` fraction of key blocks is **critical** (exact attention),
+   the bottom ``negligible`` fraction is **skipped**, the rest is **marginal**.
+3. Critical blocks: block-sparse softmax attention normalised over those blocks only, ``O_s``.
+4. Marginal blocks: linear attention with ``phi = softmax`` over the head dimension; per key block
+   ``h_j = phi(K_j)^T V_j`` and ``z_j = sum phi(K_j)``, summed over the query block's marginal blocks:
+   ``O_l = phi(Q) H / (phi(Q) Z)``.
+5. ``O = O_s + proj(O_l)``, ``proj`` a learned ``d x d`` linear per layer, zero-initialised (training
+   starts from pure sparse attention); the DiT is then fine-tuned with this attention.
+
+This is the paper's version (three classes). The public SLA-1 kernel has no skipped set
+(``negligible=0`` reproduces it); the Dec 2025 rewrite runs the linear branch over all keys instead.
+Paper settings on Wan 1.3B: critical 5%, negligible 10%, 64 x 64 blocks, softmax feature map.
+
+Density recorded per call: the share of the N x N scores computed exactly (the critical tiles); the
+linear branch forms no score and is not counted (the paper's "95% sparsity" counts it as sparse).
+The critical branch runs through :func:`methods.kernels.block_sparse.block_sparse_attention`
+(compiled FlexAttention on CUDA, masked dense on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.errors import HarnessError
+from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
+from methods.kernels.block_sparse import (
+    BACKENDS,
+    BlockSparsePattern,
+    block_lengths,
+    block_sparse_attention,
+    num_blocks,
+)
+
+PAPER_BLOCK = 64
+#: ``block_size="auto"`` halves the paper's 64 until a row holds this many blocks, so that 5% and
+#: 10% of a row are whole blocks: Wan 480p keeps 64 (512 blocks a row), the toy's 512 tokens get 8
+#: (one patch row of one frame, 64 blocks a row).
+MIN_BLOCKS_PER_ROW = 64
+# SLA's own state files sit beside the fine-tuned transformer in a checkpoint folder.
+STATE_FILE, TRANSFORMER_FILE = "sla.safetensors", "transformer.safetensors"
+
+
+def sla_block_size(tokens: int) -> int:
+    """64, halved until ``tokens`` hold at least :data:`MIN_BLOCKS_PER_ROW` blocks (never below 1)."""
+    block = PAPER_BLOCK
+    while block > 1 and tokens < MIN_BLOCKS_PER_ROW * block:
+        block //= 2
+    return block
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over each block of ``block`` tokens (the last may be ragged): ``(B, H, N, D) -> (B, H, nb, D)``."""
+    tokens = x.shape[-2]
+    lengths = block_lengths(tokens, block, x.device)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, num_blocks(tokens, block) * block - tokens))
+    sums = padded.unflatten(-2, (-1, block)).sum(dim=-2)
+    return sums / lengths[:, None]
+
+
+def classify_blocks(q: torch.Tensor, k: torch.Tensor, block: int, critical: float, negligible: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Critical and marginal key blocks per query block, each ``(B, H, nq, nk)`` bool (the rest is skipped).
+
+    ``max(1, floor(critical * nk))`` blocks are critical and ``floor(negligible * nk)`` skipped
+    (fewer if the two would overlap), ranked by the pooled scores (softmax keeps their order).
+    """
+    pooled_q = block_means(q, block)
+    pooled_k = block_means(k.float() - k.float().mean(dim=-2, keepdim=True), block)
+    scores = (pooled_q @ pooled_k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    blocks = scores.shape[-1]
+    n_critical = min(blocks, max(1, math.floor(critical * blocks + 1e-9)))
+    n_skipped = min(blocks - n_critical, math.floor(negligible * blocks + 1e-9))
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = the best key block
+    is_critical = rank < n_critical
+    return is_critical, ~is_critical & (rank < blocks - n_skipped)
+
+
+def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor,
+                              block: int, eps: float = 1e-6) -> torch.Tensor:  # fmt: skip
+    """Linear attention of each query over its block's marginal key blocks, phi = softmax over features.
+
+    ``marginal`` ``(B|1, H|1, nq, nk)``; returns ``(B, H, N, D)`` in fp32. A query block with no marginal
+    block gets 0.
+    """
+    tokens = q.shape[-2]
+    pad = num_blocks(tokens, block) * block - tokens
+    phi_q, phi_k = q.float().softmax(dim=-1), k.float().softmax(dim=-1)
+    # Padding keys get zero features, so they add nothing to any block's sums.
+    phi_k = torch.nn.functional.pad(phi_k, (0, 0, 0, pad)).unflatten(-2, (-1, block))
+    values = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).unflatten(-2, (-1, block))
+    per_block_kv = phi_k.transpose(-2, -1) @ values  # (B, H, nk, D, D)
+    per_block_k = phi_k.sum(dim=-2)  # (B, H, nk, D)
+    weights = marginal.float()
+    kv = torch.einsum("bhij,bhjde->bhide", weights, per_block_kv)  # (B, H, nq, D, D)
+    k_sum = torch.einsum("bhij,bhjd->bhid", weights, per_block_k)  # (B, H, nq, D)
+    phi_q = torch.nn.functional.pad(phi_q, (0, 0, 0, pad)).unflatten(-2, (-1, block))  # (B, H, nq, b, D)
+    numerator = phi_q @ kv
+    denominator = (phi_q @ k_sum.unsqueeze(-1)) + eps
+    return (numerator / denominator).flatten(-3, -2)[..., :tokens, :]
+
+
+class SlaProjections(nn.Module):
+    """The learned part of SLA: one zero-initialised ``proj (D -> D)`` per self-attention layer."""
+
+    def __init__(self, num_layers: int, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.proj = nn.ModuleList(nn.Linear(head_dim, head_dim) for _ in range(num_layers))
+        for layer in self.proj:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.proj)
+
+
+@register_method("sla", aliases=("sparse-linear",))
+class SparseLinearAttention(AttentionMethod):
+    """SLA with its learned projections (see the module docstring).
+
+    Parameters:
+        critical: fraction of key blocks per query block computed exactly (paper: 0.05).
+        negligible: fraction skipped (paper: 0.10; 0 reproduces the public SLA-1 kernel).
+        block_size: tokens per query/key block, ``"auto"`` (64 at Wan scale; 8 on the toy) or an int.
+        backend: ``auto`` (FlexAttention on CUDA, masked dense elsewhere), ``flex`` or ``masked``.
+
+    A quality run needs a fine-tuned checkpoint (``--checkpoint DIR``). Without one the projections are
+    zero (untrained SLA is pure block-sparse attention), which serves latency and tests only.
+    """
+
+    capabilities = Capabilities(
+        devices=("cpu", "cuda"),
+        sparsity="dynamic",
+        data_dependent=True,
+        needs_training=True,
+        notes="critical blocks exact (Flex block-sparse), marginal blocks linear + learned proj; fine-tuned",
+    )
+
+    def __init__(self, schedule: Schedule | None = None, critical: float = 0.05, negligible: float = 0.10,
+                 block_size: Any = "auto", backend: str = "auto", **params: Any) -> None:  # fmt: skip
+        super().__init__(schedule, **params)
+        for name, value in (("critical", critical), ("negligible", negligible)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise HarnessError(f"sla: {name} must be a fraction in [0, 1], got {value!r}")
+        if critical <= 0.0 or critical + negligible > 1.0:
+            raise HarnessError(f"sla: need critical > 0 and critical + negligible <= 1, got {critical}, {negligible}")
+        if block_size != "auto" and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                     or block_size < 1):  # fmt: skip
+            raise HarnessError(f"sla: block_size must be 'auto' or a positive integer, got {block_size!r}")
+        if backend not in BACKENDS:
+            raise HarnessError(f"sla: backend must be one of {BACKENDS}, got {backend!r}")
+        self.critical, self.negligible = float(critical), float(negligible)
+        self.block_size_param, self.backend = block_size, backend
+        self.state: SlaProjections | None = None
+        self.trained = False
+        self._blocks_used: dict[int, int] = {}
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "critical": self.critical,
+            "negligible": self.negligible,
+            "block_size": self.block_size_param,
+            "block_size_used": {str(tokens): block for tokens, block in sorted(self._blocks_used.items())},
+            "backend": self.backend,
+            "trained": self.trained,
+        }
+
+    def block_size(self, tokens: int) -> int:
+        block = sla_block_size(tokens) if self.block_size_param == "auto" else int(self.block_size_param)
+        self._blocks_used[tokens] = block
+        return block
+
+    def attach(self, state: SlaProjections, trained: bool) -> None:
+        """Use ``state`` (being trained, or loaded from a fine-tuned checkpoint)."""
+        self.state, self.trained = state, trained
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+               ) -> tuple[torch.Tensor, float]:  # fmt: skip
+        if self.state is None:
+            self.attach(SlaProjections(ctx.num_layers, q.shape[-1]).requires_grad_(False).to(q.device), trained=False)
+        assert self.state is not None
+        tokens, block = q.shape[-2], self.block_size(q.shape[-2])
+        with torch.no_grad():  # the selection is not differentiated (as in SLA)
+            critical, marginal = classify_blocks(q, k, block, self.critical, self.negligible)
+        pattern = BlockSparsePattern(critical, tokens, block)
+        sparse = block_sparse_attention(q, k, v, pattern, self.backend)
+        linear = marginal_linear_attention(q, k, v, marginal, block)
+        proj = self.state.proj[ctx.layer]
+        out = sparse.float() + proj(linear.to(proj.weight.dtype)).float()
+        return out.to(v.dtype), pattern.density()
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.state is None else dict(self.state.state_dict())
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        layers = sorted({int(key.split(".")[1]) for key in tensors if key.startswith("proj.")})
+        if not layers or "proj.0.weight" not in tensors or layers != list(range(len(layers))):
+            raise HarnessError(f"sla state holds no per-layer projections (keys {sorted(tensors)[:4]})")
+        state = SlaProjections(len(layers), tensors["proj.0.weight"].shape[0])
+        try:
+            state.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise HarnessError(f"sla state does not fit: {exc}") from exc
+        self.attach(state.requires_grad_(False), trained=True)
+
+    def validate_for(self, num_layers: int, num_steps: int) -> None:
+        super().validate_for(num_layers, num_steps)
+        if self.state is not None and self.state.num_layers != num_layers:
+            raise HarnessError(f"sla state has {self.state.num_layers} layers, the model {num_layers}")
+
+    def load_checkpoint(self, path: Path, transformer: nn.Module) -> None:
+        """A fine-tuned checkpoint folder: the projections and the fine-tuned transformer weights."""
+        from harness.checkpoints import load_module_weights
+
+        if not path.is_dir():
+            raise HarnessError(f"sla checkpoint {path} must be a folder made by `bench train --method sla`")
+        self.load_state(path / STATE_FILE)
+        load_module_weights(transformer, path / TRANSFORMER_FILE)
