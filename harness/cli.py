@@ -549,8 +549,10 @@ TrainPromptsOpt = Annotated[int, typer.Option(help="Training prompts from the mo
 @user_errors
 def train_cmd(
     out: Annotated[Path, typer.Option(help="Folder of the converted checkpoint (and the resumable training state).")],
-    target_layers: Annotated[int, typer.Option(help="Self-attention layers to convert to linear attention.")],
-    method: Annotated[str, typer.Option(help="Method to train (linvideo).")] = "linvideo",
+    target_layers: Annotated[
+        int | None, typer.Option(help="Self-attention layers to convert to linear attention (linvideo).")
+    ] = None,
+    method: Annotated[str, typer.Option(help="Method to train: linvideo or sla.")] = "linvideo",
     model: Annotated[str, typer.Option(help="Teacher model adapter (see `bench models`).")] = "toy",
     objective: Annotated[
         str, typer.Option(help="adm (anytime distribution matching) or mse (stored velocities).")
@@ -578,21 +580,32 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the prompts, the batches and the trainer.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    param: Annotated[
+        list[str] | None, typer.Option(help="SLA parameter KEY=VALUE: critical, negligible, block_size.")
+    ] = None,
 ) -> None:
-    """Train LinVideo on a teacher: data-free collection, selective transfer, ADM; resumable (rerun to continue)."""
+    """Train LinVideo (data-free collection, selective transfer, ADM) or fine-tune SLA; resumable (rerun)."""
     from harness.models import MODELS
     from harness.training import TrainRequest, train
     from methods.linvideo.train import LinVideoTrainConfig
 
-    if _canonical_method(method) != "linvideo":
-        raise HarnessError(f"bench train trains linvideo only, not {method!r}")
+    trained = _canonical_method(method)
+    if trained not in ("linvideo", "sla"):
+        raise HarnessError(f"bench train trains linvideo or sla, not {method!r}")
     adapter_cls = MODELS.get(model)
-    config = LinVideoTrainConfig(
-        target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size, lr=lr,
-        r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam, selection=selection,
-        layers=_parse_ints(layers, "--layers"), activation_checkpointing=activation_checkpointing,
-        checkpoint_every=checkpoint_every, seed=seed,
-    )  # fmt: skip
+    if trained == "sla":
+        config: Any = _sla_train_config(param or [], objective=objective, steps=steps, batch_size=batch_size,
+                                        lr=lr, activation_checkpointing=activation_checkpointing,
+                                        checkpoint_every=checkpoint_every, seed=seed)  # fmt: skip
+    elif target_layers is None:
+        raise HarnessError("bench train --method linvideo needs --target-layers")
+    else:
+        config = LinVideoTrainConfig(
+            target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size,
+            lr=lr, r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam,
+            selection=selection, layers=_parse_ints(layers, "--layers"),
+            activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every, seed=seed,
+        )  # fmt: skip
     if prompt_file is not None and not prompt_file.is_file():
         raise HarnessError(f"--prompt-file {prompt_file} does not exist")
     listed = (
@@ -605,10 +618,24 @@ def train_cmd(
     )  # fmt: skip
     converted = train(request)
     summary = json.loads((converted / "spec.json").read_text())
+    if trained == "sla":
+        console.print(f"[bold]sla[/] fine-tuned {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step)"
+                      f" -> {converted}")  # fmt: skip
+        return
     console.print(
         f"[bold]linvideo[/] trained {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step): "
         f"layers {summary['linear_layers']} linear -> {converted}"
     )
+
+
+def _sla_train_config(pairs: list[str], **settings: Any) -> Any:
+    from methods.sla_train import SlaTrainConfig
+
+    params = _parse_params(pairs)
+    unknown = sorted(set(params) - {"critical", "negligible", "block_size"})
+    if unknown:
+        raise HarnessError(f"sla takes --param critical, negligible, block_size; not {unknown}")
+    return SlaTrainConfig(**settings, **params)
 
 
 @app.command("calibrate")

@@ -20,6 +20,7 @@ from harness.models.base import MODELS
 
 if TYPE_CHECKING:
     from methods.linvideo.train import LinVideoTrainConfig
+    from methods.sla_train import SlaTrainConfig
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class TrainRequest:
 
     model: str
     weights: str
-    config: LinVideoTrainConfig
+    config: LinVideoTrainConfig | SlaTrainConfig
     out: Path
     prompts: tuple[str, ...] | None  # None: the model's training prompts
     prompt_count: int
@@ -38,9 +39,10 @@ class TrainRequest:
 
 
 def train(request: TrainRequest) -> Path:
-    """Run a LinVideo training from a request; returns the converted checkpoint folder."""
+    """Run a LinVideo (or SLA) training from a request; returns the checkpoint folder."""
     from methods.linvideo.collect import CollectionSpec, collect
     from methods.linvideo.train import LinVideoTrainer
+    from methods.sla_train import SlaTrainConfig, SlaTrainer
 
     adapter_cls = MODELS.get(request.model)
     config = request.config
@@ -58,4 +60,6 @@ def train(request: TrainRequest) -> Path:
     # fp32 master weights: the trainer runs the student under bf16 autocast on CUDA.
     teacher = adapter_cls.load(request.weights, device, torch.float32)
     store = collect(teacher, spec, store_dir, request.show_progress)
+    if isinstance(config, SlaTrainConfig):
+        return SlaTrainer(config, teacher, store, out).run(request.show_progress)
     return LinVideoTrainer(config, teacher, store, out).run(request.show_progress)

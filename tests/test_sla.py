@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,37 @@ def test_run_without_checkpoint_is_refused(bench, tmp_path: Path) -> None:  # ty
     result = bench("run", "--method", "sla", "--model", "wan-tiny", "--device", "cpu", "--runs-dir", tmp_path,
                    expect=2)  # fmt: skip
     assert "needs a trained checkpoint" in " ".join(result.output.split())
+
+
+def test_flex_tiles_keep_exactly_the_critical_tokens() -> None:
+    """Grouped into 128-token Flex tiles, the pattern's token mask is still exactly the critical blocks."""
+    from methods.sla import flex_pattern
+
+    tokens, block = 300, 8  # 38 blocks, 3 tiles, the last ragged
+    q, k = torch.randn(1, 2, tokens, D), torch.randn(1, 2, tokens, D)
+    critical, _ = classify_blocks(q, k, block, 0.1, 0.0)
+    pattern = flex_pattern(critical, tokens, block)
+    expected = critical.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :tokens, :tokens]
+    assert torch.equal(pattern.dense_mask(), expected)
+    assert pattern.density() == pytest.approx(float(expected.double().mean()))
+
+
+def test_fine_tune_then_run_from_the_checkpoint(bench, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """bench train --method sla writes a checkpoint whose projections moved off zero; bench run loads it."""
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "sla"
+    args = ["train", "--method", "sla", "--model", "wan-tiny", "--prompt-file", prompts, "--steps", 2,
+            "--batch-size", 1, "--checkpoint-every", 1, "--out", out, "--device", "cpu", "--no-progress",
+            "--param", "block_size=4"]  # fmt: skip
+    bench(*args)
+    projections = load_file(out / "sla.safetensors")
+    assert any(tensor.abs().sum() > 0 for tensor in projections.values())
+    assert json.loads((out / "training_state.json").read_text())["step"] == 2
+    bench(*args)  # finished: resumes to the end at once
+    result = bench("run", "--method", "sla", "--model", "wan-tiny", "--device", "cpu", "--checkpoint", out,
+                   "--param", "block_size=4", "--runs-dir", tmp_path / "runs", "--json", "--no-progress")  # fmt: skip
+    record = json.loads(result.stdout)["record"]
+    assert record["method_params_resolved"]["trained"] is True and 0 < record["density"]["mean"] < 1
