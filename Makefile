@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup test demo lint bench bench-linvideo clean
+.PHONY: setup test demo lint bench bench-linvideo bench-dfa-sla clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: setup
 # LinVideo on the GPU: correctness, latency with the paper's converted layers, one ADM training step.
 bench-linvideo: setup
 	$(PY) -m harness.benchmarks.linvideo_gpu --out reports/gpu/linvideo
+
+# DFA's window and SLA on FlexAttention: correctness against masked dense, then per-call latency.
+bench-dfa-sla: setup
+	$(PY) -m harness.benchmarks.dfa_sla_gpu --out reports/gpu/dfa_sla
 
 clean:
 	rm -rf $(VENV) $(RUNS)

@@ -89,12 +89,14 @@ def band_pattern(tokens: int, radius: int, device: torch.device) -> BlockSparseP
 _BAND_PATTERNS: dict[tuple[int, int, str], BlockSparsePattern] = {}
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radius: int) -> torch.Tensor:
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, radius: int, backend: str = "auto"
+                     ) -> torch.Tensor:  # fmt: skip
     """Softmax attention of each query over keys ``|i - j| <= radius`` only; ``(B, H, N, D)``.
 
-    Compiled FlexAttention on CUDA (only tiles meeting the band), masked dense SDPA elsewhere.
+    ``backend`` ``auto``: compiled FlexAttention on CUDA (only tiles meeting the band), masked dense
+    SDPA elsewhere; ``flex`` or ``masked`` force one.
     """
-    return block_sparse_attention(q, k, v, band_pattern(q.shape[-2], radius, q.device))
+    return block_sparse_attention(q, k, v, band_pattern(q.shape[-2], radius, q.device), backend)
 
 
 def base_choice(choice: str) -> str:

@@ -200,3 +200,13 @@ def test_fine_tune_then_run_from_the_checkpoint(bench, tmp_path: Path) -> None: 
                    "--param", "block_size=4", "--runs-dir", tmp_path / "runs", "--json", "--no-progress")  # fmt: skip
     record = json.loads(result.stdout)["record"]
     assert record["method_params_resolved"]["trained"] is True and 0 < record["density"]["mean"] < 1
+
+
+def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
+    """The DFA/SLA GPU script runs its CPU smoke mode: correctness passes and the JSON is complete."""
+    from harness.benchmarks.dfa_sla_gpu import main
+
+    main(["--out", str(tmp_path), "--device", "cpu", "--repeats", "1"])
+    result = json.loads((tmp_path / "dfa_sla_gpu.json").read_text())
+    assert result["status"] == "complete" and set(result["shapes"]["smoke"]["calls"]) == {
+        "dense_sdpa", "dfa_window", "dfa_refresh", "sla"}  # fmt: skip
