@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -216,30 +217,55 @@ def test_relative_error_is_zero_for_equal_and_bounded_by_clip() -> None:
     assert relative_error(a, -a) == pytest.approx(2.0, rel=1e-3)
 
 
-def test_calibrate_then_run_on_wan_tiny(bench, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """End to end: under a ~0 threshold only exact substitutes are kept and the video equals the dense one;
-    a loose threshold reuses every step; the records carry the plan and the measured density."""
-    from safetensors.torch import load_file
+def calibrate_tiny(model, threshold: float):  # type: ignore[no-untyped-def]
+    """A plan for wan-tiny (3 steps) on one prompt; returns the plan and the batch it was searched on."""
+    from dataclasses import replace
 
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat\na dog walks\n")
-    strict, loose = tmp_path / "strict.json", tmp_path / "loose.json"
-    for path, threshold in ((strict, 1e-12), (loose, 10.0)):
-        bench("calibrate", "--model", "wan-tiny", "--prompt-file", prompts, "--threshold", threshold,
-              "--out", path, "--device", "cpu", "--no-progress")  # fmt: skip
-    plan = DfaPlan.load(strict)
-    # Layer 0's self-attention runs before any cross-attention: its CFG branches are identical.
-    assert all(plan.errors[s][layer] == 0.0 for s in range(1, STEPS) for layer in range(LAYERS)
+    from methods.dfa_calibrate import calibrate
+
+    sampling = replace(type(model).defaults, steps=3)
+    noise = torch.randn(1, *type(model).latent_shape(sampling), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cond, uncond = model.encode_prompts(["a cat"]), model.encode_prompts([""])
+    return calibrate(model, noise, cond, uncond, sampling, threshold, 0.125), (noise, cond, uncond, sampling)
+
+
+def test_zero_threshold_keeps_only_exact_substitutes(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """Under a ~0 threshold only exact substitutes survive, and sampling with the plan equals dense sampling."""
+    plan, (noise, cond, uncond, sampling) = calibrate_tiny(tiny_model, 1e-12)
+    # Layer 0's self-attention runs before any cross-attention: its two CFG branches are identical.
+    assert plan.choices[1][0] == REUSE_COND and plan.errors[1][0] == 0.0
+    assert all(plan.errors[s][layer] == 0.0 for s in range(1, 3) for layer in range(LAYERS)
                if plan.choices[s][layer] != FULL)  # fmt: skip
-    assert DfaPlan.load(loose).counts() == {FULL: 2, REUSE_STEP: 6}
-    runs = tmp_path / "runs"
-    for args in (["--param", f"plan={strict}"], ["--param", f"plan={loose}"], []):
-        bench("run", "--method", "dfa" if args else "sdpa", "--model", "wan-tiny", "--device", "cpu", *args,
-              "--runs-dir", runs, "--no-progress")  # fmt: skip
-    records = {Path(r["method_params_resolved"].get("plan", "sdpa")).name: r for r in map(json.loads, map(
-               Path.read_text, sorted(runs.glob("*.json"))))}  # fmt: skip
-    frames = {name: load_file(runs / rec["artifacts"]["frames"]) for name, rec in records.items()}
-    for key, video in frames["sdpa"].items():
-        assert (frames["strict.json"][key].int() - video.int()).abs().max() <= 1
-    assert records["loose.json"]["density"]["per_step"] == {"0": 1.0, "1": 0.0, "2": 0.0, "3": 0.0}
-    assert records["loose.json"]["method_params_resolved"]["choices"] == {FULL: 2, REUSE_STEP: 6}
+    samples = {}
+    for name, params in (("sdpa", {}), ("dfa", {"uniform": FULL})):
+        method = build_method(name, **params)
+        method.validate_for(LAYERS, 3)
+        if name == "dfa":
+            method.use_plan(plan)
+        with tiny_model.use_method(method) as runtime, torch.inference_mode():
+            samples[name] = tiny_model.sample(noise, cond, uncond, sampling, runtime)
+    torch.testing.assert_close(samples["dfa"], samples["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_loose_threshold_reuses_every_later_step(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    plan, _ = calibrate_tiny(tiny_model, 10.0)
+    assert plan.counts() == {FULL: 2, REUSE_STEP: 4}
+    per_step = plan.calibration["density"]["per_step"]
+    assert per_step[1] == per_step[2] == 0.0
+
+
+def test_calibrate_command_then_run_records_the_plan(bench, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """bench calibrate writes the plan; bench run --param plan=... records its sha256, choices and density."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    plan_path, runs = tmp_path / "plan.json", tmp_path / "runs"
+    bench("calibrate", "--model", "wan-tiny", "--prompt-file", prompts, "--threshold", 10.0, "--steps", 2,
+          "--out", plan_path, "--device", "cpu", "--no-progress")  # fmt: skip
+    result = bench("run", "--method", "dfa", "--model", "wan-tiny", "--device", "cpu", "--steps", 2,
+                   "--param", f"plan={plan_path}", "--runs-dir", runs, "--no-progress", "--json")  # fmt: skip
+    record = json.loads(result.stdout)["record"]
+    params = record["method_params_resolved"]
+    assert params["plan_sha256"] == hashlib.sha256(plan_path.read_bytes()).hexdigest()
+    assert params["choices"] == {FULL: 2, REUSE_STEP: 2}
+    assert record["density"]["per_step"] == {"0": 1.0, "1": 0.0}
