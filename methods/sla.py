@@ -236,14 +236,28 @@ class SparseLinearAttention(AttentionMethod):
         with torch.no_grad():  # the selection is not differentiated (as in SLA)
             critical, marginal = classify_blocks(q, k, block, self.critical, self.negligible)
         pattern = BlockSparsePattern(critical, tokens, block)
-        if resolve_backend(self.backend, q.device) == "flex":
-            sparse = block_sparse_attention(q, k, v, flex_pattern(critical, tokens, block), "flex")
-        else:
-            sparse = block_sparse_attention(q, k, v, pattern, "masked")
+        sparse = block_sparse_attention(q, k, v, *self._execution(pattern, q))
         linear = marginal_linear_attention(q, k, v, marginal, block)
         proj = self.state.proj[ctx.layer]
         out = sparse.float() + proj(linear.to(proj.weight.dtype)).float()
         return out.to(v.dtype), pattern.density()
+
+    def _execution(self, pattern: BlockSparsePattern, q: torch.Tensor) -> tuple[BlockSparsePattern, str]:
+        """What the kernel runs: the critical blocks themselves on the masked path; on Flex, 128-tiles.
+
+        Flex's 128-tiles read the blocks from a table that the next call overwrites, so a call whose
+        backward is still to come (fine-tuning) cannot use them unless its blocks are whole tiles; it
+        runs the masked path instead (same output, O(N^2) mask: toy-scale training only).
+        """
+        if resolve_backend(self.backend, q.device) != "flex":
+            return pattern, "masked"
+        block = pattern.blocks[0]
+        if q.requires_grad and block % FLEX_TILE:
+            if self.backend == "flex":
+                raise HarnessError(f"sla: training through Flex needs blocks of a multiple of {FLEX_TILE} tokens, "
+                                   f"got {block}; use backend auto (masked while training) or masked")  # fmt: skip
+            return pattern, "masked"
+        return flex_pattern(pattern.kept, pattern.seq_len, block), "flex"
 
     # -- state --------------------------------------------------------------------------------
 
