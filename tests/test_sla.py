@@ -210,3 +210,11 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "dfa_sla_gpu.json").read_text())
     assert result["status"] == "complete" and set(result["shapes"]["smoke"]["calls"]) == {
         "dense_sdpa", "dfa_window", "dfa_refresh", "sla"}  # fmt: skip
+
+
+def test_training_through_flex_with_blocks_smaller_than_its_tiles_is_refused() -> None:
+    """Flex's shared block table would be overwritten before backward: an explicit flex backend refuses."""
+    method = build_method("sla", backend="flex", block_size=BLOCK)
+    q, k, v = (t.requires_grad_(True) for t in qkv())
+    with pytest.raises(HarnessError, match="training through Flex"):
+        method(q, k, v, ctx())
