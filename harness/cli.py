@@ -553,13 +553,20 @@ def train_cmd(
     method: Annotated[str, typer.Option(help="Method to train (linvideo).")] = "linvideo",
     model: Annotated[str, typer.Option(help="Teacher model adapter (see `bench models`).")] = "toy",
     objective: Annotated[
-        str, typer.Option(help="adm (anytime distribution matching) or mse (stored velocities).")
+        str,
+        typer.Option(
+            help="adm (anytime distribution matching, the student as its own score model), mse (regress the "
+            "stored velocities) or adm-extra-score (a separately trained score model, DMD-style; slower)."
+        ),
     ] = "adm",
     kernel: Annotated[str, typer.Option(help="Feature map: hedgehog, relu, taylor or elu.")] = "hedgehog",
     steps: TrainStepsOpt = 400,
     batch_size: TrainBatchOpt = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the transformer and feature maps.")] = 1e-4,
-    r_lr: Annotated[float, typer.Option(help="Peak learning rate of the per-layer scores r.")] = 1e-2,
+    r_optimizer: Annotated[
+        str, typer.Option(help="Optimizer of the scores r: sgd (keeps per-layer gradient sizes) or adamw.")
+    ] = "sgd",
+    r_lr: Annotated[float, typer.Option(help="Peak learning rate of the per-layer scores r.")] = 0.1,
     r_init: Annotated[float, typer.Option(help="Initial score r of every layer (1 = softmax).")] = 0.95,
     alpha_start: Annotated[float, typer.Option(help="Exponent of L_reg at the first step.")] = 20.0,
     alpha_end: Annotated[float, typer.Option(help="Exponent of L_reg at the last step (= start: fixed).")] = 2.0,
@@ -589,7 +596,7 @@ def train_cmd(
     adapter_cls = MODELS.get(model)
     config = LinVideoTrainConfig(
         target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size, lr=lr,
-        r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam, selection=selection,
+        r_optimizer=r_optimizer, r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam, selection=selection,
         layers=_parse_ints(layers, "--layers"), activation_checkpointing=activation_checkpointing,
         checkpoint_every=checkpoint_every, seed=seed,
     )  # fmt: skip
@@ -614,7 +621,7 @@ def train_cmd(
 @app.command("ablate")
 @user_errors
 def ablate_cmd(
-    axis: Annotated[str, typer.Argument(help="alpha, kernel, objective, selection or target.")],
+    axis: Annotated[str, typer.Argument(help="alpha, kernel, objective, selection, target or r-optimizer.")],
     model: Annotated[str, typer.Option(help="Teacher model adapter (a model with built-in prompts: toy).")] = "toy",
     target_layers: Annotated[
         int | None, typer.Option(help="Layers to convert in every variant but the target axis (default: half).")

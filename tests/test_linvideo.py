@@ -12,6 +12,7 @@ from conftest import Invoke, normalise
 
 from harness.errors import HarnessError
 from harness.models.toy import ToyModel
+from methods import build_method
 from methods.kernels.linear_attention import KERNELS, naive_linear_attention
 from methods.linvideo.attention import LinVideo, TransferState
 from methods.linvideo.collect import CollectionSpec, TrajectoryStore, collect
@@ -137,7 +138,7 @@ def _config(**changes: object) -> LinVideoTrainConfig:
     return LinVideoTrainConfig(**{"target_layers": 4, "steps": 4, "batch_size": 2, "checkpoint_every": 2, **changes})
 
 
-@pytest.mark.parametrize("objective", ["adm", "mse"])
+@pytest.mark.parametrize("objective", ["adm", "mse", "adm-extra-score"])
 def test_trainer_writes_a_converted_checkpoint_and_logs_r(objective: str, teacher: ToyModel, store: TrajectoryStore,
                                                           tmp_path: Path) -> None:  # fmt: skip
     out = LinVideoTrainer(_config(objective=objective), teacher, store, tmp_path).run(show_progress=False)
@@ -146,6 +147,37 @@ def test_trainer_writes_a_converted_checkpoint_and_logs_r(objective: str, teache
     assert spec["steps"] == 4 and len(log["r"]) == 4 and len(log["r"][0]) == 8
     assert {"objective", "constraint", "regulariser", "total"} <= set(log["losses"][0])
     assert (out / "linvideo.safetensors").is_file() and (out / "transformer.safetensors").is_file()
+
+
+def test_sgd_moves_each_score_by_its_own_gradient_and_adamw_moves_all_alike(
+    teacher: ToyModel, store: TrajectoryStore, tmp_path: Path
+) -> None:
+    """r's optimizer: SGD keeps the per-layer gradient size (the ranking signal); AdamW's first step is lr * sign."""
+    moves = {}
+    for name in ("sgd", "adamw"):
+        trainer = LinVideoTrainer(_config(r_optimizer=name, r_lr=0.05), teacher, store, tmp_path / name)
+        for group in trainer.optimizers["r"].param_groups:
+            group["lr"] = 0.05
+        before = trainer.state.rho.detach().clone()
+        with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+            trainer.train_step(store.sample(2, torch.Generator().manual_seed(0)), 0)
+        moves[name] = (trainer.state.rho.detach() - before, trainer.state.rho.grad.detach().clone())
+    step, grad = moves["sgd"]
+    assert torch.allclose(step, -0.05 * grad, atol=1e-7) and grad.std() > 0
+    assert torch.allclose(moves["adamw"][0].abs(), torch.full((8,), 0.05), atol=1e-4)
+
+
+def test_extra_score_model_trains_beside_the_student(teacher: ToyModel, store: TrajectoryStore, tmp_path: Path) -> None:
+    """adm-extra-score: one step changes the separate score model (initialised from the teacher), not the teacher."""
+    trainer = LinVideoTrainer(_config(objective="adm-extra-score"), teacher, store, tmp_path)
+    assert trainer.score_model is not None and "score" in trainer._modules()
+    before = [p.detach().clone() for p in trainer.score_model.transformer.parameters()]
+    with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+        trainer.train_step(store.sample(2, torch.Generator().manual_seed(0)), 0)
+    after = list(trainer.score_model.transformer.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    for t, b in zip(teacher.transformer.parameters(), before, strict=True):
+        assert torch.equal(t, b)
 
 
 def test_interrupted_training_resumes_to_the_same_weights(teacher: ToyModel, store: TrajectoryStore, tmp_path: Path,
