@@ -596,8 +596,8 @@ def train_cmd(
     adapter_cls = MODELS.get(model)
     config = LinVideoTrainConfig(
         target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size, lr=lr,
-        r_optimizer=r_optimizer, r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam, selection=selection,
-        layers=_parse_ints(layers, "--layers"), activation_checkpointing=activation_checkpointing,
+        r_optimizer=r_optimizer, r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam,
+        selection=selection, layers=_parse_ints(layers, "--layers"), activation_checkpointing=activation_checkpointing,
         checkpoint_every=checkpoint_every, seed=seed,
     )  # fmt: skip
     if prompt_file is not None and not prompt_file.is_file():
