@@ -10,14 +10,18 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.spec import RunSpec
 
 app = typer.Typer(
     name="bench",
@@ -206,7 +210,11 @@ def run_cmd(
         list[str] | None, typer.Option(help="Method parameter KEY=VALUE (JSON values); repeatable.")
     ] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Method state (safetensors) to load, e.g. a converted model.")
+        Path | None,
+        typer.Option(
+            help="Method state to load, e.g. a converted LinVideo folder. linvideo on toy without it: the default "
+            "conversion, trained once and cached ($ATTENTION_BENCH_CACHE, else ~/.cache/attention-bench)."
+        ),
     ] = None,
     eval_suites: Annotated[
         str | None,
@@ -255,6 +263,8 @@ def run_cmd(
         checkpoint=str(checkpoint) if checkpoint else None,
         eval_suites=_eval_suites(eval_suites, adapter_cls.default_eval),
     )
+    if spec.method == "linvideo" and spec.checkpoint is None and adapter_cls.weights_kind == "builtin":
+        spec = replace(spec, checkpoint=str(_default_linvideo(spec, progress and not as_json)))
     outcome = run(spec, runs_dir, force=force, allow_download=download, show_progress=progress and not as_json)
     if as_json:
         _print_json({"skipped": outcome.skipped, "path": str(outcome.path), "record": outcome.record})
@@ -267,6 +277,17 @@ def run_cmd(
         f"{_fmt(rec['latency']['end_to_end_ms_per_video'] / 1e3)} s/video, "
         f"density {_fmt(rec['density']['mean'])} -> {outcome.path}"
     )
+
+
+def _default_linvideo(spec: RunSpec, show_progress: bool) -> Path:
+    """Validate the run, then train (once; cached) the default LinVideo conversion of the built-in teacher."""
+    from harness.generate import prepare
+    from harness.training import cache_dir, default_checkpoint
+
+    prepare(spec, checkpoint_to_come=True)
+    console.print(f"no --checkpoint: using the default LinVideo conversion of {spec.model} (trained once, cached "
+                  f"in {cache_dir() / 'linvideo'})")  # fmt: skip
+    return default_checkpoint(spec.model, spec.device, show_progress)
 
 
 def _eval_suites(option: str | None, default: tuple[str, ...]) -> tuple[str, ...]:

@@ -69,8 +69,11 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
-def prepare(spec: RunSpec) -> Prepared:
-    """Validate everything that needs no weights; raises :class:`HarnessError` with a clear message."""
+def prepare(spec: RunSpec, checkpoint_to_come: bool = False) -> Prepared:
+    """Validate everything that needs no weights; raises :class:`HarnessError` with a clear message.
+
+    ``checkpoint_to_come``: the caller trains the method's checkpoint next (a missing one is not an error).
+    """
     adapter_cls = MODELS.get(spec.model)
     method_cls = METHODS.get(spec.method)
     adapter_cls.validate_sampling(spec.sampling)
@@ -84,7 +87,7 @@ def prepare(spec: RunSpec) -> Prepared:
     method = method_cls(schedule=schedule, **spec.method_params)
     method.validate_for(adapter_cls.num_layers, spec.sampling.steps)
     method.check_supported(device, dtype)
-    if method.capabilities.needs_training and spec.checkpoint is None:
+    if method.capabilities.needs_training and spec.checkpoint is None and not checkpoint_to_come:
         # Untrained states (linvideo's linear_layers) serve `bench latency` only, never a quality run.
         raise HarnessError(
             f"method {spec.method!r} needs a trained checkpoint: make one with `bench train --method {spec.method} "

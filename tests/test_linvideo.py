@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Invoke, normalise
+from conftest import Invoke, normalise, records_in
 
 from harness.errors import HarnessError
 from harness.models.toy import ToyModel
@@ -19,6 +19,7 @@ from methods.linvideo.collect import CollectionSpec, TrajectoryStore, collect
 from methods.linvideo.train import LinVideoTrainConfig, LinVideoTrainer, lr_factor
 
 B, H, N, D = 2, 3, 29, 8
+PROMPT = "a small red disk moves left on a gray background"
 
 
 def _qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -245,9 +246,29 @@ def test_converted_checkpoint_reloads_to_the_same_outputs_bit_for_bit(teacher: T
     assert method.density.per_layer() == {0: 0.0, 1: 1.0, 2: 0.0, 3: 1.0, 4: 0.0, 5: 1.0, 6: 0.0, 7: 1.0}
 
 
-def test_bench_run_linvideo_without_checkpoint_fails_early(bench: Invoke, tmp_path: Path) -> None:
-    result = bench("run", "--method", "linvideo", "--model", "toy", "--runs-dir", tmp_path, expect=2)
+def test_bench_run_linvideo_on_a_real_model_without_checkpoint_fails_early(bench: Invoke, tmp_path: Path) -> None:
+    result = bench("run", "--method", "linvideo", "--model", "wan-tiny", "--random-weights", "--eval", "none",
+                   "--runs-dir", tmp_path, expect=2)  # fmt: skip
     assert "bench train --method linvideo" in normalise(result.output)
+
+
+def test_bench_run_linvideo_on_toy_trains_the_default_once_and_caches_it(
+    bench: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --checkpoint on the toy: the default conversion is trained into the cache, then reused."""
+    import harness.training as training
+
+    monkeypatch.setenv(training.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(training, "DEFAULT_PROMPT_COUNT", 2)
+    monkeypatch.setattr(training, "default_recipe", lambda layers: _config(target_layers=layers // 2, steps=2))
+    args = ("run", "--method", "linvideo", "--model", "toy", "--prompt", PROMPT, "--seeds", "0", "--no-progress")
+    first = bench(*args, "--runs-dir", tmp_path / "a")
+    [cached] = (tmp_path / "cache" / "linvideo").iterdir()
+    assert (cached / "spec.json").is_file() and str(cached) in records_in(tmp_path / "a")[0]["spec"]["checkpoint"]
+    trained_at = (cached / "spec.json").stat().st_mtime_ns
+    bench(*args, "--runs-dir", tmp_path / "b")
+    assert (cached / "spec.json").stat().st_mtime_ns == trained_at, "the second run reuses the cached conversion"
+    assert "default LinVideo conversion" in normalise(first.output)
 
 
 def test_bench_train_refuses_more_target_layers_than_the_model_has(bench: Invoke, tmp_path: Path) -> None:
