@@ -38,14 +38,18 @@ _ASSIGN_CHUNK_ELEMENTS = 1 << 27  # token x centroid distances held at once
 
 
 def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid per token, ``(G, N)`` int64, from x ``(G, N, D)`` and centroids ``(G, C, D)`` fp32."""
+    """Nearest centroid per token, ``(G, N)`` int64, from x ``(G, N, D)`` and centroids ``(G, C, D)`` fp32.
+
+    The dot products run in x's dtype (bf16 on the GPU, as SVG2's kernels do), distances in fp32.
+    """
     groups, tokens, _ = x.shape
     c_sq = (centroids**2).sum(dim=-1)[:, None, :]
+    c_t = centroids.to(x.dtype).transpose(-2, -1)
     rows = max(1, _ASSIGN_CHUNK_ELEMENTS // (groups * centroids.shape[1]))
     labels = []
     for start in range(0, tokens, rows):
-        part = x[:, start : start + rows]
-        labels.append((c_sq - 2.0 * part @ centroids.transpose(-2, -1)).argmin(dim=-1))  # ||x||^2 is constant
+        dots = (x[:, start : start + rows] @ c_t).float()
+        labels.append((c_sq - 2.0 * dots).argmin(dim=-1))  # ||x||^2 is the same for every centroid
     return torch.cat(labels, dim=1)
 
 
@@ -55,7 +59,7 @@ def kmeans(
     """Batched Euclidean k-means (Lloyd), as SVG2's ``batch_kmeans_Euclid`` with tolerance 0.
 
     Args:
-        x: ``(G, N, D)`` points (any float dtype; computed in fp32).
+        x: ``(G, N, D)`` points (means accumulate in fp32).
         clusters: C.
         iterations: Lloyd iterations (>= 1).
         init: ``(G, C, D)`` fp32 starting centroids, or ``None`` for C random tokens per group.
@@ -66,16 +70,16 @@ def kmeans(
         labels; an empty cluster keeps its previous centroid) and cluster sizes ``(G, C)``.
     """
     groups, tokens, dim = x.shape
-    points = x.float()
+    points = x.float().flatten(0, 1)
     if init is None:
         picks = torch.randint(0, tokens, (groups, clusters), generator=generator, device=x.device)
-        init = points.gather(1, picks[..., None].expand(-1, -1, dim))
+        init = x.gather(1, picks[..., None].expand(-1, -1, dim)).float()
     centroids = init
     offsets = (torch.arange(groups, device=x.device) * clusters)[:, None]
     for _ in range(iterations):
-        labels = _assign(points, centroids)
+        labels = _assign(x, centroids)
         flat = (labels + offsets).flatten()
-        sums = torch.zeros(groups * clusters, dim, device=x.device).index_add_(0, flat, points.flatten(0, 1))
+        sums = torch.zeros(groups * clusters, dim, device=x.device).index_add_(0, flat, points)
         sizes = torch.bincount(flat, minlength=groups * clusters).view(groups, clusters)
         means = sums.view(groups, clusters, dim) / sizes.clamp(min=1)[..., None]
         centroids = torch.where(sizes[..., None] > 0, means, centroids)
@@ -196,7 +200,9 @@ class SparseVideoGen2(BlockSparseMethod):
         self._clusters_used[tokens] = used
         return used
 
-    def _cluster(self, x: torch.Tensor, count: int, cached: torch.Tensor | None):
+    def _cluster(
+        self, x: torch.Tensor, count: int, cached: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k-means of ``x`` (B, H, N, D) per head, warm-started from ``cached`` when its shape fits."""
         flat = x.flatten(0, 1)
         warm = cached is not None and cached.shape == (flat.shape[0], count, flat.shape[-1])

@@ -16,6 +16,7 @@ the scoring softmax (the official non-causal path lets zero padding take softmax
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -94,16 +95,33 @@ class XAttention(BlockSparseMethod):
             raise HarnessError(f"xattn: stride must be a positive integer, got {stride!r}")
         self.stride = stride
         self.keep_first_block = bool(keep_first_block)
+        self._strides_used: dict[int, int] = {}
 
     def sparse_params(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "stride": self.stride, "keep_first_block": self.keep_first_block}
+        return {
+            "threshold": self.threshold,
+            "stride": self.stride,
+            "stride_used": {str(block): stride for block, stride in sorted(self._strides_used.items())},
+            "keep_first_block": self.keep_first_block,
+        }
+
+    def stride_for(self, block: int) -> int:
+        """The stride used with ``block``: an automatic block smaller than the stride (a sequence of
+        fewer than 16 x 8 tokens) takes a stride of its gcd; an explicit block must be divisible."""
+        if self._block_size is None:
+            stride = math.gcd(self.stride, block)
+        elif block % self.stride:
+            raise HarnessError(f"xattn: stride {self.stride} must divide the block size {block}")
+        else:
+            stride = self.stride
+        self._strides_used[block] = stride
+        return stride
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> SparsePlan:
         tokens = q.shape[-2]
         block = self.block_size(tokens)
-        if block % self.stride:
-            raise HarnessError(f"xattn: stride {self.stride} must divide the block size {block} ({tokens} tokens)")
-        masses = antidiagonal_block_scores(q, k, block, self.stride)
+        stride = self.stride_for(block)
+        masses = antidiagonal_block_scores(q, k, block, stride)
         kept = select_by_cumulative_mass(masses, self.threshold)
         if self.keep_first_block:
             kept[..., 0] = True
