@@ -24,7 +24,7 @@ import torch
 from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, TokenGrid, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, num_blocks
-from methods.sparse import BlockSparseMethod, SparsePlan
+from methods.sparse import BlockSparseMethod, SparsePlan, check_count
 
 COLUMN_DENSE = 1 / 3  # a column of a tile counts as dense above this fill
 TILE_KEPT = 0.6  # a tile is kept when more than this share of its non-empty columns are dense
@@ -113,10 +113,8 @@ class RadialAttention(BlockSparseMethod):
         super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
         if isinstance(decay_factor, bool) or not isinstance(decay_factor, (int, float)) or decay_factor <= 0:
             raise HarnessError(f"radial: decay_factor must be a positive number, got {decay_factor!r}")
-        if isinstance(dense_first_layers, bool) or not isinstance(dense_first_layers, int) or dense_first_layers < 0:
-            raise HarnessError(f"radial: dense_first_layers must be an integer >= 0, got {dense_first_layers!r}")
         self.decay_factor = float(decay_factor)
-        self.dense_first_layers = dense_first_layers
+        self.dense_first_layers = check_count("radial: dense_first_layers", dense_first_layers, minimum=0)
         self._patterns: dict[tuple[TokenGrid, int, torch.device], tuple[BlockSparsePattern, float]] = {}
 
     def sparse_params(self) -> dict[str, Any]:

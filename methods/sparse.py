@@ -84,6 +84,26 @@ def check_fraction(name: str, value: float, low_open: bool = False) -> float:
     return float(value)
 
 
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``; a clear error otherwise (bools are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise HarnessError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class SeededGenerators:
+    """One ``torch.Generator`` per device, all seeded alike, so a method's random draws repeat per run."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._by_device: dict[torch.device, torch.Generator] = {}
+
+    def on(self, device: torch.device) -> torch.Generator:
+        if device not in self._by_device:
+            self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._by_device[device]
+
+
 class BlockSparseMethod(AttentionMethod):
     """An attention method whose sparse calls run a :class:`SparsePlan` through block-sparse attention.
 

@@ -25,7 +25,7 @@ import torch
 from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, TokenGrid, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks
-from methods.sparse import BlockSparseMethod, SparsePlan, check_fraction
+from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, check_count, check_fraction
 
 PROFILE_BAND_FRAMES = 1.5  # the profiling masks' band, in frames (official: 1.5 x frame size)
 
@@ -96,11 +96,9 @@ class SparseVideoGen(BlockSparseMethod):
         super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
         self.sparsity = check_fraction("svg: sparsity", sparsity, low_open=True)
         self.dense_layer_fraction = check_fraction("svg: dense_layer_fraction", dense_layer_fraction)
-        for name, value in (("sampled_rows", sampled_rows), ("sample_max_row", sample_max_row)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HarnessError(f"svg: {name} must be a positive integer, got {value!r}")
-        self.sampled_rows, self.sample_max_row, self.seed = sampled_rows, sample_max_row, int(seed)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.sampled_rows = check_count("svg: sampled_rows", sampled_rows)
+        self.sample_max_row = check_count("svg: sample_max_row", sample_max_row)
+        self.generators = SeededGenerators(seed)
         self._patterns: dict[tuple[int, int, int, torch.device], tuple[BlockSparsePattern, float]] = {}
 
     def sparse_params(self) -> dict[str, Any]:
@@ -109,16 +107,11 @@ class SparseVideoGen(BlockSparseMethod):
             "sampled_rows": self.sampled_rows,
             "sample_max_row": self.sample_max_row,
             "dense_layer_fraction": self.dense_layer_fraction,
-            "seed": self.seed,
+            "seed": self.generators.seed,
         }
 
     def paper_dense_layers(self, num_layers: int) -> int:
         return math.floor(self.dense_layer_fraction * num_layers)
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
 
     def temporal_heads(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGrid, block: int
@@ -127,7 +120,7 @@ class SparseVideoGen(BlockSparseMethod):
         tokens = q.shape[-2]
         rows = torch.randint(
             0, min(self.sample_max_row, tokens), (min(self.sampled_rows, tokens),),
-            generator=self._generator(q.device), device=q.device,
+            generator=self.generators.on(q.device), device=q.device,
         )  # fmt: skip
         scores = (q[:, :, rows].float() @ k.float().transpose(-2, -1)) / q.shape[-1] ** 0.5
         values = v.float()

@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 
-from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks, select_by_cumulative_mass
-from methods.sparse import BlockSparseMethod, SparsePlan, check_fraction
+from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, check_count, check_fraction
 
 MIN_TOKENS_PER_CLUSTER = 8
 _ASSIGN_CHUNK_ELEMENTS = 1 << 27  # token x centroid distances held at once
@@ -162,18 +161,14 @@ class SparseVideoGen2(BlockSparseMethod):
         **params: Any,
     ) -> None:
         super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
-        counts = (("q_clusters", q_clusters), ("k_clusters", k_clusters),
-                  ("kmeans_init_iters", kmeans_init_iters), ("kmeans_step_iters", kmeans_step_iters))  # fmt: skip
-        for name, value in counts:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise HarnessError(f"svg2: {name} must be a positive integer, got {value!r}")
-        self.q_clusters, self.k_clusters = q_clusters, k_clusters
-        self.kmeans_init_iters, self.kmeans_step_iters = kmeans_init_iters, kmeans_step_iters
+        self.q_clusters = check_count("svg2: q_clusters", q_clusters)
+        self.k_clusters = check_count("svg2: k_clusters", k_clusters)
+        self.kmeans_init_iters = check_count("svg2: kmeans_init_iters", kmeans_init_iters)
+        self.kmeans_step_iters = check_count("svg2: kmeans_step_iters", kmeans_step_iters)
         self.top_p = check_fraction("svg2: top_p", top_p, low_open=True)
         self.min_kc_ratio = check_fraction("svg2: min_kc_ratio", min_kc_ratio)
         self.dense_layer_fraction = check_fraction("svg2: dense_layer_fraction", dense_layer_fraction)
-        self.seed = int(seed)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.generators = SeededGenerators(seed)
         self._centroids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._clusters_used: dict[int, tuple[int, int]] = {}
 
@@ -187,7 +182,7 @@ class SparseVideoGen2(BlockSparseMethod):
             "kmeans_init_iters": self.kmeans_init_iters,
             "kmeans_step_iters": self.kmeans_step_iters,
             "dense_layer_fraction": self.dense_layer_fraction,
-            "seed": self.seed,
+            "seed": self.generators.seed,
         }
 
     def paper_dense_layers(self, num_layers: int) -> int:
@@ -206,10 +201,8 @@ class SparseVideoGen2(BlockSparseMethod):
         """k-means of ``x`` (B, H, N, D) per head, warm-started from ``cached`` when its shape fits."""
         flat = x.flatten(0, 1)
         warm = cached is not None and cached.shape == (flat.shape[0], count, flat.shape[-1])
-        if x.device not in self._generators:
-            self._generators[x.device] = torch.Generator(device=x.device).manual_seed(self.seed)
         iterations = self.kmeans_step_iters if warm else self.kmeans_init_iters
-        return kmeans(flat, count, iterations, cached if warm else None, self._generators[x.device])
+        return kmeans(flat, count, iterations, cached if warm else None, self.generators.on(x.device))
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> SparsePlan:
         batch, heads, tokens, dim = q.shape

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, num_blocks, select_by_cumulative_mass
-from methods.sparse import BlockSparseMethod, SparsePlan, check_fraction
+from methods.sparse import BlockSparseMethod, SparsePlan, check_count, check_fraction
 
 _SCORE_CHUNK_ELEMENTS = 1 << 27  # reduced scores held at once (512 MiB in fp32)
 
@@ -91,9 +91,7 @@ class XAttention(BlockSparseMethod):
     ) -> None:
         super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
         self.threshold = check_fraction("xattn: threshold", threshold, low_open=True)
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-            raise HarnessError(f"xattn: stride must be a positive integer, got {stride!r}")
-        self.stride = stride
+        self.stride = check_count("xattn: stride", stride)
         self.keep_first_block = bool(keep_first_block)
         self._strides_used: dict[int, int] = {}
 
