@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup test demo lint bench bench-linvideo clean
+.PHONY: setup test demo lint bench bench-linvideo bench-sparse clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: setup
 # LinVideo on the GPU: correctness, latency with the paper's converted layers, one ADM training step.
 bench-linvideo: setup
 	$(PY) -m harness.benchmarks.linvideo_gpu --out reports/gpu/linvideo
+
+# Sparse baselines on the GPU: Flex vs masked dense, attention and forward latency at Wan shapes (~5 min on an H100).
+bench-sparse: setup
+	$(PY) -m harness.benchmarks.sparse_gpu --out reports/gpu/sparse
 
 clean:
 	rm -rf $(VENV) $(RUNS)

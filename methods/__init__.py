@@ -22,6 +22,10 @@ _BUILTIN = {
     "fa2": ("methods.dense:FlashAttention2", ("flash", "flash-attn2")),
     "linear": ("methods.linear:LinearAttention", ("linear-attention",)),
     "linvideo": ("methods.linvideo.attention:LinVideo", ("lin-video",)),
+    "xattn": ("methods.xattn:XAttention", ("xattention",)),
+    "svg": ("methods.svg:SparseVideoGen", ("sparse-videogen", "sparse-video-gen")),
+    "svg2": ("methods.svg2:SparseVideoGen2", ("sparse-videogen2", "sap")),
+    "radial": ("methods.radial:RadialAttention", ("radial-attention",)),
 }
 for _name, (_target, _aliases) in _BUILTIN.items():
     if _name not in METHODS:

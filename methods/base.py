@@ -167,8 +167,12 @@ class AttentionMethod(ABC):
     ) -> tuple[torch.Tensor, float]:
         """Attention output ``(B, H, N, D)`` and the density actually used in ``[0, 1]``."""
 
+    def runs_dense(self, ctx: AttentionContext) -> bool:
+        """Whether this call runs plain dense attention (the schedule; methods may add their own)."""
+        return self.schedule.runs_dense(ctx)
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        if self.schedule.runs_dense(ctx):
+        if self.runs_dense(ctx):
             out, density = dense_attention(q, k, v), 1.0
         else:
             out, density = self.attend(q, k, v, ctx)

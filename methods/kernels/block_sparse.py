@@ -1,0 +1,319 @@
+"""Block-sparse attention shared by the sparse methods: one pattern type, a compiled FlexAttention
+path for the GPU and a masked dense path (the same output) for CPU, tests and the toy model.
+
+A method describes what one attention call computes as a :class:`BlockSparsePattern`: a small
+boolean table of kept tiles (query block x key block) per batch and head -- never an N x N mask --
+and, optionally, which kept tiles are only partly kept, with a token-level ``mask_mod`` deciding
+inside those.
+
+    pattern = BlockSparsePattern(kept, seq_len=N, block_size=128)                      # whole tiles
+    pattern = BlockSparsePattern(kept, N, 128, full=full, mask_mod=band)              # token level
+    out = block_sparse_attention(q, k, v, pattern)        # Flex (compiled) on CUDA, masked SDPA on CPU
+    pattern.density()          # kept fraction of the N x N score matrix (exact), what methods record
+    pattern.tile_density()     # fraction of entries inside computed tiles (what the kernel does)
+    pattern.block_mask()       # FlexAttention BlockMask built from block indices
+    pattern.dense_mask()       # (B, H, N, N) bool -- CPU and tests only
+
+Selection helpers (per query block): :func:`select_by_cumulative_mass` (XAttention's threshold,
+SVG2's top-p) and :func:`select_top_fraction` (a fixed kept fraction). Token permutations (SVG's
+temporal layout, SVG2's clusters): :func:`permute_tokens`, :func:`unpermute_tokens`.
+The method base class that runs a pattern under the step/layer schedule is
+:class:`methods.sparse.BlockSparseMethod`.
+
+``mask_mod`` follows FlexAttention's signature ``(b, h, q_idx, kv_idx) -> bool`` and must be written
+with broadcastable tensor ops (comparisons, arithmetic, indexing small tensors by the index
+arguments), so that the CPU path can evaluate it on whole index grids. Values that change between
+calls (band widths, cluster labels) must be tensors captured by the closure, not Python numbers:
+a changed Python constant is a recompile of the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from harness.errors import HarnessError
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+BACKENDS: tuple[str, ...] = ("auto", "flex", "masked")
+
+# Each new query length or dtype compiles the kernel once; a whole benchmark sees a handful. A limit
+# hit must be an error: Dynamo's fallback runs flex_attention unfused, materialising N x N scores.
+RECOMPILE_LIMIT = 64
+_PARTIAL_CHUNK_ENTRIES = 1 << 24  # tile entries evaluated at once when counting partial tiles
+
+
+def num_blocks(seq_len: int, block: int) -> int:
+    """Number of blocks of ``block`` tokens covering ``seq_len`` tokens (the last may be ragged)."""
+    return -(-seq_len // block)
+
+
+def block_lengths(seq_len: int, block: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Tokens in each block, ``(num_blocks,)`` int64: ``block`` everywhere but a ragged last block."""
+    starts = torch.arange(num_blocks(seq_len, block), device=device) * block
+    return (seq_len - starts).clamp(max=block)
+
+
+def tile_areas(seq_len: int, block_size: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Entries of every (query block, key block) tile, ``(nq, nk)`` float64."""
+    rows = block_lengths(seq_len, block_size[0], device).double()
+    cols = block_lengths(seq_len, block_size[1], device).double()
+    return rows[:, None] * cols[None, :]
+
+
+def _as_pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
+    return (block_size, block_size) if isinstance(block_size, int) else (int(block_size[0]), int(block_size[1]))
+
+
+@dataclass(frozen=True)
+class BlockSparsePattern:
+    """Which entries of the ``N x N`` score matrix one attention call computes, per batch and head.
+
+    Attributes:
+        kept: ``(B, H, nq, nk)`` bool, tiles with at least one kept entry (the kernel computes them).
+        seq_len: N, tokens of queries and keys (self-attention).
+        block_size: ``(query block, key block)`` tokens; an int means both.
+        full: ``(B, H, nq, nk)`` bool, kept tiles whose every entry is kept. ``None``: every kept
+            tile is full (a block-level pattern; ``mask_mod`` must then be ``None``).
+        mask_mod: token predicate ``(b, h, q_idx, kv_idx) -> bool`` applied inside partial tiles
+            (``kept & ~full``); see the module docstring for how to write it.
+    """
+
+    kept: torch.Tensor
+    seq_len: int
+    block_size: int | tuple[int, int] = 128
+    full: torch.Tensor | None = None
+    mask_mod: MaskMod | None = None
+
+    def __post_init__(self) -> None:
+        q_block, kv_block = self.blocks
+        expected = (num_blocks(self.seq_len, q_block), num_blocks(self.seq_len, kv_block))
+        if self.kept.dim() != 4 or tuple(self.kept.shape[-2:]) != expected or self.kept.dtype != torch.bool:
+            raise HarnessError(
+                f"kept must be a (B, H, {expected[0]}, {expected[1]}) bool tile table for {self.seq_len} tokens "
+                f"in blocks of {self.blocks}, got {tuple(self.kept.shape)} {self.kept.dtype}"
+            )
+        if (self.full is None) != (self.mask_mod is None):
+            raise HarnessError("give full and mask_mod together (token-level pattern) or neither (block-level)")
+        if self.full is not None and self.full.shape != self.kept.shape:
+            raise HarnessError(f"full {tuple(self.full.shape)} must match kept {tuple(self.kept.shape)}")
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        return _as_pair(self.block_size)
+
+    @property
+    def full_tiles(self) -> torch.Tensor:
+        """``(B, H, nq, nk)`` bool: kept tiles computed without the mask_mod."""
+        return self.kept if self.full is None else self.full & self.kept
+
+    @property
+    def partial_tiles(self) -> torch.Tensor:
+        """``(B, H, nq, nk)`` bool: kept tiles where the mask_mod decides per entry."""
+        return self.kept & ~self.full_tiles
+
+    # -- densities ------------------------------------------------------------------------------
+
+    def tile_density(self) -> float:
+        """Fraction of the N x N entries inside computed tiles (partial tiles count whole)."""
+        areas = tile_areas(self.seq_len, self.blocks, self.kept.device)
+        return float((self.kept.double() * areas).sum() / (self.kept.shape[0] * self.kept.shape[1] * self.seq_len**2))
+
+    def kept_entries(self) -> torch.Tensor:
+        """Kept score entries per (batch, head), ``(B, H)`` float64 (exact: partial tiles are counted)."""
+        areas = tile_areas(self.seq_len, self.blocks, self.kept.device)
+        entries = (self.full_tiles.double() * areas).sum(dim=(-2, -1))
+        if self.mask_mod is not None:
+            entries = entries + self._partial_entries()
+        return entries
+
+    def density(self) -> float:
+        """Kept fraction of the N x N score matrix, averaged over batch and heads (exact)."""
+        return float(self.kept_entries().mean() / self.seq_len**2)
+
+    def _partial_entries(self) -> torch.Tensor:
+        """Kept entries inside partial tiles per (batch, head), evaluating mask_mod tile by tile."""
+        assert self.mask_mod is not None
+        q_block, kv_block = self.blocks
+        counts = torch.zeros(self.kept.shape[:2], dtype=torch.float64, device=self.kept.device)
+        tiles = self.partial_tiles.nonzero()  # (P, 4): b, h, query block, key block
+        offsets_q = torch.arange(q_block, device=tiles.device)
+        offsets_kv = torch.arange(kv_block, device=tiles.device)
+        chunk = max(1, _PARTIAL_CHUNK_ENTRIES // (q_block * kv_block))
+        for part in tiles.split(chunk):
+            b, h = part[:, 0, None, None], part[:, 1, None, None]
+            q_idx = part[:, 2, None, None] * q_block + offsets_q[None, :, None]
+            kv_idx = part[:, 3, None, None] * kv_block + offsets_kv[None, None, :]
+            valid = (q_idx < self.seq_len) & (kv_idx < self.seq_len)
+            last = self.seq_len - 1
+            kept = self.mask_mod(b, h, q_idx.clamp(max=last), kv_idx.clamp(max=last)) & valid
+            counts.index_put_((part[:, 0], part[:, 1]), kept.sum(dim=(-2, -1)).double(), accumulate=True)
+        return counts
+
+    # -- the two execution forms -----------------------------------------------------------------
+
+    def block_mask(self, backward: bool = False) -> BlockMask:
+        """FlexAttention BlockMask from the tile table (block indices; no N x N tensor is formed).
+
+        Full tiles go to ``full_kv_*`` so the kernel skips ``mask_mod`` there; partial tiles go to
+        ``kv_*``. ``backward=True`` also builds the transposed indices Flex needs for gradients.
+        """
+        full, partial = self.full_tiles, self.partial_tiles
+        full_num, full_idx = _tile_indices(full)
+        partial_num, partial_idx = _tile_indices(partial)
+        return BlockMask.from_kv_blocks(
+            partial_num,
+            partial_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=self.blocks,
+            mask_mod=self.mask_mod,
+            seq_lengths=(self.seq_len, self.seq_len),
+            compute_q_blocks=backward,
+        )
+
+    def dense_mask(self) -> torch.Tensor:
+        """``(B, H, N, N)`` bool token mask. O(N^2) memory: CPU paths and tests only."""
+        q_block, kv_block = self.blocks
+        device = self.kept.device
+        rows = block_lengths(self.seq_len, q_block, device)
+        cols = block_lengths(self.seq_len, kv_block, device)
+
+        def expand(tiles: torch.Tensor) -> torch.Tensor:
+            return tiles.repeat_interleave(rows, dim=-2).repeat_interleave(cols, dim=-1)
+
+        mask = expand(self.full_tiles)
+        if self.mask_mod is not None:
+            batch, heads = self.kept.shape[:2]
+            index = torch.arange(self.seq_len, device=device)
+            token_kept = self.mask_mod(
+                torch.arange(batch, device=device)[:, None, None, None],
+                torch.arange(heads, device=device)[None, :, None, None],
+                index[None, None, :, None],
+                index[None, None, None, :],
+            )
+            mask = mask | (expand(self.partial_tiles) & token_kept)
+        return mask
+
+
+def _tile_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block: the number of set tiles and their key-block indices first (int32, Flex's form)."""
+    count = tiles.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return count, order
+
+
+# -- execution -----------------------------------------------------------------------------------
+
+_compiled_flex: Callable[..., torch.Tensor] | None = None
+
+
+def compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """``flex_attention`` compiled once per process (static shapes: one kernel per sequence length)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def flex_block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
+) -> torch.Tensor:
+    """Compiled FlexAttention over the pattern's tiles. Shapes ``(B, H, N, D)``.
+
+    Always compiled: eager ``flex_attention`` ignores the tile table (it only applies ``mask_mod``,
+    over a materialised N x N score matrix). Hitting the recompile limit raises instead of falling
+    back to that unfused path.
+    """
+    block_mask = pattern.block_mask(backward=q.requires_grad)
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        return compiled_flex_attention()(q, k, v, block_mask=block_mask)
+
+
+def masked_dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
+) -> torch.Tensor:
+    """The same output as the Flex path through SDPA with the pattern's token mask (CPU, tests)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.dense_mask())
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` is ``flex`` on CUDA and ``masked`` elsewhere; unknown names are an error."""
+    if backend not in BACKENDS:
+        raise HarnessError(f"block-sparse backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "masked"
+    return backend
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, backend: str = "auto"
+) -> torch.Tensor:
+    """Attention restricted to ``pattern``: ``(B, H, N, D)`` in, ``(B, H, N, D)`` out.
+
+    ``backend``: ``flex`` (compiled FlexAttention), ``masked`` (SDPA with the dense token mask) or
+    ``auto`` (flex on CUDA, masked elsewhere).
+    """
+    if q.shape[-2] != pattern.seq_len or pattern.kept.shape[:2] not in ((1, 1), q.shape[:2]):
+        raise HarnessError(
+            f"pattern for {pattern.seq_len} tokens and (B, H) = {tuple(pattern.kept.shape[:2])} "
+            f"does not fit q of shape {tuple(q.shape)}"
+        )
+    if resolve_backend(backend, q.device) == "flex":
+        return flex_block_sparse_attention(q, k, v, pattern)
+    return masked_dense_attention(q, k, v, pattern)
+
+
+# -- selection of key blocks per query block ------------------------------------------------------
+
+
+def select_by_cumulative_mass(scores: torch.Tensor, threshold: float, min_keep: int = 1) -> torch.Tensor:
+    """Keep, per row, the fewest largest entries whose sum reaches ``threshold`` x the row's total.
+
+    Args:
+        scores: ``(..., n)`` non-negative masses (e.g. block attention mass per key block).
+        threshold: in ``(0, 1]``; an entry is kept iff the mass ranked strictly before it is below
+            ``threshold`` x total, so the entry that crosses the threshold is kept. ``1`` keeps all.
+        min_keep: at least this many largest entries per row are kept.
+
+    Returns:
+        ``(..., n)`` bool.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise HarnessError(f"cumulative-mass threshold must be in (0, 1], got {threshold}")
+    if threshold == 1.0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    values, order = torch.sort(scores.double(), dim=-1, descending=True)
+    before = values.cumsum(dim=-1) - values
+    rank = torch.arange(scores.shape[-1], device=scores.device)
+    keep_sorted = (before < threshold * values.sum(dim=-1, keepdim=True)) | (rank < min_keep)
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def select_top_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Keep, per row, the ``ceil(fraction x n)`` largest entries (at least one). ``(..., n)`` bool."""
+    if not 0.0 < fraction <= 1.0:
+        raise HarnessError(f"kept fraction must be in (0, 1], got {fraction}")
+    count = max(1, math.ceil(fraction * scores.shape[-1] - 1e-9))
+    top = scores.topk(count, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True)
+
+
+# -- token permutations ---------------------------------------------------------------------------
+
+
+def permute_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x[..., order[...], :]`` per batch and head: ``x`` ``(B, H, N, D)``, ``order`` ``(B|1, H|1, N)``."""
+    index = order.expand(*x.shape[:2], -1).unsqueeze(-1).expand_as(x)
+    return x.gather(-2, index)
+
+
+def unpermute_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`permute_tokens` with the same ``order``: scatters rows back to their places."""
+    index = order.expand(*x.shape[:2], -1).unsqueeze(-1).expand_as(x)
+    return torch.empty_like(x).scatter(-2, index, x)

@@ -1,0 +1,151 @@
+"""The shared block-sparse helpers: tile tables, densities, Flex vs masked dense, selection, permutations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from methods.kernels.block_sparse import (
+    BlockSparsePattern,
+    block_lengths,
+    block_sparse_attention,
+    flex_block_sparse_attention,
+    masked_dense_attention,
+    num_blocks,
+    permute_tokens,
+    select_by_cumulative_mass,
+    select_top_fraction,
+    unpermute_tokens,
+)
+
+N, BLOCK = 300, 64  # deliberately not a multiple of the block: the last tile is ragged
+
+
+def random_tiles(batch: int = 1, heads: int = 2, keep: float = 0.4) -> torch.Tensor:
+    nb = num_blocks(N, BLOCK)
+    kept = torch.rand(batch, heads, nb, nb) < keep
+    kept[..., 0] = True  # every query row keeps something
+    return kept
+
+
+def band_pattern(width: torch.Tensor, heads: int = 2) -> BlockSparsePattern:
+    """Token band |q - kv| <= width over every tile, all tiles partial."""
+
+    def band(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return (q_idx - kv_idx).abs() <= width
+
+    kept = torch.ones(1, heads, num_blocks(N, BLOCK), num_blocks(N, BLOCK), dtype=torch.bool)
+    return BlockSparsePattern(kept, N, BLOCK, full=torch.zeros_like(kept), mask_mod=band)
+
+
+def masked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax over kept entries only, in float64, written out."""
+    scores = (q.double() @ k.double().transpose(-2, -1)) / q.shape[-1] ** 0.5
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return weights @ v.double()
+
+
+def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def test_block_lengths_cover_the_sequence_with_a_ragged_last_block() -> None:
+    """300 tokens in blocks of 64: four full blocks and a last block of 44."""
+    assert block_lengths(N, BLOCK).tolist() == [64, 64, 64, 64, 44]
+
+
+def test_dense_mask_expands_tiles_and_applies_mask_mod_in_partial_tiles() -> None:
+    """Whole kept tiles are kept entry by entry; in partial tiles only mask_mod's entries are."""
+    kept = random_tiles()
+    mask = BlockSparsePattern(kept, N, BLOCK).dense_mask()
+    assert mask.shape == (1, 2, N, N)
+    assert bool(mask[0, 1, 64 * 2 + 5, 64 * 4 + 43]) == bool(kept[0, 1, 2, 4])
+    band = band_pattern(torch.tensor(10)).dense_mask()
+    index = torch.arange(N)
+    assert torch.equal(band[0, 0], (index[:, None] - index[None, :]).abs() <= 10)
+
+
+@pytest.mark.parametrize("kind", ["tiles", "band"])
+def test_density_is_the_mean_of_the_mask_used(kind: str) -> None:
+    """density() counts kept entries exactly (ragged tiles and partial tiles included)."""
+    pattern = BlockSparsePattern(random_tiles(), N, BLOCK) if kind == "tiles" else band_pattern(torch.tensor(37))
+    assert pattern.density() == pytest.approx(pattern.dense_mask().double().mean().item(), abs=1e-12)
+    assert pattern.tile_density() >= pattern.density()
+
+
+def test_masked_dense_matches_a_float64_masked_softmax() -> None:
+    """The CPU path is softmax over the kept entries (relative error <= 1e-5 in fp32)."""
+    q, k, v = (torch.randn(2, 2, N, 16) for _ in range(3))
+    pattern = BlockSparsePattern(random_tiles(batch=2), N, BLOCK)
+    out = block_sparse_attention(q, k, v, pattern, backend="masked")
+    assert relative(out, masked_reference(q, k, v, pattern.dense_mask())) <= 1e-5
+
+
+def test_block_mask_holds_exactly_the_kept_tiles() -> None:
+    """The Flex BlockMask built from block indices covers the kept tiles: full ones and partial ones."""
+    kept = random_tiles()
+    full = kept & (torch.rand_like(kept, dtype=torch.float) < 0.5)
+    pattern = BlockSparsePattern(kept, N, BLOCK, full=full, mask_mod=band_pattern(torch.tensor(5)).mask_mod)
+    block_mask = pattern.block_mask()
+    assert torch.equal(block_mask.to_dense().bool(), kept)
+    nf = block_mask.full_kv_num_blocks
+    assert nf is not None and torch.equal(nf, full.sum(-1, dtype=torch.int32))
+
+
+def test_compiled_flex_matches_masked_dense_without_recompiling() -> None:
+    """Compiled Flex (CPU inductor) equals the masked path for tile and token patterns; a second
+    density and a second band width reuse the compiled kernels (no new graph)."""
+    from torch._dynamo.utils import counters
+
+    q, k, v = (torch.randn(1, 2, N, 16) for _ in range(3))
+    for pattern in (BlockSparsePattern(random_tiles(), N, BLOCK), band_pattern(torch.tensor(40))):
+        out = flex_block_sparse_attention(q, k, v, pattern)
+        assert relative(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
+    graphs = counters["stats"]["unique_graphs"]
+    for pattern in (BlockSparsePattern(random_tiles(keep=0.8), N, BLOCK), band_pattern(torch.tensor(90))):
+        out = flex_block_sparse_attention(q, k, v, pattern)
+        assert relative(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_cumulative_mass_keeps_the_smallest_prefix_reaching_the_threshold() -> None:
+    """Masses 0.5, 0.3, 0.15, 0.05: tau 0.75 keeps the first two, 0.85 three, 1.0 all; min_keep applies."""
+    scores = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    assert select_by_cumulative_mass(scores, 0.75).tolist() == [[False, True, False, True]]
+    assert select_by_cumulative_mass(scores, 0.85).tolist() == [[True, True, False, True]]
+    assert select_by_cumulative_mass(scores, 1.0).all()
+    assert select_by_cumulative_mass(scores, 0.1, min_keep=3).sum() == 3
+    with pytest.raises(HarnessError, match=r"\(0, 1\]"):
+        select_by_cumulative_mass(scores, 1.5)
+
+
+def test_top_fraction_keeps_the_largest_entries() -> None:
+    """A quarter of 8 entries keeps the 2 largest; a tiny fraction still keeps one."""
+    scores = torch.tensor([[1.0, 8.0, 3.0, 7.0, 2.0, 0.0, 5.0, 4.0]])
+    assert select_top_fraction(scores, 0.25).nonzero()[:, 1].tolist() == [1, 3]
+    assert select_top_fraction(scores, 0.01).sum() == 1
+
+
+def test_permutation_round_trip_and_equivariance() -> None:
+    """unpermute(permute(x)) == x; attention on permuted tokens, permuted back, equals attention."""
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    order = torch.stack([torch.randperm(40), torch.randperm(40)])[None]
+    assert torch.equal(unpermute_tokens(permute_tokens(q, order), order), q)
+    kept = torch.ones(1, 2, 1, 1, dtype=torch.bool)
+    pattern = BlockSparsePattern(kept, 40, 64)
+    permuted = [permute_tokens(t, order) for t in (q, k, v)]
+    out = unpermute_tokens(block_sparse_attention(*permuted, pattern, backend="masked"), order)
+    assert relative(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) <= 1e-6
+
+
+def test_bad_patterns_are_refused() -> None:
+    """A table of the wrong shape, or full without a mask_mod, or an unknown backend: clear errors."""
+    with pytest.raises(HarnessError, match="tile table"):
+        BlockSparsePattern(torch.ones(1, 1, 3, 3, dtype=torch.bool), N, BLOCK)
+    kept = random_tiles()
+    with pytest.raises(HarnessError, match="together"):
+        BlockSparsePattern(kept, N, BLOCK, full=kept)
+    q = torch.randn(1, 2, N, 8)
+    with pytest.raises(HarnessError, match="backend"):
+        block_sparse_attention(q, q, q, BlockSparsePattern(kept, N, BLOCK), backend="triton")
