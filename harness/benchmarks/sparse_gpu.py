@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{row['model']:>8} {row['method']:>7} {row['forward_ms']:>11.1f} {row['speedup']:>7.2f}x "
               f"{row['attention_call_ms']:>9.2f} {row['kernel_ms']:>10.2f} {row['density']:>7.3f}{mark}")  # fmt: skip
     print(
-        f"* density depends on the data (random inputs here). Speedup vs {dense[0]}. "
+        f"* density depends on the data (random inputs here). Speedup vs {summary[0]['baseline'] if summary else '-'}. "
         f"Total {time.time() - started:.0f} s."
     )
 
