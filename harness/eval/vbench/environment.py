@@ -274,4 +274,8 @@ def preflight(name: str, cache: Cache, dimensions: tuple[str, ...]) -> list[Dime
             f"{len(missing)} {spec.title} weight file(s) missing (nothing is downloaded; put each where named): "
             f"{lines}"
         )
+    absent = missing_packages(name, cache, dimensions)
+    if absent:
+        lines = "; ".join(f"{dim} imports {', '.join(modules)}" for dim, modules in absent.items())
+        raise HarnessError(f"modules missing from the {spec.title} venv {cache.venv(name)}: {lines}")
     return chosen
