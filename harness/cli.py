@@ -34,9 +34,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Folder of run records and artifacts.")]
 PromptDirOpt = Annotated[
     Path | None,
-    typer.Option(help="Folder of the VBench prompt lists (default: $BENCH_VBENCH_PROMPTS; a checkout's "
-                 "../shared/data/vbench has them)."),
-]  # fmt: skip
+    typer.Option(
+        help="Folder of the VBench prompt lists (default: $BENCH_VBENCH_PROMPTS; a checkout's "
+        "../shared/data/vbench has them)."
+    ),
+]
 DimensionsOpt = Annotated[
     str | None,
     typer.Option(help="Comma-separated VBench / VBench-2.0 dimensions (default: those of the run's prompt set)."),
@@ -44,7 +46,8 @@ DimensionsOpt = Annotated[
 CacheOpt = Annotated[
     Path | None,
     typer.Option(
-        "--cache", help="Evaluator cache: venvs and weights (default: $BENCH_VBENCH_CACHE or ~/.cache/attention-bench/vbench)."
+        "--cache",
+        help="Evaluator cache: venvs and weights (default: $BENCH_VBENCH_CACHE or ~/.cache/attention-bench/vbench).",
     ),
 ]
 
@@ -233,9 +236,11 @@ def run_cmd(
     ] = None,
     protocol: Annotated[
         str | None,
-        typer.Option(help="Evaluation protocol (linvideo-vbench, linvideo-vbench2): fixes the prompts, videos per "
-                     "prompt, sampling and suite."),
-    ] = None,  # fmt: skip
+        typer.Option(
+            help="Evaluation protocol (linvideo-vbench, linvideo-vbench2): fixes the prompts, videos per "
+            "prompt, sampling and suite."
+        ),
+    ] = None,
     prompt_set: Annotated[
         str | None, typer.Option(help="Named prompts: vbench:paper8, vbench:<dimension> or vbench2:<dimension>.")
     ] = None,
@@ -270,8 +275,11 @@ def run_cmd(
 
     adapter_cls = MODELS.get(model)
     chosen_protocol = PROTOCOLS.get(protocol) if protocol else None
-    d = _protocol_defaults(adapter_cls.defaults, chosen_protocol,
-                           dict(steps=steps, cfg=cfg, height=height, width=width, frames=frames, fps=fps))  # fmt: skip
+    d = _protocol_defaults(
+        adapter_cls.defaults,
+        chosen_protocol,
+        dict(steps=steps, cfg=cfg, height=height, width=width, frames=frames, fps=fps),
+    )
     sampling = Sampling(
         steps=d.steps if steps is None else steps,
         cfg=d.cfg if cfg is None else cfg,
@@ -297,18 +305,25 @@ def run_cmd(
         dense_warmup_steps=dense_warmup_steps,
         dense_layers=_parse_ints(dense_layers, "--dense-layers"),
         checkpoint=str(checkpoint) if checkpoint else None,
-        eval_suites=_eval_suites(eval_suites, (chosen_protocol.suite,) if chosen_protocol else adapter_cls.default_eval),
+        eval_suites=_eval_suites(
+            eval_suites, (chosen_protocol.suite,) if chosen_protocol else adapter_cls.default_eval
+        ),
         eval_params=_eval_params(dimensions, eval_suites),
     )
     specs = named_prompt_specs(spec, chosen_protocol, prompt_set, augmented, prompt_dir, seeds_given=seeds != "0")
-    options = EvalOptions(dimensions=_parse_names(dimensions), cache=evaluator_cache,
-                          device=eval_device or spec.device)  # fmt: skip
+    options = EvalOptions(dimensions=_parse_names(dimensions), cache=evaluator_cache, device=eval_device or spec.device)
     if dry_run:
         _print_plan(specs, options, step_time_from, as_json)
         return
     for spec in specs:
-        outcome = run(spec, runs_dir, force=force, allow_download=download, show_progress=progress and not as_json,
-                      eval_options=options)  # fmt: skip
+        outcome = run(
+            spec,
+            runs_dir,
+            force=force,
+            allow_download=download,
+            show_progress=progress and not as_json,
+            eval_options=options,
+        )
         if as_json:
             _print_json({"skipped": outcome.skipped, "path": str(outcome.path), "record": outcome.record})
             continue
@@ -367,11 +382,17 @@ def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_
     if as_json:
         _print_json(result)
         return
-    rows = [[r["prompt_set"], r["prompts"], r["videos_per_prompt"], r["videos"], r["gpu_hours"]] for r in result["runs"]]
-    title = f"plan: {result['model']} / {result['method']}" + (f", protocol {result['protocol']}" if result["protocol"] else "")
+    rows = [
+        [r["prompt_set"], r["prompts"], r["videos_per_prompt"], r["videos"], r["gpu_hours"]] for r in result["runs"]
+    ]
+    title = f"plan: {result['model']} / {result['method']}" + (
+        f", protocol {result['protocol']}" if result["protocol"] else ""
+    )
     console.print(_table(title, ["prompt set", "prompts", "videos/prompt", "videos", "GPU hours"], rows))
-    console.print(f"sampling: {result['sampling']} ({tokens} tokens); eval: {', '.join(first.eval_suites) or 'none'}",
-                  soft_wrap=True)  # fmt: skip
+    console.print(
+        f"sampling: {result['sampling']} ({tokens} tokens); eval: {', '.join(first.eval_suites) or 'none'}",
+        soft_wrap=True,
+    )
     st = result["step_time"]
     if st:
         console.print(
@@ -381,8 +402,10 @@ def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_
             soft_wrap=True,
         )
     else:
-        console.print(f"{result['total_videos']} videos; no measured forward time for {first.model} at {tokens} "
-                      "tokens: run `bench latency --out` on the GPU, or pass --step-time-from")  # fmt: skip
+        console.print(
+            f"{result['total_videos']} videos; no measured forward time for {first.model} at {tokens} "
+            "tokens: run `bench latency --out` on the GPU, or pass --step-time-from"
+        )
     for problem in problems:
         console.print(f"[yellow]a real run would stop here:[/] {problem}", soft_wrap=True)
 
@@ -797,8 +820,9 @@ def eval_cmd(
     if not suites:
         raise HarnessError("--suite names no suite")
     path = find_record(run, runs_dir)
-    options = EvalOptions(dimensions=_parse_names(dimensions), cache=evaluator_cache, device=device,
-                          reference=reference)  # fmt: skip
+    options = EvalOptions(
+        dimensions=_parse_names(dimensions), cache=evaluator_cache, device=device, reference=reference
+    )
     record = evaluate_record(path, suites, options)
     scores = {name: record.get("metrics", {}).get(name, {}) for name in suites}
     if as_json:
@@ -817,7 +841,9 @@ def _evaluator_app(name: str, title: str, needs: str) -> typer.Typer:
     @user_errors
     def setup_cmd(
         evaluator_cache: CacheOpt = None,
-        python: Annotated[str | None, typer.Option(help="Interpreter for the venv (default: the pinned CPython).")] = None,
+        python: Annotated[
+            str | None, typer.Option(help="Interpreter for the venv (default: the pinned CPython).")
+        ] = None,
     ) -> None:
         """Create the venv under the cache and install the pinned evaluator there (minutes; ~6 GB)."""
         from harness.eval.vbench.environment import Cache, setup
@@ -840,9 +866,21 @@ def _evaluator_app(name: str, title: str, needs: str) -> typer.Typer:
         rows = weight_status(name, cache)
         modules = missing_packages(name, cache, tuple(DIMENSIONS[name].names()))
         if as_json:
-            _print_json({"environment": status, "missing_modules": modules, "weights": [
-                {"dimension": r.dimension, "path": str(r.location), "present": r.present, "source": r.file.source}
-                for r in rows]})  # fmt: skip
+            _print_json(
+                {
+                    "environment": status,
+                    "missing_modules": modules,
+                    "weights": [
+                        {
+                            "dimension": r.dimension,
+                            "path": str(r.location),
+                            "present": r.present,
+                            "source": r.file.source,
+                        }
+                        for r in rows
+                    ],
+                }
+            )
             return
         env_line = "ready" if status["ready"] else f"{status['reason']} (run `bench {name} setup`)"
         console.print(f"[bold]{title}[/] environment at {cache.venv(name)}: {env_line}", soft_wrap=True)
@@ -850,21 +888,40 @@ def _evaluator_app(name: str, title: str, needs: str) -> typer.Typer:
         for dim in DIMENSIONS[name].names():
             files = [r for r in rows if r.dimension == dim]
             ready = all(r.present for r in files) and dim not in modules
-            table_rows += [[dim, "ready" if ready else "MISSING", "(no weights)", "", ""]] if not files else [
-                [dim if i == 0 else "", ("ready" if ready else "MISSING") if i == 0 else "",
-                 str(r.location), "present" if r.present else "missing", r.file.source] for i, r in enumerate(files)]  # fmt: skip
+            table_rows += (
+                [[dim, "ready" if ready else "MISSING", "(no weights)", "", ""]]
+                if not files
+                else [
+                    [
+                        dim if i == 0 else "",
+                        ("ready" if ready else "MISSING") if i == 0 else "",
+                        str(r.location),
+                        "present" if r.present else "missing",
+                        r.file.source,
+                    ]
+                    for i, r in enumerate(files)
+                ]
+            )
             if dim in modules:
-                table_rows.append(["", "", f"modules: {', '.join(modules[dim])}", "missing", "see `bench "
-                                   f"{name} setup`"])  # fmt: skip
+                table_rows.append(
+                    ["", "", f"modules: {', '.join(modules[dim])}", "missing", f"see `bench {name} setup`"]
+                )
         console.print(_table(f"{title} dimensions", ["dimension", "status", "file", "state", "source"], table_rows))
 
     return sub
 
 
-app.add_typer(_evaluator_app("vbench", "VBench", "16 dimensions; weights from the cache, never downloaded."),
-              name="vbench")  # fmt: skip
-app.add_typer(_evaluator_app("vbench2", "VBench-2.0", "18 dimensions; needs CUDA, ~30 GB of checkpoints and steps "
-                             "pip cannot do (setup lists them)."), name="vbench2")  # fmt: skip
+app.add_typer(
+    _evaluator_app("vbench", "VBench", "16 dimensions; weights from the cache, never downloaded."), name="vbench"
+)
+app.add_typer(
+    _evaluator_app(
+        "vbench2",
+        "VBench-2.0",
+        "18 dimensions; needs CUDA, ~30 GB of checkpoints and steps pip cannot do (setup lists them).",
+    ),
+    name="vbench2",
+)
 
 
 # -- report ------------------------------------------------------------------------------------

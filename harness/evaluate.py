@@ -23,8 +23,9 @@ from harness.records import read_record, record_path, write_record
 def score_clips(suite: Suite, videos: list[dict[str, Any]], frames: dict[str, torch.Tensor], fps: int) -> RunScores:
     """A clip suite over the run's kept frames, each clip scored against its unaugmented prompt."""
     assert suite.score is not None
-    per_video = suite.score([frames[v["frames_key"]] for v in videos], [v.get("label", v["prompt"]) for v in videos],
-                            fps)  # fmt: skip
+    per_video = suite.score(
+        [frames[v["frames_key"]] for v in videos], [v.get("label", v["prompt"]) for v in videos], fps
+    )
     return RunScores(mean_scores(per_video), per_video)
 
 

@@ -34,7 +34,9 @@ class StepTime:
 
 def measured_forward(model: str, method: str, tokens: int, source: Path | None) -> StepTime | None:
     """The forward time of ``method`` (else the dense baseline) for ``model`` at ``tokens`` tokens."""
-    paths = [source] if source is not None else sorted(DEFAULT_SEARCH.rglob("*.json")) if DEFAULT_SEARCH.is_dir() else []
+    paths = (
+        [source] if source is not None else sorted(DEFAULT_SEARCH.rglob("*.json")) if DEFAULT_SEARCH.is_dir() else []
+    )
     if source is not None and not source.is_file():
         raise HarnessError(f"--step-time-from {source} does not exist")
     candidates: list[StepTime] = []
@@ -61,7 +63,9 @@ def _forwards_in(data: Any, model: str, tokens: int, source: str) -> list[StepTi
         return []
     device = data.get("environment", {}).get("device_name", "?")
     if data.get("kind") == "latency" and data.get("tokens") == tokens:
-        return [StepTime(entry["forward"]["median_ms"], name, device, source) for name, entry in data["methods"].items()]
+        return [
+            StepTime(entry["forward"]["median_ms"], name, device, source) for name, entry in data["methods"].items()
+        ]
     if data.get("kind") == "run" and _run_tokens(data) == tokens:
         stage = data["latency"]["stages"].get("denoise_step")
         passes = 2 if data["spec"]["sampling"]["cfg"] > 1 else 1

@@ -43,13 +43,28 @@ WAN_480P = {"steps": 50, "cfg": 5.0, "height": 480, "width": 832, "frames": 81, 
 PROTOCOLS: Registry[Protocol] = Registry("protocol")
 PROTOCOLS.add(
     "linvideo-vbench",
-    Protocol("linvideo-vbench", "LinVideo Table 1: 8 VBench dimensions, 5 videos per unaugmented prompt",
-             ("vbench:paper8",), None, 5, "vbench", WAN_480P),  # fmt: skip
+    Protocol(
+        "linvideo-vbench",
+        "LinVideo Table 1: 8 VBench dimensions, 5 videos per unaugmented prompt",
+        ("vbench:paper8",),
+        None,
+        5,
+        "vbench",
+        WAN_480P,
+    ),
 )
 PROTOCOLS.add(
     "linvideo-vbench2",
-    Protocol("linvideo-vbench2", "LinVideo VBench-2.0: Wan-augmented prompts, 3 videos each (20 for Diversity)",
-             ("vbench2:*",), "wan", 3, "vbench2", WAN_480P, {"Diversity": 20}),  # fmt: skip
+    Protocol(
+        "linvideo-vbench2",
+        "LinVideo VBench-2.0: Wan-augmented prompts, 3 videos each (20 for Diversity)",
+        ("vbench2:*",),
+        "wan",
+        3,
+        "vbench2",
+        WAN_480P,
+        {"Diversity": 20},
+    ),
 )
 
 
@@ -77,8 +92,9 @@ def named_prompt_specs(
     """``base`` as the protocol's runs, or with a named prompt set, or unchanged when neither is asked for."""
     if protocol is not None:
         if prompt_set or seeds_given or augmented:
-            raise HarnessError(f"--protocol {protocol.name} fixes the prompts and seeds: drop --prompt-set, "
-                               "--seeds and --augmented")  # fmt: skip
+            raise HarnessError(
+                f"--protocol {protocol.name} fixes the prompts and seeds: drop --prompt-set, --seeds and --augmented"
+            )
         runs = protocol_runs(protocol, prompt_dir(prompt_folder))
         return [_with_prompts(replace(base, protocol=protocol.name, seeds=r.seeds), r.prompt_set) for r in runs]
     if prompt_set:

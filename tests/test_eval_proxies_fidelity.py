@@ -114,33 +114,32 @@ def _ready_environment(cache: Path) -> None:
     (venv / MARKER).write_text(json.dumps({"requirements_sha256": requirements_hash(BACKENDS["vbench"])}))
 
 
+def _toy_run_scored_by_vbench(bench, tmp_path: Path, dimensions: str, cache: Path):  # type: ignore[no-untyped-def]
+    """`bench run` on toy asking for VBench ``dimensions``; expected to stop with a user error."""
+    args = ["run", "--model", "toy", "--device", "cpu", "--prompt", TOY_PROMPTS[0], "--eval", "vbench"]
+    args += ["--dimensions", dimensions, "--cache", cache, "--runs-dir", tmp_path / "runs"]
+    return normalise(bench(*args, expect=2).output)
+
+
 def test_missing_weights_fail_before_any_video(bench, tmp_path: Path) -> None:
     """Each missing file is named with where it goes; no record or video is written."""
-    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    cache = tmp_path / "cache"
     _ready_environment(cache)
-    result = bench("run", "--model", "toy", "--device", "cpu", "--prompt", TOY_PROMPTS[0], "--eval", "vbench",
-                   "--dimensions", "dynamic_degree,motion_smoothness", "--cache", cache, "--runs-dir", runs,
-                   expect=2)  # fmt: skip
-    message = normalise(result.output)
+    message = _toy_run_scored_by_vbench(bench, tmp_path, "dynamic_degree,motion_smoothness", cache)
     assert "2 VBench weight file(s) missing" in message
     for where in ("weights/vbench/raft_model/models/raft-things.pth", "weights/vbench/amt_model/amt-s.pth"):
         assert str(cache / where) in message
-    assert not records_in(runs) and not list(runs.rglob("*.mp4"))
+    assert not records_in(tmp_path / "runs") and not list((tmp_path / "runs").rglob("*.mp4"))
 
 
 def test_unset_environment_fails_before_any_video(bench, tmp_path: Path) -> None:
-    runs = tmp_path / "runs"
-    result = bench("run", "--model", "toy", "--device", "cpu", "--prompt", TOY_PROMPTS[0], "--eval", "vbench",
-                   "--dimensions", "temporal_flickering", "--cache", tmp_path / "none", "--runs-dir", runs,
-                   expect=2)  # fmt: skip
-    assert "bench vbench setup --cache" in normalise(result.output)
-    assert not list(runs.rglob("*.mp4"))
+    message = _toy_run_scored_by_vbench(bench, tmp_path, "temporal_flickering", tmp_path / "none")
+    assert "bench vbench setup --cache" in message
+    assert not list((tmp_path / "runs").rglob("*.mp4"))
 
 
 def test_dimension_needing_vbench_prompts_is_refused_for_custom_prompts(bench, tmp_path: Path) -> None:
-    result = bench("run", "--model", "toy", "--device", "cpu", "--prompt", TOY_PROMPTS[0], "--eval", "vbench",
-                   "--dimensions", "scene", "--cache", tmp_path, "--runs-dir", tmp_path / "runs", expect=2)  # fmt: skip
-    assert "scene needs VBench's own prompts" in normalise(result.output)
+    assert "scene needs VBench's own prompts" in _toy_run_scored_by_vbench(bench, tmp_path, "scene", tmp_path)
 
 
 def test_vbench_check_lists_every_dimension_and_where_its_files_go(bench, tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ mistake one for the VBench dimension it stands in for.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -47,7 +49,7 @@ def dynamic_degree(frames: np.ndarray, fps: int) -> tuple[bool, float]:
     """(is the clip dynamic by VBench's rule, mean top-5 % flow magnitude per sampled pair in pixels)."""
     step = max(1, round(fps / TARGET_FPS))
     sampled = frames[::step]
-    scores = [_top_magnitude(_flow(a, b)) for a, b in zip(sampled[:-1], sampled[1:], strict=True)]
+    scores = [_top_magnitude(_flow(a, b)) for a, b in itertools.pairwise(sampled)]
     threshold = 6.0 * min(frames.shape[1:3]) / 256.0
     needed = round(4 * len(sampled) / 16.0)  # VBench counts sampled frames, not pairs
     moving = sum(score > threshold for score in scores)
@@ -73,10 +75,20 @@ def midpoint(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     height, width = before.shape[:2]
     grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
     # Backward warping: the middle pixel p came from before at p - F/2 and from after at p - B/2.
-    from_before = cv2.remap(before, grid_x - forward[..., 0] / 2, grid_y - forward[..., 1] / 2,
-                            cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
-    from_after = cv2.remap(after, grid_x - backward[..., 0] / 2, grid_y - backward[..., 1] / 2,
-                           cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
+    from_before = cv2.remap(
+        before,
+        grid_x - forward[..., 0] / 2,
+        grid_y - forward[..., 1] / 2,
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    from_after = cv2.remap(
+        after,
+        grid_x - backward[..., 0] / 2,
+        grid_y - backward[..., 1] / 2,
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
     return ((from_before.astype(np.float32) + from_after.astype(np.float32)) / 2).round().astype(np.uint8)
 
 
@@ -86,8 +98,9 @@ def _flow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     gray_a, gray_b = (cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in (a, b))
     window = max(5, min(15, min(a.shape[:2]) // 4 | 1))  # small frames need a small window
-    return cv2.calcOpticalFlowFarneback(gray_a, gray_b, None, pyr_scale=0.5, levels=3, winsize=window,
-                                        iterations=3, poly_n=5, poly_sigma=1.1, flags=0)  # fmt: skip
+    return cv2.calcOpticalFlowFarneback(
+        gray_a, gray_b, None, pyr_scale=0.5, levels=3, winsize=window, iterations=3, poly_n=5, poly_sigma=1.1, flags=0
+    )
 
 
 def _top_magnitude(flow: np.ndarray) -> float:

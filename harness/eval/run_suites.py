@@ -35,9 +35,9 @@ def reference_record(record: dict[str, Any], runs_dir: Path, chosen: Path | None
     peers = [r for r in load_records(runs_dir).records if r.get("kind") == "run" and r["cohort"] == record["cohort"]]
     for method in REFERENCE_PREFERENCE:
         for peer in peers:
-            if peer["spec"]["method"] == method and peer["environment"].get("device_name") == record[
-                "environment"
-            ].get("device_name"):
+            if peer["spec"]["method"] == method and peer["environment"].get("device_name") == record["environment"].get(
+                "device_name"
+            ):
                 return peer, Path(peer["_path"]).parent
     raise HarnessError(
         f"no dense run of this run's cohort in {runs_dir} to compare against: run the same spec with "
@@ -57,8 +57,12 @@ def _fidelity(record: dict[str, Any], runs_dir: Path, options: EvalOptions) -> R
         if key is None:
             raise HarnessError(f"the reference run has no video for seed {video['seed']} of {video['prompt'][:60]!r}")
         per_video.append(compare_clips(ours[video["frames_key"]], theirs[key]))
-    details = {"reference_run": reference["run_id"], "reference_method": reference["spec"]["method"],
-               "psnr": "whole-video MSE, dB", "ssim": "mean over frames, Gaussian 11 / 1.5"}  # fmt: skip
+    details = {
+        "reference_run": reference["run_id"],
+        "reference_method": reference["spec"]["method"],
+        "psnr": "whole-video MSE, dB",
+        "ssim": "mean over frames, Gaussian 11 / 1.5",
+    }
     return RunScores(mean_scores(per_video), per_video, details)
 
 
@@ -95,8 +99,9 @@ def _benchmark_request(benchmark: str, spec: dict[str, Any], options: EvalOption
     from harness.eval.vbench.environment import Cache
     from harness.eval.vbench.runner import BenchmarkRequest
 
-    return BenchmarkRequest(benchmark, dimensions_for(benchmark, spec, options), Cache.resolve(options.cache),
-                            options.device)  # fmt: skip
+    return BenchmarkRequest(
+        benchmark, dimensions_for(benchmark, spec, options), Cache.resolve(options.cache), options.device
+    )
 
 
 def _preflight(benchmark: str):  # type: ignore[no-untyped-def]
@@ -129,27 +134,24 @@ def _score_benchmark(benchmark: str):  # type: ignore[no-untyped-def]
             labels=[v.get("label", v["prompt"]) for v in videos],
         )
         per_video = [result.per_video.get(name, {}) for name in names]
-        return RunScores(result.percent, per_video, {"dimensions": list(request.dimensions), "raw": result.raw,
-                                                     **result.details})  # fmt: skip
+        return RunScores(
+            result.percent, per_video, {"dimensions": list(request.dimensions), "raw": result.raw, **result.details}
+        )
 
     return score
 
 
-VBENCH = Suite(
-    "vbench",
-    (),
-    None,
-    "VBench 0.1.5 in its own venv (aggregate x 100, as papers report)",
-    score_run=_score_benchmark("vbench"),
-    preflight=_preflight("vbench"),
-    all_ranks=True,
-)
-VBENCH2 = Suite(
-    "vbench2",
-    (),
-    None,
-    "VBench-2.0 in its own venv (aggregate x 100)",
-    score_run=_score_benchmark("vbench2"),
-    preflight=_preflight("vbench2"),
-    all_ranks=True,
-)
+def _benchmark_suite(benchmark: str, description: str) -> Suite:
+    return Suite(
+        benchmark,
+        (),
+        None,
+        description,
+        score_run=_score_benchmark(benchmark),
+        preflight=_preflight(benchmark),
+        all_ranks=True,
+    )
+
+
+VBENCH = _benchmark_suite("vbench", "VBench 0.1.5 in its own venv (aggregate x 100, as papers report)")
+VBENCH2 = _benchmark_suite("vbench2", "VBench-2.0 in its own venv (aggregate x 100)")

@@ -58,7 +58,9 @@ _RAFT = _vb("raft_model/models/raft-things.pth", "RAFT authors' models.zip (unzi
 _DINO = (
     _vb("dino_model/facebookresearch_dino_main", "git clone of github.com/facebookresearch/dino", folder=True),
     _vb("dino_model/dino_vitbase16_pretrain.pth", "dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain"),
-    WeightFile("torch", "hub/checkpoints/dino_vitbase16_pretrain.pth", "the same DINO file (DINO's hubconf loads it here)"),
+    WeightFile(
+        "torch", "hub/checkpoints/dino_vitbase16_pretrain.pth", "the same DINO file (DINO's hubconf loads it here)"
+    ),
 )
 
 VBENCH_DIMENSIONS: tuple[Dimension, ...] = (
@@ -101,7 +103,9 @@ VBENCH_DIMENSIONS: tuple[Dimension, ...] = (
     ),
 )
 
-_LLAVA = _vb2("lmms-lab/LLaVA-Video-7B-Qwen2", "HF lmms-lab/LLaVA-Video-7B-Qwen2 (plus its SigLIP tower in HF_HOME)", True)
+_LLAVA = _vb2(
+    "lmms-lab/LLaVA-Video-7B-Qwen2", "HF lmms-lab/LLaVA-Video-7B-Qwen2 (plus its SigLIP tower in HF_HOME)", True
+)
 _QWEN = _vb2("Qwen/Qwen2.5-7B-Instruct", "HF Qwen/Qwen2.5-7B-Instruct", folder=True)
 _COTRACKER = (
     WeightFile("torch", "hub/facebookresearch_co-tracker_main", "torch.hub facebookresearch/co-tracker", True),
@@ -114,7 +118,9 @@ VBENCH2_DIMENSIONS: tuple[Dimension, ...] = (
         "Human_Anatomy",
         "vbench2",
         (
-            _vb2("YOLO-World/yolo_world_v2_xl_obj365v1_goldg_cc3mlite_pretrain-5daf1395.pth", "Google Drive (VBench-2.0)"),
+            _vb2(
+                "YOLO-World/yolo_world_v2_xl_obj365v1_goldg_cc3mlite_pretrain-5daf1395.pth", "Google Drive (VBench-2.0)"
+            ),
             *(_vb2(f"anomaly_detector/{part}.pth", "Google Drive (VBench-2.0)") for part in ("human", "face", "hand")),
         ),
         "YOLO-World detector + ViT anomaly classifiers",
@@ -131,16 +137,34 @@ VBENCH2_DIMENSIONS: tuple[Dimension, ...] = (
         packages=("retinaface",),
     ),
     *(
-        Dimension(name, "vbench2", (_LLAVA,), "LLaVA-Video-7B VQA", custom_input=name == "Human_Clothes",
-                  packages=_LLM_PACKAGES)  # fmt: skip
+        Dimension(
+            name,
+            "vbench2",
+            (_LLAVA,),
+            "LLaVA-Video-7B VQA",
+            custom_input=name == "Human_Clothes",
+            packages=_LLM_PACKAGES,
+        )
         for name in (
-            "Human_Clothes", "Composition", "Dynamic_Spatial_Relationship", "Dynamic_Attribute",
-            "Motion_Rationality", "Mechanics", "Thermotics", "Material",
-        )  # fmt: skip
+            "Human_Clothes",
+            "Composition",
+            "Dynamic_Spatial_Relationship",
+            "Dynamic_Attribute",
+            "Motion_Rationality",
+            "Mechanics",
+            "Thermotics",
+            "Material",
+        )
     ),
     *(
-        Dimension(name, "vbench2", (_LLAVA, _QWEN), "LLaVA-Video-7B description judged by Qwen2.5-7B",
-                  custom_input=False, packages=_LLM_PACKAGES)  # fmt: skip
+        Dimension(
+            name,
+            "vbench2",
+            (_LLAVA, _QWEN),
+            "LLaVA-Video-7B description judged by Qwen2.5-7B",
+            custom_input=False,
+            packages=_LLM_PACKAGES,
+        )
         for name in ("Complex_Landscape", "Complex_Plot", "Human_Interaction", "Motion_Order_Understanding")
     ),
     Dimension(
@@ -150,8 +174,12 @@ VBENCH2_DIMENSIONS: tuple[Dimension, ...] = (
         "VGG19 Gram-matrix and feature distances between a prompt's 20 videos",
     ),
     Dimension("Camera_Motion", "vbench2", _COTRACKER, "CoTracker2 point tracks", custom_input=False),
-    Dimension("Multi-View_Consistency", "vbench2", (*_COTRACKER, _vb2("raft_model/models/raft-things.pth",
-              "RAFT authors' models.zip")), "CoTracker2 + RAFT + patch matching"),  # fmt: skip
+    Dimension(
+        "Multi-View_Consistency",
+        "vbench2",
+        (*_COTRACKER, _vb2("raft_model/models/raft-things.pth", "RAFT authors' models.zip")),
+        "CoTracker2 + RAFT + patch matching",
+    ),
     Dimension(
         "Instance_Preservation",
         "vbench2",
@@ -162,7 +190,10 @@ VBENCH2_DIMENSIONS: tuple[Dimension, ...] = (
     ),
 )
 
-DIMENSIONS: dict[str, Registry[Dimension]] = {"vbench": Registry("VBench dimension"), "vbench2": Registry("VBench-2.0 dimension")}
+DIMENSIONS: dict[str, Registry[Dimension]] = {
+    "vbench": Registry("VBench dimension"),
+    "vbench2": Registry("VBench-2.0 dimension"),
+}
 for _dimension in (*VBENCH_DIMENSIONS, *VBENCH2_DIMENSIONS):
     DIMENSIONS[_dimension.benchmark].add(_dimension.name, _dimension)
 

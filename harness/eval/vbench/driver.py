@@ -52,7 +52,9 @@ def _write_requested_info(evaluator_class, request, path):
     kept = [e for e in entries if e["prompt_en"] in wanted and set(e["dimension"]) & set(request["dimensions"])]
     unknown = wanted - {e["prompt_en"] for e in kept}
     if unknown:
-        raise SystemExit(f"{len(unknown)} prompt(s) are not in {shipped[0]} for these dimensions, e.g. {min(unknown)!r}")
+        raise SystemExit(
+            f"{len(unknown)} prompt(s) are not in {shipped[0]} for these dimensions, e.g. {min(unknown)!r}"
+        )
     _write_json(path, kept)
 
 

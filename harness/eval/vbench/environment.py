@@ -50,9 +50,7 @@ class Backend:
 
 
 BACKENDS = {
-    "vbench": Backend(
-        "vbench", "VBench", "vbench", ("python3.11", "python3.10"), "vbench.txt", ("--no-deps",)
-    ),
+    "vbench": Backend("vbench", "VBench", "vbench", ("python3.11", "python3.10"), "vbench.txt", ("--no-deps",)),
     "vbench2": Backend(
         "vbench2",
         "VBench-2.0",
@@ -108,7 +106,7 @@ class Cache:
 
     def child_env(self) -> dict[str, str]:
         """Environment of an evaluator process: the weight roots, offline hubs, nothing of this venv."""
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+        env = isolated_env()
         env.update(
             VBENCH_CACHE_DIR=str(self.weight_root("vbench")),
             VBENCH2_CACHE_DIR=str(self.weight_root("vbench2")),
@@ -120,6 +118,11 @@ class Cache:
             TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
         )
         return env
+
+
+def isolated_env() -> dict[str, str]:
+    """This process's environment without what would let the venv see this interpreter's packages."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
 
 
 def requirements_path(spec: Backend) -> Path:
@@ -151,15 +154,17 @@ def setup(name: str, cache: Cache, python: str | None = None, log: Log = print) 
     steps = [
         ("create the venv", [interpreter, "-m", "venv", "--clear", str(venv)]),
         ("upgrade pip", [str(cache.python(name)), "-m", "pip", "install", "-q", "--upgrade", "pip"]),
-        ("install the pinned packages (minutes: torch alone is ~3 GB)",
-         [str(cache.python(name)), "-m", "pip", "install", "-q", *spec.pip_args, "-r", str(requirements_path(spec))]),
-    ]  # fmt: skip
+        (
+            "install the pinned packages (minutes: torch alone is ~3 GB)",
+            [str(cache.python(name)), "-m", "pip", "install", "-q", *spec.pip_args, "-r", str(requirements_path(spec))],
+        ),
+    ]
     with log_path.open("w") as handle:
         for what, command in steps:
             log(f"{spec.title}: {what}")
             handle.write(f"$ {' '.join(command)}\n")
             handle.flush()
-            done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False)
+            done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=isolated_env(), check=False)
             if done.returncode != 0:
                 raise HarnessError(f"{spec.title} setup failed to {what} (exit {done.returncode}); see {log_path}")
     versions = installed_versions(cache, spec)
@@ -197,7 +202,9 @@ def installed_versions(cache: Cache, spec: Backend) -> dict[str, str | None]:
         "    except m.PackageNotFoundError: return None\n"
         f"print(json.dumps({{'python': platform.python_version(), **{{n: v(n) for n in {_KEY_PACKAGES!r}}}}}))"
     )
-    done = subprocess.run([str(cache.python(spec.name)), "-c", probe], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [str(cache.python(spec.name)), "-c", probe], capture_output=True, text=True, env=isolated_env(), check=False
+    )
     if done.returncode != 0:
         raise HarnessError(f"the {spec.title} venv at {cache.venv(spec.name)} is broken: {done.stderr.strip()[-300:]}")
     return json.loads(done.stdout)
@@ -248,8 +255,13 @@ def missing_packages(name: str, cache: Cache, dimensions: tuple[str, ...]) -> di
     modules = sorted({m for names in needed.values() for m in names})
     if not modules or not cache.python(name).exists():
         return {d: names for d, names in needed.items() if names} if modules else {}
-    probe = f"import importlib.util, json; print(json.dumps([m for m in {modules!r} if importlib.util.find_spec(m) is None]))"
-    done = subprocess.run([str(cache.python(name)), "-c", probe], capture_output=True, text=True, check=False)
+    probe = (
+        "import importlib.util, json\n"
+        f"print(json.dumps([m for m in {modules!r} if importlib.util.find_spec(m) is None]))"
+    )
+    done = subprocess.run(
+        [str(cache.python(name)), "-c", probe], capture_output=True, text=True, env=isolated_env(), check=False
+    )
     absent = set(json.loads(done.stdout)) if done.returncode == 0 else set(modules)
     return {d: [m for m in names if m in absent] for d, names in needed.items() if absent.intersection(names)}
 
@@ -271,8 +283,7 @@ def preflight(name: str, cache: Cache, dimensions: tuple[str, ...]) -> list[Dime
             for row in missing
         )
         raise MissingWeightsError(
-            f"{len(missing)} {spec.title} weight file(s) missing (nothing is downloaded; put each where named): "
-            f"{lines}"
+            f"{len(missing)} {spec.title} weight file(s) missing (nothing is downloaded; put each where named): {lines}"
         )
     absent = missing_packages(name, cache, dimensions)
     if absent:
