@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.atomic import write_json_atomic
 from harness.errors import HarnessError
 from harness.eval.vbench.catalogue import check_custom_input
 from harness.eval.vbench.environment import Cache, backend, environment_status, preflight
@@ -77,7 +78,7 @@ def stage_videos(sources: list[Path], names: list[str], folder: Path) -> list[Pa
     """Link each source video into ``folder`` under its name (a copy across file systems); only these files."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.iterdir():
-        if stale.name not in set(names):
+        if stale.name not in set(names) and not stale.name.startswith("."):  # dot files: other ranks' links
             stale.unlink()
     staged = []
     for source, name in zip(sources, names, strict=True):
@@ -106,24 +107,24 @@ def evaluate_videos(
     results_dir.mkdir(parents=True, exist_ok=True)
     name = "eval-" + hashlib.sha256(",".join(request.dimensions).encode()).hexdigest()[:10]
     result_path = results_dir / f"{name}_eval_results.json"
-    result_path.unlink(missing_ok=True)  # a stale file must never pass for this run's success
+    lead = int(os.environ.get("RANK", "0")) == 0
+    if lead:
+        result_path.unlink(missing_ok=True)  # a stale file must never pass for this run's success
     request_path = results_dir / f"{name}_request.json"
-    request_path.write_text(
-        json.dumps(
-            {
-                "benchmark": request.benchmark,
-                "videos": str(videos_dir),
-                "dimensions": list(request.dimensions),
-                "out": str(results_dir),
-                "name": name,
-                "mode": "vbench_standard" if standard else "custom_input",
-                "labels": sorted(set(labels)),
-                "device": request.device,
-            },
-            indent=2,
-        )
+    write_json_atomic(  # every rank writes the same request; a reader never sees half of it
+        request_path,
+        {
+            "benchmark": request.benchmark,
+            "videos": str(videos_dir),
+            "dimensions": list(request.dimensions),
+            "out": str(results_dir),
+            "name": name,
+            "mode": "vbench_standard" if standard else "custom_input",
+            "labels": sorted(set(labels)),
+            "device": request.device,
+        },
     )
-    log_path = results_dir / f"{name}.log"
+    log_path = results_dir / f"{name}.rank{os.environ.get('RANK', '0')}.log"
     with log_path.open("w") as log:
         done = subprocess.run(
             [str(request.cache.python(request.benchmark)), str(DRIVER), str(request_path)],
@@ -132,7 +133,7 @@ def evaluate_videos(
             env=_driver_env(request.cache),
             check=False,
         )
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not lead:
         return BenchmarkResult(raw={}, details={"rank": int(os.environ["RANK"]), "log": str(log_path)})
     result = _read_result(result_path, request.dimensions, log_path, done.returncode)
     result.details.update(
