@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup test demo lint bench bench-linvideo bench-sparse clean
+.PHONY: setup test test-vbench demo lint bench bench-linvideo bench-sparse clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,13 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not vbench"
+
+# Real VBench: builds its venv (torch 2.5.1 + vbench 0.1.5, ~4 min and ~6 GB on first use) under
+# VBENCH_TEST_CACHE, then scores toy clips with temporal_flickering through the driver.
+VBENCH_TEST_CACHE ?= .cache/vbench-test
+test-vbench: setup
+	BENCH_VBENCH_CACHE=$(abspath $(VBENCH_TEST_CACHE)) $(PY) -m pytest -q -p no:cacheprovider -m vbench
 
 # Dense vs untrained linear attention (all layers) on the shipped toy teacher, 64 held-out prompts, ToyBench.
 demo: setup
