@@ -730,9 +730,21 @@ def train_cmd(
         str, typer.Option(help="Optimizer of the scores r: sgd (keeps per-layer gradient sizes) or adamw.")
     ] = "sgd",
     r_lr: Annotated[float, typer.Option(help="Peak learning rate of the per-layer scores r.")] = 0.1,
+    r_lr_schedule: Annotated[
+        str, typer.Option(help="cosine (as the weights: warm-up, then cosine to 0) or constant (after warm-up).")
+    ] = "cosine",
     r_init: Annotated[float, typer.Option(help="Initial score r of every layer (1 = softmax).")] = 0.95,
     alpha_start: Annotated[float, typer.Option(help="Exponent of L_reg at the first step.")] = 20.0,
-    alpha_end: Annotated[float, typer.Option(help="Exponent of L_reg at the last step (= start: fixed).")] = 2.0,
+    alpha_end: Annotated[float, typer.Option(help="Exponent of L_reg at the end of annealing (= start: fixed).")] = 2.0,
+    alpha_anneal_fraction: Annotated[
+        float, typer.Option(help="Fraction of the run over which alpha goes linearly from start to end, then holds.")
+    ] = 1.0,
+    adm_weighting: Annotated[
+        str,
+        typer.Option(
+            help="ADM's score-difference weight: analytic ((1 - t)/t, Eq. 13) or normalized (DMD's 1/mean|u|)."
+        ),
+    ] = "analytic",
     lam: Annotated[float, typer.Option(help="Weight lambda of L_con + L_reg.")] = 0.01,
     selection: Annotated[
         str,
@@ -744,6 +756,7 @@ def train_cmd(
     store: Annotated[Path | None, typer.Option(help="Trajectory store folder (default OUT/trajectories).")] = None,
     weights: Annotated[str, typer.Option(help="Teacher weights: local folder or hub id (default: the model's).")] = "",
     activation_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.")] = False,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast on CUDA (--no-bf16: fp32 throughout).")] = True,
     checkpoint_every: Annotated[int, typer.Option(help="Write a resumable checkpoint every N steps.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the prompts, the batches and the trainer.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -759,9 +772,10 @@ def train_cmd(
     adapter_cls = MODELS.get(model)
     config = LinVideoTrainConfig(
         target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size, lr=lr,
-        r_optimizer=r_optimizer, r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam,
+        r_optimizer=r_optimizer, r_lr=r_lr, r_lr_schedule=r_lr_schedule, r_init=r_init, alpha_start=alpha_start,
+        alpha_end=alpha_end, alpha_anneal_fraction=alpha_anneal_fraction, adm_weighting=adm_weighting, lam=lam,
         selection=selection, layers=_parse_ints(layers, "--layers"), activation_checkpointing=activation_checkpointing,
-        checkpoint_every=checkpoint_every, seed=seed,
+        bf16=bf16, checkpoint_every=checkpoint_every, seed=seed,
     )  # fmt: skip
     if prompt_file is not None and not prompt_file.is_file():
         raise HarnessError(f"--prompt-file {prompt_file} does not exist")

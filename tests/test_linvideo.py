@@ -79,10 +79,17 @@ def test_lr_schedule_warms_up_over_a_tenth_then_decays_to_zero() -> None:
     assert lr_factor(99, config) < 0.01
 
 
+def test_a_constant_r_schedule_keeps_rs_lr_after_warm_up_while_the_weights_decay() -> None:
+    config = LinVideoTrainConfig(target_layers=1, steps=100, r_lr_schedule="constant")
+    assert lr_factor(0, config, "r") == pytest.approx(0.1) and lr_factor(99, config, "r") == 1.0
+    assert lr_factor(99, config, "weights") < 0.01
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"target_layers": 9}, "target layers must be in 1..8"), ({"target_layers": 0}, "target layers must be in 1..8"),
     ({"objective": "dmd"}, "unknown objective"), ({"kernel": "hedgehgo"}, "Did you mean 'hedgehog'"),
-    ({"steps": 0}, ">= 1"),
+    ({"steps": 0}, ">= 1"), ({"r_lr_schedule": "step"}, "unknown r schedule"),
+    ({"adm_weighting": "dmd"}, "unknown ADM weighting"), ({"alpha_anneal_fraction": 0.0}, "anneal fraction"),
 ])  # fmt: skip
 def test_impossible_training_settings_are_refused(changes: dict, message: str) -> None:
     config = LinVideoTrainConfig(**{"target_layers": 4, **changes})

@@ -10,7 +10,7 @@ x_hat by a separately trained copy's (DMD-style); ``mse`` regresses the stored t
 The total loss is ``L_obj + lambda (L_con + L_reg)``.
 
 AdamW for the weights, SGD (or AdamW) with its own learning rate for r, cosine schedule with warm-up,
-gradient clipping, bf16 autocast
+gradient clipping, bf16 autocast (optional)
 on GPU, optional activation checkpointing, resumable checkpoints, and a stop with a message on a
 non-finite loss (the last good checkpoint is kept). Parameters are grouped by role and the loop only
 touches ``student.transformer`` and the transfer state, so FSDP2 can wrap both later.
@@ -44,11 +44,14 @@ from methods.linvideo.losses import (
     binarization_loss,
     constraint_loss,
     mse_loss,
+    normalized_adm_gradient,
 )
 from methods.linvideo.selection import SELECTIONS, check_manual_layers, greedy_selection
 
 OBJECTIVES = ("adm", "mse", "adm-extra-score")
 R_OPTIMIZERS = ("sgd", "adamw")
+R_SCHEDULES = ("cosine", "constant")
+ADM_WEIGHTINGS = ("analytic", "normalized")
 LOG_EVERY = 25  # steps between log lines when the progress bar is off
 
 
@@ -67,18 +70,24 @@ class LinVideoTrainConfig:
     # normalisation would erase it (every r then moves in lockstep and the layers cross 0.5 together).
     r_optimizer: str = "sgd"
     r_lr: float = 0.1
+    # cosine: r's lr follows the weights' warm-up + cosine; constant: r keeps its lr to the end, where the
+    # binarising pull of L_reg (small alpha) has to act.
+    r_lr_schedule: str = "cosine"
     r_init: float = 0.95
     alpha_start: float = 20.0
     alpha_end: float = 2.0
+    alpha_anneal_fraction: float = 1.0  # alpha reaches alpha_end at this fraction of the run, then holds
     lam: float = 0.01
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0
     t_min: float = 0.02
     adm_reduction: str = "mean"
+    adm_weighting: str = "analytic"  # analytic (1 - t)/t (Eq. 13) or normalized (DMD's per-sample scale)
     selection: str = "learned"  # learned (selective transfer), manual (``layers``) or heuristic (greedy)
     layers: tuple[int, ...] = ()  # the manual selection
     activation_checkpointing: bool = False
+    bf16: bool = True  # bf16 autocast on CUDA (fp32 master weights either way; CPU always runs fp32)
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -92,6 +101,14 @@ class LinVideoTrainConfig:
         check_kernel(self.kernel)
         if self.r_optimizer not in R_OPTIMIZERS:
             raise HarnessError(f"unknown r optimizer {self.r_optimizer!r}; choose one of {', '.join(R_OPTIMIZERS)}")
+        if self.r_lr_schedule not in R_SCHEDULES:
+            raise HarnessError(f"unknown r schedule {self.r_lr_schedule!r}; choose one of {', '.join(R_SCHEDULES)}")
+        if self.adm_weighting not in ADM_WEIGHTINGS:
+            raise HarnessError(
+                f"unknown ADM weighting {self.adm_weighting!r}; choose one of {', '.join(ADM_WEIGHTINGS)}"
+            )
+        if not 0.0 < self.alpha_anneal_fraction <= 1.0:
+            raise HarnessError(f"alpha anneal fraction must be in (0, 1], got {self.alpha_anneal_fraction}")
         if self.selection not in SELECTIONS:
             raise HarnessError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
         if self.selection == "manual":
@@ -106,9 +123,12 @@ class LinVideoTrainConfig:
             raise HarnessError("need 0 < r_init <= 1 and 0 <= warmup_fraction < 1")
 
 
-def lr_factor(step: int, config: LinVideoTrainConfig) -> float:
-    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0."""
-    return warmup_cosine(step, max(1, round(config.warmup_fraction * config.steps)), config.steps)
+def lr_factor(step: int, config: LinVideoTrainConfig, group: str = "weights") -> float:
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0 (r: constant if so set)."""
+    warmup = max(1, round(config.warmup_fraction * config.steps))
+    if group == "r" and config.r_lr_schedule == "constant":
+        return min(1.0, (step + 1) / warmup)
+    return warmup_cosine(step, warmup, config.steps)
 
 
 def guided_velocity(model: ModelAdapter, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -194,6 +214,9 @@ class LinVideoTrainer:
                                                       self.config.target_layers)  # fmt: skip
         return layers
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.bf16)
+
     def _modules(self) -> dict[str, torch.nn.Module]:
         modules = {"student": self.student.transformer, "transfer": self.state}
         if self.score_model is not None:
@@ -205,8 +228,7 @@ class LinVideoTrainer:
         config = self.config
         x_s, s, t = batch["x"].to(self.device), batch["t"].to(self.device), batch["t_next"].to(self.device)
         cond = batch["cond"].to(self.device, self.teacher.dtype)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        with autocast:
+        with self._autocast():
             u_student = guided_velocity(self.student, x_s, s, cond, self.uncond, self.cfg)
             if config.objective == "mse":
                 objective = mse_loss(u_student, batch["u"].to(self.device))
@@ -219,12 +241,17 @@ class LinVideoTrainer:
                         if self.score_model is None
                         else guided_velocity(self.score_model, x_hat, t, cond, self.uncond, 1.0)
                     )
-                g = adm_gradient(u_teacher_at, u_fake_at, t, config.t_min)
+                g = (
+                    adm_gradient(u_teacher_at, u_fake_at, t, config.t_min)
+                    if config.adm_weighting == "analytic"
+                    else normalized_adm_gradient(u_teacher_at, u_fake_at)
+                )
                 objective = adm_loss(x_hat.float(), g, config.adm_reduction)
         sample = (x_s, s, u_student.detach(), t, cond) if self.score_model is not None else None
         r = self.state.r()
         constraint = constraint_loss(r, config.target_layers)
-        regulariser = binarization_loss(r, annealed_alpha(step, config.steps, config.alpha_start, config.alpha_end))
+        alpha = annealed_alpha(step, config.steps, config.alpha_start, config.alpha_end, config.alpha_anneal_fraction)
+        regulariser = binarization_loss(r, alpha)
         total = objective + config.lam * (constraint + regulariser)
         return StepLosses(objective, constraint, regulariser, total, sample)
 
@@ -242,8 +269,11 @@ class LinVideoTrainer:
         for optimizer in student:
             optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
-        torch.nn.utils.clip_grad_norm_([p for o in student for g in o.param_groups for p in g["params"]],
-                                       self.config.grad_clip)  # fmt: skip
+        # Weights and r are clipped apart: clipped together, the weights' gradient norm would shrink r's push
+        # from L_con and L_reg whenever the task's gradient is large.
+        for optimizer in student:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                           self.config.grad_clip)  # fmt: skip
         for optimizer in student:
             optimizer.step()
         if terms.student_sample is not None:
@@ -262,7 +292,7 @@ class LinVideoTrainer:
         x0 = x_s - s.view(-1, 1, 1, 1, 1) * u_student
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device, x0.dtype)
         t_view = t.view(-1, 1, 1, 1, 1)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with self._autocast():
             u_fake = guided_velocity(self.score_model, (1 - t_view) * x0 + t_view * noise, t, cond, self.uncond, 1.0)
         loss = mse_loss(u_fake, noise - x0)
         optimizer = self.optimizers["score"]
@@ -297,7 +327,7 @@ class LinVideoTrainer:
                 step = log["step"]
                 for name, optimizer in self.optimizers.items():
                     for group in optimizer.param_groups:
-                        group["lr"] = (config.r_lr if name == "r" else config.lr) * lr_factor(step, config)
+                        group["lr"] = (config.r_lr if name == "r" else config.lr) * lr_factor(step, config, name)
                 values = self.train_step(self.store.sample(config.batch_size, self.generator), step)
                 r = self.state.r().detach().cpu().tolist()
                 log["step"] += 1
