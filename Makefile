@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup test demo lint bench bench-linvideo bench-dfa-sla clean
+.PHONY: setup test test-vbench demo lint bench bench-linvideo bench-sparse bench-dfa-sla clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,13 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not vbench"
+
+# Real VBench: builds its venv (torch 2.5.1 + vbench 0.1.5, ~4 min and ~6 GB on first use) under
+# VBENCH_TEST_CACHE, then scores toy clips with temporal_flickering through the driver.
+VBENCH_TEST_CACHE ?= .cache/vbench-test
+test-vbench: setup
+	BENCH_VBENCH_CACHE=$(abspath $(VBENCH_TEST_CACHE)) $(PY) -m pytest -q -p no:cacheprovider -m vbench
 
 # Dense vs untrained linear attention (all layers) on the shipped toy teacher, 64 held-out prompts, ToyBench.
 demo: setup
@@ -37,6 +43,10 @@ bench: setup
 # LinVideo on the GPU: correctness, latency with the paper's converted layers, one ADM training step.
 bench-linvideo: setup
 	$(PY) -m harness.benchmarks.linvideo_gpu --out reports/gpu/linvideo
+
+# Sparse baselines on the GPU: Flex vs masked dense, attention and forward latency at Wan shapes (~5 min on an H100).
+bench-sparse: setup
+	$(PY) -m harness.benchmarks.sparse_gpu --out reports/gpu/sparse
 
 # DFA's window and SLA on FlexAttention: correctness against masked dense, then per-call latency.
 bench-dfa-sla: setup

@@ -1,7 +1,8 @@
 """``bench ablate AXIS``: train, sample, score and record every variant of one LinVideo ablation axis.
 
 A variant is a ``LinVideoTrainConfig`` that differs from the default recipe along one axis (the
-paper's ablations: alpha range, kernel, objective, layer selection, number of converted layers).
+paper's ablations: alpha range, kernel, objective, layer selection, number of converted layers; and
+ours: the optimizer of the scores r).
 Each is trained into ``train_dir/AXIS/VARIANT`` from one shared trajectory store, then sampled on the
 model's held-out prompts with ``bench run --method linvideo --checkpoint`` and scored; its record
 carries the ablation axis, the variant and the training summary. A half-done sweep resumes: training
@@ -20,7 +21,7 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.records import write_record
 
-AXES = ("alpha", "kernel", "objective", "selection", "target")
+AXES = ("alpha", "kernel", "objective", "selection", "target", "r-optimizer")
 ALPHA_RANGES = ((20.0, 2.0), (16.0, 4.0), (24.0, 1.0), (4.0, 4.0))
 
 
@@ -35,7 +36,7 @@ def variants(axis: str, num_layers: int, target: int) -> dict[str, dict[str, Any
     if axis == "kernel":
         return {kernel: {"kernel": kernel} for kernel in ("hedgehog", "relu", "taylor", "elu")}
     if axis == "objective":
-        return {objective: {"objective": objective} for objective in ("adm", "mse")}
+        return {objective: {"objective": objective} for objective in ("adm", "mse", "adm-extra-score")}
     if axis == "selection":
         # manual: the shallow layers after the first (the paper keeps layer 1 softmax), as a fixed rule.
         manual = {"selection": "manual", "layers": tuple(range(1, target + 1))}
@@ -43,6 +44,9 @@ def variants(axis: str, num_layers: int, target: int) -> dict[str, dict[str, Any
     if axis == "target":
         counts = sorted({max(1, num_layers // 4), num_layers // 2, 3 * num_layers // 4})
         return {str(count): {"target_layers": count} for count in counts}
+    if axis == "r-optimizer":
+        # Not a paper ablation: the paper does not name r's optimizer; this shows why the default is SGD.
+        return {"sgd": {}, "adamw (lr 1e-2)": {"r_optimizer": "adamw", "r_lr": 1e-2}}
     close = difflib.get_close_matches(axis, list(AXES), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise HarnessError(f"unknown ablation axis {axis!r}.{hint} Choose one of: {', '.join(AXES)}")

@@ -49,26 +49,29 @@ def load_module_weights(module: nn.Module, path: Path) -> None:
 TRAINING_TENSORS, TRAINING_META = "training_state.safetensors", "training_state.json"
 
 
-def save_training_state(folder: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+def save_training_state(folder: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                         generator: torch.Generator, meta: dict[str, Any]) -> None:  # fmt: skip
-    """A resumable training checkpoint: module weights, optimizer moments and RNG in safetensors,
-    everything else (``meta``: config, step, logs) in JSON. Each file is written atomically; the step
-    is stored in both so that a crash between the two writes is detected on resume."""
+    """A resumable training checkpoint: module weights, the moments of each named optimizer and the RNG
+    in safetensors, everything else (``meta``: config, step, logs) in JSON. Each file is written
+    atomically; the step is stored in both so that a crash between the two writes is detected on resume."""
     from safetensors.torch import save_file
 
     tensors = {f"{name}.{key}": value for name, module in modules.items() for key, value in module.state_dict().items()}
-    optimizer_state = optimizer.state_dict()
-    for index, entry in optimizer_state["state"].items():
-        for key, value in entry.items():
-            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
+    param_groups = {}
+    for name, optimizer in optimizers.items():
+        optimizer_state = optimizer.state_dict()
+        param_groups[name] = optimizer_state["param_groups"]
+        for index, entry in optimizer_state["state"].items():
+            for key, value in entry.items():
+                tensors[f"optimizer.{name}.{index}.{key}"] = torch.as_tensor(value)
     tensors["rng.generator"] = generator.get_state()
     tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
     with atomic_path(folder / TRAINING_TENSORS) as tmp:
         save_file(tensors, str(tmp), metadata={"step": str(meta["step"])})
-    write_json_atomic(folder / TRAINING_META, {**meta, "param_groups": optimizer_state["param_groups"]})
+    write_json_atomic(folder / TRAINING_META, {**meta, "param_groups": param_groups})
 
 
-def load_training_state(folder: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+def load_training_state(folder: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                         generator: torch.Generator) -> dict[str, Any] | None:  # fmt: skip
     """Restore what :func:`save_training_state` wrote into the given objects; None if nothing was saved."""
     from safetensors import SafetensorError, safe_open
@@ -91,12 +94,17 @@ def load_training_state(folder: Path, modules: dict[str, nn.Module], optimizer: 
     for name, module in modules.items():
         prefix = f"{name}."
         module.load_state_dict({key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, field = key.split(".", 2)
-            state.setdefault(int(index), {})[field] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    param_groups = meta.pop("param_groups")
+    if set(param_groups) != set(optimizers):
+        raise HarnessError(f"cannot resume from {folder}: it holds optimizers {sorted(param_groups)}, "
+                           f"this run uses {sorted(optimizers)}")  # fmt: skip
+    for name, optimizer in optimizers.items():
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith(f"optimizer.{name}."):
+                index, field = key[len(f"optimizer.{name}.") :].split(".", 1)
+                state.setdefault(int(index), {})[field] = value
+        optimizer.load_state_dict({"state": state, "param_groups": param_groups[name]})
     generator.set_state(tensors["rng.generator"])
     return meta
 

@@ -10,14 +10,19 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.eval.suites import EvalOptions
+    from harness.spec import RunSpec
 
 app = typer.Typer(
     name="bench",
@@ -32,6 +37,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Folder of run records and artifacts.")]
+PromptDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder of the VBench prompt lists (default: $BENCH_VBENCH_PROMPTS; a checkout's "
+        "../shared/data/vbench has them)."
+    ),
+]
+DimensionsOpt = Annotated[
+    str | None,
+    typer.Option(help="Comma-separated VBench / VBench-2.0 dimensions (default: those of the run's prompt set)."),
+]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache",
+        help="Evaluator cache: venvs and weights (default: $BENCH_VBENCH_CACHE or ~/.cache/attention-bench/vbench).",
+    ),
+]
 
 
 def user_errors(fn: F) -> F:
@@ -206,7 +229,11 @@ def run_cmd(
         list[str] | None, typer.Option(help="Method parameter KEY=VALUE (JSON values); repeatable.")
     ] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Method state (safetensors) to load, e.g. a converted model.")
+        Path | None,
+        typer.Option(
+            help="Method state to load, e.g. a converted LinVideo folder. linvideo on toy without it: the default "
+            "conversion, trained once and cached ($ATTENTION_BENCH_CACHE, else ~/.cache/attention-bench)."
+        ),
     ] = None,
     eval_suites: Annotated[
         str | None,
@@ -216,18 +243,52 @@ def run_cmd(
             "Default: the model's (toy: toybench).",
         ),
     ] = None,
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluation protocol (linvideo-vbench, linvideo-vbench2): fixes the prompts, videos per "
+            "prompt, sampling and suite."
+        ),
+    ] = None,
+    prompt_set: Annotated[
+        str | None, typer.Option(help="Named prompts: vbench:paper8, vbench:<dimension> or vbench2:<dimension>.")
+    ] = None,
+    augmented: Annotated[
+        str | None,
+        typer.Option(help="Generate from the line-aligned extended prompts (wan); videos keep the unaugmented names."),
+    ] = None,
+    prompt_dir: PromptDirOpt = None,
+    dimensions: DimensionsOpt = None,
+    evaluator_cache: CacheOpt = None,
+    eval_device: Annotated[
+        str | None, typer.Option(help="Device of the VBench evaluator (default: the run's device).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print the plan (prompts, videos, estimated GPU hours) and generate nothing.")
+    ] = False,
+    step_time_from: Annotated[
+        Path | None,
+        typer.Option(help="Latency or run record giving the forward time of the estimate (default: reports/)."),
+    ] = None,
     runs_dir: RunsDirOpt = Path("runs"),
     force: Annotated[bool, typer.Option(help="Rerun even if this exact spec already finished.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate videos for prompts x seeds with one method and write one record (skips finished specs)."""
+    from harness.eval.suites import EvalOptions
     from harness.generate import run
     from harness.models import MODELS
+    from harness.protocols import PROTOCOLS, named_prompt_specs
     from harness.spec import RunSpec, Sampling
 
     adapter_cls = MODELS.get(model)
-    d = adapter_cls.defaults
+    chosen_protocol = PROTOCOLS.get(protocol) if protocol else None
+    d = _protocol_defaults(
+        adapter_cls.defaults,
+        chosen_protocol,
+        dict(steps=steps, cfg=cfg, height=height, width=width, frames=frames, fps=fps),
+    )
     sampling = Sampling(
         steps=d.steps if steps is None else steps,
         cfg=d.cfg if cfg is None else cfg,
@@ -253,20 +314,122 @@ def run_cmd(
         dense_warmup_steps=dense_warmup_steps,
         dense_layers=_parse_ints(dense_layers, "--dense-layers"),
         checkpoint=str(checkpoint) if checkpoint else None,
-        eval_suites=_eval_suites(eval_suites, adapter_cls.default_eval),
+        eval_suites=_eval_suites(
+            eval_suites, (chosen_protocol.suite,) if chosen_protocol else adapter_cls.default_eval
+        ),
+        eval_params=_eval_params(dimensions, eval_suites),
     )
-    outcome = run(spec, runs_dir, force=force, allow_download=download, show_progress=progress and not as_json)
-    if as_json:
-        _print_json({"skipped": outcome.skipped, "path": str(outcome.path), "record": outcome.record})
+    specs = named_prompt_specs(spec, chosen_protocol, prompt_set, augmented, prompt_dir, seeds_given=seeds != "0")
+    options = EvalOptions(dimensions=_parse_names(dimensions), cache=evaluator_cache, device=eval_device or spec.device)
+    if dry_run:
+        _print_plan(specs, options, step_time_from, as_json)
         return
-    rec = outcome.record
-    verb = "skipped (already finished; --force reruns)" if outcome.skipped else "done"
-    console.print(
-        f"[bold]{spec.model} / {spec.method}[/] {verb}: {len(rec['artifacts']['videos'])} video(s), "
-        f"step {_fmt(rec['latency']['stages']['denoise_step']['median_ms'])} ms median, "
-        f"{_fmt(rec['latency']['end_to_end_ms_per_video'] / 1e3)} s/video, "
-        f"density {_fmt(rec['density']['mean'])} -> {outcome.path}"
+    for spec in specs:
+        if spec.method == "linvideo" and spec.checkpoint is None and adapter_cls.weights_kind == "builtin":
+            spec = replace(spec, checkpoint=str(_default_linvideo(spec, options, progress and not as_json)))
+        outcome = run(
+            spec,
+            runs_dir,
+            force=force,
+            allow_download=download,
+            show_progress=progress and not as_json,
+            eval_options=options,
+        )
+        if as_json:
+            _print_json({"skipped": outcome.skipped, "path": str(outcome.path), "record": outcome.record})
+            continue
+        rec = outcome.record
+        verb = "skipped (already finished; --force reruns)" if outcome.skipped else "done"
+        console.print(
+            f"[bold]{spec.model} / {spec.method}[/] {verb}: {len(rec['artifacts']['videos'])} video(s), "
+            f"step {_fmt(rec['latency']['stages']['denoise_step']['median_ms'])} ms median, "
+            f"{_fmt(rec['latency']['end_to_end_ms_per_video'] / 1e3)} s/video, "
+            f"density {_fmt(rec['density']['mean'])} -> {outcome.path}"
+        )
+
+
+def _protocol_defaults(defaults: Any, protocol: Any, given: dict[str, Any]) -> Any:
+    """The model's default sampling with a protocol's fixed settings; an option contradicting one is refused."""
+    from dataclasses import replace
+
+    if protocol is None:
+        return defaults
+    for name, value in given.items():
+        if value is not None and name in protocol.sampling and value != protocol.sampling[name]:
+            raise HarnessError(f"--protocol {protocol.name} fixes {name} = {protocol.sampling[name]}; drop --{name}")
+    return replace(defaults, **protocol.sampling)
+
+
+def _parse_names(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def _eval_params(dimensions: str | None, eval_suites: str | None) -> dict[str, Any]:
+    """``{suite: {"dimensions": [...]}}`` for the one benchmark suite named with --eval."""
+    names = _parse_names(dimensions)
+    if not names:
+        return {}
+    benchmarks = [s for s in _parse_names(eval_suites) if s in ("vbench", "vbench2")]
+    if len(benchmarks) != 1:
+        raise HarnessError("--dimensions goes with exactly one of --eval vbench or --eval vbench2")
+    return {benchmarks[0]: {"dimensions": list(names)}}
+
+
+def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_json: bool) -> None:
+    from harness.generate import prepare
+    from harness.models import MODELS
+    from harness.plan import measured_forward, plan
+
+    first = specs[0]
+    tokens = MODELS.get(first.model).token_grid(first.sampling).tokens
+    result = plan(specs, tokens, measured_forward(first.model, first.method, tokens, step_time_from))
+    problems = []
+    for spec in specs[:1]:  # one check covers them all: the runs differ only in prompts and seeds
+        try:
+            prepare(spec, options)
+        except HarnessError as exc:
+            problems.append(str(exc))
+    result["problems_before_a_real_run"] = problems
+    if as_json:
+        _print_json(result)
+        return
+    rows = [
+        [r["prompt_set"], r["prompts"], r["videos_per_prompt"], r["videos"], r["gpu_hours"]] for r in result["runs"]
+    ]
+    title = f"plan: {result['model']} / {result['method']}" + (
+        f", protocol {result['protocol']}" if result["protocol"] else ""
     )
+    console.print(_table(title, ["prompt set", "prompts", "videos/prompt", "videos", "GPU hours"], rows))
+    console.print(
+        f"sampling: {result['sampling']} ({tokens} tokens); eval: {', '.join(first.eval_suites) or 'none'}",
+        soft_wrap=True,
+    )
+    st = result["step_time"]
+    if st:
+        console.print(
+            f"estimate: {result['total_videos']} videos, {_fmt(result['gpu_hours'])} GPU hours "
+            f"({result['estimate_covers']}) from a {st['method']} forward of {_fmt(st['forward_ms'])} ms measured on "
+            f"{st['device']} ({st['source']}){'; ' + st['note'] if st['note'] else ''}",
+            soft_wrap=True,
+        )
+    else:
+        console.print(
+            f"{result['total_videos']} videos; no measured forward time for {first.model} at {tokens} "
+            "tokens: run `bench latency --out` on the GPU, or pass --step-time-from"
+        )
+    for problem in problems:
+        console.print(f"[yellow]a real run would stop here:[/] {problem}", soft_wrap=True)
+
+
+def _default_linvideo(spec: RunSpec, options: EvalOptions, show_progress: bool) -> Path:
+    """Validate the run, then train (once; cached) the default LinVideo conversion of the built-in teacher."""
+    from harness.generate import prepare
+    from harness.training import cache_dir, default_checkpoint
+
+    prepare(spec, options, checkpoint_to_come=True)
+    console.print(f"no --checkpoint: using the default LinVideo conversion of {spec.model} (trained once, cached "
+                  f"in {cache_dir() / 'linvideo'})")  # fmt: skip
+    return default_checkpoint(spec.model, spec.device, show_progress)
 
 
 def _eval_suites(option: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -555,16 +718,35 @@ def train_cmd(
     method: Annotated[str, typer.Option(help="Method to train: linvideo or sla.")] = "linvideo",
     model: Annotated[str, typer.Option(help="Teacher model adapter (see `bench models`).")] = "toy",
     objective: Annotated[
-        str, typer.Option(help="adm (anytime distribution matching) or mse (stored velocities).")
+        str,
+        typer.Option(
+            help="adm (anytime distribution matching, the student as its own score model), mse (regress the "
+            "stored velocities) or adm-extra-score (a separately trained score model, DMD-style; slower)."
+        ),
     ] = "adm",
     kernel: Annotated[str, typer.Option(help="Feature map: hedgehog, relu, taylor or elu.")] = "hedgehog",
     steps: TrainStepsOpt = 400,
     batch_size: TrainBatchOpt = 8,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the transformer and feature maps.")] = 1e-4,
-    r_lr: Annotated[float, typer.Option(help="Peak learning rate of the per-layer scores r.")] = 1e-2,
+    r_optimizer: Annotated[
+        str, typer.Option(help="Optimizer of the scores r: sgd (keeps per-layer gradient sizes) or adamw.")
+    ] = "sgd",
+    r_lr: Annotated[float, typer.Option(help="Peak learning rate of the per-layer scores r.")] = 0.1,
+    r_lr_schedule: Annotated[
+        str, typer.Option(help="cosine (as the weights: warm-up, then cosine to 0) or constant (after warm-up).")
+    ] = "cosine",
     r_init: Annotated[float, typer.Option(help="Initial score r of every layer (1 = softmax).")] = 0.95,
     alpha_start: Annotated[float, typer.Option(help="Exponent of L_reg at the first step.")] = 20.0,
-    alpha_end: Annotated[float, typer.Option(help="Exponent of L_reg at the last step (= start: fixed).")] = 2.0,
+    alpha_end: Annotated[float, typer.Option(help="Exponent of L_reg at the end of annealing (= start: fixed).")] = 2.0,
+    alpha_anneal_fraction: Annotated[
+        float, typer.Option(help="Fraction of the run over which alpha goes linearly from start to end, then holds.")
+    ] = 1.0,
+    adm_weighting: Annotated[
+        str,
+        typer.Option(
+            help="ADM's score-difference weight: analytic ((1 - t)/t, Eq. 13) or normalized (DMD's 1/mean|u|)."
+        ),
+    ] = "analytic",
     lam: Annotated[float, typer.Option(help="Weight lambda of L_con + L_reg.")] = 0.01,
     selection: Annotated[
         str,
@@ -576,6 +758,7 @@ def train_cmd(
     store: Annotated[Path | None, typer.Option(help="Trajectory store folder (default OUT/trajectories).")] = None,
     weights: Annotated[str, typer.Option(help="Teacher weights: local folder or hub id (default: the model's).")] = "",
     activation_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.")] = False,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast on CUDA (--no-bf16: fp32 throughout).")] = True,
     checkpoint_every: Annotated[int, typer.Option(help="Write a resumable checkpoint every N steps.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the prompts, the batches and the trainer.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -602,9 +785,11 @@ def train_cmd(
     else:
         config = LinVideoTrainConfig(
             target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size,
-            lr=lr, r_lr=r_lr, r_init=r_init, alpha_start=alpha_start, alpha_end=alpha_end, lam=lam,
-            selection=selection, layers=_parse_ints(layers, "--layers"),
-            activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every, seed=seed,
+            lr=lr, r_optimizer=r_optimizer, r_lr=r_lr, r_lr_schedule=r_lr_schedule, r_init=r_init,
+            alpha_start=alpha_start, alpha_end=alpha_end, alpha_anneal_fraction=alpha_anneal_fraction,
+            adm_weighting=adm_weighting, lam=lam, selection=selection, layers=_parse_ints(layers, "--layers"),
+            activation_checkpointing=activation_checkpointing, bf16=bf16, checkpoint_every=checkpoint_every,
+            seed=seed,
         )  # fmt: skip
     if prompt_file is not None and not prompt_file.is_file():
         raise HarnessError(f"--prompt-file {prompt_file} does not exist")
@@ -691,7 +876,7 @@ def calibrate_cmd(
 @app.command("ablate")
 @user_errors
 def ablate_cmd(
-    axis: Annotated[str, typer.Argument(help="alpha, kernel, objective, selection or target.")],
+    axis: Annotated[str, typer.Argument(help="alpha, kernel, objective, selection, target or r-optimizer.")],
     model: Annotated[str, typer.Option(help="Teacher model adapter (a model with built-in prompts: toy).")] = "toy",
     target_layers: Annotated[
         int | None, typer.Option(help="Layers to convert in every variant but the target axis (default: half).")
@@ -727,6 +912,137 @@ def ablate_cmd(
     console.print(
         f"{len(records)} variants recorded in {runs_dir}; `bench report --runs-dir {runs_dir}` tabulates them"
     )
+
+
+# -- eval, evaluator environments ---------------------------------------------------------------
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    run: Annotated[str, typer.Argument(help="A run record (path) or run id in --runs-dir.")],
+    suite: Annotated[
+        str, typer.Option(help="Comma-separated suites: vbench, vbench2, fidelity, proxies, toybench.")
+    ] = "proxies",
+    dimensions: DimensionsOpt = None,
+    evaluator_cache: CacheOpt = None,
+    device: Annotated[str, typer.Option(help="Device of the VBench evaluator (cpu, cuda).")] = "cuda",
+    reference: Annotated[
+        Path | None, typer.Option(help="Fidelity reference run (record path or id; default: the cohort's dense run).")
+    ] = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Score an existing run with metric suites and merge the scores into its record."""
+    from harness.eval.suites import SUITES, EvalOptions
+    from harness.evaluate import evaluate_record, find_record
+
+    suites = tuple(SUITES.canonical(name) for name in _parse_names(suite))
+    if not suites:
+        raise HarnessError("--suite names no suite")
+    path = find_record(run, runs_dir)
+    options = EvalOptions(
+        dimensions=_parse_names(dimensions), cache=evaluator_cache, device=device, reference=reference
+    )
+    record = evaluate_record(path, suites, options)
+    scores = {name: record.get("metrics", {}).get(name, {}) for name in suites}
+    if as_json:
+        _print_json({"path": str(path), "metrics": scores})
+        return
+    rows = [[name, metric, value] for name, values in scores.items() for metric, value in values.items()]
+    console.print(_table(f"{record['run_id']}", ["suite", "metric", "value"], rows))
+    console.print(f"scores merged into {path}")
+
+
+def _evaluator_app(name: str, title: str, needs: str) -> typer.Typer:
+    """``bench vbench`` / ``bench vbench2``: set up the evaluator's own venv; list its weights."""
+    sub = typer.Typer(help=f"{title} in its own virtual environment: {needs}", no_args_is_help=True)
+
+    @sub.command("setup")
+    @user_errors
+    def setup_cmd(
+        evaluator_cache: CacheOpt = None,
+        python: Annotated[
+            str | None, typer.Option(help="Interpreter for the venv (default: the pinned CPython).")
+        ] = None,
+    ) -> None:
+        """Create the venv under the cache and install the pinned evaluator there (minutes; ~6 GB)."""
+        from harness.eval.vbench.environment import Cache, setup
+
+        record = setup(name, Cache.resolve(evaluator_cache), python, log=lambda line: console.print(line))
+        versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v)
+        console.print(f"[bold]{title}[/] ready at {record['venv']} (Python {record['python']}; {versions})")
+        for step in record["manual_steps"]:
+            console.print(f"[yellow]still to do by hand:[/] {step}", soft_wrap=True)
+
+    @sub.command("check")
+    @user_errors
+    def check_cmd(evaluator_cache: CacheOpt = None, as_json: JsonOpt = False) -> None:
+        """Every dimension with its weight files present or missing and where each must go."""
+        from harness.eval.vbench.catalogue import DIMENSIONS
+        from harness.eval.vbench.environment import Cache, environment_status, missing_packages, weight_status
+
+        cache = Cache.resolve(evaluator_cache)
+        status = environment_status(name, cache)
+        rows = weight_status(name, cache)
+        modules = missing_packages(name, cache, tuple(DIMENSIONS[name].names()))
+        if as_json:
+            _print_json(
+                {
+                    "environment": status,
+                    "missing_modules": modules,
+                    "weights": [
+                        {
+                            "dimension": r.dimension,
+                            "path": str(r.location),
+                            "present": r.present,
+                            "source": r.file.source,
+                        }
+                        for r in rows
+                    ],
+                }
+            )
+            return
+        env_line = "ready" if status["ready"] else f"{status['reason']} (run `bench {name} setup`)"
+        console.print(f"[bold]{title}[/] environment at {cache.venv(name)}: {env_line}", soft_wrap=True)
+        table_rows = []
+        for dim in DIMENSIONS[name].names():
+            files = [r for r in rows if r.dimension == dim]
+            ready = all(r.present for r in files) and dim not in modules
+            table_rows += (
+                [[dim, "ready" if ready else "MISSING", "(no weights)", "", ""]]
+                if not files
+                else [
+                    [
+                        dim if i == 0 else "",
+                        ("ready" if ready else "MISSING") if i == 0 else "",
+                        str(r.location),
+                        "present" if r.present else "missing",
+                        r.file.source,
+                    ]
+                    for i, r in enumerate(files)
+                ]
+            )
+            if dim in modules:
+                table_rows.append(
+                    ["", "", f"modules: {', '.join(modules[dim])}", "missing", f"see `bench {name} setup`"]
+                )
+        console.print(_table(f"{title} dimensions", ["dimension", "status", "file", "state", "source"], table_rows))
+
+    return sub
+
+
+app.add_typer(
+    _evaluator_app("vbench", "VBench", "16 dimensions; weights from the cache, never downloaded."), name="vbench"
+)
+app.add_typer(
+    _evaluator_app(
+        "vbench2",
+        "VBench-2.0",
+        "18 dimensions; needs CUDA, ~30 GB of checkpoints and steps pip cannot do (setup lists them).",
+    ),
+    name="vbench2",
+)
 
 
 # -- report ------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ class AttentionFineTuner(ABC):
 
         settings, out = self.settings, self.out
         out.mkdir(parents=True, exist_ok=True)
-        meta = load_training_state(out, self.modules(), self.optimizer, self.generator)
+        meta = load_training_state(out, self.modules(), {"adamw": self.optimizer}, self.generator)
         if meta is not None and meta["config"] != json.loads(json.dumps(self.config)):
             raise HarnessError(
                 f"{out} holds a training run with another config; use another --out or the same settings"
@@ -178,7 +178,7 @@ class AttentionFineTuner(ABC):
                     progress.console.print(f"step {log['step']}/{settings.steps}: {info}")
                 if log["step"] % settings.checkpoint_every == 0 or log["step"] == settings.steps:
                     log["seconds"] = time.time() - started
-                    save_training_state(out, self.modules(), self.optimizer, self.generator, log)
+                    save_training_state(out, self.modules(), {"adamw": self.optimizer}, self.generator, log)
         result = self.write_result(log)
-        save_training_state(out, self.modules(), self.optimizer, self.generator, {**log, "finished": True})
+        save_training_state(out, self.modules(), {"adamw": self.optimizer}, self.generator, {**log, "finished": True})
         return result

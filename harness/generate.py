@@ -17,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.environment import capture_environment
 from harness.errors import HarnessError
-from harness.eval.suites import SUITES, mean_scores
+from harness.eval.suites import SUITES, EvalOptions
+from harness.evaluate import evaluate_record, merge_scores, score_clips
 from harness.io_checks import ensure_writable_dir
 from harness.latency import StageTimer, TimingStats, peak_memory
 from harness.models.base import MODELS, ModelAdapter
@@ -69,8 +70,12 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
-def prepare(spec: RunSpec) -> Prepared:
-    """Validate everything that needs no weights; raises :class:`HarnessError` with a clear message."""
+def prepare(spec: RunSpec, eval_options: EvalOptions | None = None, checkpoint_to_come: bool = False) -> Prepared:
+    """Validate everything that needs no weights; raises :class:`HarnessError` with a clear message.
+
+    Suites with requirements of their own (an evaluator's venv and weights) check them here too.
+    ``checkpoint_to_come``: the caller trains the method's checkpoint next (a missing one is not an error).
+    """
     adapter_cls = MODELS.get(spec.model)
     method_cls = METHODS.get(spec.method)
     adapter_cls.validate_sampling(spec.sampling)
@@ -79,12 +84,15 @@ def prepare(spec: RunSpec) -> Prepared:
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     if spec.weights == "random" and adapter_cls.weights_kind == "pretrained" and spec.eval_suites:
         raise HarnessError("quality metrics are meaningless with --random-weights; drop --eval")
-    for suite in spec.eval_suites:
-        SUITES.get(suite).check_model(spec.model)
+    for name in spec.eval_suites:
+        suite = SUITES.get(name)
+        suite.check_model(spec.model)
+        if suite.preflight is not None:
+            suite.preflight(spec, eval_options or EvalOptions())
     method = method_cls(schedule=schedule, **spec.method_params)
     method.validate_for(adapter_cls.num_layers, spec.sampling.steps)
     method.check_supported(device, dtype)
-    if method.capabilities.needs_training and spec.checkpoint is None:
+    if method.capabilities.needs_training and spec.checkpoint is None and not checkpoint_to_come:
         # Untrained states (linvideo's linear_layers) serve `bench latency` only, never a quality run.
         raise HarnessError(
             f"method {spec.method!r} needs a trained checkpoint: make one with `bench train --method {spec.method} "
@@ -103,10 +111,15 @@ class RunOutcome:
 
 
 def run(
-    spec: RunSpec, runs_dir: Path, force: bool = False, allow_download: bool = False, show_progress: bool = True
+    spec: RunSpec,
+    runs_dir: Path,
+    force: bool = False,
+    allow_download: bool = False,
+    show_progress: bool = True,
+    eval_options: EvalOptions | None = None,
 ) -> RunOutcome:
-    """Generate every prompt x seed of ``spec`` and write its record (skipped if already finished)."""
-    prepared = prepare(spec)
+    """Generate every prompt x seed of ``spec``, write its record and score it (skipped if already finished)."""
+    prepared = prepare(spec, eval_options)
     runs_dir = ensure_writable_dir(runs_dir)
     path = record_path(runs_dir, spec.run_id)
     existing = finished_record(path)
@@ -139,7 +152,7 @@ def run(
         for prompt_index, prompt in enumerate(spec.prompts):
             with timer.stage("prompt_encoding"):
                 cond = model.encode_prompts([prompt])
-            for seed in spec.seeds:
+            for seed_index, seed in enumerate(spec.seeds):
                 runtime.timer.pop_seconds()
 
                 def step_hook(index: int, _task: Any = task):  # type: ignore[no-untyped-def]
@@ -150,15 +163,17 @@ def run(
                 )
                 with timer.stage("decode"):
                     frames = model.decode(latents)[0]
-                stem = f"{safe_stem(prompt)}-seed{seed}"
+                stem = f"{safe_stem(spec.label(prompt_index))}-seed{seed}"
                 video_path = artifacts_dir / f"{stem}.mp4"
                 write_mp4(video_path, frames, spec.sampling.fps)
                 frames_kept[stem] = frames
                 videos.append(
                     {
                         "prompt": prompt,
+                        "label": spec.label(prompt_index),
                         "prompt_index": prompt_index,
                         "seed": seed,
+                        "index": seed_index,
                         "video": str(video_path.relative_to(runs_dir)),
                         "frames_key": stem,
                     }
@@ -166,7 +181,8 @@ def run(
 
     frames_path = artifacts_dir / "frames.safetensors"
     _save_frames(frames_path, frames_kept)
-    metrics = _evaluate(spec.eval_suites, videos, frames_kept)
+    clip_suites = [SUITES.get(name) for name in spec.eval_suites if SUITES.get(name).score is not None]
+    metrics = {s.name: score_clips(s, videos, frames_kept, spec.sampling.fps) for s in clip_suites}
     record = _build_record(
         prepared,
         model,
@@ -177,22 +193,14 @@ def run(
         videos,
         str(frames_path.relative_to(runs_dir)),
         time.time() - started,
-        metrics,
     )
+    for name, scores in metrics.items():
+        merge_scores(record, name, scores)
     write_record(path, record)
+    run_suites = tuple(name for name in spec.eval_suites if SUITES.get(name).score is None)
+    if run_suites:
+        record = evaluate_record(path, run_suites, eval_options or EvalOptions())
     return RunOutcome(record, path, skipped=False)
-
-
-def _evaluate(suites: tuple[str, ...], videos: list[dict[str, Any]], frames: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Score the run's videos with each suite: means in the returned metrics, per-video scores in ``videos``."""
-    metrics: dict[str, Any] = {}
-    for name in suites:
-        suite = SUITES.get(name)
-        per_video = suite.score([frames[v["frames_key"]] for v in videos], [v["prompt"] for v in videos])
-        for video, scores in zip(videos, per_video, strict=True):
-            video.setdefault("metrics", {})[suite.name] = scores
-        metrics[suite.name] = mean_scores(per_video)
-    return metrics
 
 
 class _StepScope:
@@ -243,7 +251,6 @@ def _build_record(
     videos: list[dict[str, Any]],
     frames_path: str,
     wall_seconds: float,
-    metrics: dict[str, Any],
 ) -> dict[str, Any]:
     spec = prepared.spec
     stages = {name: stats.to_dict() for name, stats in timer.stats().items()}
@@ -281,7 +288,7 @@ def _build_record(
         },
         "memory": {"peak_gib": peak_gib},
         "density": method.density.summary(),
-        "metrics": metrics,
+        "metrics": {},
         "artifacts": {"videos": videos, "frames": frames_path},
         "wall_seconds": wall_seconds,
     }

@@ -51,8 +51,7 @@ def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
             "e2e_s_per_video": rec["latency"]["end_to_end_ms_per_video"] / 1e3,
             "density": rec["density"].get("mean"),
             "peak_gib": rec["memory"].get("peak_gib"),
-            # Same spec on two GPU models is two cohorts: speedups never mix devices.
-            "cohort": f"{rec['cohort']}@{rec['environment'].get('device_name')}",
+            "cohort": _cohort(rec),
         }
         if rec.get("quality_reportable", False):
             for suite, scores in sorted(rec.get("metrics", {}).items()):
@@ -62,15 +61,62 @@ def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
+    _add_speedups(table, "step_ms")
+    return table.drop(columns="cohort").sort_values(["model", "video", "method"]).reset_index(drop=True)
+
+
+def _cohort(rec: dict[str, Any]) -> str:
+    # Same spec on two GPU models is two cohorts: speedups never mix devices.
+    return f"{rec['cohort']}@{rec['environment'].get('device_name')}"
+
+
+def _add_speedups(table: pd.DataFrame, time_column: str) -> None:
+    """``baseline`` and ``speedup`` columns: each row's time against the preferred dense run of its cohort."""
     table["baseline"], table["speedup"] = None, None
     for _, group in table.groupby("cohort"):
         dense = next((m for m in DENSE_PREFERENCE if m in set(group["method"])), None)
         if dense is None:
             continue
-        base_ms = group.loc[group["method"] == dense, "step_ms"].median()
+        base = group.loc[group["method"] == dense, time_column].median()
         table.loc[group.index, "baseline"] = dense
-        table.loc[group.index, "speedup"] = base_ms / group["step_ms"]
-    return table.drop(columns="cohort").sort_values(["model", "video", "method"]).reset_index(drop=True)
+        table.loc[group.index, "speedup"] = base / group[time_column]
+
+
+def table1(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """LinVideo's Table 1 layout: latency, speedup and the 8 VBench dimensions (x 100) per method.
+
+    Runs scored by VBench only; dimensions beyond the 8 follow them. Proxies never appear here.
+    """
+    from harness.eval.prompt_sets import PAPER8, PAPER_TITLES
+
+    scored = [r for r in records if r.get("quality_reportable", False) and r.get("metrics", {}).get("vbench")]
+    rows = []
+    for rec in scored:
+        spec, s = rec["spec"], rec["spec"]["sampling"]
+        row = {
+            "model": spec["model"],
+            "method": spec["method"],
+            "params": _params_label(rec.get("method_params_resolved") or spec.get("method_params", {})),
+            "prompts": spec.get("prompt_set") or f"{len(spec['prompts'])} given",
+            "video": f"{s['height']}x{s['width']}x{s['frames']}",
+            "videos": len(rec["artifacts"]["videos"]),
+            "device": rec["environment"].get("device_name"),
+            "latency_s": rec["latency"]["end_to_end_ms_per_video"] / 1e3,
+            "cohort": _cohort(rec),
+        }
+        scores = rec["metrics"]["vbench"]
+        extra = sorted(set(scores) - set(PAPER8))
+        row.update({PAPER_TITLES[d]: scores.get(d) for d in PAPER8})
+        row.update({d: scores[d] for d in extra})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    _add_speedups(table, "latency_s")
+    table = table.dropna(axis=1, how="all")  # dimensions no run was scored on
+    front = ["model", "method", "params", "prompts", "video", "videos", "device", "latency_s", "speedup", "baseline"]
+    ordered = [c for c in front if c in table] + [c for c in table if c not in front and c != "cohort"]
+    return table[ordered].sort_values(["model", "video", "method"]).reset_index(drop=True)
 
 
 def latency_table(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -164,6 +210,11 @@ def build_report(runs_dir: Path, out_dir: Path | None) -> Report:
         if out_dir is not None:
             report.files += _write_table(table, Path(out_dir), kind)
     runs = [r for r in loaded.records if r.get("kind") == "run" and r.get("quality_reportable", False)]
+    paper_table = table1(runs)
+    if not paper_table.empty:
+        report.tables["table1"] = paper_table
+        if out_dir is not None:
+            report.files += _write_table(paper_table, Path(out_dir), "table1")
     ablations = ablation_tables(runs)
     for name, table in ablations.items():
         report.tables[name] = table

@@ -57,6 +57,12 @@ class RunSpec:
     dense_layers: tuple[int, ...] = ()
     checkpoint: str | None = None
     eval_suites: tuple[str, ...] = ()
+    # Named prompt sets (VBench): the unaugmented prompt of each entry of ``prompts`` (file names and
+    # what evaluators score against), the set's name, the protocol, and per-suite options (dimensions).
+    prompt_labels: tuple[str, ...] = ()
+    prompt_set: str = ""
+    protocol: str = ""
+    eval_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sampling.validate()
@@ -64,18 +70,28 @@ class RunSpec:
             raise HarnessError("at least one prompt is needed")
         if not self.seeds:
             raise HarnessError("at least one seed is needed")
+        if self.prompt_labels and len(self.prompt_labels) != len(self.prompts):
+            raise HarnessError(f"{len(self.prompt_labels)} prompt labels for {len(self.prompts)} prompts")
+
+    def label(self, index: int) -> str:
+        """The unaugmented prompt that names prompt ``index``'s videos (the prompt itself by default)."""
+        return self.prompt_labels[index] if self.prompt_labels else self.prompts[index]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("prompts", "seeds", "dense_layers", "eval_suites"):
+        for key in ("prompts", "seeds", "dense_layers", "eval_suites", "prompt_labels"):
             data[key] = list(data[key])
+        # Fields added later are left out while empty, so earlier specs keep their hashes.
+        for key in LATER_FIELDS:
+            if not data[key]:
+                del data[key]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
         data = dict(data)
         data["sampling"] = Sampling(**data["sampling"])
-        for key in ("prompts", "seeds", "dense_layers", "eval_suites"):
+        for key in ("prompts", "seeds", "dense_layers", "eval_suites", "prompt_labels"):
             data[key] = tuple(data.get(key, ()))
         return cls(**data)
 
@@ -91,6 +107,9 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         return f"{self.model}__{self.method}__{self.hash()}"
+
+
+LATER_FIELDS = ("prompt_labels", "prompt_set", "protocol", "eval_params")
 
 
 def _digest(data: dict[str, Any]) -> str:

@@ -1,5 +1,8 @@
 """``bench train``: validate, collect the teacher's trajectories (resumable), train, write a converted checkpoint.
 
+:func:`default_checkpoint` is the same training with the default recipe, run once per built-in teacher and
+cached, for ``bench run --method linvideo`` on the toy model without ``--checkpoint``.
+
 Everything that needs no weights is checked first (model, method, target layers, objective, kernel,
 output folder); the trajectory store lives in ``OUT/trajectories`` unless named, and is reused by
 every run trained from the same collection spec.
@@ -7,7 +10,10 @@ every run trained from the same collection spec.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,3 +69,45 @@ def train(request: TrainRequest) -> Path:
     if isinstance(config, SlaTrainConfig):
         return SlaTrainer(config, teacher, store, out).run(request.show_progress)
     return LinVideoTrainer(config, teacher, store, out).run(request.show_progress)
+
+
+CACHE_ENV = "ATTENTION_BENCH_CACHE"
+DEFAULT_PROMPT_COUNT = 64  # training prompts of the default conversion's trajectory store
+
+
+def default_recipe(num_layers: int) -> LinVideoTrainConfig:
+    """The default conversion: half of the layers, every other setting at LinVideoTrainConfig's default."""
+    from methods.linvideo.train import LinVideoTrainConfig
+
+    return LinVideoTrainConfig(target_layers=num_layers // 2)
+
+
+def cache_dir() -> Path:
+    """Where trained defaults are cached: ``$ATTENTION_BENCH_CACHE``, else ``~/.cache/attention-bench``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "attention-bench").expanduser()
+
+
+def default_checkpoint(model: str, device: str, show_progress: bool = True) -> Path:
+    """The default LinVideo conversion of a built-in teacher (half of its layers, the default recipe).
+
+    Trained on first use and cached under :func:`cache_dir`, named by the recipe and the teacher's
+    sha256, so a new teacher or recipe trains anew; an interrupted training resumes.
+    """
+    from harness.checkpoints import file_sha256
+    from harness.toyworld.checkpoint import SHIPPED_CHECKPOINT
+
+    adapter_cls = MODELS.get(model)
+    if adapter_cls.weights_kind != "builtin":
+        raise HarnessError(
+            f"linvideo on {model!r} needs a converted checkpoint: make one with `bench train --method linvideo "
+            f"--model {model} --target-layers K --out DIR`, then pass --checkpoint DIR"
+        )
+    config = default_recipe(adapter_cls.num_layers)
+    identity = json.dumps({"config": asdict(config), "prompts": DEFAULT_PROMPT_COUNT,
+                           "teacher": file_sha256(SHIPPED_CHECKPOINT)}, sort_keys=True, default=list)  # fmt: skip
+    out = cache_dir() / "linvideo" / f"{MODELS.canonical(model)}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    if (out / "spec.json").is_file():
+        return out
+    request = TrainRequest(model=MODELS.canonical(model), weights="builtin", config=config, out=out, prompts=None,
+                           prompt_count=DEFAULT_PROMPT_COUNT, device=device, show_progress=show_progress)  # fmt: skip
+    return train(request)

@@ -1,4 +1,8 @@
-"""Writing videos: mp4 through imageio-ffmpeg (H.264, yuv420p), atomically; prompt-safe file names."""
+"""Writing videos: mp4 through imageio-ffmpeg (H.264, yuv420p), atomically; prompt-safe file names.
+
+Two naming schemes: :func:`safe_stem` (any text -> a portable stem, for the run's own files) and
+:func:`benchmark_video_name` (VBench's exact ``<prompt>-<i>.mp4``, which must keep the prompt's text).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,45 @@ def safe_stem(text: str, max_length: int = 80) -> str:
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
     stem = _UNSAFE.sub("-", ascii_text).strip("-._")[:max_length].rstrip("-._") or "prompt"
     return f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+#: The longest file name Linux file systems take, in bytes.
+MAX_NAME_BYTES = 255
+
+
+def benchmark_video_name(label: str, index: int, max_prompt_chars: int | None = None) -> str:
+    """VBench's file name for video ``index`` of a prompt: ``<label[:max_prompt_chars]>-<index>.mp4``.
+
+    VBench matches files by the exact prompt text, so the text is kept as it is (spaces, quotes,
+    commas, parentheses, non-ASCII); what could leave the folder or is not a valid name is refused.
+    VBench-2.0 cuts prompts at 180 characters (``max_prompt_chars=180``).
+    """
+    if index < 0:
+        raise ValueError(f"video index must be >= 0, got {index}")
+    text = label[:max_prompt_chars] if max_prompt_chars else label
+    name = f"{text}-{index}.mp4"
+    problems = [
+        why
+        for why, bad in (
+            ("is empty", not text.strip()),
+            ("contains a path separator", "/" in text or "\\" in text),
+            ("contains a control character", any(ord(ch) < 32 or ord(ch) == 127 for ch in text)),
+            ("starts with a dot (a hidden or relative name)", text.startswith(".")),
+            (f"is longer than {MAX_NAME_BYTES} bytes as a file name", len(name.encode()) > MAX_NAME_BYTES),
+        )
+        if bad
+    ]
+    if problems:
+        raise ValueError(f"prompt {label[:60]!r} cannot name a benchmark video: it {', '.join(problems)}")
+    return name
+
+
+def place_in(folder: Path, name: str) -> Path:
+    """``folder / name``, guaranteed to be a direct child of ``folder`` (never elsewhere)."""
+    target = (Path(folder) / name).resolve()
+    if target.parent != Path(folder).resolve() or Path(name).name != name:
+        raise ValueError(f"file name {name!r} would leave {folder}")
+    return target
 
 
 def write_mp4(path: Path, frames: torch.Tensor | np.ndarray, fps: int) -> None:

@@ -22,6 +22,10 @@ _BUILTIN = {
     "fa2": ("methods.dense:FlashAttention2", ("flash", "flash-attn2")),
     "linear": ("methods.linear:LinearAttention", ("linear-attention",)),
     "linvideo": ("methods.linvideo.attention:LinVideo", ("lin-video",)),
+    "xattn": ("methods.xattn:XAttention", ("xattention",)),
+    "svg": ("methods.svg:SparseVideoGen", ("sparse-videogen", "sparse-video-gen")),
+    "svg2": ("methods.svg2:SparseVideoGen2", ("sparse-videogen2", "sap")),
+    "radial": ("methods.radial:RadialAttention", ("radial-attention",)),
     "dfa": ("methods.dfa:DiTFastAttn", ("ditfastattn",)),
     "sla": ("methods.sla:SparseLinearAttention", ("sparse-linear",)),
 }

@@ -4,8 +4,8 @@ A subclass plans each sparse call -- which tiles to compute, in which token orde
 runs the plan with :func:`methods.kernels.block_sparse.block_sparse_attention` (compiled
 FlexAttention on CUDA, the masked dense equivalent on CPU), undoes any permutation and records the
 exact density of the mask used. Besides the user's :class:`~methods.base.Schedule`, every method
-keeps its paper's own dense warm-up steps and dense first layers (:meth:`paper_dense_steps`,
-:meth:`paper_dense_layers`), which scale with the model's step and layer counts.
+keeps its paper's own dense warm-up steps (``warmup_fraction`` of the steps) and dense first layers
+(:meth:`paper_dense_layers`), which scale with the model's step and layer counts.
 
 Block size: the papers use 128 x 128 tiles on Wan (12 tiles per 480p frame). ``block_size="auto"``
 keeps 128 whenever a row holds at least :data:`MIN_BLOCKS_PER_ROW` such tiles and otherwise halves it
@@ -15,6 +15,7 @@ per row) instead of 4 tiles of two whole frames; the block size used per sequenc
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -40,16 +41,21 @@ class SparsePlan:
     """What one sparse call computes.
 
     Attributes:
-        pattern: the tiles (and token mask) over the tokens in ``order``.
-        order: ``(B|1, H|1, N)`` token permutation applied to q, k, v before attention (the output
-            is permuted back); ``None`` keeps the model's frame-major order.
+        pattern: the tiles (and token mask) over queries in ``q_order`` and keys in ``kv_order``.
+        q_order: ``(B|1, H|1, N)`` permutation of the queries (the output is permuted back);
+            ``None`` keeps the model's frame-major order.
+        kv_order: permutation of keys and values; ``None`` means the same as ``q_order``.
         density: the exact kept fraction when the method knows it more cheaply than
             ``pattern.density()`` (e.g. from cluster sizes); ``None`` asks the pattern.
     """
 
     pattern: BlockSparsePattern
-    order: torch.Tensor | None = None
+    q_order: torch.Tensor | None = None
+    kv_order: torch.Tensor | None = None
     density: float | None = None
+
+    def used_density(self) -> float:
+        return self.pattern.density() if self.density is None else self.density
 
 
 def auto_block_size(tokens: int) -> int:
@@ -78,6 +84,26 @@ def check_fraction(name: str, value: float, low_open: bool = False) -> float:
     return float(value)
 
 
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``; a clear error otherwise (bools are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise HarnessError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class SeededGenerators:
+    """One ``torch.Generator`` per device, all seeded alike, so a method's random draws repeat per run."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._by_device: dict[torch.device, torch.Generator] = {}
+
+    def on(self, device: torch.device) -> torch.Generator:
+        if device not in self._by_device:
+            self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._by_device[device]
+
+
 class BlockSparseMethod(AttentionMethod):
     """An attention method whose sparse calls run a :class:`SparsePlan` through block-sparse attention.
 
@@ -88,10 +114,16 @@ class BlockSparseMethod(AttentionMethod):
     """
 
     def __init__(
-        self, schedule: Schedule | None = None, block_size: Any = "auto", backend: str = "auto", **params: Any
+        self,
+        schedule: Schedule | None = None,
+        block_size: Any = "auto",
+        backend: str = "auto",
+        warmup_fraction: float = 0.0,
+        **params: Any,
     ) -> None:
         super().__init__(schedule, **params)
         self._block_size = parse_block_size(block_size)
+        self.warmup_fraction = check_fraction(f"{self.name}: warmup_fraction", warmup_fraction)
         if backend not in BACKENDS:
             raise HarnessError(f"{self.name}: backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -104,8 +136,8 @@ class BlockSparseMethod(AttentionMethod):
         """The tiles one sparse call computes. q, k, v are ``(B, H, N, D)`` in frame-major order."""
 
     def paper_dense_steps(self, num_steps: int) -> int:
-        """First denoising steps the paper runs dense (warm-up), for a sampler of ``num_steps``."""
-        return 0
+        """First denoising steps the paper runs dense: ``warmup_fraction`` of them, rounded half up."""
+        return math.floor(self.warmup_fraction * num_steps + 0.5)
 
     def paper_dense_layers(self, num_layers: int) -> int:
         """First layers the paper always runs dense, for a model of ``num_layers``."""
@@ -134,12 +166,20 @@ class BlockSparseMethod(AttentionMethod):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
     ) -> tuple[torch.Tensor, float]:
         plan = self.plan(q, k, v, ctx)
-        if plan.order is not None:
-            q, k, v = (permute_tokens(t, plan.order) for t in (q, k, v))
-        out = block_sparse_attention(q, k, v, plan.pattern, self.backend)
-        if plan.order is not None:
-            out = unpermute_tokens(out, plan.order)
-        return out, plan.pattern.density() if plan.density is None else plan.density
+        return self.execute(q, k, v, plan, self.backend), plan.used_density()
+
+    @staticmethod
+    def execute(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, backend: str = "auto"
+    ) -> torch.Tensor:
+        """Run ``plan`` on q, k, v ``(B, H, N, D)``: permute, block-sparse attention, permute back."""
+        kv_order = plan.q_order if plan.kv_order is None else plan.kv_order
+        if plan.q_order is not None:
+            q = permute_tokens(q, plan.q_order)
+        if kv_order is not None:
+            k, v = permute_tokens(k, kv_order), permute_tokens(v, kv_order)
+        out = block_sparse_attention(q, k, v, plan.pattern, backend)
+        return out if plan.q_order is None else unpermute_tokens(out, plan.q_order)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -147,4 +187,5 @@ class BlockSparseMethod(AttentionMethod):
             "block_size": self._block_size or "auto",
             "block_size_used": {str(tokens): block for tokens, block in sorted(self._blocks_used.items())},
             "backend": self.backend,
+            "warmup_fraction": self.warmup_fraction,
         }

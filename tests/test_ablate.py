@@ -25,6 +25,8 @@ def test_variants_cover_the_papers_ablations() -> None:
     assert list(variants("kernel", 8, 4)) == ["hedgehog", "relu", "taylor", "elu"]
     assert variants("selection", 8, 4)["manual"] == {"selection": "manual", "layers": (1, 2, 3, 4)}
     assert list(variants("target", 8, 4)) == ["2", "4", "6"]
+    assert list(variants("objective", 8, 4)) == ["adm", "mse", "adm-extra-score"]
+    assert variants("r-optimizer", 8, 4)["adamw (lr 1e-2)"] == {"r_optimizer": "adamw", "r_lr": 1e-2}
 
 
 def test_unknown_axis_suggests_the_closest(bench: Invoke, tmp_path: Path) -> None:
@@ -39,7 +41,7 @@ def test_ablate_objective_records_each_variant_and_resumes(bench: Invoke, tmp_pa
             "--runs-dir", runs, "--train-dir", train, "--no-progress")  # fmt: skip
     bench(*args)
     records = records_in(runs)
-    assert sorted(r["ablation"]["variant"] for r in records) == ["adm", "mse"]
+    assert sorted(r["ablation"]["variant"] for r in records) == ["adm", "adm-extra-score", "mse"]
     for record in records:
         assert record["spec"]["method"] == "linvideo" and "toybench" in record["metrics"]
         assert record["training"]["steps"] == 2 and len(record["training"]["r_per_step"]) == 2
@@ -50,6 +52,6 @@ def test_ablate_objective_records_each_variant_and_resumes(bench: Invoke, tmp_pa
     bench("run", "--model", "toy", "--method", "sdpa", "--device", "cpu", "--runs-dir", runs, "--no-progress")
     payload = json.loads(bench("report", "--runs-dir", runs, "--out", tmp_path / "report", "--json").stdout)
     rows = payload["tables"]["ablation_objective"]
-    assert [row["variant"] for row in rows] == ["sdpa (reference)", "adm", "mse"]
+    assert [row["variant"] for row in rows] == ["sdpa (reference)", "adm", "mse", "adm-extra-score"]
     figures = {Path(f).name for f in payload["files"] if f.endswith(".png")}
     assert {"regulariser_curves.png", "toybench_objective.png", "r_objective_adm.png"} <= figures

@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Invoke, normalise
+from conftest import Invoke, normalise, records_in
 
 from harness.errors import HarnessError
 from harness.models.toy import ToyModel
+from methods import build_method
 from methods.kernels.linear_attention import KERNELS, naive_linear_attention
 from methods.linvideo.attention import LinVideo, TransferState
 from methods.linvideo.collect import CollectionSpec, TrajectoryStore, collect
 from methods.linvideo.train import LinVideoTrainConfig, LinVideoTrainer, lr_factor
 
 B, H, N, D = 2, 3, 29, 8
+PROMPT = "a small red disk moves left on a gray background"
 
 
 def _qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,10 +79,17 @@ def test_lr_schedule_warms_up_over_a_tenth_then_decays_to_zero() -> None:
     assert lr_factor(99, config) < 0.01
 
 
+def test_a_constant_r_schedule_keeps_rs_lr_after_warm_up_while_the_weights_decay() -> None:
+    config = LinVideoTrainConfig(target_layers=1, steps=100, r_lr_schedule="constant")
+    assert lr_factor(0, config, "r") == pytest.approx(0.1) and lr_factor(99, config, "r") == 1.0
+    assert lr_factor(99, config, "weights") < 0.01
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"target_layers": 9}, "target layers must be in 1..8"), ({"target_layers": 0}, "target layers must be in 1..8"),
     ({"objective": "dmd"}, "unknown objective"), ({"kernel": "hedgehgo"}, "Did you mean 'hedgehog'"),
-    ({"steps": 0}, ">= 1"),
+    ({"steps": 0}, ">= 1"), ({"r_lr_schedule": "step"}, "unknown r schedule"),
+    ({"adm_weighting": "dmd"}, "unknown ADM weighting"), ({"alpha_anneal_fraction": 0.0}, "anneal fraction"),
 ])  # fmt: skip
 def test_impossible_training_settings_are_refused(changes: dict, message: str) -> None:
     config = LinVideoTrainConfig(**{"target_layers": 4, **changes})
@@ -137,7 +146,7 @@ def _config(**changes: object) -> LinVideoTrainConfig:
     return LinVideoTrainConfig(**{"target_layers": 4, "steps": 4, "batch_size": 2, "checkpoint_every": 2, **changes})
 
 
-@pytest.mark.parametrize("objective", ["adm", "mse"])
+@pytest.mark.parametrize("objective", ["adm", "mse", "adm-extra-score"])
 def test_trainer_writes_a_converted_checkpoint_and_logs_r(objective: str, teacher: ToyModel, store: TrajectoryStore,
                                                           tmp_path: Path) -> None:  # fmt: skip
     out = LinVideoTrainer(_config(objective=objective), teacher, store, tmp_path).run(show_progress=False)
@@ -146,6 +155,37 @@ def test_trainer_writes_a_converted_checkpoint_and_logs_r(objective: str, teache
     assert spec["steps"] == 4 and len(log["r"]) == 4 and len(log["r"][0]) == 8
     assert {"objective", "constraint", "regulariser", "total"} <= set(log["losses"][0])
     assert (out / "linvideo.safetensors").is_file() and (out / "transformer.safetensors").is_file()
+
+
+def test_sgd_moves_each_score_by_its_own_gradient_and_adamw_moves_all_alike(
+    teacher: ToyModel, store: TrajectoryStore, tmp_path: Path
+) -> None:
+    """r's optimizer: SGD keeps the per-layer gradient size (the ranking signal); AdamW's first step is lr * sign."""
+    moves = {}
+    for name in ("sgd", "adamw"):
+        trainer = LinVideoTrainer(_config(r_optimizer=name, r_lr=0.05), teacher, store, tmp_path / name)
+        for group in trainer.optimizers["r"].param_groups:
+            group["lr"] = 0.05
+        before = trainer.state.rho.detach().clone()
+        with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+            trainer.train_step(store.sample(2, torch.Generator().manual_seed(0)), 0)
+        moves[name] = (trainer.state.rho.detach() - before, trainer.state.rho.grad.detach().clone())
+    step, grad = moves["sgd"]
+    assert torch.allclose(step, -0.05 * grad, atol=1e-7) and grad.std() > 0
+    assert torch.allclose(moves["adamw"][0].abs(), torch.full((8,), 0.05), atol=1e-4)
+
+
+def test_extra_score_model_trains_beside_the_student(teacher: ToyModel, store: TrajectoryStore, tmp_path: Path) -> None:
+    """adm-extra-score: one step changes the separate score model (initialised from the teacher), not the teacher."""
+    trainer = LinVideoTrainer(_config(objective="adm-extra-score"), teacher, store, tmp_path)
+    assert trainer.score_model is not None and "score" in trainer._modules()
+    before = [p.detach().clone() for p in trainer.score_model.transformer.parameters()]
+    with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+        trainer.train_step(store.sample(2, torch.Generator().manual_seed(0)), 0)
+    after = list(trainer.score_model.transformer.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    for t, b in zip(teacher.transformer.parameters(), before, strict=True):
+        assert torch.equal(t, b)
 
 
 def test_interrupted_training_resumes_to_the_same_weights(teacher: ToyModel, store: TrajectoryStore, tmp_path: Path,
@@ -213,9 +253,29 @@ def test_converted_checkpoint_reloads_to_the_same_outputs_bit_for_bit(teacher: T
     assert method.density.per_layer() == {0: 0.0, 1: 1.0, 2: 0.0, 3: 1.0, 4: 0.0, 5: 1.0, 6: 0.0, 7: 1.0}
 
 
-def test_bench_run_linvideo_without_checkpoint_fails_early(bench: Invoke, tmp_path: Path) -> None:
-    result = bench("run", "--method", "linvideo", "--model", "toy", "--runs-dir", tmp_path, expect=2)
+def test_bench_run_linvideo_on_a_real_model_without_checkpoint_fails_early(bench: Invoke, tmp_path: Path) -> None:
+    result = bench("run", "--method", "linvideo", "--model", "wan-tiny", "--random-weights", "--eval", "none",
+                   "--runs-dir", tmp_path, expect=2)  # fmt: skip
     assert "bench train --method linvideo" in normalise(result.output)
+
+
+def test_bench_run_linvideo_on_toy_trains_the_default_once_and_caches_it(
+    bench: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --checkpoint on the toy: the default conversion is trained into the cache, then reused."""
+    import harness.training as training
+
+    monkeypatch.setenv(training.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(training, "DEFAULT_PROMPT_COUNT", 2)
+    monkeypatch.setattr(training, "default_recipe", lambda layers: _config(target_layers=layers // 2, steps=2))
+    args = ("run", "--method", "linvideo", "--model", "toy", "--prompt", PROMPT, "--seeds", "0", "--no-progress")
+    first = bench(*args, "--runs-dir", tmp_path / "a")
+    [cached] = (tmp_path / "cache" / "linvideo").iterdir()
+    assert (cached / "spec.json").is_file() and str(cached) in records_in(tmp_path / "a")[0]["spec"]["checkpoint"]
+    trained_at = (cached / "spec.json").stat().st_mtime_ns
+    bench(*args, "--runs-dir", tmp_path / "b")
+    assert (cached / "spec.json").stat().st_mtime_ns == trained_at, "the second run reuses the cached conversion"
+    assert "default LinVideo conversion" in normalise(first.output)
 
 
 def test_bench_train_refuses_more_target_layers_than_the_model_has(bench: Invoke, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from methods.linvideo.losses import (
     annealed_alpha,
     binarization_loss,
     constraint_loss,
+    normalized_adm_gradient,
     ste_round,
 )
 
@@ -68,6 +69,20 @@ def test_alpha_anneals_linearly_from_start_to_end(start: float, end: float) -> N
     values = [annealed_alpha(step, total, start, end) for step in range(total)]
     assert values[0] == start and values[-1] == pytest.approx(end)
     assert values[5] == pytest.approx((start + end) / 2)
+
+
+def test_alpha_reaches_its_end_at_the_anneal_fraction_and_holds() -> None:
+    total = 101  # steps 0..100: annealing over the first 60
+    assert annealed_alpha(30, total, 20.0, 2.0, anneal_fraction=0.6) == pytest.approx(11.0)
+    assert [annealed_alpha(s, total, 20.0, 2.0, 0.6) for s in (60, 80, 100)] == pytest.approx([2.0, 2.0, 2.0])
+
+
+def test_normalized_adm_gradient_divides_by_the_teachers_mean_speed_per_sample() -> None:
+    u_teacher, u_student = torch.randn(2, 3, 2, 4, 4), torch.randn(2, 3, 2, 4, 4)
+    g = normalized_adm_gradient(u_teacher, u_student)
+    for i in range(2):
+        assert torch.allclose(g[i], (u_teacher[i] - u_student[i]) / u_teacher[i].abs().mean())
+    assert not g.requires_grad
 
 
 def test_adm_gradient_is_weighted_velocity_difference() -> None:

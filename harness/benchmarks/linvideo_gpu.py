@@ -84,10 +84,7 @@ def training_step(model_name: str, device: torch.device, frames: int | None, out
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
-            terms = trainer.losses(store.sample(1, trainer.generator), step)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            trainer.optimizer.step()
+            trainer.train_step(store.sample(1, trainer.generator), step)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - started)

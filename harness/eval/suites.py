@@ -1,31 +1,62 @@
-"""Metric suites a run can compute on its videos (``bench run --eval NAME``), behind one registry.
+"""Metric suites a run can compute on its videos (``bench run --eval NAME``, ``bench eval``), behind one registry.
 
-A suite scores the decoded videos of a run against their prompts and returns the mean of each
-metric (percentages) plus per-video scores. Each declares the models it can score, so a run that
-asks for an impossible suite fails before any video is generated.
+A clip suite scores the decoded videos of a run against their prompts and returns the mean of each
+metric (percentages) plus per-video scores. A run suite needs more than each clip (a reference run,
+an external evaluator) and scores the whole run from its record. Each declares the models it can
+score and may check its requirements up front, so a run that asks for an impossible suite fails
+before any video is generated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from harness.errors import HarnessError
 from harness.registry import Registry
 
-Scorer = Callable[[Sequence[torch.Tensor], Sequence[str]], list[dict[str, float]]]
+# (uint8 clips (F, H, W, 3), the prompts they are scored against, frames per second) -> metrics per clip
+Scorer = Callable[[Sequence[torch.Tensor], Sequence[str], int], list[dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How to evaluate, beyond the spec: evaluator cache and device, dimensions, a fidelity reference."""
+
+    dimensions: tuple[str, ...] = ()
+    cache: Path | None = None
+    device: str = "cuda"
+    reference: Path | None = None
+
+
+@dataclass
+class RunScores:
+    """What a run suite returns: means (the figures tables show), per-video scores, provenance."""
+
+    means: dict[str, float]
+    per_video: list[dict[str, Any]] | None = None  # aligned with the record's videos
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+RunScorer = Callable[[dict[str, Any], Path, EvalOptions], RunScores]  # (record, runs folder, options)
+Preflight = Callable[[Any, EvalOptions], None]  # (RunSpec, options): raise before any video is generated
 
 
 @dataclass(frozen=True)
 class Suite:
-    """A metric suite: ``score(videos, prompts)`` -> one dict of metrics per video."""
+    """A metric suite: per clip (``score``) or per run (``score_run``)."""
 
     name: str
     models: tuple[str, ...]  # the models whose videos it can score; () means any
-    score: Scorer
+    score: Scorer | None
     description: str
+    score_run: RunScorer | None = None
+    preflight: Preflight | None = None
+    all_ranks: bool = False  # under torchrun every rank takes part (external evaluators shard the videos)
 
     def check_model(self, model: str) -> None:
         if self.models and model not in self.models:
@@ -34,10 +65,16 @@ class Suite:
             )
 
 
-def _toybench(videos: Sequence[torch.Tensor], prompts: Sequence[str]) -> list[dict[str, float]]:
+def _toybench(videos: Sequence[torch.Tensor], prompts: Sequence[str], fps: int) -> list[dict[str, float]]:
     from harness.eval.toybench import score_clip
 
     return [score_clip(video, prompt) for video, prompt in zip(videos, prompts, strict=True)]
+
+
+def _proxies(videos: Sequence[torch.Tensor], prompts: Sequence[str], fps: int) -> list[dict[str, float]]:
+    from harness.eval.proxies import score_clip
+
+    return [score_clip(video, fps) for video in videos]
 
 
 SUITES: Registry[Suite] = Registry("eval suite")
@@ -46,6 +83,15 @@ SUITES.add(
     Suite("toybench", ("toy",), _toybench, "exact toy-world scores of each clip against its prompt"),
     aliases=("toy",),
 )
+SUITES.add(
+    "proxies",
+    Suite("proxies", (), _proxies, "weight-free proxies (flicker, Farneback dynamic degree and smoothness)"),
+    aliases=("proxy",),
+)
+# Run suites live in harness.eval.run_suites (imported when first named).
+SUITES.add("fidelity", "harness.eval.run_suites:FIDELITY")
+SUITES.add("vbench", "harness.eval.run_suites:VBENCH", aliases=("vbench1",))
+SUITES.add("vbench2", "harness.eval.run_suites:VBENCH2", aliases=("vbench-2.0",))
 
 
 def mean_scores(per_video: list[dict[str, float]]) -> dict[str, float]:

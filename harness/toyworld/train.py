@@ -150,7 +150,7 @@ def _save_training_state(out: Path, modules: dict[str, nn.Module], optimizer: to
                          rng: random.Random) -> None:  # fmt: skip
     """Resumable checkpoint: modules, optimizer moments and RNG states (the scene pool's too)."""
     meta = {"config": asdict(config), **asdict(state), "python_rng": repr(rng.getstate())}
-    save_training_state(out, modules, optimizer, generator, meta)
+    save_training_state(out, modules, {"adamw": optimizer}, generator, meta)
 
 
 def _load_training_state(out: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
@@ -158,7 +158,7 @@ def _load_training_state(out: Path, modules: dict[str, nn.Module], optimizer: to
                          config: ToyTrainConfig) -> TrainState | None:  # fmt: skip
     import ast
 
-    meta = load_training_state(out, modules, optimizer, generator)
+    meta = load_training_state(out, modules, {"adamw": optimizer}, generator)
     if meta is None:
         return None
     if meta["config"] != asdict(config):

@@ -30,11 +30,17 @@ def binarization_loss(r: torch.Tensor, alpha: float) -> torch.Tensor:
     return (1 - (2 * r - 1).abs() ** alpha).sum()
 
 
-def annealed_alpha(step: int, total_steps: int, start: float = 20.0, end: float = 2.0) -> float:
-    """Alpha of L_reg at ``step`` (0-based), linear from ``start`` to ``end`` over the run (start == end: fixed)."""
+def annealed_alpha(
+    step: int, total_steps: int, start: float = 20.0, end: float = 2.0, anneal_fraction: float = 1.0
+) -> float:
+    """Alpha of L_reg at ``step`` (0-based): linear from ``start`` to ``end`` over the first ``anneal_fraction``
+    of the run, then held at ``end`` (start == end: fixed)."""
     if total_steps < 1:
         raise HarnessError(f"total_steps must be >= 1, got {total_steps}")
-    progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+    if not 0.0 < anneal_fraction <= 1.0:
+        raise HarnessError(f"anneal_fraction must be in (0, 1], got {anneal_fraction}")
+    anneal_steps = max(anneal_fraction * (total_steps - 1), 1.0)
+    progress = min(max(step / anneal_steps, 0.0), 1.0)
     return start + (end - start) * progress
 
 
@@ -48,6 +54,17 @@ def adm_gradient(
     """
     t = t.clamp(min=t_min).view(-1, *([1] * (u_teacher.dim() - 1)))
     return ((1 - t) / t * (u_teacher - u_student)).detach()
+
+
+def normalized_adm_gradient(u_teacher: torch.Tensor, u_student: torch.Tensor) -> torch.Tensor:
+    """DMD's normalisation of the score difference in velocities: ``(u_teacher - u_student) / mean|u_teacher|``.
+
+    DMD divides the x0-prediction difference by ``mean|x - x0_real|`` per sample; with x0 = x - t u both
+    are ``t`` times a velocity, so the weight becomes ``1 / mean|u_teacher|`` per sample instead of the
+    analytic ``(1 - t)/t``, which is bounded at small t. Shapes as :func:`adm_gradient`; without gradient.
+    """
+    scale = u_teacher.abs().mean(dim=tuple(range(1, u_teacher.dim())), keepdim=True).clamp(min=1e-6)
+    return ((u_teacher - u_student) / scale).detach()
 
 
 def adm_loss(x_hat: torch.Tensor, g: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -5,9 +5,12 @@ a learnable score r per layer (Eq. 8). Each step draws stored teacher states x_s
 collection), and with ``adm`` lets the student take one sampler step to the next grid time t:
 ``x_hat = x_s - (s - t) u_student(x_s)``, then ``g = (1 - t)/t (u_teacher(x_hat) - u_student(x_hat))``
 without gradient and the surrogate ``0.5 ||x_hat - sg(x_hat - g)||^2``; velocities are CFG-guided as
-at inference, for teacher and student alike. The total loss is ``L_obj + lambda (L_con + L_reg)``.
+at inference, for teacher and student alike. ``adm-extra-score`` replaces the student's own velocity at
+x_hat by a separately trained copy's (DMD-style); ``mse`` regresses the stored teacher velocities.
+The total loss is ``L_obj + lambda (L_con + L_reg)``.
 
-AdamW with its own learning rate for r, cosine schedule with warm-up, gradient clipping, bf16 autocast
+AdamW for the weights, SGD (or AdamW) with its own learning rate for r, cosine schedule with warm-up,
+gradient clipping, bf16 autocast (optional)
 on GPU, optional activation checkpointing, resumable checkpoints, and a stop with a message on a
 non-finite loss (the last good checkpoint is kept). Parameters are grouped by role and the loop only
 touches ``student.transformer`` and the transfer state, so FSDP2 can wrap both later.
@@ -41,10 +44,14 @@ from methods.linvideo.losses import (
     binarization_loss,
     constraint_loss,
     mse_loss,
+    normalized_adm_gradient,
 )
 from methods.linvideo.selection import SELECTIONS, check_manual_layers, greedy_selection
 
-OBJECTIVES = ("adm", "mse")
+OBJECTIVES = ("adm", "mse", "adm-extra-score")
+R_OPTIMIZERS = ("sgd", "adamw")
+R_SCHEDULES = ("cosine", "constant")
+ADM_WEIGHTINGS = ("analytic", "normalized")
 LOG_EVERY = 25  # steps between log lines when the progress bar is off
 
 
@@ -57,20 +64,30 @@ class LinVideoTrainConfig:
     kernel: str = "hedgehog"
     steps: int = 400
     batch_size: int = 8
-    lr: float = 1e-4  # transformer and feature maps
-    r_lr: float = 1e-2  # the scores r move far further than the weights
+    lr: float = 1e-4  # transformer and feature maps (and the extra score model of adm-extra-score)
+    # r's own optimizer. SGD keeps the size of each layer's gradient: L_con pushes every r alike, so the
+    # objective's per-layer resistance is the only ranking signal, and Adam's per-coordinate
+    # normalisation would erase it (every r then moves in lockstep and the layers cross 0.5 together).
+    r_optimizer: str = "sgd"
+    r_lr: float = 0.1
+    # cosine: r's lr follows the weights' warm-up + cosine; constant: r keeps its lr to the end, where the
+    # binarising pull of L_reg (small alpha) has to act.
+    r_lr_schedule: str = "cosine"
     r_init: float = 0.95
     alpha_start: float = 20.0
     alpha_end: float = 2.0
+    alpha_anneal_fraction: float = 1.0  # alpha reaches alpha_end at this fraction of the run, then holds
     lam: float = 0.01
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0
     t_min: float = 0.02
     adm_reduction: str = "mean"
+    adm_weighting: str = "analytic"  # analytic (1 - t)/t (Eq. 13) or normalized (DMD's per-sample scale)
     selection: str = "learned"  # learned (selective transfer), manual (``layers``) or heuristic (greedy)
     layers: tuple[int, ...] = ()  # the manual selection
     activation_checkpointing: bool = False
+    bf16: bool = True  # bf16 autocast on CUDA (fp32 master weights either way; CPU always runs fp32)
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -82,6 +99,16 @@ class LinVideoTrainConfig:
         if self.objective not in OBJECTIVES:
             raise HarnessError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         check_kernel(self.kernel)
+        if self.r_optimizer not in R_OPTIMIZERS:
+            raise HarnessError(f"unknown r optimizer {self.r_optimizer!r}; choose one of {', '.join(R_OPTIMIZERS)}")
+        if self.r_lr_schedule not in R_SCHEDULES:
+            raise HarnessError(f"unknown r schedule {self.r_lr_schedule!r}; choose one of {', '.join(R_SCHEDULES)}")
+        if self.adm_weighting not in ADM_WEIGHTINGS:
+            raise HarnessError(
+                f"unknown ADM weighting {self.adm_weighting!r}; choose one of {', '.join(ADM_WEIGHTINGS)}"
+            )
+        if not 0.0 < self.alpha_anneal_fraction <= 1.0:
+            raise HarnessError(f"alpha anneal fraction must be in (0, 1], got {self.alpha_anneal_fraction}")
         if self.selection not in SELECTIONS:
             raise HarnessError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
         if self.selection == "manual":
@@ -90,13 +117,18 @@ class LinVideoTrainConfig:
             raise HarnessError("layers are given only with the manual selection")
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise HarnessError("steps, batch size and checkpoint interval must be >= 1")
+        if self.lr <= 0 or self.r_lr <= 0:
+            raise HarnessError(f"learning rates must be > 0, got lr {self.lr} and r_lr {self.r_lr}")
         if not 0.0 < self.r_init <= 1.0 or not 0.0 <= self.warmup_fraction < 1.0:
             raise HarnessError("need 0 < r_init <= 1 and 0 <= warmup_fraction < 1")
 
 
-def lr_factor(step: int, config: LinVideoTrainConfig) -> float:
-    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0."""
-    return warmup_cosine(step, max(1, round(config.warmup_fraction * config.steps)), config.steps)
+def lr_factor(step: int, config: LinVideoTrainConfig, group: str = "weights") -> float:
+    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0 (r: constant if so set)."""
+    warmup = max(1, round(config.warmup_fraction * config.steps))
+    if group == "r" and config.r_lr_schedule == "constant":
+        return min(1.0, (step + 1) / warmup)
+    return warmup_cosine(step, warmup, config.steps)
 
 
 def guided_velocity(model: ModelAdapter, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -116,6 +148,8 @@ class StepLosses:
     constraint: torch.Tensor
     regulariser: torch.Tensor
     total: torch.Tensor
+    # adm-extra-score: (x_s, s, u_student(x_s), t, cond), what the score model learns from after the step
+    student_sample: tuple[torch.Tensor, ...] | None = None
 
 
 class LinVideoTrainer:
@@ -138,11 +172,18 @@ class LinVideoTrainer:
             self.student.transformer.enable_gradient_checkpointing()
         weights = [*self.student.transformer.parameters(), *self.state.q_maps.parameters(),
                    *self.state.k_maps.parameters()]  # fmt: skip
-        self.optimizer = torch.optim.AdamW(
-            [{"params": weights, "lr": config.lr, "name": "weights"},
-             {"params": [self.state.rho], "lr": config.r_lr, "weight_decay": 0.0, "name": "r"}],
-            weight_decay=config.weight_decay,
-        )  # fmt: skip
+        self.optimizers: dict[str, torch.optim.Optimizer] = {
+            "weights": torch.optim.AdamW(weights, lr=config.lr, weight_decay=config.weight_decay),
+            "r": torch.optim.SGD([self.state.rho], lr=config.r_lr) if config.r_optimizer == "sgd"
+            else torch.optim.AdamW([self.state.rho], lr=config.r_lr, weight_decay=0.0),
+        }  # fmt: skip
+        self.score_model: ModelAdapter | None = None
+        if config.objective == "adm-extra-score":
+            # DMD-style: a separately trained copy of the teacher estimates the student's score.
+            self.score_model = copy.copy(teacher)
+            self.score_model.transformer = copy.deepcopy(teacher.transformer).requires_grad_(True).train()
+            self.optimizers["score"] = torch.optim.AdamW(self.score_model.transformer.parameters(), lr=config.lr,
+                                                         weight_decay=config.weight_decay)  # fmt: skip
         self.generator = torch.Generator().manual_seed(config.seed)
         self.uncond = store.uncond.to(self.device, teacher.dtype)
         self.selection_log: list[dict[str, float]] = []
@@ -173,16 +214,21 @@ class LinVideoTrainer:
                                                       self.config.target_layers)  # fmt: skip
         return layers
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.bf16)
+
     def _modules(self) -> dict[str, torch.nn.Module]:
-        return {"student": self.student.transformer, "transfer": self.state}
+        modules = {"student": self.student.transformer, "transfer": self.state}
+        if self.score_model is not None:
+            modules["score"] = self.score_model.transformer
+        return modules
 
     def losses(self, batch: dict[str, torch.Tensor], step: int) -> StepLosses:
         """The step's loss terms; gradients reach the student through x_hat (ADM) or its velocity (MSE)."""
         config = self.config
         x_s, s, t = batch["x"].to(self.device), batch["t"].to(self.device), batch["t_next"].to(self.device)
         cond = batch["cond"].to(self.device, self.teacher.dtype)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        with autocast:
+        with self._autocast():
             u_student = guided_velocity(self.student, x_s, s, cond, self.uncond, self.cfg)
             if config.objective == "mse":
                 objective = mse_loss(u_student, batch["u"].to(self.device))
@@ -190,14 +236,70 @@ class LinVideoTrainer:
                 x_hat = x_s - (s - t).view(-1, 1, 1, 1, 1) * u_student
                 with torch.no_grad():
                     u_teacher_at = guided_velocity(self.teacher, x_hat, t, cond, self.uncond, self.cfg)
-                    u_student_at = guided_velocity(self.student, x_hat, t, cond, self.uncond, self.cfg)
-                g = adm_gradient(u_teacher_at, u_student_at, t, config.t_min)
+                    u_fake_at = (
+                        guided_velocity(self.student, x_hat, t, cond, self.uncond, self.cfg)
+                        if self.score_model is None
+                        else guided_velocity(self.score_model, x_hat, t, cond, self.uncond, 1.0)
+                    )
+                g = (
+                    adm_gradient(u_teacher_at, u_fake_at, t, config.t_min)
+                    if config.adm_weighting == "analytic"
+                    else normalized_adm_gradient(u_teacher_at, u_fake_at)
+                )
                 objective = adm_loss(x_hat.float(), g, config.adm_reduction)
+        sample = (x_s, s, u_student.detach(), t, cond) if self.score_model is not None else None
         r = self.state.r()
         constraint = constraint_loss(r, config.target_layers)
-        regulariser = binarization_loss(r, annealed_alpha(step, config.steps, config.alpha_start, config.alpha_end))
+        alpha = annealed_alpha(step, config.steps, config.alpha_start, config.alpha_end, config.alpha_anneal_fraction)
+        regulariser = binarization_loss(r, alpha)
         total = objective + config.lam * (constraint + regulariser)
-        return StepLosses(objective, constraint, regulariser, total)
+        return StepLosses(objective, constraint, regulariser, total, sample)
+
+    def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        """One optimisation step of the student (and of the extra score model); returns the loss values.
+
+        Raises on a non-finite loss before any parameter changes, so the last checkpoint stays good.
+        """
+        terms = self.losses(batch, step)
+        values = {name: float(getattr(terms, name).detach()) for name in ("objective", "constraint", "regulariser",
+                                                                          "total")}  # fmt: skip
+        if not all(math.isfinite(v) for v in values.values()):
+            raise HarnessError(f"non-finite loss at step {step} ({values}); last good checkpoint kept in {self.out}")
+        student = (self.optimizers["weights"], self.optimizers["r"])
+        for optimizer in student:
+            optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        # Weights and r are clipped apart: clipped together, the weights' gradient norm would shrink r's push
+        # from L_con and L_reg whenever the task's gradient is large.
+        for optimizer in student:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                           self.config.grad_clip)  # fmt: skip
+        for optimizer in student:
+            optimizer.step()
+        if terms.student_sample is not None:
+            self._update_score_model(*terms.student_sample)
+        return values
+
+    def _update_score_model(self, x_s: torch.Tensor, s: torch.Tensor, u_student: torch.Tensor, t: torch.Tensor,
+                            cond: torch.Tensor) -> None:  # fmt: skip
+        """One flow-matching step of the extra score model on the student's samples (``adm-extra-score``).
+
+        The student's clean estimate ``x0 = x_s - s u_student(x_s)`` is noised to the step's time t and the
+        score model regresses ``eps - x0`` conditionally (no CFG: it models the student's guided samples, as
+        DMD's fake score does), so that its velocity at x_hat stands for the student's score there.
+        """
+        assert self.score_model is not None, "only adm-extra-score has a score model"
+        x0 = x_s - s.view(-1, 1, 1, 1, 1) * u_student
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device, x0.dtype)
+        t_view = t.view(-1, 1, 1, 1, 1)
+        with self._autocast():
+            u_fake = guided_velocity(self.score_model, (1 - t_view) * x0 + t_view * noise, t, cond, self.uncond, 1.0)
+        loss = mse_loss(u_fake, noise - x0)
+        optimizer = self.optimizers["score"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.score_model.transformer.parameters(), self.config.grad_clip)
+        optimizer.step()
 
     def run(self, show_progress: bool = True) -> Path:
         """Train to ``config.steps`` (resuming a half-done run) and write the converted checkpoint."""
@@ -205,7 +307,7 @@ class LinVideoTrainer:
 
         config, out = self.config, self.out
         out.mkdir(parents=True, exist_ok=True)
-        meta = load_training_state(out, self._modules(), self.optimizer, self.generator)
+        meta = load_training_state(out, self._modules(), self.optimizers, self.generator)
         if meta is not None and meta["config"] != json.loads(json.dumps(asdict(config))):
             raise HarnessError(
                 f"{out} holds a LinVideo run with another config; use another --out or the same settings"
@@ -223,21 +325,10 @@ class LinVideoTrainer:
             task = progress.add_task("train", total=config.steps, completed=log["step"], info="")
             while log["step"] < config.steps:
                 step = log["step"]
-                for group in self.optimizer.param_groups:
-                    base = config.r_lr if group["name"] == "r" else config.lr
-                    group["lr"] = base * lr_factor(step, config)
-                terms = self.losses(self.store.sample(config.batch_size, self.generator), step)
-                values = {
-                    name: float(getattr(terms, name).detach())
-                    for name in ("objective", "constraint", "regulariser", "total")
-                }
-                if not all(math.isfinite(v) for v in values.values()):
-                    raise HarnessError(f"non-finite loss at step {step} ({values}); last good checkpoint kept in {out}")
-                self.optimizer.zero_grad(set_to_none=True)
-                terms.total.backward()
-                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                               config.grad_clip)  # fmt: skip
-                self.optimizer.step()
+                for name, optimizer in self.optimizers.items():
+                    for group in optimizer.param_groups:
+                        group["lr"] = (config.r_lr if name == "r" else config.lr) * lr_factor(step, config, name)
+                values = self.train_step(self.store.sample(config.batch_size, self.generator), step)
                 r = self.state.r().detach().cpu().tolist()
                 log["step"] += 1
                 log["losses"].append(values)
@@ -251,7 +342,7 @@ class LinVideoTrainer:
                                            + " r " + " ".join(f"{value:.2f}" for value in r))  # fmt: skip
                 if log["step"] % config.checkpoint_every == 0 or log["step"] == config.steps:
                     log["seconds"] = time.time() - started
-                    save_training_state(out, self._modules(), self.optimizer, self.generator, log)
+                    save_training_state(out, self._modules(), self.optimizers, self.generator, log)
         return self.write_converted(log)
 
     def write_converted(self, log: dict[str, Any]) -> Path:

@@ -1,0 +1,180 @@
+"""Sparse baselines on the GPU: Flex against masked dense, then attention and transformer latency.
+
+1. Correctness (fresh random inputs, 8 x 16 x 32 = 4,096 tokens, 12 heads x 128): for every method,
+   one plan executed twice -- compiled FlexAttention in bf16 and the masked dense path in fp32 --
+   relative error within bf16 tolerance. A failing method is not timed.
+2. Attention: per model shape, one method call at a sparse step (selection + kernel) and the
+   kernel alone on a fixed plan, beside FA2 and cuDNN dense (random q, k, v in bf16).
+3. Transformer forward: ``bench latency`` (random weights, real architecture) of cudnn, fa2 and
+   every method at its paper setting (a step after warm-up, the paper's dense layers dense), at
+   Wan 1.3B 480p x 81 frames (32,760 tokens) and Wan 14B 720p x 81 frames (75,600 tokens).
+Densities are recorded per method; on random inputs the data-dependent methods (xattn, svg, svg2)
+keep more than on real videos, and their rows say so. One JSON per model under ``--out``.
+
+Budget: about 5 minutes on one H100 with the defaults -- FlexAttention compiles once per mask kind
+and shape (about 10-20 s each, reported as warm-up), SVG2's first call per layer runs 50 k-means
+iterations (warm-up), and the 14B forwards (about 12 s dense) get 1 warm-up and 2 repeats.
+Use ``--models wan1.3b`` for a 1-2 minute run.
+
+    python -m harness.benchmarks.sparse_gpu --out reports/gpu/sparse
+    python -m harness.benchmarks.sparse_gpu --out /tmp/x --device cpu --models wan-tiny   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import HarnessError
+from harness.latency import measure
+from harness.latency_run import LatencyRequest, run_latency, save_latency
+from harness.models.base import MODELS
+from methods import METHODS, AttentionContext, TokenGrid, build_method
+from methods.sparse import BlockSparseMethod
+
+BF16_RELATIVE_TOLERANCE = 2e-2
+CHECK_GRID = {"cuda": TokenGrid(8, 16, 32), "cpu": TokenGrid(4, 8, 8)}
+CHECK_HEADS_DIM = {"cuda": (12, 128), "cpu": (2, 32)}
+FORWARD_REPEATS = {"wan14b": (1, 2)}  # (warm-up, repeats); others (2, 3)
+KERNEL_REPEATS = (2, 5)
+RANDOM_DENSITY_NOTE = "data-dependent: density measured on random inputs, not representative of real videos"
+
+
+def sparse_method_names() -> list[str]:
+    """Every registered method whose sparsity is static or dynamic (dfa, sla, ... once registered)."""
+    return [name for name in METHODS.names() if METHODS.get(name).capabilities.sparsity in ("static", "dynamic")]
+
+
+def sparse_context(grid: TokenGrid, num_layers: int = 40, num_steps: int = 50) -> AttentionContext:
+    """A call after every paper warm-up, at the last layer (no paper keeps it dense)."""
+    return AttentionContext(layer=num_layers - 1, num_layers=num_layers, step=num_steps - 1, num_steps=num_steps,
+                            timestep=0.1, cfg_branch="cond", grid=grid)  # fmt: skip
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check_flex(name: str, device: torch.device) -> dict[str, Any]:
+    """Flex (bf16 on CUDA) against masked dense (fp32) on the same inputs and the same plan."""
+    grid = CHECK_GRID[device.type]
+    heads, dim = CHECK_HEADS_DIM[device.type]
+    q, k, v = (torch.randn(1, heads, grid.tokens, dim, device=device) for _ in range(3))
+    low = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ctx = sparse_context(grid)
+    method = build_method(name)
+    if isinstance(method, BlockSparseMethod):
+        plan = method.plan(q.to(low), k.to(low), v.to(low), ctx)
+        flex = method.execute(q.to(low), k.to(low), v.to(low), plan, backend="flex")
+        masked = method.execute(q, k, v, plan, backend="masked")
+        density, tile_density = plan.used_density(), plan.pattern.tile_density()
+    else:  # a method outside the block-sparse base: two instances, one per backend, same seeds
+        try:
+            flex_method, masked_method = build_method(name, backend="flex"), build_method(name, backend="masked")
+        except HarnessError as exc:  # it cannot be checked, so it is not timed either
+            return {"tokens": grid.tokens, "relative_error": None, "passed": False, "error": str(exc)}
+        flex, masked = flex_method(q.to(low), k.to(low), v.to(low), ctx), masked_method(q, k, v, ctx)
+        density, tile_density = flex_method.density.mean(), None
+    error = relative_error(flex, masked)
+    return {"tokens": grid.tokens, "relative_error": error, "passed": error <= BF16_RELATIVE_TOLERANCE,
+            "density": density, "tile_density": tile_density}  # fmt: skip
+
+
+def time_attention(names: list[str], dense: list[str], model: str, device: torch.device) -> dict[str, Any]:
+    """Per method at the model's default shape: a full call (selection + kernel) and the kernel alone."""
+    adapter_cls = MODELS.get(model)
+    grid = adapter_cls.token_grid(adapter_cls.defaults)
+    config = adapter_cls.transformer_config
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(1, config["num_attention_heads"], grid.tokens, config["attention_head_dim"],
+                           device=device, dtype=dtype) for _ in range(3))  # fmt: skip
+    ctx = sparse_context(grid, adapter_cls.num_layers)
+    rows: dict[str, Any] = {}
+    with torch.inference_mode():
+        for name in [*dense, *names]:
+            method = build_method(name)
+            call, _ = measure(lambda m=method: m(q, k, v, ctx), device, *KERNEL_REPEATS)
+            row: dict[str, Any] = {"call": call.to_dict(), "density": method.density.mean()}
+            if isinstance(method, BlockSparseMethod):
+                plan = method.plan(q, k, v, ctx)
+                kernel, _ = measure(lambda m=method, p=plan: m.execute(q, k, v, p, m.backend), device, *KERNEL_REPEATS)
+                row |= {"kernel": kernel.to_dict(), "tile_density": plan.pattern.tile_density()}
+            if METHODS.get(name).capabilities.data_dependent:
+                row["note"] = RANDOM_DENSITY_NOTE
+            rows[name] = row
+            del method
+    return {"tokens": grid.tokens, "heads": q.shape[1], "head_dim": q.shape[-1], "methods": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON results")
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with wan-tiny)")
+    parser.add_argument("--models", default="wan1.3b,wan14b", help="comma-separated models (random weights)")
+    parser.add_argument("--methods", default="", help="comma-separated sparse methods (default: every registered)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU; use --device cpu --models wan-tiny for a smoke test")
+    names = [METHODS.canonical(m) for m in args.methods.split(",") if m] or sparse_method_names()
+    dense = ["cudnn", "fa2"] if device.type == "cuda" else ["sdpa"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    checks = {name: check_flex(name, device) for name in names}
+    for name, check in checks.items():
+        outcome = (
+            f"relative error {check['relative_error']:.2e}, density {check['density']:.3f}"
+            if ("error" not in check)
+            else check["error"]
+        )
+        print(f"flex vs masked {name:>7}: {'ok' if check['passed'] else 'FAILED'} ({outcome})", flush=True)
+    passed = [name for name in names if checks[name]["passed"]]
+
+    summary: list[dict[str, Any]] = []
+    for model in [m for m in args.models.split(",") if m]:
+        attention = time_attention(passed, dense, model, device)
+        warmup, repeats = FORWARD_REPEATS.get(model, (2, 3))
+        result = run_latency(LatencyRequest(
+            model=model, methods=[*dense, *passed], weights="random", device=args.device,
+            dtype="bfloat16" if device.type == "cuda" else "float32", warmup=warmup, repeats=repeats,
+        ))  # fmt: skip
+        result |= {"flex_check": checks, "attention": attention, "wall_seconds": time.time() - started}
+        for entry in result["methods"].values():
+            if entry["data_dependent"]:
+                entry["note"] = RANDOM_DENSITY_NOTE
+        save_latency(result, args.out / f"sparse_latency_{model}.json")
+        for name, entry in result["methods"].items():
+            timing = attention["methods"][name]
+            summary.append({
+                "model": model, "tokens": result["tokens"], "method": name,
+                "forward_ms": entry["forward"]["median_ms"], "speedup": entry["speedup_vs_baseline"],
+                "baseline": result["baseline"],
+                "attention_call_ms": timing["call"]["median_ms"],
+                "kernel_ms": timing.get("kernel", timing["call"])["median_ms"],
+                "density": entry["density"], "data_dependent": entry["data_dependent"],
+            })  # fmt: skip
+        del result
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    (args.out / "sparse_summary.json").write_text(json.dumps({"flex_check": checks, "rows": summary}, indent=2))
+    header = ("model", 8), ("method", 7), ("forward ms", 11), ("speedup", 8), ("call ms", 9), ("kernel ms", 10)
+    print("\n" + " ".join(f"{title:>{width}}" for title, width in header) + "  density")
+    for row in summary:
+        mark = "*" if row["data_dependent"] else ""
+        print(f"{row['model']:>8} {row['method']:>7} {row['forward_ms']:>11.1f} {row['speedup']:>7.2f}x "
+              f"{row['attention_call_ms']:>9.2f} {row['kernel_ms']:>10.2f} {row['density']:>7.3f}{mark}")  # fmt: skip
+    print(
+        f"* density depends on the data (random inputs here). Speedup vs {summary[0]['baseline'] if summary else '-'}. "
+        f"Total {time.time() - started:.0f} s."
+    )
+
+
+if __name__ == "__main__":
+    main()

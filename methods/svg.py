@@ -1,0 +1,156 @@
+"""Sparse VideoGen (Xi et al., ICML 2025): spatial or temporal heads, chosen online per call.
+
+Per call (after the dense warm-up), ``sampled_rows`` random query rows among the first
+``sample_max_row`` are attended exactly and under two fixed profiling masks -- *spatial*, a band of
+``|i - j| < floor(1.5 x tokens_per_frame / block)`` blocks in frame-major order, and *temporal*, the
+same band in position-major order (same spatial position across frames) -- and each (batch, head)
+takes the mask with the lower MSE. Temporal heads are permuted from frame-major ``(f, p)`` to
+position-major ``(p, f)`` order (the layout transform), so both head types share one token mask:
+``|q - kv| <= w`` or ``kv < tokens_per_frame`` (the first-frame sink, in each head's own order), with
+``w`` the band of kept fraction ``sparsity`` (``w = N (1 - sqrt(1 - sparsity))``) rounded up to
+whole blocks.
+
+Paper setting (the repository's Wan 2.1 T2V 14B 720p script): sparsity 0.3, first 20% of steps
+dense, ``floor(0.03 x layers)`` first layers dense (1 of 40; 0 of 30), 64 sampled rows from the
+first 10,000 queries. As in the official code the mask is token level (partial diagonal tiles).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from harness.errors import HarnessError
+from methods.base import AttentionContext, Capabilities, Schedule, TokenGrid, register_method
+from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks
+from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, check_count, check_fraction
+
+PROFILE_BAND_FRAMES = 1.5  # the profiling masks' band, in frames (official: 1.5 x frame size)
+
+
+def position_major_order(grid: TokenGrid, device: torch.device) -> torch.Tensor:
+    """``(N,)`` frame-major token index at each position-major slot ``p * frames + f``."""
+    return torch.arange(grid.tokens, device=device).view(grid.frames, grid.tokens_per_frame).t().reshape(-1)
+
+
+def band_width(tokens: int, sparsity: float, tokens_per_frame: int, block: int) -> int:
+    """Half-width w of the diagonal band ``|q - kv| <= w`` of area ``sparsity x N^2``, rounded up to blocks."""
+    frames = tokens * (1.0 - math.sqrt(1.0 - sparsity)) / tokens_per_frame
+    return math.ceil(frames * tokens_per_frame / block) * block
+
+
+def band_with_sink_pattern(tokens: int, width: int, sink: int, block: int, device: torch.device) -> BlockSparsePattern:
+    """Token pattern ``|q - kv| <= width or kv < sink`` with tiles classified analytically (no N x N mask)."""
+    lengths = block_lengths(tokens, block, device)
+    starts = torch.arange(num_blocks(tokens, block), device=device) * block
+    ends = starts + lengths - 1  # last token of each block
+    q_lo, q_hi = starts[:, None], ends[:, None]
+    kv_lo, kv_hi = starts[None, :], ends[None, :]
+    nearest = torch.maximum(torch.clamp(kv_lo - q_hi, min=0), torch.clamp(q_lo - kv_hi, min=0))
+    farthest = torch.maximum(q_hi - kv_lo, kv_hi - q_lo)
+    kept = (nearest <= width) | (kv_lo < sink)
+    full = (farthest <= width) | (kv_hi < sink)
+    width_t = torch.tensor(width, device=device)
+    sink_t = torch.tensor(sink, device=device)
+
+    def band_or_sink(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return ((q_idx - kv_idx).abs() <= width_t) | (kv_idx < sink_t)
+
+    expand = (1, 1, *kept.shape)
+    return BlockSparsePattern(kept.view(expand), tokens, block, full=full.view(expand), mask_mod=band_or_sink)
+
+
+@register_method("svg", aliases=("sparse-videogen", "sparse-video-gen"))
+class SparseVideoGen(BlockSparseMethod):
+    """Sparse VideoGen: online spatial/temporal head profiling, layout transform, band + sink mask.
+
+    Parameters:
+        sparsity: kept fraction of the band (the official ``sparsity`` argument is density), (0, 1].
+        sampled_rows: query rows sampled for profiling (64).
+        sample_max_row: rows are drawn among the first this many queries (10,000).
+        dense_layer_fraction: ``floor(fraction x layers)`` first layers dense (0.03).
+        warmup_fraction: first steps dense (0.2).
+        seed: seed of the row sampling (a generator per device, so runs repeat).
+        block_size, backend: see :class:`~methods.sparse.BlockSparseMethod`.
+    """
+
+    capabilities = Capabilities(
+        sparsity="dynamic",
+        data_dependent=True,
+        notes="SVG: per-head spatial/temporal profiling, band 0.3 + first-frame sink, 20% warm-up; Flex as upstream",
+    )
+
+    def __init__(
+        self,
+        schedule: Schedule | None = None,
+        sparsity: float = 0.3,
+        sampled_rows: int = 64,
+        sample_max_row: int = 10_000,
+        dense_layer_fraction: float = 0.03,
+        warmup_fraction: float = 0.2,
+        seed: int = 0,
+        **params: Any,
+    ) -> None:
+        super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
+        self.sparsity = check_fraction("svg: sparsity", sparsity, low_open=True)
+        self.dense_layer_fraction = check_fraction("svg: dense_layer_fraction", dense_layer_fraction)
+        self.sampled_rows = check_count("svg: sampled_rows", sampled_rows)
+        self.sample_max_row = check_count("svg: sample_max_row", sample_max_row)
+        self.generators = SeededGenerators(seed)
+        self._patterns: dict[tuple[int, int, int, torch.device], tuple[BlockSparsePattern, float]] = {}
+
+    def sparse_params(self) -> dict[str, Any]:
+        return {
+            "sparsity": self.sparsity,
+            "sampled_rows": self.sampled_rows,
+            "sample_max_row": self.sample_max_row,
+            "dense_layer_fraction": self.dense_layer_fraction,
+            "seed": self.generators.seed,
+        }
+
+    def paper_dense_layers(self, num_layers: int) -> int:
+        return math.floor(self.dense_layer_fraction * num_layers)
+
+    def temporal_heads(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGrid, block: int
+    ) -> torch.Tensor:
+        """``(B, H)`` bool: heads whose sampled rows are better served by the temporal mask (lower MSE)."""
+        tokens = q.shape[-2]
+        rows = torch.randint(
+            0, min(self.sample_max_row, tokens), (min(self.sampled_rows, tokens),),
+            generator=self.generators.on(q.device), device=q.device,
+        )  # fmt: skip
+        scores = (q[:, :, rows].float() @ k.float().transpose(-2, -1)) / q.shape[-1] ** 0.5
+        values = v.float()
+        exact = scores.softmax(dim=-1) @ values
+        band_blocks = int(PROFILE_BAND_FRAMES * grid.tokens_per_frame // block)
+        frame_major = torch.arange(tokens, device=q.device)
+        position_major = (frame_major % grid.tokens_per_frame) * grid.frames + frame_major // grid.tokens_per_frame
+        errors = []
+        for index in (frame_major, position_major):  # spatial, then temporal
+            near = (index[rows, None] // block - index[None, :] // block).abs() < band_blocks
+            masked = scores.masked_fill(~near, float("-inf")).softmax(dim=-1) @ values
+            errors.append(((masked - exact) ** 2).mean(dim=(-2, -1)))
+        return errors[1] < errors[0]  # ties go to spatial, as argmin does
+
+    def band_pattern(self, grid: TokenGrid, block: int, device: torch.device) -> tuple[BlockSparsePattern, float]:
+        """The shared band + sink pattern for this grid and its exact density (built once per shape)."""
+        key = (grid.tokens, grid.tokens_per_frame, block, device)
+        if key not in self._patterns:
+            width = band_width(grid.tokens, self.sparsity, grid.tokens_per_frame, block)
+            pattern = band_with_sink_pattern(grid.tokens, width, grid.tokens_per_frame, block, device)
+            self._patterns[key] = (pattern, pattern.density())
+        return self._patterns[key]
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> SparsePlan:
+        grid = ctx.grid
+        if q.shape[-2] != grid.tokens:
+            raise HarnessError(f"svg: {q.shape[-2]} tokens do not match the grid's {grid.tokens}")
+        block = self.block_size(grid.tokens)
+        temporal = self.temporal_heads(q, k, v, grid, block)
+        identity = torch.arange(grid.tokens, device=q.device)
+        order = torch.where(temporal[..., None], position_major_order(grid, q.device), identity)
+        pattern, density = self.band_pattern(grid, block, q.device)
+        return SparsePlan(pattern, q_order=order, density=density)

@@ -1,0 +1,230 @@
+"""Sparse VideoGen2 (Yang et al., NeurIPS 2025): semantic-aware permutation and top-p cluster selection.
+
+Per call and head: Euclidean k-means on Q (``q_clusters``) and, separately, on K (``k_clusters``);
+tokens are permuted so every cluster is contiguous (queries by query cluster, keys and values by
+key cluster; attention is permutation-equivariant, the output is permuted back). Each query
+cluster keeps key clusters in decreasing cluster-size-weighted centroid probability
+``|K_j| exp(c_i . c_j / sqrt(d)) / sum_k |K_k| exp(c_i . c_k / sqrt(d))`` until the kept mass
+exceeds ``top_p``, and at least ``floor(min_kc_ratio x k_clusters)`` of them. Centroids are cached
+per layer across steps (and shared by the CFG branches, as upstream): the first sparse call runs
+``kmeans_init_iters`` iterations from random tokens, later calls ``kmeans_step_iters`` from the cache.
+
+Settings: the repository's Wan 2.1 T2V 14B 720p script (q 300, k 1000 clusters, top-p 0.9,
+min_kc_ratio 0.1, k-means 50 then 2 iterations, 20% dense steps, ``floor(0.03 x layers)`` dense first
+layers); the paper's own table used 100/500 clusters, 30% warm-up and does not state p. Sequences
+shorter than ``MIN_TOKENS_PER_CLUSTER`` x clusters use fewer clusters (the toy: 64 of each for 512
+tokens); the counts used are recorded.
+
+Speed: the exact output runs on FlexAttention through a token-level mask over the permuted order,
+but every 128 x 128 tile straddling a cluster boundary is computed whole and then masked. SVG2's
+own kernel (FlashInfer variable-size blocks) skips that waste, about 1.5-1.9x less work at equal
+density, so Flex timings of svg2 understate the method's speed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from methods.base import AttentionContext, Capabilities, Schedule, register_method
+from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks, select_by_cumulative_mass
+from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, check_count, check_fraction
+
+MIN_TOKENS_PER_CLUSTER = 8
+_ASSIGN_CHUNK_ELEMENTS = 1 << 27  # token x centroid distances held at once
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid per token, ``(G, N)`` int64, from x ``(G, N, D)`` and centroids ``(G, C, D)`` fp32.
+
+    The dot products run in x's dtype (bf16 on the GPU, as SVG2's kernels do), distances in fp32.
+    """
+    groups, tokens, _ = x.shape
+    c_sq = (centroids**2).sum(dim=-1)[:, None, :]
+    c_t = centroids.to(x.dtype).transpose(-2, -1)
+    rows = max(1, _ASSIGN_CHUNK_ELEMENTS // (groups * centroids.shape[1]))
+    labels = []
+    for start in range(0, tokens, rows):
+        dots = (x[:, start : start + rows] @ c_t).float()
+        labels.append((c_sq - 2.0 * dots).argmin(dim=-1))  # ||x||^2 is the same for every centroid
+    return torch.cat(labels, dim=1)
+
+
+def kmeans(
+    x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor | None, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched Euclidean k-means (Lloyd), as SVG2's ``batch_kmeans_Euclid`` with tolerance 0.
+
+    Args:
+        x: ``(G, N, D)`` points (means accumulate in fp32).
+        clusters: C.
+        iterations: Lloyd iterations (>= 1).
+        init: ``(G, C, D)`` fp32 starting centroids, or ``None`` for C random tokens per group.
+        generator: draws the random starting tokens.
+
+    Returns:
+        labels ``(G, N)`` of the last assignment, centroids ``(G, C, D)`` fp32 (the means of those
+        labels; an empty cluster keeps its previous centroid) and cluster sizes ``(G, C)``.
+    """
+    groups, tokens, dim = x.shape
+    points = x.float().flatten(0, 1)
+    if init is None:
+        picks = torch.randint(0, tokens, (groups, clusters), generator=generator, device=x.device)
+        init = x.gather(1, picks[..., None].expand(-1, -1, dim)).float()
+    centroids = init
+    offsets = (torch.arange(groups, device=x.device) * clusters)[:, None]
+    for _ in range(iterations):
+        labels = _assign(x, centroids)
+        flat = (labels + offsets).flatten()
+        sums = torch.zeros(groups * clusters, dim, device=x.device).index_add_(0, flat, points)
+        sizes = torch.bincount(flat, minlength=groups * clusters).view(groups, clusters)
+        means = sums.view(groups, clusters, dim) / sizes.clamp(min=1)[..., None]
+        centroids = torch.where(sizes[..., None] > 0, means, centroids)
+    return labels, centroids, sizes
+
+
+def cluster_pair_pattern(
+    keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, q_labels_sorted: torch.Tensor,
+    k_labels_sorted: torch.Tensor, block: int,
+) -> BlockSparsePattern:  # fmt: skip
+    """Tiles over cluster-sorted tokens: kept if any kept cluster pair has tokens in the tile, full if all do.
+
+    Args:
+        keep: ``(B, H, Cq, Ck)`` kept (query cluster, key cluster) pairs.
+        q_sizes, k_sizes: ``(B, H, Cq)``, ``(B, H, Ck)`` cluster sizes.
+        q_labels_sorted, k_labels_sorted: ``(B, H, N)`` cluster id of each token after sorting (ascending).
+        block: tile size.
+    """
+    batch, heads, tokens = q_labels_sorted.shape
+    device = keep.device
+    present = (q_sizes > 0)[..., :, None] & (k_sizes > 0)[..., None, :]
+    starts = torch.arange(num_blocks(tokens, block), device=device) * block
+    ends = starts + block_lengths(tokens, block, device) - 1
+    # Clusters in a tile of sorted tokens form the id range [label at its first token, label at its last].
+    q_first, q_last = q_labels_sorted[..., starts], q_labels_sorted[..., ends]
+    k_first, k_last = k_labels_sorted[..., starts], k_labels_sorted[..., ends]
+
+    def rectangle_sums(table: torch.Tensor) -> torch.Tensor:
+        prefix = torch.nn.functional.pad(table.int().cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+        b = torch.arange(batch, device=device)[:, None, None, None]
+        h = torch.arange(heads, device=device)[None, :, None, None]
+        r0, r1 = q_first[..., :, None], q_last[..., :, None] + 1
+        c0, c1 = k_first[..., None, :], k_last[..., None, :] + 1
+        return prefix[b, h, r1, c1] - prefix[b, h, r0, c1] - prefix[b, h, r1, c0] + prefix[b, h, r0, c0]
+
+    pairs = (q_last - q_first + 1)[..., :, None] * (k_last - k_first + 1)[..., None, :]
+    kept = rectangle_sums(keep & present) > 0
+    full = rectangle_sums(keep | ~present) == pairs  # empty clusters hold no tokens: they never mask
+
+    def kept_cluster_pair(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return keep[b, h, q_labels_sorted[b, h, q_idx], k_labels_sorted[b, h, kv_idx]]
+
+    return BlockSparsePattern(kept, tokens, block, full=full & kept, mask_mod=kept_cluster_pair)
+
+
+@register_method("svg2", aliases=("sparse-videogen2", "sap"))
+class SparseVideoGen2(BlockSparseMethod):
+    """Sparse VideoGen2: k-means on Q and K, cluster permutation, top-p key clusters with a floor.
+
+    Parameters:
+        q_clusters, k_clusters: k-means clusters of queries and keys (300, 1000).
+        top_p: kept share of each query cluster's weighted centroid mass, (0, 1] (0.9; 1 keeps all).
+        min_kc_ratio: at least ``floor(ratio x k_clusters)`` key clusters per query cluster (0.1).
+        kmeans_init_iters, kmeans_step_iters: iterations of the first call and of cached calls (50, 2).
+        dense_layer_fraction: ``floor(fraction x layers)`` first layers dense (0.03).
+        warmup_fraction: first steps dense (0.2).
+        seed: seed of the k-means initialisation.
+        block_size, backend: see :class:`~methods.sparse.BlockSparseMethod`.
+    """
+
+    capabilities = Capabilities(
+        sparsity="dynamic",
+        data_dependent=True,
+        notes="SVG2: k-means 300/1000, top-p 0.9, min 10% key clusters, 20% warm-up; Flex gives the exact output "
+        "but not SVG2's speed (variable-size blocks are computed as whole 128-tiles)",
+    )
+
+    def __init__(
+        self,
+        schedule: Schedule | None = None,
+        q_clusters: int = 300,
+        k_clusters: int = 1000,
+        top_p: float = 0.9,
+        min_kc_ratio: float = 0.1,
+        kmeans_init_iters: int = 50,
+        kmeans_step_iters: int = 2,
+        dense_layer_fraction: float = 0.03,
+        warmup_fraction: float = 0.2,
+        seed: int = 0,
+        **params: Any,
+    ) -> None:
+        super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
+        self.q_clusters = check_count("svg2: q_clusters", q_clusters)
+        self.k_clusters = check_count("svg2: k_clusters", k_clusters)
+        self.kmeans_init_iters = check_count("svg2: kmeans_init_iters", kmeans_init_iters)
+        self.kmeans_step_iters = check_count("svg2: kmeans_step_iters", kmeans_step_iters)
+        self.top_p = check_fraction("svg2: top_p", top_p, low_open=True)
+        self.min_kc_ratio = check_fraction("svg2: min_kc_ratio", min_kc_ratio)
+        self.dense_layer_fraction = check_fraction("svg2: dense_layer_fraction", dense_layer_fraction)
+        self.generators = SeededGenerators(seed)
+        self._centroids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._clusters_used: dict[int, tuple[int, int]] = {}
+
+    def sparse_params(self) -> dict[str, Any]:
+        return {
+            "q_clusters": self.q_clusters,
+            "k_clusters": self.k_clusters,
+            "clusters_used": {str(n): list(pair) for n, pair in sorted(self._clusters_used.items())},
+            "top_p": self.top_p,
+            "min_kc_ratio": self.min_kc_ratio,
+            "kmeans_init_iters": self.kmeans_init_iters,
+            "kmeans_step_iters": self.kmeans_step_iters,
+            "dense_layer_fraction": self.dense_layer_fraction,
+            "seed": self.generators.seed,
+        }
+
+    def paper_dense_layers(self, num_layers: int) -> int:
+        return math.floor(self.dense_layer_fraction * num_layers)
+
+    def clusters(self, tokens: int) -> tuple[int, int]:
+        """(query, key) cluster counts for a sequence of ``tokens`` (capped for short sequences)."""
+        cap = max(1, tokens // MIN_TOKENS_PER_CLUSTER)
+        used = (min(self.q_clusters, cap), min(self.k_clusters, cap))
+        self._clusters_used[tokens] = used
+        return used
+
+    def _cluster(
+        self, x: torch.Tensor, count: int, cached: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k-means of ``x`` (B, H, N, D) per head, warm-started from ``cached`` when its shape fits."""
+        flat = x.flatten(0, 1)
+        warm = cached is not None and cached.shape == (flat.shape[0], count, flat.shape[-1])
+        iterations = self.kmeans_step_iters if warm else self.kmeans_init_iters
+        return kmeans(flat, count, iterations, cached if warm else None, self.generators.on(x.device))
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> SparsePlan:
+        batch, heads, tokens, dim = q.shape
+        q_count, k_count = self.clusters(tokens)
+        cached_q, cached_k = self._centroids.get(ctx.layer, (None, None))
+        q_labels, q_centroids, q_sizes = self._cluster(q, q_count, cached_q)
+        k_labels, k_centroids, k_sizes = self._cluster(k, k_count, cached_k)
+        self._centroids[ctx.layer] = (q_centroids, k_centroids)
+
+        logits = q_centroids @ k_centroids.transpose(-2, -1) / dim**0.5
+        weights = k_sizes[:, None, :].float() * (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        mass = weights / weights.sum(dim=-1, keepdim=True)
+        keep = select_by_cumulative_mass(mass, self.top_p, min_keep=math.floor(self.min_kc_ratio * k_count))
+
+        shape = (batch, heads)
+        q_labels, k_labels = q_labels.view(*shape, tokens), k_labels.view(*shape, tokens)
+        q_sizes, k_sizes = q_sizes.view(*shape, q_count), k_sizes.view(*shape, k_count)
+        keep = keep.view(*shape, q_count, k_count)
+        q_sorted, q_order = q_labels.sort(dim=-1, stable=True)
+        k_sorted, k_order = k_labels.sort(dim=-1, stable=True)
+        block = self.block_size(tokens)
+        pattern = cluster_pair_pattern(keep, q_sizes, k_sizes, q_sorted, k_sorted, block)
+        pair_tokens = q_sizes[..., :, None].double() * k_sizes[..., None, :].double()
+        density = float((keep * pair_tokens).sum() / (batch * heads * tokens**2))
+        return SparsePlan(pattern, q_order=q_order, kv_order=k_order, density=density)

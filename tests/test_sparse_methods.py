@@ -1,0 +1,239 @@
+"""xattn, svg, svg2, radial: dense at full density, exact density and output of the mask used,
+the paper schedules, Flex against the masked path, and each method's own selection rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.errors import HarnessError
+from methods import AttentionContext, Schedule, TokenGrid, build_method
+from methods.kernels.block_sparse import permute_tokens, unpermute_tokens
+from methods.sparse import BlockSparseMethod, SparsePlan
+
+GRID = TokenGrid(5, 5, 8)  # 200 tokens, 40 per frame
+BLOCK = 16  # 13 tiles per row, the last one ragged (8 tokens)
+FAST = {"svg2": {"kmeans_init_iters": 3, "kmeans_step_iters": 1}}  # k-means is the slow part on CPU
+FULL_DENSITY = {"xattn": {"threshold": 1.0}, "svg": {"sparsity": 1.0}, "svg2": {"top_p": 1.0}}
+METHODS = ("xattn", "svg", "svg2", "radial")
+
+
+def build(name: str, schedule: Schedule | None = None, **params: Any) -> BlockSparseMethod:
+    method = build_method(name, schedule, **{"block_size": BLOCK, **FAST.get(name, {}), **params})
+    assert isinstance(method, BlockSparseMethod)
+    return method
+
+
+def context(step: int = 15, layer: int = 3, num_layers: int = 8, grid: TokenGrid = GRID) -> AttentionContext:
+    """A call after every paper warm-up (step 15 of 20) at a layer no paper keeps dense."""
+    return AttentionContext(layer=layer, num_layers=num_layers, step=step, num_steps=20, timestep=0.25,
+                            cfg_branch="cond", grid=grid)  # fmt: skip
+
+
+def qkv(grid: TokenGrid = GRID, heads: int = 3, dim: int = 16) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(1, heads, grid.tokens, dim) for _ in range(3))
+
+
+def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def recording(method: BlockSparseMethod) -> list[SparsePlan]:
+    """Make ``method`` remember every plan it runs."""
+    plans: list[SparsePlan] = []
+    original = method.plan
+
+    def plan(*args: Any) -> SparsePlan:
+        plans.append(original(*args))
+        return plans[-1]
+
+    method.plan = plan  # type: ignore[method-assign]
+    return plans
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_full_density_equals_dense(name: str) -> None:
+    """At a setting that keeps every tile the output is dense attention and the recorded density is 1.
+
+    Radial has no such parameter; on a single frame its mask is the full first-frame sink."""
+    grid = TokenGrid(1, 5, 8) if name == "radial" else GRID
+    method = build(name, **FULL_DENSITY.get(name, {}))
+    q, k, v = qkv(grid)
+    out = method(q, k, v, context(grid=grid))
+    assert relative(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double())) <= 1e-5
+    assert method.density.mean() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_output_and_recorded_density_are_those_of_the_mask_used(name: str) -> None:
+    """At the paper setting: the output is float64 softmax over the plan's token mask (in its token
+    order), the recorded density is that mask's mean, and the call is actually sparse."""
+    method = build(name)
+    plans = recording(method)
+    q, k, v = qkv()
+    out = method(q, k, v, context())
+    (plan,) = plans
+    mask = plan.pattern.dense_mask().expand(1, 3, GRID.tokens, GRID.tokens)
+    q_order = plan.q_order
+    kv_order = q_order if plan.kv_order is None else plan.kv_order
+    qp = q if q_order is None else permute_tokens(q, q_order)
+    kp, vp = (t if kv_order is None else permute_tokens(t, kv_order) for t in (k, v))
+    scores = (qp.double() @ kp.double().transpose(-2, -1)) / qp.shape[-1] ** 0.5
+    ref = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ vp.double()
+    ref = ref if q_order is None else unpermute_tokens(ref, q_order)
+    assert relative(out, ref) <= 1e-5
+    assert method.density.mean() == pytest.approx(mask.double().mean().item(), abs=1e-12)
+    assert method.density.mean() < 1.0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_paper_warmup_steps_run_dense(name: str) -> None:
+    """Step 0 of 20 is inside every paper warm-up (10-24% of the steps): dense output, density 1."""
+    method = build(name)
+    q, k, v = qkv()
+    out = method(q, k, v, context(step=0))
+    assert relative(out, F.scaled_dot_product_attention(q, k, v)) <= 1e-6
+    assert method.density.per_step() == {0: 1.0}
+
+
+@pytest.mark.parametrize(("name", "num_layers"), [("svg", 40), ("svg2", 40), ("radial", 8)])
+def test_paper_dense_first_layers(name: str, num_layers: int) -> None:
+    """SVG/SVG2 keep floor(0.03 x 40) = 1 first layer dense, Radial its first layer; layer 1 is sparse."""
+    method = build(name)
+    q, k, v = qkv()
+    for layer in (0, 1):
+        method(q, k, v, context(layer=layer, num_layers=num_layers))
+    per_layer = method.density.per_layer()
+    assert per_layer[0] == 1.0 and per_layer[1] < 1.0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_user_schedule_dense_layers_and_steps(name: str) -> None:
+    """The user's Schedule adds to the paper's: its dense layer and its warm-up steps run dense."""
+    method = build(name, Schedule(dense_warmup_steps=16, dense_layers=(5,)))
+    q, k, v = qkv()
+    method(q, k, v, context(layer=5, step=17))
+    method(q, k, v, context(layer=3, step=15))
+    assert method.density.per_layer() == {3: 1.0, 5: 1.0}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_flex_path_matches_masked_path(name: str) -> None:
+    """One plan, two executions: compiled FlexAttention (CPU inductor) equals the masked dense path."""
+    method = build(name)
+    q, k, v = qkv()
+    plan = method.plan(q, k, v, context())
+    flex = method.execute(q, k, v, plan, backend="flex")
+    assert relative(flex, method.execute(q, k, v, plan, backend="masked")) <= 1e-5
+
+
+def test_xattn_scores_are_strided_antidiagonal_sums() -> None:
+    """Block masses equal a written-out antidiagonal sum, softmax over reduced rows, block sums."""
+    from methods.xattn import antidiagonal_block_scores
+
+    stride, block, tokens = 4, 8, 32
+    q, k = torch.randn(1, 1, tokens, 8), torch.randn(1, 1, tokens, 8)
+    reduced = tokens // stride
+    sums = torch.zeros(reduced, reduced, dtype=torch.float64)
+    for i in range(reduced):
+        for j in range(reduced):
+            for m in range(stride):
+                sums[i, j] += q[0, 0, i * stride + stride - 1 - m].double() @ k[0, 0, j * stride + m].double()
+    probs = (sums / (8**0.5 * stride)).softmax(dim=-1)
+    expected = probs.view(tokens // block, block // stride, tokens // block, block // stride).sum(dim=(1, 3))
+    got = antidiagonal_block_scores(q, k, block, stride)[0, 0]
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+
+
+def test_svg_profiling_tells_temporal_from_spatial_heads() -> None:
+    """A head whose keys match by spatial position (across frames) is temporal; by frame, spatial."""
+    from methods.svg import SparseVideoGen
+
+    grid = TokenGrid(5, 5, 8)
+    index = torch.arange(grid.tokens)
+    by_position = F.one_hot(index % grid.tokens_per_frame, 48).float() * 8
+    by_frame = F.one_hot(index // grid.tokens_per_frame, 48).float() * 8
+    q = torch.stack([by_position, by_frame])[None]
+    method = build("svg", sampled_rows=200)
+    assert isinstance(method, SparseVideoGen)
+    temporal = method.temporal_heads(q, q, torch.randn_like(q), grid, BLOCK)
+    assert temporal.tolist() == [[True, False]]
+
+
+def test_svg2_kmeans_separates_clusters_and_centroids_are_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """k-means started from one point per well-separated cluster (here the 1st, 3rd and 2nd) recovers
+    the clusters, their means and sizes; the first method call runs the init iterations, the next
+    warm-starts from the layer's cached centroids with the step iterations."""
+    import methods.svg2 as svg2
+
+    centres = torch.randn(3, 16) * 20
+    points = (centres.repeat_interleave(25, dim=0) + torch.randn(75, 16))[None]
+    start = points[:, [0, 50, 25]]
+    labels, centroids, sizes = svg2.kmeans(points, 3, 5, start, torch.Generator())
+    assert labels[0].tolist() == [0] * 25 + [2] * 25 + [1] * 25 and sizes.tolist() == [[25, 25, 25]]
+    assert torch.allclose(centroids[0, 2], points[0, 25:50].mean(dim=0), atol=1e-5)
+
+    calls: list[tuple[int, bool]] = []
+    real = svg2.kmeans
+
+    def spy(x, clusters, iterations, init, generator):  # type: ignore[no-untyped-def]
+        calls.append((iterations, init is not None))
+        return real(x, clusters, iterations, init, generator)
+
+    monkeypatch.setattr(svg2, "kmeans", spy)
+    method = build("svg2", kmeans_init_iters=5, kmeans_step_iters=2)
+    q, k, v = qkv()
+    method(q, k, v, context(step=15))
+    method(q, k, v, context(step=16))
+    assert calls == [(5, False), (5, False), (2, True), (2, True)]
+
+
+def test_radial_density_halves_per_doubling_of_frame_distance() -> None:
+    """With 256 tokens per frame and decay 1, frame pairs 2-3, 4-7 and 8-15 apart keep ~0.78, ~0.48,
+    ~0.29 of their entries: each band under 0.65 of the previous (whole tiles blur the exact halving)."""
+    from methods.kernels.block_sparse import BlockSparsePattern
+    from methods.radial import band_half_width, radial_tiles
+
+    assert [band_half_width(d, 4096, 1.0, 128) for d in (2, 4, 8, 16)] == [2048, 1024, 512, 256]
+    grid = TokenGrid(16, 16, 16)
+    mask = BlockSparsePattern(radial_tiles(grid, 1.0, 16, "cpu")[None, None], grid.tokens, 16).dense_mask()
+    per_pair = mask[0, 0].double().view(16, 256, 16, 256).mean(dim=(1, 3))
+    bands = []
+    for low, high in ((2, 4), (4, 8), (8, 16)):
+        pairs = [per_pair[i, j] for i in range(16) for j in range(1, 16) if low <= abs(i - j) < high]
+        bands.append(float(sum(pairs) / len(pairs)))
+    assert bands[1] < 0.65 * bands[0] and bands[2] < 0.65 * bands[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("xattn", {"threshold": 0.0}, "threshold"),
+        ("xattn", {"stride": 3}, "divide the block size"),
+        ("svg", {"sparsity": 1.5}, "sparsity"),
+        ("svg2", {"k_clusters": 0}, "k_clusters"),
+        ("radial", {"decay_factor": -1}, "decay_factor"),
+        ("radial", {"block_size": 0}, "block_size"),
+        ("svg", {"backend": "triton"}, "backend"),
+        ("svg2", {"p": 0.9}, "takes no parameter"),
+    ],
+)
+def test_bad_settings_are_refused(name: str, params: dict[str, Any], message: str) -> None:
+    """Impossible settings fail with a message naming the setting (stride at the first call)."""
+    with pytest.raises(HarnessError, match=message):
+        method = build(name, **params)
+        method(*qkv(), context())
+
+
+def test_bench_methods_marks_data_dependence_and_svg2_speed(bench) -> None:  # type: ignore[no-untyped-def]
+    """`bench methods --json` lists the four methods; svg2's note says Flex cannot give its speed."""
+    import json
+
+    rows = {row["name"]: row for row in json.loads(bench("methods", "--json").stdout)}
+    assert {name: rows[name]["data_dependent"] for name in METHODS} == {
+        "xattn": True, "svg": True, "svg2": True, "radial": False,
+    }  # fmt: skip
+    assert "not SVG2's speed" in rows["svg2"]["notes"]
