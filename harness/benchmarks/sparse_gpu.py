@@ -68,8 +68,10 @@ def check_flex(name: str, device: torch.device) -> dict[str, Any]:
     """Flex (bf16 on CUDA) against masked dense (fp32) on the same inputs and the same plan."""
     grid = CHECK_GRID[device.type]
     heads, dim = CHECK_HEADS_DIM[device.type]
-    q, k, v = (torch.randn(1, heads, grid.tokens, dim, device=device) for _ in range(3))
     low = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # Representable in ``low``: both paths see the same values, so a data-dependent selection (SLA's block
+    # classes) is the same and only the kernels' arithmetic differs.
+    q, k, v = (torch.randn(1, heads, grid.tokens, dim, device=device).to(low).float() for _ in range(3))
     ctx = sparse_context(grid)
     method = build_method(name)
     if isinstance(method, BlockSparseMethod):
