@@ -16,6 +16,7 @@ import pandas as pd
 
 from harness.atomic import atomic_path
 from harness.records import load_records
+from harness.spec import record_cohort
 
 DENSE_PREFERENCE = ("fa2", "cudnn", "sdpa", "math")
 
@@ -67,7 +68,7 @@ def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 def _cohort(rec: dict[str, Any]) -> str:
     # Same spec on two GPU models is two cohorts: speedups never mix devices.
-    return f"{rec['cohort']}@{rec['environment'].get('device_name')}"
+    return f"{record_cohort(rec)}@{rec['environment'].get('device_name')}"
 
 
 def _add_speedups(table: pd.DataFrame, time_column: str) -> None:
@@ -159,8 +160,8 @@ def ablation_tables(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
     for axis in sorted({r["ablation"]["axis"] for r in variants}):
         rows = []
         members = sorted((r for r in variants if r["ablation"]["axis"] == axis), key=lambda r: r["ablation"]["order"])
-        cohorts = {r["cohort"] for r in members}
-        for rec in [r for r in records if "ablation" not in r and r["cohort"] in cohorts] + members:
+        cohorts = {record_cohort(r) for r in members}
+        for rec in [r for r in records if "ablation" not in r and record_cohort(r) in cohorts] + members:
             training = rec.get("training", {})
             label = rec["ablation"]["variant"] if "ablation" in rec else f"{rec['spec']['method']} (reference)"
             row = {

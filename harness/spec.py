@@ -100,8 +100,13 @@ class RunSpec:
         return _digest(self.to_dict())
 
     def cohort(self) -> str:
-        """Hash of everything but the method: runs of one cohort are directly comparable."""
-        neutral = replace(self, method="", method_params={}, dense_warmup_steps=0, dense_layers=(), checkpoint=None)
+        """Hash of everything but the method and the scoring: runs of one cohort are directly comparable.
+
+        What is scored afterwards (``eval_suites``, ``eval_params``) does not change the videos, so a run
+        scored with fidelity still compares with a dense run scored without it.
+        """
+        neutral = replace(self, method="", method_params={}, dense_warmup_steps=0, dense_layers=(), checkpoint=None,
+                          eval_suites=(), eval_params={})  # fmt: skip
         return _digest(neutral.to_dict())
 
     @property
@@ -110,6 +115,12 @@ class RunSpec:
 
 
 LATER_FIELDS = ("prompt_labels", "prompt_set", "protocol", "eval_params")
+
+
+def record_cohort(record: dict[str, Any]) -> str:
+    """The cohort of a run record, recomputed from its spec (records written before a change of
+    :meth:`RunSpec.cohort` still group correctly)."""
+    return RunSpec.from_dict(record["spec"]).cohort()
 
 
 def _digest(data: dict[str, Any]) -> str:

@@ -87,6 +87,12 @@ def test_cohort_equal_across_methods_and_schedules() -> None:
     assert sdpa.hash() != other.hash()
 
 
+def test_what_is_scored_does_not_change_the_cohort() -> None:
+    """A run scored with fidelity compares with a dense run scored with ToyBench alone."""
+    scored = make_spec(eval_suites=("toybench", "fidelity"), eval_params={"dimensions": ["x"]})
+    assert scored.cohort() == make_spec().cohort()
+
+
 @pytest.mark.parametrize("change", [{"seeds": (7,)}, {"sampling": replace(SAMPLING, steps=2)}, {"device": "cuda"}])
 def test_cohort_differs_when_comparability_breaks(change: dict) -> None:
     """Seeds, sampling or device changes make another cohort."""

@@ -26,13 +26,15 @@ def load_frames(record: dict[str, Any], runs_dir: Path) -> dict[str, torch.Tenso
 def reference_record(record: dict[str, Any], runs_dir: Path, chosen: Path | None) -> tuple[dict[str, Any], Path]:
     """The run to compare against: the one named, else the dense run of the same cohort in ``runs_dir``."""
     from harness.records import load_records, read_record
+    from harness.spec import record_cohort
 
     if chosen is not None:
         path = chosen if chosen.suffix == ".json" else Path(runs_dir) / f"{chosen}.json"
         if not path.is_file():
             raise HarnessError(f"fidelity reference {chosen} is not a run record (looked for {path})")
         return read_record(path), path.parent
-    peers = [r for r in load_records(runs_dir).records if r.get("kind") == "run" and r["cohort"] == record["cohort"]]
+    cohort = record_cohort(record)
+    peers = [r for r in load_records(runs_dir).records if r.get("kind") == "run" and record_cohort(r) == cohort]
     for method in REFERENCE_PREFERENCE:
         for peer in peers:
             if peer["spec"]["method"] == method and peer["environment"].get("device_name") == record["environment"].get(
