@@ -727,20 +727,23 @@ def train_cmd(
     kernel: Annotated[str, typer.Option(help="Feature map: hedgehog, relu, taylor or elu.")] = "hedgehog",
     steps: TrainStepsOpt = 400,
     batch_size: TrainBatchOpt = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of the transformer and feature maps.")] = 1e-4,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Peak learning rate of the transformer (and maps); default: linvideo 1e-5, sla 1e-4."),
+    ] = None,
     r_optimizer: Annotated[
         str, typer.Option(help="Optimizer of the scores r: sgd (keeps per-layer gradient sizes) or adamw.")
     ] = "sgd",
-    r_lr: Annotated[float, typer.Option(help="Peak learning rate of the per-layer scores r.")] = 0.1,
+    r_lr: Annotated[float, typer.Option(help="Peak learning rate of the per-layer scores r.")] = 1.0,
     r_lr_schedule: Annotated[
         str, typer.Option(help="cosine (as the weights: warm-up, then cosine to 0) or constant (after warm-up).")
-    ] = "cosine",
+    ] = "constant",
     r_init: Annotated[float, typer.Option(help="Initial score r of every layer (1 = softmax).")] = 0.95,
     alpha_start: Annotated[float, typer.Option(help="Exponent of L_reg at the first step.")] = 20.0,
     alpha_end: Annotated[float, typer.Option(help="Exponent of L_reg at the end of annealing (= start: fixed).")] = 2.0,
     alpha_anneal_fraction: Annotated[
         float, typer.Option(help="Fraction of the run over which alpha goes linearly from start to end, then holds.")
-    ] = 1.0,
+    ] = 0.7,
     adm_weighting: Annotated[
         str,
         typer.Option(
@@ -776,20 +779,21 @@ def train_cmd(
     if trained not in ("linvideo", "sla"):
         raise HarnessError(f"bench train trains linvideo or sla, not {method!r}")
     adapter_cls = MODELS.get(model)
+    given_lr = {} if lr is None else {"lr": lr}  # else each method's config default
     if trained == "sla":
         config: Any = _sla_train_config(param or [], objective=objective, steps=steps, batch_size=batch_size,
-                                        lr=lr, activation_checkpointing=activation_checkpointing,
-                                        checkpoint_every=checkpoint_every, seed=seed)  # fmt: skip
+                                        activation_checkpointing=activation_checkpointing,
+                                        checkpoint_every=checkpoint_every, seed=seed, **given_lr)  # fmt: skip
     elif target_layers is None:
         raise HarnessError("bench train --method linvideo needs --target-layers")
     else:
         config = LinVideoTrainConfig(
             target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size,
-            lr=lr, r_optimizer=r_optimizer, r_lr=r_lr, r_lr_schedule=r_lr_schedule, r_init=r_init,
+            r_optimizer=r_optimizer, r_lr=r_lr, r_lr_schedule=r_lr_schedule, r_init=r_init,
             alpha_start=alpha_start, alpha_end=alpha_end, alpha_anneal_fraction=alpha_anneal_fraction,
             adm_weighting=adm_weighting, lam=lam, selection=selection, layers=_parse_ints(layers, "--layers"),
             activation_checkpointing=activation_checkpointing, bf16=bf16, checkpoint_every=checkpoint_every,
-            seed=seed,
+            seed=seed, **given_lr,
         )  # fmt: skip
     if prompt_file is not None and not prompt_file.is_file():
         raise HarnessError(f"--prompt-file {prompt_file} does not exist")
