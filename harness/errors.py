@@ -18,3 +18,9 @@ class UnsupportedError(HarnessError):
 
 class MissingWeightsError(HarnessError):
     """Model or metric weights are not where the user said, or not in the local cache."""
+
+
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    """Refuse ``value`` unless it is one of ``choices``: ``unknown <what> 'x'; choose one of a, b``."""
+    if value not in choices:
+        raise HarnessError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from harness.checkpoints import load_training_state, save_training_state
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_choice
 from harness.models.base import ModelAdapter
 from harness.optim import warmup_cosine
 from methods import build_method
@@ -54,8 +54,7 @@ class FineTuneSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise HarnessError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        check_choice("objective", self.objective, OBJECTIVES)
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise HarnessError("steps, batch size and checkpoint interval must be >= 1")
         if self.lr <= 0 or not 0.0 <= self.warmup_fraction < 1.0:

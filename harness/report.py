@@ -156,12 +156,13 @@ def ablation_tables(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
     """One table per ablation axis: each variant's layers, training cost and metrics, beside the dense run
     and the untrained ``linear`` baseline of the same cohort (same prompts, seeds, device)."""
     variants = [r for r in records if "ablation" in r]
+    references = [(record_cohort(r), r) for r in records if "ablation" not in r]  # the spec hashed once per record
     tables = {}
     for axis in sorted({r["ablation"]["axis"] for r in variants}):
         rows = []
         members = sorted((r for r in variants if r["ablation"]["axis"] == axis), key=lambda r: r["ablation"]["order"])
         cohorts = {record_cohort(r) for r in members}
-        for rec in [r for r in records if "ablation" not in r and record_cohort(r) in cohorts] + members:
+        for rec in [r for cohort, r in references if cohort in cohorts] + members:
             training = rec.get("training", {})
             label = rec["ablation"]["variant"] if "ablation" in rec else f"{rec['spec']['method']} (reference)"
             row = {

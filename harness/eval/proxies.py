@@ -74,21 +74,13 @@ def midpoint(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     forward, backward = _flow(before, after), _flow(after, before)
     height, width = before.shape[:2]
     grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+
     # Backward warping: the middle pixel p came from before at p - F/2 and from after at p - B/2.
-    from_before = cv2.remap(
-        before,
-        grid_x - forward[..., 0] / 2,
-        grid_y - forward[..., 1] / 2,
-        cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
-    from_after = cv2.remap(
-        after,
-        grid_x - backward[..., 0] / 2,
-        grid_y - backward[..., 1] / 2,
-        cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
+    def half_way(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
+        return cv2.remap(image, grid_x - flow[..., 0] / 2, grid_y - flow[..., 1] / 2, cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)  # fmt: skip
+
+    from_before, from_after = half_way(before, forward), half_way(after, backward)
     return ((from_before.astype(np.float32) + from_after.astype(np.float32)) / 2).round().astype(np.uint8)
 
 

@@ -30,9 +30,9 @@ import torch
 
 from harness.atomic import write_json_atomic
 from harness.checkpoints import load_training_state, save_module_weights, save_training_state
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_choice
 from harness.models.base import ModelAdapter
-from harness.optim import warmup_cosine
+from harness.optim import warmup_constant, warmup_cosine
 from methods import build_method
 from methods.kernels.linear_attention import check_kernel
 from methods.linvideo.attention import SPEC_FILE, STATE_FILE, TRANSFORMER_FILE, LinVideo, TransferState
@@ -100,21 +100,14 @@ class LinVideoTrainConfig:
             raise HarnessError(
                 f"target layers must be in 1..{num_layers} (the model's layers), got {self.target_layers}"
             )
-        if self.objective not in OBJECTIVES:
-            raise HarnessError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        check_choice("objective", self.objective, OBJECTIVES)
         check_kernel(self.kernel)
-        if self.r_optimizer not in R_OPTIMIZERS:
-            raise HarnessError(f"unknown r optimizer {self.r_optimizer!r}; choose one of {', '.join(R_OPTIMIZERS)}")
-        if self.r_lr_schedule not in R_SCHEDULES:
-            raise HarnessError(f"unknown r schedule {self.r_lr_schedule!r}; choose one of {', '.join(R_SCHEDULES)}")
-        if self.adm_weighting not in ADM_WEIGHTINGS:
-            raise HarnessError(
-                f"unknown ADM weighting {self.adm_weighting!r}; choose one of {', '.join(ADM_WEIGHTINGS)}"
-            )
+        check_choice("r optimizer", self.r_optimizer, R_OPTIMIZERS)
+        check_choice("r schedule", self.r_lr_schedule, R_SCHEDULES)
+        check_choice("ADM weighting", self.adm_weighting, ADM_WEIGHTINGS)
         if not 0.0 < self.alpha_anneal_fraction <= 1.0:
             raise HarnessError(f"alpha anneal fraction must be in (0, 1], got {self.alpha_anneal_fraction}")
-        if self.selection not in SELECTIONS:
-            raise HarnessError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        check_choice("selection", self.selection, SELECTIONS)
         if self.selection == "manual":
             check_manual_layers(self.layers, self.target_layers, num_layers)
         elif self.layers:
@@ -131,7 +124,7 @@ def lr_factor(step: int, config: LinVideoTrainConfig, group: str = "weights") ->
     """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0 (r: constant if so set)."""
     warmup = max(1, round(config.warmup_fraction * config.steps))
     if group == "r" and config.r_lr_schedule == "constant":
-        return min(1.0, (step + 1) / warmup)
+        return warmup_constant(step, warmup)
     return warmup_cosine(step, warmup, config.steps)
 
 
