@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from harness.atomic import write_json_atomic
 from harness.errors import HarnessError
 from harness.latency import measure
 from harness.latency_run import LatencyRequest, run_latency, save_latency
@@ -113,6 +114,7 @@ def time_attention(names: list[str], dense: list[str], model: str, device: torch
             if METHODS.get(name).capabilities.data_dependent:
                 row["note"] = RANDOM_DENSITY_NOTE
             rows[name] = row
+            print(f"{model} attention call {name:>7}: {call.median_ms:.2f} ms, density {row['density']:.3f}", flush=True)
             del method
     return {"tokens": grid.tokens, "heads": q.shape[1], "head_dim": q.shape[-1], "methods": rows}
 
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     summary: list[dict[str, Any]] = []
     for model in [m for m in args.models.split(",") if m]:
         attention = time_attention(passed, dense, model, device)
+        # Written before the forward: a forward that runs out of time still leaves the per-call timings.
+        write_json_atomic(args.out / f"sparse_attention_{model}.json", attention)
         warmup, repeats = FORWARD_REPEATS.get(model, (2, 3))
         result = run_latency(LatencyRequest(
             model=model, methods=[*dense, *passed], weights="random", device=args.device,
