@@ -186,7 +186,8 @@ class SparseLinearAttention(AttentionMethod):
         sparsity="dynamic",
         data_dependent=True,
         needs_training=True,
-        notes="critical blocks exact (Flex block-sparse), marginal blocks linear + learned proj; fine-tuned",
+        notes="critical blocks exact (Flex block-sparse), marginal blocks linear + learned proj; fine-tuned; "
+        "the output, not SLA's speed (its linear branch is unfused PyTorch, no faster than cuDNN on an H100)",
     )
 
     def __init__(self, schedule: Schedule | None = None, critical: float = 0.05, negligible: float = 0.10,
