@@ -7,6 +7,7 @@ written as mp4 and kept as tensors, and the record is written atomically.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from harness.atomic import write_json_atomic
+from harness.distributed import Ranks, barrier, current_ranks, rank_device, rank_group
 from harness.environment import capture_environment
 from harness.errors import HarnessError
 from harness.eval.suites import SUITES, EvalOptions
@@ -26,7 +29,7 @@ from harness.records import finished_record, record_path, write_record
 from harness.spec import RunSpec
 from harness.video import safe_stem, write_mp4
 from methods import METHODS
-from methods.base import AttentionMethod, Schedule
+from methods.base import AttentionMethod, DensityLog, Schedule
 
 DTYPES = {
     "float32": torch.float32,
@@ -81,7 +84,7 @@ def prepare(spec: RunSpec, eval_options: EvalOptions | None = None, checkpoint_t
     adapter_cls.validate_sampling(spec.sampling)
     adapter_cls.validate_prompts([*spec.prompts, spec.sampling.negative_prompt])
     schedule = Schedule(spec.dense_warmup_steps, spec.dense_layers)
-    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    device, dtype = rank_device(resolve_device(spec.device), current_ranks()), resolve_dtype(spec.dtype)
     if spec.weights == "random" and adapter_cls.weights_kind == "pretrained" and spec.eval_suites:
         raise HarnessError("quality metrics are meaningless with --random-weights; drop --eval")
     for name in spec.eval_suites:
@@ -110,6 +113,24 @@ class RunOutcome:
     skipped: bool
 
 
+@dataclass
+class Share:
+    """What one rank generated: its videos, its frames file, per-stage seconds, density and peak memory."""
+
+    videos: list[dict[str, Any]]
+    frames: str  # relative to the runs folder
+    stage_seconds: dict[str, list[float]]  # stage -> seconds per call, the rank's first call first
+    density: list[tuple[int, int, float, int]]  # DensityLog.entries()
+    peak_gib: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return vars(self).copy()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Share:
+        return cls(**{**data, "density": [tuple(row) for row in data["density"]]})
+
+
 def run(
     spec: RunSpec,
     runs_dir: Path,
@@ -118,27 +139,68 @@ def run(
     show_progress: bool = True,
     eval_options: EvalOptions | None = None,
 ) -> RunOutcome:
-    """Generate every prompt x seed of ``spec``, write its record and score it (skipped if already finished)."""
+    """Generate every prompt x seed of ``spec``, write its record and score it (skipped if already finished).
+
+    Under torchrun each rank makes every ``WORLD_SIZE``-th video on its own GPU; rank 0 writes the one record.
+    """
+    ranks = current_ranks()
     prepared = prepare(spec, eval_options)
     runs_dir = ensure_writable_dir(runs_dir)
     path = record_path(runs_dir, spec.run_id)
     existing = finished_record(path)
     if existing is not None and not force:
         return RunOutcome(existing, path, skipped=True)
+    work = [(p, s) for p in range(len(spec.prompts)) for s in range(len(spec.seeds))]
+    if ranks.world_size > len(work):
+        raise HarnessError(f"{ranks.world_size} ranks for {len(work)} video(s): start at most one rank per video")
 
     started = time.time()
-    model = prepared.adapter_cls.load(spec.weights, prepared.device, prepared.dtype, allow_download)
-    method = prepared.method
-    if spec.checkpoint is not None:
-        method.load_checkpoint(Path(spec.checkpoint), model.transformer)
     artifacts_dir = runs_dir / spec.run_id
     artifacts_dir.mkdir(parents=True, exist_ok=True)
+    with rank_group(ranks, prepared.device):
+        model = prepared.adapter_cls.load(spec.weights, prepared.device, prepared.dtype, allow_download)
+        method = prepared.method
+        if spec.checkpoint is not None:
+            method.load_checkpoint(Path(spec.checkpoint), model.transformer)
+        frames_name = "frames.safetensors" if not ranks.sharded else f"frames.rank{ranks.rank}.safetensors"
+        share, frames_kept = _generate_share(
+            prepared, model, ranks.share(work), artifacts_dir / frames_name, runs_dir, show_progress and ranks.lead
+        )
+        shares = _join_shares(share, ranks, artifacts_dir)
+        if ranks.lead:
+            if ranks.sharded:
+                frames_kept = _load_shares_frames(shares, runs_dir)
+            clip_suites = [SUITES.get(name) for name in spec.eval_suites if SUITES.get(name).score is not None]
+            videos = [video for s in shares for video in s.videos]
+            videos.sort(key=lambda v: (v["prompt_index"], v["index"]))
+            record = _build_record(prepared, model, method, shares, videos, time.time() - started, ranks.world_size)
+            for suite in clip_suites:
+                merge_scores(record, suite.name, score_clips(suite, videos, frames_kept, spec.sampling.fps))
+            write_record(path, record)
+        barrier(ranks)  # the record exists before any rank scores it with an external evaluator
+        run_suites = tuple(name for name in spec.eval_suites if SUITES.get(name).score is None)
+        if run_suites:
+            record = evaluate_record(path, run_suites, eval_options or EvalOptions())
+        elif not ranks.lead:
+            record = finished_record(path) or {}
+    return RunOutcome(record, path, skipped=False)
+
+
+def _generate_share(
+    prepared: Prepared,
+    model: ModelAdapter,
+    work: list[tuple[int, int]],
+    frames_path: Path,
+    runs_dir: Path,
+    show_progress: bool,
+) -> tuple[Share, dict[str, torch.Tensor]]:
+    """Sample the (prompt index, seed index) pairs of ``work``; write their mp4s and frames; time each stage."""
+    spec, method = prepared.spec, prepared.method
     timer = StageTimer(prepared.device)
     attention_per_step: list[float] = []
     videos: list[dict[str, Any]] = []
     frames_kept: dict[str, torch.Tensor] = {}
     latent_shape = prepared.adapter_cls.latent_shape(spec.sampling)
-    total_steps = len(spec.prompts) * len(spec.seeds) * spec.sampling.steps
 
     with (
         _progress(show_progress) as progress,
@@ -146,13 +208,15 @@ def run(
         peak_memory(prepared.device) as memory,
         torch.inference_mode(),
     ):
-        task = progress.add_task(f"{spec.model} / {spec.method}", total=total_steps)
+        task = progress.add_task(f"{spec.model} / {spec.method}", total=len(work) * spec.sampling.steps)
         with timer.stage("prompt_encoding"):
             uncond = model.encode_prompts([spec.sampling.negative_prompt]) if spec.sampling.cfg > 1 else None
-        for prompt_index, prompt in enumerate(spec.prompts):
+        for prompt_index in sorted({p for p, _ in work}):
+            prompt = spec.prompts[prompt_index]
             with timer.stage("prompt_encoding"):
                 cond = model.encode_prompts([prompt])
-            for seed_index, seed in enumerate(spec.seeds):
+            for seed_index in [s for p, s in work if p == prompt_index]:
+                seed = spec.seeds[seed_index]
                 runtime.timer.pop_seconds()
 
                 def step_hook(index: int, _task: Any = task):  # type: ignore[no-untyped-def]
@@ -164,7 +228,7 @@ def run(
                 with timer.stage("decode"):
                     frames = model.decode(latents)[0]
                 stem = f"{safe_stem(spec.label(prompt_index))}-seed{seed}"
-                video_path = artifacts_dir / f"{stem}.mp4"
+                video_path = frames_path.parent / f"{stem}.mp4"
                 write_mp4(video_path, frames, spec.sampling.fps)
                 frames_kept[stem] = frames
                 videos.append(
@@ -179,28 +243,34 @@ def run(
                     }
                 )
 
-    frames_path = artifacts_dir / "frames.safetensors"
     _save_frames(frames_path, frames_kept)
-    clip_suites = [SUITES.get(name) for name in spec.eval_suites if SUITES.get(name).score is not None]
-    metrics = {s.name: score_clips(s, videos, frames_kept, spec.sampling.fps) for s in clip_suites}
-    record = _build_record(
-        prepared,
-        model,
-        method,
-        timer,
-        attention_per_step,
-        memory["peak_gib"],
-        videos,
-        str(frames_path.relative_to(runs_dir)),
-        time.time() - started,
-    )
-    for name, scores in metrics.items():
-        merge_scores(record, name, scores)
-    write_record(path, record)
-    run_suites = tuple(name for name in spec.eval_suites if SUITES.get(name).score is None)
-    if run_suites:
-        record = evaluate_record(path, run_suites, eval_options or EvalOptions())
-    return RunOutcome(record, path, skipped=False)
+    stage_seconds = {name: timer.seconds(name) for name in ("prompt_encoding", "denoise_step", "decode")}
+    if attention_per_step:
+        stage_seconds["attention_per_step"] = attention_per_step
+    share = Share(videos, str(frames_path.relative_to(runs_dir)), stage_seconds, method.density.entries(),
+                  memory["peak_gib"])  # fmt: skip
+    return share, frames_kept
+
+
+def _join_shares(share: Share, ranks: Ranks, artifacts_dir: Path) -> list[Share]:
+    """Every rank's share on the lead (its own alone elsewhere); the shares meet as JSON files."""
+    if not ranks.sharded:
+        return [share]
+    write_json_atomic(artifacts_dir / f"share.rank{ranks.rank}.json", share.to_dict())
+    barrier(ranks)
+    if not ranks.lead:
+        return [share]
+    files = [artifacts_dir / f"share.rank{rank}.json" for rank in range(ranks.world_size)]
+    shares = [Share.from_dict(json.loads(file.read_text())) for file in files]
+    for file in files:
+        file.unlink()
+    return shares
+
+
+def _load_shares_frames(shares: list[Share], runs_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {key: value for s in shares for key, value in load_file(str(runs_dir / s.frames)).items()}
 
 
 class _StepScope:
@@ -245,23 +315,22 @@ def _build_record(
     prepared: Prepared,
     model: ModelAdapter,
     method: AttentionMethod,
-    timer: StageTimer,
-    attention_per_step: list[float],
-    peak_gib: float | None,
+    shares: list[Share],
     videos: list[dict[str, Any]],
-    frames_path: str,
     wall_seconds: float,
+    ranks: int,
 ) -> dict[str, Any]:
     spec = prepared.spec
-    stages = {name: stats.to_dict() for name, stats in timer.stats().items()}
-    if attention_per_step:
-        skip = 1 if len(attention_per_step) > 1 else 0
-        stages["attention_per_step"] = TimingStats.from_seconds(
-            attention_per_step[skip:], attention_per_step[:skip]
-        ).to_dict()
-    step_seconds = timer.seconds("denoise_step")
-    per_video = (sum(step_seconds) + sum(timer.seconds("decode"))) / max(len(videos), 1)
+    stages = {name: stats.to_dict() for name, stats in _stage_stats(shares).items()}
+    step_seconds = [x for s in shares for x in s.stage_seconds["denoise_step"]]
+    decode_seconds = [x for s in shares for x in s.stage_seconds["decode"]]
+    per_video = (sum(step_seconds) + sum(decode_seconds)) / max(len(videos), 1)
+    density = DensityLog()
+    for share in shares:
+        density.absorb(share.density)
+    peaks = [s.peak_gib for s in shares if s.peak_gib is not None]
     weights = "random" if spec.weights == "random" or prepared.adapter_cls.weights_kind == "random" else "pretrained"
+    frames: str | list[str] = shares[0].frames if len(shares) == 1 else [s.frames for s in shares]
     return {
         "kind": "run",
         "status": "complete",
@@ -283,12 +352,25 @@ def _build_record(
             "stages": stages,
             "denoise_total_ms_per_video": sum(step_seconds) * 1e3 / max(len(videos), 1),
             "end_to_end_ms_per_video": per_video * 1e3,
-            "note": "per stage, the first call is warm-up (in warmup_ms), the rest are the statistics; "
+            "note": "per stage, each rank's first call is warm-up (in warmup_ms), the rest are the statistics; "
             "totals per video include every call",
         },
-        "memory": {"peak_gib": peak_gib},
-        "density": method.density.summary(),
+        "memory": {"peak_gib": max(peaks) if peaks else None},
+        "density": density.summary(),
         "metrics": {},
-        "artifacts": {"videos": videos, "frames": frames_path},
+        "artifacts": {"videos": videos, "frames": frames},
+        "ranks": ranks,
         "wall_seconds": wall_seconds,
     }
+
+
+def _stage_stats(shares: list[Share]) -> dict[str, TimingStats]:
+    """Per-stage statistics over every rank; each rank's first call of a stage (if it has more) is warm-up."""
+    samples: dict[str, list[float]] = {}
+    warmup: dict[str, list[float]] = {}
+    for share in shares:
+        for name, seconds in share.stage_seconds.items():
+            skip = 1 if len(seconds) > 1 else 0
+            warmup.setdefault(name, []).extend(seconds[:skip])
+            samples.setdefault(name, []).extend(seconds[skip:])
+    return {name: TimingStats.from_seconds(samples[name], warmup[name]) for name in samples if samples[name]}

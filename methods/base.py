@@ -136,6 +136,16 @@ class DensityLog:
     def summary(self) -> dict[str, Any]:
         return {"mean": self.mean(), "per_layer": self.per_layer(), "per_step": self.per_step()}
 
+    def entries(self) -> list[tuple[int, int, float, int]]:
+        """Raw ``(layer, step, density sum, calls)`` rows: what :meth:`absorb` joins across ranks."""
+        return [(*key, self._sums[key], self._counts[key]) for key in sorted(self._sums)]
+
+    def absorb(self, entries: list[tuple[int, int, float, int]]) -> None:
+        """Add another log's :meth:`entries` (another rank's calls) to this one."""
+        for layer, step, total, calls in entries:
+            self._sums[(layer, step)] += total
+            self._counts[(layer, step)] += calls
+
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Plain softmax attention, torch chooses the kernel. Shapes ``(B, H, N, D)``."""

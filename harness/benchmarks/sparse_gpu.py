@@ -114,7 +114,8 @@ def time_attention(names: list[str], dense: list[str], model: str, device: torch
             if METHODS.get(name).capabilities.data_dependent:
                 row["note"] = RANDOM_DENSITY_NOTE
             rows[name] = row
-            print(f"{model} attention call {name:>7}: {call.median_ms:.2f} ms, density {row['density']:.3f}", flush=True)
+            print(f"{model} attention call {name:>7}: {call.median_ms:.2f} ms, density {row['density']:.3f}",
+                  flush=True)  # fmt: skip
             del method
     return {"tokens": grid.tokens, "heads": q.shape[1], "head_dim": q.shape[-1], "methods": rows}
 

@@ -17,10 +17,12 @@ REFERENCE_PREFERENCE = ("fa2", "cudnn", "sdpa", "math")
 
 
 def load_frames(record: dict[str, Any], runs_dir: Path) -> dict[str, torch.Tensor]:
-    """The decoded uint8 frames every run keeps, by the videos' ``frames_key``."""
+    """The decoded uint8 frames every run keeps, by the videos' ``frames_key`` (one file, or one per rank)."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(runs_dir) / record["artifacts"]["frames"]))
+    files = record["artifacts"]["frames"]
+    return {key: value for name in ([files] if isinstance(files, str) else files)
+            for key, value in load_file(str(Path(runs_dir) / name)).items()}  # fmt: skip
 
 
 def reference_record(record: dict[str, Any], runs_dir: Path, chosen: Path | None) -> tuple[dict[str, Any], Path]:

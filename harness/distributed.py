@@ -1,0 +1,106 @@
+"""Ranks under torchrun: which share of the videos this process makes, and the barrier that joins the shares.
+
+Outside torchrun (no ``WORLD_SIZE``, or 1) everything here is a no-op, so single-process code paths stay as
+they are. Under ``torchrun --nproc-per-node N -m harness.cli run ...`` every rank validates the same spec,
+takes every N-th (prompt, seed) pair, writes its own videos and a JSON summary of its share, and rank 0
+(the lead) joins the shares into the one run record. The shares meet through files in the run's folder,
+not through pickled objects: the only collective is a barrier.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+
+from harness.errors import HarnessError
+
+T = TypeVar("T")
+
+# Generation of a rank's share can take hours on Wan; the barrier must outwait the slowest rank.
+BARRIER_TIMEOUT = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the torchrun ranks (rank 0 of 1 outside torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This rank's items: every ``world_size``-th, starting at ``rank`` (balanced to within one item)."""
+        return list(items[self.rank :: self.world_size])
+
+
+def current_ranks() -> Ranks:
+    """Read torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; raises on inconsistent values."""
+    try:
+        ranks = Ranks(
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        )
+    except ValueError as exc:
+        raise HarnessError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({exc})") from None
+    if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size or ranks.local_rank < 0:
+        raise HarnessError(f"inconsistent torchrun environment: RANK {ranks.rank}, WORLD_SIZE {ranks.world_size}")
+    return ranks
+
+
+def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
+    """Under torchrun a bare ``cuda`` means this rank's own GPU (``cuda:LOCAL_RANK``)."""
+    if ranks.sharded and device.type == "cuda" and device.index is None:
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise HarnessError(
+                f"LOCAL_RANK {ranks.local_rank} but only {torch.cuda.device_count()} GPU(s): "
+                "start at most one process per GPU (torchrun --nproc-per-node)"
+            )
+        return torch.device("cuda", ranks.local_rank)
+    return device
+
+
+@contextmanager
+def rank_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
+    """The process group of a sharded run (NCCL on GPUs, Gloo on CPU); nothing outside torchrun.
+
+    A group that already exists (a caller's) is used as it is and left open.
+    """
+    import torch.distributed as dist
+
+    if not ranks.sharded or dist.is_initialized():
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        timeout=BARRIER_TIMEOUT,
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    """Wait for every rank (a no-op outside torchrun)."""
+    if ranks.sharded:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -1,0 +1,80 @@
+"""`bench run` under torchrun: ranks share the videos, rank 0 writes one record equal to a single-process run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import invoke_cli, records_in
+
+from harness.distributed import Ranks, current_ranks
+from harness.errors import HarnessError
+from harness.eval.run_suites import load_frames
+
+RUN_ARGS = ("run", "--method", "sdpa", "--model", "wan-tiny", "--device", "cpu", "--no-progress", "--steps", "2",
+            "--seeds", "0,1,2")  # fmt: skip
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shares_cover_every_item_once(world_size: int) -> None:
+    """The ranks' shares are disjoint, cover the work and differ in size by at most one."""
+    items = list(range(10))
+    shares = [Ranks(rank, world_size).share(items) for rank in range(world_size)]
+    assert sorted(x for share in shares for x in share) == items
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_inconsistent_torchrun_environment_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(HarnessError, match="inconsistent torchrun environment"):
+        current_ranks()
+
+
+def _torchrun(args: list[str], ranks: int) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "-m", "harness.cli", *args]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_two_ranks_write_the_single_process_record(tmp_path: Path) -> None:
+    """Two ranks under torchrun make the 3 videos of one run; the record equals a single-process run's."""
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    invoke_cli([*RUN_ARGS, "--runs-dir", single])
+    done = _torchrun([*RUN_ARGS, "--runs-dir", str(sharded)], ranks=2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    (one,), (two,) = records_in(single), records_in(sharded)
+    assert two["run_id"] == one["run_id"] and two["ranks"] == 2
+    assert [v["seed"] for v in two["artifacts"]["videos"]] == [0, 1, 2]
+    assert len(two["artifacts"]["frames"]) == 2, "one frames file per rank"
+    frames_one, frames_two = load_frames(one, single), load_frames(two, sharded)
+    assert frames_one.keys() == frames_two.keys()
+    for key, frames in frames_one.items():
+        assert (frames.int() - frames_two[key].int()).abs().max() <= 1, key
+    steps = two["latency"]["stages"]["denoise_step"]
+    assert steps["repeats"] + len(steps["warmup_ms"]) == 3 * 2 and len(steps["warmup_ms"]) == 2, "a warm-up per rank"
+    assert not list((sharded / two["run_id"]).glob("share.rank*.json")), "the shares' summaries are removed"
+
+
+def test_more_ranks_than_videos_is_an_error(tmp_path: Path) -> None:
+    """Four ranks for three videos stop before any model is built, with a message naming both counts."""
+    done = _torchrun([*RUN_ARGS, "--runs-dir", str(tmp_path / "runs")], ranks=4)
+    assert done.returncode != 0
+    assert "4 ranks for 3 video(s)" in done.stdout + done.stderr
+    assert not list((tmp_path / "runs").glob("*.json"))
+
+
+def test_frames_per_rank_load_as_one_mapping(tmp_path: Path) -> None:
+    """A record listing one frames file per rank loads as the union of their tensors."""
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1, dtype=torch.uint8)}, str(tmp_path / "f0.safetensors"))
+    save_file({"b": torch.ones(1, dtype=torch.uint8)}, str(tmp_path / "f1.safetensors"))
+    record = {"artifacts": {"frames": ["f0.safetensors", "f1.safetensors"]}}
+    assert sorted(load_frames(record, tmp_path)) == ["a", "b"]
