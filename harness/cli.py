@@ -731,6 +731,10 @@ def train_cmd(
         float | None,
         typer.Option(help="Peak learning rate of the transformer (and maps); default: linvideo 1e-5, sla 1e-4."),
     ] = None,
+    map_lr: Annotated[
+        float | None,
+        typer.Option(help="Peak learning rate of LinVideo's feature maps (new parameters); default: --lr."),
+    ] = None,
     r_optimizer: Annotated[
         str, typer.Option(help="Optimizer of the scores r: sgd (keeps per-layer gradient sizes) or adamw.")
     ] = "sgd",
@@ -747,7 +751,8 @@ def train_cmd(
     adm_weighting: Annotated[
         str,
         typer.Option(
-            help="ADM's score-difference weight: analytic ((1 - t)/t, Eq. 13) or normalized (DMD's 1/mean|u|)."
+            help="ADM's score-difference weight: analytic ((1 - t)/t, Eq. 13), normalized (DMD's 1/mean|u|) or "
+            "uniform (normalized and divided by the step s - t: every step weighs alike)."
         ),
     ] = "analytic",
     lam: Annotated[float, typer.Option(help="Weight lambda of L_con + L_reg.")] = 0.01,
@@ -789,7 +794,7 @@ def train_cmd(
     else:
         config = LinVideoTrainConfig(
             target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size,
-            r_optimizer=r_optimizer, r_lr=r_lr, r_lr_schedule=r_lr_schedule, r_init=r_init,
+            map_lr=map_lr, r_optimizer=r_optimizer, r_lr=r_lr, r_lr_schedule=r_lr_schedule, r_init=r_init,
             alpha_start=alpha_start, alpha_end=alpha_end, alpha_anneal_fraction=alpha_anneal_fraction,
             adm_weighting=adm_weighting, lam=lam, selection=selection, layers=_parse_ints(layers, "--layers"),
             activation_checkpointing=activation_checkpointing, bf16=bf16, checkpoint_every=checkpoint_every,

@@ -90,6 +90,7 @@ def test_a_constant_r_schedule_keeps_rs_lr_after_warm_up_while_the_weights_decay
     ({"objective": "dmd"}, "unknown objective"), ({"kernel": "hedgehgo"}, "Did you mean 'hedgehog'"),
     ({"steps": 0}, ">= 1"), ({"r_lr_schedule": "step"}, "unknown r schedule"),
     ({"adm_weighting": "dmd"}, "unknown ADM weighting"), ({"alpha_anneal_fraction": 0.0}, "anneal fraction"),
+    ({"map_lr": 0.0}, "learning rates must be > 0"),
 ])  # fmt: skip
 def test_impossible_training_settings_are_refused(changes: dict, message: str) -> None:
     config = LinVideoTrainConfig(**{"target_layers": 4, **changes})
@@ -173,6 +174,23 @@ def test_sgd_moves_each_score_by_its_own_gradient_and_adamw_moves_all_alike(
     step, grad = moves["sgd"]
     assert torch.allclose(step, -0.05 * grad, atol=1e-7) and grad.std() > 0
     assert torch.allclose(moves["adamw"][0].abs(), torch.full((8,), 0.05), atol=1e-4)
+
+
+def test_feature_maps_take_their_own_learning_rate(teacher: ToyModel, store: TrajectoryStore, tmp_path: Path) -> None:
+    """--map-lr: Adam's first step moves the maps' entries by map_lr and the transformer's by at most lr."""
+    trainer = LinVideoTrainer(_config(lr=1e-5, map_lr=1e-2), teacher, store, tmp_path)
+    for group in trainer.optimizers["weights"].param_groups:
+        group["lr"] = group["base_lr"]
+    maps_before = [p.detach().clone() for p in trainer.state.q_maps.parameters()]
+    weights_before = [p.detach().clone() for p in trainer.student.transformer.parameters()]
+    with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+        trainer.train_step(store.sample(2, torch.Generator().manual_seed(0)), 0)
+    map_moves = torch.cat([(p.detach() - b).abs().flatten() for p, b in zip(trainer.state.q_maps.parameters(),
+                                                                              maps_before, strict=True)])  # fmt: skip
+    weight_moves = [(p.detach() - b).abs().max() for p, b in zip(trainer.student.transformer.parameters(),
+                                                                  weights_before, strict=True)]  # fmt: skip
+    assert map_moves.max() == pytest.approx(1e-2, rel=1e-3)
+    assert max(weight_moves) <= 1e-5 * 1.05  # fp32 rounding of entries near 1
 
 
 def test_extra_score_model_trains_beside_the_student(teacher: ToyModel, store: TrajectoryStore, tmp_path: Path) -> None:

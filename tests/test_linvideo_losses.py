@@ -15,6 +15,7 @@ from methods.linvideo.losses import (
     constraint_loss,
     normalized_adm_gradient,
     ste_round,
+    step_normalized_adm_gradient,
 )
 
 
@@ -83,6 +84,14 @@ def test_normalized_adm_gradient_divides_by_the_teachers_mean_speed_per_sample()
     for i in range(2):
         assert torch.allclose(g[i], (u_teacher[i] - u_student[i]) / u_teacher[i].abs().mean())
     assert not g.requires_grad
+
+
+def test_step_normalized_adm_gradient_divides_the_normalized_one_by_each_samples_step() -> None:
+    u_teacher, u_student = torch.randn(2, 3, 2, 4, 4), torch.randn(2, 3, 2, 4, 4)
+    step = torch.tensor([0.05, 0.2])
+    g = step_normalized_adm_gradient(u_teacher, u_student, step)
+    expected = normalized_adm_gradient(u_teacher, u_student)
+    assert torch.allclose(g[0], expected[0] / 0.05) and torch.allclose(g[1], expected[1] / 0.2)
 
 
 def test_adm_gradient_is_weighted_velocity_difference() -> None:

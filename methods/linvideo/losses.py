@@ -67,6 +67,17 @@ def normalized_adm_gradient(u_teacher: torch.Tensor, u_student: torch.Tensor) ->
     return ((u_teacher - u_student) / scale).detach()
 
 
+def step_normalized_adm_gradient(u_teacher: torch.Tensor, u_student: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """:func:`normalized_adm_gradient` divided by the step ``s - t`` per sample (``step``: ``(B,)``, > 0).
+
+    With ``x_hat = x_s - (s - t) u_student(x_s)`` the student's velocity receives ``(s - t) g``; dividing g by
+    the step gives every grid step the same weight in velocity space. The analytic weight times the step spans
+    ~2,400x over the toy's 20-step grid (0.0003 at the noise end, 0.72 near the data), so the early, high-noise
+    steps, where layout and motion form, are hardly trained. Shapes as :func:`adm_gradient`; without gradient.
+    """
+    return normalized_adm_gradient(u_teacher, u_student) / step.view(-1, *([1] * (u_teacher.dim() - 1)))
+
+
 def adm_loss(x_hat: torch.Tensor, g: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The ADM surrogate ``0.5 ||x_hat - sg(x_hat - g)||^2``; it reaches the student only through x_hat.
 

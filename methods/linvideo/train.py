@@ -45,13 +45,14 @@ from methods.linvideo.losses import (
     constraint_loss,
     mse_loss,
     normalized_adm_gradient,
+    step_normalized_adm_gradient,
 )
 from methods.linvideo.selection import SELECTIONS, check_manual_layers, greedy_selection
 
 OBJECTIVES = ("adm", "mse", "adm-extra-score")
 R_OPTIMIZERS = ("sgd", "adamw")
 R_SCHEDULES = ("cosine", "constant")
-ADM_WEIGHTINGS = ("analytic", "normalized")
+ADM_WEIGHTINGS = ("analytic", "normalized", "uniform")
 LOG_EVERY = 25  # steps between log lines when the progress bar is off
 
 
@@ -67,6 +68,9 @@ class LinVideoTrainConfig:
     # Transformer and feature maps (and the extra score model of adm-extra-score). 1e-4 diverged on the toy
     # (reports/toy/linvideo_trials, round 2); the reference's suggested 1e-5 did not.
     lr: float = 1e-5
+    # The feature maps' own peak lr (None: ``lr``). They start at the identity and are new parameters, not a
+    # pretrained model's: at 1e-5 for a few hundred steps Adam moves each entry by at most a few 1e-3.
+    map_lr: float | None = None
     # r's own optimizer. SGD keeps the size of each layer's gradient: L_con pushes every r alike, so the
     # objective's per-layer resistance is the only ranking signal, and Adam's per-coordinate
     # normalisation would erase it (every r then moves in lockstep and the layers cross 0.5 together).
@@ -87,7 +91,9 @@ class LinVideoTrainConfig:
     grad_clip: float = 1.0
     t_min: float = 0.02
     adm_reduction: str = "mean"
-    adm_weighting: str = "analytic"  # analytic (1 - t)/t (Eq. 13) or normalized (DMD's per-sample scale)
+    # analytic (1 - t)/t (Eq. 13), normalized (DMD's per-sample scale) or uniform (normalized / step: every grid
+    # step weighs alike in velocity space; the paper states no weighting)
+    adm_weighting: str = "analytic"
     selection: str = "learned"  # learned (selective transfer), manual (``layers``) or heuristic (greedy)
     layers: tuple[int, ...] = ()  # the manual selection
     activation_checkpointing: bool = False
@@ -114,8 +120,10 @@ class LinVideoTrainConfig:
             raise HarnessError("layers are given only with the manual selection")
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise HarnessError("steps, batch size and checkpoint interval must be >= 1")
-        if self.lr <= 0 or self.r_lr <= 0:
-            raise HarnessError(f"learning rates must be > 0, got lr {self.lr} and r_lr {self.r_lr}")
+        if self.lr <= 0 or self.r_lr <= 0 or (self.map_lr is not None and self.map_lr <= 0):
+            raise HarnessError(
+                f"learning rates must be > 0, got lr {self.lr}, r_lr {self.r_lr} and map_lr {self.map_lr}"
+            )
         if not 0.0 < self.r_init <= 1.0 or not 0.0 <= self.warmup_fraction < 1.0:
             raise HarnessError("need 0 < r_init <= 1 and 0 <= warmup_fraction < 1")
 
@@ -167,20 +175,25 @@ class LinVideoTrainer:
         self.method.attach(self.state, converted=False)
         if config.activation_checkpointing:
             self.student.transformer.enable_gradient_checkpointing()
-        weights = [*self.student.transformer.parameters(), *self.state.q_maps.parameters(),
-                   *self.state.k_maps.parameters()]  # fmt: skip
+        maps = [*self.state.q_maps.parameters(), *self.state.k_maps.parameters()]
+        map_lr = config.lr if config.map_lr is None else config.map_lr
+        weights = [{"params": list(self.student.transformer.parameters()), "base_lr": config.lr},
+                   *([{"params": maps, "base_lr": map_lr}] if maps else [])]  # fmt: skip
         self.optimizers: dict[str, torch.optim.Optimizer] = {
             "weights": torch.optim.AdamW(weights, lr=config.lr, weight_decay=config.weight_decay),
-            "r": torch.optim.SGD([self.state.rho], lr=config.r_lr) if config.r_optimizer == "sgd"
-            else torch.optim.AdamW([self.state.rho], lr=config.r_lr, weight_decay=0.0),
+            "r": torch.optim.SGD([{"params": [self.state.rho], "base_lr": config.r_lr}], lr=config.r_lr)
+            if config.r_optimizer == "sgd"
+            else torch.optim.AdamW([{"params": [self.state.rho], "base_lr": config.r_lr}], lr=config.r_lr,
+                                   weight_decay=0.0),
         }  # fmt: skip
         self.score_model: ModelAdapter | None = None
         if config.objective == "adm-extra-score":
             # DMD-style: a separately trained copy of the teacher estimates the student's score.
             self.score_model = copy.copy(teacher)
             self.score_model.transformer = copy.deepcopy(teacher.transformer).requires_grad_(True).train()
-            self.optimizers["score"] = torch.optim.AdamW(self.score_model.transformer.parameters(), lr=config.lr,
-                                                         weight_decay=config.weight_decay)  # fmt: skip
+            self.optimizers["score"] = torch.optim.AdamW(
+                [{"params": list(self.score_model.transformer.parameters()), "base_lr": config.lr}],
+                lr=config.lr, weight_decay=config.weight_decay)  # fmt: skip
         self.generator = torch.Generator().manual_seed(config.seed)
         self.uncond = store.uncond.to(self.device, teacher.dtype)
         self.selection_log: list[dict[str, float]] = []
@@ -238,11 +251,11 @@ class LinVideoTrainer:
                         if self.score_model is None
                         else guided_velocity(self.score_model, x_hat, t, cond, self.uncond, 1.0)
                     )
-                g = (
-                    adm_gradient(u_teacher_at, u_fake_at, t, config.t_min)
-                    if config.adm_weighting == "analytic"
-                    else normalized_adm_gradient(u_teacher_at, u_fake_at)
-                )
+                g = {
+                    "analytic": lambda: adm_gradient(u_teacher_at, u_fake_at, t, config.t_min),
+                    "normalized": lambda: normalized_adm_gradient(u_teacher_at, u_fake_at),
+                    "uniform": lambda: step_normalized_adm_gradient(u_teacher_at, u_fake_at, s - t),
+                }[config.adm_weighting]()
                 objective = adm_loss(x_hat.float(), g, config.adm_reduction)
         sample = (x_s, s, u_student.detach(), t, cond) if self.score_model is not None else None
         r = self.state.r()
@@ -324,7 +337,7 @@ class LinVideoTrainer:
                 step = log["step"]
                 for name, optimizer in self.optimizers.items():
                     for group in optimizer.param_groups:
-                        group["lr"] = (config.r_lr if name == "r" else config.lr) * lr_factor(step, config, name)
+                        group["lr"] = group["base_lr"] * lr_factor(step, config, name)
                 values = self.train_step(self.store.sample(config.batch_size, self.generator), step)
                 r = self.state.r().detach().cpu().tolist()
                 log["step"] += 1
