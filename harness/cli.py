@@ -732,9 +732,9 @@ def train_cmd(
         typer.Option(help="Peak learning rate of the transformer (and maps); default: linvideo 1e-5, sla 1e-4."),
     ] = None,
     map_lr: Annotated[
-        float | None,
-        typer.Option(help="Peak learning rate of LinVideo's feature maps (new parameters); default: --lr."),
-    ] = None,
+        float,
+        typer.Option(help="Peak learning rate of LinVideo's feature maps (new parameters, identity init)."),
+    ] = 1e-2,
     r_optimizer: Annotated[
         str, typer.Option(help="Optimizer of the scores r: sgd (keeps per-layer gradient sizes) or adamw.")
     ] = "sgd",
@@ -754,7 +754,7 @@ def train_cmd(
             help="ADM's score-difference weight: analytic ((1 - t)/t, Eq. 13), normalized (DMD's 1/mean|u|) or "
             "uniform (normalized and divided by the step s - t: every step weighs alike)."
         ),
-    ] = "analytic",
+    ] = "uniform",
     lam: Annotated[float, typer.Option(help="Weight lambda of L_con + L_reg.")] = 0.01,
     selection: Annotated[
         str,
