@@ -29,8 +29,7 @@ from harness.optim import warmup_cosine
 from methods import build_method
 from methods.base import AttentionMethod
 from methods.linvideo.collect import TrajectoryStore
-from methods.linvideo.losses import adm_gradient, adm_loss, mse_loss
-from methods.linvideo.train import guided_velocity
+from methods.linvideo.train import ADM_WEIGHTINGS, ObjectiveSettings, trajectory_objective
 
 OBJECTIVES = ("adm", "mse")
 LOG_EVERY = 25  # steps between log lines when the progress bar is off
@@ -49,12 +48,14 @@ class FineTuneSettings:
     grad_clip: float = 1.0
     t_min: float = 0.02
     adm_reduction: str = "mean"
+    adm_weighting: str = "uniform"  # as LinVideo's default (reports/toy/linvideo_trials, round 3)
     activation_checkpointing: bool = False
     checkpoint_every: int = 100
     seed: int = 0
 
     def validate(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("ADM weighting", self.adm_weighting, ADM_WEIGHTINGS)
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise HarnessError("steps, batch size and checkpoint interval must be >= 1")
         if self.lr <= 0 or not 0.0 <= self.warmup_fraction < 1.0:
@@ -116,19 +117,10 @@ class AttentionFineTuner(ABC):
     def objective(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """ADM (one student step from a stored state, scored by the teacher) or MSE on stored velocities."""
         settings = self.settings
-        x_s, s, t = batch["x"].to(self.device), batch["t"].to(self.device), batch["t_next"].to(self.device)
-        cond = batch["cond"].to(self.device, self.teacher.dtype)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        with autocast:
-            u_student = guided_velocity(self.student, x_s, s, cond, self.uncond, self.cfg)
-            if settings.objective == "mse":
-                return mse_loss(u_student, batch["u"].to(self.device))
-            x_hat = x_s - (s - t).view(-1, 1, 1, 1, 1) * u_student
-            with torch.no_grad():
-                u_teacher_at = guided_velocity(self.teacher, x_hat, t, cond, self.uncond, self.cfg)
-                u_student_at = guided_velocity(self.student, x_hat, t, cond, self.uncond, self.cfg)
-            g = adm_gradient(u_teacher_at, u_student_at, t, settings.t_min)
-            return adm_loss(x_hat.float(), g, settings.adm_reduction)
+        objective = ObjectiveSettings(settings.objective, settings.adm_weighting, settings.t_min,
+                                      settings.adm_reduction)  # fmt: skip
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return trajectory_objective(self.student, self.teacher, batch, self.uncond, self.cfg, objective)[0]
 
     def run(self, show_progress: bool = True) -> Path:
         """Train to ``settings.steps`` (resuming a half-done run) and write the result."""

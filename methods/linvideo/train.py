@@ -149,14 +149,56 @@ def guided_velocity(model: ModelAdapter, x: torch.Tensor, t: torch.Tensor, cond:
     return unconditional + cfg * (velocity - unconditional)
 
 
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """How a student is fitted to the teacher's trajectories (shared by LinVideo's trainer and SLA's)."""
+
+    objective: str  # adm, mse (adm-extra-score: adm with ``score_model`` given)
+    adm_weighting: str
+    t_min: float
+    adm_reduction: str
+
+
+def trajectory_objective(student: ModelAdapter, teacher: ModelAdapter, batch: dict[str, torch.Tensor],
+                         uncond: torch.Tensor, cfg: float, settings: ObjectiveSettings,
+                         score_model: ModelAdapter | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The objective on one batch of stored states, and the student's velocity there (detached).
+
+    ``mse`` regresses the stored velocity; ``adm`` takes one student step x_hat = x_s - (s - t) u_student(x_s),
+    scores it with the teacher and the student itself (or ``score_model``, unguided) and returns the
+    surrogate whose gradient with respect to x_hat is g under ``settings.adm_weighting``.
+    """
+    device = teacher.device
+    x_s, s, t = batch["x"].to(device), batch["t"].to(device), batch["t_next"].to(device)
+    cond = batch["cond"].to(device, teacher.dtype)
+    u_student = guided_velocity(student, x_s, s, cond, uncond, cfg)
+    if settings.objective == "mse":
+        return mse_loss(u_student, batch["u"].to(device)), u_student.detach()
+    x_hat = x_s - (s - t).view(-1, 1, 1, 1, 1) * u_student
+    with torch.no_grad():
+        u_teacher_at = guided_velocity(teacher, x_hat, t, cond, uncond, cfg)
+        u_fake_at = (
+            guided_velocity(student, x_hat, t, cond, uncond, cfg)
+            if score_model is None
+            else guided_velocity(score_model, x_hat, t, cond, uncond, 1.0)
+        )
+    if settings.adm_weighting == "analytic":
+        g = adm_gradient(u_teacher_at, u_fake_at, t, settings.t_min)
+    elif settings.adm_weighting == "normalized":
+        g = normalized_adm_gradient(u_teacher_at, u_fake_at)
+    else:
+        g = step_normalized_adm_gradient(u_teacher_at, u_fake_at, s - t)
+    return adm_loss(x_hat.float(), g, settings.adm_reduction), u_student.detach()
+
+
 @dataclass
 class StepLosses:
     objective: torch.Tensor
     constraint: torch.Tensor
     regulariser: torch.Tensor
     total: torch.Tensor
-    # adm-extra-score: (x_s, s, u_student(x_s), t, cond), what the score model learns from after the step
-    student_sample: tuple[torch.Tensor, ...] | None = None
+    # adm-extra-score: the batch and u_student(x_s) (detached), what the score model learns from after the step
+    student_sample: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
 
 
 class LinVideoTrainer:
@@ -237,28 +279,12 @@ class LinVideoTrainer:
     def losses(self, batch: dict[str, torch.Tensor], step: int) -> StepLosses:
         """The step's loss terms; gradients reach the student through x_hat (ADM) or its velocity (MSE)."""
         config = self.config
-        x_s, s, t = batch["x"].to(self.device), batch["t"].to(self.device), batch["t_next"].to(self.device)
-        cond = batch["cond"].to(self.device, self.teacher.dtype)
+        settings = ObjectiveSettings("adm" if config.objective == "adm-extra-score" else config.objective,
+                                     config.adm_weighting, config.t_min, config.adm_reduction)  # fmt: skip
         with self._autocast():
-            u_student = guided_velocity(self.student, x_s, s, cond, self.uncond, self.cfg)
-            if config.objective == "mse":
-                objective = mse_loss(u_student, batch["u"].to(self.device))
-            else:
-                x_hat = x_s - (s - t).view(-1, 1, 1, 1, 1) * u_student
-                with torch.no_grad():
-                    u_teacher_at = guided_velocity(self.teacher, x_hat, t, cond, self.uncond, self.cfg)
-                    u_fake_at = (
-                        guided_velocity(self.student, x_hat, t, cond, self.uncond, self.cfg)
-                        if self.score_model is None
-                        else guided_velocity(self.score_model, x_hat, t, cond, self.uncond, 1.0)
-                    )
-                g = {
-                    "analytic": lambda: adm_gradient(u_teacher_at, u_fake_at, t, config.t_min),
-                    "normalized": lambda: normalized_adm_gradient(u_teacher_at, u_fake_at),
-                    "uniform": lambda: step_normalized_adm_gradient(u_teacher_at, u_fake_at, s - t),
-                }[config.adm_weighting]()
-                objective = adm_loss(x_hat.float(), g, config.adm_reduction)
-        sample = (x_s, s, u_student.detach(), t, cond) if self.score_model is not None else None
+            objective, u_student = trajectory_objective(self.student, self.teacher, batch, self.uncond, self.cfg,
+                                                        settings, self.score_model)  # fmt: skip
+        sample = (batch, u_student) if self.score_model is not None else None
         r = self.state.r()
         constraint = constraint_loss(r, config.target_layers)
         alpha = annealed_alpha(step, config.steps, config.alpha_start, config.alpha_end, config.alpha_anneal_fraction)
@@ -291,8 +317,7 @@ class LinVideoTrainer:
             self._update_score_model(*terms.student_sample)
         return values
 
-    def _update_score_model(self, x_s: torch.Tensor, s: torch.Tensor, u_student: torch.Tensor, t: torch.Tensor,
-                            cond: torch.Tensor) -> None:  # fmt: skip
+    def _update_score_model(self, batch: dict[str, torch.Tensor], u_student: torch.Tensor) -> None:
         """One flow-matching step of the extra score model on the student's samples (``adm-extra-score``).
 
         The student's clean estimate ``x0 = x_s - s u_student(x_s)`` is noised to the step's time t and the
@@ -300,6 +325,8 @@ class LinVideoTrainer:
         DMD's fake score does), so that its velocity at x_hat stands for the student's score there.
         """
         assert self.score_model is not None, "only adm-extra-score has a score model"
+        x_s, s, t = batch["x"].to(self.device), batch["t"].to(self.device), batch["t_next"].to(self.device)
+        cond = batch["cond"].to(self.device, self.teacher.dtype)
         x0 = x_s - s.view(-1, 1, 1, 1, 1) * u_student
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device, x0.dtype)
         t_view = t.view(-1, 1, 1, 1, 1)
