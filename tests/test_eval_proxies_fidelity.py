@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,16 @@ def test_vbench_check_lists_every_dimension_and_where_its_files_go(bench, tmp_pa
     assert all(w["path"].startswith(str(tmp_path.resolve())) for w in out["weights"])
     text = normalise(bench("vbench2", "check", "--cache", tmp_path).stdout)
     assert "Diversity" in text and "vgg19-dcbb9e9d.pth" in text
+
+
+def test_evaluator_venv_skips_an_interpreter_that_does_not_start(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A pyenv shim of an unselected version is on PATH but exits 127: setup takes the next candidate."""
+    from harness.eval.vbench.environment import BACKENDS, _interpreter
+
+    broken, working = tmp_path / "python3.10", tmp_path / "python3.11"
+    broken.write_text("#!/bin/sh\nexit 127\n")
+    working.symlink_to(sys.executable)
+    broken.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert _interpreter(BACKENDS["vbench2"], None) == str(working)

@@ -182,15 +182,24 @@ def setup(name: str, cache: Cache, python: str | None = None, log: Log = print) 
 
 
 def _interpreter(spec: Backend, python: str | None) -> str:
+    """The first candidate on PATH that actually starts (a pyenv shim of a version not selected does not)."""
     candidates = (python,) if python else spec.pythons
     for candidate in candidates:
         found = shutil.which(candidate) if candidate else None
-        if found:
+        if found and _starts(found):
             return found
     raise HarnessError(
         f"{spec.title} needs one of {', '.join(candidates)} (its pins have no wheels for newer CPython); "
         "install one or pass --python PATH"
     )
+
+
+def _starts(interpreter: str) -> bool:
+    try:
+        probe = subprocess.run([interpreter, "-c", "import venv"], capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
 
 
 def installed_versions(cache: Cache, spec: Backend) -> dict[str, str | None]:
