@@ -156,12 +156,13 @@ def run(
 
     started = time.time()
     artifacts_dir = runs_dir / spec.run_id
-    artifacts_dir.mkdir(parents=True, exist_ok=True)
     with rank_group(ranks, prepared.device):
         model = prepared.adapter_cls.load(spec.weights, prepared.device, prepared.dtype, allow_download)
         method = prepared.method
         if spec.checkpoint is not None:
             method.load_checkpoint(Path(spec.checkpoint), model.transformer)
+        # made only once the weights and checkpoint have loaded, so a bad run leaves nothing behind
+        artifacts_dir.mkdir(parents=True, exist_ok=True)
         frames_name = "frames.safetensors" if not ranks.sharded else f"frames.rank{ranks.rank}.safetensors"
         share, frames_kept = _generate_share(
             prepared, model, ranks.share(work), artifacts_dir / frames_name, runs_dir, show_progress and ranks.lead
