@@ -1,12 +1,14 @@
-"""``bench ablate AXIS``: train, sample, score and record every variant of one LinVideo ablation axis.
+"""``bench ablate AXIS...``: train, sample, score and record every variant of LinVideo ablation axes.
 
 A variant is a ``LinVideoTrainConfig`` that differs from the default recipe along one axis (the
 paper's ablations: alpha range, kernel, objective, layer selection, number of converted layers; and
 ours: the optimizer of the scores r).
-Each is trained into ``train_dir/AXIS/VARIANT`` from one shared trajectory store, then sampled on the
-model's held-out prompts with ``bench run --method linvideo --checkpoint`` and scored; its record
-carries the ablation axis, the variant and the training summary. A half-done sweep resumes: training
-resumes from its checkpoints and finished runs are skipped.
+Each distinct configuration is trained once into ``train_dir/linvideo-<config hash>`` from one shared
+trajectory store (``--jobs N`` trains N at a time in their own processes: the toy model is launch-bound,
+so one GPU runs several), then sampled on the model's held-out prompts like ``bench run --method
+linvideo --checkpoint`` and scored. Its record lists every (axis, variant) it stands for (the default
+recipe belongs to every axis) and the training summary. A half-done sweep resumes: training resumes
+from its checkpoints and finished runs are skipped.
 """
 
 from __future__ import annotations
@@ -14,14 +16,21 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from dataclasses import dataclass
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import HarnessError
 from harness.records import write_record
 
+if TYPE_CHECKING:
+    from harness.training import TrainRequest
+
 AXES = ("alpha", "kernel", "objective", "selection", "target", "r-optimizer")
+PAPER_AXES = ("alpha", "kernel", "objective", "selection", "target")  # what `bench ablate all` runs
 ALPHA_RANGES = ((20.0, 2.0), (16.0, 4.0), (24.0, 1.0), (4.0, 4.0))
 
 
@@ -67,9 +76,37 @@ def _r_trajectory(log_path: Path, points: int = 200) -> list[dict[str, Any]]:
     return [{"step": step + 1, "r": history[step]} for step in steps]
 
 
+def expand_axes(axes: tuple[str, ...]) -> tuple[str, ...]:
+    """``all`` stands for the paper's five axes; duplicates are dropped, the order kept."""
+    expanded = [name for axis in axes for name in (PAPER_AXES if axis == "all" else (axis,))]
+    return tuple(dict.fromkeys(expanded))
+
+
+@dataclass
+class Variant:
+    """One distinct training configuration and every (axis, variant label, order) it stands for."""
+
+    config: Any  # LinVideoTrainConfig
+    folder: Path
+    memberships: list[dict[str, Any]] = field(default_factory=list)
+
+
+def plan(axes: tuple[str, ...], base: Any, num_layers: int, train_dir: Path) -> list[Variant]:
+    """The distinct configurations of ``axes`` (validated), each named by its hash under ``train_dir``."""
+    planned: dict[str, Variant] = {}
+    for axis in expand_axes(axes):
+        for order, (label, changes) in enumerate(variants(axis, num_layers, base.target_layers).items()):
+            config = dataclasses.replace(base, **changes)
+            config.validate(num_layers)
+            key = _config_hash(config)
+            variant = planned.setdefault(key, Variant(config, train_dir / f"linvideo-{key}"))
+            variant.memberships.append({"axis": axis, "variant": label, "order": order})
+    return list(planned.values())
+
+
 @dataclass(frozen=True)
 class AblationRequest:
-    axis: str
+    axes: tuple[str, ...]
     model: str
     base: Any  # the LinVideoTrainConfig every variant starts from
     runs_dir: Path
@@ -77,45 +114,79 @@ class AblationRequest:
     device: str
     prompt_count: int
     show_progress: bool = True
+    jobs: int = 1  # trainings at a time, each in its own process
+
+
+def _train_in_worker(request: TrainRequest, threads: int) -> Path:
+    """One training in a pool process: its share of the CPU threads, no progress bar of its own."""
+    import torch
+
+    from harness.training import train
+
+    torch.set_num_threads(threads)
+    return train(dataclasses.replace(request, show_progress=False))
+
+
+def train_all(requests: list[TrainRequest], jobs: int, show_progress: bool = True) -> list[Path]:
+    """Train every request (``jobs`` at a time, in spawned processes when > 1); returns their checkpoints.
+
+    The trajectory store they share is filled first, here, so that no two processes write it.
+    """
+    from rich.progress import Progress
+
+    from harness.training import collect_trajectories, train
+
+    if jobs < 1:
+        raise HarnessError(f"--jobs must be >= 1, got {jobs}")
+    if jobs == 1 or len(requests) < 2:
+        return [train(request) for request in requests]
+    collect_trajectories(requests[0])
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used from a forked process
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool, Progress(disable=not show_progress) as bar:
+        futures = [pool.submit(_train_in_worker, request, threads) for request in requests]
+        task = bar.add_task(f"train {len(requests)} variants, {jobs} at a time", total=len(requests))
+        checkpoints = []
+        for future in futures:
+            checkpoints.append(future.result())
+            bar.advance(task)
+    return checkpoints
 
 
 def ablate(request: AblationRequest) -> list[dict[str, Any]]:
-    """Run every variant of the axis; returns their records (with ``ablation`` and ``training``)."""
+    """Run every variant of the axes; returns their records (with ``ablation`` and ``training``)."""
     from harness.generate import prepare, run
     from harness.models.base import MODELS
     from harness.spec import RunSpec
-    from harness.training import TrainRequest, train
+    from harness.training import TrainRequest
 
     adapter_cls = MODELS.get(request.model)
-    plan = variants(request.axis, adapter_cls.num_layers, request.base.target_layers)
-    configs = {label: dataclasses.replace(request.base, **changes) for label, changes in plan.items()}
-    for config in configs.values():
-        config.validate(adapter_cls.num_layers)
+    planned = plan(request.axes, request.base, adapter_cls.num_layers, request.train_dir)
     weights = "builtin" if adapter_cls.weights_kind == "builtin" else ""
+    checkpoints = train_all([
+        TrainRequest(model=request.model, weights=weights, config=variant.config, out=variant.folder, prompts=None,
+                     prompt_count=request.prompt_count, device=request.device,
+                     store=request.train_dir / "trajectories", show_progress=request.show_progress)
+        for variant in planned
+    ], request.jobs, request.show_progress)  # fmt: skip
     records = []
-    for order, (label, config) in enumerate(configs.items()):
-        # Named by the config: a variant shared by two axes (the default recipe) is trained once.
-        folder = request.train_dir / f"linvideo-{_config_hash(config)}"
-        checkpoint = train(TrainRequest(
-            model=request.model, weights=weights, config=config, out=folder, prompts=None,
-            prompt_count=request.prompt_count, device=request.device, store=request.train_dir / "trajectories",
-            show_progress=request.show_progress,
-        ))  # fmt: skip
+    for variant, checkpoint in zip(planned, checkpoints, strict=True):
         spec = RunSpec(model=request.model, method="linvideo", sampling=adapter_cls.defaults,
                        prompts=adapter_cls.default_prompts(), seeds=(0,), device=request.device, dtype="float32",
-                       weights=weights,
-                       method_params={"kernel": config.kernel}, checkpoint=str(checkpoint),
+                       weights=weights, method_params={"kernel": variant.config.kernel}, checkpoint=str(checkpoint),
                        eval_suites=adapter_cls.default_eval)  # fmt: skip
         prepare(spec)
         outcome = run(spec, request.runs_dir, show_progress=request.show_progress)
-        if outcome.skipped and "ablation" in outcome.record:
-            records.append(outcome.record)
-            continue
-        summary = json.loads((checkpoint / "spec.json").read_text())
-        record = {**outcome.record, "ablation": {"axis": request.axis, "variant": label, "order": order},
-                  "training": {key: summary[key] for key in ("linear_layers", "final_r", "steps", "train_seconds",
-                                                              "seconds_per_step", "selection")}}  # fmt: skip
-        record["training"]["r_per_step"] = _r_trajectory(checkpoint / "training_state.json")
-        write_record(outcome.path, record)
+        record = outcome.record
+        known = record.get("ablation", []) if outcome.skipped else []
+        memberships = known + [m for m in variant.memberships if m not in known]
+        if "training" not in record or memberships != known:
+            summary = json.loads((checkpoint / "spec.json").read_text())
+            training = {key: summary[key] for key in ("linear_layers", "final_r", "steps", "train_seconds",
+                                                       "seconds_per_step", "selection")}  # fmt: skip
+            training["concurrent_jobs"] = min(request.jobs, len(planned))
+            training["r_per_step"] = _r_trajectory(checkpoint / "training_state.json")
+            record = {**record, "ablation": memberships, "training": record.get("training", training)}
+            write_record(outcome.path, record)
         records.append(record)
     return records

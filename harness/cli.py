@@ -885,7 +885,13 @@ def calibrate_cmd(
 @app.command("ablate")
 @user_errors
 def ablate_cmd(
-    axis: Annotated[str, typer.Argument(help="alpha, kernel, objective, selection, target or r-optimizer.")],
+    axes: Annotated[
+        list[str],
+        typer.Argument(
+            help="One or more of alpha, kernel, objective, selection, target, r-optimizer; `all` = the paper's five.",
+            show_default=False,
+        ),
+    ],
     model: Annotated[str, typer.Option(help="Teacher model adapter (a model with built-in prompts: toy).")] = "toy",
     target_layers: Annotated[
         int | None, typer.Option(help="Layers to convert in every variant but the target axis (default: half).")
@@ -893,6 +899,15 @@ def ablate_cmd(
     steps: TrainStepsOpt = 400,
     batch_size: TrainBatchOpt = 8,
     prompts: TrainPromptsOpt = 64,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help=(
+                "Variants trained at a time, each in its own process (the toy is launch-bound: one GPU runs several; "
+                "on CPU they share the cores)."
+            )
+        ),
+    ] = 1,
     runs_dir: RunsDirOpt = Path("runs"),
     train_dir: Annotated[Path, typer.Option(help="Folder of the trained checkpoints and the trajectory store.")] = Path(
         "checkpoints"
@@ -900,21 +915,26 @@ def ablate_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Train, sample, score and record every variant of one LinVideo ablation (resumes a half-done sweep)."""
-    from harness.ablate import AblationRequest, ablate
+    """Train, sample, score and record every variant of LinVideo ablation axes (resumes a half-done sweep).
+
+    A configuration shared by several axes (the default recipe) is trained and sampled once.
+    """
+    from harness.ablate import AblationRequest, ablate, expand_axes
     from harness.models import MODELS
     from methods.linvideo.train import LinVideoTrainConfig
 
     adapter_cls = MODELS.get(model)
     base = LinVideoTrainConfig(target_layers=target_layers or adapter_cls.num_layers // 2, steps=steps,
                                batch_size=batch_size)  # fmt: skip
-    records = ablate(AblationRequest(axis=axis, model=MODELS.canonical(model), base=base, runs_dir=runs_dir,
+    chosen = expand_axes(tuple(axes))
+    records = ablate(AblationRequest(axes=chosen, model=MODELS.canonical(model), base=base, runs_dir=runs_dir,
                                      train_dir=train_dir, device=_resolved_device(device), prompt_count=prompts,
-                                     show_progress=progress))  # fmt: skip
+                                     show_progress=progress, jobs=jobs))  # fmt: skip
     for rec in records:
         scores = next(iter(rec["metrics"].values()), {})
+        labels = ", ".join(f"{m['axis']} = {m['variant']}" for m in rec["ablation"] if m["axis"] in chosen)
         console.print(
-            f"{axis} = {rec['ablation']['variant']}: linear layers {rec['training']['linear_layers']}, "
+            f"{labels}: linear layers {rec['training']['linear_layers']}, "
             f"prompt correctness {_fmt(scores.get('prompt_correctness'))}, "
             f"motion smoothness {_fmt(scores.get('motion_smoothness'))}"
         )

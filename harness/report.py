@@ -152,19 +152,24 @@ ABLATION_TITLES = {
 }  # fmt: skip
 
 
+def _memberships(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The (axis, variant, order) entries an ablation record stands for (the default recipe: every axis)."""
+    return record.get("ablation", [])
+
+
 def ablation_tables(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
     """One table per ablation axis: each variant's layers, training cost and metrics, beside the dense run
     and the untrained ``linear`` baseline of the same cohort (same prompts, seeds, device)."""
-    variants = [r for r in records if "ablation" in r]
-    references = [(record_cohort(r), r) for r in records if "ablation" not in r]  # the spec hashed once per record
+    variants = [r for r in records if _memberships(r)]
+    references = [(record_cohort(r), r) for r in records if not _memberships(r)]  # the spec hashed once per record
     tables = {}
-    for axis in sorted({r["ablation"]["axis"] for r in variants}):
+    for axis in sorted({m["axis"] for r in variants for m in _memberships(r)}):
+        members = sorted((m["order"], m["variant"], r) for r in variants for m in _memberships(r) if m["axis"] == axis)
+        cohorts = {record_cohort(r) for _, _, r in members}
+        labelled = [(f"{r['spec']['method']} (reference)", r) for cohort, r in references if cohort in cohorts]
         rows = []
-        members = sorted((r for r in variants if r["ablation"]["axis"] == axis), key=lambda r: r["ablation"]["order"])
-        cohorts = {record_cohort(r) for r in members}
-        for rec in [r for cohort, r in references if cohort in cohorts] + members:
+        for label, rec in labelled + [(variant, r) for _, variant, r in members]:
             training = rec.get("training", {})
-            label = rec["ablation"]["variant"] if "ablation" in rec else f"{rec['spec']['method']} (reference)"
             row = {
                 "variant": label,
                 "linear_layers": ",".join(map(str, training["linear_layers"])) if training else "",
@@ -184,11 +189,12 @@ def ablation_figures(records: list[dict[str, Any]], tables: dict[str, pd.DataFra
     from harness import plots
 
     files = [plots.regulariser_curves(out_dir / "figures" / "regulariser_curves.png")]
-    for rec in (r for r in records if "ablation" in r and r.get("training", {}).get("r_per_step")):
-        axis, variant = rec["ablation"]["axis"], rec["ablation"]["variant"]
-        name = f"r_{axis}_{variant}".replace(" ", "-").replace(">", "").replace("/", "-")
-        files.append(plots.r_over_training(rec["training"]["r_per_step"], f"r per layer: {axis} = {variant}",
-                                           out_dir / "figures" / f"{name}.png"))  # fmt: skip
+    for rec in (r for r in records if r.get("training", {}).get("r_per_step")):
+        for membership in _memberships(rec):
+            axis, variant = membership["axis"], membership["variant"]
+            name = f"r_{axis}_{variant}".replace(" ", "-").replace(">", "").replace("/", "-")
+            files.append(plots.r_over_training(rec["training"]["r_per_step"], f"r per layer: {axis} = {variant}",
+                                               out_dir / "figures" / f"{name}.png"))  # fmt: skip
     for name, table in tables.items():
         axis = name.removeprefix("ablation_")
         files.append(plots.metric_bars(table, "variant", ABLATION_TITLES.get(axis, axis),

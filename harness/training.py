@@ -25,6 +25,8 @@ from harness.io_checks import ensure_writable_dir
 from harness.models.base import MODELS
 
 if TYPE_CHECKING:
+    from harness.models.base import ModelAdapter
+    from methods.linvideo.collect import TrajectoryStore
     from methods.linvideo.train import LinVideoTrainConfig
     from methods.sla_train import SlaTrainConfig
 
@@ -46,9 +48,20 @@ class TrainRequest:
 
 def train(request: TrainRequest) -> Path:
     """Run a LinVideo (or SLA) training from a request; returns the checkpoint folder."""
-    from methods.linvideo.collect import CollectionSpec, collect
     from methods.linvideo.train import LinVideoTrainer
     from methods.sla_train import SlaTrainConfig, SlaTrainer
+
+    config = request.config
+    teacher, store = collect_trajectories(request)
+    out = request.out
+    if isinstance(config, SlaTrainConfig):
+        return SlaTrainer(config, teacher, store, out).run(request.show_progress)
+    return LinVideoTrainer(config, teacher, store, out).run(request.show_progress)
+
+
+def collect_trajectories(request: TrainRequest) -> tuple[ModelAdapter, TrajectoryStore]:
+    """Validate the request, make its output folder, load the teacher and fill (or reuse) its trajectory store."""
+    from methods.linvideo.collect import CollectionSpec, collect
 
     adapter_cls = MODELS.get(request.model)
     config = request.config
@@ -59,16 +72,13 @@ def train(request: TrainRequest) -> Path:
     prompts = request.prompts or adapter_cls.training_prompts(request.prompt_count, config.seed)
     adapter_cls.validate_prompts([*prompts, sampling.negative_prompt])
     device = resolve_device(request.device)
-    out = ensure_writable_dir(request.out)
-    store_dir = ensure_writable_dir(request.store or out / "trajectories")
+    ensure_writable_dir(request.out)
+    store_dir = ensure_writable_dir(request.store or request.out / "trajectories")
     spec = CollectionSpec(MODELS.canonical(request.model), request.weights, sampling, tuple(prompts),
                           tuple(range(len(prompts))), batch_size=min(len(prompts), 16))  # fmt: skip
     # fp32 master weights: the trainer runs the student under bf16 autocast on CUDA.
     teacher = adapter_cls.load(request.weights, device, torch.float32)
-    store = collect(teacher, spec, store_dir, request.show_progress)
-    if isinstance(config, SlaTrainConfig):
-        return SlaTrainer(config, teacher, store, out).run(request.show_progress)
-    return LinVideoTrainer(config, teacher, store, out).run(request.show_progress)
+    return teacher, collect(teacher, spec, store_dir, request.show_progress)
 
 
 CACHE_ENV = "ATTENTION_BENCH_CACHE"

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import Invoke, normalise, records_in
 
-from harness.ablate import variants
+from harness.ablate import expand_axes, plan, train_all, variants
 from harness.models.toy import ToyModel
+from harness.training import TrainRequest
+from methods.linvideo.train import LinVideoTrainConfig
 
 
 @pytest.fixture
@@ -29,6 +31,39 @@ def test_variants_cover_the_papers_ablations() -> None:
     assert variants("r-optimizer", 8, 4)["adamw (lr 1e-2)"] == {"r_optimizer": "adamw", "r_lr": 1e-2}
 
 
+def test_a_configuration_shared_by_axes_is_planned_once(tmp_path: Path) -> None:
+    base = LinVideoTrainConfig(target_layers=4)
+    planned = plan(("objective", "kernel"), base, 8, tmp_path)
+    assert len(planned) == 6  # adm and hedgehog are both the default recipe
+    default = next(v for v in planned if v.config == base)
+    assert default.memberships == [{"axis": "objective", "variant": "adm", "order": 0},
+                                   {"axis": "kernel", "variant": "hedgehog", "order": 0}]  # fmt: skip
+    assert len({v.folder for v in planned}) == 6
+
+
+def test_all_means_the_papers_five_axes() -> None:
+    assert expand_axes(("all", "kernel", "r-optimizer")) == (
+        "alpha", "kernel", "objective", "selection", "target", "r-optimizer")  # fmt: skip
+
+
+def test_parallel_training_matches_sequential(tmp_path: Path) -> None:
+    """Two variants trained in two spawned processes end where the same two trained one after the other do."""
+
+    def requests(folder: Path) -> list[TrainRequest]:
+        return [TrainRequest(model="toy", weights="builtin", prompts=None, prompt_count=2, device="cpu",
+                             config=LinVideoTrainConfig(target_layers=4, steps=2, batch_size=2, kernel=kernel),
+                             out=folder / kernel, store=folder / "store", show_progress=False)
+                for kernel in ("hedgehog", "relu")]  # fmt: skip
+
+    sequential = train_all(requests(tmp_path / "one"), jobs=1, show_progress=False)
+    parallel = train_all(requests(tmp_path / "two"), jobs=2, show_progress=False)
+    for a, b in zip(sequential, parallel, strict=True):
+        assert a.name == b.name and a.parent.name == "one" and b.parent.name == "two"
+        first, second = (json.loads((path / "spec.json").read_text()) for path in (a, b))
+        assert first["linear_layers"] == second["linear_layers"]
+        assert first["final_r"] == pytest.approx(second["final_r"], abs=1e-5)
+
+
 def test_unknown_axis_suggests_the_closest(bench: Invoke, tmp_path: Path) -> None:
     result = bench("ablate", "kernal", "--runs-dir", tmp_path, expect=2)
     assert "Did you mean 'kernel'" in normalise(result.output)
@@ -41,7 +76,7 @@ def test_ablate_objective_records_each_variant_and_resumes(bench: Invoke, tmp_pa
             "--runs-dir", runs, "--train-dir", train, "--no-progress")  # fmt: skip
     bench(*args)
     records = records_in(runs)
-    assert sorted(r["ablation"]["variant"] for r in records) == ["adm", "adm-extra-score", "mse"]
+    assert sorted(m["variant"] for r in records for m in r["ablation"]) == ["adm", "adm-extra-score", "mse"]
     for record in records:
         assert record["spec"]["method"] == "linvideo" and "toybench" in record["metrics"]
         assert record["training"]["steps"] == 2 and len(record["training"]["r_per_step"]) == 2
