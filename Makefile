@@ -26,10 +26,12 @@ VBENCH_TEST_CACHE ?= .cache/vbench-test
 test-vbench: setup
 	BENCH_VBENCH_CACHE=$(abspath $(VBENCH_TEST_CACHE)) $(PY) -m pytest -q -p no:cacheprovider -m vbench
 
-# Dense vs untrained linear attention (all layers) on the shipped toy teacher, 64 held-out prompts, ToyBench.
+# Dense, untrained linear attention (all layers) and LinVideo (the default conversion shipped beside the
+# teacher: half of the layers linear) on the toy teacher, 64 held-out prompts, ToyBench.
 demo: setup
 	$(VENV)/bin/bench run --method sdpa --model toy --device cpu --runs-dir $(RUNS)
 	$(VENV)/bin/bench run --method linear --model toy --device cpu --runs-dir $(RUNS)
+	$(VENV)/bin/bench run --method linvideo --model toy --device cpu --runs-dir $(RUNS)
 	$(VENV)/bin/bench report --runs-dir $(RUNS) --out $(RUNS)/report
 
 lint: setup

@@ -427,8 +427,10 @@ def _default_linvideo(spec: RunSpec, options: EvalOptions, show_progress: bool) 
     from harness.training import cache_dir, default_checkpoint
 
     prepare(spec, options, checkpoint_to_come=True)
-    console.print(f"no --checkpoint: using the default LinVideo conversion of {spec.model} (trained once, cached "
-                  f"in {cache_dir() / 'linvideo'})")  # fmt: skip
+    console.print(
+        f"no --checkpoint: using the default LinVideo conversion of {spec.model} (the one shipped beside the "
+        f"teacher if the recipe matches, else trained once and cached in {cache_dir() / 'linvideo'})"
+    )
     return default_checkpoint(spec.model, spec.device, show_progress)
 
 

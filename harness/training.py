@@ -100,11 +100,12 @@ def cache_dir() -> Path:
 def default_checkpoint(model: str, device: str, show_progress: bool = True) -> Path:
     """The default LinVideo conversion of a built-in teacher (half of its layers, the default recipe).
 
-    Trained on first use and cached under :func:`cache_dir`, named by the recipe and the teacher's
-    sha256, so a new teacher or recipe trains anew; an interrupted training resumes.
+    Named by the recipe and the teacher's sha256: the conversion shipped beside the toy teacher when the
+    name matches, else trained on first use and cached under :func:`cache_dir`, so a new teacher or
+    recipe trains anew; an interrupted training resumes.
     """
     from harness.checkpoints import file_sha256
-    from harness.toyworld.checkpoint import SHIPPED_CHECKPOINT
+    from harness.toyworld.checkpoint import SHIPPED_CHECKPOINT, SHIPPED_CONVERSIONS
 
     adapter_cls = MODELS.get(model)
     if adapter_cls.weights_kind != "builtin":
@@ -115,9 +116,11 @@ def default_checkpoint(model: str, device: str, show_progress: bool = True) -> P
     config = default_recipe(adapter_cls.num_layers)
     identity = json.dumps({"config": asdict(config), "prompts": DEFAULT_PROMPT_COUNT,
                            "teacher": file_sha256(SHIPPED_CHECKPOINT)}, sort_keys=True, default=list)  # fmt: skip
-    out = cache_dir() / "linvideo" / f"{MODELS.canonical(model)}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
-    if (out / "spec.json").is_file():
-        return out
+    name = f"{MODELS.canonical(model)}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    shipped, out = SHIPPED_CONVERSIONS / name, cache_dir() / "linvideo" / name
+    for folder in (shipped, out):
+        if (folder / "spec.json").is_file():
+            return folder
     request = TrainRequest(model=MODELS.canonical(model), weights="builtin", config=config, out=out, prompts=None,
                            prompt_count=DEFAULT_PROMPT_COUNT, device=device, show_progress=show_progress)  # fmt: skip
     return train(request)

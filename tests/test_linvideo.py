@@ -296,6 +296,27 @@ def test_bench_run_linvideo_on_toy_trains_the_default_once_and_caches_it(
     assert "default LinVideo conversion" in normalise(first.output)
 
 
+def test_the_shipped_conversion_is_used_when_its_name_matches_the_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversion shipped beside the teacher under the recipe's name is returned; nothing is trained."""
+    import harness.toyworld.checkpoint as toy_checkpoint
+    import harness.training as training
+
+    trained: list[Path] = []
+    monkeypatch.setenv(training.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(toy_checkpoint, "SHIPPED_CONVERSIONS", tmp_path / "shipped")
+    monkeypatch.setattr(training, "train", lambda request: trained.append(request.out) or request.out)
+    monkeypatch.setattr(training, "default_recipe", lambda layers: _config(target_layers=layers // 2, steps=2))
+    cache_folder = training.default_checkpoint("toy", "cpu", show_progress=False)
+    assert trained == [cache_folder] and cache_folder.parent == tmp_path / "cache" / "linvideo"
+    shipped = tmp_path / "shipped" / cache_folder.name
+    shipped.mkdir(parents=True)
+    (shipped / "spec.json").write_text("{}")
+    assert training.default_checkpoint("toy", "cpu", show_progress=False) == shipped
+    assert trained == [cache_folder], "nothing trained once a matching conversion ships"
+
+
 def test_bench_train_refuses_more_target_layers_than_the_model_has(bench: Invoke, tmp_path: Path) -> None:
     result = bench("train", "--model", "toy", "--target-layers", "12", "--out", tmp_path / "o", expect=2)
     assert "target layers must be in 1..8" in normalise(result.output)

@@ -17,6 +17,8 @@ from harness.errors import HarnessError, MissingWeightsError
 from harness.toyworld.encoder import PromptEncoder
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "assets" / "toy_teacher.safetensors"
+# LinVideo's default conversion of that teacher, named as harness.training.default_checkpoint names it.
+SHIPPED_CONVERSIONS = Path(__file__).parent / "assets" / "linvideo"
 
 TOY_TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": (1, 4, 4),
