@@ -153,30 +153,44 @@ def train_all(requests: list[TrainRequest], jobs: int, show_progress: bool = Tru
     return checkpoints
 
 
-def ablate(request: AblationRequest) -> list[dict[str, Any]]:
-    """Run every variant of the axes; returns their records (with ``ablation`` and ``training``)."""
+def _weights(model: str) -> str:
+    from harness.models.base import MODELS
+
+    return "builtin" if MODELS.get(model).weights_kind == "builtin" else ""
+
+
+def _sample(request: AblationRequest, method: str, params: dict[str, Any], checkpoint: Path | None = None) -> Any:
+    """Sample and score the model's held-out prompts (seed 0) with one method; returns the RunOutcome."""
     from harness.generate import prepare, run
     from harness.models.base import MODELS
     from harness.spec import RunSpec
-    from harness.training import TrainRequest
 
     adapter_cls = MODELS.get(request.model)
-    planned = plan(request.axes, request.base, adapter_cls.num_layers, request.train_dir)
-    weights = "builtin" if adapter_cls.weights_kind == "builtin" else ""
+    spec = RunSpec(model=request.model, method=method, sampling=adapter_cls.defaults,
+                   prompts=adapter_cls.default_prompts(), seeds=(0,), device=request.device, dtype="float32",
+                   weights=_weights(request.model), method_params=params,
+                   checkpoint=None if checkpoint is None else str(checkpoint),
+                   eval_suites=adapter_cls.default_eval)  # fmt: skip
+    prepare(spec)
+    return run(spec, request.runs_dir, show_progress=request.show_progress)
+
+
+def ablate(request: AblationRequest) -> list[dict[str, Any]]:
+    """Run every variant of the axes and the dense and untrained-linear references; returns the variants'
+    records (with ``ablation`` and ``training``)."""
+    from harness.models.base import MODELS
+    from harness.training import TrainRequest
+
+    planned = plan(request.axes, request.base, MODELS.get(request.model).num_layers, request.train_dir)
     checkpoints = train_all([
-        TrainRequest(model=request.model, weights=weights, config=variant.config, out=variant.folder, prompts=None,
-                     prompt_count=request.prompt_count, device=request.device,
+        TrainRequest(model=request.model, weights=_weights(request.model), config=variant.config, out=variant.folder,
+                     prompts=None, prompt_count=request.prompt_count, device=request.device,
                      store=request.train_dir / "trajectories", show_progress=request.show_progress)
         for variant in planned
     ], request.jobs, request.show_progress)  # fmt: skip
     records = []
     for variant, checkpoint in zip(planned, checkpoints, strict=True):
-        spec = RunSpec(model=request.model, method="linvideo", sampling=adapter_cls.defaults,
-                       prompts=adapter_cls.default_prompts(), seeds=(0,), device=request.device, dtype="float32",
-                       weights=weights, method_params={"kernel": variant.config.kernel}, checkpoint=str(checkpoint),
-                       eval_suites=adapter_cls.default_eval)  # fmt: skip
-        prepare(spec)
-        outcome = run(spec, request.runs_dir, show_progress=request.show_progress)
+        outcome = _sample(request, "linvideo", {"kernel": variant.config.kernel}, checkpoint)
         record = outcome.record
         known = record.get("ablation", []) if outcome.skipped else []
         memberships = known + [m for m in variant.memberships if m not in known]
@@ -189,4 +203,11 @@ def ablate(request: AblationRequest) -> list[dict[str, Any]]:
             record = {**record, "ablation": memberships, "training": record.get("training", training)}
             write_record(outcome.path, record)
         records.append(record)
+    # Dense, and untrained linear attention on the default recipe's linear layers, in the variants' cohort:
+    # every table then shows what training bought.
+    default = next((r for v, r in zip(planned, records, strict=True) if v.config == request.base), None)
+    _sample(request, "sdpa", {})
+    if default is not None and default["training"]["linear_layers"]:
+        layers = ",".join(map(str, default["training"]["linear_layers"]))
+        _sample(request, "linear", {"layers": layers, "kernel": request.base.kernel})
     return records

@@ -157,6 +157,12 @@ def _memberships(record: dict[str, Any]) -> list[dict[str, Any]]:
     return record.get("ablation", [])
 
 
+def _reference_label(record: dict[str, Any]) -> str:
+    """``sdpa (reference)``, ``linear layers=0,1,2,6 kernel=hedgehog (reference)``."""
+    params = " ".join(f"{key}={value}" for key, value in sorted(record["spec"].get("method_params", {}).items()))
+    return f"{record['spec']['method']}{' ' + params if params else ''} (reference)"
+
+
 def ablation_tables(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
     """One table per ablation axis: each variant's layers, training cost and metrics, beside the dense run
     and the untrained ``linear`` baseline of the same cohort (same prompts, seeds, device)."""
@@ -166,7 +172,7 @@ def ablation_tables(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
     for axis in sorted({m["axis"] for r in variants for m in _memberships(r)}):
         members = sorted((m["order"], m["variant"], r) for r in variants for m in _memberships(r) if m["axis"] == axis)
         cohorts = {record_cohort(r) for _, _, r in members}
-        labelled = [(f"{r['spec']['method']} (reference)", r) for cohort, r in references if cohort in cohorts]
+        labelled = [(_reference_label(r), r) for cohort, r in references if cohort in cohorts]
         rows = []
         for label, rec in labelled + [(variant, r) for _, variant, r in members]:
             training = rec.get("training", {})

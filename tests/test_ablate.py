@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from conftest import Invoke, normalise, records_in
 from harness.ablate import expand_axes, plan, train_all, variants
 from harness.models.toy import ToyModel
 from harness.training import TrainRequest
+from methods.linvideo import train as linvideo_train
 from methods.linvideo.train import LinVideoTrainConfig
 
 
@@ -70,12 +72,17 @@ def test_unknown_axis_suggests_the_closest(bench: Invoke, tmp_path: Path) -> Non
 
 
 @pytest.mark.usefixtures("quick_toy")
-def test_ablate_objective_records_each_variant_and_resumes(bench: Invoke, tmp_path: Path) -> None:
+def test_ablate_objective_records_each_variant_and_resumes(
+    bench: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # r starts below 0.5, so the 2-step default ends with linear layers for the untrained-linear reference.
+    monkeypatch.setattr(linvideo_train, "LinVideoTrainConfig", functools.partial(LinVideoTrainConfig, r_init=0.3))
     runs, train = tmp_path / "runs", tmp_path / "train"
     args = ("ablate", "objective", "--steps", "2", "--batch-size", "2", "--prompts", "2", "--device", "cpu",
             "--runs-dir", runs, "--train-dir", train, "--no-progress")  # fmt: skip
     bench(*args)
-    records = records_in(runs)
+    records = [r for r in records_in(runs) if "ablation" in r]
+    assert {r["spec"]["method"] for r in records_in(runs) if "ablation" not in r} == {"sdpa", "linear"}
     assert sorted(m["variant"] for r in records for m in r["ablation"]) == ["adm", "adm-extra-score", "mse"]
     for record in records:
         assert record["spec"]["method"] == "linvideo" and "toybench" in record["metrics"]
@@ -84,9 +91,11 @@ def test_ablate_objective_records_each_variant_and_resumes(bench: Invoke, tmp_pa
     bench(*args)  # a finished sweep: nothing is trained or sampled again
     assert {p.name: p.stat().st_mtime_ns for p in runs.glob("*.json")} == before
 
-    bench("run", "--model", "toy", "--method", "sdpa", "--device", "cpu", "--runs-dir", runs, "--no-progress")
     payload = json.loads(bench("report", "--runs-dir", runs, "--out", tmp_path / "report", "--json").stdout)
     rows = payload["tables"]["ablation_objective"]
-    assert [row["variant"] for row in rows] == ["sdpa (reference)", "adm", "mse", "adm-extra-score"]
+    default = next(r for r in records if r["ablation"][0]["variant"] == "adm")
+    layers = ",".join(map(str, default["training"]["linear_layers"]))
+    linear = f"linear kernel=hedgehog layers={layers} (reference)"
+    assert [row["variant"] for row in rows] == [linear, "sdpa (reference)", "adm", "mse", "adm-extra-score"]
     figures = {Path(f).name for f in payload["files"] if f.endswith(".png")}
     assert {"regulariser_curves.png", "toybench_objective.png", "r_objective_adm.png"} <= figures
