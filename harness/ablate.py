@@ -76,6 +76,15 @@ def _r_trajectory(log_path: Path, points: int = 200) -> list[dict[str, Any]]:
     return [{"step": step + 1, "r": history[step]} for step in steps]
 
 
+def _training_summary(checkpoint: Path, concurrent_jobs: int) -> dict[str, Any]:
+    """What an ablation record keeps of its training: layers, final r, cost, and every layer's r over time."""
+    summary = json.loads((checkpoint / "spec.json").read_text())
+    training = {key: summary[key] for key in ("linear_layers", "final_r", "steps", "train_seconds",
+                                               "seconds_per_step", "selection")}  # fmt: skip
+    return {**training, "concurrent_jobs": concurrent_jobs,
+            "r_per_step": _r_trajectory(checkpoint / "training_state.json")}  # fmt: skip
+
+
 def expand_axes(axes: tuple[str, ...]) -> tuple[str, ...]:
     """``all`` stands for the paper's five axes; duplicates are dropped, the order kept."""
     expanded = [name for axis in axes for name in (PAPER_AXES if axis == "all" else (axis,))]
@@ -161,7 +170,7 @@ def _weights(model: str) -> str:
 
 def _sample(request: AblationRequest, method: str, params: dict[str, Any], checkpoint: Path | None = None) -> Any:
     """Sample and score the model's held-out prompts (seed 0) with one method; returns the RunOutcome."""
-    from harness.generate import prepare, run
+    from harness.generate import run
     from harness.models.base import MODELS
     from harness.spec import RunSpec
 
@@ -171,7 +180,6 @@ def _sample(request: AblationRequest, method: str, params: dict[str, Any], check
                    weights=_weights(request.model), method_params=params,
                    checkpoint=None if checkpoint is None else str(checkpoint),
                    eval_suites=adapter_cls.default_eval)  # fmt: skip
-    prepare(spec)
     return run(spec, request.runs_dir, show_progress=request.show_progress)
 
 
@@ -195,12 +203,8 @@ def ablate(request: AblationRequest) -> list[dict[str, Any]]:
         known = record.get("ablation", []) if outcome.skipped else []
         memberships = known + [m for m in variant.memberships if m not in known]
         if "training" not in record or memberships != known:
-            summary = json.loads((checkpoint / "spec.json").read_text())
-            training = {key: summary[key] for key in ("linear_layers", "final_r", "steps", "train_seconds",
-                                                       "seconds_per_step", "selection")}  # fmt: skip
-            training["concurrent_jobs"] = min(request.jobs, len(planned))
-            training["r_per_step"] = _r_trajectory(checkpoint / "training_state.json")
-            record = {**record, "ablation": memberships, "training": record.get("training", training)}
+            training = record.get("training") or _training_summary(checkpoint, min(request.jobs, len(planned)))
+            record = {**record, "ablation": memberships, "training": training}
             write_record(outcome.path, record)
         records.append(record)
     # Dense, and untrained linear attention on the default recipe's linear layers, in the variants' cohort:

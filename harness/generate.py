@@ -20,6 +20,7 @@ from harness.atomic import write_json_atomic
 from harness.distributed import Ranks, barrier, current_ranks, rank_device, rank_group
 from harness.environment import capture_environment
 from harness.errors import HarnessError
+from harness.eval.run_suites import load_frame_files
 from harness.eval.suites import SUITES, EvalOptions
 from harness.evaluate import evaluate_record, merge_scores, score_clips
 from harness.io_checks import ensure_writable_dir
@@ -170,7 +171,7 @@ def run(
         shares = _join_shares(share, ranks, artifacts_dir)
         if ranks.lead:
             if ranks.sharded:
-                frames_kept = _load_shares_frames(shares, runs_dir)
+                frames_kept = load_frame_files([s.frames for s in shares], runs_dir)
             clip_suites = [SUITES.get(name) for name in spec.eval_suites if SUITES.get(name).score is not None]
             videos = [video for s in shares for video in s.videos]
             videos.sort(key=lambda v: (v["prompt_index"], v["index"]))
@@ -266,12 +267,6 @@ def _join_shares(share: Share, ranks: Ranks, artifacts_dir: Path) -> list[Share]
     for file in files:
         file.unlink()
     return shares
-
-
-def _load_shares_frames(shares: list[Share], runs_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {key: value for s in shares for key, value in load_file(str(runs_dir / s.frames)).items()}
 
 
 class _StepScope:

@@ -51,12 +51,9 @@ def train(request: TrainRequest) -> Path:
     from methods.linvideo.train import LinVideoTrainer
     from methods.sla_train import SlaTrainConfig, SlaTrainer
 
-    config = request.config
     teacher, store = collect_trajectories(request)
-    out = request.out
-    if isinstance(config, SlaTrainConfig):
-        return SlaTrainer(config, teacher, store, out).run(request.show_progress)
-    return LinVideoTrainer(config, teacher, store, out).run(request.show_progress)
+    trainer = SlaTrainer if isinstance(request.config, SlaTrainConfig) else LinVideoTrainer
+    return trainer(request.config, teacher, store, request.out).run(request.show_progress)
 
 
 def collect_trajectories(request: TrainRequest) -> tuple[ModelAdapter, TrajectoryStore]:

@@ -18,9 +18,13 @@ REFERENCE_PREFERENCE = ("fa2", "cudnn", "sdpa", "math")
 
 def load_frames(record: dict[str, Any], runs_dir: Path) -> dict[str, torch.Tensor]:
     """The decoded uint8 frames every run keeps, by the videos' ``frames_key`` (one file, or one per rank)."""
+    return load_frame_files(record["artifacts"]["frames"], runs_dir)
+
+
+def load_frame_files(files: str | list[str], runs_dir: Path) -> dict[str, torch.Tensor]:
+    """The frames of one or several safetensors files (paths relative to ``runs_dir``), merged by key."""
     from safetensors.torch import load_file
 
-    files = record["artifacts"]["frames"]
     return {key: value for name in ([files] if isinstance(files, str) else files)
             for key, value in load_file(str(Path(runs_dir) / name)).items()}  # fmt: skip
 
