@@ -69,18 +69,33 @@ def metric_bars(table: pd.DataFrame, label_column: str, title: str, path: Path) 
         axes.bar(x + index * width, [row[m] for m in metrics], width, label=str(row[label_column]))
     axes.set_xticks(x + width * (len(table) - 1) / 2, [m.replace("_", "\n") for m in metrics], fontsize=7)
     axes.set(ylabel="ToyBench (%)", ylim=(0, 105), title=title)
-    axes.legend(fontsize=7)
+    # Below the axes: inside, the legend hides the bars of the best rows.
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     return _save(figure, path)
 
 
 def metric_vs_layers(table: pd.DataFrame, path: Path) -> Path:
-    """Quality against the number of converted layers (the target ablation)."""
+    """Quality against the number of layers that ended linear (the target ablation: ``trained`` rows, each
+    marked with its target), beside the untrained references (dense at 0 layers, untrained linear)."""
     plt = _pyplot()
-    ordered = table.sort_values("linear_count")
-    figure, axes = plt.subplots(figsize=(5, 3.2))
-    for metric in (m for m in BAR_METRICS if m in ordered.columns):
-        axes.plot(ordered["linear_count"], ordered[metric], marker="o", label=metric)
-    axes.set(xlabel="layers converted to linear attention", ylabel="ToyBench (%)", ylim=(0, 105),
-             title="quality vs converted layers")  # fmt: skip
-    axes.legend(fontsize=7)
+    trained = table[table["trained"]].sort_values("linear_count")
+    references = table[~table["trained"]]
+    metrics = [m for m in BAR_METRICS if m in table.columns]
+    figure, axes = plt.subplots(figsize=(5.5, 3.4))
+    for index, metric in enumerate(metrics):
+        colour = f"C{index}"
+        axes.plot(trained["linear_count"], trained[metric], marker="o", color=colour, label=metric)
+        axes.scatter(references["linear_count"], references[metric], marker="x", color=colour)
+    if "prompt_correctness" in metrics:
+        for _, row in trained.iterrows():
+            axes.annotate(f"target {row['variant']}", (row["linear_count"], row["prompt_correctness"]),
+                          textcoords="offset points", xytext=(4, 4), fontsize=6)  # fmt: skip
+        for _, row in references.iterrows():
+            label = str(row["variant"]).replace(" (reference)", "")
+            axes.annotate(label, (row["linear_count"], row["prompt_correctness"]), textcoords="offset points",
+                          xytext=(4, -9), fontsize=6)  # fmt: skip
+    axes.set_xticks(sorted(set(table["linear_count"])))
+    axes.set(xlabel="layers that ended linear (o trained, x untrained reference)", ylabel="ToyBench (%)",
+             ylim=(0, 105), title="quality vs converted layers")  # fmt: skip
+    axes.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     return _save(figure, path)

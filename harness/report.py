@@ -163,6 +163,15 @@ def _reference_label(record: dict[str, Any]) -> str:
     return f"{record['spec']['method']}{' ' + params if params else ''} (reference)"
 
 
+def _reference_linear_layers(record: dict[str, Any]) -> list[int]:
+    """The layers an untrained reference runs with linear attention (none for a dense method)."""
+    resolved = record.get("method_params_resolved") or record["spec"].get("method_params", {})
+    layers = resolved.get("layers") if record["spec"]["method"] == "linear" else None
+    if layers is None:
+        return []
+    return [int(layer) for layer in (layers.split(",") if isinstance(layers, str) else layers)]
+
+
 def ablation_tables(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
     """One table per ablation axis: each variant's layers, training cost and metrics, beside the dense run
     and the untrained ``linear`` baseline of the same cohort (same prompts, seeds, device)."""
@@ -176,11 +185,14 @@ def ablation_tables(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
         rows = []
         for label, rec in labelled + [(variant, r) for _, variant, r in members]:
             training = rec.get("training", {})
+            layers = training["linear_layers"] if training else _reference_linear_layers(rec)
             row = {
                 "variant": label,
-                "linear_layers": ",".join(map(str, training["linear_layers"])) if training else "",
-                "linear_count": len(training.get("linear_layers", [])),
+                "trained": bool(training),
+                "linear_layers": ",".join(map(str, layers)),
+                "linear_count": len(layers),
                 "train_s_per_step": training.get("seconds_per_step"),
+                "concurrent_jobs": training.get("concurrent_jobs"),
                 "step_ms": rec["latency"]["stages"].get("denoise_step", {}).get("median_ms"),
             }
             for scores in rec.get("metrics", {}).values():
@@ -206,8 +218,7 @@ def ablation_figures(records: list[dict[str, Any]], tables: dict[str, pd.DataFra
         files.append(plots.metric_bars(table, "variant", ABLATION_TITLES.get(axis, axis),
                                        out_dir / "figures" / f"toybench_{axis}.png"))  # fmt: skip
         if axis == "target":
-            trained = table[table["linear_count"] > 0]
-            files.append(plots.metric_vs_layers(trained, out_dir / "figures" / "quality_vs_layers.png"))
+            files.append(plots.metric_vs_layers(table, out_dir / "figures" / "quality_vs_layers.png"))
     return files
 
 

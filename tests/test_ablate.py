@@ -97,5 +97,7 @@ def test_ablate_objective_records_each_variant_and_resumes(
     layers = ",".join(map(str, default["training"]["linear_layers"]))
     linear = f"linear kernel=hedgehog layers={layers} (reference)"
     assert [row["variant"] for row in rows] == [linear, "sdpa (reference)", "adm", "mse", "adm-extra-score"]
+    assert (rows[0]["trained"], rows[0]["linear_layers"]) == (False, layers)  # the reference's own layers
+    assert rows[2]["concurrent_jobs"] == 1
     figures = {Path(f).name for f in payload["files"] if f.endswith(".png")}
     assert {"regulariser_curves.png", "toybench_objective.png", "r_objective_adm.png"} <= figures
