@@ -505,6 +505,13 @@ def latency_cmd(
         int, typer.Option(help="Also time one whole sample with this many steps (0: forward only).")
     ] = 0,
     dense_layers: Annotated[str, typer.Option(help="Comma-separated layers kept dense for every method.")] = "",
+    step: Annotated[
+        int,
+        typer.Option(
+            help="Denoising step (0-based) the forward is timed at; earlier steps run once, untimed, "
+            "so that state carried across steps is there (e.g. 1 for dfa's windowed or reused steps)."
+        ),
+    ] = 0,
     param: Annotated[
         list[str] | None,
         typer.Option(help="A method's parameter METHOD.KEY=VALUE (JSON values), e.g. linvideo.linear_layers=[1,2]."),
@@ -532,6 +539,7 @@ def latency_cmd(
         sample_steps=sample_steps,
         dense_layers=_parse_ints(dense_layers, "--dense-layers"),
         method_params=_per_method_params(param or []),
+        step=step,
     )
     if out is not None:
         from harness.io_checks import ensure_writable_dir

@@ -41,11 +41,14 @@ class LatencyRequest:
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     dense_layers: tuple[int, ...] = ()
     dense_warmup_steps: int = 0
+    # The denoising step (0-based) whose forward is timed. The steps before it run once, untimed, so that a
+    # method that carries state across steps (DFA's cached residuals and outputs) times a step that uses it.
+    step: int = 0
 
     def sampling(self) -> Sampling:
         defaults = MODELS.get(self.model).defaults
         return Sampling(
-            steps=max(self.sample_steps, 1),
+            steps=max(self.sample_steps, self.step + 1),
             cfg=defaults.cfg,
             shift=defaults.shift,
             height=self.height or defaults.height,
@@ -61,6 +64,8 @@ def _validate(request: LatencyRequest) -> tuple[list[AttentionMethod], torch.dev
         raise HarnessError("name at least one method")
     if request.repeats < 1 or request.warmup < 0:
         raise HarnessError(f"need --repeats >= 1 and --warmup >= 0, got {request.repeats}, {request.warmup}")
+    if request.step < 0:
+        raise HarnessError(f"--step is a 0-based denoising step, got {request.step}")
     sampling = request.sampling()
     adapter_cls.validate_sampling(sampling)
     schedule = Schedule(request.dense_warmup_steps, request.dense_layers)
@@ -108,7 +113,13 @@ def run_latency(request: LatencyRequest) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
         with model.use_method(method) as runtime, torch.inference_mode(), peak_memory(device) as memory:
-            runtime.num_steps = 1
+            runtime.num_steps = request.step + 1
+            for earlier in range(request.step):  # untimed: the state earlier steps leave
+                runtime.step = earlier
+                model.forward(latents, timestep, embeddings)
+            runtime.step = request.step
+            runtime.timer.pop_seconds()
+            method.density.reset()
             stats, attention_seconds = measure(
                 lambda runtime=runtime: model.forward(latents, timestep, embeddings),
                 device,

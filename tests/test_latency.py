@@ -131,6 +131,23 @@ def test_latency_json_shape(latency_result) -> None:
     )
 
 
+@pytest.mark.parametrize(("step", "timed"), [(0, "full"), (1, "window")])
+def test_latency_times_the_forward_at_the_given_step(step: int, timed: str) -> None:
+    """`--step 1` runs step 0 once untimed, then times DFA's windowed step (density: the band's share);
+    at step 0 the uniform plan's only step is full attention (density 1)."""
+    from harness.latency_run import LatencyRequest, run_latency
+    from harness.models import MODELS
+    from methods.dfa import DEFAULT_WINDOW_FRACTION, band_density, window_radius
+
+    request = LatencyRequest(model="wan-tiny", methods=["sdpa", "dfa"], device="cpu", dtype="float32", warmup=0,
+                             repeats=1, method_params={"dfa": {"uniform": "window_residual"}}, step=step)  # fmt: skip
+    result = run_latency(request)
+    tokens = MODELS.get("wan-tiny").token_grid(request.sampling()).tokens
+    band = band_density(tokens, window_radius(tokens, DEFAULT_WINDOW_FRACTION))
+    assert result["methods"]["dfa"]["density"] == pytest.approx({"full": 1.0, "window": band}[timed])
+    assert result["spec"]["request"]["step"] == step
+
+
 def test_latency_records_environment_and_request(latency_result) -> None:
     """The result carries the environment and the resolved request, so `bench check` can replay it."""
     payload, _, _ = latency_result
