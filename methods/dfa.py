@@ -190,6 +190,12 @@ def residual_steps(choices: list[list[str]]) -> set[tuple[int, int]]:
     return needed
 
 
+def output_steps(choices: list[list[str]]) -> set[tuple[int, int]]:
+    """(step, layer) pairs whose output the next step reuses (``reuse_step``), so it must stay cached."""
+    return {(step, layer) for step, row in enumerate(choices[1:]) for layer, choice in enumerate(row)
+            if base_choice(choice) == REUSE_STEP}  # fmt: skip
+
+
 @register_method("dfa", aliases=("ditfastattn",))
 class DiTFastAttn(AttentionMethod):
     """DiTFastAttn following a calibrated plan (see the module docstring).
@@ -230,6 +236,7 @@ class DiTFastAttn(AttentionMethod):
         self.plan: DfaPlan | None = DfaPlan.load(self.plan_path) if self.plan_path is not None else None
         self._plan_sha256 = hashlib.sha256(self.plan_path.read_bytes()).hexdigest() if self.plan_path else None
         self._residual_at: set[tuple[int, int]] = set()
+        self._output_at: set[tuple[int, int]] = set()
         self.calibrating = False  # True while a plan is searched: every full call caches its residual
         self.probing = False  # True during calibration trials: no persistent cache writes, no density
         self.reset_caches()
@@ -244,6 +251,7 @@ class DiTFastAttn(AttentionMethod):
         effective = [[self.choice_at(step, layer) for layer in range(plan.num_layers)]
                      for step in range(plan.num_steps)]  # fmt: skip
         self._residual_at = residual_steps(effective)
+        self._output_at = output_steps(effective)
 
     def choice_at(self, step: int, layer: int) -> str:
         if self.plan is None:
@@ -315,10 +323,16 @@ class DiTFastAttn(AttentionMethod):
             out, density = output, 0.0
         else:
             out, density, residual = self._compute(base_choice(choice), q, k, v, ctx)
-            if branch == "cond":
+            if branch == "cond" and (choice in (REUSE_COND, WINDOW_REUSE_COND) or self.calibrating):
                 self._cond_output[ctx.layer] = (ctx.step, out, residual)
+            elif branch == "cond":
+                self._cond_output.pop(ctx.layer, None)
         if not self.probing:
-            self._last_output[key] = out
+            # Only outputs a later step reuses stay: at Wan 14B 720p one is 0.77 GB per layer and branch.
+            if (ctx.step, ctx.layer) in self._output_at or self.calibrating:
+                self._last_output[key] = out
+            else:
+                self._last_output.pop(key, None)
         return out, density
 
     def _compute(self, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext

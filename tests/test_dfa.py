@@ -20,6 +20,7 @@ from methods.dfa import (
     DfaPlan,
     band_density,
     band_pattern,
+    output_steps,
     residual_steps,
     window_radius,
 )
@@ -167,6 +168,11 @@ def test_schedule_runs_full_on_warmup_steps_and_dense_layers(tmp_path: Path) -> 
 def test_residual_is_refreshed_only_where_a_window_follows() -> None:
     rows = [[FULL, FULL], [WINDOW, REUSE_STEP], [FULL, REUSE_COND], [REUSE_STEP, WINDOW_REUSE_COND]]
     assert residual_steps(rows) == {(0, 0), (2, 1)}
+
+
+def test_output_is_kept_only_where_the_next_step_reuses_it() -> None:
+    rows = [[FULL, FULL], [WINDOW, REUSE_STEP], [FULL, REUSE_STEP], [REUSE_STEP, WINDOW_REUSE_COND]]
+    assert output_steps(rows) == {(0, 1), (1, 1), (2, 0)}
 
 
 def test_plan_round_trip_and_record_params(tmp_path: Path) -> None:
