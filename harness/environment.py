@@ -61,7 +61,7 @@ def capture_environment(device: torch.device) -> dict[str, Any]:
         "flash_attn": _package_version("flash-attn"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        # Device machines get a copy of the tree without .git: the caller passes the commit in.
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("BENCH_GIT_COMMIT"),
+        # A copy of the tree run elsewhere may have no .git, or a stale one: the caller's commit, when given, wins.
+        "git_commit": os.environ.get("BENCH_GIT_COMMIT") or _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
     }

@@ -157,6 +157,14 @@ def test_latency_records_environment_and_request(latency_result) -> None:
     assert payload["tokens"] == 48
 
 
+def test_given_commit_wins_over_the_trees_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tree copied to another machine may carry a stale .git: BENCH_GIT_COMMIT, when set, is recorded."""
+    from harness.environment import capture_environment
+
+    monkeypatch.setenv("BENCH_GIT_COMMIT", "0123abc")
+    assert capture_environment(CPU)["git_commit"] == "0123abc"
+
+
 def test_latency_out_file_matches_stdout(latency_result) -> None:
     """--out writes the same result (creating the folder), marked complete."""
     payload, out, _ = latency_result
