@@ -139,6 +139,20 @@ def test_unset_environment_fails_before_any_video(bench, tmp_path: Path) -> None
     assert not list((tmp_path / "runs").rglob("*.mp4"))
 
 
+@pytest.mark.parametrize(("suite", "module"), [("fidelity", "torchmetrics"), ("proxies", "cv2")])
+def test_suite_missing_its_module_fails_before_any_video(
+    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suite: str, module: str
+) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a))
+    args = ["run", "--model", "toy", "--device", "cpu", "--prompt", TOY_PROMPTS[0], "--eval", suite]
+    message = normalise(bench(*args, "--runs-dir", tmp_path / "runs", expect=2).output)
+    assert f"needs {module}" in message
+    assert not list((tmp_path / "runs").rglob("*.mp4"))
+
+
 def test_dimension_needing_vbench_prompts_is_refused_for_custom_prompts(bench, tmp_path: Path) -> None:
     assert "scene needs VBench's own prompts" in _toy_run_scored_by_vbench(bench, tmp_path, "scene", tmp_path)
 

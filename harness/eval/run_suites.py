@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from harness.errors import HarnessError
-from harness.eval.suites import EvalOptions, RunScores, Suite, mean_scores
+from harness.eval.suites import EvalOptions, RunScores, Suite, mean_scores, requires
 
 # -- fidelity ----------------------------------------------------------------------------------------
 
@@ -80,6 +80,7 @@ FIDELITY = Suite(
     None,
     "PSNR / SSIM of each video against the dense video from the same noise (torchmetrics)",
     score_run=_fidelity,
+    preflight=requires("torchmetrics"),
 )
 
 # -- VBench and VBench-2.0 ---------------------------------------------------------------------------

@@ -65,6 +65,20 @@ class Suite:
             )
 
 
+def requires(*modules: str) -> Preflight:
+    """A preflight that fails, before any video is generated, when a module the suite imports is missing."""
+
+    def check(spec: Any, options: EvalOptions) -> None:
+        import importlib.util
+
+        missing = [name for name in modules if importlib.util.find_spec(name) is None]
+        if missing:
+            raise HarnessError(f"this eval suite needs {', '.join(missing)}, which this environment lacks; "
+                               "reinstall the package (`make setup`) or pip install the missing module")  # fmt: skip
+
+    return check
+
+
 def _toybench(videos: Sequence[torch.Tensor], prompts: Sequence[str], fps: int) -> list[dict[str, float]]:
     from harness.eval.toybench import score_clip
 
@@ -85,7 +99,13 @@ SUITES.add(
 )
 SUITES.add(
     "proxies",
-    Suite("proxies", (), _proxies, "weight-free proxies (flicker, Farneback dynamic degree and smoothness)"),
+    Suite(
+        "proxies",
+        (),
+        _proxies,
+        "weight-free proxies (flicker, Farneback dynamic degree and smoothness)",
+        preflight=requires("cv2"),
+    ),
     aliases=("proxy",),
 )
 # Run suites live in harness.eval.run_suites (imported when first named).
