@@ -830,6 +830,11 @@ def train_cmd(
         f"[bold]linvideo[/] trained {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step): "
         f"layers {summary['linear_layers']} linear -> {converted}"
     )
+    target, ended = summary["config"]["target_layers"], len(summary["linear_layers"])
+    if ended != target:
+        scores = ", ".join(f"{r:.2f}" for r in summary["final_r"])
+        console.print(f"[yellow]note:[/] {ended} layer(s) ended linear, not the target {target} "
+                      f"(a layer is linear iff r < 0.5; final r: {scores})")  # fmt: skip
 
 
 def _sla_train_config(pairs: list[str], **settings: Any) -> Any:

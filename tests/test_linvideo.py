@@ -317,6 +317,14 @@ def test_the_shipped_conversion_is_used_when_its_name_matches_the_recipe(
     assert trained == [cache_folder], "nothing trained once a matching conversion ships"
 
 
+def test_bench_train_says_when_the_target_was_missed(bench: Invoke, tmp_path: Path) -> None:
+    """Two steps from r = 0.95 convert nothing: the summary says so next to the target."""
+    result = bench("train", "--method", "linvideo", "--model", "toy", "--target-layers", "2", "--steps", "2",
+                   "--batch-size", "2", "--prompts", "2", "--device", "cpu", "--no-progress", "--out", tmp_path / "o",
+                   "--store", tmp_path / "store")  # fmt: skip
+    assert "0 layer(s) ended linear, not the target 2" in normalise(result.output)
+
+
 def test_bench_train_refuses_more_target_layers_than_the_model_has(bench: Invoke, tmp_path: Path) -> None:
     result = bench("train", "--model", "toy", "--target-layers", "12", "--out", tmp_path / "o", expect=2)
     assert "target layers must be in 1..8" in normalise(result.output)
