@@ -196,6 +196,14 @@ def output_steps(choices: list[list[str]]) -> set[tuple[int, int]]:
             if base_choice(choice) == REUSE_STEP}  # fmt: skip
 
 
+def _keep_if(needed: bool, cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """Cache ``value`` under ``key`` if a later call reads it, else free what the key held."""
+    if needed:
+        cache[key] = value
+    else:
+        cache.pop(key, None)
+
+
 @register_method("dfa", aliases=("ditfastattn",))
 class DiTFastAttn(AttentionMethod):
     """DiTFastAttn following a calibrated plan (see the module docstring).
@@ -323,16 +331,12 @@ class DiTFastAttn(AttentionMethod):
             out, density = output, 0.0
         else:
             out, density, residual = self._compute(base_choice(choice), q, k, v, ctx)
-            if branch == "cond" and (choice in (REUSE_COND, WINDOW_REUSE_COND) or self.calibrating):
-                self._cond_output[ctx.layer] = (ctx.step, out, residual)
-            elif branch == "cond":
-                self._cond_output.pop(ctx.layer, None)
+            if branch == "cond":
+                reused = choice in (REUSE_COND, WINDOW_REUSE_COND) or self.calibrating
+                _keep_if(reused, self._cond_output, ctx.layer, (ctx.step, out, residual))
         if not self.probing:
             # Only outputs a later step reuses stay: at Wan 14B 720p one is 0.77 GB per layer and branch.
-            if (ctx.step, ctx.layer) in self._output_at or self.calibrating:
-                self._last_output[key] = out
-            else:
-                self._last_output.pop(key, None)
+            _keep_if((ctx.step, ctx.layer) in self._output_at or self.calibrating, self._last_output, key, out)
         return out, density
 
     def _compute(self, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
