@@ -325,6 +325,17 @@ def test_bench_train_says_when_the_target_was_missed(bench: Invoke, tmp_path: Pa
     assert "0 layer(s) ended linear, not the target 2" in normalise(result.output)
 
 
+def test_bench_train_says_which_layers_ended_between_the_branches(bench: Invoke, tmp_path: Path) -> None:
+    """From r = 0.7 two steps leave every r mixed: the summary names the layers that rounding will switch."""
+    result = bench("train", "--method", "linvideo", "--model", "toy", "--target-layers", "2", "--steps", "2",
+                   "--r-init", "0.7", "--batch-size", "2", "--prompts", "2", "--device", "cpu", "--no-progress",
+                   "--out", tmp_path / "o", "--store", tmp_path / "store")  # fmt: skip
+    final_r = json.loads((tmp_path / "o" / "spec.json").read_text())["final_r"]
+    assert all(0.1 < r < 0.9 for r in final_r)
+    output = normalise(result.output)
+    assert "ended between the two branches" in output and f"0 (r = {final_r[0]:.2f})" in output
+
+
 def test_bench_train_refuses_more_target_layers_than_the_model_has(bench: Invoke, tmp_path: Path) -> None:
     result = bench("train", "--model", "toy", "--target-layers", "12", "--out", tmp_path / "o", expect=2)
     assert "target layers must be in 1..8" in normalise(result.output)

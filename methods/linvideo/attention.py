@@ -21,6 +21,8 @@ from methods.kernels.linear_attention import build_feature_map, check_kernel, li
 from methods.linear import parse_layers
 
 LINEAR_THRESHOLD = 0.5
+# A final r farther than this from both 0 and 1 trained as a mix of the two branches, not as the one it is rounded to.
+UNBINARISED_MARGIN = 0.1
 # A converted checkpoint is a folder holding these two files and the spec that made them.
 STATE_FILE, TRANSFORMER_FILE, SPEC_FILE = "linvideo.safetensors", "transformer.safetensors", "spec.json"
 
