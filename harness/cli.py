@@ -830,18 +830,10 @@ def train_cmd(
         f"[bold]linvideo[/] trained {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step): "
         f"layers {summary['linear_layers']} linear -> {converted}"
     )
-    from methods.linvideo.attention import UNBINARISED_MARGIN
+    from methods.linvideo.attention import conversion_notes
 
-    target, ended, final_r = summary["config"]["target_layers"], len(summary["linear_layers"]), summary["final_r"]
-    if ended != target:
-        scores = ", ".join(f"{r:.2f}" for r in final_r)
-        console.print(f"[yellow]note:[/] {ended} layer(s) ended linear, not the target {target} "
-                      f"(a layer is linear iff r < 0.5; final r: {scores})")  # fmt: skip
-    mixed = [f"{layer} (r = {r:.2f})" for layer, r in enumerate(final_r) if min(r, 1 - r) > UNBINARISED_MARGIN]
-    if mixed:
-        console.print(f"[yellow]note:[/] layer(s) {', '.join(mixed)} ended between the two branches: the conversion "
-                      "rounds each to the one branch it never ran alone, so the converted model can differ from the "
-                      "trained one (more steps at the final alpha or a larger --lam binarise r)")  # fmt: skip
+    for note in conversion_notes(summary["final_r"], summary["config"]["target_layers"]):
+        console.print(f"[yellow]note:[/] {note}")
 
 
 def _sla_train_config(pairs: list[str], **settings: Any) -> Any:

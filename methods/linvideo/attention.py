@@ -27,6 +27,23 @@ UNBINARISED_MARGIN = 0.1
 STATE_FILE, TRANSFORMER_FILE, SPEC_FILE = "linvideo.safetensors", "transformer.safetensors", "spec.json"
 
 
+def conversion_notes(final_r: list[float], target: int) -> list[str]:
+    """What a user should know of a finished conversion: a missed target, and layers whose final r (one per layer)
+    lies between the branches, which the rounding at :data:`LINEAR_THRESHOLD` switches to one never run alone."""
+    notes = []
+    ended = sum(r < LINEAR_THRESHOLD for r in final_r)
+    if ended != target:
+        scores = ", ".join(f"{r:.2f}" for r in final_r)
+        notes.append(f"{ended} layer(s) ended linear, not the target {target} "
+                     f"(a layer is linear iff r < {LINEAR_THRESHOLD}; final r: {scores})")  # fmt: skip
+    mixed = [f"{layer} (r = {r:.2f})" for layer, r in enumerate(final_r) if min(r, 1 - r) > UNBINARISED_MARGIN]
+    if mixed:
+        notes.append(f"layer(s) {', '.join(mixed)} ended between the two branches: the conversion rounds each to the "
+                     "one branch it never ran alone, so the converted model can differ from the trained one (more "
+                     "steps at the final alpha or a larger --lam binarise r)")  # fmt: skip
+    return notes
+
+
 class TransferState(nn.Module):
     """The trainable LinVideo state of one model: scores ``rho (layers,)`` and q/k feature maps per layer."""
 
