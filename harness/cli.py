@@ -786,8 +786,9 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Train LinVideo (data-free collection, selective transfer, ADM) or fine-tune SLA; resumable (rerun)."""
+    from harness.checkpoints import TRAINING_META
     from harness.models import MODELS
-    from harness.training import TrainRequest, train
+    from harness.training import TrainRequest, divergence_note, train
     from methods.linvideo.train import LinVideoTrainConfig
 
     trained = _canonical_method(method)
@@ -822,17 +823,20 @@ def train_cmd(
     )  # fmt: skip
     converted = train(request)
     summary = json.loads((converted / "spec.json").read_text())
+    objective = [step["objective"] for step in json.loads((converted / TRAINING_META).read_text())["losses"]]
+    notes = [note for note in [divergence_note(objective)] if note]
     if trained == "sla":
         console.print(f"[bold]sla[/] fine-tuned {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step)"
                       f" -> {converted}")  # fmt: skip
-        return
-    console.print(
-        f"[bold]linvideo[/] trained {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step): "
-        f"layers {summary['linear_layers']} linear -> {converted}"
-    )
-    from methods.linvideo.attention import conversion_notes
+    else:
+        from methods.linvideo.attention import conversion_notes
 
-    for note in conversion_notes(summary["final_r"], summary["config"]["target_layers"]):
+        console.print(
+            f"[bold]linvideo[/] trained {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step): "
+            f"layers {summary['linear_layers']} linear -> {converted}"
+        )
+        notes += conversion_notes(summary["final_r"], summary["config"]["target_layers"])
+    for note in notes:
         console.print(f"[yellow]note:[/] {note}")
 
 

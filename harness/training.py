@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +56,29 @@ def train(request: TrainRequest) -> Path:
     teacher, store = collect_trajectories(request)
     trainer = SlaTrainer if isinstance(request.config, SlaTrainConfig) else LinVideoTrainer
     return trainer(request.config, teacher, store, request.out).run(request.show_progress)
+
+
+# A run diverged when its last DIVERGENCE_WINDOW steps' median objective is DIVERGENCE_RATIO times the lowest such
+# median after the first tenth: of 88 toy LinVideo trainings (reports/toy/linvideo_trials), every one whose clips
+# were noise from a blown-up objective ended 28-1,800x above its low, every other one at most 11x.
+DIVERGENCE_WINDOW, DIVERGENCE_RATIO = 50, 20.0
+
+
+def divergence_note(objective: Sequence[float]) -> str | None:
+    """A note when training diverged without a non-finite loss (which stops it), from the per-step objective values
+    (any unit); None for a run that did not, or one shorter than two windows plus a tenth."""
+    skip = len(objective) // 10
+    if len(objective) - skip < 2 * DIVERGENCE_WINDOW:
+        return None
+    medians = [statistics.median(objective[end - DIVERGENCE_WINDOW : end])
+               for end in range(skip + DIVERGENCE_WINDOW, len(objective) + 1)]  # fmt: skip
+    low, last = min(medians), medians[-1]
+    if last < DIVERGENCE_RATIO * low:
+        return None
+    return (f"the objective diverged: its median over the last {DIVERGENCE_WINDOW} steps is {last:.3g}, "
+            f"{last / low:.0f}x its lowest ({low:.3g}); the converted model is likely noise. A smaller --lr or fewer "
+            "--steps keeps it stable (LinVideo's ADM on the toy diverged once the weights' lr summed over the steps "
+            "reached ~0.01)")  # fmt: skip
 
 
 def collect_trajectories(request: TrainRequest) -> tuple[ModelAdapter, TrajectoryStore]:

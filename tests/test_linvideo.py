@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -334,6 +335,35 @@ def test_bench_train_says_which_layers_ended_between_the_branches(bench: Invoke,
     assert all(0.1 < r < 0.9 for r in final_r)
     output = normalise(result.output)
     assert "ended between the two branches" in output and f"0 (r = {final_r[0]:.2f})" in output
+
+
+TRIALS = Path(__file__).resolve().parents[1] / "reports" / "toy" / "linvideo_trials"
+
+
+@pytest.mark.parametrize(("run", "diverged"), [
+    ("round6_data/l01_3k", True),  # ADM, 3K steps at lr 1e-5: objective ~20 -> ~1,300, clips noise
+    ("round7_stability/rl01_lr3", True),  # lr 3e-5: blew up at step ~480
+    ("round7_stability/a3e6_l03", False),  # lr 3e-6: stable, prompt correctness 78.1
+    ("round6_data/man_mse_3k_lr3", False),  # MSE, 93.8
+])  # fmt: skip
+def test_divergence_note_tells_the_blown_up_trainings_from_the_stable_ones(run: str, diverged: bool) -> None:
+    """On recorded H100 trainings: a note for each run whose objective blew up, none for the stable ones."""
+    from harness.training import divergence_note
+
+    losses = json.loads(gzip.decompress((TRIALS / run / "training_state.json.gz").read_bytes()))["losses"]
+    note = divergence_note([step["objective"] for step in losses])
+    assert (note is not None) == diverged
+    if diverged:
+        assert "the objective diverged" in note and "--lr" in note
+
+
+def test_divergence_note_waits_for_two_windows_after_the_first_tenth() -> None:
+    """Too short to compare two windows past its first tenth: no note; longer, with the same jump: a note."""
+    from harness.training import DIVERGENCE_WINDOW, divergence_note
+
+    short = [1.0] * DIVERGENCE_WINDOW + [1e4] * DIVERGENCE_WINDOW
+    assert divergence_note(short) is None
+    assert divergence_note([1.0] * 2 * DIVERGENCE_WINDOW + [1e4] * 2 * DIVERGENCE_WINDOW) is not None
 
 
 def test_bench_train_refuses_more_target_layers_than_the_model_has(bench: Invoke, tmp_path: Path) -> None:
