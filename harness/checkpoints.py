@@ -109,6 +109,16 @@ def load_training_state(folder: Path, modules: dict[str, nn.Module], optimizers:
     return meta
 
 
+def checkpoint_identity(folder: Path) -> dict[str, str]:
+    """What a method checkpoint folder holds, wherever it lies: file name -> sha256 of each tensor file and spec.
+
+    The resumable training state is left out: it does not change the model the checkpoint loads into.
+    """
+    kept = sorted(path for path in folder.iterdir() if path.is_file() and path.suffix in (".safetensors", ".json")
+                  and path.name not in (TRAINING_TENSORS, TRAINING_META))  # fmt: skip
+    return {path.name: file_sha256(path) for path in kept}
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -17,6 +17,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.atomic import write_json_atomic
+from harness.checkpoints import checkpoint_identity
 from harness.distributed import Ranks, barrier, current_ranks, rank_device, rank_group
 from harness.environment import capture_environment
 from harness.errors import HarnessError
@@ -341,6 +342,7 @@ def _build_record(
         },
         "weights": weights,
         "weights_identity": model.weights_identity(),
+        "checkpoint_identity": checkpoint_identity(Path(spec.checkpoint)) if spec.checkpoint else None,
         "quality_reportable": weights != "random",
         "token_grid": vars(prepared.adapter_cls.token_grid(spec.sampling)),
         "environment": capture_environment(prepared.device),

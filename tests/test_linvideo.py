@@ -281,8 +281,10 @@ def test_bench_run_linvideo_on_a_real_model_without_checkpoint_fails_early(bench
 def test_bench_run_linvideo_on_toy_trains_the_default_once_and_caches_it(
     bench: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No --checkpoint on the toy: the default conversion is trained into the cache, then reused."""
+    """No --checkpoint on the toy: the default conversion is trained into the cache, recorded by its files' hashes
+    (not the training state), then reused."""
     import harness.training as training
+    from harness.checkpoints import file_sha256
 
     monkeypatch.setenv(training.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(training, "DEFAULT_PROMPT_COUNT", 2)
@@ -290,7 +292,13 @@ def test_bench_run_linvideo_on_toy_trains_the_default_once_and_caches_it(
     args = ("run", "--method", "linvideo", "--model", "toy", "--prompt", PROMPT, "--seeds", "0", "--no-progress")
     first = bench(*args, "--runs-dir", tmp_path / "a")
     [cached] = (tmp_path / "cache" / "linvideo").iterdir()
-    assert (cached / "spec.json").is_file() and str(cached) in records_in(tmp_path / "a")[0]["spec"]["checkpoint"]
+    [record] = records_in(tmp_path / "a")
+    assert (cached / "spec.json").is_file() and str(cached) in record["spec"]["checkpoint"]
+    assert record["checkpoint_identity"] == {
+        "linvideo.safetensors": file_sha256(cached / "linvideo.safetensors"),
+        "spec.json": file_sha256(cached / "spec.json"),
+        "transformer.safetensors": file_sha256(cached / "transformer.safetensors"),
+    }
     trained_at = (cached / "spec.json").stat().st_mtime_ns
     bench(*args, "--runs-dir", tmp_path / "b")
     assert (cached / "spec.json").stat().st_mtime_ns == trained_at, "the second run reuses the cached conversion"
