@@ -78,7 +78,7 @@ def divergence_note(objective: Sequence[float]) -> str | None:
     return (f"the objective diverged: its median over the last {DIVERGENCE_WINDOW} steps is {last:.3g}, "
             f"{last / low:.0f}x its lowest ({low:.3g}); the converted model is likely noise. A smaller --lr or fewer "
             "--steps keeps it stable (LinVideo's ADM on the toy diverged once the weights' lr summed over the steps "
-            "reached ~0.01)")  # fmt: skip
+            "reached 0.007-0.014)")  # fmt: skip
 
 
 def collect_trajectories(request: TrainRequest) -> tuple[ModelAdapter, TrajectoryStore]:
