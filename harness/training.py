@@ -59,7 +59,7 @@ def train(request: TrainRequest) -> Path:
 
 
 # A run diverged when its last DIVERGENCE_WINDOW steps' median objective is DIVERGENCE_RATIO times the lowest such
-# median after the first tenth: of 88 toy LinVideo trainings (reports/toy/linvideo_trials), every one whose clips
+# median after the first tenth: of 89 toy LinVideo trainings (reports/toy/linvideo_trials), every one whose clips
 # were noise from a blown-up objective ended 28-1,800x above its low, every other one at most 11x.
 DIVERGENCE_WINDOW, DIVERGENCE_RATIO = 50, 20.0
 
