@@ -59,8 +59,8 @@ def train(request: TrainRequest) -> Path:
 
 
 # A run diverged when its last DIVERGENCE_WINDOW steps' median objective is DIVERGENCE_RATIO times the lowest such
-# median after the first tenth: of 89 toy LinVideo trainings (reports/toy/linvideo_trials), every one whose clips
-# were noise from a blown-up objective ended 28-1,800x above its low, every other one at most 11x.
+# median after the first tenth: of 89 toy LinVideo trainings (reports/toy/linvideo_trials), every one whose objective
+# blew up (its clips, where sampled, noise) ended 28-1,800x above its low, every other one at most 11x.
 DIVERGENCE_WINDOW, DIVERGENCE_RATIO = 50, 20.0
 
 
