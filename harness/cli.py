@@ -739,7 +739,11 @@ def train_cmd(
     batch_size: TrainBatchOpt = 8,
     lr: Annotated[
         float | None,
-        typer.Option(help="Peak learning rate of the transformer (and maps); default: linvideo 1e-5, sla 1e-4."),
+        typer.Option(
+            help="Peak learning rate of the transformer (LinVideo's feature maps: --map-lr); default: "
+            "linvideo 1e-5, sla 1e-4. ADM on the toy diverged once this lr summed over the "
+            "steps (warm-up and cosine included) passed 0.007-0.014."
+        ),
     ] = None,
     map_lr: Annotated[
         float,
