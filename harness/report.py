@@ -165,11 +165,14 @@ def _reference_label(record: dict[str, Any]) -> str:
 
 def _reference_linear_layers(record: dict[str, Any]) -> list[int]:
     """The layers an untrained reference runs with linear attention (none for a dense method)."""
-    resolved = record.get("method_params_resolved") or record["spec"].get("method_params", {})
-    layers = resolved.get("layers") if record["spec"]["method"] == "linear" else None
-    if layers is None:
+    if record["spec"]["method"] != "linear":
         return []
-    return [int(layer) for layer in (layers.split(",") if isinstance(layers, str) else layers)]
+    from harness.models import MODELS
+    from methods.linear import parse_layers
+
+    resolved = record.get("method_params_resolved") or record["spec"].get("method_params", {})
+    layers = parse_layers(resolved.get("layers"))  # None: every layer
+    return list(range(MODELS.get(record["spec"]["model"]).num_layers) if layers is None else layers)
 
 
 def ablation_tables(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:

@@ -101,3 +101,12 @@ def test_ablate_objective_records_each_variant_and_resumes(
     assert rows[2]["concurrent_jobs"] == 1
     figures = {Path(f).name for f in payload["files"] if f.endswith(".png")}
     assert {"regulariser_curves.png", "toybench_objective.png", "r_objective_adm.png"} <= figures
+
+
+def test_an_untrained_linear_reference_on_every_layer_counts_all_of_them() -> None:
+    """``layers=all`` (the linear method's default) is every layer of the model, not a parse error."""
+    from harness.report import _reference_linear_layers
+
+    record = {"spec": {"method": "linear", "model": "toy"}, "method_params_resolved": {"layers": "all"}}
+    assert _reference_linear_layers(record) == list(range(8))
+    assert _reference_linear_layers({"spec": {"method": "sdpa", "model": "toy"}}) == []
