@@ -769,6 +769,17 @@ def train_cmd(
             "uniform (normalized and divided by the step s - t: every step weighs alike)."
         ),
     ] = "uniform",
+    adm_jump: Annotated[
+        str,
+        typer.Option(
+            help="Where ADM's student step from a stored state lands: next (the next sampler time) or any "
+            "(a sampler time drawn from all later ones)."
+        ),
+    ] = "next",
+    score_guided: Annotated[
+        bool,
+        typer.Option(help="adm-extra-score: train and read the score model CFG-guided, as the student samples."),
+    ] = False,
     lam: Annotated[float, typer.Option(help="Weight lambda of L_con + L_reg.")] = 0.01,
     selection: Annotated[
         str,
@@ -811,7 +822,8 @@ def train_cmd(
             target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size,
             map_lr=map_lr, r_optimizer=r_optimizer, r_lr=r_lr, r_lr_schedule=r_lr_schedule, r_init=r_init,
             alpha_start=alpha_start, alpha_end=alpha_end, alpha_anneal_fraction=alpha_anneal_fraction,
-            adm_weighting=adm_weighting, lam=lam, selection=selection, layers=_parse_ints(layers, "--layers"),
+            adm_weighting=adm_weighting, adm_jump=adm_jump, score_guided=score_guided, lam=lam, selection=selection,
+            layers=_parse_ints(layers, "--layers"),
             activation_checkpointing=activation_checkpointing, bf16=bf16, checkpoint_every=checkpoint_every,
             seed=seed, **given_lr,
         )  # fmt: skip

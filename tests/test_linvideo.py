@@ -91,7 +91,8 @@ def test_a_constant_r_schedule_keeps_rs_lr_after_warm_up_while_the_weights_decay
     ({"objective": "dmd"}, "unknown objective"), ({"kernel": "hedgehgo"}, "Did you mean 'hedgehog'"),
     ({"steps": 0}, ">= 1"), ({"r_lr_schedule": "step"}, "unknown r schedule"),
     ({"adm_weighting": "dmd"}, "unknown ADM weighting"), ({"alpha_anneal_fraction": 0.0}, "anneal fraction"),
-    ({"map_lr": 0.0}, "learning rates must be > 0"),
+    ({"map_lr": 0.0}, "learning rates must be > 0"), ({"adm_jump": "far"}, "unknown ADM jump"),
+    ({"objective": "mse", "adm_jump": "any"}, "not to mse"), ({"score_guided": True}, "needs the adm-extra-score"),
 ])  # fmt: skip
 def test_impossible_training_settings_are_refused(changes: dict, message: str) -> None:
     config = LinVideoTrainConfig(**{"target_layers": 4, **changes})
@@ -142,6 +143,14 @@ def test_collection_resumes_a_missing_shard_identically(store: TrajectoryStore, 
 def test_store_sampling_excludes_the_final_step(store: TrajectoryStore) -> None:
     batch = store.sample(32, torch.Generator().manual_seed(0))
     assert torch.all(batch["t_next"] > 0) and batch["cond"].shape[0] == 32
+
+
+def test_store_sampling_with_any_jump_draws_every_later_grid_time(store: TrajectoryStore) -> None:
+    """3-step grid: a state at the first time may land on either later nonzero time, one at the second on the third."""
+    batch = store.sample(256, torch.Generator().manual_seed(0), jump="any")
+    low, mid, high = sorted(set(store.tensors["t"].tolist()))
+    assert set(zip(batch["t"].tolist(), batch["t_next"].tolist(), strict=True)) == {(high, low), (high, mid),
+                                                                                   (mid, low)}  # fmt: skip
 
 
 def _config(**changes: object) -> LinVideoTrainConfig:

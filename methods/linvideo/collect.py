@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from harness.atomic import atomic_path, write_json_atomic
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_choice
 from harness.models.base import ModelAdapter
 from harness.spec import Sampling
 
 STORE_FILE, EMBEDDINGS_FILE = "store.json", "embeddings.safetensors"
+JUMPS = ("next", "any")  # where a sampled state's one-step target lies: the next grid time, or any later one
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,24 @@ class TrajectoryStore:
     def __len__(self) -> int:
         return self.tensors["t"].numel()
 
-    def sample(self, batch_size: int, generator: torch.Generator, exclude_last: bool = True) -> dict[str, torch.Tensor]:
+    def sample(self, batch_size: int, generator: torch.Generator, exclude_last: bool = True,
+               jump: str = "next") -> dict[str, torch.Tensor]:  # fmt: skip
         """A random batch of stored states: x, u, t, t_next ``(B,)``, cond embeddings ``(B, L, D)``.
 
-        ``exclude_last`` leaves out the final step (t_next = 0: no one-step target for ADM).
+        ``exclude_last`` leaves out the final step (t_next = 0: no one-step target for ADM). ``jump="any"``
+        replaces each t_next by a grid time drawn uniformly from those in (0, t), so that a one-step target
+        may lie several sampler steps ahead (the stored ``u`` stays the velocity at ``t``).
         """
+        check_choice("jump", jump, JUMPS)
         valid = torch.nonzero(self.tensors["t_next"] > 0).flatten() if exclude_last else torch.arange(len(self))
         index = valid[torch.randint(0, valid.numel(), (batch_size,), generator=generator)]
         batch = {key: value[index] for key, value in self.tensors.items()}
         batch["cond"] = self.cond[batch["prompt"]]
+        if jump == "any":
+            grid = torch.unique(self.tensors["t"][self.tensors["t"] > 0])  # ascending
+            earlier = torch.searchsorted(grid, batch["t"])  # grid times below t, all > 0
+            if bool((earlier == 0).any()):
+                raise HarnessError("jump='any' needs states with a later grid time above 0 (exclude_last)")
+            pick = (torch.rand(batch_size, generator=generator) * earlier).long()
+            batch["t_next"] = grid[pick]
         return batch

@@ -36,7 +36,7 @@ from harness.optim import warmup_constant, warmup_cosine
 from methods import build_method
 from methods.kernels.linear_attention import check_kernel
 from methods.linvideo.attention import SPEC_FILE, STATE_FILE, TRANSFORMER_FILE, LinVideo, TransferState
-from methods.linvideo.collect import TrajectoryStore
+from methods.linvideo.collect import JUMPS, TrajectoryStore
 from methods.linvideo.losses import (
     adm_gradient,
     adm_loss,
@@ -96,6 +96,12 @@ class LinVideoTrainConfig:
     # step weighs alike in velocity space). The paper states no weighting; with analytic every toy trial ended at
     # prompt correctness 0.0 (static clips), with uniform 72-75 (linvideo_trials, round 3).
     adm_weighting: str = "uniform"
+    # next: the student steps from a stored state to the next grid time (its error is corrected by its own error
+    # there, one step on); any: to a grid time drawn from all later ones, nearby included.
+    adm_jump: str = "next"
+    # adm-extra-score: the score model's velocity is CFG-guided (trained and read so), as the student's is; then
+    # it equals the student's score at the start. Unguided, it starts as the teacher's conditional velocity.
+    score_guided: bool = False
     selection: str = "learned"  # learned (selective transfer), manual (``layers``) or heuristic (greedy)
     layers: tuple[int, ...] = ()  # the manual selection
     activation_checkpointing: bool = False
@@ -113,6 +119,11 @@ class LinVideoTrainConfig:
         check_choice("r optimizer", self.r_optimizer, R_OPTIMIZERS)
         check_choice("r schedule", self.r_lr_schedule, R_SCHEDULES)
         check_choice("ADM weighting", self.adm_weighting, ADM_WEIGHTINGS)
+        check_choice("ADM jump", self.adm_jump, JUMPS)
+        if self.adm_jump != "next" and self.objective == "mse":
+            raise HarnessError("the ADM jump applies to the adm objectives, not to mse")
+        if self.score_guided and self.objective != "adm-extra-score":
+            raise HarnessError("a guided score model needs the adm-extra-score objective")
         if not 0.0 < self.alpha_anneal_fraction <= 1.0:
             raise HarnessError(f"alpha anneal fraction must be in (0, 1], got {self.alpha_anneal_fraction}")
         check_choice("selection", self.selection, SELECTIONS)
@@ -157,6 +168,7 @@ class ObjectiveSettings:
     adm_weighting: str
     t_min: float
     adm_reduction: str
+    score_guided: bool = False  # adm-extra-score: read the score model with the sampler's CFG
 
 
 def trajectory_objective(student: ModelAdapter, teacher: ModelAdapter, batch: dict[str, torch.Tensor],
@@ -165,7 +177,7 @@ def trajectory_objective(student: ModelAdapter, teacher: ModelAdapter, batch: di
     """The objective on one batch of stored states, and the student's velocity there (detached).
 
     ``mse`` regresses the stored velocity; ``adm`` takes one student step x_hat = x_s - (s - t) u_student(x_s),
-    scores it with the teacher and the student itself (or ``score_model``, unguided) and returns the
+    scores it with the teacher and the student itself (or ``score_model``) and returns the
     surrogate whose gradient with respect to x_hat is g under ``settings.adm_weighting``.
     """
     device = teacher.device
@@ -180,7 +192,7 @@ def trajectory_objective(student: ModelAdapter, teacher: ModelAdapter, batch: di
         u_fake_at = (
             guided_velocity(student, x_hat, t, cond, uncond, cfg)
             if score_model is None
-            else guided_velocity(score_model, x_hat, t, cond, uncond, 1.0)
+            else guided_velocity(score_model, x_hat, t, cond, uncond, cfg if settings.score_guided else 1.0)
         )
     if settings.adm_weighting == "analytic":
         g = adm_gradient(u_teacher_at, u_fake_at, t, settings.t_min)
@@ -280,7 +292,8 @@ class LinVideoTrainer:
         """The step's loss terms; gradients reach the student through x_hat (ADM) or its velocity (MSE)."""
         config = self.config
         settings = ObjectiveSettings("adm" if config.objective == "adm-extra-score" else config.objective,
-                                     config.adm_weighting, config.t_min, config.adm_reduction)  # fmt: skip
+                                     config.adm_weighting, config.t_min, config.adm_reduction,
+                                     config.score_guided)  # fmt: skip
         with self._autocast():
             objective, u_student = trajectory_objective(self.student, self.teacher, batch, self.uncond, self.cfg,
                                                         settings, self.score_model)  # fmt: skip
@@ -321,8 +334,8 @@ class LinVideoTrainer:
         """One flow-matching step of the extra score model on the student's samples (``adm-extra-score``).
 
         The student's clean estimate ``x0 = x_s - s u_student(x_s)`` is noised to the step's time t and the
-        score model regresses ``eps - x0`` conditionally (no CFG: it models the student's guided samples, as
-        DMD's fake score does), so that its velocity at x_hat stands for the student's score there.
+        score model regresses ``eps - x0``, so that its velocity at x_hat stands for the student's score there:
+        conditionally (as DMD's fake score models a guided generator), or CFG-guided with ``score_guided``.
         """
         assert self.score_model is not None, "only adm-extra-score has a score model"
         x_s, s, t = batch["x"].to(self.device), batch["t"].to(self.device), batch["t_next"].to(self.device)
@@ -331,7 +344,8 @@ class LinVideoTrainer:
         noise = torch.randn(x0.shape, generator=self.generator).to(self.device, x0.dtype)
         t_view = t.view(-1, 1, 1, 1, 1)
         with self._autocast():
-            u_fake = guided_velocity(self.score_model, (1 - t_view) * x0 + t_view * noise, t, cond, self.uncond, 1.0)
+            u_fake = guided_velocity(self.score_model, (1 - t_view) * x0 + t_view * noise, t, cond, self.uncond,
+                                     self.cfg if self.config.score_guided else 1.0)  # fmt: skip
         loss = mse_loss(u_fake, noise - x0)
         optimizer = self.optimizers["score"]
         optimizer.zero_grad(set_to_none=True)
@@ -366,7 +380,8 @@ class LinVideoTrainer:
                 for name, optimizer in self.optimizers.items():
                     for group in optimizer.param_groups:
                         group["lr"] = group["base_lr"] * lr_factor(step, config, name)
-                values = self.train_step(self.store.sample(config.batch_size, self.generator), step)
+                batch = self.store.sample(config.batch_size, self.generator, jump=config.adm_jump)
+                values = self.train_step(batch, step)
                 r = self.state.r().detach().cpu().tolist()
                 log["step"] += 1
                 log["losses"].append(values)
