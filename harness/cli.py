@@ -773,7 +773,7 @@ def train_cmd(
         str,
         typer.Option(
             help="Where ADM's student step from a stored state lands: next (the next sampler time) or any "
-            "(a sampler time drawn from all later ones)."
+            "(a sampler time drawn from all later ones; on the toy: no blow-up, no better students)."
         ),
     ] = "next",
     score_guided: Annotated[

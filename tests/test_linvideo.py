@@ -335,6 +335,20 @@ def test_the_shipped_conversion_is_used_when_its_name_matches_the_recipe(
     assert trained == [cache_folder], "nothing trained once a matching conversion ships"
 
 
+def test_the_shipped_toy_conversion_is_the_current_default_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change to the recipe's config must come with a reshipped (or renamed) conversion, else the demo trains."""
+    from dataclasses import asdict
+
+    import harness.training as training
+    from harness.toyworld.checkpoint import SHIPPED_CONVERSIONS
+
+    monkeypatch.setattr(training, "train", lambda request: pytest.fail(f"would train {request.out}"))
+    shipped = training.default_checkpoint("toy", "cpu", show_progress=False)
+    assert shipped.parent == SHIPPED_CONVERSIONS
+    recorded = json.loads((shipped / "spec.json").read_text())["config"]
+    assert recorded == json.loads(json.dumps(asdict(training.default_recipe(8))))
+
+
 def test_bench_train_says_when_the_target_was_missed(bench: Invoke, tmp_path: Path) -> None:
     """Two steps from r = 0.95 convert nothing: the summary says so next to the target."""
     result = bench("train", "--method", "linvideo", "--model", "toy", "--target-layers", "2", "--steps", "2",
