@@ -120,6 +120,8 @@ class TrajectoryStore:
             raise HarnessError(f"trajectory store {path} is incomplete or corrupt: {exc}") from exc
         self.tensors = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
         self.cond, self.uncond = embeddings["cond"], embeddings["uncond"]
+        times = self.tensors["t"]
+        self.grid = torch.unique(times[times > 0])  # the sampler's times, ascending
 
     def __len__(self) -> int:
         return self.tensors["t"].numel()
@@ -138,10 +140,9 @@ class TrajectoryStore:
         batch = {key: value[index] for key, value in self.tensors.items()}
         batch["cond"] = self.cond[batch["prompt"]]
         if jump == "any":
-            grid = torch.unique(self.tensors["t"][self.tensors["t"] > 0])  # ascending
-            earlier = torch.searchsorted(grid, batch["t"])  # grid times below t, all > 0
+            earlier = torch.searchsorted(self.grid, batch["t"])  # grid times below t, all > 0
             if bool((earlier == 0).any()):
                 raise HarnessError("jump='any' needs states with a later grid time above 0 (exclude_last)")
             pick = (torch.rand(batch_size, generator=generator) * earlier).long()
-            batch["t_next"] = grid[pick]
+            batch["t_next"] = self.grid[pick]
         return batch

@@ -168,7 +168,7 @@ class ObjectiveSettings:
     adm_weighting: str
     t_min: float
     adm_reduction: str
-    score_guided: bool = False  # adm-extra-score: read the score model with the sampler's CFG
+    score_cfg: float = 1.0  # adm-extra-score: the CFG scale the score model is read with
 
 
 def trajectory_objective(student: ModelAdapter, teacher: ModelAdapter, batch: dict[str, torch.Tensor],
@@ -192,7 +192,7 @@ def trajectory_objective(student: ModelAdapter, teacher: ModelAdapter, batch: di
         u_fake_at = (
             guided_velocity(student, x_hat, t, cond, uncond, cfg)
             if score_model is None
-            else guided_velocity(score_model, x_hat, t, cond, uncond, cfg if settings.score_guided else 1.0)
+            else guided_velocity(score_model, x_hat, t, cond, uncond, settings.score_cfg)
         )
     if settings.adm_weighting == "analytic":
         g = adm_gradient(u_teacher_at, u_fake_at, t, settings.t_min)
@@ -242,6 +242,7 @@ class LinVideoTrainer:
                                    weight_decay=0.0),
         }  # fmt: skip
         self.score_model: ModelAdapter | None = None
+        self.score_cfg = self.cfg if config.score_guided else 1.0
         if config.objective == "adm-extra-score":
             # DMD-style: a separately trained copy of the teacher estimates the student's score.
             self.score_model = copy.copy(teacher)
@@ -293,7 +294,7 @@ class LinVideoTrainer:
         config = self.config
         settings = ObjectiveSettings("adm" if config.objective == "adm-extra-score" else config.objective,
                                      config.adm_weighting, config.t_min, config.adm_reduction,
-                                     config.score_guided)  # fmt: skip
+                                     self.score_cfg)  # fmt: skip
         with self._autocast():
             objective, u_student = trajectory_objective(self.student, self.teacher, batch, self.uncond, self.cfg,
                                                         settings, self.score_model)  # fmt: skip
@@ -345,7 +346,7 @@ class LinVideoTrainer:
         t_view = t.view(-1, 1, 1, 1, 1)
         with self._autocast():
             u_fake = guided_velocity(self.score_model, (1 - t_view) * x0 + t_view * noise, t, cond, self.uncond,
-                                     self.cfg if self.config.score_guided else 1.0)  # fmt: skip
+                                     self.score_cfg)  # fmt: skip
         loss = mse_loss(u_fake, noise - x0)
         optimizer = self.optimizers["score"]
         optimizer.zero_grad(set_to_none=True)
