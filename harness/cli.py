@@ -84,28 +84,33 @@ def _parse_ints(text: str | None, what: str) -> tuple[int, ...]:
         raise HarnessError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
 
 
-def _parse_params(pairs: list[str]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
+def _parse_params(pairs: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` pairs as text; the method's schema types them (:meth:`AttentionMethod.parse_params`)."""
+    params: dict[str, str] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise HarnessError(f"--param takes KEY=VALUE, got {pair!r}")
-        try:
-            params[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key] = raw
+        params[key] = raw
     return params
 
 
+def _method_params(method: str, pairs: list[str]) -> dict[str, Any]:
+    """``--param`` pairs typed by ``method``'s schema: what the spec records (so spellings hash alike)."""
+    from methods import METHODS
+
+    return METHODS.get(method).parse_params(_parse_params(pairs))
+
+
 def _per_method_params(pairs: list[str]) -> dict[str, dict[str, Any]]:
-    """``METHOD.KEY=VALUE`` pairs grouped by (canonical) method name."""
-    grouped: dict[str, dict[str, Any]] = {}
-    for key, value in _parse_params(pairs).items():
-        method, dot, name = key.partition(".")
-        if not dot or not method or not name:
-            raise HarnessError(f"--param takes METHOD.KEY=VALUE here (e.g. linvideo.linear_layers=[1,2]), got {key!r}")
-        grouped.setdefault(_canonical_method(method), {})[name] = value
-    return grouped
+    """``METHOD.KEY=VALUE`` pairs grouped by (canonical) method name, typed by each method's schema."""
+    grouped: dict[str, list[str]] = {}
+    for pair in pairs:
+        method, dot, rest = pair.partition("=")[0].partition(".")
+        if not dot or not method or not rest:
+            raise HarnessError(f"--param takes METHOD.KEY=VALUE here (e.g. linvideo.linear_layers=[1,2]), got {pair!r}")
+        grouped.setdefault(_canonical_method(method), []).append(pair.removeprefix(f"{method}."))
+    return {method: _method_params(method, method_pairs) for method, method_pairs in grouped.items()}
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
@@ -147,15 +152,19 @@ def methods_cmd(as_json: JsonOpt = False) -> None:
                 "needs_training": caps.needs_training,
                 "needs_calibration": caps.needs_calibration,
                 "notes": caps.notes,
+                "parameters": [param.describe() for param in cls.parameters],
             }
         )
     if as_json:
         _print_json(rows)
         return
-    columns = ["name", "aliases", "devices", "dtypes", "sparsity", "data_dependent", "needs_training", "notes"]
+    for row in rows:  # the table names the parameters; --json gives their types, ranges and help
+        row["parameters"] = [param["name"] for param in row["parameters"]]
+    columns = ["name", "aliases", "devices", "dtypes", "sparsity", "data_dependent", "needs_training", "notes",
+               "parameters"]  # fmt: skip
     console.print(
         _table(
-            "attention methods",
+            "attention methods (--json: each parameter's type, default, range, help)",
             columns,
             [[", ".join(r[c]) if isinstance(r[c], list) else r[c] for c in columns] for r in rows],
         )
@@ -226,7 +235,8 @@ def run_cmd(
     dense_warmup_steps: Annotated[int, typer.Option(help="First steps that run dense attention.")] = 0,
     dense_layers: Annotated[str, typer.Option(help="Comma-separated layers (0-based) that always run dense.")] = "",
     param: Annotated[
-        list[str] | None, typer.Option(help="Method parameter KEY=VALUE (JSON values); repeatable.")
+        list[str] | None,
+        typer.Option(help="Method parameter KEY=VALUE, typed by the method (`bench methods --json`); repeatable."),
     ] = None,
     checkpoint: Annotated[
         Path | None,
@@ -310,7 +320,7 @@ def run_cmd(
         device=_resolved_device(device),
         dtype=_resolved_dtype(dtype, device),
         weights=_weights_value(weights, random_weights, adapter_cls.weights_kind),
-        method_params=_parse_params(param or []),
+        method_params=_method_params(_canonical_method(method), param or []),
         dense_warmup_steps=dense_warmup_steps,
         dense_layers=_parse_ints(dense_layers, "--dense-layers"),
         checkpoint=str(checkpoint) if checkpoint else None,
@@ -514,7 +524,10 @@ def latency_cmd(
     ] = 0,
     param: Annotated[
         list[str] | None,
-        typer.Option(help="A method's parameter METHOD.KEY=VALUE (JSON values), e.g. linvideo.linear_layers=[1,2]."),
+        typer.Option(
+            help="A method's parameter METHOD.KEY=VALUE (`bench methods --json` lists them), "
+            "e.g. linvideo.linear_layers=[1,2]."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     as_json: JsonOpt = False,
@@ -863,7 +876,7 @@ def _sla_train_config(pairs: list[str], **settings: Any) -> Any:
     unknown = sorted(set(params) - {"critical", "negligible", "block_size"})
     if unknown:
         raise HarnessError(f"sla takes --param critical, negligible, block_size; not {unknown}")
-    return SlaTrainConfig(**settings, **params)
+    return SlaTrainConfig(**settings, **_method_params("sla", pairs))
 
 
 @app.command("calibrate")

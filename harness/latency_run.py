@@ -74,6 +74,10 @@ def _validate(request: LatencyRequest) -> tuple[list[AttentionMethod], torch.dev
     baseline = METHODS.canonical(request.baseline) if request.baseline else _default_baseline(names)
     if baseline not in names:
         raise HarnessError(f"baseline {baseline!r} must be one of the timed methods {names}")
+    untimed = sorted({METHODS.canonical(name) for name in request.method_params} - set(names))
+    if untimed:
+        # Otherwise the parameters would be silently ignored.
+        raise HarnessError(f"--param names method(s) {untimed} that are not timed (--methods {','.join(names)})")
     methods = [build_method(name, schedule, **request.method_params.get(name, {})) for name in names]
     for method in methods:
         method.validate_for(adapter_cls.num_layers, sampling.steps)

@@ -17,13 +17,25 @@ from __future__ import annotations
 import difflib
 import importlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
 from harness.errors import UnknownNameError
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: str, candidates: Iterable[str], spellings: Mapping[str, str] | None = None) -> str:
+    """``" Did you mean 'a', 'b'?"`` for the candidates closest to ``name``, or ``""`` when none is close.
+
+    ``spellings`` maps other names that should lead to a candidate (a paper's symbol, e.g. ``tau``) to
+    the candidate to suggest in their place.
+    """
+    spellings = spellings or {}
+    close = difflib.get_close_matches(name, [*candidates, *spellings], n=3, cutoff=0.5)
+    suggested = list(dict.fromkeys(spellings.get(match, match) for match in close))
+    return f" Did you mean {', '.join(repr(s) for s in suggested)}?" if suggested else ""
 
 
 def _import_target(target: str) -> object:
@@ -110,9 +122,7 @@ class Registry(Generic[T]):
         return iter(self.names())
 
     def _unknown_message(self, name: str) -> str:
-        candidates = list(self._entries) + list(self._aliases)
-        close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, [*self._entries, *self._aliases])
         return f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}."
 
     def _load_entry_points(self) -> None:

@@ -168,7 +168,7 @@ def _reference_linear_layers(record: dict[str, Any]) -> list[int]:
     if record["spec"]["method"] != "linear":
         return []
     from harness.models import MODELS
-    from methods.linear import parse_layers
+    from methods.params import parse_layers
 
     resolved = record.get("method_params_resolved") or record["spec"].get("method_params", {})
     layers = parse_layers(resolved.get("layers"))  # None: every layer

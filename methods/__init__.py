@@ -14,6 +14,7 @@ from methods.base import (
     build_method,
     register_method,
 )
+from methods.params import Param
 
 _BUILTIN = {
     "sdpa": ("methods.dense:Sdpa", ("dense", "default")),
@@ -38,6 +39,7 @@ __all__ = [
     "AttentionContext",
     "AttentionMethod",
     "Capabilities",
+    "Param",
     "Schedule",
     "TokenGrid",
     "build_method",

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from harness.errors import HarnessError, UnsupportedError
 from harness.registry import Registry
+from methods.params import Param, parse_params
 
 CfgBranch = Literal["cond", "uncond", "none"]
 Sparsity = Literal["dense", "static", "dynamic", "linear"]
@@ -155,19 +156,31 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 class AttentionMethod(ABC):
     """Base class of every attention method.
 
-    Subclasses set ``name`` and ``capabilities`` and implement :meth:`attend`, returning the output
-    and the density used (1.0 for dense attention, the kept fraction of score blocks for sparse
-    ones). Constructor keyword arguments are the method's parameters and are recorded in the spec.
+    Subclasses set ``name``, ``capabilities`` and ``parameters`` (the schema of their parameters, see
+    :mod:`methods.params`) and implement :meth:`attend`, returning the output and the density used
+    (1.0 for dense attention, the kept fraction of score blocks for sparse ones). Constructor keyword
+    arguments are the method's parameters: typed and checked by the schema into :attr:`settings`
+    (defaults filled in), which :meth:`params` records.
     """
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    parameters: ClassVar[tuple[Param, ...]] = ()
 
     def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
-        if params:
-            raise HarnessError(f"method {self.name!r} takes no parameter(s) {sorted(params)}")
+        self.settings: dict[str, Any] = {p.name: p.default for p in self.parameters} | self.parse_params(params)
         self.schedule = schedule or Schedule()
         self.density = DensityLog()
+
+    @classmethod
+    def parse_params(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """The given parameters typed by :attr:`parameters` (defaults not filled in): what a spec records.
+
+        ``raw`` holds ``--param`` strings or Python / JSON values; an unknown name, a wrong type, NaN or
+        infinity, or a value out of range is a :class:`HarnessError` naming the method and the parameter.
+        Checks that need the model (layers it lacks) are :meth:`validate_for`'s.
+        """
+        return parse_params(getattr(cls, "name", cls.__name__), cls.parameters, raw)
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -190,12 +203,24 @@ class AttentionMethod(ABC):
         return out
 
     def params(self) -> dict[str, Any]:
-        """The method's parameters as recorded in the run spec (JSON-serialisable)."""
-        return {}
+        """The method's parameters as recorded in the run record (JSON-serialisable): its settings."""
+        return dict(self.settings)
 
     def validate_for(self, num_layers: int, num_steps: int) -> None:
         """Fail before the model is built on settings this model cannot take (e.g. layers it lacks)."""
         self.schedule.validate_for(num_layers, num_steps)
+        for param in self.parameters:
+            value = self.settings[param.name]
+            if not param.model_layers or value is None or value == "all":
+                continue
+            if param.type == "int":  # a count of first layers
+                if value > num_layers:
+                    raise HarnessError(f"{self.name}: {param.name} {value} exceeds the model's {num_layers} layers")
+            elif bad := [layer for layer in value if layer >= num_layers]:
+                # Otherwise a typo'd layer would silently never be used.
+                raise HarnessError(
+                    f"{self.name}: {param.name} {bad} do not exist: the model has {num_layers} layers (0-based)"
+                )
 
     # -- support checks ----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
+from methods.params import Param
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -61,21 +62,20 @@ class Cudnn(_PinnedSdpa):
 
 @register_method("fa2", aliases=("flash", "flash-attn2"))
 class FlashAttention2(_PinnedSdpa):
-    """FlashAttention-2: the ``flash_attn`` package when installed, else torch's FLASH_ATTENTION backend.
-
-    Parameter ``impl``: ``auto`` (package if importable), ``torch`` or ``package``.
-    """
+    """FlashAttention-2: the ``flash_attn`` package when installed, else torch's FLASH_ATTENTION backend."""
 
     backend = SDPBackend.FLASH_ATTENTION
     capabilities = Capabilities(
         devices=("cuda",), dtypes=HALF_DTYPES, notes="flash_attn package if installed, else torch FLASH backend"
     )
-    IMPLS = ("auto", "torch", "package")
+    parameters = (
+        Param("impl", "choice", "auto", "auto (the flash_attn package if importable), torch or package",
+              choices=("auto", "torch", "package")),
+    )  # fmt: skip
 
-    def __init__(self, schedule: Schedule | None = None, impl: str = "auto", **params: Any) -> None:
+    def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
         super().__init__(schedule, **params)
-        if impl not in self.IMPLS:
-            raise HarnessError(f"fa2: impl must be one of {self.IMPLS}, got {impl!r}")
+        impl = self.settings["impl"]
         has_package = importlib.util.find_spec("flash_attn") is not None
         if impl == "package" and not has_package:
             raise HarnessError("fa2 impl='package' needs the flash_attn package: pip install flash-attn")

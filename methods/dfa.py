@@ -37,6 +37,7 @@ import torch
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, dense_attention, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, block_sparse_attention, num_blocks
+from methods.params import Param
 
 FULL, WINDOW, REUSE_STEP, REUSE_COND = "full", "window_residual", "reuse_step", "reuse_cond"
 WINDOW_REUSE_COND = f"{WINDOW}+{REUSE_COND}"
@@ -206,13 +207,7 @@ def _keep_if(needed: bool, cache: dict[Any, Any], key: Any, value: Any) -> None:
 
 @register_method("dfa", aliases=("ditfastattn",))
 class DiTFastAttn(AttentionMethod):
-    """DiTFastAttn following a calibrated plan (see the module docstring).
-
-    Parameters:
-        plan: path of a plan JSON from ``bench calibrate --method dfa``.
-        uniform: instead of a plan, one choice for every step after the first (latency probes only;
-            ``window_residual``, ``reuse_step``, ``reuse_cond``, ...). Recorded as uncalibrated.
-        window: window fraction of a uniform plan (default 1/8); a calibrated plan carries its own.
+    """DiTFastAttn following a calibrated plan (see the module docstring); ``plan`` or ``uniform`` is needed.
 
     The schedule's dense warm-up steps and dense layers run ``full`` (and still fill the caches).
     """
@@ -223,24 +218,29 @@ class DiTFastAttn(AttentionMethod):
         needs_calibration=True,
         notes="calibrated plan: window attention + residual, step reuse, CFG reuse (bench calibrate --method dfa)",
     )
+    parameters = (
+        Param("plan", "path", None, "plan JSON from `bench calibrate --method dfa`", optional=True),
+        Param("uniform", "choice", None, "instead of a plan, one choice for every step after the first (latency "
+              "probes only; recorded as uncalibrated)", choices=CHOICES, optional=True),
+        Param("window", "float", None, "window fraction of a uniform plan (default 1/8); a plan carries its own",
+              min=0.0, max=2.0, min_open=True, optional=True),
+    )  # fmt: skip
 
-    def __init__(self, schedule: Schedule | None = None, plan: str | None = None, uniform: str | None = None,
-                 window: float | None = None, **params: Any) -> None:  # fmt: skip
+    def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
         super().__init__(schedule, **params)
+        plan, uniform, window = (self.settings[name] for name in ("plan", "uniform", "window"))
         if (plan is None) == (uniform is None):
             raise HarnessError(
                 "dfa needs a calibration plan: run `bench calibrate --method dfa --model MODEL --out plan.json`, "
                 "then pass --param plan=plan.json (or --param uniform=CHOICE for a latency probe)"
             )
-        if uniform is not None and uniform not in CHOICES:
-            raise HarnessError(f"dfa: uniform must be one of {', '.join(CHOICES)}, got {uniform!r}")
         if plan is not None and window is not None:
             raise HarnessError("dfa: a calibrated plan carries its own window; drop --param window")
         self.plan_path = None if plan is None else Path(plan).expanduser()
         if self.plan_path is not None and not self.plan_path.is_file():
             raise HarnessError(f"dfa plan {self.plan_path} does not exist; make it with `bench calibrate --method dfa`")
         self.uniform = uniform
-        self.uniform_window = DEFAULT_WINDOW_FRACTION if window is None else float(window)
+        self.uniform_window = DEFAULT_WINDOW_FRACTION if window is None else window
         self.plan: DfaPlan | None = DfaPlan.load(self.plan_path) if self.plan_path is not None else None
         self._plan_sha256 = hashlib.sha256(self.plan_path.read_bytes()).hexdigest() if self.plan_path else None
         self._residual_at: set[tuple[int, int]] = set()

@@ -12,65 +12,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
-from methods.kernels.linear_attention import (
-    KERNELS,
-    FeatureMap,
-    build_feature_map,
-    check_kernel,
-    linear_attention,
-)
+from methods.kernels.linear_attention import FeatureMap, build_feature_map, linear_attention
+from methods.params import Param
 
 # taylor is left out: its 1 + D + D^2 features (16,513 per token at D = 128) do not fit at video length.
 LINEAR_KERNELS: tuple[str, ...] = ("elu", "relu", "hedgehog")
-
-
-def parse_layers(layers: Any) -> tuple[int, ...] | None:
-    """``None`` (all layers) or sorted unique layer indices, from ``"all"``, ``"0,2,5"``, an int or a sequence.
-
-    Values come from ``--param layers=...`` JSON-decoded when possible, so ``3``, ``[1, 2]`` and the
-    string ``"1,2"`` must all work.
-    """
-    if layers is None or (isinstance(layers, str) and layers.strip().lower() == "all"):
-        return None
-    if isinstance(layers, str):
-        parts: list[Any] = [part.strip() for part in layers.split(",") if part.strip()]
-    elif isinstance(layers, (list, tuple)):
-        parts = list(layers)
-    else:
-        parts = [layers]
-    indices: list[int] = []
-    for part in parts:
-        # bool is an int subclass and floats like 2.0 arrive from JSON: neither is a layer index.
-        if isinstance(part, bool) or not isinstance(part, (int, str)):
-            raise HarnessError(f"linear: layers must be 'all' or comma-separated integers, got {layers!r}")
-        try:
-            index = int(part)
-        except ValueError:
-            raise HarnessError(f"linear: layers must be 'all' or comma-separated integers, got {layers!r}") from None
-        if index < 0:
-            raise HarnessError(f"linear: layer indices must be >= 0, got {index} in {layers!r}")
-        indices.append(index)
-    if not indices:
-        # An empty selection would run plain dense attention under the name "linear".
-        raise HarnessError("linear: layers is empty; give 'all' or at least one layer index (or use 'sdpa')")
-    return tuple(sorted(set(indices)))
 
 
 @register_method("linear", aliases=("linear-attention",))
 class LinearAttention(AttentionMethod):
     """Untrained linear attention on ``layers``, dense softmax attention (SDPA) on the other layers.
 
-    Parameters:
-        kernel: feature map, one of ``elu`` (default), ``relu``, ``hedgehog``. ``hedgehog`` uses the
-            identity W, i.e. ``[softmax(x), softmax(-x)]`` untrained.
-        layers: ``"all"`` (default), a comma-separated string ``"0,2,5"``, an int or a sequence of ints
-            (0-based). Layers outside the selection run dense attention.
-
-    Density is the fraction of the N x N score matrix computed: 0.0 for a linear-attention call (no
-    score is ever formed) and 1.0 for a dense call. The schedule's dense warm-up steps and dense
-    layers still take precedence over ``layers``.
+    ``hedgehog`` uses the identity W, i.e. ``[softmax(x), softmax(-x)]`` untrained. Density is the
+    fraction of the N x N score matrix computed: 0.0 for a linear-attention call (no score is ever
+    formed) and 1.0 for a dense call. The schedule's dense warm-up steps and dense layers still take
+    precedence over ``layers``.
     """
 
     capabilities = Capabilities(
@@ -78,29 +35,19 @@ class LinearAttention(AttentionMethod):
         sparsity="linear",
         notes="untrained linear attention (LinVideo direct replacement); kernels: " + ", ".join(LINEAR_KERNELS),
     )
+    parameters = (
+        Param("kernel", "choice", "elu", "feature map (taylor's 1 + D + D^2 features do not fit at video length)",
+              choices=LINEAR_KERNELS),
+        Param("layers", "layers_or_all", "all", "layers run with linear attention (0-based), the others dense",
+              model_layers=True),
+    )  # fmt: skip
 
-    def __init__(
-        self, schedule: Schedule | None = None, kernel: str = "elu", layers: Any = "all", **params: Any
-    ) -> None:
+    def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
         super().__init__(schedule, **params)
-        if kernel in KERNELS and kernel not in LINEAR_KERNELS:
-            raise HarnessError(
-                f"linear: kernel {kernel!r} is not offered here (1 + D + D^2 features per token); "
-                f"choose one of: {', '.join(LINEAR_KERNELS)}"
-            )
-        self.kernel = check_kernel(kernel, LINEAR_KERNELS)
-        self.layers = parse_layers(layers)
+        self.kernel = self.settings["kernel"]
+        layers = self.settings["layers"]
+        self.layers: tuple[int, ...] | None = None if layers == "all" else tuple(layers)
         self._maps: dict[int, FeatureMap] = {}
-
-    def params(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, "layers": "all" if self.layers is None else list(self.layers)}
-
-    def validate_for(self, num_layers: int, num_steps: int) -> None:
-        super().validate_for(num_layers, num_steps)
-        bad = [layer for layer in self.layers or () if layer >= num_layers]
-        if bad:
-            # Otherwise a typo'd layer would silently never be linearised.
-            raise HarnessError(f"linear: layers {bad} do not exist: the model has {num_layers} layers (0-based)")
 
     def runs_linear(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers

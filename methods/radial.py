@@ -24,7 +24,8 @@ import torch
 from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, TokenGrid, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, num_blocks
-from methods.sparse import BlockSparseMethod, SparsePlan, check_count
+from methods.params import Param
+from methods.sparse import BlockSparseMethod, SparsePlan, block_sparse_parameters
 
 COLUMN_DENSE = 1 / 3  # a column of a tile counts as dense above this fill
 TILE_KEPT = 0.6  # a tile is kept when more than this share of its non-empty columns are dense
@@ -86,14 +87,7 @@ def radial_tiles(grid: TokenGrid, decay_factor: float, block: int, device: torch
 
 @register_method("radial", aliases=("radial-attention",))
 class RadialAttention(BlockSparseMethod):
-    """Radial attention: static O(n log n) block mask from spatiotemporal energy decay.
-
-    Parameters:
-        decay_factor: scales the band widths of frame pairs two or more frames apart (0.2).
-        dense_first_layers: first layers that always run dense (1).
-        warmup_fraction: first steps dense (12 of 50 = 0.24).
-        block_size, backend: see :class:`~methods.sparse.BlockSparseMethod`.
-    """
+    """Radial attention: static O(n log n) block mask from spatiotemporal energy decay."""
 
     capabilities = Capabilities(
         sparsity="static",
@@ -101,32 +95,21 @@ class RadialAttention(BlockSparseMethod):
         notes="Radial: static mask, density halves per doubling of frame distance, decay 0.2, 24% warm-up, "
         "first layer dense",
     )
+    parameters = (
+        Param("decay_factor", "float", 0.2, "scales the band widths of frame pairs two or more frames apart",
+              min=0.0, min_open=True),
+        Param("dense_first_layers", "int", 1, "first layers that always run dense", min=0, model_layers=True),
+        *block_sparse_parameters(0.24, "paper: 12 of 50 steps"),
+    )  # fmt: skip
 
-    def __init__(
-        self,
-        schedule: Schedule | None = None,
-        decay_factor: float = 0.2,
-        dense_first_layers: int = 1,
-        warmup_fraction: float = 0.24,
-        **params: Any,
-    ) -> None:
-        super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
-        if isinstance(decay_factor, bool) or not isinstance(decay_factor, (int, float)) or decay_factor <= 0:
-            raise HarnessError(f"radial: decay_factor must be a positive number, got {decay_factor!r}")
-        self.decay_factor = float(decay_factor)
-        self.dense_first_layers = check_count("radial: dense_first_layers", dense_first_layers, minimum=0)
+    def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
+        super().__init__(schedule, **params)
+        self.decay_factor: float = self.settings["decay_factor"]
+        self.dense_first_layers: int = self.settings["dense_first_layers"]
         self._patterns: dict[tuple[TokenGrid, int, torch.device], tuple[BlockSparsePattern, float]] = {}
-
-    def sparse_params(self) -> dict[str, Any]:
-        return {"decay_factor": self.decay_factor, "dense_first_layers": self.dense_first_layers}
 
     def paper_dense_layers(self, num_layers: int) -> int:
         return self.dense_first_layers
-
-    def validate_for(self, num_layers: int, num_steps: int) -> None:
-        super().validate_for(num_layers, num_steps)
-        if self.dense_first_layers > num_layers:
-            raise HarnessError(f"radial: dense_first_layers {self.dense_first_layers} exceeds the model's {num_layers}")
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> SparsePlan:
         grid = ctx.grid

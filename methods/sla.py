@@ -35,16 +35,16 @@ from torch import nn
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
 from methods.kernels.block_sparse import (
-    BACKENDS,
     BlockSparsePattern,
     block_lengths,
     block_sparse_attention,
     num_blocks,
     resolve_backend,
 )
+from methods.params import FLEX_TILE, Param
+from methods.sparse import BACKEND
 
 PAPER_BLOCK = 64
-FLEX_TILE = 128
 #: ``block_size="auto"`` halves the paper's 64 until a row holds this many blocks, so that 5% and
 #: 10% of a row are whole blocks: Wan 480p keeps 64 (512 blocks a row), the toy's 512 tokens get 8
 #: (one patch row of one frame, 64 blocks a row).
@@ -171,12 +171,6 @@ class SlaProjections(nn.Module):
 class SparseLinearAttention(AttentionMethod):
     """SLA with its learned projections (see the module docstring).
 
-    Parameters:
-        critical: fraction of key blocks per query block computed exactly (paper: 0.05).
-        negligible: fraction skipped (paper: 0.10; 0 reproduces the public SLA-1 kernel).
-        block_size: tokens per query/key block, ``"auto"`` (64 at Wan scale; 8 on the toy) or an int.
-        backend: ``auto`` (FlexAttention on CUDA, masked dense elsewhere), ``flex`` or ``masked``.
-
     A quality run needs a fine-tuned checkpoint (``--checkpoint DIR``). Without one the projections are
     zero (untrained SLA is pure block-sparse attention), which serves latency and tests only.
     """
@@ -189,33 +183,32 @@ class SparseLinearAttention(AttentionMethod):
         notes="critical blocks exact (Flex block-sparse), marginal blocks linear + learned proj; fine-tuned; "
         "the output, not SLA's speed (its linear branch is unfused PyTorch, no faster than cuDNN on an H100)",
     )
+    parameters = (
+        Param("critical", "float", 0.05, "share of key blocks per query block computed exactly (paper: 0.05)",
+              min=0.0, max=1.0, min_open=True),
+        Param("negligible", "float", 0.10, "share skipped (paper: 0.10; 0 reproduces the public SLA-1 kernel); "
+              "critical + negligible <= 1", min=0.0, max=1.0),
+        Param("block_size", "block_size", "auto", f"tokens per query/key block: auto ({PAPER_BLOCK} halved until a "
+              f"row holds {MIN_BLOCKS_PER_ROW} blocks; 8 on the toy) or an int"),
+        BACKEND,
+    )  # fmt: skip
 
-    def __init__(self, schedule: Schedule | None = None, critical: float = 0.05, negligible: float = 0.10,
-                 block_size: Any = "auto", backend: str = "auto", **params: Any) -> None:  # fmt: skip
+    def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
         super().__init__(schedule, **params)
-        for name, value in (("critical", critical), ("negligible", negligible)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise HarnessError(f"sla: {name} must be a fraction in [0, 1], got {value!r}")
-        if critical <= 0.0 or critical + negligible > 1.0:
-            raise HarnessError(f"sla: need critical > 0 and critical + negligible <= 1, got {critical}, {negligible}")
-        if block_size != "auto" and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                     or block_size < 1):  # fmt: skip
-            raise HarnessError(f"sla: block_size must be 'auto' or a positive integer, got {block_size!r}")
-        if backend not in BACKENDS:
-            raise HarnessError(f"sla: backend must be one of {BACKENDS}, got {backend!r}")
-        self.critical, self.negligible = float(critical), float(negligible)
-        self.block_size_param, self.backend = block_size, backend
+        self.critical: float = self.settings["critical"]
+        self.negligible: float = self.settings["negligible"]
+        if self.critical + self.negligible > 1.0:
+            raise HarnessError(f"sla: critical + negligible must be <= 1, got {self.critical} + {self.negligible}")
+        self.block_size_param: str | int = self.settings["block_size"]
+        self.backend: str = self.settings["backend"]
         self.state: SlaProjections | None = None
         self.trained = False
         self._blocks_used: dict[int, int] = {}
 
     def params(self) -> dict[str, Any]:
         return {
-            "critical": self.critical,
-            "negligible": self.negligible,
-            "block_size": self.block_size_param,
+            **super().params(),
             "block_size_used": {str(tokens): block for tokens, block in sorted(self._blocks_used.items())},
-            "backend": self.backend,
             "trained": self.trained,
         }
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Schedule
 from methods.kernels.block_sparse import (
     BACKENDS,
@@ -31,6 +30,7 @@ from methods.kernels.block_sparse import (
     permute_tokens,
     unpermute_tokens,
 )
+from methods.params import Param
 
 PAPER_BLOCK = 128
 MIN_BLOCKS_PER_ROW = 16
@@ -66,29 +66,19 @@ def auto_block_size(tokens: int) -> int:
     return block
 
 
-def parse_block_size(value: Any) -> int | None:
-    """``None`` for ``"auto"``, else a positive int block size."""
-    if value == "auto":
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise HarnessError(f"block_size must be 'auto' or a positive integer, got {value!r}")
-    return value
+BACKEND = Param("backend", "choice", "auto", "auto (FlexAttention on CUDA, masked dense elsewhere), flex or masked",
+                choices=BACKENDS)  # fmt: skip
 
 
-def check_fraction(name: str, value: float, low_open: bool = False) -> float:
-    """``value`` as a float in [0, 1] (or (0, 1] with ``low_open``); a clear error otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise HarnessError(f"{name} must be a number, got {value!r}")
-    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
-        raise HarnessError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
-    return float(value)
-
-
-def check_count(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum``; a clear error otherwise (bools are not counts)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise HarnessError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+def block_sparse_parameters(warmup_fraction: float, paper: str) -> tuple[Param, ...]:
+    """The parameters every block-sparse method shares; ``warmup_fraction`` and ``paper`` give its warm-up."""
+    return (
+        Param("warmup_fraction", "float", warmup_fraction, f"share of the first steps run dense ({paper})",
+              min=0.0, max=1.0),
+        Param("block_size", "block_size", "auto", f"tokens per tile: auto ({PAPER_BLOCK} at Wan scale, halved until "
+              f"a row holds {MIN_BLOCKS_PER_ROW} tiles) or an int"),
+        BACKEND,
+    )  # fmt: skip
 
 
 class SeededGenerators:
@@ -107,26 +97,17 @@ class SeededGenerators:
 class BlockSparseMethod(AttentionMethod):
     """An attention method whose sparse calls run a :class:`SparsePlan` through block-sparse attention.
 
-    Parameters shared by subclasses:
-        block_size: ``"auto"`` (the paper's 128 at Wan scale, smaller on short sequences; see the
-            module docstring) or an int.
-        backend: ``auto`` (FlexAttention on CUDA, masked dense elsewhere), ``flex`` or ``masked``.
+    Subclasses end their ``parameters`` with :func:`block_sparse_parameters` (warm-up, block size, backend).
     """
 
-    def __init__(
-        self,
-        schedule: Schedule | None = None,
-        block_size: Any = "auto",
-        backend: str = "auto",
-        warmup_fraction: float = 0.0,
-        **params: Any,
-    ) -> None:
+    parameters = block_sparse_parameters(0.0, "none")
+
+    def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
         super().__init__(schedule, **params)
-        self._block_size = parse_block_size(block_size)
-        self.warmup_fraction = check_fraction(f"{self.name}: warmup_fraction", warmup_fraction)
-        if backend not in BACKENDS:
-            raise HarnessError(f"{self.name}: backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend = backend
+        block_size = self.settings["block_size"]
+        self._block_size: int | None = None if block_size == "auto" else block_size
+        self.warmup_fraction: float = self.settings["warmup_fraction"]
+        self.backend: str = self.settings["backend"]
         self._blocks_used: dict[int, int] = {}
 
     # -- what subclasses provide ---------------------------------------------------------------
@@ -143,8 +124,8 @@ class BlockSparseMethod(AttentionMethod):
         """First layers the paper always runs dense, for a model of ``num_layers``."""
         return 0
 
-    def sparse_params(self) -> dict[str, Any]:
-        """The subclass's own parameters, recorded beside the shared ones."""
+    def usage_params(self) -> dict[str, Any]:
+        """What the subclass chose per sequence (e.g. its stride per block), recorded beside its settings."""
         return {}
 
     # -- the contract ----------------------------------------------------------------------------
@@ -183,9 +164,7 @@ class BlockSparseMethod(AttentionMethod):
 
     def params(self) -> dict[str, Any]:
         return {
-            **self.sparse_params(),
-            "block_size": self._block_size or "auto",
+            **super().params(),
+            **self.usage_params(),
             "block_size_used": {str(tokens): block for tokens, block in sorted(self._blocks_used.items())},
-            "backend": self.backend,
-            "warmup_fraction": self.warmup_fraction,
         }

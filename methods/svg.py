@@ -25,7 +25,8 @@ import torch
 from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, TokenGrid, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks
-from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, check_count, check_fraction
+from methods.params import Param
+from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, block_sparse_parameters
 
 PROFILE_BAND_FRAMES = 1.5  # the profiling masks' band, in frames (official: 1.5 x frame size)
 
@@ -64,51 +65,32 @@ def band_with_sink_pattern(tokens: int, width: int, sink: int, block: int, devic
 
 @register_method("svg", aliases=("sparse-videogen", "sparse-video-gen"))
 class SparseVideoGen(BlockSparseMethod):
-    """Sparse VideoGen: online spatial/temporal head profiling, layout transform, band + sink mask.
-
-    Parameters:
-        sparsity: kept fraction of the band (the official ``sparsity`` argument is density), (0, 1].
-        sampled_rows: query rows sampled for profiling (64).
-        sample_max_row: rows are drawn among the first this many queries (10,000).
-        dense_layer_fraction: ``floor(fraction x layers)`` first layers dense (0.03).
-        warmup_fraction: first steps dense (0.2).
-        seed: seed of the row sampling (a generator per device, so runs repeat).
-        block_size, backend: see :class:`~methods.sparse.BlockSparseMethod`.
-    """
+    """Sparse VideoGen: online spatial/temporal head profiling, layout transform, band + sink mask."""
 
     capabilities = Capabilities(
         sparsity="dynamic",
         data_dependent=True,
         notes="SVG: per-head spatial/temporal profiling, band 0.3 + first-frame sink, 20% warm-up; Flex as upstream",
     )
+    parameters = (
+        Param("sparsity", "float", 0.3, "kept fraction of the band (the official sparsity argument is a density)",
+              min=0.0, max=1.0, min_open=True),
+        Param("sampled_rows", "int", 64, "query rows sampled for profiling", min=1),
+        Param("sample_max_row", "int", 10_000, "rows are drawn among the first this many queries", min=1),
+        Param("dense_layer_fraction", "float", 0.03, "floor(fraction x layers) first layers run dense",
+              min=0.0, max=1.0),
+        Param("seed", "int", 0, "seed of the row sampling (a generator per device, so runs repeat)", min=0),
+        *block_sparse_parameters(0.2, "paper: 20%"),
+    )  # fmt: skip
 
-    def __init__(
-        self,
-        schedule: Schedule | None = None,
-        sparsity: float = 0.3,
-        sampled_rows: int = 64,
-        sample_max_row: int = 10_000,
-        dense_layer_fraction: float = 0.03,
-        warmup_fraction: float = 0.2,
-        seed: int = 0,
-        **params: Any,
-    ) -> None:
-        super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
-        self.sparsity = check_fraction("svg: sparsity", sparsity, low_open=True)
-        self.dense_layer_fraction = check_fraction("svg: dense_layer_fraction", dense_layer_fraction)
-        self.sampled_rows = check_count("svg: sampled_rows", sampled_rows)
-        self.sample_max_row = check_count("svg: sample_max_row", sample_max_row)
-        self.generators = SeededGenerators(seed)
+    def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
+        super().__init__(schedule, **params)
+        self.sparsity: float = self.settings["sparsity"]
+        self.dense_layer_fraction: float = self.settings["dense_layer_fraction"]
+        self.sampled_rows: int = self.settings["sampled_rows"]
+        self.sample_max_row: int = self.settings["sample_max_row"]
+        self.generators = SeededGenerators(self.settings["seed"])
         self._patterns: dict[tuple[int, int, int, torch.device], tuple[BlockSparsePattern, float]] = {}
-
-    def sparse_params(self) -> dict[str, Any]:
-        return {
-            "sparsity": self.sparsity,
-            "sampled_rows": self.sampled_rows,
-            "sample_max_row": self.sample_max_row,
-            "dense_layer_fraction": self.dense_layer_fraction,
-            "seed": self.generators.seed,
-        }
 
     def paper_dense_layers(self, num_layers: int) -> int:
         return math.floor(self.dense_layer_fraction * num_layers)

@@ -30,7 +30,8 @@ import torch
 
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks, select_by_cumulative_mass
-from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, check_count, check_fraction
+from methods.params import Param
+from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, block_sparse_parameters
 
 MIN_TOKENS_PER_CLUSTER = 8
 _ASSIGN_CHUNK_ELEMENTS = 1 << 27  # token x centroid distances held at once
@@ -126,18 +127,7 @@ def cluster_pair_pattern(
 
 @register_method("svg2", aliases=("sparse-videogen2", "sap"))
 class SparseVideoGen2(BlockSparseMethod):
-    """Sparse VideoGen2: k-means on Q and K, cluster permutation, top-p key clusters with a floor.
-
-    Parameters:
-        q_clusters, k_clusters: k-means clusters of queries and keys (300, 1000).
-        top_p: kept share of each query cluster's weighted centroid mass, (0, 1] (0.9; 1 keeps all).
-        min_kc_ratio: at least ``floor(ratio x k_clusters)`` key clusters per query cluster (0.1).
-        kmeans_init_iters, kmeans_step_iters: iterations of the first call and of cached calls (50, 2).
-        dense_layer_fraction: ``floor(fraction x layers)`` first layers dense (0.03).
-        warmup_fraction: first steps dense (0.2).
-        seed: seed of the k-means initialisation.
-        block_size, backend: see :class:`~methods.sparse.BlockSparseMethod`.
-    """
+    """Sparse VideoGen2: k-means on Q and K, cluster permutation, top-p key clusters with a floor."""
 
     capabilities = Capabilities(
         sparsity="dynamic",
@@ -145,45 +135,37 @@ class SparseVideoGen2(BlockSparseMethod):
         notes="SVG2: k-means 300/1000, top-p 0.9, min 10% key clusters, 20% warm-up; Flex gives the exact output "
         "but not SVG2's speed (variable-size blocks are computed as whole 128-tiles)",
     )
+    parameters = (
+        Param("q_clusters", "int", 300, "k-means clusters of the queries", min=1),
+        Param("k_clusters", "int", 1000, "k-means clusters of the keys", min=1),
+        Param("top_p", "float", 0.9, "kept share of each query cluster's weighted centroid mass (1 keeps all)",
+              min=0.0, max=1.0, min_open=True, spellings=("p",)),
+        Param("min_kc_ratio", "float", 0.1, "at least floor(ratio x k_clusters) key clusters per query cluster",
+              min=0.0, max=1.0),
+        Param("kmeans_init_iters", "int", 50, "k-means iterations of a layer's first call", min=1),
+        Param("kmeans_step_iters", "int", 2, "k-means iterations of later calls (warm-started)", min=1),
+        Param("dense_layer_fraction", "float", 0.03, "floor(fraction x layers) first layers run dense",
+              min=0.0, max=1.0),
+        Param("seed", "int", 0, "seed of the k-means initialisation", min=0),
+        *block_sparse_parameters(0.2, "paper: 20%"),
+    )  # fmt: skip
 
-    def __init__(
-        self,
-        schedule: Schedule | None = None,
-        q_clusters: int = 300,
-        k_clusters: int = 1000,
-        top_p: float = 0.9,
-        min_kc_ratio: float = 0.1,
-        kmeans_init_iters: int = 50,
-        kmeans_step_iters: int = 2,
-        dense_layer_fraction: float = 0.03,
-        warmup_fraction: float = 0.2,
-        seed: int = 0,
-        **params: Any,
-    ) -> None:
-        super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
-        self.q_clusters = check_count("svg2: q_clusters", q_clusters)
-        self.k_clusters = check_count("svg2: k_clusters", k_clusters)
-        self.kmeans_init_iters = check_count("svg2: kmeans_init_iters", kmeans_init_iters)
-        self.kmeans_step_iters = check_count("svg2: kmeans_step_iters", kmeans_step_iters)
-        self.top_p = check_fraction("svg2: top_p", top_p, low_open=True)
-        self.min_kc_ratio = check_fraction("svg2: min_kc_ratio", min_kc_ratio)
-        self.dense_layer_fraction = check_fraction("svg2: dense_layer_fraction", dense_layer_fraction)
-        self.generators = SeededGenerators(seed)
+    def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
+        super().__init__(schedule, **params)
+        settings = self.settings
+        self.q_clusters: int = settings["q_clusters"]
+        self.k_clusters: int = settings["k_clusters"]
+        self.kmeans_init_iters: int = settings["kmeans_init_iters"]
+        self.kmeans_step_iters: int = settings["kmeans_step_iters"]
+        self.top_p: float = settings["top_p"]
+        self.min_kc_ratio: float = settings["min_kc_ratio"]
+        self.dense_layer_fraction: float = settings["dense_layer_fraction"]
+        self.generators = SeededGenerators(settings["seed"])
         self._centroids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._clusters_used: dict[int, tuple[int, int]] = {}
 
-    def sparse_params(self) -> dict[str, Any]:
-        return {
-            "q_clusters": self.q_clusters,
-            "k_clusters": self.k_clusters,
-            "clusters_used": {str(n): list(pair) for n, pair in sorted(self._clusters_used.items())},
-            "top_p": self.top_p,
-            "min_kc_ratio": self.min_kc_ratio,
-            "kmeans_init_iters": self.kmeans_init_iters,
-            "kmeans_step_iters": self.kmeans_step_iters,
-            "dense_layer_fraction": self.dense_layer_fraction,
-            "seed": self.generators.seed,
-        }
+    def usage_params(self) -> dict[str, Any]:
+        return {"clusters_used": {str(n): list(pair) for n, pair in sorted(self._clusters_used.items())}}
 
     def paper_dense_layers(self, num_layers: int) -> int:
         return math.floor(self.dense_layer_fraction * num_layers)

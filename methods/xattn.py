@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, num_blocks, select_by_cumulative_mass
-from methods.sparse import BlockSparseMethod, SparsePlan, check_count, check_fraction
+from methods.params import Param
+from methods.sparse import BlockSparseMethod, SparsePlan, block_sparse_parameters
 
 _SCORE_CHUNK_ELEMENTS = 1 << 27  # reduced scores held at once (512 MiB in fp32)
 
@@ -63,55 +64,37 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, stri
 
 @register_method("xattn", aliases=("xattention",))
 class XAttention(BlockSparseMethod):
-    """XAttention: antidiagonal block scoring, cumulative threshold per query block, block-sparse attention.
-
-    Parameters:
-        threshold: tau in (0, 1], the kept share of each query block's scored mass (paper: 0.9 and
-            0.95; 1 keeps every block).
-        stride: antidiagonal stride S (paper: 8); must divide the block size.
-        keep_first_block: always keep key block 0, as the official selection does.
-        warmup_fraction: first steps dense (paper: 5 of 50 = 0.1).
-        block_size, backend: see :class:`~methods.sparse.BlockSparseMethod`.
-    """
+    """XAttention: antidiagonal block scoring, cumulative threshold per query block, block-sparse attention."""
 
     capabilities = Capabilities(
         sparsity="dynamic",
         data_dependent=True,
         notes="XAttention: antidiagonal scoring (stride 8), threshold 0.9, 128-blocks, 10% dense warm-up",
     )
+    parameters = (
+        Param("threshold", "float", 0.9, "tau: kept share of each query block's scored mass (paper: 0.9 and 0.95; "
+              "1 keeps every block)", min=0.0, max=1.0, min_open=True, spellings=("tau",)),
+        Param("stride", "int", 8, "antidiagonal stride S (paper: 8); must divide an explicit block_size", min=1),
+        Param("keep_first_block", "bool", True, "always keep key block 0, as the official selection does"),
+        *block_sparse_parameters(0.1, "paper: 5 of 50 steps"),
+    )  # fmt: skip
 
-    def __init__(
-        self,
-        schedule: Schedule | None = None,
-        threshold: float = 0.9,
-        stride: int = 8,
-        keep_first_block: bool = True,
-        warmup_fraction: float = 0.1,
-        **params: Any,
-    ) -> None:
-        super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
-        self.threshold = check_fraction("xattn: threshold", threshold, low_open=True)
-        self.stride = check_count("xattn: stride", stride)
-        self.keep_first_block = bool(keep_first_block)
+    def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
+        super().__init__(schedule, **params)
+        self.threshold: float = self.settings["threshold"]
+        self.stride: int = self.settings["stride"]
+        self.keep_first_block: bool = self.settings["keep_first_block"]
+        if self._block_size is not None and self._block_size % self.stride:
+            raise HarnessError(f"xattn: stride {self.stride} must divide the block size {self._block_size}")
         self._strides_used: dict[int, int] = {}
 
-    def sparse_params(self) -> dict[str, Any]:
-        return {
-            "threshold": self.threshold,
-            "stride": self.stride,
-            "stride_used": {str(block): stride for block, stride in sorted(self._strides_used.items())},
-            "keep_first_block": self.keep_first_block,
-        }
+    def usage_params(self) -> dict[str, Any]:
+        return {"stride_used": {str(block): stride for block, stride in sorted(self._strides_used.items())}}
 
     def stride_for(self, block: int) -> int:
         """The stride used with ``block``: an automatic block smaller than the stride (a sequence of
-        fewer than 16 x 8 tokens) takes a stride of its gcd; an explicit block must be divisible."""
-        if self._block_size is None:
-            stride = math.gcd(self.stride, block)
-        elif block % self.stride:
-            raise HarnessError(f"xattn: stride {self.stride} must divide the block size {block}")
-        else:
-            stride = self.stride
+        fewer than 16 x 8 tokens) takes a stride of its gcd; an explicit block is divisible (checked at init)."""
+        stride = math.gcd(self.stride, block)
         self._strides_used[block] = stride
         return stride
 

@@ -138,9 +138,9 @@ def test_paper_block_size_at_wan_scale_and_toy_block() -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"critical": 0.0}, "critical > 0"),
-        ({"critical": 0.6, "negligible": 0.5}, "critical \\+ negligible <= 1"),
-        ({"negligible": -0.1}, "negligible must be a fraction"),
+        ({"critical": 0.0}, r"critical must be in \(0, 1\]"),
+        ({"critical": 0.6, "negligible": 0.5}, "critical \\+ negligible must be <= 1"),
+        ({"negligible": -0.1}, r"negligible must be in \[0, 1\]"),
         ({"block_size": 0}, "block_size must be"),
         ({"backend": "triton"}, "backend must be one of"),
     ],

@@ -17,8 +17,8 @@ from torch import nn
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
-from methods.kernels.linear_attention import build_feature_map, check_kernel, linear_attention
-from methods.linear import parse_layers
+from methods.kernels.linear_attention import KERNELS, build_feature_map, check_kernel, linear_attention
+from methods.params import Param
 
 LINEAR_THRESHOLD = 0.5
 # A final r farther than this from both 0 and 1 trained as a mix of the two branches, not as the one it is rounded to.
@@ -107,21 +107,22 @@ class LinVideo(AttentionMethod):
         notes="learned selective transfer + Hedgehog linear attention; needs a converted checkpoint (--checkpoint)",
     )
 
-    def __init__(self, schedule: Schedule | None = None, kernel: str = "hedgehog", linear_layers: Any = None,
-                 **params: Any) -> None:  # fmt: skip
+    parameters = (
+        Param("kernel", "choice", "hedgehog", "feature map of the linear layers (the checkpoint's own)",
+              choices=KERNELS),
+        Param("linear_layers", "layers", None, "untrained state with these layers linear, for latency only "
+              "(a quality run needs --checkpoint)", optional=True, model_layers=True),
+    )  # fmt: skip
+
+    def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
         super().__init__(schedule, **params)
-        self.kernel = check_kernel(kernel)
+        self.kernel = self.settings["kernel"]
         self.state: TransferState | None = None
         self.converted = True
         self._linear: frozenset[int] = frozenset()
         # Latency at real shape needs no trained weights: an untrained state with these layers linear.
-        self.untrained_layers = None if linear_layers is None else parse_layers(linear_layers)
-
-    def validate_for(self, num_layers: int, num_steps: int) -> None:
-        super().validate_for(num_layers, num_steps)
-        bad = [layer for layer in self.untrained_layers or () if layer >= num_layers]
-        if bad:
-            raise HarnessError(f"linvideo: linear layers {bad} do not exist: the model has {num_layers} layers")
+        layers = self.settings["linear_layers"]
+        self.untrained_layers = None if layers is None else tuple(layers)
 
     def params(self) -> dict[str, Any]:
         if self.state is None or not self.converted:
