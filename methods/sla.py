@@ -41,6 +41,7 @@ from methods.kernels.block_sparse import (
     block_sparse_attention,
     num_blocks,
 )
+from methods.kernels.linear_attention import fp32_region
 
 PAPER_BLOCK = 64
 #: ``block_size="auto"`` halves the paper's 64 until a row holds this many blocks, so that 5% and
@@ -95,18 +96,19 @@ def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     tokens = q.shape[-2]
     pad = num_blocks(tokens, block) * block - tokens
-    phi_q, phi_k = q.float().softmax(dim=-1), k.float().softmax(dim=-1)
-    # Padding keys get zero features, so they add nothing to any block's sums.
-    phi_k = torch.nn.functional.pad(phi_k, (0, 0, 0, pad)).unflatten(-2, (-1, block))
-    values = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).unflatten(-2, (-1, block))
-    per_block_kv = phi_k.transpose(-2, -1) @ values  # (B, H, nk, D, D)
-    per_block_k = phi_k.sum(dim=-2)  # (B, H, nk, D)
-    weights = marginal.float()
-    kv = torch.einsum("bhij,bhjde->bhide", weights, per_block_kv)  # (B, H, nq, D, D)
-    k_sum = torch.einsum("bhij,bhjd->bhid", weights, per_block_k)  # (B, H, nq, D)
-    phi_q = torch.nn.functional.pad(phi_q, (0, 0, 0, pad)).unflatten(-2, (-1, block))  # (B, H, nq, b, D)
-    numerator = phi_q @ kv
-    denominator = (phi_q @ k_sum.unsqueeze(-1)) + eps
+    with fp32_region(v):  # autocast would run the sums below in bf16
+        phi_q, phi_k = q.float().softmax(dim=-1), k.float().softmax(dim=-1)
+        # Padding keys get zero features, so they add nothing to any block's sums.
+        phi_k = torch.nn.functional.pad(phi_k, (0, 0, 0, pad)).unflatten(-2, (-1, block))
+        values = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).unflatten(-2, (-1, block))
+        per_block_kv = phi_k.transpose(-2, -1) @ values  # (B, H, nk, D, D)
+        per_block_k = phi_k.sum(dim=-2)  # (B, H, nk, D)
+        weights = marginal.float()
+        kv = torch.einsum("bhij,bhjde->bhide", weights, per_block_kv)  # (B, H, nq, D, D)
+        k_sum = torch.einsum("bhij,bhjd->bhid", weights, per_block_k)  # (B, H, nq, D)
+        phi_q = torch.nn.functional.pad(phi_q, (0, 0, 0, pad)).unflatten(-2, (-1, block))  # (B, H, nq, b, D)
+        numerator = phi_q @ kv
+        denominator = (phi_q @ k_sum.unsqueeze(-1)) + eps
     return (numerator / denominator).flatten(-3, -2)[..., :tokens, :]
 
 

@@ -85,6 +85,17 @@ def test_linear_branch_matches_quadratic_reference() -> None:
     assert rel(out, linear_reference(q, k, v, token_mask(marginal))) < 1e-5
 
 
+def test_linear_branch_is_fp32_under_bf16_autocast() -> None:
+    """Under bf16 autocast (fine-tuning's CUDA default; CPU autocast here) the linear branch still sums in
+    fp32: relative error against the float64 reference <= 1e-5."""
+    q, k, v = (torch.randn(1, H, 512, D) for _ in range(3))
+    _, marginal = classify_blocks(q, k, BLOCK, 0.05, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = marginal_linear_attention(q, k, v, marginal, BLOCK)
+    mask = marginal.repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)
+    assert out.dtype == torch.float32 and rel(out, linear_reference(q, k, v, mask)) <= 1e-5
+
+
 def test_all_critical_equals_dense() -> None:
     """critical = 1 keeps every block exact: SLA is dense attention, density 1."""
     method = build_method("sla", critical=1.0, negligible=0.0, block_size=BLOCK)
