@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup test test-vbench demo lint bench bench-linvideo bench-sparse bench-dfa-sla clean
+.PHONY: setup test test-vbench demo lint bench bench-linvideo bench-sparse bench-dfa-sla bench-toy-cuda clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench-sparse: setup
 # DFA's window and SLA on FlexAttention: correctness against masked dense, then per-call latency.
 bench-dfa-sla: setup
 	$(PY) -m harness.benchmarks.dfa_sla_gpu --out reports/gpu/dfa_sla
+
+# The toy on CUDA: Flex vs masked dense at toy and short-clip sizes, then a short bench run of every sparse
+# method and linvideo (~5 min on an H200).
+bench-toy-cuda: setup
+	$(PY) -m harness.benchmarks.toy_cuda_gpu --out reports/gpu/toy_cuda
 
 clean:
 	rm -rf $(VENV) $(RUNS)

@@ -36,7 +36,7 @@ import torch
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, dense_attention, register_method
-from methods.kernels.block_sparse import BlockSparsePattern, block_sparse_attention, num_blocks
+from methods.kernels.block_sparse import FLEX_TILE, BlockSparsePattern, block_sparse_attention, num_blocks
 from methods.params import Param
 
 FULL, WINDOW, REUSE_STEP, REUSE_COND = "full", "window_residual", "reuse_step", "reuse_cond"
@@ -47,7 +47,6 @@ CANDIDATES: tuple[str, ...] = (REUSE_STEP, WINDOW_REUSE_COND, WINDOW, REUSE_COND
 #: The paper's window: 1/8 of the tokens in all (N/16 on each side), as DiTFastAttnV2's Wan script.
 DEFAULT_WINDOW_FRACTION = 1 / 8
 PLAN_FORMAT = 1
-BAND_TILE = 128  # Flex's default kernels take tiles of 128 queries; the band's edges are token-level anyway
 
 
 def window_radius(tokens: int, window_fraction: float) -> int:
@@ -71,7 +70,7 @@ def band_pattern(tokens: int, radius: int, device: torch.device) -> BlockSparseP
     """
     key = (tokens, radius, str(device))
     if key not in _BAND_PATTERNS:
-        block = BAND_TILE
+        block = FLEX_TILE  # the band's edges are token-level anyway
         starts = torch.arange(num_blocks(tokens, block), device=device) * block
         ends = (starts + block).clamp(max=tokens) - 1
         q_start, q_end, k_start, k_end = starts[:, None], ends[:, None], starts[None, :], ends[None, :]

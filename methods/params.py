@@ -33,9 +33,7 @@ from typing import Any, Literal
 
 from harness.errors import HarnessError
 from harness.registry import did_you_mean
-
-#: FlexAttention's query and key tile (its default kernels need multiples of 128 tokens).
-FLEX_TILE = 128
+from methods.kernels.block_sparse import FLEX_TILE
 
 ParamType = Literal["bool", "int", "float", "choice", "path", "layers", "layers_or_all", "block_size"]
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")

@@ -39,9 +39,9 @@ from methods.kernels.block_sparse import (
     block_lengths,
     block_sparse_attention,
     num_blocks,
-    resolve_backend,
 )
-from methods.params import FLEX_TILE, Param
+from methods.kernels.linear_attention import fp32_region
+from methods.params import Param
 from methods.sparse import BACKEND
 
 PAPER_BLOCK = 64
@@ -88,45 +88,6 @@ def classify_blocks(q: torch.Tensor, k: torch.Tensor, block: int, critical: floa
     return is_critical, ~is_critical & (rank < blocks - n_skipped)
 
 
-def flex_pattern(critical: torch.Tensor, tokens: int, block: int) -> BlockSparsePattern:
-    """The critical blocks in the tiles FlexAttention's kernels take (:data:`FLEX_TILE` square).
-
-    Flex's default kernel configs need tiles that are multiples of 128 queries, so SLA's 64 (or the
-    toy's 8) blocks are grouped into 128-tiles: a tile is full when all its blocks are critical and
-    partial otherwise, where a ``mask_mod`` looks the block up in the class table. The table lives in
-    one buffer per shape, updated in place, so the compiled kernel sees one ``mask_mod`` per shape.
-    """
-    if block % FLEX_TILE == 0:
-        return BlockSparsePattern(critical, tokens, block)
-    if FLEX_TILE % block:
-        raise HarnessError(f"sla on FlexAttention needs a block size dividing {FLEX_TILE} or a multiple of it, "
-                           f"got {block}")  # fmt: skip
-    key = (tuple(critical.shape), block, str(critical.device))
-    if key not in _FLEX_TABLES:
-        table = torch.zeros_like(critical)
-
-        def is_critical(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-            return table[b, h, q_idx // block, kv_idx // block]
-
-        _FLEX_TABLES[key] = (table, is_critical)
-    table, is_critical = _FLEX_TABLES[key]
-    table.copy_(critical)
-    group = FLEX_TILE // block
-    tiles = num_blocks(tokens, FLEX_TILE)
-    pad = (0, tiles * group - critical.shape[-1], 0, tiles * group - critical.shape[-2])
-
-    def grouped(table: torch.Tensor) -> torch.Tensor:  # (B, H, nq, nk) -> (B, H, tiles, group, tiles, group)
-        return torch.nn.functional.pad(table, pad).unflatten(-1, (tiles, group)).unflatten(-3, (tiles, group))
-
-    chosen, exists = grouped(critical), grouped(torch.ones_like(critical))
-    kept = chosen.any(dim=-1).any(dim=-2)
-    full = (chosen | ~exists).all(dim=-1).all(dim=-2)
-    return BlockSparsePattern(kept, tokens, FLEX_TILE, full=full, mask_mod=is_critical)
-
-
-_FLEX_TABLES: dict[tuple[Any, ...], tuple[torch.Tensor, Any]] = {}
-
-
 def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor,
                               block: int, eps: float = 1e-6) -> torch.Tensor:  # fmt: skip
     """Linear attention of each query over its block's marginal key blocks, phi = softmax over features.
@@ -136,18 +97,19 @@ def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     tokens = q.shape[-2]
     pad = num_blocks(tokens, block) * block - tokens
-    phi_q, phi_k = q.float().softmax(dim=-1), k.float().softmax(dim=-1)
-    # Padding keys get zero features, so they add nothing to any block's sums.
-    phi_k = torch.nn.functional.pad(phi_k, (0, 0, 0, pad)).unflatten(-2, (-1, block))
-    values = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).unflatten(-2, (-1, block))
-    per_block_kv = phi_k.transpose(-2, -1) @ values  # (B, H, nk, D, D)
-    per_block_k = phi_k.sum(dim=-2)  # (B, H, nk, D)
-    weights = marginal.float()
-    kv = torch.einsum("bhij,bhjde->bhide", weights, per_block_kv)  # (B, H, nq, D, D)
-    k_sum = torch.einsum("bhij,bhjd->bhid", weights, per_block_k)  # (B, H, nq, D)
-    phi_q = torch.nn.functional.pad(phi_q, (0, 0, 0, pad)).unflatten(-2, (-1, block))  # (B, H, nq, b, D)
-    numerator = phi_q @ kv
-    denominator = (phi_q @ k_sum.unsqueeze(-1)) + eps
+    with fp32_region(v):  # autocast would run the sums below in bf16
+        phi_q, phi_k = q.float().softmax(dim=-1), k.float().softmax(dim=-1)
+        # Padding keys get zero features, so they add nothing to any block's sums.
+        phi_k = torch.nn.functional.pad(phi_k, (0, 0, 0, pad)).unflatten(-2, (-1, block))
+        values = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).unflatten(-2, (-1, block))
+        per_block_kv = phi_k.transpose(-2, -1) @ values  # (B, H, nk, D, D)
+        per_block_k = phi_k.sum(dim=-2)  # (B, H, nk, D)
+        weights = marginal.float()
+        kv = torch.einsum("bhij,bhjde->bhide", weights, per_block_kv)  # (B, H, nq, D, D)
+        k_sum = torch.einsum("bhij,bhjd->bhid", weights, per_block_k)  # (B, H, nq, D)
+        phi_q = torch.nn.functional.pad(phi_q, (0, 0, 0, pad)).unflatten(-2, (-1, block))  # (B, H, nq, b, D)
+        numerator = phi_q @ kv
+        denominator = (phi_q @ k_sum.unsqueeze(-1)) + eps
     return (numerator / denominator).flatten(-3, -2)[..., :tokens, :]
 
 
@@ -230,28 +192,11 @@ class SparseLinearAttention(AttentionMethod):
         with torch.no_grad():  # the selection is not differentiated (as in SLA)
             critical, marginal = classify_blocks(q, k, block, self.critical, self.negligible)
         pattern = BlockSparsePattern(critical, tokens, block)
-        sparse = block_sparse_attention(q, k, v, *self._execution(pattern, q))
+        sparse = block_sparse_attention(q, k, v, pattern, self.backend)
         linear = marginal_linear_attention(q, k, v, marginal, block)
         proj = self.state.proj[ctx.layer]
         out = sparse.float() + proj(linear.to(proj.weight.dtype)).float()
         return out.to(v.dtype), pattern.density()
-
-    def _execution(self, pattern: BlockSparsePattern, q: torch.Tensor) -> tuple[BlockSparsePattern, str]:
-        """What the kernel runs: the critical blocks themselves on the masked path; on Flex, 128-tiles.
-
-        Flex's 128-tiles read the blocks from a table that the next call overwrites, so a call whose
-        backward is still to come (fine-tuning) cannot use them unless its blocks are whole tiles; it
-        runs the masked path instead (same output, O(N^2) mask: toy-scale training only).
-        """
-        if resolve_backend(self.backend, q.device) != "flex":
-            return pattern, "masked"
-        block = pattern.blocks[0]
-        if q.requires_grad and block % FLEX_TILE:
-            if self.backend == "flex":
-                raise HarnessError(f"sla: training through Flex needs blocks of a multiple of {FLEX_TILE} tokens, "
-                                   f"got {block}; use backend auto (masked while training) or masked")  # fmt: skip
-            return pattern, "masked"
-        return flex_pattern(pattern.kept, pattern.seq_len, block), "flex"
 
     # -- state --------------------------------------------------------------------------------
 

@@ -29,7 +29,13 @@ from typing import Any
 import torch
 
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
-from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks, select_by_cumulative_mass
+from methods.kernels.block_sparse import (
+    BlockSparsePattern,
+    block_lengths,
+    num_blocks,
+    rectangle_counts,
+    select_by_cumulative_mass,
+)
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, block_sparse_parameters
 
@@ -98,7 +104,7 @@ def cluster_pair_pattern(
         q_labels_sorted, k_labels_sorted: ``(B, H, N)`` cluster id of each token after sorting (ascending).
         block: tile size.
     """
-    batch, heads, tokens = q_labels_sorted.shape
+    tokens = q_labels_sorted.shape[-1]
     device = keep.device
     present = (q_sizes > 0)[..., :, None] & (k_sizes > 0)[..., None, :]
     starts = torch.arange(num_blocks(tokens, block), device=device) * block
@@ -107,17 +113,10 @@ def cluster_pair_pattern(
     q_first, q_last = q_labels_sorted[..., starts], q_labels_sorted[..., ends]
     k_first, k_last = k_labels_sorted[..., starts], k_labels_sorted[..., ends]
 
-    def rectangle_sums(table: torch.Tensor) -> torch.Tensor:
-        prefix = torch.nn.functional.pad(table.int().cumsum(-2).cumsum(-1), (1, 0, 1, 0))
-        b = torch.arange(batch, device=device)[:, None, None, None]
-        h = torch.arange(heads, device=device)[None, :, None, None]
-        r0, r1 = q_first[..., :, None], q_last[..., :, None] + 1
-        c0, c1 = k_first[..., None, :], k_last[..., None, :] + 1
-        return prefix[b, h, r1, c1] - prefix[b, h, r0, c1] - prefix[b, h, r1, c0] + prefix[b, h, r0, c0]
-
+    rows, cols = (q_first, q_last), (k_first, k_last)
     pairs = (q_last - q_first + 1)[..., :, None] * (k_last - k_first + 1)[..., None, :]
-    kept = rectangle_sums(keep & present) > 0
-    full = rectangle_sums(keep | ~present) == pairs  # empty clusters hold no tokens: they never mask
+    kept = rectangle_counts(keep & present, rows, cols) > 0
+    full = rectangle_counts(keep | ~present, rows, cols) == pairs  # empty clusters hold no tokens: they never mask
 
     def kept_cluster_pair(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return keep[b, h, q_labels_sorted[b, h, q_idx], k_labels_sorted[b, h, kv_idx]]

@@ -7,6 +7,7 @@ import torch
 
 from harness.errors import HarnessError
 from methods.kernels.block_sparse import (
+    FLEX_TILE,
     BlockSparsePattern,
     block_lengths,
     block_sparse_attention,
@@ -107,6 +108,55 @@ def test_compiled_flex_matches_masked_dense_without_recompiling() -> None:
         out = flex_block_sparse_attention(q, k, v, pattern)
         assert relative(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def small_block_pattern(tokens: int, blocks: int | tuple[int, int], token_level: bool) -> BlockSparsePattern:
+    """Random kept tiles of ``blocks`` tokens; ``token_level`` adds random full tiles and a band mask_mod."""
+    q_block, kv_block = (blocks, blocks) if isinstance(blocks, int) else blocks
+    kept = torch.rand(1, 2, num_blocks(tokens, q_block), num_blocks(tokens, kv_block)) < 0.3
+    kept[..., 0] = True
+    if not token_level:
+        return BlockSparsePattern(kept, tokens, blocks)
+    full = kept & (torch.rand(kept.shape) < 0.5)
+    width = torch.tensor(tokens // 7)
+
+    def band(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return (q_idx - kv_idx).abs() <= width
+
+    return BlockSparsePattern(kept, tokens, blocks, full=full, mask_mod=band)
+
+
+@pytest.mark.parametrize("token_level", [False, True], ids=["blocks", "token-level"])
+@pytest.mark.parametrize("blocks", [16, 32, 64, 48, 8, (32, 48)])
+@pytest.mark.parametrize("tokens", [512, 1950])
+def test_regrouped_into_flex_tiles_keeps_the_token_mask_and_density(tokens: int, blocks: int, token_level: bool
+                                                                    ) -> None:  # fmt: skip
+    """Blocks smaller than Flex's tile (or not dividing it), ragged lengths: the 128-tile pattern keeps
+    exactly the small-block pattern's entries, and the density stays the small-block pattern's."""
+    pattern = small_block_pattern(tokens, blocks, token_level)
+    regrouped = pattern.regrouped(FLEX_TILE, (3, 2))  # batch 3: broadcast tables are expanded for Flex
+    assert regrouped.blocks == (FLEX_TILE, FLEX_TILE)
+    assert torch.equal(regrouped.dense_mask(), pattern.dense_mask())
+    assert regrouped.density() == pytest.approx(pattern.density(), abs=1e-12)
+    assert regrouped.tile_density() >= pattern.tile_density()
+
+
+def test_regrouping_leaves_multiples_of_the_tile_alone() -> None:
+    """A pattern of 128- or 256-token blocks is what Flex runs as it is."""
+    for block in (128, 256):
+        pattern = small_block_pattern(1950, block, token_level=True)
+        assert pattern.regrouped(FLEX_TILE) is pattern
+
+
+@pytest.mark.parametrize("blocks", [32, 48])
+def test_compiled_flex_with_small_blocks_matches_masked_dense(blocks: int) -> None:
+    """The toy's 512 tokens in 32-blocks (and 48-blocks, which straddle tiles), batch 2 over a (1, H)
+    pattern: compiled Flex (CPU inductor, regrouped into 128-tiles) equals the masked dense path."""
+    q, k, v = (torch.randn(2, 2, 512, 16) for _ in range(3))
+    for token_level in (False, True):
+        pattern = small_block_pattern(512, blocks, token_level)
+        out = flex_block_sparse_attention(q, k, v, pattern)
+        assert relative(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
 
 
 def test_cumulative_mass_keeps_the_smallest_prefix_reaching_the_threshold() -> None:

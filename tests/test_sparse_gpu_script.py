@@ -27,3 +27,15 @@ def test_smoke_run_writes_checks_timings_and_densities(tmp_path: Path) -> None:
     assert "note" in result["methods"]["xattn"] and "note" not in result["methods"]["radial"]
     rows = json.loads((tmp_path / "sparse_summary.json").read_text())["rows"]
     assert {row["method"] for row in rows} == {"sdpa", "radial", "xattn"}
+
+
+def test_toy_cuda_script_checks_toy_size_and_a_wan_clip_at_their_automatic_blocks() -> None:
+    """The CUDA script's Flex checks run at the toy's 512 tokens (blocks of 32, below Flex's 128-tile) and
+    at a 1,950-token Wan clip (blocks of 64), with each model's heads and head size."""
+    from harness.benchmarks.toy_cuda_gpu import check_shapes
+    from methods.sparse import auto_block_size
+
+    shapes = check_shapes()
+    assert {name: (grid.tokens, auto_block_size(grid.tokens), heads, dim)
+            for name, (grid, heads, dim) in shapes.items()} == {"toy": (512, 32, 4, 32),
+                                                                "wan-like": (1950, 64, 12, 128)}  # fmt: skip

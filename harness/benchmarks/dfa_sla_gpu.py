@@ -1,9 +1,9 @@
 """DFA's window and SLA's attention on the GPU: Flex against masked dense first, then per-call latency.
 
 1. Correctness (fresh random inputs, bf16, 8,190 tokens: not a multiple of 128): DFA's band through
-   compiled FlexAttention against the masked dense SDPA in fp32; SLA's output (64-blocks) and its
-   gradients (q, k, v, proj; 128-blocks) through Flex against the masked path in fp32. A failure stops
-   the script.
+   compiled FlexAttention against the masked dense SDPA in fp32; SLA's output and its gradients (q, k,
+   v, proj), both at 64-blocks regrouped into Flex's 128-tiles, against the masked path in fp32. A
+   failure stops the script.
 2. Latency per self-attention call at Wan 1.3B 480p (12 heads x 128, 32,760 tokens) and Wan 14B 720p
    (40 heads, 75,600 tokens): cudnn dense, DFA's window (1/8), DFA's residual refresh (dense + window),
    SLA forward (classification + critical Flex + linear branch) at the paper's 5% / 10%, 64-blocks.
@@ -61,9 +61,8 @@ def check_correctness(device: torch.device, heads: int, tokens: int, head_dim: i
                                      window_attention(q, k, v, radius, "masked"))}  # fmt: skip
     cuda = device.type == "cuda"
     fast_dtype = torch.bfloat16 if cuda else torch.float32
-    # Forward at the paper's 64-blocks (grouped into Flex's 128-tiles); gradients at 128-blocks, the
-    # blocks Flex differentiates directly (smaller blocks train through the masked path).
-    for label, block, grad in (("sla_output", 64 if cuda else 4, False), ("sla_grad", 128 if cuda else 4, True)):
+    # Forward and gradients at the paper's 64-blocks, which Flex runs regrouped into its 128-tiles.
+    for label, block, grad in (("sla_output", 64 if cuda else 4, False), ("sla_grad", 64 if cuda else 4, True)):
         results = {}
         for backend, dtype in ((fast, fast_dtype), ("masked", torch.float32)):
             method, ctx = sla_call(head_dim, tokens, backend, device, block)

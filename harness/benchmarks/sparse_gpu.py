@@ -65,10 +65,12 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def check_flex(name: str, device: torch.device) -> dict[str, Any]:
-    """Flex (bf16 on CUDA) against masked dense (fp32) on the same inputs and the same plan."""
-    grid = CHECK_GRID[device.type]
-    heads, dim = CHECK_HEADS_DIM[device.type]
+def check_flex(name: str, device: torch.device, grid: TokenGrid, heads: int, dim: int) -> dict[str, Any]:
+    """Flex (bf16 on CUDA) against masked dense (fp32) on the same inputs and the same plan.
+
+    q, k, v are ``(1, heads, grid.tokens, dim)``; the method runs with its defaults (``block_size``
+    auto), and the blocks it used are recorded.
+    """
     low = torch.bfloat16 if device.type == "cuda" else torch.float32
     # Representable in ``low``: both paths see the same values, so a data-dependent selection (SLA's block
     # classes) is the same and only the kernels' arithmetic differs.
@@ -80,6 +82,7 @@ def check_flex(name: str, device: torch.device) -> dict[str, Any]:
         flex = method.execute(q.to(low), k.to(low), v.to(low), plan, backend="flex")
         masked = method.execute(q, k, v, plan, backend="masked")
         density, tile_density = plan.used_density(), plan.pattern.tile_density()
+        blocks = method.params()["block_size_used"]
     else:  # a method outside the block-sparse base: two instances, one per backend, same seeds
         try:
             flex_method, masked_method = build_method(name, backend="flex"), build_method(name, backend="masked")
@@ -87,9 +90,11 @@ def check_flex(name: str, device: torch.device) -> dict[str, Any]:
             return {"tokens": grid.tokens, "relative_error": None, "passed": False, "error": str(exc)}
         flex, masked = flex_method(q.to(low), k.to(low), v.to(low), ctx), masked_method(q, k, v, ctx)
         density, tile_density = flex_method.density.mean(), None
+        blocks = flex_method.params().get("block_size_used")
     error = relative_error(flex, masked)
-    return {"tokens": grid.tokens, "relative_error": error, "passed": error <= BF16_RELATIVE_TOLERANCE,
-            "density": density, "tile_density": tile_density}  # fmt: skip
+    return {"tokens": grid.tokens, "heads": heads, "head_dim": dim, "block_size_used": blocks,
+            "relative_error": error, "passed": error <= BF16_RELATIVE_TOLERANCE, "density": density,
+            "tile_density": tile_density}  # fmt: skip
 
 
 def time_attention(names: list[str], dense: list[str], model: str, device: torch.device) -> dict[str, Any]:
@@ -135,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    checks = {name: check_flex(name, device) for name in names}
+    grid, (heads, dim) = CHECK_GRID[device.type], CHECK_HEADS_DIM[device.type]
+    checks = {name: check_flex(name, device, grid, heads, dim) for name in names}
     for name, check in checks.items():
         outcome = (
             f"relative error {check['relative_error']:.2e}, density {check['density']:.3f}"

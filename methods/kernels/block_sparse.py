@@ -13,6 +13,13 @@ inside those.
     pattern.tile_density()     # fraction of entries inside computed tiles (what the kernel does)
     pattern.block_mask()       # FlexAttention BlockMask built from block indices
     pattern.dense_mask()       # (B, H, N, N) bool -- CPU and tests only
+    pattern.regrouped(128)     # the same token mask over 128 x 128 tiles (what Flex runs on CUDA)
+
+Block sizes: FlexAttention's CUDA kernels take tiles of :data:`FLEX_TILE` tokens, but the methods pick
+smaller blocks on short sequences (32 on the toy's 512 tokens, 64 on a 1,950-token clip; SLA's 8). The
+Flex path therefore runs any pattern whose blocks are not multiples of that tile through
+:meth:`BlockSparsePattern.regrouped`: the same token mask over 128-token tiles, the small blocks looked
+up per token pair by a ``mask_mod``. Densities always come from the method's own pattern.
 
 Selection helpers (per query block): :func:`select_by_cumulative_mass` (XAttention's threshold,
 SVG2's top-p) and :func:`select_top_fraction` (a fixed kept fraction). Token permutations (SVG's
@@ -41,6 +48,9 @@ from harness.errors import HarnessError
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 BACKENDS: tuple[str, ...] = ("auto", "flex", "masked")
+#: Query and key tokens per tile of FlexAttention's CUDA kernels (their configs take tiles of 128 queries
+#: and 64 or 128 keys): the Flex path regroups patterns whose blocks are not multiples of it.
+FLEX_TILE = 128
 
 # Each new query length or dtype compiles the kernel once; a whole benchmark sees a handful. A limit
 # hit must be an error: Dynamo's fallback runs flex_attention unfused, materialising N x N scores.
@@ -177,6 +187,46 @@ class BlockSparsePattern:
             compute_q_blocks=backward,
         )
 
+    def regrouped(self, tile: int, batch_heads: tuple[int, int] | None = None) -> BlockSparsePattern:
+        """The same token mask over ``tile x tile`` tiles; the pattern itself if its blocks are multiples of ``tile``.
+
+        A tile is kept when any of the pattern's blocks it overlaps is kept, and full when all of them
+        are full; inside the other kept tiles a ``mask_mod`` looks every token pair's block up in this
+        pattern's tables (and asks this pattern's ``mask_mod`` inside its partial blocks). Any block
+        size works (8, 32, 48: a block may straddle two tiles), and the query and key blocks may differ.
+
+        Args:
+            tile: tokens per regrouped tile (:data:`FLEX_TILE` for FlexAttention on CUDA).
+            batch_heads: ``(B, H)`` of the q the kernel runs on: the kernel calls ``mask_mod`` with
+                every batch and head index, so tables that broadcast (``(1, 1, nq, nk)``) are
+                expanded to it. ``None``: the tables' own (enough for :meth:`dense_mask`).
+
+        ``density()`` of the result equals this pattern's (the token mask is the same);
+        ``tile_density()`` is what the kernel computes on the larger tiles.
+        """
+        q_block, kv_block = self.blocks
+        if q_block % tile == 0 and kv_block % tile == 0:
+            return self
+        device = self.kept.device
+        rows, cols = (
+            _overlapped_blocks(self.seq_len, q_block, tile, device),
+            _overlapped_blocks(self.seq_len, kv_block, tile, device),
+        )
+        areas = (rows[1] - rows[0] + 1)[:, None] * (cols[1] - cols[0] + 1)[None, :]
+        kept = rectangle_counts(self.kept, rows, cols) > 0
+        full = (rectangle_counts(self.full_tiles, rows, cols) == areas) & kept
+        shape = (*(batch_heads or self.kept.shape[:2]), *self.kept.shape[-2:])
+        whole, partial = self.full_tiles.expand(shape), self.partial_tiles.expand(shape)
+        inner = self.mask_mod
+
+        def in_kept_blocks(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            q_blk, kv_blk = q_idx // q_block, kv_idx // kv_block
+            if inner is None:
+                return whole[b, h, q_blk, kv_blk]
+            return whole[b, h, q_blk, kv_blk] | (partial[b, h, q_blk, kv_blk] & inner(b, h, q_idx, kv_idx))
+
+        return BlockSparsePattern(kept, self.seq_len, tile, full=full, mask_mod=in_kept_blocks)
+
     def dense_mask(self) -> torch.Tensor:
         """``(B, H, N, N)`` bool token mask. O(N^2) memory: CPU paths and tests only."""
         q_block, kv_block = self.blocks
@@ -199,6 +249,34 @@ class BlockSparsePattern:
             )
             mask = mask | (expand(self.partial_tiles) & token_kept)
         return mask
+
+
+def _overlapped_blocks(seq_len: int, block: int, tile: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every tile of ``tile`` tokens, the first and the last block of ``block`` tokens it overlaps."""
+    starts = torch.arange(num_blocks(seq_len, tile), device=device) * tile
+    ends = (starts + tile).clamp(max=seq_len) - 1
+    return starts // block, ends // block
+
+
+def rectangle_counts(table: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor],
+                     cols: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """Set entries of ``table`` in every rectangle of its last two dims, from 2-D prefix sums.
+
+    Args:
+        table: ``(B, H, n, m)`` bool.
+        rows: first and last row of each rectangle row (inclusive), ``(R,)`` or ``(B, H, R)`` int64.
+        cols: first and last column of each rectangle column (inclusive), ``(C,)`` or ``(B, H, C)``.
+
+    Returns:
+        ``(B, H, R, C)`` int64 counts.
+    """
+    batch, heads = table.shape[:2]
+    prefix = F.pad(table.long().cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    b = torch.arange(batch, device=table.device)[:, None, None, None]
+    h = torch.arange(heads, device=table.device)[None, :, None, None]
+    r0, r1 = rows[0][..., :, None], rows[1][..., :, None] + 1
+    c0, c1 = cols[0][..., None, :], cols[1][..., None, :] + 1
+    return prefix[b, h, r1, c1] - prefix[b, h, r0, c1] - prefix[b, h, r1, c0] + prefix[b, h, r0, c0]
 
 
 def _tile_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,11 +304,12 @@ def flex_block_sparse_attention(
 ) -> torch.Tensor:
     """Compiled FlexAttention over the pattern's tiles. Shapes ``(B, H, N, D)``.
 
-    Always compiled: eager ``flex_attention`` ignores the tile table (it only applies ``mask_mod``,
-    over a materialised N x N score matrix). Hitting the recompile limit raises instead of falling
-    back to that unfused path.
+    Blocks that are not multiples of :data:`FLEX_TILE` run regrouped into such tiles
+    (:meth:`BlockSparsePattern.regrouped`; the same output). Always compiled: eager ``flex_attention``
+    ignores the tile table (it only applies ``mask_mod``, over a materialised N x N score matrix).
+    Hitting the recompile limit raises instead of falling back to that unfused path.
     """
-    block_mask = pattern.block_mask(backward=q.requires_grad)
+    block_mask = pattern.regrouped(FLEX_TILE, (q.shape[0], q.shape[1])).block_mask(backward=q.requires_grad)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
         return compiled_flex_attention()(q, k, v, block_mask=block_mask)
 
