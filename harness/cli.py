@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from harness import strict_json
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def user_errors(fn: F) -> F:
 
 
 def _print_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.write(strict_json.encode(payload) + "\n")
 
 
 def _parse_ints(text: str | None, what: str) -> tuple[int, ...]:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from harness import strict_json
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, dense_attention, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, block_sparse_attention, num_blocks
@@ -152,7 +153,7 @@ class DfaPlan:
         return dict(Counter(c for row in self.choices for c in row))
 
     def to_json(self) -> str:
-        return json.dumps({"format": PLAN_FORMAT, "method": "dfa", **asdict(self)}, indent=1) + "\n"
+        return strict_json.encode({"format": PLAN_FORMAT, "method": "dfa", **asdict(self)}, indent=1) + "\n"
 
     def save(self, path: Path) -> None:
         from harness.atomic import atomic_path

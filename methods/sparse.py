@@ -92,7 +92,7 @@ def check_count(name: str, value: Any, minimum: int = 1) -> int:
 
 
 class SeededGenerators:
-    """One ``torch.Generator`` per device, all seeded alike, so a method's random draws repeat per run."""
+    """One ``torch.Generator`` per device, all seeded alike, so a method's random draws repeat per video."""
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
@@ -102,6 +102,10 @@ class SeededGenerators:
         if device not in self._by_device:
             self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._by_device[device]
+
+    def reset(self) -> None:
+        """Start every device's draws from the seed again."""
+        self._by_device.clear()
 
 
 class BlockSparseMethod(AttentionMethod):

@@ -110,6 +110,9 @@ class SparseVideoGen(BlockSparseMethod):
             "seed": self.generators.seed,
         }
 
+    def begin_video(self) -> None:
+        self.generators.reset()
+
     def paper_dense_layers(self, num_layers: int) -> int:
         return math.floor(self.dense_layer_fraction * num_layers)
 
