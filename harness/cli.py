@@ -341,10 +341,16 @@ def run_cmd(
             continue
         rec = outcome.record
         verb = "skipped (already finished; --force reruns)" if outcome.skipped else "done"
+        latency, resumed = rec["latency"], rec.get("resumed_videos", 0)
+        timing = (
+            f"step {_fmt(latency['stages']['denoise_step']['median_ms'])} ms median, "
+            f"{_fmt(latency['end_to_end_ms_per_video'] / 1e3)} s/video"
+            if latency["end_to_end_ms_per_video"] is not None
+            else "untimed (an earlier, interrupted attempt made every video)"
+        )
         console.print(
-            f"[bold]{spec.model} / {spec.method}[/] {verb}: {len(rec['artifacts']['videos'])} video(s), "
-            f"step {_fmt(rec['latency']['stages']['denoise_step']['median_ms'])} ms median, "
-            f"{_fmt(rec['latency']['end_to_end_ms_per_video'] / 1e3)} s/video, "
+            f"[bold]{spec.model} / {spec.method}[/] {verb}: {len(rec['artifacts']['videos'])} video(s)"
+            f"{f' ({resumed} resumed)' if resumed else ''}, {timing}, "
             f"density {_fmt(rec['density']['mean'])} -> {outcome.path}"
         )
 

@@ -81,9 +81,9 @@ def test_bench_eval_fidelity_against_the_cohorts_dense_run(bench, toy_runs: Path
 
     runs = tmp_path / "runs"
     shutil.copytree(toy_runs, runs)
-    for method in ("sdpa", "linear"):
-        bench("eval", _record(runs, method), "--suite", "fidelity")
+    printed = [bench("eval", _record(runs, m), "--suite", "fidelity", "--json").stdout for m in ("sdpa", "linear")]
     dense, linear = (strict_json.decode(_record(runs, m).read_text()) for m in ("sdpa", "linear"))
+    assert strict_json.decode(printed[0])["metrics"]["fidelity"]["psnr_db"] is None, "--json prints strict JSON"
     assert dense["metrics"]["fidelity"]["psnr_db"] is None
     assert dense["non_finite_as_null"]["/metrics/fidelity/psnr_db"] == "Infinity"
     assert dense["metrics"]["fidelity"]["ssim"] == pytest.approx(1.0, abs=1e-9)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Crash, count_samples, invoke_cli, records_in
+from conftest import Crash, count_samples, invoke_cli, normalise, records_in
 
 SEEDS = (0, 1, 2, 3)
 STEPS = 1
@@ -109,3 +109,24 @@ def test_finished_videos_are_left_untouched(killed: Path, method: str) -> None:
     before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in kept]
     invoke_cli([*RUN_ARGS, method, "--runs-dir", killed])
     assert len(kept) == 4 and [(p.stat().st_mtime_ns, p.read_bytes()) for p in kept] == before
+
+
+def test_killed_before_its_record_makes_no_video_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Killed after its last video but before the record: the rerun samples nothing, says so, writes the record."""
+    import harness.generate
+
+    def killed_here(*args: object) -> None:
+        raise Crash("killed before the record")
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(harness.generate, "write_record", killed_here)
+    assert isinstance(invoke_cli([*RUN_ARGS, method, "--runs-dir", runs], expect=None).exception, Crash)
+    monkeypatch.undo()
+    calls = count_samples(monkeypatch)
+    result = invoke_cli([*RUN_ARGS, method, "--runs-dir", runs])
+    assert calls == []
+    assert f"{len(SEEDS)} video(s) ({len(SEEDS)} resumed), untimed" in normalise(result.output)
+    (record,) = records_in(runs)
+    assert record["resumed_videos"] == len(SEEDS) and record["latency"]["end_to_end_ms_per_video"] is None
