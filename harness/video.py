@@ -10,7 +10,6 @@ import hashlib
 import re
 import subprocess
 import unicodedata
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +77,7 @@ H264_CRF = 25
 def check_mp4_size(height: int, width: int) -> None:
     """Refuse a frame size an H.264 yuv420p mp4 cannot hold: height and width must be even (chroma is 2 x 2).
 
-    The run's preflight calls this with the decoded size, so the refusal comes before any model is built.
-    Raises :class:`HarnessError`.
+    A run checks its decoded frame size with this before any model is built. Raises :class:`HarnessError`.
     """
     odd = [f"{name} {value}" for name, value in (("height", height), ("width", width)) if value % 2]
     if odd:
@@ -90,10 +88,10 @@ def check_mp4_size(height: int, width: int) -> None:
 
 
 def write_mp4(path: Path, frames: torch.Tensor | np.ndarray, fps: int) -> None:
-    """Write uint8 frames ``(F, H, W, 3)`` as an H.264 mp4, verified (decodes to F frames) and put in place atomically.
+    """Write uint8 frames ``(F, H, W, 3)`` as an H.264 mp4, verified (it holds F frames) and put in place atomically.
 
     Raises :class:`HarnessError` for an odd height or width (before ffmpeg starts), :class:`ArtifactError`
-    if ffmpeg fails or its file does not decode to ``F`` frames, :class:`DiskFullError` on a full disk;
+    if ffmpeg fails or its file does not hold ``F`` frames, :class:`DiskFullError` on a full disk;
     nothing is left at ``path`` in those cases. Same frames and fps give a byte-identical file.
     """
     import imageio_ffmpeg
@@ -107,7 +105,7 @@ def write_mp4(path: Path, frames: torch.Tensor | np.ndarray, fps: int) -> None:
         command = [
             imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error",
             "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24",
-            "-r", str(Fraction(fps).limit_denominator()), "-i", "-", "-an",
+            "-r", str(fps), "-i", "-", "-an",
             "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(H264_CRF), "-f", "mp4", str(tmp),
         ]  # fmt: skip
         done = subprocess.run(command, input=np.ascontiguousarray(array).tobytes(), capture_output=True, check=False)

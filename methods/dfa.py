@@ -170,7 +170,7 @@ class DfaPlan:
             raise HarnessError(f"cannot read dfa plan {path}: {exc}") from exc
         if not isinstance(data, dict) or data.get("method") != "dfa" or data.get("format") != PLAN_FORMAT:
             raise HarnessError(f"{path} is not a dfa plan (format {PLAN_FORMAT}); make one with `bench calibrate`")
-        data.pop("method"), data.pop("format")
+        data.pop("method"), data.pop("format"), data.pop(strict_json.NON_FINITE_KEY, None)  # errors stay null
         try:
             return cls(**data)
         except TypeError as exc:
