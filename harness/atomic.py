@@ -1,36 +1,129 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename over it."""
+"""Atomic, verified file writes: write beside the target, read what was written back, then rename over it.
+
+Every artifact the harness keeps (records, frames, videos, checkpoints, plans, tables) goes through
+:func:`atomic_path`, so a crash, a full disk or a writer that failed quietly never leaves a wrong file
+at the target: the target is either what it was before or a new file that passed its check.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import errno
+import math
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from harness import strict_json
+from harness.errors import HarnessError
+
+#: Reads a written file back; raises (any exception, its message the reason) if it is not what was meant.
+Verifier = Callable[[Path], None]
+
+
+class ArtifactError(HarnessError):
+    """A written file failed its check, so it was not put in place."""
+
+
+class DiskFullError(HarnessError):
+    """The file system ran out of space (or quota) while a file was written; nothing was put in place."""
+
+
+def verify_json(path: Path) -> None:
+    """Strict JSON (no NaN or Infinity) that parses."""
+    strict_json.decode(path.read_text())
+
+
+def verify_safetensors(path: Path) -> None:
+    """A safetensors header that parses and covers the file exactly (a truncated file fails)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        handle.keys()
+
+
+#: The check a target gets by its suffix when the writer names none; every file must also be non-empty.
+VERIFIERS: dict[str, Verifier] = {".json": verify_json, ".safetensors": verify_safetensors}
+
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder; on success it replaces ``path`` in one rename."""
+def atomic_path(path: Path, verify: Verifier | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds, check the file and rename it over ``path``.
+
+    The check: the file is non-empty, then ``verify(tmp)`` (default: :data:`VERIFIERS` by the target's
+    suffix). Raises :class:`ArtifactError` if the check fails and :class:`DiskFullError` (naming ``path``
+    and the space left) if the disk filled, however the writer reported it. The temporary file is removed
+    in every case, and ``path`` is left as it was unless the rename happened.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    check = verify or VERIFIERS.get(path.suffix)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
+        _check(tmp, path, check)
         # mkstemp (and some writers) create 0600 files; give the result a plain open()'s permissions.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except Exception as exc:
+        if _disk_full(exc):
+            raise DiskFullError(
+                f"no space left to write {path} ({_free_space(path.parent)} free on its file system): "
+                "free some space or write elsewhere, then run the command again"
+            ) from exc
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Serialise ``payload`` as indented JSON and move it into place atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    """Serialise ``payload`` as indented strict JSON (:mod:`harness.strict_json`) and move it into place atomically."""
+    with atomic_path(path, verify=verify_json) as tmp:
+        tmp.write_text(strict_json.encode(payload) + "\n")
+
+
+def _check(tmp: Path, path: Path, verify: Verifier | None) -> None:
+    if not tmp.is_file() or tmp.stat().st_size == 0:
+        raise ArtifactError(f"refusing to write {path}: the writer left an empty file")
+    if verify is None:
+        return
+    try:
+        verify(tmp)
+    except Exception as exc:
+        if _disk_full(exc):
+            raise
+        raise ArtifactError(f"refusing to write {path}: it does not read back ({one_line(str(exc))})") from exc
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # Writers outside Python (safetensors' Rust, ffmpeg) report it only as text: the OS's own message.
+    return any(os.strerror(code) in str(exc) for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+def _free_space(folder: Path) -> str:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown space"
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB")
+    exponent = min(int(math.log(free, 1024)) if free else 0, len(units) - 1)
+    return f"{free} bytes" if exponent == 0 else f"{free / 1024**exponent:.1f} {units[exponent]}"
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters: for error messages."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

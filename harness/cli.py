@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from harness import strict_json
 from harness.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def user_errors(fn: F) -> F:
 
 
 def _print_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.write(strict_json.encode(payload) + "\n")
 
 
 def _parse_ints(text: str | None, what: str) -> tuple[int, ...]:
@@ -350,10 +351,16 @@ def run_cmd(
             continue
         rec = outcome.record
         verb = "skipped (already finished; --force reruns)" if outcome.skipped else "done"
+        latency, resumed = rec["latency"], rec.get("resumed_videos", 0)
+        timing = (
+            f"step {_fmt(latency['stages']['denoise_step']['median_ms'])} ms median, "
+            f"{_fmt(latency['end_to_end_ms_per_video'] / 1e3)} s/video"
+            if latency["end_to_end_ms_per_video"] is not None
+            else "untimed (an earlier, interrupted attempt made every video)"
+        )
         console.print(
-            f"[bold]{spec.model} / {spec.method}[/] {verb}: {len(rec['artifacts']['videos'])} video(s), "
-            f"step {_fmt(rec['latency']['stages']['denoise_step']['median_ms'])} ms median, "
-            f"{_fmt(rec['latency']['end_to_end_ms_per_video'] / 1e3)} s/video, "
+            f"[bold]{spec.model} / {spec.method}[/] {verb}: {len(rec['artifacts']['videos'])} video(s)"
+            f"{f' ({resumed} resumed)' if resumed else ''}, {timing}, "
             f"density {_fmt(rec['density']['mean'])} -> {outcome.path}"
         )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ from harness.io_checks import ensure_writable_dir
 from harness.latency import StageTimer, TimingStats, peak_memory
 from harness.models.base import MODELS, ModelAdapter
 from harness.records import finished_record, record_path, write_record
+from harness.run_videos import find_video, save_video
 from harness.spec import RunSpec
-from harness.video import safe_stem, write_mp4
+from harness.video import check_mp4_size
 from methods import METHODS
 from methods.base import AttentionMethod, DensityLog, Schedule
 
@@ -117,20 +118,26 @@ class RunOutcome:
 
 @dataclass
 class Share:
-    """What one rank generated: its videos, its frames file, per-stage seconds, density and peak memory."""
+    """What one rank's videos are: their entries and frames files, and what this attempt measured making them.
+
+    ``generated`` of the videos were made by this attempt (per-stage seconds, peak memory); the rest were
+    finished by an earlier, interrupted one and read back. ``density`` covers every video.
+    """
 
     videos: list[dict[str, Any]]
-    frames: str  # relative to the runs folder
+    frames: list[str]  # one file per video, relative to the runs folder
     stage_seconds: dict[str, list[float]]  # stage -> seconds per call, the rank's first call first
     density: list[tuple[int, int, float, int]]  # DensityLog.entries()
     peak_gib: float | None
+    generated: int
 
     def to_dict(self) -> dict[str, Any]:
         return vars(self).copy()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Share:
-        return cls(**{**data, "density": [tuple(row) for row in data["density"]]})
+        values = {f.name: data[f.name] for f in fields(cls)}
+        return cls(**{**values, "density": [tuple(row) for row in values["density"]]})
 
 
 def run(
@@ -147,6 +154,7 @@ def run(
     """
     ranks = current_ranks()
     prepared = prepare(spec, eval_options)
+    check_mp4_size(spec.sampling.height, spec.sampling.width)
     runs_dir = ensure_writable_dir(runs_dir)
     path = record_path(runs_dir, spec.run_id)
     existing = finished_record(path)
@@ -165,20 +173,17 @@ def run(
             method.load_checkpoint(Path(spec.checkpoint), model.transformer)
         # made only once the weights and checkpoint have loaded, so a bad run leaves nothing behind
         artifacts_dir.mkdir(parents=True, exist_ok=True)
-        frames_name = "frames.safetensors" if not ranks.sharded else f"frames.rank{ranks.rank}.safetensors"
-        share, frames_kept = _generate_share(
-            prepared, model, ranks.share(work), artifacts_dir / frames_name, runs_dir, show_progress and ranks.lead
+        share = _generate_share(
+            prepared, model, ranks.share(work), artifacts_dir, runs_dir, show_progress and ranks.lead, force
         )
         shares = _join_shares(share, ranks, artifacts_dir)
         if ranks.lead:
-            if ranks.sharded:
-                frames_kept = load_frame_files([s.frames for s in shares], runs_dir)
+            record = _build_record(prepared, model, method, shares, time.time() - started, ranks.world_size)
             clip_suites = [SUITES.get(name) for name in spec.eval_suites if SUITES.get(name).score is not None]
-            videos = [video for s in shares for video in s.videos]
-            videos.sort(key=lambda v: (v["prompt_index"], v["index"]))
-            record = _build_record(prepared, model, method, shares, videos, time.time() - started, ranks.world_size)
+            frames = load_frame_files(record["artifacts"]["frames"], runs_dir) if clip_suites else {}
             for suite in clip_suites:
-                merge_scores(record, suite.name, score_clips(suite, videos, frames_kept, spec.sampling.fps))
+                scores = score_clips(suite, record["artifacts"]["videos"], frames, spec.sampling.fps)
+                merge_scores(record, suite.name, scores)
             write_record(path, record)
         barrier(ranks)  # the record exists before any rank scores it with an external evaluator
         run_suites = tuple(name for name in spec.eval_suites if SUITES.get(name).score is None)
@@ -193,17 +198,22 @@ def _generate_share(
     prepared: Prepared,
     model: ModelAdapter,
     work: list[tuple[int, int]],
-    frames_path: Path,
+    artifacts_dir: Path,
     runs_dir: Path,
     show_progress: bool,
-) -> tuple[Share, dict[str, torch.Tensor]]:
-    """Sample the (prompt index, seed index) pairs of ``work``; write their mp4s and frames; time each stage."""
+    force: bool,
+) -> Share:
+    """Make the (prompt index, seed index) pairs of ``work`` that no earlier attempt finished (all of them if
+    ``force``), saving each video as soon as it is made (:mod:`harness.run_videos`); time each stage."""
     spec, method = prepared.spec, prepared.method
+    finished = {} if force else {
+        item: video for item in work if (video := find_video(spec, *item, artifacts_dir, runs_dir)) is not None
+    }  # fmt: skip
+    todo = [item for item in work if item not in finished]
     timer = StageTimer(prepared.device)
     attention_per_step: list[float] = []
-    videos: list[dict[str, Any]] = []
-    frames_kept: dict[str, torch.Tensor] = {}
     latent_shape = prepared.adapter_cls.latent_shape(spec.sampling)
+    resumed = f" (resuming: {len(finished)} of {len(work)} videos already made)" if finished else ""
 
     with (
         _progress(show_progress) as progress,
@@ -211,48 +221,40 @@ def _generate_share(
         peak_memory(prepared.device) as memory,
         torch.inference_mode(),
     ):
-        task = progress.add_task(f"{spec.model} / {spec.method}", total=len(work) * spec.sampling.steps)
-        with timer.stage("prompt_encoding"):
-            uncond = model.encode_prompts([spec.sampling.negative_prompt]) if spec.sampling.cfg > 1 else None
-        for prompt_index in sorted({p for p, _ in work}):
-            prompt = spec.prompts[prompt_index]
+        task = progress.add_task(f"{spec.model} / {spec.method}{resumed}", total=len(todo) * spec.sampling.steps)
+        if todo:
             with timer.stage("prompt_encoding"):
-                cond = model.encode_prompts([prompt])
-            for seed_index in [s for p, s in work if p == prompt_index]:
-                seed = spec.seeds[seed_index]
+                uncond = model.encode_prompts([spec.sampling.negative_prompt]) if spec.sampling.cfg > 1 else None
+        for prompt_index in sorted({p for p, _ in todo}):
+            with timer.stage("prompt_encoding"):
+                cond = model.encode_prompts([spec.prompts[prompt_index]])
+            for seed_index in [s for p, s in todo if p == prompt_index]:
                 runtime.timer.pop_seconds()
+                method.begin_video()
+                method.density.reset()  # one video's log, saved with it so a resumed run still has every video's
 
                 def step_hook(index: int, _task: Any = task):  # type: ignore[no-untyped-def]
                     return _StepScope(timer, runtime, attention_per_step, progress, _task)
 
                 latents = model.sample(
-                    initial_noise((1, *latent_shape), seed), cond, uncond, spec.sampling, runtime, step_hook
-                )
+                    initial_noise((1, *latent_shape), spec.seeds[seed_index]), cond, uncond, spec.sampling, runtime,
+                    step_hook,
+                )  # fmt: skip
                 with timer.stage("decode"):
                     frames = model.decode(latents)[0]
-                stem = f"{safe_stem(spec.label(prompt_index))}-seed{seed}"
-                video_path = frames_path.parent / f"{stem}.mp4"
-                write_mp4(video_path, frames, spec.sampling.fps)
-                frames_kept[stem] = frames
-                videos.append(
-                    {
-                        "prompt": prompt,
-                        "label": spec.label(prompt_index),
-                        "prompt_index": prompt_index,
-                        "seed": seed,
-                        "index": seed_index,
-                        "video": str(video_path.relative_to(runs_dir)),
-                        "frames_key": stem,
-                    }
+                finished[(prompt_index, seed_index)] = save_video(
+                    spec, prompt_index, seed_index, frames, method.density.entries(), artifacts_dir, runs_dir
                 )
 
-    _save_frames(frames_path, frames_kept)
+    videos = [finished[item] for item in work]
+    density = DensityLog()
+    for video in videos:
+        density.absorb(video.density)
     stage_seconds = {name: timer.seconds(name) for name in ("prompt_encoding", "denoise_step", "decode")}
     if attention_per_step:
         stage_seconds["attention_per_step"] = attention_per_step
-    share = Share(videos, str(frames_path.relative_to(runs_dir)), stage_seconds, method.density.entries(),
-                  memory["peak_gib"])  # fmt: skip
-    return share, frames_kept
+    return Share([v.entry for v in videos], [v.frames for v in videos], stage_seconds, density.entries(),
+                 memory["peak_gib"] if todo else None, generated=len(todo))  # fmt: skip
 
 
 def _join_shares(share: Share, ranks: Ranks, artifacts_dir: Path) -> list[Share]:
@@ -299,35 +301,28 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def _save_frames(path: Path, frames: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    from harness.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        save_file({key: value.contiguous() for key, value in frames.items()}, str(tmp))
-
-
 def _build_record(
     prepared: Prepared,
     model: ModelAdapter,
     method: AttentionMethod,
     shares: list[Share],
-    videos: list[dict[str, Any]],
     wall_seconds: float,
     ranks: int,
 ) -> dict[str, Any]:
+    """The run record: every share's videos and frames files in (prompt, seed) order, latency over the videos
+    this attempt generated (``resumed_videos`` came from an interrupted earlier attempt), density over all."""
     spec = prepared.spec
+    pairs = sorted(((v, f) for s in shares for v, f in zip(s.videos, s.frames, strict=True)),
+                   key=lambda pair: (pair[0]["prompt_index"], pair[0]["index"]))  # fmt: skip
+    generated = sum(s.generated for s in shares)
     stages = {name: stats.to_dict() for name, stats in _stage_stats(shares).items()}
     step_seconds = [x for s in shares for x in s.stage_seconds["denoise_step"]]
     decode_seconds = [x for s in shares for x in s.stage_seconds["decode"]]
-    per_video = (sum(step_seconds) + sum(decode_seconds)) / max(len(videos), 1)
     density = DensityLog()
     for share in shares:
         density.absorb(share.density)
     peaks = [s.peak_gib for s in shares if s.peak_gib is not None]
     weights = "random" if spec.weights == "random" or prepared.adapter_cls.weights_kind == "random" else "pretrained"
-    frames: str | list[str] = shares[0].frames if len(shares) == 1 else [s.frames for s in shares]
     return {
         "kind": "run",
         "status": "complete",
@@ -348,18 +343,24 @@ def _build_record(
         "environment": capture_environment(prepared.device),
         "latency": {
             "stages": stages,
-            "denoise_total_ms_per_video": sum(step_seconds) * 1e3 / max(len(videos), 1),
-            "end_to_end_ms_per_video": per_video * 1e3,
+            "denoise_total_ms_per_video": _ms_per_video(step_seconds, generated),
+            "end_to_end_ms_per_video": _ms_per_video(step_seconds + decode_seconds, generated),
             "note": "per stage, each rank's first call is warm-up (in warmup_ms), the rest are the statistics; "
-            "totals per video include every call",
+            "totals per video include every call; all of it over the videos this attempt generated "
+            "(not the resumed_videos an interrupted attempt made)",
         },
         "memory": {"peak_gib": max(peaks) if peaks else None},
         "density": density.summary(),
         "metrics": {},
-        "artifacts": {"videos": videos, "frames": frames},
+        "artifacts": {"videos": [video for video, _ in pairs], "frames": [frames for _, frames in pairs]},
         "ranks": ranks,
+        "resumed_videos": len(pairs) - generated,
         "wall_seconds": wall_seconds,
     }
+
+
+def _ms_per_video(seconds: list[float], videos: int) -> float | None:
+    return sum(seconds) * 1e3 / videos if videos else None
 
 
 def _stage_stats(shares: list[Share]) -> dict[str, TimingStats]:

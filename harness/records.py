@@ -1,4 +1,4 @@
-"""Run records: one JSON file per run, written atomically, read back tolerantly.
+"""Run records: one strict JSON file per run (:mod:`harness.strict_json`), written atomically, read back tolerantly.
 
 A record holds the full spec and its hash, the environment, latency statistics, memory, density,
 metrics and artifact paths. A corrupt file in a runs folder is reported and skipped; the other

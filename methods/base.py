@@ -206,6 +206,14 @@ class AttentionMethod(ABC):
         """The method's parameters as recorded in the run record (JSON-serialisable): its settings."""
         return dict(self.settings)
 
+    def begin_video(self) -> None:
+        """Forget what the previous video left (random draws, warm starts) before a video is sampled.
+
+        Each video of a run is then made as if it were the run's first, so a resumed run, or one sharded
+        over ranks, makes the same videos as one uninterrupted process. Stateless methods keep nothing.
+        """
+        return None
+
     def validate_for(self, num_layers: int, num_steps: int) -> None:
         """Fail before the model is built on settings this model cannot take (e.g. layers it lacks)."""
         self.schedule.validate_for(num_layers, num_steps)

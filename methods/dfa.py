@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from harness import strict_json
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, dense_attention, register_method
 from methods.kernels.block_sparse import FLEX_TILE, BlockSparsePattern, block_sparse_attention, num_blocks
@@ -152,7 +153,7 @@ class DfaPlan:
         return dict(Counter(c for row in self.choices for c in row))
 
     def to_json(self) -> str:
-        return json.dumps({"format": PLAN_FORMAT, "method": "dfa", **asdict(self)}, indent=1) + "\n"
+        return strict_json.encode({"format": PLAN_FORMAT, "method": "dfa", **asdict(self)}, indent=1) + "\n"
 
     def save(self, path: Path) -> None:
         from harness.atomic import atomic_path
@@ -169,7 +170,7 @@ class DfaPlan:
             raise HarnessError(f"cannot read dfa plan {path}: {exc}") from exc
         if not isinstance(data, dict) or data.get("method") != "dfa" or data.get("format") != PLAN_FORMAT:
             raise HarnessError(f"{path} is not a dfa plan (format {PLAN_FORMAT}); make one with `bench calibrate`")
-        data.pop("method"), data.pop("format")
+        data.pop("method"), data.pop("format"), data.pop(strict_json.NON_FINITE_KEY, None)  # errors stay null
         try:
             return cls(**data)
         except TypeError as exc:

@@ -82,7 +82,7 @@ def block_sparse_parameters(warmup_fraction: float, paper: str) -> tuple[Param, 
 
 
 class SeededGenerators:
-    """One ``torch.Generator`` per device, all seeded alike, so a method's random draws repeat per run."""
+    """One ``torch.Generator`` per device, all seeded alike, so a method's random draws repeat per video."""
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
@@ -92,6 +92,10 @@ class SeededGenerators:
         if device not in self._by_device:
             self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._by_device[device]
+
+    def reset(self) -> None:
+        """Start every device's draws from the seed again."""
+        self._by_device.clear()
 
 
 class BlockSparseMethod(AttentionMethod):

@@ -92,6 +92,9 @@ class SparseVideoGen(BlockSparseMethod):
         self.generators = SeededGenerators(self.settings["seed"])
         self._patterns: dict[tuple[int, int, int, torch.device], tuple[BlockSparsePattern, float]] = {}
 
+    def begin_video(self) -> None:
+        self.generators.reset()
+
     def paper_dense_layers(self, num_layers: int) -> int:
         return math.floor(self.dense_layer_fraction * num_layers)
 

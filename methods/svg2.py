@@ -6,7 +6,7 @@ key cluster; attention is permutation-equivariant, the output is permuted back).
 cluster keeps key clusters in decreasing cluster-size-weighted centroid probability
 ``|K_j| exp(c_i . c_j / sqrt(d)) / sum_k |K_k| exp(c_i . c_k / sqrt(d))`` until the kept mass
 exceeds ``top_p``, and at least ``floor(min_kc_ratio x k_clusters)`` of them. Centroids are cached
-per layer across steps (and shared by the CFG branches, as upstream): the first sparse call runs
+per layer across the steps of one video (and shared by the CFG branches, as upstream): the first sparse call runs
 ``kmeans_init_iters`` iterations from random tokens, later calls ``kmeans_step_iters`` from the cache.
 
 Settings: the repository's Wan 2.1 T2V 14B 720p script (q 300, k 1000 clusters, top-p 0.9,
@@ -165,6 +165,11 @@ class SparseVideoGen2(BlockSparseMethod):
 
     def usage_params(self) -> dict[str, Any]:
         return {"clusters_used": {str(n): list(pair) for n, pair in sorted(self._clusters_used.items())}}
+
+    def begin_video(self) -> None:
+        # k-means warm-starts from the previous step's centroids within a video, never from another video's.
+        self.generators.reset()
+        self._centroids.clear()
 
     def paper_dense_layers(self, num_layers: int) -> int:
         return math.floor(self.dense_layer_fraction * num_layers)

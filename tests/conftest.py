@@ -6,6 +6,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -88,3 +89,24 @@ def copy_runs(finished_runs: Path, tmp_path: Path) -> Callable[[], Path]:
 def records_in(runs_dir: Path) -> list[dict]:
     """Every record JSON directly in ``runs_dir``, parsed."""
     return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+
+
+class Crash(RuntimeError):
+    """The simulated kill."""
+
+
+def count_samples(monkeypatch: pytest.MonkeyPatch, crash_after: int | None = None) -> list[int]:
+    """Count ``WanTiny.sample`` calls (one per video); raise :class:`Crash` on the call after ``crash_after``."""
+    from harness.models.wan import WanTiny
+
+    calls: list[int] = []
+    original: Callable[..., Any] = WanTiny.sample
+
+    def sample(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if crash_after is not None and len(calls) == crash_after:
+            raise Crash(f"killed after {crash_after} videos")
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(WanTiny, "sample", sample)
+    return calls

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import invoke_cli, records_in
+from conftest import Crash, count_samples, invoke_cli, records_in
 
 from harness.distributed import Ranks, current_ranks
 from harness.errors import HarnessError
@@ -52,7 +52,7 @@ def test_two_ranks_write_the_single_process_record(tmp_path: Path) -> None:
     (one,), (two,) = records_in(single), records_in(sharded)
     assert two["run_id"] == one["run_id"] and two["ranks"] == 2
     assert [v["seed"] for v in two["artifacts"]["videos"]] == [0, 1, 2]
-    assert len(two["artifacts"]["frames"]) == 2, "one frames file per rank"
+    assert len(two["artifacts"]["frames"]) == 3, "one frames file per video"
     frames_one, frames_two = load_frames(one, single), load_frames(two, sharded)
     assert frames_one.keys() == frames_two.keys()
     for key, frames in frames_one.items():
@@ -60,6 +60,24 @@ def test_two_ranks_write_the_single_process_record(tmp_path: Path) -> None:
     steps = two["latency"]["stages"]["denoise_step"]
     assert steps["repeats"] + len(steps["warmup_ms"]) == 3 * 2 and len(steps["warmup_ms"]) == 2, "a warm-up per rank"
     assert not list((sharded / two["run_id"]).glob("share.rank*.json")), "the shares' summaries are removed"
+
+
+def test_two_ranks_resume_a_killed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed after its first video, started again on two ranks: they make only the two missing videos."""
+    runs = tmp_path / "runs"
+    count_samples(monkeypatch, crash_after=1)
+    assert isinstance(invoke_cli([*RUN_ARGS, "--runs-dir", runs], expect=None).exception, Crash)
+    monkeypatch.undo()
+    (kept,) = runs.rglob("frames/*.safetensors")
+    before = kept.stat().st_mtime_ns
+    done = _torchrun([*RUN_ARGS, "--runs-dir", str(runs)], ranks=2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (record,) = records_in(runs)
+    assert record["ranks"] == 2 and record["resumed_videos"] == 1
+    assert [v["seed"] for v in record["artifacts"]["videos"]] == [0, 1, 2]
+    assert kept.stat().st_mtime_ns == before, "the finished video is not made again"
+    steps = record["latency"]["stages"]["denoise_step"]
+    assert steps["repeats"] + len(steps["warmup_ms"]) == 2 * 2
 
 
 def test_more_ranks_than_videos_is_an_error(tmp_path: Path) -> None:

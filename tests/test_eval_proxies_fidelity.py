@@ -74,15 +74,18 @@ def _record(runs: Path, method: str) -> Path:
 
 
 def test_bench_eval_fidelity_against_the_cohorts_dense_run(bench, toy_runs: Path, tmp_path: Path) -> None:
-    """The dense run against itself: infinite PSNR, SSIM 1; linear attention against it: finite, below 1."""
+    """Dense against itself: infinite PSNR (in strict JSON null, noted), SSIM 1; linear attention: finite, below 1."""
     import shutil
+
+    from harness import strict_json
 
     runs = tmp_path / "runs"
     shutil.copytree(toy_runs, runs)
-    for method in ("sdpa", "linear"):
-        bench("eval", _record(runs, method), "--suite", "fidelity")
-    dense, linear = (json.loads(_record(runs, m).read_text()) for m in ("sdpa", "linear"))
-    assert dense["metrics"]["fidelity"]["psnr_db"] == float("inf")
+    printed = [bench("eval", _record(runs, m), "--suite", "fidelity", "--json").stdout for m in ("sdpa", "linear")]
+    dense, linear = (strict_json.decode(_record(runs, m).read_text()) for m in ("sdpa", "linear"))
+    assert strict_json.decode(printed[0])["metrics"]["fidelity"]["psnr_db"] is None, "--json prints strict JSON"
+    assert dense["metrics"]["fidelity"]["psnr_db"] is None
+    assert dense["non_finite_as_null"]["/metrics/fidelity/psnr_db"] == "Infinity"
     assert dense["metrics"]["fidelity"]["ssim"] == pytest.approx(1.0, abs=1e-9)
     assert 0 < linear["metrics"]["fidelity"]["psnr_db"] < 60 and linear["metrics"]["fidelity"]["ssim"] < 1.0
     assert linear["evaluations"]["fidelity"][-1]["reference_run"] == dense["run_id"]

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 from conftest import invoke_cli, normalise, records_in
-from safetensors.torch import load_file
 
+from harness.eval.run_suites import load_frames
 from harness.spec import RunSpec
 from harness.video import safe_stem
 
@@ -39,13 +39,14 @@ def _record_file(runs: Path) -> Path:
 
 
 def test_run_writes_one_record_and_one_mp4(single_run: Path) -> None:
-    """One run writes exactly one record JSON and one non-empty mp4 of 9 frames, plus the frame tensors."""
+    """One run writes exactly one record JSON and one non-empty mp4 of 9 frames, plus the video's frame tensors."""
     records = list(single_run.rglob("*.json"))
     videos = list(single_run.rglob("*.mp4"))
     assert len(records) == 1 and len(videos) == 1
     (artifacts,) = [p for p in single_run.iterdir() if p.is_dir()]
     assert artifacts.name == records[0].stem
-    assert sorted(p.name for p in artifacts.iterdir()) == sorted([videos[0].name, "frames.safetensors"])
+    assert sorted(p.name for p in artifacts.iterdir()) == sorted([videos[0].name, "frames"])
+    assert [p.name for p in (artifacts / "frames").iterdir()] == [f"{videos[0].stem}.safetensors"]
     assert videos[0].stat().st_size > 0
     frames, _seconds = imageio_ffmpeg.count_frames_and_secs(str(videos[0]))
     assert frames == 9
@@ -62,7 +63,7 @@ def test_video_is_named_after_prompt_and_seed(single_run: Path) -> None:
     assert video["prompt"] == default_prompt and video["seed"] == 0
     assert Path(video["video"]).name == f"{safe_stem(default_prompt)}-seed0.mp4"
     assert (single_run / video["video"]).is_file()
-    assert set(load_file(single_run / record["artifacts"]["frames"])) == {video["frames_key"]}
+    assert set(load_frames(record, single_run)) == {video["frames_key"]}
 
 
 def test_record_contents(single_run: Path) -> None:
@@ -114,8 +115,7 @@ def test_same_seed_and_spec_give_bit_identical_frames(single_run: Path, finished
     (sdpa_a,) = [r for r in records_in(single_run) if r["spec"]["method"] == "sdpa"]
     (sdpa_b,) = [r for r in records_in(finished_runs) if r["spec"]["method"] == "sdpa"]
     assert sdpa_a["spec_hash"] == sdpa_b["spec_hash"]
-    frames_a = load_file(single_run / sdpa_a["artifacts"]["frames"])
-    frames_b = load_file(finished_runs / sdpa_b["artifacts"]["frames"])
+    frames_a, frames_b = load_frames(sdpa_a, single_run), load_frames(sdpa_b, finished_runs)
     assert frames_a.keys() == frames_b.keys()
     for key in frames_a:
         assert frames_a[key].dtype == torch.uint8 and frames_a[key].shape == (9, 64, 64, 3)
@@ -128,7 +128,7 @@ def test_seeds_give_distinct_videos(tmp_path: Path) -> None:
     invoke_cli([*RUN_ARGS, "--runs-dir", runs, "--seeds", "0,1", "--steps", "1"])
     (record,) = records_in(runs)
     assert [v["seed"] for v in record["artifacts"]["videos"]] == [0, 1]
-    frames = load_file(runs / record["artifacts"]["frames"])
+    frames = load_frames(record, runs)
     first, second = (frames[v["frames_key"]] for v in record["artifacts"]["videos"])
     assert not torch.equal(first, second)
 

@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from harness.atomic import write_json_atomic
 from harness.latency_run import LatencyRequest, run_latency, save_latency
 from methods import build_method
 from methods.base import AttentionContext, TokenGrid
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['model']:>8} {row['tokens']:>7} {row['method']:>7} {row['forward_ms']:>11.1f} "
             f"{row['attn_ms_per_layer']:>14.2f} {row['peak_gib']:>9.1f}"
         )
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(args.out / "summary.json", summary)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from harness.atomic import write_json_atomic
 from harness.latency_run import LatencyRequest, run_latency, save_latency
 from harness.models.base import MODELS
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     train = training_step(args.train_model, device, args.train_frames, args.out) if args.train_model else None
-    (args.out / "linvideo_summary.json").write_text(json.dumps({"latency": rows, "training_step": train}, indent=2))
+    write_json_atomic(args.out / "linvideo_summary.json", {"latency": rows, "training_step": train})
     for row in rows:
         print(f"{row['model']:>8} {row['method']:>9} forward {row['forward_ms']:9.1f} ms  attention "
               f"{row['attn_ms_per_layer']:7.2f} ms/layer  density {row['density']:.2f}  "

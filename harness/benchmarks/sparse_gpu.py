@@ -23,7 +23,6 @@ Use ``--models wan1.3b`` for a 1-2 minute run.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    (args.out / "sparse_summary.json").write_text(json.dumps({"flex_check": checks, "rows": summary}, indent=2))
+    write_json_atomic(args.out / "sparse_summary.json", {"flex_check": checks, "rows": summary})
     header = ("model", 8), ("method", 7), ("forward ms", 11), ("speedup", 8), ("call ms", 9), ("kernel ms", 10)
     print("\n" + " ".join(f"{title:>{width}}" for title, width in header) + "  density")
     for row in summary:

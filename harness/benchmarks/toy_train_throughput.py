@@ -9,13 +9,13 @@ this script measures what ``torch.compile`` buys and sizes a training run to a t
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
 
 import torch
 
+from harness.atomic import write_json_atomic
 from harness.toyworld.checkpoint import TOY_ENCODER_CONFIG, build_modules
 from harness.toyworld.train import ScenePool, ToyTrainConfig, flow_matching_loss
 
@@ -70,7 +70,7 @@ def main() -> None:
             print(f"width {width} ffn {config.ffn_dim} compiled {compiled}: {rate:.1f} steps/s", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if args.out:
-        args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=2))
+        write_json_atomic(args.out, {"device": name, "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -17,16 +17,29 @@ REFERENCE_PREFERENCE = ("fa2", "cudnn", "sdpa", "math")
 
 
 def load_frames(record: dict[str, Any], runs_dir: Path) -> dict[str, torch.Tensor]:
-    """The decoded uint8 frames every run keeps, by the videos' ``frames_key`` (one file, or one per rank)."""
+    """The decoded uint8 frames ``(F, H, W, 3)`` every run keeps, by the videos' ``frames_key``."""
     return load_frame_files(record["artifacts"]["frames"], runs_dir)
 
 
 def load_frame_files(files: str | list[str], runs_dir: Path) -> dict[str, torch.Tensor]:
-    """The frames of one or several safetensors files (paths relative to ``runs_dir``), merged by key."""
+    """The frames of one or several safetensors files (paths relative to ``runs_dir``), merged by key.
+
+    A record lists one file per video (one per run or per rank before runs resumed). Raises
+    :class:`HarnessError` naming a file that is missing or unreadable.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return {key: value for name in ([files] if isinstance(files, str) else files)
-            for key, value in load_file(str(Path(runs_dir) / name)).items()}  # fmt: skip
+    frames: dict[str, torch.Tensor] = {}
+    for name in [files] if isinstance(files, str) else files:
+        path = Path(runs_dir) / name
+        try:
+            frames.update(load_file(str(path)))
+        except (OSError, SafetensorError) as exc:
+            raise HarnessError(
+                f"the run's frames file {path} cannot be read ({exc}): make the run again with --force"
+            ) from None
+    return frames
 
 
 def reference_record(record: dict[str, Any], runs_dir: Path, chosen: Path | None) -> tuple[dict[str, Any], Path]:
