@@ -162,6 +162,10 @@ class AttentionMethod(ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    #: Parameters a saved state is bound to: a checkpoint whose state recorded other values is refused up front.
+    state_params: ClassVar[tuple[str, ...]] = ()
+    #: Parameters that stand in for a trained state (latency without a checkpoint): refused beside a checkpoint.
+    untrained_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
         if params:
@@ -196,6 +200,11 @@ class AttentionMethod(ABC):
     def validate_for(self, num_layers: int, num_steps: int) -> None:
         """Fail before the model is built on settings this model cannot take (e.g. layers it lacks)."""
         self.schedule.validate_for(num_layers, num_steps)
+
+    def validate_grid(self, grid: TokenGrid) -> None:
+        """Fail before the model is built on a token grid these settings cannot tile (e.g. a block size a
+        stride does not divide); every grid is fine by default."""
+        return None
 
     # -- support checks ----------------------------------------------------------------------
 

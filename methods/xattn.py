@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
-from methods.base import AttentionContext, Capabilities, Schedule, register_method
+from methods.base import AttentionContext, Capabilities, Schedule, TokenGrid, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, num_blocks, select_by_cumulative_mass
-from methods.sparse import BlockSparseMethod, SparsePlan, check_count, check_fraction
+from methods.sparse import BlockSparseMethod, SparsePlan, auto_block_size, check_count, check_fraction
 
 _SCORE_CHUNK_ELEMENTS = 1 << 27  # reduced scores held at once (512 MiB in fp32)
 
@@ -104,16 +104,22 @@ class XAttention(BlockSparseMethod):
         }
 
     def stride_for(self, block: int) -> int:
-        """The stride used with ``block``: an automatic block smaller than the stride (a sequence of
-        fewer than 16 x 8 tokens) takes a stride of its gcd; an explicit block must be divisible."""
-        if self._block_size is None:
-            stride = math.gcd(self.stride, block)
-        elif block % self.stride:
-            raise HarnessError(f"xattn: stride {self.stride} must divide the block size {block}")
-        else:
-            stride = self.stride
+        """The stride used with ``block`` (recorded per block)."""
+        stride = self._stride(block)
         self._strides_used[block] = stride
         return stride
+
+    def validate_grid(self, grid: TokenGrid) -> None:
+        self._stride(self._block_size or auto_block_size(grid.tokens))
+
+    def _stride(self, block: int) -> int:
+        """An automatic block smaller than the stride (a sequence of fewer than 16 x 8 tokens) takes a stride of
+        its gcd; an explicit block must be divisible."""
+        if self._block_size is None:
+            return math.gcd(self.stride, block)
+        if block % self.stride:
+            raise HarnessError(f"xattn: stride {self.stride} must divide the block size {block}")
+        return self.stride
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> SparsePlan:
         tokens = q.shape[-2]
