@@ -14,9 +14,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.errors import HarnessError
-from harness.generate import initial_noise, resolve_device, resolve_dtype
+from harness.generate import initial_noise
 from harness.io_checks import ensure_writable_dir
 from harness.models.base import MODELS
+from harness.preflight import resolve_device, resolve_dtype
 from harness.spec import Sampling
 from methods import METHODS
 from methods.base import Schedule

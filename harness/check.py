@@ -7,6 +7,7 @@ baseline's, measured in one process, is what must not regress beyond the toleran
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,16 @@ def request_from_baseline(baseline: dict[str, Any], overrides: dict[str, Any] | 
     return LatencyRequest(**fields)
 
 
+def check_tolerance(tolerance: float) -> None:
+    """A relative growth allowance: a finite number >= 0 (refused before anything is measured)."""
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise HarnessError(f"--tolerance must be >= 0 and finite (the allowed relative growth of a time ratio: "
+                           f"0.1 = 10 %), got {tolerance}")  # fmt: skip
+
+
 def compare(baseline: dict[str, Any], current: dict[str, Any], tolerance: float) -> list[Verdict]:
     """One verdict per method of the baseline: regressed iff new ratio > old ratio x (1 + tolerance)."""
-    if tolerance < 0:
-        raise HarnessError(f"tolerance must be >= 0, got {tolerance}")
+    check_tolerance(tolerance)
     verdicts = []
     for name, entry in baseline["methods"].items():
         if name not in current["methods"]:
@@ -65,6 +72,7 @@ def check(
     baseline_path: Path, tolerance: float, overrides: dict[str, Any] | None = None
 ) -> tuple[list[Verdict], dict[str, Any]]:
     """Re-measure and compare; returns the verdicts and the new measurement."""
+    check_tolerance(tolerance)
     baseline = load_baseline(baseline_path)
     current = run_latency(request_from_baseline(baseline, overrides))
     return compare(baseline, current, tolerance), current

@@ -304,10 +304,10 @@ def run_cmd(
         steps=d.steps if steps is None else steps,
         cfg=d.cfg if cfg is None else cfg,
         shift=d.shift if shift is None else shift,
-        height=height or d.height,
-        width=width or d.width,
-        frames=frames or d.frames,
-        fps=fps or d.fps,
+        height=d.height if height is None else height,
+        width=d.width if width is None else width,
+        frames=d.frames if frames is None else frames,
+        fps=d.fps if fps is None else fps,
         negative_prompt=negative_prompt,
     )
     if random_weights and weights:
@@ -393,9 +393,9 @@ def _eval_params(dimensions: str | None, eval_suites: str | None) -> dict[str, A
 
 
 def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_json: bool) -> None:
-    from harness.generate import prepare
     from harness.models import MODELS
     from harness.plan import measured_forward, plan
+    from harness.preflight import preflight
 
     first = specs[0]
     tokens = MODELS.get(first.model).token_grid(first.sampling).tokens
@@ -403,7 +403,7 @@ def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_
     problems = []
     for spec in specs[:1]:  # one check covers them all: the runs differ only in prompts and seeds
         try:
-            prepare(spec, options)
+            preflight(spec, options)
         except HarnessError as exc:
             problems.append(str(exc))
     result["problems_before_a_real_run"] = problems
@@ -440,10 +440,10 @@ def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_
 
 def _default_linvideo(spec: RunSpec, options: EvalOptions, show_progress: bool) -> Path:
     """Validate the run, then train (once; cached) the default LinVideo conversion of the built-in teacher."""
-    from harness.generate import prepare
+    from harness.preflight import preflight
     from harness.training import cache_dir, default_checkpoint
 
-    prepare(spec, options, checkpoint_to_come=True)
+    preflight(spec, options, checkpoint_to_come=True)
     console.print(
         f"no --checkpoint: using the default LinVideo conversion of {spec.model} (the one shipped beside the "
         f"teacher if the recipe matches, else trained once and cached in {cache_dir() / 'linvideo'})"
@@ -480,7 +480,7 @@ def _canonical_method(name: str) -> str:
 
 
 def _resolved_device(name: str) -> str:
-    from harness.generate import resolve_device
+    from harness.preflight import resolve_device
 
     return str(resolve_device(name))
 
@@ -701,8 +701,8 @@ def toy_train_cmd(
 ) -> None:
     """Train the toy teacher (seeded, resumable: rerun the same command to continue)."""
     from harness.checkpoints import file_sha256
-    from harness.generate import resolve_device
     from harness.io_checks import ensure_writable_dir
+    from harness.preflight import resolve_device
     from harness.toyworld.train import ToyTrainConfig, train
 
     config = ToyTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, width=width, layers=layers,
@@ -1025,8 +1025,9 @@ def eval_cmd(
         raise HarnessError("--suite names no suite")
     path = find_record(run, runs_dir)
     options = EvalOptions(
-        dimensions=_parse_names(dimensions), cache=evaluator_cache, device=device, reference=reference
-    )
+        dimensions=_parse_names(dimensions), cache=evaluator_cache, device=device,
+        reference=None if reference is None else find_record(str(reference), path.parent),
+    )  # fmt: skip
     record = evaluate_record(path, suites, options)
     scores = {name: record.get("metrics", {}).get(name, {}) for name in suites}
     if as_json:

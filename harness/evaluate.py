@@ -18,6 +18,7 @@ import torch
 from harness.errors import HarnessError
 from harness.eval.suites import SUITES, EvalOptions, RunScores, Suite, mean_scores
 from harness.records import read_record, record_path, write_record
+from harness.spec import RunSpec
 
 
 def score_clips(suite: Suite, videos: list[dict[str, Any]], frames: dict[str, torch.Tensor], fps: int) -> RunScores:
@@ -50,8 +51,13 @@ def find_record(run: str, runs_dir: Path) -> Path:
     raise HarnessError(f"no run record {run!r} (looked for {', '.join(map(str, candidates))})")
 
 
-def evaluate_record(path: Path, suites: tuple[str, ...], options: EvalOptions) -> dict[str, Any]:
-    """Score the run at ``path`` with ``suites`` and rewrite its record with the scores merged in."""
+def evaluate_record(path: Path, suites: tuple[str, ...], options: EvalOptions, preflight: bool = True
+                    ) -> dict[str, Any]:  # fmt: skip
+    """Score the run at ``path`` with ``suites`` and rewrite its record with the scores merged in.
+
+    Every suite's preflight runs on the record's spec before any is scored (``preflight=False``: the run
+    that wrote the record ran them already).
+    """
     try:
         record = read_record(path)
     except ValueError as exc:
@@ -62,6 +68,11 @@ def evaluate_record(path: Path, suites: tuple[str, ...], options: EvalOptions) -
     chosen = [SUITES.get(name) for name in suites]
     for suite in chosen:
         suite.check_model(record["spec"]["model"])
+    if preflight:
+        spec = RunSpec.from_dict(record["spec"])
+        for suite in chosen:
+            if suite.preflight is not None:
+                suite.preflight(spec, options)
     lead = int(os.environ.get("RANK", "0")) == 0
     frames: dict[str, torch.Tensor] | None = None
     for suite in chosen:

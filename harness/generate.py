@@ -1,8 +1,8 @@
 """Paired generation: prompts x seeds, the same initial noise for every method, one record per run.
 
-Everything that can be checked without weights is checked first (names, sampling, schedule, device,
-method support, output folder); then the model is built, videos are sampled with per-stage timing,
-written as mp4 and kept as tensors, and the record is written atomically.
+Everything that can be checked without weights is checked first (:mod:`harness.preflight`, then the output
+folder); then the model is built, videos are sampled with per-stage timing, written as mp4 and kept as
+tensors, and the record is written atomically.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.atomic import write_json_atomic
-from harness.checkpoints import checkpoint_identity
-from harness.distributed import Ranks, barrier, current_ranks, rank_device, rank_group
+from harness.distributed import Ranks, barrier, current_ranks, rank_group
 from harness.environment import capture_environment
 from harness.errors import HarnessError
 from harness.eval.run_suites import load_frame_files
@@ -26,87 +25,17 @@ from harness.eval.suites import SUITES, EvalOptions
 from harness.evaluate import evaluate_record, merge_scores, score_clips
 from harness.io_checks import ensure_writable_dir
 from harness.latency import StageTimer, TimingStats, peak_memory
-from harness.models.base import MODELS, ModelAdapter
+from harness.models.base import ModelAdapter
+from harness.preflight import Prepared, preflight
 from harness.records import finished_record, record_path, write_record
 from harness.run_videos import find_video, save_video
 from harness.spec import RunSpec
-from harness.video import check_mp4_size
-from methods import METHODS
-from methods.base import AttentionMethod, DensityLog, Schedule
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-@dataclass
-class Prepared:
-    """A validated spec with its resolved classes, ready to build."""
-
-    spec: RunSpec
-    adapter_cls: type[ModelAdapter]
-    method: AttentionMethod
-    device: torch.device
-    dtype: torch.dtype
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HarnessError(f"device {name!r} requested but CUDA is not available on this machine")
-    return device
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise HarnessError(f"unknown dtype {name!r}; use one of {sorted(set(DTYPES))}") from None
+from methods.base import AttentionMethod, DensityLog
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """The initial latent noise of one sample: a CPU generator, so it is the same on every device."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-
-
-def prepare(spec: RunSpec, eval_options: EvalOptions | None = None, checkpoint_to_come: bool = False) -> Prepared:
-    """Validate everything that needs no weights; raises :class:`HarnessError` with a clear message.
-
-    Suites with requirements of their own (an evaluator's venv and weights) check them here too.
-    ``checkpoint_to_come``: the caller trains the method's checkpoint next (a missing one is not an error).
-    """
-    adapter_cls = MODELS.get(spec.model)
-    method_cls = METHODS.get(spec.method)
-    adapter_cls.validate_sampling(spec.sampling)
-    adapter_cls.validate_prompts([*spec.prompts, spec.sampling.negative_prompt])
-    schedule = Schedule(spec.dense_warmup_steps, spec.dense_layers)
-    device, dtype = rank_device(resolve_device(spec.device), current_ranks()), resolve_dtype(spec.dtype)
-    if spec.weights == "random" and adapter_cls.weights_kind == "pretrained" and spec.eval_suites:
-        raise HarnessError("quality metrics are meaningless with --random-weights; drop --eval")
-    for name in spec.eval_suites:
-        suite = SUITES.get(name)
-        suite.check_model(spec.model)
-        if suite.preflight is not None:
-            suite.preflight(spec, eval_options or EvalOptions())
-    method = method_cls(schedule=schedule, **spec.method_params)
-    method.validate_for(adapter_cls.num_layers, spec.sampling.steps)
-    method.check_supported(device, dtype)
-    if method.capabilities.needs_training and spec.checkpoint is None and not checkpoint_to_come:
-        # Untrained states (linvideo's linear_layers) serve `bench latency` only, never a quality run.
-        raise HarnessError(
-            f"method {spec.method!r} needs a trained checkpoint: make one with `bench train --method {spec.method} "
-            f"--model {spec.model} --target-layers K --out DIR`, then pass --checkpoint DIR"
-        )
-    if spec.checkpoint is not None and not Path(spec.checkpoint).exists():
-        raise HarnessError(f"method checkpoint {spec.checkpoint} does not exist")
-    return Prepared(spec, adapter_cls, method, device, dtype)
 
 
 @dataclass
@@ -153,8 +82,8 @@ def run(
     Under torchrun each rank makes every ``WORLD_SIZE``-th video on its own GPU; rank 0 writes the one record.
     """
     ranks = current_ranks()
-    prepared = prepare(spec, eval_options)
-    check_mp4_size(spec.sampling.height, spec.sampling.width)
+    prepared = preflight(spec, eval_options)
+    spec = prepared.spec  # with the checkpoint's content id, which names the run
     runs_dir = ensure_writable_dir(runs_dir)
     path = record_path(runs_dir, spec.run_id)
     existing = finished_record(path)
@@ -188,7 +117,7 @@ def run(
         barrier(ranks)  # the record exists before any rank scores it with an external evaluator
         run_suites = tuple(name for name in spec.eval_suites if SUITES.get(name).score is None)
         if run_suites:
-            record = evaluate_record(path, run_suites, eval_options or EvalOptions())
+            record = evaluate_record(path, run_suites, eval_options or EvalOptions(), preflight=False)
         elif not ranks.lead:
             record = finished_record(path) or {}
     return RunOutcome(record, path, skipped=False)
@@ -337,7 +266,7 @@ def _build_record(
         },
         "weights": weights,
         "weights_identity": model.weights_identity(),
-        "checkpoint_identity": checkpoint_identity(Path(spec.checkpoint)) if spec.checkpoint else None,
+        "checkpoint_identity": prepared.checkpoint_identity,
         "quality_reportable": weights != "random",
         "token_grid": vars(prepared.adapter_cls.token_grid(spec.sampling)),
         "environment": capture_environment(prepared.device),

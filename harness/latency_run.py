@@ -11,11 +11,12 @@ import torch
 
 from harness.environment import capture_environment
 from harness.errors import HarnessError
-from harness.generate import initial_noise, resolve_device, resolve_dtype
+from harness.generate import initial_noise
 from harness.latency import StageTimer, measure, peak_memory
 from harness.models.base import MODELS
+from harness.preflight import check_method, resolve_device, resolve_dtype
 from harness.spec import Sampling
-from methods import METHODS, build_method
+from methods import METHODS
 from methods.base import AttentionMethod, Schedule
 
 DENSE_METHODS = ("fa2", "cudnn", "sdpa", "math")
@@ -51,9 +52,9 @@ class LatencyRequest:
             steps=max(self.sample_steps, self.step + 1),
             cfg=defaults.cfg,
             shift=defaults.shift,
-            height=self.height or defaults.height,
-            width=self.width or defaults.width,
-            frames=self.frames or defaults.frames,
+            height=defaults.height if self.height is None else self.height,
+            width=defaults.width if self.width is None else self.width,
+            frames=defaults.frames if self.frames is None else self.frames,
             fps=defaults.fps,
         )
 
@@ -78,10 +79,8 @@ def _validate(request: LatencyRequest) -> tuple[list[AttentionMethod], torch.dev
     if untimed:
         # Otherwise the parameters would be silently ignored.
         raise HarnessError(f"--param names method(s) {untimed} that are not timed (--methods {','.join(names)})")
-    methods = [build_method(name, schedule, **request.method_params.get(name, {})) for name in names]
-    for method in methods:
-        method.validate_for(adapter_cls.num_layers, sampling.steps)
-        method.check_supported(device, dtype)
+    methods = [check_method(adapter_cls, name, request.method_params.get(name, {}), schedule, sampling, device, dtype)
+               for name in names]  # fmt: skip
     request.baseline = baseline
     return methods, device, dtype
 

@@ -56,6 +56,9 @@ class RunSpec:
     dense_warmup_steps: int = 0
     dense_layers: tuple[int, ...] = ()
     checkpoint: str | None = None
+    # What the checkpoint holds (a digest of its files' sha256, set by the preflight): it names the run in
+    # place of the checkpoint's path, so the same checkpoint anywhere gives the same run id.
+    checkpoint_id: str = ""
     eval_suites: tuple[str, ...] = ()
     # Named prompt sets (VBench): the unaugmented prompt of each entry of ``prompts`` (file names and
     # what evaluators score against), the set's name, the protocol, and per-suite options (dimensions).
@@ -96,8 +99,11 @@ class RunSpec:
         return cls(**data)
 
     def hash(self) -> str:
-        """Stable 12-hex-digit hash of the whole spec."""
-        return _digest(self.to_dict())
+        """Stable 12-hex-digit hash of the whole spec; a checkpoint counts by its content once it is known."""
+        data = self.to_dict()
+        if self.checkpoint_id:
+            del data["checkpoint"]
+        return _digest(data)
 
     def cohort(self) -> str:
         """Hash of everything but the method and the scoring: runs of one cohort are directly comparable.
@@ -105,22 +111,48 @@ class RunSpec:
         What is scored afterwards (``eval_suites``, ``eval_params``) does not change the videos, so a run
         scored with fidelity still compares with a dense run scored without it.
         """
+        return _digest(self._cohort_fields())
+
+    def cohort_differences(self, other: RunSpec) -> list[str]:
+        """The fields (``sampling.steps``, ``seeds``, ...) in which ``other`` falls outside this spec's cohort,
+        each with both values where they are short; empty when the two share a cohort."""
+        ours, theirs = _flat(self._cohort_fields()), _flat(other._cohort_fields())
+        differences = []
+        for key in sorted(set(ours) | set(theirs)):
+            a, b = ours.get(key), theirs.get(key)
+            if a != b:
+                shown = f"{a!r} vs {b!r}"
+                differences.append(f"{key} ({shown})" if len(shown) <= 60 else key)
+        return differences
+
+    def _cohort_fields(self) -> dict[str, Any]:
         neutral = replace(self, method="", method_params={}, dense_warmup_steps=0, dense_layers=(), checkpoint=None,
-                          eval_suites=(), eval_params={})  # fmt: skip
-        return _digest(neutral.to_dict())
+                          checkpoint_id="", eval_suites=(), eval_params={})  # fmt: skip
+        return neutral.to_dict()
 
     @property
     def run_id(self) -> str:
         return f"{self.model}__{self.method}__{self.hash()}"
 
 
-LATER_FIELDS = ("prompt_labels", "prompt_set", "protocol", "eval_params")
+LATER_FIELDS = ("prompt_labels", "prompt_set", "protocol", "eval_params", "checkpoint_id")
 
 
 def record_cohort(record: dict[str, Any]) -> str:
     """The cohort of a run record, recomputed from its spec (records written before a change of
     :meth:`RunSpec.cohort` still group correctly)."""
     return RunSpec.from_dict(record["spec"]).cohort()
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys (``sampling.steps``)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _digest(data: dict[str, Any]) -> str:

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from harness.errors import HarnessError
-from harness.generate import resolve_device
 from harness.io_checks import ensure_writable_dir
 from harness.models.base import MODELS
+from harness.preflight import resolve_device
 
 if TYPE_CHECKING:
     from harness.models.base import ModelAdapter

@@ -166,6 +166,10 @@ class AttentionMethod(ABC):
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
     parameters: ClassVar[tuple[Param, ...]] = ()
+    #: Parameters a saved state is bound to: a checkpoint whose state recorded other values is refused up front.
+    state_params: ClassVar[tuple[str, ...]] = ()
+    #: Parameters that stand in for a trained state (latency without a checkpoint): refused beside a checkpoint.
+    untrained_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
         self.settings: dict[str, Any] = {p.name: p.default for p in self.parameters} | self.parse_params(params)

@@ -25,6 +25,7 @@ import torch
 
 TARGET_FPS = 8.0
 TOP_FRACTION = 0.05
+MIN_FRAMES = 3  # motion smoothness predicts each odd frame from its two neighbours
 
 
 def score_clip(video: torch.Tensor, fps: int) -> dict[str, float]:
@@ -58,8 +59,8 @@ def dynamic_degree(frames: np.ndarray, fps: int) -> tuple[bool, float]:
 
 def motion_smoothness(frames: np.ndarray) -> float:
     """(255 - MAE of odd frames predicted from their even neighbours) / 255, in percent."""
-    if len(frames) < 3:
-        raise ValueError(f"motion smoothness needs at least 3 frames, got {len(frames)}")
+    if len(frames) < MIN_FRAMES:
+        raise ValueError(f"motion smoothness needs at least {MIN_FRAMES} frames, got {len(frames)}")
     errors = []
     for middle in range(1, len(frames) - 1, 2):
         predicted = midpoint(frames[middle - 1], frames[middle + 1])

@@ -9,6 +9,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness.eval.suites import EvalOptions, RunScores, Suite, mean_scores, requires
+from harness.spec import RunSpec, record_cohort
 
 # -- fidelity ----------------------------------------------------------------------------------------
 
@@ -43,15 +44,13 @@ def load_frame_files(files: str | list[str], runs_dir: Path) -> dict[str, torch.
 
 
 def reference_record(record: dict[str, Any], runs_dir: Path, chosen: Path | None) -> tuple[dict[str, Any], Path]:
-    """The run to compare against: the one named, else the dense run of the same cohort in ``runs_dir``."""
-    from harness.records import load_records, read_record
-    from harness.spec import record_cohort
+    """The run to compare against: the one named (a record path, or a run id in ``runs_dir``; it must share the
+    run's cohort), else the dense run of the same cohort in ``runs_dir``."""
+    from harness.records import load_records
 
     if chosen is not None:
         path = chosen if chosen.suffix == ".json" else Path(runs_dir) / f"{chosen}.json"
-        if not path.is_file():
-            raise HarnessError(f"fidelity reference {chosen} is not a run record (looked for {path})")
-        return read_record(path), path.parent
+        return named_reference(RunSpec.from_dict(record["spec"]), path), path.parent
     cohort = record_cohort(record)
     peers = [r for r in load_records(runs_dir).records if r.get("kind") == "run" and record_cohort(r) == cohort]
     for method in REFERENCE_PREFERENCE:
@@ -64,6 +63,44 @@ def reference_record(record: dict[str, Any], runs_dir: Path, chosen: Path | None
         f"no dense run of this run's cohort in {runs_dir} to compare against: run the same spec with "
         f"--method {REFERENCE_PREFERENCE[2]} (or name one with --reference RUN)"
     )
+
+
+def check_reference(spec: RunSpec, reference: dict[str, Any], path: Path) -> None:
+    """Refuse a fidelity reference outside ``spec``'s cohort.
+
+    Fidelity measures what the attention method changes in videos made from the same noise, sampler and
+    weights; a reference of another resolution cannot be compared frame by frame, and one of another step
+    count (or CFG, shift, dtype, ...) would put the sampler's change into the run's one fidelity score.
+    """
+    try:
+        theirs = RunSpec.from_dict(reference["spec"])
+    except (KeyError, TypeError, HarnessError) as exc:
+        raise HarnessError(f"fidelity reference {path} has no readable run spec ({exc})") from None
+    differences = spec.cohort_differences(theirs)
+    if differences:
+        raise HarnessError(f"fidelity reference {path} is not of this run's cohort: it differs in "
+                           f"{'; '.join(differences)}. The reference must differ in the method only (same model, "
+                           "weights, sampling, prompts, seeds, device and dtype)")  # fmt: skip
+
+
+def named_reference(spec: RunSpec, path: Path) -> dict[str, Any]:
+    """The reference record at ``path``, checked to share ``spec``'s cohort."""
+    from harness.records import read_record
+
+    if not path.is_file():
+        raise HarnessError(f"fidelity reference {path} is not a run record")
+    try:
+        reference = read_record(path)
+    except ValueError as exc:
+        raise HarnessError(f"fidelity reference {path}: {exc}") from None
+    check_reference(spec, reference, path)
+    return reference
+
+
+def _fidelity_preflight(spec: RunSpec, options: EvalOptions) -> None:
+    requires("torchmetrics")(spec, options)
+    if options.reference is not None and options.reference.suffix == ".json":  # an id needs the runs folder
+        named_reference(spec, options.reference)
 
 
 def _fidelity(record: dict[str, Any], runs_dir: Path, options: EvalOptions) -> RunScores:
@@ -93,7 +130,7 @@ FIDELITY = Suite(
     None,
     "PSNR / SSIM of each video against the dense video from the same noise (torchmetrics)",
     score_run=_fidelity,
-    preflight=requires("torchmetrics"),
+    preflight=_fidelity_preflight,
 )
 
 # -- VBench and VBench-2.0 ---------------------------------------------------------------------------
@@ -130,7 +167,12 @@ def _preflight(benchmark: str):  # type: ignore[no-untyped-def]
     def check(spec: Any, options: EvalOptions) -> None:
         from harness.eval.vbench.catalogue import check_custom_input
         from harness.eval.vbench.environment import preflight
+        from harness.eval.vbench.runner import video_names
 
+        # The file names the evaluator will read, from the spec alone (video i of a prompt is its i-th seed).
+        planned = [{"prompt": spec.prompts[p], "label": spec.label(p), "index": s}
+                   for p in range(len(spec.prompts)) for s in range(len(spec.seeds))]  # fmt: skip
+        video_names(planned, benchmark)
         data = spec.to_dict()
         request = _benchmark_request(benchmark, data, options)
         if not _from_prompt_set(benchmark, data):

@@ -79,6 +79,25 @@ def requires(*modules: str) -> Preflight:
     return check
 
 
+def _toybench_preflight(spec: Any, options: EvalOptions) -> None:
+    """ToyBench scores each clip against the scene its prompt states: every prompt must state one."""
+    from harness.toyworld.encoder import check_toy_prompt
+
+    for index in range(len(spec.prompts)):
+        check_toy_prompt(spec.label(index))
+
+
+def _proxies_preflight(spec: Any, options: EvalOptions) -> None:
+    from harness.eval.proxies import MIN_FRAMES
+
+    requires("cv2")(spec, options)
+    if spec.sampling.frames < MIN_FRAMES:
+        raise HarnessError(
+            f"the proxies suite needs clips of at least {MIN_FRAMES} frames (motion smoothness predicts each odd "
+            f"frame from its two neighbours); this run has {spec.sampling.frames}"
+        )
+
+
 def _toybench(videos: Sequence[torch.Tensor], prompts: Sequence[str], fps: int) -> list[dict[str, float]]:
     from harness.eval.toybench import score_clip
 
@@ -94,7 +113,13 @@ def _proxies(videos: Sequence[torch.Tensor], prompts: Sequence[str], fps: int) -
 SUITES: Registry[Suite] = Registry("eval suite")
 SUITES.add(
     "toybench",
-    Suite("toybench", ("toy",), _toybench, "exact toy-world scores of each clip against its prompt"),
+    Suite(
+        "toybench",
+        ("toy",),
+        _toybench,
+        "exact toy-world scores of each clip against its prompt",
+        preflight=_toybench_preflight,
+    ),
     aliases=("toy",),
 )
 SUITES.add(
@@ -104,7 +129,7 @@ SUITES.add(
         (),
         _proxies,
         "weight-free proxies (flicker, Farneback dynamic degree and smoothness)",
-        preflight=requires("cv2"),
+        preflight=_proxies_preflight,
     ),
     aliases=("proxy",),
 )

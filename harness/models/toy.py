@@ -16,7 +16,7 @@ from harness.models.wan import WanFamilyAdapter, cast_transformer
 from harness.spec import Sampling
 from harness.toyworld import world
 from harness.toyworld.checkpoint import SHIPPED_CHECKPOINT, TOY_TRANSFORMER_CONFIG, load_checkpoint
-from harness.toyworld.encoder import MAX_WORDS, PromptEncoder, tokenize
+from harness.toyworld.encoder import MAX_WORDS, PromptEncoder, check_toy_prompt, tokenize
 
 
 class ToyModel(WanFamilyAdapter):
@@ -72,7 +72,11 @@ class ToyModel(WanFamilyAdapter):
 
     @classmethod
     def validate_prompts(cls, prompts: list[str]) -> None:
+        """Its vocabulary, and its grammar for every non-empty prompt (the empty one is the CFG null prompt)."""
         tokenize(prompts)
+        for prompt in prompts:
+            if prompt:
+                check_toy_prompt(prompt)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.encoder(tokenize(prompts).to(self.device)).to(self.dtype)

@@ -112,6 +112,24 @@ class WanFamilyAdapter(ModelAdapter):
         self.tokenizer = tokenizer
         self._runtime: AttentionRuntime | None = None
 
+    @classmethod
+    def validate_sampling(cls, sampling: Sampling) -> None:
+        """Also reject a video longer or larger than the transformer's RoPE tables: at most
+        ``rope_max_seq_len`` token positions per axis."""
+        super().validate_sampling(sampling)
+        limit = cls.transformer_config["rope_max_seq_len"]
+        grid = cls.token_grid(sampling)
+        pixels_per_position = cls.vae_spatial_stride * cls.patch_size[1]
+        largest = {
+            "frames": (grid.frames, (limit * cls.patch_size[0] - 1) * cls.vae_temporal_stride + 1),
+            "height": (grid.height, limit * pixels_per_position),
+            "width": (grid.width, limit * pixels_per_position),
+        }
+        for axis, (positions, most) in largest.items():
+            if positions > limit:
+                raise HarnessError(f"{cls.name}: {axis} {getattr(sampling, axis)} needs {positions} RoPE positions, "
+                                   f"the model has {limit}: use at most {most}")  # fmt: skip
+
     # -- contract ----------------------------------------------------------------------------
 
     def self_attention_layers(self) -> list[torch.nn.Module]:

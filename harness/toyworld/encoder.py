@@ -43,6 +43,18 @@ def tokenize(prompts: list[str], max_words: int = MAX_WORDS) -> torch.Tensor:
     return ids
 
 
+def check_toy_prompt(prompt: str) -> world.Scene:
+    """The scene a prompt of the toy grammar states; a clear error for any other text (the empty prompt too)."""
+    try:
+        return world.parse_prompt(prompt)
+    except ValueError:
+        raise HarnessError(
+            f"{prompt!r} is not a prompt of the toy grammar, e.g. {world.Scene.example_prompt()!r} "
+            "(one or two '<size> <colour> <shape> moves <direction>' joined by 'and', then 'on a "
+            "<background> background')"
+        ) from None
+
+
 def phrase_index(ids: torch.Tensor) -> torch.Tensor:
     """Which phrase (0 = first object, 1 = second object or background, ...) each word of ``(batch, words)`` is in."""
     separators = torch.zeros_like(ids, dtype=torch.bool)

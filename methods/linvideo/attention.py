@@ -106,6 +106,8 @@ class LinVideo(AttentionMethod):
         needs_training=True,
         notes="learned selective transfer + Hedgehog linear attention; needs a converted checkpoint (--checkpoint)",
     )
+    state_params = ("kernel",)  # the feature maps' weights are the kernel's
+    untrained_params = ("linear_layers",)  # a checkpoint fixes its own linear layers
 
     parameters = (
         Param("kernel", "choice", "hedgehog", "feature map of the linear layers (the checkpoint's own)",
