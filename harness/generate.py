@@ -99,9 +99,11 @@ def prepare(spec: RunSpec, eval_options: EvalOptions | None = None, checkpoint_t
     method.check_supported(device, dtype)
     if method.capabilities.needs_training and spec.checkpoint is None and not checkpoint_to_come:
         # Untrained states (linvideo's linear_layers) serve `bench latency` only, never a quality run.
+        from harness.training import train_command  # training imports this module
+
         raise HarnessError(
-            f"method {spec.method!r} needs a trained checkpoint: make one with `bench train --method {spec.method} "
-            f"--model {spec.model} --target-layers K --out DIR`, then pass --checkpoint DIR"
+            f"method {spec.method!r} needs a trained checkpoint: make one with "
+            f"{train_command(spec.method, spec.model)}, then pass --checkpoint DIR"
         )
     if spec.checkpoint is not None and not Path(spec.checkpoint).exists():
         raise HarnessError(f"method checkpoint {spec.checkpoint} does not exist")
