@@ -183,12 +183,40 @@ def _sample(request: AblationRequest, method: str, params: dict[str, Any], check
     return run(spec, request.runs_dir, show_progress=request.show_progress)
 
 
+def _preflight(request: AblationRequest) -> None:
+    """What would stop a sweep after hours of training, checked first: a model without a prompt world (ablate
+    has no --prompt-file: every variant trains and is scored on the model's own prompts) and the two folders."""
+    from harness.io_checks import ensure_writable_dir
+    from harness.models.base import MODELS
+    from harness.training import train_command
+
+    if not _has_prompt_world(MODELS.get(request.model)):
+        usable = [name for name in MODELS.names() if _has_prompt_world(MODELS.get(name))]
+        raise HarnessError(
+            f"bench ablate trains and scores every variant on the model's own prompts; {request.model} has none "
+            f"(models with them: {', '.join(usable)}); to convert it on your prompts, train each variant with "
+            f"{train_command('linvideo', request.model)}"
+        )
+    ensure_writable_dir(request.train_dir)
+    ensure_writable_dir(request.runs_dir)
+
+
+def _has_prompt_world(adapter_cls: Any) -> bool:
+    """Built-in training prompts and a default metric suite (the toy's prompt grammar and ToyBench)."""
+    try:
+        adapter_cls.training_prompts(1, 0)
+    except HarnessError:
+        return False
+    return bool(adapter_cls.default_eval)
+
+
 def ablate(request: AblationRequest) -> list[dict[str, Any]]:
     """Run every variant of the axes and the dense and untrained-linear references; returns the variants'
     records (with ``ablation`` and ``training``)."""
     from harness.models.base import MODELS
     from harness.training import TrainRequest
 
+    _preflight(request)
     planned = plan(request.axes, request.base, MODELS.get(request.model).num_layers, request.train_dir)
     checkpoints = train_all([
         TrainRequest(model=request.model, weights=_weights(request.model), config=variant.config, out=variant.folder,

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.errors import HarnessError
 from harness.generate import initial_noise
-from harness.io_checks import ensure_writable_dir
+from harness.io_checks import ensure_writable_file
 from harness.models.base import MODELS
 from harness.preflight import resolve_device, resolve_dtype
 from harness.spec import Sampling
@@ -69,7 +69,7 @@ def calibrate(request: CalibrationRequest) -> Path:
     prompts = list(request.prompts or adapter_cls.training_prompts(request.prompt_count, request.seed))
     adapter_cls.validate_prompts([*prompts, sampling.negative_prompt])
     device, dtype = resolve_device(request.device), resolve_dtype(request.dtype)
-    ensure_writable_dir(request.out.expanduser().parent)
+    ensure_writable_file(request.out)
 
     model = adapter_cls.load(request.weights, device, dtype)
     seeds = list(range(request.seed, request.seed + len(prompts)))

@@ -6,6 +6,7 @@ baseline's, measured in one process, is what must not regress beyond the toleran
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -33,13 +34,39 @@ class Verdict:
 
 
 def load_baseline(path: Path) -> dict[str, Any]:
+    """A ``bench latency --out`` result, its shape checked: a clear error for anything :func:`check` cannot use."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HarnessError(f"cannot read latency baseline {path}: {exc}") from exc
-    if data.get("kind") != "latency" or "methods" not in data:
+    if not isinstance(data, dict) or data.get("kind") != "latency" or not isinstance(data.get("methods"), dict):
         raise HarnessError(f"{path} is not a `bench latency` result (kind 'latency' with 'methods')")
+    problem = _baseline_problem(data)
+    if problem:
+        raise HarnessError(f"latency baseline {path} {problem}; write a new one with `bench latency --out`")
     return data
+
+
+def _baseline_problem(data: dict[str, Any]) -> str | None:
+    """What makes a latency result unusable as a baseline (None if nothing): the request to re-measure
+    and a positive time ratio per method."""
+    spec = data.get("spec")
+    request = spec.get("request") if isinstance(spec, dict) else None
+    if not isinstance(request, dict):
+        return "lacks its spec (spec.request: what to re-measure)"
+    unknown = sorted(set(request) - {f.name for f in dataclasses.fields(LatencyRequest)})
+    if unknown:
+        return f"has spec.request fields this version does not know: {', '.join(unknown)}"
+    missing = [name for name in ("model", "methods") if name not in request]
+    if missing:
+        return f"lacks spec.request.{missing[0]}"
+    if not data["methods"]:
+        return "names no method"
+    for name, entry in data["methods"].items():
+        ratio = entry.get("ratio_to_baseline") if isinstance(entry, dict) else None
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not math.isfinite(ratio) or ratio <= 0:
+            return f"has no positive ratio_to_baseline for {name!r}"
+    return None
 
 
 def request_from_baseline(baseline: dict[str, Any], overrides: dict[str, Any] | None = None) -> LatencyRequest:

@@ -59,15 +59,20 @@ CacheOpt = Annotated[
 
 
 def user_errors(fn: F) -> F:
-    """Turn :class:`HarnessError` into a one-line message and exit code 2 (no traceback)."""
+    """Every command's wrapper: :class:`HarnessError` becomes a one-line message and exit code 2 (no
+    traceback), and under ``--json`` the console's notes and summaries go to stderr, so that stdout
+    carries the JSON only."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        console.stderr = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except HarnessError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2) from None
+        finally:
+            console.stderr = False
 
     return wrapper  # type: ignore[return-value]
 
@@ -562,9 +567,9 @@ def latency_cmd(
         step=step,
     )
     if out is not None:
-        from harness.io_checks import ensure_writable_dir
+        from harness.io_checks import ensure_writable_file
 
-        ensure_writable_dir(out.parent)
+        ensure_writable_file(out)
     result = run_latency(request)
     if out is not None:
         save_latency(result, out)
@@ -645,25 +650,6 @@ def check_cmd(
         console.print("[bold red]FAILED[/]" if failed else "[bold green]passed[/]")
     if failed:
         raise typer.Exit(1)
-
-
-# The console shows the comparison at a glance; the markdown and CSV files keep every column.
-HIDDEN_IN_CONSOLE = {
-    "device",
-    "weights",
-    "videos",
-    "peak_gib",
-    "forward_p25_ms",
-    "forward_p75_ms",
-    "data_dependent",
-    "steps",
-    "e2e_s_per_video",
-    "colour",
-    "shape",
-    "size",
-    "direction",
-    "baseline",
-}
 
 
 # -- toy world ---------------------------------------------------------------------------------
@@ -1140,27 +1126,34 @@ def report_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Build comparison tables (latency, speedup, every recorded metric) from a runs folder."""
-    from harness.report import build_report
+    from harness.report import build_report, console_view
 
     if not runs_dir.is_dir():
         raise HarnessError(f"runs folder {runs_dir} does not exist; run `bench run` first")
     report = build_report(runs_dir, out)
     for path, reason in report.errors:
-        err_console.print(f"[yellow]skipped corrupt record[/] {path}: {reason}")
+        err_console.print(f"[yellow]skipped record[/] {path}: {reason}", soft_wrap=True)
     if as_json:
         _print_json(
             {
                 "tables": {k: t.to_dict(orient="records") for k, t in report.tables.items()},
                 "files": [str(p) for p in report.files],
                 "errors": [{"path": str(p), "reason": r} for p, r in report.errors],
+                "not_records": [str(p) for p in report.not_records],
+                "notes": report.notes,
             }
         )
         return
     if not report.tables:
-        raise HarnessError(f"no readable records under {runs_dir}")
-    for kind, table in report.tables.items():
-        shown = [c for c in table.columns if c not in HIDDEN_IN_CONSOLE]
-        console.print(_table(kind, shown, table[shown].astype(object).values.tolist()))
+        others = len(report.not_records)
+        raise HarnessError(f"no readable records under {runs_dir}"
+                           + (f" ({others} other JSON files there are not run records)" if others else ""))  # fmt: skip
+    for name, table in report.tables.items():
+        view = console_view(name, table, console.width)
+        more = f" (+{len(view.left_out)} columns in {name}.md)" if view.left_out and out is not None else ""
+        console.print(_table(view.title + more, view.columns, view.rows))
+    for metric, note in report.notes.items():
+        console.print(f"[yellow]note:[/] {metric}: {note}")
     console.print(f"wrote {', '.join(str(p) for p in report.files)}")
 
 

@@ -135,9 +135,11 @@ def _check_checkpoint(spec: RunSpec, method: AttentionMethod, checkpoint_to_come
     if spec.checkpoint is None:
         if method.capabilities.needs_training and not checkpoint_to_come:
             # Untrained states (linvideo's linear_layers) serve `bench latency` only, never a quality run.
+            from harness.training import train_command  # training imports this module
+
             raise HarnessError(
-                f"method {spec.method!r} needs a trained checkpoint: make one with `bench train --method "
-                f"{spec.method} --model {spec.model} --target-layers K --out DIR`, then pass --checkpoint DIR"
+                f"method {spec.method!r} needs a trained checkpoint: make one with "
+                f"{train_command(spec.method, spec.model)}, then pass --checkpoint DIR"
             )
         return None
     path = Path(spec.checkpoint)

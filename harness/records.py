@@ -1,8 +1,9 @@
 """Run records: one strict JSON file per run (:mod:`harness.strict_json`), written atomically, read back tolerantly.
 
 A record holds the full spec and its hash, the environment, latency statistics, memory, density,
-metrics and artifact paths. A corrupt file in a runs folder is reported and skipped; the other
-records are still read.
+metrics and artifact paths. A corrupt file in a runs folder is reported and skipped; other JSON
+(checkpoint specs, plans, benchmark summaries) is recognised as not a record by its missing or
+foreign ``kind``; the other records are still read.
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ REQUIRED_KEYS = {
 }
 
 
+class NotARecordError(ValueError):
+    """Readable JSON that is no record at all (no record ``kind``): skipped, never called corrupt."""
+
+
 @dataclass
 class LoadedRecords:
     records: list[dict[str, Any]] = field(default_factory=list)
     errors: list[tuple[Path, str]] = field(default_factory=list)
+    others: list[Path] = field(default_factory=list)  # JSON files that are not records
 
 
 def record_path(runs_dir: Path, run_id: str) -> Path:
@@ -37,14 +43,15 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """One record; raises ``ValueError`` with the reason if the file is not a valid record."""
+    """One record; raises ``ValueError`` with the reason if the file is not a valid record
+    (:class:`NotARecordError` if it is JSON of another kind)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"unreadable JSON: {exc}") from exc
-    if not isinstance(data, dict) or "kind" not in data or "spec" not in data:
-        raise ValueError("not a run record (no 'kind'/'spec')")
-    missing = [key for key in REQUIRED_KEYS.get(data["kind"], ()) if key not in data]
+    if not isinstance(data, dict) or data.get("kind") not in REQUIRED_KEYS:
+        raise NotARecordError("not a run record (no record 'kind')")
+    missing = [key for key in ("spec", *REQUIRED_KEYS[data["kind"]]) if key not in data]
     if missing:
         raise ValueError(f"incomplete {data['kind']} record: missing {', '.join(missing)}")
     return data
@@ -62,13 +69,16 @@ def finished_record(path: Path) -> dict[str, Any] | None:
 
 
 def load_records(runs_dir: Path) -> LoadedRecords:
-    """Every record under ``runs_dir`` (recursively), plus the files that could not be read."""
+    """Every record under ``runs_dir`` (recursively), the files that could not be read, and other JSON."""
     loaded = LoadedRecords()
     for path in sorted(Path(runs_dir).rglob(f"*{RECORD_SUFFIX}")):
         if path.name.startswith("."):
             continue  # temporary files of an interrupted atomic write
         try:
             record = read_record(path)
+        except NotARecordError:
+            loaded.others.append(path)
+            continue
         except ValueError as exc:
             loaded.errors.append((path, str(exc)))
             continue

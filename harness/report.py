@@ -3,11 +3,17 @@
 Speedups compare runs of the same cohort (same model, sampling, prompts, seeds, device, dtype and
 weights); the dense baseline used is named in its own column. Quality figures of random-weight runs
 are never shown.
+
+Every record is checked once, up front, for the fields the tables read (:data:`TABLE_FIELDS`): one
+that lacks any is skipped with its path and the field, and the others are still tabulated. JSON that
+is no record (checkpoint specs, plans) is set aside, never called corrupt. The console gets a compact
+view of each table (:func:`console_view`); the files keep every column.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,21 +21,114 @@ from typing import Any
 import pandas as pd
 
 from harness.atomic import atomic_path
+from harness.io_checks import ensure_writable_dir
 from harness.records import load_records
 from harness.spec import record_cohort
 
 DENSE_PREFERENCE = ("fa2", "cudnn", "sdpa", "math")
+NUMBER = (int, float)
+
+# The fields the tables read, per record kind: (dotted path, type, required). ``*`` stands for every
+# entry of a mapping; an optional field is checked only when its first part is present.
+TABLE_FIELDS: dict[str, tuple[tuple[str, type | tuple[type, ...], bool], ...]] = {
+    "run": (
+        ("spec.model", str, True), ("spec.method", str, True), ("spec.prompts", list, True),
+        ("spec.sampling.height", int, True), ("spec.sampling.width", int, True), ("spec.sampling.frames", int, True),
+        ("spec.sampling.steps", int, True),
+        ("latency.stages.*", dict, True), ("latency.end_to_end_ms_per_video", NUMBER, True),
+        ("environment", dict, True), ("artifacts.videos", list, True), ("density", dict, True),
+        ("memory", dict, True), ("metrics.*", dict, False), ("training.linear_layers", list, False),
+        ("ablation", list, False), ("evaluations.*", list, False),
+    ),
+    "latency": (
+        ("model", str, True), ("tokens", int, True), ("environment", dict, True),
+        ("methods.*.forward.median_ms", NUMBER, True), ("methods.*.forward.p25_ms", NUMBER, True),
+        ("methods.*.forward.p75_ms", NUMBER, True), ("methods.*.attention_ms_per_layer", NUMBER, True),
+        ("methods.*.speedup_vs_baseline", NUMBER, True),
+    ),
+}  # fmt: skip
 
 
 @dataclass
 class Report:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
-    errors: list[tuple[Path, str]] = field(default_factory=list)
+    errors: list[tuple[Path, str]] = field(default_factory=list)  # records skipped, with the reason
+    not_records: list[Path] = field(default_factory=list)  # other JSON under the runs folder
+    notes: dict[str, str] = field(default_factory=dict)  # metric -> how its figure departs from the benchmark
+
+
+def usable_records(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+    """The records the tables can read, and (path, reason) for each one that lacks a field they need."""
+    usable, skipped = [], []
+    for record in records:
+        problem = _shape_problem(record)
+        if problem is None:
+            usable.append(record)
+        else:
+            skipped.append((Path(record.get("_path", "?")), f"incomplete {record['kind']} record: {problem}"))
+    return usable, skipped
+
+
+def _shape_problem(record: dict[str, Any]) -> str | None:
+    for path, kind, required in TABLE_FIELDS.get(record["kind"], ()):
+        parts = path.split(".")
+        if not required and parts[0] not in record:
+            continue
+        problem = _field_problem(record, parts, kind, "")
+        if problem is not None:
+            return problem
+    if record["kind"] == "run":
+        try:
+            record_cohort(record)
+        except (TypeError, KeyError, ValueError) as exc:
+            return f"its spec is not one this version reads ({exc})"
+    return None
+
+
+def _field_problem(value: Any, parts: list[str], kind: type | tuple[type, ...], where: str) -> str | None:
+    """Why ``value`` has no ``parts`` path of type ``kind`` (None if it has); ``where`` is the path so far."""
+    if not parts:
+        wrong = not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, NUMBER))
+        return f"{where} is {type(value).__name__}, not {_type_name(kind)}" if wrong else None
+    if not isinstance(value, dict):
+        return f"{where} is {type(value).__name__}, not a mapping"
+    head, rest = parts[0], parts[1:]
+    if head != "*" and head not in value:
+        return f"lacks {where + '.' if where else ''}{head}"
+    children = value.items() if head == "*" else [(head, value[head])]
+    for key, child in children:
+        problem = _field_problem(child, rest, kind, f"{where}.{key}" if where else key)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    return "a number" if kind == NUMBER else {dict: "a mapping", list: "a list", str: "text", int: "an integer"}[kind]
 
 
 def _params_label(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, separators=(",", ":")) if params else ""
+
+
+def _given_params(record: dict[str, Any]) -> str:
+    """The parameters the user gave (and the checkpoint's name), short: ``kernel=elu ckpt=toy-5af578e1e7ed``."""
+    spec = record["spec"]
+    given = sorted(spec.get("method_params", {}).items())
+    if spec.get("checkpoint"):
+        given.append(("ckpt", spec["checkpoint"]))  # last: a cut label keeps its distinctive end
+    return " ".join(f"{key}={_short_value(value)}" for key, value in given)
+
+
+def _short_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(map(_short_value, value))
+    if isinstance(value, str) and "/" in value:
+        return Path(value).name  # a file or folder: its name (the full path is in params_resolved)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
 
 
 def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -41,7 +140,8 @@ def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
         row = {
             "model": spec["model"],
             "method": spec["method"],
-            "params": _params_label(rec.get("method_params_resolved") or spec.get("method_params", {})),
+            "params": _given_params(rec),
+            "params_resolved": _params_label(rec.get("method_params_resolved") or spec.get("method_params", {})),
             "weights": rec.get("weights"),
             "device": rec["environment"].get("device_name"),
             "video": f"{s['height']}x{s['width']}x{s['frames']}",
@@ -97,7 +197,8 @@ def table1(records: list[dict[str, Any]]) -> pd.DataFrame:
         row = {
             "model": spec["model"],
             "method": spec["method"],
-            "params": _params_label(rec.get("method_params_resolved") or spec.get("method_params", {})),
+            "params": _given_params(rec),
+            "params_resolved": _params_label(rec.get("method_params_resolved") or spec.get("method_params", {})),
             "prompts": spec.get("prompt_set") or f"{len(spec['prompts'])} given",
             "video": f"{s['height']}x{s['width']}x{s['frames']}",
             "videos": len(rec["artifacts"]["videos"]),
@@ -115,7 +216,8 @@ def table1(records: list[dict[str, Any]]) -> pd.DataFrame:
         return table
     _add_speedups(table, "latency_s")
     table = table.dropna(axis=1, how="all")  # dimensions no run was scored on
-    front = ["model", "method", "params", "prompts", "video", "videos", "device", "latency_s", "speedup", "baseline"]
+    front = ["model", "method", "params", "params_resolved", "prompts", "video", "videos", "device", "latency_s",
+             "speedup", "baseline"]  # fmt: skip
     ordered = [c for c in front if c in table] + [c for c in table if c not in front and c != "cohort"]
     return table[ordered].sort_values(["model", "video", "method"]).reset_index(drop=True)
 
@@ -158,8 +260,8 @@ def _memberships(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _reference_label(record: dict[str, Any]) -> str:
-    """``sdpa (reference)``, ``linear layers=0,1,2,6 kernel=hedgehog (reference)``."""
-    params = " ".join(f"{key}={value}" for key, value in sorted(record["spec"].get("method_params", {}).items()))
+    """``sdpa (reference)``, ``linear kernel=hedgehog layers=0,1,2,6 (reference)``."""
+    params = _given_params(record)
     return f"{record['spec']['method']}{' ' + params if params else ''} (reference)"
 
 
@@ -226,38 +328,134 @@ def ablation_figures(records: list[dict[str, Any]], tables: dict[str, pd.DataFra
 
 
 def build_report(runs_dir: Path, out_dir: Path | None) -> Report:
-    """Read every record under ``runs_dir``; write ``runs.md/csv`` and ``latency.md/csv`` to ``out_dir``."""
+    """Read every record under ``runs_dir``; write ``runs.md/csv`` and ``latency.md/csv`` to ``out_dir``.
+
+    Raises HarnessError (before reading anything) if ``out_dir`` cannot be written.
+    """
+    if out_dir is not None:
+        out_dir = ensure_writable_dir(out_dir)
     loaded = load_records(runs_dir)
-    report = Report(errors=loaded.errors)
-    for kind, builder in (("runs", runs_table), ("latency", latency_table)):
-        records = [r for r in loaded.records if r.get("kind") == ("run" if kind == "runs" else "latency")]
-        table = builder(records) if records else pd.DataFrame()
+    records, skipped = usable_records(loaded.records)
+    report = Report(errors=loaded.errors + skipped, not_records=loaded.others)
+    runs = [r for r in records if r["kind"] == "run"]
+    reportable = [r for r in runs if r.get("quality_reportable", False)]
+    report.notes = protocol_notes(reportable)
+    tables = {"runs": runs_table(runs),
+              "latency": latency_table([r for r in records if r["kind"] == "latency"]),
+              "table1": table1(reportable), **ablation_tables(reportable)}  # fmt: skip
+    for name, table in tables.items():
         if table.empty:
             continue
-        report.tables[kind] = table
-        if out_dir is not None:
-            report.files += _write_table(table, Path(out_dir), kind)
-    runs = [r for r in loaded.records if r.get("kind") == "run" and r.get("quality_reportable", False)]
-    paper_table = table1(runs)
-    if not paper_table.empty:
-        report.tables["table1"] = paper_table
-        if out_dir is not None:
-            report.files += _write_table(paper_table, Path(out_dir), "table1")
-    ablations = ablation_tables(runs)
-    for name, table in ablations.items():
         report.tables[name] = table
         if out_dir is not None:
-            report.files += _write_table(table, Path(out_dir), name)
+            report.files += _write_table(table, out_dir, name, _notes_for(table, report.notes))
+    ablations = [name for name in report.tables if name.startswith("ablation_")]
     if ablations and out_dir is not None:
-        report.files += ablation_figures(runs, ablations, Path(out_dir))
+        report.files += ablation_figures(reportable, {name: report.tables[name] for name in ablations}, out_dir)
     return report
 
 
-def _write_table(table: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
+def protocol_notes(records: list[dict[str, Any]]) -> dict[str, str]:
+    """metric -> how its figure departs from its benchmark's protocol (e.g. VBench's temporal_flickering scored
+    without the static filter), as recorded by the latest evaluation that scored it in any of ``records``."""
+    notes: dict[str, str] = {}
+    for record in records:
+        latest: dict[str, str] = {}
+        for entries in record.get("evaluations", {}).values():
+            for entry in entries:
+                if isinstance(entry, dict):
+                    given = entry.get("protocol_notes", {})
+                    latest.update({name: given.get(name, "") for name in entry.get("dimensions", ())})
+        notes.update({name: note for name, note in latest.items() if note})
+    return dict(sorted(notes.items()))
+
+
+def _notes_for(table: pd.DataFrame, notes: dict[str, str]) -> dict[str, str]:
+    return {metric: note for metric, note in notes.items() if metric in table.columns}
+
+
+def _write_table(table: pd.DataFrame, out_dir: Path, stem: str, notes: dict[str, str]) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
+    footer = "".join(f"\n- {metric}: {note}" for metric, note in notes.items())
+    markdown = table.to_markdown(index=False, floatfmt=".4g")
     with atomic_path(md_path) as tmp:
-        tmp.write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+        tmp.write_text(markdown + (f"\n\nNotes:{footer}" if footer else "") + "\n")
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
     return [md_path, csv_path]
+
+
+# -- the console's compact view --------------------------------------------------------------------------
+
+#: Columns the console shows first, in this order; then the metrics, as far as the terminal's width allows.
+CONSOLE_FIRST = ("model", "video", "tokens", "variant", "method", "params", "step_ms", "forward_ms", "latency_s",
+                 "speedup", "density")  # fmt: skip
+#: Columns only the files carry: provenance, spread, and ToyBench's sub-scores of prompt correctness.
+CONSOLE_HIDDEN = frozenset({
+    "params_resolved", "device", "weights", "videos", "peak_gib", "forward_p25_ms", "forward_p75_ms",
+    "data_dependent", "steps", "e2e_s_per_video", "attn_ms_per_step", "colour", "shape", "size", "direction",
+    "baseline", "prompts", "trained", "train_s_per_step", "concurrent_jobs", "linear_count",
+})  # fmt: skip
+#: Shared by every row: shown once in the title instead of a column.
+CONSOLE_CONTEXT = ("model", "video", "tokens")
+CONSOLE_CELL = 32  # characters of a cell at most (longer: its middle cut to an ellipsis, the distinctive end kept)
+PARAMS_CELL = 21  # the short params label: room for a checkpoint's name (ckpt=toy-5af578e1e7ed) at 80 columns
+IDENTITY = ("variant", "method", "params")  # always shown: what each row is
+
+
+@dataclass
+class ConsoleView:
+    """What the console prints of one table: a title, the columns that fit (headers broken at ``_`` onto
+    lines, never inside a word), and the columns left to the files."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    left_out: list[str]
+
+
+def console_view(name: str, table: pd.DataFrame, width: int) -> ConsoleView:
+    """The columns of ``table`` that fit in ``width`` characters (rich's box: 3 per column plus 1), in the
+    order of :data:`CONSOLE_FIRST` then the table's own; :data:`IDENTITY` columns always."""
+    context = [c for c in CONSOLE_CONTEXT if c in table and table[c].nunique(dropna=False) == 1]
+    title = " ".join([name, *(str(table[c].iloc[0]) for c in context)])
+    candidates = [c for c in CONSOLE_FIRST if c in table and c not in context]
+    candidates += [c for c in table if c not in candidates and c not in context and c not in CONSOLE_HIDDEN]
+    shown, headers, cells, used = [], [], {}, 1
+    for column in candidates:
+        limit = PARAMS_CELL if column == "params" else CONSOLE_CELL
+        cells[column] = [_cell(value, limit) for value in table[column]]
+        words = [part + "_" for part in column.split("_")]
+        words[-1] = words[-1][:-1]
+        widest = max(*(len(word) for word in words), *(len(cell) for cell in cells[column]))
+        roomy = max(widest, min(len(column), widest + 4))  # a few more characters spare a header line
+        column_width = next((w for w in (roomy, widest) if used + w + 3 <= width), None)
+        if column in IDENTITY or column_width is not None:
+            column_width = column_width or roomy
+            shown.append(column)
+            headers.append(_wrap(words, column_width))
+            used += column_width + 3
+    rows = [[cells[c][i] for c in shown] for i in range(len(table))]
+    return ConsoleView(title, headers, rows, [c for c in table if c not in shown and c not in context])
+
+
+def _wrap(words: list[str], width: int) -> str:
+    """Header words (``prompt_``, ``correctness``) joined onto as few lines of ``width`` as they fit."""
+    lines = [words[0]]
+    for word in words[1:]:
+        if len(lines[-1]) + len(word) <= width:
+            lines[-1] += word
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
+def _cell(value: Any, limit: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "\u2026" + text[len(text) - (limit - 1 - head) :]

@@ -81,6 +81,19 @@ def divergence_note(objective: Sequence[float]) -> str | None:
             "reached 0.007-0.014)")  # fmt: skip
 
 
+def train_command(method: str, model: str) -> str:
+    """The `bench train` command that makes a ``method`` checkpoint of ``model``, as an error message quotes it:
+    LinVideo also needs --target-layers, a model without built-in training prompts --prompt-file."""
+    options = [f"--method {method}", f"--model {model}"]
+    if method == "linvideo":
+        options.append("--target-layers K")
+    try:
+        MODELS.get(model).training_prompts(1, 0)
+    except HarnessError:
+        options.append("--prompt-file FILE")
+    return f"`bench train {' '.join(options)} --out DIR`"
+
+
 def collect_trajectories(request: TrainRequest) -> tuple[ModelAdapter, TrajectoryStore]:
     """Validate the request, make its output folder, load the teacher and fill (or reuse) its trajectory store."""
     from methods.linvideo.collect import CollectionSpec, collect
@@ -132,8 +145,8 @@ def default_checkpoint(model: str, device: str, show_progress: bool = True) -> P
     adapter_cls = MODELS.get(model)
     if adapter_cls.weights_kind != "builtin":
         raise HarnessError(
-            f"linvideo on {model!r} needs a converted checkpoint: make one with `bench train --method linvideo "
-            f"--model {model} --target-layers K --out DIR`, then pass --checkpoint DIR"
+            f"linvideo on {model!r} needs a converted checkpoint: make one with {train_command('linvideo', model)}, "
+            "then pass --checkpoint DIR"
         )
     config = default_recipe(adapter_cls.num_layers)
     identity = json.dumps({"config": asdict(config), "prompts": DEFAULT_PROMPT_COUNT,

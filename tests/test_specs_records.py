@@ -160,7 +160,8 @@ def test_write_json_atomic_creates_parent_folders(tmp_path: Path) -> None:
 
 
 def test_load_records_skips_dotfiles_and_reports_corrupt(tmp_path: Path) -> None:
-    """load_records reads good records recursively, ignores dotfiles and lists corrupt files with a reason."""
+    """load_records reads good records recursively, ignores dotfiles, lists corrupt files with a reason and
+    JSON that is no record (a list, a checkpoint spec) apart."""
     spec_a, spec_b = make_spec(), make_spec(method="math")
     write_record(record_path(tmp_path, spec_a.run_id), _record(spec_a))
     write_record(record_path(tmp_path / "nested", spec_b.run_id), _record(spec_b))
@@ -168,14 +169,15 @@ def test_load_records_skips_dotfiles_and_reports_corrupt(tmp_path: Path) -> None
     (tmp_path / ".hidden.json").write_text(json.dumps(_record(spec_a)))
     (tmp_path / "garbage.json").write_bytes(b"\x89PNG\x00\xff")
     (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "spec.json").write_text(json.dumps({"method": "linvideo", "config": {}}))
     (tmp_path / "notes.txt").write_text("not json at all")
     loaded = load_records(tmp_path)
     assert sorted(r["spec"]["method"] for r in loaded.records) == ["math", "sdpa"]
     assert all(Path(r["_path"]).is_file() for r in loaded.records)
     errors = {path.name: reason for path, reason in loaded.errors}
-    assert set(errors) == {"garbage.json", "list.json"}
+    assert set(errors) == {"garbage.json"}
     assert "unreadable JSON" in errors["garbage.json"]
-    assert "not a run record" in errors["list.json"]
+    assert sorted(path.name for path in loaded.others) == ["list.json", "spec.json"]
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,7 @@ def _preflight(benchmark: str):  # type: ignore[no-untyped-def]
 
 def _score_benchmark(benchmark: str):  # type: ignore[no-untyped-def]
     def score(record: dict[str, Any], runs_dir: Path, options: EvalOptions) -> RunScores:
+        from harness.eval.vbench.catalogue import dimension
         from harness.eval.vbench.runner import evaluate_videos, video_names
 
         request = _benchmark_request(benchmark, record["spec"], options)
@@ -198,9 +199,10 @@ def _score_benchmark(benchmark: str):  # type: ignore[no-untyped-def]
             labels=[v.get("label", v["prompt"]) for v in videos],
         )
         per_video = [result.per_video.get(name, {}) for name in names]
-        return RunScores(
-            result.percent, per_video, {"dimensions": list(request.dimensions), "raw": result.raw, **result.details}
-        )
+        notes = {name: dimension(benchmark, name).protocol_note for name in request.dimensions}
+        details = {"dimensions": list(request.dimensions), "raw": result.raw, **result.details,
+                   "protocol_notes": {name: note for name, note in notes.items() if note}}  # fmt: skip
+        return RunScores(result.percent, per_video, details)
 
     return score
 
