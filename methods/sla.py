@@ -188,6 +188,8 @@ class SparseLinearAttention(AttentionMethod):
         if self.state is None:
             self.attach(SlaProjections(ctx.num_layers, q.shape[-1]).requires_grad_(False).to(q.device), trained=False)
         assert self.state is not None
+        if self.state.proj[0].weight.device != q.device:  # a loaded checkpoint's state arrives on the CPU
+            self.state.to(q.device)
         tokens, block = q.shape[-2], self.block_size(q.shape[-2])
         with torch.no_grad():  # the selection is not differentiated (as in SLA)
             critical, marginal = classify_blocks(q, k, block, self.critical, self.negligible)
