@@ -19,8 +19,9 @@ from methods.kernels.linear_attention import (
     FeatureMap,
     build_feature_map,
     check_kernel,
-    linear_attention,
+    feature_linear_attention,
 )
+from methods.kernels.linear_attention_triton import BACKEND_NOTE
 
 # taylor is left out: its 1 + D + D^2 features (16,513 per token at D = 128) do not fit at video length.
 LINEAR_KERNELS: tuple[str, ...] = ("elu", "relu", "hedgehog")
@@ -76,7 +77,8 @@ class LinearAttention(AttentionMethod):
     capabilities = Capabilities(
         devices=("cpu", "cuda"),
         sparsity="linear",
-        notes="untrained linear attention (LinVideo direct replacement); kernels: " + ", ".join(LINEAR_KERNELS),
+        notes=f"untrained linear attention (LinVideo direct replacement); kernels: {', '.join(LINEAR_KERNELS)}; "
+        f"{BACKEND_NOTE}",
     )
 
     def __init__(
@@ -118,4 +120,4 @@ class LinearAttention(AttentionMethod):
         if not self.runs_linear(ctx.layer):
             return F.scaled_dot_product_attention(q, k, v), 1.0
         phi = self.feature_map(ctx.layer, q)
-        return linear_attention(phi(q), phi(k), v), 0.0
+        return feature_linear_attention(q, k, v, phi, phi), 0.0

@@ -1,0 +1,536 @@
+"""Non-causal linear attention on CUDA in Triton, with the feature map fused into the kernels.
+
+Computes what :func:`methods.kernels.linear_attention.linear_attention` computes from
+``q_map(q)`` and ``k_map(k)`` (the torch path, which stays the CPU path and the reference),
+
+    out_i = phi_q(q_i) S / (phi_q(q_i) . z + eps),   S = sum_j phi_k(k_j)^T v_j,   z = sum_j phi_k(k_j),
+
+for the maps ``hedgehog`` (``[softmax(x W), softmax(-x W)]``, W per head), ``relu`` and ``elu`` (+ 1).
+``taylor`` (1 + D + D^2 features per head) stays in torch. phi(q) and phi(k) never reach memory: every
+kernel recomputes them from the token tile it loads (and W).
+
+Kernels, each looping over the token blocks of one chunk of the sequence so that W and the state are
+loaded once per program and the token axis is split over enough programs to fill the GPU:
+
+- :func:`_gram_partials`: per (chunk, batch x head, feature half) ``phi(x)^T y`` and ``phi(x)^T c``
+  (fp32 accumulation); summed over chunks on the host. It gives the state ``S, z`` (x = k, y = v,
+  c = 1), their gradients ``dS, dz`` (x = q, y = dL/d numerator, c = dL/d denominator) and W's gradient
+  ``x^T dp`` (identity map).
+- :func:`_output`: per token block, phi(q), ``phi(q) S`` and the normaliser, the output.
+- :func:`_query_grads` and :func:`_key_grads`: the gradients of q, and of k and v, through the map.
+
+Precision: bf16/fp16 operands with fp32 accumulation. The state is accumulated in fp32 and rounded
+once to the operand dtype where it enters a product (relative 2^-9 in bf16, the size of the output's
+own rounding); the normaliser stays fp32. Hedgehog's projection is computed as ``x + x (W - I)``, so
+the identity part is exact and only the learned change is rounded to the operand dtype. The weight
+gradients are fp32.
+
+Shapes: q ``(B, H, N, D)``, k and v ``(B, H, M, D)`` (any strides with a contiguous last axis),
+``D <= 128``; the output ``(B, H, N, D)`` in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from harness.errors import HarnessError
+from methods.kernels.linear_attention import EluFeatureMap, FeatureMap, HedgehogFeatureMap, ReluFeatureMap
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (CI): every call takes the torch path
+    triton = tl = None
+
+FUSED_KERNELS: tuple[str, ...] = ("hedgehog", "relu", "elu")
+BACKEND_ENV = "BENCH_LINEAR_BACKEND"
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+BACKEND_NOTE = (
+    f"linear attention on CUDA: fused Triton kernel for {', '.join(FUSED_KERNELS)} (taylor runs in torch); "
+    f"{BACKEND_ENV}=torch forces the torch path"
+)
+MAX_HEAD_DIM = 128
+# Map codes inside the kernels (constexpr KIND); IDENTITY serves the weight-gradient reduction x^T dp.
+KIND_CODES = {"hedgehog": 0, "relu": 1, "elu": 2}
+IDENTITY = 3
+_MAP_KINDS: dict[type[FeatureMap], str] = {HedgehogFeatureMap: "hedgehog", ReluFeatureMap: "relu", EluFeatureMap: "elu"}
+# The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot time configurations: one small one.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# (BLOCK_N, num_warps, num_stages) per kernel family; the autotuner keeps the fastest that compiles.
+REDUCE_CONFIGS = ((64, 8, 3), (128, 8, 2), (64, 4, 2))
+TOKEN_CONFIGS = ((64, 8, 2), (32, 4, 2), (128, 8, 2))
+INTERPRETER_CONFIGS = ((16, 4, 1),)
+# Programs per multiprocessor that the chunking aims at (a few waves keep every SM busy to the end).
+PROGRAMS_PER_SM = 4
+
+
+def _kernel(configs: tuple[tuple[int, int, int], ...]) -> Any:
+    """``triton.autotune`` over ``configs`` (BLOCK_N, num_warps, num_stages) around ``triton.jit``; without
+    Triton the plain function, which is never launched."""
+    if triton is None:
+        return lambda fn: fn
+    chosen = INTERPRETER_CONFIGS if INTERPRETED else configs
+    tuned = [triton.Config({"BLOCK_N": block}, num_warps=warps, num_stages=stages) for block, warps, stages in chosen]
+    autotune = triton.autotune(configs=tuned, key=["BLOCK_D", "KIND", "HAS_W", "HAS_C", "STORE_DP", "NH"],
+                               prune_configs_by={"early_config_prune": _prune})  # fmt: skip
+    return lambda fn: autotune(triton.jit(fn))
+
+
+def _prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+    """Small heads (toy models, BLOCK_D < 128) take the first configuration untimed: each tuned one costs a
+    compile, and their calls are too small for the choice to matter."""
+    return configs if kwargs.get("BLOCK_D", MAX_HEAD_DIM) >= MAX_HEAD_DIM else configs[:1]
+
+
+def _jit(fn: Any) -> Any:
+    return fn if triton is None else triton.jit(fn)
+
+
+def _chunk_alignment(configs: tuple[tuple[int, int, int], ...]) -> int:
+    """Chunks are whole multiples of every configuration's block, so no block straddles two chunks."""
+    return max(block for block, _, _ in (INTERPRETER_CONFIGS if INTERPRETED else configs))
+
+
+# -- kernels ------------------------------------------------------------------------------------
+
+
+@_jit
+def _project(x, w, HAS_W: tl.constexpr):
+    """``x (T, BD)`` -> ``x + x (W - I)`` in fp32; ``w`` holds ``W - I`` in the operand dtype."""
+    p = x.to(tl.float32)
+    if HAS_W:
+        p = tl.dot(x, w, p)
+    return p
+
+
+@_jit
+def _phi(p, sign, inside, KIND: tl.constexpr):
+    """Features ``(T, BD)`` fp32 from the projected tile: hedgehog's ``softmax(sign p)`` over the real
+    columns (``inside``), relu, elu + 1 (0 in padding columns), or ``p`` itself (IDENTITY)."""
+    if KIND == 0:
+        s = tl.where(inside[None, :], p * sign, float("-inf"))
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        phi = e / tl.sum(e, axis=1)[:, None]
+    elif KIND == 1:
+        phi = tl.maximum(p, 0.0)
+    elif KIND == 2:
+        phi = tl.where(inside[None, :], tl.where(p > 0, p + 1.0, tl.exp(tl.minimum(p, 0.0))), 0.0)
+    else:
+        phi = p
+    return phi
+
+
+@_jit
+def _phi_grad(p, phi, dphi, sign, KIND: tl.constexpr):
+    """dL/dp for ``phi = _phi(p, sign)`` given dL/dphi, all ``(T, BD)`` fp32."""
+    if KIND == 0:
+        dp = sign * phi * (dphi - tl.sum(dphi * phi, axis=1)[:, None])
+    elif KIND == 1:
+        dp = tl.where(p > 0, dphi, 0.0)
+    else:  # elu + 1: phi = exp(p) where p <= 0 (and 0 in padding columns)
+        dp = tl.where(p > 0, dphi, dphi * phi)
+    return dp
+
+
+@_jit
+def _square(ptr, cols, BLOCK_D: tl.constexpr):
+    """One ``(BD, BD)`` row-major tile."""
+    return tl.load(ptr + cols[:, None] * BLOCK_D + cols[None, :])
+
+
+@_kernel(REDUCE_CONFIGS)
+def _gram_partials(x_ptr, y_ptr, c_ptr, w_ptr, s_ptr, z_ptr, H, N, D, CHUNK,
+                   sxb, sxh, sxn, syb, syh, syn,
+                   KIND: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, NH: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (chunk, b * H + h, half): over the chunk's tokens n, ``sum phi(x_n)^T y_n`` ``(BD, BD)`` and
+    ``sum c_n phi(x_n)`` ``(BD,)`` (c = 1 without HAS_C) into row ``(chunk, bh, half)`` of s and z."""
+    chunk, bh, half = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    sign = 1.0 - 2.0 * half.to(tl.float32)
+    rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    inside = cols < D
+    x_base, y_base = x_ptr + b * sxb + h * sxh, y_ptr + b * syb + h * syh
+    if HAS_W:
+        w = _square(w_ptr + h * BLOCK_D * BLOCK_D, cols, BLOCK_D)
+    else:  # never read: HAS_W is False
+        w = tl.zeros((BLOCK_D, BLOCK_D), dtype=x_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    start = chunk * CHUNK
+    for offset in range(0, CHUNK, BLOCK_N):
+        n = start + offset + rows
+        valid = n < N
+        mask = valid[:, None] & inside[None, :]
+        x = tl.load(x_base + n[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
+        y = tl.load(y_base + n[:, None] * syn + cols[None, :], mask=mask, other=0.0)
+        phi = tl.where(valid[:, None], _phi(_project(x, w, HAS_W), sign, inside, KIND), 0.0)
+        if HAS_C:
+            c = tl.load(c_ptr + bh.to(tl.int64) * N + n, mask=valid, other=0.0)
+            zacc += tl.sum(phi * c[:, None], axis=0)
+        else:
+            zacc += tl.sum(phi, axis=0)
+        acc = tl.dot(tl.trans(phi.to(y_ptr.dtype.element_ty)), y, acc)
+    row = (chunk * tl.num_programs(1) + bh) * NH + half
+    tl.store(s_ptr + row.to(tl.int64) * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :], acc)
+    tl.store(z_ptr + row.to(tl.int64) * BLOCK_D + cols, zacc)
+
+
+@_kernel(TOKEN_CONFIGS)
+def _output(q_ptr, w_ptr, s_ptr, z_ptr, o_ptr, H, N, D, CHUNK, eps,
+            sqb, sqh, sqn, sob, soh, son,
+            KIND: tl.constexpr, HAS_W: tl.constexpr, NH: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (chunk, b * H + h): ``out = phi(q) S / (phi(q) . z + eps)`` for the chunk's tokens."""
+    chunk, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    inside = cols < D
+    q_base, o_base = q_ptr + b * sqb + h * sqh, o_ptr + b * sob + h * soh
+    if HAS_W:
+        w = _square(w_ptr + h * BLOCK_D * BLOCK_D, cols, BLOCK_D)
+    else:  # never read: HAS_W is False
+        w = tl.zeros((BLOCK_D, BLOCK_D), dtype=q_ptr.dtype.element_ty)
+    state = bh.to(tl.int64) * NH
+    s0, z0 = _square(s_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(z_ptr + state * BLOCK_D + cols)
+    if NH == 2:
+        s1 = _square(s_ptr + (state + 1) * BLOCK_D * BLOCK_D, cols, BLOCK_D)
+        z1 = tl.load(z_ptr + (state + 1) * BLOCK_D + cols)
+    start = chunk * CHUNK
+    for offset in range(0, CHUNK, BLOCK_N):
+        n = start + offset + rows
+        mask = (n < N)[:, None] & inside[None, :]
+        x = tl.load(q_base + n[:, None] * sqn + cols[None, :], mask=mask, other=0.0)
+        p = _project(x, w, HAS_W)
+        phi = _phi(p, 1.0, inside, KIND)
+        num = tl.dot(phi.to(s_ptr.dtype.element_ty), s0)
+        den = tl.sum(phi * z0[None, :], axis=1) + eps
+        if NH == 2:
+            phi = _phi(p, -1.0, inside, KIND)
+            num = tl.dot(phi.to(s_ptr.dtype.element_ty), s1, num)
+            den += tl.sum(phi * z1[None, :], axis=1)
+        out = num / den[:, None]
+        tl.store(o_base + n[:, None] * son + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@_kernel(TOKEN_CONFIGS)
+def _query_grads(q_ptr, do_ptr, w_ptr, s_ptr, z_ptr, dq_ptr, g_ptr, c_ptr, dp_ptr, H, N, D, CHUNK, eps,
+                 sqb, sqh, sqn, sdb, sdh, sdn,
+                 KIND: tl.constexpr, HAS_W: tl.constexpr, STORE_DP: tl.constexpr, NH: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (chunk, b * H + h), per query token: with ``num = phi S``, ``den = phi . z + eps``,
+    ``g = dout / den`` (dL/d num) and ``c = -(dout . out) / den`` (dL/d den), then
+    ``dphi = g S^T + c z`` and dq through the map. Writes dq ``(B, H, N, D)``, and g ``(B, H, N, BD)``,
+    c ``(B * H, N)`` for the dS/dz reduction, and dp ``(B, H, N, BD)`` for W's gradient (STORE_DP)."""
+    chunk, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    inside = cols < D
+    dtype = s_ptr.dtype.element_ty
+    q_base, do_base = q_ptr + b * sqb + h * sqh, do_ptr + b * sdb + h * sdh
+    dq_base = dq_ptr + (b * H + h) * N * D
+    scratch = (b * H + h) * N * BLOCK_D
+    if HAS_W:
+        w = _square(w_ptr + h * BLOCK_D * BLOCK_D, cols, BLOCK_D)
+    else:  # never read: HAS_W is False
+        w = tl.zeros((BLOCK_D, BLOCK_D), dtype=q_ptr.dtype.element_ty)
+    state = bh.to(tl.int64) * NH
+    s0, z0 = _square(s_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(z_ptr + state * BLOCK_D + cols)
+    if NH == 2:
+        s1 = _square(s_ptr + (state + 1) * BLOCK_D * BLOCK_D, cols, BLOCK_D)
+        z1 = tl.load(z_ptr + (state + 1) * BLOCK_D + cols)
+    start = chunk * CHUNK
+    for offset in range(0, CHUNK, BLOCK_N):
+        n = start + offset + rows
+        valid = n < N
+        mask = valid[:, None] & inside[None, :]
+        x = tl.load(q_base + n[:, None] * sqn + cols[None, :], mask=mask, other=0.0)
+        dout = tl.load(do_base + n[:, None] * sdn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        p = _project(x, w, HAS_W)
+        phi = _phi(p, 1.0, inside, KIND)
+        num = tl.dot(phi.to(dtype), s0)
+        den = tl.sum(phi * z0[None, :], axis=1) + eps
+        if NH == 2:
+            phi = _phi(p, -1.0, inside, KIND)
+            num = tl.dot(phi.to(dtype), s1, num)
+            den += tl.sum(phi * z1[None, :], axis=1)
+        g = dout / den[:, None]
+        c = -tl.sum(g * num, axis=1) / den
+        g = g.to(dtype)
+        # The features are recomputed rather than kept from above: fewer live tiles, no spills.
+        phi = _phi(p, 1.0, inside, KIND)
+        dp = _phi_grad(p, phi, tl.dot(g, tl.trans(s0)) + c[:, None] * z0[None, :], 1.0, KIND)
+        if NH == 2:
+            phi = _phi(p, -1.0, inside, KIND)
+            dp += _phi_grad(p, phi, tl.dot(g, tl.trans(s1)) + c[:, None] * z1[None, :], -1.0, KIND)
+        dx = dp
+        if HAS_W:
+            dp_low = dp.to(dtype)
+            dx = tl.dot(dp_low, tl.trans(w), dx)
+            if STORE_DP:
+                tl.store(dp_ptr + scratch + n[:, None] * BLOCK_D + cols[None, :], dp_low, mask=valid[:, None])
+        tl.store(dq_base + n[:, None] * D + cols[None, :], dx.to(dq_ptr.dtype.element_ty), mask=mask)
+        tl.store(g_ptr + scratch + n[:, None] * BLOCK_D + cols[None, :], g, mask=valid[:, None])
+        tl.store(c_ptr + bh.to(tl.int64) * N + n, c, mask=valid)
+
+
+@_kernel(TOKEN_CONFIGS)
+def _key_grads(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, dp_ptr, H, M, D, CHUNK,
+               skb, skh, skn, svb, svh, svn,
+               KIND: tl.constexpr, HAS_W: tl.constexpr, STORE_DP: tl.constexpr, NH: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (chunk, b * H + h), per key token: ``dv = phi dS``, ``dphi = v dS^T + dz``, dk through the
+    map. Writes dk, dv ``(B, H, M, D)`` and dp ``(B, H, M, BD)`` for W's gradient (STORE_DP)."""
+    chunk, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    inside = cols < D
+    dtype = ds_ptr.dtype.element_ty
+    k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    out_base = (b * H + h) * M * D
+    scratch = (b * H + h) * M * BLOCK_D
+    if HAS_W:
+        w = _square(w_ptr + h * BLOCK_D * BLOCK_D, cols, BLOCK_D)
+    else:  # never read: HAS_W is False
+        w = tl.zeros((BLOCK_D, BLOCK_D), dtype=k_ptr.dtype.element_ty)
+    state = bh.to(tl.int64) * NH
+    ds0, dz0 = _square(ds_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(dz_ptr + state * BLOCK_D + cols)
+    if NH == 2:
+        ds1 = _square(ds_ptr + (state + 1) * BLOCK_D * BLOCK_D, cols, BLOCK_D)
+        dz1 = tl.load(dz_ptr + (state + 1) * BLOCK_D + cols)
+    start = chunk * CHUNK
+    for offset in range(0, CHUNK, BLOCK_N):
+        n = start + offset + rows
+        valid = n < M
+        mask = valid[:, None] & inside[None, :]
+        x = tl.load(k_base + n[:, None] * skn + cols[None, :], mask=mask, other=0.0)
+        y = tl.load(v_base + n[:, None] * svn + cols[None, :], mask=mask, other=0.0)
+        p = _project(x, w, HAS_W)
+        phi = _phi(p, 1.0, inside, KIND)
+        dv = tl.dot(phi.to(dtype), ds0)
+        dp = _phi_grad(p, phi, tl.dot(y, tl.trans(ds0)) + dz0[None, :], 1.0, KIND)
+        if NH == 2:
+            phi = _phi(p, -1.0, inside, KIND)
+            dv = tl.dot(phi.to(dtype), ds1, dv)
+            dp += _phi_grad(p, phi, tl.dot(y, tl.trans(ds1)) + dz1[None, :], -1.0, KIND)
+        dx = dp
+        if HAS_W:
+            dp_low = dp.to(dtype)
+            dx = tl.dot(dp_low, tl.trans(w), dx)
+            if STORE_DP:
+                tl.store(dp_ptr + scratch + n[:, None] * BLOCK_D + cols[None, :], dp_low, mask=valid[:, None])
+        tl.store(dk_ptr + out_base + n[:, None] * D + cols[None, :], dx.to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptr + out_base + n[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+# -- launches -------------------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    """Columns of a tile: the head dimension rounded up to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _chunking(tokens: int, rows: int, device: torch.device, alignment: int) -> tuple[int, int]:
+    """``(chunks, chunk)``: the token axis cut into chunks of ``chunk`` tokens (a multiple of ``alignment``)
+    so that ``chunks x rows`` programs fill the device a few times over."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    chunks = max(1, min(triton.cdiv(tokens, alignment), triton.cdiv(PROGRAMS_PER_SM * sms, rows)))
+    chunk = triton.cdiv(triton.cdiv(tokens, chunks), alignment) * alignment
+    return triton.cdiv(tokens, chunk), chunk
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any batch, head and token strides but read each token's row as one contiguous run."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _weight_operand(weight: torch.Tensor | None, block_d: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``W - I`` ``(H, BD, BD)`` in ``dtype``, zero-padded; the kernels add the identity back exactly."""
+    if weight is None:
+        return None
+    heads, dim, _ = weight.shape
+    padded = weight.new_zeros(heads, block_d, block_d, dtype=dtype)
+    padded[:, :dim, :dim] = weight.detach() - torch.eye(dim, device=weight.device, dtype=weight.dtype)
+    return padded
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor | None, w: torch.Tensor | None, kind: int, nh: int,
+          ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(sum_n phi(x_n)^T y_n, sum_n c_n phi(x_n))`` per (batch, head, half): ``(B*H, nh, BD, BD)`` and
+    ``(B*H, nh, BD)`` fp32, for x ``(B, H, N, D)`` and y ``(B, H, N, >= D)`` (columns past D ignored)."""
+    batch, heads, tokens, dim = x.shape
+    block_d = _block_d(dim)
+    chunks, chunk = _chunking(tokens, batch * heads * nh, x.device, _chunk_alignment(REDUCE_CONFIGS))
+    s = torch.empty(chunks, batch * heads, nh, block_d, block_d, device=x.device, dtype=torch.float32)
+    z = torch.empty(chunks, batch * heads, nh, block_d, device=x.device, dtype=torch.float32)
+    _gram_partials[(chunks, batch * heads, nh)](
+        x, y, x if c is None else c, x if w is None else w, s, z, heads, tokens, dim, chunk,
+        *_strides(x), *_strides(y),
+        KIND=kind, HAS_W=w is not None, HAS_C=c is not None, NH=nh, BLOCK_D=block_d,
+    )  # fmt: skip
+    return s.sum(0), z.sum(0)
+
+
+def _token_grid(x: torch.Tensor) -> tuple[tuple[int, int], int]:
+    """Grid ``(chunks, B*H)`` and chunk length for the per-token kernels over x ``(B, H, N, D)``."""
+    batch, heads, tokens, _ = x.shape
+    chunks, chunk = _chunking(tokens, batch * heads, x.device, _chunk_alignment(TOKEN_CONFIGS))
+    return (chunks, batch * heads), chunk
+
+
+class _FusedLinearAttention(torch.autograd.Function):
+    """Autograd of the fused kernels; inputs already in the compute dtype, weights fp32 ``(H, D, D)``."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+                k_weight: torch.Tensor | None, kind: str, eps: float) -> torch.Tensor:  # fmt: skip
+        code, nh = KIND_CODES[kind], 2 if kind == "hedgehog" else 1
+        block_d, dtype = _block_d(q.shape[-1]), q.dtype
+        state, normaliser = _gram(k, v, None, _weight_operand(k_weight, block_d, dtype), code, nh)
+        out = torch.empty(q.shape, device=q.device, dtype=dtype)
+        grid, chunk = _token_grid(q)
+        wq = _weight_operand(q_weight, block_d, dtype)
+        _output[grid](
+            q, q if wq is None else wq, state.to(dtype), normaliser, out, q.shape[1], q.shape[2], q.shape[3], chunk,
+            eps, *_strides(q), *_strides(out), KIND=code, HAS_W=wq is not None, NH=nh, BLOCK_D=block_d,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, q_weight, k_weight, state, normaliser)
+        ctx.kind, ctx.eps = kind, eps
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, q_weight, k_weight, state, normaliser = ctx.saved_tensors
+        grad_out = _last_axis_contiguous(grad_out)
+        code, nh = KIND_CODES[ctx.kind], 2 if ctx.kind == "hedgehog" else 1
+        batch, heads, tokens, dim = q.shape
+        block_d, dtype = _block_d(dim), q.dtype
+        wq, wk = _weight_operand(q_weight, block_d, dtype), _weight_operand(k_weight, block_d, dtype)
+        want_wq, want_wk = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+
+        dq = torch.empty(q.shape, device=q.device, dtype=dtype)
+        g = torch.empty(batch, heads, tokens, block_d, device=q.device, dtype=dtype)
+        c = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
+        dp_q = torch.empty_like(g) if want_wq else None
+        grid, chunk = _token_grid(q)
+        _query_grads[grid](
+            q, grad_out, q if wq is None else wq, state.to(dtype), normaliser, dq, g, c, g if dp_q is None else dp_q,
+            heads, tokens, dim, chunk, ctx.eps, *_strides(q), *_strides(grad_out),
+            KIND=code, HAS_W=wq is not None, STORE_DP=want_wq, NH=nh, BLOCK_D=block_d,
+        )  # fmt: skip
+        d_state, d_normaliser = _gram(q, g, c, wq, code, nh)
+
+        key_tokens = k.shape[2]
+        dk, dv = torch.empty(k.shape, device=k.device, dtype=dtype), torch.empty(v.shape, device=v.device, dtype=dtype)
+        dp_k = torch.empty(batch, heads, key_tokens, block_d, device=k.device, dtype=dtype) if want_wk else None
+        grid, chunk = _token_grid(k)
+        _key_grads[grid](
+            k, v, k if wk is None else wk, d_state.to(dtype), d_normaliser, dk, dv, dk if dp_k is None else dp_k,
+            heads, key_tokens, dim, chunk, *_strides(k), *_strides(v),
+            KIND=code, HAS_W=wk is not None, STORE_DP=want_wk, NH=nh, BLOCK_D=block_d,
+        )  # fmt: skip
+        return dq, dk, dv, _weight_grad(q, dp_q, q_weight), _weight_grad(k, dp_k, k_weight), None, None
+
+
+def _weight_grad(x: torch.Tensor, dp: torch.Tensor | None, weight: torch.Tensor | None) -> torch.Tensor | None:
+    """W's gradient ``sum_{b, n} x^T dp`` ``(H, D, D)`` in W's dtype, accumulated in fp32 (None when not wanted)."""
+    if dp is None or weight is None:
+        return None
+    batch, heads, _, dim = x.shape
+    gram, _ = _gram(x, dp, None, None, IDENTITY, 1)
+    return gram.view(batch, heads, *gram.shape[-2:]).sum(0)[:, :dim, :dim].to(weight.dtype)
+
+
+# -- dispatch -------------------------------------------------------------------------------------
+
+
+def map_kind(feature_map: FeatureMap) -> str | None:
+    """The fused kernel's name for ``feature_map`` (None: the map runs in torch only, e.g. taylor)."""
+    return _MAP_KINDS.get(type(feature_map))
+
+
+def compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype | None:
+    """The operand dtype of a call: autocast's where autocast is on for the device, else the inputs' common
+    fp16/bf16 dtype; None for other inputs (fp32 without autocast runs in torch at full precision)."""
+    if torch.is_autocast_enabled(q.device.type):
+        return torch.get_autocast_dtype(q.device.type)
+    dtypes = {q.dtype, k.dtype, v.dtype}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_map: FeatureMap, k_map: FeatureMap,
+                       *, device_type: str = "cuda") -> str | None:  # fmt: skip
+    """Why the fused kernel cannot run this call (None when it can). ``device_type`` is ``cuda``, or
+    ``cpu`` under the Triton interpreter (tests)."""
+    if triton is None:
+        return "triton is not installed"
+    if {t.device.type for t in (q, k, v)} != {device_type}:
+        return f"inputs are not all on {device_type}"
+    kind = map_kind(q_map)
+    if kind is None or map_kind(k_map) != kind:
+        return (f"feature maps {type(q_map).__name__}/{type(k_map).__name__} run in torch; the kernel fuses "
+                f"{', '.join(FUSED_KERNELS)} (taylor's 1 + D + D^2 features stay in torch)")  # fmt: skip
+    if compute_dtype(q, k, v) is None:
+        return f"inputs are {q.dtype}/{k.dtype}/{v.dtype}: the kernel computes in fp16 or bf16 (or under autocast)"
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not (B, H, N, D), (B, H, M, D)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    for side in (q_map, k_map):
+        if isinstance(side, HedgehogFeatureMap) and (side.heads, side.head_dim) != (q.shape[1], q.shape[-1]):
+            return f"the hedgehog map was built for {side.heads} heads of {side.head_dim}"  # torch raises the error
+    return None
+
+
+def use_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_map: FeatureMap, k_map: FeatureMap) -> bool:
+    """Whether this call runs the fused kernel: ``$BENCH_LINEAR_BACKEND`` ``auto`` (default: when it can),
+    ``torch`` (never, for A/B comparison) or ``triton`` (always; HarnessError when it cannot)."""
+    backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise HarnessError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return False
+    reason = unsupported_reason(q, k, v, q_map, k_map)
+    if reason is not None and backend == "triton":
+        raise HarnessError(f"{BACKEND_ENV}=triton but the fused linear attention cannot run: {reason}")
+    return reason is None
+
+
+def fused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_map: FeatureMap,
+                           k_map: FeatureMap, eps: float = 1e-6) -> torch.Tensor:  # fmt: skip
+    """``linear_attention(q_map(q), k_map(k), v, eps)`` through the fused kernels, differentiable in q, k, v
+    and hedgehog's weights. Inputs are cast to :func:`compute_dtype`; returns ``(B, H, N, D)`` in v's dtype.
+    The caller checks :func:`unsupported_reason` first (:func:`use_fused` does)."""
+    out_dtype, dtype = v.dtype, compute_dtype(q, k, v)
+    q, k, v = (_last_axis_contiguous(t.to(dtype)) for t in (q, k, v))
+    out = _FusedLinearAttention.apply(q, k, v, getattr(q_map, "weight", None), getattr(k_map, "weight", None),
+                                      map_kind(q_map), eps)  # fmt: skip
+    return out.to(out_dtype)
+
+
+def float64_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str,
+                      q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                      eps: float = 1e-6) -> torch.Tensor:  # fmt: skip
+    """The same function entirely in float64 (O(N F D), differentiable), the reference the kernels and the
+    torch path are checked against at sizes where the O(N^2) :func:`naive_linear_attention` does not fit."""
+
+    def phi(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        x = x.double()
+        if kind == "hedgehog":
+            x = x if weight is None else torch.einsum("bhnd,hde->bhne", x, weight.double())
+            return torch.cat([x.softmax(dim=-1), (-x).softmax(dim=-1)], dim=-1)
+        return F.relu(x) if kind == "relu" else F.elu(x) + 1
+
+    phi_q, phi_k = phi(q, q_weight), phi(k, k_weight)
+    numerator = phi_q @ (phi_k.transpose(-2, -1) @ v.double())
+    return numerator / (phi_q @ phi_k.sum(dim=-2).unsqueeze(-1) + eps)
