@@ -10,14 +10,19 @@ for the maps ``hedgehog`` (``[softmax(x W), softmax(-x W)]``, W per head), ``rel
 kernel recomputes them from the token tile it loads (and W).
 
 Kernels, each looping over the token blocks of one chunk of the sequence so that W and the state are
-loaded once per program and the token axis is split over enough programs to fill the GPU:
+loaded once per program and the token axis is split over enough programs to fill the GPU; hedgehog's
+two feature halves ``softmax(+-x W)`` go to separate, adjacent programs where that keeps registers low:
 
-- :func:`_gram_partials`: per (chunk, batch x head, feature half) ``phi(x)^T y`` and ``phi(x)^T c``
-  (fp32 accumulation); summed over chunks on the host. It gives the state ``S, z`` (x = k, y = v,
-  c = 1), their gradients ``dS, dz`` (x = q, y = dL/d numerator, c = dL/d denominator) and W's gradient
-  ``x^T dp`` (identity map).
-- :func:`_output`: per token block, phi(q), ``phi(q) S`` and the normaliser, the output.
-- :func:`_query_grads` and :func:`_key_grads`: the gradients of q, and of k and v, through the map.
+- :func:`_gram_partials`: per (half, chunk, batch x head) ``phi(x)^T y`` and ``sum phi(x)`` (fp32),
+  summed over chunks on the host: the state ``S, z`` (x = k, y = v) and W's gradient ``x^T dp``
+  (identity map).
+- :func:`_output`: phi(q), ``phi(q) S`` and the normaliser ``den``; the output (and den, for the backward).
+- :func:`_query_grads`: from the saved output and den, ``g = dout / den`` and ``c = -(dout . out) / den``;
+  the state's gradients ``dS = sum phi(q)^T g``, ``dz = sum c phi(q)`` and dL/d(q W) per half.
+- :func:`_key_grads`: dv per half ``phi(k) dS`` and dL/d(k W) per half from ``v dS^T + dz``.
+
+The halves' dv and dL/dp are summed, and dL/dp taken through the projection (``dp (I + dW)^T``), by
+torch on the host (a few bf16 passes over ``(B, H, N, D)``).
 
 Precision: bf16/fp16 operands with fp32 accumulation. The state is accumulated in fp32 and rounded
 once to the operand dtype where it enters a product (relative 2^-9 in bf16, the size of the output's
@@ -60,9 +65,13 @@ IDENTITY = 3
 _MAP_KINDS: dict[type[FeatureMap], str] = {HedgehogFeatureMap: "hedgehog", ReluFeatureMap: "relu", EluFeatureMap: "elu"}
 # The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot time configurations: one small one.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# (BLOCK_N, num_warps, num_stages) per kernel family; the autotuner keeps the fastest that compiles.
-REDUCE_CONFIGS = ((64, 8, 3), (128, 8, 2), (64, 4, 2))
-TOKEN_CONFIGS = ((64, 8, 2), (32, 4, 2), (128, 8, 2))
+# (BLOCK_N, num_warps, num_stages) per kernel; the autotuner keeps the fastest. Chosen from ptxas's report
+# for sm_90 (head dim 128, hedgehog, the heaviest map): none spills more than a few bytes, and each list
+# mixes wgmma tiles with a light mma.sync one.
+REDUCE_CONFIGS = ((32, 8, 2), (128, 8, 2), (64, 4, 2))
+OUTPUT_CONFIGS = ((128, 8, 2), (32, 8, 2), (32, 4, 2))
+QUERY_CONFIGS = ((32, 8, 2), (64, 8, 2))
+KEY_CONFIGS = ((64, 8, 2), (32, 8, 2), (64, 4, 2))
 INTERPRETER_CONFIGS = ((16, 4, 1),)
 # Programs per multiprocessor that the chunking aims at (a few waves keep every SM busy to the end).
 PROGRAMS_PER_SM = 4
@@ -103,7 +112,7 @@ def _project(x, w, HAS_W: tl.constexpr):
     """``x (T, BD)`` -> ``x + x (W - I)`` in fp32; ``w`` holds ``W - I`` in the operand dtype."""
     p = x.to(tl.float32)
     if HAS_W:
-        p = tl.dot(x, w, p)
+        p += tl.dot(x, w)
     return p
 
 
@@ -114,7 +123,7 @@ def _phi(p, sign, inside, KIND: tl.constexpr):
     if KIND == 0:
         s = tl.where(inside[None, :], p * sign, float("-inf"))
         e = tl.exp(s - tl.max(s, axis=1)[:, None])
-        phi = e / tl.sum(e, axis=1)[:, None]
+        phi = e * (1.0 / tl.sum(e, axis=1))[:, None]
     elif KIND == 1:
         phi = tl.maximum(p, 0.0)
     elif KIND == 2:
@@ -142,23 +151,32 @@ def _square(ptr, cols, BLOCK_D: tl.constexpr):
     return tl.load(ptr + cols[:, None] * BLOCK_D + cols[None, :])
 
 
+@_jit
+def _square_t(ptr, cols, BLOCK_D: tl.constexpr):
+    """The transpose of one ``(BD, BD)`` row-major tile."""
+    return tl.load(ptr + cols[None, :] * BLOCK_D + cols[:, None])
+
+
+@_jit
+def _weight(w_ptr, h, cols, dtype, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Head h's ``W - I`` tile, or an unread placeholder without HAS_W."""
+    return _square(w_ptr + h * BLOCK_D * BLOCK_D, cols, BLOCK_D) if HAS_W else tl.zeros((BLOCK_D, BLOCK_D), dtype)
+
+
 @_kernel(REDUCE_CONFIGS)
-def _gram_partials(x_ptr, y_ptr, c_ptr, w_ptr, s_ptr, z_ptr, H, N, D, CHUNK,
+def _gram_partials(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, H, N, D: tl.constexpr, CHUNK,
                    sxb, sxh, sxn, syb, syh, syn,
-                   KIND: tl.constexpr, HAS_W: tl.constexpr, HAS_C: tl.constexpr, NH: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Program (chunk, b * H + h, half): over the chunk's tokens n, ``sum phi(x_n)^T y_n`` ``(BD, BD)`` and
-    ``sum c_n phi(x_n)`` ``(BD,)`` (c = 1 without HAS_C) into row ``(chunk, bh, half)`` of s and z."""
-    chunk, bh, half = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                   KIND: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (half, chunk, b * H + h): over the chunk's tokens n, ``sum phi(x_n)^T y_n`` ``(BD, BD)`` and
+    ``sum phi(x_n)`` ``(BD,)`` into row ``(half, chunk, bh)`` of s and z (the halves run side by side, so
+    their shared reads of x and y hit the L2)."""
+    half, chunk, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     sign = 1.0 - 2.0 * half.to(tl.float32)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
     x_base, y_base = x_ptr + b * sxb + h * sxh, y_ptr + b * syb + h * syh
-    if HAS_W:
-        w = _square(w_ptr + h * BLOCK_D * BLOCK_D, cols, BLOCK_D)
-    else:  # never read: HAS_W is False
-        w = tl.zeros((BLOCK_D, BLOCK_D), dtype=x_ptr.dtype.element_ty)
+    w = _weight(w_ptr, h, cols, x_ptr.dtype.element_ty, HAS_W, BLOCK_D)
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     start = chunk * CHUNK
@@ -169,75 +187,27 @@ def _gram_partials(x_ptr, y_ptr, c_ptr, w_ptr, s_ptr, z_ptr, H, N, D, CHUNK,
         x = tl.load(x_base + n[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
         y = tl.load(y_base + n[:, None] * syn + cols[None, :], mask=mask, other=0.0)
         phi = tl.where(valid[:, None], _phi(_project(x, w, HAS_W), sign, inside, KIND), 0.0)
-        if HAS_C:
-            c = tl.load(c_ptr + bh.to(tl.int64) * N + n, mask=valid, other=0.0)
-            zacc += tl.sum(phi * c[:, None], axis=0)
-        else:
-            zacc += tl.sum(phi, axis=0)
+        zacc += tl.sum(phi, axis=0)
         acc = tl.dot(tl.trans(phi.to(y_ptr.dtype.element_ty)), y, acc)
-    row = (chunk * tl.num_programs(1) + bh) * NH + half
-    tl.store(s_ptr + row.to(tl.int64) * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :], acc)
-    tl.store(z_ptr + row.to(tl.int64) * BLOCK_D + cols, zacc)
+    row = ((half * tl.num_programs(1) + chunk) * tl.num_programs(2) + bh).to(tl.int64)
+    tl.store(s_ptr + row * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :], acc)
+    tl.store(z_ptr + row * BLOCK_D + cols, zacc)
 
 
-@_kernel(TOKEN_CONFIGS)
-def _output(q_ptr, w_ptr, s_ptr, z_ptr, o_ptr, H, N, D, CHUNK, eps,
-            sqb, sqh, sqn, sob, soh, son,
+@_kernel(OUTPUT_CONFIGS)
+def _output(q_ptr, w_ptr, s_ptr, z_ptr, o_ptr, den_ptr, H, N, D: tl.constexpr, CHUNK, eps,
+            sqb, sqh, sqn,
             KIND: tl.constexpr, HAS_W: tl.constexpr, NH: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Program (chunk, b * H + h): ``out = phi(q) S / (phi(q) . z + eps)`` for the chunk's tokens."""
-    chunk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
-    inside = cols < D
-    q_base, o_base = q_ptr + b * sqb + h * sqh, o_ptr + b * sob + h * soh
-    if HAS_W:
-        w = _square(w_ptr + h * BLOCK_D * BLOCK_D, cols, BLOCK_D)
-    else:  # never read: HAS_W is False
-        w = tl.zeros((BLOCK_D, BLOCK_D), dtype=q_ptr.dtype.element_ty)
-    state = bh.to(tl.int64) * NH
-    s0, z0 = _square(s_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(z_ptr + state * BLOCK_D + cols)
-    if NH == 2:
-        s1 = _square(s_ptr + (state + 1) * BLOCK_D * BLOCK_D, cols, BLOCK_D)
-        z1 = tl.load(z_ptr + (state + 1) * BLOCK_D + cols)
-    start = chunk * CHUNK
-    for offset in range(0, CHUNK, BLOCK_N):
-        n = start + offset + rows
-        mask = (n < N)[:, None] & inside[None, :]
-        x = tl.load(q_base + n[:, None] * sqn + cols[None, :], mask=mask, other=0.0)
-        p = _project(x, w, HAS_W)
-        phi = _phi(p, 1.0, inside, KIND)
-        num = tl.dot(phi.to(s_ptr.dtype.element_ty), s0)
-        den = tl.sum(phi * z0[None, :], axis=1) + eps
-        if NH == 2:
-            phi = _phi(p, -1.0, inside, KIND)
-            num = tl.dot(phi.to(s_ptr.dtype.element_ty), s1, num)
-            den += tl.sum(phi * z1[None, :], axis=1)
-        out = num / den[:, None]
-        tl.store(o_base + n[:, None] * son + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
-
-
-@_kernel(TOKEN_CONFIGS)
-def _query_grads(q_ptr, do_ptr, w_ptr, s_ptr, z_ptr, dq_ptr, g_ptr, c_ptr, dp_ptr, H, N, D, CHUNK, eps,
-                 sqb, sqh, sqn, sdb, sdh, sdn,
-                 KIND: tl.constexpr, HAS_W: tl.constexpr, STORE_DP: tl.constexpr, NH: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Program (chunk, b * H + h), per query token: with ``num = phi S``, ``den = phi . z + eps``,
-    ``g = dout / den`` (dL/d num) and ``c = -(dout . out) / den`` (dL/d den), then
-    ``dphi = g S^T + c z`` and dq through the map. Writes dq ``(B, H, N, D)``, and g ``(B, H, N, BD)``,
-    c ``(B * H, N)`` for the dS/dz reduction, and dp ``(B, H, N, BD)`` for W's gradient (STORE_DP)."""
+    """Program (chunk, b * H + h): ``out = phi(q) S / den`` with ``den = phi(q) . z + eps`` for the chunk's
+    tokens; out ``(B, H, N, D)`` contiguous, den ``(B * H, N)`` fp32 (kept for the backward)."""
     chunk, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
     dtype = s_ptr.dtype.element_ty
-    q_base, do_base = q_ptr + b * sqb + h * sqh, do_ptr + b * sdb + h * sdh
-    dq_base = dq_ptr + (b * H + h) * N * D
-    scratch = (b * H + h) * N * BLOCK_D
-    if HAS_W:
-        w = _square(w_ptr + h * BLOCK_D * BLOCK_D, cols, BLOCK_D)
-    else:  # never read: HAS_W is False
-        w = tl.zeros((BLOCK_D, BLOCK_D), dtype=q_ptr.dtype.element_ty)
+    q_base, o_base = q_ptr + b * sqb + h * sqh, o_ptr + bh.to(tl.int64) * N * D
+    w = _weight(w_ptr, h, cols, dtype, HAS_W, BLOCK_D)
     state = bh.to(tl.int64) * NH
     s0, z0 = _square(s_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(z_ptr + state * BLOCK_D + cols)
     if NH == 2:
@@ -249,7 +219,6 @@ def _query_grads(q_ptr, do_ptr, w_ptr, s_ptr, z_ptr, dq_ptr, g_ptr, c_ptr, dp_pt
         valid = n < N
         mask = valid[:, None] & inside[None, :]
         x = tl.load(q_base + n[:, None] * sqn + cols[None, :], mask=mask, other=0.0)
-        dout = tl.load(do_base + n[:, None] * sdn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         p = _project(x, w, HAS_W)
         phi = _phi(p, 1.0, inside, KIND)
         num = tl.dot(phi.to(dtype), s0)
@@ -258,50 +227,75 @@ def _query_grads(q_ptr, do_ptr, w_ptr, s_ptr, z_ptr, dq_ptr, g_ptr, c_ptr, dp_pt
             phi = _phi(p, -1.0, inside, KIND)
             num = tl.dot(phi.to(dtype), s1, num)
             den += tl.sum(phi * z1[None, :], axis=1)
-        g = dout / den[:, None]
-        c = -tl.sum(g * num, axis=1) / den
-        g = g.to(dtype)
-        # The features are recomputed rather than kept from above: fewer live tiles, no spills.
-        phi = _phi(p, 1.0, inside, KIND)
-        dp = _phi_grad(p, phi, tl.dot(g, tl.trans(s0)) + c[:, None] * z0[None, :], 1.0, KIND)
-        if NH == 2:
-            phi = _phi(p, -1.0, inside, KIND)
-            dp += _phi_grad(p, phi, tl.dot(g, tl.trans(s1)) + c[:, None] * z1[None, :], -1.0, KIND)
-        dx = dp
-        if HAS_W:
-            dp_low = dp.to(dtype)
-            dx = tl.dot(dp_low, tl.trans(w), dx)
-            if STORE_DP:
-                tl.store(dp_ptr + scratch + n[:, None] * BLOCK_D + cols[None, :], dp_low, mask=valid[:, None])
-        tl.store(dq_base + n[:, None] * D + cols[None, :], dx.to(dq_ptr.dtype.element_ty), mask=mask)
-        tl.store(g_ptr + scratch + n[:, None] * BLOCK_D + cols[None, :], g, mask=valid[:, None])
-        tl.store(c_ptr + bh.to(tl.int64) * N + n, c, mask=valid)
+        out = num * (1.0 / den)[:, None]
+        tl.store(o_base + n[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(den_ptr + bh.to(tl.int64) * N + n, den, mask=valid)
 
 
-@_kernel(TOKEN_CONFIGS)
-def _key_grads(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, dp_ptr, H, M, D, CHUNK,
-               skb, skh, skn, svb, svh, svn,
-               KIND: tl.constexpr, HAS_W: tl.constexpr, STORE_DP: tl.constexpr, NH: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Program (chunk, b * H + h), per key token: ``dv = phi dS``, ``dphi = v dS^T + dz``, dk through the
-    map. Writes dk, dv ``(B, H, M, D)`` and dp ``(B, H, M, BD)`` for W's gradient (STORE_DP)."""
-    chunk, bh = tl.program_id(0), tl.program_id(1)
+@_kernel(QUERY_CONFIGS)
+def _query_grads(q_ptr, do_ptr, o_ptr, den_ptr, w_ptr, s_ptr, z_ptr, dp_ptr, ds_ptr, dz_ptr, H, N,
+                 D: tl.constexpr, CHUNK, sqb, sqh, sqn, sdb, sdh, sdn,
+                 KIND: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (half, chunk, b * H + h), per query token of the chunk, with the saved ``out`` and ``den``:
+    ``g = dout / den`` (dL/d numerator), ``c = -(dout . out) / den`` (dL/d den), ``dphi = g S^T + c z`` for
+    this half's features, and dp (dL/d projected q, bf16) into ``dp[half]`` ``(NH, B, H, N, BD)``; and the
+    state's gradients ``sum phi^T g``, ``sum c phi`` into row ``(half, chunk, bh)`` of ds and dz."""
+    half, chunk, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    sign = 1.0 - 2.0 * half.to(tl.float32)
+    rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    inside = cols < D
+    dtype = s_ptr.dtype.element_ty
+    q_base, do_base = q_ptr + b * sqb + h * sqh, do_ptr + b * sdb + h * sdh
+    o_base = o_ptr + bh.to(tl.int64) * N * D
+    dp_base = dp_ptr + (half * tl.num_programs(2) + bh).to(tl.int64) * N * BLOCK_D
+    w = _weight(w_ptr, h, cols, dtype, HAS_W, BLOCK_D)
+    state = bh.to(tl.int64) * tl.num_programs(0) + half
+    s_t, z = _square_t(s_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(z_ptr + state * BLOCK_D + cols)
+    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    start = chunk * CHUNK
+    for offset in range(0, CHUNK, BLOCK_N):
+        n = start + offset + rows
+        valid = n < N
+        mask = valid[:, None] & inside[None, :]
+        x = tl.load(q_base + n[:, None] * sqn + cols[None, :], mask=mask, other=0.0)
+        p = _project(x, w, HAS_W)
+        phi = tl.where(valid[:, None], _phi(p, sign, inside, KIND), 0.0)
+        inv_den = 1.0 / tl.load(den_ptr + bh.to(tl.int64) * N + n, mask=valid, other=1.0)
+        dout = tl.load(do_base + n[:, None] * sdn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = tl.load(o_base + n[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        c = -tl.sum(dout * out, axis=1) * inv_den
+        g = (dout * inv_den[:, None]).to(dtype)
+        acc = tl.dot(tl.trans(phi.to(dtype)), g, acc)
+        zacc += tl.sum(phi * c[:, None], axis=0)
+        dp = _phi_grad(p, phi, tl.dot(g, s_t) + c[:, None] * z[None, :], sign, KIND)
+        tl.store(dp_base + n[:, None] * BLOCK_D + cols[None, :], dp.to(dtype), mask=valid[:, None])
+    row = ((half * tl.num_programs(1) + chunk) * tl.num_programs(2) + bh).to(tl.int64)
+    tl.store(ds_ptr + row * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :], acc)
+    tl.store(dz_ptr + row * BLOCK_D + cols, zacc)
+
+
+@_kernel(KEY_CONFIGS)
+def _key_grads(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, dp_ptr, dv_ptr, H, M, D: tl.constexpr, CHUNK,
+               skb, skh, skn, svb, svh, svn,
+               KIND: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (half, chunk, b * H + h), per key token of the chunk, for this half's features: the value
+    gradient ``phi dS`` into ``dv[half]`` ``(NH, B, H, M, D)`` and dp (dL/d projected k) from
+    ``dphi = v dS^T + dz`` into ``dp[half]`` ``(NH, B, H, M, BD)``, both in the compute dtype."""
+    half, chunk, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    sign = 1.0 - 2.0 * half.to(tl.float32)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
     dtype = ds_ptr.dtype.element_ty
     k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
-    out_base = (b * H + h) * M * D
-    scratch = (b * H + h) * M * BLOCK_D
-    if HAS_W:
-        w = _square(w_ptr + h * BLOCK_D * BLOCK_D, cols, BLOCK_D)
-    else:  # never read: HAS_W is False
-        w = tl.zeros((BLOCK_D, BLOCK_D), dtype=k_ptr.dtype.element_ty)
-    state = bh.to(tl.int64) * NH
-    ds0, dz0 = _square(ds_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(dz_ptr + state * BLOCK_D + cols)
-    if NH == 2:
-        ds1 = _square(ds_ptr + (state + 1) * BLOCK_D * BLOCK_D, cols, BLOCK_D)
-        dz1 = tl.load(dz_ptr + (state + 1) * BLOCK_D + cols)
+    slot = (half * tl.num_programs(2) + bh).to(tl.int64)
+    dp_base, dv_base = dp_ptr + slot * M * BLOCK_D, dv_ptr + slot * M * D
+    w = _weight(w_ptr, h, cols, dtype, HAS_W, BLOCK_D)
+    state = bh.to(tl.int64) * tl.num_programs(0) + half
+    ds, dz = _square(ds_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(dz_ptr + state * BLOCK_D + cols)
+    ds_t = _square_t(ds_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D)
     start = chunk * CHUNK
     for offset in range(0, CHUNK, BLOCK_N):
         n = start + offset + rows
@@ -310,21 +304,11 @@ def _key_grads(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, dp_ptr, H, M
         x = tl.load(k_base + n[:, None] * skn + cols[None, :], mask=mask, other=0.0)
         y = tl.load(v_base + n[:, None] * svn + cols[None, :], mask=mask, other=0.0)
         p = _project(x, w, HAS_W)
-        phi = _phi(p, 1.0, inside, KIND)
-        dv = tl.dot(phi.to(dtype), ds0)
-        dp = _phi_grad(p, phi, tl.dot(y, tl.trans(ds0)) + dz0[None, :], 1.0, KIND)
-        if NH == 2:
-            phi = _phi(p, -1.0, inside, KIND)
-            dv = tl.dot(phi.to(dtype), ds1, dv)
-            dp += _phi_grad(p, phi, tl.dot(y, tl.trans(ds1)) + dz1[None, :], -1.0, KIND)
-        dx = dp
-        if HAS_W:
-            dp_low = dp.to(dtype)
-            dx = tl.dot(dp_low, tl.trans(w), dx)
-            if STORE_DP:
-                tl.store(dp_ptr + scratch + n[:, None] * BLOCK_D + cols[None, :], dp_low, mask=valid[:, None])
-        tl.store(dk_ptr + out_base + n[:, None] * D + cols[None, :], dx.to(dk_ptr.dtype.element_ty), mask=mask)
-        tl.store(dv_ptr + out_base + n[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        phi = _phi(p, sign, inside, KIND)
+        dv = tl.dot(phi.to(dtype), ds)
+        tl.store(dv_base + n[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        dp = _phi_grad(p, phi, tl.dot(y, ds_t) + dz[None, :], sign, KIND)
+        tl.store(dp_base + n[:, None] * BLOCK_D + cols[None, :], dp.to(dtype), mask=valid[:, None])
 
 
 # -- launches -------------------------------------------------------------------------------------
@@ -363,91 +347,102 @@ def _weight_operand(weight: torch.Tensor | None, block_d: int, dtype: torch.dtyp
     return padded
 
 
-def _gram(x: torch.Tensor, y: torch.Tensor, c: torch.Tensor | None, w: torch.Tensor | None, kind: int, nh: int,
+def _gram(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, kind: int, nh: int
           ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(sum_n phi(x_n)^T y_n, sum_n c_n phi(x_n))`` per (batch, head, half): ``(B*H, nh, BD, BD)`` and
+    """``(sum_n phi(x_n)^T y_n, sum_n phi(x_n))`` per (batch x head, half): ``(B*H, nh, BD, BD)`` and
     ``(B*H, nh, BD)`` fp32, for x ``(B, H, N, D)`` and y ``(B, H, N, >= D)`` (columns past D ignored)."""
     batch, heads, tokens, dim = x.shape
     block_d = _block_d(dim)
     chunks, chunk = _chunking(tokens, batch * heads * nh, x.device, _chunk_alignment(REDUCE_CONFIGS))
-    s = torch.empty(chunks, batch * heads, nh, block_d, block_d, device=x.device, dtype=torch.float32)
-    z = torch.empty(chunks, batch * heads, nh, block_d, device=x.device, dtype=torch.float32)
-    _gram_partials[(chunks, batch * heads, nh)](
-        x, y, x if c is None else c, x if w is None else w, s, z, heads, tokens, dim, chunk,
-        *_strides(x), *_strides(y),
-        KIND=kind, HAS_W=w is not None, HAS_C=c is not None, NH=nh, BLOCK_D=block_d,
+    s = torch.empty(nh, chunks, batch * heads, block_d, block_d, device=x.device, dtype=torch.float32)
+    z = torch.empty(nh, chunks, batch * heads, block_d, device=x.device, dtype=torch.float32)
+    _gram_partials[(nh, chunks, batch * heads)](
+        x, y, x if w is None else w, s, z, heads, tokens, dim, chunk, *_strides(x), *_strides(y),
+        KIND=kind, HAS_W=w is not None, BLOCK_D=block_d,
     )  # fmt: skip
-    return s.sum(0), z.sum(0)
+    return _per_head(s), _per_head(z)
 
 
-def _token_grid(x: torch.Tensor) -> tuple[tuple[int, int], int]:
-    """Grid ``(chunks, B*H)`` and chunk length for the per-token kernels over x ``(B, H, N, D)``."""
+def _per_head(partials: torch.Tensor) -> torch.Tensor:
+    """Partial sums ``(nh, chunks, B*H, ...)`` -> totals ``(B*H, nh, ...)``, the layout the kernels read."""
+    return partials.sum(1).transpose(0, 1).contiguous()
+
+
+def _grid(x: torch.Tensor, nh: int, configs: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, ...], int]:
+    """Grid and chunk length of a per-token kernel over x ``(B, H, N, D)``: ``(chunks, B*H)`` for nh = 0 (both
+    halves in one program), else ``(nh, chunks, B*H)``."""
     batch, heads, tokens, _ = x.shape
-    chunks, chunk = _chunking(tokens, batch * heads, x.device, _chunk_alignment(TOKEN_CONFIGS))
-    return (chunks, batch * heads), chunk
+    chunks, chunk = _chunking(tokens, batch * heads * max(nh, 1), x.device, _chunk_alignment(configs))
+    return ((chunks, batch * heads) if nh == 0 else (nh, chunks, batch * heads)), chunk
+
+
+def _through_projection(x: torch.Tensor, dp_halves: torch.Tensor, delta: torch.Tensor | None,
+                        weight: torch.Tensor | None, want_weight: bool,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """dL/dx ``(B, H, N, D)`` and dL/dW ``(H, D, D)`` (fp32 sums, in W's dtype; None unless wanted) from dL/dp
+    per feature half ``(nh, B, H, N, BD)``, for ``p = x (I + delta)``."""
+    batch, heads, _, dim = x.shape
+    dp = dp_halves[0] if dp_halves.shape[0] == 1 else dp_halves.sum(0)
+    dx = dp if delta is None else dp + dp @ delta.transpose(-1, -2)
+    if weight is None or not want_weight:
+        return dx[..., :dim], None
+    gram, _ = _gram(x, dp, None, IDENTITY, 1)
+    return dx[..., :dim], gram.view(batch, heads, *gram.shape[-2:]).sum(0)[:, :dim, :dim].to(weight.dtype)
 
 
 class _FusedLinearAttention(torch.autograd.Function):
-    """Autograd of the fused kernels; inputs already in the compute dtype, weights fp32 ``(H, D, D)``."""
+    """Autograd of the fused kernels; inputs already in the compute dtype, weights ``(H, D, D)`` (fp32)."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
                 k_weight: torch.Tensor | None, kind: str, eps: float) -> torch.Tensor:  # fmt: skip
         code, nh = KIND_CODES[kind], 2 if kind == "hedgehog" else 1
-        block_d, dtype = _block_d(q.shape[-1]), q.dtype
-        state, normaliser = _gram(k, v, None, _weight_operand(k_weight, block_d, dtype), code, nh)
+        batch, heads, tokens, dim = q.shape
+        block_d, dtype = _block_d(dim), q.dtype
+        state, normaliser = _gram(k, v, _weight_operand(k_weight, block_d, dtype), code, nh)
         out = torch.empty(q.shape, device=q.device, dtype=dtype)
-        grid, chunk = _token_grid(q)
+        den = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
         wq = _weight_operand(q_weight, block_d, dtype)
+        grid, chunk = _grid(q, 0, OUTPUT_CONFIGS)
         _output[grid](
-            q, q if wq is None else wq, state.to(dtype), normaliser, out, q.shape[1], q.shape[2], q.shape[3], chunk,
-            eps, *_strides(q), *_strides(out), KIND=code, HAS_W=wq is not None, NH=nh, BLOCK_D=block_d,
+            q, q if wq is None else wq, state.to(dtype), normaliser, out, den, heads, tokens, dim, chunk, eps,
+            *_strides(q), KIND=code, HAS_W=wq is not None, NH=nh, BLOCK_D=block_d,
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, q_weight, k_weight, state, normaliser)
-        ctx.kind, ctx.eps = kind, eps
+        ctx.save_for_backward(q, k, v, q_weight, k_weight, state, normaliser, out, den)
+        ctx.kind = kind
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, q_weight, k_weight, state, normaliser = ctx.saved_tensors
+        q, k, v, q_weight, k_weight, state, normaliser, out, den = ctx.saved_tensors
         grad_out = _last_axis_contiguous(grad_out)
         code, nh = KIND_CODES[ctx.kind], 2 if ctx.kind == "hedgehog" else 1
         batch, heads, tokens, dim = q.shape
-        block_d, dtype = _block_d(dim), q.dtype
+        key_tokens, block_d, dtype = k.shape[2], _block_d(dim), q.dtype
         wq, wk = _weight_operand(q_weight, block_d, dtype), _weight_operand(k_weight, block_d, dtype)
-        want_wq, want_wk = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
 
-        dq = torch.empty(q.shape, device=q.device, dtype=dtype)
-        g = torch.empty(batch, heads, tokens, block_d, device=q.device, dtype=dtype)
-        c = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
-        dp_q = torch.empty_like(g) if want_wq else None
-        grid, chunk = _token_grid(q)
+        dp_q = torch.empty(nh, batch, heads, tokens, block_d, device=q.device, dtype=dtype)
+        grid, chunk = _grid(q, nh, QUERY_CONFIGS)
+        d_state = torch.empty(*grid, block_d, block_d, device=q.device, dtype=torch.float32)
+        d_normaliser = torch.empty(*grid, block_d, device=q.device, dtype=torch.float32)
         _query_grads[grid](
-            q, grad_out, q if wq is None else wq, state.to(dtype), normaliser, dq, g, c, g if dp_q is None else dp_q,
-            heads, tokens, dim, chunk, ctx.eps, *_strides(q), *_strides(grad_out),
-            KIND=code, HAS_W=wq is not None, STORE_DP=want_wq, NH=nh, BLOCK_D=block_d,
+            q, grad_out, out, den, q if wq is None else wq, state.to(dtype), normaliser, dp_q, d_state, d_normaliser,
+            heads, tokens, dim, chunk, *_strides(q), *_strides(grad_out),
+            KIND=code, HAS_W=wq is not None, BLOCK_D=block_d,
         )  # fmt: skip
-        d_state, d_normaliser = _gram(q, g, c, wq, code, nh)
 
-        key_tokens = k.shape[2]
-        dk, dv = torch.empty(k.shape, device=k.device, dtype=dtype), torch.empty(v.shape, device=v.device, dtype=dtype)
-        dp_k = torch.empty(batch, heads, key_tokens, block_d, device=k.device, dtype=dtype) if want_wk else None
-        grid, chunk = _token_grid(k)
+        dp_k = torch.empty(nh, batch, heads, key_tokens, block_d, device=k.device, dtype=dtype)
+        dv_halves = torch.empty(nh, *v.shape, device=v.device, dtype=dtype)
+        grid, chunk = _grid(k, nh, KEY_CONFIGS)
         _key_grads[grid](
-            k, v, k if wk is None else wk, d_state.to(dtype), d_normaliser, dk, dv, dk if dp_k is None else dp_k,
+            k, v, k if wk is None else wk, _per_head(d_state).to(dtype), _per_head(d_normaliser), dp_k, dv_halves,
             heads, key_tokens, dim, chunk, *_strides(k), *_strides(v),
-            KIND=code, HAS_W=wk is not None, STORE_DP=want_wk, NH=nh, BLOCK_D=block_d,
+            KIND=code, HAS_W=wk is not None, BLOCK_D=block_d,
         )  # fmt: skip
-        return dq, dk, dv, _weight_grad(q, dp_q, q_weight), _weight_grad(k, dp_k, k_weight), None, None
-
-
-def _weight_grad(x: torch.Tensor, dp: torch.Tensor | None, weight: torch.Tensor | None) -> torch.Tensor | None:
-    """W's gradient ``sum_{b, n} x^T dp`` ``(H, D, D)`` in W's dtype, accumulated in fp32 (None when not wanted)."""
-    if dp is None or weight is None:
-        return None
-    batch, heads, _, dim = x.shape
-    gram, _ = _gram(x, dp, None, None, IDENTITY, 1)
-    return gram.view(batch, heads, *gram.shape[-2:]).sum(0)[:, :dim, :dim].to(weight.dtype)
+        dq, dwq = _through_projection(q, dp_q, wq, q_weight, ctx.needs_input_grad[3])
+        dk, dwk = _through_projection(k, dp_k, wk, k_weight, ctx.needs_input_grad[4])
+        dv = dv_halves[0] if nh == 1 else dv_halves.sum(0)
+        return dq, dk, dv, dwq, dwk, None, None
 
 
 # -- dispatch -------------------------------------------------------------------------------------
