@@ -155,3 +155,25 @@ def test_cuda_dispatch_uses_the_kernel_unless_forced_to_torch(monkeypatch: pytes
     assert fused.use_fused(q, q, q, q_map, k_map)
     monkeypatch.setenv(fused.BACKEND_ENV, "torch")
     assert not fused.use_fused(q, q, q, q_map, k_map)
+
+
+def test_gpu_script_times_the_wan_attention_calls() -> None:
+    """The GPU script's shapes are one self-attention call of Wan 1.3B 480p and 14B 720p, as the issue states."""
+    from harness.benchmarks.linear_triton_gpu import model_shape
+
+    assert model_shape("wan1.3b") == (1, 12, 32760, 128)
+    assert model_shape("wan14b") == (1, 40, 75600, 128)
+
+
+def test_gpu_script_ratios_flag_fused_rows_over_target() -> None:
+    from harness.benchmarks.linear_triton_gpu import summarise
+
+    rows = summarise({
+        "cudnn": {"forward_ms": 10.0, "forward_backward_ms": 40.0},
+        "fused relu": {"forward_ms": 0.2, "forward_backward_ms": 5.0},
+        "torch relu": {"forward_ms": 2.0, "forward_backward_ms": 8.0},
+    })  # fmt: skip
+    row = rows["fused relu"]
+    assert row["forward_vs_cudnn"] == pytest.approx(0.02) and row["forward_meets_target"]
+    assert row["forward_backward_vs_cudnn"] == pytest.approx(0.125) and not row["forward_backward_meets_target"]
+    assert "forward_meets_target" not in rows["torch relu"]

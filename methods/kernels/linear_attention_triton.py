@@ -163,6 +163,37 @@ def _weight(w_ptr, h, cols, dtype, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr):
     return _square(w_ptr + h * BLOCK_D * BLOCK_D, cols, BLOCK_D) if HAS_W else tl.zeros((BLOCK_D, BLOCK_D), dtype)
 
 
+@_jit
+def _program(H):
+    """``(half, chunk, bh, b, h, sign)`` of a program on the grid ``(halves, chunks, B * H)``; ``sign`` picks
+    hedgehog's feature half (+1: softmax(x W), -1: softmax(-x W))."""
+    half, chunk, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    return half, chunk, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), 1.0 - 2.0 * half.to(tl.float32)
+
+
+@_jit
+def _block(start, rows, N, inside):
+    """Token indices ``n`` of one block, the rows that exist, and the tile mask (rows x real columns)."""
+    n = start + rows
+    valid = n < N
+    return n, valid, valid[:, None] & inside[None, :]
+
+
+@_jit
+def _rows(base, n, stride, cols, mask):
+    """The ``(BLOCK_N, BD)`` tile of tokens n from a token-major matrix at ``base`` (zeros outside ``mask``)."""
+    return tl.load(base + n[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+
+@_jit
+def _store_partial(s_ptr, z_ptr, acc, zacc, cols, BLOCK_D: tl.constexpr):
+    """This program's ``(BD, BD)`` and ``(BD,)`` partial sums, at row ``(half, chunk, bh)``."""
+    row = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    row = row.to(tl.int64)
+    tl.store(s_ptr + row * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :], acc)
+    tl.store(z_ptr + row * BLOCK_D + cols, zacc)
+
+
 @_kernel(REDUCE_CONFIGS)
 def _gram_partials(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, H, N, D: tl.constexpr, CHUNK,
                    sxb, sxh, sxn, syb, syh, syn,
@@ -170,28 +201,20 @@ def _gram_partials(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, H, N, D: tl.constexpr, CHU
     """Program (half, chunk, b * H + h): over the chunk's tokens n, ``sum phi(x_n)^T y_n`` ``(BD, BD)`` and
     ``sum phi(x_n)`` ``(BD,)`` into row ``(half, chunk, bh)`` of s and z (the halves run side by side, so
     their shared reads of x and y hit the L2)."""
-    half, chunk, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    sign = 1.0 - 2.0 * half.to(tl.float32)
+    _, chunk, _, b, h, sign = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
     x_base, y_base = x_ptr + b * sxb + h * sxh, y_ptr + b * syb + h * syh
     w = _weight(w_ptr, h, cols, x_ptr.dtype.element_ty, HAS_W, BLOCK_D)
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    start = chunk * CHUNK
     for offset in range(0, CHUNK, BLOCK_N):
-        n = start + offset + rows
-        valid = n < N
-        mask = valid[:, None] & inside[None, :]
-        x = tl.load(x_base + n[:, None] * sxn + cols[None, :], mask=mask, other=0.0)
-        y = tl.load(y_base + n[:, None] * syn + cols[None, :], mask=mask, other=0.0)
+        n, valid, mask = _block(chunk * CHUNK + offset, rows, N, inside)
+        x, y = _rows(x_base, n, sxn, cols, mask), _rows(y_base, n, syn, cols, mask)
         phi = tl.where(valid[:, None], _phi(_project(x, w, HAS_W), sign, inside, KIND), 0.0)
         zacc += tl.sum(phi, axis=0)
         acc = tl.dot(tl.trans(phi.to(y_ptr.dtype.element_ty)), y, acc)
-    row = ((half * tl.num_programs(1) + chunk) * tl.num_programs(2) + bh).to(tl.int64)
-    tl.store(s_ptr + row * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :], acc)
-    tl.store(z_ptr + row * BLOCK_D + cols, zacc)
+    _store_partial(s_ptr, z_ptr, acc, zacc, cols, BLOCK_D)
 
 
 @_kernel(OUTPUT_CONFIGS)
@@ -199,10 +222,9 @@ def _output(q_ptr, w_ptr, s_ptr, z_ptr, o_ptr, den_ptr, H, N, D: tl.constexpr, C
             sqb, sqh, sqn,
             KIND: tl.constexpr, HAS_W: tl.constexpr, NH: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Program (chunk, b * H + h): ``out = phi(q) S / den`` with ``den = phi(q) . z + eps`` for the chunk's
+    """Program (0, chunk, b * H + h): ``out = phi(q) S / den`` with ``den = phi(q) . z + eps`` for the chunk's
     tokens; out ``(B, H, N, D)`` contiguous, den ``(B * H, N)`` fp32 (kept for the backward)."""
-    chunk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    _, chunk, bh, b, h, _ = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
     dtype = s_ptr.dtype.element_ty
@@ -213,13 +235,9 @@ def _output(q_ptr, w_ptr, s_ptr, z_ptr, o_ptr, den_ptr, H, N, D: tl.constexpr, C
     if NH == 2:
         s1 = _square(s_ptr + (state + 1) * BLOCK_D * BLOCK_D, cols, BLOCK_D)
         z1 = tl.load(z_ptr + (state + 1) * BLOCK_D + cols)
-    start = chunk * CHUNK
     for offset in range(0, CHUNK, BLOCK_N):
-        n = start + offset + rows
-        valid = n < N
-        mask = valid[:, None] & inside[None, :]
-        x = tl.load(q_base + n[:, None] * sqn + cols[None, :], mask=mask, other=0.0)
-        p = _project(x, w, HAS_W)
+        n, valid, mask = _block(chunk * CHUNK + offset, rows, N, inside)
+        p = _project(_rows(q_base, n, sqn, cols, mask), w, HAS_W)
         phi = _phi(p, 1.0, inside, KIND)
         num = tl.dot(phi.to(dtype), s0)
         den = tl.sum(phi * z0[None, :], axis=1) + eps
@@ -240,9 +258,7 @@ def _query_grads(q_ptr, do_ptr, o_ptr, den_ptr, w_ptr, s_ptr, z_ptr, dp_ptr, ds_
     ``g = dout / den`` (dL/d numerator), ``c = -(dout . out) / den`` (dL/d den), ``dphi = g S^T + c z`` for
     this half's features, and dp (dL/d projected q, bf16) into ``dp[half]`` ``(NH, B, H, N, BD)``; and the
     state's gradients ``sum phi^T g``, ``sum c phi`` into row ``(half, chunk, bh)`` of ds and dz."""
-    half, chunk, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    sign = 1.0 - 2.0 * half.to(tl.float32)
+    half, chunk, bh, b, h, sign = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
     dtype = s_ptr.dtype.element_ty
@@ -254,26 +270,20 @@ def _query_grads(q_ptr, do_ptr, o_ptr, den_ptr, w_ptr, s_ptr, z_ptr, dp_ptr, ds_
     s_t, z = _square_t(s_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(z_ptr + state * BLOCK_D + cols)
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    start = chunk * CHUNK
     for offset in range(0, CHUNK, BLOCK_N):
-        n = start + offset + rows
-        valid = n < N
-        mask = valid[:, None] & inside[None, :]
-        x = tl.load(q_base + n[:, None] * sqn + cols[None, :], mask=mask, other=0.0)
-        p = _project(x, w, HAS_W)
+        n, valid, mask = _block(chunk * CHUNK + offset, rows, N, inside)
+        p = _project(_rows(q_base, n, sqn, cols, mask), w, HAS_W)
         phi = tl.where(valid[:, None], _phi(p, sign, inside, KIND), 0.0)
         inv_den = 1.0 / tl.load(den_ptr + bh.to(tl.int64) * N + n, mask=valid, other=1.0)
-        dout = tl.load(do_base + n[:, None] * sdn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        out = tl.load(o_base + n[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dout = _rows(do_base, n, sdn, cols, mask).to(tl.float32)
+        out = _rows(o_base, n, D, cols, mask).to(tl.float32)
         c = -tl.sum(dout * out, axis=1) * inv_den
         g = (dout * inv_den[:, None]).to(dtype)
         acc = tl.dot(tl.trans(phi.to(dtype)), g, acc)
         zacc += tl.sum(phi * c[:, None], axis=0)
         dp = _phi_grad(p, phi, tl.dot(g, s_t) + c[:, None] * z[None, :], sign, KIND)
         tl.store(dp_base + n[:, None] * BLOCK_D + cols[None, :], dp.to(dtype), mask=valid[:, None])
-    row = ((half * tl.num_programs(1) + chunk) * tl.num_programs(2) + bh).to(tl.int64)
-    tl.store(ds_ptr + row * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :], acc)
-    tl.store(dz_ptr + row * BLOCK_D + cols, zacc)
+    _store_partial(ds_ptr, dz_ptr, acc, zacc, cols, BLOCK_D)
 
 
 @_kernel(KEY_CONFIGS)
@@ -283,9 +293,7 @@ def _key_grads(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, dp_ptr, dv_ptr, H, M, D: tl.
     """Program (half, chunk, b * H + h), per key token of the chunk, for this half's features: the value
     gradient ``phi dS`` into ``dv[half]`` ``(NH, B, H, M, D)`` and dp (dL/d projected k) from
     ``dphi = v dS^T + dz`` into ``dp[half]`` ``(NH, B, H, M, BD)``, both in the compute dtype."""
-    half, chunk, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    sign = 1.0 - 2.0 * half.to(tl.float32)
+    half, chunk, bh, b, h, sign = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
     dtype = ds_ptr.dtype.element_ty
@@ -296,14 +304,10 @@ def _key_grads(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, dp_ptr, dv_ptr, H, M, D: tl.
     state = bh.to(tl.int64) * tl.num_programs(0) + half
     ds, dz = _square(ds_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(dz_ptr + state * BLOCK_D + cols)
     ds_t = _square_t(ds_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D)
-    start = chunk * CHUNK
     for offset in range(0, CHUNK, BLOCK_N):
-        n = start + offset + rows
-        valid = n < M
-        mask = valid[:, None] & inside[None, :]
-        x = tl.load(k_base + n[:, None] * skn + cols[None, :], mask=mask, other=0.0)
-        y = tl.load(v_base + n[:, None] * svn + cols[None, :], mask=mask, other=0.0)
-        p = _project(x, w, HAS_W)
+        n, valid, mask = _block(chunk * CHUNK + offset, rows, M, inside)
+        y = _rows(v_base, n, svn, cols, mask)
+        p = _project(_rows(k_base, n, skn, cols, mask), w, HAS_W)
         phi = _phi(p, sign, inside, KIND)
         dv = tl.dot(phi.to(dtype), ds)
         tl.store(dv_base + n[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
@@ -368,12 +372,11 @@ def _per_head(partials: torch.Tensor) -> torch.Tensor:
     return partials.sum(1).transpose(0, 1).contiguous()
 
 
-def _grid(x: torch.Tensor, nh: int, configs: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, ...], int]:
-    """Grid and chunk length of a per-token kernel over x ``(B, H, N, D)``: ``(chunks, B*H)`` for nh = 0 (both
-    halves in one program), else ``(nh, chunks, B*H)``."""
+def _grid(x: torch.Tensor, halves: int, configs: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, ...], int]:
+    """Grid ``(halves, chunks, B*H)`` and chunk length of a per-token kernel over x ``(B, H, N, D)``."""
     batch, heads, tokens, _ = x.shape
-    chunks, chunk = _chunking(tokens, batch * heads * max(nh, 1), x.device, _chunk_alignment(configs))
-    return ((chunks, batch * heads) if nh == 0 else (nh, chunks, batch * heads)), chunk
+    chunks, chunk = _chunking(tokens, batch * heads * halves, x.device, _chunk_alignment(configs))
+    return (halves, chunks, batch * heads), chunk
 
 
 def _through_projection(x: torch.Tensor, dp_halves: torch.Tensor, delta: torch.Tensor | None,
@@ -403,7 +406,7 @@ class _FusedLinearAttention(torch.autograd.Function):
         out = torch.empty(q.shape, device=q.device, dtype=dtype)
         den = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
         wq = _weight_operand(q_weight, block_d, dtype)
-        grid, chunk = _grid(q, 0, OUTPUT_CONFIGS)
+        grid, chunk = _grid(q, 1, OUTPUT_CONFIGS)  # both halves in each program
         _output[grid](
             q, q if wq is None else wq, state.to(dtype), normaliser, out, den, heads, tokens, dim, chunk, eps,
             *_strides(q), KIND=code, HAS_W=wq is not None, NH=nh, BLOCK_D=block_d,
