@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
-from methods.kernels.linear_attention import FeatureMap, build_feature_map, linear_attention
+from methods.kernels.linear_attention import FeatureMap, build_feature_map, feature_linear_attention
+from methods.kernels.linear_attention_triton import BACKEND_NOTE
 from methods.params import Param
 
 # taylor is left out: its 1 + D + D^2 features (16,513 per token at D = 128) do not fit at video length.
@@ -33,7 +34,8 @@ class LinearAttention(AttentionMethod):
     capabilities = Capabilities(
         devices=("cpu", "cuda"),
         sparsity="linear",
-        notes="untrained linear attention (LinVideo direct replacement); kernels: " + ", ".join(LINEAR_KERNELS),
+        notes=f"untrained linear attention (LinVideo direct replacement); kernels: {', '.join(LINEAR_KERNELS)}; "
+        f"{BACKEND_NOTE}",
     )
     parameters = (
         Param("kernel", "choice", "elu", "feature map (taylor's 1 + D + D^2 features do not fit at video length)",
@@ -65,4 +67,4 @@ class LinearAttention(AttentionMethod):
         if not self.runs_linear(ctx.layer):
             return F.scaled_dot_product_attention(q, k, v), 1.0
         phi = self.feature_map(ctx.layer, q)
-        return linear_attention(phi(q), phi(k), v), 0.0
+        return feature_linear_attention(q, k, v, phi, phi), 0.0

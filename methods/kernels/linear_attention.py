@@ -74,6 +74,20 @@ def linear_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, 
     return (numerator / denominator).to(v.dtype)
 
 
+def feature_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_map: FeatureMap,
+                             k_map: FeatureMap, eps: float = 1e-6) -> torch.Tensor:  # fmt: skip
+    """``linear_attention(q_map(q), k_map(k), v, eps)`` for q ``(B, H, N, D)``, k and v ``(B, H, M, D)``.
+
+    On CUDA it runs the fused Triton kernel (:mod:`methods.kernels.linear_attention_triton`: hedgehog, relu,
+    elu; features never stored) unless ``$BENCH_LINEAR_BACKEND=torch``; elsewhere, and for taylor, the torch path.
+    """
+    from methods.kernels.linear_attention_triton import fused_linear_attention, use_fused  # imports this module
+
+    if use_fused(q, k, v, q_map, k_map):
+        return fused_linear_attention(q, k, v, q_map, k_map, eps)
+    return linear_attention(q_map(q), k_map(k), v, eps)
+
+
 def naive_linear_attention(
     phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:

@@ -17,7 +17,8 @@ from torch import nn
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
-from methods.kernels.linear_attention import KERNELS, build_feature_map, check_kernel, linear_attention
+from methods.kernels.linear_attention import KERNELS, build_feature_map, check_kernel, feature_linear_attention
+from methods.kernels.linear_attention_triton import BACKEND_NOTE
 from methods.params import Param
 
 LINEAR_THRESHOLD = 0.5
@@ -82,7 +83,7 @@ class TransferState(nn.Module):
 
     def linear(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The layer's linear attention ``(B, H, N, D)``, accumulated in fp32."""
-        return linear_attention(self.q_maps[layer](q), self.k_maps[layer](k), v)
+        return feature_linear_attention(q, k, v, self.q_maps[layer], self.k_maps[layer])
 
     def mixed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Eq. 8: ``r * softmax + (1 - r) * linear`` from the same q, k, v ``(B, H, N, D)``."""
@@ -104,7 +105,8 @@ class LinVideo(AttentionMethod):
         devices=("cpu", "cuda"),
         sparsity="linear",
         needs_training=True,
-        notes="learned selective transfer + Hedgehog linear attention; needs a converted checkpoint (--checkpoint)",
+        notes="learned selective transfer + Hedgehog linear attention; needs a converted checkpoint (--checkpoint); "
+        + BACKEND_NOTE,
     )
     state_params = ("kernel",)  # the feature maps' weights are the kernel's
     untrained_params = ("linear_layers",)  # a checkpoint fixes its own linear layers

@@ -1,0 +1,266 @@
+"""Fused Triton linear attention on one GPU: correctness against float64 first, then time against cuDNN.
+
+1. Correctness (fresh random bf16 inputs): the fused kernel for hedgehog (a trained-like W = I + noise, separate
+   for q and k), relu and elu; the output and every gradient (q, k, v and hedgehog's W of q and of k) against
+   the float64 reference by relative error, at a toy shape (head dim 24, padded in the kernel; batch 2) and at
+   the Wan 1.3B 480p and 14B 720p shapes, with q, k, v laid out as the attention processor passes them ((B, N,
+   H, D) projections seen as (B, H, N, D)). The torch path's errors are recorded beside. Tolerances (bf16
+   operands, fp32 accumulation): 1e-2 for the output, 2e-2 for the gradients. A kernel that fails is not timed.
+2. Timing (CUDA events, warm-up, median): one cuDNN attention call (SDPBackend.CUDNN_ATTENTION), the torch path
+   (``linear_attention(q_map(q), k_map(k), v)``) and the fused kernel through the dispatcher, forward (no grad)
+   and forward + backward (``torch.autograd.grad`` of a random upstream gradient, W included), at both Wan
+   shapes; the ratios to cuDNN against the targets (forward <= 3%, forward + backward <= 10%), and the memory
+   floor (q, k, v read and the output written once, at the copy bandwidth measured here).
+3. A table last; the JSON (checks, timings, the autotuner's choices, registers and spills of each compiled
+   kernel) in ``--out``/linear_triton.json, written after each stage.
+
+About 3-5 minutes on one H200 (Triton compiles and autotunes about 50 kernel variants in the first calls).
+
+    PYTHONUNBUFFERED=1 python -m harness.benchmarks.linear_triton_gpu --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from harness.atomic import write_json_atomic
+from harness.latency import measure
+from harness.models.base import MODELS
+from methods.kernels import linear_attention_triton as fused
+from methods.kernels.linear_attention import FeatureMap, build_feature_map, feature_linear_attention, linear_attention
+
+FORWARD_TOLERANCE, GRADIENT_TOLERANCE = 1e-2, 2e-2
+TARGETS = {"forward": 0.03, "forward_backward": 0.10}
+TIMED_MODELS = ("wan1.3b", "wan14b")
+TOY_SHAPE = (2, 4, 1061, 24)
+REPEATS = {"wan1.3b": (3, 30), "wan14b": (2, 7)}  # (warm-up, timed) calls
+GRADIENT_NAMES = ("dq", "dk", "dv", "dWq", "dWk")
+
+
+def model_shape(model: str) -> tuple[int, int, int, int]:
+    """``(B, H, N, D)`` of one self-attention call of ``model`` at its default sampling, batch 1."""
+    adapter = MODELS.get(model)
+    config = adapter.transformer_config
+    tokens = adapter.token_grid(adapter.defaults).tokens
+    return 1, config["num_attention_heads"], tokens, config["attention_head_dim"]
+
+
+def processor_inputs(shape: tuple[int, int, int, int], device: torch.device) -> list[torch.Tensor]:
+    """Random bf16 q, k, v ``(B, H, N, D)`` as views of ``(B, N, H, D)`` projections, requiring grad."""
+    batch, heads, tokens, dim = shape
+    return [torch.randn(batch, tokens, heads, dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
+            .requires_grad_() for _ in range(3)]  # fmt: skip
+
+
+def feature_maps(kind: str, heads: int, dim: int, device: torch.device) -> tuple[FeatureMap, FeatureMap]:
+    """q and k maps as LinVideo trains them; hedgehog's W moved off the identity as training moves it."""
+    pair = [build_feature_map(kind, heads, dim, trainable=True).to(device) for _ in range(2)]
+    for phi in pair:
+        for weight in phi.parameters():
+            with torch.no_grad():
+                weight += 0.05 * torch.randn_like(weight)
+    return pair[0], pair[1]
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def errors_against(
+    run: Callable[[], torch.Tensor], leaves: list[torch.Tensor], grad: torch.Tensor, ref: torch.Tensor,
+    ref_grads: tuple[torch.Tensor, ...],
+) -> dict[str, float]:  # fmt: skip
+    """Relative errors of ``run()`` and its gradients against the reference's; None where not finite."""
+    out = run()
+    grads = torch.autograd.grad(out, leaves, grad)
+    names = ("out", *GRADIENT_NAMES)
+    return {name: relative_error(a, b) if torch.isfinite(a).all() else None
+            for name, a, b in zip(names, (out, *grads), (ref, *ref_grads), strict=False)}  # fmt: skip
+
+
+def check(kind: str, shape: tuple[int, int, int, int], device: torch.device) -> dict[str, Any]:
+    """The fused kernel's (and the torch path's) output and gradients against float64, on fresh inputs."""
+    q, k, v = processor_inputs(shape, device)
+    q_map, k_map = feature_maps(kind, shape[1], shape[3], device)
+    leaves = [q, k, v, *q_map.parameters(), *k_map.parameters()]
+    weights = getattr(q_map, "weight", None), getattr(k_map, "weight", None)
+    grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    ref = fused.float64_reference(q, k, v, kind, *weights)
+    ref_grads = torch.autograd.grad(ref, leaves, grad.double())
+    ref = ref.detach()
+    result: dict[str, Any] = {"shape": list(shape), "kind": kind}
+    result["fused"] = errors_against(lambda: fused.fused_linear_attention(q, k, v, q_map, k_map),
+                                     leaves, grad, ref, ref_grads)  # fmt: skip
+    result["torch"] = errors_against(lambda: linear_attention(q_map(q), k_map(k), v), leaves, grad, ref, ref_grads)
+    result["passed"] = all(
+        error is not None and error <= (FORWARD_TOLERANCE if name == "out" else GRADIENT_TOLERANCE)
+        for name, error in result["fused"].items()
+    )
+    return result
+
+
+def timings(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], grad: torch.Tensor,
+            device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:  # fmt: skip
+    """Forward (no grad) and forward + backward medians in ms, with the full statistics."""
+
+    def no_grad_forward() -> None:
+        with torch.no_grad():
+            forward()
+
+    fwd, _ = measure(no_grad_forward, device, warmup, repeats)
+    both, _ = measure(lambda: torch.autograd.grad(forward(), leaves, grad), device, warmup, repeats)
+    return {"forward_ms": fwd.median_ms, "forward_backward_ms": both.median_ms,
+            "forward": fwd.to_dict(), "forward_backward": both.to_dict()}  # fmt: skip
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), median of 10 copies of 1 GiB."""
+    source = torch.randn(2**28, device=device)
+    target = torch.empty_like(source)
+    stats, _ = measure(lambda: target.copy_(source), device, 2, 10)
+    return 2 * source.numel() * source.element_size() / (stats.median_ms / 1e3)
+
+
+def time_model(model: str, kinds: list[str], device: torch.device, bandwidth: float) -> dict[str, Any]:
+    """cuDNN, the torch path and the fused kernel at ``model``'s shape."""
+    shape = model_shape(model)
+    warmup, repeats = REPEATS[model]
+    q, k, v = processor_inputs(shape, device)
+    grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    floor_bytes = 4 * q.numel() * q.element_size()  # q, k, v read, the output written
+    rows: dict[str, Any] = {}
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        rows["cudnn"] = timings(lambda: F.scaled_dot_product_attention(q, k, v), [q, k, v], grad, device,
+                                warmup, repeats)  # fmt: skip
+    print(f"{model} cudnn: {rows['cudnn']['forward_ms']:.3f} ms forward, "
+          f"{rows['cudnn']['forward_backward_ms']:.3f} ms forward + backward", flush=True)  # fmt: skip
+    for kind in kinds:
+        q_map, k_map = feature_maps(kind, shape[1], shape[3], device)
+        leaves = [q, k, v, *q_map.parameters(), *k_map.parameters()]
+        if not fused.use_fused(q, k, v, q_map, k_map):
+            raise RuntimeError(f"the dispatcher does not take the fused kernel: "
+                               f"{fused.unsupported_reason(q, k, v, q_map, k_map)}")  # fmt: skip
+        for path, forward in (
+            ("torch", lambda m=q_map, n=k_map: linear_attention(m(q), n(k), v)),
+            ("fused", lambda m=q_map, n=k_map: feature_linear_attention(q, k, v, m, n)),
+        ):
+            row = timings(forward, leaves, grad, device, warmup, repeats)
+            rows[f"{path} {kind}"] = row
+            print(f"{model} {path} {kind}: {row['forward_ms']:.3f} ms forward, "
+                  f"{row['forward_backward_ms']:.3f} ms forward + backward", flush=True)  # fmt: skip
+        torch.cuda.empty_cache()
+    return {"shape": list(shape), "floor_ms": floor_bytes / bandwidth * 1e3, "rows": summarise(rows)}
+
+
+def summarise(rows: dict[str, Any]) -> dict[str, Any]:
+    """Each row's forward and forward + backward ratios to cuDNN's, and whether fused rows meet the targets."""
+    for name, row in rows.items():
+        for mode in TARGETS:
+            row[f"{mode}_vs_cudnn"] = row[f"{mode}_ms"] / rows["cudnn"][f"{mode}_ms"]
+            if name.startswith("fused"):
+                row[f"{mode}_meets_target"] = row[f"{mode}_vs_cudnn"] <= TARGETS[mode]
+    return rows
+
+
+def compiled_kernels() -> dict[str, Any]:
+    """The autotuner's choice per key and each compiled variant's specialisation, warps, stages, shared memory,
+    registers and spills, read off Triton's caches (internals: best effort, never fatal)."""
+    report: dict[str, Any] = {}
+    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads"):
+        tuner = getattr(fused, name)
+        entry: dict[str, Any] = {"chosen": {str(key): str(config) for key, config in tuner.cache.items()}}
+        try:
+            entry["compiled"] = [
+                {"specialisation": str(key)[-400:], "warps": kernel.metadata.num_warps,
+                 "stages": kernel.metadata.num_stages, "shared_bytes": kernel.metadata.shared,
+                 "registers": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None)}
+                for caches in tuner.fn.device_caches.values() for key, kernel in caches[0].items()
+            ]  # fmt: skip
+        except Exception as exc:  # a diagnostic must not lose the measurements
+            entry["compiled"] = f"unavailable: {type(exc).__name__}: {exc}"
+        report[name] = entry
+    return report
+
+
+def print_table(result: dict[str, Any]) -> None:
+    for check_row in result["checks"]:
+        errors = check_row.get("fused", {})
+        worst = "-" if not errors else "non-finite" if None in errors.values() else f"{max(errors.values()):.2e}"
+        print(f"check {check_row['kind']:>8} {tuple(check_row['shape'])!s:>22}: "
+              f"{'ok' if check_row['passed'] else 'FAILED'} (max relative error {worst}"
+              f"{'; ' + check_row['error'] if 'error' in check_row else ''})")  # fmt: skip
+    print(f"\n{'model':>8} {'path':>15} {'fwd ms':>9} {'vs cuDNN':>9} {'fwd+bwd ms':>11} {'vs cuDNN':>9}")
+    for model, timed in result["timings"].items():
+        if "error" in timed:
+            print(f"{model:>8} timing failed: {timed['error']}")
+            continue
+        for name, row in timed["rows"].items():
+            marks = ["" if row.get(f"{mode}_meets_target", True) else " (over target)" for mode in TARGETS]
+            fwd, both = row["forward_vs_cudnn"], row["forward_backward_vs_cudnn"]
+            print(f"{model:>8} {name:>15} {row['forward_ms']:>9.3f} {fwd:>8.2%}{marks[0]} "
+                  f"{row['forward_backward_ms']:>11.3f} {both:>8.2%}{marks[1]}")  # fmt: skip
+        print(f"{model:>8} {'memory floor':>15} {timed['floor_ms']:>9.3f}")
+    print(f"Targets: fused forward <= {TARGETS['forward']:.0%} of cuDNN, forward + backward <= "
+          f"{TARGETS['forward_backward']:.0%}. Total {result['wall_seconds']:.0f} s.")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for linear_triton.json")
+    parser.add_argument("--kinds", default=",".join(fused.FUSED_KERNELS), help="comma-separated feature maps")
+    parser.add_argument("--models", default=",".join(TIMED_MODELS), help="comma-separated Wan shapes to check and time")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or fused.triton is None:
+        raise SystemExit("needs a CUDA GPU and triton")
+    device = torch.device("cuda")
+    kinds = [kind for kind in args.kinds.split(",") if kind]
+    models = [model for model in args.models.split(",") if model]
+    started = time.time()
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "triton": fused.triton.__version__,
+        "tolerances": {"output": FORWARD_TOLERANCE, "gradients": GRADIENT_TOLERANCE}, "targets": TARGETS,
+        "checks": [], "timings": {},
+    }  # fmt: skip
+    path = args.out / "linear_triton.json"
+
+    # The toy shape first, then the Wan shapes: the autotuner picks the 128-wide kernels' configuration at 1.3B.
+    for shape in [TOY_SHAPE, *(model_shape(model) for model in models)]:
+        for kind in kinds:
+            try:
+                row = check(kind, shape, device)
+            except Exception as exc:  # a compile failure or OOM is recorded, and the kind is not timed
+                row = {"shape": list(shape), "kind": kind, "passed": False, "error": f"{type(exc).__name__}: {exc}",
+                       "traceback": traceback.format_exc()}  # fmt: skip
+            result["checks"].append(row)
+            print(f"check {kind} {shape}: {'ok' if row['passed'] else 'FAILED'} "
+                  f"{row.get('fused', row.get('error'))}", flush=True)  # fmt: skip
+            torch.cuda.empty_cache()
+    write_json_atomic(path, result | {"kernels": compiled_kernels()})
+    passed = [kind for kind in kinds if all(row["passed"] for row in result["checks"] if row["kind"] == kind)]
+
+    bandwidth = copy_bandwidth(device)
+    result["copy_bandwidth_tb_s"] = bandwidth / 1e12
+    for model in models:
+        try:
+            result["timings"][model] = time_model(model, passed, device, bandwidth)
+        except Exception as exc:
+            result["timings"][model] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        torch.cuda.empty_cache()
+        write_json_atomic(path, result | {"kernels": compiled_kernels()})
+    result["wall_seconds"] = time.time() - started
+    write_json_atomic(path, result | {"kernels": compiled_kernels()})
+    print_table(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The fused Triton linear attention against the float64 reference, and the dispatch between it and torch.
+
+The kernel tests need Triton and either CUDA or the Triton interpreter on CPU tensors; elsewhere (CI) they
+skip. To run them on a CPU machine, with Triton installed outside the project's environment::
+
+    TRITON_INTERPRET=1 PYTHONPATH=.:<triton site> python -m pytest tests/test_linear_attention_triton.py
+
+The interpreter multiplies bf16 operands as raw integers, so there the kernels are checked in fp16; on
+CUDA in bf16 and fp16. Triton 3.6's interpreter also needs numpy < 2.4 (it converts loop bounds with
+``int()`` of a one-element array).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from methods import METHODS
+from methods.kernels import linear_attention_triton as fused
+from methods.kernels.linear_attention import (
+    FeatureMap,
+    HedgehogFeatureMap,
+    build_feature_map,
+    feature_linear_attention,
+    linear_attention,
+    naive_linear_attention,
+)
+
+ON_CUDA = torch.cuda.is_available()
+KERNEL_RUNNABLE = fused.triton is not None and (ON_CUDA or fused.INTERPRETED)
+if fused.INTERPRETED and tuple(int(part) for part in np.__version__.split(".")[:2]) >= (2, 4):
+    KERNEL_RUNNABLE = False
+needs_kernel = pytest.mark.skipif(not KERNEL_RUNNABLE, reason="needs triton with CUDA, or TRITON_INTERPRET=1")
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+# Relative error against float64 for fp16 (10-bit) and bf16 (7-bit) operands with fp32 accumulation.
+TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DTYPES = (torch.bfloat16, torch.float16) if ON_CUDA else (torch.float16,)
+
+
+def maps(kind: str, heads: int, head_dim: int, trained: bool = True) -> tuple[FeatureMap, FeatureMap]:
+    """Separate q and k maps, as LinVideo has; hedgehog's moved away from the identity when ``trained``."""
+    pair = tuple(build_feature_map(kind, heads, head_dim, trainable=trained).to(DEVICE) for _ in range(2))
+    for phi in pair:
+        if isinstance(phi, HedgehogFeatureMap) and phi.weight is not None:
+            with torch.no_grad():
+                phi.weight += 0.2 * torch.randn_like(phi.weight)
+    return pair  # type: ignore[return-value]
+
+
+def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
+
+
+def test_float64_reference_matches_naive_quadratic_form() -> None:
+    """The O(N) float64 reference the kernels are checked against equals the O(N^2) one, for each fused map."""
+    q, k, v = (torch.randn(2, 3, 29, 16, dtype=torch.float64) for _ in range(3))
+    for kind in fused.FUSED_KERNELS:
+        q_map, k_map = maps(kind, 3, 16)
+        weights = getattr(q_map, "weight", None), getattr(k_map, "weight", None)
+        with torch.no_grad():
+            ref = fused.float64_reference(q, k, v, kind, *weights)
+            naive = naive_linear_attention(q_map(q), k_map(k), v)
+        assert relative(ref, naive) < 1e-6, kind
+
+
+def test_cpu_calls_take_the_torch_path() -> None:
+    """On CPU the dispatcher computes exactly ``linear_attention(q_map(q), k_map(k), v)``."""
+    q, k, v = (torch.randn(1, 2, 11, 8) for _ in range(3))
+    q_map, k_map = (build_feature_map("hedgehog", 2, 8, trainable=True) for _ in range(2))
+    assert torch.equal(feature_linear_attention(q, k, v, q_map, k_map), linear_attention(q_map(q), k_map(k), v))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("triton", "BENCH_LINEAR_BACKEND=triton but the fused linear attention cannot run"),
+     ("cuda", "BENCH_LINEAR_BACKEND must be one of auto, torch, triton")],
+)  # fmt: skip
+def test_backend_variable_errors_are_specific(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
+    monkeypatch.setenv(fused.BACKEND_ENV, value)
+    q = torch.randn(1, 2, 5, 8)
+    phi = build_feature_map("relu", 2, 8)
+    with pytest.raises(HarnessError, match=message):
+        feature_linear_attention(q, q, q, phi, phi)
+
+
+def test_taylor_is_declared_torch_only() -> None:
+    """taylor's 1 + D + D^2 features are not fused; the methods running linear attention say so."""
+    taylor = build_feature_map("taylor", 2, 8)
+    assert fused.map_kind(taylor) is None and "taylor" not in fused.FUSED_KERNELS
+    for name in ("linvideo", "linear"):
+        assert "taylor runs in torch" in METHODS.get(name).capabilities.notes
+    if fused.triton is not None:
+        x = torch.randn(1, 2, 5, 8, device=DEVICE, dtype=torch.bfloat16)
+        assert "taylor" in fused.unsupported_reason(x, x, x, taylor, taylor, device_type=DEVICE.type)
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "autocast", "expected"),
+    [((torch.bfloat16,) * 3, False, torch.bfloat16), ((torch.float32,) * 3, False, None),
+     ((torch.float16, torch.float16, torch.bfloat16), False, None), ((torch.float32,) * 3, True, torch.bfloat16)],
+)  # fmt: skip
+def test_compute_dtype(dtypes: tuple[torch.dtype, ...], autocast: bool, expected: torch.dtype | None) -> None:
+    """fp16/bf16 inputs keep their dtype, autocast imposes its own, fp32 alone stays in torch (None)."""
+    q, k, v = (torch.randn(1, 1, 4, 8, dtype=dtype) for dtype in dtypes)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert fused.compute_dtype(q, k, v) == expected
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", fused.FUSED_KERNELS)
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 2, 40, 27, 32),  # batch 2 (W's gradient sums over it), more queries than keys, one chunk
+     (1, 1, 70, 70, 24)],  # padded head dim, several chunks per head, strided (B, N, H, D) inputs
+)  # fmt: skip
+def test_fused_matches_float64_reference(kind: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """Output and every gradient (q, k, v, hedgehog's W for q and k) within the dtype's tolerance."""
+    batch, heads, queries, keys, dim = shape
+    q = torch.randn(batch, queries, heads, dim, device=DEVICE).to(dtype).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(batch, heads, keys, dim, device=DEVICE).to(dtype).requires_grad_() for _ in range(2))
+    q_map, k_map = maps(kind, heads, dim)
+    leaves = [q, k, v, *(p for m in (q_map, k_map) for p in m.parameters())]
+    out = fused.fused_linear_attention(q, k, v, q_map, k_map)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad)
+    weights = getattr(q_map, "weight", None), getattr(k_map, "weight", None)
+    ref = fused.float64_reference(q, k, v, kind, *weights)
+    ref_grads = torch.autograd.grad(ref, leaves, grad.double())
+    assert out.shape == (batch, heads, queries, dim) and out.dtype == dtype
+    names = ["out", "dq", "dk", "dv", "dWq", "dWk"]
+    errors = {name: relative(a, b) for name, a, b in zip(names, [out, *grads], [ref, *ref_grads], strict=False)}
+    assert all(e <= TOLERANCE[dtype] for e in errors.values()), f"{kind} {dtype}: {errors}"
+
+
+@needs_kernel
+def test_identity_hedgehog_has_no_weight_gradient() -> None:
+    """The untrained map (W fixed to I) runs without a projection and matches the reference."""
+    q, k, v = (torch.randn(1, 2, 33, 32, device=DEVICE, dtype=DTYPES[0]).requires_grad_() for _ in range(3))
+    q_map, k_map = maps("hedgehog", 2, 32, trained=False)
+    out = fused.fused_linear_attention(q, k, v, q_map, k_map)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ref = fused.float64_reference(q, k, v, "hedgehog")
+    ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+    assert relative(out, ref) <= TOLERANCE[DTYPES[0]]
+    assert all(relative(a, b) <= TOLERANCE[DTYPES[0]] for a, b in zip(grads, ref_grads, strict=True))
+
+
+@pytest.mark.skipif(not (ON_CUDA and fused.triton is not None), reason="needs CUDA and triton")
+def test_cuda_dispatch_uses_the_kernel_unless_forced_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = torch.randn(1, 2, 64, 32, device="cuda", dtype=torch.bfloat16)
+    q_map, k_map = maps("hedgehog", 2, 32)
+    assert fused.use_fused(q, q, q, q_map, k_map)
+    monkeypatch.setenv(fused.BACKEND_ENV, "torch")
+    assert not fused.use_fused(q, q, q, q_map, k_map)
+
+
+def test_gpu_script_times_the_wan_attention_calls() -> None:
+    """The GPU script's shapes are one self-attention call of Wan 1.3B 480p and 14B 720p, as the issue states."""
+    from harness.benchmarks.linear_triton_gpu import model_shape
+
+    assert model_shape("wan1.3b") == (1, 12, 32760, 128)
+    assert model_shape("wan14b") == (1, 40, 75600, 128)
+
+
+def test_gpu_script_ratios_flag_fused_rows_over_target() -> None:
+    from harness.benchmarks.linear_triton_gpu import summarise
+
+    rows = summarise({
+        "cudnn": {"forward_ms": 10.0, "forward_backward_ms": 40.0},
+        "fused relu": {"forward_ms": 0.2, "forward_backward_ms": 5.0},
+        "torch relu": {"forward_ms": 2.0, "forward_backward_ms": 8.0},
+    })  # fmt: skip
+    row = rows["fused relu"]
+    assert row["forward_vs_cudnn"] == pytest.approx(0.02) and row["forward_meets_target"]
+    assert row["forward_backward_vs_cudnn"] == pytest.approx(0.125) and not row["forward_backward_meets_target"]
+    assert "forward_meets_target" not in rows["torch relu"]
