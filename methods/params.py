@@ -38,7 +38,9 @@ from harness.errors import HarnessError
 from harness.registry import did_you_mean
 from methods.kernels.block_sparse import FLEX_TILE
 
-ParamType = Literal["bool", "int", "float", "choice", "path", "layers", "layers_or_all", "block_size", "method", "object"]
+ParamType = Literal[
+    "bool", "int", "float", "choice", "path", "layers", "layers_or_all", "block_size", "method", "object"
+]
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 _INTEGER = re.compile(r"[+-]?\d+")
 
