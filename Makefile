@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_CPU_PIN := torch==2.13.0
 RUNS ?= runs
 
-.PHONY: setup test test-vbench demo lint bench bench-linvideo bench-sparse bench-dfa-sla bench-toy-cuda clean
+.PHONY: setup test test-vbench demo lint bench bench-linvideo bench-linvideo-e2e bench-sparse bench-dfa-sla bench-toy-cuda clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: setup
 # LinVideo on the GPU: correctness, latency with the paper's converted layers, one ADM training step.
 bench-linvideo: setup
 	$(PY) -m harness.benchmarks.linvideo_gpu --out reports/gpu/linvideo
+
+# LinVideo end to end at Wan 1.3B 480p x 81: dense, LinVideo, 4-step, + radial samples beside the paper's (< 8 min).
+bench-linvideo-e2e: setup
+	$(PY) -m harness.benchmarks.linvideo_e2e_gpu --out reports/gpu/linvideo_e2e
 
 # Sparse baselines on the GPU: Flex vs masked dense, attention and forward latency at Wan shapes (~5 min on an H100).
 bench-sparse: setup

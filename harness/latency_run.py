@@ -148,7 +148,7 @@ def run_latency(request: LatencyRequest) -> dict[str, Any]:
             entry["attention_tflop_per_forward"] / (attention_ms / 1e3) if attention_ms else None
         )
         if request.sample_steps > 0:
-            entry["sample"] = _time_sample(model, method, sampling, device)
+            entry["sample"] = time_sample(model, method, sampling, device)
         results[method.name] = entry
 
     _add_speedups(results, request.baseline or "")
@@ -166,21 +166,28 @@ def run_latency(request: LatencyRequest) -> dict[str, Any]:
     }
 
 
-def _time_sample(model: Any, method: AttentionMethod, sampling: Sampling, device: torch.device) -> dict[str, Any]:
-    """One whole sample (CFG on) with per-stage times; the first step is reported as warm-up."""
+def time_sample(model: Any, method: AttentionMethod, sampling: Sampling, device: torch.device) -> dict[str, Any]:
+    """One whole sample with per-stage times: prompt encoding (and the negative prompt's when ``sampling.cfg``
+    > 1, two transformer passes per step then), every denoising step, VAE decode. Per stage the first call is
+    reported as warm-up; ``total_ms`` sums every call of the three stages."""
     timer = StageTimer(device)
     with model.use_method(method) as runtime, torch.inference_mode(), peak_memory(device) as memory:
         with timer.stage("prompt_encoding"):
             cond = model.encode_prompts(["a latency probe"])
-            uncond = model.encode_prompts([sampling.negative_prompt])
+        uncond = None
+        if sampling.cfg > 1:
+            with timer.stage("prompt_encoding"):
+                uncond = model.encode_prompts([sampling.negative_prompt])
         noise = initial_noise((1, *type(model).latent_shape(sampling)), seed=0)
         latents = model.sample(noise, cond, uncond, sampling, runtime, lambda _i: timer.stage("denoise_step"))
         with timer.stage("decode"):
             model.decode(latents)
-    runtime.timer.pop_seconds()
+    attention_ms = runtime.timer.pop_seconds() * 1e3
     total_ms = sum(sum(timer.seconds(name)) for name in ("prompt_encoding", "denoise_step", "decode")) * 1e3
     return {
         "steps": sampling.steps,
+        "cfg": sampling.cfg,
+        "attention_ms": attention_ms,
         "stages": {name: stats.to_dict() for name, stats in timer.stats().items()},
         "total_ms": total_ms,
         "peak_gib": memory["peak_gib"],

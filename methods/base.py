@@ -198,11 +198,18 @@ class AttentionMethod(ABC):
         """Whether this call runs plain dense attention (the schedule; methods may add their own)."""
         return self.schedule.runs_dense(ctx)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def run(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+    ) -> tuple[torch.Tensor, float]:
+        """One call under the schedule: plain dense attention where :meth:`runs_dense` says so, else
+        :meth:`attend`. Output ``(B, H, N, D)`` and the density used, not logged: a method that runs another
+        inside it (LinVideo's softmax layers) calls this, so the inner one keeps its own schedule."""
         if self.runs_dense(ctx):
-            out, density = dense_attention(q, k, v), 1.0
-        else:
-            out, density = self.attend(q, k, v, ctx)
+            return dense_attention(q, k, v), 1.0
+        return self.attend(q, k, v, ctx)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        out, density = self.run(q, k, v, ctx)
         self.density.add(ctx, density)
         return out
 

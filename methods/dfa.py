@@ -309,9 +309,13 @@ class DiTFastAttn(AttentionMethod):
 
     # -- the call -----------------------------------------------------------------------------
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+            ) -> tuple[torch.Tensor, float]:  # fmt: skip
         # Unlike other methods, scheduled dense calls must go through attend too: they fill the caches.
-        out, density = self.attend(q, k, v, ctx)
+        return self.attend(q, k, v, ctx)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        out, density = self.run(q, k, v, ctx)
         if not self.probing:
             self.density.add(ctx, density)
         return out

@@ -18,6 +18,9 @@ Accepted spellings, whatever the source:
 - ``block_size``: ``auto`` or a token count that divides :data:`FLEX_TILE` (1, 2, ..., 64) or is a
   multiple of it: FlexAttention computes 128-token tiles, so smaller blocks are grouped into whole tiles
   (a token-level mask inside each) and other sizes (e.g. 20, 96) would leave a tile split between blocks.
+- ``method``: a registered attention method's name or alias, recorded as its canonical name.
+- ``object``: a JSON object (``{"decay_factor": 0.5}``) or a mapping with text keys, e.g. another method's
+  parameters, which the owner types by that method's schema.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from harness.errors import HarnessError
 from harness.registry import did_you_mean
 from methods.kernels.block_sparse import FLEX_TILE
 
-ParamType = Literal["bool", "int", "float", "choice", "path", "layers", "layers_or_all", "block_size"]
+ParamType = Literal[
+    "bool", "int", "float", "choice", "path", "layers", "layers_or_all", "block_size", "method", "object"
+]
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 _INTEGER = re.compile(r"[+-]?\d+")
 
@@ -224,6 +229,28 @@ def _block_size(param: Param, value: Any, what: str) -> str | int:
     return block
 
 
+def _method(param: Param, value: Any, what: str) -> str:
+    from methods.base import METHODS  # the registry's module imports this one
+
+    if isinstance(value, str) and value.strip() in METHODS:
+        return METHODS.canonical(value.strip())
+    hint = did_you_mean(value, METHODS.names()) if isinstance(value, str) else ""
+    raise HarnessError(f"{what} must be a registered attention method (`bench methods` lists them), "
+                       f"got {_show(value)}.{hint}")  # fmt: skip
+
+
+def _object(param: Param, value: Any, what: str) -> dict[str, Any]:
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+    if isinstance(parsed, Mapping) and all(isinstance(key, str) for key in parsed):
+        return dict(parsed)
+    raise HarnessError(f'{what} must be a JSON object such as {{"decay_factor": 0.5}}, got {_show(value)}')
+
+
 _PARSERS = {
     "bool": _bool,
     "int": _int,
@@ -233,6 +260,8 @@ _PARSERS = {
     "layers": _layers,
     "layers_or_all": _layers_or_all,
     "block_size": _block_size,
+    "method": _method,
+    "object": _object,
 }
 
 

@@ -3,7 +3,8 @@
 The sampler reproduces ``WanPipeline``'s loop (UniPC flow-matching with a shift, two transformer
 passes per step for CFG, fp32 latents) but owns it, so that every step knows its index, timestep and
 CFG branch, and stages can be timed. Random-weight builds keep the real architecture for latency;
-they have no text encoder (prompt embeddings are seeded noise of the real shape).
+by default they have no text encoder (prompt embeddings are seeded noise of the real shape), and
+``build_random(text_encoder=True)`` adds a random full-size UMT5-XXL encoder to time prompt encoding.
 """
 
 from __future__ import annotations
@@ -40,20 +41,39 @@ WAN_1_3B_CONFIG: dict[str, Any] = dict(
     rope_max_seq_len=1024,
 )
 WAN_14B_CONFIG: dict[str, Any] = {**WAN_1_3B_CONFIG, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+# Wan 2.1's text encoder: the encoder of google/umt5-xxl (5.7B parameters), run in the model's dtype.
+UMT5_XXL_CONFIG: dict[str, Any] = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+)
 
 
 def build_transformer(config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """A randomly initialised ``WanTransformer3DModel`` created on ``device`` in ``dtype``."""
     from diffusers import WanTransformer3DModel
 
+    with built_on(device, dtype):
+        transformer = WanTransformer3DModel(**config)
+    return cast_transformer(transformer, dtype)
+
+
+@contextmanager
+def built_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules created inside are initialised directly on ``device`` in ``dtype`` (no CPU copy in fp32)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            transformer = WanTransformer3DModel(**config)
+            yield
     finally:
         torch.set_default_dtype(previous)
-    return cast_transformer(transformer, dtype)
 
 
 def cast_transformer(transformer: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -265,15 +285,24 @@ class WanFamilyAdapter(ModelAdapter):
         return cls._from_pretrained(source, device, dtype)
 
     @classmethod
-    def build_random(cls, device: torch.device, dtype: torch.dtype) -> WanFamilyAdapter:
-        """The real architecture with random weights (latency only), built directly on ``device``."""
+    def build_random(cls, device: torch.device, dtype: torch.dtype, text_encoder: bool = False) -> WanFamilyAdapter:
+        """The real architecture with random weights (latency only), built directly on ``device``: transformer
+        in ``dtype``, VAE in fp32 (as loaded from the hub). ``text_encoder``: also a random UMT5-XXL encoder in
+        ``dtype`` (11 GiB in bf16) fed by a byte tokenizer padded to the real 512 tokens, so that prompt encoding
+        costs what Wan's does; without it prompts are embedded as seeded noise. Needs ``transformers`` for it."""
         from diffusers import AutoencoderKLWan
 
         torch.manual_seed(0)
         transformer = build_transformer(cls.transformer_config, device, dtype)
         with torch.device(device):
             vae = AutoencoderKLWan()
-        return cls(transformer, device, dtype, vae=vae)
+        if not text_encoder:
+            return cls(transformer, device, dtype, vae=vae)
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        with built_on(device, dtype):
+            encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL_CONFIG))
+        return cls(transformer, device, dtype, vae, encoder, ByteTokenizer(cls.text_length))
 
     @classmethod
     def _from_pretrained(cls, source: WeightsSource, device: torch.device, dtype: torch.dtype) -> ModelAdapter:

@@ -4,6 +4,10 @@ While training, every self-attention layer l outputs ``r_l * softmax(q, k, v) + 
 from the same q, k, v (Eq. 8), with a learnable score ``r_l = clamp(rho_l, 0, 1)`` and per-layer feature
 maps, separate for q and k, applied after qk-norm and RoPE. After training a layer is linear iff
 ``r_l < 0.5`` and only its chosen branch runs (the converted model).
+
+The converted model's softmax layers run any registered dense or sparse softmax method
+(``softmax_method``, with its own ``softmax_params``): the paper's Appendix J notes that LinVideo "can be
+further accelerated if we combine sparse attention" in the layers that keep softmax.
 """
 
 from __future__ import annotations
@@ -15,8 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import HarnessError
-from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
+from harness.errors import HarnessError, UnsupportedError
+from methods.base import (
+    METHODS,
+    AttentionContext,
+    AttentionMethod,
+    Capabilities,
+    Schedule,
+    build_method,
+    register_method,
+)
 from methods.kernels.linear_attention import KERNELS, build_feature_map, check_kernel, feature_linear_attention
 from methods.kernels.linear_attention_triton import BACKEND_NOTE
 from methods.params import Param
@@ -43,6 +55,22 @@ def conversion_notes(final_r: list[float], target: int) -> list[str]:
                      "one branch it never ran alone, so the converted model can differ from the trained one (more "
                      "steps at the final alpha or a larger --lam binarise r)")  # fmt: skip
     return notes
+
+
+def softmax_methods() -> list[str]:
+    """Methods a converted model's softmax layers may run: dense or sparse softmax attention without state of
+    its own to train (a LinVideo checkpoint holds none for it)."""
+    return [name for name in METHODS.names() if _softmax_refusal(name) is None]
+
+
+def _softmax_refusal(name: str) -> str | None:
+    """Why method ``name`` cannot run LinVideo's softmax layers, or ``None`` when it can."""
+    caps = METHODS.get(name).capabilities
+    if caps.sparsity == "linear":
+        return "runs linear attention, not softmax"
+    if caps.needs_training:
+        return "needs its own fine-tuned state, which a LinVideo checkpoint does not hold"
+    return None
 
 
 class TransferState(nn.Module):
@@ -97,8 +125,10 @@ class LinVideo(AttentionMethod):
 
     The state comes from ``bench train --method linvideo`` (a converted checkpoint: which layers are
     linear, feature-map weights, fine-tuned transformer weights). While training, :attr:`converted` is
-    False and every layer mixes both branches by its score r. Density: 0 for a linear layer's call,
-    1 for a softmax call (mixed calls compute the full softmax, so 1).
+    False and every layer mixes both branches by its score r. The softmax layers of a converted model run
+    :attr:`softmax` (``softmax_method``, torch's SDPA by default), which sees every call of those layers with
+    the same context and applies the schedule itself, its own warm-up included. Density: 0 for a linear
+    layer's call, the softmax method's density for a softmax call (mixed calls compute the full softmax, so 1).
     """
 
     capabilities = Capabilities(
@@ -116,6 +146,10 @@ class LinVideo(AttentionMethod):
               choices=KERNELS),
         Param("linear_layers", "layers", None, "untrained state with these layers linear, for latency only "
               "(a quality run needs --checkpoint)", optional=True, model_layers=True),
+        Param("softmax_method", "method", "sdpa", "method of the softmax layers: a dense backend or a sparse "
+              "method, e.g. radial (Appendix J)"),
+        Param("softmax_params", "object", None, 'the softmax method\'s parameters as JSON, e.g. {"decay_factor": '
+              "0.5} (default: its own defaults)", optional=True),
     )  # fmt: skip
 
     def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
@@ -127,13 +161,48 @@ class LinVideo(AttentionMethod):
         # Latency at real shape needs no trained weights: an untrained state with these layers linear.
         layers = self.settings["linear_layers"]
         self.untrained_layers = None if layers is None else tuple(layers)
+        name = self.settings["softmax_method"]
+        try:
+            self.softmax = build_method(name, self.schedule, **(self.settings["softmax_params"] or {}))
+        except HarnessError as exc:
+            raise type(exc)(f"linvideo softmax_method {name!r} (its parameters go in softmax_params): {exc}") from exc
+
+    @classmethod
+    def parse_params(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """As the base, and ``softmax_params`` typed by the schema of ``softmax_method``, which must be a softmax
+        method (:func:`softmax_methods`)."""
+        typed = super().parse_params(raw)
+        name = typed.get("softmax_method")
+        if name is not None and (why := _softmax_refusal(name)) is not None:
+            raise HarnessError(f"linvideo: softmax_method {name!r} {why}; the softmax layers take one of "
+                               f"{', '.join(softmax_methods())}")  # fmt: skip
+        if typed.get("softmax_params") is not None:
+            if name is None:
+                raise HarnessError("linvideo: softmax_params needs softmax_method, the method they belong to")
+            try:
+                typed["softmax_params"] = METHODS.get(name).parse_params(typed["softmax_params"])
+            except HarnessError as exc:
+                raise HarnessError(f"linvideo softmax_params: {exc}") from exc
+        return typed
 
     def params(self) -> dict[str, Any]:
         if self.state is None or not self.converted:
             linear = None if self.untrained_layers is None else list(self.untrained_layers)
         else:
             linear = list(self.state.linear_layers())
-        return {"kernel": self.kernel, "linear_layers": linear, "trained": self.untrained_layers is None}
+        return {"kernel": self.kernel, "linear_layers": linear, "trained": self.untrained_layers is None,
+                "softmax_method": self.softmax.name, "softmax_params": self.softmax.params()}  # fmt: skip
+
+    def validate_for(self, num_layers: int, num_steps: int) -> None:
+        super().validate_for(num_layers, num_steps)
+        self.softmax.validate_for(num_layers, num_steps)
+
+    def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
+        super().check_supported(device, dtype)
+        try:
+            self.softmax.check_supported(device, dtype)
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"linvideo softmax_method: {exc}") from exc
 
     def attach(self, state: TransferState, converted: bool) -> None:
         """Use ``state`` (trained or being trained); ``converted=False`` mixes both branches by r."""
@@ -143,19 +212,32 @@ class LinVideo(AttentionMethod):
         # Fixed once converted: no device sync on rho inside every attention call.
         self._linear = frozenset(state.linear_layers()) if converted else frozenset()
 
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+            ) -> tuple[torch.Tensor, float]:  # fmt: skip
+        self._state_for(q, ctx)  # attached first: it says which layers are linear
+        if self.converted and ctx.layer not in self._linear:
+            # The softmax method applies the schedule itself (it holds the same one), its own warm-up too.
+            return self.softmax.run(q, k, v, ctx)
+        return super().run(q, k, v, ctx)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
                ) -> tuple[torch.Tensor, float]:  # fmt: skip
+        state = self._state_for(q, ctx)
+        if not self.converted:
+            return state.mixed(ctx.layer, q, k, v), 1.0
+        if ctx.layer in self._linear:
+            return state.linear(ctx.layer, q, k, v), 0.0
+        return self.softmax.run(q, k, v, ctx)
+
+    def _state_for(self, q: torch.Tensor, ctx: AttentionContext) -> TransferState:
+        """The state on q's device: the attached one, or an untrained one with ``linear_layers`` linear."""
         if self.state is None and self.untrained_layers is not None:
             self.attach(self._untrained_state(ctx.num_layers, q), converted=True)
         if self.state is None:
             raise HarnessError("linvideo needs a converted checkpoint: pass --checkpoint DIR (made by `bench train`)")
         if self.state.rho.device != q.device:
             self.state.to(q.device)
-        if not self.converted:
-            return self.state.mixed(ctx.layer, q, k, v), 1.0
-        if ctx.layer in self._linear:
-            return self.state.linear(ctx.layer, q, k, v), 0.0
-        return F.scaled_dot_product_attention(q, k, v), 1.0
+        return self.state
 
     def _untrained_state(self, num_layers: int, q: torch.Tensor) -> TransferState:
         state = TransferState(num_layers, q.shape[1], q.shape[-1], self.kernel).requires_grad_(False)
