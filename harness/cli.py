@@ -516,6 +516,27 @@ def latency_cmd(
         list[str] | None,
         typer.Option(help="A method's parameter METHOD.KEY=VALUE (JSON values), e.g. linvideo.linear_layers=[1,2]."),
     ] = None,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Also time every method (dense included) with the transformer under torch.compile, beside eager; "
+            "records the graphs and graph breaks each took. Needs --warmup >= 1 (the first call compiles).",
+        ),
+    ] = False,
+    compile_mode: Annotated[
+        str, typer.Option(help="torch.compile mode with --compile: default, reduce-overhead, max-autotune, ...")
+    ] = "default",
+    compile_backend: Annotated[
+        str, typer.Option(help="torch.compile backend with --compile (eager: Dynamo's graph capture alone).")
+    ] = "inductor",
+    at_density: Annotated[
+        float | None,
+        typer.Option(
+            help="Time the data-dependent methods that offer it (xattn, svg2) at this kept fraction, e.g. the "
+            "density their paper reports, instead of what their threshold keeps on random weights (nearly all).",
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -540,6 +561,10 @@ def latency_cmd(
         dense_layers=_parse_ints(dense_layers, "--dense-layers"),
         method_params=_per_method_params(param or []),
         step=step,
+        compile=compile,
+        compile_mode=compile_mode,
+        compile_backend=compile_backend,
+        at_density=at_density,
     )
     if out is not None:
         from harness.io_checks import ensure_writable_dir
@@ -548,6 +573,8 @@ def latency_cmd(
     result = run_latency(request)
     if out is not None:
         save_latency(result, out)
+    for warning in result["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     if as_json:
         _print_json(result)
         return
@@ -562,20 +589,37 @@ def _print_latency(result: dict[str, Any]) -> None:
         f"{result['model']} ({result['weights']} weights), {result['tokens']} tokens, "
         f"{env['device_name']}, baseline {result['baseline']}"
     )
-    columns = ["method", "forward ms (median)", "p25-p75", "attn ms/layer", "density", "peak GiB", "speedup"]
-    rows = [
-        [
+    columns = ["method", "forward ms (median)", "p25-p75", "attn ms/layer", "density", "efficiency", "TFLOP/s",
+               "peak GiB", "speedup"]  # fmt: skip
+    compiled = any("compiled" in e for e in result["methods"].values())
+    if compiled:
+        columns += ["compiled ms", "vs eager", "graphs/breaks"]
+    rows = []
+    for name, e in result["methods"].items():
+        density = e["density"]
+        row = [
             name,
             e["forward"]["median_ms"],
             f"{e['forward']['p25_ms']:.4g}-{e['forward']['p75_ms']:.4g}",
             e["attention_ms_per_layer"],
-            e["density"],
+            f"{_fmt(density)} (fixed)" if e.get("density_fixed_by_user") is not None else density,
+            e.get("kernel_efficiency"),
+            e["attention_tflops"],
             e["peak_gib"],
             e["speedup_vs_baseline"],
         ]
-        for name, e in result["methods"].items()
-    ]
+        if compiled:
+            c = e.get("compiled", {})
+            row += (
+                ["error", None, c["error"]] if "error" in c
+                else [c["forward"]["median_ms"], c["speedup_vs_eager"], f"{c['graphs']}/{c['graph_breaks']}"]
+            )  # fmt: skip
+        rows.append(row)
     console.print(_table(title, columns, rows))
+    console.print(
+        "efficiency: density x the baseline's attention time per layer, over the method's (1 = saves exactly "
+        "the work it skips); TFLOP/s on the kept score entries"
+    )
 
 
 @app.command("check")

@@ -250,6 +250,11 @@ def build_report(runs_dir: Path, out_dir: Path | None) -> Report:
             report.files += _write_table(table, Path(out_dir), name)
     if ablations and out_dir is not None:
         report.files += ablation_figures(runs, ablations, Path(out_dir))
+    if out_dir is not None:  # attention time against tokens (harness.benchmarks.scaling_gpu), one figure per sweep
+        from harness import plots
+
+        for rec in (r for r in loaded.records if r.get("kind") == "scaling"):
+            report.files.append(plots.scaling(rec, Path(out_dir) / "figures" / f"{Path(rec['_path']).stem}.png"))
     return report
 
 

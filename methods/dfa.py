@@ -309,8 +309,10 @@ class DiTFastAttn(AttentionMethod):
 
     # -- the call -----------------------------------------------------------------------------
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        # Unlike other methods, scheduled dense calls must go through attend too: they fill the caches.
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+                 dense: bool | None = None) -> torch.Tensor:  # fmt: skip
+        # Unlike other methods, scheduled dense calls must go through attend too: they fill the caches (the plan,
+        # not ``dense``, decides every call).
         out, density = self.attend(q, k, v, ctx)
         if not self.probing:
             self.density.add(ctx, density)

@@ -9,6 +9,11 @@ exceeds ``top_p``, and at least ``floor(min_kc_ratio x k_clusters)`` of them. Ce
 per layer across steps (and shared by the CFG branches, as upstream): the first sparse call runs
 ``kmeans_init_iters`` iterations from random tokens, later calls ``kmeans_step_iters`` from the cache.
 
+``fixed_density`` (not in the paper; for timing at a stated density, e.g. the 0.295 its paper reports on
+Wan 2.1 T2V, when random weights make attention near-uniform and top-p keeps nearly everything) replaces top-p
+and the floor: each query cluster keeps key clusters in decreasing weighted mass until their tokens reach that
+share of the sequence.
+
 Settings: the repository's Wan 2.1 T2V 14B 720p script (q 300, k 1000 clusters, top-p 0.9,
 min_kc_ratio 0.1, k-means 50 then 2 iterations, 20% dense steps, ``floor(0.03 x layers)`` dense first
 layers); the paper's own table used 100/500 clusters, 30% warm-up and does not state p. Sequences
@@ -29,7 +34,13 @@ from typing import Any
 import torch
 
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
-from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks, select_by_cumulative_mass
+from methods.kernels.block_sparse import (
+    BlockSparsePattern,
+    block_lengths,
+    num_blocks,
+    select_by_cost_budget,
+    select_by_cumulative_mass,
+)
 from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, check_count, check_fraction
 
 MIN_TOKENS_PER_CLUSTER = 8
@@ -136,12 +147,14 @@ class SparseVideoGen2(BlockSparseMethod):
         dense_layer_fraction: ``floor(fraction x layers)`` first layers dense (0.03).
         warmup_fraction: first steps dense (0.2).
         seed: seed of the k-means initialisation.
+        fixed_density: ``None`` (top-p selects), or a kept fraction in (0, 1] that replaces top-p and the floor.
         block_size, backend: see :class:`~methods.sparse.BlockSparseMethod`.
     """
 
     capabilities = Capabilities(
         sparsity="dynamic",
         data_dependent=True,
+        fixed_density=True,
         notes="SVG2: k-means 300/1000, top-p 0.9, min 10% key clusters, 20% warm-up; Flex gives the exact output "
         "but not SVG2's speed (variable-size blocks are computed as whole 128-tiles)",
     )
@@ -158,6 +171,7 @@ class SparseVideoGen2(BlockSparseMethod):
         dense_layer_fraction: float = 0.03,
         warmup_fraction: float = 0.2,
         seed: int = 0,
+        fixed_density: float | None = None,
         **params: Any,
     ) -> None:
         super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
@@ -168,6 +182,9 @@ class SparseVideoGen2(BlockSparseMethod):
         self.top_p = check_fraction("svg2: top_p", top_p, low_open=True)
         self.min_kc_ratio = check_fraction("svg2: min_kc_ratio", min_kc_ratio)
         self.dense_layer_fraction = check_fraction("svg2: dense_layer_fraction", dense_layer_fraction)
+        self.fixed_density = (
+            None if fixed_density is None else check_fraction("svg2: fixed_density", fixed_density, low_open=True)
+        )
         self.generators = SeededGenerators(seed)
         self._centroids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._clusters_used: dict[int, tuple[int, int]] = {}
@@ -183,6 +200,7 @@ class SparseVideoGen2(BlockSparseMethod):
             "kmeans_step_iters": self.kmeans_step_iters,
             "dense_layer_fraction": self.dense_layer_fraction,
             "seed": self.generators.seed,
+            "fixed_density": self.fixed_density,
         }
 
     def paper_dense_layers(self, num_layers: int) -> int:
@@ -215,7 +233,10 @@ class SparseVideoGen2(BlockSparseMethod):
         logits = q_centroids @ k_centroids.transpose(-2, -1) / dim**0.5
         weights = k_sizes[:, None, :].float() * (logits - logits.amax(dim=-1, keepdim=True)).exp()
         mass = weights / weights.sum(dim=-1, keepdim=True)
-        keep = select_by_cumulative_mass(mass, self.top_p, min_keep=math.floor(self.min_kc_ratio * k_count))
+        if self.fixed_density is None:
+            keep = select_by_cumulative_mass(mass, self.top_p, min_keep=math.floor(self.min_kc_ratio * k_count))
+        else:
+            keep = select_by_cost_budget(mass, k_sizes[:, None, :], self.fixed_density)
 
         shape = (batch, heads)
         q_labels, k_labels = q_labels.view(*shape, tokens), k_labels.view(*shape, tokens)

@@ -7,6 +7,11 @@ cost. Scaled by ``1 / (sqrt(d) * stride)``, softmax over each reduced row, summe
 ``block x block`` masses; per query block the key blocks are kept in decreasing mass until the
 kept mass reaches ``threshold`` of the row's total. Video mode is non-causal.
 
+``fixed_density`` (not in the paper; for timing at a stated density, e.g. the 0.344 its paper reports at
+tau 0.9 on HunyuanVideo, when random weights make attention near-uniform and the threshold keeps nearly
+everything) replaces the threshold: per query block the key blocks are kept in decreasing mass until their
+tokens reach that share of the row (block 0 first under ``keep_first_block``).
+
 Paper setting (HunyuanVideo; the repository has no Wan integration): stride 8, threshold 0.9
 (0.95 the other reported point), 128-token blocks, first 5 of 50 steps dense (``warmup_fraction``
 0.1). Faithful details: the official selection writes dropped indices as block 0, so key block 0
@@ -24,7 +29,13 @@ import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
-from methods.kernels.block_sparse import BlockSparsePattern, num_blocks, select_by_cumulative_mass
+from methods.kernels.block_sparse import (
+    BlockSparsePattern,
+    block_lengths,
+    num_blocks,
+    select_by_cost_budget,
+    select_by_cumulative_mass,
+)
 from methods.sparse import BlockSparseMethod, SparsePlan, check_count, check_fraction
 
 _SCORE_CHUNK_ELEMENTS = 1 << 27  # reduced scores held at once (512 MiB in fp32)
@@ -70,6 +81,7 @@ class XAttention(BlockSparseMethod):
             0.95; 1 keeps every block).
         stride: antidiagonal stride S (paper: 8); must divide the block size.
         keep_first_block: always keep key block 0, as the official selection does.
+        fixed_density: ``None`` (the threshold selects), or a kept fraction in (0, 1] that replaces it.
         warmup_fraction: first steps dense (paper: 5 of 50 = 0.1).
         block_size, backend: see :class:`~methods.sparse.BlockSparseMethod`.
     """
@@ -77,6 +89,7 @@ class XAttention(BlockSparseMethod):
     capabilities = Capabilities(
         sparsity="dynamic",
         data_dependent=True,
+        fixed_density=True,
         notes="XAttention: antidiagonal scoring (stride 8), threshold 0.9, 128-blocks, 10% dense warm-up",
     )
 
@@ -87,10 +100,14 @@ class XAttention(BlockSparseMethod):
         stride: int = 8,
         keep_first_block: bool = True,
         warmup_fraction: float = 0.1,
+        fixed_density: float | None = None,
         **params: Any,
     ) -> None:
         super().__init__(schedule, warmup_fraction=warmup_fraction, **params)
         self.threshold = check_fraction("xattn: threshold", threshold, low_open=True)
+        self.fixed_density = (
+            None if fixed_density is None else check_fraction("xattn: fixed_density", fixed_density, low_open=True)
+        )
         self.stride = check_count("xattn: stride", stride)
         self.keep_first_block = bool(keep_first_block)
         self._strides_used: dict[int, int] = {}
@@ -101,6 +118,7 @@ class XAttention(BlockSparseMethod):
             "stride": self.stride,
             "stride_used": {str(block): stride for block, stride in sorted(self._strides_used.items())},
             "keep_first_block": self.keep_first_block,
+            "fixed_density": self.fixed_density,
         }
 
     def stride_for(self, block: int) -> int:
@@ -120,7 +138,12 @@ class XAttention(BlockSparseMethod):
         block = self.block_size(tokens)
         stride = self.stride_for(block)
         masses = antidiagonal_block_scores(q, k, block, stride)
-        kept = select_by_cumulative_mass(masses, self.threshold)
+        if self.fixed_density is None:
+            kept = select_by_cumulative_mass(masses, self.threshold)
+        else:
+            if self.keep_first_block:
+                masses[..., 0] = float("inf")  # inside the budget, not on top of it
+            kept = select_by_cost_budget(masses, block_lengths(tokens, block, q.device), self.fixed_density)
         if self.keep_first_block:
             kept[..., 0] = True
         return SparsePlan(BlockSparsePattern(kept, tokens, block))
