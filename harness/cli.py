@@ -589,37 +589,40 @@ def _print_latency(result: dict[str, Any]) -> None:
         f"{result['model']} ({result['weights']} weights), {result['tokens']} tokens, "
         f"{env['device_name']}, baseline {result['baseline']}"
     )
-    columns = ["method", "forward ms (median)", "p25-p75", "attn ms/layer", "density", "efficiency", "TFLOP/s",
-               "peak GiB", "speedup"]  # fmt: skip
-    compiled = any("compiled" in e for e in result["methods"].values())
-    if compiled:
-        columns += ["compiled ms", "vs eager", "graphs/breaks"]
-    rows = []
-    for name, e in result["methods"].items():
-        density = e["density"]
-        row = [
+    # Narrow headers and no empty memory column (CPU): the table should fit 80 columns.
+    with_memory = any(e["peak_gib"] is not None for e in result["methods"].values())
+    columns = ["method", "fwd ms", "p25-p75", "attn/layer", "density", "effic.", "TFLOP/s", "speedup"]
+    rows = [
+        [
             name,
             e["forward"]["median_ms"],
-            f"{e['forward']['p25_ms']:.4g}-{e['forward']['p75_ms']:.4g}",
+            f"{e['forward']['p25_ms']:.3g}-{e['forward']['p75_ms']:.3g}",
             e["attention_ms_per_layer"],
-            f"{_fmt(density)} (fixed)" if e.get("density_fixed_by_user") is not None else density,
+            f"{_fmt(e['density'])} (fixed)" if e.get("density_fixed_by_user") is not None else e["density"],
             e.get("kernel_efficiency"),
             e["attention_tflops"],
-            e["peak_gib"],
             e["speedup_vs_baseline"],
         ]
-        if compiled:
-            c = e.get("compiled", {})
-            row += (
-                ["error", None, c["error"]] if "error" in c
-                else [c["forward"]["median_ms"], c["speedup_vs_eager"], f"{c['graphs']}/{c['graph_breaks']}"]
-            )  # fmt: skip
-        rows.append(row)
+        + ([e["peak_gib"]] if with_memory else [])
+        for name, e in result["methods"].items()
+    ]
+    columns += ["peak GiB"] if with_memory else []
     console.print(_table(title, columns, rows))
     console.print(
-        "efficiency: density x the baseline's attention time per layer, over the method's (1 = saves exactly "
-        "the work it skips); TFLOP/s on the kept score entries"
+        "attn/layer: attention ms per layer (one call); effic.: density x the baseline's attn/layer over the "
+        "method's (1 = it saves exactly the work it skips); TFLOP/s on the kept score entries"
     )
+    compiled = {name: e["compiled"] for name, e in result["methods"].items() if "compiled" in e}
+    if compiled:
+        rows = [
+            [name, "error", None, None, None, c["error"]] if "error" in c else
+            [name, c["forward"]["median_ms"], f"{c['forward']['p25_ms']:.4g}-{c['forward']['p75_ms']:.4g}",
+             c["speedup_vs_eager"], c["speedup_vs_baseline"], f"{c['graphs']}/{c['graph_breaks']}"]
+            for name, c in compiled.items()
+        ]  # fmt: skip
+        first = next(iter(compiled.values()))
+        title = f"compiled ({first['backend']}, mode {first['mode']})"
+        console.print(_table(title, ["method", "forward ms", "p25-p75", "vs eager", "speedup", "graphs/breaks"], rows))
 
 
 @app.command("check")
