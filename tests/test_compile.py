@@ -3,9 +3,10 @@
 Graphs and recompiles are Dynamo's doing (graph capture and guards), so the transformer is compiled with a
 counting backend that runs each captured graph as it is, without code generation: seconds on CPU. Inductor's
 code is timed by ``bench latency --compile`` on the GPU. Methods that compile in one graph with no recompile
-across sampler steps: sdpa, math (and the other dense backends: the same code path) and linear; the sparse
-methods break the graph where their selection reads a tensor in Python (densities, ``.item()``), and DFA
-recompiles per step (its plan is per step), as ``bench latency --compile`` records.
+across sampler steps: sdpa, math (and the other dense backends: the same code path), linear and linvideo; the
+sparse methods (xattn, svg, svg2, radial, sla) break the graph where their selection reads a tensor in Python
+(densities, ``.item()``), and DFA also recompiles along its per-step plan, as ``bench latency --compile``
+records.
 """
 
 from __future__ import annotations
@@ -47,12 +48,15 @@ def sample(model, method: AttentionMethod) -> torch.Tensor:  # type: ignore[no-u
         return model.sample(noise, cond, uncond, SAMPLING, runtime)
 
 
-@pytest.mark.parametrize("name", ["sdpa", "math", "linear"])
-def test_processor_compiles_in_one_graph_across_sampler_steps(tiny_model, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "params"), [("sdpa", {}), ("math", {}), ("linear", {}), ("linvideo", {"linear_layers": [1]})]
+)
+def test_processor_compiles_in_one_graph_across_sampler_steps(tiny_model, name: str, params: dict) -> None:
     """fullgraph=True holds, and 4 steps x 2 CFG branches run one graph (a recompile would raise); the compiled
-    sample equals the eager one. The method first runs eagerly, as in `bench latency --compile`: linear builds
-    its feature maps on first use, a state change a compiled first call would pay one recompile for."""
-    method = build_method(name)
+    sample equals the eager one. The method first runs eagerly, as in `bench latency --compile`: linear and an
+    untrained linvideo build their state on first use, which a compiled first call would pay one recompile for
+    (linvideo's, under inference mode, is a Dynamo error)."""
+    method = build_method(name, **params)
     eager = sample(tiny_model, method)
     with compiled(tiny_model, fullgraph=True) as counter, torch._dynamo.config.patch(error_on_recompile=True):
         actual = sample(tiny_model, method)

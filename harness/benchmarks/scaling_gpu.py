@@ -17,9 +17,10 @@ has no Wan run; svg2 0.295: Wan 2.1 T2V), recorded as stated (``fixed_density``)
    length, svg2's first call runs its 50 k-means iterations); median and spread recorded with the density
    and the TFLOP/s on the kept score entries. A length a method cannot fit in memory is recorded as such.
 
-The JSON (kind ``scaling``) goes to ``$OUT/scaling.json`` (or ``--out``); ``bench report`` draws its log-log
-plot when it finds it among the records. Budget: about 3-4 minutes on one H200 with the defaults, most of it
-FlexAttention compiling per method and length.
+The JSON (kind ``scaling``) goes to ``$OUT/scaling.json`` (or ``--out``), rewritten after each method so that
+a stopped run keeps what it measured; ``bench report`` draws its log-log plot when it finds it among the records.
+Budget: an estimate of 3-5 minutes on one H200 with the defaults (not yet run there), most of it FlexAttention
+compiling once per sparse method and length (25 compiles); ``--frames 5,21,84`` roughly halves it.
 
     python -m harness.benchmarks.scaling_gpu                        # $OUT/scaling.json
     python -m harness.benchmarks.scaling_gpu --frames 5,21 --methods cudnn,linear,radial
@@ -124,9 +125,10 @@ def sweep(
     head_dim: int = 128,
     device: torch.device | None = None,
     dtype: torch.dtype = torch.bfloat16,
-    warmup: int = 2,
-    repeats: int = 5,
+    warmup: int = 1,
+    repeats: int = 3,
     log: Callable[[str], None] = print,
+    save: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Check every method, then time the ones that passed at every length; the ``scaling`` record (JSON-able).
 
@@ -135,31 +137,15 @@ def sweep(
         frames: latent frames per length; tokens = frames x ``frame_shape`` (rows x columns of tokens).
         heads, head_dim: q, k, v are ``(1, heads, tokens, head_dim)`` standard normal in ``dtype``.
         device: where to run (default: CUDA if available).
-        warmup, repeats: :func:`harness.latency.measure`'s counts per point.
+        warmup, repeats: :func:`harness.latency.measure`'s counts per point (one warm-up covers Flex's compile
+            and svg2's k-means initialisation).
         log: receives one progress line per check and per point.
+        save: receives the record after the checks and after each method (``status`` "partial" until the
+            last), so that a run stopped part-way keeps what it measured.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    started, load_before = time.time(), machine_load(device)
-    checks = {name: check_method(name, params, device, dtype) for name, params in methods.items()}
-    for name, check in checks.items():
-        outcome = f"relative error {check['relative_error']:.2e}" if check.get("relative_error") is not None else ""
-        log(f"check {name:>7}: {'ok' if check['passed'] else 'FAILED'} {outcome} {check.get('error', '')}".rstrip())
-    results: dict[str, Any] = {}
-    for name, params in methods.items():
-        if not checks[name]["passed"]:
-            continue
-        method = build_method(name, **params)
-        points = []
-        for count in frames:
-            point = time_point(method, TokenGrid(count, *frame_shape), heads, head_dim, device, dtype, warmup, repeats)
-            points.append(point)
-            figure = f"{point['ms_per_call']:.3f} ms" if "error" not in point else point["error"]
-            log(f"{name:>7} {point['tokens']:>7} tokens: {figure} ({time.time() - started:.0f} s)")
-        capabilities = METHODS.get(name).capabilities
-        results[name] = {"params": method.params(), "sparsity": capabilities.sparsity,
-                         "data_dependent": capabilities.data_dependent,
-                         "density_fixed_by_user": method.params().get("fixed_density"), "points": points}  # fmt: skip
-    return {
+    started = time.time()
+    record: dict[str, Any] = {
         "kind": "scaling",
         "spec": {
             "frames": list(frames),
@@ -173,12 +159,39 @@ def sweep(
             "methods": methods,
         },
         "environment": capture_environment(device),
-        "machine_load": {"before": load_before, "after": machine_load(device)},
-        "checks": checks,
-        "methods": results,
-        "wall_seconds": time.time() - started,
-        "status": "complete",
+        "machine_load": {"before": machine_load(device)},
+        "checks": {name: check_method(name, params, device, dtype) for name, params in methods.items()},
+        "methods": {},
+        "status": "partial",
     }
+    for name, check in record["checks"].items():
+        outcome = f"relative error {check['relative_error']:.2e}" if check.get("relative_error") is not None else ""
+        log(f"check {name:>7}: {'ok' if check['passed'] else 'FAILED'} {outcome} {check.get('error', '')}".rstrip())
+    for name, params in methods.items():
+        if save is not None:
+            save({**record, "wall_seconds": time.time() - started})
+        if not record["checks"][name]["passed"]:
+            continue
+        method = build_method(name, **params)
+        points = []
+        for count in frames:
+            point = time_point(method, TokenGrid(count, *frame_shape), heads, head_dim, device, dtype, warmup, repeats)
+            points.append(point)
+            figure = f"{point['ms_per_call']:.3f} ms" if "error" not in point else point["error"]
+            log(f"{name:>7} {point['tokens']:>7} tokens: {figure} ({time.time() - started:.0f} s)")
+        capabilities = METHODS.get(name).capabilities
+        record["methods"][name] = {
+            "params": method.params(),
+            "sparsity": capabilities.sparsity,
+            "data_dependent": capabilities.data_dependent,
+            "density_fixed_by_user": method.params().get("fixed_density"),
+            "points": points,
+        }
+    record["machine_load"]["after"] = machine_load(device)
+    record |= {"status": "complete", "wall_seconds": time.time() - started}
+    if save is not None:
+        save(record)
+    return record
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -194,8 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--methods", default="", help="comma-separated methods (default: dense, linear, every sparse)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per point (Flex compiles in the first)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per point (median and spread)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -205,11 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     methods = {name: defaults.get(name, {}) for name in names}
     rows, columns = _ints(args.frame.replace("x", ","))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    record = sweep(methods, _ints(args.frames), (rows, columns), args.heads, args.head_dim, device, dtype,
-                   args.warmup, args.repeats)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "scaling.json"
-    write_json_atomic(path, record)
+    record = sweep(methods, _ints(args.frames), (rows, columns), args.heads, args.head_dim, device, dtype,
+                   args.warmup, args.repeats, save=lambda partial: write_json_atomic(path, partial))  # fmt: skip
     tokens = [TokenGrid(count, rows, columns).tokens for count in _ints(args.frames)]
     print("\n" + f"{'method':>8} " + " ".join(f"{n:>9}" for n in tokens) + "   (ms per call, tokens)")
     for name, entry in record["methods"].items():

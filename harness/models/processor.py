@@ -138,9 +138,6 @@ class AttentionRuntime:
             raise RuntimeError("the model adapter must set the token grid before a forward pass")
         return self.calls[layer]
 
-    def context(self, layer: int) -> AttentionContext:
-        return self.call(layer).ctx
-
 
 _UNSET = object()
 
