@@ -683,6 +683,7 @@ HIDDEN_IN_CONSOLE = {
     "forward_p25_ms",
     "forward_p75_ms",
     "data_dependent",
+    "density_fixed",
     "steps",
     "e2e_s_per_video",
     "colour",

@@ -137,10 +137,13 @@ def latency_table(records: list[dict[str, Any]]) -> pd.DataFrame:
                     "forward_p75_ms": entry["forward"]["p75_ms"],
                     "attn_ms_per_layer": entry["attention_ms_per_layer"],
                     "density": entry.get("density"),
+                    "density_fixed": entry.get("density_fixed_by_user"),
                     "data_dependent": entry.get("data_dependent"),
+                    "kernel_efficiency": entry.get("kernel_efficiency"),
                     "peak_gib": entry.get("peak_gib"),
                     "baseline": rec["baseline"],
                     "speedup": entry["speedup_vs_baseline"],
+                    "compiled_forward_ms": entry.get("compiled", {}).get("forward", {}).get("median_ms"),
                 }
             )
     return pd.DataFrame(rows)

@@ -365,3 +365,10 @@ def test_latency_compile_times_every_method_beside_eager(
         assert compiled["speedup_vs_eager"] == pytest.approx(
             entry["forward"]["median_ms"] / compiled["forward"]["median_ms"]
         )
+
+
+def test_latency_runs_on_the_toy_model(bench) -> None:
+    """The probe prompt is the model's own default: the toy's grammar refused a free-text probe."""
+    result = bench("latency", "--model", "toy", "--device", "cpu", "--methods", "sdpa", "--repeats", "1", "--warmup",
+                   "0", "--json")  # fmt: skip
+    assert json.loads(result.stdout)["methods"]["sdpa"]["forward"]["median_ms"] > 0

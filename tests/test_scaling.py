@@ -32,12 +32,15 @@ def test_sweep_checks_then_times_every_length(scaling_record: dict) -> None:
 
 
 def test_report_draws_the_scaling_plot(scaling_record: dict, tmp_path: Path, bench) -> None:
-    """`bench report` on a folder holding the sweep's JSON (and a latency record) writes its log-log PNG."""
+    """`bench report` on a folder holding the sweep's JSON (and a latency record) writes its log-log PNG; the
+    latency table carries the kernel efficiency."""
     runs = tmp_path / "runs"
     bench("latency", "--model", "wan-tiny", "--device", "cpu", "--methods", "sdpa", "--repeats", "1", "--warmup", "0",
           "--out", runs / "latency.json")  # fmt: skip
     (runs / "scaling.json").write_text(json.dumps(scaling_record))
     result = bench("report", "--runs-dir", runs, "--out", tmp_path / "reports", "--json")
     figure = tmp_path / "reports" / "figures" / "scaling.png"
-    assert str(figure) in json.loads(result.stdout)["files"]
+    payload = json.loads(result.stdout)
+    assert str(figure) in payload["files"]
+    assert payload["tables"]["latency"][0]["kernel_efficiency"] == 1.0
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
