@@ -541,6 +541,27 @@ def latency_cmd(
             "e.g. linvideo.linear_layers=[1,2]."
         ),
     ] = None,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Also time every method (dense included) with the transformer under torch.compile, beside eager; "
+            "records the graphs and graph breaks each took. Needs --warmup >= 1 (the first call compiles).",
+        ),
+    ] = False,
+    compile_mode: Annotated[
+        str, typer.Option(help="torch.compile mode with --compile: default, reduce-overhead, max-autotune, ...")
+    ] = "default",
+    compile_backend: Annotated[
+        str, typer.Option(help="torch.compile backend with --compile (eager: Dynamo's graph capture alone).")
+    ] = "inductor",
+    at_density: Annotated[
+        float | None,
+        typer.Option(
+            help="Time the data-dependent methods that offer it (xattn, svg2) at this kept fraction, e.g. the "
+            "density their paper reports, instead of what their threshold keeps on random weights (nearly all).",
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -565,6 +586,10 @@ def latency_cmd(
         dense_layers=_parse_ints(dense_layers, "--dense-layers"),
         method_params=_per_method_params(param or []),
         step=step,
+        compile=compile,
+        compile_mode=compile_mode,
+        compile_backend=compile_backend,
+        at_density=at_density,
     )
     if out is not None:
         from harness.io_checks import ensure_writable_file
@@ -573,6 +598,8 @@ def latency_cmd(
     result = run_latency(request)
     if out is not None:
         save_latency(result, out)
+    for warning in result["warnings"]:
+        err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     if as_json:
         _print_json(result)
         return
@@ -587,20 +614,40 @@ def _print_latency(result: dict[str, Any]) -> None:
         f"{result['model']} ({result['weights']} weights), {result['tokens']} tokens, "
         f"{env['device_name']}, baseline {result['baseline']}"
     )
-    columns = ["method", "forward ms (median)", "p25-p75", "attn ms/layer", "density", "peak GiB", "speedup"]
+    # Narrow headers and no empty memory column (CPU): the table should fit 80 columns.
+    with_memory = any(e["peak_gib"] is not None for e in result["methods"].values())
+    columns = ["method", "fwd ms", "p25-p75", "attn/layer", "density", "effic.", "TFLOP/s", "speedup"]
     rows = [
         [
             name,
             e["forward"]["median_ms"],
-            f"{e['forward']['p25_ms']:.4g}-{e['forward']['p75_ms']:.4g}",
+            f"{e['forward']['p25_ms']:.3g}-{e['forward']['p75_ms']:.3g}",
             e["attention_ms_per_layer"],
-            e["density"],
-            e["peak_gib"],
+            f"{_fmt(e['density'])} (fixed)" if e.get("density_fixed_by_user") is not None else e["density"],
+            e.get("kernel_efficiency"),
+            e["attention_tflops"],
             e["speedup_vs_baseline"],
         ]
+        + ([e["peak_gib"]] if with_memory else [])
         for name, e in result["methods"].items()
     ]
+    columns += ["peak GiB"] if with_memory else []
     console.print(_table(title, columns, rows))
+    console.print(
+        "attn/layer: attention ms per layer (one call); effic.: density x the baseline's attn/layer over the "
+        "method's (1 = it saves exactly the work it skips); TFLOP/s on the kept score entries"
+    )
+    compiled = {name: e["compiled"] for name, e in result["methods"].items() if "compiled" in e}
+    if compiled:
+        rows = [
+            [name, "error", None, None, None, c["error"]] if "error" in c else
+            [name, c["forward"]["median_ms"], f"{c['forward']['p25_ms']:.4g}-{c['forward']['p75_ms']:.4g}",
+             c["speedup_vs_eager"], c["speedup_vs_baseline"], f"{c['graphs']}/{c['graph_breaks']}"]
+            for name, c in compiled.items()
+        ]  # fmt: skip
+        first = next(iter(compiled.values()))
+        title = f"compiled ({first['backend']}, mode {first['mode']})"
+        console.print(_table(title, ["method", "forward ms", "p25-p75", "vs eager", "speedup", "graphs/breaks"], rows))
 
 
 @app.command("check")

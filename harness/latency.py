@@ -2,12 +2,16 @@
 
 - GPU: CUDA events around the region, read after one synchronisation; CPU: ``time.perf_counter``.
 - Warm-up runs (compile, autotune, first call) are excluded from the statistics and reported apart.
-- Several repeats; the median and the spread (min, max, quartiles) are recorded, never one run.
-- Peak device memory is recorded per measured region.
+- Several repeats; the median and the spread (min, max, quartiles) are recorded, never one run. A figure
+  whose repeats span more than its own median (``max - min > median``; the interquartile range never exceeds
+  that span, so this also covers an IQR above the median) is flagged ``spread_exceeds_median`` and printed
+  with a warning: one repeat took at least twice as long as another, so the machine, not the method, moved it.
+- Peak device memory is recorded per measured region; the machine's load (:func:`machine_load`) beside it.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -51,10 +55,50 @@ class TimingStats:
             warmup_ms=tuple(s * 1e3 for s in warmup or ()),
         )
 
+    @property
+    def spread_exceeds_median(self) -> bool:
+        """The protocol's instability flag: the repeats span more than the median (see the module docstring)."""
+        return self.max_ms - self.min_ms > self.median_ms
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["samples_ms"], data["warmup_ms"] = list(self.samples_ms), list(self.warmup_ms)
+        data["spread_exceeds_median"] = self.spread_exceeds_median
         return data
+
+
+def spread_warning(name: str, stats: dict[str, Any]) -> str | None:
+    """A one-line warning for a recorded figure (a :meth:`TimingStats.to_dict`) whose spread exceeds its median."""
+    if stats["max_ms"] - stats["min_ms"] <= stats["median_ms"]:
+        return None
+    return (
+        f"{name}: repeats span {stats['min_ms']:.4g}-{stats['max_ms']:.4g} ms around a median of "
+        f"{stats['median_ms']:.4g} ms (IQR {stats['p25_ms']:.4g}-{stats['p75_ms']:.4g}); the machine was busy "
+        "or the clock unsteady: rerun on an idle machine or with more --repeats before trusting it"
+    )
+
+
+def machine_load(device: torch.device) -> dict[str, Any]:
+    """What else was running: the 1/5/15-minute load averages against the CPUs this process may use, and on
+    CUDA the device's utilisation in the last sample period (None where the driver library is missing)."""
+    try:
+        load = list(os.getloadavg())
+    except OSError:  # not every platform keeps load averages
+        load = None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu_utilisation = None
+    if device.type == "cuda":
+        try:
+            gpu_utilisation = torch.cuda.utilization(device)
+        except Exception:  # pynvml absent or the query unsupported: the load is optional
+            gpu_utilisation = None
+    return {
+        "loadavg_1_5_15": load,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "loaded": load is not None and usable is not None and load[0] > usable,
+        "gpu_utilisation_percent": gpu_utilisation,
+    }
 
 
 def synchronize(device: torch.device) -> None:
@@ -83,6 +127,10 @@ class Region:
             self._end_event.record()
         else:
             self._end = time.perf_counter()
+
+    def ready(self) -> bool:
+        """Whether :meth:`seconds` can be read without waiting (CPU: always; CUDA: the end event was reached)."""
+        return self._end_event is None or bool(self._end_event.query())
 
     def seconds(self) -> float:
         if self._start_event is not None and self._end_event is not None:

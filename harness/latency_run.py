@@ -1,8 +1,18 @@
 """``bench latency``: one transformer forward (and optionally a whole sample) per method, same inputs,
-one process, speedups against a named dense baseline. Obeys :mod:`harness.latency`'s protocol."""
+one process, speedups against a named dense baseline. Obeys :mod:`harness.latency`'s protocol.
+
+Per method it also reports the kernel's efficiency: its attention time per call against the ideal, density x
+the dense baseline's time per call (1.0: the method saves exactly the work it skips), and the TFLOP/s it
+achieves on the score entries it keeps. ``compile`` times every method again under ``torch.compile`` (as
+diffusers users run the transformer), beside eager, with the number of graphs and graph breaks it took.
+``at_density`` times the data-dependent methods that offer it at a density the user states (their
+``fixed_density`` selection) instead of what their threshold keeps on the given weights: random weights give
+near-uniform attention, so a threshold keeps nearly everything.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +22,7 @@ import torch
 from harness.environment import capture_environment
 from harness.errors import HarnessError
 from harness.generate import initial_noise
-from harness.latency import StageTimer, measure, peak_memory
+from harness.latency import StageTimer, machine_load, measure, peak_memory, spread_warning
 from harness.models.base import MODELS
 from harness.preflight import check_method, resolve_device, resolve_dtype
 from harness.spec import Sampling
@@ -20,6 +30,7 @@ from methods import METHODS
 from methods.base import AttentionMethod, Schedule
 
 DENSE_METHODS = ("fa2", "cudnn", "sdpa", "math")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LATENCY_TIMESTEP = 500.0  # mid-trajectory; dense latency does not depend on it
 
 
@@ -45,6 +56,13 @@ class LatencyRequest:
     # The denoising step (0-based) whose forward is timed. The steps before it run once, untimed, so that a
     # method that carries state across steps (DFA's cached residuals and outputs) times a step that uses it.
     step: int = 0
+    # Also time every method with the transformer under torch.compile (this mode); its first call compiles and
+    # is a warm-up.
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_backend: str = "inductor"  # another torch.compile backend (e.g. eager: Dynamo's capture alone)
+    # A kept fraction for the methods with a fixed-density selection (Capabilities.fixed_density).
+    at_density: float | None = None
 
     def sampling(self) -> Sampling:
         defaults = MODELS.get(self.model).defaults
@@ -67,6 +85,16 @@ def _validate(request: LatencyRequest) -> tuple[list[AttentionMethod], torch.dev
         raise HarnessError(f"need --repeats >= 1 and --warmup >= 0, got {request.repeats}, {request.warmup}")
     if request.step < 0:
         raise HarnessError(f"--step is a 0-based denoising step, got {request.step}")
+    if request.compile and request.warmup < 1:
+        raise HarnessError("--compile needs --warmup >= 1: the first compiled forward compiles")
+    if request.compile_mode not in COMPILE_MODES:
+        raise HarnessError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {request.compile_mode!r}")
+    if request.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise HarnessError(f"--compile-backend {request.compile_backend!r} is not a torch.compile backend; "
+                           f"installed: {', '.join(torch._dynamo.list_backends())}")  # fmt: skip
+    if request.compile_mode != "default" and request.compile_backend != "inductor":
+        raise HarnessError(f"--compile-mode {request.compile_mode} is inductor's; the {request.compile_backend} "
+                           "backend takes none")  # fmt: skip
     sampling = request.sampling()
     adapter_cls.validate_sampling(sampling)
     schedule = Schedule(request.dense_warmup_steps, request.dense_layers)
@@ -79,8 +107,16 @@ def _validate(request: LatencyRequest) -> tuple[list[AttentionMethod], torch.dev
     if untimed:
         # Otherwise the parameters would be silently ignored.
         raise HarnessError(f"--param names method(s) {untimed} that are not timed (--methods {','.join(names)})")
-    methods = [check_method(adapter_cls, name, request.method_params.get(name, {}), schedule, sampling, device, dtype)
-               for name in names]  # fmt: skip
+    params = {name: dict(request.method_params.get(name, {})) for name in names}
+    if request.at_density is not None:
+        fixed = [name for name in names if METHODS.get(name).capabilities.fixed_density]
+        if not fixed:
+            offer = sorted(n for n in METHODS.names() if METHODS.get(n).capabilities.fixed_density)
+            raise HarnessError(f"--at-density applies to methods with a fixed-density selection ({', '.join(offer)});"
+                               f" none of {names} has one")  # fmt: skip
+        for name in fixed:
+            params[name]["fixed_density"] = request.at_density
+    methods = [check_method(adapter_cls, name, params[name], schedule, sampling, device, dtype) for name in names]
     request.baseline = baseline
     return methods, device, dtype
 
@@ -103,6 +139,7 @@ def run_latency(request: LatencyRequest) -> dict[str, Any]:
     adapter_cls = MODELS.get(request.model)
     sampling = request.sampling()
     grid = adapter_cls.token_grid(sampling)
+    load_before = machine_load(device)
     model = adapter_cls.load(request.weights, device, dtype)
     config = model.transformer.config
     dense_tflop = dense_attention_tflop(
@@ -110,32 +147,37 @@ def run_latency(request: LatencyRequest) -> dict[str, Any]:
     )
     with torch.inference_mode():
         latents = initial_noise((1, *adapter_cls.latent_shape(sampling)), seed=0).to(device)
-        embeddings = model.encode_prompts(["a latency probe"])
+        embeddings = model.encode_prompts([adapter_cls.default_prompts()[0]])  # within every model's grammar (toy)
         timestep = torch.tensor(LATENCY_TIMESTEP, device=device)
 
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
-        with model.use_method(method) as runtime, torch.inference_mode(), peak_memory(device) as memory:
-            runtime.num_steps = request.step + 1
-            for earlier in range(request.step):  # untimed: the state earlier steps leave
-                runtime.step = earlier
-                model.forward(latents, timestep, embeddings)
-            runtime.step = request.step
-            runtime.timer.pop_seconds()
-            method.density.reset()
-            stats, attention_seconds = measure(
-                lambda runtime=runtime: model.forward(latents, timestep, embeddings),
-                device,
-                request.warmup,
-                request.repeats,
-                after_each=runtime.timer.pop_seconds,
-            )
+        with model.use_method(method) as runtime, torch.inference_mode():
+            with peak_memory(device) as memory:
+                runtime.num_steps = request.step + 1
+                for earlier in range(request.step):  # untimed: the state earlier steps leave
+                    runtime.step = earlier
+                    model.forward(latents, timestep, embeddings)
+                runtime.step = request.step
+                runtime.timer.pop_seconds()
+                method.density.reset()
+
+                def forward() -> torch.Tensor:
+                    return model.forward(latents, timestep, embeddings)
+
+                stats, attention_seconds = measure(
+                    forward, device, request.warmup, request.repeats, after_each=runtime.timer.pop_seconds
+                )
+            density = method.density.mean()  # eager calls only: compiled ones are not logged
+            compiled = _time_compiled(model, forward, request, device) if request.compile else None
         attention_ms = sorted(s * 1e3 for s in attention_seconds)[len(attention_seconds) // 2]
-        density = method.density.mean()
         entry: dict[str, Any] = {
             "params": method.params(),
             "sparsity": method.capabilities.sparsity,
             "data_dependent": method.capabilities.data_dependent,
+            # A kept fraction the user stated (--at-density, or the method's fixed_density parameter): the density
+            # is then not what the method's own selection would keep on these weights.
+            "density_fixed_by_user": method.params().get("fixed_density"),
             "forward": stats.to_dict(),
             "attention_ms_per_forward": attention_ms,
             "attention_ms_per_layer": attention_ms / adapter_cls.num_layers,
@@ -147,11 +189,15 @@ def run_latency(request: LatencyRequest) -> dict[str, Any]:
         entry["attention_tflops"] = (
             entry["attention_tflop_per_forward"] / (attention_ms / 1e3) if attention_ms else None
         )
+        if compiled is not None:
+            entry["compiled"] = compiled
         if request.sample_steps > 0:
             entry["sample"] = time_sample(model, method, sampling, device)
         results[method.name] = entry
 
     _add_speedups(results, request.baseline or "")
+    _add_efficiency(results, request.baseline or "")
+    load = {"before": load_before, "after": machine_load(device)}
     return {
         "kind": "latency",
         "spec": {"request": asdict(request), "sampling": asdict(sampling)},
@@ -162,7 +208,52 @@ def run_latency(request: LatencyRequest) -> dict[str, Any]:
         "dense_attention_tflop_per_forward": dense_tflop,
         "baseline": request.baseline,
         "environment": capture_environment(device),
+        "machine_load": load,
+        "warnings": _warnings(results, load),
         "methods": results,
+    }
+
+
+def _time_compiled(
+    model: Any, forward: Callable[[], torch.Tensor], request: LatencyRequest, device: torch.device
+) -> dict[str, Any]:
+    """The same forward with the transformer under ``torch.compile`` (the method's state from the eager run
+    kept): its timing, the graphs and graph breaks Dynamo made, and its output's distance to eager.
+
+    A method that fails to compile is recorded with its error, so that the other methods are still timed.
+    """
+    from torch._dynamo.utils import counters
+
+    reference = forward()
+    eager_transformer = model.transformer
+    torch._dynamo.reset()  # no cache or recompile budget carried over from the previous method
+    counters.clear()
+    mode = None if request.compile_mode == "default" else request.compile_mode
+    model.transformer = torch.compile(eager_transformer, backend=request.compile_backend, mode=mode)
+    try:
+        with peak_memory(device) as memory:
+            stats, _ = measure(forward, device, request.warmup, request.repeats)
+            out = forward()
+    except Exception as exc:  # recorded in the result, beside the methods that did compile
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return {"backend": request.compile_backend, "mode": request.compile_mode,
+                "error": f"{type(exc).__name__}: {message}"}  # fmt: skip
+    finally:
+        model.transformer = eager_transformer
+    graphs = int(counters["stats"]["unique_graphs"])
+    graph_breaks = int(sum(counters["graph_break"].values()))
+    difference = (out.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-30)
+    return {
+        "backend": request.compile_backend,
+        "mode": request.compile_mode,
+        "forward": stats.to_dict(),
+        "graphs": graphs,
+        "graph_breaks": graph_breaks,
+        "fullgraph": graphs == 1 and graph_breaks == 0,
+        "peak_gib": memory["peak_gib"],
+        # Methods with state that moves from call to call (svg's sampled rows, svg2's centroids) differ here by more
+        # than rounding: the two outputs come from different calls.
+        "rel_error_vs_eager": float(difference),
     }
 
 
@@ -173,7 +264,7 @@ def time_sample(model: Any, method: AttentionMethod, sampling: Sampling, device:
     timer = StageTimer(device)
     with model.use_method(method) as runtime, torch.inference_mode(), peak_memory(device) as memory:
         with timer.stage("prompt_encoding"):
-            cond = model.encode_prompts(["a latency probe"])
+            cond = model.encode_prompts([type(model).default_prompts()[0]])
         uncond = None
         if sampling.cfg > 1:
             with timer.stage("prompt_encoding"):
@@ -196,6 +287,7 @@ def time_sample(model: Any, method: AttentionMethod, sampling: Sampling, device:
 
 def _add_speedups(results: dict[str, dict[str, Any]], baseline: str) -> None:
     base = results[baseline]["forward"]["median_ms"]
+    base_compiled = _compiled_median(results[baseline])
     dense_present = [name for name in DENSE_METHODS if name in results]
     for entry in results.values():
         median = entry["forward"]["median_ms"]
@@ -206,6 +298,40 @@ def _add_speedups(results: dict[str, dict[str, Any]], baseline: str) -> None:
         entry["attention_speedup_vs_baseline"] = (
             base_attn / entry["attention_ms_per_forward"] if entry["attention_ms_per_forward"] else None
         )
+        compiled = _compiled_median(entry)
+        if compiled is not None:
+            entry["compiled"]["speedup_vs_eager"] = median / compiled
+            entry["compiled"]["speedup_vs_baseline"] = base_compiled / compiled if base_compiled else None
+
+
+def _compiled_median(entry: dict[str, Any]) -> float | None:
+    return entry.get("compiled", {}).get("forward", {}).get("median_ms")
+
+
+def _add_efficiency(results: dict[str, dict[str, Any]], baseline: str) -> None:
+    """Kernel efficiency per method: the ideal time per attention call (density x the dense baseline's, at batch
+    1 one call per layer) over the measured one; None where the ideal is zero (linear attention forms no score)."""
+    base_call = results[baseline]["attention_ms_per_layer"]
+    for entry in results.values():
+        density, measured = entry["density"], entry["attention_ms_per_layer"]
+        ideal = density * base_call if density else None
+        entry["ideal_attention_ms_per_layer"] = ideal
+        entry["kernel_efficiency"] = ideal / measured if ideal and measured else None
+
+
+def _warnings(results: dict[str, dict[str, Any]], load: dict[str, dict[str, Any]]) -> list[str]:
+    """Figures whose spread exceeds their median, and a machine busier than its CPUs (see harness.latency)."""
+    figures = [(f"{name} forward", entry["forward"]) for name, entry in results.items()]
+    figures += [(f"{name} compiled forward", e["compiled"]["forward"]) for name, e in results.items()
+                if "forward" in e.get("compiled", {})]  # fmt: skip
+    warnings = [w for w in (spread_warning(name, stats) for name, stats in figures) if w]
+    for when, state in load.items():
+        if state["loaded"]:
+            warnings.append(
+                f"machine loaded {when} the run: 1-minute load {state['loadavg_1_5_15'][0]:.2f} on "
+                f"{state['cpus_usable']} usable CPUs; other work shares the timings"
+            )
+    return warnings
 
 
 def save_latency(result: dict[str, Any], path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Figures of `bench report` (matplotlib, written as PNG): the L_reg curves, r over training, ablation bars."""
+"""Figures of `bench report` (matplotlib, written as PNG): the L_reg curves, r over training, ablation bars,
+attention time against sequence length."""
 
 from __future__ import annotations
 
@@ -98,4 +99,34 @@ def metric_vs_layers(table: pd.DataFrame, path: Path) -> Path:
     axes.set(xlabel="layers that ended linear (o trained, x untrained reference)", ylabel="ToyBench (%)",
              ylim=(0, 105), title="quality vs converted layers")  # fmt: skip
     axes.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    return _save(figure, path)
+
+
+def scaling(record: dict[str, Any], path: Path) -> Path:
+    """Attention time per call against tokens on log-log axes, one line per method, from a ``scaling`` record
+    (:mod:`harness.benchmarks.scaling_gpu`). Dotted guides of slope 1 (O(n)) and 2 (O(n^2)) pass through the
+    first dense method's shortest length; lengths a method could not run are left out of its line."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(6, 4))
+    guide: list[dict[str, Any]] = []
+    for name, entry in record["methods"].items():
+        points = [point for point in entry["points"] if "ms_per_call" in point]
+        if not points:
+            continue
+        if entry["sparsity"] == "dense" and not guide:
+            guide = points
+        fixed = entry.get("density_fixed_by_user")
+        label = name if fixed is None else f"{name} (density {fixed:g})"
+        style = {"dense": "-", "linear": "--"}.get(entry["sparsity"], "-.")
+        axes.plot([p["tokens"] for p in points], [p["ms_per_call"] for p in points], style, marker="o",
+                  markersize=3, label=label)  # fmt: skip
+    if guide:
+        n0, t0, n1 = guide[0]["tokens"], guide[0]["ms_per_call"], guide[-1]["tokens"]
+        for power, text in ((1, "O(n)"), (2, "O(n^2)")):
+            axes.plot([n0, n1], [t0, t0 * (n1 / n0) ** power], ":", color="gray", linewidth=0.8)
+            axes.annotate(text, (n1, t0 * (n1 / n0) ** power), fontsize=7, color="gray")
+    spec, env = record["spec"], record.get("environment", {})
+    title = f"{env.get('device_name', spec['device'])}: {spec['heads']} heads x {spec['head_dim']}, {spec['dtype']}"
+    axes.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per attention call", title=title)
+    axes.legend(fontsize=7)
     return _save(figure, path)

@@ -239,10 +239,13 @@ def latency_table(records: list[dict[str, Any]]) -> pd.DataFrame:
                     "forward_p75_ms": entry["forward"]["p75_ms"],
                     "attn_ms_per_layer": entry["attention_ms_per_layer"],
                     "density": entry.get("density"),
+                    "density_fixed": entry.get("density_fixed_by_user"),
                     "data_dependent": entry.get("data_dependent"),
+                    "kernel_efficiency": entry.get("kernel_efficiency"),
                     "peak_gib": entry.get("peak_gib"),
                     "baseline": rec["baseline"],
                     "speedup": entry["speedup_vs_baseline"],
+                    "compiled_forward_ms": entry.get("compiled", {}).get("forward", {}).get("median_ms"),
                 }
             )
     return pd.DataFrame(rows)
@@ -327,6 +330,19 @@ def ablation_figures(records: list[dict[str, Any]], tables: dict[str, pd.DataFra
     return files
 
 
+def _scaling_sweeps(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """The scaling sweeps among the JSON files that are not run records."""
+    sweeps = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("kind") == "scaling":
+            sweeps.append((path, data))
+    return sweeps
+
+
 def build_report(runs_dir: Path, out_dir: Path | None) -> Report:
     """Read every record under ``runs_dir``; write ``runs.md/csv`` and ``latency.md/csv`` to ``out_dir``.
 
@@ -352,6 +368,11 @@ def build_report(runs_dir: Path, out_dir: Path | None) -> Report:
     ablations = [name for name in report.tables if name.startswith("ablation_")]
     if ablations and out_dir is not None:
         report.files += ablation_figures(reportable, {name: report.tables[name] for name in ablations}, out_dir)
+    if out_dir is not None:  # attention time against tokens (harness.benchmarks.scaling_gpu), one figure per sweep
+        from harness import plots
+
+        for path, sweep in _scaling_sweeps(loaded.others):
+            report.files.append(plots.scaling(sweep, out_dir / "figures" / f"{path.stem}.png"))
     return report
 
 
@@ -394,8 +415,8 @@ CONSOLE_FIRST = ("model", "video", "tokens", "variant", "method", "params", "ste
 #: Columns only the files carry: provenance, spread, and ToyBench's sub-scores of prompt correctness.
 CONSOLE_HIDDEN = frozenset({
     "params_resolved", "device", "weights", "videos", "peak_gib", "forward_p25_ms", "forward_p75_ms",
-    "data_dependent", "steps", "e2e_s_per_video", "attn_ms_per_step", "colour", "shape", "size", "direction",
-    "baseline", "prompts", "trained", "train_s_per_step", "concurrent_jobs", "linear_count",
+    "data_dependent", "density_fixed", "steps", "e2e_s_per_video", "attn_ms_per_step", "colour", "shape", "size",
+    "direction", "baseline", "prompts", "trained", "train_s_per_step", "concurrent_jobs", "linear_count",
 })  # fmt: skip
 #: Shared by every row: shown once in the title instead of a column.
 CONSOLE_CONTEXT = ("model", "video", "tokens")

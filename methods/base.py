@@ -70,6 +70,9 @@ class Capabilities:
     data_dependent: bool = False  # True when the density depends on q/k (dynamic masks)
     needs_training: bool = False
     needs_calibration: bool = False
+    # Takes ``fixed_density``: a kept fraction stated by the user that replaces the data-dependent selection
+    # (``bench latency --at-density``; random weights give near-uniform attention, which thresholds keep whole).
+    fixed_density: bool = False
     notes: str = ""
 
 
@@ -108,6 +111,10 @@ class DensityLog:
     _counts: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
 
     def add(self, ctx: AttentionContext, density: float) -> None:
+        if torch.compiler.is_compiling():
+            # Inside a compiled graph this bookkeeping would put a guard on every logged value (and the step),
+            # a recompile at every call: compiled calls are not logged (see harness.models.processor).
+            return
         key = (ctx.layer, ctx.step)
         self._sums[key] += float(density)
         self._counts[key] += 1
@@ -199,17 +206,23 @@ class AttentionMethod(ABC):
         return self.schedule.runs_dense(ctx)
 
     def run(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, dense: bool | None = None
     ) -> tuple[torch.Tensor, float]:
         """One call under the schedule: plain dense attention where :meth:`runs_dense` says so, else
         :meth:`attend`. Output ``(B, H, N, D)`` and the density used, not logged: a method that runs another
-        inside it (LinVideo's softmax layers) calls this, so the inner one keeps its own schedule."""
-        if self.runs_dense(ctx):
+        inside it (LinVideo's softmax layers) calls this, so the inner one keeps its own schedule.
+        ``dense``: :meth:`runs_dense` for ``ctx`` when the caller decided it already (the harness's processor
+        decides outside the transformer's forward, so that a compiled forward holds no guard on the step);
+        ``None`` decides here."""
+        if self.runs_dense(ctx) if dense is None else dense:
             return dense_attention(q, k, v), 1.0
         return self.attend(q, k, v, ctx)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        out, density = self.run(q, k, v, ctx)
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, dense: bool | None = None
+    ) -> torch.Tensor:
+        """The output of one call (see :meth:`run`), its density logged."""
+        out, density = self.run(q, k, v, ctx, dense)
         self.density.add(ctx, density)
         return out
 

@@ -309,12 +309,14 @@ class DiTFastAttn(AttentionMethod):
 
     # -- the call -----------------------------------------------------------------------------
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
-            ) -> tuple[torch.Tensor, float]:  # fmt: skip
-        # Unlike other methods, scheduled dense calls must go through attend too: they fill the caches.
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+            dense: bool | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
+        # Unlike other methods, scheduled dense calls must go through attend too: they fill the caches (the plan,
+        # not ``dense``, decides every call).
         return self.attend(q, k, v, ctx)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+                 dense: bool | None = None) -> torch.Tensor:  # fmt: skip
         out, density = self.run(q, k, v, ctx)
         if not self.probing:
             self.density.add(ctx, density)

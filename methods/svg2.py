@@ -9,6 +9,11 @@ exceeds ``top_p``, and at least ``floor(min_kc_ratio x k_clusters)`` of them. Ce
 per layer across the steps of one video (and shared by the CFG branches, as upstream): the first sparse call runs
 ``kmeans_init_iters`` iterations from random tokens, later calls ``kmeans_step_iters`` from the cache.
 
+``fixed_density`` (not in the paper; for timing at a stated density, e.g. the 0.295 its paper reports on
+Wan 2.1 T2V, when random weights make attention near-uniform and top-p keeps nearly everything) replaces top-p
+and the floor: each query cluster keeps key clusters in decreasing weighted mass until their tokens reach that
+share of the sequence.
+
 Settings: the repository's Wan 2.1 T2V 14B 720p script (q 300, k 1000 clusters, top-p 0.9,
 min_kc_ratio 0.1, k-means 50 then 2 iterations, 20% dense steps, ``floor(0.03 x layers)`` dense first
 layers); the paper's own table used 100/500 clusters, 30% warm-up and does not state p. Sequences
@@ -34,6 +39,7 @@ from methods.kernels.block_sparse import (
     block_lengths,
     num_blocks,
     rectangle_counts,
+    select_by_cost_budget,
     select_by_cumulative_mass,
 )
 from methods.params import Param
@@ -131,6 +137,7 @@ class SparseVideoGen2(BlockSparseMethod):
     capabilities = Capabilities(
         sparsity="dynamic",
         data_dependent=True,
+        fixed_density=True,
         notes="SVG2: k-means 300/1000, top-p 0.9, min 10% key clusters, 20% warm-up; Flex gives the exact output "
         "but not SVG2's speed (variable-size blocks are computed as whole 128-tiles)",
     )
@@ -146,6 +153,9 @@ class SparseVideoGen2(BlockSparseMethod):
         Param("dense_layer_fraction", "float", 0.03, "floor(fraction x layers) first layers run dense",
               min=0.0, max=1.0),
         Param("seed", "int", 0, "seed of the k-means initialisation", min=0),
+        Param("fixed_density", "float", None, "not in the paper: a kept fraction that replaces top-p and the floor "
+              "(to time at a stated density: random weights make attention near-uniform)", optional=True, min=0.0,
+              max=1.0, min_open=True),
         *block_sparse_parameters(0.2, "paper: 20%"),
     )  # fmt: skip
 
@@ -159,6 +169,7 @@ class SparseVideoGen2(BlockSparseMethod):
         self.top_p: float = settings["top_p"]
         self.min_kc_ratio: float = settings["min_kc_ratio"]
         self.dense_layer_fraction: float = settings["dense_layer_fraction"]
+        self.fixed_density: float | None = settings["fixed_density"]
         self.generators = SeededGenerators(settings["seed"])
         self._centroids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._clusters_used: dict[int, tuple[int, int]] = {}
@@ -201,7 +212,10 @@ class SparseVideoGen2(BlockSparseMethod):
         logits = q_centroids @ k_centroids.transpose(-2, -1) / dim**0.5
         weights = k_sizes[:, None, :].float() * (logits - logits.amax(dim=-1, keepdim=True)).exp()
         mass = weights / weights.sum(dim=-1, keepdim=True)
-        keep = select_by_cumulative_mass(mass, self.top_p, min_keep=math.floor(self.min_kc_ratio * k_count))
+        if self.fixed_density is None:
+            keep = select_by_cumulative_mass(mass, self.top_p, min_keep=math.floor(self.min_kc_ratio * k_count))
+        else:
+            keep = select_by_cost_budget(mass, k_sizes[:, None, :], self.fixed_density)
 
         shape = (batch, heads)
         q_labels, k_labels = q_labels.view(*shape, tokens), k_labels.view(*shape, tokens)

@@ -7,6 +7,11 @@ cost. Scaled by ``1 / (sqrt(d) * stride)``, softmax over each reduced row, summe
 ``block x block`` masses; per query block the key blocks are kept in decreasing mass until the
 kept mass reaches ``threshold`` of the row's total. Video mode is non-causal.
 
+``fixed_density`` (not in the paper; for timing at a stated density, e.g. the 0.344 its paper reports at
+tau 0.9 on HunyuanVideo, when random weights make attention near-uniform and the threshold keeps nearly
+everything) replaces the threshold: per query block the key blocks are kept in decreasing mass until their
+tokens reach that share of the row (block 0 first under ``keep_first_block``).
+
 Paper setting (HunyuanVideo; the repository has no Wan integration): stride 8, threshold 0.9
 (0.95 the other reported point), 128-token blocks, first 5 of 50 steps dense (``warmup_fraction``
 0.1). Faithful details: the official selection writes dropped indices as block 0, so key block 0
@@ -24,7 +29,13 @@ import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
-from methods.kernels.block_sparse import BlockSparsePattern, num_blocks, select_by_cumulative_mass
+from methods.kernels.block_sparse import (
+    BlockSparsePattern,
+    block_lengths,
+    num_blocks,
+    select_by_cost_budget,
+    select_by_cumulative_mass,
+)
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, SparsePlan, block_sparse_parameters
 
@@ -69,6 +80,7 @@ class XAttention(BlockSparseMethod):
     capabilities = Capabilities(
         sparsity="dynamic",
         data_dependent=True,
+        fixed_density=True,
         notes="XAttention: antidiagonal scoring (stride 8), threshold 0.9, 128-blocks, 10% dense warm-up",
     )
     parameters = (
@@ -76,6 +88,9 @@ class XAttention(BlockSparseMethod):
               "1 keeps every block)", min=0.0, max=1.0, min_open=True, spellings=("tau",)),
         Param("stride", "int", 8, "antidiagonal stride S (paper: 8); must divide an explicit block_size", min=1),
         Param("keep_first_block", "bool", True, "always keep key block 0, as the official selection does"),
+        Param("fixed_density", "float", None, "not in the paper: a kept fraction that replaces the threshold (to "
+              "time at a stated density: random weights make attention near-uniform)", optional=True, min=0.0,
+              max=1.0, min_open=True),
         *block_sparse_parameters(0.1, "paper: 5 of 50 steps"),
     )  # fmt: skip
 
@@ -84,6 +99,7 @@ class XAttention(BlockSparseMethod):
         self.threshold: float = self.settings["threshold"]
         self.stride: int = self.settings["stride"]
         self.keep_first_block: bool = self.settings["keep_first_block"]
+        self.fixed_density: float | None = self.settings["fixed_density"]
         if self._block_size is not None and self._block_size % self.stride:
             raise HarnessError(f"xattn: stride {self.stride} must divide the block size {self._block_size}")
         self._strides_used: dict[int, int] = {}
@@ -103,7 +119,12 @@ class XAttention(BlockSparseMethod):
         block = self.block_size(tokens)
         stride = self.stride_for(block)
         masses = antidiagonal_block_scores(q, k, block, stride)
-        kept = select_by_cumulative_mass(masses, self.threshold)
+        if self.fixed_density is None:
+            kept = select_by_cumulative_mass(masses, self.threshold)
+        else:
+            if self.keep_first_block:
+                masses[..., 0] = float("inf")  # inside the budget, not on top of it
+            kept = select_by_cost_budget(masses, block_lengths(tokens, block, q.device), self.fixed_density)
         if self.keep_first_block:
             kept[..., 0] = True
         return SparsePlan(BlockSparsePattern(kept, tokens, block))

@@ -15,6 +15,7 @@ from methods.kernels.block_sparse import (
     masked_dense_attention,
     num_blocks,
     permute_tokens,
+    select_by_cost_budget,
     select_by_cumulative_mass,
     select_top_fraction,
     unpermute_tokens,
@@ -175,6 +176,22 @@ def test_top_fraction_keeps_the_largest_entries() -> None:
     scores = torch.tensor([[1.0, 8.0, 3.0, 7.0, 2.0, 0.0, 5.0, 4.0]])
     assert select_top_fraction(scores, 0.25).nonzero()[:, 1].tolist() == [1, 3]
     assert select_top_fraction(scores, 0.01).sum() == 1
+
+
+def test_cost_budget_keeps_the_best_entries_up_to_the_nearest_entry() -> None:
+    """Half of 4 unit costs keeps the 2 best; a heavy best entry (3 of 6) alone fills half; inf ranks first;
+    the budget is rounded to the nearest entry and never keeps nothing."""
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert select_by_cost_budget(scores, torch.ones(4), 0.5).tolist() == [[True, True, False, False]]
+    heavy_first = torch.tensor([3.0, 1.0, 1.0, 1.0])
+    assert select_by_cost_budget(scores, heavy_first, 0.5).tolist() == [[True, False, False, False]]
+    first = torch.tensor([[1.0, 3.0, 2.0, float("inf")]])
+    assert select_by_cost_budget(first, torch.ones(4), 0.25).tolist() == [[False, False, False, True]]
+    assert select_by_cost_budget(scores, torch.ones(4), 0.3).sum() == 1  # 1.2 entries round to 1
+    assert select_by_cost_budget(scores, torch.ones(4), 0.4).sum() == 2  # 1.6 round to 2
+    assert select_by_cost_budget(scores, torch.ones(4), 0.01).sum() == 1
+    with pytest.raises(HarnessError, match=r"\(0, 1\]"):
+        select_by_cost_budget(scores, torch.ones(4), 0.0)
 
 
 def test_permutation_round_trip_and_equivariance() -> None:

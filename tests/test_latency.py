@@ -207,3 +207,168 @@ def test_latency_without_dense_method_needs_baseline(bench) -> None:
         assert "no dense method" in normalise(result.stderr)
     finally:
         METHODS.remove("zero-latency")
+
+
+# -- the attention timer's memory (issue 19, G2) ------------------------------------------------------
+
+
+def test_attention_timer_holds_no_region_after_training_forwards(tiny_model) -> None:
+    """50 training-like forwards (autograd on, backward run) with a method installed: on CPU every region is folded
+    into the total at once, so the timer holds none, and the total still counts every call."""
+    from harness.models.wan import WanTiny
+    from methods import build_method
+
+    latents = torch.randn(1, *WanTiny.latent_shape(WanTiny.defaults), requires_grad=True)
+    embeddings = tiny_model.encode_prompts(["a prompt"])
+    with tiny_model.use_method(build_method("sdpa")) as runtime:
+        for _ in range(50):
+            tiny_model.forward(latents, torch.tensor(500.0), embeddings).square().mean().backward()
+            assert runtime.timer.pending == 0
+        assert runtime.timer.pop_seconds() > 0.0
+
+
+def test_attention_timer_waits_for_the_oldest_region_past_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a GPU far behind the CPU (no region readable without waiting), the timer holds at most
+    MAX_PENDING_REGIONS regions, and the total is the sum of every region."""
+    from harness.latency import Region
+    from harness.models.processor import MAX_PENDING_REGIONS, AttentionTimer
+
+    monkeypatch.setattr(Region, "ready", lambda self: False)
+    monkeypatch.setattr(Region, "seconds", lambda self: 0.001)
+    timer = AttentionTimer()
+    for _ in range(3 * MAX_PENDING_REGIONS):
+        timer.stop(timer.start(CPU))
+        assert timer.pending <= MAX_PENDING_REGIONS
+    assert timer.pop_seconds() == pytest.approx(3 * MAX_PENDING_REGIONS * 0.001)
+    assert timer.pending == 0
+
+
+# -- spread, machine load, efficiency ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("samples", "flagged"), [([0.010, 0.011, 0.012], False), ([0.001, 0.0015, 0.0035], True)])
+def test_spread_exceeding_the_median_is_flagged(samples: list[float], flagged: bool) -> None:
+    """max - min > median flags a figure (1-3.5 ms around 1.5 ms); 10-12 ms around 11 ms is not flagged."""
+    from harness.latency import spread_warning
+
+    stats = TimingStats.from_seconds(samples)
+    assert stats.spread_exceeds_median is flagged
+    assert stats.to_dict()["spread_exceeds_median"] is flagged
+    assert (spread_warning("sdpa forward", stats.to_dict()) is not None) is flagged
+
+
+def test_latency_warns_on_a_spread_larger_than_the_median(bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward whose repeats spread wider than their median (sdpa 1.47-265 ms on a loaded machine) is printed
+    with a warning on stderr; --json's stdout stays JSON and the record keeps the flag and the warning."""
+    import harness.latency_run
+
+    def unsteady(fn, device, warmup=2, repeats=5, after_each=None):  # type: ignore[no-untyped-def]
+        fn()
+        return TimingStats.from_seconds([0.00147, 0.002, 0.265]), [after_each() if after_each else None] * 3
+
+    monkeypatch.setattr(harness.latency_run, "measure", unsteady)
+    result = bench("latency", "--model", "wan-tiny", "--device", "cpu", "--methods", "sdpa", "--json")
+    payload = json.loads(result.stdout)
+    assert payload["methods"]["sdpa"]["forward"]["spread_exceeds_median"] is True
+    assert any(w.startswith("sdpa forward: repeats span 1.47-265 ms") for w in payload["warnings"])
+    assert "warning: sdpa forward: repeats span 1.47-265 ms" in normalise(result.stderr)
+
+
+def test_latency_records_the_machine_load(latency_result) -> None:
+    """Before and after the run: load averages, CPU counts, a loaded flag; GPU utilisation is None on CPU."""
+    payload, _, _ = latency_result
+    for when in ("before", "after"):
+        load = payload["machine_load"][when]
+        assert len(load["loadavg_1_5_15"]) == 3 and load["cpu_count"] >= load["cpus_usable"] >= 1
+        assert load["loaded"] == (load["loadavg_1_5_15"][0] > load["cpus_usable"])
+        assert load["gpu_utilisation_percent"] is None
+
+
+def test_latency_reports_kernel_efficiency_and_tflops(latency_result) -> None:
+    """Efficiency = density x the baseline's attention time per layer / the method's (1 for the baseline itself);
+    TFLOP/s = the dense FLOPs x density over the attention time."""
+    payload, _, _ = latency_result
+    sdpa, math = payload["methods"]["sdpa"], payload["methods"]["math"]
+    assert sdpa["kernel_efficiency"] == pytest.approx(1.0)
+    assert math["ideal_attention_ms_per_layer"] == pytest.approx(sdpa["attention_ms_per_layer"])
+    assert math["kernel_efficiency"] == pytest.approx(sdpa["attention_ms_per_layer"] / math["attention_ms_per_layer"])
+    tflop = payload["dense_attention_tflop_per_forward"]
+    assert math["attention_tflops"] == pytest.approx(tflop / (math["attention_ms_per_forward"] / 1e3))
+
+
+# -- data-dependent methods at a stated density (issue 21, item 4) ----------------------------------
+
+
+@pytest.mark.parametrize(("name", "params"), [("xattn", {"block_size": 16}), ("svg2", {})])
+@pytest.mark.parametrize("stated", [0.15, 0.3, 0.5])
+def test_fixed_density_is_the_density_achieved(name: str, params: dict, stated: float) -> None:
+    """On random q, k (near-uniform attention, where the thresholds keep ~0.9) the fixed-density selection keeps
+    the stated share of the score matrix within 0.02. Each query row rounds to its nearest key block (xattn: 64
+    per row here, 16-token tiles) or cluster (svg2: 128 clusters of ~8 tokens)."""
+    from methods import AttentionContext, TokenGrid, build_method
+
+    grid = TokenGrid(4, 16, 16)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, grid.tokens, 16, generator=generator) for _ in range(3))
+    ctx = AttentionContext(layer=1, num_layers=2, step=9, num_steps=10, timestep=0.5, cfg_branch="cond", grid=grid)
+    method = build_method(name, fixed_density=stated, **params)
+    method(q, k, v, ctx)
+    assert method.density.mean() == pytest.approx(stated, abs=0.02)
+    assert method.params()["fixed_density"] == stated
+
+
+def test_latency_at_density_times_xattn_at_the_stated_density(bench) -> None:
+    """--at-density sets xattn's fixed density (sdpa has none); the record says so and the density matches."""
+    result = bench("latency", "--model", "wan-tiny", "--device", "cpu", "--methods", "sdpa,xattn", "--repeats", "1",
+                   "--warmup", "0", "--at-density", "0.344", "--json")  # fmt: skip
+    methods = json.loads(result.stdout)["methods"]
+    assert methods["xattn"]["density_fixed_by_user"] == 0.344
+    assert methods["xattn"]["density"] == pytest.approx(0.344, abs=0.05)
+    assert methods["sdpa"]["density_fixed_by_user"] is None and methods["sdpa"]["density"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "sdpa,math", "--at-density", "0.3"], "--at-density applies to methods with a fixed-density"),
+        (["--methods", "sdpa,xattn", "--at-density", "1.5"], "xattn: fixed_density must be in (0, 1], got 1.5"),
+        (["--methods", "sdpa", "--compile", "--warmup", "0"], "--compile needs --warmup >= 1"),
+        (["--methods", "sdpa", "--compile", "--compile-backend", "nope"], "'nope' is not a torch.compile backend"),
+    ],
+)
+def test_latency_rejects_bad_density_and_compile_options(bench, args: list[str], message: str) -> None:
+    """A density no timed method takes, one outside (0, 1], a compile without warm-up or with an unknown
+    backend: exit 2 with the reason, before the model is built."""
+    result = bench("latency", "--model", "wan-tiny", "--device", "cpu", *args, expect=2)
+    assert message in normalise(result.stderr)
+
+
+def test_latency_compile_times_every_method_beside_eager(
+    bench, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--compile (Dynamo's capture alone: --compile-backend eager) times sdpa and linear compiled, each in one graph
+    without a break, with the same output as eager and a speedup against it; a second table shows them."""
+    from harness.cli import _print_latency, console
+
+    monkeypatch.setattr(console, "width", 200)
+
+    result = bench("latency", "--model", "wan-tiny", "--device", "cpu", "--methods", "sdpa,linear", "--repeats",
+                   "2", "--warmup", "1", "--compile", "--compile-backend", "eager", "--json")  # fmt: skip
+    payload = json.loads(result.stdout)
+    _print_latency(payload)
+    assert "compiled (eager, mode default)" in normalise(capsys.readouterr().out)
+    for name, entry in payload["methods"].items():
+        compiled = entry["compiled"]
+        assert (compiled["graphs"], compiled["graph_breaks"], compiled["fullgraph"]) == (1, 0, True), name
+        assert compiled["rel_error_vs_eager"] < 1e-5, name
+        assert compiled["forward"]["repeats"] == 2 and len(compiled["forward"]["warmup_ms"]) == 1
+        assert compiled["speedup_vs_eager"] == pytest.approx(
+            entry["forward"]["median_ms"] / compiled["forward"]["median_ms"]
+        )
+
+
+def test_latency_runs_on_the_toy_model(bench) -> None:
+    """The probe prompt is the model's own default: the toy's grammar refused a free-text probe."""
+    result = bench("latency", "--model", "toy", "--device", "cpu", "--methods", "sdpa", "--repeats", "1", "--warmup",
+                   "0", "--json")  # fmt: skip
+    assert json.loads(result.stdout)["methods"]["sdpa"]["forward"]["median_ms"] > 0

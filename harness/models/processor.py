@@ -4,48 +4,97 @@ It computes q, k, v exactly as diffusers' ``WanAttnProcessor`` does (projections
 heads, interleaved RoPE), hands them to the active :class:`~methods.base.AttentionMethod` with an
 :class:`~methods.base.AttentionContext`, and applies the output projection. Cross-attention keeps
 diffusers' own processor (text attention stays dense everywhere).
+
+Compiled as users run it (``torch.compile(transformer, fullgraph=True)``): whatever depends on where the
+sampler is (step, timestep, CFG branch, token grid) is resolved outside the transformer's forward, when the
+sampler or the adapter sets it on the :class:`AttentionRuntime`, into one context object and one dense-or-not
+decision per layer; the forward only reads them, so a compiled graph holds no guard on the step and is not
+recompiled from one step to the next (it is once, where the decision itself changes: the end of a dense
+warm-up). The attention timer and the method's density log are Python bookkeeping and stay out of a compiled
+graph (``torch.compiler.is_compiling()``): eager calls are timed and logged as before; compiled calls are
+neither, so compiled figures come from timing whole forwards (``bench latency --compile``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from harness.latency import Region
 from methods.base import AttentionContext, AttentionMethod, CfgBranch, TokenGrid
 
+# A CUDA region is read once the GPU has reached its end; past this many unread ones the oldest is waited for,
+# so a method installed for a whole training run holds a bounded number of regions (issue 19, kind G2).
+MAX_PENDING_REGIONS = 64
+# The runtime fields the sampler and the adapter set; each assignment re-resolves every layer's call.
+POSITION_FIELDS = frozenset({"grid", "step", "num_steps", "timestep", "cfg_branch"})
 
-@dataclass
+
 class AttentionTimer:
-    """Attention-only time: a timed region around every method call, summed on demand."""
+    """Attention-only time: a timed region around every eager method call, summed into a running total.
 
-    enabled: bool = True
-    _regions: list[Region] = field(default_factory=list)
+    Completed regions are folded into the total as soon as they can be read without waiting (CPU at once,
+    CUDA when the end event is reached), and at most :data:`MAX_PENDING_REGIONS` wait for the GPU, so the
+    memory held does not grow with the number of calls. Inside a compiled graph nothing is timed.
+    """
 
-    @contextmanager
-    def time(self, device: torch.device) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._pending: deque[Region] = deque()
+        self._seconds = 0.0
+
+    @property
+    def pending(self) -> int:
+        """Regions not yet folded into the total (bounded by :data:`MAX_PENDING_REGIONS`)."""
+        return len(self._pending)
+
+    def start(self, device: torch.device) -> Region | None:
+        """A started region, or None when timing is off or the call is being compiled."""
+        if not self.enabled or torch.compiler.is_compiling():
+            return None
         region = Region(device)
         region.start()
-        yield
+        return region
+
+    def stop(self, region: Region | None) -> None:
+        if region is None:
+            return
         region.stop()
-        self._regions.append(region)
+        self._pending.append(region)
+        if len(self._pending) > MAX_PENDING_REGIONS:
+            self._fold(self._pending.popleft())  # waits for the oldest
+        while self._pending and self._pending[0].ready():
+            self._fold(self._pending.popleft())
+
+    def _fold(self, region: Region) -> None:
+        self._seconds += region.seconds()
 
     def pop_seconds(self) -> float:
         """Total attention seconds since the last call (waits for pending CUDA events)."""
-        total = sum(region.seconds() for region in self._regions)
-        self._regions = []
+        while self._pending:
+            self._fold(self._pending.popleft())
+        total, self._seconds = self._seconds, 0.0
         return total
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """What one layer's attention call runs with: its context and whether the method's schedule runs it dense."""
+
+    ctx: AttentionContext
+    dense: bool
 
 
 @dataclass
 class AttentionRuntime:
-    """What every harness processor shares: the method and where the sampler currently is."""
+    """What every harness processor shares: the method and where the sampler currently is.
+
+    Setting any of :data:`POSITION_FIELDS` (outside the forward: the sampler sets the step, the adapter the
+    grid) resolves :attr:`calls`, one :class:`LayerCall` per layer, which is all the forward reads.
+    """
 
     method: AttentionMethod
     num_layers: int
@@ -55,19 +104,42 @@ class AttentionRuntime:
     timestep: float = 0.0
     cfg_branch: CfgBranch = "none"
     timer: AttentionTimer = field(default_factory=AttentionTimer)
+    calls: tuple[LayerCall, ...] = field(init=False, repr=False)
 
-    def context(self, layer: int) -> AttentionContext:
+    def __post_init__(self) -> None:
+        self._resolve()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        changed = self.__dict__.get(name, _UNSET) != value
+        super().__setattr__(name, value)
+        if changed and name in POSITION_FIELDS and "calls" in self.__dict__:
+            self._resolve()
+
+    def _resolve(self) -> None:
         if self.grid is None:
+            self.calls = ()
+            return
+        contexts = [
+            AttentionContext(
+                layer=layer,
+                num_layers=self.num_layers,
+                step=self.step,
+                num_steps=self.num_steps,
+                timestep=self.timestep,
+                cfg_branch=self.cfg_branch,
+                grid=self.grid,
+            )
+            for layer in range(self.num_layers)
+        ]
+        self.calls = tuple(LayerCall(ctx, self.method.runs_dense(ctx)) for ctx in contexts)
+
+    def call(self, layer: int) -> LayerCall:
+        if not self.calls:
             raise RuntimeError("the model adapter must set the token grid before a forward pass")
-        return AttentionContext(
-            layer=layer,
-            num_layers=self.num_layers,
-            step=self.step,
-            num_steps=self.num_steps,
-            timestep=self.timestep,
-            cfg_branch=self.cfg_branch,
-            grid=self.grid,
-        )
+        return self.calls[layer]
+
+
+_UNSET = object()
 
 
 def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -105,8 +177,11 @@ class MethodAttnProcessor:
             query = apply_interleaved_rope(query, *rotary_emb)
             key = apply_interleaved_rope(key, *rotary_emb)
 
-        ctx = self.runtime.context(self.layer)
-        with self.runtime.timer.time(hidden_states.device):
-            out = self.runtime.method(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), ctx)
+        call = self.runtime.call(self.layer)
+        region = self.runtime.timer.start(hidden_states.device)
+        out = self.runtime.method(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call.ctx, dense=call.dense
+        )
+        self.runtime.timer.stop(region)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))

@@ -22,7 +22,8 @@ Flex path therefore runs any pattern whose blocks are not multiples of that tile
 up per token pair by a ``mask_mod``. Densities always come from the method's own pattern.
 
 Selection helpers (per query block): :func:`select_by_cumulative_mass` (XAttention's threshold,
-SVG2's top-p) and :func:`select_top_fraction` (a fixed kept fraction). Token permutations (SVG's
+SVG2's top-p), :func:`select_top_fraction` (a fixed kept fraction) and :func:`select_by_cost_budget` (the
+highest-scored entries up to a stated share of a cost, e.g. tokens: a fixed density). Token permutations (SVG's
 temporal layout, SVG2's clusters): :func:`permute_tokens`, :func:`unpermute_tokens`.
 The method base class that runs a pattern under the step/layer schedule is
 :class:`methods.sparse.BlockSparseMethod`.
@@ -381,6 +382,31 @@ def select_top_fraction(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     count = max(1, math.ceil(fraction * scores.shape[-1] - 1e-9))
     top = scores.topk(count, dim=-1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True)
+
+
+def select_by_cost_budget(scores: torch.Tensor, costs: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Keep, per row, the largest-scored entries until their cost reaches ``fraction`` of the row's total cost.
+
+    An entry is kept iff the cost ranked strictly before it plus half its own is below ``fraction`` x total (the
+    kept cost is the budget rounded to the nearest entry); the top entry is always kept.
+
+    Args:
+        scores: ``(..., n)`` ranking scores (e.g. block masses); ``inf`` ranks an entry first.
+        costs: non-negative cost of each entry (e.g. tokens per key block or per cluster), broadcastable to
+            ``scores``.
+        fraction: the kept share of the cost, in ``(0, 1]``.
+
+    Returns:
+        ``(..., n)`` bool.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise HarnessError(f"kept cost fraction must be in (0, 1], got {fraction}")
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    ranked = costs.expand_as(scores).gather(-1, order).double()
+    before = ranked.cumsum(dim=-1) - ranked
+    keep_sorted = before + ranked / 2 < fraction * ranked.sum(dim=-1, keepdim=True)
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
 # -- token permutations ---------------------------------------------------------------------------

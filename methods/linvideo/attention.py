@@ -212,13 +212,15 @@ class LinVideo(AttentionMethod):
         # Fixed once converted: no device sync on rho inside every attention call.
         self._linear = frozenset(state.linear_layers()) if converted else frozenset()
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
-            ) -> tuple[torch.Tensor, float]:  # fmt: skip
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+            dense: bool | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
         self._state_for(q, ctx)  # attached first: it says which layers are linear
         if self.converted and ctx.layer not in self._linear:
-            # The softmax method applies the schedule itself (it holds the same one), its own warm-up too.
-            return self.softmax.run(q, k, v, ctx)
-        return super().run(q, k, v, ctx)
+            # The softmax method holds the same schedule: the caller's decision holds for it unless it adds rules of
+            # its own (radial's warm-up), which it then applies itself.
+            own_rules = type(self.softmax).runs_dense is not AttentionMethod.runs_dense
+            return self.softmax.run(q, k, v, ctx, None if own_rules else dense)
+        return super().run(q, k, v, ctx, dense)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
                ) -> tuple[torch.Tensor, float]:  # fmt: skip
