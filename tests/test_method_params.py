@@ -115,7 +115,10 @@ def test_a_paper_symbol_is_suggested_never_accepted() -> None:
         METHODS.get("xattn").parse_params({"tau": "0.5"})
     message = str(caught.value)
     assert "has no parameter 'tau'. Did you mean 'threshold'?" in message
-    assert "Its parameters: threshold, stride, keep_first_block, fixed_density, warmup_fraction, block_size, backend." in message
+    assert (
+        "Its parameters: threshold, stride, keep_first_block, fixed_density, warmup_fraction, block_size, backend."
+        in message
+    )
 
 
 @pytest.mark.parametrize("name", BLOCK_SIZED)
