@@ -94,7 +94,7 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("sync_every", [1, 2])
 def test_nan_stops_naming_its_step_and_keeps_the_last_checkpoint(tmp_path: Path, sync_every: int) -> None:
     """A NaN at step 3 stops the run with 'step 3' (read at once or at the next sync); step 2's checkpoint stays."""
-    config = DebugConfig(steps=6, batch_size=4, checkpoint_every=2, sync_every=sync_every, nan_at=3)
+    config = DebugConfig(steps=6, batch_size=4, checkpoint_every=2, log_every=2, sync_every=sync_every, nan_at=3)
     with pytest.raises(HarnessError, match=r"non-finite loss at step 3 .*last good checkpoint is kept"):
         engine.run(DebugTask(config, tmp_path), show_progress=False)
     meta = json.loads((tmp_path / "training_state.json").read_text())

@@ -155,9 +155,14 @@ class WanFlowTask(Task):
 
 def toy_config(fsdp: bool, steps: int, batch: int) -> ToyTrainConfig:
     """The toy teacher at its shipped size (pool of 2,048 scenes; no evaluation, no compile)."""
-    return ToyTrainConfig(steps=steps, batch_size=batch, pool_size=2048, eval_clips=0, checkpoint_every=1000,
-                          sync_every=1, log_every=1000, fsdp="on" if fsdp else "off",
-                          activation_checkpointing=fsdp)  # fmt: skip
+    return ToyTrainConfig(
+        steps=steps,
+        batch_size=batch,
+        pool_size=2048,
+        eval_clips=0,
+        fsdp="on" if fsdp else "off",
+        activation_checkpointing=fsdp,
+    )
 
 
 def check_correctness(device: torch.device, batch: int, steps: int = 3) -> dict[str, Any]:
@@ -207,7 +212,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--toy-batch", type=int, default=256, help="the toy teacher's batch (its recipe's: 256)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "torch": torch.__version__, "status": "incomplete"}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

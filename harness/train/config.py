@@ -53,8 +53,9 @@ class EngineConfig:
             )
         if self.global_batch < 0 or self.grad_clip <= 0:
             raise HarnessError(f"need global batch >= 0 and grad clip > 0, got {self.global_batch}, {self.grad_clip}")
-        if self.checkpoint_every % self.sync_every:
-            raise HarnessError(f"checkpoint_every must be a multiple of sync_every ({self.sync_every})")
+        for name in ("log_every", "checkpoint_every"):  # the losses are known on the host at sync steps only
+            if getattr(self, name) % self.sync_every:
+                raise HarnessError(f"{name} must be a multiple of sync_every ({self.sync_every})")
 
     def resolved_global_batch(self, ranks: int) -> int:
         """``batch_size x ranks x accumulation``; raises if ``global_batch`` names another value."""

@@ -172,7 +172,10 @@ def set_gradient_sync(modules: Iterable[nn.Module], enabled: bool) -> None:
 
 
 def average_gradients(params: list[nn.Parameter], layout: Layout) -> None:
-    """Average the gradients of replicated (not FSDP-managed) parameters across ranks, in one flat all-reduce."""
+    """Average the gradients of replicated (not FSDP-managed) parameters across ranks, in one flat all-reduce.
+
+    A parameter without a gradient on this rank joins with zeros (every rank must send the same buffer).
+    """
     if layout.ranks == 1 or not params:
         return
     import torch.distributed as dist
