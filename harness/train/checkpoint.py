@@ -46,6 +46,9 @@ def read_meta(out: Path) -> dict[str, Any] | None:
         missing = {"step", "checkpoint", "config", "layout", "losses"} - set(meta)
     except (OSError, json.JSONDecodeError) as exc:
         missing, meta = {repr(exc)}, {}
+    if missing == {"checkpoint", "layout"}:
+        raise HarnessError(f"cannot resume from {out}: its state was written by a trainer before the training engine "
+                           f"(no sharded checkpoint); remove {out / TRAINING_META} to start over")  # fmt: skip
     if missing:
         raise HarnessError(f"cannot resume from {out}: corrupt {TRAINING_META} (missing {sorted(missing)}); "
                            "remove it to start over")  # fmt: skip
