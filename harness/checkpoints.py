@@ -18,9 +18,14 @@ from harness.errors import HarnessError, MissingWeightsError
 
 def save_module_weights(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Every parameter and buffer of ``module`` (on CPU, own dtype) to ``path``, atomically."""
+    save_tensors(module.state_dict(), path, metadata)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A state dict (on CPU, own dtypes) to ``path`` as safetensors, atomically."""
     from safetensors.torch import save_file
 
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in module.state_dict().items()}
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 

@@ -699,6 +699,21 @@ def check_cmd(
         raise typer.Exit(1)
 
 
+# -- the training engine's layout (bench toy train, bench train) ---------------------------------
+
+AccumulationOpt = Annotated[
+    int, typer.Option(help="Micro-batches per rank and step: the global batch is batch size x ranks x this.")
+]
+GlobalBatchOpt = Annotated[
+    int, typer.Option(help="The global batch this run must have (checked against the launch); 0: any.")
+]
+FsdpOpt = Annotated[
+    str, typer.Option(help="FSDP2 per transformer block: auto (when torchrun starts more than one rank), on or off.")
+]
+Bf16Opt = Annotated[
+    bool, typer.Option(help="bf16 compute on CUDA with fp32 master weights and reductions (--no-bf16: fp32).")
+]
+
 # -- toy world ---------------------------------------------------------------------------------
 
 toy_app = typer.Typer(help="The embedded toy world: train (reproduce) the shipped teacher.", no_args_is_help=True)
@@ -712,6 +727,7 @@ def toy_train_cmd(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 18000,
     batch_size: Annotated[int, typer.Option(help="Clips per step.")] = 256,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (cosine schedule, linear warm-up).")] = 8e-4,
+    warmup_steps: Annotated[int, typer.Option(help="Steps of linear learning-rate warm-up.")] = 500,
     seed: Annotated[int, typer.Option(help="Seed of the weights, the data and the noise.")] = 0,
     width: Annotated[int, typer.Option(help="Transformer width (a multiple of the head size, 32).")] = 128,
     layers: Annotated[int, typer.Option(help="Transformer blocks.")] = 8,
@@ -731,16 +747,30 @@ def toy_train_cmd(
     compile_model: Annotated[
         bool, typer.Option("--compile/--no-compile", help="torch.compile the training forward (CUDA only).")
     ] = True,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Write a resumable checkpoint (and the teacher) every N steps.")
+    ] = 1000,
+    sync_every: Annotated[int, typer.Option(help="Read the loss on the host (NaN check) every N steps.")] = 50,
+    log_every: Annotated[int, typer.Option(help="Print a log line every N steps (a multiple of --sync-every).")] = 500,
+    accumulation: AccumulationOpt = 1,
+    global_batch: GlobalBatchOpt = 0,
+    fsdp: FsdpOpt = "auto",
+    bf16: Bf16Opt = True,
+    activation_checkpointing: Annotated[bool, typer.Option(help="Recompute each block's activations.")] = False,
 ) -> None:
-    """Train the toy teacher (seeded, resumable: rerun the same command to continue)."""
+    """Train the toy teacher (seeded, resumable: rerun the same command to continue; torchrun: one rank per GPU)."""
     from harness.checkpoints import file_sha256
+    from harness.distributed import current_ranks
     from harness.io_checks import ensure_writable_dir
     from harness.preflight import resolve_device
     from harness.toyworld.train import ToyTrainConfig, train
 
-    config = ToyTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, width=width, layers=layers,
-                            ffn_dim=ffn_dim, checkpoint_dtype=checkpoint_dtype, pool_size=pool_size,
-                            eval_every=eval_every, eval_clips=eval_clips,
+    config = ToyTrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                            width=width, layers=layers, ffn_dim=ffn_dim, checkpoint_dtype=checkpoint_dtype,
+                            pool_size=pool_size, eval_every=eval_every, eval_clips=eval_clips,
+                            checkpoint_every=checkpoint_every, sync_every=sync_every, log_every=log_every,
+                            accumulation=accumulation, global_batch=global_batch, fsdp=fsdp,
+                            precision="bf16" if bf16 else "fp32", activation_checkpointing=activation_checkpointing,
                             init_from=str(init_from or ""),
                             init_sha256=file_sha256(init_from) if init_from and init_from.is_file() else "",
                             )  # fmt: skip
@@ -754,14 +784,15 @@ def toy_train_cmd(
         from harness.models.toy import ToyModel
         from harness.toyworld.sampling import toybench_of
 
-        model = ToyModel(transformer, encoder, target, torch.float32)
+        model = ToyModel(transformer, encoder, next(transformer.parameters()).device, torch.float32)
         scores = toybench_of(model, config.eval_clips)
         transformer.requires_grad_(False)
         return {k: v for k, v in scores.items() if k != "clips"}
 
     teacher = train(config, out, target, evaluate if eval_clips > 0 else None, show_progress=progress,
                     compile_model=compile_model and target.type == "cuda")  # fmt: skip
-    console.print(f"toy teacher written to {teacher}")
+    if current_ranks().lead:
+        console.print(f"toy teacher written to {teacher}")
 
 
 # -- train, ablate ----------------------------------------------------------------------------
@@ -852,9 +883,20 @@ def train_cmd(
     param: Annotated[
         list[str] | None, typer.Option(help="SLA parameter KEY=VALUE: critical, negligible, block_size.")
     ] = None,
+    accumulation: AccumulationOpt = 1,
+    global_batch: GlobalBatchOpt = 0,
+    fsdp: FsdpOpt = "auto",
+    teacher_placement: Annotated[
+        str, typer.Option(help="The frozen teacher under FSDP: replicate (a bf16 copy per rank) or shard.")
+    ] = "replicate",
 ) -> None:
-    """Train LinVideo (data-free collection, selective transfer, ADM) or fine-tune SLA; resumable (rerun)."""
+    """Train LinVideo (data-free collection, selective transfer, ADM) or fine-tune SLA; resumable (rerun).
+
+    SLA trains through the training engine, also under ``torchrun --nproc-per-node N -m harness.cli train``.
+    """
     from harness.checkpoints import TRAINING_META
+    from harness.distributed import current_ranks, rank_device
+    from harness.preflight import resolve_device
     from harness.models import MODELS
     from harness.training import TrainRequest, divergence_note, train
     from methods.linvideo.train import LinVideoTrainConfig
@@ -862,12 +904,19 @@ def train_cmd(
     trained = _canonical_method(method)
     if trained not in ("linvideo", "sla"):
         raise HarnessError(f"bench train trains linvideo or sla, not {method!r}")
+    ranks = current_ranks()
+    layout = {"accumulation": accumulation, "global_batch": global_batch, "fsdp": fsdp,
+              "teacher_placement": teacher_placement}  # fmt: skip
+    if trained == "linvideo" and (ranks.sharded or layout != _ENGINE_LAYOUT_DEFAULTS):
+        raise HarnessError("linvideo trains on one process for now: torchrun, --accumulation, --global-batch, --fsdp "
+                           "and --teacher-placement apply to --method sla")  # fmt: skip
     adapter_cls = MODELS.get(model)
     given_lr = {} if lr is None else {"lr": lr}  # else each method's config default
     if trained == "sla":
         config: Any = _sla_train_config(param or [], objective=objective, steps=steps, batch_size=batch_size,
                                         activation_checkpointing=activation_checkpointing,
-                                        checkpoint_every=checkpoint_every, seed=seed, **given_lr)  # fmt: skip
+                                        checkpoint_every=checkpoint_every, seed=seed,
+                                        precision="bf16" if bf16 else "fp32", **layout, **given_lr)  # fmt: skip
     elif target_layers is None:
         raise HarnessError("bench train --method linvideo needs --target-layers")
     else:
@@ -887,26 +936,31 @@ def train_cmd(
     )
     request = TrainRequest(
         model=MODELS.canonical(model), weights=_weights_value(weights, False, adapter_cls.weights_kind), config=config,
-        out=out, prompts=listed, prompt_count=prompts, device=_resolved_device(device), store=store,
-        show_progress=progress,
+        out=out, prompts=listed, prompt_count=prompts, device=str(rank_device(resolve_device(device), ranks)),
+        store=store, show_progress=progress,
     )  # fmt: skip
     converted = train(request)
+    if not ranks.lead:
+        return
     summary = json.loads((converted / "spec.json").read_text())
-    objective = [step["objective"] for step in json.loads((converted / TRAINING_META).read_text())["losses"]]
-    notes = [note for note in [divergence_note(objective)] if note]
-    if trained == "sla":
+    if trained == "sla":  # the engine printed its notes
         console.print(f"[bold]sla[/] fine-tuned {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step)"
                       f" -> {converted}")  # fmt: skip
-    else:
-        from methods.linvideo.attention import conversion_notes
+        return
+    from methods.linvideo.attention import conversion_notes
 
-        console.print(
-            f"[bold]linvideo[/] trained {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step): "
-            f"layers {summary['linear_layers']} linear -> {converted}"
-        )
-        notes += conversion_notes(summary["final_r"], summary["config"]["target_layers"])
+    console.print(
+        f"[bold]linvideo[/] trained {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step): "
+        f"layers {summary['linear_layers']} linear -> {converted}"
+    )
+    objective = [step["objective"] for step in json.loads((converted / TRAINING_META).read_text())["losses"]]
+    notes = [note for note in [divergence_note(objective)] if note]
+    notes += conversion_notes(summary["final_r"], summary["config"]["target_layers"])
     for note in notes:
         console.print(f"[yellow]note:[/] {note}")
+
+
+_ENGINE_LAYOUT_DEFAULTS = {"accumulation": 1, "global_batch": 0, "fsdp": "auto", "teacher_placement": "replicate"}
 
 
 def _sla_train_config(pairs: list[str], **settings: Any) -> Any:

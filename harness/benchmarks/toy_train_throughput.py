@@ -1,7 +1,8 @@
 """Training throughput of the toy teacher on this device: optimizer steps per second, eager vs compiled.
 
 At the toy size one step is a few hundred small kernels, so the eager GPU step is bound by launches;
-this script measures what ``torch.compile`` buys and sizes a training run to a time budget.
+this script measures what ``torch.compile`` buys and sizes a training run to a time budget. The steps are the
+training engine's (:mod:`harness.train`), timed by :class:`~harness.benchmarks.train_fsdp_gpu.Timer`.
 
     python -m harness.benchmarks.toy_train_throughput --widths 128 --out throughput.json
 """
@@ -9,45 +10,28 @@ this script measures what ``torch.compile`` buys and sizes a training run to a t
 from __future__ import annotations
 
 import argparse
-import random
-import time
+import dataclasses
+import tempfile
 from pathlib import Path
 
 import torch
 
 from harness.atomic import write_json_atomic
-from harness.toyworld.checkpoint import TOY_ENCODER_CONFIG, build_modules
-from harness.toyworld.train import ScenePool, ToyTrainConfig, flow_matching_loss
+from harness.benchmarks.train_fsdp_gpu import TimedToyTask, Timer
+from harness.toyworld.train import ToyTrainConfig
+
+WARMUP_STEPS = 5  # compilation happens in these
 
 
 def steps_per_second(config: ToyTrainConfig, device: torch.device, compile_model: bool, steps: int) -> float:
-    """Median-free simple rate: ``steps`` timed steps after 5 warm-up steps (compilation excluded)."""
-    transformer, encoder = (m.to(device) for m in build_modules(config.transformer_config(), TOY_ENCODER_CONFIG))
-    params = [*transformer.parameters(), *encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
-    generator = torch.Generator(device=device).manual_seed(0)
-    pool = ScenePool(max(config.batch_size * 4, 1024), random.Random(0), device)
-    forward = torch.compile(transformer) if compile_model else transformer
-
-    def step() -> None:
-        clips, ids = pool.batch(config.batch_size, generator)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = flow_matching_loss(forward, encoder, clips, ids, generator, 0.1, config.timestep_shift)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-
-    for _ in range(5):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return steps / (time.perf_counter() - started)
+    """``steps`` timed engine steps after 5 warm-up steps (compilation excluded)."""
+    config = dataclasses.replace(config, steps=1000, pool_size=max(config.batch_size * 4, 1024), eval_clips=0)
+    timer = Timer(device, WARMUP_STEPS, steps)
+    with tempfile.TemporaryDirectory() as folder:
+        result = timer.run(TimedToyTask(config, Path(folder), device, timer, compile_model=compile_model))
+    if result["status"] != "ok":
+        raise RuntimeError(f"width {config.width}: {result}")
+    return 1.0 / result["mean_step_seconds"]
 
 
 def main() -> None:

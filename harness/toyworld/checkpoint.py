@@ -45,19 +45,20 @@ def build_modules(transformer_config: dict[str, Any], encoder_config: dict[str, 
     return WanTransformer3DModel(**transformer_config), PromptEncoder(**encoder_config)
 
 
-def save_checkpoint(path: Path, transformer: nn.Module, encoder: nn.Module, info: dict[str, Any],
+def save_checkpoint(path: Path, transformer_state: dict[str, torch.Tensor], encoder_state: dict[str, torch.Tensor],
+                    transformer_config: dict[str, Any], info: dict[str, Any],
                     dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
-    """Write both modules' weights (as ``dtype``) and the configs (plus ``info``) atomically.
+    """Write both modules' weights (their state dicts, as ``dtype``) and the configs (plus ``info``) atomically.
 
     Loading casts back to the modules' fp32 parameters.
     """
     from safetensors.torch import save_file
 
-    tensors = {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
-    tensors |= {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    tensors = {f"transformer.{k}": v for k, v in transformer_state.items()}
+    tensors |= {f"encoder.{k}": v for k, v in encoder_state.items()}
     tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}
     metadata = {
-        "transformer_config": json.dumps(dict(transformer.config)),
+        "transformer_config": json.dumps(transformer_config),
         "encoder_config": json.dumps(TOY_ENCODER_CONFIG),
         "info": json.dumps(info),
     }
