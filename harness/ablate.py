@@ -64,7 +64,7 @@ def variants(axis: str, num_layers: int, target: int) -> dict[str, dict[str, Any
 def _config_hash(config: Any) -> str:
     import hashlib
 
-    canonical = json.dumps(dataclasses.asdict(config), sort_keys=True, default=list)
+    canonical = json.dumps(config.record(), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 

@@ -120,7 +120,7 @@ class AttentionFineTuner(ABC):
         objective = ObjectiveSettings(settings.objective, settings.adm_weighting, settings.t_min,
                                       settings.adm_reduction)  # fmt: skip
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return trajectory_objective(self.student, self.teacher, batch, self.uncond, self.cfg, objective)[0]
+            return trajectory_objective(self.student, self.teacher, batch, self.uncond, self.cfg, objective)
 
     def run(self, show_progress: bool = True) -> Path:
         """Train to ``settings.steps`` (resuming a half-done run) and write the result."""
