@@ -674,7 +674,7 @@ def test_bench_train_recipe_paper_sets_the_appendix_values_and_options_override(
           "--store", tmp_path / "store")  # fmt: skip
     config = json.loads((tmp_path / "o" / "spec.json").read_text())["config"]
     assert (config["steps"], config["batch_size"]) == (1, 2)  # given explicitly
-    assert {key: config[key] for key in ("lr", "map_lr", "alpha_anneal_fraction", "adm_weighting", "adm_reduction",
-                                         "lam", "warmup_fraction")} == {
-        "lr": 1e-4, "map_lr": 1e-4, "alpha_anneal_fraction": 1.0, "adm_weighting": "analytic",
-        "adm_reduction": "sample-sum", "lam": 0.01, "warmup_fraction": 0.1}  # fmt: skip
+    assert {key: config[key] for key in ("lr", "map_lr", "alpha_anneal_fraction", "adm_weighting", "lam",
+                                         "warmup_fraction")} == {
+        "lr": 1e-4, "map_lr": 1e-4, "alpha_anneal_fraction": 1.0, "adm_weighting": "analytic", "lam": 0.01,
+        "warmup_fraction": 0.1}  # fmt: skip
