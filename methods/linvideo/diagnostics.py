@@ -1,7 +1,7 @@
 """What ADM's update does along a training run (issue 20, E3): against MSE's, and where the student errs.
 
-Three measurements on fixed stored states, taken with the trainer's student as it is at that step (its
-attention method attached, as :meth:`LinVideoTrainer.run`'s ``on_step`` sees it):
+Three measurements (and the objective) on fixed stored states, taken with the trainer's student as it is at that
+step (its attention method attached, as :meth:`LinVideoTrainer.run`'s ``on_step`` sees it):
 
 - ``gradient_cosine``: the cosine between ADM's and MSE's gradients on the student's weights (transformer and
   feature maps) on the same states. ADM's step tends to a weighted MSE at x_s as its landing step shrinks; a low
@@ -89,8 +89,12 @@ def velocity_error(trainer: LinVideoTrainer, per_step: dict[float, dict[str, tor
 
 
 def measure(trainer: LinVideoTrainer, states: dict[str, Any]) -> dict[str, Any]:
-    """All three measurements on :func:`fixed_states`' states."""
+    """All three measurements on :func:`fixed_states`' states, and the trainer's objective on its batch."""
+    with torch.no_grad(), trainer._autocast():
+        objective = trajectory_objective(trainer.student, trainer.teacher, states["batch"], trainer.uncond,
+                                         trainer.cfg, trainer.settings, trainer.score_model)  # fmt: skip
     return {
+        "objective": float(objective),
         "gradient_cosine": gradient_cosine(trainer, states["batch"]),
         "error_cosine": error_cosine(trainer, states["batch"]),
         "velocity_error": velocity_error(trainer, states["per_step"]),
