@@ -400,7 +400,7 @@ class LinVideoTrainer:
         ``score_guided``). A flow-matching target needs x_hat split into data and noise, which a student step
         does not give; the clean estimate is the student's own split, so at the start (student = teacher) the
         score model learns the teacher's flow, as it should. Five updates per student step (DMD2) put its cost
-        at about 5x ADM's step, the paper's ~4.4x.
+        at about 4-5x ADM's step (the paper: ~4.4x); ``bench train`` prints both.
         """
         assert self.score_model is not None, "only adm-extra-score has a score model"
         config, optimizer = self.config, self.optimizers["score"]
