@@ -13,10 +13,12 @@ Every training is a ``bench train`` process (E3: this module's ``e3-train``) sha
 launch-bound: an H100 ran 8-13 such trainings at 0.33-0.44 s/step, MSE ~0.22); each finished conversion is sampled
 with ``bench run --model toy --method linvideo --checkpoint DIR --device cuda`` on the 64 held-out prompts beside
 dense (``--method sdpa``) in the same cohort. All training prompts come from one file (1,024 prompts of the toy's
-training split, seed 0), so the seeds of E2 share one store. Correctness first: before anything trains, a check on
-the GPU (:func:`check`) that ADM's weight gradient turns towards MSE's as kappa shrinks and that the sampler's
-last step trains; a failure stops the script. Resumable: rerun the same command (trainings resume from their
-checkpoints, finished samplings are skipped); at ``--deadline-s`` it stops its children and writes what is done.
+training split, seed 0), so the seeds of E2 share one store; each store is collected in one batch, one shard, which
+every training maps from the file rather than copying (the 50-step store is 10 GB; 16 copies would not fit).
+Correctness first: before anything trains, a check on the GPU (:func:`check`) that ADM's weight gradient turns
+towards MSE's as kappa shrinks and that the sampler's last step trains; a failure stops the script. Resumable: rerun
+the same command (trainings resume from their checkpoints, finished samplings are skipped); at ``--deadline-s`` it
+stops its children and writes what is done.
 
     python -m harness.benchmarks.linvideo_trials_gpu --out $OUT     # all three at once, ~8-9 min on one H200
 
@@ -48,7 +50,6 @@ EXPERIMENTS = ("e1", "e2", "e3")
 FIXED_LAYERS = "0,1,2,6"  # the layers learned selection keeps choosing; MSE reached 93.8 there (round 6)
 KAPPAS = (1.0, 0.3, 0.1, 0.02)
 FINE_GRID = ("--sampler-steps", "50", "--sampler-shift", "5")  # the paper's Wan grid
-COLLECT_BATCH = "64"
 SCORES = ("prompt_correctness", "shape", "motion_smoothness", "dynamic_degree", "background_consistency")
 
 
@@ -86,7 +87,7 @@ def _bench(*args: str) -> list[str]:
 def _store_options(work: Path, fine: bool, prompt_count: int) -> tuple[str, ...]:
     store = work / ("store_50x5" if fine else "store_20x3")
     return ("--prompt-file", str(work / "prompts.txt"), "--prompts", str(prompt_count), "--store", str(store),
-            "--collect-batch", COLLECT_BATCH, *(FINE_GRID if fine else ()))  # fmt: skip
+            "--collect-batch", str(prompt_count), *(FINE_GRID if fine else ()))  # fmt: skip
 
 
 def train_command(run: Run, args: argparse.Namespace) -> list[str]:
@@ -164,7 +165,7 @@ def e3_train(args: argparse.Namespace) -> None:
     prompts = tuple((args.work / "prompts.txt").read_text().splitlines())
     request = TrainRequest(model="toy", weights="builtin", config=config, out=out, prompts=prompts,
                            prompt_count=len(prompts), device=args.device, store=args.work / "store_20x3",
-                           show_progress=False, collect_batch=int(COLLECT_BATCH))  # fmt: skip
+                           show_progress=False, collect_batch=len(prompts))  # fmt: skip
     teacher, store = collect_trajectories(request)
     trainer = LinVideoTrainer(config, teacher, store, out)
     states = fixed_states(store, states=16, prompts_per_step=8)
@@ -193,7 +194,7 @@ def collect_store(args: argparse.Namespace) -> None:
                            out=args.work / ("collect_50x5" if args.fine else "collect_20x3"), prompts=prompts,
                            prompt_count=len(prompts), device=args.device,
                            store=args.work / ("store_50x5" if args.fine else "store_20x3"), show_progress=False,
-                           collect_batch=int(COLLECT_BATCH), **grid)  # fmt: skip
+                           collect_batch=len(prompts), **grid)  # fmt: skip
     collect_trajectories(request)
 
 
@@ -418,6 +419,9 @@ def orchestrate(args: argparse.Namespace) -> int:
     prompts = args.work / "prompts.txt"
     if not prompts.exists():
         prompts.write_text("\n".join(ToyModel.training_prompts(args.prompts, 0)) + "\n")
+    if len(prompts.read_text().splitlines()) != args.prompts:
+        print(f"{args.work} was started with another --prompts; use another --work", file=sys.stderr)
+        return 2
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": {}, "dense": {}}
     results["check"] = check(torch.device(args.device), args.work)
     print(f"check: {results['check']}", flush=True)

@@ -118,7 +118,10 @@ class TrajectoryStore:
             embeddings = load_file(str(path / EMBEDDINGS_FILE))
         except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as exc:
             raise HarnessError(f"trajectory store {path} is incomplete or corrupt: {exc}") from exc
-        self.tensors = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        # One shard is used as loaded: safetensors maps the file, so every process training from this store shares
+        # its pages (a toy store of 1,024 prompts x 50 steps is 10 GB); several shards are concatenated (a copy).
+        self.tensors = {key: parts[0][key] if len(parts) == 1 else torch.cat([part[key] for part in parts])
+                        for key in parts[0]}  # fmt: skip
         self.cond, self.uncond = embeddings["cond"], embeddings["uncond"]
         times = self.tensors["t"]
         self.grid = torch.unique(times[times > 0])  # the sampler's times, ascending
