@@ -85,6 +85,9 @@ def train(*extra: str) -> tuple[str, ...]:
     return command(base, extra)
 
 
+TRAIN_3 = ("--steps", "3", "--checkpoint-every", "1")  # a training with a checkpoint after each step
+
+
 def calibrate(*extra: str) -> tuple[str, ...]:
     """``bench calibrate`` of dfa on the toy: one prompt, 2 steps."""
     base = ("calibrate", "--out", f"{WS}/plan.json", "--model", "toy", "--prompts", "1", "--steps", "2", "--device",
@@ -123,6 +126,11 @@ def _latency(folder: Path) -> None:
     require_ok(bench(tiny_latency("--out", str(folder / "latency.json")), folder))
 
 
+def _trained(folder: Path) -> None:
+    """An uninterrupted 3-step linvideo training of the toy (the reference a resumed one must equal)."""
+    require_ok(bench(train(*TRAIN_3, "--out", str(folder / "lv")), folder, timeout=180))
+
+
 def _plan(folder: Path) -> None:
     """A DFA plan of the toy model for 2 steps (one calibration prompt)."""
     require_ok(bench(calibrate("--out", str(folder / "plan.json")), folder))
@@ -134,6 +142,7 @@ FIXTURES: dict[str, Callable[[Path], None]] = {
     "toy_runs_params": _toy_runs_params,
     "latency": _latency,
     "plan": _plan,
+    "trained": _trained,
 }
 
 
@@ -280,6 +289,37 @@ def kill_after_first_video(args: tuple[str, ...], videos: int) -> Callable[[Work
             raise SetupError(f"could not interrupt the run mid-way (exit {result.returncode}, {saved} saved)")
 
     return setup
+
+
+def kill_training_after_first_checkpoint(args: tuple[str, ...]) -> Callable[[Workspace], None]:
+    """Start ``bench ARGS`` (a training into ``{ws}/lv``), SIGKILL it once a resumable checkpoint is written."""
+
+    def setup(ws: Workspace) -> None:
+        state = ws.path / "lv" / "training_state.json"
+
+        def kill_when_saved(proc: subprocess.Popen[bytes]) -> None:
+            deadline = time.monotonic() + 170
+            while time.monotonic() < deadline and running(proc):
+                if state.exists():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    return
+                time.sleep(0.02)
+
+        result = bench(args, ws.path, timeout=180, on_start=kill_when_saved)
+        if result.returncode != -signal.SIGKILL or (ws.path / "lv" / "spec.json").exists():
+            raise SetupError(f"could not interrupt the training mid-way (exit {result.returncode})")
+
+    return setup
+
+
+def same_as_uninterrupted(result: Invocation, ws: Workspace) -> str | None:
+    """The resumed training's checkpoint equals the uninterrupted one, file by file."""
+    reference = ws.fixture("trained") / "lv"
+    for name in ("linvideo.safetensors", "transformer.safetensors"):
+        ours = ws.path / "lv" / name
+        if not ours.is_file() or ours.read_bytes() != (reference / name).read_bytes():
+            return f"the resumed training's {name} differs from an uninterrupted one's"
+    return None
 
 
 def damage_saved_frames(ws: Workspace) -> None:
@@ -765,6 +805,10 @@ ISSUE_G = [
          setup=steps(copy_fixture("toy_run", "runs"),
                      lambda ws: next(ws.path.glob("runs/*.json")).write_text('{"kind": "run", "spec": {tru')),
          check=record_check(videos_once(1))),
+    Case("killed-training-resumes", "G", train(*TRAIN_3), expect="ok",
+         setup=kill_training_after_first_checkpoint(train(*TRAIN_3)), check=same_as_uninterrupted, heavy=True,
+         timeout=180, source="own (G): kill -9 during bench train, then the same command (the issue found it "
+         "byte-identical)"),
     Case("force-rerun", "G", toy("--force"), expect="ok", setup=copy_fixture("toy_run", "runs"),
          check=record_check(videos_once(1))),
 ]  # fmt: skip
@@ -792,6 +836,8 @@ TYPOS = [
     Case("eval-typo-suite", "typo", ("eval", f"{RUNS}/toy__sdpa__*.json", "--suite", "proxys", "--runs-dir", RUNS),
          setup=copy_fixture("toy_run", "runs"), fragments=("proxys", "proxies")),
     Case("latency-typo-method", "typo", tiny_latency("--methods", "sdpa,flsh"), fragments=("flsh",)),
+    Case("latency-no-methods", "typo", tiny_latency("--methods", ","), fragments=("method",)),
+    Case("latency-fa2-on-cpu", "typo", tiny_latency("--methods", "sdpa,fa2"), fragments=("fa2", "cpu")),
     Case("latency-typo-baseline", "typo", tiny_latency("--baseline", "sdpaa"), fragments=("sdpaa",)),
     Case("calibrate-not-calibratable", "typo", calibrate("--method", "sdpa"), fragments=("sdpa",)),
 ]  # fmt: skip
@@ -867,6 +913,11 @@ PATHS = [
     Case("dfa-plan-wrong-shape", "path", toy("--method", "dfa", "--param", f"plan={WS}/plan.json"),
          setup=make_file("plan.json", '{"format": 1, "method": "dfa", "choices": {"a": 1}}'), fragments=("plan.json",),
          forbidden=("__init__()", "positional argument")),
+    Case("eval-frames-missing", "path", ("eval", f"{RUNS}/toy__sdpa__*.json", "--suite", "proxies", "--runs-dir", RUNS),
+         setup=steps(copy_fixture("toy_run", "runs"), lambda ws: shutil.rmtree(next(ws.path.glob("runs/*/frames")))),
+         fragments=("frames",)),
+    Case("xattn-param-of-another-method", "path", toy("--method", "xattn", "--param", f"plan={WS}/plan.json"),
+         fragments=("plan", "threshold")),
     Case("protocol-contradicted", "path", ("run", "--model", "wan1.3b", "--protocol", "linvideo-vbench", "--steps",
          "10", "--dry-run", "--runs-dir", RUNS), fragments=("steps",)),
     Case("dimensions-without-vbench", "path", tiny("--dimensions", "temporal_flickering", eval_suites="proxies"),
