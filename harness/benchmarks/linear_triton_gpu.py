@@ -17,7 +17,7 @@
 4. A table last; the JSON (checks, timings, diagnostics, the autotuner's choices, registers and spills of each
    compiled kernel) in ``--out``/linear_triton.json, written after each stage.
 
-About 2-3 minutes on one H200 for both shapes (Triton compiles and autotunes about 40 kernel variants in the first
+About 2-3 minutes on one H200 for both shapes (Triton compiles and autotunes about 50 kernel variants in the first
 calls); ``--models wan1.3b`` and ``--no-torch`` shorten it.
 
     PYTHONUNBUFFERED=1 python -m harness.benchmarks.linear_triton_gpu --out $OUT
