@@ -230,3 +230,4 @@ def test_gpu_script_diagnosis_line_names_kernels_and_failed_parts() -> None:
     line = summary_line(diagnosis, top=2)
     assert line.startswith("kernels 0.300 ms in 3 launches (_output 0.200, _gram_partials 0.090)")
     assert "graph replay failed" in line and "host enqueue 0.050 ms" in line and "_sum" not in line
+    assert summary_line({"split": {"error": "RuntimeError"}, "graph_ms": 0.2}).startswith("kernel split failed; graph")

@@ -86,11 +86,11 @@ def diagnose(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[
 
 def summary_line(diagnosis: dict[str, Any], top: int = 4) -> str:
     """One line: device time and launches per call, graph replay and host enqueue ms, the ``top`` kernels."""
-    parts = []
     split = diagnosis.get("split", {})
+    parts = ["kernel split failed"]
     if "kernels" in split:
         kernels = ", ".join(f"{name[:28]} {ms:.3f}" for name, ms in list(split["kernels"].items())[:top])
-        parts.append(f"kernels {split['device_ms']:.3f} ms in {split['launches']:.0f} launches ({kernels})")
+        parts = [f"kernels {split['device_ms']:.3f} ms in {split['launches']:.0f} launches ({kernels})"]
     for key, label in (("graph_ms", "graph replay"), ("enqueue_ms", "host enqueue")):
         value = diagnosis.get(key)
         parts.append(f"{label} {value:.3f} ms" if isinstance(value, float) else f"{label} failed")
