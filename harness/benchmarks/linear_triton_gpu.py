@@ -11,14 +11,10 @@
    and forward + backward (``torch.autograd.grad`` of a random upstream gradient, W included), at both Wan
    shapes; the ratios to cuDNN against the targets (forward <= 3%, forward + backward <= 10%), and the memory
    floor (q, k, v read and the output written once, at the copy bandwidth measured here).
-3. Where each fused call's time goes (:mod:`harness.benchmarks.launch_split`): every kernel's device time and the
-   launches per call (profiler), the call replayed as a CUDA graph (device time without host work) and the
-   host time to enqueue it; one line per fused path, and in the JSON.
-4. A table last; the JSON (checks, timings, diagnostics, the autotuner's choices, registers and spills of each
-   compiled kernel) in ``--out``/linear_triton.json, written after each stage.
+3. A table last; the JSON (checks, timings, the autotuner's choices, registers and spills of each compiled
+   kernel) in ``--out``/linear_triton.json, written after each stage.
 
-About 2-3 minutes on one H200 for both shapes (Triton compiles and autotunes about 50 kernel variants in the first
-calls); ``--models wan1.3b`` and ``--no-torch`` shorten it.
+About 3-5 minutes on one H200 (Triton compiles and autotunes about 50 kernel variants in the first calls).
 
     PYTHONUNBUFFERED=1 python -m harness.benchmarks.linear_triton_gpu --out $OUT
 """
@@ -37,7 +33,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness.atomic import write_json_atomic
-from harness.benchmarks.launch_split import diagnose, summary_line
 from harness.latency import measure
 from harness.models.base import MODELS
 from methods.kernels import linear_attention_triton as fused
@@ -115,25 +110,17 @@ def check(kind: str, shape: tuple[int, int, int, int], device: torch.device) -> 
 
 
 def timings(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], grad: torch.Tensor,
-            device: torch.device, warmup: int, repeats: int, diagnosed: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Forward (no grad) and forward + backward medians in ms, with the full statistics; with ``diagnosed``,
-    each mode's :func:`~harness.benchmarks.launch_split.diagnose` under ``diagnostics``."""
+            device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:  # fmt: skip
+    """Forward (no grad) and forward + backward medians in ms, with the full statistics."""
 
     def no_grad_forward() -> None:
         with torch.no_grad():
             forward()
 
-    def forward_backward() -> None:
-        torch.autograd.grad(forward(), leaves, grad)
-
     fwd, _ = measure(no_grad_forward, device, warmup, repeats)
-    both, _ = measure(forward_backward, device, warmup, repeats)
-    row = {"forward_ms": fwd.median_ms, "forward_backward_ms": both.median_ms,
-           "forward": fwd.to_dict(), "forward_backward": both.to_dict()}  # fmt: skip
-    if diagnosed:
-        calls = {"forward": no_grad_forward, "forward_backward": forward_backward}
-        row["diagnostics"] = {mode: diagnose(call, device, repeats) for mode, call in calls.items()}
-    return row
+    both, _ = measure(lambda: torch.autograd.grad(forward(), leaves, grad), device, warmup, repeats)
+    return {"forward_ms": fwd.median_ms, "forward_backward_ms": both.median_ms,
+            "forward": fwd.to_dict(), "forward_backward": both.to_dict()}  # fmt: skip
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -144,9 +131,8 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * source.numel() * source.element_size() / (stats.median_ms / 1e3)
 
 
-def time_model(model: str, kinds: list[str], device: torch.device, bandwidth: float, with_torch: bool = True
-               ) -> dict[str, Any]:  # fmt: skip
-    """cuDNN, the torch path (unless not ``with_torch``) and the fused kernel, diagnosed, at ``model``'s shape."""
+def time_model(model: str, kinds: list[str], device: torch.device, bandwidth: float) -> dict[str, Any]:
+    """cuDNN, the torch path and the fused kernel at ``model``'s shape."""
     shape = model_shape(model)
     warmup, repeats = REPEATS[model]
     q, k, v = processor_inputs(shape, device)
@@ -164,17 +150,14 @@ def time_model(model: str, kinds: list[str], device: torch.device, bandwidth: fl
         if not fused.use_fused(q, k, v, q_map, k_map):
             raise RuntimeError(f"the dispatcher does not take the fused kernel: "
                                f"{fused.unsupported_reason(q, k, v, q_map, k_map)}")  # fmt: skip
-        paths = {"torch": lambda m=q_map, n=k_map: linear_attention(m(q), n(k), v),
-                 "fused": lambda m=q_map, n=k_map: feature_linear_attention(q, k, v, m, n)}  # fmt: skip
-        for path, forward in paths.items():
-            if path == "torch" and not with_torch:
-                continue
-            row = timings(forward, leaves, grad, device, warmup, repeats, diagnosed=path == "fused")
+        for path, forward in (
+            ("torch", lambda m=q_map, n=k_map: linear_attention(m(q), n(k), v)),
+            ("fused", lambda m=q_map, n=k_map: feature_linear_attention(q, k, v, m, n)),
+        ):
+            row = timings(forward, leaves, grad, device, warmup, repeats)
             rows[f"{path} {kind}"] = row
             print(f"{model} {path} {kind}: {row['forward_ms']:.3f} ms forward, "
                   f"{row['forward_backward_ms']:.3f} ms forward + backward", flush=True)  # fmt: skip
-            for mode, diagnosis in row.get("diagnostics", {}).items():
-                print(f"  {mode}: {summary_line(diagnosis)}", flush=True)
         torch.cuda.empty_cache()
     return {"shape": list(shape), "floor_ms": floor_bytes / bandwidth * 1e3, "rows": summarise(rows)}
 
@@ -193,7 +176,7 @@ def compiled_kernels() -> dict[str, Any]:
     """The autotuner's choice per key and each compiled variant's specialisation, warps, stages, shared memory,
     registers and spills, read off Triton's caches (internals: best effort, never fatal)."""
     report: dict[str, Any] = {}
-    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
+    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads"):
         tuner = getattr(fused, name)
         entry: dict[str, Any] = {"chosen": {str(key): str(config) for key, config in tuner.cache.items()}}
         try:
@@ -216,8 +199,7 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"check {check_row['kind']:>8} {tuple(check_row['shape'])!s:>22}: "
               f"{'ok' if check_row['passed'] else 'FAILED'} (max relative error {worst}"
               f"{'; ' + check_row['error'] if 'error' in check_row else ''})")  # fmt: skip
-    print(f"\n{'model':>8} {'path':>15} {'fwd ms':>9} {'vs cuDNN':>9} {'fwd+bwd ms':>11} {'vs cuDNN':>9}"
-          f"   graph replay fwd, fwd+bwd ms")  # fmt: skip
+    print(f"\n{'model':>8} {'path':>15} {'fwd ms':>9} {'vs cuDNN':>9} {'fwd+bwd ms':>11} {'vs cuDNN':>9}")
     for model, timed in result["timings"].items():
         if "error" in timed:
             print(f"{model:>8} timing failed: {timed['error']}")
@@ -225,10 +207,8 @@ def print_table(result: dict[str, Any]) -> None:
         for name, row in timed["rows"].items():
             marks = ["" if row.get(f"{mode}_meets_target", True) else " (over target)" for mode in TARGETS]
             fwd, both = row["forward_vs_cudnn"], row["forward_backward_vs_cudnn"]
-            graphs = [row.get("diagnostics", {}).get(mode, {}).get("graph_ms") for mode in TARGETS]
-            graphs_text = ", ".join(f"{ms:.3f}" if isinstance(ms, float) else "-" for ms in graphs)
             print(f"{model:>8} {name:>15} {row['forward_ms']:>9.3f} {fwd:>8.2%}{marks[0]} "
-                  f"{row['forward_backward_ms']:>11.3f} {both:>8.2%}{marks[1]}   {graphs_text}")  # fmt: skip
+                  f"{row['forward_backward_ms']:>11.3f} {both:>8.2%}{marks[1]}")  # fmt: skip
         print(f"{model:>8} {'memory floor':>15} {timed['floor_ms']:>9.3f}")
     print(f"Targets: fused forward <= {TARGETS['forward']:.0%} of cuDNN, forward + backward <= "
           f"{TARGETS['forward_backward']:.0%}. Total {result['wall_seconds']:.0f} s.")  # fmt: skip
@@ -239,7 +219,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for linear_triton.json")
     parser.add_argument("--kinds", default=",".join(fused.FUSED_KERNELS), help="comma-separated feature maps")
     parser.add_argument("--models", default=",".join(TIMED_MODELS), help="comma-separated Wan shapes to check and time")
-    parser.add_argument("--no-torch", action="store_true", help="skip timing the torch path (cuDNN and fused only)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or fused.triton is None:
         raise SystemExit("needs a CUDA GPU and triton")
@@ -273,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     result["copy_bandwidth_tb_s"] = bandwidth / 1e12
     for model in models:
         try:
-            result["timings"][model] = time_model(model, passed, device, bandwidth, with_torch=not args.no_torch)
+            result["timings"][model] = time_model(model, passed, device, bandwidth)
         except Exception as exc:
             result["timings"][model] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         torch.cuda.empty_cache()
