@@ -59,10 +59,20 @@ class Prepared:
     checkpoint_identity: dict[str, str] | None = None
 
 
+DEVICE_TYPES = ("cpu", "cuda")  # what the harness runs on; "auto" picks cuda when there is one
+
+
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device; anything else (``tpu``, ``cuda:x``, ``mps``) or CUDA
+    on a machine without it is a :class:`HarnessError` listing the valid names."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise HarnessError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HarnessError(f"device {name!r} requested but CUDA is not available on this machine")
     return device

@@ -59,7 +59,7 @@ BAD_RUNS = [
     pytest.param(["--param", "window=3"], ["has no parameter 'window'", "takes no parameters"], id="unknown-param"),
     pytest.param(["--param", "window"], ["--param takes KEY=VALUE"], id="malformed-param"),
     pytest.param(["--height", "72"], ["height must be a multiple of 16, got 72"], id="bad-height"),
-    pytest.param(["--cfg", "0.5"], ["cfg (guidance scale) must be >= 1.0"], id="cfg-below-one"),
+    pytest.param(["--cfg", "0.5"], ["cfg (guidance scale) must be a finite number >= 1"], id="cfg-below-one"),
     pytest.param(["--model", "wan1.3b", "--weights", "/x", "--random-weights"], ["not both"], id="weights-and-random"),
     pytest.param(["--dtype", "float8"], ["unknown dtype 'float8'"], id="unknown-dtype"),
     pytest.param(["--checkpoint", "/nonexistent/state.safetensors"], ["does not exist"], id="missing-checkpoint"),
