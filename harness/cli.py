@@ -358,7 +358,7 @@ def run_cmd(
     specs = named_prompt_specs(spec, chosen_protocol, prompt_set, augmented, prompt_dir, seeds_given=seeds != "0")
     options = EvalOptions(dimensions=_parse_names(dimensions), cache=evaluator_cache, device=eval_device or spec.device)
     if dry_run:
-        _print_plan(specs, options, step_time_from, as_json)
+        _print_plan(specs, options, step_time_from, as_json, download)
         return
     for spec in specs:
         if spec.method == "linvideo" and spec.checkpoint is None and adapter_cls.weights_kind == "builtin":
@@ -417,7 +417,7 @@ def _eval_params(dimensions: str | None, eval_suites: str | None) -> dict[str, A
     return {benchmarks[0]: {"dimensions": list(names)}}
 
 
-def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_json: bool) -> None:
+def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_json: bool, download: bool) -> None:
     from harness.models import MODELS
     from harness.plan import measured_forward, plan
     from harness.preflight import preflight
@@ -428,7 +428,7 @@ def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_
     problems = []
     for spec in specs[:1]:  # one check covers them all: the runs differ only in prompts and seeds
         try:
-            preflight(spec, options)
+            preflight(spec, options, allow_download=download)
         except HarnessError as exc:
             problems.append(str(exc))
     result["problems_before_a_real_run"] = problems

@@ -47,6 +47,8 @@ def check_number(
     Every numeric range check of a config goes through here, so NaN, which fails no comparison, and infinity are
     refused with the range: ``<what> must be a finite number > 0 and <= 1 (<hint>), got nan``.
     """
+    if isinstance(value, bool) or not isinstance(value, int | float):  # e.g. read from a JSON file
+        raise HarnessError(f"{what} must be a number, got {value!r}")
     bounds = {">": gt, ">=": ge, "<": lt, "<=": le}
     if math.isfinite(value) and all(bound is None or COMPARE[op](value, bound) for op, bound in bounds.items()):
         return
