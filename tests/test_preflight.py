@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import normalise, records_in
 from safetensors.torch import save_file
-from test_bad_input import _assert_nothing_written, no_model_build  # noqa: F401  (a fixture)
+from test_bad_input import _assert_nothing_written
 
 from harness.errors import HarnessError
 from harness.preflight import preflight

@@ -278,7 +278,7 @@ class WanFamilyAdapter(ModelAdapter):
 
     @classmethod
     def check_weights(cls, weights: str, allow_download: bool = False) -> None:
-        if weights != "random":
+        if weights != "random" and cls.weights_kind == "pretrained":  # the toy's are built in, wan-tiny's random
             source = resolve_weights(weights, cls.hub_id, SUBFOLDERS, allow_download)
             check_hub_cache(source, cls.hub_id, SUBFOLDERS)
 
