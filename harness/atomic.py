@@ -11,6 +11,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,7 +29,12 @@ class ArtifactError(HarnessError):
     """A written file failed its check, so it was not put in place."""
 
 
-class DiskFullError(HarnessError):
+class WriteError(HarnessError):
+    """The operating system refused a write (a file-size limit, a read-only or failing disk, no permission); nothing
+    was put in place."""
+
+
+class DiskFullError(WriteError):
     """The file system ran out of space (or quota) while a file was written; nothing was put in place."""
 
 
@@ -54,9 +60,11 @@ def atomic_path(path: Path, verify: Verifier | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds, check the file and rename it over ``path``.
 
     The check: the file is non-empty, then ``verify(tmp)`` (default: :data:`VERIFIERS` by the target's
-    suffix). Raises :class:`ArtifactError` if the check fails and :class:`DiskFullError` (naming ``path``
-    and the space left) if the disk filled, however the writer reported it. The temporary file is removed
-    in every case, and ``path`` is left as it was unless the rename happened.
+    suffix). Raises :class:`ArtifactError` if the check fails, :class:`DiskFullError` (naming ``path`` and the
+    space left) if the disk filled and :class:`WriteError` (naming ``path`` and the system's reason) on any other
+    refused write (EFBIG, EROFS, EACCES, EIO, ...), however the writer reported it: an ``OSError`` or, from writers
+    outside Python (safetensors' Rust), its text. The temporary file is removed in every case, and ``path`` is
+    left as it was unless the rename happened.
     """
     path = Path(path)
     check = verify or VERIFIERS.get(path.suffix)
@@ -74,10 +82,15 @@ def atomic_path(path: Path, verify: Verifier | None = None) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except Exception as exc:
-        if _disk_full(exc):
+        code = _os_error_code(exc)
+        if code in DISK_FULL:
             raise DiskFullError(
                 f"no space left to write {path} ({_free_space(path.parent)} free on its file system): "
                 "free some space or write elsewhere, then run the command again"
+            ) from exc
+        if code is not None:
+            raise WriteError(
+                f"cannot write {path}: {os.strerror(code)}{WRITE_HINTS.get(code, '')}; nothing was put in place"
             ) from exc
         raise
     finally:
@@ -99,16 +112,34 @@ def _check(tmp: Path, path: Path, verify: Verifier | None) -> None:
     try:
         verify(tmp)
     except Exception as exc:
-        if _disk_full(exc):
+        if _os_error_code(exc) is not None:
             raise
         raise ArtifactError(f"refusing to write {path}: it does not read back ({one_line(str(exc))})") from exc
 
 
-def _disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # Writers outside Python (safetensors' Rust, ffmpeg) report it only as text: the OS's own message.
-    return any(os.strerror(code) in str(exc) for code in (errno.ENOSPC, errno.EDQUOT))
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+#: The operating system's refusals of a write, each one clear line; DISK_FULL gets its own message.
+WRITE_ERRNOS = (*DISK_FULL, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR,
+                errno.EISDIR, errno.ENAMETOOLONG, errno.EXDEV)  # fmt: skip
+WRITE_HINTS = {
+    errno.EFBIG: " (over the process's file-size limit, `ulimit -f`, or the file system's largest file)",
+    errno.EROFS: ": write elsewhere",
+    errno.EACCES: ": write elsewhere or change the folder's permissions",
+    errno.EPERM: ": write elsewhere or change the folder's permissions",
+}
+
+
+def _os_error_code(exc: BaseException) -> int | None:
+    """The errno of a refused write in ``exc`` (one of :data:`WRITE_ERRNOS`), else None."""
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        return exc.errno
+    # Writers outside Python report it only as text: safetensors' Rust as "(os error N)", ffmpeg a full disk in the
+    # OS's own words.
+    text = str(exc)
+    match = re.search(r"\(os error (\d+)\)", text)
+    if match and int(match.group(1)) in WRITE_ERRNOS:
+        return int(match.group(1))
+    return next((code for code in DISK_FULL if os.strerror(code) in text), None)
 
 
 def _free_space(folder: Path) -> str:

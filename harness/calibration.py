@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_number
 from harness.generate import initial_noise
 from harness.io_checks import ensure_writable_file
 from harness.models.base import MODELS
@@ -45,6 +45,13 @@ class CalibrationRequest:
     dense_layers: tuple[int, ...] = ()
     show_progress: bool = True
 
+    def __post_init__(self) -> None:
+        check_number("--threshold", self.threshold, gt=0, hint="DFA's error bound delta")
+        check_number("--window", self.window, gt=0, le=2, hint="a fraction of the tokens; 2 covers every key")
+        check_number("--prompts", self.prompt_count, ge=1)
+        if self.steps is not None:
+            check_number("--steps", self.steps, ge=1)
+
 
 def calibrate(request: CalibrationRequest) -> Path:
     """Search the plan and write it to ``request.out``; returns the path."""
@@ -58,12 +65,6 @@ def calibrate(request: CalibrationRequest) -> Path:
     defaults = adapter_cls.defaults
     sampling = Sampling(**{**asdict(defaults), "steps": request.steps or defaults.steps})
     adapter_cls.validate_sampling(sampling)
-    if request.threshold <= 0.0:
-        raise HarnessError(f"--threshold must be > 0, got {request.threshold}")
-    if not 0.0 < request.window <= 2.0:
-        raise HarnessError(f"--window must be in (0, 2] (2 covers every key), got {request.window}")
-    if request.prompt_count < 1:
-        raise HarnessError(f"--prompts must be >= 1, got {request.prompt_count}")
     schedule = Schedule(request.dense_warmup_steps, request.dense_layers)
     schedule.validate_for(adapter_cls.num_layers, sampling.steps)
     prompts = list(request.prompts or adapter_cls.training_prompts(request.prompt_count, request.seed))

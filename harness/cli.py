@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -67,6 +68,7 @@ def user_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         console.stderr = bool(kwargs.get("as_json"))
         try:
+            _check_finite(kwargs)
             return fn(*args, **kwargs)
         except HarnessError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
@@ -75,6 +77,24 @@ def user_errors(fn: F) -> F:
             console.stderr = False
 
     return wrapper  # type: ignore[return-value]
+
+
+def _check_finite(options: dict[str, Any]) -> None:
+    """No option takes NaN or infinity (click's float parses both): refuse them by the option's name, for every
+    command at once; the configs the options fill check each value's range."""
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise HarnessError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def _prompt_lines(prompt_file: Path | None) -> tuple[str, ...] | None:
+    """The non-empty lines of ``--prompt-file`` (None when not given)."""
+    from harness.io_checks import existing_input
+
+    if prompt_file is None:
+        return None
+    text = existing_input(prompt_file, "--prompt-file", folder=False).read_text()
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _print_json(payload: Any) -> None:
@@ -338,7 +358,7 @@ def run_cmd(
     specs = named_prompt_specs(spec, chosen_protocol, prompt_set, augmented, prompt_dir, seeds_given=seeds != "0")
     options = EvalOptions(dimensions=_parse_names(dimensions), cache=evaluator_cache, device=eval_device or spec.device)
     if dry_run:
-        _print_plan(specs, options, step_time_from, as_json)
+        _print_plan(specs, options, step_time_from, as_json, download)
         return
     for spec in specs:
         if spec.method == "linvideo" and spec.checkpoint is None and adapter_cls.weights_kind == "builtin":
@@ -397,7 +417,7 @@ def _eval_params(dimensions: str | None, eval_suites: str | None) -> dict[str, A
     return {benchmarks[0]: {"dimensions": list(names)}}
 
 
-def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_json: bool) -> None:
+def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_json: bool, download: bool) -> None:
     from harness.models import MODELS
     from harness.plan import measured_forward, plan
     from harness.preflight import preflight
@@ -408,7 +428,7 @@ def _print_plan(specs: list[Any], options: Any, step_time_from: Path | None, as_
     problems = []
     for spec in specs[:1]:  # one check covers them all: the runs differ only in prompts and seeds
         try:
-            preflight(spec, options)
+            preflight(spec, options, allow_download=download)
         except HarnessError as exc:
             problems.append(str(exc))
     result["problems_before_a_real_run"] = problems
@@ -1028,11 +1048,7 @@ def train_cmd(
             layers=_parse_ints(layers, "--layers"), activation_checkpointing=activation_checkpointing,
             checkpoint_every=checkpoint_every, seed=seed,
         )  # fmt: skip
-    if prompt_file is not None and not prompt_file.is_file():
-        raise HarnessError(f"--prompt-file {prompt_file} does not exist")
-    listed = (
-        tuple(line.strip() for line in prompt_file.read_text().splitlines() if line.strip()) if prompt_file else None
-    )
+    listed = _prompt_lines(prompt_file)
     request = TrainRequest(
         model=MODELS.canonical(model), weights=_weights_value(weights, False, adapter_cls.weights_kind), config=config,
         out=out, prompts=listed, prompt_count=prompts, device=str(rank_device(resolve_device(device), ranks)),
@@ -1103,11 +1119,7 @@ def calibrate_cmd(
     from methods.dfa import DfaPlan
 
     adapter_cls = MODELS.get(model)
-    if prompt_file is not None and not prompt_file.is_file():
-        raise HarnessError(f"--prompt-file {prompt_file} does not exist")
-    listed = (
-        tuple(line.strip() for line in prompt_file.read_text().splitlines() if line.strip()) if prompt_file else None
-    )
+    listed = _prompt_lines(prompt_file)
     request = CalibrationRequest(
         method=method, model=MODELS.canonical(model), weights=_weights_value(weights, False, adapter_cls.weights_kind),
         out=out, threshold=threshold, window=window, prompt_count=prompts, prompts=listed, steps=steps, seed=seed,
@@ -1329,10 +1341,10 @@ def report_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Build comparison tables (latency, speedup, every recorded metric) from a runs folder."""
+    from harness.io_checks import existing_input
     from harness.report import build_report, console_view
 
-    if not runs_dir.is_dir():
-        raise HarnessError(f"runs folder {runs_dir} does not exist; run `bench run` first")
+    existing_input(runs_dir, "runs folder", folder=True, missing_hint="; run `bench run` first")
     report = build_report(runs_dir, out)
     for path, reason in report.errors:
         err_console.print(f"[yellow]skipped record[/] {path}: {reason}", soft_wrap=True)

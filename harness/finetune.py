@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.errors import HarnessError, check_choice
+from harness.errors import check_choice, check_number
 from harness.models.base import ModelAdapter
 from harness.train import engine
 from harness.train.config import EngineConfig
@@ -51,8 +51,10 @@ class FineTuneSettings(EngineConfig):
         super().validate()
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("ADM weighting", self.adm_weighting, ADM_WEIGHTINGS)
-        if self.lr <= 0 or not 0.0 <= self.warmup_fraction < 1.0:
-            raise HarnessError(f"need lr > 0 and 0 <= warmup_fraction < 1, got {self.lr}, {self.warmup_fraction}")
+        check_number("lr", self.lr, gt=0)
+        check_number("weight decay", self.weight_decay, ge=0)
+        check_number("warmup fraction", self.warmup_fraction, ge=0, lt=1)
+        check_number("t_min", self.t_min, gt=0, lt=1)
 
     def warmup_steps(self) -> int:
         return max(1, round(self.warmup_fraction * self.steps))

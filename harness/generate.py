@@ -82,7 +82,7 @@ def run(
     Under torchrun each rank makes every ``WORLD_SIZE``-th video on its own GPU; rank 0 writes the one record.
     """
     ranks = current_ranks()
-    prepared = preflight(spec, eval_options)
+    prepared = preflight(spec, eval_options, allow_download=allow_download)
     spec = prepared.spec  # with the checkpoint's content id, which names the run
     runs_dir = ensure_writable_dir(runs_dir)
     path = record_path(runs_dir, spec.run_id)

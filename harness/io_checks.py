@@ -45,6 +45,18 @@ def ensure_writable_file(path: Path, min_free_bytes: int = MIN_FREE_BYTES) -> Pa
     return path
 
 
+def existing_input(path: Path, what: str, folder: bool, missing_hint: str = "") -> Path:
+    """An input ``path`` that must exist as a folder (``folder``) or as a file; else one line naming ``what`` it is
+    and whether it is missing (then ``missing_hint``) or of the other kind."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise HarnessError(f"{what} {path} does not exist{missing_hint}")
+    if path.is_dir() != folder:
+        wanted, found = ("folder", "file") if folder else ("file", "folder")
+        raise HarnessError(f"{what} {path} is a {found}, not a {wanted}")
+    return path
+
+
 def _file_in_the_way(folder: Path) -> Path | None:
     """``folder`` or the first of its ancestors that exists as something other than a folder (else None)."""
     for path in (folder, *folder.parents):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from harness.environment import capture_environment
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_number
 from harness.generate import initial_noise
 from harness.latency import StageTimer, machine_load, measure, peak_memory, spread_warning
 from harness.models.base import MODELS
@@ -64,6 +64,12 @@ class LatencyRequest:
     # A kept fraction for the methods with a fixed-density selection (Capabilities.fixed_density).
     at_density: float | None = None
 
+    def __post_init__(self) -> None:
+        check_number("--repeats", self.repeats, ge=1)
+        check_number("--warmup", self.warmup, ge=0)
+        check_number("--step", self.step, ge=0, hint="a 0-based denoising step")
+        check_number("--sample-steps", self.sample_steps, ge=0, hint="0: no whole sample timed")
+
     def sampling(self) -> Sampling:
         defaults = MODELS.get(self.model).defaults
         return Sampling(
@@ -81,10 +87,6 @@ def _validate(request: LatencyRequest) -> tuple[list[AttentionMethod], torch.dev
     adapter_cls = MODELS.get(request.model)
     if not request.methods:
         raise HarnessError("name at least one method")
-    if request.repeats < 1 or request.warmup < 0:
-        raise HarnessError(f"need --repeats >= 1 and --warmup >= 0, got {request.repeats}, {request.warmup}")
-    if request.step < 0:
-        raise HarnessError(f"--step is a 0-based denoising step, got {request.step}")
     if request.compile and request.warmup < 1:
         raise HarnessError("--compile needs --warmup >= 1: the first compiled forward compiles")
     if request.compile_mode not in COMPILE_MODES:

@@ -59,10 +59,20 @@ class Prepared:
     checkpoint_identity: dict[str, str] | None = None
 
 
+DEVICE_TYPES = ("cpu", "cuda")  # what the harness runs on; "auto" picks cuda when there is one
+
+
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device; anything else (``tpu``, ``cuda:x``, ``mps``) or CUDA
+    on a machine without it is a :class:`HarnessError` listing the valid names."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise HarnessError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HarnessError(f"device {name!r} requested but CUDA is not available on this machine")
     return device
@@ -75,11 +85,13 @@ def resolve_dtype(name: str) -> torch.dtype:
         raise HarnessError(f"unknown dtype {name!r}; use one of {sorted(set(DTYPES))}") from None
 
 
-def preflight(spec: RunSpec, eval_options: EvalOptions | None = None, checkpoint_to_come: bool = False) -> Prepared:
-    """Validate ``spec`` against the model, the method, the checkpoint and every eval suite; raises
+def preflight(spec: RunSpec, eval_options: EvalOptions | None = None, checkpoint_to_come: bool = False,
+              allow_download: bool = False) -> Prepared:  # fmt: skip
+    """Validate ``spec`` against the model and its weights, the method, the checkpoint and every eval suite; raises
     :class:`HarnessError` with a clear message. Nothing is built or written.
 
     ``checkpoint_to_come``: the caller trains the method's checkpoint next (a missing one is not an error).
+    ``allow_download``: weights missing from the local hub cache will be downloaded (not an error).
     """
     adapter_cls = MODELS.get(spec.model)
     adapter_cls.validate_sampling(spec.sampling)
@@ -89,6 +101,7 @@ def preflight(spec: RunSpec, eval_options: EvalOptions | None = None, checkpoint
     device, dtype = rank_device(resolve_device(spec.device), current_ranks()), resolve_dtype(spec.dtype)
     if spec.weights == "random" and adapter_cls.weights_kind == "pretrained" and spec.eval_suites:
         raise HarnessError("quality metrics are meaningless with --random-weights; drop --eval")
+    adapter_cls.check_weights(spec.weights, allow_download)
     for name in spec.eval_suites:
         suite = SUITES.get(name)
         suite.check_model(spec.model)

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_number
 
 
 @dataclass(frozen=True)
@@ -29,15 +29,11 @@ class Sampling:
     negative_prompt: str = ""
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise HarnessError(f"steps must be >= 1, got {self.steps}")
-        if self.cfg < 1.0:
-            raise HarnessError(f"cfg (guidance scale) must be >= 1.0 (1.0 disables CFG), got {self.cfg}")
-        if self.shift <= 0:
-            raise HarnessError(f"shift must be > 0, got {self.shift}")
+        check_number("steps", self.steps, ge=1)
+        check_number("cfg (guidance scale)", self.cfg, ge=1.0, hint="1.0 disables CFG")
+        check_number("shift", self.shift, gt=0)
         for name in ("height", "width", "frames", "fps"):
-            if getattr(self, name) < 1:
-                raise HarnessError(f"{name} must be >= 1, got {getattr(self, name)}")
+            check_number(name, getattr(self, name), ge=1)
 
 
 @dataclass(frozen=True)

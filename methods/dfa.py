@@ -28,14 +28,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness import strict_json
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_number
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, dense_attention, register_method
 from methods.kernels.block_sparse import FLEX_TILE, BlockSparsePattern, block_sparse_attention, num_blocks
 from methods.params import Param
@@ -122,18 +122,19 @@ class DfaPlan:
     calibration: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.choices, list) or not all(isinstance(row, list) for row in self.choices):
+            raise HarnessError("dfa plan choices must be a list of steps, each a list of one choice per layer")
         if not self.choices or not self.choices[0]:
             raise HarnessError("dfa plan has no steps or no layers")
         widths = {len(row) for row in self.choices}
         if len(widths) != 1:
             raise HarnessError(f"dfa plan rows have different layer counts: {sorted(widths)}")
-        bad = sorted({c for row in self.choices for c in row if c not in CHOICES})
+        bad = sorted({str(c) for row in self.choices for c in row if c not in CHOICES})
         if bad:
             raise HarnessError(f"dfa plan holds unknown choices {bad}; valid: {', '.join(CHOICES)}")
         if any(c != FULL for c in self.choices[0]):
             raise HarnessError("dfa plan: step 0 must be full attention in every layer (nothing is cached yet)")
-        if not 0.0 < self.window_fraction <= 2.0:
-            raise HarnessError(f"dfa window fraction must be in (0, 2], got {self.window_fraction}")
+        check_number("dfa window fraction", self.window_fraction, gt=0, le=2)
 
     @property
     def num_steps(self) -> int:
@@ -171,10 +172,18 @@ class DfaPlan:
         if not isinstance(data, dict) or data.get("method") != "dfa" or data.get("format") != PLAN_FORMAT:
             raise HarnessError(f"{path} is not a dfa plan (format {PLAN_FORMAT}); make one with `bench calibrate`")
         data.pop("method"), data.pop("format"), data.pop(strict_json.NON_FINITE_KEY, None)  # errors stay null
+        known = {item.name: item for item in fields(cls)}
+        missing = [name for name, item in known.items() if name not in data
+                   and item.default is MISSING and item.default_factory is MISSING]  # fmt: skip
+        unknown = sorted(set(data) - set(known))
+        problems = ([f"lacks the field(s) {', '.join(missing)}"] if missing else []) + (
+            [f"has unknown field(s) {', '.join(unknown)}"] if unknown else [])  # fmt: skip
         try:
+            if problems:
+                raise HarnessError("; ".join(problems))
             return cls(**data)
-        except TypeError as exc:
-            raise HarnessError(f"dfa plan {path} is malformed: {exc}") from exc
+        except HarnessError as exc:
+            raise HarnessError(f"dfa plan {path} is malformed: {exc}; make one with `bench calibrate`") from exc
 
 
 def residual_steps(choices: list[list[str]]) -> set[tuple[int, int]]:

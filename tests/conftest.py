@@ -43,6 +43,19 @@ def invoke_cli(args: list[str], expect: int | None = 0) -> Result:
 
 
 @pytest.fixture
+def no_model_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a transformer is built (the expensive work every error must come before)."""
+    import harness.models.wan as wan
+    import harness.toyworld.checkpoint as toy_checkpoint
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was built before the error was detected")
+
+    monkeypatch.setattr(wan, "build_transformer", refuse)
+    monkeypatch.setattr(toy_checkpoint, "build_modules", refuse)
+
+
+@pytest.fixture
 def bench() -> Invoke:
     """``bench(*args, expect=0)`` runs the CLI in-process and returns click's Result."""
 

@@ -9,20 +9,6 @@ import pytest
 import torch
 from conftest import normalise
 
-import harness.models.wan as wan
-import harness.toyworld.checkpoint as toy_checkpoint
-
-
-@pytest.fixture
-def no_model_build(monkeypatch):
-    """Fail the test if a transformer is built (the expensive work every error must come before)."""
-
-    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise AssertionError("the model was built before the error was detected")
-
-    monkeypatch.setattr(wan, "build_transformer", refuse)
-    monkeypatch.setattr(toy_checkpoint, "build_modules", refuse)
-
 
 def _assert_nothing_written(runs: Path) -> None:
     """No record, no artifacts folder, no stray file in the runs folder (it may not even exist)."""
@@ -59,11 +45,17 @@ BAD_RUNS = [
     pytest.param(["--param", "window=3"], ["has no parameter 'window'", "takes no parameters"], id="unknown-param"),
     pytest.param(["--param", "window"], ["--param takes KEY=VALUE"], id="malformed-param"),
     pytest.param(["--height", "72"], ["height must be a multiple of 16, got 72"], id="bad-height"),
-    pytest.param(["--cfg", "0.5"], ["cfg (guidance scale) must be >= 1.0"], id="cfg-below-one"),
+    pytest.param(["--cfg", "0.5"], ["cfg (guidance scale) must be a finite number >= 1"], id="cfg-below-one"),
     pytest.param(["--model", "wan1.3b", "--weights", "/x", "--random-weights"], ["not both"], id="weights-and-random"),
     pytest.param(["--dtype", "float8"], ["unknown dtype 'float8'"], id="unknown-dtype"),
     pytest.param(["--checkpoint", "/nonexistent/state.safetensors"], ["does not exist"], id="missing-checkpoint"),
     pytest.param(["--device", "cuda"], ["CUDA is not available"], id="cuda-unavailable", marks=NO_CUDA),
+    # The newcomer catalogue's cases (issue 19): NaN passed `cfg < 1`, a NaN shift failed after the model was built,
+    # an unknown device was torch's traceback.
+    pytest.param(["--cfg", "nan"], ["--cfg must be a finite number, got nan"], id="cfg-nan"),
+    pytest.param(["--cfg", "inf"], ["--cfg must be a finite number, got inf"], id="cfg-inf"),
+    pytest.param(["--shift", "nan"], ["--shift must be a finite number, got nan"], id="shift-nan"),
+    pytest.param(["--device", "tpu"], ["unknown device 'tpu'; use auto, cpu, cuda or cuda:N"], id="device-tpu"),
 ]
 
 

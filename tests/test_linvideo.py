@@ -107,12 +107,15 @@ def test_a_constant_r_schedule_keeps_rs_lr_after_warm_up_while_the_weights_decay
     ({"objective": "dmd"}, "unknown objective"), ({"kernel": "hedgehgo"}, "Did you mean 'hedgehog'"),
     ({"steps": 0}, ">= 1"), ({"r_lr_schedule": "step"}, "unknown r schedule"),
     ({"adm_weighting": "dmd"}, "unknown ADM weighting"), ({"alpha_anneal_fraction": 0.0}, "anneal fraction"),
-    ({"map_lr": 0.0}, "learning rates must be > 0"), ({"adm_jump": "far"}, "unknown ADM jump"),
+    ({"map_lr": 0.0}, "map_lr must be a finite number > 0"), ({"adm_jump": "far"}, "unknown ADM jump"),
     ({"objective": "mse", "adm_jump": "any"}, "not to mse"), ({"score_guided": True}, "needs the adm-extra-score"),
-    ({"adm_step_fraction": 0.0}, "step fraction must be in"),
+    ({"adm_step_fraction": 0.0}, "step fraction must be a finite number > 0 and <= 1"),
     ({"objective": "mse", "adm_step_fraction": 0.5}, "not to mse"),
     ({"adm_reduction": "sum"}, "unknown objective reduction"), ({"score_updates": 0}, "score updates must be >= 1"),
-    ({"micro_batch": -1}, "micro batch >= 0"), ({"t_min": 0.0}, "0 < t_min < 1"),
+    ({"micro_batch": -1}, "micro batch must be >= 0"), ({"t_min": 0.0}, "t_min must be a finite number > 0 and < 1"),
+    ({"lr": math.nan}, "lr must be a finite number > 0, got nan"), ({"r_init": math.inf}, "r_init must be a finite"),
+    ({"alpha_end": math.nan}, "alpha_end must be a finite number > 0"), ({"lam": -1.0}, "lam must be a finite"),
+    ({"t_min": math.nan}, "t_min must be a finite number"), ({"grad_clip": math.inf}, "grad_clip must be a finite"),
 ])  # fmt: skip
 def test_impossible_training_settings_are_refused(changes: dict, message: str) -> None:
     config = LinVideoTrainConfig(**{"target_layers": 4, **changes})

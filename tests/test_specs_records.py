@@ -103,7 +103,7 @@ def test_cohort_differs_when_comparability_breaks(change: dict) -> None:
     ("kwargs", "message"),
     [({"prompts": ()}, "at least one prompt"), ({"seeds": ()}, "at least one seed"),
      ({"sampling": replace(SAMPLING, steps=0)}, "steps must be >= 1"),
-     ({"sampling": replace(SAMPLING, shift=0.0)}, "shift must be > 0")],
+     ({"sampling": replace(SAMPLING, shift=0.0)}, "shift must be a finite number > 0")],
 )  # fmt: skip
 def test_invalid_spec_is_refused(kwargs: dict, message: str) -> None:
     """A spec without prompts or seeds, or with invalid sampling, is a HarnessError at construction."""

@@ -102,6 +102,12 @@ class ModelAdapter(ABC):
     # -- building ----------------------------------------------------------------------------
 
     @classmethod
+    def check_weights(cls, weights: str, allow_download: bool = False) -> None:
+        """Raise :class:`~harness.errors.MissingWeightsError` if :meth:`load` could not find ``weights`` (without
+        importing or building anything: the preflight calls it). Built-in and random weights: nothing to check."""
+        return None
+
+    @classmethod
     @abstractmethod
     def load(cls, weights: str, device: torch.device, dtype: torch.dtype, allow_download: bool = False) -> ModelAdapter:
         """Build the model. ``weights``: a local folder, a hub id, ``random`` or ``builtin``."""

@@ -19,11 +19,12 @@ import torch
 from harness.errors import HarnessError, MissingWeightsError
 from harness.models.base import ModelAdapter, StepHook, TrajectoryObserver
 from harness.models.processor import AttentionRuntime, MethodAttnProcessor
-from harness.models.weights import WeightsSource, missing_hub_message, resolve_weights
+from harness.models.weights import WeightsSource, check_hub_cache, missing_hub_message, resolve_weights
 from harness.spec import Sampling
 from methods.base import AttentionMethod
 
 NUM_TRAIN_TIMESTEPS = 1000
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer")  # of a diffusers checkout of Wan
 
 WAN_1_3B_CONFIG: dict[str, Any] = dict(
     patch_size=(1, 2, 2),
@@ -276,13 +277,16 @@ class WanFamilyAdapter(ModelAdapter):
     # -- building ----------------------------------------------------------------------------
 
     @classmethod
+    def check_weights(cls, weights: str, allow_download: bool = False) -> None:
+        if weights != "random" and cls.weights_kind == "pretrained":  # the toy's are built in, wan-tiny's random
+            source = resolve_weights(weights, cls.hub_id, SUBFOLDERS, allow_download)
+            check_hub_cache(source, cls.hub_id, SUBFOLDERS)
+
+    @classmethod
     def load(cls, weights: str, device: torch.device, dtype: torch.dtype, allow_download: bool = False) -> ModelAdapter:
         if weights == "random":
             return cls.build_random(device, dtype)
-        source = resolve_weights(
-            weights, cls.hub_id, ("transformer", "vae", "text_encoder", "tokenizer"), allow_download
-        )
-        return cls._from_pretrained(source, device, dtype)
+        return cls._from_pretrained(resolve_weights(weights, cls.hub_id, SUBFOLDERS, allow_download), device, dtype)
 
     @classmethod
     def build_random(cls, device: torch.device, dtype: torch.dtype, text_encoder: bool = False) -> WanFamilyAdapter:
@@ -322,7 +326,7 @@ class WanFamilyAdapter(ModelAdapter):
             )
             tokenizer = AutoTokenizer.from_pretrained(source.location, subfolder="tokenizer", **common)
         except (OSError, ValueError) as exc:
-            raise MissingWeightsError(missing_hub_message(source, cls.hub_id, exc)) from exc
+            raise MissingWeightsError(missing_hub_message(source, cls.hub_id, f"{type(exc).__name__}: {exc}")) from exc
         layers = transformer.config.num_layers
         if layers != cls.num_layers:
             raise HarnessError(

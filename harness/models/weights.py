@@ -55,7 +55,25 @@ def resolve_weights(
     return WeightsSource(source, local_files_only=hub_offline() or not allow_download, is_local_folder=False)
 
 
-def missing_hub_message(source: WeightsSource, hub_id: str, error: Exception) -> str:
+def check_hub_cache(source: WeightsSource, hub_id: str, required_subfolders: tuple[str, ...]) -> None:
+    """A hub id that may be read from the local cache only must be there, with every required subfolder: else
+    :class:`MissingWeightsError` with :func:`missing_hub_message`. Reads the cache's files only (no model library is
+    imported, so their warnings cannot come before the error)."""
+    if source.is_local_folder or not source.local_files_only:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(source.location, "model_index.json")
+    if not isinstance(index, str):
+        raise MissingWeightsError(missing_hub_message(source, hub_id, "not in the local hub cache"))
+    snapshot = Path(index).parent
+    missing = [sub for sub in required_subfolders if not (snapshot / sub).is_dir()]
+    if missing:
+        reason = f"the cached snapshot {snapshot} lacks {', '.join(missing)}"
+        raise MissingWeightsError(missing_hub_message(source, hub_id, reason))
+
+
+def missing_hub_message(source: WeightsSource, hub_id: str, reason: str) -> str:
     how = (
         "HF_HUB_OFFLINE is set, so only the local cache is searched"
         if hub_offline()
@@ -63,7 +81,7 @@ def missing_hub_message(source: WeightsSource, hub_id: str, error: Exception) ->
     )
     cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
     return (
-        f"model weights {source.location!r} are not available: {type(error).__name__}: {error}. "
+        f"model weights {source.location!r} are not available: {reason}. "
         f"Looked in the hub cache under {cache} ({how}). Get them with "
         f"`huggingface-cli download {hub_id} --local-dir DIR` and pass --weights DIR."
     )

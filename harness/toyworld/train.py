@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_number
 from harness.toyworld import world
 from harness.toyworld.checkpoint import (
     TOY_ENCODER_CONFIG,
@@ -87,6 +87,10 @@ class ToyTrainConfig(EngineConfig):
             raise HarnessError("need layers >= 1 and ffn_dim >= 1")
         if self.checkpoint_dtype not in ("float32", "float16", "bfloat16"):
             raise HarnessError(f"checkpoint_dtype must be float32, float16 or bfloat16, got {self.checkpoint_dtype!r}")
+        check_number("lr", self.lr, gt=0)
+        check_number("timestep shift", self.timestep_shift, gt=0)
+        for name in ("weight_decay", "ema_decay", "prompt_dropout"):
+            check_number(name.replace("_", " "), getattr(self, name), ge=0, le=1)
         if self.pool_size < self.batch_size or self.refresh_every < 1:
             raise HarnessError("need pool_size >= batch_size and refresh_every >= 1")
         if self.init_from and not Path(self.init_from).is_file():

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from harness.errors import HarnessError, check_choice
+from harness.errors import HarnessError, check_choice, check_number
 
 FSDP_MODES = ("auto", "on", "off")  # auto: FSDP2 whenever torchrun starts more than one rank
 PRECISIONS = ("bf16", "fp32")
@@ -46,13 +46,10 @@ class EngineConfig:
         check_choice("FSDP mode", self.fsdp, FSDP_MODES)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("teacher placement", self.teacher_placement, TEACHER_PLACEMENTS)
-        if min(self.steps, self.batch_size, self.accumulation, self.checkpoint_every, self.log_every,
-               self.sync_every) < 1:  # fmt: skip
-            raise HarnessError(
-                "steps, batch size, accumulation and the checkpoint, log and sync intervals must be >= 1"
-            )
-        if self.global_batch < 0 or self.grad_clip <= 0:
-            raise HarnessError(f"need global batch >= 0 and grad clip > 0, got {self.global_batch}, {self.grad_clip}")
+        for name in ("steps", "batch_size", "accumulation", "checkpoint_every", "log_every", "sync_every"):
+            check_number(name.replace("_", " "), getattr(self, name), ge=1)
+        check_number("global batch", self.global_batch, ge=0, hint="0: batch size x ranks x accumulation")
+        check_number("grad clip", self.grad_clip, gt=0)
         for name in ("log_every", "checkpoint_every"):  # the losses are known on the host at sync steps only
             if getattr(self, name) % self.sync_every:
                 raise HarnessError(f"{name} must be a multiple of sync_every ({self.sync_every})")

@@ -34,7 +34,7 @@ import torch
 
 from harness.atomic import write_json_atomic
 from harness.checkpoints import load_training_state, save_module_weights, save_training_state
-from harness.errors import HarnessError, check_choice
+from harness.errors import HarnessError, check_choice, check_number
 from harness.models.base import ModelAdapter
 from harness.optim import warmup_constant, warmup_cosine
 from harness.recipes import TOY
@@ -143,26 +143,27 @@ class LinVideoTrainConfig:
         check_choice("ADM jump", self.adm_jump, JUMPS)
         if self.objective == "mse" and (self.adm_jump != "next" or self.adm_step_fraction != 1.0):
             raise HarnessError("the ADM jump and step fraction apply to the adm objectives, not to mse")
-        if not 0.0 < self.adm_step_fraction <= 1.0:
-            raise HarnessError(f"ADM step fraction must be in (0, 1], got {self.adm_step_fraction}")
+        check_number("ADM step fraction", self.adm_step_fraction, gt=0, le=1)
         if self.score_guided and self.objective != "adm-extra-score":
             raise HarnessError("a guided score model needs the adm-extra-score objective")
-        if not 0.0 < self.alpha_anneal_fraction <= 1.0:
-            raise HarnessError(f"alpha anneal fraction must be in (0, 1], got {self.alpha_anneal_fraction}")
+        check_number("alpha anneal fraction", self.alpha_anneal_fraction, gt=0, le=1)
         check_choice("selection", self.selection, SELECTIONS)
         if self.selection == "manual":
             check_manual_layers(self.layers, self.target_layers, num_layers)
         elif self.layers:
             raise HarnessError("layers are given only with the manual selection")
-        if min(self.steps, self.batch_size, self.checkpoint_every, self.score_updates) < 1 or self.micro_batch < 0:
-            raise HarnessError("steps, batch size, checkpoint interval and score updates must be >= 1, "
-                               "micro batch >= 0")  # fmt: skip
-        if min(self.lr, self.r_lr, self.map_lr) <= 0:
-            raise HarnessError(
-                f"learning rates must be > 0, got lr {self.lr}, r_lr {self.r_lr} and map_lr {self.map_lr}"
-            )
-        if not 0.0 < self.r_init <= 1.0 or not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 < self.t_min < 1.0:
-            raise HarnessError("need 0 < r_init <= 1, 0 <= warmup_fraction < 1 and 0 < t_min < 1")
+        for name in ("steps", "batch_size", "checkpoint_every", "score_updates"):
+            check_number(name.replace("_", " "), getattr(self, name), ge=1)
+        check_number("micro batch", self.micro_batch, ge=0)
+        for name in ("lr", "map_lr", "r_lr", "grad_clip"):
+            check_number(name, getattr(self, name), gt=0)
+        for name in ("alpha_start", "alpha_end"):  # |2r - 1|^alpha: 0 would make L_reg 0 everywhere
+            check_number(name, getattr(self, name), gt=0)
+        for name in ("lam", "weight_decay"):
+            check_number(name, getattr(self, name), ge=0)
+        check_number("r_init", self.r_init, gt=0, le=1)
+        check_number("warmup_fraction", self.warmup_fraction, ge=0, lt=1)
+        check_number("t_min", self.t_min, gt=0, lt=1)
 
 
 def lr_factor(step: int, config: LinVideoTrainConfig, group: str = "weights") -> float:
