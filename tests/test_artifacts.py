@@ -169,7 +169,9 @@ def test_record_with_non_finite_numbers_is_strict_json(tmp_path: Path) -> None:
 def test_notes_follow_the_values_across_rewrites(tmp_path: Path) -> None:
     """A record read back and written again keeps its notes; a note goes once a finite value replaces its null."""
     path = tmp_path / "r.json"
-    write_record(path, {"kind": "test", "spec": {}, "metrics": {"psnr_db": float("inf"), "flow": float("nan")}})
+    latency_fields = {"model": "toy", "methods": {}, "environment": {}, "baseline": "sdpa", "tokens": 512}
+    write_record(path, {"kind": "latency", "spec": {}, **latency_fields,
+                        "metrics": {"psnr_db": float("inf"), "flow": float("nan")}})  # fmt: skip
     record = read_record(path)
     record["metrics"]["flow"] = 2.0
     write_record(path, record)
