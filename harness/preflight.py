@@ -146,6 +146,15 @@ def _check_checkpoint(spec: RunSpec, method: AttentionMethod, checkpoint_to_come
     summary = inspect_checkpoint(path, spec.method, folder=method.capabilities.needs_training)
     if summary.model and summary.model != spec.model:
         raise HarnessError(f"checkpoint {path} was trained on model {summary.model!r}; this run uses {spec.model!r}")
+    if summary.weights and summary.weights != spec.weights:
+        raise HarnessError(f"checkpoint {path} was distilled from {spec.model} weights {summary.weights!r}; this run "
+                           f"loads {spec.weights!r} (the prompt encoder and VAE come from them): pass --weights "
+                           f"{summary.weights}")  # fmt: skip
+    for name, value in summary.fixed_sampling.items():
+        if getattr(spec.sampling, name, None) != value:
+            raise HarnessError(f"checkpoint {path} fixes {name} = {value} (its generator was trained so); this run "
+                               f"asks for {name} = {getattr(spec.sampling, name, None)}: drop --{name}")  # fmt: skip
+    method.check_checkpoint(summary)
     ours = method.params()
     for name in method.state_params:
         if name in summary.state_params and summary.state_params[name] != ours.get(name):
