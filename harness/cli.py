@@ -924,8 +924,8 @@ def train_cmd(
     """
     from harness.checkpoints import TRAINING_META
     from harness.distributed import current_ranks, rank_device
-    from harness.preflight import resolve_device
     from harness.models import MODELS
+    from harness.preflight import resolve_device
     from harness.training import TrainRequest, divergence_note, train
     from methods.linvideo.train import LinVideoTrainConfig
 

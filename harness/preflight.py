@@ -9,7 +9,8 @@ latency` (:func:`check_method`) call it first. It checks
   fidelity reference's cohort, an evaluator's environment);
 - the method: its parameters, the model's layers and steps, the token grid, the device and dtype;
 - the checkpoint: its own spec file and safetensors headers (no tensor is loaded) against the run's
-  method, model and parameters; its content then names the run (``RunSpec.checkpoint_id``).
+  method, model and parameters, the teacher weights and sampling a distilled generator fixes, and the method's
+  own check (:meth:`AttentionMethod.check_checkpoint`); its content then names the run (``RunSpec.checkpoint_id``).
 
 Each failure is a :class:`HarnessError` with one clear line.
 """

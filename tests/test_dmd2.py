@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import Invoke, invoke_cli, normalise, records_in
+from safetensors.torch import load_file
 
 from harness.checkpoints import save_tensors
 from harness.errors import HarnessError
@@ -139,6 +140,18 @@ def test_updates_are_finite_change_generator_and_fake_score_and_leave_the_teache
     assert spec["init_attention"] == ("linvideo" if target_layers else "sdpa")
     if target_layers:
         assert "ST + DMD2" in spec["generator"] and (tmp_path / "linvideo.safetensors").is_file()
+
+
+def test_the_optional_regression_loss_uses_teacher_ode_pairs_made_once(tmp_path: Path) -> None:
+    """DMD's regression term: the teacher sampled (20 steps, CFG) from seeded noise once, kept for a resume."""
+    teacher = tiny_teacher()
+    distil(tmp_path, teacher, steps=1, regression_pairs=2)
+    losses = json.loads((tmp_path / "training_state.json").read_text())["losses"]
+    assert set(losses[0]) == {"objective", "regression", "total", "fake_score"} and losses[0]["regression"] > 0
+    [pairs] = (tmp_path / "regression").iterdir()
+    saved = load_file(str(pairs))
+    assert saved["noise"].shape == saved["output"].shape == (2, 3, 8, 32, 32)
+    assert not torch.allclose(saved["noise"], saved["output"])
 
 
 def test_an_interrupted_distillation_resumes_bit_identically(tmp_path: Path) -> None:
