@@ -64,7 +64,7 @@ def variants(axis: str, num_layers: int, target: int) -> dict[str, dict[str, Any
 def _config_hash(config: Any) -> str:
     import hashlib
 
-    canonical = json.dumps(dataclasses.asdict(config), sort_keys=True, default=list)
+    canonical = json.dumps(config.record(), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
@@ -81,6 +81,8 @@ def _training_summary(checkpoint: Path, concurrent_jobs: int) -> dict[str, Any]:
     summary = json.loads((checkpoint / "spec.json").read_text())
     training = {key: summary[key] for key in ("linear_layers", "final_r", "steps", "train_seconds",
                                                "seconds_per_step", "selection")}  # fmt: skip
+    if "score_seconds_per_step" in summary:  # adm-extra-score: its score model's updates, within each step
+        training["score_seconds_per_step"] = summary["score_seconds_per_step"]
     return {**training, "concurrent_jobs": concurrent_jobs,
             "r_per_step": _r_trajectory(checkpoint / "training_state.json")}  # fmt: skip
 

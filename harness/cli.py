@@ -805,6 +805,12 @@ TrainBatchOpt = Annotated[int, typer.Option(help="Stored teacher states per step
 TrainPromptsOpt = Annotated[int, typer.Option(help="Training prompts from the model's prompt world (toy).")]
 
 
+def _recipes(field: str) -> str:
+    from harness.recipes import side_by_side
+
+    return f" (recipes: {side_by_side(field)})"
+
+
 @app.command("train")
 @user_errors
 def train_cmd(
@@ -838,71 +844,157 @@ def train_cmd(
         int, typer.Option(help="dmd2 on toy: ToyBench of the generator every N steps (0: off), for its curve.")
     ] = 0,
     model: Annotated[str, typer.Option(help="Teacher model adapter (see `bench models`).")] = "toy",
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="LinVideo's settings by name: paper (the appendix: lr 1e-4 cosine, 10% warm-up, batch 48, alpha "
+            "20->2 over the run, lambda 0.01, Eq. 13's weighting, 3K steps; ours where it is silent) or toy (the "
+            "tuned defaults; README: the table of both). An option given explicitly overrides its recipe's value; "
+            "each option's help shows both recipes' values. Default: toy."
+        ),
+    ] = None,
     objective: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="adm (anytime distribution matching, the student as its own score model), mse (regress the "
-            "stored velocities) or adm-extra-score (a separately trained score model, DMD-style; slower)."
+            "stored velocities) or adm-extra-score (a separately trained score model of the student's samples; "
+            "slower)." + _recipes("objective")
         ),
-    ] = "adm",
-    kernel: Annotated[str, typer.Option(help="Feature map: hedgehog, relu, taylor or elu.")] = "hedgehog",
-    steps: TrainStepsOpt = 400,
-    batch_size: TrainBatchOpt = 8,
+    ] = None,
+    kernel: Annotated[str | None, typer.Option(help="Feature map: hedgehog, relu, taylor or elu.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps." + _recipes("steps"))] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Stored teacher states per optimizer step (global batch)." + _recipes("batch_size")),
+    ] = None,
+    micro_batch: Annotated[
+        int | None,
+        typer.Option(
+            help="States per forward/backward pass, gradients accumulated over the batch (0: the whole "
+            "batch at once; Wan at the paper's batch 48 on one GPU: 1)." + _recipes("micro_batch")
+        ),
+    ] = None,
     lr: Annotated[
         float | None,
         typer.Option(
-            help="Peak learning rate of the transformer (LinVideo's feature maps: --map-lr); default: "
-            "linvideo 1e-5, sla 1e-4, dmd2 2e-5 (the generator, constant). ADM on the toy diverged once this lr "
-            "summed over the steps (warm-up and cosine included) passed 0.007-0.014."
+            help="Peak learning rate of the transformer (LinVideo's feature maps: --map-lr); sla: 1e-4; dmd2: 2e-5 "
+            "(the generator, constant). ADM on the toy diverged once this lr summed over the steps (warm-up and "
+            "cosine included) passed 0.007-0.014." + _recipes("lr")
         ),
     ] = None,
     map_lr: Annotated[
-        float,
-        typer.Option(help="Peak learning rate of LinVideo's feature maps (new parameters, identity init)."),
-    ] = 1e-2,
+        float | None,
+        typer.Option(
+            help="Peak learning rate of LinVideo's feature maps (new parameters, identity init)." + _recipes("map_lr")
+        ),
+    ] = None,
     r_optimizer: Annotated[
-        str, typer.Option(help="Optimizer of the scores r: sgd (keeps per-layer gradient sizes) or adamw.")
-    ] = "sgd",
-    r_lr: Annotated[float, typer.Option(help="Peak learning rate of the per-layer scores r.")] = 1.0,
+        str | None,
+        typer.Option(
+            help="Optimizer of the scores r: sgd (keeps per-layer gradient sizes) or adamw." + _recipes("r_optimizer")
+        ),
+    ] = None,
+    r_lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate of the per-layer scores r." + _recipes("r_lr"))
+    ] = None,
     r_lr_schedule: Annotated[
-        str, typer.Option(help="cosine (as the weights: warm-up, then cosine to 0) or constant (after warm-up).")
-    ] = "constant",
-    r_init: Annotated[float, typer.Option(help="Initial score r of every layer (1 = softmax).")] = 0.95,
-    alpha_start: Annotated[float, typer.Option(help="Exponent of L_reg at the first step.")] = 20.0,
-    alpha_end: Annotated[float, typer.Option(help="Exponent of L_reg at the end of annealing (= start: fixed).")] = 2.0,
+        str | None,
+        typer.Option(
+            help="cosine (as the weights: warm-up, then cosine to 0) or constant (after warm-up)."
+            + _recipes("r_lr_schedule")
+        ),
+    ] = None,
+    r_init: Annotated[
+        float | None, typer.Option(help="Initial score r of every layer (1 = softmax)." + _recipes("r_init"))
+    ] = None,
+    alpha_start: Annotated[
+        float | None, typer.Option(help="Exponent of L_reg at the first step." + _recipes("alpha_start"))
+    ] = None,
+    alpha_end: Annotated[
+        float | None,
+        typer.Option(help="Exponent of L_reg at the end of annealing (= start: fixed)." + _recipes("alpha_end")),
+    ] = None,
     alpha_anneal_fraction: Annotated[
-        float, typer.Option(help="Fraction of the run over which alpha goes linearly from start to end, then holds.")
-    ] = 0.7,
+        float | None,
+        typer.Option(
+            help="Fraction of the run over which alpha goes linearly from start to end, then holds."
+            + _recipes("alpha_anneal_fraction")
+        ),
+    ] = None,
     adm_weighting: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="ADM's score-difference weight: analytic ((1 - t)/t, Eq. 13), normalized (DMD's 1/mean|u|) or "
-            "uniform (normalized and divided by the step s - t: every step weighs alike)."
+            "uniform (normalized and divided by the step s - t: every step weighs alike)." + _recipes("adm_weighting")
         ),
-    ] = "uniform",
+    ] = None,
+    reduction: Annotated[
+        str | None,
+        typer.Option(
+            help="The objective's reduction, i.e. its scale against lambda (L_con + L_reg): mean (over every "
+            "element: ADM's gradient on r divided by the elements of a sample) or sample-sum (Eq. 12: summed per "
+            "sample, averaged over the batch)." + _recipes("adm_reduction")
+        ),
+    ] = None,
+    adm_step_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="kappa: ADM's student step from a stored state at s lands at s - kappa (s - t_next), teacher and "
+            "student evaluated there (1: the next sampler time; -> 0: ADM tends to a weighted MSE)."
+            + _recipes("adm_step_fraction")
+        ),
+    ] = None,
     adm_jump: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Where ADM's student step from a stored state lands: next (the next sampler time) or any "
             "(a sampler time drawn from all later ones; on the toy: no blow-up, no better students)."
+            + _recipes("adm_jump")
         ),
-    ] = "next",
+    ] = None,
+    t_min: Annotated[
+        float | None,
+        typer.Option(
+            help="ADM's earliest landing time (bounds (1 - t)/t; the sampler's last step lands there)."
+            + _recipes("t_min")
+        ),
+    ] = None,
+    score_updates: Annotated[
+        int | None,
+        typer.Option(
+            help="adm-extra-score: flow-matching updates of the score model per student step."
+            + _recipes("score_updates")
+        ),
+    ] = None,
     score_guided: Annotated[
         bool,
         typer.Option(help="adm-extra-score: train and read the score model CFG-guided, as the student samples."),
     ] = False,
-    lam: Annotated[float, typer.Option(help="Weight lambda of L_con + L_reg.")] = 0.01,
+    lam: Annotated[float | None, typer.Option(help="Weight lambda of L_con + L_reg." + _recipes("lam"))] = None,
     selection: Annotated[
-        str,
+        str | None,
         typer.Option(help="learned (selective transfer), manual (--layers) or heuristic (greedy by output change)."),
-    ] = "learned",
+    ] = None,
     layers: Annotated[str, typer.Option(help="Comma-separated layers to convert, with --selection manual.")] = "",
     prompts: TrainPromptsOpt = 64,
     prompt_file: Annotated[Path | None, typer.Option(help="Training prompts, one per line (real models).")] = None,
     store: Annotated[Path | None, typer.Option(help="Trajectory store folder (default OUT/trajectories).")] = None,
+    sampler_steps: Annotated[
+        int | None,
+        typer.Option(help="Sampler steps of the teacher's trajectories (default: the model's; Wan 50, toy 20)."),
+    ] = None,
+    sampler_shift: Annotated[
+        float | None,
+        typer.Option(help="Timestep shift of the teacher's trajectories (default: the model's; Wan 5.0, toy 3.0)."),
+    ] = None,
+    collect_batch: Annotated[
+        int, typer.Option(help="Prompts the teacher samples at once while collecting (part of the store's spec).")
+    ] = 16,
     weights: Annotated[str, typer.Option(help="Teacher weights: local folder or hub id (default: the model's).")] = "",
     activation_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward.")] = False,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast on CUDA (--no-bf16: fp32 throughout).")] = True,
+    bf16: Annotated[
+        bool | None, typer.Option(help="bf16 autocast on CUDA (--no-bf16: fp32 throughout)." + _recipes("bf16"))
+    ] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Write a resumable checkpoint every N steps.")] = 100,
     seed: Annotated[int, typer.Option(help="Seed of the prompts, the batches and the trainer.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
@@ -926,6 +1018,7 @@ def train_cmd(
     from harness.distributed import current_ranks, rank_device
     from harness.models import MODELS
     from harness.preflight import resolve_device
+    from harness.recipes import recipe as recipe_values
     from harness.training import TrainRequest, divergence_note, train
     from methods.linvideo.train import LinVideoTrainConfig
 
@@ -936,6 +1029,9 @@ def train_cmd(
     layout = {"accumulation": accumulation, "global_batch": global_batch, "fsdp": fsdp,
               "teacher_placement": teacher_placement}  # fmt: skip
     if trained == "dmd2":
+        if recipe is not None:
+            raise HarnessError("--recipe names LinVideo's recipes; dmd2 takes its settings one by one (ST + DMD2 "
+                               "starts from the toy recipe's selection settings)")  # fmt: skip
         _train_dmd2(dict(init=init, fake_updates=fake_updates, fake_lr=fake_lr, real_cfg=real_cfg,
                          regression_pairs=regression_pairs, eval_every=eval_every, target_layers=target_layers or 0,
                          kernel=kernel, r_init=r_init, r_lr=r_lr, map_lr=map_lr, lam=lam, alpha_start=alpha_start,
@@ -949,29 +1045,36 @@ def train_cmd(
         raise HarnessError("linvideo trains on one process for now: torchrun, --accumulation, --global-batch, --fsdp "
                            "and --teacher-placement apply to --method sla")  # fmt: skip
     adapter_cls = MODELS.get(model)
-    given_lr = {} if lr is None else {"lr": lr}  # else each method's config default
+    shared = {"objective": objective, "steps": steps, "batch_size": batch_size, "lr": lr}
+    given = {key: value for key, value in shared.items() if value is not None}  # else the method's (recipe's) value
     if trained == "sla":
-        config: Any = _sla_train_config(param or [], objective=objective, steps=steps, batch_size=batch_size,
-                                        activation_checkpointing=activation_checkpointing,
+        if recipe is not None:
+            raise HarnessError("--recipe names LinVideo's recipes; sla takes its settings one by one")
+        config: Any = _sla_train_config(param or [], activation_checkpointing=activation_checkpointing,
                                         checkpoint_every=checkpoint_every, seed=seed,
-                                        precision="bf16" if bf16 else "fp32", **layout, **given_lr)  # fmt: skip
+                                        precision="bf16" if bf16 else "fp32", **layout, **given)  # fmt: skip
     elif target_layers is None:
         raise HarnessError("bench train --method linvideo needs --target-layers")
     else:
+        options = {
+            "kernel": kernel, "micro_batch": micro_batch, "map_lr": map_lr, "r_optimizer": r_optimizer, "r_lr": r_lr,
+            "r_lr_schedule": r_lr_schedule, "r_init": r_init, "alpha_start": alpha_start, "alpha_end": alpha_end,
+            "alpha_anneal_fraction": alpha_anneal_fraction, "adm_weighting": adm_weighting,
+            "adm_reduction": reduction, "adm_step_fraction": adm_step_fraction, "adm_jump": adm_jump, "t_min": t_min,
+            "score_updates": score_updates, "lam": lam, "selection": selection, "bf16": bf16,
+        }  # fmt: skip
+        given |= {key: value for key, value in options.items() if value is not None}
         config = LinVideoTrainConfig(
-            target_layers=target_layers, objective=objective, kernel=kernel, steps=steps, batch_size=batch_size,
-            map_lr=map_lr, r_optimizer=r_optimizer, r_lr=r_lr, r_lr_schedule=r_lr_schedule, r_init=r_init,
-            alpha_start=alpha_start, alpha_end=alpha_end, alpha_anneal_fraction=alpha_anneal_fraction,
-            adm_weighting=adm_weighting, adm_jump=adm_jump, score_guided=score_guided, lam=lam, selection=selection,
-            layers=_parse_ints(layers, "--layers"),
-            activation_checkpointing=activation_checkpointing, bf16=bf16, checkpoint_every=checkpoint_every,
-            seed=seed, **given_lr,
+            target_layers=target_layers, **{**recipe_values(recipe or "toy"), **given}, score_guided=score_guided,
+            layers=_parse_ints(layers, "--layers"), activation_checkpointing=activation_checkpointing,
+            checkpoint_every=checkpoint_every, seed=seed,
         )  # fmt: skip
     listed = _prompt_lines(prompt_file)
     request = TrainRequest(
         model=MODELS.canonical(model), weights=_weights_value(weights, False, adapter_cls.weights_kind), config=config,
         out=out, prompts=listed, prompt_count=prompts, device=str(rank_device(resolve_device(device), ranks)),
-        store=store, show_progress=progress,
+        store=store, show_progress=progress, sampler_steps=sampler_steps, sampler_shift=sampler_shift,
+        collect_batch=collect_batch,
     )  # fmt: skip
     converted = train(request)
     if not ranks.lead:
@@ -983,9 +1086,11 @@ def train_cmd(
         return
     from methods.linvideo.attention import conversion_notes
 
+    score = summary.get("score_seconds_per_step")
     console.print(
-        f"[bold]linvideo[/] trained {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step): "
-        f"layers {summary['linear_layers']} linear -> {converted}"
+        f"[bold]linvideo[/] trained {summary['steps']} steps ({summary['seconds_per_step']:.3g} s/step"
+        + (f", of which the score model {score:.3g} s" if score is not None else "")
+        + f"): layers {summary['linear_layers']} linear -> {converted}"
     )
     objective = [step["objective"] for step in json.loads((converted / TRAINING_META).read_text())["losses"]]
     notes = [note for note in [divergence_note(objective)] if note]

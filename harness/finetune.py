@@ -119,7 +119,7 @@ class AttentionFineTuner(Task):
         """ADM (one student step from a stored state, scored by the teacher) or MSE on stored velocities."""
         config = self.config
         objective = ObjectiveSettings(config.objective, config.adm_weighting, config.t_min, config.adm_reduction)
-        terms = trajectory_objective(self.student, self.teacher, batch, self.uncond, self.cfg, objective)[0]
+        terms = trajectory_objective(self.student, self.teacher, batch, self.uncond, self.cfg, objective)
         return {"objective": terms, **self.extra_losses(step)}
 
     def session(self) -> AbstractContextManager[Any]:

@@ -387,6 +387,7 @@ def ablation_tables(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
                 "linear_layers": ",".join(map(str, layers)),
                 "linear_count": len(layers),
                 "train_s_per_step": training.get("seconds_per_step"),
+                "score_model_s_per_step": training.get("score_seconds_per_step"),  # adm-extra-score's, within the step
                 "concurrent_jobs": training.get("concurrent_jobs"),
                 "step_ms": rec["latency"]["stages"].get("denoise_step", {}).get("median_ms"),
             }

@@ -15,7 +15,7 @@ import json
 import os
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """What `bench train` was asked for; the teacher samples with the model's default settings."""
+    """What `bench train` was asked for; the teacher samples with the model's defaults, the grid's steps and shift
+    as asked."""
 
     model: str
     weights: str
@@ -46,6 +47,10 @@ class TrainRequest:
     device: str
     store: Path | None = None
     show_progress: bool = True
+    # The teacher's sampler grid for the trajectories (None: the model's default, e.g. Wan's 50 steps at shift 5).
+    sampler_steps: int | None = None
+    sampler_shift: float | None = None
+    collect_batch: int = 16  # prompts the teacher samples at once while collecting (a real model's clips: 1-2)
 
 
 def train(request: TrainRequest) -> Path:
@@ -101,16 +106,19 @@ def collect_trajectories(request: TrainRequest) -> tuple[ModelAdapter, Trajector
     adapter_cls = MODELS.get(request.model)
     config = request.config
     config.validate(adapter_cls.num_layers)
-    sampling = adapter_cls.defaults
-    if request.prompt_count < 1:
-        raise HarnessError(f"--prompts must be >= 1, got {request.prompt_count}")
+    grid = {"steps": request.sampler_steps, "shift": request.sampler_shift}
+    sampling = replace(adapter_cls.defaults, **{key: value for key, value in grid.items() if value is not None})
+    sampling.validate()
+    if request.prompt_count < 1 or request.collect_batch < 1:
+        raise HarnessError(f"--prompts and --collect-batch must be >= 1, got {request.prompt_count} and "
+                           f"{request.collect_batch}")  # fmt: skip
     prompts = request.prompts or adapter_cls.training_prompts(request.prompt_count, config.seed)
     adapter_cls.validate_prompts([*prompts, sampling.negative_prompt])
     device = resolve_device(request.device)
     ensure_writable_dir(request.out)
     store_dir = ensure_writable_dir(request.store or request.out / "trajectories")
     spec = CollectionSpec(MODELS.canonical(request.model), request.weights, sampling, tuple(prompts),
-                          tuple(range(len(prompts))), batch_size=min(len(prompts), 16))  # fmt: skip
+                          tuple(range(len(prompts))), batch_size=min(len(prompts), request.collect_batch))  # fmt: skip
     # fp32 master weights: the trainer runs the student under bf16 autocast on CUDA.
     teacher = adapter_cls.load(request.weights, device, torch.float32)
     return teacher, collect(teacher, spec, store_dir, request.show_progress)
@@ -121,7 +129,8 @@ DEFAULT_PROMPT_COUNT = 64  # training prompts of the default conversion's trajec
 
 
 def default_recipe(num_layers: int) -> LinVideoTrainConfig:
-    """The default conversion: half of the layers, every other setting at LinVideoTrainConfig's default."""
+    """The default conversion: half of the layers, every other setting at LinVideoTrainConfig's default (the toy
+    recipe)."""
     from methods.linvideo.train import LinVideoTrainConfig
 
     return LinVideoTrainConfig(target_layers=num_layers // 2)
@@ -149,8 +158,8 @@ def default_checkpoint(model: str, device: str, show_progress: bool = True) -> P
             "then pass --checkpoint DIR"
         )
     config = default_recipe(adapter_cls.num_layers)
-    identity = json.dumps({"config": asdict(config), "prompts": DEFAULT_PROMPT_COUNT,
-                           "teacher": file_sha256(SHIPPED_CHECKPOINT)}, sort_keys=True, default=list)  # fmt: skip
+    identity = json.dumps({"config": config.record(), "prompts": DEFAULT_PROMPT_COUNT,
+                           "teacher": file_sha256(SHIPPED_CHECKPOINT)}, sort_keys=True)  # fmt: skip
     name = f"{MODELS.canonical(model)}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     shipped, out = SHIPPED_CONVERSIONS / name, cache_dir() / "linvideo" / name
     for folder in (shipped, out):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,21 @@ def test_scores_are_clamped_and_layers_below_half_are_linear() -> None:
     assert state.linear_layers() == (1, 3)
 
 
+def test_a_projected_score_keeps_its_gradient_at_either_end() -> None:
+    """Issue 20's smallest case: rho = [1.05, -0.02, 0.6] passed L_con + L_reg no gradient on the first two; after
+    the projection into [0, 1] every layer has one: STE count (1 - 2) -> +2 each, L_reg at alpha 2 -> -4 (2 r - 1)."""
+    from methods.linvideo.losses import binarization_loss, constraint_loss
+
+    state = TransferState(3, 1, 4)
+    with torch.no_grad():
+        state.rho.copy_(torch.tensor([1.05, -0.02, 0.6]))
+    state.project_()
+    r = state.r()
+    (constraint_loss(r, 2) + binarization_loss(r, 2.0)).backward()
+    assert state.rho.tolist() == pytest.approx([1.0, 0.0, 0.6])
+    assert state.rho.grad.tolist() == pytest.approx([-2.0, 6.0, 1.2])
+
+
 def test_hedgehog_maps_are_separate_for_queries_and_keys() -> None:
     state = TransferState(2, H, D)
     assert state.q_maps[0].weight is not state.k_maps[0].weight
@@ -93,6 +109,10 @@ def test_a_constant_r_schedule_keeps_rs_lr_after_warm_up_while_the_weights_decay
     ({"adm_weighting": "dmd"}, "unknown ADM weighting"), ({"alpha_anneal_fraction": 0.0}, "anneal fraction"),
     ({"map_lr": 0.0}, "learning rates must be > 0"), ({"adm_jump": "far"}, "unknown ADM jump"),
     ({"objective": "mse", "adm_jump": "any"}, "not to mse"), ({"score_guided": True}, "needs the adm-extra-score"),
+    ({"adm_step_fraction": 0.0}, "step fraction must be in"),
+    ({"objective": "mse", "adm_step_fraction": 0.5}, "not to mse"),
+    ({"adm_reduction": "sum"}, "unknown objective reduction"), ({"score_updates": 0}, "score updates must be >= 1"),
+    ({"micro_batch": -1}, "micro batch >= 0"), ({"t_min": 0.0}, "0 < t_min < 1"),
 ])  # fmt: skip
 def test_impossible_training_settings_are_refused(changes: dict, message: str) -> None:
     config = LinVideoTrainConfig(**{"target_layers": 4, **changes})
@@ -140,21 +160,25 @@ def test_collection_resumes_a_missing_shard_identically(store: TrajectoryStore, 
     assert torch.equal(resumed.tensors["x"], store.tensors["x"])
 
 
-def test_store_sampling_excludes_the_final_step(store: TrajectoryStore) -> None:
-    batch = store.sample(32, torch.Generator().manual_seed(0))
-    assert torch.all(batch["t_next"] > 0) and batch["cond"].shape[0] == 32
+def test_store_sampling_draws_every_sampler_step_including_the_last(store: TrajectoryStore) -> None:
+    """Issue 20, fault 3: the last step (t_next = 0) is drawn like the others, so ADM and MSE train it."""
+    batch = store.sample(64, torch.Generator().manual_seed(0))
+    low, mid, high = sorted(set(store.tensors["t"].tolist()))
+    assert set(zip(batch["t"].tolist(), batch["t_next"].tolist(), strict=True)) == {(high, mid), (mid, low), (low, 0.0)}
+    assert batch["cond"].shape[0] == 64
 
 
 def test_store_sampling_with_any_jump_draws_every_later_grid_time(store: TrajectoryStore) -> None:
-    """3-step grid: a state at the first time may land on either later nonzero time, one at the second on the third."""
+    """3-step grid: a state may land on any later sampler time, 0 included (ADM then lands it at t_min)."""
     batch = store.sample(256, torch.Generator().manual_seed(0), jump="any")
     low, mid, high = sorted(set(store.tensors["t"].tolist()))
-    assert set(zip(batch["t"].tolist(), batch["t_next"].tolist(), strict=True)) == {(high, low), (high, mid),
-                                                                                   (mid, low)}  # fmt: skip
+    assert set(zip(batch["t"].tolist(), batch["t_next"].tolist(), strict=True)) == {
+        (high, mid), (high, low), (high, 0.0), (mid, low), (mid, 0.0), (low, 0.0)}  # fmt: skip
 
 
 def _config(**changes: object) -> LinVideoTrainConfig:
-    return LinVideoTrainConfig(**{"target_layers": 4, "steps": 4, "batch_size": 2, "checkpoint_every": 2, **changes})
+    return LinVideoTrainConfig(**{"target_layers": 4, "steps": 4, "batch_size": 2, "checkpoint_every": 2,
+                                  "score_updates": 1, **changes})  # fmt: skip
 
 
 @pytest.mark.parametrize("objective", ["adm", "mse", "adm-extra-score"])
@@ -204,12 +228,16 @@ def test_feature_maps_take_their_own_learning_rate(teacher: ToyModel, store: Tra
 
 
 def test_extra_score_model_trains_beside_the_student(teacher: ToyModel, store: TrajectoryStore, tmp_path: Path) -> None:
-    """adm-extra-score: one step changes the separate score model (initialised from the teacher), not the teacher."""
-    trainer = LinVideoTrainer(_config(objective="adm-extra-score"), teacher, store, tmp_path)
+    """adm-extra-score: score_updates steps change the separate score model (initialised from the teacher), not the
+    teacher, and leave the student as it was."""
+    trainer = LinVideoTrainer(_config(objective="adm-extra-score", score_updates=2), teacher, store, tmp_path)
     assert trainer.score_model is not None and "score" in trainer._modules()
     before = [p.detach().clone() for p in trainer.score_model.transformer.parameters()]
+    student_before = [p.detach().clone() for p in trainer.student.transformer.parameters()]
     with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
-        trainer.train_step(store.sample(2, torch.Generator().manual_seed(0)), 0)
+        trainer.update_score_model()
+    assert trainer.optimizers["score"].state_dict()["state"][0]["step"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(trainer.student.transformer.parameters(), student_before, strict=True))
     after = list(trainer.score_model.transformer.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
     for t, b in zip(teacher.transformer.parameters(), before, strict=True):
@@ -337,8 +365,6 @@ def test_the_shipped_conversion_is_used_when_its_name_matches_the_recipe(
 
 def test_the_shipped_toy_conversion_is_the_current_default_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
     """A change to the recipe's config must come with a reshipped (or renamed) conversion, else the demo trains."""
-    from dataclasses import asdict
-
     import harness.training as training
     from harness.toyworld.checkpoint import SHIPPED_CONVERSIONS
 
@@ -346,7 +372,7 @@ def test_the_shipped_toy_conversion_is_the_current_default_recipe(monkeypatch: p
     shipped = training.default_checkpoint("toy", "cpu", show_progress=False)
     assert shipped.parent == SHIPPED_CONVERSIONS
     recorded = json.loads((shipped / "spec.json").read_text())["config"]
-    assert recorded == json.loads(json.dumps(asdict(training.default_recipe(8))))
+    assert recorded == training.default_recipe(8).record()
 
 
 def test_bench_train_says_when_the_target_was_missed(bench: Invoke, tmp_path: Path) -> None:
@@ -451,3 +477,204 @@ def test_latency_times_an_untrained_linvideo_state_at_a_given_layer_set(bench: I
 def test_latency_param_needs_a_method_prefix(bench: Invoke) -> None:
     result = bench("latency", "--model", "wan-tiny", "--methods", "sdpa", "--param", "linear_layers=[1]", expect=2)
     assert "METHOD.KEY=VALUE" in normalise(result.output)
+
+
+# -- issue 20: the trainer's faults, ADM's landing step, the objective's scale, accumulation, the sampler grid ------
+
+
+def _states(store: TrajectoryStore, last: bool, count: int = 2) -> dict[str, torch.Tensor]:
+    """``count`` stored states of the last sampler step (t_next = 0) or of the others, with their prompts."""
+    rows = torch.nonzero((store.tensors["t_next"] == 0) == last).flatten()[:count]
+    batch = {key: value[rows] for key, value in store.tensors.items()}
+    batch["cond"] = store.cond[batch["prompt"]]
+    return batch
+
+
+def test_the_trainer_projects_an_overshooting_score_back_and_it_keeps_training(
+    teacher: ToyModel, store: TrajectoryStore, tmp_path: Path
+) -> None:
+    """Issue 20, fault 1: from r = 0.999 L_reg's pull (alpha 20) at lr 1 overshoots 1; the score stays at 1, and the
+    next step's gradient still reaches every layer (a clamp-only r passed none there)."""
+    trainer = LinVideoTrainer(_config(), teacher, store, tmp_path)
+    with torch.no_grad():
+        trainer.state.rho.fill_(0.999)
+    for group in trainer.optimizers["r"].param_groups:
+        group["lr"] = 1.0
+    with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+        trainer.train_step(_states(store, last=False), 0)
+        assert trainer.state.rho.tolist() == [1.0] * 8
+        trainer.state.rho.grad = None
+        trainer.losses(_states(store, last=False), 1).total.backward()
+    assert bool((trainer.state.rho.grad != 0).all())
+
+
+def test_adm_lands_the_last_sampler_step_at_t_min(teacher: ToyModel, store: TrajectoryStore, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Issue 20, fault 3: a state of the last step (t_next = 0) trains the student; both models are read at t_min."""
+    import methods.linvideo.train as train
+
+    times: set[float] = set()
+    original = train.guided_velocity
+
+    def recording(model, x, t, *args):  # type: ignore[no-untyped-def]
+        times.update(t.tolist())
+        return original(model, x, t, *args)
+
+    monkeypatch.setattr(train, "guided_velocity", recording)
+    trainer = LinVideoTrainer(_config(adm_weighting="analytic"), teacher, store, tmp_path)
+    batch = _states(store, last=True)
+    with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+        objective = trainer.losses(batch, 0).objective
+        objective.backward()
+    assert sorted(times) == pytest.approx([0.02, batch["t"][0].item()])
+    assert math.isfinite(objective.item()) and objective.item() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.student.transformer.parameters())
+
+
+def test_t_min_must_lie_below_the_smallest_sampler_time(teacher: ToyModel, store: TrajectoryStore,
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    smallest = float(store.grid[0])
+    with pytest.raises(HarnessError, match="must lie below the sampler's smallest time"):
+        LinVideoTrainer(_config(t_min=smallest), teacher, store, tmp_path)
+
+
+def test_step_fraction_1_reproduces_the_next_step_objective_exactly(teacher: ToyModel, store: TrajectoryStore,
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    """kappa = 1: x_hat one student step to t_next, uniform weight, mean surrogate, bit for bit (the code before it)."""
+    from methods.linvideo.losses import adm_loss, step_normalized_adm_gradient
+    from methods.linvideo.train import guided_velocity, trajectory_objective
+
+    trainer = LinVideoTrainer(_config(selection="manual", layers=(0, 1, 2, 6)), teacher, store, tmp_path)
+    batch = _states(store, last=False)
+    x_s, s, t, cond = batch["x"], batch["t"], batch["t_next"], batch["cond"]
+    with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+        objective = trajectory_objective(trainer.student, teacher, batch, trainer.uncond, trainer.cfg,
+                                         trainer.settings)  # fmt: skip
+        u_student = guided_velocity(trainer.student, x_s, s, cond, trainer.uncond, trainer.cfg)
+        x_hat = x_s - (s - t).view(-1, 1, 1, 1, 1) * u_student
+        with torch.no_grad():
+            u_teacher = guided_velocity(teacher, x_hat, t, cond, trainer.uncond, trainer.cfg)
+            u_fake = guided_velocity(trainer.student, x_hat, t, cond, trainer.uncond, trainer.cfg)
+        expected = adm_loss(x_hat, step_normalized_adm_gradient(u_teacher, u_fake, s - t), "mean")
+    assert torch.equal(objective, expected)
+
+
+def test_a_small_step_fraction_turns_adms_gradient_towards_mses(teacher: ToyModel, store: TrajectoryStore,
+                                                                tmp_path: Path) -> None:  # fmt: skip
+    """kappa -> 0 makes ADM a weighted MSE at x_s: on one state the cosine of their weight gradients rises to 1."""
+    from dataclasses import replace
+
+    from methods.linvideo.diagnostics import gradient_cosine
+
+    trainer = LinVideoTrainer(_config(selection="manual", layers=(0, 1, 2, 6)), teacher, store, tmp_path)
+    batch = _states(store, last=False, count=1)
+    cosines = []
+    with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+        for kappa in (1.0, 0.1, 0.003):
+            trainer.settings = replace(trainer.settings, step_fraction=kappa)
+            cosines.append(gradient_cosine(trainer, batch))
+    assert cosines[0] < cosines[1] < cosines[2] and cosines[2] > 0.99, cosines
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "analytic"])
+def test_adms_gradient_on_r_is_eq_12s_not_divided_by_the_sample_size(
+    weighting: str, teacher: ToyModel, store: TrajectoryStore, tmp_path: Path
+) -> None:
+    """sample-sum: d objective / d rho = mean over samples of sum(g * d x_hat / d rho) (Eq. 12); mean: that divided
+    by the elements of a sample (C F H W), the documented scale, and nothing else."""
+    from dataclasses import replace
+
+    from methods.linvideo.losses import adm_gradient, step_normalized_adm_gradient
+    from methods.linvideo.train import guided_velocity, student_step, trajectory_objective
+
+    trainer = LinVideoTrainer(_config(adm_weighting=weighting, adm_reduction="sample-sum"), teacher, store, tmp_path)
+    with torch.no_grad():
+        trainer.state.rho.fill_(0.6)
+    batch, rho = _states(store, last=False), trainer.state.rho
+    with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+        gradients = {}
+        for reduction in ("sample-sum", "mean"):
+            settings = replace(trainer.settings, adm_reduction=reduction)
+            objective = trajectory_objective(trainer.student, teacher, batch, trainer.uncond, trainer.cfg, settings)
+            gradients[reduction] = torch.autograd.grad(objective, rho)[0]
+        _, x_hat, t = student_step(trainer.student, batch, trainer.uncond, trainer.cfg, trainer.settings)
+        with torch.no_grad():
+            cond = batch["cond"]
+            u_teacher = guided_velocity(teacher, x_hat, t, cond, trainer.uncond, trainer.cfg)
+            u_fake = guided_velocity(trainer.student, x_hat, t, cond, trainer.uncond, trainer.cfg)
+            g = (adm_gradient(u_teacher, u_fake, t) if weighting == "analytic"
+                 else step_normalized_adm_gradient(u_teacher, u_fake, batch["t"] - t))  # fmt: skip
+        eq12 = torch.autograd.grad((g * x_hat).sum() / len(x_hat), rho)[0]
+    assert eq12.abs().max() > 0
+    assert torch.allclose(gradients["sample-sum"], eq12, rtol=1e-4, atol=1e-9)
+    assert torch.allclose(gradients["mean"], eq12 / x_hat[0].numel(), rtol=1e-4, atol=1e-12)
+
+
+def test_micro_batches_accumulate_to_the_whole_batch_gradient(teacher: ToyModel, store: TrajectoryStore,
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    """Gradient accumulation over micro-batches of 1 gives the one-pass gradients and the same logged losses."""
+    batch = store.sample(3, torch.Generator().manual_seed(0))
+    results = []
+    for micro in (0, 1):
+        trainer = LinVideoTrainer(_config(micro_batch=micro, r_init=0.7), teacher, store, tmp_path / str(micro))
+        with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+            values = trainer.train_step(batch, 0)
+        grads = [p.grad.clone() for p in (trainer.state.rho, *trainer.student.transformer.parameters())]
+        results.append((values, grads))
+    (one, whole), (many, parts) = results
+    assert one == pytest.approx(many, rel=1e-5)
+    for a, b in zip(whole, parts, strict=True):
+        assert _rel(b, a) <= 1e-4  # fp32 sums in another order
+
+
+def test_a_config_record_leaves_later_fields_out_at_their_defaults() -> None:
+    """Settings added after the shipped conversion appear in a record (a run's name) only when set."""
+    assert "adm_step_fraction" not in LinVideoTrainConfig(target_layers=4).record()
+    assert LinVideoTrainConfig(target_layers=4, adm_step_fraction=0.3).record()["adm_step_fraction"] == 0.3
+
+
+def test_diagnostics_measure_every_sampler_time_and_see_a_converted_students_error(
+    teacher: ToyModel, store: TrajectoryStore, tmp_path: Path
+) -> None:
+    """Velocity error at every sampler time (the last included): 0 for a student equal to its teacher, > 0 once
+    layers are linear; the cosines are cosines."""
+    from methods.linvideo.diagnostics import fixed_states, measure, velocity_error
+
+    states = fixed_states(store, states=2, prompts_per_step=2)
+    measured = {}
+    for name, changes in (("teacher", {"r_init": 1.0}), ("linear", {"selection": "manual", "layers": (0, 1, 2, 6)})):
+        trainer = LinVideoTrainer(_config(**changes), teacher, store, tmp_path / name)
+        with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+            if name == "linear":
+                measured[name] = measure(trainer, states)
+            else:  # equal to its teacher: no gradient to compare, only the errors
+                measured[name] = {"velocity_error": velocity_error(trainer, states["per_step"])}
+    times = [f"{time:.4f}" for time in sorted(store.grid.tolist(), reverse=True)]
+    assert list(measured["teacher"]["velocity_error"]) == times
+    assert all(error == 0.0 for error in measured["teacher"]["velocity_error"].values())
+    assert all(error > 0.0 for error in measured["linear"]["velocity_error"].values())
+    assert -1.0 <= measured["linear"]["gradient_cosine"] <= 1.0 and -1.0 <= measured["linear"]["error_cosine"] <= 1.0
+
+
+def test_bench_train_collects_on_the_sampler_grid_it_is_given(bench: Invoke, tmp_path: Path) -> None:
+    """--sampler-steps / --sampler-shift: the store holds the teacher's trajectories on that grid (Wan's scheduler)."""
+    bench("train", "--method", "linvideo", "--model", "toy", "--target-layers", "2", "--steps", "1", "--batch-size",
+          "1", "--prompts", "1", "--sampler-steps", "5", "--sampler-shift", "5", "--objective", "mse", "--device",
+          "cpu", "--no-progress", "--out", tmp_path / "o", "--store", tmp_path / "store")  # fmt: skip
+    store = TrajectoryStore(tmp_path / "store")
+    assert (store.spec["sampling"]["steps"], store.spec["sampling"]["shift"]) == (5, 5.0)
+    scheduler = ToyModel.load("builtin", torch.device("cpu"), torch.float32).make_scheduler(5.0)
+    scheduler.set_timesteps(5)
+    assert torch.allclose(store.grid.flip(0), scheduler.timesteps.float() / 1000)
+
+
+def test_bench_train_recipe_paper_sets_the_appendix_values_and_options_override(bench: Invoke, tmp_path: Path) -> None:
+    bench("train", "--method", "linvideo", "--model", "toy", "--recipe", "paper", "--target-layers", "2", "--steps",
+          "1", "--batch-size", "2", "--prompts", "2", "--device", "cpu", "--no-progress", "--out", tmp_path / "o",
+          "--store", tmp_path / "store")  # fmt: skip
+    config = json.loads((tmp_path / "o" / "spec.json").read_text())["config"]
+    assert (config["steps"], config["batch_size"]) == (1, 2)  # given explicitly
+    assert {key: config[key] for key in ("lr", "map_lr", "alpha_anneal_fraction", "adm_weighting", "lam",
+                                         "warmup_fraction")} == {
+        "lr": 1e-4, "map_lr": 1e-4, "alpha_anneal_fraction": 1.0, "adm_weighting": "analytic", "lam": 0.01,
+        "warmup_fraction": 0.1}  # fmt: skip

@@ -7,12 +7,15 @@ import math
 import pytest
 import torch
 
+from harness.errors import HarnessError
 from methods.linvideo.losses import (
     adm_gradient,
     adm_loss,
     annealed_alpha,
     binarization_loss,
     constraint_loss,
+    landing_time,
+    mse_loss,
     normalized_adm_gradient,
     ste_round,
     step_normalized_adm_gradient,
@@ -105,16 +108,38 @@ def test_adm_gradient_is_weighted_velocity_difference() -> None:
 
 
 def test_adm_surrogate_gradient_with_respect_to_x_hat_is_g() -> None:
-    """Autograd of 0.5||x_hat - sg(x_hat - g)||^2 (sum) gives exactly g; the mean divides it by numel."""
+    """Autograd of 0.5||x_hat - sg(x_hat - g)||^2 gives g / B per sample (sample-sum); the mean divides it by numel."""
     g = torch.randn(2, 3, 2, 4, 4, dtype=torch.float64)
-    for reduction, scale in (("sum", 1.0), ("mean", 1.0 / g.numel())):
+    for reduction, scale in (("sample-sum", 1.0 / len(g)), ("mean", 1.0 / g.numel())):
         x_hat = torch.randn_like(g, requires_grad=True)
         adm_loss(x_hat, g, reduction).backward()
         assert x_hat.grad is not None and torch.allclose(x_hat.grad, g * scale, rtol=1e-12, atol=0)
 
 
-def test_adm_loss_value_is_half_squared_norm_of_g() -> None:
+def test_adm_loss_value_is_half_squared_norm_of_g_per_sample() -> None:
     g = torch.randn(4, 5, dtype=torch.float64)
     x_hat = torch.randn_like(g)
-    assert adm_loss(x_hat, g, "sum").item() == pytest.approx(0.5 * (g**2).sum().item(), rel=1e-12)
+    assert adm_loss(x_hat, g, "sample-sum").item() == pytest.approx(0.5 * (g**2).sum().item() / 4, rel=1e-12)
     assert math.isfinite(adm_loss(x_hat, g).item())
+
+
+@pytest.mark.parametrize(("reduction", "expected"), [("mean", 25.0 / 6), ("sample-sum", 12.5)])
+def test_mse_reduction_is_the_elements_mean_or_the_per_sample_frobenius_norm(reduction: str, expected: float) -> None:
+    """Eq. 7 per sample is ||u_T - u_S||_F^2: samples with squared errors summing to 9 and 16, three elements each."""
+    u_teacher = torch.zeros(2, 3, dtype=torch.float64)
+    u_student = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]], dtype=torch.float64)
+    assert mse_loss(u_student, u_teacher, reduction).item() == pytest.approx(expected)
+
+
+def test_an_unknown_reduction_is_refused() -> None:
+    with pytest.raises(HarnessError, match="reduction must be one of mean, sample-sum"):
+        adm_loss(torch.zeros(1, 2), torch.zeros(1, 2), "sum")
+
+
+def test_the_landing_time_is_kappa_of_the_step_and_the_last_step_lands_at_t_min() -> None:
+    """Issue 20: kappa = 1 is t_next exactly, 0.5 the midpoint; the last step (t_next = 0) lands at t_min, not 0."""
+    s, t_next = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.6, 0.3, 0.0])
+    assert torch.equal(landing_time(s, t_next, 1.0, 0.02), torch.tensor([0.6, 0.3, 0.02]))
+    assert landing_time(s, t_next, 0.5, 0.02).tolist() == pytest.approx([0.75, 0.45, 0.15])
+    with pytest.raises(HarnessError, match="step fraction must be in"):
+        landing_time(s, t_next, 0.0)

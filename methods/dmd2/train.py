@@ -46,13 +46,14 @@ from harness.checkpoints import (
     save_tensors,
     state_file_name,
 )
-from harness.errors import HarnessError
+from harness.errors import HarnessError, check_choice
 from harness.models.base import MODELS, ModelAdapter
+from harness.recipes import TOY
 from harness.spec import Sampling
 from harness.train import engine
 from harness.train.config import EngineConfig
 from harness.train.engine import Run
-from harness.train.task import Group, Modules, Shard, Task
+from harness.train.task import OPTIMIZERS, Group, Modules, Shard, Task
 from methods import METHODS, build_method
 from methods.base import AttentionMethod
 from methods.dmd2.generator import DENSE, SPEC_FILE, STATE_FILE, TRANSFORMER_FILE, Dmd2Generator
@@ -91,16 +92,17 @@ class Dmd2Config(EngineConfig):
     t_max: float = 0.98
     regression_pairs: int = 0  # teacher ODE pairs of the regression loss (0: off, as DMD2)
     regression_weight: float = 0.25
-    # ST + DMD2: selective transfer in the same stage, LinVideo's settings (target_layers 0: off)
+    # ST + DMD2: selective transfer in the same stage (target_layers 0: off), LinVideo's toy recipe by default
     target_layers: int = 0
-    kernel: str = "hedgehog"
-    r_init: float = 0.95
-    r_lr: float = 1.0
-    map_lr: float = 1e-2
-    lam: float = 0.01
-    alpha_start: float = 20.0
-    alpha_end: float = 2.0
-    alpha_anneal_fraction: float = 0.7
+    kernel: str = TOY["kernel"]
+    r_init: float = TOY["r_init"]
+    r_optimizer: str = TOY["r_optimizer"]
+    r_lr: float = TOY["r_lr"]
+    map_lr: float = TOY["map_lr"]
+    lam: float = TOY["lam"]
+    alpha_start: float = TOY["alpha_start"]
+    alpha_end: float = TOY["alpha_end"]
+    alpha_anneal_fraction: float = TOY["alpha_anneal_fraction"]
     # ToyBench of the generator as it samples, every eval_every steps (toy; 0: off), on training-split prompts
     eval_every: int = 0
     eval_clips: int = 32
@@ -115,6 +117,7 @@ class Dmd2Config(EngineConfig):
                                f"{self.sampler_steps}")  # fmt: skip
         if not 0.0 <= self.t_min < self.t_max <= 1.0 or not 0.0 <= self.warmup_fraction < 1.0:
             raise HarnessError("need 0 <= t_min < t_max <= 1 and 0 <= warmup_fraction < 1")
+        check_choice("r optimizer", self.r_optimizer, OPTIMIZERS)
         if self.regression_pairs < 0 or self.regression_weight < 0 or self.eval_every < 0 or self.eval_clips < 1:
             raise HarnessError("regression pairs and weight and the evaluation interval must be >= 0, eval clips >= 1")
         if self.target_layers and self.init != "dense":
@@ -258,7 +261,7 @@ class Dmd2Task(Task):
         assert self.transfer is not None
         return [Group("generator", generator, config.lr, warmup, betas=config.betas, decay="constant"),
                 Group("maps", maps, config.map_lr, warmup, decay="constant", clip_with="generator"),
-                Group("r", [self.transfer.rho], config.r_lr, warmup, optimizer="sgd", decay="constant"),
+                Group("r", [self.transfer.rho], config.r_lr, warmup, optimizer=config.r_optimizer, decay="constant"),
                 *groups]  # fmt: skip
 
     def data(self, shard: Shard, step: int) -> PromptBatches:
@@ -373,6 +376,9 @@ class Dmd2Task(Task):
 
     def after_step(self, step: int, run: Run) -> None:
         config = self.config
+        if config.target_layers:
+            assert self.transfer is not None
+            self.transfer.project_()  # r is trained by projected gradient descent, as LinVideo trains it
         if self.evaluate is None or not config.eval_every or (step % config.eval_every and step != config.steps):
             return
         if run.layout.fsdp:

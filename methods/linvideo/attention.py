@@ -1,9 +1,10 @@
 """LinVideo's attention: per-layer mixing of softmax and linear attention, and the converted model.
 
 While training, every self-attention layer l outputs ``r_l * softmax(q, k, v) + (1 - r_l) * linear(q, k, v)``
-from the same q, k, v (Eq. 8), with a learnable score ``r_l = clamp(rho_l, 0, 1)`` and per-layer feature
-maps, separate for q and k, applied after qk-norm and RoPE. After training a layer is linear iff
-``r_l < 0.5`` and only its chosen branch runs (the converted model).
+from the same q, k, v (Eq. 8), with a learnable score ``r_l = rho_l``, kept in [0, 1] by projection after every
+optimiser step (:meth:`TransferState.project_`), and per-layer feature maps, separate for q and k, applied after
+qk-norm and RoPE. After training a layer is linear iff ``r_l < 0.5`` and only its chosen branch runs (the
+converted model).
 
 The converted model's softmax layers run any registered dense or sparse softmax method
 (``softmax_method``, with its own ``softmax_params``): the paper's Appendix J notes that LinVideo "can be
@@ -73,8 +74,25 @@ class TransferState(nn.Module):
         return self.rho.numel()
 
     def r(self) -> torch.Tensor:
-        """Scores in [0, 1], ``(layers,)``; a clamped rho stops moving, as a layer that reached 0 stays linear."""
+        """Scores in [0, 1], ``(layers,)``: rho itself while it is kept projected (:meth:`project_`).
+
+        The clamp is the identity on [0, 1] and passes the gradient there, the ends included; it only bounds a
+        rho loaded from a run made before the projection (whose rho could leave the interval).
+        """
         return self.rho.clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Project rho back into [0, 1] (the trainer calls this after every optimiser step of r).
+
+        A score is a constrained parameter, trained by projected gradient descent: a step that overshoots an
+        end leaves r at that end, where the gradient still reaches it, so L_con and the objective can move it
+        back. Clamping only in the forward pass (r = clamp(rho)) let rho run past an end, where the clamp passes
+        no gradient and nothing brings it back: the layer could never move again. A straight-through clamp
+        would keep the gradient but let rho drift arbitrarily far outside, so that a later correction takes as
+        many steps as the overshoot did; the projection keeps no such hidden state.
+        """
+        self.rho.clamp_(0.0, 1.0)
 
     @torch.no_grad()
     def set_linear(self, layers: tuple[int, ...]) -> None:

@@ -118,7 +118,10 @@ class TrajectoryStore:
             embeddings = load_file(str(path / EMBEDDINGS_FILE))
         except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as exc:
             raise HarnessError(f"trajectory store {path} is incomplete or corrupt: {exc}") from exc
-        self.tensors = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        # One shard is used as loaded: safetensors maps the file, so every process training from this store shares
+        # its pages (a toy store of 1,024 prompts x 50 steps is 10 GB); several shards are concatenated (a copy).
+        self.tensors = {key: parts[0][key] if len(parts) == 1 else torch.cat([part[key] for part in parts])
+                        for key in parts[0]}  # fmt: skip
         self.cond, self.uncond = embeddings["cond"], embeddings["uncond"]
         times = self.tensors["t"]
         self.grid = torch.unique(times[times > 0])  # the sampler's times, ascending
@@ -126,23 +129,20 @@ class TrajectoryStore:
     def __len__(self) -> int:
         return self.tensors["t"].numel()
 
-    def sample(self, batch_size: int, generator: torch.Generator, exclude_last: bool = True,
-               jump: str = "next") -> dict[str, torch.Tensor]:  # fmt: skip
+    def sample(self, batch_size: int, generator: torch.Generator, jump: str = "next") -> dict[str, torch.Tensor]:
         """A random batch of stored states: x, u, t, t_next ``(B,)``, cond embeddings ``(B, L, D)``.
 
-        ``exclude_last`` leaves out the final step (t_next = 0: no one-step target for ADM). ``jump="any"``
-        replaces each t_next by a grid time drawn uniformly from those in (0, t), so that a one-step target
-        may lie several sampler steps ahead (the stored ``u`` stays the velocity at ``t``).
+        Every sampler step is drawn alike, the last one (t_next = 0) included: ADM lands it at its ``t_min``
+        (:func:`methods.linvideo.losses.landing_time`). ``jump="any"`` replaces each t_next by a time drawn
+        uniformly from the sampler's times below t and 0, so that a one-step target may lie several sampler
+        steps ahead (the stored ``u`` stays the velocity at ``t``).
         """
         check_choice("jump", jump, JUMPS)
-        valid = torch.nonzero(self.tensors["t_next"] > 0).flatten() if exclude_last else torch.arange(len(self))
-        index = valid[torch.randint(0, valid.numel(), (batch_size,), generator=generator)]
+        index = torch.randint(0, len(self), (batch_size,), generator=generator)
         batch = {key: value[index] for key, value in self.tensors.items()}
         batch["cond"] = self.cond[batch["prompt"]]
         if jump == "any":
-            earlier = torch.searchsorted(self.grid, batch["t"])  # grid times below t, all > 0
-            if bool((earlier == 0).any()):
-                raise HarnessError("jump='any' needs states with a later grid time above 0 (exclude_last)")
-            pick = (torch.rand(batch_size, generator=generator) * earlier).long()
-            batch["t_next"] = self.grid[pick]
+            below = torch.searchsorted(self.grid, batch["t"])  # the sampler's times below t, all > 0
+            pick = (torch.rand(batch_size, generator=generator) * (below + 1)).long()
+            batch["t_next"] = torch.cat([torch.zeros(1, dtype=self.grid.dtype), self.grid])[pick]
         return batch

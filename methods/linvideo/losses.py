@@ -44,6 +44,23 @@ def annealed_alpha(
     return start + (end - start) * progress
 
 
+def landing_time(s: torch.Tensor, t_next: torch.Tensor, fraction: float = 1.0, t_min: float = 0.02) -> torch.Tensor:
+    """Where ADM's student step from a stored state at time ``s`` lands: ``t = s - kappa (s - t_next)``, >= t_min.
+
+    ``s, t_next``: ``(B,)`` flow times (1 = noise) of a sampler step, ``t_next < s``; ``fraction`` is kappa in
+    (0, 1]: 1 lands on the sampler's next time (the paper's step), smaller lands part of the way, where ADM's
+    comparison of teacher and student at x_hat tends to a weighted MSE at x_s as kappa -> 0. The sampler's last
+    step lands at t_next = 0, where the score difference's weight (1 - t)/t is infinite (and neither model is
+    ever evaluated there by the sampler): that landing is clamped to ``t_min`` (the student steps from s to
+    t_min and both models are evaluated at t_min), so the last step is trained like every other one with the
+    finite weight (1 - t_min)/t_min (49 at 0.02) under ``analytic`` and 1 / (mean|u_teacher| (s - t_min)) under
+    ``uniform``. Written as ``t_next + (1 - kappa)(s - t_next)`` so that kappa = 1 gives t_next exactly.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise HarnessError(f"ADM step fraction must be in (0, 1], got {fraction}")
+    return (t_next + (1.0 - fraction) * (s - t_next)).clamp(min=t_min)
+
+
 def adm_gradient(
     u_teacher: torch.Tensor, u_student: torch.Tensor, t: torch.Tensor, t_min: float = 0.02
 ) -> torch.Tensor:
@@ -78,18 +95,40 @@ def step_normalized_adm_gradient(u_teacher: torch.Tensor, u_student: torch.Tenso
     return normalized_adm_gradient(u_teacher, u_student) / step.view(-1, *([1] * (u_teacher.dim() - 1)))
 
 
+REDUCTIONS = ("mean", "sample-sum")
+
+
+def reduce_objective(squared: torch.Tensor, reduction: str) -> torch.Tensor:
+    """An objective's per-element terms ``(B, ...)`` reduced to a scalar, by name (the scale against lambda).
+
+    ``sample-sum``: summed over each sample's elements, averaged over the batch: the objective of a sample is
+    the squared Frobenius norm the paper writes (Eq. 7, and Eq. 12's gradient g on every element of x_hat), so
+    its gradient on r is not divided by the size of a sample. ``mean``: averaged over every element, i.e. the
+    per-sample sum divided by the elements of a sample (C F H W: 24,576 on the toy, ~2.1M for Wan 1.3B at
+    480p), while lambda (L_con + L_reg) is not: with the mean, lambda weighs that many times more against the
+    objective than with the per-sample sum.
+    """
+    if reduction not in REDUCTIONS:
+        raise HarnessError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    if reduction == "mean":
+        return squared.mean()
+    return squared.reshape(squared.shape[0], -1).sum(dim=1).mean()
+
+
 def adm_loss(x_hat: torch.Tensor, g: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The ADM surrogate ``0.5 ||x_hat - sg(x_hat - g)||^2``; it reaches the student only through x_hat.
 
-    With ``reduction="sum"`` its gradient with respect to ``x_hat`` is exactly ``g`` (Eq. 12); ``"mean"``
-    (the default, as DMD-style implementations reduce) divides that by the number of elements.
+    ``x_hat, g``: ``(B, C, F, H, W)``. With ``reduction="sample-sum"`` its gradient with respect to each
+    sample's ``x_hat`` is exactly ``g / B`` (Eq. 12, averaged over the batch); ``"mean"`` (DMD-style
+    implementations) divides that by the number of elements of a sample too (:func:`reduce_objective`).
     """
-    if reduction not in ("mean", "sum"):
-        raise HarnessError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    squared = (x_hat - (x_hat - g).detach()) ** 2
-    return 0.5 * (squared.mean() if reduction == "mean" else squared.sum())
+    return 0.5 * reduce_objective((x_hat - (x_hat - g).detach()) ** 2, reduction)
 
 
-def mse_loss(u_student: torch.Tensor, u_teacher: torch.Tensor) -> torch.Tensor:
-    """Eq. 7: regress the stored teacher velocity at the same (x_t, t, prompt)."""
-    return torch.nn.functional.mse_loss(u_student.float(), u_teacher.float())
+def mse_loss(u_student: torch.Tensor, u_teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Eq. 7: regress the stored teacher velocity at the same (x_t, t, prompt); ``(B, C, F, H, W)`` each.
+
+    ``reduction`` as :func:`reduce_objective` (``"mean"``: torch's MSE; ``"sample-sum"``: Eq. 7's squared
+    Frobenius norm per sample, averaged over the batch).
+    """
+    return reduce_objective((u_student.float() - u_teacher.float()) ** 2, reduction)
