@@ -163,8 +163,9 @@ class LinVideo(AttentionMethod):
     def parse_params(cls, raw: dict[str, Any]) -> dict[str, Any]:
         """As the base, and ``softmax_params`` typed by the schema of ``softmax_method``, which must be a softmax
         method (:func:`methods.inner.softmax_methods`)."""
-        return parse_inner("linvideo", super().parse_params(raw), "softmax_method", "softmax_params",
-                           "the softmax layers")
+        return parse_inner(
+            "linvideo", super().parse_params(raw), "softmax_method", "softmax_params", "the softmax layers"
+        )
 
     def params(self) -> dict[str, Any]:
         if self.state is None or not self.converted:
