@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import random
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass, replace
@@ -279,11 +280,20 @@ class Dmd2Task(Task):
     def _noise(self, count: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randn((count, *self.latent_shape), generator=generator, device=generator.device).to(self.device)
 
-    def generated(self, cond: torch.Tensor, generator: torch.Generator, grad: bool) -> torch.Tensor:
-        """Backward simulation: the generator's clean estimate at one of its times t_k (drawn per batch), from a
-        rollout of its own sampler from pure noise; differentiable in its last step only when ``grad``."""
+    def rollout_length(self, shard: Shard, step: int, update: str) -> int:
+        """The sampler time t_k of one micro-batch's backward simulation, uniform over the generator's times.
+
+        A function of the seed, the step, the update (``generator`` or ``fake3``) and the micro-batch only, not of
+        the rank: under FSDP every rank must run as many forwards as the others (each one gathers parameters).
+        """
+        micro = shard.index % self.config.accumulation
+        return random.Random(f"{self.config.seed}/{step}/{update}/{micro}").randrange(len(self.times))
+
+    def generated(self, cond: torch.Tensor, k: int, generator: torch.Generator, grad: bool) -> torch.Tensor:
+        """Backward simulation: the generator's clean estimate at its time t_k from a rollout of its own sampler from
+        pure noise through t_0..t_{k-1} (noise from ``generator``); differentiable in its last step only when
+        ``grad``. ``cond``: prompt embeddings ``(B, L, D)``; out ``(B, C, F, H, W)`` fp32."""
         count = cond.shape[0]
-        k = int(torch.randint(0, len(self.times), (1,), generator=generator, device=generator.device))
         x = self._noise(count, generator)
         with torch.no_grad():
             for index in range(k):
@@ -300,7 +310,7 @@ class Dmd2Task(Task):
         """The generator's step: L_DM at a re-noised sample of its own (plus the regression and ST terms)."""
         config, generator = self.config, shard.generator
         cond = self.cond[batch]
-        x0 = self.generated(cond, generator, grad=True)
+        x0 = self.generated(cond, self.rollout_length(shard, step, "generator"), generator, grad=True)
         t = shifted_times(x0.shape[0], config.t_min, config.t_max, self.sampling.shift, generator).to(self.device)
         x_t = renoise(x0.detach(), t, self._noise(x0.shape[0], generator))
         with torch.no_grad():
@@ -318,7 +328,7 @@ class Dmd2Task(Task):
         """One fake-score update: flow matching on fresh generator samples re-noised at random times."""
         config, generator = self.config, shard.generator
         cond = self.cond[batch]
-        x0 = self.generated(cond, generator, grad=False)
+        x0 = self.generated(cond, self.rollout_length(shard, step, f"fake{index}"), generator, grad=False)
         t = shifted_times(x0.shape[0], config.t_min, config.t_max, self.sampling.shift, generator).to(self.device)
         noise = self._noise(x0.shape[0], generator)
         velocity = guided_velocity(self.fake, renoise(x0, t, noise), t, cond, self.uncond, 1.0)
