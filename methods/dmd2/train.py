@@ -9,7 +9,8 @@ One optimizer step of the engine is one generator step. Before it, the engine ru
 ``fake_updates`` inner updates (the two time-scale rule: N = 5 by default, each on its own batch of fresh
 generator samples, with its own AdamW and learning rate, clipped alone); then the generator's update, whose
 fake-score forward runs without gradient. Every state the generator sees comes from its own rollouts (backward
-simulation): a batch draws one of the sampler's times t_k, rolls the generator from pure noise through
+simulation): each micro-batch of an update takes one of the sampler's times t_k (uniformly, the same on every
+rank), rolls the generator from pure noise through
 t_0..t_{k-1} without gradient (each step: x0 from the velocity, re-noised with fresh noise to the next time, as it
 samples; :mod:`methods.dmd2.sampler`) and differentiates its step at t_k. No teacher data is needed; the optional
 regression loss uses a small set of teacher ODE pairs (noise, the teacher's 20-step output), made once by sampling
@@ -17,9 +18,10 @@ the teacher and kept in ``OUT/regression/``. DMD2's GAN term is left out.
 
 **ST + DMD2** (``target_layers > 0``): the generator starts from the dense teacher with LinVideo's learnable
 selection (:class:`methods.linvideo.attention.TransferState`: every layer mixes softmax and linear attention by
-its score r) and trains DMD2's loss plus LinVideo's ``lambda (L_con + L_reg)``; at the end the selection is
-rounded (a layer is linear iff r < 0.5), as a LinVideo conversion is: the paper's single-stage recipe, which it
-reports to collapse (Tab. II).
+its score r) and trains DMD2's loss plus LinVideo's ``lambda (L_con + L_reg)``, r by projected gradient descent
+with LinVideo's toy-recipe settings; at the end the selection is rounded (a layer is linear iff r < 0.5), as a
+LinVideo conversion is: the paper's single-stage recipe, which it reports to collapse (Tab. II). Only LinVideo's
+public pieces are used (``TransferState``, the ``LinVideo`` method, its losses' functions).
 
 The result is a checkpoint folder ``bench run --method dmd2 --checkpoint DIR`` samples in the generator's steps
 without CFG (:mod:`methods.dmd2.generator`).
