@@ -182,11 +182,13 @@ class CheckpointSummary:
 def checkpoint_sampling(path: Path | None) -> dict[str, Any]:
     """The sampling settings a run loading ``path`` defaults to (:attr:`CheckpointSummary.fixed_sampling`);
     empty for a checkpoint that fixes none or cannot be read (the preflight then names the fault)."""
+    if path is None:
+        return {}
     try:
-        spec = json.loads((Path(path) / CHECKPOINT_SPEC).read_text()) if path is not None else {}
+        spec = json.loads((Path(path) / CHECKPOINT_SPEC).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
-    return CheckpointSummary(Path(path or ""), "", {}, spec).fixed_sampling if isinstance(spec, dict) else {}
+    return CheckpointSummary(Path(path), "", {}, spec).fixed_sampling if isinstance(spec, dict) else {}
 
 
 def inspect_checkpoint(path: Path, method: str, folder: bool) -> CheckpointSummary:

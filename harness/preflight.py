@@ -155,7 +155,6 @@ def _check_checkpoint(spec: RunSpec, method: AttentionMethod, checkpoint_to_come
         if getattr(spec.sampling, name, None) != value:
             raise HarnessError(f"checkpoint {path} fixes {name} = {value} (its generator was trained so); this run "
                                f"asks for {name} = {getattr(spec.sampling, name, None)}: drop --{name}")  # fmt: skip
-    method.check_checkpoint(summary)
     ours = method.params()
     for name in method.state_params:
         if name in summary.state_params and summary.state_params[name] != ours.get(name):
@@ -164,4 +163,5 @@ def _check_checkpoint(spec: RunSpec, method: AttentionMethod, checkpoint_to_come
                 f"checkpoint {path} was trained with {name}={theirs!r}, this run asks for {name}={ours.get(name)!r}: "
                 f"pass --param {name}={theirs} or another checkpoint"
             )
+    method.check_checkpoint(summary)
     return checkpoint_identity(path)
