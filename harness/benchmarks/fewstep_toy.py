@@ -4,7 +4,8 @@ In order (each phase's seconds go in the JSON):
 
 1. **Correctness**: the few-step sampler against its equations on fresh random inputs, then 2 DMD2 steps of the
    shipped toy teacher on the GPU (bf16 autocast, the engine's path): every loss finite, the teacher bitwise
-   untouched, generator and fake score both changed. A failure stops the script before anything is trained.
+   untouched (at the bf16 the engine casts it to), generator and fake score both changed. A failure stops the
+   script before anything is trained.
 2. **Calibration**: every training below runs ``--calibration-steps`` steps, all at once (one process each, as in
    phase 3), to measure its seconds per step under that concurrency. The trainings' step count is then the one
    that fits the time left (``--budget-minutes`` less the sampling reserve) at the slowest one's pace, capped by
@@ -204,7 +205,10 @@ def check_correctness(device: torch.device, folder: Path) -> dict[str, Any]:
     losses = json.loads((folder / "training_state.json").read_text())["losses"]
     if not all(torch.isfinite(torch.tensor(list(step.values()))).all() for step in losses):
         raise RuntimeError(f"non-finite DMD2 losses on {device}: {losses}")
-    if not all(torch.equal(before[key], value) for key, value in teacher.transformer.state_dict().items()):
+    # The engine casts the frozen teacher to bf16 in place on CUDA (its documented placement): compare at its dtype.
+    if not all(
+        torch.equal(before[key].to(value.dtype), value) for key, value in teacher.transformer.state_dict().items()
+    ):
         raise RuntimeError("the teacher changed during DMD2")
     modules = {name: load_checkpoint(SHIPPED_CHECKPOINT)[0] for name in ("generator", "fake_score")}
     load_weights(folder, modules)
@@ -291,10 +295,13 @@ def bench_run(args: list[str]) -> Path:
 
     from harness.cli import app
 
-    before = set(Path(args[args.index("--runs-dir") + 1]).glob("*.json"))
-    typer.main.get_command(app).main(args=["run", *args], standalone_mode=False)
-    [record] = set(Path(args[args.index("--runs-dir") + 1]).glob("*.json")) - before
-    return record
+    runs = Path(args[args.index("--runs-dir") + 1])
+    before = set(runs.glob("*.json"))
+    code = typer.main.get_command(app).main(args=["run", *args], standalone_mode=False)
+    made = set(runs.glob("*.json")) - before
+    if code not in (None, 0) or len(made) != 1:
+        raise RuntimeError(f"`bench run {' '.join(args[:6])} ...` failed (exit code {code})")
+    return made.pop()
 
 
 def answers(table: Any, chosen: dict[str, str]) -> dict[str, Any]:
