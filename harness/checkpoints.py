@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -158,12 +158,37 @@ class CheckpointSummary:
     """What a checkpoint says of itself, read without loading a tensor.
 
     ``model``: the model it was trained on ("" when it does not say: a state file given alone);
-    ``state_params``: the method parameters its state file recorded when it was saved.
+    ``state_params``: the method parameters its state file recorded when it was saved; ``spec``: a folder's
+    ``spec.json`` (empty for a state file).
     """
 
     path: Path
     model: str
     state_params: dict[str, Any]
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> str:
+        """The teacher weights (``--weights``) the checkpoint was distilled from, where its spec names them."""
+        return str(self.spec.get("weights", ""))
+
+    @property
+    def fixed_sampling(self) -> dict[str, Any]:
+        """Sampling settings the checkpoint fixes (a few-step generator: its steps, CFG and shift), else empty."""
+        fixed = self.spec.get("fixed_sampling")
+        return dict(fixed) if isinstance(fixed, dict) else {}
+
+
+def checkpoint_sampling(path: Path | None) -> dict[str, Any]:
+    """The sampling settings a run loading ``path`` defaults to (:attr:`CheckpointSummary.fixed_sampling`);
+    empty for a checkpoint that fixes none or cannot be read (the preflight then names the fault)."""
+    if path is None:
+        return {}
+    try:
+        spec = json.loads((Path(path) / CHECKPOINT_SPEC).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return CheckpointSummary(Path(path), "", {}, spec).fixed_sampling if isinstance(spec, dict) else {}
 
 
 def inspect_checkpoint(path: Path, method: str, folder: bool) -> CheckpointSummary:
@@ -177,7 +202,7 @@ def inspect_checkpoint(path: Path, method: str, folder: bool) -> CheckpointSumma
     if not folder:
         if not path.is_file():
             raise HarnessError(f"method {method!r} loads a state file (made by its save_state), not the folder {path}")
-        return CheckpointSummary(path, "", _state_params(path, method))
+        return CheckpointSummary(path, "", state_file_params(path, method))
     if not path.is_dir():
         raise HarnessError(f"checkpoint {path} is a file; {method} takes the folder {made_by} writes "
                            f"({CHECKPOINT_SPEC}, {state_file_name(method)}, {CHECKPOINT_TRANSFORMER})")  # fmt: skip
@@ -197,11 +222,11 @@ def inspect_checkpoint(path: Path, method: str, folder: bool) -> CheckpointSumma
         raise HarnessError(f"checkpoint {path} was trained for method {spec.get('method')!r}, not {method!r}")
     _header(path / CHECKPOINT_TRANSFORMER, made_by)
     store = spec.get("trajectory_store")
-    model = store.get("model", "") if isinstance(store, dict) else ""
-    return CheckpointSummary(path, str(model), _state_params(path / state_file_name(method), method))
+    model = spec.get("model") or (store.get("model", "") if isinstance(store, dict) else "")
+    return CheckpointSummary(path, str(model), state_file_params(path / state_file_name(method), method), spec)
 
 
-def _state_params(path: Path, method: str) -> dict[str, Any]:
+def state_file_params(path: Path, method: str) -> dict[str, Any]:
     """The parameters a method state file recorded, after checking that it is ``method``'s and whole."""
     meta = _header(path, f"`bench train --method {method}`")
     if meta.get("method") != method:

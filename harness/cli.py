@@ -267,8 +267,9 @@ def run_cmd(
     checkpoint: Annotated[
         Path | None,
         typer.Option(
-            help="Method state to load, e.g. a converted LinVideo folder. linvideo on toy without it: the default "
-            "conversion, trained once and cached ($ATTENTION_BENCH_CACHE, else ~/.cache/attention-bench)."
+            help="Method state to load, e.g. a converted LinVideo folder; a dmd2 generator's folder also sets its "
+            "steps, CFG 1 and shift. linvideo on toy without it: the default conversion, trained once and cached "
+            "($ATTENTION_BENCH_CACHE, else ~/.cache/attention-bench)."
         ),
     ] = None,
     eval_suites: Annotated[
@@ -312,6 +313,7 @@ def run_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Generate videos for prompts x seeds with one method and write one record (skips finished specs)."""
+    from harness.checkpoints import checkpoint_sampling
     from harness.eval.suites import EvalOptions
     from harness.generate import run
     from harness.models import MODELS
@@ -325,6 +327,7 @@ def run_cmd(
         chosen_protocol,
         dict(steps=steps, cfg=cfg, height=height, width=width, frames=frames, fps=fps),
     )
+    d = replace(d, **checkpoint_sampling(checkpoint))  # a few-step generator's own steps, CFG 1 and shift
     sampling = Sampling(
         steps=d.steps if steps is None else steps,
         cfg=d.cfg if cfg is None else cfg,
@@ -833,9 +836,33 @@ def _recipes(field: str) -> str:
 def train_cmd(
     out: Annotated[Path, typer.Option(help="Folder of the converted checkpoint (and the resumable training state).")],
     target_layers: Annotated[
-        int | None, typer.Option(help="Self-attention layers to convert to linear attention (linvideo).")
+        int | None,
+        typer.Option(help="Self-attention layers to convert to linear attention (linvideo; dmd2: ST + DMD2)."),
     ] = None,
-    method: Annotated[str, typer.Option(help="Method to train: linvideo or sla.")] = "linvideo",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="Method to train: linvideo, sla, or dmd2 (a 4-step generator distilled by DMD2: distribution "
+            "matching against the teacher with CFG, a fake score updated --fake-updates times per step, backward "
+            "simulation; DMD2's GAN term is left out)."
+        ),
+    ] = "linvideo",
+    init: Annotated[
+        str,
+        typer.Option(
+            help="dmd2: where the generator starts: dense (the teacher) or a method's checkpoint folder, e.g. a "
+            "LinVideo conversion (its linear layers are kept: LinVideo + DMD2). With --target-layers: ST + DMD2."
+        ),
+    ] = "dense",
+    fake_updates: Annotated[int, typer.Option(help="dmd2: fake-score updates per generator step (TTUR).")] = 5,
+    fake_lr: Annotated[float | None, typer.Option(help="dmd2: the fake score's learning rate (default: --lr).")] = None,
+    real_cfg: Annotated[float, typer.Option(help="dmd2: the real score's CFG scale; 0: the model's.")] = 0.0,
+    regression_pairs: Annotated[
+        int, typer.Option(help="dmd2: teacher ODE pairs for DMD's regression loss (0: off, as DMD2).")
+    ] = 0,
+    eval_every: Annotated[
+        int, typer.Option(help="dmd2 on toy: ToyBench of the generator every N steps (0: off), for its curve.")
+    ] = 0,
     model: Annotated[str, typer.Option(help="Teacher model adapter (see `bench models`).")] = "toy",
     recipe: Annotated[
         str | None,
@@ -870,9 +897,9 @@ def train_cmd(
     lr: Annotated[
         float | None,
         typer.Option(
-            help="Peak learning rate of the transformer (LinVideo's feature maps: --map-lr); sla: 1e-4. ADM on the "
-            "toy diverged once this lr summed over the steps (warm-up and cosine included) passed 0.007-0.014."
-            + _recipes("lr")
+            help="Peak learning rate of the transformer (LinVideo's feature maps: --map-lr); sla: 1e-4; dmd2: 2e-5 "
+            "(the generator, constant). ADM on the toy diverged once this lr summed over the steps (warm-up and "
+            "cosine included) passed 0.007-0.014." + _recipes("lr")
         ),
     ] = None,
     map_lr: Annotated[
@@ -1002,9 +1029,10 @@ def train_cmd(
         str, typer.Option(help="The frozen teacher under FSDP: replicate (a bf16 copy per rank) or shard.")
     ] = "replicate",
 ) -> None:
-    """Train LinVideo (data-free collection, selective transfer, ADM) or fine-tune SLA; resumable (rerun).
+    """Train LinVideo (data-free collection, selective transfer, ADM), fine-tune SLA, or distil a 4-step DMD2
+    generator (no GAN term); resumable (rerun).
 
-    SLA trains through the training engine, also under ``torchrun --nproc-per-node N -m harness.cli train``.
+    SLA and DMD2 train through the training engine, also under ``torchrun --nproc-per-node N -m harness.cli train``.
     """
     from harness.checkpoints import TRAINING_META
     from harness.distributed import current_ranks, rank_device
@@ -1015,11 +1043,24 @@ def train_cmd(
     from methods.linvideo.train import LinVideoTrainConfig
 
     trained = _canonical_method(method)
-    if trained not in ("linvideo", "sla"):
-        raise HarnessError(f"bench train trains linvideo or sla, not {method!r}")
+    if trained not in ("linvideo", "sla", "dmd2"):
+        raise HarnessError(f"bench train trains linvideo, sla or dmd2, not {method!r}")
     ranks = current_ranks()
     layout = {"accumulation": accumulation, "global_batch": global_batch, "fsdp": fsdp,
               "teacher_placement": teacher_placement}  # fmt: skip
+    if trained == "dmd2":
+        if recipe is not None:
+            raise HarnessError("--recipe names LinVideo's recipes; dmd2 takes its settings one by one (ST + DMD2 "
+                               "starts from the toy recipe's selection settings)")  # fmt: skip
+        _train_dmd2(dict(init=init, fake_updates=fake_updates, fake_lr=fake_lr, real_cfg=real_cfg,
+                         regression_pairs=regression_pairs, eval_every=eval_every, target_layers=target_layers or 0,
+                         kernel=kernel, r_init=r_init, r_lr=r_lr, map_lr=map_lr, lam=lam, alpha_start=alpha_start,
+                         alpha_end=alpha_end, alpha_anneal_fraction=alpha_anneal_fraction, model=model,
+                         weights=_weights_value(weights, False, MODELS.get(model).weights_kind), steps=steps,
+                         batch_size=batch_size, lr=lr, checkpoint_every=checkpoint_every, seed=seed,
+                         precision="bf16" if bf16 else "fp32", activation_checkpointing=activation_checkpointing,
+                         **layout), out, prompt_file, prompts, device, progress)  # fmt: skip
+        return
     if trained == "linvideo" and (ranks.sharded or layout != _ENGINE_LAYOUT_DEFAULTS):
         raise HarnessError("linvideo trains on one process for now: torchrun, --accumulation, --global-batch, --fsdp "
                            "and --teacher-placement apply to --method sla")  # fmt: skip
@@ -1079,6 +1120,38 @@ def train_cmd(
 
 
 _ENGINE_LAYOUT_DEFAULTS = {"accumulation": 1, "global_batch": 0, "fsdp": "auto", "teacher_placement": "replicate"}
+
+
+def _train_dmd2(settings: dict[str, Any], out: Path, prompt_file: Path | None, prompt_count: int, device: str,
+                progress: bool) -> None:  # fmt: skip
+    """``bench train --method dmd2``: the config from the options (Dmd2Config's defaults where not given; the fake
+    score's learning rate follows --lr unless --fake-lr is given)."""
+    from harness.distributed import current_ranks, rank_device
+    from harness.preflight import resolve_device
+    from methods.dmd2.train import Dmd2Config, Dmd2Request, train
+
+    given = {key: value for key, value in settings.items() if value is not None}
+    if "lr" in given:
+        given.setdefault("fake_lr", given["lr"])
+    ranks = current_ranks()
+    request = Dmd2Request(Dmd2Config(**given), out, _prompt_lines(prompt_file), prompt_count,
+                          str(rank_device(resolve_device(device), ranks)), progress)  # fmt: skip
+    folder = train(request)
+    if ranks.lead:
+        spec = json.loads((folder / "spec.json").read_text())
+        console.print(f"[bold]dmd2[/] {spec['generator']}: {spec['steps']} steps ({spec['seconds_per_step']:.3g} "
+                      f"s/step; {spec['gan']}) -> {folder}")  # fmt: skip
+        for note in spec["notes"]:
+            console.print(f"[yellow]note:[/] {note}")
+
+
+def _prompt_lines(prompt_file: Path | None) -> tuple[str, ...] | None:
+    """The training prompts of ``--prompt-file`` (one per line), or None for the model's own."""
+    if prompt_file is not None and not prompt_file.is_file():
+        raise HarnessError(f"--prompt-file {prompt_file} does not exist")
+    if prompt_file is None:
+        return None
+    return tuple(line.strip() for line in prompt_file.read_text().splitlines() if line.strip())
 
 
 def _sla_train_config(pairs: list[str], **settings: Any) -> Any:

@@ -9,7 +9,8 @@ latency` (:func:`check_method`) call it first. It checks
   fidelity reference's cohort, an evaluator's environment);
 - the method: its parameters, the model's layers and steps, the token grid, the device and dtype;
 - the checkpoint: its own spec file and safetensors headers (no tensor is loaded) against the run's
-  method, model and parameters; its content then names the run (``RunSpec.checkpoint_id``).
+  method, model and parameters, the teacher weights and sampling a distilled generator fixes, and the method's
+  own check (:meth:`AttentionMethod.check_checkpoint`); its content then names the run (``RunSpec.checkpoint_id``).
 
 Each failure is a :class:`HarnessError` with one clear line.
 """
@@ -159,6 +160,14 @@ def _check_checkpoint(spec: RunSpec, method: AttentionMethod, checkpoint_to_come
     summary = inspect_checkpoint(path, spec.method, folder=method.capabilities.needs_training)
     if summary.model and summary.model != spec.model:
         raise HarnessError(f"checkpoint {path} was trained on model {summary.model!r}; this run uses {spec.model!r}")
+    if summary.weights and summary.weights != spec.weights:
+        raise HarnessError(f"checkpoint {path} was distilled from {spec.model} weights {summary.weights!r}; this run "
+                           f"loads {spec.weights!r} (the prompt encoder and VAE come from them): pass --weights "
+                           f"{summary.weights}")  # fmt: skip
+    for name, value in summary.fixed_sampling.items():
+        if getattr(spec.sampling, name, None) != value:
+            raise HarnessError(f"checkpoint {path} fixes {name} = {value} (its generator was trained so); this run "
+                               f"asks for {name} = {getattr(spec.sampling, name, None)}: drop --{name}")  # fmt: skip
     ours = method.params()
     for name in method.state_params:
         if name in summary.state_params and summary.state_params[name] != ours.get(name):
@@ -167,4 +176,5 @@ def _check_checkpoint(spec: RunSpec, method: AttentionMethod, checkpoint_to_come
                 f"checkpoint {path} was trained with {name}={theirs!r}, this run asks for {name}={ours.get(name)!r}: "
                 f"pass --param {name}={theirs} or another checkpoint"
             )
+    method.check_checkpoint(summary)
     return checkpoint_identity(path)

@@ -29,6 +29,7 @@ _BUILTIN = {
     "radial": ("methods.radial:RadialAttention", ("radial-attention",)),
     "dfa": ("methods.dfa:DiTFastAttn", ("ditfastattn",)),
     "sla": ("methods.sla:SparseLinearAttention", ("sparse-linear",)),
+    "dmd2": ("methods.dmd2.generator:Dmd2Generator", ("dmd",)),
 }
 for _name, (_target, _aliases) in _BUILTIN.items():
     if _name not in METHODS:

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from harness.errors import HarnessError, UnsupportedError
 from harness.registry import Registry
 from methods.params import Param, parse_params
+
+if TYPE_CHECKING:
+    from harness.checkpoints import CheckpointSummary
 
 CfgBranch = Literal["cond", "uncond", "none"]
 Sparsity = Literal["dense", "static", "dynamic", "linear"]
@@ -291,6 +294,18 @@ class AttentionMethod(ABC):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_tensors().items()}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
+
+    def check_checkpoint(self, summary: CheckpointSummary) -> None:
+        """Refuse, before any model is built, a checkpoint (its ``spec.json``: ``summary.spec``) that this method's
+        parameters do not fit; the harness has checked its method, model, files and state parameters already."""
+        return None
+
+    def scheduler(self, sampling: Any) -> Any:
+        """The sampler a model runs under this method, with the diffusers scheduler interface the adapter drives
+        (``set_timesteps``, ``timesteps``, ``step``), or ``None`` for the model's own (every attention method).
+        A distilled few-step generator (``dmd2``) brings its own (``sampling``: the run's
+        :class:`harness.spec.Sampling`)."""
+        return None
 
     def load_checkpoint(self, path: Path, transformer: torch.nn.Module) -> None:
         """Load what ``--checkpoint`` names; by default the method's state file (methods that fine-tune

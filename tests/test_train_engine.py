@@ -124,6 +124,40 @@ def test_resume_refuses_another_experiment_and_another_global_batch(tmp_path: Pa
         engine.run(DebugTask(DebugConfig(steps=2, batch_size=4, accumulation=2), tmp_path), show_progress=False)
 
 
+class InnerTask(DebugTask):
+    """The scale also trained by 2 inner updates per step, from a loss that reaches the model's weights too."""
+
+    inner_groups = ("scale",)
+    inner_updates = 2
+
+    def __init__(self, config: DebugConfig, out: Path, detached: bool) -> None:
+        super().__init__(config, out)
+        self.detached, self.inner_calls = detached, 0
+
+    def inner_losses(self, batch: tuple[torch.Tensor, torch.Tensor], shard: Shard, step: int,
+                     index: int) -> dict[str, torch.Tensor]:  # fmt: skip
+        self.inner_calls += 1
+        x, y = batch
+        features = self.model(x).detach() if self.detached else self.model(x)
+        return {"inner": torch.nn.functional.mse_loss(self.scale(features), y)}
+
+
+def test_inner_updates_step_their_groups_alone_before_each_step(tmp_path: Path) -> None:
+    """Each step runs the inner group's updates first (logged as their mean); their gradients on other groups are
+    dropped, so the model ends where it ends when the inner loss never reaches it."""
+    config = DebugConfig(steps=3, batch_size=4, accumulation=2)
+    reaching, detached = InnerTask(config, tmp_path / "a", detached=False), InnerTask(config, tmp_path / "b", True)
+    for task in (reaching, detached):
+        engine.run(task, show_progress=False)
+    assert reaching.inner_calls == 3 * 2 * 2  # steps x inner updates x micro-batches
+    a, b, plain = weights(tmp_path / "a"), weights(tmp_path / "b"), tmp_path / "plain"
+    engine.run(DebugTask(config, plain), show_progress=False)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not torch.equal(a["scale.weight"], weights(plain)["scale.weight"])
+    losses = json.loads((tmp_path / "a" / "training_state.json").read_text())["losses"]
+    assert list(losses[0]) == ["objective", "penalty", "total", "inner"]
+
+
 def test_named_global_batch_must_match_the_launch() -> None:
     with pytest.raises(HarnessError, match=r"global batch 48 asked, but batch 2 x 8 rank\(s\) x accumulation 2 = 32"):
         EngineConfig(batch_size=2, accumulation=2, global_batch=48).resolved_global_batch(8)

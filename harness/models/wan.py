@@ -239,7 +239,7 @@ class WanFamilyAdapter(ModelAdapter):
         step_hook: StepHook | None = None,
         observer: TrajectoryObserver | None = None,
     ) -> torch.Tensor:
-        scheduler = self.make_scheduler(sampling.shift)
+        scheduler = runtime.method.scheduler(sampling) or self.make_scheduler(sampling.shift)
         scheduler.set_timesteps(sampling.steps, device=self.device)
         timesteps = scheduler.timesteps
         flow_times = (timesteps.detach().float().cpu() / NUM_TRAIN_TIMESTEPS).tolist()

@@ -4,20 +4,24 @@ Per optimizer step: each group's learning rate from its warm-up + cosine (or con
 rank's micro-batches (its data shards), the task's loss terms under autocast, their sum / accumulation
 backpropagated (FSDP2 reduces gradients on the last micro-batch only); replicated side modules' gradients
 averaged across ranks; each clip group clipped; every optimizer stepped; the task's after-step hook (EMA, r
-projection). Every ``sync_every`` steps the loss terms, averaged over micro-batches and ranks, are read on the
-host: a non-finite value stops the run with a message naming its step, before anything is written, so the last
-checkpoint stays good. Every ``checkpoint_every`` steps (and at the end) a resumable DCP checkpoint; a rerun of
-the same command resumes it. At the end the divergence note (:func:`harness.training.divergence_note`), the
-task's result, and the record ``training_state.json`` (config, layout with the global batch, per-step losses).
+projection). A task with a two time-scale rule (DMD2's fake score) has its ``inner_updates`` of some groups
+run the same way before that, each on fresh batches. Every ``sync_every`` steps the loss terms, averaged over
+micro-batches and ranks, are read on the host: a non-finite value stops the run with a message naming its step,
+before anything is written, so the last checkpoint stays good. Every ``checkpoint_every`` steps (and at the end)
+a resumable DCP checkpoint; a rerun of the same command resumes it. At the end the divergence note
+(:func:`harness.training.divergence_note`), the task's result, and the record ``training_state.json`` (config,
+layout with the global batch, per-step losses).
 Progress (rich, with ETA) and log lines come from the lead rank only.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,6 +141,31 @@ def _loop(task: Task, state: Run, groups: list[Group], optimizers: dict[str, tor
 
     config, layout, device = task.config, state.layout, state.device
     sharded = list(state.modules.sharded.values())
+    every = _Updated(list(optimizers.values()), replicated, list(clip_sets.values()))
+    inner = _inner_updated(task, groups, optimizers, replicated)
+
+    def update(losses: Callable[[Any, Shard, int], dict[str, torch.Tensor]], step: int, updated: _Updated
+               ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """One update: each micro-batch's loss terms backpropagated (gradients reduced on the last), the replicated
+        gradients averaged, each clip set clipped, the optimizers stepped; the terms' means over micro-batches."""
+        terms: dict[str, torch.Tensor] = {}
+        for micro, (shard, source) in enumerate(zip(shards, data, strict=True)):
+            parallel.set_gradient_sync(sharded, micro == len(shards) - 1)
+            with layout.autocast(device):
+                loss_terms = losses(source.batch(step), shard, step)
+            total = sum(loss_terms.values(), torch.zeros((), device=device))
+            (total / len(shards)).backward()
+            for key, value in {**loss_terms, **({"total": total} if len(loss_terms) > 1 else {})}.items():
+                terms[key] = terms.get(key, 0.0) + value.detach().float() / len(shards)
+        parallel.average_gradients(updated.replicated, layout)
+        for params in updated.clip_sets:
+            parallel.clip_grad_norm(params, config.grad_clip)
+        for optimizer in updated.optimizers:
+            optimizer.step()
+        for optimizer in optimizers.values():  # an inner loss's gradients on other groups do not reach their update
+            optimizer.zero_grad(set_to_none=True)
+        return terms
+
     columns = (TextColumn(f"[bold]{task.name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
     progress = Progress(*columns, TimeRemainingColumn(), disable=not (show_progress and state.ranks.lead))
     state.console = progress.console
@@ -151,25 +180,14 @@ def _loop(task: Task, state: Run, groups: list[Group], optimizers: dict[str, tor
             for group in groups:
                 for param_group in optimizers[group.name].param_groups:
                     param_group["lr"] = group.lr * lr_factor(group, step, config.steps)
-            terms: dict[str, torch.Tensor] = {}
-            for micro, (shard, source) in enumerate(zip(shards, data, strict=True)):
-                parallel.set_gradient_sync(sharded, micro == len(shards) - 1)
-                with layout.autocast(device):
-                    loss_terms = task.losses(source.batch(step), shard, step)
-                total = sum(loss_terms.values(), torch.zeros((), device=device))
-                (total / len(shards)).backward()
-                for key, value in {**loss_terms, **({"total": total} if len(loss_terms) > 1 else {})}.items():
-                    terms[key] = terms.get(key, 0.0) + value.detach().float() / len(shards)
-            pending.append(terms)
+            inner_terms: dict[str, torch.Tensor] = {}
+            for index in range(task.inner_updates):
+                for key, value in update(functools.partial(task.inner_losses, index=index), step, inner).items():
+                    inner_terms[key] = inner_terms.get(key, 0.0) + value / task.inner_updates
+            pending.append({**update(task.losses, step, every), **inner_terms})
             if (step + 1) % config.sync_every == 0 or step + 1 == config.steps:
                 _check_and_log(pending, state, task.out, step + 1 - len(pending))
                 pending.clear()
-            parallel.average_gradients(replicated, layout)
-            for params in clip_sets.values():
-                parallel.clip_grad_norm(params, config.grad_clip)
-            for optimizer in optimizers.values():
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
             state.step += 1
             task.after_step(state.step, state)
             if state.losses and len(state.losses) == state.step:
@@ -189,6 +207,29 @@ def _loop(task: Task, state: Run, groups: list[Group], optimizers: dict[str, tor
                 meta = state.record(config, task.log)
                 checkpoint.save(task.out, container, list(optimizers.values()), shards, meta, state.ranks)
                 task.on_checkpoint(state.step, state)
+
+
+@dataclass(frozen=True)
+class _Updated:
+    """What one update steps: optimizers, the replicated parameters whose gradients it averages, its clip sets."""
+
+    optimizers: list[torch.optim.Optimizer]
+    replicated: list[nn.Parameter]
+    clip_sets: list[list[nn.Parameter]]
+
+
+def _inner_updated(task: Task, groups: list[Group], optimizers: dict[str, torch.optim.Optimizer],
+                   replicated: list[nn.Parameter]) -> _Updated:  # fmt: skip
+    """The part of the run the task's inner updates step: its ``inner_groups`` alone, each clipped by itself."""
+    names = {group.name for group in groups}
+    unknown = sorted(set(task.inner_groups) - names)
+    if task.inner_updates < 0 or unknown or (task.inner_updates > 0) != bool(task.inner_groups):
+        raise HarnessError(f"{task.name}: inner updates ({task.inner_updates}) need inner groups among "
+                           f"{sorted(names)}, got {list(task.inner_groups)}")  # fmt: skip
+    chosen = [group for group in groups if group.name in task.inner_groups]
+    owned = {id(p) for group in chosen for p in group.params}
+    return _Updated([optimizers[group.name] for group in chosen], [p for p in replicated if id(p) in owned],
+                    [group.params for group in chosen])  # fmt: skip
 
 
 def _check_and_log(pending: list[dict[str, torch.Tensor]], state: Run, out: Path, first: int) -> None:

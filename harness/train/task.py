@@ -96,6 +96,11 @@ class Task(ABC):
     log: dict[str, Any]
     #: Where the data shards' generators live (None: the training device); CPU for data held in host memory.
     generator_device: torch.device | None = None
+    #: A two time-scale update rule: before each optimizer step of every group, ``inner_updates`` updates of the
+    #: groups named in ``inner_groups`` alone, each on fresh batches with :meth:`inner_losses` (DMD2's fake score,
+    #: N updates per generator step). Each is a whole update: micro-batches, clipping and the optimizers' step.
+    inner_groups: tuple[str, ...] = ()
+    inner_updates: int = 0
 
     @abstractmethod
     def build(self, device: torch.device) -> Modules:
@@ -116,6 +121,12 @@ class Task(ABC):
     @abstractmethod
     def finish(self, run: Run) -> Path:
         """Write the finished result (on every rank: gathering is collective; the lead writes) and return it."""
+
+    def inner_losses(self, batch: Any, shard: Shard, step: int, index: int) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch of inner update ``index`` (0-based) of optimizer step ``step``; only
+        the ``inner_groups`` are stepped on their gradients. Their means over the inner updates are logged with the
+        step's terms, so their names must differ from :meth:`losses`'."""
+        raise NotImplementedError(f"{self.name} sets inner_updates but defines no inner_losses")
 
     def session(self) -> AbstractContextManager[Any]:
         """Context held around the whole loop (e.g. attention methods installed on student and teacher)."""

@@ -21,15 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import HarnessError, UnsupportedError
-from methods.base import (
-    METHODS,
-    AttentionContext,
-    AttentionMethod,
-    Capabilities,
-    Schedule,
-    build_method,
-    register_method,
-)
+from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
+from methods.inner import build_inner, parse_inner, run_inner, softmax_methods  # noqa: F401 (softmax_methods: re-exported)
 from methods.kernels.linear_attention import KERNELS, build_feature_map, check_kernel, feature_linear_attention
 from methods.kernels.linear_attention_triton import BACKEND_NOTE
 from methods.params import Param
@@ -56,22 +49,6 @@ def conversion_notes(final_r: list[float], target: int) -> list[str]:
                      "one branch it never ran alone, so the converted model can differ from the trained one (more "
                      "steps at the final alpha or a larger --lam binarise r)")  # fmt: skip
     return notes
-
-
-def softmax_methods() -> list[str]:
-    """Methods a converted model's softmax layers may run: dense or sparse softmax attention without state of
-    its own to train (a LinVideo checkpoint holds none for it)."""
-    return [name for name in METHODS.names() if _softmax_refusal(name) is None]
-
-
-def _softmax_refusal(name: str) -> str | None:
-    """Why method ``name`` cannot run LinVideo's softmax layers, or ``None`` when it can."""
-    caps = METHODS.get(name).capabilities
-    if caps.sparsity == "linear":
-        return "runs linear attention, not softmax"
-    if caps.needs_training:
-        return "needs its own fine-tuned state, which a LinVideo checkpoint does not hold"
-    return None
 
 
 class TransferState(nn.Module):
@@ -179,29 +156,16 @@ class LinVideo(AttentionMethod):
         # Latency at real shape needs no trained weights: an untrained state with these layers linear.
         layers = self.settings["linear_layers"]
         self.untrained_layers = None if layers is None else tuple(layers)
-        name = self.settings["softmax_method"]
-        try:
-            self.softmax = build_method(name, self.schedule, **(self.settings["softmax_params"] or {}))
-        except HarnessError as exc:
-            raise type(exc)(f"linvideo softmax_method {name!r} (its parameters go in softmax_params): {exc}") from exc
+        self.softmax = build_inner("linvideo softmax_method", self.settings["softmax_method"],
+                                   self.settings["softmax_params"], self.schedule, "softmax_params")  # fmt: skip
 
     @classmethod
     def parse_params(cls, raw: dict[str, Any]) -> dict[str, Any]:
         """As the base, and ``softmax_params`` typed by the schema of ``softmax_method``, which must be a softmax
-        method (:func:`softmax_methods`)."""
-        typed = super().parse_params(raw)
-        name = typed.get("softmax_method")
-        if name is not None and (why := _softmax_refusal(name)) is not None:
-            raise HarnessError(f"linvideo: softmax_method {name!r} {why}; the softmax layers take one of "
-                               f"{', '.join(softmax_methods())}")  # fmt: skip
-        if typed.get("softmax_params") is not None:
-            if name is None:
-                raise HarnessError("linvideo: softmax_params needs softmax_method, the method they belong to")
-            try:
-                typed["softmax_params"] = METHODS.get(name).parse_params(typed["softmax_params"])
-            except HarnessError as exc:
-                raise HarnessError(f"linvideo softmax_params: {exc}") from exc
-        return typed
+        method (:func:`methods.inner.softmax_methods`)."""
+        return parse_inner(
+            "linvideo", super().parse_params(raw), "softmax_method", "softmax_params", "the softmax layers"
+        )
 
     def params(self) -> dict[str, Any]:
         if self.state is None or not self.converted:
@@ -234,10 +198,7 @@ class LinVideo(AttentionMethod):
             dense: bool | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
         self._state_for(q, ctx)  # attached first: it says which layers are linear
         if self.converted and ctx.layer not in self._linear:
-            # The softmax method holds the same schedule: the caller's decision holds for it unless it adds rules of
-            # its own (radial's warm-up), which it then applies itself.
-            own_rules = type(self.softmax).runs_dense is not AttentionMethod.runs_dense
-            return self.softmax.run(q, k, v, ctx, None if own_rules else dense)
+            return run_inner(self.softmax, q, k, v, ctx, dense)
         return super().run(q, k, v, ctx, dense)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
