@@ -1145,15 +1145,6 @@ def _train_dmd2(settings: dict[str, Any], out: Path, prompt_file: Path | None, p
             console.print(f"[yellow]note:[/] {note}")
 
 
-def _prompt_lines(prompt_file: Path | None) -> tuple[str, ...] | None:
-    """The training prompts of ``--prompt-file`` (one per line), or None for the model's own."""
-    if prompt_file is not None and not prompt_file.is_file():
-        raise HarnessError(f"--prompt-file {prompt_file} does not exist")
-    if prompt_file is None:
-        return None
-    return tuple(line.strip() for line in prompt_file.read_text().splitlines() if line.strip())
-
-
 def _sla_train_config(pairs: list[str], **settings: Any) -> Any:
     from methods.sla_train import SlaTrainConfig
 
