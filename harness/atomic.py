@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import re
@@ -44,11 +45,41 @@ def verify_json(path: Path) -> None:
 
 
 def verify_safetensors(path: Path) -> None:
-    """A safetensors header that parses and covers the file exactly (a truncated file fails)."""
+    """A safetensors header that parses and covers the file exactly (a truncated file fails), its metadata
+    rewritten in place in sorted key order first.
+
+    safetensors' writer orders the metadata by a hash seeded per process, so the same tensors and metadata gave
+    different bytes from one run to the next (a resumed training's checkpoint differed from an uninterrupted one's
+    in nothing but that order); sorted, the same content is the same file.
+    """
     from safetensors import safe_open
 
+    _sort_safetensors_metadata(path)
     with safe_open(str(path), "pt") as handle:
         handle.keys()
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the header's ``__metadata__`` in sorted key order, in place (the same bytes, reordered)."""
+    with open(path, "r+b") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return  # not a safetensors file: the check that follows says so
+        size = int.from_bytes(prefix, "little")
+        raw = handle.read(size)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return
+        if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+            return
+        metadata = header["__metadata__"]
+        header["__metadata__"] = {key: metadata[key] for key in sorted(metadata)}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            return  # another serialisation than safetensors' own: leave the file as written
+        handle.seek(8)
+        handle.write(text + b" " * (size - len(text)))
 
 
 #: The check a target gets by its suffix when the writer names none; every file must also be non-empty.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,25 @@ def test_notes_follow_the_values_across_rewrites(tmp_path: Path) -> None:
     data = strict_json.decode(path.read_text())
     assert data["metrics"] == {"psnr_db": None, "flow": 2.0}
     assert data["non_finite_as_null"] == {"/metrics/psnr_db": "Infinity"}
+
+
+def test_safetensors_with_metadata_are_the_same_bytes_in_every_process(tmp_path: Path) -> None:
+    """safetensors orders metadata by a per-process hash; written through atomic_path, the same content is the same
+    file from any process (a resumed training's checkpoint once differed from an uninterrupted one's in that order)."""
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from harness.checkpoints import save_tensors\n"
+        "save_tensors({'b': torch.ones(3), 'a': torch.zeros(2)}, Path(sys.argv[1]),\n"
+        "             {'method': 'x', 'params': '{}', 'z': 'w', 'kernel': 'hedgehog', 'step': '3'})\n"
+    )
+    outputs = []
+    for index in range(6):  # the hash seed differs per process: six processes gave three orders before the fix
+        path = tmp_path / f"{index}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, cwd=Path(__file__).parents[1])
+        outputs.append(path.read_bytes())
+    assert all(output == outputs[0] for output in outputs)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as handle:
+        assert handle.metadata()["kernel"] == "hedgehog"  # still readable as metadata
