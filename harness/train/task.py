@@ -126,7 +126,7 @@ class Task(ABC):
         """The loss terms of one micro-batch of inner update ``index`` (0-based) of optimizer step ``step``; only
         the ``inner_groups`` are stepped on their gradients. Their means over the inner updates are logged with the
         step's terms, so their names must differ from :meth:`losses`'."""
-        raise NotImplementedError(f"{self.name} sets inner_updates but defines no inner_losses")
+        raise TypeError(f"task {self.name} sets inner_updates but defines no inner_losses")  # a task written wrong
 
     def session(self) -> AbstractContextManager[Any]:
         """Context held around the whole loop (e.g. attention methods installed on student and teacher)."""
