@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import normalise
 
+import harness.check
 import methods.dense
-from harness.check import Verdict, compare, request_from_baseline
+from harness.check import Verdict, check, compare, confirmed, request_from_baseline
 from harness.errors import HarnessError
 
 COMMITTED_BASELINE = Path(__file__).parents[1] / "reports" / "baselines" / "cpu-wan-tiny.json"
@@ -18,6 +19,8 @@ COMMITTED_BASELINE = Path(__file__).parents[1] / "reports" / "baselines" / "cpu-
 # planted slowdown stays far beyond the timing noise of a loaded CI machine (a 2x slower sdpa included).
 PLANTED_DELAY_S = 0.2
 CI_TOLERANCE = "0.25"
+# CI's re-measurements of a failed check: a ratio 27% over the baseline was seen once on CI's shared cores.
+CI_CONFIRM = "2"
 
 
 def _latency(ratios: dict[str, float]) -> dict:
@@ -59,6 +62,42 @@ def test_compare_missing_method_is_an_error() -> None:
         compare(_latency({"math": 1.5}), _latency({"sdpa": 1.0}), 0.1)
 
 
+def test_confirmed_keeps_each_methods_lowest_ratio() -> None:
+    """Across measurements, a method's verdict is its lowest new ratio: regressed iff regressed in all."""
+    first = [Verdict("sdpa", 1.0, 1.0, 1.1), Verdict("math", 4.0, 5.0, 4.4), Verdict("x", 2.0, 3.0, 2.2)]
+    second = [Verdict("sdpa", 1.0, 1.0, 1.1), Verdict("math", 4.0, 4.1, 4.4), Verdict("x", 2.0, 2.9, 2.2)]
+    verdicts = confirmed([first, second])
+    assert [v.new_ratio for v in verdicts] == [1.0, 4.1, 2.9]
+    assert [v.regressed for v in verdicts] == [False, False, True]
+
+
+@pytest.mark.parametrize(("ratios", "confirm", "measured", "passed"), [
+    ([5.0, 4.1], 1, 2, True),  # a loaded first measurement, confirmed away
+    ([5.0, 5.0, 5.0], 2, 3, False),  # regressed every time: a regression
+    ([5.0, 5.0], 0, 1, False),  # no confirmation asked: the first verdict stands
+    ([4.1, 9.0], 3, 1, True),  # a passing check is not re-measured
+])  # fmt: skip
+def test_check_remeasures_a_failed_check_up_to_confirm_times(
+    tmp_path: Path, monkeypatch, ratios: list[float], confirm: int, measured: int, passed: bool
+) -> None:
+    """check() re-measures only while a method is regressed, at most `confirm` more times."""
+    baseline = tmp_path / "base.json"
+    baseline.write_text(json.dumps({
+        **_latency({"sdpa": 1.0, "math": 4.0}), "spec": {"request": {"model": "wan-tiny", "methods": ["sdpa", "math"]}},
+    }))  # fmt: skip
+    pending = iter(ratios)
+    monkeypatch.setattr(harness.check, "run_latency", lambda request: _latency({"sdpa": 1.0, "math": next(pending)}))
+    verdicts, _, attempts = check(baseline, 0.1, confirm=confirm)
+    assert len(attempts) == measured
+    assert (not any(v.regressed for v in verdicts)) is passed
+
+
+def test_check_negative_confirm_is_an_error(tmp_path: Path) -> None:
+    """A negative --confirm is refused before anything is measured."""
+    with pytest.raises(HarnessError, match="--confirm must be >= 0"):
+        check(tmp_path / "never-read.json", 0.1, confirm=-1)
+
+
 def test_compare_negative_tolerance_is_an_error() -> None:
     """A negative tolerance is refused."""
     with pytest.raises(HarnessError, match="tolerance must be >= 0"):
@@ -96,7 +135,7 @@ def test_check_fails_on_planted_regression(fresh_baseline: Path, monkeypatch, be
         return out
 
     monkeypatch.setattr(methods.dense.MathReference, "attend", slow_attend)
-    result = bench("check", "--baseline", fresh_baseline, expect=1)
+    result = bench("check", "--baseline", fresh_baseline, "--confirm", "0", expect=1)
     rows = {line.split()[1]: line for line in result.stdout.splitlines() if line.strip().startswith("│")
             and len(line.split()) > 1 and line.split()[1] in ("sdpa", "math")}  # fmt: skip
     assert "REGRESSED" in rows["math"]
@@ -113,9 +152,11 @@ def test_check_json_reports_regression(fresh_baseline: Path, monkeypatch, bench)
         return original(self, q, k, v, ctx)
 
     monkeypatch.setattr(methods.dense.MathReference, "attend", slow_attend)
-    payload = json.loads(bench("check", "--baseline", fresh_baseline, "--repeats", "2", "--json", expect=1).stdout)
+    payload = json.loads(
+        bench("check", "--baseline", fresh_baseline, "--repeats", "2", "--confirm", "1", "--json", expect=1).stdout
+    )
     verdicts = {v["method"]: v for v in payload["verdicts"]}
-    assert payload["passed"] is False
+    assert payload["passed"] is False and len(payload["measurements"]) == 2
     assert verdicts["math"]["regressed"] is True and verdicts["math"]["new_ratio"] > verdicts["math"]["limit"]
     assert verdicts["sdpa"] == {**verdicts["sdpa"], "old_ratio": 1.0, "new_ratio": 1.0, "regressed": False}
 
@@ -126,14 +167,16 @@ def test_check_passes_on_committed_baseline(bench) -> None:
     baseline = json.loads(COMMITTED_BASELINE.read_text())
     assert baseline["kind"] == "latency" and set(baseline["methods"]) == {"sdpa", "math"}
     # CI's tolerance: the ratio's spread between processes on 2 shared CPU cores was measured at
-    # about +-10% (3.85-4.25 over three runs at 2,304 tokens), so 10% would flake; 25% does not.
-    result = bench("check", "--baseline", COMMITTED_BASELINE, "--tolerance", CI_TOLERANCE, expect=None)
+    # about +-10% (3.85-4.25 over three runs at 2,304 tokens), so 10% would flake; 25% with confirmation
+    # re-measurements does not.
+    result = bench("check", "--baseline", COMMITTED_BASELINE, "--tolerance", CI_TOLERANCE, "--confirm", CI_CONFIRM,
+                   expect=None)  # fmt: skip
     assert result.exit_code == 0, normalise(result.output)
     assert "passed" in result.stdout and "REGRESSED" not in result.stdout
 
 
 def test_ci_tolerance_still_catches_a_planted_regression(monkeypatch, bench) -> None:
-    """At CI's 25% tolerance, a planted slowdown of math still fails the committed-baseline check."""
+    """At CI's tolerance and confirmations, a planted slowdown of math still fails the committed-baseline check."""
     import methods.dense
 
     original = methods.dense.MathReference.attend
@@ -143,5 +186,6 @@ def test_ci_tolerance_still_catches_a_planted_regression(monkeypatch, bench) -> 
         return original(self, q, k, v, ctx)
 
     monkeypatch.setattr(methods.dense.MathReference, "attend", slower)
-    result = bench("check", "--baseline", COMMITTED_BASELINE, "--tolerance", CI_TOLERANCE, "--repeats", "3", expect=1)
+    result = bench("check", "--baseline", COMMITTED_BASELINE, "--tolerance", CI_TOLERANCE, "--repeats", "3",
+                   "--confirm", CI_CONFIRM, expect=1)  # fmt: skip
     assert "REGRESSED" in result.stdout
