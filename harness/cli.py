@@ -917,6 +917,15 @@ def train_cmd(
             help="Peak learning rate of LinVideo's feature maps (new parameters, identity init)." + _recipes("map_lr")
         ),
     ] = None,
+    grad_clip: Annotated[
+        float | None,
+        typer.Option(
+            help="Largest gradient norm of LinVideo's weights and feature maps (r is clipped apart); a step whose "
+            "norm is larger is scaled down to it. Under Adam, clipping every step normalises each step's gradient, "
+            "so two objectives whose gradients differ by a factor train alike only while both are clipped or "
+            "neither is." + _recipes("grad_clip")
+        ),
+    ] = None,
     r_optimizer: Annotated[
         str | None,
         typer.Option(
@@ -1086,7 +1095,8 @@ def train_cmd(
         raise HarnessError("bench train --method linvideo needs --target-layers")
     else:
         options = {
-            "kernel": kernel, "micro_batch": micro_batch, "map_lr": map_lr, "r_optimizer": r_optimizer, "r_lr": r_lr,
+            "kernel": kernel, "micro_batch": micro_batch, "map_lr": map_lr, "grad_clip": grad_clip,
+            "r_optimizer": r_optimizer, "r_lr": r_lr,
             "r_lr_schedule": r_lr_schedule, "r_init": r_init, "alpha_start": alpha_start, "alpha_end": alpha_end,
             "alpha_anneal_fraction": alpha_anneal_fraction, "adm_weighting": adm_weighting,
             "adm_reduction": reduction, "adm_step_fraction": adm_step_fraction, "adm_jump": adm_jump, "t_min": t_min,

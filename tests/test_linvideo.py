@@ -579,6 +579,29 @@ def test_a_small_step_fraction_turns_adms_gradient_towards_mses(teacher: ToyMode
     assert cosines[0] < cosines[1] < cosines[2] and cosines[2] > 0.99, cosines
 
 
+@pytest.mark.parametrize(("weighting", "plain_mse_cosine_below"), [("uniform", 1.0), ("analytic", 0.9)])
+def test_at_a_small_step_adm_is_the_mse_weighted_by_its_limit_weights(
+    weighting: str, plain_mse_cosine_below: float, teacher: ToyModel, store: TrajectoryStore, tmp_path: Path
+) -> None:
+    """Issue 20, E1's cause: on states of every sampler time (the last included) ADM's gradient at kappa 0.003 is the
+    gradient of the MSE weighted per state by limit_weights (cosine > 0.998; fp32); under the analytic weighting those
+    weights span decades, so it is not plain MSE's direction."""
+    from dataclasses import replace
+
+    from methods.linvideo.diagnostics import gradient_cosine, limit_cosine, limit_weights
+
+    trainer = LinVideoTrainer(_config(selection="manual", layers=(0, 1, 2, 6), adm_weighting=weighting), teacher,
+                              store, tmp_path)  # fmt: skip
+    batch = {key: value.clone() for key, value in store.tensors.items()}
+    batch["cond"] = store.cond[batch["prompt"]]
+    trainer.settings = replace(trainer.settings, step_fraction=0.003)
+    with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+        assert limit_cosine(trainer, batch) > 0.998
+        assert gradient_cosine(trainer, batch) < plain_mse_cosine_below
+    spread = limit_weights(trainer, batch)
+    assert spread.shape == (len(batch["t"]),) and bool((spread > 0).all())
+
+
 @pytest.mark.parametrize("weighting", ["uniform", "analytic"])
 def test_adms_gradient_on_r_is_eq_12s_not_divided_by_the_sample_size(
     weighting: str, teacher: ToyModel, store: TrajectoryStore, tmp_path: Path

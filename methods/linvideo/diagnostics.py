@@ -9,6 +9,9 @@ step (its attention method attached, as :meth:`LinVideoTrainer.run`'s ``on_step`
 - ``error_cosine``: per state, the cosine between the student's velocity errors (student - teacher) at s and at
   the landing time t (at x_hat), averaged. ADM corrects the student's velocity at s by its error at t; that
   corrects the error at s only while the two agree.
+- ``limit_cosine``: the cosine between ADM's gradient and the gradient of the weighted MSE that ADM tends to as
+  its landing step shrinks (:func:`limit_weights`). Near 1 at small kappa is the check that the pipeline computes
+  the maths: ADM at kappa -> 0 is this weighted MSE, not plain MSE, unless the weights are equal.
 - ``velocity_error``: per sampler time s (every step, the last one included), the student's relative velocity
   error ``||u_student(x_s) - u_teacher(x_s)|| / ||u_teacher(x_s)||`` over the states stored at s.
 """
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from methods.linvideo.losses import landing_time
 from methods.linvideo.train import guided_velocity, student_step, trajectory_objective
 
 if TYPE_CHECKING:
@@ -45,18 +49,55 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp(min=1e-30))
 
 
+def _weight_gradient(trainer: LinVideoTrainer, loss: torch.Tensor) -> torch.Tensor:
+    params = [p for group in trainer.optimizers["weights"].param_groups for p in group["params"] if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)]
+    )
+
+
+def _objective(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor], objective: str = "") -> torch.Tensor:
+    settings = replace(trainer.settings, objective=objective) if objective else trainer.settings
+    with trainer._autocast():
+        return trajectory_objective(trainer.student, trainer.teacher, batch, trainer.uncond, trainer.cfg, settings,
+                                    trainer.score_model)  # fmt: skip
+
+
 def gradient_cosine(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor]) -> float:
     """Cosine between ADM's (the trainer's settings) and MSE's gradients on the student's weights."""
-    params = [p for group in trainer.optimizers["weights"].param_groups for p in group["params"] if p.requires_grad]
-    gradients = []
-    for settings in (trainer.settings, replace(trainer.settings, objective="mse")):
-        with trainer._autocast():
-            loss = trajectory_objective(trainer.student, trainer.teacher, batch, trainer.uncond, trainer.cfg, settings,
-                                        trainer.score_model)  # fmt: skip
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        gradients.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                                    for g, p in zip(grads, params, strict=True)]))  # fmt: skip
-    return _cosine(*gradients)
+    adm = _weight_gradient(trainer, _objective(trainer, batch))
+    return _cosine(adm, _weight_gradient(trainer, _objective(trainer, batch, "mse")))
+
+
+def limit_weights(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-state weights ``(B,)`` of the MSE that ADM's gradient tends to as kappa -> 0 (trainer's settings).
+
+    x_hat = x_s - (s - t) u_student(x_s), so the student's velocity at x_s receives -(s - t) g, and g's velocity
+    difference at x_hat tends to the one at x_s: ``uniform`` gives 1 / mean|u_teacher| (g divides by the step),
+    ``normalized`` (s - t) / mean|u_teacher| and ``analytic`` (s - t)(1 - t)/t, which spans ~15,000x over the toy's
+    20-step grid (the step times the weight 49 at t_min against ~0.0003 near noise).
+    """
+    s = batch["t"].to(trainer.device)
+    t = landing_time(s, batch["t_next"].to(trainer.device), trainer.settings.step_fraction, trainer.settings.t_min)
+    size = batch["u"].to(trainer.device).float().abs().mean(dim=tuple(range(1, batch["u"].dim())))
+    weighting = trainer.settings.adm_weighting
+    if weighting == "analytic":
+        return (s - t) * (1 - t) / t
+    return (s - t) / size if weighting == "normalized" else 1 / size
+
+
+def limit_cosine(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor]) -> float:
+    """Cosine between ADM's gradient and that of the MSE weighted by :func:`limit_weights` (same states)."""
+    adm = _weight_gradient(trainer, _objective(trainer, batch))
+    device = trainer.device
+    x_s, s = batch["x"].to(device), batch["t"].to(device)
+    with trainer._autocast():
+        u_student = guided_velocity(trainer.student, x_s, s, batch["cond"].to(device, trainer.teacher.dtype),
+                                    trainer.uncond, trainer.cfg)  # fmt: skip
+    squared = (u_student.float() - batch["u"].to(device).float()) ** 2
+    weights = limit_weights(trainer, batch).view(-1, *([1] * (squared.dim() - 1)))
+    return _cosine(adm, _weight_gradient(trainer, (weights * squared).mean()))
 
 
 @torch.no_grad()
