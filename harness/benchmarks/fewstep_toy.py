@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from harness.atomic import write_json_atomic
+from harness.benchmarks.children import spawn
 from harness.environment import capture_environment
 from harness.errors import HarnessError
 
@@ -239,7 +240,7 @@ def train_all(trainings: list[Training], args: argparse.Namespace, steps: int, r
         out.mkdir(parents=True, exist_ok=True)
         log = (out / "log.txt").open("w")
         env = {**os.environ, "OMP_NUM_THREADS": "2"}
-        processes[training.name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), out)
+        processes[training.name] = (spawn(command, stdout=log, stderr=subprocess.STDOUT, env=env), out)
     specs = {}
     for name, (process, out) in processes.items():
         if process.wait() != 0:

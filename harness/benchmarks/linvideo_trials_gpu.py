@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from harness.atomic import write_json_atomic
+from harness.benchmarks.children import spawn
 
 EXPERIMENTS = ("e1", "e1b", "e2", "e3")
 NO_CLIP = "1e9"  # --grad-clip: a norm no toy gradient reaches
@@ -148,7 +149,8 @@ def check(device: torch.device, work: Path) -> dict[str, Any]:
         trainer = LinVideoTrainer(config, teacher, store, work / "check_train")
         states = {last: torch.nonzero((store.tensors["t_next"] == 0) == last).flatten()[:1] for last in (False, True)}
         batch, last_batch = ({key: value[rows] for key, value in store.tensors.items()} for rows in states.values())
-        every_time = {key: value.clone() for key, value in store.tensors.items()}
+        rows = torch.nonzero(store.tensors["prompt"] == 0).flatten()  # one prompt's states at every sampler time
+        every_time = {key: value[rows] for key, value in store.tensors.items()}
         for part in (batch, last_batch, every_time):
             part["cond"] = store.cond[part["prompt"]]
         with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
@@ -235,7 +237,7 @@ class Job:
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log, self.log.with_suffix(".out").open("wb") as out:
-            self.process = subprocess.Popen(self.command, stdout=out, stderr=log)  # an argument list, no shell
+            self.process = spawn(self.command, stdout=out, stderr=log)
 
     def poll(self) -> int | None:
         if self.process is not None and self.returncode is None:
