@@ -1234,8 +1234,17 @@ def ablate_cmd(
     target_layers: Annotated[
         int | None, typer.Option(help="Layers to convert in every variant but the target axis (default: half).")
     ] = None,
-    steps: TrainStepsOpt = 400,
-    batch_size: TrainBatchOpt = 8,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="The LinVideo recipe every variant starts from (see `bench train --recipe`): toy or paper; the axis "
+            "changes one setting of it."
+        ),
+    ] = "toy",
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: the recipe's).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Stored teacher states per step (default: the recipe's).")
+    ] = None,
     prompts: TrainPromptsOpt = 64,
     jobs: Annotated[
         int,
@@ -1259,11 +1268,13 @@ def ablate_cmd(
     """
     from harness.ablate import AblationRequest, ablate, expand_axes
     from harness.models import MODELS
+    from harness.recipes import recipe as recipe_values
     from methods.linvideo.train import LinVideoTrainConfig
 
     adapter_cls = MODELS.get(model)
-    base = LinVideoTrainConfig(target_layers=target_layers or adapter_cls.num_layers // 2, steps=steps,
-                               batch_size=batch_size)  # fmt: skip
+    given = {key: value for key, value in {"steps": steps, "batch_size": batch_size}.items() if value is not None}
+    base = LinVideoTrainConfig(target_layers=target_layers or adapter_cls.num_layers // 2,
+                               **{**recipe_values(recipe), **given})  # fmt: skip
     chosen = expand_axes(tuple(axes))
     records = ablate(AblationRequest(axes=chosen, model=MODELS.canonical(model), base=base, runs_dir=runs_dir,
                                      train_dir=train_dir, device=_resolved_device(device), prompt_count=prompts,

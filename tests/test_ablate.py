@@ -110,3 +110,26 @@ def test_an_untrained_linear_reference_on_every_layer_counts_all_of_them() -> No
     record = {"spec": {"method": "linear", "model": "toy"}, "method_params_resolved": {"layers": "all"}}
     assert _reference_linear_layers(record) == list(range(8))
     assert _reference_linear_layers({"spec": {"method": "sdpa", "model": "toy"}}) == []
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ((), {"lr": 1e-5, "steps": 400, "batch_size": 8, "adm_weighting": "uniform"}),
+    (("--recipe", "paper"), {"lr": 1e-4, "steps": 3000, "batch_size": 48, "adm_weighting": "analytic"}),
+    (("--recipe", "paper", "--steps", "50", "--batch-size", "4"), {"lr": 1e-4, "steps": 50, "batch_size": 4}),
+])  # fmt: skip
+def test_ablate_starts_every_variant_from_the_named_recipe(
+    options: tuple[str, ...], expected: dict, monkeypatch: pytest.MonkeyPatch, bench: Invoke
+) -> None:
+    """`bench ablate --recipe` sets the base configuration (toy by default); --steps/--batch-size override it."""
+    import harness.ablate
+
+    seen = []
+    monkeypatch.setattr(harness.ablate, "ablate", lambda request: seen.append(request) or [])
+    bench("ablate", "objective", *options)
+    assert {key: getattr(seen[0].base, key) for key in expected} == expected
+
+
+def test_ablate_unknown_recipe_is_refused(bench: Invoke) -> None:
+    """An unknown recipe is a clear error naming the recipes, before anything trains."""
+    result = bench("ablate", "objective", "--recipe", "papr", expect=2)
+    assert "recipe" in normalise(result.output) and "paper" in normalise(result.output)
