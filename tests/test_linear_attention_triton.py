@@ -12,6 +12,8 @@ CUDA in bf16 and fp16. Triton 3.6's interpreter also needs numpy < 2.4 (it conve
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -143,6 +145,69 @@ def test_fused_matches_float64_reference(kind: str, dtype: torch.dtype, shape: t
     names = ["out", "dq", "dk", "dv", "dWq", "dWk"]
     errors = {name: relative(a, b) for name, a, b in zip(names, [out, *grads], [ref, *ref_grads], strict=False)}
     assert all(e <= TOLERANCE[dtype] for e in errors.values()), f"{kind} {dtype}: {errors}"
+
+
+@pytest.fixture(params=[32, 64])
+def gpu_blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """Every kernel run at BLOCK_N tokens (the blocks the GPU's autotuner picks; the interpreter's default is 16),
+    with chunks aligned to it and several chunks per head."""
+    block = request.param
+    monkeypatch.setattr(fused, "INTERPRETER_CONFIGS", ((block, 4, 1),))
+    monkeypatch.setattr(fused, "_slots", lambda device: 64)
+    fused._chunking.cache_clear()
+    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
+        tuner = getattr(fused, name)
+        monkeypatch.setattr(tuner, "configs", [fused.triton.Config({"BLOCK_N": block}, num_warps=4, num_stages=1)])
+        tuner.cache.clear()
+    yield block
+    fused._chunking.cache_clear()
+    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
+        getattr(fused, name).cache.clear()
+
+
+def stage_inputs(kind: str, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, ...]:
+    """q, k, v as (B, N, H, D) projections seen as (B, H, N, D), the upstream gradient, and both maps' weights."""
+    batch, heads, tokens, dim = shape
+    q, k, v = (torch.randn(batch, tokens, heads, dim, device=DEVICE).to(DTYPES[0]).transpose(1, 2) for _ in range(3))
+    q_map, k_map = maps(kind, heads, dim)
+    grad = torch.randn(shape, device=DEVICE).to(DTYPES[0])
+    return q, k, v, grad, getattr(q_map, "weight", None), getattr(k_map, "weight", None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", fused.FUSED_KERNELS)
+def test_every_stage_matches_float64_at_the_gpu_blocks(kind: str, gpu_blocks: int) -> None:
+    """Each launch's intermediate (state, output, den, the state's gradients, dL/dp of q and k, dv, the projection
+    backward's dq, dk and dW) at 32- and 64-token blocks, several blocks per chunk, several chunks, a ragged tail
+    (150 tokens), full and padded head dims, batch 2: the stages the H200 run of wt-T2 got wrong (dk, dWk)."""
+    from harness.benchmarks.linear_triton_gpu import stage_errors
+
+    for shape in [(2, 2, 150, 32), (1, 2, 150, 24)]:
+        assert fused._chunking(150, 4, 64, gpu_blocks)[0] > 1 and 150 % gpu_blocks
+        q, k, v, grad, q_weight, k_weight = stage_inputs(kind, shape)
+        errors = stage_errors(q, k, v, kind, q_weight, k_weight, grad)
+        expected = {"S", "z", "out", "den", "dS", "dz", "dp_q", "dp_k", "dv", "dq", "dk"}
+        assert set(errors) == expected | ({"dWq", "dWk"} if kind == "hedgehog" else set())
+        assert all(e is not None and e <= TOLERANCE[DTYPES[0]] for e in errors.values()), f"{shape}: {errors}"
+
+
+@needs_kernel
+def test_stage_errors_name_the_wrong_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key pass whose dL/dp is wrong (the H200 failure: dv right, dk and dWk wrong) shows as dp_k, dk and dWk,
+    with the state's gradients and dv still right: the localiser names the kernel."""
+    from harness.benchmarks.linear_triton_gpu import stage_errors
+
+    key_pass = fused._key_pass
+
+    def wrong_key_pass(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        dp_k, dv = key_pass(*args)
+        return 3 * dp_k, dv
+
+    monkeypatch.setattr(fused, "_key_pass", wrong_key_pass)
+    q, k, v, grad, q_weight, k_weight = stage_inputs("hedgehog", (1, 2, 40, 32))
+    errors = stage_errors(q, k, v, "hedgehog", q_weight, k_weight, grad)
+    wrong = {name for name, error in errors.items() if error > TOLERANCE[DTYPES[0]]}
+    assert wrong == {"dp_k", "dk", "dWk"}, errors
 
 
 @needs_kernel

@@ -139,7 +139,8 @@ def pinned(index: int | None) -> Iterator[str]:
 
 
 def stage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, q_weight: torch.Tensor | None,
-                    k_weight: torch.Tensor | None, grad: torch.Tensor, eps: float = 1e-6) -> dict[str, torch.Tensor]:  # fmt: skip
+                    k_weight: torch.Tensor | None, grad: torch.Tensor, eps: float = 1e-6,
+                    ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Every intermediate of the fused kernels computed in float64 by autograd: the state ``S, z`` per half, out and
     den, the state's gradients ``dS, dz``, dL/dp per half for the queries and summed over halves for the keys
     (p = x W, or x), and dq, dk, dv, dWq, dWk. Shapes as the float64 reference's, halves on axis 2."""
@@ -178,7 +179,8 @@ def stage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str
 
 
 def stage_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, q_weight: torch.Tensor | None,
-                 k_weight: torch.Tensor | None, grad: torch.Tensor, eps: float = 1e-6) -> dict[str, float | None]:  # fmt: skip
+                 k_weight: torch.Tensor | None, grad: torch.Tensor, eps: float = 1e-6,
+                 ) -> dict[str, float | None]:  # fmt: skip
     """The relative error of every intermediate of one fused forward + backward (each launch in turn, as
     ``_FusedLinearAttention`` chains them) against :func:`stage_reference`: names the first wrong kernel (state and
     its sum: S, z; output pass: out, den; query pass and its sum: dp_q, dS, dz; key pass: dp_k, dv; projection
@@ -229,8 +231,8 @@ def localise(kind: str, shape: tuple[int, int, int, int], device: torch.device) 
             print(f"localise {kind} {shape} [{label}] ...", flush=True)
             errors = stage_errors(q, k, v, kind, *weights, grad)
         worst = {name: error for name, error in errors.items() if error is None or error > GRADIENT_TOLERANCE}
-        print(f"  {'ok' if not worst else 'WRONG ' + str(worst)}; all: "
-              f"{ {name: None if e is None else float(f'{e:.2e}') for name, e in errors.items()} }", flush=True)  # fmt: skip
+        shown = {name: None if e is None else float(f"{e:.2e}") for name, e in errors.items()}
+        print(f"  {'ok' if not worst else 'WRONG ' + str(worst)}; all: {shown}", flush=True)
         rows.append({"kind": kind, "shape": list(shape), "pinned": label, "errors": errors})
     return rows
 
