@@ -204,7 +204,7 @@ def stage_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, q
         dq, dwq = fused._through_projection(q, dp_q, q_weight, True)
         dk, dwk = fused._through_projection(k, dp_k, k_weight, True)
     got = {"out": out, "den": den.view(batch, heads, tokens), "dp_q": dp_q[..., :dim].permute(1, 2, 3, 0, 4),
-           "dp_k": dp_k[0, ..., :dim], "dv": dv, "dq": dq, "dk": dk}  # fmt: skip
+           "dp_k": dp_k.float().sum(dim=0)[..., :dim], "dv": dv, "dq": dq, "dk": dk}  # fmt: skip
     got["S"], got["z"] = squares(state)
     got["dS"], got["dz"] = squares(d_state)
     got["dp_q"] = got["dp_q"].transpose(2, 3)  # (B, H, nh, N, D) as the reference's

@@ -7,7 +7,7 @@ state), ptxas assembles it and cuobjdump disassembles it, both from Triton's own
 older mma.sync), ``BAR.SYNC`` (barriers, mostly layout conversions through shared memory), and shared memory above
 about 113 KB (one program per SM). Needs Triton with its CUDA backend (not a GPU); a few seconds per variant.
 
-    PYTHONPATH=.:<triton site> python -m harness.benchmarks.linear_triton_ptxas [gram output query key project sum]
+    PYTHONPATH=.:<triton site> python -m harness.benchmarks.linear_triton_ptxas [gram output query value key ...]
 """
 
 from __future__ import annotations
@@ -33,18 +33,19 @@ MAPS = {"hedgehog": (0, True, 2), "relu": (1, False, 1), "elu": (2, False, 1)}  
 def variants(kernels: list[str], head_dim: int) -> list[tuple[str, Any, dict[str, str], dict[str, Any], tuple]]:
     """``(label, kernel, pointer types, constexprs, configs)`` of each requested kernel and map."""
     block_d = max(16, 1 << (head_dim - 1).bit_length())
+    output_types = {"q_ptr": BF16, "w_ptr": F32, "st_ptr": F32, "o_ptr": BF16, "den_ptr": F32, "eps": "fp32"}
     rows = []
     for name, (kind, has_w, halves) in MAPS.items():
         base = {"D": head_dim, "KIND": kind, "HAS_W": has_w, "BLOCK_D": block_d}
         table = {
             "gram": (fused._gram_partials, {"x_ptr": BF16, "y_ptr": BF16, "w_ptr": F32, "part_ptr": F32}, base,
                      fused.REDUCE_CONFIGS),
-            "output": (fused._output, {"q_ptr": BF16, "w_ptr": F32, "st_ptr": F32, "o_ptr": BF16, "den_ptr": F32,
-                                       "eps": "fp32"}, base | {"NH": halves}, fused.OUTPUT_CONFIGS),
+            "output": (fused._output, output_types, base | {"NH": halves, "NORMALISE": True}, fused.OUTPUT_CONFIGS),
+            "value": (fused._output, output_types, base | {"NH": halves, "NORMALISE": False}, fused.OUTPUT_CONFIGS),
             "query": (fused._query_grads, {"q_ptr": BF16, "do_ptr": BF16, "o_ptr": BF16, "den_ptr": F32, "w_ptr": F32,
                                            "st_ptr": F32, "dp_ptr": BF16, "part_ptr": F32}, base, fused.QUERY_CONFIGS),
-            "key": (fused._key_grads, {"k_ptr": BF16, "v_ptr": BF16, "w_ptr": F32, "ds_ptr": F32, "dp_ptr": BF16,
-                                       "dv_ptr": BF16}, base | {"NH": halves}, fused.KEY_CONFIGS),
+            "key": (fused._key_grads, {"k_ptr": BF16, "v_ptr": BF16, "w_ptr": F32, "ds_ptr": F32, "dp_ptr": BF16},
+                    base, fused.KEY_CONFIGS),
         }  # fmt: skip
         rows += [(f"{kernel} {name}", *table[kernel]) for kernel in kernels if kernel in table]
     if "project" in kernels:
@@ -90,8 +91,9 @@ def compile_report(kernel: Any, types: dict[str, str], constants: dict[str, Any]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kernels", nargs="*", default=["gram", "output", "query", "key", "project", "sum"],
-                        help="kernels to compile: gram output query key project sum (default: all)")  # fmt: skip
+    parser.add_argument("kernels", nargs="*", default=["gram", "output", "query", "value", "key", "project", "sum"],
+                        help="kernels to compile: gram output query value (the key pass's dv: the output kernel "
+                             "without its normaliser) key project sum (default: all)")  # fmt: skip
     parser.add_argument("--head-dim", type=int, default=128, help="head dimension D (default 128)")
     args = parser.parse_args(argv)
     for label, kernel, types, constants, configs in variants(args.kernels, args.head_dim):

@@ -17,16 +17,22 @@ minimises waves x chunk length, see :func:`_chunking`):
   two feature halves ``softmax(+-x W)`` go to separate, adjacent programs (one fp32 state each in registers).
 - :func:`_sum_groups`: the partial sums over chunks, in a fixed order (deterministic): the state ``S, z``.
 - :func:`_output`: phi(q) of both halves, ``phi(q) S`` and the normaliser ``den``; the output (and den, for the
-  backward).
+  backward). Without the normaliser, ``phi(k) dS``: the value gradient dv.
 - :func:`_query_grads`: per half, from the saved output and den, ``g = dout / den`` and
   ``c = -(dout . out) / den``; the state's gradients ``dS = sum phi(q)^T g``, ``dz = sum c phi(q)`` (summed
   over chunks by :func:`_sum_groups`) and dL/d(q W) per half.
-- :func:`_key_grads`: both halves in one program: dv ``sum phi(k) dS`` and dL/d(k W) from ``v dS^T + dz``.
+- :func:`_key_grads`: per half, dL/d(k W) from ``v dS^T + dz`` (dS^T loaded transposed).
 - :func:`_project_grads`: dL/d(x W) summed over halves and taken through the projection, ``dp W^T``, and W's
   gradient ``x^T dp`` (summed over chunks and batch by :func:`_sum_groups`).
 
 ``W - I`` is formed inside each kernel from the weight, so a call runs no torch op on the device besides the
-kernels: 3 launches forward, 3 to 7 backward.
+kernels: 3 launches forward, 4 to 8 backward.
+
+No kernel takes ``tl.trans`` of a tile it also passes untransposed to another ``tl.dot``, nor of a loaded tile: a
+matrix needed both ways is loaded twice, transposed by the addresses (:func:`_matrix`). On an H200 (sm_90, Triton
+3.6) a key pass that did (``tl.dot(phi, dS)`` and ``tl.dot(v, tl.trans(dS))``) gave dk 9x off and then an illegal
+memory access, where the interpreter was right. The remaining ``tl.trans`` are of computed features ``phi``, used
+transposed only (state and query passes, right on the H200).
 
 Shapes: q ``(B, H, N, D)``, k and v ``(B, H, M, D)`` (any strides with a contiguous last axis),
 ``D <= 128``; the output ``(B, H, N, D)`` in the compute dtype.
@@ -67,7 +73,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # heads take the first untimed). The lists hold the configurations an H200 chose at the Wan shapes
 # (reports/gpu/h200/linear_triton), a deeper pipeline at two programs per SM for the memory-bound relu and elu
 # passes, and a 32-token alternative where ptxas (sm_90) reports spills for hedgehog at 64 or 128 tokens (output
-# 48 bytes, query 416, key 200; none elsewhere): harness/benchmarks/linear_triton_ptxas.py prints that report.
+# 48 bytes, query 440; none elsewhere; the key pass at most 138 registers): harness/benchmarks/linear_triton_ptxas.py
+# prints that report.
 REDUCE_CONFIGS = ((128, 8, 2), (64, 4, 2), (64, 4, 3))
 OUTPUT_CONFIGS = ((128, 8, 2), (32, 4, 2), (64, 4, 4))
 QUERY_CONFIGS = ((64, 8, 2), (32, 8, 2))
@@ -92,7 +99,7 @@ def _kernel(configs: tuple[tuple[int, int, int], ...]) -> Any:
         return lambda fn: fn
     chosen = INTERPRETER_CONFIGS if INTERPRETED else configs
     tuned = [triton.Config({"BLOCK_N": block}, num_warps=warps, num_stages=stages) for block, warps, stages in chosen]
-    autotune = triton.autotune(configs=tuned, key=["BLOCK_D", "KIND", "HAS_W", "NH", "WANT_DW"],
+    autotune = triton.autotune(configs=tuned, key=["BLOCK_D", "KIND", "HAS_W", "NH", "NORMALISE", "WANT_DW"],
                                prune_configs_by={"early_config_prune": _prune})  # fmt: skip
     return lambda fn: autotune(triton.jit(fn))
 
@@ -185,8 +192,18 @@ def _weight(w_ptr, h, cols, dtype, D: tl.constexpr, HAS_W: tl.constexpr, TRANSPO
 def _state(ptr, row, cols, dtype, BLOCK_D: tl.constexpr):
     """Row ``row`` of a state buffer ``(rows, BD * BD + BD)`` fp32: the ``(BD, BD)`` matrix in ``dtype`` (the
     operand of a product) and the ``(BD,)`` sums in fp32."""
+    return _matrix(ptr, row, cols, dtype, False, BLOCK_D), _sums(ptr, row, cols, BLOCK_D)
+
+
+@_jit
+def _matrix(ptr, row, cols, dtype, TRANSPOSED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The ``(BD, BD)`` matrix of row ``row`` of a state buffer in ``dtype``, transposed by the load's addresses
+    when TRANSPOSED. A kernel that needs a matrix and its transpose loads both: ``tl.trans`` of a tile that is
+    also an operand of another ``tl.dot`` gave wrong gradients and an illegal memory access on sm_90 (Triton
+    3.6, H200; the interpreter was right), see reports/gpu/h200/linear_triton/NOTES.md."""
     base = ptr + row * (BLOCK_D * BLOCK_D + BLOCK_D)
-    return tl.load(base + cols[:, None] * BLOCK_D + cols[None, :]).to(dtype), _sums(ptr, row, cols, BLOCK_D)
+    offsets = cols[None, :] * BLOCK_D + cols[:, None] if TRANSPOSED else cols[:, None] * BLOCK_D + cols[None, :]
+    return tl.load(base + offsets).to(dtype)
 
 
 @_jit
@@ -274,11 +291,12 @@ def _sum_groups(src_ptr, dst_ptr, GROUPS, SIZE, BLOCK: tl.constexpr):
 @_kernel(OUTPUT_CONFIGS)
 def _output(q_ptr, w_ptr, st_ptr, o_ptr, den_ptr, H, N, D: tl.constexpr, CHUNK, eps,
             sqb, sqh, sqn,
-            KIND: tl.constexpr, HAS_W: tl.constexpr, NH: tl.constexpr,
+            KIND: tl.constexpr, HAS_W: tl.constexpr, NH: tl.constexpr, NORMALISE: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Program (0, chunk, b * H + h): ``out = phi(q) S / den`` with ``den = phi(q) . z + eps`` for the chunk's
     tokens, both feature halves in one program; out ``(B, H, N, D)`` contiguous, den ``(B * H, N)`` fp32 (kept
-    for the backward); the state ``(B * H * NH, BD * BD + BD)`` fp32."""
+    for the backward); the state ``(B * H * NH, BD * BD + BD)`` fp32. Without NORMALISE ``out = phi(q) S``
+    (den and eps unused): the key pass's ``dv = phi(k) dS``."""
     _, chunk, bh, b, h, _ = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
@@ -294,14 +312,18 @@ def _output(q_ptr, w_ptr, st_ptr, o_ptr, den_ptr, H, N, D: tl.constexpr, CHUNK, 
         p = _project(_rows(q_base, n, sqn, cols, mask), w, HAS_W)
         phi = _phi(p, 1.0, inside, KIND, D < BLOCK_D)
         num = tl.dot(phi.to(dtype), s0)
-        den = tl.sum(phi * z0[None, :], axis=1) + eps
+        if NORMALISE:
+            den = tl.sum(phi * z0[None, :], axis=1) + eps
         if NH == 2:
             phi = _phi(p, -1.0, inside, KIND, D < BLOCK_D)
             num = tl.dot(phi.to(dtype), s1, num)
-            den += tl.sum(phi * z1[None, :], axis=1)
-        out = num * (1.0 / den)[:, None]
-        tl.store(o_base + n[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(den_ptr + bh.to(tl.int64) * N + n, den, mask=valid)
+            if NORMALISE:
+                den += tl.sum(phi * z1[None, :], axis=1)
+        if NORMALISE:
+            num = num * (1.0 / den)[:, None]
+        tl.store(o_base + n[:, None] * D + cols[None, :], num.to(o_ptr.dtype.element_ty), mask=mask)
+        if NORMALISE:
+            tl.store(den_ptr + bh.to(tl.int64) * N + n, den, mask=valid)
 
 
 @_kernel(QUERY_CONFIGS)
@@ -320,8 +342,8 @@ def _query_grads(q_ptr, do_ptr, o_ptr, den_ptr, w_ptr, st_ptr, dp_ptr, part_ptr,
     o_base = o_ptr + bh.to(tl.int64) * N * D
     dp_base = dp_ptr + (half * tl.num_programs(2) + bh).to(tl.int64) * N * BLOCK_D
     w = _weight(w_ptr, h, cols, dtype, D, HAS_W, False, BLOCK_D)
-    s, z = _state(st_ptr, bh.to(tl.int64) * tl.num_programs(0) + half, cols, dtype, BLOCK_D)
-    s_t = tl.trans(s)
+    row = bh.to(tl.int64) * tl.num_programs(0) + half
+    s_t, z = _matrix(st_ptr, row, cols, dtype, True, BLOCK_D), _sums(st_ptr, row, cols, BLOCK_D)
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     zacc = tl.zeros((BLOCK_D, 16), dtype=tl.float32)
     for offset in range(0, CHUNK, BLOCK_N):
@@ -342,41 +364,29 @@ def _query_grads(q_ptr, do_ptr, o_ptr, den_ptr, w_ptr, st_ptr, dp_ptr, part_ptr,
 
 
 @_kernel(KEY_CONFIGS)
-def _key_grads(k_ptr, v_ptr, w_ptr, ds_ptr, dp_ptr, dv_ptr, H, M, D: tl.constexpr, CHUNK,
+def _key_grads(k_ptr, v_ptr, w_ptr, ds_ptr, dp_ptr, H, M, D: tl.constexpr, CHUNK,
                skb, skh, skn, svb, svh, svn,
-               KIND: tl.constexpr, HAS_W: tl.constexpr, NH: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Program (0, chunk, b * H + h), per key token of the chunk, both feature halves in one program: the value
-    gradient ``sum_half phi dS`` into dv ``(B, H, M, D)`` and dp (dL/d projected k) ``sum_half dphi/dp`` from
-    ``dphi = v dS^T + dz`` into dp ``(B, H, M, BD)``, both in k's dtype; dS, dz from the state gradients
-    ``(B * H * NH, BD * BD + BD)`` fp32."""
-    _, chunk, bh, b, h, _ = _program(H)
+               KIND: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (half, chunk, b * H + h), per key token of the chunk, for this half's features: dp (dL/d projected
+    k) from ``dphi = v dS^T + dz`` into ``dp[half]`` ``(NH, B, H, M, BD)`` in k's dtype; dS, dz from the state
+    gradients ``(B * H * NH, BD * BD + BD)`` fp32, dS^T loaded transposed (no ``tl.trans`` of a tile: see
+    :func:`_matrix`). The value gradient is the output pass without its normaliser."""
+    half, chunk, bh, b, h, sign = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
     dtype = k_ptr.dtype.element_ty
     k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
-    dp_base, dv_base = dp_ptr + bh.to(tl.int64) * M * BLOCK_D, dv_ptr + bh.to(tl.int64) * M * D
+    dp_base = dp_ptr + (half * tl.num_programs(2) + bh).to(tl.int64) * M * BLOCK_D
     w = _weight(w_ptr, h, cols, dtype, D, HAS_W, False, BLOCK_D)
-    row = bh.to(tl.int64) * NH
-    ds0, _ = _state(ds_ptr, row, cols, dtype, BLOCK_D)
-    if NH == 2:
-        ds1, _ = _state(ds_ptr, row + 1, cols, dtype, BLOCK_D)
+    row = bh.to(tl.int64) * tl.num_programs(0) + half
+    ds_t, dz = _matrix(ds_ptr, row, cols, dtype, True, BLOCK_D), _sums(ds_ptr, row, cols, BLOCK_D)
     for offset in range(0, CHUNK, BLOCK_N):
         n, valid, mask = _block(chunk * CHUNK + offset, rows, M, inside)
-        y = _rows(v_base, n, svn, cols, mask)
         p = _project(_rows(k_base, n, skn, cols, mask), w, HAS_W)
-        phi = _phi(p, 1.0, inside, KIND, D < BLOCK_D)
-        dv = tl.dot(phi.to(dtype), ds0)
-        if NH == 2:
-            phi_minus = _phi(p, -1.0, inside, KIND, D < BLOCK_D)
-            dv = tl.dot(phi_minus.to(dtype), ds1, dv)
-        tl.store(dv_base + n[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
-        # dv is stored and dz read (an L1 hit) per block: held across the loop they spill registers (ptxas, sm_90)
-        dp = _phi_grad(p, phi, tl.dot(y, tl.trans(ds0)) + _sums(ds_ptr, row, cols, BLOCK_D)[None, :], 1.0, KIND)
-        if NH == 2:
-            dphi = tl.dot(y, tl.trans(ds1)) + _sums(ds_ptr, row + 1, cols, BLOCK_D)[None, :]
-            dp += _phi_grad(p, phi_minus, dphi, -1.0, KIND)
-        tl.store(dp_base + n[:, None] * BLOCK_D + cols[None, :], dp.to(dtype), mask=valid[:, None])
+        phi = _phi(p, sign, inside, KIND, D < BLOCK_D)
+        dphi = tl.dot(_rows(v_base, n, svn, cols, mask), ds_t) + dz[None, :]
+        tl.store(dp_base + n[:, None] * BLOCK_D + cols[None, :], _phi_grad(p, phi, dphi, sign, KIND).to(dtype),
+                 mask=valid[:, None])  # fmt: skip
 
 
 @_kernel(PROJECT_CONFIGS)
@@ -404,7 +414,8 @@ def _project_grads(dp_ptr, x_ptr, w_ptr, dx_ptr, part_ptr, H, N, D: tl.constexpr
         dx = tl.dot(dp.to(dtype), w_t, dp) if HAS_W else dp
         tl.store(dx_base + n[:, None] * D + cols[None, :], dx.to(dtype), mask=mask)
         if WANT_DW:
-            acc = tl.dot(tl.trans(_rows(x_base, n, sxn, cols, mask)), dp.to(dtype), acc)
+            x_t = tl.load(x_base + n[None, :] * sxn + cols[:, None], mask=inside[:, None] & valid[None, :], other=0.0)
+            acc = tl.dot(x_t, dp.to(dtype), acc)  # x^T by the load's addresses: no tl.trans (see _matrix)
     if WANT_DW:
         row = _partial_row()
         tl.store(part_ptr + row * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :], acc)
@@ -512,16 +523,18 @@ def _through_projection(x: torch.Tensor, dp_halves: torch.Tensor, weight: torch.
     return dx, _summed(partials).view(heads, block_d, block_d)[:, :dim, :dim].to(weight.dtype)
 
 
-def _output_pass(q: torch.Tensor, wq: torch.Tensor | None, state: torch.Tensor, kind: int, nh: int, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The output ``(B, H, N, D)`` in q's dtype and the normaliser ``den`` ``(B * H, N)`` fp32 from the state."""
+def _output_pass(q: torch.Tensor, wq: torch.Tensor | None, state: torch.Tensor, kind: int, nh: int,
+                 eps: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The output ``(B, H, N, D)`` in q's dtype and the normaliser ``den`` ``(B * H, N)`` fp32 from the state;
+    with ``eps`` None the product ``sum_half phi(q) S[half]`` alone and no den (the key pass's dv)."""
     batch, heads, tokens, dim = q.shape
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    den = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
+    den = None if eps is None else torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
     grid, chunk = _grid(q, 1, OUTPUT_CONFIGS)  # both halves in each program
     _output[grid](
-        q, q if wq is None else wq, state, out, den, heads, tokens, dim, chunk, eps, *_strides(q),
-        KIND=kind, HAS_W=wq is not None, NH=nh, BLOCK_D=_block_d(dim),
+        q, q if wq is None else wq, state, out, out if den is None else den, heads, tokens, dim, chunk,
+        0.0 if eps is None else eps, *_strides(q), KIND=kind, HAS_W=wq is not None, NH=nh, NORMALISE=den is not None,
+        BLOCK_D=_block_d(dim),
     )  # fmt: skip
     return out, den
 
@@ -546,14 +559,16 @@ def _query_pass(q: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor, den:
 
 def _key_pass(k: torch.Tensor, v: torch.Tensor, wk: torch.Tensor | None, d_state: torch.Tensor, kind: int, nh: int
               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """dL/dp of the keys summed over halves ``(1, B, H, M, BD)`` and dv ``(B, H, M, D)``, both in k's dtype."""
+    """dL/dp of the keys per feature half ``(nh, B, H, M, BD)`` and dv ``(B, H, M, D)``, both in k's dtype. Two
+    launches: dv ``sum_half phi(k) dS`` by the output kernel, dp per half by :func:`_key_grads` (one fused program
+    for both, holding dS and its transpose, spilled and went wrong on sm_90: NOTES.md)."""
     batch, heads, key_tokens, dim = k.shape
-    dp_k = torch.empty(1, batch, heads, key_tokens, _block_d(dim), device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=k.dtype)
-    grid, chunk = _grid(k, 1, KEY_CONFIGS)  # both halves in each program
+    dv, _ = _output_pass(k, wk, d_state, kind, nh, None)
+    dp_k = torch.empty(nh, batch, heads, key_tokens, _block_d(dim), device=k.device, dtype=k.dtype)
+    grid, chunk = _grid(k, nh, KEY_CONFIGS)
     _key_grads[grid](
-        k, v, k if wk is None else wk, d_state, dp_k, dv, heads, key_tokens, dim, chunk, *_strides(k),
-        *_strides(v), KIND=kind, HAS_W=wk is not None, NH=nh, BLOCK_D=_block_d(dim),
+        k, v, k if wk is None else wk, d_state, dp_k, heads, key_tokens, dim, chunk, *_strides(k), *_strides(v),
+        KIND=kind, HAS_W=wk is not None, BLOCK_D=_block_d(dim),
     )  # fmt: skip
     return dp_k, dv
 
@@ -561,8 +576,9 @@ def _key_pass(k: torch.Tensor, v: torch.Tensor, wk: torch.Tensor | None, d_state
 class _FusedLinearAttention(torch.autograd.Function):
     """Autograd of the fused kernels; inputs already in the compute dtype, weights ``(H, D, D)``.
 
-    Launches: forward 3 (state partials, their sum, output); backward 3 to 7 (query pass, the state gradients'
-    sum, key pass, and per projected side one pass with W's gradient summed); no other device op."""
+    Launches: forward 3 (state partials, their sum, output); backward 4 to 8 (query pass, the state gradients'
+    sum, the key pass's dv and dp, and per projected side one pass with W's gradient summed); no other device
+    op."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
