@@ -12,6 +12,8 @@ CUDA in bf16 and fp16. Triton 3.6's interpreter also needs numpy < 2.4 (it conve
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -108,17 +110,27 @@ def test_compute_dtype(dtypes: tuple[torch.dtype, ...], autocast: bool, expected
         assert fused.compute_dtype(q, k, v) == expected
 
 
+@pytest.fixture
+def many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that runs 64 programs at once: even the tests' short sequences are cut into several chunks per
+    head, so the partial sums over chunks (and, for W's gradient, over the batch) are exercised."""
+    monkeypatch.setattr(fused, "_slots", lambda device: 64)
+
+
 @needs_kernel
+@pytest.mark.usefixtures("many_chunks")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", fused.FUSED_KERNELS)
 @pytest.mark.parametrize(
     "shape",
-    [(2, 2, 40, 27, 32),  # batch 2 (W's gradient sums over it), more queries than keys, one chunk
-     (1, 1, 70, 70, 24)],  # padded head dim, several chunks per head, strided (B, N, H, D) inputs
+    [(2, 2, 40, 27, 32),  # batch 2 (W's gradient sums over it), more queries than keys
+     (1, 1, 70, 70, 24)],  # padded head dim, strided (B, N, H, D) inputs
 )  # fmt: skip
 def test_fused_matches_float64_reference(kind: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     """Output and every gradient (q, k, v, hedgehog's W for q and k) within the dtype's tolerance."""
     batch, heads, queries, keys, dim = shape
+    alignment = fused._chunk_alignment(fused.REDUCE_CONFIGS)
+    assert fused._chunking(keys, batch * heads * 2, 64, alignment)[0] > 1  # the state is summed over chunks
     q = torch.randn(batch, queries, heads, dim, device=DEVICE).to(dtype).transpose(1, 2).requires_grad_()
     k, v = (torch.randn(batch, heads, keys, dim, device=DEVICE).to(dtype).requires_grad_() for _ in range(2))
     q_map, k_map = maps(kind, heads, dim)
@@ -133,6 +145,97 @@ def test_fused_matches_float64_reference(kind: str, dtype: torch.dtype, shape: t
     names = ["out", "dq", "dk", "dv", "dWq", "dWk"]
     errors = {name: relative(a, b) for name, a, b in zip(names, [out, *grads], [ref, *ref_grads], strict=False)}
     assert all(e <= TOLERANCE[dtype] for e in errors.values()), f"{kind} {dtype}: {errors}"
+
+
+@pytest.fixture(params=[32, 64])
+def gpu_blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """Every kernel run at BLOCK_N tokens (the blocks the GPU's autotuner picks; the interpreter's default is 16),
+    with chunks aligned to it and several chunks per head."""
+    block = request.param
+    monkeypatch.setattr(fused, "INTERPRETER_CONFIGS", ((block, 4, 1),))
+    monkeypatch.setattr(fused, "_slots", lambda device: 64)
+    fused._chunking.cache_clear()
+    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
+        tuner = getattr(fused, name)
+        monkeypatch.setattr(tuner, "configs", [fused.triton.Config({"BLOCK_N": block}, num_warps=4, num_stages=1)])
+        tuner.cache.clear()
+    yield block
+    fused._chunking.cache_clear()
+    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
+        getattr(fused, name).cache.clear()
+
+
+def stage_inputs(kind: str, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, ...]:
+    """q, k, v as (B, N, H, D) projections seen as (B, H, N, D), the upstream gradient, and both maps' weights."""
+    batch, heads, tokens, dim = shape
+    q, k, v = (torch.randn(batch, tokens, heads, dim, device=DEVICE).to(DTYPES[0]).transpose(1, 2) for _ in range(3))
+    q_map, k_map = maps(kind, heads, dim)
+    grad = torch.randn(shape, device=DEVICE).to(DTYPES[0])
+    return q, k, v, grad, getattr(q_map, "weight", None), getattr(k_map, "weight", None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", fused.FUSED_KERNELS)
+def test_every_stage_matches_float64_at_the_gpu_blocks(kind: str, gpu_blocks: int) -> None:
+    """Each launch's intermediate (state, output, den, the state's gradients, dL/dp of q and k, dv, the projection
+    backward's dq, dk and dW) at 32- and 64-token blocks, several blocks per chunk, several chunks, a ragged tail
+    (150 tokens), full and padded head dims, batch 2: the stages the H200 run of wt-T2 got wrong (dk, dWk)."""
+    from harness.benchmarks.linear_triton_gpu import stage_errors
+
+    for shape in [(2, 2, 150, 32), (1, 2, 150, 24)]:
+        assert fused._chunking(150, 4, 64, gpu_blocks)[0] > 1 and 150 % gpu_blocks
+        q, k, v, grad, q_weight, k_weight = stage_inputs(kind, shape)
+        errors = stage_errors(q, k, v, kind, q_weight, k_weight, grad)
+        expected = {"S", "z", "out", "den", "dS", "dz", "dp_q", "dp_k", "dv", "dq", "dk"}
+        assert set(errors) == expected | ({"dWq", "dWk"} if kind == "hedgehog" else set())
+        assert all(e is not None and e <= TOLERANCE[DTYPES[0]] for e in errors.values()), f"{shape}: {errors}"
+
+
+@needs_kernel
+def test_stage_errors_name_the_wrong_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key pass whose dL/dp is wrong (the H200 failure: dv right, dk and dWk wrong) shows as dp_k, dk and dWk,
+    with the state's gradients and dv still right: the localiser names the kernel."""
+    from harness.benchmarks.linear_triton_gpu import stage_errors
+
+    key_pass = fused._key_pass
+
+    def wrong_key_pass(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        dp_k, dv = key_pass(*args)
+        return 3 * dp_k, dv
+
+    monkeypatch.setattr(fused, "_key_pass", wrong_key_pass)
+    q, k, v, grad, q_weight, k_weight = stage_inputs("hedgehog", (1, 2, 40, 32))
+    errors = stage_errors(q, k, v, "hedgehog", q_weight, k_weight, grad)
+    wrong = {name for name, error in errors.items() if error > TOLERANCE[DTYPES[0]]}
+    assert wrong == {"dp_k", "dk", "dWk"}, errors
+
+
+@needs_kernel
+def test_hedgehog_weights_in_the_compute_dtype() -> None:
+    """A model cast to the compute dtype casts the map's W too: the kernels form W - I from it in fp32 and
+    return W's gradient in its dtype."""
+    dtype = DTYPES[0]
+    q, k, v = (torch.randn(1, 2, 37, 32, device=DEVICE, dtype=dtype).requires_grad_() for _ in range(3))
+    q_map, k_map = (phi.to(dtype) for phi in maps("hedgehog", 2, 32))
+    out = fused.fused_linear_attention(q, k, v, q_map, k_map)
+    grads = torch.autograd.grad(out, (q_map.weight, k_map.weight), torch.ones_like(out))
+    ref = fused.float64_reference(q, k, v, "hedgehog", q_map.weight, k_map.weight)
+    ref_grads = torch.autograd.grad(ref, (q_map.weight, k_map.weight), torch.ones_like(ref))
+    assert relative(out, ref) <= TOLERANCE[dtype]
+    assert all(g.dtype == dtype and relative(g, r) <= TOLERANCE[dtype] for g, r in zip(grads, ref_grads, strict=True))
+
+
+@pytest.mark.skipif(fused.triton is None, reason="needs triton")
+@pytest.mark.parametrize(("tokens", "heads"), [(32760, 12), (75600, 40)])
+@pytest.mark.parametrize("halves", [1, 2])
+def test_chunking_covers_the_tokens_in_whole_waves(tokens: int, heads: int, halves: int) -> None:
+    """At the Wan shapes (132 SMs), the chunks cover every token in whole blocks, and the tokens one program slot
+    streams (waves x chunk) are within 5% of an even split of all rows' tokens over the slots."""
+    slots, alignment, rows = fused.SLOTS_PER_SM * 132, 128, heads * halves
+    chunks, chunk = fused._chunking(tokens, rows, slots, alignment)
+    assert chunk % alignment == 0 and (chunks - 1) * chunk < tokens <= chunks * chunk
+    waves = -(-chunks * rows // slots)
+    assert waves * chunk <= 1.05 * tokens * rows / slots
 
 
 @needs_kernel
@@ -177,3 +280,19 @@ def test_gpu_script_ratios_flag_fused_rows_over_target() -> None:
     assert row["forward_vs_cudnn"] == pytest.approx(0.02) and row["forward_meets_target"]
     assert row["forward_backward_vs_cudnn"] == pytest.approx(0.125) and not row["forward_backward_meets_target"]
     assert "forward_meets_target" not in rows["torch relu"]
+
+
+def test_gpu_script_diagnosis_line_names_kernels_and_failed_parts() -> None:
+    """The per-path line gives device time and launches per call, the slowest kernels first, and says which
+    measurement failed rather than hiding it."""
+    from harness.benchmarks.launch_split import summary_line
+
+    diagnosis = {
+        "split": {"launches": 3.0, "device_ms": 0.3, "kernels": {"_output": 0.2, "_gram_partials": 0.09, "_sum": 0.01}},
+        "graph_ms": {"error": "RuntimeError: capture failed"},
+        "enqueue_ms": 0.05,
+    }
+    line = summary_line(diagnosis, top=2)
+    assert line.startswith("kernels 0.300 ms in 3 launches (_output 0.200, _gram_partials 0.090)")
+    assert "graph replay failed" in line and "host enqueue 0.050 ms" in line and "_sum" not in line
+    assert summary_line({"split": {"error": "RuntimeError"}, "graph_ms": 0.2}).startswith("kernel split failed; graph")

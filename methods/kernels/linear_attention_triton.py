@@ -10,25 +10,29 @@ for the maps ``hedgehog`` (``[softmax(x W), softmax(-x W)]``, W per head), ``rel
 kernel recomputes them from the token tile it loads (and W).
 
 Kernels, each looping over the token blocks of one chunk of the sequence so that W and the state are
-loaded once per program and the token axis is split over enough programs to fill the GPU; hedgehog's
-two feature halves ``softmax(+-x W)`` go to separate, adjacent programs where that keeps registers low:
+loaded once per program and the token axis is split over enough programs to fill the GPU (the chunk count
+minimises waves x chunk length, see :func:`_chunking`):
 
-- :func:`_gram_partials`: per (half, chunk, batch x head) ``phi(x)^T y`` and ``sum phi(x)`` (fp32),
-  summed over chunks on the host: the state ``S, z`` (x = k, y = v) and W's gradient ``x^T dp``
-  (identity map).
-- :func:`_output`: phi(q), ``phi(q) S`` and the normaliser ``den``; the output (and den, for the backward).
-- :func:`_query_grads`: from the saved output and den, ``g = dout / den`` and ``c = -(dout . out) / den``;
-  the state's gradients ``dS = sum phi(q)^T g``, ``dz = sum c phi(q)`` and dL/d(q W) per half.
-- :func:`_key_grads`: dv per half ``phi(k) dS`` and dL/d(k W) per half from ``v dS^T + dz``.
+- :func:`_gram_partials`: per (half, chunk, batch x head) ``phi(k)^T v`` and ``sum phi(k)`` (fp32); hedgehog's
+  two feature halves ``softmax(+-x W)`` go to separate, adjacent programs (one fp32 state each in registers).
+- :func:`_sum_groups`: the partial sums over chunks, in a fixed order (deterministic): the state ``S, z``.
+- :func:`_output`: phi(q) of both halves, ``phi(q) S`` and the normaliser ``den``; the output (and den, for the
+  backward). Without the normaliser, ``phi(k) dS``: the value gradient dv.
+- :func:`_query_grads`: per half, from the saved output and den, ``g = dout / den`` and
+  ``c = -(dout . out) / den``; the state's gradients ``dS = sum phi(q)^T g``, ``dz = sum c phi(q)`` (summed
+  over chunks by :func:`_sum_groups`) and dL/d(q W) per half.
+- :func:`_key_grads`: per half, dL/d(k W) from ``v dS^T + dz`` (dS^T loaded transposed).
+- :func:`_project_grads`: dL/d(x W) summed over halves and taken through the projection, ``dp W^T``, and W's
+  gradient ``x^T dp`` (summed over chunks and batch by :func:`_sum_groups`).
 
-The halves' dv and dL/dp are summed, and dL/dp taken through the projection (``dp (I + dW)^T``), by
-torch on the host (a few bf16 passes over ``(B, H, N, D)``).
+``W - I`` is formed inside each kernel from the weight, so a call runs no torch op on the device besides the
+kernels: 3 launches forward, 4 to 8 backward.
 
-Precision: bf16/fp16 operands with fp32 accumulation. The state is accumulated in fp32 and rounded
-once to the operand dtype where it enters a product (relative 2^-9 in bf16, the size of the output's
-own rounding); the normaliser stays fp32. Hedgehog's projection is computed as ``x + x (W - I)``, so
-the identity part is exact and only the learned change is rounded to the operand dtype. The weight
-gradients are fp32.
+No kernel takes ``tl.trans`` of a tile it also passes untransposed to another ``tl.dot``, nor of a loaded tile: a
+matrix needed both ways is loaded twice, transposed by the addresses (:func:`_matrix`). On an H200 (sm_90, Triton
+3.6) a key pass that did (``tl.dot(phi, dS)`` and ``tl.dot(v, tl.trans(dS))``) gave dk 9x off and then an illegal
+memory access, where the interpreter was right. The remaining ``tl.trans`` are of computed features ``phi``, used
+transposed only (state and query passes, right on the H200).
 
 Shapes: q ``(B, H, N, D)``, k and v ``(B, H, M, D)`` (any strides with a contiguous last axis),
 ``D <= 128``; the output ``(B, H, N, D)`` in the compute dtype.
@@ -36,6 +40,7 @@ Shapes: q ``(B, H, N, D)``, k and v ``(B, H, M, D)`` (any strides with a contigu
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -59,22 +64,32 @@ BACKEND_NOTE = (
     f"{BACKEND_ENV}=torch forces the torch path"
 )
 MAX_HEAD_DIM = 128
-# Map codes inside the kernels (constexpr KIND); IDENTITY serves the weight-gradient reduction x^T dp.
+# Map codes inside the kernels (constexpr KIND).
 KIND_CODES = {"hedgehog": 0, "relu": 1, "elu": 2}
-IDENTITY = 3
 _MAP_KINDS: dict[type[FeatureMap], str] = {HedgehogFeatureMap: "hedgehog", ReluFeatureMap: "relu", EluFeatureMap: "elu"}
 # The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot time configurations: one small one.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# (BLOCK_N, num_warps, num_stages) per kernel; the autotuner keeps the fastest. Chosen from ptxas's report
-# for sm_90 (head dim 128, hedgehog, the heaviest map): none spills more than a few bytes, and each list
-# mixes wgmma tiles with a light mma.sync one.
-REDUCE_CONFIGS = ((32, 8, 2), (128, 8, 2), (64, 4, 2))
-OUTPUT_CONFIGS = ((128, 8, 2), (32, 8, 2), (32, 4, 2))
-QUERY_CONFIGS = ((32, 8, 2), (64, 8, 2))
-KEY_CONFIGS = ((64, 8, 2), (32, 8, 2), (64, 4, 2))
+# (BLOCK_N, num_warps, num_stages) per kernel; the autotuner keeps the fastest of each list (head dim 128; smaller
+# heads take the first untimed). The lists hold the configurations an H200 chose at the Wan shapes
+# (reports/gpu/h200/linear_triton), a deeper pipeline at two programs per SM for the memory-bound relu and elu
+# passes, and a 32-token alternative where ptxas (sm_90) reports spills for hedgehog at 64 or 128 tokens (output
+# 48 bytes, query 440; none elsewhere; the key pass at most 138 registers): harness/benchmarks/linear_triton_ptxas.py
+# prints that report.
+REDUCE_CONFIGS = ((128, 8, 2), (64, 4, 2), (64, 4, 3))
+OUTPUT_CONFIGS = ((128, 8, 2), (32, 4, 2), (64, 4, 4))
+QUERY_CONFIGS = ((64, 8, 2), (32, 8, 2))
+KEY_CONFIGS = ((64, 8, 2), (32, 8, 2))
+PROJECT_CONFIGS = ((64, 8, 2), (128, 8, 2))
 INTERPRETER_CONFIGS = ((16, 4, 1),)
-# Programs per multiprocessor that the chunking aims at (a few waves keep every SM busy to the end).
-PROGRAMS_PER_SM = 4
+# Elements of fp32 partial sums that one program of the summing kernel adds over all chunks.
+SUM_BLOCK = 1024
+# The chunking's model of the GPU: a wave is SLOTS_PER_SM programs per multiprocessor (the configurations above
+# run one, two or more per SM at head dim 128: a whole wave is whole rounds for each), a program costs
+# PROGRAM_COST_TOKENS tokens of streaming besides its chunk (loading W and the state, storing its partial sums),
+# and at most MAX_WAVES waves are considered.
+SLOTS_PER_SM = 4
+PROGRAM_COST_TOKENS = 128
+MAX_WAVES = 4
 
 
 def _kernel(configs: tuple[tuple[int, int, int], ...]) -> Any:
@@ -84,7 +99,7 @@ def _kernel(configs: tuple[tuple[int, int, int], ...]) -> Any:
         return lambda fn: fn
     chosen = INTERPRETER_CONFIGS if INTERPRETED else configs
     tuned = [triton.Config({"BLOCK_N": block}, num_warps=warps, num_stages=stages) for block, warps, stages in chosen]
-    autotune = triton.autotune(configs=tuned, key=["BLOCK_D", "KIND", "HAS_W", "HAS_C", "STORE_DP", "NH"],
+    autotune = triton.autotune(configs=tuned, key=["BLOCK_D", "KIND", "HAS_W", "NH", "NORMALISE", "WANT_DW"],
                                prune_configs_by={"early_config_prune": _prune})  # fmt: skip
     return lambda fn: autotune(triton.jit(fn))
 
@@ -117,20 +132,31 @@ def _project(x, w, HAS_W: tl.constexpr):
 
 
 @_jit
-def _phi(p, sign, inside, KIND: tl.constexpr):
+def _phi(p, sign, inside, KIND: tl.constexpr, PADDED: tl.constexpr):
     """Features ``(T, BD)`` fp32 from the projected tile: hedgehog's ``softmax(sign p)`` over the real
-    columns (``inside``), relu, elu + 1 (0 in padding columns), or ``p`` itself (IDENTITY)."""
+    columns (``inside``; all of them unless PADDED), relu, or elu + 1 (0 in padding columns)."""
     if KIND == 0:
-        s = tl.where(inside[None, :], p * sign, float("-inf"))
-        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        s = p * (sign * 1.4426950408889634)  # softmax(sign p) as base-2 exponentials of sign p log2(e)
+        if PADDED:
+            s = tl.where(inside[None, :], s, float("-inf"))
+        e = tl.exp2(s - tl.max(s, axis=1)[:, None])
         phi = e * (1.0 / tl.sum(e, axis=1))[:, None]
     elif KIND == 1:
         phi = tl.maximum(p, 0.0)
-    elif KIND == 2:
-        phi = tl.where(inside[None, :], tl.where(p > 0, p + 1.0, tl.exp(tl.minimum(p, 0.0))), 0.0)
     else:
-        phi = p
+        phi = tl.where(p > 0, p + 1.0, tl.exp(tl.minimum(p, 0.0)))
+        if PADDED:
+            phi = tl.where(inside[None, :], phi, 0.0)
     return phi
+
+
+@_jit
+def _row_sum(phi_t, weights, acc, dtype):
+    """``acc (BD, 16)`` plus ``phi^T weights`` in its column 0 (the others stay 0), for ``phi_t (BD, T)`` in
+    ``dtype`` and weights ``(T,)``: a weighted sum over tokens on the tensor cores, which spares the loop a
+    cross-warp reduction and its barrier; read it with ``tl.sum(acc, axis=1)``."""
+    unit = tl.where(tl.arange(0, 16)[None, :] == 0, weights[:, None], 0.0).to(dtype)
+    return tl.dot(phi_t, unit, acc)
 
 
 @_jit
@@ -146,21 +172,52 @@ def _phi_grad(p, phi, dphi, sign, KIND: tl.constexpr):
 
 
 @_jit
-def _square(ptr, cols, BLOCK_D: tl.constexpr):
-    """One ``(BD, BD)`` row-major tile."""
-    return tl.load(ptr + cols[:, None] * BLOCK_D + cols[None, :])
+def _weight(w_ptr, h, cols, dtype, D: tl.constexpr, HAS_W: tl.constexpr, TRANSPOSED: tl.constexpr,
+            BLOCK_D: tl.constexpr):  # fmt: skip
+    """Head h's ``W - I`` (``(W - I)^T`` when TRANSPOSED) as a zero-padded ``(BD, BD)`` tile in ``dtype``, built
+    from the weight ``(H, D, D)`` (contiguous, any float dtype) in fp32, so that only the learned change is
+    rounded; a placeholder, never read, without HAS_W. Built in each program: no host-side op per call."""
+    if HAS_W:
+        inside = cols < D
+        square = inside[:, None] & inside[None, :]
+        offsets = cols[None, :] * D + cols[:, None] if TRANSPOSED else cols[:, None] * D + cols[None, :]
+        w = tl.load(w_ptr + h * D * D + offsets, mask=square, other=0.0).to(tl.float32)
+        tile = tl.where((cols[:, None] == cols[None, :]) & square, w - 1.0, w).to(dtype)
+    else:
+        tile = tl.zeros((BLOCK_D, BLOCK_D), dtype)
+    return tile
 
 
 @_jit
-def _square_t(ptr, cols, BLOCK_D: tl.constexpr):
-    """The transpose of one ``(BD, BD)`` row-major tile."""
-    return tl.load(ptr + cols[None, :] * BLOCK_D + cols[:, None])
+def _state(ptr, row, cols, dtype, BLOCK_D: tl.constexpr):
+    """Row ``row`` of a state buffer ``(rows, BD * BD + BD)`` fp32: the ``(BD, BD)`` matrix in ``dtype`` (the
+    operand of a product) and the ``(BD,)`` sums in fp32."""
+    return _matrix(ptr, row, cols, dtype, False, BLOCK_D), _sums(ptr, row, cols, BLOCK_D)
 
 
 @_jit
-def _weight(w_ptr, h, cols, dtype, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Head h's ``W - I`` tile, or an unread placeholder without HAS_W."""
-    return _square(w_ptr + h * BLOCK_D * BLOCK_D, cols, BLOCK_D) if HAS_W else tl.zeros((BLOCK_D, BLOCK_D), dtype)
+def _matrix(ptr, row, cols, dtype, TRANSPOSED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The ``(BD, BD)`` matrix of row ``row`` of a state buffer in ``dtype``, transposed by the load's addresses
+    when TRANSPOSED. A kernel that needs a matrix and its transpose loads both: ``tl.trans`` of a tile that is
+    also an operand of another ``tl.dot`` gave wrong gradients and an illegal memory access on sm_90 (Triton
+    3.6, H200; the interpreter was right), see reports/gpu/h200/linear_triton/NOTES.md."""
+    base = ptr + row * (BLOCK_D * BLOCK_D + BLOCK_D)
+    offsets = cols[None, :] * BLOCK_D + cols[:, None] if TRANSPOSED else cols[:, None] * BLOCK_D + cols[None, :]
+    return tl.load(base + offsets).to(dtype)
+
+
+@_jit
+def _sums(ptr, row, cols, BLOCK_D: tl.constexpr):
+    """The ``(BD,)`` sums of row ``row`` of a state buffer ``(rows, BD * BD + BD)`` fp32."""
+    return tl.load(ptr + row * (BLOCK_D * BLOCK_D + BLOCK_D) + BLOCK_D * BLOCK_D + cols)
+
+
+@_jit
+def _store_state(ptr, row, acc, sums, cols, BLOCK_D: tl.constexpr):
+    """``acc (BD, BD)`` and ``sums (BD,)`` into row ``row`` of a state buffer ``(rows, BD * BD + BD)``."""
+    base = ptr + row * (BLOCK_D * BLOCK_D + BLOCK_D)
+    tl.store(base + cols[:, None] * BLOCK_D + cols[None, :], acc)
+    tl.store(base + BLOCK_D * BLOCK_D + cols, sums)
 
 
 @_jit
@@ -169,6 +226,14 @@ def _program(H):
     hedgehog's feature half (+1: softmax(x W), -1: softmax(-x W))."""
     half, chunk, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     return half, chunk, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), 1.0 - 2.0 * half.to(tl.float32)
+
+
+@_jit
+def _partial_row():
+    """Row ``(chunk, bh, half)`` of a partial-sum buffer ``(chunks, B * H * halves, ...)``: summed over chunks
+    it is the ``(B * H, halves)`` layout the kernels read, and for ``halves = 1`` the ``(chunks * B, H)`` one."""
+    row = (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)) * tl.num_programs(0) + tl.program_id(0)
+    return row.to(tl.int64)
 
 
 @_jit
@@ -185,134 +250,175 @@ def _rows(base, n, stride, cols, mask):
     return tl.load(base + n[:, None] * stride + cols[None, :], mask=mask, other=0.0)
 
 
-@_jit
-def _store_partial(s_ptr, z_ptr, acc, zacc, cols, BLOCK_D: tl.constexpr):
-    """This program's ``(BD, BD)`` and ``(BD,)`` partial sums, at row ``(half, chunk, bh)``."""
-    row = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-    row = row.to(tl.int64)
-    tl.store(s_ptr + row * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :], acc)
-    tl.store(z_ptr + row * BLOCK_D + cols, zacc)
-
-
 @_kernel(REDUCE_CONFIGS)
-def _gram_partials(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, H, N, D: tl.constexpr, CHUNK,
+def _gram_partials(x_ptr, y_ptr, w_ptr, part_ptr, H, N, D: tl.constexpr, CHUNK,
                    sxb, sxh, sxn, syb, syh, syn,
                    KIND: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Program (half, chunk, b * H + h): over the chunk's tokens n, ``sum phi(x_n)^T y_n`` ``(BD, BD)`` and
-    ``sum phi(x_n)`` ``(BD,)`` into row ``(half, chunk, bh)`` of s and z (the halves run side by side, so
-    their shared reads of x and y hit the L2)."""
+    ``sum phi(x_n)`` ``(BD,)`` into partial row ``(chunk, bh, half)`` (the halves run side by side, so their
+    shared reads of x and y hit the L2)."""
     _, chunk, _, b, h, sign = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
+    dtype = x_ptr.dtype.element_ty
     x_base, y_base = x_ptr + b * sxb + h * sxh, y_ptr + b * syb + h * syh
-    w = _weight(w_ptr, h, cols, x_ptr.dtype.element_ty, HAS_W, BLOCK_D)
+    w = _weight(w_ptr, h, cols, dtype, D, HAS_W, False, BLOCK_D)
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-    zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    zacc = tl.zeros((BLOCK_D, 16), dtype=tl.float32)
     for offset in range(0, CHUNK, BLOCK_N):
         n, valid, mask = _block(chunk * CHUNK + offset, rows, N, inside)
         x, y = _rows(x_base, n, sxn, cols, mask), _rows(y_base, n, syn, cols, mask)
-        phi = tl.where(valid[:, None], _phi(_project(x, w, HAS_W), sign, inside, KIND), 0.0)
-        zacc += tl.sum(phi, axis=0)
-        acc = tl.dot(tl.trans(phi.to(y_ptr.dtype.element_ty)), y, acc)
-    _store_partial(s_ptr, z_ptr, acc, zacc, cols, BLOCK_D)
+        phi_t = tl.trans(_phi(_project(x, w, HAS_W), sign, inside, KIND, D < BLOCK_D).to(dtype))
+        acc = tl.dot(phi_t, y, acc)  # rows past N: y is 0 there
+        zacc = _row_sum(phi_t, valid.to(tl.float32), zacc, dtype)
+    _store_state(part_ptr, _partial_row(), acc, tl.sum(zacc, axis=1), cols, BLOCK_D)
+
+
+@_jit
+def _sum_groups(src_ptr, dst_ptr, GROUPS, SIZE, BLOCK: tl.constexpr):
+    """``dst[i] = sum_g src[g, i]`` over a fp32 ``(GROUPS, SIZE)`` buffer, in the order g = 0, 1, ... (the
+    same sum on every run); program p adds elements ``[p BLOCK, (p + 1) BLOCK)``."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < SIZE
+    src = src_ptr + offsets
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, GROUPS):
+        acc += tl.load(src, mask=inside, other=0.0)
+        src += SIZE
+    tl.store(dst_ptr + offsets, acc, mask=inside)
 
 
 @_kernel(OUTPUT_CONFIGS)
-def _output(q_ptr, w_ptr, s_ptr, z_ptr, o_ptr, den_ptr, H, N, D: tl.constexpr, CHUNK, eps,
+def _output(q_ptr, w_ptr, st_ptr, o_ptr, den_ptr, H, N, D: tl.constexpr, CHUNK, eps,
             sqb, sqh, sqn,
-            KIND: tl.constexpr, HAS_W: tl.constexpr, NH: tl.constexpr,
+            KIND: tl.constexpr, HAS_W: tl.constexpr, NH: tl.constexpr, NORMALISE: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Program (0, chunk, b * H + h): ``out = phi(q) S / den`` with ``den = phi(q) . z + eps`` for the chunk's
-    tokens; out ``(B, H, N, D)`` contiguous, den ``(B * H, N)`` fp32 (kept for the backward)."""
+    tokens, both feature halves in one program; out ``(B, H, N, D)`` contiguous, den ``(B * H, N)`` fp32 (kept
+    for the backward); the state ``(B * H * NH, BD * BD + BD)`` fp32. Without NORMALISE ``out = phi(q) S``
+    (den and eps unused): the key pass's ``dv = phi(k) dS``."""
     _, chunk, bh, b, h, _ = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
-    dtype = s_ptr.dtype.element_ty
+    dtype = q_ptr.dtype.element_ty
     q_base, o_base = q_ptr + b * sqb + h * sqh, o_ptr + bh.to(tl.int64) * N * D
-    w = _weight(w_ptr, h, cols, dtype, HAS_W, BLOCK_D)
-    state = bh.to(tl.int64) * NH
-    s0, z0 = _square(s_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(z_ptr + state * BLOCK_D + cols)
+    w = _weight(w_ptr, h, cols, dtype, D, HAS_W, False, BLOCK_D)
+    row = bh.to(tl.int64) * NH
+    s0, z0 = _state(st_ptr, row, cols, dtype, BLOCK_D)
     if NH == 2:
-        s1 = _square(s_ptr + (state + 1) * BLOCK_D * BLOCK_D, cols, BLOCK_D)
-        z1 = tl.load(z_ptr + (state + 1) * BLOCK_D + cols)
+        s1, z1 = _state(st_ptr, row + 1, cols, dtype, BLOCK_D)
     for offset in range(0, CHUNK, BLOCK_N):
         n, valid, mask = _block(chunk * CHUNK + offset, rows, N, inside)
         p = _project(_rows(q_base, n, sqn, cols, mask), w, HAS_W)
-        phi = _phi(p, 1.0, inside, KIND)
+        phi = _phi(p, 1.0, inside, KIND, D < BLOCK_D)
         num = tl.dot(phi.to(dtype), s0)
-        den = tl.sum(phi * z0[None, :], axis=1) + eps
+        if NORMALISE:
+            den = tl.sum(phi * z0[None, :], axis=1) + eps
         if NH == 2:
-            phi = _phi(p, -1.0, inside, KIND)
+            phi = _phi(p, -1.0, inside, KIND, D < BLOCK_D)
             num = tl.dot(phi.to(dtype), s1, num)
-            den += tl.sum(phi * z1[None, :], axis=1)
-        out = num * (1.0 / den)[:, None]
-        tl.store(o_base + n[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(den_ptr + bh.to(tl.int64) * N + n, den, mask=valid)
+            if NORMALISE:
+                den += tl.sum(phi * z1[None, :], axis=1)
+        if NORMALISE:
+            num = num * (1.0 / den)[:, None]
+        tl.store(o_base + n[:, None] * D + cols[None, :], num.to(o_ptr.dtype.element_ty), mask=mask)
+        if NORMALISE:
+            tl.store(den_ptr + bh.to(tl.int64) * N + n, den, mask=valid)
 
 
 @_kernel(QUERY_CONFIGS)
-def _query_grads(q_ptr, do_ptr, o_ptr, den_ptr, w_ptr, s_ptr, z_ptr, dp_ptr, ds_ptr, dz_ptr, H, N,
+def _query_grads(q_ptr, do_ptr, o_ptr, den_ptr, w_ptr, st_ptr, dp_ptr, part_ptr, H, N,
                  D: tl.constexpr, CHUNK, sqb, sqh, sqn, sdb, sdh, sdn,
                  KIND: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Program (half, chunk, b * H + h), per query token of the chunk, with the saved ``out`` and ``den``:
     ``g = dout / den`` (dL/d numerator), ``c = -(dout . out) / den`` (dL/d den), ``dphi = g S^T + c z`` for
-    this half's features, and dp (dL/d projected q, bf16) into ``dp[half]`` ``(NH, B, H, N, BD)``; and the
-    state's gradients ``sum phi^T g``, ``sum c phi`` into row ``(half, chunk, bh)`` of ds and dz."""
+    this half's features, and dp (dL/d projected q, in q's dtype) into ``dp[half]`` ``(NH, B, H, N, BD)``; and
+    the state's gradients ``sum phi^T g``, ``sum c phi`` into partial row ``(chunk, bh, half)``."""
     half, chunk, bh, b, h, sign = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
-    dtype = s_ptr.dtype.element_ty
+    dtype = q_ptr.dtype.element_ty
     q_base, do_base = q_ptr + b * sqb + h * sqh, do_ptr + b * sdb + h * sdh
     o_base = o_ptr + bh.to(tl.int64) * N * D
     dp_base = dp_ptr + (half * tl.num_programs(2) + bh).to(tl.int64) * N * BLOCK_D
-    w = _weight(w_ptr, h, cols, dtype, HAS_W, BLOCK_D)
-    state = bh.to(tl.int64) * tl.num_programs(0) + half
-    s_t, z = _square_t(s_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(z_ptr + state * BLOCK_D + cols)
+    w = _weight(w_ptr, h, cols, dtype, D, HAS_W, False, BLOCK_D)
+    row = bh.to(tl.int64) * tl.num_programs(0) + half
+    s_t, z = _matrix(st_ptr, row, cols, dtype, True, BLOCK_D), _sums(st_ptr, row, cols, BLOCK_D)
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-    zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    zacc = tl.zeros((BLOCK_D, 16), dtype=tl.float32)
     for offset in range(0, CHUNK, BLOCK_N):
         n, valid, mask = _block(chunk * CHUNK + offset, rows, N, inside)
         p = _project(_rows(q_base, n, sqn, cols, mask), w, HAS_W)
-        phi = tl.where(valid[:, None], _phi(p, sign, inside, KIND), 0.0)
+        phi = _phi(p, sign, inside, KIND, D < BLOCK_D)  # rows past N: g and c are 0 there
         inv_den = 1.0 / tl.load(den_ptr + bh.to(tl.int64) * N + n, mask=valid, other=1.0)
         dout = _rows(do_base, n, sdn, cols, mask).to(tl.float32)
         out = _rows(o_base, n, D, cols, mask).to(tl.float32)
         c = -tl.sum(dout * out, axis=1) * inv_den
         g = (dout * inv_den[:, None]).to(dtype)
-        acc = tl.dot(tl.trans(phi.to(dtype)), g, acc)
-        zacc += tl.sum(phi * c[:, None], axis=0)
+        phi_t = tl.trans(phi.to(dtype))
+        acc = tl.dot(phi_t, g, acc)
+        zacc = _row_sum(phi_t, c, zacc, dtype)
         dp = _phi_grad(p, phi, tl.dot(g, s_t) + c[:, None] * z[None, :], sign, KIND)
         tl.store(dp_base + n[:, None] * BLOCK_D + cols[None, :], dp.to(dtype), mask=valid[:, None])
-    _store_partial(ds_ptr, dz_ptr, acc, zacc, cols, BLOCK_D)
+    _store_state(part_ptr, _partial_row(), acc, tl.sum(zacc, axis=1), cols, BLOCK_D)
 
 
 @_kernel(KEY_CONFIGS)
-def _key_grads(k_ptr, v_ptr, w_ptr, ds_ptr, dz_ptr, dp_ptr, dv_ptr, H, M, D: tl.constexpr, CHUNK,
+def _key_grads(k_ptr, v_ptr, w_ptr, ds_ptr, dp_ptr, H, M, D: tl.constexpr, CHUNK,
                skb, skh, skn, svb, svh, svn,
                KIND: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Program (half, chunk, b * H + h), per key token of the chunk, for this half's features: the value
-    gradient ``phi dS`` into ``dv[half]`` ``(NH, B, H, M, D)`` and dp (dL/d projected k) from
-    ``dphi = v dS^T + dz`` into ``dp[half]`` ``(NH, B, H, M, BD)``, both in the compute dtype."""
+    """Program (half, chunk, b * H + h), per key token of the chunk, for this half's features: dp (dL/d projected
+    k) from ``dphi = v dS^T + dz`` into ``dp[half]`` ``(NH, B, H, M, BD)`` in k's dtype; dS, dz from the state
+    gradients ``(B * H * NH, BD * BD + BD)`` fp32, dS^T loaded transposed (no ``tl.trans`` of a tile: see
+    :func:`_matrix`). The value gradient is the output pass without its normaliser."""
     half, chunk, bh, b, h, sign = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
-    dtype = ds_ptr.dtype.element_ty
+    dtype = k_ptr.dtype.element_ty
     k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
-    slot = (half * tl.num_programs(2) + bh).to(tl.int64)
-    dp_base, dv_base = dp_ptr + slot * M * BLOCK_D, dv_ptr + slot * M * D
-    w = _weight(w_ptr, h, cols, dtype, HAS_W, BLOCK_D)
-    state = bh.to(tl.int64) * tl.num_programs(0) + half
-    ds, dz = _square(ds_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D), tl.load(dz_ptr + state * BLOCK_D + cols)
-    ds_t = _square_t(ds_ptr + state * BLOCK_D * BLOCK_D, cols, BLOCK_D)
+    dp_base = dp_ptr + (half * tl.num_programs(2) + bh).to(tl.int64) * M * BLOCK_D
+    w = _weight(w_ptr, h, cols, dtype, D, HAS_W, False, BLOCK_D)
+    row = bh.to(tl.int64) * tl.num_programs(0) + half
+    ds_t, dz = _matrix(ds_ptr, row, cols, dtype, True, BLOCK_D), _sums(ds_ptr, row, cols, BLOCK_D)
     for offset in range(0, CHUNK, BLOCK_N):
         n, valid, mask = _block(chunk * CHUNK + offset, rows, M, inside)
-        y = _rows(v_base, n, svn, cols, mask)
         p = _project(_rows(k_base, n, skn, cols, mask), w, HAS_W)
-        phi = _phi(p, sign, inside, KIND)
-        dv = tl.dot(phi.to(dtype), ds)
-        tl.store(dv_base + n[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
-        dp = _phi_grad(p, phi, tl.dot(y, ds_t) + dz[None, :], sign, KIND)
-        tl.store(dp_base + n[:, None] * BLOCK_D + cols[None, :], dp.to(dtype), mask=valid[:, None])
+        phi = _phi(p, sign, inside, KIND, D < BLOCK_D)
+        dphi = tl.dot(_rows(v_base, n, svn, cols, mask), ds_t) + dz[None, :]
+        tl.store(dp_base + n[:, None] * BLOCK_D + cols[None, :], _phi_grad(p, phi, dphi, sign, KIND).to(dtype),
+                 mask=valid[:, None])  # fmt: skip
+
+
+@_kernel(PROJECT_CONFIGS)
+def _project_grads(dp_ptr, x_ptr, w_ptr, dx_ptr, part_ptr, H, N, D: tl.constexpr, CHUNK, sxb, sxh, sxn,
+                   NH: tl.constexpr, HAS_W: tl.constexpr, WANT_DW: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (0, chunk, b * H + h), per token of the chunk, from dL/dp per feature half ``(NH, B, H, N, BD)``:
+    ``dp = sum_half dp[half]`` (fp32), ``dx = dp (I + (W - I))^T`` into dx ``(B, H, N, D)`` contiguous (dp's
+    dtype); with WANT_DW, W's gradient ``sum x^T dp`` into partial row ``(chunk * B + b) * H + h`` of a
+    ``(chunks * B * H, BD * BD)`` fp32 buffer."""
+    _, chunk, bh, b, h, _ = _program(H)
+    rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    inside = cols < D
+    dtype = dp_ptr.dtype.element_ty
+    x_base, dx_base = x_ptr + b * sxb + h * sxh, dx_ptr + bh.to(tl.int64) * N * D
+    dp_base = dp_ptr + bh.to(tl.int64) * N * BLOCK_D
+    w_t = _weight(w_ptr, h, cols, dtype, D, HAS_W, True, BLOCK_D)
+    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    for offset in range(0, CHUNK, BLOCK_N):
+        n, valid, mask = _block(chunk * CHUNK + offset, rows, N, inside)
+        dp = _rows(dp_base, n, BLOCK_D, cols, valid[:, None]).to(tl.float32)
+        if NH == 2:
+            dp += _rows(dp_base + tl.num_programs(2).to(tl.int64) * N * BLOCK_D, n, BLOCK_D, cols,
+                        valid[:, None]).to(tl.float32)  # fmt: skip
+        dx = tl.dot(dp.to(dtype), w_t, dp) if HAS_W else dp
+        tl.store(dx_base + n[:, None] * D + cols[None, :], dx.to(dtype), mask=mask)
+        if WANT_DW:
+            x_t = tl.load(x_base + n[None, :] * sxn + cols[:, None], mask=inside[:, None] & valid[None, :], other=0.0)
+            acc = tl.dot(x_t, dp.to(dtype), acc)  # x^T by the load's addresses: no tl.trans (see _matrix)
+    if WANT_DW:
+        row = _partial_row()
+        tl.store(part_ptr + row * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :], acc)
 
 
 # -- launches -------------------------------------------------------------------------------------
@@ -323,13 +429,33 @@ def _block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def _chunking(tokens: int, rows: int, device: torch.device, alignment: int) -> tuple[int, int]:
+@functools.lru_cache(maxsize=16)
+def _slots(device: torch.device) -> int:
+    """Programs ``device`` runs at once in the chunking's model (the interpreter's CPU: 2)."""
+    return SLOTS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+@functools.lru_cache(maxsize=1024)
+def _chunking(tokens: int, rows: int, slots: int, alignment: int) -> tuple[int, int]:
     """``(chunks, chunk)``: the token axis cut into chunks of ``chunk`` tokens (a multiple of ``alignment``)
-    so that ``chunks x rows`` programs fill the device a few times over."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    chunks = max(1, min(triton.cdiv(tokens, alignment), triton.cdiv(PROGRAMS_PER_SM * sms, rows)))
-    chunk = triton.cdiv(triton.cdiv(tokens, chunks), alignment) * alignment
-    return triton.cdiv(tokens, chunk), chunk
+    for ``rows`` programs per chunk on a device running ``slots`` programs at once, minimising the critical path
+    ``waves x (chunk + PROGRAM_COST_TOKENS)``; ties go to fewer chunks (fewer partial sums)."""
+    most = max(1, min(triton.cdiv(tokens, alignment), triton.cdiv(MAX_WAVES * slots, rows)))
+    best = (float("inf"), 1, tokens)
+    for wanted in range(1, most + 1):
+        chunk = triton.cdiv(triton.cdiv(tokens, wanted), alignment) * alignment
+        chunks = triton.cdiv(tokens, chunk)
+        cost = triton.cdiv(chunks * rows, slots) * (chunk + PROGRAM_COST_TOKENS)
+        if cost < best[0]:
+            best = (cost, chunks, chunk)
+    return best[1], best[2]
+
+
+def _grid(x: torch.Tensor, halves: int, configs: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, ...], int]:
+    """Grid ``(halves, chunks, B*H)`` and chunk length of a per-token kernel over x ``(B, H, N, D)``."""
+    batch, heads, tokens, _ = x.shape
+    chunks, chunk = _chunking(tokens, batch * heads * halves, _slots(x.device), _chunk_alignment(configs))
+    return (halves, chunks, batch * heads), chunk
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -341,110 +467,139 @@ def _last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _weight_operand(weight: torch.Tensor | None, block_d: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """``W - I`` ``(H, BD, BD)`` in ``dtype``, zero-padded; the kernels add the identity back exactly."""
-    if weight is None:
-        return None
-    heads, dim, _ = weight.shape
-    padded = weight.new_zeros(heads, block_d, block_d, dtype=dtype)
-    padded[:, :dim, :dim] = weight.detach() - torch.eye(dim, device=weight.device, dtype=weight.dtype)
-    return padded
+def _state_buffer(groups: int, rows: int, block_d: int, device: torch.device) -> torch.Tensor:
+    """fp32 ``(groups, rows, BD * BD + BD)``: per row a ``(BD, BD)`` matrix and its ``(BD,)`` sums."""
+    return torch.empty(groups, rows, block_d * block_d + block_d, device=device, dtype=torch.float32)
 
 
-def _gram(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, kind: int, nh: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(sum_n phi(x_n)^T y_n, sum_n phi(x_n))`` per (batch x head, half): ``(B*H, nh, BD, BD)`` and
-    ``(B*H, nh, BD)`` fp32, for x ``(B, H, N, D)`` and y ``(B, H, N, >= D)`` (columns past D ignored)."""
+def _summed(partials: torch.Tensor) -> torch.Tensor:
+    """Partial sums ``(groups, ...)`` fp32 -> their sum over groups ``(...)``, in one launch (none for one group)."""
+    if partials.shape[0] == 1:
+        return partials[0]
+    total = torch.empty(partials.shape[1:], device=partials.device, dtype=torch.float32)
+    size = total.numel()
+    _sum_groups[(triton.cdiv(size, SUM_BLOCK),)](partials, total, partials.shape[0], size, BLOCK=SUM_BLOCK)
+    return total
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, kind: int, nh: int) -> torch.Tensor:
+    """The state ``sum_n phi(x_n)^T y_n`` and ``sum_n phi(x_n)`` per (batch x head, half): ``(B*H*nh, BD*BD + BD)``
+    fp32, for x and y ``(B, H, N, D)``."""
     batch, heads, tokens, dim = x.shape
-    block_d = _block_d(dim)
-    chunks, chunk = _chunking(tokens, batch * heads * nh, x.device, _chunk_alignment(REDUCE_CONFIGS))
-    s = torch.empty(nh, chunks, batch * heads, block_d, block_d, device=x.device, dtype=torch.float32)
-    z = torch.empty(nh, chunks, batch * heads, block_d, device=x.device, dtype=torch.float32)
-    _gram_partials[(nh, chunks, batch * heads)](
-        x, y, x if w is None else w, s, z, heads, tokens, dim, chunk, *_strides(x), *_strides(y),
-        KIND=kind, HAS_W=w is not None, BLOCK_D=block_d,
+    grid, chunk = _grid(x, nh, REDUCE_CONFIGS)
+    partials = _state_buffer(grid[1], batch * heads * nh, _block_d(dim), x.device)
+    _gram_partials[grid](
+        x, y, x if w is None else w, partials, heads, tokens, dim, chunk, *_strides(x), *_strides(y),
+        KIND=kind, HAS_W=w is not None, BLOCK_D=_block_d(dim),
     )  # fmt: skip
-    return _per_head(s), _per_head(z)
+    return _summed(partials)
 
 
-def _per_head(partials: torch.Tensor) -> torch.Tensor:
-    """Partial sums ``(nh, chunks, B*H, ...)`` -> totals ``(B*H, nh, ...)``, the layout the kernels read."""
-    return partials.sum(1).transpose(0, 1).contiguous()
+def _weight_operand(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """The map's weight ``(H, D, D)`` as the kernels read it (``W - I`` is formed inside them)."""
+    return None if weight is None else weight.detach().contiguous()
 
 
-def _grid(x: torch.Tensor, halves: int, configs: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, ...], int]:
-    """Grid ``(halves, chunks, B*H)`` and chunk length of a per-token kernel over x ``(B, H, N, D)``."""
-    batch, heads, tokens, _ = x.shape
-    chunks, chunk = _chunking(tokens, batch * heads * halves, x.device, _chunk_alignment(configs))
-    return (halves, chunks, batch * heads), chunk
-
-
-def _through_projection(x: torch.Tensor, dp_halves: torch.Tensor, delta: torch.Tensor | None,
-                        weight: torch.Tensor | None, want_weight: bool,
+def _through_projection(x: torch.Tensor, dp_halves: torch.Tensor, weight: torch.Tensor | None, want_weight: bool,
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """dL/dx ``(B, H, N, D)`` and dL/dW ``(H, D, D)`` (fp32 sums, in W's dtype; None unless wanted) from dL/dp
-    per feature half ``(nh, B, H, N, BD)``, for ``p = x (I + delta)``."""
-    batch, heads, _, dim = x.shape
-    dp = dp_halves[0] if dp_halves.shape[0] == 1 else dp_halves.sum(0)
-    dx = dp if delta is None else dp + dp @ delta.transpose(-1, -2)
-    if weight is None or not want_weight:
-        return dx[..., :dim], None
-    gram, _ = _gram(x, dp, None, IDENTITY, 1)
-    return dx[..., :dim], gram.view(batch, heads, *gram.shape[-2:]).sum(0)[:, :dim, :dim].to(weight.dtype)
+    per feature half ``(nh, B, H, N, BD)``, for ``p = x W``."""
+    nh, batch, heads, tokens, block_d = dp_halves.shape
+    dim = x.shape[-1]
+    if nh == 1 and weight is None:
+        return dp_halves[0][..., :dim], None
+    want = weight is not None and want_weight
+    dx = torch.empty(x.shape, device=x.device, dtype=dp_halves.dtype)
+    grid, chunk = _grid(x, 1, PROJECT_CONFIGS)
+    partials = dx  # a placeholder, never read without WANT_DW
+    if want:
+        partials = torch.empty(grid[1] * batch, heads, block_d * block_d, device=x.device, dtype=torch.float32)
+    _project_grads[grid](
+        dp_halves, x, x if weight is None else _weight_operand(weight), dx, partials, heads, tokens, dim, chunk,
+        *_strides(x), NH=nh, HAS_W=weight is not None, WANT_DW=want, BLOCK_D=block_d,
+    )  # fmt: skip
+    if not want:
+        return dx, None
+    return dx, _summed(partials).view(heads, block_d, block_d)[:, :dim, :dim].to(weight.dtype)
+
+
+def _output_pass(q: torch.Tensor, wq: torch.Tensor | None, state: torch.Tensor, kind: int, nh: int,
+                 eps: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The output ``(B, H, N, D)`` in q's dtype and the normaliser ``den`` ``(B * H, N)`` fp32 from the state;
+    with ``eps`` None the product ``sum_half phi(q) S[half]`` alone and no den (the key pass's dv)."""
+    batch, heads, tokens, dim = q.shape
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    den = None if eps is None else torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
+    grid, chunk = _grid(q, 1, OUTPUT_CONFIGS)  # both halves in each program
+    _output[grid](
+        q, q if wq is None else wq, state, out, out if den is None else den, heads, tokens, dim, chunk,
+        0.0 if eps is None else eps, *_strides(q), KIND=kind, HAS_W=wq is not None, NH=nh, NORMALISE=den is not None,
+        BLOCK_D=_block_d(dim),
+    )  # fmt: skip
+    return out, den
+
+
+def _query_pass(q: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor, den: torch.Tensor,
+                wq: torch.Tensor | None, state: torch.Tensor, kind: int, nh: int,
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dL/dp per feature half ``(nh, B, H, N, BD)`` in q's dtype and the state's gradients ``dS, dz`` laid out as
+    the state ``(B * H * nh, BD * BD + BD)`` fp32."""
+    batch, heads, tokens, dim = q.shape
+    block_d = _block_d(dim)
+    dp_q = torch.empty(nh, batch, heads, tokens, block_d, device=q.device, dtype=q.dtype)
+    grid, chunk = _grid(q, nh, QUERY_CONFIGS)
+    partials = _state_buffer(grid[1], batch * heads * nh, block_d, q.device)
+    _query_grads[grid](
+        q, grad_out, out, den, q if wq is None else wq, state, dp_q, partials,
+        heads, tokens, dim, chunk, *_strides(q), *_strides(grad_out),
+        KIND=kind, HAS_W=wq is not None, BLOCK_D=block_d,
+    )  # fmt: skip
+    return dp_q, _summed(partials)
+
+
+def _key_pass(k: torch.Tensor, v: torch.Tensor, wk: torch.Tensor | None, d_state: torch.Tensor, kind: int, nh: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dL/dp of the keys per feature half ``(nh, B, H, M, BD)`` and dv ``(B, H, M, D)``, both in k's dtype. Two
+    launches: dv ``sum_half phi(k) dS`` by the output kernel, dp per half by :func:`_key_grads` (one fused program
+    for both, holding dS and its transpose, spilled and went wrong on sm_90: NOTES.md)."""
+    batch, heads, key_tokens, dim = k.shape
+    dv, _ = _output_pass(k, wk, d_state, kind, nh, None)
+    dp_k = torch.empty(nh, batch, heads, key_tokens, _block_d(dim), device=k.device, dtype=k.dtype)
+    grid, chunk = _grid(k, nh, KEY_CONFIGS)
+    _key_grads[grid](
+        k, v, k if wk is None else wk, d_state, dp_k, heads, key_tokens, dim, chunk, *_strides(k), *_strides(v),
+        KIND=kind, HAS_W=wk is not None, BLOCK_D=_block_d(dim),
+    )  # fmt: skip
+    return dp_k, dv
 
 
 class _FusedLinearAttention(torch.autograd.Function):
-    """Autograd of the fused kernels; inputs already in the compute dtype, weights ``(H, D, D)`` (fp32)."""
+    """Autograd of the fused kernels; inputs already in the compute dtype, weights ``(H, D, D)``.
+
+    Launches: forward 3 (state partials, their sum, output); backward 4 to 8 (query pass, the state gradients'
+    sum, the key pass's dv and dp, and per projected side one pass with W's gradient summed); no other device
+    op."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
                 k_weight: torch.Tensor | None, kind: str, eps: float) -> torch.Tensor:  # fmt: skip
         code, nh = KIND_CODES[kind], 2 if kind == "hedgehog" else 1
-        batch, heads, tokens, dim = q.shape
-        block_d, dtype = _block_d(dim), q.dtype
-        state, normaliser = _gram(k, v, _weight_operand(k_weight, block_d, dtype), code, nh)
-        out = torch.empty(q.shape, device=q.device, dtype=dtype)
-        den = torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
-        wq = _weight_operand(q_weight, block_d, dtype)
-        grid, chunk = _grid(q, 1, OUTPUT_CONFIGS)  # both halves in each program
-        _output[grid](
-            q, q if wq is None else wq, state.to(dtype), normaliser, out, den, heads, tokens, dim, chunk, eps,
-            *_strides(q), KIND=code, HAS_W=wq is not None, NH=nh, BLOCK_D=block_d,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, q_weight, k_weight, state, normaliser, out, den)
+        wq, wk = _weight_operand(q_weight), _weight_operand(k_weight)
+        state = _gram(k, v, wk, code, nh)
+        out, den = _output_pass(q, wq, state, code, nh, eps)
+        ctx.save_for_backward(q, k, v, q_weight, k_weight, state, out, den)
         ctx.kind = kind
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, q_weight, k_weight, state, normaliser, out, den = ctx.saved_tensors
-        grad_out = _last_axis_contiguous(grad_out)
+        q, k, v, q_weight, k_weight, state, out, den = ctx.saved_tensors
         code, nh = KIND_CODES[ctx.kind], 2 if ctx.kind == "hedgehog" else 1
-        batch, heads, tokens, dim = q.shape
-        key_tokens, block_d, dtype = k.shape[2], _block_d(dim), q.dtype
-        wq, wk = _weight_operand(q_weight, block_d, dtype), _weight_operand(k_weight, block_d, dtype)
-
-        dp_q = torch.empty(nh, batch, heads, tokens, block_d, device=q.device, dtype=dtype)
-        grid, chunk = _grid(q, nh, QUERY_CONFIGS)
-        d_state = torch.empty(*grid, block_d, block_d, device=q.device, dtype=torch.float32)
-        d_normaliser = torch.empty(*grid, block_d, device=q.device, dtype=torch.float32)
-        _query_grads[grid](
-            q, grad_out, out, den, q if wq is None else wq, state.to(dtype), normaliser, dp_q, d_state, d_normaliser,
-            heads, tokens, dim, chunk, *_strides(q), *_strides(grad_out),
-            KIND=code, HAS_W=wq is not None, BLOCK_D=block_d,
-        )  # fmt: skip
-
-        dp_k = torch.empty(nh, batch, heads, key_tokens, block_d, device=k.device, dtype=dtype)
-        dv_halves = torch.empty(nh, *v.shape, device=v.device, dtype=dtype)
-        grid, chunk = _grid(k, nh, KEY_CONFIGS)
-        _key_grads[grid](
-            k, v, k if wk is None else wk, _per_head(d_state).to(dtype), _per_head(d_normaliser), dp_k, dv_halves,
-            heads, key_tokens, dim, chunk, *_strides(k), *_strides(v),
-            KIND=code, HAS_W=wk is not None, BLOCK_D=block_d,
-        )  # fmt: skip
-        dq, dwq = _through_projection(q, dp_q, wq, q_weight, ctx.needs_input_grad[3])
-        dk, dwk = _through_projection(k, dp_k, wk, k_weight, ctx.needs_input_grad[4])
-        dv = dv_halves[0] if nh == 1 else dv_halves.sum(0)
+        wq, wk = _weight_operand(q_weight), _weight_operand(k_weight)
+        dp_q, d_state = _query_pass(q, _last_axis_contiguous(grad_out), out, den, wq, state, code, nh)
+        dp_k, dv = _key_pass(k, v, wk, d_state, code, nh)
+        dq, dwq = _through_projection(q, dp_q, q_weight, ctx.needs_input_grad[3])
+        dk, dwk = _through_projection(k, dp_k, k_weight, ctx.needs_input_grad[4])
         return dq, dk, dv, dwq, dwk, None, None
 
 
