@@ -588,7 +588,7 @@ def test_at_a_small_step_adm_is_the_mse_weighted_by_its_limit_weights(
     weights span decades, so it is not plain MSE's direction."""
     from dataclasses import replace
 
-    from methods.linvideo.diagnostics import gradient_cosine, limit_cosine, limit_weights
+    from methods.linvideo.diagnostics import gradient_cosine, gradient_norms, limit_cosine, limit_weights
 
     trainer = LinVideoTrainer(_config(selection="manual", layers=(0, 1, 2, 6), adm_weighting=weighting), teacher,
                               store, tmp_path)  # fmt: skip
@@ -598,8 +598,10 @@ def test_at_a_small_step_adm_is_the_mse_weighted_by_its_limit_weights(
     with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
         assert limit_cosine(trainer, batch) > 0.998
         assert gradient_cosine(trainer, batch) < plain_mse_cosine_below
+        norms = gradient_norms(trainer, batch)
     spread = limit_weights(trainer, batch)
     assert spread.shape == (len(batch["t"]),) and bool((spread > 0).all())
+    assert set(norms) == {"adm", "mse"} and all(math.isfinite(n) and n > 0 for n in norms.values())
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "analytic"])

@@ -136,7 +136,7 @@ def check(device: torch.device, work: Path) -> dict[str, Any]:
     from harness.models.toy import ToyModel
     from methods import build_method
     from methods.linvideo.collect import CollectionSpec, collect
-    from methods.linvideo.diagnostics import gradient_cosine, limit_cosine
+    from methods.linvideo.diagnostics import gradient_cosine, gradient_norms, limit_cosine
     from methods.linvideo.train import LinVideoTrainConfig, LinVideoTrainer
 
     teacher = ToyModel.load("builtin", device, torch.float32)
@@ -162,7 +162,8 @@ def check(device: torch.device, work: Path) -> dict[str, Any]:
             for weighting in ("uniform", "analytic"):  # on states of every sampler time: the per-state weights
                 trainer.settings = replace(trainer.settings, step_fraction=0.02, adm_weighting=weighting)
                 limits[f"{precision}_{weighting}"] = {"limit_cosine": limit_cosine(trainer, every_time),
-                                                      "mse_cosine": gradient_cosine(trainer, every_time)}  # fmt: skip
+                                                      "mse_cosine": gradient_cosine(trainer, every_time),
+                                                      "norms": gradient_norms(trainer, every_time)}  # fmt: skip
     fp32 = list(cosines["fp32"].values())
     passed = fp32 == sorted(fp32) and fp32[-1] > 0.99 and math.isfinite(last_objective)
     if cosines["bf16"]["0.02"] < 0.95:
@@ -516,8 +517,9 @@ def orchestrate(args: argparse.Namespace) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", nargs="?", default="all", choices=("all", "collect", "e3-train"),
-                        help="all (default); collect and e3-train are the driver's own child processes")  # fmt: skip
+    parser.add_argument("action", nargs="?", default="all", choices=("all", "check", "collect", "e3-train"),
+                        help="all (default); check: only the correctness check (fits a CPU: ~3 min), written to "
+                        "OUT/check.json; collect and e3-train are the driver's own child processes")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")), help="results folder ($OUT)")
     parser.add_argument("--work", type=Path, default=Path("checkpoints/round9"), help="stores, checkpoints, runs")
     parser.add_argument("--experiments", default="e1,e2,e3",
@@ -540,6 +542,12 @@ def main() -> None:
     unknown = set(args.experiments) - set(EXPERIMENTS)
     if unknown:
         parser.error(f"unknown experiments {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    if args.action == "check":
+        result = check(torch.device(args.device), args.work)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / "check.json", result)
+        print(json.dumps(result, indent=1))
+        sys.exit(0 if result["passed"] else 1)
     if args.action == "collect":
         collect_store(args)
     elif args.action == "e3-train":

@@ -70,6 +70,13 @@ def gradient_cosine(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor]) ->
     return _cosine(adm, _weight_gradient(trainer, _objective(trainer, batch, "mse")))
 
 
+def gradient_norms(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Norms of ADM's (the trainer's settings) and MSE's gradients on the student's weights, before clipping: under
+    Adam two parallel gradients train alike while both exceed the clip norm (each is scaled to it) or neither does."""
+    return {name: float(_weight_gradient(trainer, _objective(trainer, batch, objective)).norm())
+            for name, objective in (("adm", ""), ("mse", "mse"))}  # fmt: skip
+
+
 def limit_weights(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-state weights ``(B,)`` of the MSE that ADM's gradient tends to as kappa -> 0 (trainer's settings).
 
