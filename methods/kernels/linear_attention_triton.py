@@ -77,7 +77,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # prints that report.
 REDUCE_CONFIGS = ((128, 8, 2), (64, 4, 2), (64, 4, 3))
 OUTPUT_CONFIGS = ((128, 8, 2), (32, 4, 2), (64, 4, 4))
-QUERY_CONFIGS = ((64, 8, 2), (32, 8, 2))
+# The query pass at 64 tokens (8 warps, 2 stages) miscompiles on sm_90 at head dim 128 (Triton 3.6): on an H200
+# at the Wan 1.3B shape it wrote dz with relative error 1.7e4 (hedgehog) and read out of bounds (relu), while the
+# same pass at 32 tokens was right (reports/gpu/h200/linear_triton_t2_failed/localise.log); ptxas reports 444 bytes
+# of spills for it. Only the 32-token configuration is kept.
+QUERY_CONFIGS = ((32, 8, 2),)
 KEY_CONFIGS = ((64, 8, 2), (32, 8, 2))
 PROJECT_CONFIGS = ((64, 8, 2), (128, 8, 2))
 INTERPRETER_CONFIGS = ((16, 4, 1),)
