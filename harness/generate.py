@@ -59,6 +59,7 @@ class Share:
     density: list[tuple[int, int, float, int]]  # DensityLog.entries()
     peak_gib: float | None
     generated: int
+    wall_seconds: float  # this rank's time to make its share, from its model loaded to its last video saved
 
     def to_dict(self) -> dict[str, Any]:
         return vars(self).copy()
@@ -139,6 +140,7 @@ def _generate_share(
         item: video for item in work if (video := find_video(spec, *item, artifacts_dir, runs_dir)) is not None
     }  # fmt: skip
     todo = [item for item in work if item not in finished]
+    started = time.perf_counter()
     timer = StageTimer(prepared.device)
     attention_per_step: list[float] = []
     latent_shape = prepared.adapter_cls.latent_shape(spec.sampling)
@@ -183,7 +185,8 @@ def _generate_share(
     if attention_per_step:
         stage_seconds["attention_per_step"] = attention_per_step
     return Share([v.entry for v in videos], [v.frames for v in videos], stage_seconds, density.entries(),
-                 memory["peak_gib"] if todo else None, generated=len(todo))  # fmt: skip
+                 memory["peak_gib"] if todo else None, generated=len(todo),
+                 wall_seconds=time.perf_counter() - started)  # fmt: skip
 
 
 def _join_shares(share: Share, ranks: Ranks, artifacts_dir: Path) -> list[Share]:
@@ -283,6 +286,7 @@ def _build_record(
         "metrics": {},
         "artifacts": {"videos": [video for video, _ in pairs], "frames": [frames for _, frames in pairs]},
         "ranks": ranks,
+        "rank_wall_seconds": [share.wall_seconds for share in shares],  # in rank order
         "resumed_videos": len(pairs) - generated,
         "wall_seconds": wall_seconds,
     }

@@ -51,6 +51,7 @@ def test_two_ranks_write_the_single_process_record(tmp_path: Path) -> None:
 
     (one,), (two,) = records_in(single), records_in(sharded)
     assert two["run_id"] == one["run_id"] and two["ranks"] == 2
+    assert len(two["rank_wall_seconds"]) == 2 and all(seconds > 0 for seconds in two["rank_wall_seconds"])
     assert [v["seed"] for v in two["artifacts"]["videos"]] == [0, 1, 2]
     assert len(two["artifacts"]["frames"]) == 3, "one frames file per video"
     frames_one, frames_two = load_frames(one, single), load_frames(two, sharded)
