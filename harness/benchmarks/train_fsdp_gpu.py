@@ -126,8 +126,8 @@ def linvideo_store(model: str, device: torch.device, folder: Path) -> Trajectory
     adapter_cls = MODELS.get(model)
     weights = "builtin" if model == "toy" else "random"
     teacher = adapter_cls.load(weights, device, torch.float32)
-    spec = CollectionSpec(model, weights, replace(adapter_cls.defaults, steps=2), ("a corgi surfing a wave at sunset",),
-                          (0,), batch_size=1)  # fmt: skip
+    prompts = adapter_cls.training_prompts(1, 0) if model == "toy" else ("a corgi surfing a wave at sunset",)
+    spec = CollectionSpec(model, weights, replace(adapter_cls.defaults, steps=2), tuple(prompts), (0,), batch_size=1)
     return collect(teacher, spec, folder, show_progress=False)
 
 
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{result['linvideo_correctness']['max_relative_difference']:.2e}"
           + ("" if linvideo_ok else ": FAILED, LinVideo not timed"), flush=True)  # fmt: skip
     result["cases"] = []
-    print(f"{'task':<16} {'FSDP+AC':<8} {'mean step s':>12} {'peak GiB':>9}  status", flush=True)
+    print(f"{'task':<18} {'FSDP+AC':<8} {'mean step s':>12} {'peak GiB':>9}  status", flush=True)
     store_folder = tempfile.TemporaryDirectory()
     store = linvideo_store(LINVIDEO_MODELS[args.wan], device, Path(store_folder.name)) if linvideo_ok else None
     names = ["toy", f"wan-{args.wan}", *([f"linvideo-wan-{args.wan}"] if linvideo_ok else [])]
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["cases"].append(case)
             seconds = f"{case['mean_step_seconds']:.3f}" if "mean_step_seconds" in case else "-"
             peak = f"{case['peak_gib']:.1f}" if case.get("peak_gib") is not None else "-"
-            print(f"{name:<16} {'on' if fsdp else 'off':<8} {seconds:>12} {peak:>9}  {case['status']}", flush=True)
+            print(f"{name:<18} {'on' if fsdp else 'off':<8} {seconds:>12} {peak:>9}  {case['status']}", flush=True)
             path.write_text(json.dumps(result, indent=2))
     store_folder.cleanup()
     result["status"] = "complete"
