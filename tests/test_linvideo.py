@@ -340,6 +340,16 @@ def test_an_old_single_process_checkpoint_is_refused_with_what_to_do(teacher: To
         LinVideoTrainer(_config(), teacher, store, tmp_path).run(show_progress=False)
 
 
+def test_a_conversion_finished_before_the_engine_is_returned_as_it_is(teacher: ToyModel, store: TrajectoryStore,
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    """A rerun over a run the trainer before the engine finished (a sweep's variant) returns its conversion."""
+    (tmp_path / "training_state.json").write_text(json.dumps({"config": _config().record(), "step": 4, "seconds": 1.0,
+                                                              "losses": [], "r": []}))  # fmt: skip
+    (tmp_path / "spec.json").write_text("{}")
+    assert LinVideoTrainer(_config(), teacher, store, tmp_path).run(show_progress=False) == tmp_path
+    assert not (tmp_path / "checkpoint").exists() and (tmp_path / "spec.json").read_text() == "{}"
+
+
 def test_converted_checkpoint_reloads_to_the_same_outputs_bit_for_bit(teacher: ToyModel, store: TrajectoryStore,
                                                                       tmp_path: Path) -> None:  # fmt: skip
     """The trained student in memory and a fresh toy model + the loaded checkpoint give identical velocities."""

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from harness.atomic import write_json_atomic
-from harness.checkpoints import save_tensors
+from harness.checkpoints import TRAINING_META, save_tensors
 from harness.errors import HarnessError, check_choice, check_number
 from harness.models.base import ModelAdapter
 from harness.recipes import TOY
@@ -476,7 +476,23 @@ class LinVideoTrainer(Task):
         """Train to ``config.steps`` through the engine (resuming a half-done run) and write the converted
         checkpoint; ``on_step(step)`` runs after every finished step (1-based), with the student attached."""
         self.on_step = on_step
+        if self._converted_before_the_engine():
+            return self.out
         return engine.run(self, show_progress)
+
+    def _converted_before_the_engine(self) -> bool:
+        """Whether ``out`` holds this run finished and converted by the trainer before the engine (its record names
+        no sharded checkpoint): its conversion is the result, as that trainer returned it on a rerun (a sweep's
+        finished variants). A half-done one the engine refuses, naming what to remove."""
+        path = self.out / TRAINING_META
+        if not (self.out / SPEC_FILE).is_file() or not path.is_file():
+            return False
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False  # the engine names the corrupt record
+        old, same = "checkpoint" not in meta, meta.get("config") == self.config.record()
+        return old and same and meta.get("step") == self.config.steps
 
 
 def r_history(meta: dict[str, Any]) -> list[list[float]]:
