@@ -23,7 +23,7 @@ def environment() -> dict[str, str]:
 
 def run_two_ranks(args: list[object]) -> None:
     """``bench ARGS`` on 2 ranks to its end; fails the test with the output's tail on a non-zero exit."""
-    done = subprocess.run(torchrun(args), env=environment(), capture_output=True, text=True, timeout=300,
+    done = subprocess.run(torchrun(args), env=environment(), capture_output=True, text=True, timeout=600,
                           check=False)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
