@@ -70,7 +70,9 @@ def _config_hash(config: Any) -> str:
 
 def _r_trajectory(log_path: Path, points: int = 200) -> list[dict[str, Any]]:
     """Every layer's r along training, at most ``points`` steps (evenly spaced, the last one kept)."""
-    history = json.loads(log_path.read_text())["r"]
+    from methods.linvideo.train import r_history
+
+    history = r_history(json.loads(log_path.read_text()))
     stride = max(1, -(-len(history) // points))
     steps = sorted({*range(0, len(history), stride), len(history) - 1})
     return [{"step": step + 1, "r": history[step]} for step in steps]

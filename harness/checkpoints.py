@@ -12,13 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.atomic import atomic_path, write_json_atomic
+from harness.atomic import atomic_path
 from harness.errors import HarnessError, MissingWeightsError
-
-
-def save_module_weights(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Every parameter and buffer of ``module`` (on CPU, own dtype) to ``path``, atomically."""
-    save_tensors(module.state_dict(), path, metadata)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -53,67 +48,9 @@ def load_module_weights(module: nn.Module, path: Path) -> None:
             target.copy_(tensors[name].to(target.dtype))
 
 
+# A training run's record (harness.train.checkpoint), and the tensors of the trainers before the engine, which
+# folders trained then still hold: neither is part of what a checkpoint folder is.
 TRAINING_TENSORS, TRAINING_META = "training_state.safetensors", "training_state.json"
-
-
-def save_training_state(folder: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                        generator: torch.Generator, meta: dict[str, Any]) -> None:  # fmt: skip
-    """A resumable training checkpoint: module weights, the moments of each named optimizer and the RNG
-    in safetensors, everything else (``meta``: config, step, logs) in JSON. Each file is written
-    atomically; the step is stored in both so that a crash between the two writes is detected on resume."""
-    from safetensors.torch import save_file
-
-    tensors = {f"{name}.{key}": value for name, module in modules.items() for key, value in module.state_dict().items()}
-    param_groups = {}
-    for name, optimizer in optimizers.items():
-        optimizer_state = optimizer.state_dict()
-        param_groups[name] = optimizer_state["param_groups"]
-        for index, entry in optimizer_state["state"].items():
-            for key, value in entry.items():
-                tensors[f"optimizer.{name}.{index}.{key}"] = torch.as_tensor(value)
-    tensors["rng.generator"] = generator.get_state()
-    tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
-    with atomic_path(folder / TRAINING_TENSORS) as tmp:
-        save_file(tensors, str(tmp), metadata={"step": str(meta["step"])})
-    write_json_atomic(folder / TRAINING_META, {**meta, "param_groups": param_groups})
-
-
-def load_training_state(folder: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                        generator: torch.Generator) -> dict[str, Any] | None:  # fmt: skip
-    """Restore what :func:`save_training_state` wrote into the given objects; None if nothing was saved."""
-    from safetensors import SafetensorError, safe_open
-
-    if not (folder / TRAINING_META).exists():
-        return None
-    try:
-        meta = json.loads((folder / TRAINING_META).read_text())
-        with safe_open(str(folder / TRAINING_TENSORS), framework="pt") as handle:
-            step = int((handle.metadata() or {})["step"])
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (OSError, KeyError, ValueError, json.JSONDecodeError, SafetensorError) as exc:
-        raise HarnessError(
-            f"cannot resume from {folder}: corrupt training state ({exc}); remove it to start over"
-        ) from exc
-    if step != meta["step"]:
-        raise HarnessError(
-            f"cannot resume from {folder}: its two state files disagree (steps {step} and {meta['step']})"
-        )
-    for name, module in modules.items():
-        prefix = f"{name}."
-        module.load_state_dict({key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)})
-    param_groups = meta.pop("param_groups")
-    if set(param_groups) != set(optimizers):
-        raise HarnessError(f"cannot resume from {folder}: it holds optimizers {sorted(param_groups)}, "
-                           f"this run uses {sorted(optimizers)}")  # fmt: skip
-    for name, optimizer in optimizers.items():
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith(f"optimizer.{name}."):
-                index, field = key[len(f"optimizer.{name}.") :].split(".", 1)
-                state.setdefault(int(index), {})[field] = value
-        optimizer.load_state_dict({"state": state, "param_groups": param_groups[name]})
-    generator.set_state(tensors["rng.generator"])
-    return meta
 
 
 def checkpoint_identity(checkpoint: Path) -> dict[str, str]:

@@ -894,7 +894,10 @@ def train_cmd(
     steps: Annotated[int | None, typer.Option(help="Optimizer steps." + _recipes("steps"))] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option(help="Stored teacher states per optimizer step (global batch)." + _recipes("batch_size")),
+        typer.Option(
+            help="Stored teacher states per optimizer step, per rank and --accumulation micro-batch (the "
+            "global batch on one process)." + _recipes("batch_size")
+        ),
     ] = None,
     micro_batch: Annotated[
         int | None,
@@ -1050,14 +1053,13 @@ def train_cmd(
     """Train LinVideo (data-free collection, selective transfer, ADM), fine-tune SLA, or distil a 4-step DMD2
     generator (no GAN term); resumable (rerun).
 
-    SLA and DMD2 train through the training engine, also under ``torchrun --nproc-per-node N -m harness.cli train``.
+    Every method trains through the training engine, also under ``torchrun --nproc-per-node N -m harness.cli train``.
     """
-    from harness.checkpoints import TRAINING_META
     from harness.distributed import current_ranks, rank_device
     from harness.models import MODELS
     from harness.preflight import resolve_device
     from harness.recipes import recipe as recipe_values
-    from harness.training import TrainRequest, divergence_note, train
+    from harness.training import TrainRequest, train
     from methods.linvideo.train import LinVideoTrainConfig
 
     trained = _canonical_method(method)
@@ -1079,9 +1081,6 @@ def train_cmd(
                          precision="bf16" if bf16 else "fp32", activation_checkpointing=activation_checkpointing,
                          **layout), out, prompt_file, prompts, device, progress)  # fmt: skip
         return
-    if trained == "linvideo" and (ranks.sharded or layout != _ENGINE_LAYOUT_DEFAULTS):
-        raise HarnessError("linvideo trains on one process for now: torchrun, --accumulation, --global-batch, --fsdp "
-                           "and --teacher-placement apply to --method sla")  # fmt: skip
     adapter_cls = MODELS.get(model)
     shared = {"objective": objective, "steps": steps, "batch_size": batch_size, "lr": lr}
     given = {key: value for key, value in shared.items() if value is not None}  # else the method's (recipe's) value
@@ -1106,7 +1105,7 @@ def train_cmd(
         config = LinVideoTrainConfig(
             target_layers=target_layers, **{**recipe_values(recipe or "toy"), **given}, score_guided=score_guided,
             layers=_parse_ints(layers, "--layers"), activation_checkpointing=activation_checkpointing,
-            checkpoint_every=checkpoint_every, seed=seed,
+            checkpoint_every=checkpoint_every, seed=seed, **layout,
         )  # fmt: skip
     listed = _prompt_lines(prompt_file)
     request = TrainRequest(
@@ -1131,14 +1130,8 @@ def train_cmd(
         + (f", of which the score model {score:.3g} s" if score is not None else "")
         + f"): layers {summary['linear_layers']} linear -> {converted}"
     )
-    objective = [step["objective"] for step in json.loads((converted / TRAINING_META).read_text())["losses"]]
-    notes = [note for note in [divergence_note(objective)] if note]
-    notes += conversion_notes(summary["final_r"], summary["config"]["target_layers"])
-    for note in notes:
+    for note in conversion_notes(summary["final_r"], summary["config"]["target_layers"]):  # the engine printed its own
         console.print(f"[yellow]note:[/] {note}")
-
-
-_ENGINE_LAYOUT_DEFAULTS = {"accumulation": 1, "global_batch": 0, "fsdp": "auto", "teacher_placement": "replicate"}
 
 
 def _train_dmd2(settings: dict[str, Any], out: Path, prompt_file: Path | None, prompt_count: int, device: str,

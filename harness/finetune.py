@@ -61,13 +61,15 @@ class FineTuneSettings(EngineConfig):
 
 
 class StoreBatches:
-    """One data shard's batches: stored teacher states drawn with the shard's (CPU) generator."""
+    """One data shard's batches: stored teacher states drawn with the shard's (CPU) generator (``jump``:
+    :meth:`TrajectoryStore.sample`'s)."""
 
-    def __init__(self, store: TrajectoryStore, batch_size: int, generator: torch.Generator) -> None:
-        self.store, self.batch_size, self.generator = store, batch_size, generator
+    def __init__(self, store: TrajectoryStore, batch_size: int, generator: torch.Generator,
+                 jump: str = "next") -> None:  # fmt: skip
+        self.store, self.batch_size, self.generator, self.jump = store, batch_size, generator, jump
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        return self.store.sample(self.batch_size, self.generator)
+        return self.store.sample(self.batch_size, self.generator, jump=self.jump)
 
 
 class AttentionFineTuner(Task):

@@ -55,12 +55,16 @@ class TrainRequest:
 
 def train(request: TrainRequest) -> Path:
     """Run a LinVideo (or SLA) training from a request; returns the checkpoint folder."""
+    from harness.distributed import current_ranks, rank_group
     from methods.linvideo.train import LinVideoTrainer
     from methods.sla_train import SlaTrainConfig, SlaTrainer
 
-    teacher, store = collect_trajectories(request)
-    trainer = SlaTrainer if isinstance(request.config, SlaTrainConfig) else LinVideoTrainer
-    return trainer(request.config, teacher, store, request.out).run(request.show_progress)
+    ranks = current_ranks()
+    # One process group for the collection (the ranks share its shards) and the training that follows.
+    with rank_group(ranks, resolve_device(request.device)):
+        teacher, store = collect_trajectories(request)
+        trainer = SlaTrainer if isinstance(request.config, SlaTrainConfig) else LinVideoTrainer
+        return trainer(request.config, teacher, store, request.out).run(request.show_progress)
 
 
 # A run diverged when its last DIVERGENCE_WINDOW steps' median objective is DIVERGENCE_RATIO times the lowest such
@@ -121,7 +125,9 @@ def collect_trajectories(request: TrainRequest) -> tuple[ModelAdapter, Trajector
                           tuple(range(len(prompts))), batch_size=min(len(prompts), request.collect_batch))  # fmt: skip
     # fp32 master weights: the trainer runs the student under bf16 autocast on CUDA.
     teacher = adapter_cls.load(request.weights, device, torch.float32)
-    return teacher, collect(teacher, spec, store_dir, request.show_progress)
+    from harness.distributed import current_ranks
+
+    return teacher, collect(teacher, spec, store_dir, request.show_progress, current_ranks())
 
 
 CACHE_ENV = "ATTENTION_BENCH_CACHE"

@@ -10,12 +10,7 @@ accumulation). FSDP2 runs on CPU with gloo in torch 2.13, in fp32 (bf16 compute 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +18,7 @@ import pytest
 import torch
 from conftest import invoke_cli, normalise
 from torch import nn
+from torchrun_helpers import kill_after_first_checkpoint, run_two_ranks
 
 from harness.errors import HarnessError
 from harness.train import engine
@@ -200,15 +196,6 @@ TOY_ARGS = ["toy", "train", "--steps", STEPS, "--batch-size", 2, "--width", 32, 
 TOLERANCE = 1e-4
 
 
-def _torchrun(args: list[object]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "harness.cli",
-            *map(str, args)]  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-
-
 def _toy_weights(out: Path) -> dict[str, torch.Tensor]:
     from harness.toyworld.checkpoint import TOY_ENCODER_CONFIG, build_modules
     from harness.toyworld.train import ToyTrainConfig
@@ -229,56 +216,15 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 2-rank run of the debug-sized toy teacher."""
     out = tmp_path_factory.mktemp("two_ranks")
-    done = subprocess.run(_torchrun([*TOY_ARGS, "--out", out]), env=_env(), capture_output=True, text=True,
-                          timeout=300, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_two_ranks([*TOY_ARGS, "--out", out])
     return out
-
-
-def _stat(pid: int) -> list[str]:
-    """Fields of /proc/PID/stat after the command name: state, ppid, ..."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def _state(pid: int) -> str:
-    try:
-        return _stat(pid)[0]
-    except OSError:
-        return "gone"
-
-
-def _children(parent: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int(_stat(int(entry.name))[1]) == parent:
-                    children.append(int(entry.name))
-            except OSError:
-                continue
-    return children
 
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-rank run killed with SIGKILL (torchrun and both ranks) once its first checkpoint is committed."""
     out = tmp_path_factory.mktemp("killed")
-    process = subprocess.Popen(_torchrun([*TOY_ARGS, "--out", out]), env=_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-    meta, deadline = out / "training_state.json", time.monotonic() + 240
-    try:
-        while not meta.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        ranks = _children(process.pid)  # torchrun starts its workers in sessions of their own
-        for pid in [process.pid, *ranks]:
-            os.kill(pid, signal.SIGKILL)
-        process.wait()
-        while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in ranks):
-            time.sleep(0.05)
-    assert len(ranks) == 2, ranks
-    state = json.loads(meta.read_text())
-    assert 2 <= state["step"] < STEPS and not state.get("finished"), "killed mid-way"
+    kill_after_first_checkpoint([*TOY_ARGS, "--out", out], out, STEPS)
     return out
 
 
@@ -298,9 +244,7 @@ def test_killed_two_rank_run_resumes_to_the_same_end(two_ranks: Path, killed: Pa
     out = tmp_path / "run"
     shutil.copytree(killed, out)
     midway = _toy_weights(out)
-    done = subprocess.run(_torchrun([*TOY_ARGS, "--out", out]), env=_env(), capture_output=True, text=True,
-                          timeout=300, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_two_ranks([*TOY_ARGS, "--out", out])
     end, reference = _toy_weights(out), _toy_weights(two_ranks)
     assert _max_difference(end, midway) > 100 * TOLERANCE, "the resumed steps moved the weights"
     assert all(torch.equal(end[key], reference[key]) for key in end)

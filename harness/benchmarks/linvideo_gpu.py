@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -61,7 +62,9 @@ def check_correctness(device: torch.device, tokens: int = 2048, heads: int = 12,
 
 
 def training_step(model_name: str, device: torch.device, frames: int | None, out: Path) -> dict[str, Any]:
-    """Time one LinVideo ADM step (after one warm-up step) on random weights; peak memory in GiB."""
+    """Time one LinVideo ADM step of the training engine (after one warm-up step) on random weights; peak memory of
+    the timed step in GiB. The run stops before its checkpoint."""
+    from harness.benchmarks.train_fsdp_gpu import StopTiming
     from harness.spec import Sampling
     from methods.linvideo.collect import CollectionSpec, collect
     from methods.linvideo.train import LinVideoTrainConfig, LinVideoTrainer
@@ -77,19 +80,21 @@ def training_step(model_name: str, device: torch.device, frames: int | None, out
     config = LinVideoTrainConfig(target_layers=len(PAPER_LAYERS[model_name]), batch_size=1, steps=2,
                                  activation_checkpointing=device.type == "cuda")  # fmt: skip
     trainer = LinVideoTrainer(config, teacher, store, out / "train")
-    from methods import build_method
+    marks: list[float] = []
 
-    seconds = []
-    with teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
-        for step in range(2):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+    def on_step(step: int) -> None:  # after each engine step, before any checkpoint
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            if step == 1:  # the peak of the timed step alone
                 torch.cuda.reset_peak_memory_stats(device)
-            started = time.perf_counter()
-            trainer.train_step(store.sample(1, trainer.generator), step)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds.append(time.perf_counter() - started)
+        marks.append(time.perf_counter())
+        if step == 2:
+            raise StopTiming
+
+    started = time.perf_counter()
+    with contextlib.suppress(StopTiming):
+        trainer.run(show_progress=False, on_step=on_step)
+    seconds = [marks[0] - started, marks[1] - marks[0]]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"model": model_name, "weights": "random", "video": f"{sampling.height}x{sampling.width}x{sampling.frames}",
             "tokens": adapter_cls.token_grid(sampling).tokens, "warmup_step_s": seconds[0], "step_s": seconds[1],

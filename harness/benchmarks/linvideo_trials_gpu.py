@@ -154,7 +154,8 @@ def check(device: torch.device, work: Path) -> dict[str, Any]:
         for part in (batch, last_batch, every_time):
             part["cond"] = store.cond[part["prompt"]]
         with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
-            last_objective = float(trainer.losses(last_batch, 0).objective.detach())
+            with trainer.autocast():
+                last_objective = float(trainer.objective(last_batch).detach())
             cosines[precision] = {}
             for kappa in (1.0, 0.1, 0.02, 0.003):
                 trainer.settings = replace(trainer.settings, step_fraction=kappa)
@@ -275,12 +276,15 @@ def summary(folder: Path, record: dict[str, Any] | None) -> dict[str, Any]:
 
     spec_path, log_path = folder / "spec.json", folder / "training_state.json"
     spec = json.loads(spec_path.read_text()) if spec_path.exists() else {}
+    from methods.linvideo.train import r_history
+
     log = json.loads(log_path.read_text()) if log_path.exists() else {"losses": [], "r": [], "step": 0}
     objective = [entry["objective"] for entry in log["losses"]]
+    history = r_history(log)
     scores = next(iter(record["metrics"].values()), {}) if record else {}
     return {
         "steps": log["step"], "finished": bool(spec), "linear_layers": spec.get("linear_layers"),
-        "final_r": [round(r, 2) for r in log["r"][-1]] if log["r"] else None,
+        "final_r": [round(r, 2) for r in history[-1]] if history else None,
         "seconds_per_step": spec.get("seconds_per_step"), "objective_medians": _median_windows(objective),
         "diverged": divergence_note(objective) is not None, "scores": {key: scores.get(key) for key in SCORES},
     }  # fmt: skip

@@ -13,7 +13,10 @@
     python -m harness.benchmarks.train_fsdp_gpu --out $OUT
     python -m harness.benchmarks.train_fsdp_gpu --out /tmp/x --device cpu --wan tiny   # smoke mode
 
-Phase 2 of issue 22 adds the LinVideo ADM step (Wan 1.3B 480p x 81) once LinVideo runs on the engine.
+3. LinVideo's ADM step (learned selection, the paper's layer count) on the same Wan shape, random weights, from a
+   one-prompt 2-step trajectory store collected first, FSDP2 + activation checkpointing on and off. Its own check
+   first: three LinVideo steps of the toy teacher with FSDP2 + activation checkpointing against the plain path
+   (the same tolerance); a failure skips the LinVideo timings only.
 """
 
 from __future__ import annotations
@@ -30,11 +33,15 @@ from typing import Any
 
 import torch
 
+from harness.benchmarks.linvideo_gpu import PAPER_LAYERS
+from harness.models.base import MODELS, ModelAdapter
 from harness.toyworld.train import ToyTeacherTask, ToyTrainConfig
 from harness.train import engine
 from harness.train.config import EngineConfig
 from harness.train.engine import Run
 from harness.train.task import Group, Modules, Shard, Task
+from methods.linvideo.collect import CollectionSpec, TrajectoryStore, collect
+from methods.linvideo.train import LinVideoTrainConfig, LinVideoTrainer
 
 LOSS_RELATIVE_TOLERANCE = 2e-2  # bf16 compute (FSDP's bf16 parameters) against bf16 autocast over fp32 weights
 # The Wan 2.1 VAE: 4x in time, 8x in space, 16 latent channels; T5 prompt embeddings of 512 x 4096.
@@ -92,6 +99,60 @@ class TimedToyTask(ToyTeacherTask):
         super().after_step(step, run)
         if self.timer is not None:
             self.timer.tick(step)
+
+
+class TimedLinVideo(LinVideoTrainer):
+    """LinVideo's task with a :class:`Timer` ticking after each step (``None``: untimed)."""
+
+    def __init__(self, config: LinVideoTrainConfig, teacher: ModelAdapter, store: TrajectoryStore, out: Path,
+                 timer: Timer | None) -> None:  # fmt: skip
+        super().__init__(config, teacher, store, out)
+        self.timer = timer
+
+    def after_step(self, step: int, run: Run) -> None:
+        super().after_step(step, run)
+        if self.timer is not None:
+            self.timer.tick(step)
+
+
+LINVIDEO_MODELS = {"1.3b": "wan1.3b", "tiny": "wan-tiny"}
+
+
+def linvideo_store(model: str, device: torch.device, folder: Path) -> TrajectoryStore:
+    """A one-prompt trajectory store of ``model`` (random weights, except the toy's builtin) on a 2-step grid at
+    the model's clip shape."""
+    from dataclasses import replace
+
+    adapter_cls = MODELS.get(model)
+    weights = "builtin" if model == "toy" else "random"
+    teacher = adapter_cls.load(weights, device, torch.float32)
+    prompts = adapter_cls.training_prompts(1, 0) if model == "toy" else ("a corgi surfing a wave at sunset",)
+    spec = CollectionSpec(model, weights, replace(adapter_cls.defaults, steps=2), tuple(prompts), (0,), batch_size=1)
+    return collect(teacher, spec, folder, show_progress=False)
+
+
+def linvideo_task(model: str, store: TrajectoryStore, device: torch.device, fsdp: bool, steps: int, out: Path,
+                  timer: Timer | None) -> TimedLinVideo:  # fmt: skip
+    """LinVideo's task on a fresh teacher (the engine casts a frozen teacher to bf16 in place)."""
+    teacher = MODELS.get(model).load("builtin" if model == "toy" else "random", device, torch.float32)
+    target = len(PAPER_LAYERS[model]) if model in PAPER_LAYERS else 4  # the paper's 16 of Wan 1.3B's 30 layers
+    config = LinVideoTrainConfig(target_layers=target, steps=steps, batch_size=1,
+                                 checkpoint_every=steps, log_every=steps, fsdp="on" if fsdp else "off",
+                                 activation_checkpointing=fsdp)  # fmt: skip
+    return TimedLinVideo(config, teacher, store, out, timer)
+
+
+def check_linvideo(device: torch.device, folder: Path, steps: int = 3) -> dict[str, Any]:
+    """Per-step objectives of LinVideo on the toy teacher with FSDP2 + activation checkpointing against plain."""
+    store = linvideo_store("toy", device, folder / "store")
+    losses = {}
+    for fsdp in (False, True):
+        out = folder / f"fsdp-{fsdp}"
+        engine.run(linvideo_task("toy", store, device, fsdp, steps, out, None), show_progress=False)
+        losses[fsdp] = [entry["objective"] for entry in json.loads((out / "training_state.json").read_text())["losses"]]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses[True], losses[False], strict=True))
+    return {"plain_losses": losses[False], "fsdp_ac_losses": losses[True], "max_relative_difference": worst,
+            "tolerance": LOSS_RELATIVE_TOLERANCE, "passed": worst < LOSS_RELATIVE_TOLERANCE}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -178,21 +239,26 @@ def check_correctness(device: torch.device, batch: int, steps: int = 3) -> dict[
             "tolerance": LOSS_RELATIVE_TOLERANCE, "passed": worst < LOSS_RELATIVE_TOLERANCE}  # fmt: skip
 
 
-def time_case(name: str, device: torch.device, fsdp: bool, args: argparse.Namespace) -> dict[str, Any]:
+def time_case(name: str, device: torch.device, fsdp: bool, args: argparse.Namespace,
+              store: TrajectoryStore | None = None) -> dict[str, Any]:  # fmt: skip
     """One timing case in a fresh engine run (stopped after the timed steps); out of memory is a result."""
     timer = Timer(device, args.warmup, args.steps)
     total = 1000  # the schedule's length: the timed steps run at a normal learning rate, far from its end
     case: dict[str, Any] = {"task": name, "fsdp": fsdp, "activation_checkpointing": fsdp, "warmup_steps": args.warmup}
     with tempfile.TemporaryDirectory() as folder:
         task: Task
+        shape = WAN_SHAPES[args.wan]
         if name == "toy":
             task = TimedToyTask(toy_config(fsdp, total, args.toy_batch), Path(folder), device, timer)
             case["batch"] = args.toy_batch
+        elif store is not None:
+            task = linvideo_task(LINVIDEO_MODELS[args.wan], store, device, fsdp, total, Path(folder), timer)
+            case |= {"batch": 1, "frames": shape["frames"], "height": shape["height"], "width": shape["width"],
+                     "objective": "adm", "target_layers": task.config.target_layers}  # fmt: skip
         else:
             config = FlowConfig(steps=total, batch_size=1, checkpoint_every=total, log_every=total, model=args.wan,
                                 fsdp="on" if fsdp else "off", activation_checkpointing=fsdp)  # fmt: skip
             task = WanFlowTask(config, Path(folder), device, timer)
-            shape = WAN_SHAPES[args.wan]
             case |= {"batch": 1, "frames": shape["frames"], "height": shape["height"], "width": shape["width"]}
         case |= timer.run(task)
     del task
@@ -226,16 +292,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["status"] = "correctness failed"
         path.write_text(json.dumps(result, indent=2))
         raise SystemExit("correctness check failed; nothing timed")
+    with tempfile.TemporaryDirectory() as folder:
+        result["linvideo_correctness"] = check_linvideo(device, Path(folder))
+    linvideo_ok = result["linvideo_correctness"]["passed"]
+    print(f"correctness: toy LinVideo objectives FSDP2+AC vs plain, max relative difference "
+          f"{result['linvideo_correctness']['max_relative_difference']:.2e}"
+          + ("" if linvideo_ok else ": FAILED, LinVideo not timed"), flush=True)  # fmt: skip
     result["cases"] = []
-    print(f"{'task':<10} {'FSDP+AC':<8} {'mean step s':>12} {'peak GiB':>9}  status", flush=True)
-    for name in ("toy", f"wan-{args.wan}"):
+    print(f"{'task':<18} {'FSDP+AC':<8} {'mean step s':>12} {'peak GiB':>9}  status", flush=True)
+    store_folder = tempfile.TemporaryDirectory()
+    store = linvideo_store(LINVIDEO_MODELS[args.wan], device, Path(store_folder.name)) if linvideo_ok else None
+    names = ["toy", f"wan-{args.wan}", *([f"linvideo-wan-{args.wan}"] if linvideo_ok else [])]
+    for name in names:
         for fsdp in (True, False):
-            case = time_case(name, device, fsdp, args)
+            case = time_case(name, device, fsdp, args, store if name.startswith("linvideo") else None)
             result["cases"].append(case)
             seconds = f"{case['mean_step_seconds']:.3f}" if "mean_step_seconds" in case else "-"
             peak = f"{case['peak_gib']:.1f}" if case.get("peak_gib") is not None else "-"
-            print(f"{name:<10} {'on' if fsdp else 'off':<8} {seconds:>12} {peak:>9}  {case['status']}", flush=True)
+            print(f"{name:<18} {'on' if fsdp else 'off':<8} {seconds:>12} {peak:>9}  {case['status']}", flush=True)
             path.write_text(json.dumps(result, indent=2))
+    store_folder.cleanup()
     result["status"] = "complete"
     path.write_text(json.dumps(result, indent=2))
     return result

@@ -1,8 +1,9 @@
 """The training loop every trained method runs through: :func:`run` drives a :class:`~harness.train.task.Task`.
 
 Per optimizer step: each group's learning rate from its warm-up + cosine (or constant) schedule; for each of the
-rank's micro-batches (its data shards), the task's loss terms under autocast, their sum / accumulation
-backpropagated (FSDP2 reduces gradients on the last micro-batch only); replicated side modules' gradients
+rank's micro-batches (its data shards), in the task's parts of it (:meth:`~harness.train.task.Task.parts`), the
+task's loss terms under autocast, their sum x the part's share / accumulation backpropagated (FSDP2 reduces
+gradients on the last pass only); replicated side modules' gradients
 averaged across ranks; each clip group clipped; every optimizer stepped; the task's after-step hook (EMA, r
 projection). A task with a two time-scale rule (DMD2's fake score) has its ``inner_updates`` of some groups
 run the same way before that, each on fresh batches. Every ``sync_every`` steps the loss terms, averaged over
@@ -150,13 +151,15 @@ def _loop(task: Task, state: Run, groups: list[Group], optimizers: dict[str, tor
         gradients averaged, each clip set clipped, the optimizers stepped; the terms' means over micro-batches."""
         terms: dict[str, torch.Tensor] = {}
         for micro, (shard, source) in enumerate(zip(shards, data, strict=True)):
-            parallel.set_gradient_sync(sharded, micro == len(shards) - 1)
-            with layout.autocast(device):
-                loss_terms = losses(source.batch(step), shard, step)
-            total = sum(loss_terms.values(), torch.zeros((), device=device))
-            (total / len(shards)).backward()
-            for key, value in {**loss_terms, **({"total": total} if len(loss_terms) > 1 else {})}.items():
-                terms[key] = terms.get(key, 0.0) + value.detach().float() / len(shards)
+            parts = list(task.parts(source.batch(step)))
+            for index, (part, share) in enumerate(parts):
+                parallel.set_gradient_sync(sharded, micro == len(shards) - 1 and index == len(parts) - 1)
+                with layout.autocast(device):
+                    loss_terms = losses(part, shard, step)
+                total = sum(loss_terms.values(), torch.zeros((), device=device))
+                (total * share / len(shards)).backward()
+                for key, value in {**loss_terms, **({"total": total} if len(loss_terms) > 1 else {})}.items():
+                    terms[key] = terms.get(key, 0.0) + value.detach().float() * share / len(shards)
         parallel.average_gradients(updated.replicated, layout)
         for params in updated.clip_sets:
             parallel.clip_grad_norm(params, config.grad_clip)

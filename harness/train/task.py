@@ -11,6 +11,7 @@ teacher) are placed per ``teacher_placement`` and never trained nor checkpointed
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,13 @@ class Task(ABC):
         the ``inner_groups`` are stepped on their gradients. Their means over the inner updates are logged with the
         step's terms, so their names must differ from :meth:`losses`'."""
         raise TypeError(f"task {self.name} sets inner_updates but defines no inner_losses")  # a task written wrong
+
+    def parts(self, batch: Any) -> Iterator[tuple[Any, float]]:
+        """``batch`` in the passes it is backpropagated in, each with its share of the batch (default: one pass).
+
+        A loss that averages over samples, weighted by each part's share, sums to the whole batch's gradient, so
+        splitting changes memory, not the step (LinVideo's ``micro_batch``)."""
+        yield batch, 1.0
 
     def session(self) -> AbstractContextManager[Any]:
         """Context held around the whole loop (e.g. attention methods installed on student and teacher)."""

@@ -3,7 +3,7 @@
 For each (prompt, seed) the teacher samples with its own sampler (dense attention, CFG as at
 inference); every step stores ``(x_t, t, t_next, guided velocity u_t, prompt index)``. Shards are
 safetensors files written atomically, one per batch of prompts, so an interrupted collection resumes
-where it stopped; ``store.json`` records the spec that made the store.
+where it stopped; ``store.json`` records the spec that made the store. Under torchrun the ranks share the shards.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from harness.atomic import atomic_path, write_json_atomic
+from harness.distributed import Ranks
 from harness.errors import HarnessError, check_choice
 from harness.models.base import ModelAdapter
 from harness.spec import Sampling
@@ -49,13 +50,22 @@ def _shard_path(out: Path, index: int) -> Path:
     return out / f"shard-{index:05d}.safetensors"
 
 
-def collect(model: ModelAdapter, spec: CollectionSpec, out: Path, show_progress: bool = True) -> TrajectoryStore:
-    """Fill ``out`` with the teacher's trajectories (dense attention); resumes a half-done store."""
+def collect(model: ModelAdapter, spec: CollectionSpec, out: Path, show_progress: bool = True,
+            ranks: Ranks | None = None) -> TrajectoryStore:  # fmt: skip
+    """Fill ``out`` with the teacher's trajectories (dense attention); resumes a half-done store.
+
+    Under torchrun (``ranks`` sharded, in a process group) each rank samples every ``world_size``-th shard of
+    prompts and writes its shard files, then waits for the others: one store (one ``store.json`` index, the same
+    files) whatever the number of ranks, since each prompt's noise comes from its own seed.
+    """
     from rich.progress import Progress
     from safetensors.torch import save_file
 
+    from harness.distributed import barrier
     from harness.generate import initial_noise
     from methods import build_method
+
+    ranks = ranks or Ranks()
 
     if len(spec.prompts) != len(spec.seeds) or not spec.prompts:
         raise HarnessError("collection needs one seed per prompt and at least one prompt")
@@ -73,9 +83,10 @@ def collect(model: ModelAdapter, spec: CollectionSpec, out: Path, show_progress:
         if not (out / EMBEDDINGS_FILE).exists():
             with atomic_path(out / EMBEDDINGS_FILE) as tmp:
                 save_file({"cond": cond_all.contiguous(), "uncond": uncond.contiguous()}, str(tmp))
-        with Progress(disable=not show_progress) as progress:
-            task = progress.add_task("collect trajectories", total=spec.shards)
-            for shard in range(spec.shards):
+        shards = ranks.share(range(spec.shards))
+        with Progress(disable=not (show_progress and ranks.lead)) as progress:
+            task = progress.add_task("collect trajectories", total=len(shards))
+            for shard in shards:
                 progress.advance(task)
                 if _shard_path(out, shard).exists():
                     continue
@@ -97,6 +108,7 @@ def collect(model: ModelAdapter, spec: CollectionSpec, out: Path, show_progress:
                 )
                 with atomic_path(_shard_path(out, shard)) as tmp:
                     save_file({key: torch.cat(value).contiguous() for key, value in steps.items()}, str(tmp))
+    barrier(ranks)
     return TrajectoryStore(out)
 
 

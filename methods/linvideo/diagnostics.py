@@ -50,7 +50,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _weight_gradient(trainer: LinVideoTrainer, loss: torch.Tensor) -> torch.Tensor:
-    params = [p for group in trainer.optimizers["weights"].param_groups for p in group["params"] if p.requires_grad]
+    params = [p for p in trainer.trained_weights() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat(
         [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)]
@@ -59,7 +59,7 @@ def _weight_gradient(trainer: LinVideoTrainer, loss: torch.Tensor) -> torch.Tens
 
 def _objective(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor], objective: str = "") -> torch.Tensor:
     settings = replace(trainer.settings, objective=objective) if objective else trainer.settings
-    with trainer._autocast():
+    with trainer.autocast():
         return trajectory_objective(trainer.student, trainer.teacher, batch, trainer.uncond, trainer.cfg, settings,
                                     trainer.score_model)  # fmt: skip
 
@@ -99,7 +99,7 @@ def limit_cosine(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor]) -> fl
     adm = _weight_gradient(trainer, _objective(trainer, batch))
     device = trainer.device
     x_s, s = batch["x"].to(device), batch["t"].to(device)
-    with trainer._autocast():
+    with trainer.autocast():
         u_student = guided_velocity(trainer.student, x_s, s, batch["cond"].to(device, trainer.teacher.dtype),
                                     trainer.uncond, trainer.cfg)  # fmt: skip
     squared = (u_student.float() - batch["u"].to(device).float()) ** 2
@@ -112,7 +112,7 @@ def error_cosine(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor]) -> fl
     """Mean over states of the cosine between the student's velocity errors at x_s (time s) and at x_hat (time t)."""
     device, dtype = trainer.device, trainer.teacher.dtype
     cond = batch["cond"].to(device, dtype)
-    with trainer._autocast():
+    with trainer.autocast():
         u_student, x_hat, t = student_step(trainer.student, batch, trainer.uncond, trainer.cfg, trainer.settings)
         x_s, s = batch["x"].to(device), batch["t"].to(device)
         error_s = u_student - guided_velocity(trainer.teacher, x_s, s, cond, trainer.uncond, trainer.cfg)
@@ -129,7 +129,7 @@ def velocity_error(trainer: LinVideoTrainer, per_step: dict[float, dict[str, tor
     for time, batch in per_step.items():
         x_s, s = batch["x"].to(trainer.device), batch["t"].to(trainer.device)
         cond = batch["cond"].to(trainer.device, trainer.teacher.dtype)
-        with trainer._autocast():
+        with trainer.autocast():
             u_student = guided_velocity(trainer.student, x_s, s, cond, trainer.uncond, trainer.cfg)
             u_teacher = guided_velocity(trainer.teacher, x_s, s, cond, trainer.uncond, trainer.cfg)
         errors[f"{time:.4f}"] = float((u_student - u_teacher).double().norm() / u_teacher.double().norm())
@@ -138,7 +138,7 @@ def velocity_error(trainer: LinVideoTrainer, per_step: dict[float, dict[str, tor
 
 def measure(trainer: LinVideoTrainer, states: dict[str, Any]) -> dict[str, Any]:
     """All three measurements on :func:`fixed_states`' states, and the trainer's objective on its batch."""
-    with torch.no_grad(), trainer._autocast():
+    with torch.no_grad(), trainer.autocast():
         objective = trajectory_objective(trainer.student, trainer.teacher, states["batch"], trainer.uncond,
                                          trainer.cfg, trainer.settings, trainer.score_model)  # fmt: skip
     return {

@@ -11,33 +11,39 @@ x_hat by a separately trained score model's (the paper's s_hat dagger); ``mse`` 
 velocities. The total loss is ``L_obj + lambda (L_con + L_reg)``; the objective's reduction
 (``adm_reduction``) sets its scale against lambda.
 
-AdamW for the weights, SGD (or AdamW) with its own learning rate for r, r projected into [0, 1] after every
-step, cosine schedule with warm-up, gradient clipping, gradient accumulation over micro-batches, bf16
-autocast (optional) on GPU, optional activation checkpointing, resumable checkpoints, and a stop with a
-message on a non-finite loss (the last good checkpoint is kept). Parameters are grouped by role and the loop
-only touches ``student.transformer`` and the transfer state, so FSDP2 can wrap both later. Named recipes
-(``paper``, ``toy``: :mod:`harness.recipes`) set the config's values; the toy one is its defaults.
+A task of the training engine (:mod:`harness.train`), which runs the loop: AdamW for the weights and feature
+maps, SGD (or AdamW) with its own learning rate and schedule for r, r projected into [0, 1] after every step,
+warm-up + cosine schedules, gradient clipping (weights and r apart), micro-batches within a batch
+(``micro_batch``) and accumulation over batches, bf16 autocast (optional) on GPU, optional activation
+checkpointing, resumable sharded checkpoints, and a stop with a message on a non-finite loss (the last good
+checkpoint is kept); under ``torchrun`` FSDP2 per transformer block, each rank drawing its own stored states from
+a seed derived from the run's seed and its data shard. ``adm-extra-score``'s score model is trained by the
+engine's inner updates before each student step. Named recipes (``paper``, ``toy``: :mod:`harness.recipes`) set
+the config's values; the toy one is its defaults.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness.atomic import write_json_atomic
-from harness.checkpoints import load_training_state, save_module_weights, save_training_state
+from harness.checkpoints import TRAINING_META, save_tensors
 from harness.errors import HarnessError, check_choice, check_number
 from harness.models.base import ModelAdapter
-from harness.optim import warmup_constant, warmup_cosine
 from harness.recipes import TOY
+from harness.train import engine
+from harness.train.config import EngineConfig
+from harness.train.engine import Run
+from harness.train.task import Group, Modules, Shard, Task
 from methods import build_method
 from methods.kernels.linear_attention import check_kernel
 from methods.linvideo.attention import SPEC_FILE, STATE_FILE, TRANSFORMER_FILE, LinVideo, TransferState
@@ -60,26 +66,28 @@ OBJECTIVES = ("adm", "mse", "adm-extra-score")
 R_OPTIMIZERS = ("sgd", "adamw")
 R_SCHEDULES = ("cosine", "constant")
 ADM_WEIGHTINGS = ("analytic", "normalized", "uniform")
-LOG_EVERY = 25  # steps between log lines when the progress bar is off
-# Fields added after the shipped default conversion was trained: a record (and so a conversion's name or an
-# ablation's folder) leaves each out while it holds its default, so a run recorded before they existed keeps
-# its name and resumes.
-LATER_FIELDS = ("adm_step_fraction", "score_updates", "micro_batch")
+# Fields added after the shipped default conversion was trained (the engine's layout among them): a record (and so
+# a conversion's name or an ablation's folder) leaves each out while it holds its default, so a run recorded before
+# they existed keeps its name.
+LATER_FIELDS = ("adm_step_fraction", "score_updates", "micro_batch", "accumulation", "global_batch", "log_every",
+                "sync_every", "fsdp", "teacher_placement")  # fmt: skip
 
 
-@dataclass(frozen=True)
-class LinVideoTrainConfig:
-    """One LinVideo training run (the config is the experiment).
+@dataclass(frozen=True, kw_only=True)
+class LinVideoTrainConfig(EngineConfig):
+    """One LinVideo training run (the config is the experiment), with the engine's loop and layout settings.
 
     The defaults are the ``toy`` recipe (:data:`harness.recipes.TOY`; :mod:`harness.recipes` says where each
-    value comes from and which toy trial chose it where it differs from the paper's).
+    value comes from and which toy trial chose it where it differs from the paper's). ``batch_size`` is per rank
+    and micro-batch: the global batch is ``batch_size x ranks x accumulation`` (one process: ``batch_size``).
+    ``precision`` follows ``bf16``.
     """
 
     target_layers: int
     objective: str = TOY["objective"]
     kernel: str = TOY["kernel"]
     steps: int = TOY["steps"]
-    batch_size: int = TOY["batch_size"]  # states per optimiser step (the global batch)
+    batch_size: int = TOY["batch_size"]
     # Transformer (and the extra score model of adm-extra-score); the feature maps take ``map_lr``.
     lr: float = TOY["lr"]
     map_lr: float = TOY["map_lr"]
@@ -111,10 +119,8 @@ class LinVideoTrainConfig:
     score_guided: bool = False
     selection: str = TOY["selection"]  # learned (selective transfer), manual (``layers``) or heuristic (greedy)
     layers: tuple[int, ...] = ()  # the manual selection
-    activation_checkpointing: bool = False
     bf16: bool = TOY["bf16"]  # bf16 autocast on CUDA (fp32 master weights either way; CPU always runs fp32)
-    checkpoint_every: int = 100
-    seed: int = 0
+    precision: str = field(init=False, default="bf16")  # the engine's name for ``bf16``
     # kappa: ADM's student step lands at s - kappa (s - t_next); 1 is the paper's step to the next sampler time.
     adm_step_fraction: float = TOY["adm_step_fraction"]
     # adm-extra-score: flow-matching updates of the score model per student step (DMD2's 5).
@@ -123,14 +129,21 @@ class LinVideoTrainConfig:
     # whole batch in one pass.
     micro_batch: int = TOY["micro_batch"]
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", "bf16" if self.bf16 else "fp32")
+
     def record(self) -> dict[str, Any]:
-        """The config as recorded and compared (JSON types): :data:`LATER_FIELDS` left out at their defaults."""
+        """The config as recorded and compared (JSON types): :data:`LATER_FIELDS` left out at their defaults,
+        ``precision`` (``bf16``'s other name) left out."""
         data = json.loads(json.dumps(asdict(self)))
         defaults = {field.name: field.default for field in fields(self)}
-        return {key: value for key, value in data.items() if key not in LATER_FIELDS or value != defaults[key]}
+        return {key: value for key, value in data.items()
+                if key != "precision" and (key not in LATER_FIELDS or value != defaults[key])}  # fmt: skip
 
-    def validate(self, num_layers: int) -> None:
-        if not 1 <= self.target_layers <= num_layers:
+    def validate(self, num_layers: int | None = None) -> None:
+        """Raise :class:`HarnessError` on an impossible setting; ``num_layers``: the model's, where known."""
+        super().validate()
+        if num_layers is not None and not 1 <= self.target_layers <= num_layers:
             raise HarnessError(
                 f"target layers must be in 1..{num_layers} (the model's layers), got {self.target_layers}"
             )
@@ -148,14 +161,13 @@ class LinVideoTrainConfig:
             raise HarnessError("a guided score model needs the adm-extra-score objective")
         check_number("alpha anneal fraction", self.alpha_anneal_fraction, gt=0, le=1)
         check_choice("selection", self.selection, SELECTIONS)
-        if self.selection == "manual":
+        if self.selection == "manual" and num_layers is not None:
             check_manual_layers(self.layers, self.target_layers, num_layers)
-        elif self.layers:
+        elif self.selection != "manual" and self.layers:
             raise HarnessError("layers are given only with the manual selection")
-        for name in ("steps", "batch_size", "checkpoint_every", "score_updates"):
-            check_number(name.replace("_", " "), getattr(self, name), ge=1)
+        check_number("score updates", self.score_updates, ge=1)
         check_number("micro batch", self.micro_batch, ge=0)
-        for name in ("lr", "map_lr", "r_lr", "grad_clip"):
+        for name in ("lr", "map_lr", "r_lr"):
             check_number(name, getattr(self, name), gt=0)
         for name in ("alpha_start", "alpha_end"):  # |2r - 1|^alpha: 0 would make L_reg 0 everywhere
             check_number(name, getattr(self, name), gt=0)
@@ -164,14 +176,6 @@ class LinVideoTrainConfig:
         check_number("r_init", self.r_init, gt=0, le=1)
         check_number("warmup_fraction", self.warmup_fraction, ge=0, lt=1)
         check_number("t_min", self.t_min, gt=0, lt=1)
-
-
-def lr_factor(step: int, config: LinVideoTrainConfig, group: str = "weights") -> float:
-    """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0 (r: constant if so set)."""
-    warmup = max(1, round(config.warmup_fraction * config.steps))
-    if group == "r" and config.r_lr_schedule == "constant":
-        return warmup_constant(step, warmup)
-    return warmup_cosine(step, warmup, config.steps)
 
 
 def guided_velocity(model: ModelAdapter, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -255,16 +259,17 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int) -> Iterator[tuple[d
         yield part, len(part["t"]) / total
 
 
-@dataclass
-class StepLosses:
-    objective: torch.Tensor
-    constraint: torch.Tensor
-    regulariser: torch.Tensor
-    total: torch.Tensor
+class LinVideoTrainer(Task):
+    """LinVideo's training as a task of the engine; :meth:`run` trains (or resumes) into ``out``.
 
+    Teacher, student, transfer state (and the score model of ``adm-extra-score``) are made at construction
+    (nothing in them is random), so that diagnostics can read the student before and during the run. Roles:
+    the student's transformer and the score model are sharded (FSDP2 per block under torchrun), the transfer
+    state (r and the feature maps, read inside the attention processors) is replicated, the teacher frozen.
+    """
 
-class LinVideoTrainer:
-    """Owns teacher, student and transfer state; :meth:`run` trains (or resumes) into ``out``."""
+    name = "linvideo"
+    generator_device = torch.device("cpu")  # the store lives in host memory
 
     def __init__(self, config: LinVideoTrainConfig, teacher: ModelAdapter, store: TrajectoryStore, out: Path) -> None:
         num_layers = len(teacher.self_attention_layers())
@@ -275,6 +280,9 @@ class LinVideoTrainer:
         self.config, self.teacher, self.store, self.out = config, teacher, store, out
         self.cfg = float(store.spec["sampling"]["cfg"])
         self.device = teacher.device
+        self.log: dict[str, Any] = {"r": [], "score_seconds": 0.0}
+        self.on_step: Callable[[int], None] | None = None
+        self._inner_began: float | None = None
         self.student = copy.copy(teacher)
         self.student.transformer = copy.deepcopy(teacher.transformer).requires_grad_(True).train()
         tc = teacher.transformer.config
@@ -282,30 +290,14 @@ class LinVideoTrainer:
                                    config.r_init).to(self.device)  # fmt: skip
         self.method = LinVideo(kernel=config.kernel)
         self.method.attach(self.state, converted=False)
-        if config.activation_checkpointing:
-            self.student.transformer.enable_gradient_checkpointing()
-        maps = [*self.state.q_maps.parameters(), *self.state.k_maps.parameters()]
-        weights = [{"params": list(self.student.transformer.parameters()), "base_lr": config.lr},
-                   *([{"params": maps, "base_lr": config.map_lr}] if maps else [])]  # fmt: skip
-        self.optimizers: dict[str, torch.optim.Optimizer] = {
-            "weights": torch.optim.AdamW(weights, lr=config.lr, weight_decay=config.weight_decay),
-            "r": torch.optim.SGD([{"params": [self.state.rho], "base_lr": config.r_lr}], lr=config.r_lr)
-            if config.r_optimizer == "sgd"
-            else torch.optim.AdamW([{"params": [self.state.rho], "base_lr": config.r_lr}], lr=config.r_lr,
-                                   weight_decay=0.0),
-        }  # fmt: skip
-        # Projected gradient descent on r: whatever a step does, rho is back in [0, 1] (TransferState.project_).
-        self.optimizers["r"].register_step_post_hook(lambda *_: self.state.project_())
         self.score_model: ModelAdapter | None = None
         self.score_cfg = self.cfg if config.score_guided else 1.0
         if config.objective == "adm-extra-score":
-            # The paper's s_hat dagger: a separately trained copy of the teacher scores the student's samples.
+            # The paper's s_hat dagger: a separately trained copy of the teacher scores the student's samples,
+            # updated score_updates times before each student step (the engine's inner updates).
             self.score_model = copy.copy(teacher)
             self.score_model.transformer = copy.deepcopy(teacher.transformer).requires_grad_(True).train()
-            self.optimizers["score"] = torch.optim.AdamW(
-                [{"params": list(self.score_model.transformer.parameters()), "base_lr": config.lr}],
-                lr=config.lr, weight_decay=config.weight_decay)  # fmt: skip
-        self.generator = torch.Generator().manual_seed(config.seed)
+            self.inner_groups, self.inner_updates = ("score",), config.score_updates
         self.uncond = store.uncond.to(self.device, teacher.dtype)
         self.selection_log: list[dict[str, float]] = []
         self.settings = ObjectiveSettings("adm" if config.objective == "adm-extra-score" else config.objective,
@@ -313,12 +305,9 @@ class LinVideoTrainer:
                                           config.adm_step_fraction)  # fmt: skip
         if config.selection != "learned":
             layers = config.layers if config.selection == "manual" else self.heuristic_layers()
-            self._fix_layers(layers)
-
-    def _fix_layers(self, layers: tuple[int, ...]) -> None:
-        """A fixed selection: r = 0 on ``layers``, 1 elsewhere, not trained (L_con and L_reg are then 0)."""
-        self.state.set_linear(layers)
-        self.state.rho.requires_grad_(False)
+            # A fixed selection: r = 0 on ``layers``, 1 elsewhere, not trained (L_con and L_reg are then 0).
+            self.state.set_linear(layers)
+            self.state.rho.requires_grad_(False)
 
     @torch.no_grad()
     def heuristic_layers(self, states: int = 8) -> tuple[int, ...]:
@@ -338,60 +327,77 @@ class LinVideoTrainer:
                                                       self.config.target_layers)  # fmt: skip
         return layers
 
-    def _autocast(self) -> torch.autocast:
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast on CUDA when ``config.bf16`` (the engine's own around each loss; diagnostics use this)."""
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.bf16)
 
-    def _modules(self) -> dict[str, torch.nn.Module]:
-        modules = {"student": self.student.transformer, "transfer": self.state}
+    def trained_weights(self) -> list[torch.nn.Parameter]:
+        """The student's trained weights: its transformer's, then the feature maps' (r excluded)."""
+        return [*self.student.transformer.parameters(), *self.state.q_maps.parameters(),
+                *self.state.k_maps.parameters()]  # fmt: skip
+
+    # -- the task ------------------------------------------------------------------------------------
+
+    def build(self, device: torch.device) -> Modules:
+        sharded = {"student": self.student.transformer}
         if self.score_model is not None:
-            modules["score"] = self.score_model.transformer
-        return modules
+            sharded["score"] = self.score_model.transformer
+        return Modules(sharded=sharded, replicated={"transfer": self.state},
+                       frozen={"teacher": self.teacher.transformer})  # fmt: skip
 
-    def losses(self, batch: dict[str, torch.Tensor], step: int) -> StepLosses:
-        """The loss terms on ``batch``; gradients reach the student through x_hat (ADM) or its velocity (MSE)."""
+    def param_groups(self) -> list[Group]:
+        """Transformer at ``lr`` and feature maps at ``map_lr`` (AdamW, warm-up + cosine, clipped together); r by
+        ``r_optimizer`` at ``r_lr`` on its own schedule, clipped apart (clipped with the weights, their gradient
+        norm would shrink r's push from L_con and L_reg whenever the task's gradient is large); the score model
+        (AdamW at ``lr``, clipped alone). A fixed selection trains no r."""
         config = self.config
-        with self._autocast():
-            objective = trajectory_objective(self.student, self.teacher, batch, self.uncond, self.cfg, self.settings,
-                                             self.score_model)  # fmt: skip
+        warmup = max(1, round(config.warmup_fraction * config.steps))
+        maps = [*self.state.q_maps.parameters(), *self.state.k_maps.parameters()]
+        groups = [Group("weights", list(self.student.transformer.parameters()), config.lr, warmup,
+                        weight_decay=config.weight_decay)]  # fmt: skip
+        if maps:
+            groups.append(Group("maps", maps, config.map_lr, warmup, weight_decay=config.weight_decay,
+                                clip_with="weights"))  # fmt: skip
+        if self.state.rho.requires_grad:
+            groups.append(Group("r", [self.state.rho], config.r_lr, warmup, optimizer=config.r_optimizer,
+                                decay=config.r_lr_schedule))  # fmt: skip
+        if self.score_model is not None:
+            groups.append(Group("score", list(self.score_model.transformer.parameters()), config.lr, warmup,
+                                weight_decay=config.weight_decay))  # fmt: skip
+        return groups
+
+    def data(self, shard: Shard, step: int) -> Any:
+        from harness.finetune import StoreBatches
+
+        return StoreBatches(self.store, self.config.batch_size, shard.generator, jump=self.config.adm_jump)
+
+    def parts(self, batch: dict[str, torch.Tensor]) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+        return micro_batches(batch, self.config.micro_batch)
+
+    def session(self) -> AbstractContextManager[Any]:
+        stack = ExitStack()
+        stack.enter_context(self.teacher.use_method(build_method("sdpa")))
+        stack.enter_context(self.student.use_method(self.method))
+        return stack
+
+    def objective(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The objective on ``batch`` (:func:`trajectory_objective` with this run's settings and score model)."""
+        return trajectory_objective(self.student, self.teacher, batch, self.uncond, self.cfg, self.settings,
+                                    self.score_model)  # fmt: skip
+
+    def losses(self, batch: dict[str, torch.Tensor], shard: Shard | None, step: int) -> dict[str, torch.Tensor]:
+        """The objective, ``lambda L_con`` and ``lambda L_reg`` (alpha annealed) on ``batch``; gradients reach the
+        student through x_hat (ADM) or its velocity (MSE). ``shard`` is unused (the draws are the data's)."""
+        self._score_timed()
+        config = self.config
         r = self.state.r()
-        constraint = constraint_loss(r, config.target_layers)
         alpha = annealed_alpha(step, config.steps, config.alpha_start, config.alpha_end, config.alpha_anneal_fraction)
-        regulariser = binarization_loss(r, alpha)
-        total = objective + config.lam * (constraint + regulariser)
-        return StepLosses(objective, constraint, regulariser, total)
+        return {"objective": self.objective(batch), "constraint": config.lam * constraint_loss(r, config.target_layers),
+                "regulariser": config.lam * binarization_loss(r, alpha)}  # fmt: skip
 
-    def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
-        """One optimisation step of the student (then of the extra score model); returns the loss values.
-
-        The batch runs in micro-batches of ``config.micro_batch`` states, each backward weighted by its share
-        (L_con and L_reg too, so they count once). Raises on a non-finite loss before any parameter changes, so
-        the last checkpoint stays good.
-        """
-        names = ("objective", "constraint", "regulariser", "total")
-        values = dict.fromkeys(names, 0.0)
-        student = (self.optimizers["weights"], self.optimizers["r"])
-        for optimizer in student:
-            optimizer.zero_grad(set_to_none=True)
-        for part, share in micro_batches(batch, self.config.micro_batch):
-            terms = self.losses(part, step)
-            part_values = {name: float(getattr(terms, name).detach()) for name in names}
-            if not all(math.isfinite(v) for v in part_values.values()):
-                raise HarnessError(f"non-finite loss at step {step} ({part_values}); last good checkpoint kept in "
-                                   f"{self.out}")  # fmt: skip
-            (terms.total * share).backward()
-            for name in names:
-                values[name] += share * part_values[name]
-        # Weights and r are clipped apart: clipped together, the weights' gradient norm would shrink r's push
-        # from L_con and L_reg whenever the task's gradient is large.
-        for optimizer in student:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                           self.config.grad_clip)  # fmt: skip
-        for optimizer in student:
-            optimizer.step()
-        return values
-
-    def update_score_model(self) -> None:
-        """``score_updates`` flow-matching steps of the extra score model on the student's samples.
+    def inner_losses(self, batch: dict[str, torch.Tensor], shard: Shard, step: int,
+                     index: int) -> dict[str, torch.Tensor]:  # fmt: skip
+        """One flow-matching update of the extra score model on the student's samples.
 
         The paper's s_hat dagger is a score model of the student's samples at the landing time t, the
         distribution ADM scores. Each update draws fresh stored states, lets the student step to its
@@ -404,100 +410,92 @@ class LinVideoTrainer:
         at about 4-5x ADM's step (the paper: ~4.4x); ``bench train`` prints both.
         """
         assert self.score_model is not None, "only adm-extra-score has a score model"
-        config, optimizer = self.config, self.optimizers["score"]
-        for _ in range(config.score_updates):
-            batch = self.store.sample(config.batch_size, self.generator, jump=config.adm_jump)
-            optimizer.zero_grad(set_to_none=True)
-            for part, share in micro_batches(batch, config.micro_batch):
-                cond = part["cond"].to(self.device, self.teacher.dtype)
-                with self._autocast():
-                    with torch.no_grad():
-                        _, x_hat, t = student_step(self.student, part, self.uncond, self.cfg, self.settings)
-                        t_view = t.view(-1, 1, 1, 1, 1)
-                        x0 = (x_hat - t_view * guided_velocity(self.student, x_hat, t, cond, self.uncond, self.cfg)
-                              ).float()  # fmt: skip
-                    noise = torch.randn(x0.shape, generator=self.generator).to(self.device, x0.dtype)
-                    u_fake = guided_velocity(self.score_model, (1 - t_view) * x0 + t_view * noise, t, cond,
-                                             self.uncond, self.score_cfg)  # fmt: skip
-                (mse_loss(u_fake, noise - x0) * share).backward()
-            torch.nn.utils.clip_grad_norm_(self.score_model.transformer.parameters(), config.grad_clip)
-            optimizer.step()
+        if self._inner_began is None:
+            self._inner_began = self._now()
+        cond = batch["cond"].to(self.device, self.teacher.dtype)
+        with torch.no_grad():
+            _, x_hat, t = student_step(self.student, batch, self.uncond, self.cfg, self.settings)
+            t_view = t.view(-1, 1, 1, 1, 1)
+            x0 = (x_hat - t_view * guided_velocity(self.student, x_hat, t, cond, self.uncond, self.cfg)).float()
+        noise = torch.randn(x0.shape, generator=shard.generator).to(self.device, x0.dtype)
+        u_fake = guided_velocity(self.score_model, (1 - t_view) * x0 + t_view * noise, t, cond, self.uncond,
+                                 self.score_cfg)  # fmt: skip
+        return {"score": mse_loss(u_fake, noise - x0)}
 
-    def run(self, show_progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
-        """Train to ``config.steps`` (resuming a half-done run) and write the converted checkpoint.
-
-        ``on_step(step)`` runs after every finished step (1-based), with the student attached (diagnostics).
-        """
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        config, out = self.config, self.out
-        out.mkdir(parents=True, exist_ok=True)
-        meta = load_training_state(out, self._modules(), self.optimizers, self.generator)
-        if meta is not None and meta["config"] != config.record():
-            raise HarnessError(
-                f"{out} holds a LinVideo run with another config; use another --out or the same settings"
-            )
-        if meta is not None and meta["step"] >= config.steps and (out / SPEC_FILE).exists():
-            return out  # finished and converted earlier
-        log: dict[str, Any] = meta or {"config": config.record(), "step": 0, "seconds": 0.0, "losses": [], "r": []}
-        log.setdefault("score_seconds", 0.0)
-        columns = (TextColumn("[bold]linvideo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
-        started = time.time() - log["seconds"]
-        with (
-            self.teacher.use_method(build_method("sdpa")),
-            self.student.use_method(self.method),
-            Progress(*columns, TimeRemainingColumn(), disable=not show_progress) as progress,
-        ):
-            task = progress.add_task("train", total=config.steps, completed=log["step"], info="")
-            while log["step"] < config.steps:
-                step = log["step"]
-                for name, optimizer in self.optimizers.items():
-                    for group in optimizer.param_groups:
-                        group["lr"] = group["base_lr"] * lr_factor(step, config, name)
-                batch = self.store.sample(config.batch_size, self.generator, jump=config.adm_jump)
-                values = self.train_step(batch, step)
-                if self.score_model is not None:
-                    log["score_seconds"] += self._timed(self.update_score_model)
-                r = self.state.r().detach().cpu().tolist()
-                log["step"] += 1
-                log["losses"].append(values)
-                log["r"].append(r)
-                below = sum(value < 0.5 for value in r)
-                progress.update(task, advance=1, info=(
-                    f"obj {values['objective']:.4g} con {values['constraint']:.3g} reg {values['regulariser']:.3g} "
-                    f"linear {below}/{len(r)}"))  # fmt: skip
-                if not show_progress and (log["step"] % LOG_EVERY == 0 or log["step"] == config.steps):
-                    progress.console.print(f"step {log['step']}/{config.steps}: " + progress.tasks[0].fields["info"]
-                                           + " r " + " ".join(f"{value:.2f}" for value in r))  # fmt: skip
-                if on_step is not None:
-                    on_step(log["step"])
-                if log["step"] % config.checkpoint_every == 0 or log["step"] == config.steps:
-                    log["seconds"] = time.time() - started
-                    save_training_state(out, self._modules(), self.optimizers, self.generator, log)
-        return self.write_converted(log)
-
-    def _timed(self, work: Callable[[], None]) -> float:
-        """Seconds ``work`` takes, the GPU's queue included."""
+    def _now(self) -> float:
+        """The wall clock, the GPU's queue drained first."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        began = time.perf_counter()
-        work()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter() - began
+        return time.perf_counter()
 
-    def write_converted(self, log: dict[str, Any]) -> Path:
-        """The converted checkpoint: which layers are linear, their feature maps, the fine-tuned transformer."""
+    def _score_timed(self) -> None:
+        """The student's first loss of a step ends the score model's updates: add their time to the log."""
+        if self._inner_began is not None:
+            self.log["score_seconds"] += self._now() - self._inner_began
+            self._inner_began = None
+
+    def after_step(self, step: int, run: Run) -> None:
+        """Project r into [0, 1] (projected gradient descent: whatever a step did, rho is back in range,
+        :meth:`TransferState.project_`), log it, and call ``on_step`` (diagnostics) with the student attached."""
+        self.state.project_()
+        r = self.state.r().detach().cpu().tolist()
+        self.log["r"].append(r)
+        if step % self.config.log_every == 0 or step == self.config.steps:
+            below = sum(value < 0.5 for value in r)
+            run.print(f"step {step}: linear {below}/{len(r)}, r " + " ".join(f"{value:.2f}" for value in r))
+        if self.on_step is not None:
+            self.on_step(step)
+
+    def finish(self, run: Run) -> Path:
+        """Gather the student (collective) and write the converted checkpoint on the lead."""
+        transformer = run.gather(self.student.transformer)
+        if run.ranks.lead:
+            self.write_converted(transformer, run.step, run.seconds, run.layout.record())
+        return self.out
+
+    def write_converted(self, transformer: dict[str, torch.Tensor], steps: int, seconds: float,
+                        layout: dict[str, Any]) -> Path:  # fmt: skip
+        """The converted checkpoint ``bench run --method linvideo --checkpoint DIR`` reads: which layers are linear,
+        their feature maps (``linvideo.safetensors``), the fine-tuned transformer's state ``transformer``
+        (``transformer.safetensors``) and ``spec.json`` (config, store, selection, final r, cost, layout)."""
         self.method.attach(self.state, converted=True)
         self.method.save_state(self.out / STATE_FILE)
-        save_module_weights(self.student.transformer, self.out / TRANSFORMER_FILE)
-        linear = list(self.state.linear_layers())
+        save_tensors(transformer, self.out / TRANSFORMER_FILE)
+        config = self.config.record()
         write_json_atomic(self.out / SPEC_FILE, {
-            "method": "linvideo", "config": log["config"], "trajectory_store": self.store.spec,
-            "linear_layers": linear, "selection": log["config"].get("selection"), "greedy_rounds": self.selection_log,
-            "final_r": log["r"][-1], "steps": log["step"], "train_seconds": log["seconds"],
-            "seconds_per_step": log["seconds"] / max(log["step"], 1),
+            "method": "linvideo", "config": config, "trajectory_store": self.store.spec,
+            "linear_layers": list(self.state.linear_layers()), "selection": config.get("selection"),
+            "greedy_rounds": self.selection_log, "final_r": self.state.r().detach().cpu().tolist(), "steps": steps,
+            "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1), "layout": layout,
             # adm-extra-score: the score model's share of each step (its updates), beside the whole step's
-            **({"score_seconds_per_step": log["score_seconds"] / max(log["step"], 1)} if self.score_model else {}),
+            **({"score_seconds_per_step": self.log["score_seconds"] / max(steps, 1)} if self.score_model else {}),
         })  # fmt: skip
         return self.out
+
+    def run(self, show_progress: bool = True, on_step: Callable[[int], None] | None = None) -> Path:
+        """Train to ``config.steps`` through the engine (resuming a half-done run) and write the converted
+        checkpoint; ``on_step(step)`` runs after every finished step (1-based), with the student attached."""
+        self.on_step = on_step
+        if self._converted_before_the_engine():
+            return self.out
+        return engine.run(self, show_progress)
+
+    def _converted_before_the_engine(self) -> bool:
+        """Whether ``out`` holds this run finished and converted by the trainer before the engine (its record names
+        no sharded checkpoint): its conversion is the result, as that trainer returned it on a rerun (a sweep's
+        finished variants). A half-done one the engine refuses, naming what to remove."""
+        path = self.out / TRAINING_META
+        if not (self.out / SPEC_FILE).is_file() or not path.is_file():
+            return False
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False  # the engine names the corrupt record
+        old, same = "checkpoint" not in meta, meta.get("config") == self.config.record()
+        return old and same and meta.get("step") == self.config.steps
+
+
+def r_history(meta: dict[str, Any]) -> list[list[float]]:
+    """Every layer's r after each step, from a run's ``training_state.json`` (the task's log; a record written
+    before the training engine kept it at the top level)."""
+    return meta.get("task", meta).get("r", [])
