@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 
@@ -76,7 +75,10 @@ def test_ablate_objective_records_each_variant_and_resumes(
     bench: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # r starts below 0.5, so the 2-step default ends with linear layers for the untrained-linear reference.
-    monkeypatch.setattr(linvideo_train, "LinVideoTrainConfig", functools.partial(LinVideoTrainConfig, r_init=0.3))
+    # (over the recipe's r_init, which bench ablate passes explicitly)
+    monkeypatch.setattr(
+        linvideo_train, "LinVideoTrainConfig", lambda **kw: LinVideoTrainConfig(**{**kw, "r_init": 0.3})
+    )
     runs, train = tmp_path / "runs", tmp_path / "train"
     args = ("ablate", "objective", "--steps", "2", "--batch-size", "2", "--prompts", "2", "--device", "cpu",
             "--runs-dir", runs, "--train-dir", train, "--no-progress")  # fmt: skip
