@@ -261,3 +261,10 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_ranks: Path, killed: Path, 
     assert _max_difference(_toy_weights(out), _toy_weights(two_ranks)) < TOLERANCE
     refused = invoke_cli([*TOY_ARGS, "--out", out], expect=2)
     assert "global batch 4, this launch makes 2" in normalise(refused.output)
+
+
+def test_checkpoints_record_each_ranks_peak_memory_only_on_cuda(tmp_path: Path) -> None:
+    """training_state.json names each rank's CUDA peak (peak_gib_per_rank); a CPU run has none: null, not 0."""
+    engine.run(DebugTask(DebugConfig(steps=2, batch_size=4, checkpoint_every=1), tmp_path), show_progress=False)
+    meta = json.loads((tmp_path / "training_state.json").read_text())
+    assert "peak_gib_per_rank" in meta and meta["peak_gib_per_rank"] is None

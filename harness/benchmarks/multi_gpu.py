@@ -7,18 +7,36 @@ decoded uint8 frames equal to the single GPU's (the noise comes from the seed, s
 the largest difference is recorded, and at most 1 level passes, as between two CPU processes in
 tests/test_distributed.py). The figures: each run's wall time, the sharded run's per-rank wall time, the speedup.
 
+Run 2, LinVideo training with FSDP2 (``bench train --method linvideo --fsdp on --activation-checkpointing``, random
+weights, the model's own 480p x 81 clips for Wan 1.3B, a 2-prompt trajectory store on a 4-step grid collected once):
+``--train-steps`` ADM steps on N ranks at batch 1 each, and on one rank at the same global batch through gradient
+accumulation (N micro-batches: the same samples, since each micro-batch is a data shard). The check: the per-step
+losses of the two agree (relative difference below ``LOSS_TOLERANCE``). The figures: seconds per step of each, the
+scaling efficiency (one rank's time per step over N times the N ranks'), each rank's peak memory, both loss curves.
+
+Run 3, a rank killed: the N-rank run again, one rank SIGKILLed once the first checkpoint (``--checkpoint-every``) is
+committed; torchrun ends the run, the same command resumes it from that checkpoint, and it must end on the same
+per-step losses as run 2's uninterrupted N-rank run (bit for bit: same shards, same seeds). A copy of the killed
+run's folder is then resumed on one rank (accumulation N) to the end: its losses within ``LOSS_TOLERANCE``.
+
     python -m harness.benchmarks.multi_gpu --out $OUT                 # on a machine with 2 or more GPUs
-    python -m harness.benchmarks.multi_gpu --out /tmp/x --device cpu --model wan-tiny --nproc 2   # smoke (gloo)
+    python -m harness.benchmarks.multi_gpu --out $OUT --runs train,kill   # a part (each run resumes in --work)
+    python -m harness.benchmarks.multi_gpu --out /tmp/x --device cpu --model wan-tiny --method sdpa --nproc 2 \
+        --target-layers 1 --train-steps 4 --checkpoint-every 2          # smoke (gloo)
 
 Each step is a ``bench`` process (an argument list, no shell) whose log is kept under ``OUT/logs``; a finished
-step is not run again when the command is repeated with the same ``--work`` (bench run resumes by itself).
+step is not run again when the command is repeated with the same ``--work`` (bench run and bench train resume by
+themselves), and each run's result is written to ``OUT/multi_gpu.json`` as soon as it is known.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +47,8 @@ import torch
 from harness.atomic import write_json_atomic
 from harness.benchmarks.children import spawn
 
+RUNS = ("gen", "train", "kill")
+LOSS_TOLERANCE = 1e-2  # per-step relative difference of the losses, N ranks vs one rank with accumulation N (bf16)
 # Plain scene descriptions: random weights draw noise whatever the text, but the text encoder still runs on them.
 PROMPTS = (
     "a red car drives along a coastal road at sunset",
@@ -118,6 +138,133 @@ def generation(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _children(parent: int) -> list[int]:
+    """PIDs whose parent is ``parent`` (torchrun's workers), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+def _meta(out: Path) -> dict[str, Any]:
+    from harness.checkpoints import TRAINING_META
+
+    return json.loads((out / TRAINING_META).read_text())
+
+
+def _train_command(args: argparse.Namespace, out: Path, ranks: int, steps: int) -> list[str]:
+    """``bench train --method linvideo`` at batch 1 per rank and a global batch of ``args.nproc`` on ``ranks``."""
+    prompts = args.work / "train_prompts.txt"
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    weights = ("--weights", "random") if args.model in ("wan1.3b", "wan14b") else ()
+    options = ["train", "--method", "linvideo", "--model", args.model, *weights, "--target-layers",
+               str(args.target_layers), "--steps", str(steps), "--batch-size", "1", "--accumulation",
+               str(args.nproc // ranks), "--prompt-file", str(prompts), "--sampler-steps", "4", "--store",
+               str(args.work / "store"), "--collect-batch", "1", "--fsdp", "on", "--activation-checkpointing",
+               "--checkpoint-every", str(args.checkpoint_every), "--device", args.device, "--no-progress",
+               "--out", str(out)]  # fmt: skip
+    return _bench(args, *options, ranks=ranks)
+
+
+def _curve(meta: dict[str, Any]) -> list[float]:
+    return [step.get("total", step["objective"]) for step in meta["losses"]]
+
+
+def _largest_difference(one: list[float], other: list[float]) -> float:
+    if len(one) != len(other):
+        return math.inf
+    return max(abs(a - b) / max(abs(a), abs(b), 1e-12) for a, b in zip(one, other, strict=True))
+
+
+def training(args: argparse.Namespace) -> dict[str, Any]:
+    """Run 2: LinVideo on N ranks against one rank with accumulation N; the same losses, the scaling."""
+    one_dir, many_dir = args.work / "train_1", args.work / f"train_{args.nproc}"
+    _step("train_1", _train_command(args, one_dir, 1, args.train_steps), args)
+    _step(f"train_{args.nproc}", _train_command(args, many_dir, args.nproc, args.train_steps), args)
+    one, many = _meta(one_dir), _meta(many_dir)
+    per_step = {"one_rank": one["seconds"] / one["step"], f"{args.nproc}_ranks": many["seconds"] / many["step"]}
+    difference = _largest_difference(_curve(one), _curve(many))
+    return {
+        "checks": {"same_losses": difference <= LOSS_TOLERANCE},
+        "passed": difference <= LOSS_TOLERANCE,
+        "largest_loss_difference": difference,
+        "steps": args.train_steps,
+        "global_batch": args.nproc,
+        "seconds_per_step": per_step,
+        "scaling_efficiency": per_step["one_rank"] / (args.nproc * per_step[f"{args.nproc}_ranks"]),
+        "peak_gib_per_rank": {
+            "one_rank": one.get("peak_gib_per_rank"),
+            f"{args.nproc}_ranks": many.get("peak_gib_per_rank"),
+        },
+        "losses": {"one_rank": one["losses"], f"{args.nproc}_ranks": many["losses"]},
+        "layout": {"one_rank": one["layout"], f"{args.nproc}_ranks": many["layout"]},
+    }
+
+
+def _kill_one_rank_after_first_checkpoint(command: list[str], out: Path, args: argparse.Namespace) -> int:
+    """Start ``command`` (torchrun), SIGKILL one of its ranks once a checkpoint is committed, wait for torchrun to
+    end the run; the step of the checkpoint left behind."""
+    from harness.checkpoints import TRAINING_META
+
+    logs = args.out / "logs"
+    with (logs / "kill.log").open("wb") as log:
+        launcher = spawn(command, stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + args.kill_timeout_s
+        while not (out / TRAINING_META).exists() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = _children(launcher.pid)
+        if launcher.poll() is not None or not workers:
+            raise RuntimeError(f"the run ended before a rank could be killed (exit {launcher.poll()}); see kill.log")
+        os.kill(workers[-1], signal.SIGKILL)
+        code = launcher.wait()
+    meta = _meta(out)
+    if code == 0 or meta.get("finished"):
+        raise RuntimeError("the run finished although a rank was killed: kill earlier (a larger --train-steps)")
+    return meta["step"]
+
+
+def killed(args: argparse.Namespace) -> dict[str, Any]:
+    """Run 3: a rank SIGKILLed after the first checkpoint, the run resumed on N ranks, then a copy on one rank."""
+    many_dir, killed_dir, single_dir = (args.work / f"train_{args.nproc}", args.work / "kill",
+                                        args.work / "kill_resumed_on_1")  # fmt: skip
+    if not many_dir.joinpath("training_state.json").exists():
+        raise RuntimeError("run 3 compares with run 2's uninterrupted run: run --runs train first")
+    command = _train_command(args, killed_dir, args.nproc, args.train_steps)
+    if not killed_dir.joinpath("kill_step.json").exists():
+        shutil.rmtree(killed_dir, ignore_errors=True)
+        step = _kill_one_rank_after_first_checkpoint(command, killed_dir, args)
+        shutil.rmtree(single_dir, ignore_errors=True)
+        shutil.copytree(killed_dir, single_dir)
+        write_json_atomic(killed_dir / "kill_step.json", {"step": step})
+    step = json.loads(killed_dir.joinpath("kill_step.json").read_text())["step"]
+    _step("kill_resume", command, args)
+    _step("kill_resume_on_1", _train_command(args, single_dir, 1, args.train_steps), args)
+    reference = _curve(_meta(many_dir))
+    resumed, on_one = _curve(_meta(killed_dir)), _curve(_meta(single_dir))
+    checks = {
+        "resumed_same_losses": resumed == reference,
+        "resumed_on_one_rank_close": _largest_difference(on_one, reference) <= LOSS_TOLERANCE,
+        "killed_mid_way": 0 < step < args.train_steps,
+    }
+    return {
+        "checks": checks,
+        "passed": all(checks.values()),
+        "killed_at_checkpoint_step": step,
+        "largest_loss_difference": {
+            "resumed": _largest_difference(resumed, reference),
+            "resumed_on_one_rank": _largest_difference(on_one, reference),
+        },
+        "notes": {"resumed": _meta(killed_dir).get("notes"), "resumed_on_one_rank": _meta(single_dir).get("notes")},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")), help="results folder ($OUT)")
@@ -131,7 +278,16 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480, help="height in pixels, with --frames")
     parser.add_argument("--width", type=int, default=832, help="width in pixels, with --frames")
     parser.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo, smoke runs)")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
+    parser.add_argument("--target-layers", type=int, default=16, help="LinVideo's linear layers (paper, 1.3B: 16)")
+    parser.add_argument("--train-steps", type=int, default=20, help="ADM steps of runs 2 and 3 (the issue: 20)")
+    parser.add_argument("--checkpoint-every", type=int, default=5, help="steps between checkpoints (run 3 kills "
+                        "a rank after the first)")  # fmt: skip
+    parser.add_argument("--kill-timeout-s", type=float, default=900.0, help="run 3: longest wait for a checkpoint")
     args = parser.parse_args()
+    args.runs = tuple(part for part in args.runs.split(",") if part)
+    if set(args.runs) - set(RUNS):
+        parser.error(f"unknown runs {sorted(set(args.runs) - set(RUNS))}; choose from {', '.join(RUNS)}")
     if args.nproc == 0:
         args.nproc = torch.cuda.device_count() if args.device == "cuda" else 2
     if args.nproc < 2:
@@ -139,20 +295,37 @@ def main() -> None:
     if not 1 <= args.prompts <= len(PROMPTS):
         parser.error(f"--prompts must be in [1, {len(PROMPTS)}]")
     args.out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {
-        "nproc": args.nproc,
-        "model": args.model,
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
     from harness.environment import capture_environment
 
-    result["environment"] = capture_environment(torch.device(args.device))
-    result["generation"] = generation(args)
-    write_json_atomic(args.out / "multi_gpu.json", result)
-    gen = result["generation"]
-    print(f"\ngeneration, {gen['videos']} videos: checks {gen['checks']}; wall {gen['wall_s']['one_process']:.1f} s on "
-          f"1 rank, {gen['wall_s']['sharded']:.1f} s on {args.nproc} (speedup {gen['speedup']:.2f}x)")  # fmt: skip
-    sys.exit(0 if gen["passed"] else 1)
+    path = args.out / "multi_gpu.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    result.update({"nproc": args.nproc, "model": args.model, "args": {k: str(v) for k, v in vars(args).items()},
+                   "environment": capture_environment(torch.device(args.device))})  # fmt: skip
+    for name, measure in (("gen", generation), ("train", training), ("kill", killed)):
+        if name in args.runs:
+            result[name] = measure(args)
+            write_json_atomic(path, result)
+            print(f"\n{name}: passed {result[name]['passed']}; checks {result[name]['checks']}", flush=True)
+    summary(result, args.nproc)
+    sys.exit(0 if all(result[name]["passed"] for name in args.runs) else 1)
+
+
+def summary(result: dict[str, Any], nproc: int) -> None:
+    """The short table at the end: each run's check and its headline figures."""
+    if "gen" in result:
+        gen = result["gen"]
+        print(f"generation, {gen['videos']} videos: wall {gen['wall_s']['one_process']:.1f} s on 1 rank, "
+              f"{gen['wall_s']['sharded']:.1f} s on {nproc} (speedup {gen['speedup']:.2f}x), per rank "
+              f"{gen['per_rank']}, frames identical {gen['identical_frames']}")  # fmt: skip
+    if "train" in result:
+        train = result["train"]
+        print(f"training, {train['steps']} ADM steps, global batch {train['global_batch']}: s/step "
+              f"{train['seconds_per_step']}, scaling efficiency {train['scaling_efficiency']:.2f}, peak GiB "
+              f"{train['peak_gib_per_rank']}, largest loss difference "
+              f"{train['largest_loss_difference']:.2e}")  # fmt: skip
+    if "kill" in result:
+        kill = result["kill"]
+        print(f"kill -9 of a rank after step {kill['killed_at_checkpoint_step']}: {kill['checks']}")
 
 
 if __name__ == "__main__":

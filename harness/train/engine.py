@@ -52,6 +52,7 @@ class Run:
     losses: list[dict[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     console: Any = None  # rich console of the progress display (lead rank)
+    peak_gib_per_rank: list[float] | None = None  # CUDA peaks at the last checkpoint, in rank order
 
     def print(self, text: str) -> None:
         """A log line, printed by the lead rank only."""
@@ -65,7 +66,7 @@ class Run:
     def record(self, config: Any, task_log: dict[str, Any]) -> dict[str, Any]:
         return {"config": asdict(config), "step": self.step, "seconds": self.seconds, "losses": self.losses,
                 "layout": {**self.layout.record(), "shards": self.layout.shard_count}, "task": task_log,
-                "notes": self.notes}  # fmt: skip
+                "notes": self.notes, "peak_gib_per_rank": self.peak_gib_per_rank}  # fmt: skip
 
 
 def lr_factor(group: Group, step: int, steps: int) -> float:
@@ -207,6 +208,7 @@ def _loop(task: Task, state: Run, groups: list[Group], optimizers: dict[str, tor
                             + f", {rate:.2f} steps/s")  # fmt: skip
             if state.step % config.checkpoint_every == 0 or state.step == config.steps:
                 state.seconds = time.time() - started
+                state.peak_gib_per_rank = parallel.peak_gib_per_rank(device, layout)
                 meta = state.record(config, task.log)
                 checkpoint.save(task.out, container, list(optimizers.values()), shards, meta, state.ranks)
                 task.on_checkpoint(state.step, state)

@@ -222,6 +222,23 @@ def mean_across_ranks(values: torch.Tensor, layout: Layout) -> torch.Tensor:
     return values / layout.ranks
 
 
+def peak_gib_per_rank(device: torch.device, layout: Layout) -> list[float] | None:
+    """Each rank's peak allocated CUDA memory in GiB since its process started, in rank order (None off CUDA).
+
+    Collective on several ranks: every rank must call it.
+    """
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    if layout.ranks == 1:
+        return [peak]
+    import torch.distributed as dist
+
+    peaks: list[Any] = [None] * layout.ranks
+    dist.all_gather_object(peaks, peak)
+    return peaks
+
+
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's whole state on CPU: gathered from the shards on the lead (empty elsewhere) under FSDP.
 
