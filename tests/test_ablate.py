@@ -135,3 +135,22 @@ def test_ablate_unknown_recipe_is_refused(bench: Invoke) -> None:
     """An unknown recipe is a clear error naming the recipes, before anything trains."""
     result = bench("ablate", "objective", "--recipe", "papr", expect=2)
     assert "recipe" in normalise(result.output) and "paper" in normalise(result.output)
+
+
+@pytest.mark.parametrize(("scores", "verdict"), [
+    ({"adm": 70.0, "adm-extra-score": 60.0, "mse": 50.0}, "this toy agrees with the paper"),
+    ({"adm": 53.1, "adm-extra-score": 40.0, "mse": 62.5}, "this toy DISAGREES with the paper"),
+])  # fmt: skip
+def test_objective_table_states_the_papers_order_beside_ours(scores: dict[str, float], verdict: str) -> None:
+    """The objective ablation's note gives Tab. 4's order (adm > adm-extra-score > mse) beside the measured one;
+    references (untrained rows) do not count."""
+    import pandas as pd
+
+    from harness.report import objective_order_note
+
+    rows = [{"variant": "sdpa (reference)", "trained": False, "prompt_correctness": 99.0}]
+    rows += [{"variant": name, "trained": True, "prompt_correctness": value} for name, value in scores.items()]
+    note = objective_order_note(pd.DataFrame(rows))
+    assert "adm > adm-extra-score > mse" in note and note.endswith(verdict)
+    ours = " > ".join(sorted(scores, key=scores.get, reverse=True))
+    assert f"prompt_correctness here {ours}" in note
