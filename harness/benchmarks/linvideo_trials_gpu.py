@@ -440,9 +440,11 @@ def plan_jobs(args: argparse.Namespace, runs: list[Run]) -> tuple[dict[str, Job]
 def advance(jobs: dict[str, Job], fine_of: dict[str, bool], args: argparse.Namespace) -> list[str]:
     """Start what is ready (a training once its store is collected, a sampling once its training finished); returns
     the keys still to run (a training whose store failed is dropped)."""
+    running = sum(job.process is not None and job.poll() is None for job in jobs.values())
     for key in [key for key in fine_of if jobs[key].process is None]:
-        if jobs[f"collect_{_grid(fine_of[key])}"].poll() == 0:
+        if jobs[f"collect_{_grid(fine_of[key])}"].poll() == 0 and (not args.max_jobs or running < args.max_jobs):
             jobs[key].start()
+            running += 1
     for key in [key for key in fine_of if jobs[key].poll() == 0 and "sample_" + key[len("train_") :] not in jobs]:
         experiment, name = key[len("train_") :].split("_", 1)
         sample = "sample_" + key[len("train_") :]
@@ -540,6 +542,8 @@ def main() -> None:
     )
     parser.add_argument("--fine", action="store_true", help="collect: the 50-step shift-5 store")
     parser.add_argument("--device", default="cuda", help="cuda (or cpu for a dry run of tiny sizes)")
+    parser.add_argument("--max-jobs", type=int, default=0, help="trainings running at once (0: all; a CPU dry run "
+                        "needs ~2 GB per training)")  # fmt: skip
     parser.add_argument("--deadline-s", type=float, default=510.0, help="stop children and report after this long")
     args = parser.parse_args()
     args.experiments = tuple(part for part in args.experiments.split(",") if part)
