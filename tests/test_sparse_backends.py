@@ -160,3 +160,31 @@ def test_svg2_variable_blocks_hold_the_same_token_mask() -> None:
     assert pattern.variable is not None
     assert torch.equal(pattern.variable.dense_mask(), pattern.dense_mask())
     assert pattern.variable.dense_mask().shape == (1, 2, tokens, tokens)
+
+
+def test_a_named_backend_that_cannot_run_is_a_clear_error() -> None:
+    """backend=flashinfer on the CPU says why instead of failing inside the kernel."""
+    q, k, v, pattern = inputs()
+    with pytest.raises(HarnessError, match=r"'flashinfer' cannot run this call: runs on cuda"):
+        sparse_backends.block_sparse_attention(q, k, v, pattern, "flashinfer")
+
+
+def test_the_reference_on_sampled_rows_is_masked_dense_on_those_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past REFERENCE_ROWS the check compares evenly spaced rows, first and last included, against the same
+    rows of masked dense."""
+    monkeypatch.setattr(sparse_backends, "REFERENCE_ROWS", 10)
+    q, k, v, pattern = inputs()
+    rows = sparse_backends.reference_rows(N, q.device)
+    assert len(rows) == 10 and rows[0] == 0 and rows[-1] == N - 1
+    assert torch.equal(pattern.dense_mask(rows), pattern.dense_mask()[..., rows, :])
+    full = masked_dense_attention(q, k, v, pattern)[..., rows, :]
+    assert torch.allclose(sparse_backends.masked_reference(q, k, v, pattern, rows), full, atol=1e-6)
+
+
+def test_masked_past_its_size_is_skipped_and_another_backend_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At Wan scale the masked backend cannot run (N x N mask): it is reported skipped, flex is checked on rows."""
+    monkeypatch.setattr(sparse_backends, "MASKED_MAX_ENTRIES", 1000)
+    q, k, v, pattern = inputs()
+    choice = choose_backend(q, k, v, pattern, ("masked", "flex"), timer=lambda fn, device: 1.0)
+    assert choice.name == "flex"
+    assert "N x N" in choice.report["masked"]["skipped"]

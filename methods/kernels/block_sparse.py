@@ -256,24 +256,27 @@ class BlockSparsePattern:
 
         return BlockSparsePattern(kept, self.seq_len, tile, full=full, mask_mod=in_kept_blocks)
 
-    def dense_mask(self) -> torch.Tensor:
-        """``(B, H, N, N)`` bool token mask. O(N^2) memory: CPU paths and tests only."""
+    def dense_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, H, R, N)`` bool token mask of the query tokens ``rows`` (``None``: all N, O(N^2) memory).
+
+        A few rows are what a correctness check at Wan scale affords (:mod:`methods.kernels.sparse_backends`).
+        """
         q_block, kv_block = self.blocks
         device = self.kept.device
-        rows = block_lengths(self.seq_len, q_block, device)
-        cols = block_lengths(self.seq_len, kv_block, device)
+        index = torch.arange(self.seq_len, device=device)
+        rows = index if rows is None else rows.to(device)
+        q_blk, kv_blk = rows // q_block, index // kv_block
 
         def expand(tiles: torch.Tensor) -> torch.Tensor:
-            return tiles.repeat_interleave(rows, dim=-2).repeat_interleave(cols, dim=-1)
+            return tiles.index_select(-2, q_blk).index_select(-1, kv_blk)
 
         mask = expand(self.full_tiles)
         if self.mask_mod is not None:
             batch, heads = self.kept.shape[:2]
-            index = torch.arange(self.seq_len, device=device)
             token_kept = self.mask_mod(
                 torch.arange(batch, device=device)[:, None, None, None],
                 torch.arange(heads, device=device)[None, :, None, None],
-                index[None, None, :, None],
+                rows[None, None, :, None],
                 index[None, None, None, :],
             )
             mask = mask | (expand(self.partial_tiles) & token_kept)
