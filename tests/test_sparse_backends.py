@@ -75,6 +75,17 @@ def test_a_wrong_backend_is_never_chosen_even_when_fastest(fakes: None) -> None:
     assert choice.report["fake-wrong"]["error"] > 1e-2
 
 
+def test_a_nan_output_is_skipped_without_a_nan_in_the_report(fakes: None) -> None:
+    """Records are strict JSON: a backend returning NaN is reported as not finite, with no error number."""
+    register_backend("fake-nan")(lambda q, k, v, pattern: torch.full_like(q, float("nan")))
+    try:
+        q, k, v, pattern = inputs()
+        choice = choose_backend(q, k, v, pattern, ("fake-nan", "fake-slow"), timer=lambda fn, device: 1.0)
+    finally:
+        REGISTRY.pop("fake-nan")
+    assert choice.name == "fake-slow" and choice.report["fake-nan"] == {"skipped": "output not finite"}
+
+
 def test_the_fastest_correct_backend_is_chosen(fakes: None) -> None:
     """With a fake timer the faster of two correct backends wins; the report carries both times in ms."""
     q, k, v, pattern = inputs()
