@@ -37,7 +37,8 @@ import torch
 from harness import strict_json
 from harness.errors import HarnessError, check_number
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, dense_attention, register_method
-from methods.kernels.block_sparse import FLEX_TILE, BlockSparsePattern, block_sparse_attention, num_blocks
+from methods.kernels.block_sparse import FLEX_TILE, BlockSparsePattern, num_blocks
+from methods.kernels.sparse_backends import block_sparse_attention
 from methods.params import Param
 
 FULL, WINDOW, REUSE_STEP, REUSE_COND = "full", "window_residual", "reuse_step", "reuse_cond"

@@ -19,7 +19,7 @@ Paper settings on Wan 1.3B: critical 5%, negligible 10%, 64 x 64 blocks, softmax
 
 Density recorded per call: the share of the N x N scores computed exactly (the critical tiles); the
 linear branch forms no score and is not counted (the paper's "95% sparsity" counts it as sparse).
-The critical branch runs through :func:`methods.kernels.block_sparse.block_sparse_attention`
+The critical branch runs through :func:`methods.kernels.sparse_backends.block_sparse_attention`
 (compiled FlexAttention on CUDA, masked dense on CPU).
 """
 
@@ -34,13 +34,9 @@ from torch import nn
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
-from methods.kernels.block_sparse import (
-    BlockSparsePattern,
-    block_lengths,
-    block_sparse_attention,
-    num_blocks,
-)
+from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks
 from methods.kernels.linear_attention import fp32_region
+from methods.kernels.sparse_backends import BackendLog
 from methods.params import Param
 from methods.sparse import BACKEND
 
@@ -163,6 +159,7 @@ class SparseLinearAttention(AttentionMethod):
             raise HarnessError(f"sla: critical + negligible must be <= 1, got {self.critical} + {self.negligible}")
         self.block_size_param: str | int = self.settings["block_size"]
         self.backend: str = self.settings["backend"]
+        self.backends = BackendLog(self.backend, self.name)
         self.state: SlaProjections | None = None
         self.trained = False
         self._blocks_used: dict[int, int] = {}
@@ -171,6 +168,7 @@ class SparseLinearAttention(AttentionMethod):
         return {
             **super().params(),
             "block_size_used": {str(tokens): block for tokens, block in sorted(self._blocks_used.items())},
+            **self.backends.params(),
             "trained": self.trained,
         }
 
@@ -194,7 +192,7 @@ class SparseLinearAttention(AttentionMethod):
         with torch.no_grad():  # the selection is not differentiated (as in SLA)
             critical, marginal = classify_blocks(q, k, block, self.critical, self.negligible)
         pattern = BlockSparsePattern(critical, tokens, block)
-        sparse = block_sparse_attention(q, k, v, pattern, self.backend)
+        sparse = self.backends.attention(q, k, v, pattern)
         linear = marginal_linear_attention(q, k, v, marginal, block)
         proj = self.state.proj[ctx.layer]
         out = sparse.float() + proj(linear.to(proj.weight.dtype)).float()

@@ -1,7 +1,7 @@
 """The base of the block-sparse methods (XAttention, SVG, SVG2, Radial, ...).
 
 A subclass plans each sparse call -- which tiles to compute, in which token order -- and the base
-runs the plan with :func:`methods.kernels.block_sparse.block_sparse_attention` (compiled
+runs the plan with :func:`methods.kernels.sparse_backends.block_sparse_attention` (compiled
 FlexAttention on CUDA, the masked dense equivalent on CPU), undoes any permutation and records the
 exact density of the mask used. Besides the user's :class:`~methods.base.Schedule`, every method
 keeps its paper's own dense warm-up steps (``warmup_fraction`` of the steps) and dense first layers
@@ -23,13 +23,8 @@ from typing import Any
 import torch
 
 from methods.base import AttentionContext, AttentionMethod, Schedule
-from methods.kernels.block_sparse import (
-    BACKENDS,
-    BlockSparsePattern,
-    block_sparse_attention,
-    permute_tokens,
-    unpermute_tokens,
-)
+from methods.kernels.block_sparse import BlockSparsePattern, permute_tokens, unpermute_tokens
+from methods.kernels.sparse_backends import BackendLog, backend_names, block_sparse_attention
 from methods.params import Param
 
 PAPER_BLOCK = 128
@@ -66,8 +61,9 @@ def auto_block_size(tokens: int) -> int:
     return block
 
 
-BACKEND = Param("backend", "choice", "auto", "auto (FlexAttention on CUDA, masked dense elsewhere), flex or masked",
-                choices=BACKENDS)  # fmt: skip
+BACKEND = Param("backend", "choice", "auto", "auto (FlexAttention on CUDA, masked dense elsewhere), measure (the "
+                "fastest backend matching masked dense, timed on the first call per shape; recorded) or a backend",
+                choices=backend_names())  # fmt: skip
 
 
 def block_sparse_parameters(warmup_fraction: float, paper: str) -> tuple[Param, ...]:
@@ -112,6 +108,7 @@ class BlockSparseMethod(AttentionMethod):
         self._block_size: int | None = None if block_size == "auto" else block_size
         self.warmup_fraction: float = self.settings["warmup_fraction"]
         self.backend: str = self.settings["backend"]
+        self.backends = BackendLog(self.backend, self.name)
         self._blocks_used: dict[int, int] = {}
 
     # -- what subclasses provide ---------------------------------------------------------------
@@ -151,24 +148,32 @@ class BlockSparseMethod(AttentionMethod):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
     ) -> tuple[torch.Tensor, float]:
         plan = self.plan(q, k, v, ctx)
-        return self.execute(q, k, v, plan, self.backend), plan.used_density()
+        return self.execute(q, k, v, plan, self.backends), plan.used_density()
 
     @staticmethod
     def execute(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, backend: str = "auto"
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, backend: str | BackendLog = "auto"
     ) -> torch.Tensor:
-        """Run ``plan`` on q, k, v ``(B, H, N, D)``: permute, block-sparse attention, permute back."""
+        """Run ``plan`` on q, k, v ``(B, H, N, D)``: permute, block-sparse attention, permute back.
+
+        ``backend``: a backend name (see :mod:`methods.kernels.sparse_backends`), or a method's
+        :class:`BackendLog`, which also records the backend used.
+        """
         kv_order = plan.q_order if plan.kv_order is None else plan.kv_order
         if plan.q_order is not None:
             q = permute_tokens(q, plan.q_order)
         if kv_order is not None:
             k, v = permute_tokens(k, kv_order), permute_tokens(v, kv_order)
-        out = block_sparse_attention(q, k, v, plan.pattern, backend)
+        if isinstance(backend, BackendLog):
+            out = backend.attention(q, k, v, plan.pattern)
+        else:
+            out = block_sparse_attention(q, k, v, plan.pattern, backend)
         return out if plan.q_order is None else unpermute_tokens(out, plan.q_order)
 
     def params(self) -> dict[str, Any]:
         return {
             **super().params(),
             **self.usage_params(),
+            **self.backends.params(),
             "block_size_used": {str(tokens): block for tokens, block in sorted(self._blocks_used.items())},
         }

@@ -36,6 +36,7 @@ import torch
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
 from methods.kernels.block_sparse import (
     BlockSparsePattern,
+    VariableBlocks,
     block_lengths,
     num_blocks,
     rectangle_counts,
@@ -127,7 +128,8 @@ def cluster_pair_pattern(
     def kept_cluster_pair(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return keep[b, h, q_labels_sorted[b, h, q_idx], k_labels_sorted[b, h, kv_idx]]
 
-    return BlockSparsePattern(kept, tokens, block, full=full & kept, mask_mod=kept_cluster_pair)
+    variable = VariableBlocks(keep & present, q_sizes, k_sizes)  # the clusters themselves: SVG2's own kernel blocks
+    return BlockSparsePattern(kept, tokens, block, full=full & kept, mask_mod=kept_cluster_pair, variable=variable)
 
 
 @register_method("svg2", aliases=("sparse-videogen2", "sap"))

@@ -10,7 +10,6 @@ from methods.kernels.block_sparse import (
     FLEX_TILE,
     BlockSparsePattern,
     block_lengths,
-    block_sparse_attention,
     flex_block_sparse_attention,
     masked_dense_attention,
     num_blocks,
@@ -20,6 +19,7 @@ from methods.kernels.block_sparse import (
     select_top_fraction,
     unpermute_tokens,
 )
+from methods.kernels.sparse_backends import block_sparse_attention
 
 N, BLOCK = 300, 64  # deliberately not a multiple of the block: the last tile is ragged
 

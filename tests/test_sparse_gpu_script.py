@@ -25,8 +25,12 @@ def test_smoke_run_writes_checks_timings_and_densities(tmp_path: Path) -> None:
     assert result["attention"]["methods"]["radial"]["kernel"]["median_ms"] > 0
     assert 0 < result["methods"]["radial"]["density"] < 1
     assert "note" in result["methods"]["xattn"] and "note" not in result["methods"]["radial"]
+    backends = result["attention"]["methods"]["radial"]["backends"]
+    assert backends["chosen"] in ("masked", "flex", "flex-tuned")
+    assert "ms" in backends["report"][backends["chosen"]] and "skipped" in backends["report"]["flashinfer"]
     rows = json.loads((tmp_path / "sparse_summary.json").read_text())["rows"]
     assert {row["method"] for row in rows} == {"sdpa", "radial", "xattn"}
+    assert {row["backend"] for row in rows if row["method"] == "xattn"} <= {"masked", "flex", "flex-tuned"}
 
 
 def test_toy_cuda_script_checks_toy_size_and_a_wan_clip_at_their_automatic_blocks() -> None:

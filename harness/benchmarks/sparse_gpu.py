@@ -4,7 +4,9 @@
    one plan executed twice -- compiled FlexAttention in bf16 and the masked dense path in fp32 --
    relative error within bf16 tolerance. A failing method is not timed.
 2. Attention: per model shape, one method call at a sparse step (selection + kernel) and the
-   kernel alone on a fixed plan, beside FA2 and cuDNN dense (random q, k, v in bf16).
+   kernel alone on a fixed plan, beside FA2 and cuDNN dense (random q, k, v in bf16); then every
+   block-sparse backend on that plan (error against masked dense on sampled rows, time, or why skipped)
+   and the one ``backend=measure`` chooses (JSON ``attention.methods.<name>.backends``).
 3. Transformer forward: ``bench latency`` (random weights, real architecture) of cudnn, fa2 and
    every method at its paper setting (a step after warm-up, the paper's dense layers dense), at
    Wan 1.3B 480p x 81 frames (32,760 tokens) and Wan 14B 720p x 81 frames (75,600 tokens).
@@ -35,7 +37,8 @@ from harness.latency import measure
 from harness.latency_run import LatencyRequest, run_latency, save_latency
 from harness.models.base import MODELS
 from methods import METHODS, AttentionContext, TokenGrid, build_method
-from methods.sparse import BlockSparseMethod
+from methods.kernels.sparse_backends import BackendLog
+from methods.sparse import BlockSparseMethod, SparsePlan
 
 BF16_RELATIVE_TOLERANCE = 2e-2
 CHECK_GRID = {"cuda": TokenGrid(8, 16, 32), "cpu": TokenGrid(4, 8, 8)}
@@ -96,6 +99,21 @@ def check_flex(name: str, device: torch.device, grid: TokenGrid, heads: int, dim
             "tile_density": tile_density}  # fmt: skip
 
 
+def measure_backends(method: BlockSparseMethod, plan: SparsePlan, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+    """Every backend's error against masked dense and time on this plan, and the one ``measure`` chooses."""
+    log = BackendLog("measure", f"{method.name}-benchmark")
+    method.execute(q, k, v, plan, log)
+    tokens = str(q.shape[-2])
+    used = log.params()
+    chosen, report = used["backend_used"][tokens], used["backend_report"][tokens]
+    for backend, outcome in report.items():
+        detail = (f"error {outcome['error']:.1e}, {outcome['ms']:.2f} ms" if "ms" in outcome
+                  else f"skipped: {outcome['skipped']}")  # fmt: skip
+        print(f"  {method.name:>7} {backend:>10}{' (chosen)' if backend == chosen else ''}: {detail}", flush=True)
+    return {"chosen": chosen, "report": report}
+
+
 def time_attention(names: list[str], dense: list[str], model: str, device: torch.device) -> dict[str, Any]:
     """Per method at the model's default shape: a full call (selection + kernel) and the kernel alone."""
     adapter_cls = MODELS.get(model)
@@ -114,7 +132,8 @@ def time_attention(names: list[str], dense: list[str], model: str, device: torch
             if isinstance(method, BlockSparseMethod):
                 plan = method.plan(q, k, v, ctx)
                 kernel, _ = measure(lambda m=method, p=plan: m.execute(q, k, v, p, m.backend), device, *KERNEL_REPEATS)
-                row |= {"kernel": kernel.to_dict(), "tile_density": plan.pattern.tile_density()}
+                row |= {"kernel": kernel.to_dict(), "tile_density": plan.pattern.tile_density(),
+                        "backends": measure_backends(method, plan, q, k, v)}  # fmt: skip
             if METHODS.get(name).capabilities.data_dependent:
                 row["note"] = RANDOM_DENSITY_NOTE
             rows[name] = row
@@ -173,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                 "baseline": result["baseline"],
                 "attention_call_ms": timing["call"]["median_ms"],
                 "kernel_ms": timing.get("kernel", timing["call"])["median_ms"],
+                "backend": timing.get("backends", {}).get("chosen"),
                 "density": entry["density"], "data_dependent": entry["data_dependent"],
             })  # fmt: skip
         del result
@@ -180,12 +200,21 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
 
     write_json_atomic(args.out / "sparse_summary.json", {"flex_check": checks, "rows": summary})
-    header = ("model", 8), ("method", 7), ("forward ms", 11), ("speedup", 8), ("call ms", 9), ("kernel ms", 10)
+    header = (
+        ("model", 8),
+        ("method", 7),
+        ("forward ms", 11),
+        ("speedup", 8),
+        ("call ms", 9),
+        ("kernel ms", 10),
+        ("backend", 10),
+    )
     print("\n" + " ".join(f"{title:>{width}}" for title, width in header) + "  density")
     for row in summary:
         mark = "*" if row["data_dependent"] else ""
         print(f"{row['model']:>8} {row['method']:>7} {row['forward_ms']:>11.1f} {row['speedup']:>7.2f}x "
-              f"{row['attention_call_ms']:>9.2f} {row['kernel_ms']:>10.2f} {row['density']:>7.3f}{mark}")  # fmt: skip
+              f"{row['attention_call_ms']:>9.2f} {row['kernel_ms']:>10.2f} {row['backend'] or '-':>10} "
+              f"{row['density']:>7.3f}{mark}")  # fmt: skip
     print(
         f"* density depends on the data (random inputs here). Speedup vs {summary[0]['baseline'] if summary else '-'}. "
         f"Total {time.time() - started:.0f} s."

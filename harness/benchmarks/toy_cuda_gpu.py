@@ -39,7 +39,8 @@ from harness.benchmarks.sparse_gpu import BF16_RELATIVE_TOLERANCE, check_flex, r
 from harness.models.base import MODELS
 from methods import TokenGrid
 from methods.dfa import DEFAULT_WINDOW_FRACTION, window_attention, window_radius
-from methods.kernels.block_sparse import BlockSparsePattern, block_sparse_attention
+from methods.kernels.block_sparse import BlockSparsePattern
+from methods.kernels.sparse_backends import block_sparse_attention
 from methods.sla import classify_blocks, sla_block_size
 
 

@@ -8,7 +8,7 @@ inside those.
 
     pattern = BlockSparsePattern(kept, seq_len=N, block_size=128)                      # whole tiles
     pattern = BlockSparsePattern(kept, N, 128, full=full, mask_mod=band)              # token level
-    out = block_sparse_attention(q, k, v, pattern)        # Flex (compiled) on CUDA, masked SDPA on CPU
+    out = block_sparse_attention(q, k, v, pattern)        # sparse_backends: Flex on CUDA, masked SDPA on CPU
     pattern.density()          # kept fraction of the N x N score matrix (exact), what methods record
     pattern.tile_density()     # fraction of entries inside computed tiles (what the kernel does)
     pattern.block_mask()       # FlexAttention BlockMask built from block indices
@@ -43,12 +43,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, FlexKernelOptions, flex_attention
 
 from harness.errors import HarnessError
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-BACKENDS: tuple[str, ...] = ("auto", "flex", "masked")
 #: Query and key tokens per tile of FlexAttention's CUDA kernels (their configs take tiles of 128 queries
 #: and 64 or 128 keys): the Flex path regroups patterns whose blocks are not multiples of it.
 FLEX_TILE = 128
@@ -77,6 +76,32 @@ def tile_areas(seq_len: int, block_size: tuple[int, int], device: torch.device |
     return rows[:, None] * cols[None, :]
 
 
+@dataclass(frozen=True)
+class VariableBlocks:
+    """A token mask as kept (query block, key block) pairs of blocks with unequal sizes, per batch and head.
+
+    Attributes:
+        kept: ``(B, H, R, C)`` bool kept block pairs.
+        row_sizes: ``(B, H, R)`` int64 tokens per query block (consecutive tokens; they sum to N; 0 allowed).
+        col_sizes: ``(B, H, C)`` int64 tokens per key block, likewise.
+    """
+
+    kept: torch.Tensor
+    row_sizes: torch.Tensor
+    col_sizes: torch.Tensor
+
+    def dense_mask(self) -> torch.Tensor:
+        """``(B, H, N, N)`` bool token mask. O(N^2) memory: CPU paths and tests only."""
+        rows = [
+            torch.stack([
+                table.repeat_interleave(r, dim=0).repeat_interleave(c, dim=1)
+                for table, r, c in zip(tables, row_sizes, col_sizes, strict=True)
+            ])
+            for tables, row_sizes, col_sizes in zip(self.kept, self.row_sizes, self.col_sizes, strict=True)
+        ]  # fmt: skip
+        return torch.stack(rows)
+
+
 def _as_pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
     return (block_size, block_size) if isinstance(block_size, int) else (int(block_size[0]), int(block_size[1]))
 
@@ -93,6 +118,8 @@ class BlockSparsePattern:
             tile is full (a block-level pattern; ``mask_mod`` must then be ``None``).
         mask_mod: token predicate ``(b, h, q_idx, kv_idx) -> bool`` applied inside partial tiles
             (``kept & ~full``); see the module docstring for how to write it.
+        variable: the same token mask as blocks of unequal sizes (SVG2's clusters), for kernels that
+            run such blocks whole (FlashInfer's variable-block-sparse wrapper); ``None`` if not known.
     """
 
     kept: torch.Tensor
@@ -100,6 +127,7 @@ class BlockSparsePattern:
     block_size: int | tuple[int, int] = 128
     full: torch.Tensor | None = None
     mask_mod: MaskMod | None = None
+    variable: VariableBlocks | None = None
 
     def __post_init__(self) -> None:
         q_block, kv_block = self.blocks
@@ -228,24 +256,27 @@ class BlockSparsePattern:
 
         return BlockSparsePattern(kept, self.seq_len, tile, full=full, mask_mod=in_kept_blocks)
 
-    def dense_mask(self) -> torch.Tensor:
-        """``(B, H, N, N)`` bool token mask. O(N^2) memory: CPU paths and tests only."""
+    def dense_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, H, R, N)`` bool token mask of the query tokens ``rows`` (``None``: all N, O(N^2) memory).
+
+        A few rows are what a correctness check at Wan scale affords (:mod:`methods.kernels.sparse_backends`).
+        """
         q_block, kv_block = self.blocks
         device = self.kept.device
-        rows = block_lengths(self.seq_len, q_block, device)
-        cols = block_lengths(self.seq_len, kv_block, device)
+        index = torch.arange(self.seq_len, device=device)
+        rows = index if rows is None else rows.to(device)
+        q_blk, kv_blk = rows // q_block, index // kv_block
 
         def expand(tiles: torch.Tensor) -> torch.Tensor:
-            return tiles.repeat_interleave(rows, dim=-2).repeat_interleave(cols, dim=-1)
+            return tiles.index_select(-2, q_blk).index_select(-1, kv_blk)
 
         mask = expand(self.full_tiles)
         if self.mask_mod is not None:
             batch, heads = self.kept.shape[:2]
-            index = torch.arange(self.seq_len, device=device)
             token_kept = self.mask_mod(
                 torch.arange(batch, device=device)[:, None, None, None],
                 torch.arange(heads, device=device)[None, :, None, None],
-                index[None, None, :, None],
+                rows[None, None, :, None],
                 index[None, None, None, :],
             )
             mask = mask | (expand(self.partial_tiles) & token_kept)
@@ -301,9 +332,15 @@ def compiled_flex_attention() -> Callable[..., torch.Tensor]:
 
 
 def flex_block_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    kernel_options: FlexKernelOptions | None = None,
 ) -> torch.Tensor:
     """Compiled FlexAttention over the pattern's tiles. Shapes ``(B, H, N, D)``.
+
+    ``kernel_options``: Flex's Triton tile and pipeline settings (``None``: its defaults).
 
     Blocks that are not multiples of :data:`FLEX_TILE` run regrouped into such tiles
     (:meth:`BlockSparsePattern.regrouped`; the same output). Always compiled: eager ``flex_attention``
@@ -312,7 +349,7 @@ def flex_block_sparse_attention(
     """
     block_mask = pattern.regrouped(FLEX_TILE, (q.shape[0], q.shape[1])).block_mask(backward=q.requires_grad)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-        return compiled_flex_attention()(q, k, v, block_mask=block_mask)
+        return compiled_flex_attention()(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
 
 
 def masked_dense_attention(
@@ -320,33 +357,6 @@ def masked_dense_attention(
 ) -> torch.Tensor:
     """The same output as the Flex path through SDPA with the pattern's token mask (CPU, tests)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.dense_mask())
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` is ``flex`` on CUDA and ``masked`` elsewhere; unknown names are an error."""
-    if backend not in BACKENDS:
-        raise HarnessError(f"block-sparse backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "flex" if device.type == "cuda" else "masked"
-    return backend
-
-
-def block_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern, backend: str = "auto"
-) -> torch.Tensor:
-    """Attention restricted to ``pattern``: ``(B, H, N, D)`` in, ``(B, H, N, D)`` out.
-
-    ``backend``: ``flex`` (compiled FlexAttention), ``masked`` (SDPA with the dense token mask) or
-    ``auto`` (flex on CUDA, masked elsewhere).
-    """
-    if q.shape[-2] != pattern.seq_len or pattern.kept.shape[:2] not in ((1, 1), q.shape[:2]):
-        raise HarnessError(
-            f"pattern for {pattern.seq_len} tokens and (B, H) = {tuple(pattern.kept.shape[:2])} "
-            f"does not fit q of shape {tuple(q.shape)}"
-        )
-    if resolve_backend(backend, q.device) == "flex":
-        return flex_block_sparse_attention(q, k, v, pattern)
-    return masked_dense_attention(q, k, v, pattern)
 
 
 # -- selection of key blocks per query block ------------------------------------------------------

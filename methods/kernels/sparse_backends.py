@@ -1,0 +1,395 @@
+"""Block-sparse attention backends: a registry, and the choice of the fastest one that reproduces the output.
+
+Every backend runs a :class:`~methods.kernels.block_sparse.BlockSparsePattern` on q, k, v ``(B, H, N, D)``
+and declares what it needs (devices, dtypes, an optional package, the patterns it can run), the way
+diffusers' ``attention_dispatch`` registers its attention backends:
+
+    masked      SDPA with the pattern's dense token mask: the reference every other backend is checked against
+    flex        compiled FlexAttention, Flex's own tile and pipeline choice
+    flex-tuned  compiled FlexAttention with explicit Hopper tiles (:data:`HOPPER_FLEX_OPTIONS`)
+    flashinfer  FlashInfer's block-sparse wrappers: variable-size blocks (SVG2's clusters, its paper's kernel)
+                when the pattern carries them, else the pattern's own tiles; block-level patterns only
+
+``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex on CUDA,
+masked elsewhere) and ``measure`` (:func:`choose_backend`: every available backend once on the call's own
+inputs, the fastest whose output matches masked dense within :func:`tolerance`; cached per label, shape, dtype
+and block sizes for the process). :class:`BackendLog` records which backend each sequence length ran on.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from harness.errors import HarnessError
+from methods.kernels.block_sparse import (
+    BlockSparsePattern,
+    FlexKernelOptions,
+    block_lengths,
+    flex_block_sparse_attention,
+    masked_dense_attention,
+)
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockSparsePattern], torch.Tensor]
+#: Seconds per call of a thunk (warm-up included by the timer); injectable for tests.
+Timer = Callable[[Callable[[], Any], torch.device], float]
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+#: Forward tiles for Hopper (H100/H200, 228 KB shared memory per SM): 128 queries x 64 keys, 8 warps and 3
+#: stages keep a 128-dim head's q tile plus three k/v stages in shared memory. ``fwd_`` prefixes leave the
+#: backward on Flex's own choice. All four are documented FlexKernelOptions of torch 2.13.
+HOPPER_FLEX_OPTIONS: FlexKernelOptions = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8,  # type: ignore[typeddict-unknown-key]
+                                          "fwd_num_stages": 3}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One registered backend and what it needs.
+
+    Attributes:
+        name: the name users pass (``--param backend=NAME``).
+        run: ``(q, k, v, pattern) -> out``, all ``(B, H, N, D)``.
+        devices: device types it runs on.
+        dtypes: input dtypes it runs on.
+        package: module it imports (``None``: torch only).
+        refuses: ``pattern -> reason`` when it cannot run that pattern, else ``None``.
+    """
+
+    name: str
+    run: AttentionFn
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    package: str | None = None
+    refuses: Callable[[BlockSparsePattern], str | None] | None = None
+
+    def unavailable(self, q: torch.Tensor, pattern: BlockSparsePattern) -> str | None:
+        """Why this backend cannot run ``pattern`` on ``q`` here, or ``None`` when it can."""
+        if q.device.type not in self.devices:
+            return f"runs on {'/'.join(self.devices)}, not {q.device.type}"
+        if q.dtype not in self.dtypes:
+            return f"does not take {q.dtype}"
+        if self.package is not None and not package_importable(self.package):
+            return f"package {self.package!r} cannot be imported"
+        return None if self.refuses is None else self.refuses(pattern)
+
+
+REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(
+    name: str,
+    devices: tuple[str, ...] = ("cpu", "cuda"),
+    dtypes: tuple[torch.dtype, ...] = ALL_DTYPES,
+    package: str | None = None,
+    refuses: Callable[[BlockSparsePattern], str | None] | None = None,
+) -> Callable[[AttentionFn], AttentionFn]:
+    """Decorator: register ``fn(q, k, v, pattern)`` as backend ``name`` with its constraints."""
+
+    def register(fn: AttentionFn) -> AttentionFn:
+        REGISTRY[name] = Backend(name, fn, devices, dtypes, package, refuses)
+        return fn
+
+    return register
+
+
+@functools.cache
+def package_importable(module: str) -> bool:
+    """Whether ``import module`` works (cached: an import is tried once per process)."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # a broken install (missing CUDA libraries) counts as absent, as ImportError does
+        return False
+    return True
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name``; an unknown name is a :class:`HarnessError` listing the known ones."""
+    if name not in REGISTRY:
+        raise HarnessError(f"block-sparse backend must be one of {backend_names()}, got {name!r}")
+    return REGISTRY[name]
+
+
+def backend_names() -> tuple[str, ...]:
+    """What ``backend=`` accepts: ``auto``, ``measure`` and every registered backend."""
+    return ("auto", "measure", *REGISTRY)
+
+
+# -- the backends ---------------------------------------------------------------------------------
+
+#: Largest B x H x N x N the masked backend takes: its dense mask and fp32 scores grow as N^2 (Wan 1.3B 480p:
+#: 1.3e10 entries, 52 GB of scores per call), so at Wan scale it is only the sampled-row reference.
+MASKED_MAX_ENTRIES = 1 << 31
+
+
+def _masked_refuses(pattern: BlockSparsePattern) -> str | None:
+    entries = pattern.kept.shape[0] * pattern.kept.shape[1] * pattern.seq_len**2
+    if entries > MASKED_MAX_ENTRIES:
+        return f"dense N x N mask of {entries:.2e} entries (> {MASKED_MAX_ENTRIES:.2e}): reference on sampled rows only"
+    return None
+
+
+register_backend("masked", refuses=_masked_refuses)(masked_dense_attention)
+register_backend("flex")(flex_block_sparse_attention)
+
+
+@register_backend("flex-tuned")
+def tuned_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
+                         ) -> torch.Tensor:  # fmt: skip
+    """Compiled FlexAttention with :data:`HOPPER_FLEX_OPTIONS` (CPU inductor ignores the GPU tile options)."""
+    return flex_block_sparse_attention(q, k, v, pattern, HOPPER_FLEX_OPTIONS)
+
+
+def _flashinfer_refuses(pattern: BlockSparsePattern) -> str | None:
+    if pattern.variable is None and pattern.mask_mod is not None:
+        return "token-level pattern (partial tiles): FlashInfer's wrappers run whole blocks only"
+    return None
+
+
+_FLASHINFER_WORKSPACE_BYTES = 128 * 1024 * 1024  # the size FlashInfer's documentation recommends
+
+
+@register_backend("flashinfer", devices=("cuda",), dtypes=HALF_DTYPES, package="flashinfer",
+                  refuses=_flashinfer_refuses)  # fmt: skip
+def flashinfer_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                      pattern: BlockSparsePattern) -> torch.Tensor:  # fmt: skip
+    """FlashInfer's ``VariableBlockSparseAttentionWrapper`` over the pattern's blocks. ``(B, H, N, D)`` in and out.
+
+    Variable-size blocks (``pattern.variable``, SVG2's clusters) run as they are; a block-level pattern runs
+    its tiles as blocks of :func:`block_lengths` sizes (a ragged last block included). Every (batch, head)
+    is one FlashInfer head with its own block table, q/k/v in FlashInfer's HND layout
+    ``(heads, tokens, head_dim)``. Written from the documented ``plan(block_mask_map, block_row_sz,
+    block_col_sz, num_qo_heads, num_kv_heads, head_dim, ..., q_data_type, kv_data_type)`` and ``run(q, k, v)``
+    (docs.flashinfer.ai, flashinfer.sparse); needs ``flashinfer-python`` and CUDA, so it has never run on the
+    CPU machine this was written on: :func:`choose_backend` checks it against masked dense before using it.
+    Equal tiles also go through the variable wrapper: ``BlockSparseAttentionWrapper`` takes one BSR table
+    shared by all heads, and the methods' tables differ per head.
+    """
+    import flashinfer
+
+    batch, heads, tokens, dim = q.shape
+    if pattern.variable is not None:
+        kept, rows, cols = pattern.variable.kept, pattern.variable.row_sizes, pattern.variable.col_sizes
+    else:
+        q_block, kv_block = pattern.blocks
+        kept = pattern.kept
+        rows = block_lengths(tokens, q_block, q.device).expand(*kept.shape[:2], -1)
+        cols = block_lengths(tokens, kv_block, q.device).expand(*kept.shape[:2], -1)
+    groups = batch * heads
+    kept = kept.expand(batch, heads, -1, -1).reshape(groups, *kept.shape[-2:])
+    rows = rows.expand(batch, heads, -1).reshape(groups, -1).to(torch.int32)
+    cols = cols.expand(batch, heads, -1).reshape(groups, -1).to(torch.int32)
+    wrapper = flashinfer.sparse.VariableBlockSparseAttentionWrapper(_flashinfer_workspace(q.device))
+    wrapper.plan(
+        block_mask_map=kept.contiguous(),
+        block_row_sz=rows.contiguous(),
+        block_col_sz=cols.contiguous(),
+        num_qo_heads=groups,
+        num_kv_heads=groups,
+        head_dim=dim,
+        q_data_type=q.dtype,
+        kv_data_type=k.dtype,
+    )
+    out = wrapper.run(*(t.reshape(groups, tokens, dim).contiguous() for t in (q, k, v)))
+    return out.reshape(batch, heads, tokens, dim)
+
+
+@functools.cache
+def _flashinfer_workspace(device: torch.device) -> torch.Tensor:
+    return torch.empty(_FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+
+
+# -- choosing by measurement ------------------------------------------------------------------------
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest relative error (Frobenius, against masked dense in fp32) a backend's output may have.
+
+    2e-2 for 16-bit inputs (bf16's 8-bit mantissa over a softmax of thousands of keys), 1e-4 in fp32/fp64.
+    """
+    return 2e-2 if dtype in HALF_DTYPES else 1e-4
+
+
+def default_timer(fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    """Seconds per call of ``fn``, median of ``repeats`` after ``warmup`` calls: CUDA events on GPU,
+    ``time.perf_counter`` elsewhere."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return sorted(times)[len(times) // 2]
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend a call runs on and, when it was measured, every candidate's outcome.
+
+    ``report`` maps each candidate to ``{"error": relative error, "ms": time}`` or ``{"skipped": reason}``
+    (and the error when the output differed); empty when the backend was named, not measured.
+    """
+
+    name: str
+    report: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+#: Query rows the reference is computed on: all of them up to this many, else this many evenly spaced
+#: (Wan 14B 720p: 40 heads x 1,024 rows x 75,600 keys is 12 GB of fp32 scores instead of 914 GB).
+REFERENCE_ROWS = 1024
+
+
+def reference_rows(tokens: int, device: torch.device) -> torch.Tensor:
+    """The query rows :func:`choose_backend` checks: every row, or :data:`REFERENCE_ROWS` evenly spaced."""
+    if tokens <= REFERENCE_ROWS:
+        return torch.arange(tokens, device=device)
+    return torch.linspace(0, tokens - 1, REFERENCE_ROWS, device=device).round().long()
+
+
+def masked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
+                     rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Masked dense attention in fp32 for the query ``rows`` only: ``(B, H, len(rows), D)``."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        q[..., rows, :].float(), k.float(), v.float(), attn_mask=pattern.dense_mask(rows)
+    )
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def choose_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockSparsePattern,
+    candidates: tuple[str, ...] | None = None,
+    timer: Timer = default_timer,
+) -> BackendChoice:
+    """The fastest candidate whose output matches masked dense, with every candidate's error and time.
+
+    Each available candidate runs once on these inputs; those within :func:`tolerance` of masked dense
+    (in fp32, on :func:`reference_rows`) are timed with ``timer`` and the fastest wins. Unavailable ones (device, dtype,
+    package, pattern) and failing ones are reported as skipped with the reason. ``candidates``: ``None``
+    means every registered backend. Raises :class:`HarnessError` for an unknown name or when none matches.
+    """
+    names = tuple(REGISTRY) if candidates is None else candidates
+    backends = [get_backend(name) for name in names]
+    with torch.no_grad():
+        rows = reference_rows(q.shape[-2], q.device)
+        reference = masked_reference(q, k, v, pattern, rows)
+        report: dict[str, dict[str, Any]] = {}
+        timed: dict[str, float] = {}
+        for backend in backends:
+            reason = backend.unavailable(q, pattern)
+            if reason is not None:
+                report[backend.name] = {"skipped": reason}
+                continue
+            try:
+                error = _relative_error(backend.run(q, k, v, pattern)[..., rows, :], reference)
+            except Exception as exc:  # a kernel that cannot run these inputs is reported, not fatal
+                report[backend.name] = {"skipped": f"failed: {type(exc).__name__}: {str(exc)[:200]}"}
+                continue
+            if not math.isfinite(error):  # records are strict JSON: no NaN
+                report[backend.name] = {"skipped": "output not finite"}
+                continue
+            if error > tolerance(q.dtype):
+                report[backend.name] = {
+                    "error": error,
+                    "skipped": f"output differs from masked dense > {tolerance(q.dtype)}",
+                }
+                continue
+            seconds = timer(functools.partial(backend.run, q, k, v, pattern), q.device)
+            timed[backend.name] = seconds
+            report[backend.name] = {"error": error, "ms": seconds * 1e3}
+    if not timed:
+        raise HarnessError(f"no block-sparse backend reproduced masked dense: {report}")
+    return BackendChoice(min(timed, key=timed.__getitem__), report)
+
+
+_CHOICES: dict[tuple[Any, ...], BackendChoice] = {}
+
+
+def measured_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
+                     label: str = "") -> BackendChoice:  # fmt: skip
+    """:func:`choose_backend` once per (label, shape, dtype, device, block sizes, variable blocks) per process."""
+    key = (label, tuple(q.shape), q.dtype, q.device.type, pattern.blocks, pattern.variable is not None)
+    if key not in _CHOICES:
+        _CHOICES[key] = choose_backend(q, k, v, pattern)
+    return _CHOICES[key]
+
+
+def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
+                   backend: str = "auto", label: str = "") -> BackendChoice:  # fmt: skip
+    """The backend ``backend`` names for this call: ``auto`` is flex on CUDA and masked elsewhere, ``measure``
+    is :func:`measured_backend`, any other name must be registered and able to run this call (else
+    :class:`HarnessError` saying why)."""
+    if backend == "measure":
+        return measured_backend(q, k, v, pattern, label)
+    if backend == "auto":
+        return BackendChoice("flex" if q.device.type == "cuda" else "masked")
+    reason = get_backend(backend).unavailable(q, pattern)
+    if reason is not None:
+        raise HarnessError(f"block-sparse backend {backend!r} cannot run this call: {reason}")
+    return BackendChoice(backend)
+
+
+def _check_fits(q: torch.Tensor, pattern: BlockSparsePattern) -> None:
+    if q.shape[-2] != pattern.seq_len or pattern.kept.shape[:2] not in ((1, 1), q.shape[:2]):
+        raise HarnessError(
+            f"pattern for {pattern.seq_len} tokens and (B, H) = {tuple(pattern.kept.shape[:2])} "
+            f"does not fit q of shape {tuple(q.shape)}"
+        )
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
+                           backend: str = "auto", label: str = "") -> torch.Tensor:  # fmt: skip
+    """Attention restricted to ``pattern``: ``(B, H, N, D)`` in, ``(B, H, N, D)`` out, on the backend
+    :func:`select_backend` gives (``label`` keys the ``measure`` cache, e.g. the method's name)."""
+    _check_fits(q, pattern)
+    return get_backend(select_backend(q, k, v, pattern, backend, label).name).run(q, k, v, pattern)
+
+
+class BackendLog:
+    """Runs a method's block-sparse calls on its ``backend`` setting and records the backend per sequence length.
+
+    ``params()`` gives ``backend_used`` ``{tokens: name}`` and, for measured choices, ``backend_report``
+    ``{tokens: {backend: {"error", "ms"} or {"skipped"}}}``: what run records and ``bench latency`` carry.
+    """
+
+    def __init__(self, backend: str, label: str) -> None:
+        if backend not in backend_names():
+            raise HarnessError(f"block-sparse backend must be one of {backend_names()}, got {backend!r}")
+        self.backend, self.label = backend, label
+        self._used: dict[int, BackendChoice] = {}
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
+                  ) -> torch.Tensor:  # fmt: skip
+        _check_fits(q, pattern)
+        choice = select_backend(q, k, v, pattern, self.backend, self.label)
+        self._used[q.shape[-2]] = choice
+        return get_backend(choice.name).run(q, k, v, pattern)
+
+    def params(self) -> dict[str, Any]:
+        used = sorted(self._used.items())
+        out: dict[str, Any] = {"backend_used": {str(tokens): choice.name for tokens, choice in used}}
+        reports = {str(tokens): choice.report for tokens, choice in used if choice.report}
+        if reports:
+            out["backend_report"] = reports
+        return out
