@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness.benchmarks.children import child_pids, process_fields
+
 
 def torchrun(args: list[object]) -> list[str]:
     """The command line of ``torchrun --nproc-per-node 2 -m harness.cli ARGS`` (this Python, standalone)."""
@@ -28,28 +30,11 @@ def run_two_ranks(args: list[object]) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def _stat(pid: int) -> list[str]:
-    """Fields of /proc/PID/stat after the command name: state, ppid, ..."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
 def _state(pid: int) -> str:
     try:
-        return _stat(pid)[0]
+        return process_fields(pid)[0]
     except OSError:
         return "gone"
-
-
-def _children(parent: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int(_stat(int(entry.name))[1]) == parent:
-                    children.append(int(entry.name))
-            except OSError:
-                continue
-    return children
 
 
 def kill_after_first_checkpoint(args: list[object], out: Path, steps: int) -> None:
@@ -62,7 +47,7 @@ def kill_after_first_checkpoint(args: list[object], out: Path, steps: int) -> No
         while not meta.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        ranks = _children(process.pid)  # torchrun starts its workers in sessions of their own
+        ranks = child_pids(process.pid)  # torchrun starts its workers in sessions of their own
         for pid in [process.pid, *ranks]:
             os.kill(pid, signal.SIGKILL)
         process.wait()

@@ -12,6 +12,7 @@ import ctypes
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
@@ -26,3 +27,21 @@ def spawn(command: list[str], stdout: IO[Any] | int | None = None, stderr: IO[An
     """``subprocess.Popen(command, ...)`` (an argument list, no shell) whose process ends when the caller's does."""
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     return subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, preexec_fn=preexec)
+
+
+def process_fields(pid: int) -> list[str]:
+    """Fields of ``/proc/PID/stat`` after the command name (state, parent PID, ...); OSError once it is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def child_pids(parent: int) -> list[int]:
+    """PIDs of ``parent``'s children (torchrun's workers), from /proc (Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(process_fields(int(entry.name))[1]) == parent:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from harness.atomic import write_json_atomic
-from harness.benchmarks.children import spawn
+from harness.benchmarks.children import child_pids, spawn
 
 RUNS = ("gen", "train", "kill")
 LOSS_TOLERANCE = 1e-2  # per-step relative difference of the losses, N ranks vs one rank with accumulation N (bf16)
@@ -138,20 +138,6 @@ def generation(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _children(parent: int) -> list[int]:
-    """PIDs whose parent is ``parent`` (torchrun's workers), from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent:
-                found.append(int(entry.name))
-    return found
-
-
 def _meta(out: Path) -> dict[str, Any]:
     from harness.checkpoints import TRAINING_META
 
@@ -219,7 +205,7 @@ def _kill_one_rank_after_first_checkpoint(command: list[str], out: Path, args: a
         deadline = time.monotonic() + args.kill_timeout_s
         while not (out / TRAINING_META).exists() and launcher.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        workers = _children(launcher.pid)
+        workers = child_pids(launcher.pid)
         if launcher.poll() is not None or not workers:
             raise RuntimeError(f"the run ended before a rank could be killed (exit {launcher.poll()}); see kill.log")
         os.kill(workers[-1], signal.SIGKILL)
