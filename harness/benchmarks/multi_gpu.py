@@ -48,6 +48,7 @@ from harness.atomic import write_json_atomic
 from harness.benchmarks.children import child_pids, spawn
 
 RUNS = ("gen", "train", "kill")
+TRAIN_PROMPTS = "train_prompts.txt"  # under --work: the first two of PROMPTS, written once per command
 LOSS_TOLERANCE = 1e-2  # per-step relative difference of the losses, N ranks vs one rank with accumulation N (bf16)
 # Plain scene descriptions: random weights draw noise whatever the text, but the text encoder still runs on them.
 PROMPTS = (
@@ -109,9 +110,9 @@ def generation(args: argparse.Namespace) -> dict[str, Any]:
     if args.frames:
         spec += ["--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width)]
     single_dir, sharded_dir = args.work / "gen_1", args.work / f"gen_{args.nproc}"
-    device = "cuda" if args.device == "cuda" else args.device
-    single_s = _step("gen_1", _bench(args, *spec, "--device", device, "--runs-dir", str(single_dir)), args)
-    sharded_s = _step(f"gen_{args.nproc}", _bench(args, *spec, "--device", device, "--runs-dir", str(sharded_dir),
+    single_s = _step("gen_1", _bench(args, *spec, "--device", args.device, "--runs-dir", str(single_dir)), args)
+    sharded_s = _step(f"gen_{args.nproc}", _bench(args, *spec, "--device", args.device, "--runs-dir",
+                                                  str(sharded_dir),
                                                   ranks=args.nproc), args)  # fmt: skip
     single, sharded = _record(single_dir), _record(sharded_dir)
     differences = _frame_differences(single, single_dir, sharded, sharded_dir)
@@ -146,16 +147,13 @@ def _meta(out: Path) -> dict[str, Any]:
 
 def _train_command(args: argparse.Namespace, out: Path, ranks: int, steps: int) -> list[str]:
     """``bench train --method linvideo`` at batch 1 per rank and a global batch of ``args.nproc`` on ``ranks``."""
-    prompts = args.work / "train_prompts.txt"
-    prompts.parent.mkdir(parents=True, exist_ok=True)
-    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
     weights = ("--weights", "random") if args.model in ("wan1.3b", "wan14b") else ()
     options = ["train", "--method", "linvideo", "--model", args.model, *weights, "--target-layers",
                str(args.target_layers), "--steps", str(steps), "--batch-size", "1", "--accumulation",
-               str(args.nproc // ranks), "--prompt-file", str(prompts), "--sampler-steps", "4", "--store",
-               str(args.work / "store"), "--collect-batch", "1", "--fsdp", "on", "--activation-checkpointing",
-               "--checkpoint-every", str(args.checkpoint_every), "--device", args.device, "--no-progress",
-               "--out", str(out)]  # fmt: skip
+               str(args.nproc // ranks), "--prompt-file", str(args.work / TRAIN_PROMPTS), "--sampler-steps", "4",
+               "--store", str(args.work / "store"), "--collect-batch", "1", "--fsdp", "on",
+               "--activation-checkpointing", "--checkpoint-every", str(args.checkpoint_every), "--device", args.device,
+               "--no-progress", "--out", str(out)]  # fmt: skip
     return _bench(args, *options, ranks=ranks)
 
 
@@ -283,6 +281,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     from harness.environment import capture_environment
 
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / TRAIN_PROMPTS).write_text("\n".join(PROMPTS[:2]) + "\n")
     path = args.out / "multi_gpu.json"
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     result.update({"nproc": args.nproc, "model": args.model, "args": {k: str(v) for k, v in vars(args).items()},
