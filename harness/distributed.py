@@ -63,15 +63,19 @@ def current_ranks() -> Ranks:
 
 
 def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
-    """Under torchrun a bare ``cuda`` means this rank's own GPU (``cuda:LOCAL_RANK``)."""
-    if ranks.sharded and device.type == "cuda" and device.index is None:
-        if ranks.local_rank >= torch.cuda.device_count():
-            raise HarnessError(
-                f"LOCAL_RANK {ranks.local_rank} but only {torch.cuda.device_count()} GPU(s): "
-                "start at most one process per GPU (torchrun --nproc-per-node)"
-            )
-        return torch.device("cuda", ranks.local_rank)
-    return device
+    """The indexed device this process computes on: under torchrun a bare ``cuda`` means this rank's own GPU
+    (``cuda:LOCAL_RANK``), in one process the current GPU (``cuda:0`` unless set otherwise). Every CUDA device
+    leaves here with an index, since NCCL's ``init_process_group(device_id=...)`` refuses one without."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    if not ranks.sharded:
+        return torch.device("cuda", torch.cuda.current_device())
+    if ranks.local_rank >= torch.cuda.device_count():
+        raise HarnessError(
+            f"LOCAL_RANK {ranks.local_rank} but only {torch.cuda.device_count()} GPU(s): "
+            "start at most one process per GPU (torchrun --nproc-per-node)"
+        )
+    return torch.device("cuda", ranks.local_rank)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import Crash, count_samples, invoke_cli, records_in
 
-from harness.distributed import Ranks, current_ranks
+from harness.distributed import Ranks, current_ranks, rank_device
 from harness.errors import HarnessError
 from harness.eval.run_suites import load_frames
 
@@ -33,6 +33,17 @@ def test_inconsistent_torchrun_environment_is_rejected(monkeypatch: pytest.Monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(HarnessError, match="inconsistent torchrun environment"):
         current_ranks()
+
+
+@pytest.mark.parametrize(("ranks", "expected"), [(Ranks(), "cuda:0"), (Ranks(1, 2, 1), "cuda:1")])
+def test_a_bare_cuda_device_leaves_with_an_index(monkeypatch: pytest.MonkeyPatch, ranks: Ranks, expected: str) -> None:
+    """NCCL's init_process_group(device_id=...) refuses ``cuda`` without an index (found on the H200 with
+    train_fsdp_gpu in one process): one process gets the current GPU, a rank its LOCAL_RANK's."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert rank_device(torch.device("cuda"), ranks) == torch.device(expected)
+    assert rank_device(torch.device("cuda", 1), ranks) == torch.device("cuda", 1)
+    assert rank_device(torch.device("cpu"), ranks) == torch.device("cpu")
 
 
 def _torchrun(args: list[str], ranks: int) -> subprocess.CompletedProcess[str]:
