@@ -110,6 +110,8 @@ def test_interrupted_run_resumes_bit_identically(tmp_path: Path) -> None:
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
     logs = [json.loads((tmp_path / run / "training_state.json").read_text()) for run in ("straight", "resumed")]
     assert logs[0]["losses"] == logs[1]["losses"] and set(logs[0]["losses"][0]) == {"objective", "penalty", "total"}
+    assert len(logs[1]["step_seconds"]) == 6, "one wall time per step, kept across the resume"
+    assert all(seconds > 0 for seconds in logs[1]["step_seconds"])
 
 
 def test_resume_refuses_another_experiment_and_another_global_batch(tmp_path: Path) -> None:

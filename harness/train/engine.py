@@ -50,6 +50,9 @@ class Run:
     step: int = 0
     seconds: float = 0.0
     losses: list[dict[str, float]] = field(default_factory=list)
+    # Wall seconds of each step, its update and after-step hook (not a checkpoint's save); a step that ends at a
+    # sync point (every step at sync_every 1) includes the device's work, the others only their launches.
+    step_seconds: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     console: Any = None  # rich console of the progress display (lead rank)
     peak_gib_per_rank: list[float] | None = None  # CUDA peaks at the last checkpoint, in rank order
@@ -65,6 +68,7 @@ class Run:
 
     def record(self, config: Any, task_log: dict[str, Any]) -> dict[str, Any]:
         return {"config": asdict(config), "step": self.step, "seconds": self.seconds, "losses": self.losses,
+                "step_seconds": self.step_seconds,
                 "layout": {**self.layout.record(), "shards": self.layout.shard_count}, "task": task_log,
                 "notes": self.notes, "peak_gib_per_rank": self.peak_gib_per_rank}  # fmt: skip
 
@@ -109,6 +113,7 @@ def run(task: Task, show_progress: bool = True) -> Path:
         if meta is not None:
             note = checkpoint.load(task.out, meta, container, list(optimizers.values()), shards)
             state.step, state.seconds, state.losses = meta["step"], meta["seconds"], meta["losses"]
+            state.step_seconds = meta.get("step_seconds", [])
             state.notes = [*meta.get("notes", []), *([note] if note else [])]
             task.log = meta["task"]
         data = [task.data(shard, state.step) for shard in shards]
@@ -180,7 +185,7 @@ def _loop(task: Task, state: Run, groups: list[Group], optimizers: dict[str, tor
         bar = progress.add_task("train", total=config.steps, completed=state.step, info="")
         started, first_step, resumed_at = time.time() - state.seconds, state.step, time.time()
         while state.step < config.steps:
-            step = state.step
+            step, step_started = state.step, time.perf_counter()
             for group in groups:
                 for param_group in optimizers[group.name].param_groups:
                     param_group["lr"] = group.lr * lr_factor(group, step, config.steps)
@@ -194,6 +199,7 @@ def _loop(task: Task, state: Run, groups: list[Group], optimizers: dict[str, tor
                 pending.clear()
             state.step += 1
             task.after_step(state.step, state)
+            state.step_seconds.append(time.perf_counter() - step_started)
             if state.losses and len(state.losses) == state.step:
                 info = " ".join(f"{key} {value:.4g}" for key, value in state.losses[-1].items())
                 progress.update(bar, completed=state.step, info=info)
