@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.distributed import visible_gpus
 from harness.errors import HarnessError
 from harness.records import write_record
 
@@ -140,6 +141,16 @@ def _train_in_worker(request: TrainRequest, threads: int) -> Path:
     return train(dataclasses.replace(request, show_progress=False))
 
 
+def spread_over_gpus(requests: list[TrainRequest]) -> list[TrainRequest]:
+    """The requests on a bare ``cuda`` (or ``auto``) dealt round-robin over every visible GPU (``cuda:N``); others
+    unchanged. A launch-bound toy training keeps one GPU busy only in part, so concurrent ones use them all."""
+    gpus = visible_gpus(requests[0].device) if requests else []
+    if not gpus:
+        return requests
+    return [dataclasses.replace(request, device=f"cuda:{gpus[index % len(gpus)]}")
+            for index, request in enumerate(requests)]  # fmt: skip
+
+
 def train_all(requests: list[TrainRequest], jobs: int, show_progress: bool = True) -> list[Path]:
     """Train every request (``jobs`` at a time, in spawned processes when > 1); returns their checkpoints.
 
@@ -155,6 +166,7 @@ def train_all(requests: list[TrainRequest], jobs: int, show_progress: bool = Tru
         return [train(request) for request in requests]
     collect_trajectories(requests[0])
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    requests = spread_over_gpus(requests)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used from a forked process
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool, Progress(disable=not show_progress) as bar:
         futures = [pool.submit(_train_in_worker, request, threads) for request in requests]

@@ -78,6 +78,14 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
     return torch.device("cuda", ranks.local_rank)
 
 
+def visible_gpus(device: str) -> list[int]:
+    """The GPUs that independent jobs on ``device`` are spread over: every visible one for a bare ``cuda`` (or
+    ``auto`` where CUDA is available), none for ``cpu`` or a named ``cuda:N``, which keep every job on it."""
+    if device not in ("cuda", "auto") or not torch.cuda.is_available():
+        return []
+    return list(range(torch.cuda.device_count()))
+
+
 @contextmanager
 def rank_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
     """The process group of a sharded run (NCCL on GPUs, Gloo on CPU); nothing outside torchrun.

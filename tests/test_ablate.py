@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import Invoke, normalise, records_in
 
-from harness.ablate import expand_axes, plan, train_all, variants
+from harness.ablate import expand_axes, plan, spread_over_gpus, train_all, variants
 from harness.models.toy import ToyModel
 from harness.training import TrainRequest
 from methods.linvideo import train as linvideo_train
@@ -63,6 +64,21 @@ def test_parallel_training_matches_sequential(tmp_path: Path) -> None:
         first, second = (json.loads((path / "spec.json").read_text()) for path in (a, b))
         assert first["linear_layers"] == second["linear_layers"]
         assert first["final_r"] == pytest.approx(second["final_r"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"), [("cuda", ["cuda:0", "cuda:1", "cuda:0"]), ("cuda:1", ["cuda:1"] * 3), ("cpu", ["cpu"] * 3)]
+)
+def test_concurrent_variants_are_dealt_over_the_visible_gpus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, device: str, expected: list[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    requests = [TrainRequest(model="toy", weights="builtin", prompts=None, prompt_count=2, device=device,
+                             config=LinVideoTrainConfig(target_layers=4, steps=2), out=tmp_path / str(index),
+                             store=tmp_path / "store", show_progress=False)
+                for index in range(3)]  # fmt: skip
+    assert [request.device for request in spread_over_gpus(requests)] == expected
 
 
 def test_unknown_axis_suggests_the_closest(bench: Invoke, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import Crash, count_samples, invoke_cli, records_in
 
-from harness.distributed import Ranks, current_ranks, rank_device
+from harness.distributed import Ranks, current_ranks, rank_device, visible_gpus
 from harness.errors import HarnessError
 from harness.eval.run_suites import load_frames
 
@@ -108,3 +108,12 @@ def test_frames_per_rank_load_as_one_mapping(tmp_path: Path) -> None:
     save_file({"b": torch.ones(1, dtype=torch.uint8)}, str(tmp_path / "f1.safetensors"))
     record = {"artifacts": {"frames": ["f0.safetensors", "f1.safetensors"]}}
     assert sorted(load_frames(record, tmp_path)) == ["a", "b"]
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cuda", [0, 1]), ("auto", [0, 1]), ("cuda:1", []), ("cpu", [])])
+def test_independent_jobs_spread_over_every_visible_gpu_only_for_a_bare_cuda(
+    monkeypatch: pytest.MonkeyPatch, device: str, expected: list[int]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert visible_gpus(device) == expected

@@ -1,4 +1,4 @@
-"""Issue 20's toy experiments E1-E3 on one GPU: concurrent trainings, each sampled beside dense, tabulated.
+"""Issue 20's toy experiments E1-E3: concurrent trainings, each sampled beside dense, tabulated.
 
 - E1 (the decisive one): layers [0, 1, 2, 6] fixed linear; ADM with kappa in {1, 0.3, 0.1, 0.02} under uniform and
   analytic weighting, and MSE, on the same layers (9 trainings). kappa -> 0 is mathematically MSE: kappa = 0.02
@@ -14,7 +14,8 @@
   ``--e3-every`` steps with :mod:`methods.linvideo.diagnostics` (ADM-vs-MSE gradient cosine, cosine of the student's
   velocity errors at s and at the landing time, velocity error per sampler time, the last included).
 
-Every training is a ``bench train`` process (E3: this module's ``e3-train``) sharing the GPU (the toy is
+Every training is a ``bench train`` process (E3: this module's ``e3-train``) that sees one GPU, the one running the
+fewest of them when it starts (every visible GPU is used; several trainings share each, since the toy is
 launch-bound: an H100 ran 8-13 such trainings at 0.33-0.44 s/step, MSE ~0.22); each finished conversion is sampled
 with ``bench run --model toy --method linvideo --checkpoint DIR --device cuda`` on the 64 held-out prompts beside
 dense (``--method sdpa``) in the same cohort. All training prompts come from one file (1,024 prompts of the toy's
@@ -51,6 +52,7 @@ import torch
 
 from harness.atomic import write_json_atomic
 from harness.benchmarks.children import spawn
+from harness.distributed import visible_gpus
 
 EXPERIMENTS = ("e1", "e1b", "e2", "e3")
 NO_CLIP = "1e9"  # --grad-clip: a norm no toy gradient reaches
@@ -235,11 +237,16 @@ class Job:
     log: Path
     process: subprocess.Popen[bytes] | None = None
     returncode: int | None = None
+    gpu: int | None = None  # the one GPU it sees (CUDA_VISIBLE_DEVICES), when the trials spread over several
 
-    def start(self) -> None:
+    def start(self, jobs: dict[str, Job], gpus: list[int]) -> None:
+        """Start it on the GPU of ``gpus`` that runs the fewest of ``jobs`` now (none given: where it is told)."""
+        running = [job.gpu for job in jobs.values() if job.process is not None and job.poll() is None]
+        self.gpu = min(gpus, key=running.count) if gpus else None
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(self.gpu)} if self.gpu is not None else None
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log, self.log.with_suffix(".out").open("wb") as out:
-            self.process = spawn(self.command, stdout=out, stderr=log)
+            self.process = spawn(self.command, stdout=out, stderr=log, env=env)
 
     def poll(self) -> int | None:
         if self.process is not None and self.returncode is None:
@@ -443,14 +450,14 @@ def advance(jobs: dict[str, Job], fine_of: dict[str, bool], args: argparse.Names
     running = sum(job.process is not None and job.poll() is None for job in jobs.values())
     for key in [key for key in fine_of if jobs[key].process is None]:
         if jobs[f"collect_{_grid(fine_of[key])}"].poll() == 0 and (not args.max_jobs or running < args.max_jobs):
-            jobs[key].start()
+            jobs[key].start(jobs, args.gpus)
             running += 1
     for key in [key for key in fine_of if jobs[key].poll() == 0 and "sample_" + key[len("train_") :] not in jobs]:
         experiment, name = key[len("train_") :].split("_", 1)
         sample = "sample_" + key[len("train_") :]
         jobs[sample] = Job(sample, sample_command(args.work / experiment / name, fine_of[key], args),
                            jobs[key].log.with_name(f"{sample}.log"))  # fmt: skip
-        jobs[sample].start()
+        jobs[sample].start(jobs, args.gpus)
     failed_store = {fine for fine in set(fine_of.values()) if jobs[f"collect_{_grid(fine)}"].poll() not in (0, None)}
     return [key for key, job in jobs.items() if (job.process is None or job.poll() is None)
             and not (key in fine_of and job.process is None and fine_of[key] in failed_store)]  # fmt: skip
@@ -460,6 +467,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     from harness.models.toy import ToyModel
 
     started = time.time()
+    args.gpus = visible_gpus(args.device)  # every job sees one GPU; a launch-bound toy leaves each GPU room for many
     args.work.mkdir(parents=True, exist_ok=True)
     prompts = args.work / "prompts.txt"
     if not prompts.exists():
@@ -484,7 +492,7 @@ def orchestrate(args: argparse.Namespace) -> int:
           f"~{per_step} s/step", flush=True)  # fmt: skip
     for job in jobs.values():
         if job.key.startswith(("collect", "sample_dense")):
-            job.start()
+            job.start(jobs, args.gpus)
     reported = 0.0
     while (pending := advance(jobs, fine_of, args)) and time.time() - started < args.deadline_s:
         if time.time() - started - reported > 30:
