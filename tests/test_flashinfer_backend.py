@@ -6,6 +6,8 @@ The stand-in follows flashinfer-python 0.6.18.post1's ``VariableBlockSparseAtten
 ``(kv_heads, kv_len, D)`` and returns ``(qo_heads, qo_len, D)`` at softmax scale ``1/sqrt(D)``. It checks
 every argument against that contract and computes the attention it describes, so the backend's output must
 equal masked dense on the same pattern: a wrong head order, layout or block size shows as a large error.
+Where flashinfer is installed, two more tests hold the stand-in to its signatures and run its own plan()/run()
+Python on our arguments with only the CUDA module replaced.
 """
 
 from __future__ import annotations
@@ -175,3 +177,47 @@ def test_the_stand_in_has_the_installed_flashinfer_signatures() -> None:
         ours = list(inspect.signature(getattr(StandInVariableWrapper, method)).parameters.values())
         theirs = list(inspect.signature(getattr(real, method)).parameters.values())
         assert [(p.name, p.default) for p in ours] == [(p.name, p.default) for p in theirs[: len(ours)]], method
+
+
+class PagedRunReference:
+    """FlashInfer's batch-prefill module as the variable wrapper drives it (page size 1): request ``i``'s queries
+    ``q[qo_indptr[i]:qo_indptr[i + 1]]`` attend the keys ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``."""
+
+    def plan(self, *args: Any) -> list[int]:
+        return []
+
+    def paged_run(self, float_workspace: torch.Tensor, int_workspace: torch.Tensor, plan_info: list[int],
+                  q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+                  kv_indices: torch.Tensor, last_page_len: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
+                  mask_mode: int, layout: int, window_left: int, enable_pdl: bool, *params: Any) -> None:  # fmt: skip
+        sm_scale = params[7]
+        assert sm_scale == pytest.approx(q.shape[-1] ** -0.5) and k.shape[1:3] == (1, 1)
+        for i in range(len(qo_indptr) - 1):
+            rows, keys = slice(qo_indptr[i], qo_indptr[i + 1]), kv_indices[kv_indptr[i] : kv_indptr[i + 1]].long()
+            scores = q[rows].float() @ k[keys, 0, 0].float().T * sm_scale  # (rows, group, keys)
+            out[rows] = (scores.softmax(-1) @ v[keys, 0, 0].float()).to(out.dtype)
+
+
+def test_the_installed_flashinfer_python_side_runs_our_arguments_to_masked_dense(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where flashinfer is installed: its own plan()/run() Python (block table to token indices, HND to its
+    kernel layout and back) on our arguments, with the CUDA module replaced by :class:`PagedRunReference`,
+    reproduces masked dense on ragged tiles and on SVG2 clusters with an empty one."""
+    pytest.importorskip("flashinfer")
+    import flashinfer.sparse as fi_sparse
+
+    from harness.benchmarks.sparse_gpu import backend_check_patterns
+
+    on_cpu = types.ModuleType("torch_on_cpu")
+    on_cpu.__getattr__ = lambda name: getattr(torch, name)  # type: ignore[method-assign]
+    on_cpu.empty = lambda *args, pin_memory=False, **kwargs: torch.empty(*args, **kwargs)  # type: ignore[attr-defined]
+    on_cpu.cuda = types.SimpleNamespace(synchronize=lambda: None)  # type: ignore[attr-defined]
+    monkeypatch.setattr(fi_sparse, "torch", on_cpu)
+    monkeypatch.setattr(fi_sparse, "determine_attention_backend", lambda *args, **kwargs: "fa3")
+    monkeypatch.setattr(fi_sparse, "get_batch_prefill_module", lambda *args: PagedRunReference())
+    monkeypatch.setattr(fi_sparse, "device_support_pdl", lambda device: False)
+    q, k, v = qkv(2, 3, 200)
+    for pattern in backend_check_patterns(2, 3, 200, (16, 32), torch.device("cpu")).values():
+        out = flashinfer_block_sparse_attention(q, k, v, pattern)
+        assert relative_error(out, q, k, v, pattern) <= tolerance(q.dtype)
