@@ -1,5 +1,8 @@
 """Sparse baselines on the GPU: Flex against masked dense, then attention and transformer latency.
 
+0. Backends named by ``--backends`` (e.g. flashinfer): each must import and reproduce masked dense on two
+   small patterns (tiles with ragged last blocks, query and key blocks unequal; SVG2-style clusters with an
+   empty one), else the script stops with the reason before anything else runs.
 1. Correctness (fresh random inputs, 8 x 16 x 32 = 4,096 tokens, 12 heads x 128): for every method,
    one plan executed twice -- compiled FlexAttention in bf16 and the masked dense path in fp32 --
    relative error within bf16 tolerance. A failing method is not timed.
@@ -19,6 +22,7 @@ iterations (warm-up), and the 14B forwards (about 12 s dense) get 1 warm-up and 
 Use ``--models wan1.3b`` for a 1-2 minute run.
 
     python -m harness.benchmarks.sparse_gpu --out reports/gpu/sparse
+    python -m harness.benchmarks.sparse_gpu --out /tmp/x --backends flashinfer --check-only --methods svg2
     python -m harness.benchmarks.sparse_gpu --out /tmp/x --device cpu --models wan-tiny   # smoke test
 """
 
@@ -37,12 +41,16 @@ from harness.latency import measure
 from harness.latency_run import LatencyRequest, run_latency, save_latency
 from harness.models.base import MODELS
 from methods import METHODS, AttentionContext, TokenGrid, build_method
-from methods.kernels.sparse_backends import BackendLog
+from methods.kernels.block_sparse import BlockSparsePattern, num_blocks
+from methods.kernels.sparse_backends import BackendLog, choose_backend, get_backend
 from methods.sparse import BlockSparseMethod, SparsePlan
 
 BF16_RELATIVE_TOLERANCE = 2e-2
 CHECK_GRID = {"cuda": TokenGrid(8, 16, 32), "cpu": TokenGrid(4, 8, 8)}
 CHECK_HEADS_DIM = {"cuda": (12, 128), "cpu": (2, 32)}
+#: Backend check: (batch, heads, tokens, head_dim) and (query block, key block); 1,000 tokens leave ragged
+#: last blocks. On CUDA bf16 with head_dim 128, the dtype and head size of every Wan call (one FlashInfer JIT module).
+BACKEND_CHECK_SHAPE = {"cuda": ((2, 6, 1000, 128), (64, 128)), "cpu": ((1, 2, 200, 32), (16, 32))}
 FORWARD_REPEATS = {"wan14b": (1, 2)}  # (warm-up, repeats); others (2, 3)
 KERNEL_REPEATS = (2, 5)
 RANDOM_DENSITY_NOTE = "data-dependent: density measured on random inputs, not representative of real videos"
@@ -99,6 +107,56 @@ def check_flex(name: str, device: torch.device, grid: TokenGrid, heads: int, dim
             "tile_density": tile_density}  # fmt: skip
 
 
+def backend_check_patterns(batch: int, heads: int, tokens: int, blocks: tuple[int, int], device: torch.device
+                           ) -> dict[str, BlockSparsePattern]:  # fmt: skip
+    """Two random patterns per (batch, head) that every query sees a key of: ``tiles`` (block level, unequal
+    query and key blocks) and ``clusters`` (SVG2's own constructor over 8 clusters of random sizes, one empty)."""
+    from methods.svg2 import cluster_pair_pattern
+
+    kept = torch.rand(batch, heads, num_blocks(tokens, blocks[0]), num_blocks(tokens, blocks[1]), device=device) < 0.3
+    kept[..., 0] = True
+    sizes = []
+    for _ in range(2):  # query clusters, key clusters
+        weights = torch.rand(batch, heads, 8, device=device) + 0.5  # every cluster over 1/15 of the tokens ...
+        weights[..., 3] = 0  # ... but one empty, as k-means leaves them
+        size = (weights / weights.sum(-1, keepdim=True) * tokens).long()
+        size[..., 0] += tokens - size.sum(-1)  # the rounding
+        sizes.append(size)
+    labels = [torch.stack([torch.stack([torch.arange(8, device=device).repeat_interleave(s) for s in row])
+                           for row in size]) for size in sizes]  # fmt: skip
+    keep = torch.rand(batch, heads, 8, 8, device=device) < 0.4
+    keep[..., 0] = True
+    return {"tiles": BlockSparsePattern(kept, tokens, blocks),
+            "clusters": cluster_pair_pattern(keep, *sizes, *labels, block=blocks[1])}  # fmt: skip
+
+
+def check_backends(names: list[str], device: torch.device) -> dict[str, Any]:
+    """Each named backend against masked dense on :func:`backend_check_patterns` (fresh random q, k, v).
+
+    Returns ``{"passed", "failure", "patterns": {pattern: {backend: {"error", "ms"} or {"skipped"}}}}``;
+    ``failure`` is the first reason a backend cannot run here (its package, the device) or does not match, else
+    ``None``. Raises :class:`HarnessError` for an unknown backend name.
+    """
+    for name in names:
+        get_backend(name)
+    (batch, heads, tokens, dim), blocks = BACKEND_CHECK_SHAPE[device.type]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(batch, heads, tokens, dim, device=device, dtype=dtype) for _ in range(3))
+    patterns: dict[str, dict[str, Any]] = {}
+    failure = None
+    for kind, pattern in backend_check_patterns(batch, heads, tokens, blocks, device).items():
+        # masked dense runs beside each backend, so a mismatch is reported in the outcome rather than raised
+        reports = {name: choose_backend(q, k, v, pattern, tuple(dict.fromkeys((name, "masked")))).report[name]
+                   for name in names}  # fmt: skip
+        patterns[kind] = reports
+        for name, outcome in reports.items():
+            detail = outcome["skipped"] if "skipped" in outcome else f"relative error {outcome['error']:.2e}"
+            print(f"backend {name:>10} on {kind:>8}: {'ok' if 'ms' in outcome else 'FAILED'} ({detail})", flush=True)
+            if "skipped" in outcome and failure is None:
+                failure = f"backend {name!r} on {kind}: {outcome['skipped']}"
+    return {"passed": failure is None, "failure": failure, "patterns": patterns}
+
+
 def measure_backends(method: BlockSparseMethod, plan: SparsePlan, q: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor) -> dict[str, Any]:  # fmt: skip
     """Every backend's error against masked dense and time on this plan, and the one ``measure`` chooses."""
@@ -149,6 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with wan-tiny)")
     parser.add_argument("--models", default="wan1.3b,wan14b", help="comma-separated models (random weights)")
     parser.add_argument("--methods", default="", help="comma-separated sparse methods (default: every registered)")
+    parser.add_argument("--backends", default="",
+                        help="comma-separated block-sparse backends that must run here (e.g. flashinfer): checked "
+                             "against masked dense first; the script stops with the reason if one cannot")  # fmt: skip
+    parser.add_argument("--check-only", action="store_true",
+                        help="stop after the correctness checks (no timing); writes sparse_check.json")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -157,6 +220,15 @@ def main(argv: list[str] | None = None) -> None:
     dense = ["cudnn", "fa2"] if device.type == "cuda" else ["sdpa"]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+
+    required = [b for b in args.backends.split(",") if b]
+    try:
+        backend_check = check_backends(required, device) if required else None
+    except HarnessError as exc:  # an unknown backend name
+        raise SystemExit(f"--backends: {exc}") from None
+    if backend_check is not None and not backend_check["passed"]:
+        write_json_atomic(args.out / "sparse_check.json", {"backend_check": backend_check})
+        raise SystemExit(f"stopped before timing anything: {backend_check['failure']}")
 
     grid, (heads, dim) = CHECK_GRID[device.type], CHECK_HEADS_DIM[device.type]
     checks = {name: check_flex(name, device, grid, heads, dim) for name in names}
@@ -168,6 +240,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"flex vs masked {name:>7}: {'ok' if check['passed'] else 'FAILED'} ({outcome})", flush=True)
     passed = [name for name in names if checks[name]["passed"]]
+    if args.check_only:
+        write_json_atomic(args.out / "sparse_check.json", {"backend_check": backend_check, "flex_check": checks})
+        print(f"checks done in {time.time() - started:.0f} s (--check-only: nothing timed)")
+        return
 
     summary: list[dict[str, Any]] = []
     for model in [m for m in args.models.split(",") if m]:
@@ -199,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    write_json_atomic(args.out / "sparse_summary.json", {"flex_check": checks, "rows": summary})
+    write_json_atomic(args.out / "sparse_summary.json",
+                      {"backend_check": backend_check, "flex_check": checks, "rows": summary})  # fmt: skip
     header = (
         ("model", 8),
         ("method", 7),

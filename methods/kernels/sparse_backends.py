@@ -60,6 +60,7 @@ class Backend:
         devices: device types it runs on.
         dtypes: input dtypes it runs on.
         package: module it imports (``None``: torch only).
+        distribution: what installs ``package`` (``pip install <distribution>``), named when it is missing.
         refuses: ``pattern -> reason`` when it cannot run that pattern, else ``None``.
     """
 
@@ -68,16 +69,21 @@ class Backend:
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     package: str | None = None
+    distribution: str | None = None
     refuses: Callable[[BlockSparsePattern], str | None] | None = None
 
     def unavailable(self, q: torch.Tensor, pattern: BlockSparsePattern) -> str | None:
-        """Why this backend cannot run ``pattern`` on ``q`` here, or ``None`` when it can."""
+        """Why this backend cannot run ``pattern`` on ``q`` here, or ``None`` when it can.
+
+        The package comes first: a missing install is what a user must fix wherever they run.
+        """
+        failure = None if self.package is None else import_failure(self.package)
+        if failure is not None:
+            return f"package {self.package!r} cannot be imported (pip install {self.distribution}): {failure}"
         if q.device.type not in self.devices:
             return f"runs on {'/'.join(self.devices)}, not {q.device.type}"
         if q.dtype not in self.dtypes:
             return f"does not take {q.dtype}"
-        if self.package is not None and not package_importable(self.package):
-            return f"package {self.package!r} cannot be imported"
         return None if self.refuses is None else self.refuses(pattern)
 
 
@@ -89,25 +95,31 @@ def register_backend(
     devices: tuple[str, ...] = ("cpu", "cuda"),
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES,
     package: str | None = None,
+    distribution: str | None = None,
     refuses: Callable[[BlockSparsePattern], str | None] | None = None,
 ) -> Callable[[AttentionFn], AttentionFn]:
     """Decorator: register ``fn(q, k, v, pattern)`` as backend ``name`` with its constraints."""
 
     def register(fn: AttentionFn) -> AttentionFn:
-        REGISTRY[name] = Backend(name, fn, devices, dtypes, package, refuses)
+        REGISTRY[name] = Backend(name, fn, devices, dtypes, package, distribution or package, refuses)
         return fn
 
     return register
 
 
 @functools.cache
-def package_importable(module: str) -> bool:
-    """Whether ``import module`` works (cached: an import is tried once per process)."""
+def import_failure(module: str) -> str | None:
+    """Why ``import module`` fails (``"ModuleNotFoundError: No module named 'tvm_ffi'"``), ``None`` when it works.
+
+    Cached: an import is tried once per process. Any exception counts, not only ImportError: a broken
+    install (a dependency or CUDA library missing) is as absent as a missing package, and its message names
+    what is missing.
+    """
     try:
         importlib.import_module(module)
-    except Exception:  # a broken install (missing CUDA libraries) counts as absent, as ImportError does
-        return False
-    return True
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return None
 
 
 def get_backend(name: str) -> Backend:
@@ -154,23 +166,34 @@ def _flashinfer_refuses(pattern: BlockSparsePattern) -> str | None:
 
 
 _FLASHINFER_WORKSPACE_BYTES = 128 * 1024 * 1024  # the size FlashInfer's documentation recommends
+#: FlashInfer's plan lists every kept key token of every (head, query block) in int32 indices
+#: (``kv_indptr``, flashinfer/sparse.py ``_block_mask_map_to_expanded_indices``): past this it would wrap.
+FLASHINFER_MAX_KV_INDICES = 2**31 - 1
 
 
 @register_backend("flashinfer", devices=("cuda",), dtypes=HALF_DTYPES, package="flashinfer",
-                  refuses=_flashinfer_refuses)  # fmt: skip
+                  distribution="flashinfer-python", refuses=_flashinfer_refuses)  # fmt: skip
 def flashinfer_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                       pattern: BlockSparsePattern) -> torch.Tensor:  # fmt: skip
     """FlashInfer's ``VariableBlockSparseAttentionWrapper`` over the pattern's blocks. ``(B, H, N, D)`` in and out.
 
     Variable-size blocks (``pattern.variable``, SVG2's clusters) run as they are; a block-level pattern runs
     its tiles as blocks of :func:`block_lengths` sizes (a ragged last block included). Every (batch, head)
-    is one FlashInfer head with its own block table, q/k/v in FlashInfer's HND layout
-    ``(heads, tokens, head_dim)``. Written from the documented ``plan(block_mask_map, block_row_sz,
-    block_col_sz, num_qo_heads, num_kv_heads, head_dim, ..., q_data_type, kv_data_type)`` and ``run(q, k, v)``
-    (docs.flashinfer.ai, flashinfer.sparse); needs ``flashinfer-python`` and CUDA, so it has never run on the
-    CPU machine this was written on: :func:`choose_backend` checks it against masked dense before using it.
-    Equal tiles also go through the variable wrapper: ``BlockSparseAttentionWrapper`` takes one BSR table
-    shared by all heads, and the methods' tables differ per head.
+    is one FlashInfer head with its own block table (``num_qo_heads = num_kv_heads = B * H``), q/k/v in the
+    wrapper's ``(heads, tokens, head_dim)`` layout. Checked against flashinfer-python 0.6.18.post1's
+    ``flashinfer/sparse.py`` (and 0.7.4's, the same for this path): ``plan(block_mask_map (kv_heads, MB, NB)
+    bool, block_row_sz (kv_heads, MB), block_col_sz (kv_heads, NB), num_qo_heads, num_kv_heads, head_dim,
+    causal=False, ..., sm_scale=None -> 1/sqrt(head_dim), q_data_type, kv_data_type)`` and ``run(q, k, v)``; row
+    sizes must sum to N per head (the wrapper's ``qo_indptr`` is their running sum). Its plan expands the
+    kept blocks to one int32 index per kept key token per query block, so a call past
+    :data:`FLASHINFER_MAX_KV_INDICES` is a :class:`HarnessError`. Equal tiles also go through the variable
+    wrapper: ``BlockSparseAttentionWrapper`` takes one BSR table shared by all heads (per-head masks only on its
+    SM100/SM120 ``vsa_*`` backends), and the methods' tables differ per head. On Hopper the wrapper's ``auto``
+    backend is FA3: its first call JIT-compiles one module per dtype and head_dim (10 nvcc jobs, 10 minutes
+    on one CPU core) unless a prebuilt one is in ``flashinfer/data/aot``.
+
+    Raises:
+        HarnessError: the plan would need more than :data:`FLASHINFER_MAX_KV_INDICES` key indices.
     """
     import flashinfer
 
@@ -186,6 +209,12 @@ def flashinfer_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch
     kept = kept.expand(batch, heads, -1, -1).reshape(groups, *kept.shape[-2:])
     rows = rows.expand(batch, heads, -1).reshape(groups, -1).to(torch.int32)
     cols = cols.expand(batch, heads, -1).reshape(groups, -1).to(torch.int32)
+    kv_indices = int((kept * cols[:, None, :].long()).sum())
+    if kv_indices > FLASHINFER_MAX_KV_INDICES:
+        raise HarnessError(
+            f"FlashInfer's plan would list {kv_indices:,} kept key tokens (one per query block), past its int32 "
+            f"indices ({FLASHINFER_MAX_KV_INDICES:,}): run fewer heads or a smaller batch per call"
+        )
     wrapper = flashinfer.sparse.VariableBlockSparseAttentionWrapper(_flashinfer_workspace(q.device))
     wrapper.plan(
         block_mask_map=kept.contiguous(),
