@@ -47,7 +47,9 @@ def device_name(device: torch.device) -> str:
 
 def capture_environment(device: torch.device) -> dict[str, Any]:
     """Everything needed to reproduce or compare a number: hardware, software, code version."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # Dirty means the code differs from its commit: committed results under reports/ are not code (a GPU call
+    # moves them out of the tree to fit the transfer limit).
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports")
     return {
         "device": device.type,
         "device_name": device_name(device),

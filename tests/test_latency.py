@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -163,6 +164,27 @@ def test_given_commit_wins_over_the_trees_git(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setenv("BENCH_GIT_COMMIT", "0123abc")
     assert capture_environment(CPU)["git_commit"] == "0123abc"
+
+
+def test_dirty_means_code_changed_not_committed_results(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A GPU call moves reports/ out of the tree to fit the transfer limit: that alone is not a dirty tree."""
+    from harness import environment
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "r.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    monkeypatch.setattr(environment, "REPO_ROOT", tmp_path)
+    (tmp_path / "reports" / "r.json").unlink()
+    assert environment.capture_environment(CPU)["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert environment.capture_environment(CPU)["git_dirty"] is True
 
 
 def test_latency_out_file_matches_stdout(latency_result) -> None:
