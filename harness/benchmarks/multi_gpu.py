@@ -16,9 +16,13 @@ median of the engine's ``step_seconds``: no compilation, no checkpoint save), th
 scaling efficiency (one rank's time per step over N times the N ranks'), each rank's peak memory, both loss curves.
 
 Run 3, a rank killed: the N-rank run again, one rank SIGKILLed once the first checkpoint (``--checkpoint-every``) is
-committed; torchrun ends the run, the same command resumes it from that checkpoint, and it must end on the same
-per-step losses as run 2's uninterrupted N-rank run (bit for bit: same shards, same seeds). A copy of the killed
-run's folder is then resumed on one rank (accumulation N) to the end: its losses within ``LOSS_TOLERANCE``.
+committed; torchrun ends the run and the same command resumes it from that checkpoint. Nothing may be lost: the
+resumed run keeps, bit for bit, the losses of the steps its checkpoint holds, and ends at ``--train-steps``. Its
+later losses must agree with run 2's uninterrupted N-rank run (``--reference``) within ``LOSS_TOLERANCE``: not bit
+for bit, since two CUDA runs of the same seeds already differ by ~1e-3 before any kill (bf16 kernels that reduce
+in a varying order; the gloo tests in tests/test_train_engine.py do compare bit for bit). The same difference
+before the kill is recorded beside it as the run-to-run floor. A copy of the killed run's folder is then resumed on
+one rank (accumulation N) to the end: its losses within ``LOSS_TOLERANCE`` too.
 
     python -m harness.benchmarks.multi_gpu --out $OUT                 # on a machine with 2 or more GPUs
     python -m harness.benchmarks.multi_gpu --out $OUT --runs train,kill   # a part (each run resumes in --work)
@@ -224,39 +228,52 @@ def _kill_one_rank_after_first_checkpoint(command: list[str], out: Path, args: a
     return meta["step"]
 
 
-def killed(args: argparse.Namespace) -> dict[str, Any]:
-    """Run 3: a rank SIGKILLed after the first checkpoint, the run resumed on N ranks, then a copy on one rank."""
-    many_dir, killed_dir, single_dir = (args.work / f"train_{args.nproc}", args.work / "kill",
-                                        args.work / "kill_resumed_on_1")  # fmt: skip
-    if not many_dir.joinpath("training_state.json").exists():
-        raise RuntimeError("run 3 compares with run 2's uninterrupted run: run --runs train first")
-    command = _train_command(args, killed_dir, args.nproc, args.train_steps)
-    if not killed_dir.joinpath("kill_step.json").exists():
-        shutil.rmtree(killed_dir, ignore_errors=True)
-        step = _kill_one_rank_after_first_checkpoint(command, killed_dir, args)
-        shutil.rmtree(single_dir, ignore_errors=True)
-        shutil.copytree(killed_dir, single_dir)
-        write_json_atomic(killed_dir / "kill_step.json", {"step": step})
-    step = json.loads(killed_dir.joinpath("kill_step.json").read_text())["step"]
-    _step("kill_resume", command, args)
-    _step("kill_resume_on_1", _train_command(args, single_dir, 1, args.train_steps), args)
-    reference = _curve(_meta(many_dir))
-    resumed, on_one = _curve(_meta(killed_dir)), _curve(_meta(single_dir))
+def resume_checks(kept: list[dict[str, float]], resumed: dict[str, Any], on_one: dict[str, Any],
+                  reference: list[float], steps: int) -> dict[str, Any]:  # fmt: skip
+    """Run 3's verdict from the losses the kill left in its checkpoint (``kept``, one entry per step), the metas of
+    the run resumed on N ranks and of its copy resumed on one, and the uninterrupted run's loss curve."""
+    step = len(kept)
+    resumed_curve, on_one_curve = _curve(resumed), _curve(on_one)
     checks = {
-        "resumed_same_losses": resumed == reference,
-        "resumed_on_one_rank_close": _largest_difference(on_one, reference) <= LOSS_TOLERANCE,
-        "killed_mid_way": 0 < step < args.train_steps,
+        "killed_mid_way": 0 < step < steps,
+        "nothing_lost": resumed["losses"][:step] == kept and on_one["losses"][:step] == kept,
+        "resumed_to_the_end": all(meta.get("finished") and meta["step"] == steps for meta in (resumed, on_one)),
+        "resumed_close": _largest_difference(resumed_curve[step:], reference[step:]) <= LOSS_TOLERANCE,
+        "resumed_on_one_rank_close": _largest_difference(on_one_curve[step:], reference[step:]) <= LOSS_TOLERANCE,
     }
     return {
         "checks": checks,
         "passed": all(checks.values()),
         "killed_at_checkpoint_step": step,
         "largest_loss_difference": {
-            "resumed": _largest_difference(resumed, reference),
-            "resumed_on_one_rank": _largest_difference(on_one, reference),
+            "before_the_kill": _largest_difference(_curve({"losses": kept}), reference[:step]),
+            "resumed": _largest_difference(resumed_curve[step:], reference[step:]),
+            "resumed_on_one_rank": _largest_difference(on_one_curve[step:], reference[step:]),
         },
-        "notes": {"resumed": _meta(killed_dir).get("notes"), "resumed_on_one_rank": _meta(single_dir).get("notes")},
+        "notes": {"resumed": resumed.get("notes"), "resumed_on_one_rank": on_one.get("notes")},
     }
+
+
+def killed(args: argparse.Namespace) -> dict[str, Any]:
+    """Run 3: a rank SIGKILLed after the first checkpoint, the run resumed on N ranks, then a copy on one rank."""
+    killed_dir, single_dir = args.work / "kill", args.work / "kill_resumed_on_1"
+    reference = args.reference or args.work / f"train_{args.nproc}" / "training_state.json"
+    if not reference.exists():
+        raise RuntimeError(f"run 3 compares with run 2's uninterrupted run, and {reference} does not exist: run "
+                           f"--runs train first, or pass --reference")  # fmt: skip
+    command = _train_command(args, killed_dir, args.nproc, args.train_steps)
+    kept_path = killed_dir / "kill_step.json"
+    if not kept_path.exists():
+        shutil.rmtree(killed_dir, ignore_errors=True)
+        step = _kill_one_rank_after_first_checkpoint(command, killed_dir, args)
+        shutil.rmtree(single_dir, ignore_errors=True)
+        shutil.copytree(killed_dir, single_dir)
+        write_json_atomic(kept_path, {"step": step, "losses": _meta(killed_dir)["losses"]})
+    _step("kill_resume", command, args)
+    _step("kill_resume_on_1", _train_command(args, single_dir, 1, args.train_steps), args)
+    kept = json.loads(kept_path.read_text())["losses"]
+    return resume_checks(kept, _meta(killed_dir), _meta(single_dir), _curve(json.loads(reference.read_text())),
+                         args.train_steps)  # fmt: skip
 
 
 def main() -> None:
@@ -277,6 +294,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=20, help="ADM steps of runs 2 and 3 (the issue: 20)")
     parser.add_argument("--checkpoint-every", type=int, default=5, help="steps between checkpoints (run 3 kills "
                         "a rank after the first)")  # fmt: skip
+    parser.add_argument("--reference", type=Path, default=None, help="run 3: training_state.json of run 2's "
+                        "uninterrupted N-rank run (default: WORK/train_N/; a committed one spares rerunning run 2)")
     parser.add_argument("--kill-timeout-s", type=float, default=900.0, help="run 3: longest wait for a checkpoint")
     args = parser.parse_args()
     args.runs = tuple(part for part in args.runs.split(",") if part)
