@@ -886,8 +886,9 @@ def train_cmd(
         str | None,
         typer.Option(
             help="adm (anytime distribution matching, the student as its own score model), mse (regress the "
-            "stored velocities) or adm-extra-score (a separately trained score model of the student's samples; "
-            "slower)." + _recipes("objective")
+            "stored velocities), adm-extra-score (a separately trained score model of the student's samples; "
+            "slower) or mse-limit (not the paper's: the MSE that ADM tends to as --adm-step-fraction shrinks, each "
+            "state weighted as --adm-weighting implies; issue 20's E1c)." + _recipes("objective")
         ),
     ] = None,
     kernel: Annotated[str | None, typer.Option(help="Feature map: hedgehog, relu, taylor or elu.")] = None,

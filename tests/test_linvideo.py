@@ -765,3 +765,34 @@ def test_bench_train_recipe_paper_sets_the_appendix_values_and_options_override(
                                          "warmup_fraction")} == {
         "lr": 1e-4, "map_lr": 1e-4, "alpha_anneal_fraction": 1.0, "adm_weighting": "analytic", "lam": 0.01,
         "warmup_fraction": 0.1}  # fmt: skip
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "normalized", "analytic"])
+def test_mse_limit_is_the_stored_velocity_mse_weighted_by_adms_limit_weights(
+    weighting: str, teacher: ToyModel, store: TrajectoryStore, tmp_path: Path
+) -> None:
+    """Issue 20, E1c's arm: ``mse-limit`` equals the plain MSE's per-state terms times limit_weights (by hand, fp32),
+    so a training with it differs from ADM at a small step only in what ADM adds beyond its limit."""
+    from methods.linvideo.diagnostics import limit_weights
+    from methods.linvideo.train import guided_velocity, trajectory_objective
+
+    trainer = LinVideoTrainer(_config(objective="mse-limit", adm_weighting=weighting, adm_reduction="sample-sum",
+                                      adm_step_fraction=0.1), teacher, store, tmp_path)  # fmt: skip
+    other, last = _states(store, last=False), _states(store, last=True)
+    batch = {key: torch.cat([other[key], last[key]]) for key in other}
+    with trainer.teacher.use_method(build_method("sdpa")), trainer.student.use_method(trainer.method):
+        objective = trajectory_objective(trainer.student, teacher, batch, trainer.uncond, trainer.cfg,
+                                         trainer.settings)  # fmt: skip
+        with torch.no_grad():
+            u_student = guided_velocity(trainer.student, batch["x"], batch["t"], batch["cond"], trainer.uncond,
+                                        trainer.cfg)  # fmt: skip
+    per_state = ((u_student - batch["u"].float()) ** 2).flatten(1).sum(dim=1)
+    expected = (limit_weights(trainer, batch) * per_state).mean()
+    assert float(objective.detach()) == pytest.approx(float(expected), rel=1e-5)
+    weights = limit_weights(trainer, batch)
+    assert bool((weights > 0).all()) and not torch.allclose(weights, weights[0].expand_as(weights))
+
+
+def test_mse_limit_refuses_a_jump_past_its_own_sampler_step() -> None:
+    with pytest.raises(HarnessError, match="adm-jump next"):
+        _config(objective="mse-limit", adm_jump="any").validate(8)

@@ -1,10 +1,13 @@
-"""The toy trials driver (harness.benchmarks.linvideo_trials_gpu) deals its child processes over the GPUs."""
+"""The toy trials driver (harness.benchmarks.linvideo_trials_gpu): how it deals its child processes over the GPUs,
+and E1c's plan and reading."""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 from harness.benchmarks.linvideo_trials_gpu import Job
 
@@ -27,3 +30,32 @@ def test_each_job_sees_the_gpu_that_runs_the_fewest_jobs(tmp_path: Path) -> None
             assert job.log.with_suffix(".out").read_text().strip() == seen
     finally:
         busy.stop()
+
+
+def test_e1c_trains_adm_its_limit_and_mse_on_the_same_layers_and_step() -> None:
+    """Issue 20's E1c: three seeds each of ADM at kappa 0.02, the weighted MSE it tends to, and plain MSE."""
+    import argparse
+
+    from harness.benchmarks.linvideo_trials_gpu import planned
+
+    runs = planned(argparse.Namespace(experiments=("e1c",), e1_lr=3e-5, e1_steps=400))
+    assert sorted(run.name for run in runs) == sorted(f"{arm}_s{seed}" for arm in ("adm", "mse-limit", "mse")
+                                                      for seed in (0, 1, 2))  # fmt: skip
+    for run in runs:
+        options = dict(zip(run.options[::2], run.options[1::2], strict=True))
+        assert options["--layers"] == "0,1,2,6" and options["--objective"] == run.name.rsplit("_s", 1)[0]
+        assert ("--adm-step-fraction" in options) == (options["--objective"] != "mse")
+
+
+@pytest.mark.parametrize(("limit", "verdict"), [(58.0, "a property of the objective"), (66.0, "find it")])
+def test_e1c_reads_adm_against_its_own_limit(limit: float, verdict: str) -> None:
+    from harness.benchmarks.linvideo_trials_gpu import e1c_verdict
+
+    text = e1c_verdict({"adm": [57.0, 56.0, 58.0], "mse-limit": [limit] * 3, "mse": [65.0] * 3})
+    assert verdict in text
+
+
+def test_e1c_without_every_arm_says_it_is_incomplete() -> None:
+    from harness.benchmarks.linvideo_trials_gpu import e1c_verdict
+
+    assert "incomplete" in e1c_verdict({"adm": [57.0], "mse": [65.0]})

@@ -295,7 +295,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=5, help="steps between checkpoints (run 3 kills "
                         "a rank after the first)")  # fmt: skip
     parser.add_argument("--reference", type=Path, default=None, help="run 3: training_state.json of run 2's "
-                        "uninterrupted N-rank run (default: WORK/train_N/; a committed one spares rerunning run 2)")
+                        "uninterrupted N-rank run (default: WORK/train_N/; a committed one spares run 2)")  # fmt: skip
     parser.add_argument("--kill-timeout-s", type=float, default=900.0, help="run 3: longest wait for a checkpoint")
     args = parser.parse_args()
     args.runs = tuple(part for part in args.runs.split(",") if part)

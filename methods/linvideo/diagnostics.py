@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from methods.linvideo.losses import landing_time
+from methods.linvideo.losses import adm_limit_weights, landing_time
 from methods.linvideo.train import guided_velocity, student_step, trajectory_objective
 
 if TYPE_CHECKING:
@@ -78,33 +78,18 @@ def gradient_norms(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor]) -> 
 
 
 def limit_weights(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-state weights ``(B,)`` of the MSE that ADM's gradient tends to as kappa -> 0 (trainer's settings).
-
-    x_hat = x_s - (s - t) u_student(x_s), so the student's velocity at x_s receives -(s - t) g, and g's velocity
-    difference at x_hat tends to the one at x_s: ``uniform`` gives 1 / mean|u_teacher| (g divides by the step),
-    ``normalized`` (s - t) / mean|u_teacher| and ``analytic`` (s - t)(1 - t)/t, which spans ~15,000x over the toy's
-    20-step grid (the step times the weight 49 at t_min against ~0.0003 near noise).
-    """
+    """Per-state weights ``(B,)`` of the MSE that ADM's gradient tends to as kappa -> 0 (trainer's settings;
+    :func:`~methods.linvideo.losses.adm_limit_weights`)."""
     s = batch["t"].to(trainer.device)
     t = landing_time(s, batch["t_next"].to(trainer.device), trainer.settings.step_fraction, trainer.settings.t_min)
-    size = batch["u"].to(trainer.device).float().abs().mean(dim=tuple(range(1, batch["u"].dim())))
-    weighting = trainer.settings.adm_weighting
-    if weighting == "analytic":
-        return (s - t) * (1 - t) / t
-    return (s - t) / size if weighting == "normalized" else 1 / size
+    return adm_limit_weights(s, t, batch["u"].to(trainer.device), trainer.settings.adm_weighting)
 
 
 def limit_cosine(trainer: LinVideoTrainer, batch: dict[str, torch.Tensor]) -> float:
-    """Cosine between ADM's gradient and that of the MSE weighted by :func:`limit_weights` (same states)."""
+    """Cosine between ADM's gradient and that of the MSE weighted by :func:`limit_weights` (``mse-limit``; same
+    states)."""
     adm = _weight_gradient(trainer, _objective(trainer, batch))
-    device = trainer.device
-    x_s, s = batch["x"].to(device), batch["t"].to(device)
-    with trainer.autocast():
-        u_student = guided_velocity(trainer.student, x_s, s, batch["cond"].to(device, trainer.teacher.dtype),
-                                    trainer.uncond, trainer.cfg)  # fmt: skip
-    squared = (u_student.float() - batch["u"].to(device).float()) ** 2
-    weights = limit_weights(trainer, batch).view(-1, *([1] * (squared.dim() - 1)))
-    return _cosine(adm, _weight_gradient(trainer, (weights * squared).mean()))
+    return _cosine(adm, _weight_gradient(trainer, _objective(trainer, batch, "mse-limit")))
 
 
 @torch.no_grad()

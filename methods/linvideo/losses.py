@@ -125,10 +125,31 @@ def adm_loss(x_hat: torch.Tensor, g: torch.Tensor, reduction: str = "mean") -> t
     return 0.5 * reduce_objective((x_hat - (x_hat - g).detach()) ** 2, reduction)
 
 
-def mse_loss(u_student: torch.Tensor, u_teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def mse_loss(u_student: torch.Tensor, u_teacher: torch.Tensor, reduction: str = "mean",
+             weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Eq. 7: regress the stored teacher velocity at the same (x_t, t, prompt); ``(B, C, F, H, W)`` each.
 
     ``reduction`` as :func:`reduce_objective` (``"mean"``: torch's MSE; ``"sample-sum"``: Eq. 7's squared
-    Frobenius norm per sample, averaged over the batch).
+    Frobenius norm per sample, averaged over the batch). ``weights``: ``(B,)`` per-state weights, or ``None``
+    for Eq. 7's equal ones (:func:`adm_limit_weights` gives the MSE that ADM tends to).
     """
-    return reduce_objective((u_student.float() - u_teacher.float()) ** 2, reduction)
+    squared = (u_student.float() - u_teacher.float()) ** 2
+    if weights is not None:
+        squared = weights.float().view(-1, *([1] * (squared.dim() - 1))) * squared
+    return reduce_objective(squared, reduction)
+
+
+def adm_limit_weights(s: torch.Tensor, t: torch.Tensor, u_teacher: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Per-state weights ``(B,)`` of the MSE at x_s that ADM's gradient tends to as its landing step shrinks.
+
+    ``s, t``: ``(B,)`` stored and landing times (:func:`landing_time`); ``u_teacher``: ``(B, C, F, H, W)``, the
+    teacher's velocity at x_s. With ``x_hat = x_s - (s - t) u_student(x_s)`` the student's velocity receives
+    ``-(s - t) g``, and g's velocity difference at x_hat tends to the one at x_s, so the weights are: ``uniform``
+    ``1 / mean|u_teacher|`` (g divides by the step; a ~1.4x spread over the toy's grid), ``normalized``
+    ``(s - t) / mean|u_teacher|`` and ``analytic`` ``(s - t)(1 - t)/t``, which spans ~15,000x over the toy's
+    20-step grid (the step times the weight 49 at t_min against ~0.0003 near noise).
+    """
+    if weighting == "analytic":
+        return (s - t) * (1 - t) / t
+    size = u_teacher.float().abs().mean(dim=tuple(range(1, u_teacher.dim())))
+    return (s - t) / size if weighting == "normalized" else 1 / size
