@@ -3,7 +3,9 @@
 1. Correctness (fresh random inputs): Hedgehog linear attention in bf16 against the float64 O(n^2)
    reference; mixed attention at r = 1 against dense. A failure stops the script.
 2. Latency (random weights, real architecture): ``bench latency`` of cudnn, fa2 and linvideo with the
-   paper's converted layers: 16 of 30 for Wan 1.3B at 480p x 81 frames, 22 of 40 for Wan 14B at 720p.
+   paper's converted layers: 16 of 30 for Wan 1.3B at 480p x 81 frames, 22 of 40 for Wan 14B at 720p;
+   ``--compile`` times each again with the transformer under ``torch.compile`` (as diffusers users run it), where
+   the parts outside attention are faster and the linear layers' saving weighs more.
 3. One ADM training step of the real Wan 1.3B architecture (random weights): step time and peak memory,
    after a warm-up step; ``--train-frames`` reduces the clip when memory demands (stated in the JSON).
 
@@ -102,6 +104,15 @@ def training_step(model_name: str, device: torch.device, frames: int | None, out
             "note": "ADM step: student fwd+bwd (CFG); teacher, student forwards at x_hat (CFG)"}  # fmt: skip
 
 
+def _compiled_text(compiled: dict[str, Any] | None) -> str:
+    if not compiled:
+        return ""
+    if "error" in compiled:
+        return f"; compiled: {compiled['error']}"
+    return (f"; compiled {compiled['forward']['median_ms']:.1f} ms, {compiled['speedup_vs_baseline']:.2f}x, "
+            f"{compiled['graphs']} graph(s)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for the JSON results")
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="wan1.3b,wan14b", help="comma-separated models for the latency part")
     parser.add_argument("--train-model", default="wan1.3b", help="model of the training-step part ('' skips it)")
     parser.add_argument("--train-frames", type=int, default=None, help="frames of the training clip (default 81)")
+    parser.add_argument("--compile", action="store_true", help="also time every method under torch.compile")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -126,13 +138,15 @@ def main(argv: list[str] | None = None) -> None:
             model=model, methods=[*dense, "linvideo"], weights="random", device=args.device,
             dtype="bfloat16" if device.type == "cuda" else "float32", warmup=1 if model == "wan14b" else 2,
             repeats=3 if model == "wan14b" else 5, method_params={"linvideo": {"linear_layers": layers}},
+            compile=args.compile,
         ))  # fmt: skip
         result["correctness_relative_error"] = errors
         save_latency(result, args.out / f"linvideo_latency_{model}.json")
         for name, entry in result["methods"].items():
             rows.append({"model": model, "method": name, "forward_ms": entry["forward"]["median_ms"],
                          "attn_ms_per_layer": entry["attention_ms_per_layer"], "density": entry.get("density"),
-                         "speedup": entry["speedup_vs_baseline"], "baseline": result["baseline"]})  # fmt: skip
+                         "speedup": entry["speedup_vs_baseline"], "baseline": result["baseline"],
+                         "compiled": entry.get("compiled")})  # fmt: skip
         if device.type == "cuda":
             torch.cuda.empty_cache()
     train = training_step(args.train_model, device, args.train_frames, args.out) if args.train_model else None
@@ -140,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(f"{row['model']:>8} {row['method']:>9} forward {row['forward_ms']:9.1f} ms  attention "
               f"{row['attn_ms_per_layer']:7.2f} ms/layer  density {row['density']:.2f}  "
-              f"speedup vs {row['baseline']} {row['speedup']:.2f}x")  # fmt: skip
+              f"speedup vs {row['baseline']} {row['speedup']:.2f}x" + _compiled_text(row["compiled"]))  # fmt: skip
     if train:
         print(
             f"training step ({train['model']}, {train['video']}): {train['step_s']:.2f} s, peak {train['peak_gib']} GiB"
