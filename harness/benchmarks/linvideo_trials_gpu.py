@@ -101,8 +101,9 @@ def planned(args: argparse.Namespace) -> list[Run]:
         small_step = ("--adm-weighting", "uniform", "--adm-step-fraction", "0.02")
         arms = {"adm": (*small_step, "--objective", "adm"), "mse-limit": (*small_step, "--objective", "mse-limit"),
                 "mse": ("--objective", "mse")}  # fmt: skip
+        # Seed by seed, so that a run stopped part way (a CPU run, a deadline) has every arm at the first seeds.
         runs += [Run("e1c", f"{arm}_s{seed}", (*fixed, *options, "--seed", str(seed)))
-                 for arm, options in arms.items() for seed in (0, 1, 2)]  # fmt: skip
+                 for seed in (0, 1, 2) for arm, options in arms.items()]  # fmt: skip
     if "e2" in args.experiments:
         runs += [Run("e2", f"{recipe}_s{seed}", ("--recipe", recipe, "--seed", str(seed), "--steps",
                                                   str(args.e2_steps)), fine=True)
