@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.benchmarks.scaling_gpu import LINEAR_SETTING, sweep
+from harness.benchmarks.scaling_gpu import CHECK_GRID, LINEAR_SETTING, check_method, sweep
+from harness.benchmarks.sparse_gpu import sparse_method_names
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,14 @@ def test_sweep_checks_then_times_every_length(scaling_record: dict) -> None:
         assert [p["tokens"] for p in points] == [64, 128, 256]
         assert all(p["ms_per_call"] > 0 and p["density"] == density for p in points)
         assert all((p["tflops"] is None) == (density == 0.0) for p in points)
+
+
+@pytest.mark.parametrize("name", sparse_method_names())
+def test_sparse_methods_are_checked_flex_against_masked(name: str) -> None:
+    """Every sparse method's check runs Flex against masked dense on the module's check grid (it once called
+    :func:`~harness.benchmarks.sparse_gpu.check_flex` without the grid and crashed before timing anything)."""
+    check = check_method(name, {}, torch.device("cpu"), torch.float32)
+    assert check["passed"] and check["tokens"] == CHECK_GRID.tokens and check["heads"] == 2 and check["head_dim"] == 16
 
 
 def test_report_draws_the_scaling_plot(scaling_record: dict, tmp_path: Path, bench) -> None:

@@ -32,6 +32,7 @@ the same command (trainings resume from their checkpoints, finished samplings ar
 stops its children and writes what is done.
 
     python -m harness.benchmarks.linvideo_trials_gpu --out $OUT     # all three at once, ~8-9 min on one H200
+    python -m harness.benchmarks.linvideo_trials_gpu check --device cpu --work /tmp/w --out /tmp/x   # the check alone
 
 Step counts are cut from the issue's 3K to fit one 9-minute command (16 trainings at once, ~0.55-0.7 s/step):
 E1 400, E2 400, E3 300 by default; ``--experiments`` and the ``--e*-steps`` options split or lengthen them.

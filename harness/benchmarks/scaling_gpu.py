@@ -68,10 +68,9 @@ def default_methods(device: torch.device) -> dict[str, dict[str, Any]]:
 def check_method(name: str, params: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """One call on the check grid against its reference; ``passed`` when the relative error is within ``dtype``'s
     tolerance. Sparse methods: :func:`check_flex` (Flex against masked dense, one plan)."""
-    sparsity = METHODS.get(name).capabilities.sparsity
-    if sparsity in ("static", "dynamic"):
-        return check_flex(name, device)
     heads, dim = (12, 128) if device.type == "cuda" else (2, 16)
+    if METHODS.get(name).capabilities.sparsity in ("static", "dynamic"):
+        return check_flex(name, device, CHECK_GRID, heads, dim)
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, heads, CHECK_GRID.tokens, dim, device=device, generator=generator).to(dtype)
                for _ in range(3))  # fmt: skip

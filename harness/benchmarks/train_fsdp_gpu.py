@@ -11,7 +11,7 @@
    over the timed steps. A case out of memory is recorded as such. No checkpoint is written (the run stops first).
 
     python -m harness.benchmarks.train_fsdp_gpu --out $OUT
-    python -m harness.benchmarks.train_fsdp_gpu --out /tmp/x --device cpu --wan tiny   # smoke mode
+    python -m harness.benchmarks.train_fsdp_gpu --out /tmp/x --device cpu --wan tiny --toy-batch 16   # smoke mode
 
 3. LinVideo's ADM step (learned selection, the paper's layer count) on the same Wan shape, random weights, from a
    one-prompt 2-step trajectory store collected first, FSDP2 + activation checkpointing on and off. Its own check
