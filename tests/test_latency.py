@@ -394,3 +394,30 @@ def test_latency_runs_on_the_toy_model(bench) -> None:
     result = bench("latency", "--model", "toy", "--device", "cpu", "--methods", "sdpa", "--repeats", "1", "--warmup",
                    "0", "--json")  # fmt: skip
     assert json.loads(result.stdout)["methods"]["sdpa"]["forward"]["median_ms"] > 0
+
+
+def test_a_timed_sample_excludes_the_first_encode_and_decode_of_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whichever variant is timed first must not carry the decoder's and encoder's one-time costs: the first
+    time_sample of a model runs each stage once untimed, later ones (same latent shape) do not."""
+    import dataclasses
+    from collections import Counter
+
+    from harness.latency_run import time_sample
+    from harness.models.base import MODELS
+    from methods import build_method
+
+    adapter_cls = MODELS.get("wan-tiny")
+    model = adapter_cls.load("random", CPU, torch.float32)
+    calls: Counter[str] = Counter()
+    for stage in ("decode", "encode_prompts"):
+        original = getattr(model, stage)
+        monkeypatch.setattr(
+            model, stage, lambda *a, _stage=stage, _fn=original, **k: calls.update([_stage]) or _fn(*a, **k)
+        )
+    sampling = dataclasses.replace(adapter_cls.defaults, steps=1, cfg=1.0)
+    first = time_sample(model, build_method("sdpa"), sampling, CPU)
+    assert calls == {"decode": 2, "encode_prompts": 2}
+    time_sample(model, build_method("sdpa"), sampling, CPU)
+    assert calls == {"decode": 3, "encode_prompts": 3}
+    decode = first["stages"]["decode"]
+    assert len(decode["samples_ms"]) + len(decode["warmup_ms"]) == 1
