@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,3 +54,23 @@ def test_a_resume_that_drifts_from_the_reference_fails(which: str) -> None:
 def test_a_resume_that_did_not_finish_fails() -> None:
     verdict = resume_checks(KEPT, _meta(RESUMED[:5], finished=False), _meta(RESUMED), REFERENCE, STEPS)
     assert not verdict["checks"]["resumed_to_the_end"]
+
+
+def test_run_3_alone_on_a_fresh_out_folder_kills_resumes_and_passes(tmp_path: Path) -> None:
+    """The issue-24 driver's run 3 by itself (``--runs kill``) against a given uninterrupted run, on 2 gloo ranks:
+    a fresh results folder (its logs folder too) and a reference from another run, as on a freshly lent machine."""
+    reference = tmp_path / "reference"
+    common = ["--device", "cpu", "--model", "wan-tiny", "--method", "sdpa", "--nproc", "2", "--target-layers", "1",
+              "--train-steps", "4", "--checkpoint-every", "2"]  # fmt: skip
+    driver = [sys.executable, "-m", "harness.benchmarks.multi_gpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*driver, "--out", str(tmp_path / "a"), "--work", str(reference), *common, "--runs", "train"],
+                   check=True, capture_output=True, env=env, timeout=600)  # fmt: skip
+    out = tmp_path / "b"
+    done = subprocess.run([*driver, "--out", str(out), "--work", str(tmp_path / "w"), *common, "--runs", "kill",
+                           "--reference", str(reference / "train_2" / "training_state.json")],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    kill = json.loads((out / "multi_gpu.json").read_text())["kill"]
+    assert kill["passed"] and kill["killed_at_checkpoint_step"] == 2
+    assert (out / "logs" / "kill.log").exists()

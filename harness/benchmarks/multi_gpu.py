@@ -79,7 +79,6 @@ def _bench(args: argparse.Namespace, *options: str, ranks: int = 1) -> list[str]
 def _step(name: str, command: list[str], args: argparse.Namespace) -> float:
     """Run one step to its end (its output in OUT/logs/NAME.log); its wall seconds. Raises on a failed step."""
     logs = args.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     print(f"[{name}] {' '.join(command)}", flush=True)
     started = time.perf_counter()
     with (logs / f"{name}.log").open("wb") as log:
@@ -307,7 +306,7 @@ def main() -> None:
         parser.error(f"needs 2 or more ranks, got {args.nproc} (visible GPUs: set --nproc or use a larger machine)")
     if not 1 <= args.prompts <= len(PROMPTS):
         parser.error(f"--prompts must be in [1, {len(PROMPTS)}]")
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)  # every step's log, the killed run's among them
     from harness.environment import capture_environment
 
     args.work.mkdir(parents=True, exist_ok=True)
