@@ -36,7 +36,7 @@ from methods.kernels.block_sparse import (
     select_by_cost_budget,
     select_by_cumulative_mass,
 )
-from methods.kernels.xattn_scoring_triton import fused_block_masses, use_fused
+from methods.kernels.xattn_scoring_triton import BACKEND_NOTE, fused_block_masses, use_fused
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, SparsePlan, block_sparse_parameters
 
@@ -94,7 +94,8 @@ class XAttention(BlockSparseMethod):
         sparsity="dynamic",
         data_dependent=True,
         fixed_density=True,
-        notes="XAttention: antidiagonal scoring (stride 8), threshold 0.9, 128-blocks, 10% dense warm-up",
+        notes="XAttention: antidiagonal scoring (stride 8), threshold 0.9, 128-blocks, 10% dense warm-up; "
+        + BACKEND_NOTE,
     )
     parameters = (
         Param("threshold", "float", 0.9, "tau: kept share of each query block's scored mass (paper: 0.9 and 0.95; "

@@ -14,27 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 import torch
+from triton_helpers import DEVICE, ON_CUDA
+from triton_helpers import needs_kernel as triton_needs_kernel
 
 from harness.errors import HarnessError
 from methods.kernels import xattn_scoring_triton as fused
 from methods.kernels.block_sparse import select_by_cumulative_mass
 from methods.xattn import antidiagonal_block_scores, antidiagonal_block_scores_torch
 
-ON_CUDA = torch.cuda.is_available()
-KERNEL_RUNNABLE = fused.triton is not None and (ON_CUDA or fused.INTERPRETED)
-if fused.INTERPRETED and tuple(int(part) for part in np.__version__.split(".")[:2]) >= (2, 4):
-    KERNEL_RUNNABLE = False
-needs_kernel = pytest.mark.skipif(not KERNEL_RUNNABLE, reason="needs triton with CUDA, or TRITON_INTERPRET=1")
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+needs_kernel = triton_needs_kernel(fused)
 DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
-# Both sides see the same fp16/bf16 values (the reference takes them in float64), so only the kernel's
-# arithmetic differs: products of 8- or 11-bit mantissas are exact in fp32, the sums over S D <= 256 terms and
-# over the reduced keys are fp32 (relative error ~1e-7 each, a few 1e-7 seen), the exponentials base-2 (GPU:
-# ex2.approx, 2^-22). The reference's softmax is itself fp32. 1e-5 leaves 10x margin over what was seen.
-TOLERANCE = 1e-5
+TOLERANCE = fused.MASS_TOLERANCE  # why 1e-5: see its comment
 
 
 def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -135,3 +127,24 @@ def test_blocks_of_non_power_of_two_reduced_rows_are_refused(block: int, stride:
     """R = block / stride must be a whole power of two (tl.arange); such calls are named and go to torch."""
     q = torch.randn(1, 1, 48, 16, device=DEVICE).to(torch.float16)
     assert "is not a power of two" in (fused.unsupported_reason(q, q, block, stride) or "")
+
+
+@needs_kernel
+def test_selection_script_checks_every_configuration_then_times_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU script's xattn part at a small shape: each autotuner configuration passes its float64 check, the
+    kernel's masses at the timed shape are within tolerance and keep float64's blocks, both paths are timed as
+    a share of the dense call, and the table has one line per path."""
+    from harness.benchmarks import xattn_selection as script
+    from harness.benchmarks.sparse_gpu import sparse_context
+    from methods import TokenGrid
+
+    monkeypatch.setattr(script, "REPEATS", (1, 2))
+    configs = script.check_configs(DEVICE)
+    assert configs["kept"] == len(configs["configs"]) >= 1
+    grid = TokenGrid(2, 8, 8)
+    q, k, v = (torch.randn(1, 2, grid.tokens, 32, device=DEVICE).to(torch.float16) for _ in range(3))
+    row = script.selection_timings(q, k, v, sparse_context(grid), dense_ms=1.0, configs_passed=True)
+    assert row["passed"] and row["check"]["triton"]["selection_agreement"] == 1.0
+    for timing in row["paths"].values():
+        assert timing["selection_fraction"] == timing["selection"]["median_ms"] > 0
+    assert len(script.table_lines("toy", row)) == len(script.PATHS)
