@@ -4,7 +4,8 @@ Used by :mod:`harness.benchmarks.sparse_gpu` (on CUDA, when xattn is among its m
 
 1. :func:`check_configs`: every configuration of the kernel's autotuner list, pinned in turn, against the torch
    path in float64 (fresh random q, k at :data:`CONFIG_CHECK_SHAPE`, ragged, fp16 and bf16); a configuration
-   that fails is dropped from the list before anything is timed, and the JSON names it.
+   that fails, or does not compile (out of shared memory, say), is dropped from the list before anything is
+   timed, and the JSON names it with its errors.
 2. :func:`selection_timings` at the model's shape: the autotuned kernel's masses against float64 (relative
    error within ``MASS_TOLERANCE``, else the kernel is not timed), the bf16 torch path's error beside it, and
    how many of xattn's kept blocks (threshold 0.9) each path shares with float64's; then the median time of
@@ -77,11 +78,17 @@ def check_configs(device: torch.device) -> dict[str, Any]:
             for dtype, (q, k) in inputs.items()}  # fmt: skip
     results, kept = [], []
     for config in fused._block_masses.configs:
-        with pinned([config]):
-            errors = {str(dtype).removeprefix("torch."): relative_error(fused.fused_block_masses(q, k, block, stride),
-                                                                        refs[dtype])
-                      for dtype, (q, k) in inputs.items()}  # fmt: skip
-        passed = all(e <= fused.MASS_TOLERANCE for e in errors.values())
+        try:
+            with pinned([config]):
+                errors = {
+                    str(dtype).removeprefix("torch."): relative_error(
+                        fused.fused_block_masses(q, k, block, stride), refs[dtype]
+                    )
+                    for dtype, (q, k) in inputs.items()
+                }
+        except (fused.triton.runtime.errors.OutOfResources, fused.triton.compiler.errors.CompilationError) as exc:
+            errors = {"compile": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        passed = all(isinstance(e, float) and e <= fused.MASS_TOLERANCE for e in errors.values())
         results.append({"config": str(config), "errors": errors, "passed": passed})
         print(f"xattn scoring config {config}: {'ok' if passed else 'FAILED'} {errors}", flush=True)
         if passed:

@@ -58,9 +58,11 @@ LOG2_E = 1.4426950408889634
 # The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot time configurations: one small one.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_M reduced query rows, BLOCK_N reduced keys, num_warps, num_stages); the autotuner keeps the fastest
-# (tiles smaller than one block, R = block / S, are pruned). Not yet timed on a GPU: at Wan's block 128 and
-# S = 8 (R = 16) every score tile is summed over S = 8 products of K = 128.
-CONFIGS = ((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (128, 128, 8, 2), (64, 16, 4, 2))
+# (tiles smaller than one block, R = block / S, are pruned). Not yet run on a GPU: at Wan's block 128 and S = 8
+# (R = 16) every score tile is a loop of S = 8 products of K = 128, whose loads (a (BLOCK_M, D) and a (D, BLOCK_N)
+# tile per slice) the pipeliner buffers num_stages deep: 128 x 64 tiles at 3 stages hold 144 KiB of bf16.
+CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4), (128, 128, 8, 2), (64, 16, 4, 4),
+           (128, 64, 8, 1))  # fmt: skip
 INTERPRETER_CONFIGS = ((16, 16, 4, 1),)
 
 
@@ -100,7 +102,7 @@ def _scores(q_base, k_base, rows, keys, cols, inside, N, sqn, skn, S: tl.constex
     ``sum_m Q_m K_m^T`` with Q_m the tokens ``S rows + S - 1 - m`` and K_m the tokens ``S keys + m`` (zeros past
     N, as the torch path's padding; K_m^T loaded transposed by the addresses)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for m in tl.static_range(S):
+    for m in range(S):  # the product's K loop (S slices of D): a loop the pipeliner buffers num_stages deep
         q_tokens = rows * S + (S - 1 - m)
         k_tokens = keys * S + m
         q_tile = tl.load(q_base + q_tokens.to(tl.int64)[:, None] * sqn + cols[None, :],
