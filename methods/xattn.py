@@ -36,19 +36,32 @@ from methods.kernels.block_sparse import (
     select_by_cost_budget,
     select_by_cumulative_mass,
 )
+from methods.kernels.xattn_scoring_triton import BACKEND_NOTE, fused_block_masses, use_fused
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, SparsePlan, block_sparse_parameters
 
 _SCORE_CHUNK_ELEMENTS = 1 << 27  # reduced scores held at once (512 MiB in fp32)
 
 
-def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, stride: int,
+                              backend: str | None = None) -> torch.Tensor:  # fmt: skip
     """XAttention's block masses ``(B, H, nb, nb)`` float32 from q, k ``(B, H, N, D)``.
 
     Each entry is the softmax mass (over all keys, per reduced query row) of one query block x key
     block, from antidiagonal sums of ``stride x stride`` cells; rows of one query block sum to
-    ``block / stride`` (fewer in a ragged last block).
+    ``block / stride`` (fewer in a ragged last block). On CUDA (fp16/bf16) the fused Triton kernel
+    (:mod:`methods.kernels.xattn_scoring_triton`, no score matrix in memory) computes them unless ``backend``
+    (default ``$BENCH_XATTN_BACKEND``) is ``torch``; elsewhere :func:`antidiagonal_block_scores_torch`.
+    Raises HarnessError for an unknown backend, or ``triton`` where the kernel cannot run.
     """
+    if use_fused(q, k, block, stride, backend):
+        return fused_block_masses(q, k, block, stride)
+    return antidiagonal_block_scores_torch(q, k, block, stride)
+
+
+def antidiagonal_block_scores_torch(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """:func:`antidiagonal_block_scores` in torch, the CPU path and the kernel's reference: the reduced scores
+    (the inputs' dtype) of up to ``_SCORE_CHUNK_ELEMENTS`` at once, their softmax in fp32."""
     batch, heads, tokens, dim = q.shape
     blocks = num_blocks(tokens, block)
     padded = blocks * block
@@ -81,7 +94,8 @@ class XAttention(BlockSparseMethod):
         sparsity="dynamic",
         data_dependent=True,
         fixed_density=True,
-        notes="XAttention: antidiagonal scoring (stride 8), threshold 0.9, 128-blocks, 10% dense warm-up",
+        notes="XAttention: antidiagonal scoring (stride 8), threshold 0.9, 128-blocks, 10% dense warm-up; "
+        + BACKEND_NOTE,
     )
     parameters = (
         Param("threshold", "float", 0.9, "tau: kept share of each query block's scored mass (paper: 0.9 and 0.95; "

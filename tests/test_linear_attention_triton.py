@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 import torch
+from triton_helpers import DEVICE, ON_CUDA
+from triton_helpers import needs_kernel as triton_needs_kernel
 
 from harness.errors import HarnessError
 from methods import METHODS
@@ -30,12 +31,7 @@ from methods.kernels.linear_attention import (
     naive_linear_attention,
 )
 
-ON_CUDA = torch.cuda.is_available()
-KERNEL_RUNNABLE = fused.triton is not None and (ON_CUDA or fused.INTERPRETED)
-if fused.INTERPRETED and tuple(int(part) for part in np.__version__.split(".")[:2]) >= (2, 4):
-    KERNEL_RUNNABLE = False
-needs_kernel = pytest.mark.skipif(not KERNEL_RUNNABLE, reason="needs triton with CUDA, or TRITON_INTERPRET=1")
-DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+needs_kernel = triton_needs_kernel(fused)
 # Relative error against float64 for fp16 (10-bit) and bf16 (7-bit) operands with fp32 accumulation.
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPES = (torch.bfloat16, torch.float16) if ON_CUDA else (torch.float16,)

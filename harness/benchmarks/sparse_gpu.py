@@ -9,7 +9,11 @@
 2. Attention: per model shape, one method call at a sparse step (selection + kernel) and the
    kernel alone on a fixed plan, beside FA2 and cuDNN dense (random q, k, v in bf16); then every
    block-sparse backend on that plan (error against masked dense on sampled rows, time, or why skipped)
-   and the one ``backend=measure`` chooses (JSON ``attention.methods.<name>.backends``).
+   and the one ``backend=measure`` chooses (JSON ``attention.methods.<name>.backends``). On CUDA with xattn:
+   its selection alone (scoring, and scoring + threshold) with the torch path and with the fused Triton
+   scoring, each checked against float64 first (every autotuner configuration once, then at each model shape),
+   as a fraction of the cuDNN call (:mod:`harness.benchmarks.xattn_selection`; JSON ``attention.xattn_selection``
+   and a table of its own).
 3. Transformer forward: ``bench latency`` (random weights, real architecture) of cudnn, fa2 and
    every method at its paper setting (a step after warm-up, the paper's dense layers dense), at
    Wan 1.3B 480p x 81 frames (32,760 tokens) and Wan 14B 720p x 81 frames (75,600 tokens).
@@ -36,6 +40,7 @@ from typing import Any
 import torch
 
 from harness.atomic import write_json_atomic
+from harness.benchmarks import xattn_selection
 from harness.errors import HarnessError
 from harness.latency import measure
 from harness.latency_run import LatencyRequest, run_latency, save_latency
@@ -172,8 +177,10 @@ def measure_backends(method: BlockSparseMethod, plan: SparsePlan, q: torch.Tenso
     return {"chosen": chosen, "report": report}
 
 
-def time_attention(names: list[str], dense: list[str], model: str, device: torch.device) -> dict[str, Any]:
-    """Per method at the model's default shape: a full call (selection + kernel) and the kernel alone."""
+def time_attention(names: list[str], dense: list[str], model: str, device: torch.device,
+                   selection_check: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Per method at the model's default shape: a full call (selection + kernel) and the kernel alone; with
+    ``selection_check`` (:func:`xattn_selection.check_configs`'s result) xattn's selection on both scoring paths."""
     adapter_cls = MODELS.get(model)
     grid = adapter_cls.token_grid(adapter_cls.defaults)
     config = adapter_cls.transformer_config
@@ -198,7 +205,12 @@ def time_attention(names: list[str], dense: list[str], model: str, device: torch
             print(f"{model} attention call {name:>7}: {call.median_ms:.2f} ms, density {row['density']:.3f}",
                   flush=True)  # fmt: skip
             del method
-    return {"tokens": grid.tokens, "heads": q.shape[1], "head_dim": q.shape[-1], "methods": rows}
+        result = {"tokens": grid.tokens, "heads": q.shape[1], "head_dim": q.shape[-1], "methods": rows}
+        if selection_check is not None:
+            result["xattn_selection"] = xattn_selection.selection_timings(
+                q, k, v, ctx, rows["cudnn"]["call"]["median_ms"], selection_check["kept"] > 0
+            )
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,14 +252,16 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"flex vs masked {name:>7}: {'ok' if check['passed'] else 'FAILED'} ({outcome})", flush=True)
     passed = [name for name in names if checks[name]["passed"]]
+    selection_check = xattn_selection.check_configs(device) if device.type == "cuda" and "xattn" in passed else None
     if args.check_only:
         write_json_atomic(args.out / "sparse_check.json", {"backend_check": backend_check, "flex_check": checks})
         print(f"checks done in {time.time() - started:.0f} s (--check-only: nothing timed)")
         return
 
     summary: list[dict[str, Any]] = []
+    attentions: dict[str, dict[str, Any]] = {}
     for model in [m for m in args.models.split(",") if m]:
-        attention = time_attention(passed, dense, model, device)
+        attention = attentions[model] = time_attention(passed, dense, model, device, selection_check)
         # Written before the forward: a forward that runs out of time still leaves the per-call timings.
         write_json_atomic(args.out / f"sparse_attention_{model}.json", attention)
         warmup, repeats = FORWARD_REPEATS.get(model, (2, 3))
@@ -275,8 +289,11 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    selections = {model: attention["xattn_selection"] for model, attention in attentions.items()
+                  if "xattn_selection" in attention}  # fmt: skip
     write_json_atomic(args.out / "sparse_summary.json",
-                      {"backend_check": backend_check, "flex_check": checks, "rows": summary})  # fmt: skip
+                      {"backend_check": backend_check, "flex_check": checks, "rows": summary,
+                       "xattn_config_check": selection_check, "xattn_selection": selections})  # fmt: skip
     header = (
         ("model", 8),
         ("method", 7),
@@ -296,6 +313,12 @@ def main(argv: list[str] | None = None) -> None:
         f"* density depends on the data (random inputs here). Speedup vs {summary[0]['baseline'] if summary else '-'}. "
         f"Total {time.time() - started:.0f} s."
     )
+    if selections:
+        print("\nxattn selection alone (scoring; scoring + threshold), share of the cuDNN call; error vs float64, "
+              "kept blocks shared with float64's")  # fmt: skip
+        print(xattn_selection.TABLE_HEADER)
+        for model, row in selections.items():
+            print("\n".join(xattn_selection.table_lines(model, row)))
 
 
 if __name__ == "__main__":

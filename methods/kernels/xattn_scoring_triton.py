@@ -1,0 +1,213 @@
+"""XAttention's antidiagonal block scoring on CUDA in Triton, without materialising the reduced scores.
+
+Computes what :func:`methods.xattn.antidiagonal_block_scores_torch` computes (the torch path, which stays the
+CPU path and the reference): with stride S and ``R = block / S`` reduced rows per block, reduced query row i is
+``[q_{S i + S - 1}, q_{S i + S - 2}, ..., q_{S i}]`` and reduced key row j ``[k_{S j}, k_{S j + 1}, ...,
+k_{S j + S - 1}]`` (zero rows past N), their score ``s_ij = <rq_i, rk_j> / (sqrt(D) S)``, the softmax over the
+reduced keys with ``S j < N`` (a reduced key made only of padding takes no mass), rows with ``S i >= N`` set to
+0, and the mass ``masses[b, h, qb, kb] = sum of p_ij over i in query block qb, j in key block kb``.
+
+One kernel, :func:`_block_masses`, one program per (tile of BLOCK_M reduced query rows = BLOCK_M / R query
+blocks, batch x head), two passes over the reduced keys in tiles of BLOCK_N (= BLOCK_N / R key blocks):
+
+1. the scores of each tile, an online row max and row sum (fp32, base-2 exponentials);
+2. the scores again, normalised by the pass-1 statistics, summed per key block over the tile's R keys and per
+   query block over its R rows: a ``(BLOCK_M / R, BLOCK_N / R)`` tile of masses, stored; no atomics, so the
+   result is the same on every run.
+
+The reduced rows are never formed: ``s = sum_m Q_m K_m^T`` over the S offsets m, where ``Q_m`` holds tokens
+``S i + S - 1 - m`` and ``K_m`` tokens ``S j + m``; each is a strided load of whole token rows (pointer
+arithmetic, masked to zeros past N as the torch path's padding), so no ``(N / S, S D)`` copy of q or k reaches
+memory and any (B, H, N, D) strides with a contiguous last axis are read in place. ``K_m`` is loaded transposed
+by its addresses (no ``tl.trans``: see :mod:`methods.kernels.linear_attention_triton` on sm_90).
+
+Cost: each pass is one reduced QK^T, ``2 N^2 D / S`` FLOPs per head, i.e. ``1 / (2 S)`` of a dense attention
+call's ``4 N^2 D``; both passes ``1 / S`` of it, 12.5% at S = 8 at equal efficiency. Memory: the masses only.
+
+Shapes: q, k ``(B, H, N, D)`` fp16 or bf16, ``D <= 128`` (any larger head falls back to torch), ``block / S`` a
+power of two; masses ``(B, H, nb, nb)`` float32, ``nb = ceil(N / block)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from harness.errors import HarnessError
+from methods.kernels.block_sparse import num_blocks
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (CI): every call takes the torch path
+    triton = tl = None
+
+BACKEND_ENV = "BENCH_XATTN_BACKEND"
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+BACKEND_NOTE = f"xattn scoring on CUDA: fused Triton kernel (fp16/bf16); {BACKEND_ENV}=torch forces the torch path"
+MAX_HEAD_DIM = 128
+# Relative error (norm) of the kernel's masses against the torch path on the same fp16/bf16 values in float64:
+# products of 8- or 11-bit mantissas are exact in fp32, the sums over S D terms and over the reduced keys are
+# fp32 (~1e-7 relative each; 5e-8 to 1e-7 seen in the interpreter), the exponentials base-2 (on the GPU
+# ex2.approx, 2^-22 relative). The reference's own softmax is fp32. 1e-5 leaves a 100x margin.
+MASS_TOLERANCE = 1e-5
+LOG2_E = 1.4426950408889634
+# The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot time configurations: one small one.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# (BLOCK_M reduced query rows, BLOCK_N reduced keys, num_warps, num_stages); the autotuner keeps the fastest
+# (tiles smaller than one block, R = block / S, are pruned). Not yet run on a GPU: at Wan's block 128 and S = 8
+# (R = 16) every score tile is a loop of S = 8 products of K = 128, whose loads (a (BLOCK_M, D) and a (D, BLOCK_N)
+# tile per slice) the pipeliner buffers num_stages deep: 128 x 64 tiles at 3 stages hold 144 KiB of bf16.
+CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4), (128, 128, 8, 2), (64, 16, 4, 4),
+           (128, 64, 8, 1))  # fmt: skip
+INTERPRETER_CONFIGS = ((16, 16, 4, 1),)
+
+
+def _configs() -> list[Any]:
+    chosen = INTERPRETER_CONFIGS if INTERPRETED else CONFIGS
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen]
+
+
+def _prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+    """Tiles hold whole blocks: configurations with fewer than R rows or keys are dropped; when none is left
+    (blocks of more than 128 reduced rows), one tile of exactly R x R."""
+    rows = kwargs["R"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] >= rows and c.kwargs["BLOCK_N"] >= rows]
+    return kept or [triton.Config({"BLOCK_M": rows, "BLOCK_N": rows}, num_warps=8, num_stages=2)]
+
+
+def _kernel(fn: Any) -> Any:
+    """``triton.autotune`` around ``triton.jit``; without Triton the plain function, which is never launched."""
+    if triton is None:
+        return fn
+    autotune = triton.autotune(configs=_configs(), key=["R", "S", "BLOCK_D"],
+                               prune_configs_by={"early_config_prune": _prune})  # fmt: skip
+    return autotune(triton.jit(fn))
+
+
+def _jit(fn: Any) -> Any:
+    return fn if triton is None else triton.jit(fn)
+
+
+# -- kernel ---------------------------------------------------------------------------------------
+
+
+@_jit
+def _scores(q_base, k_base, rows, keys, cols, inside, N, sqn, skn, S: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):  # fmt: skip
+    """``(BLOCK_M, BLOCK_N)`` fp32 unscaled scores of reduced query rows ``rows`` against reduced keys ``keys``:
+    ``sum_m Q_m K_m^T`` with Q_m the tokens ``S rows + S - 1 - m`` and K_m the tokens ``S keys + m`` (zeros past
+    N, as the torch path's padding; K_m^T loaded transposed by the addresses)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m in range(S):  # the product's K loop (S slices of D): a loop the pipeliner buffers num_stages deep
+        q_tokens = rows * S + (S - 1 - m)
+        k_tokens = keys * S + m
+        q_tile = tl.load(q_base + q_tokens.to(tl.int64)[:, None] * sqn + cols[None, :],
+                         mask=(q_tokens < N)[:, None] & inside[None, :], other=0.0)  # fmt: skip
+        k_tile = tl.load(k_base + k_tokens.to(tl.int64)[None, :] * skn + cols[:, None],
+                         mask=inside[:, None] & (k_tokens < N)[None, :], other=0.0)  # fmt: skip
+        acc = tl.dot(q_tile, k_tile, acc)
+    return acc
+
+
+@_kernel
+def _block_masses(q_ptr, k_ptr, out_ptr, H, N, NB, scale, sqb, sqh, sqn, skb, skh, skn,
+                  D: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (query tile, b * H + h): the masses of query blocks ``[tile QB, (tile + 1) QB)`` (``QB = BLOCK_M /
+    R``) against every key block into ``out (B * H, NB, NB)`` fp32; ``scale`` is ``log2(e) / (sqrt(D) S)``."""
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    q_base, k_base = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < D
+    reduced_keys = tl.cdiv(N, S)  # reduced keys j with S j < N: every other one is padding only
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, reduced_keys, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        s = _scores(q_base, k_base, rows, keys, cols, inside, N, sqn, skn, S, BLOCK_M, BLOCK_N) * scale
+        s = tl.where((keys < reduced_keys)[None, :], s, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))  # finite: the first tile holds key 0
+        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(s - new_max[:, None]), axis=1)
+        row_max = new_max
+    weight = tl.where(rows * S < N, 1.0 / row_sum, 0.0)  # padded query rows contribute 0
+    query_blocks = tile * (BLOCK_M // R) + tl.arange(0, BLOCK_M // R)
+    out_base = out_ptr + bh.to(tl.int64) * NB * NB
+    for start in range(0, reduced_keys, BLOCK_N):  # BLOCK_N is a multiple of R: tiles hold whole key blocks
+        keys = start + tl.arange(0, BLOCK_N)
+        s = _scores(q_base, k_base, rows, keys, cols, inside, N, sqn, skn, S, BLOCK_M, BLOCK_N) * scale
+        s = tl.where((keys < reduced_keys)[None, :], s, float("-inf"))
+        p = tl.exp2(s - row_max[:, None]) * weight[:, None]
+        per_key_block = tl.sum(tl.reshape(p, (BLOCK_M, BLOCK_N // R, R)), axis=2)
+        mass = tl.sum(tl.reshape(per_key_block, (BLOCK_M // R, R, BLOCK_N // R)), axis=1)
+        key_blocks = start // R + tl.arange(0, BLOCK_N // R)
+        tl.store(out_base + query_blocks[:, None] * NB + key_blocks[None, :], mass,
+                 mask=(query_blocks < NB)[:, None] & (key_blocks < NB)[None, :])  # fmt: skip
+
+
+# -- dispatch -------------------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    """Columns of a tile: the head dimension rounded up to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> str | None:
+    """Why the fused kernel cannot score this call (None when it can): it runs on CUDA, or on CPU tensors under
+    the Triton interpreter (``TRITON_INTERPRET=1``, tests), in fp16 or bf16 (fp16 only in the interpreter, which
+    multiplies bf16 operands as raw integers)."""
+    if triton is None:
+        return "triton is not installed"
+    device_type = "cpu" if INTERPRETED else "cuda"
+    if {q.device.type, k.device.type} != {device_type}:
+        return f"inputs are not all on {device_type}"
+    dtypes = (torch.float16,) if INTERPRETED else (torch.float16, torch.bfloat16)
+    if q.dtype != k.dtype or q.dtype not in dtypes:
+        return f"inputs are {q.dtype}/{k.dtype}: the kernel scores {' or '.join(str(d) for d in dtypes)} inputs"
+    if q.dim() != 4 or q.shape != k.shape:
+        return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)} are not both (B, H, N, D)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    rows = block // stride
+    if block % stride or rows & (rows - 1):
+        return f"block {block} / stride {stride} is not a power of two"
+    return None
+
+
+def use_fused(q: torch.Tensor, k: torch.Tensor, block: int, stride: int, backend: str | None = None) -> bool:
+    """Whether this call runs the fused kernel: ``backend`` (default ``$BENCH_XATTN_BACKEND``) ``auto`` (default:
+    when it can), ``torch`` (never, for A/B comparison) or ``triton`` (always; HarnessError when it cannot)."""
+    chosen = (backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")).strip().lower() or "auto"
+    if chosen not in BACKENDS:
+        raise HarnessError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {chosen!r}")
+    if chosen == "torch":
+        return False
+    reason = unsupported_reason(q, k, block, stride)
+    if reason is not None and chosen == "triton":
+        raise HarnessError(f"{BACKEND_ENV}=triton but the fused xattn scoring cannot run: {reason}")
+    return reason is None
+
+
+def fused_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """XAttention's block masses ``(B, H, nb, nb)`` float32 from q, k ``(B, H, N, D)`` in one launch. The caller
+    checks :func:`unsupported_reason` first (:func:`use_fused` does)."""
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    batch, heads, tokens, dim = q.shape
+    blocks, rows = num_blocks(tokens, block), block // stride
+    masses = torch.empty(batch, heads, blocks, blocks, device=q.device, dtype=torch.float32)
+    scale = LOG2_E / (math.sqrt(dim) * stride)
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(blocks * rows, meta["BLOCK_M"]), batch * heads
+
+    _block_masses[grid](
+        q, k, masses, heads, tokens, blocks, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), D=dim, S=stride, R=rows, BLOCK_D=_block_d(dim),
+    )  # fmt: skip
+    return masses

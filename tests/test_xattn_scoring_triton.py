@@ -1,0 +1,150 @@
+"""The fused Triton scoring of XAttention against the torch path, and the dispatch between them.
+
+The kernel tests need Triton and either CUDA or the Triton interpreter on CPU tensors; elsewhere (CI) they
+skip. To run them on a CPU machine, with Triton (and numpy < 2.4, which Triton 3.6's interpreter needs: it
+converts loop bounds with ``int()`` of a one-element array) installed outside the project's environment::
+
+    TRITON_INTERPRET=1 PYTHONPATH=.:<numpy < 2.4 site>:<triton site> python -m pytest tests/test_xattn_scoring_triton.py
+
+The interpreter multiplies bf16 operands as raw integers, so there the kernel is checked in fp16; on CUDA in
+fp16 and bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from triton_helpers import DEVICE, ON_CUDA
+from triton_helpers import needs_kernel as triton_needs_kernel
+
+from harness.errors import HarnessError
+from methods.kernels import xattn_scoring_triton as fused
+from methods.kernels.block_sparse import select_by_cumulative_mass
+from methods.xattn import antidiagonal_block_scores, antidiagonal_block_scores_torch
+
+needs_kernel = triton_needs_kernel(fused)
+DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
+TOLERANCE = fused.MASS_TOLERANCE  # why 1e-5: see its comment
+
+
+def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """The torch path on the same values in float64 (its softmax runs in fp32)."""
+    return antidiagonal_block_scores_torch(q.double(), k.double(), block, stride)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "heads", "tokens", "dim", "block", "stride"),
+    [(1, 2, 100, 32, 16, 8),  # R = 2 reduced rows per block, ragged last block, 8 blocks per tile
+     (2, 2, 77, 16, 16, 4),  # batch 2, a reduced key made only of padding (77 + 3 padded tokens)
+     (1, 2, 150, 24, 32, 8),  # head dim padded to 32 columns
+     (1, 2, 130, 32, 32, 4),  # R = 8
+     (1, 1, 300, 32, 128, 8)],  # the paper's block and stride: R = 16, one block per tile
+)  # fmt: skip
+def test_fused_matches_torch_in_float64(batch: int, heads: int, tokens: int, dim: int, block: int, stride: int,
+                                        dtype: torch.dtype) -> None:  # fmt: skip
+    """Masses within TOLERANCE of the torch path in float64, for (B, N, H, D) projections seen as (B, H, N, D)."""
+    q, k = (torch.randn(batch, tokens, heads, dim, device=DEVICE).to(dtype).transpose(1, 2) for _ in range(2))
+    masses = fused.fused_block_masses(q, k, block, stride)
+    ref = reference(q, k, block, stride)
+    assert masses.shape == ref.shape and masses.dtype == torch.float32
+    assert relative(masses, ref) <= TOLERANCE, relative(masses, ref)
+
+
+@pytest.fixture
+def gpu_tiles(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The kernel at a GPU configuration's tiles (64 reduced query rows, 32 reduced keys) instead of the
+    interpreter's 16 x 16: at R = 16 four query blocks and two key blocks per tile."""
+    tuner = fused._block_masses
+    monkeypatch.setattr(tuner, "configs", [fused.triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4)])
+    tuner.cache.clear()
+    yield
+    tuner.cache.clear()
+
+
+@needs_kernel
+@pytest.mark.usefixtures("gpu_tiles")
+def test_fused_matches_torch_at_gpu_tiles() -> None:
+    """Several query and key blocks per tile at the paper's R = 16, ragged last block and last tile."""
+    q, k = (torch.randn(1, 2, 600, 32, device=DEVICE).to(torch.float16) for _ in range(2))
+    masses = fused.fused_block_masses(q, k, 128, 8)
+    assert relative(masses, reference(q, k, 128, 8)) <= TOLERANCE
+
+
+@needs_kernel
+def test_fused_selection_equals_torch_selection() -> None:
+    """Where each query block attends to one key block (a permutation) over noise, xattn's threshold keeps the
+    same blocks from either path's masses, and not all of them."""
+    tokens, dim, block, stride, blocks = 256, 32, 32, 8, 8
+    target = torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])
+    token_block = torch.arange(tokens) // block
+    q = 6 * torch.eye(dim)[token_block][None, None] + 0.3 * torch.randn(1, 2, tokens, dim)
+    k = 6 * torch.eye(dim)[torch.argsort(target)[token_block]][None, None] + 0.3 * torch.randn(1, 2, tokens, dim)
+    q, k = (t.to(DEVICE, torch.float16) for t in (q, k))
+    masses, ref = fused.fused_block_masses(q, k, block, stride), reference(q, k, block, stride)
+    assert torch.equal(ref.argmax(dim=-1).cpu(), target.expand(1, 2, blocks))  # well separated by construction
+    kept = select_by_cumulative_mass(masses, 0.9)
+    assert torch.equal(kept, select_by_cumulative_mass(ref, 0.9)) and kept.float().mean() < 0.5
+
+
+@needs_kernel
+def test_dispatch_runs_the_kernel_where_it_can() -> None:
+    """fp16 inputs on the kernel's device take the kernel, unless the backend is torch."""
+    q, k = (torch.randn(1, 2, 64, 16, device=DEVICE).to(torch.float16) for _ in range(2))
+    assert fused.use_fused(q, k, 16, 4) and not fused.use_fused(q, k, 16, 4, backend="torch")
+    assert torch.equal(antidiagonal_block_scores(q, k, 16, 4), fused.fused_block_masses(q, k, 16, 4))
+
+
+def test_unsupported_calls_take_the_torch_path() -> None:
+    """fp32 inputs (and any input without Triton) are scored by exactly the torch path."""
+    q, k = torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
+    assert fused.unsupported_reason(q, k, 16, 4) is not None
+    assert torch.equal(antidiagonal_block_scores(q, k, 16, 4), antidiagonal_block_scores_torch(q, k, 16, 4))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("triton", "BENCH_XATTN_BACKEND=triton but the fused xattn scoring cannot run"),
+     ("cuda", "BENCH_XATTN_BACKEND must be one of auto, torch, triton")],
+)  # fmt: skip
+def test_backend_variable_errors_are_specific(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
+    monkeypatch.setenv(fused.BACKEND_ENV, value)
+    q = torch.randn(1, 2, 20, 8)  # fp32: the kernel never takes it
+    with pytest.raises(HarnessError, match=message):
+        antidiagonal_block_scores(q, q, 8, 4)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("block", "stride"), [(24, 8), (16, 3)])
+def test_blocks_of_non_power_of_two_reduced_rows_are_refused(block: int, stride: int) -> None:
+    """R = block / stride must be a whole power of two (tl.arange); such calls are named and go to torch."""
+    q = torch.randn(1, 1, 48, 16, device=DEVICE).to(torch.float16)
+    assert "is not a power of two" in (fused.unsupported_reason(q, q, block, stride) or "")
+
+
+@needs_kernel
+def test_selection_script_checks_every_configuration_then_times_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU script's xattn part at a small shape: each autotuner configuration passes its float64 check, the
+    kernel's masses at the timed shape are within tolerance and keep float64's blocks, both paths are timed as
+    a share of the dense call, and the table has one line per path."""
+    from harness.benchmarks import xattn_selection as script
+    from harness.benchmarks.sparse_gpu import sparse_context
+    from methods import TokenGrid
+
+    monkeypatch.setattr(script, "REPEATS", (1, 2))
+    configs = script.check_configs(DEVICE)
+    assert configs["kept"] == len(configs["configs"]) >= 1
+    grid = TokenGrid(2, 8, 8)
+    q, k, v = (torch.randn(1, 2, grid.tokens, 32, device=DEVICE).to(torch.float16) for _ in range(3))
+    row = script.selection_timings(q, k, v, sparse_context(grid), dense_ms=1.0, configs_passed=True)
+    assert row["passed"] and row["check"]["triton"]["selection_agreement"] == 1.0
+    for timing in row["paths"].values():
+        assert timing["selection_fraction"] == timing["selection"]["median_ms"] > 0
+    assert len(script.table_lines("toy", row)) == len(script.PATHS)
