@@ -6,8 +6,9 @@
 1. Correctness (fresh random inputs, 8 x 16 x 32 = 4,096 tokens, 12 heads x 128): for every method,
    one plan executed twice -- compiled FlexAttention in bf16 and the masked dense path in fp32 --
    relative error within bf16 tolerance. A failing method is not timed.
-2. Attention: per model shape, one method call at a sparse step (selection + kernel) and the
-   kernel alone on a fixed plan, beside FA2 and cuDNN dense (random q, k, v in bf16); then every
+2. Attention: per model shape, one method call at a sparse step (selection + kernel), the kernel alone on a
+   fixed plan and the selection alone (its share of the cuDNN call, and its costliest operators from one
+   profiled call: JSON ``selection_top_ops``), beside FA2 and cuDNN dense (random q, k, v in bf16); then every
    block-sparse backend on that plan (error against masked dense on sampled rows, time, or why skipped)
    and the one ``backend=measure`` chooses (JSON ``attention.methods.<name>.backends``). On CUDA with xattn:
    its selection alone (scoring, and scoring + threshold) with the torch path and with the fused Triton
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +179,22 @@ def measure_backends(method: BlockSparseMethod, plan: SparsePlan, q: torch.Tenso
     return {"chosen": chosen, "report": report}
 
 
+def top_ops(call: Callable[[], Any], device: torch.device, rows: int = 12) -> list[dict[str, Any]]:
+    """One profiled ``call`` (after the timed ones: warm): its ``rows`` costliest operators by self device time on
+    CUDA (by self CPU time elsewhere), each with its count and milliseconds, to show where a selection's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(profiler.key_averages(), key=lambda event: getattr(event, key), reverse=True)[:rows]
+    return [{"op": event.key, "count": event.count, "self_ms": getattr(event, key) / 1e3,
+             "cpu_ms": event.cpu_time_total / 1e3} for event in events]  # fmt: skip
+
+
 def time_attention(names: list[str], dense: list[str], model: str, device: torch.device,
                    selection_check: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Per method at the model's default shape: a full call (selection + kernel) and the kernel alone; with
@@ -197,7 +215,11 @@ def time_attention(names: list[str], dense: list[str], model: str, device: torch
             if isinstance(method, BlockSparseMethod):
                 plan = method.plan(q, k, v, ctx)
                 kernel, _ = measure(lambda m=method, p=plan: m.execute(q, k, v, p, m.backend), device, *KERNEL_REPEATS)
+                selection, _ = measure(lambda m=method: m.plan(q, k, v, ctx), device, *KERNEL_REPEATS)
                 row |= {"kernel": kernel.to_dict(), "tile_density": plan.pattern.tile_density(),
+                        "selection": selection.to_dict(),
+                        "selection_share_of_dense": selection.median_ms / rows[dense[0]]["call"]["median_ms"],
+                        "selection_top_ops": top_ops(lambda m=method: m.plan(q, k, v, ctx), device),
                         "backends": measure_backends(method, plan, q, k, v)}  # fmt: skip
             if METHODS.get(name).capabilities.data_dependent:
                 row["note"] = RANDOM_DENSITY_NOTE
@@ -282,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
                 "baseline": result["baseline"],
                 "attention_call_ms": timing["call"]["median_ms"],
                 "kernel_ms": timing.get("kernel", timing["call"])["median_ms"],
+                "selection_share_of_dense": timing.get("selection_share_of_dense"),
                 "backend": timing.get("backends", {}).get("chosen"),
                 "density": entry["density"], "data_dependent": entry["data_dependent"],
             })  # fmt: skip
@@ -302,16 +325,18 @@ def main(argv: list[str] | None = None) -> None:
         ("call ms", 9),
         ("kernel ms", 10),
         ("backend", 10),
+        ("selection", 10),
     )
     print("\n" + " ".join(f"{title:>{width}}" for title, width in header) + "  density")
     for row in summary:
         mark = "*" if row["data_dependent"] else ""
+        share = row["selection_share_of_dense"]
         print(f"{row['model']:>8} {row['method']:>7} {row['forward_ms']:>11.1f} {row['speedup']:>7.2f}x "
               f"{row['attention_call_ms']:>9.2f} {row['kernel_ms']:>10.2f} {row['backend'] or '-':>10} "
-              f"{row['density']:>7.3f}{mark}")  # fmt: skip
+              f"{'-' if share is None else f'{share:.0%}':>10} {row['density']:>7.3f}{mark}")  # fmt: skip
     print(
-        f"* density depends on the data (random inputs here). Speedup vs {summary[0]['baseline'] if summary else '-'}. "
-        f"Total {time.time() - started:.0f} s."
+        f"* density depends on the data (random inputs here). Speedup vs {summary[0]['baseline'] if summary else '-'}; "
+        f"selection: the plan alone as a share of the dense call. Total {time.time() - started:.0f} s."
     )
     if selections:
         print("\nxattn selection alone (scoring; scoring + threshold), share of the cuDNN call; error vs float64, "
