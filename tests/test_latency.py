@@ -421,3 +421,20 @@ def test_a_timed_sample_excludes_the_first_encode_and_decode_of_the_process(monk
     assert calls == {"decode": 3, "encode_prompts": 3}
     decode = first["stages"]["decode"]
     assert len(decode["samples_ms"]) + len(decode["warmup_ms"]) == 1
+
+
+def test_wan_decode_runs_on_the_vae_device(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Latents from any device reach the VAE on its own: the untimed warm-up's CPU noise met a CUDA VAE on an
+    H200 (``slow_conv3d_forward`` on CUDA). A stand-in VAE on the meta device records what it is given."""
+    seen: dict[str, torch.device] = {}
+
+    class MetaVae:
+        config, dtype, device = tiny_model.vae.config, torch.float32, torch.device("meta")
+
+        def decode(self, latents: torch.Tensor, return_dict: bool) -> tuple[torch.Tensor]:
+            seen["device"] = latents.device
+            return (torch.zeros(latents.shape[0], 3, 1, 2, 2),)
+
+    monkeypatch.setattr(tiny_model, "vae", MetaVae())
+    frames = tiny_model.decode(torch.zeros(1, len(tiny_model.vae.config.latents_mean), 1, 2, 2))
+    assert seen["device"].type == "meta" and frames.shape == (1, 1, 2, 2, 3)

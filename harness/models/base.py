@@ -148,7 +148,7 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> video frames, uint8 ``(B, frames, height, width, 3)`` on CPU."""
+        """Latents on any device -> video frames, uint8 ``(B, frames, height, width, 3)`` on CPU."""
 
     def iter_layers(self) -> Iterator[tuple[int, torch.nn.Module]]:
         return enumerate(self.self_attention_layers())

@@ -268,6 +268,8 @@ class WanFamilyAdapter(ModelAdapter):
         if self.vae is None:
             raise HarnessError(f"{self.name} was built without a VAE and cannot decode")
         config = self.vae.config
+        # The VAE's device, not the caller's: a CPU-generated draw would otherwise reach CUDA convolutions.
+        latents = latents.to(self.vae.device)
         mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
         std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
         video = self.vae.decode((latents * std + mean).to(self.vae.dtype), return_dict=False)[0]
