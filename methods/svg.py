@@ -107,16 +107,21 @@ class SparseVideoGen(BlockSparseMethod):
             0, min(self.sample_max_row, tokens), (min(self.sampled_rows, tokens),),
             generator=self.generators.on(q.device), device=q.device,
         )  # fmt: skip
-        scores = (q[:, :, rows].float() @ k.float().transpose(-2, -1)) / q.shape[-1] ** 0.5
-        values = v.float()
-        exact = scores.softmax(dim=-1) @ values
+        # Products in the inputs' dtype (tensor cores for bf16/fp16), softmax and errors in fp32: the fp32 products
+        # ran on CUDA cores and were 90% of this selection on an H200 (reports/gpu/h200/README.md, run_25aee45).
+        scores = ((q[:, :, rows] * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).float()
+
+        def attend(weights: torch.Tensor) -> torch.Tensor:
+            return (weights.softmax(dim=-1).to(v.dtype) @ v).float()
+
+        exact = attend(scores)
         band_blocks = int(PROFILE_BAND_FRAMES * grid.tokens_per_frame // block)
         frame_major = torch.arange(tokens, device=q.device)
         position_major = (frame_major % grid.tokens_per_frame) * grid.frames + frame_major // grid.tokens_per_frame
         errors = []
         for index in (frame_major, position_major):  # spatial, then temporal
             near = (index[rows, None] // block - index[None, :] // block).abs() < band_blocks
-            masked = scores.masked_fill(~near, float("-inf")).softmax(dim=-1) @ values
+            masked = attend(scores.masked_fill(~near, float("-inf")))
             errors.append(((masked - exact) ** 2).mean(dim=(-2, -1)))
         return errors[1] < errors[0]  # ties go to spatial, as argmin does
 

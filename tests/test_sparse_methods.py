@@ -148,15 +148,17 @@ def test_xattn_scores_are_strided_antidiagonal_sums() -> None:
     assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
-def test_svg_profiling_tells_temporal_from_spatial_heads() -> None:
-    """A head whose keys match by spatial position (across frames) is temporal; by frame, spatial."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_svg_profiling_tells_temporal_from_spatial_heads(dtype: torch.dtype) -> None:
+    """A head whose keys match by spatial position (across frames) is temporal; by frame, spatial; in bf16 too,
+    where the products run in the inputs' dtype."""
     from methods.svg import SparseVideoGen
 
     grid = TokenGrid(5, 5, 8)
     index = torch.arange(grid.tokens)
     by_position = F.one_hot(index % grid.tokens_per_frame, 48).float() * 8
     by_frame = F.one_hot(index // grid.tokens_per_frame, 48).float() * 8
-    q = torch.stack([by_position, by_frame])[None]
+    q = torch.stack([by_position, by_frame])[None].to(dtype)
     method = build("svg", sampled_rows=200)
     assert isinstance(method, SparseVideoGen)
     temporal = method.temporal_heads(q, q, torch.randn_like(q), grid, BLOCK)
