@@ -239,7 +239,7 @@ def train_all(trainings: list[Training], args: argparse.Namespace, steps: int, r
             command += ["--eval-every", str(eval_every)]
         out.mkdir(parents=True, exist_ok=True)
         log = (out / "log.txt").open("w")
-        env = {**os.environ, "OMP_NUM_THREADS": "2"}
+        env = {"OMP_NUM_THREADS": "2", **os.environ}  # the caller's thread count wins (parallel CPU runs set 1)
         processes[training.name] = (spawn(command, stdout=log, stderr=subprocess.STDOUT, env=env), out)
     specs = {}
     for name, (process, out) in processes.items():

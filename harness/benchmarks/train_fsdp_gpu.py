@@ -33,7 +33,9 @@ from typing import Any
 
 import torch
 
+from harness.atomic import write_json_atomic
 from harness.benchmarks.linvideo_gpu import PAPER_LAYERS
+from harness.environment import capture_environment
 from harness.models.base import MODELS, ModelAdapter
 from harness.toyworld.train import ToyTeacherTask, ToyTrainConfig
 from harness.train import engine
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              "torch": torch.__version__, "status": "incomplete"}  # fmt: skip
+                              "environment": capture_environment(device), "status": "incomplete"}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "train_fsdp_gpu.json"
     result["correctness"] = check_correctness(device, args.toy_batch)
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if not result["correctness"]["passed"]:
         result["status"] = "correctness failed"
-        path.write_text(json.dumps(result, indent=2))
+        write_json_atomic(path, result)
         raise SystemExit("correctness check failed; nothing timed")
     with tempfile.TemporaryDirectory() as folder:
         result["linvideo_correctness"] = check_linvideo(device, Path(folder))
@@ -310,10 +312,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seconds = f"{case['mean_step_seconds']:.3f}" if "mean_step_seconds" in case else "-"
             peak = f"{case['peak_gib']:.1f}" if case.get("peak_gib") is not None else "-"
             print(f"{name:<18} {'on' if fsdp else 'off':<8} {seconds:>12} {peak:>9}  {case['status']}", flush=True)
-            path.write_text(json.dumps(result, indent=2))
+            write_json_atomic(path, result)
     store_folder.cleanup()
     result["status"] = "complete"
-    path.write_text(json.dumps(result, indent=2))
+    write_json_atomic(path, result)
     return result
 
 
