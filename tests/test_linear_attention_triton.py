@@ -247,6 +247,57 @@ def test_identity_hedgehog_has_no_weight_gradient() -> None:
     assert all(relative(a, b) <= TOLERANCE[DTYPES[0]] for a, b in zip(grads, ref_grads, strict=True))
 
 
+def op_inputs(kind: str) -> tuple[torch.Tensor | None, ...]:
+    """Fresh leaves q, k, v ``(1, 1, 20, 24)`` (one chunk: the state is the unsummed partials; head dim 24 padded
+    to 32 columns: the unprojected dq and dk and the dW slices are copies) and the maps' weights (None for relu and
+    elu), all requiring grad."""
+    q, k, v = (torch.randn(1, 1, 20, 24, device=DEVICE).to(DTYPES[0]).requires_grad_() for _ in range(3))
+    weights = (getattr(phi, "weight", None) for phi in maps(kind, 1, 24))
+    return q, k, v, *(None if w is None else w.detach().requires_grad_() for w in weights)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", fused.FUSED_KERNELS)
+def test_ops_pass_opcheck(kind: str) -> None:
+    """Both ops' schemas (no output aliases an input or another), fake outputs (shapes, dtypes, strides), autograd
+    registration and AOT dispatch agree with the kernels; the backward op both with and without weight gradients
+    (their absence an empty (0,) tensor)."""
+    q, k, v, q_weight, k_weight = op_inputs(kind)
+    torch.library.opcheck(fused.linear_attention_forward, (q, k, v, q_weight, k_weight, kind, 1e-6))
+    with torch.no_grad():
+        out, state, den = fused.linear_attention_forward(q, k, v, q_weight, k_weight, kind, 1e-6)
+    grad = torch.randn_like(out)
+    q, k, v, q_weight, k_weight = (None if t is None else t.detach() for t in (q, k, v, q_weight, k_weight))
+    for wanted in (True, False):  # the backward is first order only: its inputs do not require grad
+        args = (grad, q, k, v, q_weight, k_weight, state, out, den, kind, wanted, wanted)
+        torch.library.opcheck(fused.linear_attention_backward, args)
+        dwq, dwk = fused.linear_attention_backward(*args)[3:]
+        shape = (0,) if q_weight is None or not wanted else q_weight.shape
+        assert dwq.shape == dwk.shape == shape
+
+
+@needs_kernel
+def test_compiled_fused_linear_attention_equals_eager() -> None:
+    """torch.compile (fullgraph: no graph break) of the fused call with hedgehog's trainable weights gives eager's
+    output and gradients in q, k, v and both weights: the launch code is inside the ops, out of Dynamo's sight
+    (on the H200 Dynamo traced into the autotuner and failed)."""
+    q_map, k_map = maps("hedgehog", 2, 24)
+    q, k, v = (torch.randn(1, 2, 20, 24, device=DEVICE).to(DTYPES[0]).requires_grad_() for _ in range(3))
+    leaves = (q, k, v, q_map.weight, k_map.weight)
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return fused.fused_linear_attention(q, k, v, q_map, k_map)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (attention, compiled):
+        out = fn(q, k, v)
+        results.append((out, *torch.autograd.grad(out.float().sum(), leaves)))
+    torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 @pytest.mark.skipif(not (ON_CUDA and fused.triton is not None), reason="needs CUDA and triton")
 def test_cuda_dispatch_uses_the_kernel_unless_forced_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     q = torch.randn(1, 2, 64, 32, device="cuda", dtype=torch.bfloat16)

@@ -105,6 +105,29 @@ def test_dispatch_runs_the_kernel_where_it_can() -> None:
     assert torch.equal(masses, fused.fused_block_masses(q, k, 16, 4))
 
 
+@needs_kernel
+def test_op_passes_opcheck() -> None:
+    """The op's schema (the masses alias no input), fake output (shape, dtype, strides) and AOT dispatch agree with
+    the kernel, for (B, N, H, D) projections seen as (B, H, N, D)."""
+    q, k = (torch.randn(1, 40, 2, 16, device=DEVICE).to(torch.float16).transpose(1, 2) for _ in range(2))
+    torch.library.opcheck(fused.xattn_block_masses, (q, k, 16, 4))
+
+
+@needs_kernel
+def test_compiled_fused_block_masses_equal_eager() -> None:
+    """torch.compile (fullgraph: no graph break) of the fused scoring gives eager's masses: the launch code is inside
+    the op, out of Dynamo's sight."""
+    q, k = (torch.randn(1, 2, 40, 16, device=DEVICE).to(torch.float16) for _ in range(2))
+
+    def masses(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return fused.fused_block_masses(q, k, 16, 4)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(masses, backend="aot_eager", fullgraph=True)(q, k)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, masses(q, k))
+
+
 def test_unsupported_calls_take_the_torch_path() -> None:
     """fp32 inputs (and any input without Triton) are scored by exactly the torch path."""
     q, k = torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)

@@ -181,10 +181,11 @@ def stage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str
 def stage_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, q_weight: torch.Tensor | None,
                  k_weight: torch.Tensor | None, grad: torch.Tensor, eps: float = 1e-6,
                  ) -> dict[str, float | None]:  # fmt: skip
-    """The relative error of every intermediate of one fused forward + backward (each launch in turn, as
-    ``_FusedLinearAttention`` chains them) against :func:`stage_reference`: names the first wrong kernel (state and
-    its sum: S, z; output pass: out, den; query pass and its sum: dp_q, dS, dz; key pass: dp_k, dv; projection
-    passes: dq, dk, dWq, dWk). None where not finite. q, k, v, grad ``(B, H, N, D)`` in the compute dtype."""
+    """The relative error of every intermediate of one fused forward + backward (each launch in turn, as the ops
+    ``linear_attention_forward`` and ``linear_attention_backward`` chain them) against :func:`stage_reference`: names
+    the first wrong kernel (state and its sum: S, z; output pass: out, den; query pass and its sum: dp_q, dS, dz; key
+    pass: dp_k, dv; projection passes: dq, dk, dWq, dWk). None where not finite. q, k, v, grad ``(B, H, N, D)`` in
+    the compute dtype."""
     code, nh = fused.KIND_CODES[kind], 2 if kind == "hedgehog" else 1
     batch, heads, tokens, dim = q.shape
     bd = fused._block_d(dim)

@@ -26,7 +26,12 @@ minimises waves x chunk length, see :func:`_chunking`):
   gradient ``x^T dp`` (summed over chunks and batch by :func:`_sum_groups`).
 
 ``W - I`` is formed inside each kernel from the weight, so a call runs no torch op on the device besides the
-kernels: 3 launches forward, 4 to 8 backward.
+kernels: 2 or 3 launches forward, 3 to 8 backward (at a power-of-two head dim with fp32 weights; see the ops).
+
+The launches are entered through two ``torch.library`` custom ops, :func:`linear_attention_forward` and
+:func:`linear_attention_backward` (``attention_bench::``), tied by ``register_autograd``: torch.compile sees each as
+one opaque call with fake outputs of the real shapes, dtypes and strides, and never traces the launch code (the
+autotuners' Python and the ``lru_cache`` of :func:`_chunking`), which Dynamo could not.
 
 No kernel takes ``tl.trans`` of a tile it also passes untransposed to another ``tl.dot``, nor of a loaded tile: a
 matrix needed both ways is loaded twice, transposed by the addresses (:func:`_matrix`). On an H200 (sm_90, Triton
@@ -48,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
+from methods.kernels import OP_NAMESPACE
 from methods.kernels.linear_attention import EluFeatureMap, FeatureMap, HedgehogFeatureMap, ReluFeatureMap
 
 try:
@@ -477,7 +483,8 @@ def _state_buffer(groups: int, rows: int, block_d: int, device: torch.device) ->
 
 
 def _summed(partials: torch.Tensor) -> torch.Tensor:
-    """Partial sums ``(groups, ...)`` fp32 -> their sum over groups ``(...)``, in one launch (none for one group)."""
+    """Partial sums ``(groups, ...)`` fp32 -> their sum over groups ``(...)``, contiguous, in one launch; for one
+    group none: that group, a view of ``partials``, which no caller keeps."""
     if partials.shape[0] == 1:
         return partials[0]
     total = torch.empty(partials.shape[1:], device=partials.device, dtype=torch.float32)
@@ -506,12 +513,12 @@ def _weight_operand(weight: torch.Tensor | None) -> torch.Tensor | None:
 
 def _through_projection(x: torch.Tensor, dp_halves: torch.Tensor, weight: torch.Tensor | None, want_weight: bool,
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """dL/dx ``(B, H, N, D)`` and dL/dW ``(H, D, D)`` (fp32 sums, in W's dtype; None unless wanted) from dL/dp
-    per feature half ``(nh, B, H, N, BD)``, for ``p = x W``."""
+    """dL/dx ``(B, H, N, D)`` and dL/dW ``(H, D, D)`` (fp32 sums, in W's dtype; None unless wanted), both
+    contiguous, from dL/dp per feature half ``(nh, B, H, N, BD)``, for ``p = x W``."""
     nh, batch, heads, tokens, block_d = dp_halves.shape
     dim = x.shape[-1]
     if nh == 1 and weight is None:
-        return dp_halves[0][..., :dim], None
+        return dp_halves[0][..., :dim].contiguous(), None  # a copy only where the head dim is padded
     want = weight is not None and want_weight
     dx = torch.empty(x.shape, device=x.device, dtype=dp_halves.dtype)
     grid, chunk = _grid(x, 1, PROJECT_CONFIGS)
@@ -524,7 +531,7 @@ def _through_projection(x: torch.Tensor, dp_halves: torch.Tensor, weight: torch.
     )  # fmt: skip
     if not want:
         return dx, None
-    return dx, _summed(partials).view(heads, block_d, block_d)[:, :dim, :dim].to(weight.dtype)
+    return dx, _summed(partials).view(heads, block_d, block_d)[:, :dim, :dim].to(weight.dtype).contiguous()
 
 
 def _output_pass(q: torch.Tensor, wq: torch.Tensor | None, state: torch.Tensor, kind: int, nh: int,
@@ -577,34 +584,103 @@ def _key_pass(k: torch.Tensor, v: torch.Tensor, wk: torch.Tensor | None, d_state
     return dp_k, dv
 
 
-class _FusedLinearAttention(torch.autograd.Function):
-    """Autograd of the fused kernels; inputs already in the compute dtype, weights ``(H, D, D)``.
+def _halves(kind: str) -> int:
+    """Feature halves of a map: hedgehog's ``softmax(+-x W)`` are two, relu's and elu's one."""
+    return 2 if kind == "hedgehog" else 1
 
-    Launches: forward 3 (state partials, their sum, output); backward 4 to 8 (query pass, the state gradients'
-    sum, the key pass's dv and dp, and per projected side one pass with W's gradient summed); no other device
-    op."""
 
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
-                k_weight: torch.Tensor | None, kind: str, eps: float) -> torch.Tensor:  # fmt: skip
-        code, nh = KIND_CODES[kind], 2 if kind == "hedgehog" else 1
-        wq, wk = _weight_operand(q_weight), _weight_operand(k_weight)
-        state = _gram(k, v, wk, code, nh)
-        out, den = _output_pass(q, wq, state, code, nh, eps)
-        ctx.save_for_backward(q, k, v, q_weight, k_weight, state, out, den)
-        ctx.kind = kind
-        return out
+def _state_shape(q: torch.Tensor, kind: str) -> tuple[int, int]:
+    """The state buffer's shape ``(B * H * halves, BD * BD + BD)`` for q ``(B, H, N, D)``."""
+    batch, heads, _, dim = q.shape
+    block_d = _block_d(int(dim))  # the head dim is static: it picks the kernels' tile
+    return batch * heads * _halves(kind), block_d * block_d + block_d
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, q_weight, k_weight, state, out, den = ctx.saved_tensors
-        code, nh = KIND_CODES[ctx.kind], 2 if ctx.kind == "hedgehog" else 1
-        wq, wk = _weight_operand(q_weight), _weight_operand(k_weight)
-        dp_q, d_state = _query_pass(q, _last_axis_contiguous(grad_out), out, den, wq, state, code, nh)
-        dp_k, dv = _key_pass(k, v, wk, d_state, code, nh)
-        dq, dwq = _through_projection(q, dp_q, q_weight, ctx.needs_input_grad[3])
-        dk, dwk = _through_projection(k, dp_k, k_weight, ctx.needs_input_grad[4])
-        return dq, dk, dv, dwq, dwk, None, None
+
+def _no_weight_grad(x: torch.Tensor) -> torch.Tensor:
+    """The backward op's "no weight gradient" (no weight, or not wanted): an empty ``(0,)`` tensor in x's dtype,
+    since an op's schema cannot return an optional tensor."""
+    return x.new_empty(0)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::linear_attention_forward", mutates_args=())
+def linear_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+                             k_weight: torch.Tensor | None, kind: str, eps: float,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The fused forward as one op, opaque to torch.compile (Dynamo does not trace the launch code): q ``(B, H, N,
+    D)``, k and v ``(B, H, M, D)`` in one compute dtype (fp16/bf16; any strides), hedgehog's weights ``(H, D, D)``
+    or None, ``kind`` one of :data:`FUSED_KERNELS`. Returns, each contiguous and in memory of its own, the output
+    ``(B, H, N, D)`` in q's dtype, the state ``(B * H * halves, BD * BD + BD)`` fp32 and the normaliser ``den``
+    ``(B * H, N)`` fp32 (both kept for the backward). Launches: 2 or 3 (state partials, their sum when the keys
+    are cut into more than one chunk, output); no other device op."""
+    code, nh = KIND_CODES[kind], _halves(kind)
+    q, k, v = (_last_axis_contiguous(t) for t in (q, k, v))
+    state = _gram(k, v, _weight_operand(k_weight), code, nh)
+    out, den = _output_pass(q, _weight_operand(q_weight), state, code, nh, eps)
+    return out, state, den
+
+
+@linear_attention_forward.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+      k_weight: torch.Tensor | None, kind: str, eps: float) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    batch, heads, tokens, _ = q.shape
+    state = q.new_empty(_state_shape(q, kind), dtype=torch.float32)
+    return q.new_empty(q.shape), state, q.new_empty((batch * heads, tokens), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::linear_attention_backward", mutates_args=())
+def linear_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None, state: torch.Tensor, out: torch.Tensor, den: torch.Tensor, kind: str,
+    want_dwq: bool, want_dwk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The fused backward as one op: from dL/dout ``(B, H, N, D)``, the forward's inputs and its outputs ``state``,
+    ``out``, ``den`` (as :func:`linear_attention_forward` returned them), ``(dq, dk, dv, dWq, dWk)``, each
+    contiguous and in memory of its own: dq, dk, dv in the inputs' dtype and shape, dW ``(H, D, D)`` in its
+    weight's dtype (fp32 sums) when that weight exists and ``want_dw`` asks for it, else :func:`_no_weight_grad`'s
+    empty ``(0,)`` tensor. Launches: 3 to 8 (query pass, the state gradients' sum over chunks when there are
+    several, the key pass's dv and dp, and per side with hedgehog's halves or W one projection pass and, for W's
+    gradient, its sum over chunks and batch); no other device op at a power-of-two head dim >= 16 (Wan's 128) with
+    fp32 weights. Elsewhere slicing the padded columns off costs one copy per unprojected dq/dk and per dW, as does
+    casting dW to a weight dtype other than fp32. First order only: it registers no autograd of its own."""
+    code, nh = KIND_CODES[kind], _halves(kind)
+    grad_out, q, k, v = (_last_axis_contiguous(t) for t in (grad_out, q, k, v))
+    wq, wk = _weight_operand(q_weight), _weight_operand(k_weight)
+    dp_q, d_state = _query_pass(q, grad_out, out, den, wq, state, code, nh)
+    dp_k, dv = _key_pass(k, v, wk, d_state, code, nh)
+    dq, dwq = _through_projection(q, dp_q, q_weight, want_dwq)
+    dk, dwk = _through_projection(k, dp_k, k_weight, want_dwk)
+    return dq, dk, dv, _no_weight_grad(q) if dwq is None else dwq, _no_weight_grad(k) if dwk is None else dwk
+
+
+@linear_attention_backward.register_fake
+def _(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
+      k_weight: torch.Tensor | None, state: torch.Tensor, out: torch.Tensor, den: torch.Tensor, kind: str,
+      want_dwq: bool, want_dwk: bool) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    def weight_grad(x: torch.Tensor, weight: torch.Tensor | None, wanted: bool) -> torch.Tensor:
+        return weight.new_empty(weight.shape) if weight is not None and wanted else _no_weight_grad(x)
+
+    return (q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape), weight_grad(q, q_weight, want_dwq),
+            weight_grad(k, k_weight, want_dwk))  # fmt: skip
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    q, k, v, q_weight, k_weight, kind, _ = inputs
+    out, state, den = output
+    ctx.save_for_backward(q, k, v, q_weight, k_weight, state, out, den)
+    ctx.mark_non_differentiable(state, den)
+    ctx.kind = kind
+
+
+def _backward(ctx: Any, grad_out: torch.Tensor, _grad_state: Any, _grad_den: Any) -> tuple[torch.Tensor | None, ...]:
+    """dL/d(q, k, v, q_weight, k_weight); the state and den are saved for the backward, not differentiable."""
+    q, k, v, q_weight, k_weight, state, out, den = ctx.saved_tensors
+    want_dwq, want_dwk = (ctx.needs_input_grad[i] and w is not None for i, w in ((3, q_weight), (4, k_weight)))
+    dq, dk, dv, dwq, dwk = linear_attention_backward(grad_out, q, k, v, q_weight, k_weight, state, out, den, ctx.kind,
+                                                     want_dwq, want_dwk)  # fmt: skip
+    return dq, dk, dv, dwq if want_dwq else None, dwk if want_dwk else None, None, None
+
+
+linear_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 # -- dispatch -------------------------------------------------------------------------------------
@@ -670,8 +746,8 @@ def fused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     The caller checks :func:`unsupported_reason` first (:func:`use_fused` does)."""
     out_dtype, dtype = v.dtype, compute_dtype(q, k, v)
     q, k, v = (_last_axis_contiguous(t.to(dtype)) for t in (q, k, v))
-    out = _FusedLinearAttention.apply(q, k, v, getattr(q_map, "weight", None), getattr(k_map, "weight", None),
-                                      map_kind(q_map), eps)  # fmt: skip
+    out, _, _ = linear_attention_forward(q, k, v, getattr(q_map, "weight", None), getattr(k_map, "weight", None),
+                                         map_kind(q_map), eps)  # fmt: skip
     return out.to(out_dtype)
 
 

@@ -24,6 +24,9 @@ by its addresses (no ``tl.trans``: see :mod:`methods.kernels.linear_attention_tr
 Cost: each pass is one reduced QK^T, ``2 N^2 D / S`` FLOPs per head, i.e. ``1 / (2 S)`` of a dense attention
 call's ``4 N^2 D``; both passes ``1 / S`` of it, 12.5% at S = 8 at equal efficiency. Memory: the masses only.
 
+The launch is one ``torch.library`` custom op, :func:`xattn_block_masses` (``attention_bench::``, inference only),
+so torch.compile sees one opaque call with a fake output of the masses' shape and never traces the autotuner.
+
 Shapes: q, k ``(B, H, N, D)`` fp16 or bf16, ``D <= 128`` (any larger head falls back to torch), ``block / S`` a
 power of two; masses ``(B, H, nb, nb)`` float32, ``nb = ceil(N / block)``.
 """
@@ -37,6 +40,7 @@ from typing import Any
 import torch
 
 from harness.errors import HarnessError
+from methods.kernels import OP_NAMESPACE
 from methods.kernels.block_sparse import num_blocks
 
 try:
@@ -201,8 +205,17 @@ def use_fused(q: torch.Tensor, k: torch.Tensor, block: int, stride: int, backend
 
 
 def fused_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
-    """XAttention's block masses ``(B, H, nb, nb)`` float32 from q, k ``(B, H, N, D)`` in one launch. The caller
-    checks :func:`unsupported_reason` first (:func:`use_fused` does)."""
+    """XAttention's block masses ``(B, H, nb, nb)`` float32 from q, k ``(B, H, N, D)`` in one launch, through the
+    op :func:`xattn_block_masses`. The caller checks :func:`unsupported_reason` first (:func:`use_fused` does)."""
+    return xattn_block_masses(q, k, block, stride)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::xattn_block_masses", mutates_args=())
+def xattn_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """The kernel's launch as one op, opaque to torch.compile (Dynamo does not trace the autotuner's Python): the
+    masses ``(B, H, nb, nb)`` float32, contiguous, in memory of their own, for q, k ``(B, H, N, D)`` (any strides).
+    Inference only: the masses select blocks, nothing differentiates them, so the op registers no autograd (a
+    backward through it raises)."""
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     batch, heads, tokens, dim = q.shape
     blocks, rows = num_blocks(tokens, block), block // stride
@@ -217,3 +230,10 @@ def fused_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int
         k.stride(2), D=dim, S=stride, R=rows, BLOCK_D=_block_d(dim),
     )  # fmt: skip
     return masses
+
+
+@xattn_block_masses.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    batch, heads, tokens, _ = q.shape
+    blocks = num_blocks(tokens, block)
+    return q.new_empty((batch, heads, blocks, blocks), dtype=torch.float32)
