@@ -96,11 +96,10 @@ def test_fused_selection_equals_torch_selection() -> None:
 
 @needs_kernel
 def test_dispatch_runs_the_kernel_where_it_can() -> None:
-    """fp16 inputs on the kernel's device take the kernel under auto; the default stays torch until the kernel has
-    passed its GPU check."""
+    """fp16 inputs on the kernel's device take the kernel under auto, the default since its GPU check passed."""
     q, k = (torch.randn(1, 2, 64, 16, device=DEVICE).to(torch.float16) for _ in range(2))
     assert fused.use_fused(q, k, 16, 4, backend="auto") and not fused.use_fused(q, k, 16, 4, backend="torch")
-    assert not fused.use_fused(q, k, 16, 4)
+    assert fused.use_fused(q, k, 16, 4)
     masses = antidiagonal_block_scores(q, k, 16, 4, backend="auto")
     assert torch.equal(masses, fused.fused_block_masses(q, k, 16, 4))
 
