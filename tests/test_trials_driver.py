@@ -1,5 +1,5 @@
 """The toy trials driver (harness.benchmarks.linvideo_trials_gpu): how it deals its child processes over the GPUs,
-and E1c's plan and reading."""
+and E1c's and E1d's plans and readings."""
 
 from __future__ import annotations
 
@@ -59,3 +59,26 @@ def test_e1c_without_every_arm_says_it_is_incomplete() -> None:
     from harness.benchmarks.linvideo_trials_gpu import e1c_verdict
 
     assert "incomplete" in e1c_verdict({"adm": [57.0], "mse": [65.0]})
+
+
+def test_e1d_trains_e1cs_adm_and_limit_arms_in_fp32() -> None:
+    """Issue 20's E1d: E1c's ADM and mse-limit arms, the same options plus --no-bf16, seeds 0-2."""
+    import argparse
+
+    from harness.benchmarks.linvideo_trials_gpu import planned
+
+    args = argparse.Namespace(e1_lr=3e-5, e1_steps=400)
+    e1c = {run.name: run.options for run in planned(argparse.Namespace(experiments=("e1c",), **vars(args)))}
+    e1d = {run.name: run.options for run in planned(argparse.Namespace(experiments=("e1d",), **vars(args)))}
+    assert sorted(e1d) == sorted(f"{arm}_fp32_s{seed}" for arm in ("adm", "mse-limit") for seed in (0, 1, 2))
+    for name, options in e1d.items():
+        arm, seed = name.split("_fp32_s")
+        assert list(options) == [*e1c[f"{arm}_s{seed}"][:-2], "--no-bf16", "--seed", seed]
+
+
+@pytest.mark.parametrize(("limit", "verdict"), [(58.0, "bf16 autocast is what separates"), (66.0, "does not explain")])
+def test_e1d_reads_adm_against_its_limit_in_fp32(limit: float, verdict: str) -> None:
+    from harness.benchmarks.linvideo_trials_gpu import e1d_verdict
+
+    assert verdict in e1d_verdict({"adm_fp32": [57.0, 56.0, 58.0], "mse-limit_fp32": [limit] * 3})
+    assert "incomplete" in e1d_verdict({"adm_fp32": [57.0]})
