@@ -36,7 +36,7 @@ from methods.kernels.block_sparse import (
     select_by_cost_budget,
     select_by_cumulative_mass,
 )
-from methods.kernels.xattn_scoring_triton import BACKEND_NOTE, fused_block_masses, use_fused
+from methods.kernels.xattn_scoring_triton import BACKEND_NOTE, block_masses, chosen_variant, use_fused
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, SparsePlan, block_sparse_parameters
 
@@ -44,18 +44,20 @@ _SCORE_CHUNK_ELEMENTS = 1 << 27  # reduced scores held at once (512 MiB in fp32)
 
 
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, stride: int,
-                              backend: str | None = None) -> torch.Tensor:  # fmt: skip
+                              backend: str | None = None, variant: str | None = None) -> torch.Tensor:  # fmt: skip
     """XAttention's block masses ``(B, H, nb, nb)`` float32 from q, k ``(B, H, N, D)``.
 
     Each entry is the softmax mass (over all keys, per reduced query row) of one query block x key
     block, from antidiagonal sums of ``stride x stride`` cells; rows of one query block sum to
     ``block / stride`` (fewer in a ragged last block). On CUDA (fp16/bf16) the fused Triton kernel
     (:mod:`methods.kernels.xattn_scoring_triton`, no score matrix in memory) computes them unless ``backend``
-    (default ``$BENCH_XATTN_BACKEND``) is ``torch``; elsewhere :func:`antidiagonal_block_scores_torch`.
-    Raises HarnessError for an unknown backend, or ``triton`` where the kernel cannot run.
+    (default ``$BENCH_XATTN_BACKEND``) is ``torch``, in its two-pass or single-pass ``variant`` (default
+    ``$BENCH_XATTN_VARIANT``, else two-pass); elsewhere :func:`antidiagonal_block_scores_torch`.
+    Raises HarnessError for an unknown backend or variant (on every path), or ``triton`` where the kernel cannot run.
     """
+    variant = chosen_variant(variant)
     if use_fused(q, k, block, stride, backend):
-        return fused_block_masses(q, k, block, stride)
+        return block_masses(q, k, block, stride, variant)
     return antidiagonal_block_scores_torch(q, k, block, stride)
 
 

@@ -12,9 +12,9 @@
    block-sparse backend on that plan (error against masked dense on sampled rows, time, or why skipped)
    and the one ``backend=measure`` chooses (JSON ``attention.methods.<name>.backends``). On CUDA with xattn:
    its selection alone (scoring, and scoring + threshold) with the torch path and with the fused Triton
-   scoring, each checked against float64 first (every autotuner configuration once, then at each model shape),
-   as a fraction of the cuDNN call (:mod:`harness.benchmarks.xattn_selection`; JSON ``attention.xattn_selection``
-   and a table of its own).
+   scoring (two-pass and single-pass kernels), each checked against float64 first (every autotuner configuration
+   once, then at each model shape), as a fraction of the cuDNN call (:mod:`harness.benchmarks.xattn_selection`;
+   JSON ``attention.xattn_selection`` and a table of its own).
 3. Transformer forward: ``bench latency`` (random weights, real architecture) of cudnn, fa2 and
    every method at its paper setting (a step after warm-up, the paper's dense layers dense), at
    Wan 1.3B 480p x 81 frames (32,760 tokens) and Wan 14B 720p x 81 frames (75,600 tokens).
@@ -198,7 +198,7 @@ def top_ops(call: Callable[[], Any], device: torch.device, rows: int = 12) -> li
 def time_attention(names: list[str], dense: list[str], model: str, device: torch.device,
                    selection_check: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Per method at the model's default shape: a full call (selection + kernel) and the kernel alone; with
-    ``selection_check`` (:func:`xattn_selection.check_configs`'s result) xattn's selection on both scoring paths."""
+    ``selection_check`` (:func:`xattn_selection.check_configs`'s result) xattn's selection on every scoring path."""
     adapter_cls = MODELS.get(model)
     grid = adapter_cls.token_grid(adapter_cls.defaults)
     config = adapter_cls.transformer_config
@@ -230,7 +230,7 @@ def time_attention(names: list[str], dense: list[str], model: str, device: torch
         result = {"tokens": grid.tokens, "heads": q.shape[1], "head_dim": q.shape[-1], "methods": rows}
         if selection_check is not None:
             result["xattn_selection"] = xattn_selection.selection_timings(
-                q, k, v, ctx, rows["cudnn"]["call"]["median_ms"], selection_check["kept"] > 0
+                q, k, v, ctx, rows["cudnn"]["call"]["median_ms"], selection_check
             )
     return result
 

@@ -1,13 +1,15 @@
 """XAttention's block selection on the GPU: the fused Triton scoring checked, then timed against the torch path.
 
-Used by :mod:`harness.benchmarks.sparse_gpu` (on CUDA, when xattn is among its methods), per model shape:
+Used by :mod:`harness.benchmarks.sparse_gpu` (on CUDA, when xattn is among its methods), per model shape, for
+the paths of :data:`PATHS`: torch, and the kernel's two variants (``triton`` the two-pass kernel, the name of
+earlier runs' JSON; ``triton_single_pass`` the single-pass one):
 
-1. :func:`check_configs`: every configuration of the kernel's autotuner list, pinned in turn, against the torch
-   path in float64 (fresh random q, k at :data:`CONFIG_CHECK_SHAPE`, ragged, fp16 and bf16); a configuration
-   that fails, or does not compile (out of shared memory, say), is dropped from the list before anything is
-   timed, and the JSON names it with its errors.
-2. :func:`selection_timings` at the model's shape: the autotuned kernel's masses against float64 (relative
-   error within ``MASS_TOLERANCE``, else the kernel is not timed), the bf16 torch path's error beside it, and
+1. :func:`check_configs`: per kernel variant, every configuration of its autotuner list, pinned in turn,
+   against the torch path in float64 (fresh random q, k at :data:`CONFIG_CHECK_SHAPE`, ragged, fp16 and bf16); a
+   configuration that fails, or does not compile (out of shared memory, say), is dropped from the list before
+   anything is timed, and the JSON names it with its errors.
+2. :func:`selection_timings` at the model's shape: each variant's autotuned masses against float64 (relative
+   error within ``MASS_TOLERANCE``, else that variant is not timed), the bf16 torch path's error beside them, and
    how many of xattn's kept blocks (threshold 0.9) each path shares with float64's; then the median time of
    the scoring alone and of the whole selection (``XAttention.plan``: scoring and threshold) per path, and
    each as a fraction of the dense cuDNN call of the same run.
@@ -28,7 +30,9 @@ from methods.kernels import xattn_scoring_triton as fused
 from methods.kernels.block_sparse import select_by_cumulative_mass
 from methods.xattn import XAttention, antidiagonal_block_scores, antidiagonal_block_scores_torch
 
-PATHS = ("torch", "triton")
+#: Timed path -> (``$BENCH_XATTN_BACKEND``, ``$BENCH_XATTN_VARIANT``; None: the torch path has no variant).
+PATHS: dict[str, tuple[str, str | None]] = {"torch": ("torch", None), "triton": ("triton", "two_pass"),
+                                            "triton_single_pass": ("triton", "single_pass")}  # fmt: skip
 #: (batch, heads, tokens, head_dim, block, stride) of the per-configuration check: Wan's heads and blocks,
 #: 4,000 tokens (a ragged last block and last tile).
 CONFIG_CHECK_SHAPE = {"cuda": (1, 12, 4000, 128, 128, 8), "cpu": (1, 2, 300, 32, 128, 8)}
@@ -40,9 +44,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @contextmanager
-def pinned(configs: list[Any]) -> Iterator[None]:
-    """The kernel's autotuner restricted to ``configs`` (its cache cleared before and after)."""
-    tuner = fused._block_masses
+def pinned(variant: str, configs: list[Any]) -> Iterator[None]:
+    """The autotuner of the kernel ``variant`` restricted to ``configs`` (its cache cleared before and after)."""
+    tuner = fused.TUNERS[variant]
     saved = tuner.configs
     tuner.configs = configs
     tuner.cache.clear()
@@ -54,81 +58,95 @@ def pinned(configs: list[Any]) -> Iterator[None]:
 
 
 @contextmanager
-def scoring_backend(backend: str) -> Iterator[None]:
-    """``$BENCH_XATTN_BACKEND`` set to ``backend`` (as a user would) for the calls inside."""
-    saved = os.environ.get(fused.BACKEND_ENV)
-    os.environ[fused.BACKEND_ENV] = backend
+def scoring_path(path: str) -> Iterator[None]:
+    """``$BENCH_XATTN_BACKEND`` and ``$BENCH_XATTN_VARIANT`` set (as a user would) to ``path``'s for the calls
+    inside; the variant left as it is for the torch path."""
+    backend, variant = PATHS[path]
+    settings = {fused.BACKEND_ENV: backend} | ({} if variant is None else {fused.VARIANT_ENV: variant})
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if saved is None:
-            del os.environ[fused.BACKEND_ENV]
-        else:
-            os.environ[fused.BACKEND_ENV] = saved
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def check_configs(device: torch.device) -> dict[str, Any]:
-    """Each configuration of the autotuner's list pinned in turn, against float64 on fresh random inputs; the
-    failing ones are removed from the list. Returns ``{"configs": [{"config", "errors", "passed"}], "kept"}``."""
+    """Per kernel variant, each configuration of its autotuner's list pinned in turn, against float64 on fresh
+    random inputs; the failing ones are removed from the list. Returns ``{"shape", "variants": {variant:
+    {"configs": [{"config", "errors", "passed"}], "kept"}}}``."""
     batch, heads, tokens, dim, block, stride = CONFIG_CHECK_SHAPE[device.type]
     dtypes = (torch.float16,) if fused.INTERPRETED else (torch.float16, torch.bfloat16)
     inputs = {dtype: [torch.randn(batch, heads, tokens, dim, device=device).to(dtype) for _ in range(2)]
               for dtype in dtypes}  # fmt: skip
     refs = {dtype: antidiagonal_block_scores_torch(q.double(), k.double(), block, stride)
             for dtype, (q, k) in inputs.items()}  # fmt: skip
-    results, kept = [], []
-    for config in fused._block_masses.configs:
-        try:
-            with pinned([config]):
-                errors = {
-                    str(dtype).removeprefix("torch."): relative_error(
-                        fused.fused_block_masses(q, k, block, stride), refs[dtype]
-                    )
-                    for dtype, (q, k) in inputs.items()
-                }
-        except (fused.triton.runtime.errors.OutOfResources, fused.triton.compiler.errors.CompilationError) as exc:
-            errors = {"compile": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-        passed = all(isinstance(e, float) and e <= fused.MASS_TOLERANCE for e in errors.values())
-        results.append({"config": str(config), "errors": errors, "passed": passed})
-        print(f"xattn scoring config {config}: {'ok' if passed else 'FAILED'} {errors}", flush=True)
-        if passed:
-            kept.append(config)
-    if kept:
-        fused._block_masses.configs = kept
-        fused._block_masses.cache.clear()
-    return {"shape": CONFIG_CHECK_SHAPE[device.type], "configs": results, "kept": len(kept)}
+    variants = {}
+    for variant in fused.VARIANTS:
+        tuner = fused.TUNERS[variant]
+        results, kept = [], []
+        for config in tuner.configs:
+            try:
+                with pinned(variant, [config]):
+                    errors = {
+                        str(dtype).removeprefix("torch."): relative_error(
+                            fused.block_masses(q, k, block, stride, variant), refs[dtype]
+                        )
+                        for dtype, (q, k) in inputs.items()
+                    }
+            except (fused.triton.runtime.errors.OutOfResources, fused.triton.compiler.errors.CompilationError) as exc:
+                errors = {"compile": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            passed = all(isinstance(e, float) and e <= fused.MASS_TOLERANCE for e in errors.values())
+            results.append({"config": str(config), "errors": errors, "passed": passed})
+            print(f"xattn scoring {variant} config {config}: {'ok' if passed else 'FAILED'} {errors}", flush=True)
+            if passed:
+                kept.append(config)
+        if kept:
+            tuner.configs = kept
+            tuner.cache.clear()
+        variants[variant] = {"configs": results, "kept": len(kept)}
+    return {"shape": CONFIG_CHECK_SHAPE[device.type], "variants": variants}
 
 
 def selection_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
-                      dense_ms: float, configs_passed: bool) -> dict[str, Any]:  # fmt: skip
-    """Check at this shape, then time both paths (see the module docstring). q, k, v ``(B, H, N, D)`` bf16 (fp16
-    in the interpreter); ``dense_ms`` the dense call's median. The kernel is timed only if ``configs_passed``
-    (some configuration passed :func:`check_configs`) and its masses here are within tolerance."""
+                      dense_ms: float, config_check: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Check at this shape, then time every path (see the module docstring). q, k, v ``(B, H, N, D)`` bf16 (fp16
+    in the interpreter); ``dense_ms`` the dense call's median; ``config_check`` :func:`check_configs`'s result. A
+    kernel variant is timed only if some configuration of it passed there and its masses here are within
+    tolerance; ``passed`` says whether every variant was."""
     method = XAttention()
     block = method.block_size(q.shape[-2])
     stride = method.stride_for(block)
     ref = antidiagonal_block_scores_torch(q.double(), k.double(), block, stride)
     kept_ref = select_by_cumulative_mass(ref, method.threshold)
     check: dict[str, Any] = {}
-    for path in PATHS:
-        if path == "triton" and (not configs_passed or fused.unsupported_reason(q, k, block, stride)):
-            check[path] = {"skipped": fused.unsupported_reason(q, k, block, stride) or "no configuration passed"}
-            continue
-        masses = antidiagonal_block_scores(q, k, block, stride, backend=path)
+    for path, (backend, variant) in PATHS.items():
+        if variant is not None:
+            reason = fused.unsupported_reason(q, k, block, stride)
+            if reason is not None or not config_check["variants"][variant]["kept"]:
+                check[path] = {"skipped": reason or "no configuration passed"}
+                continue
+        masses = antidiagonal_block_scores(q, k, block, stride, backend=backend, variant=variant)
         shared = (select_by_cumulative_mass(masses, method.threshold) == kept_ref).float().mean().item()
         check[path] = {"relative_error": relative_error(masses, ref), "selection_agreement": shared}
+        if variant is not None:
+            check[path]["passed"] = check[path]["relative_error"] <= fused.MASS_TOLERANCE
         del masses
     del ref
-    passed = check["triton"].get("relative_error", float("inf")) <= fused.MASS_TOLERANCE
+    passed = all(check[path].get("passed", False) for path, (_, variant) in PATHS.items() if variant is not None)
     row: dict[str, Any] = {"block": block, "stride": stride, "dense_ms": dense_ms, "check": check,
                            "passed": passed, "paths": {}}  # fmt: skip
-    for path in PATHS:
-        if path == "triton" and not passed:
+    for path, (backend, variant) in PATHS.items():
+        if variant is not None and not check[path].get("passed", False):
             row["paths"][path] = {"skipped": check[path].get("skipped", "masses outside tolerance")}
             continue
-        scoring, _ = measure(lambda p=path: antidiagonal_block_scores(q, k, block, stride, backend=p), q.device,
-                             *REPEATS)  # fmt: skip
-        with scoring_backend(path):
+        scoring, _ = measure(lambda b=backend, kind=variant: antidiagonal_block_scores(q, k, block, stride, b, kind),
+                             q.device, *REPEATS)  # fmt: skip
+        with scoring_path(path):
             selection, _ = measure(lambda: method.plan(q, k, v, ctx), q.device, *REPEATS)
         row["paths"][path] = {"scoring": scoring.to_dict(), "selection": selection.to_dict(),
                               "scoring_fraction": scoring.median_ms / dense_ms,
@@ -142,13 +160,14 @@ def table_lines(model: str, row: dict[str, Any]) -> list[str]:
     for path, timing in row["paths"].items():
         check = row["check"][path]
         if "skipped" in timing:
-            lines.append(f"{model:>8} {path:>7}  skipped: {timing['skipped']}")
+            lines.append(f"{model:>8} {path:>18}  skipped: {timing['skipped']}")
             continue
-        lines.append(f"{model:>8} {path:>7} {timing['scoring']['median_ms']:>10.2f} {timing['scoring_fraction']:>8.1%} "
-                     f"{timing['selection']['median_ms']:>12.2f} {timing['selection_fraction']:>8.1%} "
+        lines.append(f"{model:>8} {path:>18} {timing['scoring']['median_ms']:>10.2f} "
+                     f"{timing['scoring_fraction']:>8.1%} {timing['selection']['median_ms']:>12.2f} "
+                     f"{timing['selection_fraction']:>8.1%} "
                      f"{check['relative_error']:>10.1e} {check['selection_agreement']:>9.4f}")  # fmt: skip
     return lines
 
 
-TABLE_HEADER = (f"{'model':>8} {'path':>7} {'scoring ms':>10} {'of dense':>8} {'selection ms':>12} {'of dense':>8} "
+TABLE_HEADER = (f"{'model':>8} {'path':>18} {'scoring ms':>10} {'of dense':>8} {'selection ms':>12} {'of dense':>8} "
                 f"{'error':>10} {'agreement':>9}")  # fmt: skip

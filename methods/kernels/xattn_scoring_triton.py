@@ -7,7 +7,9 @@ k_{S j + S - 1}]`` (zero rows past N), their score ``s_ij = <rq_i, rk_j> / (sqrt
 reduced keys with ``S j < N`` (a reduced key made only of padding takes no mass), rows with ``S i >= N`` set to
 0, and the mass ``masses[b, h, qb, kb] = sum of p_ij over i in query block qb, j in key block kb``.
 
-One kernel, :func:`_block_masses`, one program per (tile of BLOCK_M reduced query rows = BLOCK_M / R query
+Two variants compute the same masses (:data:`VARIANTS`, chosen by :func:`block_masses`):
+
+``two_pass``, :func:`_block_masses`: one program per (tile of BLOCK_M reduced query rows = BLOCK_M / R query
 blocks, batch x head), two passes over the reduced keys in tiles of BLOCK_N (= BLOCK_N / R key blocks):
 
 1. the scores of each tile, an online row max and row sum (fp32, base-2 exponentials);
@@ -15,17 +17,38 @@ blocks, batch x head), two passes over the reduced keys in tiles of BLOCK_N (= B
    query block over its R rows: a ``(BLOCK_M / R, BLOCK_N / R)`` tile of masses, stored; no atomics, so the
    result is the same on every run.
 
+``single_pass``: each score tile computed once, in two launches.
+
+1. :func:`_block_partials`, the same programs and tiles as pass 1: per tile the running row max ``m_i`` and
+   sum, and per (reduced row i, key block kb of the tile) the partial ``P_i,kb = sum_{j in kb} exp2(s_ij -
+   m_i)`` against the running max at that tile, stored with that max; at the end each row's final max and its
+   weight ``1 / l_i`` (0 for rows with ``S i >= N``). Rescaling the stored partials whenever a later tile
+   raises the max would rewrite every earlier tile (quadratic traffic), and keeping all NB partials of a row in
+   registers does not fit at Wan's 256 key blocks, so each partial keeps the max it was taken against.
+2. :func:`_combine_partials`, one program per (query block, BLOCK_K key blocks, batch x head): ``masses[qb, kb]
+   = sum_{i in qb} P_i,kb exp2(m_i,kb - m_i) / l_i``, summed over the block's R rows in registers (no atomics).
+
+The partials and the maxima they were taken against are ``(B H, nb, nb R)`` fp32 each, key-block major (a
+tile's store is BLOCK_M consecutive rows per key block); the max is kept per key block, not per key tile, so the
+second launch does not depend on the BLOCK_N the autotuner chose. At Wan 1.3B (12 heads, nb = 256, R = 16)
+that is 48 MiB each, 96 MiB in all plus 2 x 192 KiB of row statistics, freed when the op returns; the second
+launch reads them once: about 50 microseconds of HBM traffic on an H200, 1% of the scoring's 5 ms.
+
 The reduced rows are never formed: ``s = sum_m Q_m K_m^T`` over the S offsets m, where ``Q_m`` holds tokens
 ``S i + S - 1 - m`` and ``K_m`` tokens ``S j + m``; each is a strided load of whole token rows (pointer
 arithmetic, masked to zeros past N as the torch path's padding), so no ``(N / S, S D)`` copy of q or k reaches
 memory and any (B, H, N, D) strides with a contiguous last axis are read in place. ``K_m`` is loaded transposed
 by its addresses (no ``tl.trans``: see :mod:`methods.kernels.linear_attention_triton` on sm_90).
 
-Cost: each pass is one reduced QK^T, ``2 N^2 D / S`` FLOPs per head, i.e. ``1 / (2 S)`` of a dense attention
-call's ``4 N^2 D``; both passes ``1 / S`` of it, 12.5% at S = 8 at equal efficiency. Memory: the masses only.
+Cost: one reduced QK^T is ``2 N^2 D / S`` FLOPs per head, i.e. ``1 / (2 S)`` of a dense attention call's
+``4 N^2 D``: the two-pass kernel computes it twice (``1 / S`` of a dense call, 12.5% at S = 8, at equal
+efficiency), the single-pass one once (6.25% at S = 8) plus ``N^2 / S^2`` exponentials, the same count as one
+of the two-pass kernel's passes. Memory: the two-pass kernel the masses only, the single-pass one the partials
+above.
 
-The launch is one ``torch.library`` custom op, :func:`xattn_block_masses` (``attention_bench::``, inference only),
-so torch.compile sees one opaque call with a fake output of the masses' shape and never traces the autotuner.
+Each variant's launches are one ``torch.library`` custom op, :func:`xattn_block_masses` and
+:func:`xattn_block_masses_single_pass` (``attention_bench::``, inference only), so torch.compile sees one opaque
+call with a fake output of the masses' shape and never traces the autotuner.
 
 Shapes: q, k ``(B, H, N, D)`` fp16 or bf16, ``D <= 128`` (any larger head falls back to torch), ``block / S`` a
 power of two; masses ``(B, H, nb, nb)`` float32, ``nb = ceil(N / block)``.
@@ -54,8 +77,14 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 # auto since the kernel passed sparse_gpu's check on an H200 (every configuration, fp16 and bf16, relative error
 # <= 9.3e-8; scoring 5.24 ms against torch's 10.15 ms at Wan 1.3B: reports/gpu/h200/README.md, run_25aee45).
 DEFAULT_BACKEND = "auto"
+VARIANT_ENV = "BENCH_XATTN_VARIANT"
+VARIANTS: tuple[str, ...] = ("two_pass", "single_pass")
+# two_pass until the single-pass kernel has passed its GPU check (harness.benchmarks.xattn_selection, run by
+# sparse_gpu): it has run only in the Triton interpreter so far.
+DEFAULT_VARIANT = "two_pass"
 BACKEND_NOTE = (f"xattn scoring: the fused Triton kernel on CUDA (fp16/bf16) where it can run; {BACKEND_ENV}=torch "
-                "forces the torch path")  # fmt: skip
+                f"forces the torch path; {VARIANT_ENV}=single_pass scores each tile once (default {DEFAULT_VARIANT}, "
+                "until the single-pass kernel passes its GPU check)")  # fmt: skip
 MAX_HEAD_DIM = 128
 # Relative error (norm) of the kernel's masses against the torch path on the same fp16/bf16 values in float64:
 # products of 8- or 11-bit mantissas are exact in fp32, the sums over S D terms and over the reduced keys are
@@ -72,6 +101,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4), (128, 128, 8, 2), (64, 16, 4, 4),
            (128, 64, 8, 1))  # fmt: skip
 INTERPRETER_CONFIGS = ((16, 16, 4, 1),)
+# Elements of a combining program's (R reduced rows, BLOCK_K key blocks) tile: BLOCK_K = COMBINE_TILE / R key
+# blocks (128 at R = 16), a power of two as R is.
+COMBINE_TILE = 2048
 
 
 def _configs() -> list[Any]:
@@ -121,41 +153,120 @@ def _scores(q_base, k_base, rows, keys, cols, inside, N, sqn, skn, S: tl.constex
     return acc
 
 
-@_kernel
-def _block_masses(q_ptr, k_ptr, out_ptr, H, N, NB, scale, sqb, sqh, sqn, skb, skh, skn,
-                  D: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Program (query tile, b * H + h): the masses of query blocks ``[tile QB, (tile + 1) QB)`` (``QB = BLOCK_M /
-    R``) against every key block into ``out (B * H, NB, NB)`` fp32; ``scale`` is ``log2(e) / (sqrt(D) S)``."""
-    tile, bh = tl.program_id(0), tl.program_id(1)
+@_jit
+def _tile_scores(q_base, k_base, rows, keys, cols, inside, N, reduced_keys, scale, sqn, skn, S: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The tile's scores in base-2 units (``scale`` is ``log2(e) / (sqrt(D) S)``), ``-inf`` at keys past the
+    reduced keys ``S j < N`` so that they take no mass."""
+    s = _scores(q_base, k_base, rows, keys, cols, inside, N, sqn, skn, S, BLOCK_M, BLOCK_N) * scale
+    return tl.where((keys < reduced_keys)[None, :], s, float("-inf"))
+
+
+@_jit
+def _per_key_block(p, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(BLOCK_M, BLOCK_N / R)``: each row of ``p`` summed over the R keys of each key block."""
+    return tl.sum(tl.reshape(p, (BLOCK_M, BLOCK_N // R, R)), axis=2)
+
+
+@_jit
+def _head_bases(q_ptr, k_ptr, bh, H, sqb, sqh, skb, skh):
+    """Where q and k of ``bh = b * H + h`` start."""
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    q_base, k_base = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    inside = cols < D
+    return q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh
+
+
+@_jit
+def _online_pass(q_base, k_base, rows, cols, inside, N, scale, sqn, skn, partial_ptr, max_ptr, NB, ROWS,
+                 S: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PARTIALS: tl.constexpr):  # fmt: skip
+    """One pass over the reduced keys in tiles of BLOCK_N: each row's max and sum of ``exp2(s - max)`` (online,
+    fp32), returned. With PARTIALS, also each tile's per (row, key block) sums against the row's running max and
+    that max, stored at ``partial_ptr`` and ``max_ptr`` (``(NB, ROWS)``, key-block major; rows past ROWS and key
+    blocks past NB are not stored)."""
     reduced_keys = tl.cdiv(N, S)  # reduced keys j with S j < N: every other one is padding only
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, reduced_keys, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        s = _scores(q_base, k_base, rows, keys, cols, inside, N, sqn, skn, S, BLOCK_M, BLOCK_N) * scale
-        s = tl.where((keys < reduced_keys)[None, :], s, float("-inf"))
+        s = _tile_scores(q_base, k_base, rows, keys, cols, inside, N, reduced_keys, scale, sqn, skn, S, BLOCK_M,
+                         BLOCK_N)  # fmt: skip
         new_max = tl.maximum(row_max, tl.max(s, axis=1))  # finite: the first tile holds key 0
-        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(s - new_max[:, None]), axis=1)
+        p = tl.exp2(s - new_max[:, None])
+        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(p, axis=1)
         row_max = new_max
+        if PARTIALS:  # BLOCK_N is a multiple of R: tiles hold whole key blocks
+            key_blocks = start // R + tl.arange(0, BLOCK_N // R)
+            offsets = key_blocks[None, :] * ROWS + rows[:, None]
+            stored = (rows < ROWS)[:, None] & (key_blocks < NB)[None, :]
+            tl.store(partial_ptr + offsets, _per_key_block(p, R, BLOCK_M, BLOCK_N), mask=stored)
+            tl.store(max_ptr + offsets, tl.broadcast_to(row_max[:, None], (BLOCK_M, BLOCK_N // R)), mask=stored)
+    return row_max, row_sum
+
+
+@_kernel
+def _block_masses(q_ptr, k_ptr, out_ptr, H, N, NB, scale, sqb, sqh, sqn, skb, skh, skn,
+                  D: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Two-pass program (query tile, b * H + h): the masses of query blocks ``[tile QB, (tile + 1) QB)`` (``QB =
+    BLOCK_M / R``) against every key block into ``out (B * H, NB, NB)`` fp32."""
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    q_base, k_base = _head_bases(q_ptr, k_ptr, bh, H, sqb, sqh, skb, skh)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < D
+    row_max, row_sum = _online_pass(q_base, k_base, rows, cols, inside, N, scale, sqn, skn, out_ptr, out_ptr, NB, 0,
+                                    S, R, BLOCK_M, BLOCK_N, PARTIALS=False)  # fmt: skip
     weight = tl.where(rows * S < N, 1.0 / row_sum, 0.0)  # padded query rows contribute 0
+    reduced_keys = tl.cdiv(N, S)
     query_blocks = tile * (BLOCK_M // R) + tl.arange(0, BLOCK_M // R)
     out_base = out_ptr + bh.to(tl.int64) * NB * NB
-    for start in range(0, reduced_keys, BLOCK_N):  # BLOCK_N is a multiple of R: tiles hold whole key blocks
+    for start in range(0, reduced_keys, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        s = _scores(q_base, k_base, rows, keys, cols, inside, N, sqn, skn, S, BLOCK_M, BLOCK_N) * scale
-        s = tl.where((keys < reduced_keys)[None, :], s, float("-inf"))
+        s = _tile_scores(q_base, k_base, rows, keys, cols, inside, N, reduced_keys, scale, sqn, skn, S, BLOCK_M,
+                         BLOCK_N)  # fmt: skip
         p = tl.exp2(s - row_max[:, None]) * weight[:, None]
-        per_key_block = tl.sum(tl.reshape(p, (BLOCK_M, BLOCK_N // R, R)), axis=2)
-        mass = tl.sum(tl.reshape(per_key_block, (BLOCK_M // R, R, BLOCK_N // R)), axis=1)
+        mass = tl.sum(tl.reshape(_per_key_block(p, R, BLOCK_M, BLOCK_N), (BLOCK_M // R, R, BLOCK_N // R)), axis=1)
         key_blocks = start // R + tl.arange(0, BLOCK_N // R)
         tl.store(out_base + query_blocks[:, None] * NB + key_blocks[None, :], mass,
                  mask=(query_blocks < NB)[:, None] & (key_blocks < NB)[None, :])  # fmt: skip
+
+
+@_kernel
+def _block_partials(q_ptr, k_ptr, partial_ptr, max_ptr, final_max_ptr, weight_ptr, H, N, NB, ROWS, scale, sqb, sqh,
+                    sqn, skb, skh, skn, D: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Single-pass program (query tile, b * H + h), one pass over the reduced keys: per (row, key block) the
+    partial sum against the row's running max and that max, into ``partial`` and ``max`` ``(B * H, NB, ROWS)``
+    fp32 (``ROWS = NB R``, key-block major); then each row's final max and weight (``1 / row sum``, 0 past N)
+    into ``final_max`` and ``weight`` ``(B * H, ROWS)``."""
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    q_base, k_base = _head_bases(q_ptr, k_ptr, bh, H, sqb, sqh, skb, skh)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    head = bh.to(tl.int64) * NB * ROWS
+    row_max, row_sum = _online_pass(q_base, k_base, rows, cols, cols < D, N, scale, sqn, skn, partial_ptr + head,
+                                    max_ptr + head, NB, ROWS, S, R, BLOCK_M, BLOCK_N, PARTIALS=True)  # fmt: skip
+    row_offsets = bh.to(tl.int64) * ROWS + rows
+    tl.store(final_max_ptr + row_offsets, row_max, mask=rows < ROWS)
+    tl.store(weight_ptr + row_offsets, tl.where(rows * S < N, 1.0 / row_sum, 0.0), mask=rows < ROWS)
+
+
+@_jit
+def _combine_partials(partial_ptr, max_ptr, final_max_ptr, weight_ptr, out_ptr, NB, ROWS, R: tl.constexpr,
+                      BLOCK_K: tl.constexpr):  # fmt: skip
+    """Program (query block, key tile, b * H + h): ``out[qb, kb] = sum over the block's R rows of partial
+    exp2(max - final max) weight`` for BLOCK_K key blocks, into ``out (B * H, NB, NB)`` fp32."""
+    query_block, key_tile, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = query_block * R + tl.arange(0, R)
+    key_blocks = key_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    present = key_blocks < NB
+    offsets = bh.to(tl.int64) * NB * ROWS + key_blocks[None, :] * ROWS + rows[:, None]
+    partial = tl.load(partial_ptr + offsets, mask=present[None, :], other=0.0)
+    at_store = tl.load(max_ptr + offsets, mask=present[None, :], other=0.0)
+    row_offsets = bh.to(tl.int64) * ROWS + rows
+    final_max, weight = tl.load(final_max_ptr + row_offsets), tl.load(weight_ptr + row_offsets)
+    mass = tl.sum(partial * tl.exp2(at_store - final_max[:, None]) * weight[:, None], axis=0)
+    tl.store(out_ptr + bh.to(tl.int64) * NB * NB + query_block * NB + key_blocks, mass, mask=present)
 
 
 # -- dispatch -------------------------------------------------------------------------------------
@@ -188,14 +299,19 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, block: int, stride: int
     return None
 
 
+def _choice(value: str | None, env: str, default: str, allowed: tuple[str, ...]) -> str:
+    """``value``, else ``$env``, else ``default``, normalised; HarnessError naming ``env`` when not in ``allowed``."""
+    chosen = (value if value is not None else os.environ.get(env, default)).strip().lower() or default
+    if chosen not in allowed:
+        raise HarnessError(f"{env} must be one of {', '.join(allowed)}, got {chosen!r}")
+    return chosen
+
+
 def use_fused(q: torch.Tensor, k: torch.Tensor, block: int, stride: int, backend: str | None = None) -> bool:
     """Whether this call runs the fused kernel: ``backend`` (default ``$BENCH_XATTN_BACKEND``, else
     :data:`DEFAULT_BACKEND`) ``auto`` (when it can), ``torch`` (never) or ``triton`` (always; HarnessError when it
     cannot)."""
-    chosen = (backend if backend is not None else os.environ.get(BACKEND_ENV, DEFAULT_BACKEND)).strip().lower()
-    chosen = chosen or DEFAULT_BACKEND
-    if chosen not in BACKENDS:
-        raise HarnessError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {chosen!r}")
+    chosen = _choice(backend, BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
     if chosen == "torch":
         return False
     reason = unsupported_reason(q, k, block, stride)
@@ -204,36 +320,90 @@ def use_fused(q: torch.Tensor, k: torch.Tensor, block: int, stride: int, backend
     return reason is None
 
 
+def chosen_variant(variant: str | None = None) -> str:
+    """The kernel variant: ``variant``, else ``$BENCH_XATTN_VARIANT``, else :data:`DEFAULT_VARIANT`; HarnessError
+    when it is not one of :data:`VARIANTS`."""
+    return _choice(variant, VARIANT_ENV, DEFAULT_VARIANT, VARIANTS)
+
+
+def block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int, variant: str | None = None) -> torch.Tensor:
+    """XAttention's block masses ``(B, H, nb, nb)`` float32 from q, k ``(B, H, N, D)`` by the kernel variant
+    :func:`chosen_variant` names. The caller checks :func:`unsupported_reason` first (:func:`use_fused` does)."""
+    return VARIANT_FUNCTIONS[chosen_variant(variant)](q, k, block, stride)
+
+
 def fused_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
-    """XAttention's block masses ``(B, H, nb, nb)`` float32 from q, k ``(B, H, N, D)`` in one launch, through the
-    op :func:`xattn_block_masses`. The caller checks :func:`unsupported_reason` first (:func:`use_fused` does)."""
+    """The two-pass variant's masses (see :func:`block_masses`), in one launch through the op
+    :func:`xattn_block_masses`."""
     return xattn_block_masses(q, k, block, stride)
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::xattn_block_masses", mutates_args=())
-def xattn_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
-    """The kernel's launch as one op, opaque to torch.compile (Dynamo does not trace the autotuner's Python): the
-    masses ``(B, H, nb, nb)`` float32, contiguous, in memory of their own, for q, k ``(B, H, N, D)`` (any strides).
-    Inference only: the masses select blocks, nothing differentiates them, so the op registers no autograd (a
-    backward through it raises)."""
+def fused_block_masses_single_pass(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """The single-pass variant's masses (see :func:`block_masses`), in two launches through the op
+    :func:`xattn_block_masses_single_pass`."""
+    return xattn_block_masses_single_pass(q, k, block, stride)
+
+
+def _launch_shape(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> tuple[Any, ...]:
+    """What both ops start from: q and k with a contiguous last axis (else copied), the empty masses ``(B, H, nb,
+    nb)`` fp32, the sizes (H, N, nb), the base-2 score scale ``log2(e) / (sqrt(D) S)``, the six strides and the
+    constexprs (D, S, R, BLOCK_D) that both scoring kernels take."""
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     batch, heads, tokens, dim = q.shape
     blocks, rows = num_blocks(tokens, block), block // stride
     masses = torch.empty(batch, heads, blocks, blocks, device=q.device, dtype=torch.float32)
     scale = LOG2_E / (math.sqrt(dim) * stride)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    constexprs = {"D": dim, "S": stride, "R": rows, "BLOCK_D": _block_d(dim)}
+    return q, k, masses, (heads, tokens, blocks), scale, strides, constexprs
 
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return triton.cdiv(blocks * rows, meta["BLOCK_M"]), batch * heads
 
-    _block_masses[grid](
-        q, k, masses, heads, tokens, blocks, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), D=dim, S=stride, R=rows, BLOCK_D=_block_d(dim),
-    )  # fmt: skip
+def _query_tiles(masses: torch.Tensor, rows: int) -> Any:
+    """The scoring kernels' grid: (tiles of BLOCK_M reduced query rows over every block's R rows, B * H)."""
+    batch, heads, blocks, _ = masses.shape
+    return lambda meta: (triton.cdiv(blocks * rows, meta["BLOCK_M"]), batch * heads)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::xattn_block_masses", mutates_args=())
+def xattn_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """The two-pass kernel's launch as one op, opaque to torch.compile (Dynamo does not trace the autotuner's
+    Python): the masses ``(B, H, nb, nb)`` float32, contiguous, in memory of their own, for q, k ``(B, H, N, D)``
+    (any strides). Inference only: the masses select blocks, nothing differentiates them, so the op registers no
+    autograd (a backward through it raises)."""
+    q, k, masses, (heads, tokens, blocks), scale, strides, constexprs = _launch_shape(q, k, block, stride)
+    _block_masses[_query_tiles(masses, constexprs["R"])](q, k, masses, heads, tokens, blocks, scale, *strides,
+                                                         **constexprs)  # fmt: skip
     return masses
 
 
-@xattn_block_masses.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+@torch.library.custom_op(f"{OP_NAMESPACE}::xattn_block_masses_single_pass", mutates_args=())
+def xattn_block_masses_single_pass(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """The single-pass kernels' two launches as one op, with :func:`xattn_block_masses`'s contract (same masses
+    up to fp32 rounding, same shape, dtype, strides; inference only). The partials live only inside the op."""
+    q, k, masses, (heads, tokens, blocks), scale, strides, constexprs = _launch_shape(q, k, block, stride)
+    batch_heads, rows = masses.shape[0] * masses.shape[1], constexprs["R"]
+    partials, maxima = (torch.empty(batch_heads, blocks, blocks * rows, device=q.device, dtype=torch.float32)
+                        for _ in range(2))  # fmt: skip
+    final_max, weight = (torch.empty(batch_heads, blocks * rows, device=q.device, dtype=torch.float32)
+                         for _ in range(2))  # fmt: skip
+    _block_partials[_query_tiles(masses, rows)](q, k, partials, maxima, final_max, weight, heads, tokens, blocks,
+                                                blocks * rows, scale, *strides, **constexprs)  # fmt: skip
+    key_blocks = max(1, COMBINE_TILE // rows)
+    _combine_partials[(blocks, triton.cdiv(blocks, key_blocks), batch_heads)](
+        partials, maxima, final_max, weight, masses, blocks, blocks * rows, R=rows, BLOCK_K=key_blocks
+    )
+    return masses
+
+
+def _fake_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """Both ops' fake output: the masses' shape and dtype, without running anything."""
     batch, heads, tokens, _ = q.shape
     blocks = num_blocks(tokens, block)
     return q.new_empty((batch, heads, blocks, blocks), dtype=torch.float32)
+
+
+xattn_block_masses.register_fake(_fake_masses)
+xattn_block_masses_single_pass.register_fake(_fake_masses)
+VARIANT_FUNCTIONS = {"two_pass": fused_block_masses, "single_pass": fused_block_masses_single_pass}
+#: Each variant's autotuned kernel (the one whose configurations the GPU check pins in turn).
+TUNERS = {"two_pass": _block_masses, "single_pass": _block_partials}
