@@ -82,16 +82,23 @@ class Training:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "fewstep_toy")))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT", "fewstep_toy")),
+        help="results folder: the JSON, the report table and the curves ($OUT)",
+    )
     parser.add_argument("--work", type=Path, default=None, help="weights, videos, states (default: a temp folder)")
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run, tiny sizes)")
     parser.add_argument("--budget-minutes", type=float, default=8.0, help="sampling stops starting runs past it")
     parser.add_argument("--sampling-reserve-s", type=float, default=180.0, help="of the budget, kept for sampling")
     parser.add_argument("--lrs", default="2e-5,1e-4", help="generator (and fake score) learning rates, each trained")
     parser.add_argument("--max-steps", type=int, default=2000, help="the paper's DMD2 stage: 2K steps")
-    parser.add_argument("--calibration-steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--fake-updates", type=int, default=5)
+    parser.add_argument(
+        "--calibration-steps", type=int, default=8, help="steps every training runs first, all at once, to time a step"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="DMD2 generator batch (prompts per step)")
+    parser.add_argument("--fake-updates", type=int, default=5, help="fake-score updates per generator step (DMD2: 5)")
     parser.add_argument("--prompts", type=int, default=4096, help="training prompts (training split)")
     parser.add_argument("--eval-clips", type=int, default=32, help="training-split prompts of the ToyBench curve")
     parser.add_argument("--videos", type=int, default=64, help="held-out prompts (seed 0) per run (the toy's 64)")
