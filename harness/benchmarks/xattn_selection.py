@@ -40,9 +40,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @contextmanager
-def pinned(configs: list[Any]) -> Iterator[None]:
-    """The kernel's autotuner restricted to ``configs`` (its cache cleared before and after)."""
-    tuner = fused._block_masses
+def pinned(tuner: Any, configs: list[Any]) -> Iterator[None]:
+    """A kernel's autotuner (``triton.autotune``'s object) restricted to ``configs`` (its cache cleared before and
+    after)."""
     saved = tuner.configs
     tuner.configs = configs
     tuner.cache.clear()
@@ -54,17 +54,18 @@ def pinned(configs: list[Any]) -> Iterator[None]:
 
 
 @contextmanager
-def scoring_backend(backend: str) -> Iterator[None]:
-    """``$BENCH_XATTN_BACKEND`` set to ``backend`` (as a user would) for the calls inside."""
-    saved = os.environ.get(fused.BACKEND_ENV)
-    os.environ[fused.BACKEND_ENV] = backend
+def backend_variable(variable: str, backend: str) -> Iterator[None]:
+    """``$variable`` (a kernel's backend choice, e.g. ``BENCH_XATTN_BACKEND``) set to ``backend`` (as a user would)
+    for the calls inside."""
+    saved = os.environ.get(variable)
+    os.environ[variable] = backend
     try:
         yield
     finally:
         if saved is None:
-            del os.environ[fused.BACKEND_ENV]
+            del os.environ[variable]
         else:
-            os.environ[fused.BACKEND_ENV] = saved
+            os.environ[variable] = saved
 
 
 def check_configs(device: torch.device) -> dict[str, Any]:
@@ -79,7 +80,7 @@ def check_configs(device: torch.device) -> dict[str, Any]:
     results, kept = [], []
     for config in fused._block_masses.configs:
         try:
-            with pinned([config]):
+            with pinned(fused._block_masses, [config]):
                 errors = {
                     str(dtype).removeprefix("torch."): relative_error(
                         fused.fused_block_masses(q, k, block, stride), refs[dtype]
@@ -128,7 +129,7 @@ def selection_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: At
             continue
         scoring, _ = measure(lambda p=path: antidiagonal_block_scores(q, k, block, stride, backend=p), q.device,
                              *REPEATS)  # fmt: skip
-        with scoring_backend(path):
+        with backend_variable(fused.BACKEND_ENV, path):
             selection, _ = measure(lambda: method.plan(q, k, v, ctx), q.device, *REPEATS)
         row["paths"][path] = {"scoring": scoring.to_dict(), "selection": selection.to_dict(),
                               "scoring_fraction": scoring.median_ms / dense_ms,

@@ -44,8 +44,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import HarnessError
-from methods.kernels import OP_NAMESPACE
+from methods.kernels import OP_NAMESPACE, use_kernel
 
 try:
     import triton
@@ -54,9 +53,8 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
     triton = tl = None
 
 BACKEND_ENV = "BENCH_KMEANS_BACKEND"
-BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
-# torch until the kernel passes the svg2 k-means check of harness.benchmarks.sparse_gpu on a GPU (it has only run
-# under the Triton interpreter); then auto, as xattn's scoring did.
+# torch until the kernels pass harness.benchmarks.svg2_kmeans's check on a GPU (they have only run under the Triton
+# interpreter); then auto, as xattn's scoring did.
 DEFAULT_BACKEND = "torch"
 BACKEND_NOTE = (f"svg2 k-means: {BACKEND_ENV}=auto runs the Triton Lloyd iterations on CUDA (fp16/bf16; not yet "
                 "the default)")  # fmt: skip
@@ -187,16 +185,7 @@ def use_fused(x: torch.Tensor, backend: str | None = None) -> bool:
     """Whether this k-means runs the kernels: ``backend`` (default ``$BENCH_KMEANS_BACKEND``, else
     :data:`DEFAULT_BACKEND`) ``auto`` (when they can), ``torch`` (never) or ``triton`` (always; HarnessError when
     they cannot)."""
-    chosen = (backend if backend is not None else os.environ.get(BACKEND_ENV, DEFAULT_BACKEND)).strip().lower()
-    chosen = chosen or DEFAULT_BACKEND
-    if chosen not in BACKENDS:
-        raise HarnessError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {chosen!r}")
-    if chosen == "torch":
-        return False
-    reason = unsupported_reason(x)
-    if reason is not None and chosen == "triton":
-        raise HarnessError(f"{BACKEND_ENV}=triton but the Triton k-means cannot run: {reason}")
-    return reason is None
+    return use_kernel(BACKEND_ENV, DEFAULT_BACKEND, backend, lambda: unsupported_reason(x), "the Triton k-means")
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::kmeans_lloyd", mutates_args=())

@@ -39,8 +39,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import HarnessError
-from methods.kernels import OP_NAMESPACE
+from methods.kernels import OP_NAMESPACE, use_kernel
 from methods.kernels.block_sparse import num_blocks
 
 try:
@@ -50,7 +49,6 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
     triton = tl = None
 
 BACKEND_ENV = "BENCH_XATTN_BACKEND"
-BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 # auto since the kernel passed sparse_gpu's check on an H200 (every configuration, fp16 and bf16, relative error
 # <= 9.3e-8; scoring 5.24 ms against torch's 10.15 ms at Wan 1.3B: reports/gpu/h200/README.md, run_25aee45).
 DEFAULT_BACKEND = "auto"
@@ -192,16 +190,8 @@ def use_fused(q: torch.Tensor, k: torch.Tensor, block: int, stride: int, backend
     """Whether this call runs the fused kernel: ``backend`` (default ``$BENCH_XATTN_BACKEND``, else
     :data:`DEFAULT_BACKEND`) ``auto`` (when it can), ``torch`` (never) or ``triton`` (always; HarnessError when it
     cannot)."""
-    chosen = (backend if backend is not None else os.environ.get(BACKEND_ENV, DEFAULT_BACKEND)).strip().lower()
-    chosen = chosen or DEFAULT_BACKEND
-    if chosen not in BACKENDS:
-        raise HarnessError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {chosen!r}")
-    if chosen == "torch":
-        return False
-    reason = unsupported_reason(q, k, block, stride)
-    if reason is not None and chosen == "triton":
-        raise HarnessError(f"{BACKEND_ENV}=triton but the fused xattn scoring cannot run: {reason}")
-    return reason is None
+    return use_kernel(BACKEND_ENV, DEFAULT_BACKEND, backend, lambda: unsupported_reason(q, k, block, stride),
+                      "the fused xattn scoring")  # fmt: skip
 
 
 def fused_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
