@@ -43,6 +43,7 @@ from methods.kernels.block_sparse import (
     select_by_cost_budget,
     select_by_cumulative_mass,
 )
+from methods.kernels.kmeans_triton import BACKEND_NOTE, kmeans_lloyd, use_fused
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, block_sparse_parameters
 
@@ -66,10 +67,12 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.cat(labels, dim=1)
 
 
-def kmeans(
-    x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor | None, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor | None, generator: torch.Generator,
+           backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Batched Euclidean k-means (Lloyd), as SVG2's ``batch_kmeans_Euclid`` with tolerance 0.
+
+    On CUDA (fp16/bf16) the Triton iterations (:mod:`methods.kernels.kmeans_triton`, no host sync) run them when
+    ``backend`` (default ``$BENCH_KMEANS_BACKEND``, else torch) is ``auto`` or ``triton``; elsewhere :func:`lloyd`.
 
     Args:
         x: ``(G, N, D)`` points (means accumulate in fp32).
@@ -77,17 +80,26 @@ def kmeans(
         iterations: Lloyd iterations (>= 1).
         init: ``(G, C, D)`` fp32 starting centroids, or ``None`` for C random tokens per group.
         generator: draws the random starting tokens.
+        backend: ``auto``, ``torch`` or ``triton`` (HarnessError for another, or ``triton`` where it cannot run).
 
     Returns:
         labels ``(G, N)`` of the last assignment, centroids ``(G, C, D)`` fp32 (the means of those
         labels; an empty cluster keeps its previous centroid) and cluster sizes ``(G, C)``.
     """
     groups, tokens, dim = x.shape
-    points = x.float().flatten(0, 1)
     if init is None:
         picks = torch.randint(0, tokens, (groups, clusters), generator=generator, device=x.device)
         init = x.gather(1, picks[..., None].expand(-1, -1, dim)).float()
-    centroids = init
+    if use_fused(x, backend):
+        return kmeans_lloyd(x, init, iterations)
+    return lloyd(x, init, iterations)
+
+
+def lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`kmeans`'s iterations in torch from ``centroids`` ``(G, C, D)`` fp32, the CPU path and the Triton
+    kernels' reference (same returns)."""
+    groups, clusters, dim = centroids.shape
+    points = x.float().flatten(0, 1)
     offsets = (torch.arange(groups, device=x.device) * clusters)[:, None]
     for _ in range(iterations):
         labels = _assign(x, centroids)
@@ -141,7 +153,7 @@ class SparseVideoGen2(BlockSparseMethod):
         data_dependent=True,
         fixed_density=True,
         notes="SVG2: k-means 300/1000, top-p 0.9, min 10% key clusters, 20% warm-up; Flex gives the exact output "
-        "but not SVG2's speed (variable-size blocks are computed as whole 128-tiles)",
+        "but not SVG2's speed (variable-size blocks are computed as whole 128-tiles); " + BACKEND_NOTE,
     )
     parameters = (
         Param("q_clusters", "int", 300, "k-means clusters of the queries", min=1),

@@ -14,7 +14,9 @@
    its selection alone (scoring, and scoring + threshold) with the torch path and with the fused Triton
    scoring (two-pass and single-pass kernels), each checked against float64 first (every autotuner configuration
    once, then at each model shape), as a fraction of the cuDNN call (:mod:`harness.benchmarks.xattn_selection`;
-   JSON ``attention.xattn_selection`` and a table of its own).
+   JSON ``attention.xattn_selection`` and a table of its own). On CUDA with svg2: likewise its k-means (cold start
+   and warm step of q and k, and the selection) with the torch path and the Triton iterations, checked first
+   (:mod:`harness.benchmarks.svg2_kmeans`; JSON ``attention.svg2_kmeans``).
 3. Transformer forward: ``bench latency`` (random weights, real architecture) of cudnn, fa2 and
    every method at its paper setting (a step after warm-up, the paper's dense layers dense), at
    Wan 1.3B 480p x 81 frames (32,760 tokens) and Wan 14B 720p x 81 frames (75,600 tokens).
@@ -42,7 +44,7 @@ from typing import Any
 import torch
 
 from harness.atomic import write_json_atomic
-from harness.benchmarks import xattn_selection
+from harness.benchmarks import svg2_kmeans, xattn_selection
 from harness.errors import HarnessError
 from harness.latency import measure
 from harness.latency_run import LatencyRequest, run_latency, save_latency
@@ -179,6 +181,18 @@ def measure_backends(method: BlockSparseMethod, plan: SparsePlan, q: torch.Tenso
     return {"chosen": chosen, "report": report}
 
 
+def model_inputs(model: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext]:
+    """Random q, k, v ``(1, H, N, D)`` (bf16 on CUDA, fp32 elsewhere) at the model's default shape, and a sparse
+    step's context."""
+    adapter_cls = MODELS.get(model)
+    grid = adapter_cls.token_grid(adapter_cls.defaults)
+    config = adapter_cls.transformer_config
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(1, config["num_attention_heads"], grid.tokens, config["attention_head_dim"],
+                           device=device, dtype=dtype) for _ in range(3))  # fmt: skip
+    return q, k, v, sparse_context(grid, adapter_cls.num_layers)
+
+
 def top_ops(call: Callable[[], Any], device: torch.device, rows: int = 12) -> list[dict[str, Any]]:
     """One profiled ``call`` (after the timed ones: warm): its ``rows`` costliest operators by self device time on
     CUDA (by self CPU time elsewhere), each with its count and milliseconds, to show where a selection's time goes."""
@@ -196,16 +210,12 @@ def top_ops(call: Callable[[], Any], device: torch.device, rows: int = 12) -> li
 
 
 def time_attention(names: list[str], dense: list[str], model: str, device: torch.device,
-                   selection_check: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                   selection_check: dict[str, Any] | None = None,
+                   kmeans_check: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Per method at the model's default shape: a full call (selection + kernel) and the kernel alone; with
-    ``selection_check`` (:func:`xattn_selection.check_configs`'s result) xattn's selection on every scoring path."""
-    adapter_cls = MODELS.get(model)
-    grid = adapter_cls.token_grid(adapter_cls.defaults)
-    config = adapter_cls.transformer_config
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q, k, v = (torch.randn(1, config["num_attention_heads"], grid.tokens, config["attention_head_dim"],
-                           device=device, dtype=dtype) for _ in range(3))  # fmt: skip
-    ctx = sparse_context(grid, adapter_cls.num_layers)
+    ``selection_check`` (:func:`xattn_selection.check_configs`'s result) xattn's selection on every scoring path,
+    with ``kmeans_check`` (:func:`svg2_kmeans.check_configs`'s) svg2's k-means on both paths."""
+    q, k, v, ctx = model_inputs(model, device)
     rows: dict[str, Any] = {}
     with torch.inference_mode():
         for name in [*dense, *names]:
@@ -227,10 +237,14 @@ def time_attention(names: list[str], dense: list[str], model: str, device: torch
             print(f"{model} attention call {name:>7}: {call.median_ms:.2f} ms, density {row['density']:.3f}",
                   flush=True)  # fmt: skip
             del method
-        result = {"tokens": grid.tokens, "heads": q.shape[1], "head_dim": q.shape[-1], "methods": rows}
+        result = {"tokens": q.shape[-2], "heads": q.shape[1], "head_dim": q.shape[-1], "methods": rows}
         if selection_check is not None:
             result["xattn_selection"] = xattn_selection.selection_timings(
                 q, k, v, ctx, rows["cudnn"]["call"]["median_ms"], selection_check
+            )
+        if kmeans_check is not None:
+            result["svg2_kmeans"] = svg2_kmeans.kmeans_timings(
+                q, k, v, ctx, rows["cudnn"]["call"]["median_ms"], kmeans_check["kept"] > 0
             )
     return result
 
@@ -275,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"flex vs masked {name:>7}: {'ok' if check['passed'] else 'FAILED'} ({outcome})", flush=True)
     passed = [name for name in names if checks[name]["passed"]]
     selection_check = xattn_selection.check_configs(device) if device.type == "cuda" and "xattn" in passed else None
+    kmeans_check = svg2_kmeans.check_configs(device) if device.type == "cuda" and "svg2" in passed else None
     if args.check_only:
         write_json_atomic(args.out / "sparse_check.json", {"backend_check": backend_check, "flex_check": checks})
         print(f"checks done in {time.time() - started:.0f} s (--check-only: nothing timed)")
@@ -283,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     summary: list[dict[str, Any]] = []
     attentions: dict[str, dict[str, Any]] = {}
     for model in [m for m in args.models.split(",") if m]:
-        attention = attentions[model] = time_attention(passed, dense, model, device, selection_check)
+        attention = attentions[model] = time_attention(passed, dense, model, device, selection_check, kmeans_check)
         # Written before the forward: a forward that runs out of time still leaves the per-call timings.
         write_json_atomic(args.out / f"sparse_attention_{model}.json", attention)
         warmup, repeats = FORWARD_REPEATS.get(model, (2, 3))
@@ -314,9 +329,12 @@ def main(argv: list[str] | None = None) -> None:
 
     selections = {model: attention["xattn_selection"] for model, attention in attentions.items()
                   if "xattn_selection" in attention}  # fmt: skip
+    kmeans_rows = {model: attention["svg2_kmeans"] for model, attention in attentions.items()
+                   if "svg2_kmeans" in attention}  # fmt: skip
     write_json_atomic(args.out / "sparse_summary.json",
                       {"backend_check": backend_check, "flex_check": checks, "rows": summary,
-                       "xattn_config_check": selection_check, "xattn_selection": selections})  # fmt: skip
+                       "xattn_config_check": selection_check, "xattn_selection": selections,
+                       "svg2_kmeans_config_check": kmeans_check, "svg2_kmeans": kmeans_rows})  # fmt: skip
     header = (
         ("model", 8),
         ("method", 7),
@@ -338,12 +356,16 @@ def main(argv: list[str] | None = None) -> None:
         f"* density depends on the data (random inputs here). Speedup vs {summary[0]['baseline'] if summary else '-'}; "
         f"selection: the plan alone as a share of the dense call. Total {time.time() - started:.0f} s."
     )
-    if selections:
-        print("\nxattn selection alone (scoring; scoring + threshold), share of the cuDNN call; error vs float64, "
-              "kept blocks shared with float64's")  # fmt: skip
-        print(xattn_selection.TABLE_HEADER)
-        for model, row in selections.items():
-            print("\n".join(xattn_selection.table_lines(model, row)))
+    tables = (("xattn selection alone (scoring; scoring + threshold), share of the cuDNN call; error vs float64, "
+               "kept blocks shared with float64's", xattn_selection, selections),
+              ("svg2 k-means (cold start; warm step) and selection at a warm step, share of the cuDNN call; worst "
+               "label gap over its rounding bound, centroid error vs float64, labels shared with torch", svg2_kmeans,
+               kmeans_rows))  # fmt: skip
+    for title, script, table in tables:
+        if table:
+            print(f"\n{title}\n{script.TABLE_HEADER}")
+            for model, row in table.items():
+                print("\n".join(script.table_lines(model, row)))
 
 
 if __name__ == "__main__":

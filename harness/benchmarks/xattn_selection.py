@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -44,9 +44,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @contextmanager
-def pinned(variant: str, configs: list[Any]) -> Iterator[None]:
-    """The autotuner of the kernel ``variant`` restricted to ``configs`` (its cache cleared before and after)."""
-    tuner = fused.TUNERS[variant]
+def pinned(tuner: Any, configs: list[Any]) -> Iterator[None]:
+    """A kernel's autotuner (``triton.autotune``'s object) restricted to ``configs`` (its cache cleared before and
+    after)."""
     saved = tuner.configs
     tuner.configs = configs
     tuner.cache.clear()
@@ -58,11 +58,9 @@ def pinned(variant: str, configs: list[Any]) -> Iterator[None]:
 
 
 @contextmanager
-def scoring_path(path: str) -> Iterator[None]:
-    """``$BENCH_XATTN_BACKEND`` and ``$BENCH_XATTN_VARIANT`` set (as a user would) to ``path``'s for the calls
-    inside; the variant left as it is for the torch path."""
-    backend, variant = PATHS[path]
-    settings = {fused.BACKEND_ENV: backend} | ({} if variant is None else {fused.VARIANT_ENV: variant})
+def environment(settings: dict[str, str]) -> Iterator[None]:
+    """Environment variables (a kernel's backend or variant choice, e.g. ``BENCH_XATTN_BACKEND``) set to
+    ``settings`` (as a user would) for the calls inside, restored after."""
     saved = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
     try:
@@ -73,6 +71,13 @@ def scoring_path(path: str) -> Iterator[None]:
                 del os.environ[name]
             else:
                 os.environ[name] = value
+
+
+def scoring_path(path: str) -> AbstractContextManager[None]:
+    """``$BENCH_XATTN_BACKEND`` and ``$BENCH_XATTN_VARIANT`` set to ``path``'s for the calls inside; the variant
+    left as it is for the torch path."""
+    backend, variant = PATHS[path]
+    return environment({fused.BACKEND_ENV: backend} | ({} if variant is None else {fused.VARIANT_ENV: variant}))
 
 
 def check_configs(device: torch.device) -> dict[str, Any]:
@@ -91,7 +96,7 @@ def check_configs(device: torch.device) -> dict[str, Any]:
         results, kept = [], []
         for config in tuner.configs:
             try:
-                with pinned(variant, [config]):
+                with pinned(tuner, [config]):
                     errors = {
                         str(dtype).removeprefix("torch."): relative_error(
                             fused.block_masses(q, k, block, stride, variant), refs[dtype]

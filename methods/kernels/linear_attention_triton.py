@@ -52,8 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness.errors import HarnessError
-from methods.kernels import OP_NAMESPACE
+from methods.kernels import OP_NAMESPACE, use_kernel
 from methods.kernels.linear_attention import EluFeatureMap, FeatureMap, HedgehogFeatureMap, ReluFeatureMap
 
 try:
@@ -64,7 +63,6 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
 
 FUSED_KERNELS: tuple[str, ...] = ("hedgehog", "relu", "elu")
 BACKEND_ENV = "BENCH_LINEAR_BACKEND"
-BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 BACKEND_NOTE = (
     f"linear attention on CUDA: fused Triton kernel for {', '.join(FUSED_KERNELS)} (taylor runs in torch); "
     f"{BACKEND_ENV}=torch forces the torch path"
@@ -728,15 +726,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_map:
 def use_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_map: FeatureMap, k_map: FeatureMap) -> bool:
     """Whether this call runs the fused kernel: ``$BENCH_LINEAR_BACKEND`` ``auto`` (default: when it can),
     ``torch`` (never, for A/B comparison) or ``triton`` (always; HarnessError when it cannot)."""
-    backend = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if backend not in BACKENDS:
-        raise HarnessError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "torch":
-        return False
-    reason = unsupported_reason(q, k, v, q_map, k_map)
-    if reason is not None and backend == "triton":
-        raise HarnessError(f"{BACKEND_ENV}=triton but the fused linear attention cannot run: {reason}")
-    return reason is None
+    return use_kernel(BACKEND_ENV, "auto", None, lambda: unsupported_reason(q, k, v, q_map, k_map),
+                      "the fused linear attention")  # fmt: skip
 
 
 def fused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_map: FeatureMap,

@@ -62,8 +62,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import HarnessError
-from methods.kernels import OP_NAMESPACE
+from methods.kernels import OP_NAMESPACE, env_choice, use_kernel
 from methods.kernels.block_sparse import num_blocks
 
 try:
@@ -73,7 +72,6 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
     triton = tl = None
 
 BACKEND_ENV = "BENCH_XATTN_BACKEND"
-BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 # auto since the kernel passed sparse_gpu's check on an H200 (every configuration, fp16 and bf16, relative error
 # <= 9.3e-8; scoring 5.24 ms against torch's 10.15 ms at Wan 1.3B: reports/gpu/h200/README.md, run_25aee45).
 DEFAULT_BACKEND = "auto"
@@ -299,31 +297,18 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, block: int, stride: int
     return None
 
 
-def _choice(value: str | None, env: str, default: str, allowed: tuple[str, ...]) -> str:
-    """``value``, else ``$env``, else ``default``, normalised; HarnessError naming ``env`` when not in ``allowed``."""
-    chosen = (value if value is not None else os.environ.get(env, default)).strip().lower() or default
-    if chosen not in allowed:
-        raise HarnessError(f"{env} must be one of {', '.join(allowed)}, got {chosen!r}")
-    return chosen
-
-
 def use_fused(q: torch.Tensor, k: torch.Tensor, block: int, stride: int, backend: str | None = None) -> bool:
     """Whether this call runs the fused kernel: ``backend`` (default ``$BENCH_XATTN_BACKEND``, else
     :data:`DEFAULT_BACKEND`) ``auto`` (when it can), ``torch`` (never) or ``triton`` (always; HarnessError when it
     cannot)."""
-    chosen = _choice(backend, BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
-    if chosen == "torch":
-        return False
-    reason = unsupported_reason(q, k, block, stride)
-    if reason is not None and chosen == "triton":
-        raise HarnessError(f"{BACKEND_ENV}=triton but the fused xattn scoring cannot run: {reason}")
-    return reason is None
+    return use_kernel(BACKEND_ENV, DEFAULT_BACKEND, backend, lambda: unsupported_reason(q, k, block, stride),
+                      "the fused xattn scoring")  # fmt: skip
 
 
 def chosen_variant(variant: str | None = None) -> str:
     """The kernel variant: ``variant``, else ``$BENCH_XATTN_VARIANT``, else :data:`DEFAULT_VARIANT`; HarnessError
     when it is not one of :data:`VARIANTS`."""
-    return _choice(variant, VARIANT_ENV, DEFAULT_VARIANT, VARIANTS)
+    return env_choice(variant, VARIANT_ENV, DEFAULT_VARIANT, VARIANTS)
 
 
 def block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int, variant: str | None = None) -> torch.Tensor:

@@ -1,0 +1,209 @@
+"""SVG2's k-means on the GPU: the Triton Lloyd iterations checked, then timed against the torch path.
+
+Used by :mod:`harness.benchmarks.sparse_gpu` (on CUDA, when svg2 is among its methods) and runnable alone, per
+model shape, on random bf16 q and k ``(B, H, N, D)`` clustered per head with svg2's cluster counts:
+
+1. :func:`check_configs`: each (assignment, update) configuration pair of the kernels' autotuner lists, pinned in
+   turn, on fresh random points at :data:`CONFIG_CHECK_SHAPE` in fp16 and bf16, one iteration checked by
+   :func:`label_check`; a pair that fails, or does not compile, is removed from both lists before anything is
+   timed, and the JSON names it with its errors.
+2. :func:`kmeans_timings` at the model's shape: the same check of one iteration per path from a warm cache
+   (torch's cold-start centroids), with the share of labels equal to torch's (random points have near-ties that
+   rounding order decides, so equality is reported, not required); then per path the median time of the cold
+   start (``kmeans_init_iters`` from random tokens) and of a warm step (``kmeans_step_iters`` from the cache) of q
+   and of k, and of svg2's whole selection at a warm step (``SparseVideoGen2.plan``), as fractions of the dense
+   cuDNN call.
+
+    python -m harness.benchmarks.svg2_kmeans --out $OUT/svg2_kmeans --models wan1.3b,wan14b
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.atomic import write_json_atomic
+from harness.benchmarks.xattn_selection import environment, pinned
+from harness.latency import measure
+from methods import AttentionContext, build_method
+from methods.kernels import kmeans_triton as fused
+from methods.svg2 import SparseVideoGen2, kmeans
+
+PATHS = ("torch", "triton")
+#: (groups, tokens, head_dim, clusters) of the per-configuration check: Wan's heads, 4,000 tokens and 300 clusters
+#: (ragged last token and cluster tiles at every configuration).
+CONFIG_CHECK_SHAPE = {"cuda": (12, 4000, 128, 300), "cpu": (2, 100, 32, 40)}
+COLD_REPEATS, WARM_REPEATS = (1, 3), (3, 10)  # (warm-up, timed) calls: a torch cold start at Wan 14B takes seconds
+
+
+def label_check(x: torch.Tensor, centroids: torch.Tensor, out: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """One Lloyd iteration ``out = (labels, new centroids, sizes)`` from ``centroids`` ``(G, C, D)`` on x ``(G, N,
+    D)``, checked in float64 per group:
+
+    - each label is a nearest centroid up to the rounding of the dot products: with u the unit roundoff of x's
+      dtype, rounding ``c`` to it and the product back perturbs ``||c||^2 - 2 x.c`` by at most ``4 u sum |x_i c_i|
+      <= 4 u ||x|| ||c||``, so the chosen distance exceeds the least by at most ``8 u ||x|| max_j ||c_j||`` (the
+      bound; ``worst_gap`` is the largest gap over its bound, <= 1 to pass);
+    - the new centroids within ``CENTROID_TOLERANCE`` (relative, norm) of the float64 means of those labels, the
+      old centroid for an empty cluster;
+    - the sizes the labels' exact counts.
+    """
+    labels, updated, sizes = out
+    unit = torch.finfo(x.dtype).eps / 2
+    worst, error_sq, norm_sq, sizes_exact = 0.0, 0.0, 0.0, True
+    for g in range(x.shape[0]):
+        points, previous = x[g].double(), centroids[g].double()
+        distances = (previous**2).sum(dim=-1) - 2 * points @ previous.T
+        chosen = distances.gather(1, labels[g][:, None])[:, 0]
+        bound = 8.5 * unit * points.norm(dim=-1) * previous.norm(dim=-1).max()  # 8.5: fp32 sums' slack
+        worst = max(worst, ((chosen - distances.amin(dim=-1)) / bound).max().item())
+        del distances
+        counts = torch.bincount(labels[g], minlength=previous.shape[0])
+        sums = torch.zeros_like(previous).index_add_(0, labels[g], points)
+        means = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], previous)
+        error_sq += (updated[g].double() - means).norm().item() ** 2
+        norm_sq += means.norm().item() ** 2
+        sizes_exact = sizes_exact and torch.equal(sizes[g], counts)
+    centroid_error = (error_sq / norm_sq) ** 0.5
+    passed = worst <= 1.0 and centroid_error <= fused.CENTROID_TOLERANCE and sizes_exact
+    return {"worst_gap": worst, "centroid_error": centroid_error, "sizes_exact": sizes_exact, "passed": passed}
+
+
+def check_configs(device: torch.device) -> dict[str, Any]:
+    """Each configuration pair of the autotuners' lists pinned in turn (see the module docstring); the failing pairs
+    are removed from the lists. Returns ``{"shape", "configs": [{"config", "checks", "passed"}], "kept"}``."""
+    groups, tokens, dim, clusters = CONFIG_CHECK_SHAPE[device.type]
+    dtypes = (torch.float16,) if fused.INTERPRETED else (torch.float16, torch.bfloat16)
+    inputs = {}
+    for dtype in dtypes:
+        x = torch.randn(groups, tokens, dim, device=device).to(dtype)
+        inputs[dtype] = (x, x[:, torch.randperm(tokens, device=device)[:clusters]].float())  # random tokens
+    results, kept = [], []
+    for pair in zip(fused._assign.configs, fused._update.configs, strict=True):
+        try:
+            with pinned(fused._assign, [pair[0]]), pinned(fused._update, [pair[1]]):
+                checks = {str(dtype).removeprefix("torch."): label_check(x, init, fused.kmeans_lloyd(x, init, 1))
+                          for dtype, (x, init) in inputs.items()}  # fmt: skip
+        except (fused.triton.runtime.errors.OutOfResources, fused.triton.compiler.errors.CompilationError) as exc:
+            checks = {"compile": {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                  "passed": False}}  # fmt: skip
+        passed = all(check["passed"] for check in checks.values())
+        results.append({"config": [str(config) for config in pair], "checks": checks, "passed": passed})
+        print(f"svg2 k-means configs {pair[0]} / {pair[1]}: {'ok' if passed else 'FAILED'} {checks}", flush=True)
+        if passed:
+            kept.append(pair)
+    if kept:
+        for tuner, configs in ((fused._assign, [a for a, _ in kept]), (fused._update, [u for _, u in kept])):
+            tuner.configs = configs
+            tuner.cache.clear()
+    return {"shape": CONFIG_CHECK_SHAPE[device.type], "configs": results, "kept": len(kept)}
+
+
+def kmeans_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, dense_ms: float,
+                   configs_passed: bool, **params: Any) -> dict[str, Any]:  # fmt: skip
+    """Check at this shape, then time both paths (see the module docstring). q, k, v ``(B, H, N, D)`` bf16 (fp16
+    in the interpreter); ``dense_ms`` the dense call's median; ``params`` svg2's (default: the repository's
+    settings). The kernels are timed only if ``configs_passed`` (some pair passed :func:`check_configs`) and their
+    iteration here passes :func:`label_check`."""
+    settings = SparseVideoGen2(**params)
+    counts = dict(zip("qk", settings.clusters(q.shape[-2]), strict=True))
+    points = {"q": q.flatten(0, 1), "k": k.flatten(0, 1)}
+    generator = torch.Generator(q.device).manual_seed(0)
+    cold_iters, warm_iters = settings.kmeans_init_iters, settings.kmeans_step_iters
+    cache = {name: kmeans(x, counts[name], cold_iters, None, generator, "torch")[1] for name, x in points.items()}
+    check: dict[str, Any] = {path: {} for path in PATHS}
+    for name, x in points.items():
+        torch_labels = None
+        for path in PATHS:
+            reason = fused.unsupported_reason(x) or (None if configs_passed else "no configuration passed")
+            if path == "triton" and reason:
+                check[path][name] = {"skipped": reason, "passed": False}
+                continue
+            out = kmeans(x, counts[name], 1, cache[name], generator, path)
+            torch_labels = out[0] if torch_labels is None else torch_labels
+            agreement = (out[0] == torch_labels).float().mean().item()
+            check[path][name] = label_check(x, cache[name], out) | {"label_agreement": agreement}
+            del out
+    passed = all(check["triton"][name]["passed"] for name in points)
+    row: dict[str, Any] = {"clusters": counts, "iterations": {"cold": cold_iters, "warm": warm_iters},
+                           "dense_ms": dense_ms, "check": check, "passed": passed, "paths": {}}  # fmt: skip
+    for path in PATHS:
+        if path == "triton" and not passed:
+            row["paths"][path] = {"skipped": "an iteration failed its check"}
+            continue
+        timing: dict[str, Any] = {}
+        for name, x in points.items():
+            cold, _ = measure(lambda n=name, x=x, p=path: kmeans(x, counts[n], cold_iters, None, generator, p),
+                              q.device, *COLD_REPEATS)  # fmt: skip
+            warm, _ = measure(lambda n=name, x=x, p=path: kmeans(x, counts[n], warm_iters, cache[n], generator, p),
+                              q.device, *WARM_REPEATS)  # fmt: skip
+            timing[name] = {"cold": cold.to_dict(), "warm": warm.to_dict()}
+        with environment({fused.BACKEND_ENV: path}):
+            method = SparseVideoGen2(**params)  # the first (warm-up) plan runs the cold start, the timed ones warm
+            selection, _ = measure(lambda m=method: m.plan(q, k, v, ctx), q.device, *WARM_REPEATS)
+        warm_ms = sum(timing[name]["warm"]["median_ms"] for name in points)
+        timing |= {"selection": selection.to_dict(), "warm_kmeans_fraction": warm_ms / dense_ms,
+                   "selection_fraction": selection.median_ms / dense_ms}  # fmt: skip
+        row["paths"][path] = timing
+    return row
+
+
+TABLE_HEADER = (f"{'model':>8} {'path':>7} {'q cold ms':>9} {'q warm ms':>9} {'k cold ms':>9} {'k warm ms':>9} "
+                f"{'selection ms':>12} {'of dense':>8} {'gap/bound':>9} {'centroids':>9} {'agreement':>9}")  # fmt: skip
+
+
+def table_lines(model: str, row: dict[str, Any]) -> list[str]:
+    """Printed rows: per path, cold start and warm step of q and k, the warm selection (ms and share of the dense
+    call), and the check's worst label gap over its bound, centroid error and label agreement with torch (worst
+    of q and k)."""
+    lines = []
+    for path, timing in row["paths"].items():
+        if "skipped" in timing:
+            lines.append(f"{model:>8} {path:>7}  skipped: {timing['skipped']}")
+            continue
+        checks = row["check"][path].values()
+        times = " ".join(f"{timing[n][when]['median_ms']:>9.2f}" for n in "qk" for when in ("cold", "warm"))
+        lines.append(f"{model:>8} {path:>7} {times} {timing['selection']['median_ms']:>12.2f} "
+                     f"{timing['selection_fraction']:>8.1%} {max(c['worst_gap'] for c in checks):>9.2f} "
+                     f"{max(c['centroid_error'] for c in checks):>9.1e} "
+                     f"{min(c['label_agreement'] for c in checks):>9.4f}")  # fmt: skip
+    return lines
+
+
+def model_row(model: str, device: torch.device, configs_passed: bool) -> dict[str, Any]:
+    """:func:`kmeans_timings` at ``model``'s shape, beside the cuDNN dense call on the same q, k, v."""
+    from harness.benchmarks.sparse_gpu import model_inputs  # sparse_gpu imports this module
+
+    q, k, v, ctx = model_inputs(model, device)
+    dense = build_method("cudnn")
+    dense_ms = measure(lambda: dense(q, k, v, ctx), device, *WARM_REPEATS)[0].median_ms
+    return kmeans_timings(q, k, v, ctx, dense_ms, configs_passed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for svg2_kmeans.json")
+    parser.add_argument("--models", default="wan1.3b,wan14b", help="comma-separated models (their q, k shapes)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (the kernel tests cover the CPU interpreter)")
+    device = torch.device("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    configs = check_configs(device)
+    rows = {}
+    with torch.inference_mode():
+        for model in [m for m in args.models.split(",") if m]:
+            rows[model] = model_row(model, device, configs["kept"] > 0)
+            write_json_atomic(args.out / "svg2_kmeans.json", {"config_check": configs, "models": rows})
+            torch.cuda.empty_cache()
+    print(TABLE_HEADER)
+    for model, row in rows.items():
+        print("\n".join(table_lines(model, row)))
+        print(f"{'':>8} dense {row['dense_ms']:.2f} ms; clusters {row['clusters']}, iterations {row['iterations']}")
+
+
+if __name__ == "__main__":
+    main()

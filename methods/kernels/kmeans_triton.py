@@ -1,0 +1,228 @@
+"""SVG2's batched Euclidean k-means (Lloyd) on CUDA in Triton: every iteration on the device, no host sync.
+
+Computes what :func:`methods.svg2.lloyd` computes (the torch path, which stays the CPU path and the reference):
+per group g (one (batch, head) pair) with points ``x_g (N, D)`` and centroids ``c_g (C, D)`` fp32, one iteration
+
+1. assignment: ``label_n = argmin_j ||c_j||^2 - 2 <x_n, c_j>`` (``||x_n||^2`` is the same for every j), the first
+   index on ties; the dot products on tensor cores in x's dtype (c rounded to it, the products accumulated in fp32
+   and rounded back to x's dtype, as the torch path's fp16/bf16 matmul returns them), ``||c_j||^2`` and the
+   distance in fp32;
+2. update: ``sums_j = sum of x_n (fp32) over label_n = j``, ``sizes_j = |{n: label_n = j}|``, the new centroid
+   ``sums_j / sizes_j`` where ``sizes_j > 0``, the old one where the cluster is empty.
+
+Two kernels per iteration, launched back to back; ``iterations`` iterations are ``2 x iterations`` launches with
+nothing read back to the host in between (the torch path's ``bincount`` synchronises on CUDA every iteration):
+
+- :func:`_assign`: one program per (tile of BLOCK_N tokens, group): the tile of x stays in registers while the
+  centroids stream past in tiles of BLOCK_C (loaded transposed by their addresses: no ``tl.trans``, see
+  :mod:`methods.kernels.linear_attention_triton` on sm_90), with a running minimum and its index. Only the
+  ``(G, N)`` labels reach memory, never the ``(N, C)`` distances.
+- :func:`_update`: one program per (tile of BLOCK_C clusters, group): over all tokens in tiles of BLOCK_N, the
+  one-hot matrix ``[label_n = j]`` (BLOCK_C, BLOCK_N) in x's dtype times the x tile, accumulated in fp32 on tensor
+  cores. The products ``1 x x_n`` are exact and the accumulation is fp32, so the sums are the fp32 sums of the
+  torch path in another order. No atomics, no sort: each program owns its clusters and adds their tokens in a
+  fixed order, so the result is the same on every run (the torch path's ``index_add_`` on CUDA is not).
+
+Cost per iteration and group: the assignment is ``2 N C D`` FLOPs (one ``x c^T``), the update another ``2 N C D``
+(the one-hot product: C / 1 times the ``N D`` adds a scatter would do, but on tensor cores and deterministic). At
+Wan 1.3B (N = 32,760, D = 128, 12 heads) with 1,000 key clusters that is 2 x 101 GFLOP, under a millisecond on an
+H100-class GPU at half its bf16 rate; a dense attention call is 6.6 TFLOP. Memory: the assignment reads x once and
+the centroids once per token tile (from L2), the update reads x once per cluster tile, both write O(N + C D).
+
+The loop is one ``torch.library`` custom op, :func:`kmeans_lloyd` (``attention_bench::``, inference only), so
+torch.compile sees one opaque call with fake outputs of the right shapes and never traces the autotuner.
+
+Shapes: x ``(G, N, D)`` fp16 or bf16 (fp16 only under the interpreter), ``D <= 128``, any strides with a
+contiguous last axis; centroids ``(G, C, D)`` float32. Returns labels ``(G, N)`` int64, centroids ``(G, C, D)``
+float32, sizes ``(G, C)`` int64, as the torch path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from methods.kernels import OP_NAMESPACE, use_kernel
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (CI): every call takes the torch path
+    triton = tl = None
+
+BACKEND_ENV = "BENCH_KMEANS_BACKEND"
+# torch until the kernels pass harness.benchmarks.svg2_kmeans's check on a GPU (they have only run under the Triton
+# interpreter); then auto, as xattn's scoring did.
+DEFAULT_BACKEND = "torch"
+BACKEND_NOTE = (f"svg2 k-means: {BACKEND_ENV}=auto runs the Triton Lloyd iterations on CUDA (fp16/bf16; not yet "
+                "the default)")  # fmt: skip
+MAX_HEAD_DIM = 128
+# Relative error (norm) of the kernel's centroids against the float64 means of the same labels: each is a sum of
+# up to N fp32 terms (relative error ~N u in the worst case, ~sqrt(N) u typically, u = 6e-8) and one division.
+CENTROID_TOLERANCE = 1e-5
+# The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot time configurations: one small one.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Not yet run on a GPU. (BLOCK_N tokens, BLOCK_C centroids, num_warps, num_stages) of the assignment: a (BLOCK_N,
+# 128) tile of x held while (128, BLOCK_C) fp32 centroid tiles stream past; the autotuner keeps the fastest.
+ASSIGN_CONFIGS = ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4),
+                  (256, 64, 8, 3))  # fmt: skip
+# (BLOCK_C clusters, BLOCK_N tokens, num_warps, num_stages) of the update: small cluster tiles give more programs
+# (300 query clusters in tiles of 64 are only 5 per head), larger ones read x fewer times.
+UPDATE_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (128, 128, 8, 2),
+                  (32, 64, 4, 4))  # fmt: skip
+INTERPRETER_CONFIGS = ((16, 16, 4, 1),)
+
+
+def _kernel(configs: tuple[tuple[int, int, int, int], ...], names: tuple[str, str]) -> Any:
+    """``triton.autotune`` over ``configs`` (tile sizes named ``names``) around ``triton.jit``; without Triton the
+    plain function, which is never launched."""
+
+    def wrap(fn: Any) -> Any:
+        if triton is None:
+            return fn
+        chosen = INTERPRETER_CONFIGS if INTERPRETED else configs
+        listed = [triton.Config(dict(zip(names, (a, b), strict=True)), num_warps=w, num_stages=s)
+                  for a, b, w, s in chosen]  # fmt: skip
+        return triton.autotune(configs=listed, key=["C", "BLOCK_D"])(triton.jit(fn))
+
+    return wrap
+
+
+# -- kernels --------------------------------------------------------------------------------------
+
+
+@_kernel(ASSIGN_CONFIGS, ("BLOCK_N", "BLOCK_C"))
+def _assign(x_ptr, c_ptr, labels_ptr, N, C, sxg, sxn, D: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """Program (token tile, group g): the nearest centroid of tokens ``[tile BLOCK_N, (tile + 1) BLOCK_N)`` into
+    ``labels (G, N)`` int64, from x ``(G, N, D)`` (strides sxg, sxn, 1) and contiguous centroids ``(G, C, D)``
+    fp32."""
+    tile, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    tokens = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < D
+    x_base = x_ptr + g * sxg
+    x = tl.load(x_base + tokens.to(tl.int64)[:, None] * sxn + cols[None, :],
+                mask=(tokens < N)[:, None] & inside[None, :], other=0.0)  # fmt: skip
+    c_base = c_ptr + g * C * D
+    best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
+    best_index = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for start in range(0, C, BLOCK_C):
+        ids = start + tl.arange(0, BLOCK_C)
+        valid = ids < C
+        c_t = tl.load(c_base + ids[None, :] * D + cols[:, None], mask=inside[:, None] & valid[None, :], other=0.0)
+        c_sq = tl.sum(c_t * c_t, axis=0)
+        # Rounded to x's dtype: the torch path's fp16/bf16 matmul returns its products so, and near-ties then
+        # resolve alike in both paths.
+        dots = tl.dot(x, c_t.to(x.dtype)).to(x.dtype).to(tl.float32)
+        distances = tl.where(valid[None, :], c_sq[None, :] - 2.0 * dots, float("inf"))
+        tile_min, tile_index = tl.min(distances, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = tile_min < best  # strictly: on a tie across tiles the earlier (lower) index stays
+        best = tl.where(better, tile_min, best)
+        best_index = tl.where(better, tile_index + start, best_index)
+    tl.store(labels_ptr + g * N + tokens, best_index.to(tl.int64), mask=tokens < N)
+
+
+@_kernel(UPDATE_CONFIGS, ("BLOCK_C", "BLOCK_N"))
+def _update(x_ptr, labels_ptr, c_ptr, out_ptr, sizes_ptr, N, C, sxg, sxn, D: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (cluster tile, group g): the new centroids ``out (G, C, D)`` fp32 and sizes ``(G, C)`` int64 of
+    clusters ``[tile BLOCK_C, (tile + 1) BLOCK_C)`` from x, the labels and the previous centroids ``c``."""
+    tile, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    ids = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < D
+    x_base = x_ptr + g * sxg
+    sums = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    counts = tl.zeros((BLOCK_C,), dtype=tl.int32)
+    for start in range(0, N, BLOCK_N):
+        tokens = start + tl.arange(0, BLOCK_N)
+        present = tokens < N
+        labels = tl.load(labels_ptr + g * N + tokens, mask=present, other=-1)
+        member = ids[:, None] == labels[None, :]
+        counts += tl.sum(member.to(tl.int32), axis=1)
+        x = tl.load(x_base + tokens.to(tl.int64)[:, None] * sxn + cols[None, :],
+                    mask=present[:, None] & inside[None, :], other=0.0)  # fmt: skip
+        sums = tl.dot(member.to(x.dtype), x, sums)  # 1 x x_n is exact; fp32 accumulation
+    rows = g * C * D + ids[:, None] * D + cols[None, :]
+    mask = (ids < C)[:, None] & inside[None, :]
+    previous = tl.load(c_ptr + rows, mask=mask, other=0.0)
+    means = tl.math.div_rn(sums, tl.maximum(counts, 1).to(tl.float32)[:, None])  # IEEE division, as torch's
+    tl.store(out_ptr + rows, tl.where((counts > 0)[:, None], means, previous), mask=mask)
+    tl.store(sizes_ptr + g * C + ids, counts.to(tl.int64), mask=ids < C)
+
+
+# -- dispatch -------------------------------------------------------------------------------------
+
+
+def _block_d(head_dim: int) -> int:
+    """Columns of a tile: the head dimension rounded up to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def unsupported_reason(x: torch.Tensor) -> str | None:
+    """Why the kernels cannot cluster ``x`` (None when they can): they run on CUDA, or on CPU tensors under the
+    Triton interpreter (``TRITON_INTERPRET=1``, tests), in fp16 or bf16 (fp16 only in the interpreter, which
+    multiplies bf16 operands as raw integers), for ``(G, N, D)`` points with ``D <= 128``."""
+    if triton is None:
+        return "triton is not installed"
+    device_type = "cpu" if INTERPRETED else "cuda"
+    if x.device.type != device_type:
+        return f"points are not on {device_type}"
+    dtypes = (torch.float16,) if INTERPRETED else (torch.float16, torch.bfloat16)
+    if x.dtype not in dtypes:
+        return f"points are {x.dtype}: the kernels cluster {' or '.join(str(d) for d in dtypes)} points"
+    if x.dim() != 3:
+        return f"points of shape {tuple(x.shape)} are not (G, N, D)"
+    if x.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {x.shape[-1]} > {MAX_HEAD_DIM}"
+    return None
+
+
+def use_fused(x: torch.Tensor, backend: str | None = None) -> bool:
+    """Whether this k-means runs the kernels: ``backend`` (default ``$BENCH_KMEANS_BACKEND``, else
+    :data:`DEFAULT_BACKEND`) ``auto`` (when they can), ``torch`` (never) or ``triton`` (always; HarnessError when
+    they cannot)."""
+    return use_kernel(BACKEND_ENV, DEFAULT_BACKEND, backend, lambda: unsupported_reason(x), "the Triton k-means")
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::kmeans_lloyd", mutates_args=())
+def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:  # fmt: skip
+    """``iterations`` (>= 1) Lloyd iterations from ``centroids`` ``(G, C, D)`` fp32 on points x ``(G, N, D)``
+    (any strides), as one op opaque to torch.compile (Dynamo does not trace the autotuner's Python): labels of the
+    last assignment ``(G, N)`` int64, the means of those labels ``(G, C, D)`` fp32 (an empty cluster keeps its
+    centroid) and cluster sizes ``(G, C)`` int64, each in memory of its own. The caller checks
+    :func:`unsupported_reason` first (:func:`use_fused` does). Inference only: no autograd is registered."""
+    if iterations < 1:
+        raise ValueError(f"k-means needs iterations >= 1, got {iterations}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    groups, tokens, dim = x.shape
+    clusters = centroids.shape[1]
+    centroids = centroids.float().contiguous()
+    labels = torch.empty(groups, tokens, device=x.device, dtype=torch.int64)
+    sizes = torch.empty(groups, clusters, device=x.device, dtype=torch.int64)
+    block_d = _block_d(dim)
+
+    def assign_grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(tokens, meta["BLOCK_N"]), groups
+
+    def update_grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(clusters, meta["BLOCK_C"]), groups
+
+    for _ in range(iterations):
+        _assign[assign_grid](x, centroids, labels, tokens, clusters, x.stride(0), x.stride(1), D=dim, BLOCK_D=block_d)
+        updated = torch.empty_like(centroids)
+        _update[update_grid](x, labels, centroids, updated, sizes, tokens, clusters, x.stride(0), x.stride(1), D=dim,
+                             BLOCK_D=block_d)  # fmt: skip
+        centroids = updated
+    return labels, centroids, sizes
+
+
+@kmeans_lloyd.register_fake
+def _(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups, tokens, _ = x.shape
+    return (x.new_empty((groups, tokens), dtype=torch.int64), centroids.new_empty(centroids.shape, dtype=torch.float32),
+            x.new_empty((groups, centroids.shape[1]), dtype=torch.int64))  # fmt: skip

@@ -1,0 +1,223 @@
+"""SVG2's Triton k-means against the torch path (:func:`methods.svg2.lloyd`), and the dispatch between them.
+
+The kernel tests need Triton and either CUDA or the Triton interpreter on CPU tensors; elsewhere (CI) they
+skip. To run them on a CPU machine, with Triton (and numpy < 2.4, which Triton 3.6's interpreter needs)
+installed outside the project's environment::
+
+    TRITON_INTERPRET=1 PYTHONPATH=.:<numpy < 2.4 site>:<triton site> python -m pytest tests/test_kmeans_triton.py
+
+The interpreter multiplies bf16 operands as raw integers, so there the kernels are checked in fp16; on CUDA in
+fp16 and bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from triton_helpers import DEVICE, ON_CUDA
+from triton_helpers import needs_kernel as triton_needs_kernel
+
+from harness.errors import HarnessError
+from methods.kernels import kmeans_triton as fused
+from methods.svg2 import kmeans, lloyd
+
+needs_kernel = triton_needs_kernel(fused)
+DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
+
+
+def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def separated(groups: int, clusters: int, tokens: int, dim: int,
+              dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Points ``(G, N, D)`` around ``clusters`` well-separated centres per group (token n near centre ``n % C``,
+    spread 0.1 against centres ~8 apart), starting centroids ``(G, C, D)``: the centres shuffled, 0.5 off, and the
+    labels ``(G, N)`` those centroids must give."""
+    centres = 4 * torch.randn(groups, clusters, dim)
+    members = torch.arange(tokens) % clusters
+    x = (centres[:, members] + 0.1 * torch.randn(groups, tokens, dim)).to(DEVICE, dtype)
+    order = torch.stack([torch.randperm(clusters) for _ in range(groups)])
+    init = centres.gather(1, order[..., None].expand(-1, -1, dim)) + 0.5 * torch.randn(groups, clusters, dim)
+    return x, init.to(DEVICE), order.argsort(dim=1)[:, members].to(DEVICE)
+
+
+def means_of(x: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Float64 means of ``x`` per label, ``previous`` where a cluster is empty."""
+    clusters = previous.shape[1]
+    one_hot = torch.nn.functional.one_hot(labels, clusters).double()  # (G, N, C)
+    sizes = one_hot.sum(dim=1)
+    means = one_hot.transpose(1, 2) @ x.double() / sizes.clamp(min=1)[..., None]
+    return torch.where(sizes[..., None] > 0, means, previous.double())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("groups", "clusters", "tokens", "dim", "iterations"),
+    [(2, 5, 77, 16, 1),  # ragged last token tile, clusters fewer than a tile
+     (3, 20, 150, 24, 3),  # G = 3, head dim padded to 32 columns, clusters over two tiles (ragged)
+     (1, 33, 100, 32, 2)],  # clusters over three tiles, 33 = 2 x 16 + 1
+)  # fmt: skip
+def test_well_separated_points_get_torch_labels_sizes_and_centroids(
+    groups: int, clusters: int, tokens: int, dim: int, iterations: int, dtype: torch.dtype
+) -> None:
+    """Labels (the clusters by construction) and sizes equal the torch path's exactly, centroids within
+    CENTROID_TOLERANCE of its and of the float64 means of those labels."""
+    x, init, expected = separated(groups, clusters, tokens, dim, dtype)
+    labels, centroids, sizes = fused.kmeans_lloyd(x, init, iterations)
+    ref_labels, ref_centroids, ref_sizes = lloyd(x, init, iterations)
+    assert labels.dtype == sizes.dtype == torch.int64 and centroids.dtype == torch.float32
+    assert torch.equal(labels, expected) and torch.equal(ref_labels, expected) and torch.equal(sizes, ref_sizes)
+    assert relative(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
+    assert relative(centroids, means_of(x, labels, init)) <= fused.CENTROID_TOLERANCE
+
+
+@pytest.fixture
+def gpu_tiles(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The kernels at GPU configurations' tiles instead of the interpreter's 16 x 16: 64 tokens x 32 centroids in
+    the assignment, 32 clusters x 64 tokens in the update."""
+    tuners = {fused._assign: {"BLOCK_N": 64, "BLOCK_C": 32}, fused._update: {"BLOCK_C": 32, "BLOCK_N": 64}}
+    for tuner, tiles in tuners.items():
+        monkeypatch.setattr(tuner, "configs", [fused.triton.Config(tiles, num_warps=4)])
+        tuner.cache.clear()
+    yield
+    for tuner in tuners:
+        tuner.cache.clear()
+
+
+@needs_kernel
+@pytest.mark.usefixtures("gpu_tiles")
+def test_well_separated_points_at_gpu_tiles() -> None:
+    """Several token, centroid and cluster tiles, each ragged: labels and sizes exact, centroids within tolerance."""
+    x, init, expected = separated(2, 40, 150, 32)
+    labels, centroids, sizes = fused.kmeans_lloyd(x, init, 2)
+    ref_labels, ref_centroids, ref_sizes = lloyd(x, init, 2)
+    assert torch.equal(labels, expected) and torch.equal(ref_labels, expected) and torch.equal(sizes, ref_sizes)
+    assert relative(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
+
+
+@needs_kernel
+def test_random_points_get_a_nearest_centroid_and_the_means_of_their_labels() -> None:
+    """On overlapping random points (near-ties possible), one iteration passes the GPU script's check (every label a
+    nearest centroid up to the dot products' rounding, centroids the float64 means of those labels, sizes their
+    counts), and the labels are mostly torch's."""
+    from harness.benchmarks.svg2_kmeans import label_check
+
+    x, init = torch.randn(2, 200, 32, device=DEVICE).to(torch.float16), torch.randn(2, 24, 32, device=DEVICE)
+    out = fused.kmeans_lloyd(x, init, 1)
+    check = label_check(x, init, out)
+    assert check["passed"], check
+    assert (out[0] == lloyd(x, init, 1)[0]).float().mean() > 0.95
+
+
+@needs_kernel
+def test_ties_go_to_the_first_centroid_and_empty_clusters_keep_theirs() -> None:
+    """Duplicated centroids (exact ties, in one centroid tile and across tiles: indices 0, 1 and 69) give the lowest
+    index, as argmin does; the duplicates and far centroids get no token and keep their value exactly."""
+    x, _, _ = separated(1, 3, 60, 16)
+    means = means_of(x, (torch.arange(60, device=DEVICE) % 3)[None], torch.zeros(1, 3, 16, device=DEVICE)).float()
+    far = 50 + torch.randn(1, 65, 16, device=DEVICE)  # distances far above the means', within fp16
+    init = torch.cat([means[:, :1], means[:, :1], means[:, 1:], far, means[:, :1]], dim=1)  # 70 centroids
+    labels, centroids, sizes = fused.kmeans_lloyd(x, init, 2)
+    ref_labels, ref_centroids, ref_sizes = lloyd(x, init, 2)
+    assert torch.equal(labels, ref_labels) and torch.equal(sizes, ref_sizes)
+    assert sizes[0].tolist() == [20, 0, 20, 20] + [0] * 66
+    empty = sizes[0] == 0
+    assert torch.equal(centroids[:, empty], init[:, empty])
+    assert relative(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
+
+
+@needs_kernel
+def test_strided_points_are_read_in_place() -> None:
+    """(N, G, D) points seen as (G, N, D) (a head-major view of token-major projections) cluster as their copy."""
+    x, init, _ = separated(2, 6, 50, 16)
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)
+    out, ref = fused.kmeans_lloyd(strided, init, 2), fused.kmeans_lloyd(x, init, 2)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+
+
+@needs_kernel
+def test_dispatch_runs_the_kernels_only_when_asked() -> None:
+    """kmeans takes the kernels under auto or triton, the torch path under torch (the default until a GPU check
+    passes), with the same returns on separated points."""
+    x, init, _ = separated(2, 4, 40, 16)
+    assert fused.use_fused(x, "auto") and fused.use_fused(x, "triton") and not fused.use_fused(x, "torch")
+    generator = torch.Generator(DEVICE)
+    fast = kmeans(x, 4, 2, init, generator, backend="auto")
+    assert all(torch.equal(a, b) for a, b in zip(fast, fused.kmeans_lloyd(x, init, 2), strict=True))
+    slow = kmeans(x, 4, 2, init, generator, backend="torch")
+    assert torch.equal(fast[0], slow[0]) and relative(fast[1], slow[1]) <= fused.CENTROID_TOLERANCE
+
+
+@needs_kernel
+def test_op_passes_opcheck() -> None:
+    """The op's schema (outputs alias no input), fake outputs (shapes, dtypes, strides) and AOT dispatch agree with
+    the kernels."""
+    x, init, _ = separated(2, 5, 40, 16)
+    torch.library.opcheck(fused.kmeans_lloyd, (x, init, 2))
+
+
+@needs_kernel
+def test_compiled_kmeans_equals_eager() -> None:
+    """torch.compile (fullgraph: no graph break) of the op gives eager's outputs: the launches are inside the op."""
+    x, init, _ = separated(2, 5, 40, 16)
+
+    def cluster(x: torch.Tensor, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return fused.kmeans_lloyd(x, init, 2)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(cluster, backend="aot_eager", fullgraph=True)(x, init)
+    torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(compiled, cluster(x, init), strict=True))
+
+
+def test_unsupported_points_take_the_torch_path() -> None:
+    """fp32 points (and any points without Triton) are clustered by exactly the torch path, even under auto."""
+    x, init = torch.randn(2, 30, 8), torch.randn(2, 4, 8)
+    assert fused.unsupported_reason(x) is not None and not fused.use_fused(x, "auto")
+    out, ref = kmeans(x, 4, 2, init, torch.Generator(), backend="auto"), lloyd(x, init, 2)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("triton", "BENCH_KMEANS_BACKEND=triton but the Triton k-means cannot run"),
+     ("cuda", "BENCH_KMEANS_BACKEND must be one of auto, torch, triton")],
+)  # fmt: skip
+def test_backend_variable_errors_are_specific(monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
+    monkeypatch.setenv(fused.BACKEND_ENV, value)
+    x = torch.randn(1, 20, 8)  # fp32: the kernels never take it
+    with pytest.raises(HarnessError, match=message):
+        kmeans(x, 4, 1, None, torch.Generator())
+
+
+def test_the_default_backend_is_torch_until_a_gpu_check_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(fused.BACKEND_ENV, raising=False)
+    assert fused.DEFAULT_BACKEND == "torch" and not fused.use_fused(torch.randn(1, 20, 8, dtype=torch.float16))
+
+
+@needs_kernel
+def test_kmeans_script_checks_every_configuration_then_times_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU script at a small shape: each autotuner configuration pair passes its check, the kernels' iteration
+    at the timed shape passes too, both paths are timed (k-means and the selection) as a share of the dense call,
+    and the table has one line per path."""
+    from harness.benchmarks import svg2_kmeans as script
+    from harness.benchmarks.sparse_gpu import sparse_context
+    from methods import TokenGrid
+
+    monkeypatch.setattr(script, "COLD_REPEATS", (0, 1))
+    monkeypatch.setattr(script, "WARM_REPEATS", (1, 1))
+    configs = script.check_configs(DEVICE)
+    assert configs["kept"] == len(configs["configs"]) >= 1
+    grid = TokenGrid(2, 8, 8)  # 128 tokens: 16 query and 16 key clusters
+    q, k, v = (torch.randn(1, 2, grid.tokens, 32, device=DEVICE).to(torch.float16) for _ in range(3))
+    row = script.kmeans_timings(q, k, v, sparse_context(grid), 1.0, True, kmeans_init_iters=3, kmeans_step_iters=1)
+    assert row["passed"] and row["clusters"] == {"q": 16, "k": 16}
+    assert all(row["check"]["triton"][name]["label_agreement"] > 0.9 for name in "qk")
+    for timing in row["paths"].values():
+        assert timing["selection_fraction"] == timing["selection"]["median_ms"] > 0
+        assert timing["k"]["warm"]["median_ms"] > 0
+    assert len(script.table_lines("toy", row)) == len(script.PATHS)
