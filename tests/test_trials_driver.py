@@ -82,3 +82,17 @@ def test_e1d_reads_adm_against_its_limit_in_fp32(limit: float, verdict: str) -> 
 
     assert verdict in e1d_verdict({"adm_fp32": [57.0, 56.0, 58.0], "mse-limit_fp32": [limit] * 3})
     assert "incomplete" in e1d_verdict({"adm_fp32": [57.0]})
+
+
+@pytest.mark.parametrize(("kappa", "name"), [(1.0, "adm_degrading"), (0.02, "adm_k0.02")])
+def test_e3_runs_at_the_step_fraction_it_is_given(tmp_path: Path, kappa: float, name: str) -> None:
+    """E3's child trains in a folder named by its kappa and passes the kappa on (E1c's ADM arm at 0.02)."""
+    import argparse
+
+    from harness.benchmarks.linvideo_trials_gpu import plan_jobs
+
+    args = argparse.Namespace(experiments=("e3",), e1_lr=3e-5, e1_steps=400, e3_steps=400, e3_every=50, e3_lr=3e-5,
+                              e3_kappa=kappa, work=tmp_path, device="cpu", held_out=64)  # fmt: skip
+    jobs, _ = plan_jobs(args, [])
+    command = jobs[f"train_e3_{name}"].command
+    assert command[command.index("--e3-kappa") + 1] == f"{kappa:g}"

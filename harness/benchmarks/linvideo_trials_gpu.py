@@ -19,8 +19,9 @@
   ADM and mse-limit arms with ``--no-bf16``, seeds 0-2 (6 trainings). ADM within 3 points of mse-limit in fp32
   means bf16 autocast is what separates ADM from its limit.
 - E3: one ADM run that degrades (layers [0, 1, 2, 6], kappa 1, uniform, the paper's lr 1e-4), measured every
-  ``--e3-every`` steps with :mod:`methods.linvideo.diagnostics` (ADM-vs-MSE gradient cosine, cosine of the student's
-  velocity errors at s and at the landing time, velocity error per sampler time, the last included).
+  ``--e3-every`` steps with :mod:`methods.linvideo.diagnostics` (ADM's gradient cosine with MSE's and with its
+  limit's, cosine of the student's velocity errors at s and at the landing time, velocity error per sampler time,
+  the last included). ``--e3-kappa 0.02 --e3-lr 3e-5 --e3-steps 400`` measures E1c's ADM arm instead.
 
 Every training is a ``bench train`` process (E3: this module's ``e3-train``) that sees one GPU, the one running the
 fewest of them when it starts (every visible GPU is used; several trainings share each, since the toy is
@@ -198,6 +199,11 @@ def check(device: torch.device, work: Path) -> dict[str, Any]:
 # -- E3: one degrading ADM run, measured along the way --------------------------------------------------------
 
 
+def e3_name(args: argparse.Namespace) -> str:
+    """E3's run folder: ``adm_degrading`` at kappa 1 (the paper's step), ``adm_k<kappa>`` otherwise."""
+    return "adm_degrading" if args.e3_kappa == 1.0 else f"adm_k{args.e3_kappa:g}"
+
+
 def e3_train(args: argparse.Namespace) -> None:
     """Train E3's run in this process and write ``diagnostics.json`` every ``--e3-every`` steps (and at step 0)."""
     from harness.training import TrainRequest, collect_trajectories
@@ -205,9 +211,9 @@ def e3_train(args: argparse.Namespace) -> None:
     from methods.linvideo.diagnostics import fixed_states, measure
     from methods.linvideo.train import LinVideoTrainConfig, LinVideoTrainer
 
-    out = args.work / "e3" / "adm_degrading"
+    out = args.work / "e3" / e3_name(args)
     config = LinVideoTrainConfig(target_layers=4, selection="manual", layers=(0, 1, 2, 6), lr=args.e3_lr,
-                                 steps=args.e3_steps, checkpoint_every=50)  # fmt: skip
+                                 steps=args.e3_steps, checkpoint_every=50, adm_step_fraction=args.e3_kappa)  # fmt: skip
     prompts = tuple((args.work / "prompts.txt").read_text().splitlines())
     request = TrainRequest(model="toy", weights="builtin", config=config, out=out, prompts=prompts,
                            prompt_count=len(prompts), device=args.device, store=args.work / "store_20x3",
@@ -415,12 +421,15 @@ def reading(experiment: str, runs: dict[str, Any], results: dict[str, Any]) -> s
                          f"mean {mean}")  # fmt: skip
         return "\n".join(lines)
     diagnostics = results.get("e3_diagnostics") or {}
-    rows = ["| step | objective (fixed batch) | ADM-MSE gradient cosine | error cosine (s vs landing) | velocity "
-            "error: first step | median step | last step |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| step | objective (fixed batch) | ADM-MSE gradient cosine | ADM-limit gradient cosine | error cosine "
+            "(s vs landing) | velocity error: first step | median step | last step |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for step in sorted(diagnostics, key=int):
         entry = diagnostics[step]
         errors = list(entry["velocity_error"].values())
-        rows.append(f"| {step} | {_fmt(entry['objective'])} | {entry['gradient_cosine']:.3f} | "
+        # Diagnostics written before the limit cosine was measured lack it.
+        limit = f"{entry['limit_cosine']:.4f}" if "limit_cosine" in entry else "-"
+        rows.append(f"| {step} | {_fmt(entry['objective'])} | {entry['gradient_cosine']:.3f} | {limit} | "
                     f"{entry['error_cosine']:.3f} | {errors[0]:.3f} | {statistics.median(errors):.3f} | "
                     f"{errors[-1]:.3f} |")  # fmt: skip
     return "\n".join(rows)
@@ -473,8 +482,8 @@ def plan_jobs(args: argparse.Namespace, runs: list[Run]) -> tuple[dict[str, Job]
     fine_of = {f"train_{run.experiment}_{run.name}": run.fine for run in runs}
     commands = {f"train_{run.experiment}_{run.name}": train_command(run, args) for run in runs}
     if "e3" in args.experiments:
-        fine_of["train_e3_adm_degrading"] = False
-        commands["train_e3_adm_degrading"] = [
+        fine_of[f"train_e3_{e3_name(args)}"] = False
+        commands[f"train_e3_{e3_name(args)}"] = [
             *me,
             "e3-train",
             *common,
@@ -484,6 +493,8 @@ def plan_jobs(args: argparse.Namespace, runs: list[Run]) -> tuple[dict[str, Job]
             str(args.e3_every),
             "--e3-lr",
             f"{args.e3_lr:g}",
+            "--e3-kappa",
+            f"{args.e3_kappa:g}",
         ]
     for fine in set(fine_of.values()):
         commands[f"collect_{_grid(fine)}"] = [*me, "collect", *common, *(["--fine"] if fine else [])]
@@ -565,7 +576,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             "options": options,
             **summary(args.work / experiment / name, record),
         }
-    diagnostics = args.work / "e3" / "adm_degrading" / "diagnostics.json"
+    diagnostics = args.work / "e3" / e3_name(args) / "diagnostics.json"
     if "e3" in args.experiments and diagnostics.exists():
         results["e3_diagnostics"] = json.loads(diagnostics.read_text())
     results["wall_seconds"] = time.time() - started
@@ -592,6 +603,9 @@ def main() -> None:
     parser.add_argument("--e3-steps", type=int, default=300, help="E3 steps")
     parser.add_argument("--e3-every", type=int, default=50, help="E3: measure every N steps (the issue: 100)")
     parser.add_argument("--e3-lr", type=float, default=1e-4, help="E3 lr (the paper's; degrades within the run)")
+    parser.add_argument("--e3-kappa", type=float, default=1.0,
+                        help="E3's ADM step fraction (1: the paper's step; 0.02 with --e3-lr 3e-5 --e3-steps 400: "
+                        "E1c's ADM arm, to see where it parts from its limit)")  # fmt: skip
     parser.add_argument(
         "--held-out", type=int, default=64, help="held-out prompts sampled (64: all; fewer: smoke test)"
     )

@@ -122,13 +122,14 @@ def velocity_error(trainer: LinVideoTrainer, per_step: dict[float, dict[str, tor
 
 
 def measure(trainer: LinVideoTrainer, states: dict[str, Any]) -> dict[str, Any]:
-    """All three measurements on :func:`fixed_states`' states, and the trainer's objective on its batch."""
+    """The measurements on :func:`fixed_states`' states, and the trainer's objective on its batch."""
     with torch.no_grad(), trainer.autocast():
         objective = trajectory_objective(trainer.student, trainer.teacher, states["batch"], trainer.uncond,
                                          trainer.cfg, trainer.settings, trainer.score_model)  # fmt: skip
     return {
         "objective": float(objective),
         "gradient_cosine": gradient_cosine(trainer, states["batch"]),
+        "limit_cosine": limit_cosine(trainer, states["batch"]),
         "error_cosine": error_cosine(trainer, states["batch"]),
         "velocity_error": velocity_error(trainer, states["per_step"]),
     }
