@@ -61,27 +61,34 @@ def test_e1c_without_every_arm_says_it_is_incomplete() -> None:
     assert "incomplete" in e1c_verdict({"adm": [57.0], "mse": [65.0]})
 
 
-def test_e1d_trains_e1cs_adm_and_limit_arms_in_fp32() -> None:
-    """Issue 20's E1d: E1c's ADM and mse-limit arms, the same options plus --no-bf16, seeds 0-2."""
+def test_e1d_trains_adm_towards_kappa_0_and_its_limit_in_fp32() -> None:
+    """Issue 20's E1d: ADM at each smaller kappa and mse-limit, E1c's other options plus --no-bf16, seeds 0-2."""
     import argparse
 
-    from harness.benchmarks.linvideo_trials_gpu import planned
+    from harness.benchmarks.linvideo_trials_gpu import E1D_KAPPAS, planned
 
-    args = argparse.Namespace(e1_lr=3e-5, e1_steps=400)
-    e1c = {run.name: run.options for run in planned(argparse.Namespace(experiments=("e1c",), **vars(args)))}
-    e1d = {run.name: run.options for run in planned(argparse.Namespace(experiments=("e1d",), **vars(args)))}
-    assert sorted(e1d) == sorted(f"{arm}_fp32_s{seed}" for arm in ("adm", "mse-limit") for seed in (0, 1, 2))
-    for name, options in e1d.items():
-        arm, seed = name.split("_fp32_s")
-        assert list(options) == [*e1c[f"{arm}_s{seed}"][:-2], "--no-bf16", "--seed", seed]
+    runs = planned(argparse.Namespace(experiments=("e1d",), e1_lr=3e-5, e1_steps=400))
+    arms = [f"adm_k{kappa:g}" for kappa in E1D_KAPPAS] + ["mse-limit"]
+    assert sorted(run.name for run in runs) == sorted(f"{arm}_s{seed}" for arm in arms for seed in (0, 1, 2))
+    for run in runs:
+        options, arm = list(run.options), run.name.rsplit("_s", 1)[0]
+        assert "--no-bf16" in options and options[options.index("--layers") + 1] == "0,1,2,6"
+        assert options[options.index("--objective") + 1] == ("mse-limit" if arm == "mse-limit" else "adm")
+        if arm != "mse-limit":
+            assert options[options.index("--adm-step-fraction") + 1] == arm.removeprefix("adm_k")
 
 
-@pytest.mark.parametrize(("limit", "verdict"), [(58.0, "bf16 autocast is what separates"), (66.0, "does not explain")])
-def test_e1d_reads_adm_against_its_limit_in_fp32(limit: float, verdict: str) -> None:
+@pytest.mark.parametrize(
+    ("scores", "verdict"),
+    [({"adm_k0.02": 55.0, "adm_k0.005": 60.0, "adm_k0.001": 64.0}, "closes as kappa shrinks"),
+     ({"adm_k0.02": 55.0, "adm_k0.005": 55.0, "adm_k0.001": 56.0}, "does not close")],
+)  # fmt: skip
+def test_e1d_reads_whether_the_gap_closes_as_kappa_shrinks(scores: dict[str, float], verdict: str) -> None:
     from harness.benchmarks.linvideo_trials_gpu import e1d_verdict
 
-    assert verdict in e1d_verdict({"adm_fp32": [57.0, 56.0, 58.0], "mse-limit_fp32": [limit] * 3})
-    assert "incomplete" in e1d_verdict({"adm_fp32": [57.0]})
+    groups = {"mse-limit": [65.0] * 3} | {arm: [score] * 3 for arm, score in scores.items()}
+    assert verdict in e1d_verdict(groups)
+    assert "incomplete" in e1d_verdict({"mse-limit": [65.0], "adm_k0.02": [57.0]})
 
 
 @pytest.mark.parametrize(("kappa", "name"), [(1.0, "adm_degrading"), (0.02, "adm_k0.02")])
