@@ -86,6 +86,24 @@ def visible_gpus(device: str) -> list[int]:
     return list(range(torch.cuda.device_count()))
 
 
+def child_visible_devices(ordinal: int) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for a child process that must see this process's GPU ``ordinal`` alone.
+
+    Ordinals count the GPUs this process sees, so under ``CUDA_VISIBLE_DEVICES=1`` ordinal 0 is physical GPU 1: the
+    child gets the parent's own entry (an index or a UUID), not the ordinal, which it would read as physical GPU 0.
+
+    Raises:
+        HarnessError: ``ordinal`` is beyond the parent's ``CUDA_VISIBLE_DEVICES`` list.
+    """
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return str(ordinal)
+    entries = [entry.strip() for entry in listed.split(",") if entry.strip()]
+    if not 0 <= ordinal < len(entries):
+        raise HarnessError(f"GPU ordinal {ordinal} is not among CUDA_VISIBLE_DEVICES={listed!r}")
+    return entries[ordinal]
+
+
 @contextmanager
 def rank_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
     """The process group of a sharded run (NCCL on GPUs, Gloo on CPU); nothing outside torchrun.

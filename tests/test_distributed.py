@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import Crash, count_samples, invoke_cli, records_in
 
-from harness.distributed import Ranks, current_ranks, rank_device, visible_gpus
+from harness.distributed import Ranks, child_visible_devices, current_ranks, rank_device, visible_gpus
 from harness.errors import HarnessError
 from harness.eval.run_suites import load_frames
 
@@ -117,3 +117,24 @@ def test_independent_jobs_spread_over_every_visible_gpu_only_for_a_bare_cuda(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert visible_gpus(device) == expected
+
+
+@pytest.mark.parametrize(
+    ("listed", "ordinal", "expected"),
+    [(None, 1, "1"), ("1", 0, "1"), ("3,2", 1, "2"), (" GPU-aa , GPU-bb", 1, "GPU-bb")],
+)  # fmt: skip
+def test_a_child_sees_the_parents_gpu_of_that_ordinal(
+    monkeypatch: pytest.MonkeyPatch, listed: str | None, ordinal: int, expected: str
+) -> None:
+    """Ordinals count the GPUs this process sees; the child gets the parent's own CUDA_VISIBLE_DEVICES entry."""
+    if listed is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    assert child_visible_devices(ordinal) == expected
+
+
+def test_an_ordinal_beyond_the_visible_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with pytest.raises(HarnessError, match="GPU ordinal 1 is not among CUDA_VISIBLE_DEVICES='1'"):
+        child_visible_devices(1)

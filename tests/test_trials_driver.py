@@ -32,6 +32,16 @@ def test_each_job_sees_the_gpu_that_runs_the_fewest_jobs(tmp_path: Path) -> None
         busy.stop()
 
 
+def test_a_job_of_a_driver_confined_to_gpu_1_sees_gpu_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``CUDA_VISIBLE_DEVICES=1`` the driver's GPU 0 is physical GPU 1: its child must see ``1``, not ``0``
+    (the H200 run of E1d beside sparse_gpu put every training on the other job's GPU)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    job = Job("confined", SHOW_GPU, tmp_path / "confined.log")
+    job.start({"confined": job}, [0])
+    assert job.process is not None and job.process.wait(timeout=60) == 0
+    assert job.gpu == 0 and job.log.with_suffix(".out").read_text().strip() == "1"
+
+
 def test_e1c_trains_adm_its_limit_and_mse_on_the_same_layers_and_step() -> None:
     """Issue 20's E1c: three seeds each of ADM at kappa 0.02, the weighted MSE it tends to, and plain MSE."""
     import argparse

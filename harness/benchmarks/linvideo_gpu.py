@@ -121,10 +121,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-model", default="wan1.3b", help="model of the training-step part ('' skips it)")
     parser.add_argument("--train-frames", type=int, default=None, help="frames of the training clip (default 81)")
     parser.add_argument("--compile", action="store_true", help="also time every method under torch.compile")
+    parser.add_argument("--dense", default=None,
+                        help="comma-separated dense methods timed beside linvideo "
+                             "(default cudnn,fa2 on CUDA, sdpa on CPU)")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
-    dense = ["cudnn", "fa2"] if device.type == "cuda" else ["sdpa"]
+    default_dense = "cudnn,fa2" if device.type == "cuda" else "sdpa"
+    dense = [name for name in (args.dense or default_dense).split(",") if name]
 
     errors = check_correctness(device)
     print("correctness:", json.dumps(errors), flush=True)

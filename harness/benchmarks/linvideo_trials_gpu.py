@@ -64,7 +64,7 @@ import torch
 
 from harness.atomic import write_json_atomic
 from harness.benchmarks.children import spawn
-from harness.distributed import visible_gpus
+from harness.distributed import child_visible_devices, visible_gpus
 
 EXPERIMENTS = ("e1", "e1b", "e1c", "e1d", "e2", "e3")
 NO_CLIP = "1e9"  # --grad-clip: a norm no toy gradient reaches
@@ -272,7 +272,7 @@ class Job:
         """Start it on the GPU of ``gpus`` that runs the fewest of ``jobs`` now (none given: where it is told)."""
         running = [job.gpu for job in jobs.values() if job.process is not None and job.poll() is None]
         self.gpu = min(gpus, key=running.count) if gpus else None
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(self.gpu)} if self.gpu is not None else None
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": child_visible_devices(self.gpu)} if self.gpu is not None else None
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log, self.log.with_suffix(".out").open("wb") as out:
             self.process = spawn(self.command, stdout=out, stderr=log, env=env)
