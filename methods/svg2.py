@@ -71,8 +71,8 @@ def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor |
            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Batched Euclidean k-means (Lloyd), as SVG2's ``batch_kmeans_Euclid`` with tolerance 0.
 
-    On CUDA (fp16/bf16) the Triton iterations (:mod:`methods.kernels.kmeans_triton`, no host sync) run them when
-    ``backend`` (default ``$BENCH_KMEANS_BACKEND``, else torch) is ``auto`` or ``triton``; elsewhere :func:`lloyd`.
+    On CUDA (fp16/bf16) the Triton iterations (:mod:`methods.kernels.kmeans_triton`, no host sync) run them unless
+    ``backend`` (default ``$BENCH_KMEANS_BACKEND``, else auto) is ``torch``; elsewhere :func:`lloyd`.
 
     Args:
         x: ``(G, N, D)`` points (means accumulate in fp32).

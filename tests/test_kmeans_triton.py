@@ -194,9 +194,13 @@ def test_backend_variable_errors_are_specific(monkeypatch: pytest.MonkeyPatch, v
         kmeans(x, 4, 1, None, torch.Generator())
 
 
-def test_the_default_backend_is_torch_until_a_gpu_check_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_backend_runs_the_kernels_where_they_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto since the GPU check passed: fp16 on the kernels' device takes them, fp32 and CPU tensors (without the
+    interpreter) never do."""
     monkeypatch.delenv(fused.BACKEND_ENV, raising=False)
-    assert fused.DEFAULT_BACKEND == "torch" and not fused.use_fused(torch.randn(1, 20, 8, dtype=torch.float16))
+    assert fused.DEFAULT_BACKEND == "auto" and not fused.use_fused(torch.randn(1, 20, 8))
+    points = torch.randn(1, 20, 8, device=DEVICE).half()
+    assert fused.use_fused(points) == (fused.unsupported_reason(points) is None)
 
 
 @needs_kernel

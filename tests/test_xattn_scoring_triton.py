@@ -121,24 +121,24 @@ def test_dispatch_runs_the_kernel_where_it_can() -> None:
     assert fused.use_fused(q, k, 16, 4, backend="auto") and not fused.use_fused(q, k, 16, 4, backend="torch")
     assert fused.use_fused(q, k, 16, 4)
     masses = antidiagonal_block_scores(q, k, 16, 4, backend="auto")
-    assert torch.equal(masses, fused.fused_block_masses(q, k, 16, 4))
+    assert torch.equal(masses, fused.block_masses(q, k, 16, 4, fused.DEFAULT_VARIANT))
 
 
 @needs_kernel
-def test_variant_variable_picks_the_single_pass_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without $BENCH_XATTN_VARIANT the two-pass kernel scores (the default until the single-pass one passes its GPU
-    check); with it set to single_pass, the single-pass op does."""
+def test_the_single_pass_kernel_is_the_default_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without $BENCH_XATTN_VARIANT the single-pass kernel scores (the default since its GPU check passed); with it
+    set to two_pass, the two-pass op does."""
     q, k = (torch.randn(1, 2, 70, 16, device=DEVICE).to(torch.float16) for _ in range(2))
     monkeypatch.delenv(fused.VARIANT_ENV, raising=False)
-    assert fused.chosen_variant() == "two_pass"
+    assert fused.chosen_variant() == "single_pass"
     calls: list[str] = []
     for name, launch in list(fused.VARIANT_FUNCTIONS.items()):
         monkeypatch.setitem(fused.VARIANT_FUNCTIONS, name,
                             lambda *args, n=name, f=launch: calls.append(n) or f(*args))  # fmt: skip
     antidiagonal_block_scores(q, k, 16, 4)
-    monkeypatch.setenv(fused.VARIANT_ENV, "single_pass")
+    monkeypatch.setenv(fused.VARIANT_ENV, "two_pass")
     antidiagonal_block_scores(q, k, 16, 4)
-    assert calls == ["two_pass", "single_pass"]
+    assert calls == ["single_pass", "two_pass"]
 
 
 @needs_kernel
