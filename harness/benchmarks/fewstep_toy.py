@@ -18,10 +18,11 @@ In order (each phase's seconds go in the JSON):
    prompts).
 4. **Sampling**, one run at a time in this process (nothing else on the GPU, so that the latencies are clean), the
    64 held-out prompts with seed 0 (as ``bench run`` on the toy), ToyBench, most needed first: the dense 20-step
-   teacher with CFG (Tab. III's reference); every generator with sdpa; the chosen dense generator with each
-   training-free sparse method (xattn, svg, svg2, radial, and DFA with a uniform window + residual plan:
-   uncalibrated, as no calibration of a 4-step generator exists); the best LinVideo + DMD2 generator with radial
-   in its softmax layers; the LinVideo conversion at 20 steps. A run not started by the end of the budget is left
+   teacher with CFG (Tab. III's reference); every generator with sdpa; the best LinVideo + DMD2 generator with
+   radial in its softmax layers (a "done when" row of issue 23, which the H200 run of session 6 left out for time
+   when it came after the sparse methods); the chosen dense generator with each training-free sparse method
+   (xattn, svg, svg2, radial, and DFA with a uniform window + residual plan: uncalibrated, as no calibration of a
+   4-step generator exists); the LinVideo conversion at 20 steps. A run not started by the end of the budget is left
    out and listed in the JSON.
 5. **Report**: ``bench report`` of those runs, whose ``table3`` is Tab. III's layout (quality, latency per video,
    speedup against the dense 20-step model); printed, with the two questions of the issue answered from the
@@ -280,12 +281,12 @@ def sample_all(specs: dict[str, dict[str, Any]], dense: str, linvideo: str, conv
     prompts = [arg for prompt in ToyModel.default_prompts()[: args.videos] for arg in ("--prompt", prompt)]
     common = ["--model", "toy", *prompts, "--seeds", "0", "--device", args.device, "--runs-dir", str(runs),
               "--no-progress"]  # fmt: skip
-    plan = [["--method", "sdpa"], *(["--method", "dmd2", "--checkpoint", spec["folder"]] for spec in specs.values())]
+    plan = [["--method", "sdpa"], *(["--method", "dmd2", "--checkpoint", spec["folder"]] for spec in specs.values()),
+            ["--method", "dmd2", "--checkpoint", specs[linvideo]["folder"], "--param", "attention=radial"]]
     for method in [m for m in args.sparse.split(",") if m]:
         params = json.dumps(SPARSE_PARAMS.get(method, {}))
         plan.append(["--method", "dmd2", "--checkpoint", specs[dense]["folder"], "--param", f"attention={method}",
                      *(["--param", f"attention_params={params}"] if method in SPARSE_PARAMS else [])])  # fmt: skip
-    plan.append(["--method", "dmd2", "--checkpoint", specs[linvideo]["folder"], "--param", "attention=radial"])
     plan.append(["--method", "linvideo", "--checkpoint", str(conversion)])  # the conversion at 20 steps, for reference
     records, skipped = [], []
     for options in plan:
