@@ -281,8 +281,11 @@ def sample_all(specs: dict[str, dict[str, Any]], dense: str, linvideo: str, conv
     prompts = [arg for prompt in ToyModel.default_prompts()[: args.videos] for arg in ("--prompt", prompt)]
     common = ["--model", "toy", *prompts, "--seeds", "0", "--device", args.device, "--runs-dir", str(runs),
               "--no-progress"]  # fmt: skip
-    plan = [["--method", "sdpa"], *(["--method", "dmd2", "--checkpoint", spec["folder"]] for spec in specs.values()),
-            ["--method", "dmd2", "--checkpoint", specs[linvideo]["folder"], "--param", "attention=radial"]]
+    plan = [
+        ["--method", "sdpa"],
+        *(["--method", "dmd2", "--checkpoint", spec["folder"]] for spec in specs.values()),
+        ["--method", "dmd2", "--checkpoint", specs[linvideo]["folder"], "--param", "attention=radial"],
+    ]
     for method in [m for m in args.sparse.split(",") if m]:
         params = json.dumps(SPARSE_PARAMS.get(method, {}))
         plan.append(["--method", "dmd2", "--checkpoint", specs[dense]["folder"], "--param", f"attention={method}",
