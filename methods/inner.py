@@ -4,16 +4,19 @@ The outer method names it with a ``method`` parameter and types its parameters (
 inner method's own schema, so that a bad inner setting fails as the inner method itself would, naming the outer
 parameter. Only softmax methods without state of their own to train qualify: the outer method's checkpoint
 holds no state for them.
+
+The outer method's :meth:`~methods.base.AttentionMethod.runs_dense` answers for the calls it hands to the inner
+one as the inner one would (its own rules, such as radial's warm-up and dense first layers, included), and the
+outer ``run`` passes that decision on to the inner ``run``: the harness's processor decides once per sampler step,
+outside the transformer's forward, so that a compiled forward holds no guard on the step (issue 21, item 5).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from harness.errors import HarnessError
-from methods.base import METHODS, AttentionContext, AttentionMethod, Schedule, build_method
+from methods.base import METHODS, AttentionMethod, Schedule, build_method
 
 
 def softmax_refusal(name: str) -> str | None:
@@ -56,12 +59,3 @@ def build_inner(owner: str, name: str, params: dict[str, Any] | None, schedule: 
         return build_method(name, schedule, **(params or {}))
     except HarnessError as exc:
         raise type(exc)(f"{owner} {name!r} (its parameters go in {params_key}): {exc}") from exc
-
-
-def run_inner(inner: AttentionMethod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
-              dense: bool | None) -> tuple[torch.Tensor, float]:  # fmt: skip
-    """One call of ``inner`` for its outer method (see :meth:`AttentionMethod.run`). Both hold the same schedule, so
-    the caller's dense decision holds for the inner method unless it adds rules of its own (radial's warm-up),
-    which it then applies itself."""
-    own_rules = type(inner).runs_dense is not AttentionMethod.runs_dense
-    return inner.run(q, k, v, ctx, None if own_rules else dense)

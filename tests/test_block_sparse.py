@@ -111,6 +111,22 @@ def test_compiled_flex_matches_masked_dense_without_recompiling() -> None:
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_eager_flex_attention_with_a_block_level_patterns_mask_computes_the_pattern() -> None:
+    """flex_attention run eagerly (as inside a model compiled by a backend other than inductor) ignores the tile
+    tables and applies the BlockMask's mask_mod alone: a block-level pattern's is the tile lookup, not dense.
+    Built once per pattern and (B, H)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    tokens = 2 * FLEX_TILE
+    kept = torch.tensor([[True, False], [True, True]]).expand(1, 2, 2, 2)
+    pattern = BlockSparsePattern(kept, tokens, FLEX_TILE)
+    q, k, v = (torch.randn(1, 2, tokens, 16) for _ in range(3))
+    block_mask = pattern.flex_block_mask((1, 2))
+    assert pattern.flex_block_mask((1, 2)) is block_mask
+    out = flex_attention(q, k, v, block_mask=block_mask)
+    assert relative(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
+
+
 def small_block_pattern(tokens: int, blocks: int | tuple[int, int], token_level: bool) -> BlockSparsePattern:
     """Random kept tiles of ``blocks`` tokens; ``token_level`` adds random full tiles and a band mask_mod."""
     q_block, kv_block = (blocks, blocks) if isinstance(blocks, int) else blocks

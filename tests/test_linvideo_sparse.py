@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ from conftest import Invoke, normalise, records_in
 
 import methods.radial
 from harness.errors import HarnessError, UnsupportedError
-from methods import METHODS, build_method
+from methods import METHODS, AttentionMethod, build_method
 from methods.base import AttentionContext, Schedule, TokenGrid
+from methods.dmd2.generator import Dmd2Generator
 from methods.linvideo.attention import LinVideo, softmax_methods
 
 GRID = TokenGrid(8, 8, 8)  # the toy's 512 tokens (blocks of 32 under `auto`)
@@ -100,6 +102,36 @@ def test_radial_in_the_softmax_layers_sees_each_call_and_keeps_its_own_schedule(
     by_context = {ctx: out for (ctx, *_), out in zip(_calls(), outputs, strict=True)}
     for ctx, q, k, v in sparse_calls[:3]:
         assert torch.equal(by_context[ctx], alone.attend(q, k, v, ctx)[0])
+
+
+def _linvideo_radial() -> LinVideo:
+    return LinVideo(linear_layers=LINEAR, softmax_method="radial")
+
+
+def _dmd2_from_linvideo_radial() -> Dmd2Generator:
+    method = Dmd2Generator()
+    method.configure((1.0, 0.5), _linvideo_radial(), "a LinVideo generator")
+    return method
+
+
+@pytest.mark.parametrize(("build", "linear"), [
+    (_linvideo_radial, LINEAR),
+    (lambda: build_method("dmd2", attention="radial"), ()),
+    (_dmd2_from_linvideo_radial, LINEAR),
+], ids=["linvideo", "dmd2", "dmd2-from-linvideo"])  # fmt: skip
+def test_the_outer_methods_dense_decision_includes_radials_own_rules(build: Callable[[], AttentionMethod],
+                                                                     linear: tuple[int, ...]) -> None:  # fmt: skip
+    """The processor decides dense-or-not once per step, outside a compiled forward, by the outer method's
+    runs_dense: in the layers that run radial that is radial's warm-up (step 0 of 5) and dense first layer, in linear
+    layers the schedule alone (before LinVideo's untrained state exists too). Handed that decision, every call
+    gives the output the method gives deciding for itself."""
+    method = build()
+    decisions = {(ctx.layer, ctx.step): method.runs_dense(ctx) for ctx, *_ in _calls()}
+    assert decisions == {(layer, step): layer not in linear and (layer == 0 or step == 0)
+                         for layer in range(LAYERS) for step in range(STEPS)}  # fmt: skip
+    for ctx, q, k, v in _calls():
+        decided = method.run(q, k, v, ctx, method.runs_dense(ctx))
+        assert torch.equal(decided[0], method.run(q, k, v, ctx)[0]) and decided[1] == method.run(q, k, v, ctx)[1]
 
 
 def test_the_users_dense_layers_reach_the_softmax_method() -> None:

@@ -89,11 +89,25 @@ class LayerCall:
 
 
 @dataclass
+class LayerSlot:
+    """Where one layer's processor finds its current :class:`LayerCall` (``None`` until the grid is set).
+
+    The processor holds its slot, not an index into the runtime's calls: a compiled forward reading
+    ``calls[self.layer]`` is guarded on the layer's number, so wherever a method breaks the graph inside the
+    processor (a selection read in Python), Dynamo compiled the processor's frame again for every layer and hit
+    its recompile limit past 8 layers. Read through the slot, the guards are on the call's own values, which
+    differ between layers only where the layers run differently.
+    """
+
+    call: LayerCall | None = None
+
+
+@dataclass
 class AttentionRuntime:
     """What every harness processor shares: the method and where the sampler currently is.
 
     Setting any of :data:`POSITION_FIELDS` (outside the forward: the sampler sets the step, the adapter the
-    grid) resolves :attr:`calls`, one :class:`LayerCall` per layer, which is all the forward reads.
+    grid) resolves the :class:`LayerCall` in every layer's :class:`LayerSlot`, which is all the forward reads.
     """
 
     method: AttentionMethod
@@ -104,23 +118,24 @@ class AttentionRuntime:
     timestep: float = 0.0
     cfg_branch: CfgBranch = "none"
     timer: AttentionTimer = field(default_factory=AttentionTimer)
-    calls: tuple[LayerCall, ...] = field(init=False, repr=False)
+    slots: tuple[LayerSlot, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.slots = tuple(LayerSlot() for _ in range(self.num_layers))
         self._resolve()
 
     def __setattr__(self, name: str, value: Any) -> None:
         changed = self.__dict__.get(name, _UNSET) != value
         super().__setattr__(name, value)
-        if changed and name in POSITION_FIELDS and "calls" in self.__dict__:
+        if changed and name in POSITION_FIELDS and "slots" in self.__dict__:
             self._resolve()
 
     def _resolve(self) -> None:
-        if self.grid is None:
-            self.calls = ()
-            return
-        contexts = [
-            AttentionContext(
+        for layer, slot in enumerate(self.slots):
+            if self.grid is None:
+                slot.call = None
+                continue
+            ctx = AttentionContext(
                 layer=layer,
                 num_layers=self.num_layers,
                 step=self.step,
@@ -129,14 +144,7 @@ class AttentionRuntime:
                 cfg_branch=self.cfg_branch,
                 grid=self.grid,
             )
-            for layer in range(self.num_layers)
-        ]
-        self.calls = tuple(LayerCall(ctx, self.method.runs_dense(ctx)) for ctx in contexts)
-
-    def call(self, layer: int) -> LayerCall:
-        if not self.calls:
-            raise RuntimeError("the model adapter must set the token grid before a forward pass")
-        return self.calls[layer]
+            slot.call = LayerCall(ctx, self.method.runs_dense(ctx))
 
 
 _UNSET = object()
@@ -156,6 +164,7 @@ class MethodAttnProcessor:
     def __init__(self, runtime: AttentionRuntime, layer: int) -> None:
         self.runtime = runtime
         self.layer = layer
+        self.slot = runtime.slots[layer]
 
     def __call__(
         self,
@@ -177,7 +186,9 @@ class MethodAttnProcessor:
             query = apply_interleaved_rope(query, *rotary_emb)
             key = apply_interleaved_rope(key, *rotary_emb)
 
-        call = self.runtime.call(self.layer)
+        call = self.slot.call
+        if call is None:
+            raise RuntimeError("the model adapter must set the token grid before a forward pass")
         region = self.runtime.timer.start(hidden_states.device)
         out = self.runtime.method(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), call.ctx, dense=call.dense

@@ -25,7 +25,7 @@ from torch import nn
 from harness.errors import HarnessError
 from methods.base import METHODS, AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
 from methods.dmd2.sampler import FewStepScheduler
-from methods.inner import build_inner, parse_inner, run_inner
+from methods.inner import build_inner, parse_inner
 from methods.params import Param
 
 if TYPE_CHECKING:
@@ -107,9 +107,13 @@ class Dmd2Generator(AttentionMethod):
         for method in {id(m): m for m in (self.attention, self.inner)}.values():
             method.begin_video()
 
+    def runs_dense(self, ctx: AttentionContext) -> bool:
+        """Every call goes to :attr:`inner`: dense where its rules or this method's schedule say so."""
+        return super().runs_dense(ctx) or self.inner.runs_dense(ctx)
+
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
             dense: bool | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
-        return run_inner(self.inner, q, k, v, ctx, dense)
+        return self.inner.run(q, k, v, ctx, dense)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
                ) -> tuple[torch.Tensor, float]:  # fmt: skip

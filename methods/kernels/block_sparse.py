@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,9 @@ class BlockSparsePattern:
     full: torch.Tensor | None = None
     mask_mod: MaskMod | None = None
     variable: VariableBlocks | None = None
+    _flex_masks: dict[tuple[tuple[int, int], bool], BlockMask] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         q_block, kv_block = self.blocks
@@ -201,6 +204,9 @@ class BlockSparsePattern:
 
         Full tiles go to ``full_kv_*`` so the kernel skips ``mask_mod`` there; partial tiles go to
         ``kv_*``. ``backward=True`` also builds the transposed indices Flex needs for gradients.
+        A block-level pattern's ``mask_mod`` looks the tile up: the compiled kernel never calls it (every kept
+        tile is full), but ``flex_attention`` run eagerly ignores the tile tables and applies ``mask_mod`` alone,
+        as it does inside a model compiled with a backend other than inductor (``--compile-backend eager``).
         """
         full, partial = self.full_tiles, self.partial_tiles
         full_num, full_idx = _tile_indices(full)
@@ -211,10 +217,33 @@ class BlockSparsePattern:
             full_num,
             full_idx,
             BLOCK_SIZE=self.blocks,
-            mask_mod=self.mask_mod,
+            mask_mod=self._tile_lookup() if self.mask_mod is None else self.mask_mod,
             seq_lengths=(self.seq_len, self.seq_len),
             compute_q_blocks=backward,
         )
+
+    def _tile_lookup(self) -> MaskMod:
+        """The token mask of a block-level pattern as a ``mask_mod``: the kept table at the pair's tile."""
+        kept, (q_block, kv_block) = self.kept, self.blocks
+        one_batch, one_head = kept.shape[0] == 1, kept.shape[1] == 1  # broadcast tables: index 0 for every b, h
+
+        def in_kept_tiles(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            return kept[0 if one_batch else b, 0 if one_head else h, q_idx // q_block, kv_idx // kv_block]
+
+        return in_kept_tiles
+
+    def flex_block_mask(self, batch_heads: tuple[int, int], backward: bool = False) -> BlockMask:
+        """What FlexAttention runs for q of ``(B, H)`` = ``batch_heads``: :meth:`block_mask` of the pattern
+        :meth:`regrouped` into :data:`FLEX_TILE` tiles.
+
+        Built once per pattern, ``batch_heads`` and ``backward``, and kept with the pattern: one reused across
+        calls (radial's, one per grid) is then built in its first, eager, call, and a compiled model's graph holds
+        the attention alone, not the tile tables' regrouping.
+        """
+        key = (batch_heads, backward)
+        if key not in self._flex_masks:
+            self._flex_masks[key] = self.regrouped(FLEX_TILE, batch_heads).block_mask(backward)
+        return self._flex_masks[key]
 
     def regrouped(self, tile: int, batch_heads: tuple[int, int] | None = None) -> BlockSparsePattern:
         """The same token mask over ``tile x tile`` tiles; the pattern itself if its blocks are multiples of ``tile``.
@@ -347,7 +376,11 @@ def flex_block_sparse_attention(
     ignores the tile table (it only applies ``mask_mod``, over a materialised N x N score matrix).
     Hitting the recompile limit raises instead of falling back to that unfused path.
     """
-    block_mask = pattern.regrouped(FLEX_TILE, (q.shape[0], q.shape[1])).block_mask(backward=q.requires_grad)
+    block_mask = pattern.flex_block_mask((q.shape[0], q.shape[1]), backward=q.requires_grad)
+    if torch.compiler.is_compiling():
+        # Inside a compiled model the model's graph captures flex_attention itself; the configuration patch
+        # below is a call Dynamo does not trace (a graph break in every sparse layer: issue 21, item 5).
+        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
         return compiled_flex_attention()(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
 

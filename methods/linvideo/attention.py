@@ -22,7 +22,7 @@ from torch import nn
 
 from harness.errors import HarnessError, UnsupportedError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
-from methods.inner import build_inner, parse_inner, run_inner, softmax_methods  # noqa: F401 (softmax_methods: re-exported)
+from methods.inner import build_inner, parse_inner, softmax_methods  # noqa: F401 (softmax_methods: re-exported)
 from methods.kernels.linear_attention import KERNELS, build_feature_map, check_kernel, feature_linear_attention
 from methods.kernels.linear_attention_triton import BACKEND_NOTE
 from methods.params import Param
@@ -122,7 +122,8 @@ class LinVideo(AttentionMethod):
     linear, feature-map weights, fine-tuned transformer weights). While training, :attr:`converted` is
     False and every layer mixes both branches by its score r. The softmax layers of a converted model run
     :attr:`softmax` (``softmax_method``, torch's SDPA by default), which sees every call of those layers with
-    the same context and applies the schedule itself, its own warm-up included. Density: 0 for a linear
+    the same context; its schedule and own rules (radial's warm-up) decide which run dense, also in
+    :meth:`runs_dense`, where the harness's processor asks before the forward. Density: 0 for a linear
     layer's call, the softmax method's density for a softmax call (mixed calls compute the full softmax, so 1).
     """
 
@@ -194,11 +195,21 @@ class LinVideo(AttentionMethod):
         # Fixed once converted: no device sync on rho inside every attention call.
         self._linear = frozenset(state.linear_layers()) if converted else frozenset()
 
+    def runs_softmax(self, layer: int) -> bool:
+        """Whether ``layer``'s calls go to :attr:`softmax`: a converted model's layers that are not linear (the
+        ``linear_layers`` of an untrained state before its first call builds it)."""
+        linear = self._linear if self.state is not None else frozenset(self.untrained_layers or ())
+        return self.converted and layer not in linear
+
+    def runs_dense(self, ctx: AttentionContext) -> bool:
+        """The schedule, and in the softmax layers the softmax method's own rules (radial's warm-up)."""
+        return super().runs_dense(ctx) or (self.runs_softmax(ctx.layer) and self.softmax.runs_dense(ctx))
+
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
             dense: bool | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
         self._state_for(q, ctx)  # attached first: it says which layers are linear
-        if self.converted and ctx.layer not in self._linear:
-            return run_inner(self.softmax, q, k, v, ctx, dense)
+        if self.runs_softmax(ctx.layer):
+            return self.softmax.run(q, k, v, ctx, dense)
         return super().run(q, k, v, ctx, dense)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
