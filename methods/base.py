@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 CfgBranch = Literal["cond", "uncond", "none"]
 Sparsity = Literal["dense", "static", "dynamic", "linear"]
+#: The density one call used, in ``[0, 1]``: a number, or a 0-d tensor when the method computes it on the device
+#: (a sparse pattern's kept fraction). Only :class:`DensityLog` reads a tensor, and only eagerly: a compiled forward
+#: that read it into Python would break its graph at every sparse call (issue 21, item 5).
+Density = float | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,9 @@ class TokenGrid:
 
 @dataclass(frozen=True)
 class AttentionContext:
-    """Where an attention call happens: layer, denoising step, timestep, CFG branch, token grid."""
+    """Where an attention call happens: layer, denoising step, timestep, CFG branch, token grid; and ``route``, what
+    the method resolved for the call before the forward (:meth:`AttentionMethod.route`; ``None`` where nothing was:
+    the method then resolves it in the call). The route takes no part in comparing or hashing contexts."""
 
     layer: int
     num_layers: int
@@ -61,6 +67,7 @@ class AttentionContext:
     timestep: float
     cfg_branch: CfgBranch
     grid: TokenGrid
+    route: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ class DensityLog:
     _sums: dict[tuple[int, int], float] = field(default_factory=lambda: defaultdict(float))
     _counts: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, ctx: AttentionContext, density: float) -> None:
+    def add(self, ctx: AttentionContext, density: Density) -> None:
         if torch.compiler.is_compiling():
             # Inside a compiled graph this bookkeeping would put a guard on every logged value (and the step),
             # a recompile at every call: compiled calls are not logged (see harness.models.processor).
@@ -168,7 +175,7 @@ class AttentionMethod(ABC):
 
     Subclasses set ``name``, ``capabilities`` and ``parameters`` (the schema of their parameters, see
     :mod:`methods.params`) and implement :meth:`attend`, returning the output and the density used
-    (1.0 for dense attention, the kept fraction of score blocks for sparse ones). Constructor keyword
+    (a :data:`Density`: 1.0 for dense attention, the kept fraction of score blocks for sparse ones). Constructor keyword
     arguments are the method's parameters: typed and checked by the schema into :attr:`settings`
     (defaults filled in), which :meth:`params` records.
     """
@@ -201,16 +208,28 @@ class AttentionMethod(ABC):
     @abstractmethod
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, Density]:
         """Attention output ``(B, H, N, D)`` and the density actually used in ``[0, 1]``."""
 
     def runs_dense(self, ctx: AttentionContext) -> bool:
         """Whether this call runs plain dense attention (the schedule; methods may add their own)."""
         return self.schedule.runs_dense(ctx)
 
+    def route(self, ctx: AttentionContext) -> Any:
+        """What the calls at ``ctx`` look up per layer (which branch runs, the layer's weights), resolved outside the
+        transformer's forward: the harness's processor puts it in ``ctx.route``. ``None``: nothing (the default).
+
+        A compiled forward that looks a layer's things up by ``ctx.layer`` is guarded on the layer's number, so
+        wherever the method breaks the graph, each layer's frame compiles again (past Dynamo's recompile limit of 8,
+        it runs eagerly). Read from the route, the guards are on the route's own values, which differ between
+        layers only where they run differently (issue 21, item 5). A method that runs another (LinVideo's softmax
+        layers, DMD2's generator) hands it a context carrying that method's own route.
+        """
+        return None
+
     def run(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, dense: bool | None = None
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, Density]:
         """One call under the schedule: plain dense attention where :meth:`runs_dense` says so, else
         :meth:`attend`. Output ``(B, H, N, D)`` and the density used, not logged: a method that runs another
         inside it (LinVideo's softmax layers) calls this, so the inner one keeps its own schedule.

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
-from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
+from methods.base import AttentionContext, AttentionMethod, Capabilities, Density, Schedule, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks
 from methods.kernels.linear_attention import fp32_region
 from methods.kernels.sparse_backends import BackendLog
@@ -182,7 +182,7 @@ class SparseLinearAttention(AttentionMethod):
         self.state, self.trained = state, trained
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
-               ) -> tuple[torch.Tensor, float]:  # fmt: skip
+               ) -> tuple[torch.Tensor, Density]:  # fmt: skip
         if self.state is None:
             self.attach(SlaProjections(ctx.num_layers, q.shape[-1]).requires_grad_(False).to(q.device), trained=False)
         assert self.state is not None
@@ -196,7 +196,7 @@ class SparseLinearAttention(AttentionMethod):
         linear = marginal_linear_attention(q, k, v, marginal, block)
         proj = self.state.proj[ctx.layer]
         out = sparse.float() + proj(linear.to(proj.weight.dtype)).float()
-        return out.to(v.dtype), pattern.density()
+        return out.to(v.dtype), pattern.kept_fraction()
 
     # -- state --------------------------------------------------------------------------------
 

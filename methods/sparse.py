@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from methods.base import AttentionContext, AttentionMethod, Schedule
+from methods.base import AttentionContext, AttentionMethod, Density, Schedule
 from methods.kernels.block_sparse import BlockSparsePattern, permute_tokens, unpermute_tokens
 from methods.kernels.sparse_backends import BackendLog, backend_names, block_sparse_attention
 from methods.params import Param
@@ -47,10 +47,11 @@ class SparsePlan:
     pattern: BlockSparsePattern
     q_order: torch.Tensor | None = None
     kv_order: torch.Tensor | None = None
-    density: float | None = None
+    density: Density | None = None
 
-    def used_density(self) -> float:
-        return self.pattern.density() if self.density is None else self.density
+    def used_density(self) -> Density:
+        """The call's density, a tensor unless the method gave a number (see :data:`methods.base.Density`)."""
+        return self.pattern.kept_fraction() if self.density is None else self.density
 
 
 def auto_block_size(tokens: int) -> int:
@@ -146,7 +147,7 @@ class BlockSparseMethod(AttentionMethod):
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, Density]:
         plan = self.plan(q, k, v, ctx)
         return self.execute(q, k, v, plan, self.backends), plan.used_density()
 

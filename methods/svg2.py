@@ -29,6 +29,7 @@ density, so Flex timings of svg2 understate the method's speed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -105,7 +106,11 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[to
         labels = _assign(x, centroids)
         flat = (labels + offsets).flatten()
         sums = torch.zeros(groups * clusters, dim, device=x.device).index_add_(0, flat, points)
-        sizes = torch.bincount(flat, minlength=groups * clusters).view(groups, clusters)
+        # bincount's counts, in an output of fixed length: bincount's own depends on the largest label (a graph
+        # break under torch.compile, and a host sync on CUDA), although every label is below groups x clusters.
+        ones = torch.ones_like(flat)
+        sizes = torch.zeros(groups * clusters, dtype=flat.dtype, device=x.device).index_add_(0, flat, ones)
+        sizes = sizes.view(groups, clusters)
         means = sums.view(groups, clusters, dim) / sizes.clamp(min=1)[..., None]
         centroids = torch.where(sizes[..., None] > 0, means, centroids)
     return labels, centroids, sizes
@@ -142,6 +147,15 @@ def cluster_pair_pattern(
 
     variable = VariableBlocks(keep & present, q_sizes, k_sizes)  # the clusters themselves: SVG2's own kernel blocks
     return BlockSparsePattern(kept, tokens, block, full=full & kept, mask_mod=kept_cluster_pair, variable=variable)
+
+
+@dataclass
+class LayerCentroids:
+    """svg2's route (:meth:`SparseVideoGen2.route`): one layer's k-means centroids ``(B * H, C, D)`` fp32 of the
+    queries and of the keys from its last sparse call in this video, the next call's warm start (``None`` before)."""
+
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
 
 
 @register_method("svg2", aliases=("sparse-videogen2", "sap"))
@@ -185,16 +199,23 @@ class SparseVideoGen2(BlockSparseMethod):
         self.dense_layer_fraction: float = settings["dense_layer_fraction"]
         self.fixed_density: float | None = settings["fixed_density"]
         self.generators = SeededGenerators(settings["seed"])
-        self._centroids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._centroids: dict[int, LayerCentroids] = {}
         self._clusters_used: dict[int, tuple[int, int]] = {}
 
     def usage_params(self) -> dict[str, Any]:
         return {"clusters_used": {str(n): list(pair) for n, pair in sorted(self._clusters_used.items())}}
 
     def begin_video(self) -> None:
-        # k-means warm-starts from the previous step's centroids within a video, never from another video's.
+        # k-means warm-starts from the previous step's centroids within a video, never from another video's. Emptied
+        # in place: the routes the harness's processor resolved stay this method's.
         self.generators.reset()
-        self._centroids.clear()
+        for cached in self._centroids.values():
+            cached.q = cached.k = None
+
+    def route(self, ctx: AttentionContext) -> LayerCentroids:
+        """The layer's centroid cache, so that a compiled :meth:`plan` (one compiled on its own where the k-means
+        initialisation's draw breaks the graph) finds it without a guard on the layer's number."""
+        return self._centroids.setdefault(ctx.layer, LayerCentroids())
 
     def paper_dense_layers(self, num_layers: int) -> int:
         return math.floor(self.dense_layer_fraction * num_layers)
@@ -218,10 +239,10 @@ class SparseVideoGen2(BlockSparseMethod):
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> SparsePlan:
         batch, heads, tokens, dim = q.shape
         q_count, k_count = self.clusters(tokens)
-        cached_q, cached_k = self._centroids.get(ctx.layer, (None, None))
-        q_labels, q_centroids, q_sizes = self._cluster(q, q_count, cached_q)
-        k_labels, k_centroids, k_sizes = self._cluster(k, k_count, cached_k)
-        self._centroids[ctx.layer] = (q_centroids, k_centroids)
+        cached = self.route(ctx) if ctx.route is None else ctx.route
+        q_labels, q_centroids, q_sizes = self._cluster(q, q_count, cached.q)
+        k_labels, k_centroids, k_sizes = self._cluster(k, k_count, cached.k)
+        cached.q, cached.k = q_centroids, k_centroids
 
         logits = q_centroids @ k_centroids.transpose(-2, -1) / dim**0.5
         weights = k_sizes[:, None, :].float() * (logits - logits.amax(dim=-1, keepdim=True)).exp()
@@ -240,5 +261,5 @@ class SparseVideoGen2(BlockSparseMethod):
         block = self.block_size(tokens)
         pattern = cluster_pair_pattern(keep, q_sizes, k_sizes, q_sorted, k_sorted, block)
         pair_tokens = q_sizes[..., :, None].double() * k_sizes[..., None, :].double()
-        density = float((keep * pair_tokens).sum() / (batch * heads * tokens**2))
+        density = (keep * pair_tokens).sum() / (batch * heads * tokens**2)
         return SparsePlan(pattern, q_order=q_order, kv_order=k_order, density=density)

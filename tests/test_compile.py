@@ -3,11 +3,13 @@
 Graphs and recompiles are Dynamo's doing (graph capture and guards), so the transformer is compiled with a
 counting backend that runs each captured graph as it is, without code generation: seconds on CPU. Inductor's
 code is timed by ``bench latency --compile`` on the GPU. Methods that compile in one graph with no recompile
-across sampler steps: sdpa, math (and the other dense backends: the same code path), linear and linvideo; radial,
-alone or in LinVideo's softmax layers, on the masked (CPU) and Flex (GPU) backends, in one graph per dense-or-sparse
-decision (its warm-up). The data-dependent sparse methods (xattn, svg, svg2, sla) break the graph where their
-selection reads a tensor in Python (densities, ``.item()``), at a cost of graphs per break, not a recompile per
-layer; DFA also recompiles along its per-step plan, as ``bench latency --compile`` records.
+across sampler steps: sdpa, math (and the other dense backends: the same code path), linear, linvideo, and xattn and
+sla on the masked (CPU) and Flex (GPU) backends (their densities stay tensors: only the eager density log reads
+them); radial, alone or in LinVideo's softmax layers, on both backends, in one graph per dense-or-sparse decision
+(its warm-up). svg and svg2 break the graph where they draw from their seeded generator (Dynamo traces no
+torch.Generator), alone or in LinVideo's softmax layers, at a cost of graphs per break, not a recompile per layer:
+what a layer looks up is resolved before the forward (the context's route). DFA also recompiles along its per-step
+plan, as ``bench latency --compile`` records.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any, ClassVar
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from harness.models.wan import WanTiny
+from harness.models.wan import WAN_TINY_CONFIG, WanTiny
 from methods import AttentionMethod, build_method
 from methods.base import Schedule
 
@@ -42,24 +45,30 @@ def compiled(model, **options) -> Iterator[CompileCounter]:  # type: ignore[no-u
 
 
 def sample(model, method: AttentionMethod) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """wan-tiny's sampler, CFG on: two forwards per step, the runtime's step, timestep and branch set by it."""
+    """wan-tiny's sampler, CFG on: two forwards per step, the runtime's step, timestep and branch set by it. The
+    method begins a video first, as `bench run` has it do per video (svg's and svg2's draws and warm starts)."""
+    method.begin_video()
     with torch.inference_mode(), model.use_method(method) as runtime:
         cond, uncond = model.encode_prompts(["a prompt"]), model.encode_prompts([""])
         noise = torch.randn(1, *WanTiny.latent_shape(SAMPLING), generator=torch.Generator().manual_seed(0))
         return model.sample(noise, cond, uncond, SAMPLING, runtime)
 
 
-@pytest.mark.parametrize(
-    ("name", "params"), [("sdpa", {}), ("math", {}), ("linear", {}), ("linvideo", {"linear_layers": [1]})]
-)
+@pytest.mark.parametrize(("name", "params"), [
+    ("sdpa", {}), ("math", {}), ("linear", {}), ("linvideo", {"linear_layers": [1]}),
+    ("xattn", {}), ("xattn", {"backend": "flex"}), ("sla", {}), ("sla", {"backend": "flex"}),
+], ids=["sdpa", "math", "linear", "linvideo", "xattn", "xattn-flex", "sla", "sla-flex"])  # fmt: skip
 def test_processor_compiles_in_one_graph_across_sampler_steps(tiny_model, name: str, params: dict) -> None:
-    """fullgraph=True holds, and 4 steps x 2 CFG branches run one graph (a recompile would raise); the compiled
-    sample equals the eager one. The method first runs eagerly, as in `bench latency --compile`: linear and an
-    untrained linvideo build their state on first use, which a compiled first call would pay one recompile for
-    (linvideo's, under inference mode, is a Dynamo error)."""
+    """4 steps x 2 CFG branches run one graph (a recompile would raise), so fullgraph=True holds; compiled without it,
+    as `bench latency --compile` does, for fullgraph=True would hide a tensor read into Python (it captures the read
+    in the graph: a host sync per call on the GPU). The compiled sample equals the eager one. The method first runs
+    eagerly, as in `bench latency --compile`: linear and an untrained linvideo build their state on first use,
+    which a compiled first call would pay one recompile for (linvideo's, under inference mode, is a Dynamo error).
+    xattn's and sla's selections depend on q and k, on the masked (CPU) and Flex (GPU) backends alike: their
+    densities stay tensors, read by the eager log alone."""
     method = build_method(name, **params)
     eager = sample(tiny_model, method)
-    with compiled(tiny_model, fullgraph=True) as counter, torch._dynamo.config.patch(error_on_recompile=True):
+    with compiled(tiny_model) as counter, torch._dynamo.config.patch(error_on_recompile=True):
         actual = sample(tiny_model, method)
     assert counter.frame_count == 1
     torch.testing.assert_close(actual, eager, rtol=1e-5, atol=1e-5)
@@ -99,14 +108,40 @@ def test_radial_compiles_in_one_graph_per_warmup_decision(tiny_model, in_linvide
     torch.testing.assert_close(actual, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_a_graph_break_in_the_processor_costs_no_recompile_per_layer(tiny_model) -> None:
-    """xattn breaks the graph where it reads its density in Python: the processor's frame is then compiled on its
-    own, once for every layer (guarded on the layer's call, not on its number), so 4 steps x 2 CFG branches over
-    both layers run without a recompile. The compiled sample equals the eager one."""
-    method = build_method("xattn")
-    eager = sample(tiny_model, method)
-    with compiled(tiny_model) as counter, torch._dynamo.config.patch(error_on_recompile=True):
-        actual = sample(tiny_model, method)
+DEEP_LAYERS = 4  # with the recompile limit at 2, a frame compiled once per layer raises
+
+
+@pytest.fixture(scope="module")
+def deep_model():  # type: ignore[no-untyped-def]
+    """wan-tiny with :data:`DEEP_LAYERS` layers (CPU, fp32, seeded random weights)."""
+
+    class WanTinyDeep(WanTiny):
+        transformer_config: ClassVar[dict[str, Any]] = {**WAN_TINY_CONFIG, "num_layers": DEEP_LAYERS}
+        num_layers = DEEP_LAYERS
+
+    return WanTinyDeep.load("random", torch.device("cpu"), torch.float32)
+
+
+ODD_LAYERS = list(range(1, DEEP_LAYERS, 2))
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("svg", {}), ("svg2", {}),
+    ("linvideo", {"linear_layers": ODD_LAYERS, "softmax_method": "svg"}),
+    ("linvideo", {"linear_layers": ODD_LAYERS, "softmax_method": "svg2"}),
+], ids=["svg", "svg2", "linvideo+svg", "linvideo+svg2"])  # fmt: skip
+def test_a_graph_break_costs_no_recompile_per_layer(deep_model, name: str, params: dict) -> None:
+    """svg and svg2 break the graph where they draw from their seeded generator (svg's profiled rows, svg2's first
+    k-means centroids: Dynamo traces no torch.Generator), so frames below the break are compiled on their own. They
+    find what a layer looks up (LinVideo's branch and feature maps, svg2's centroid cache) in the context's route,
+    not by the layer's number: over 10 layers no frame compiles more than twice, once per decision (dense warm-up
+    or not, linear or softmax, k-means started or warm), where a recompile per layer would hit the limit and raise.
+    The compiled sample equals the eager one."""
+    method = build_method(name, **params)
+    eager = sample(deep_model, method)
+    limit = torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True)
+    with compiled(deep_model) as counter, limit:
+        actual = sample(deep_model, method)
     assert counter.frame_count > 1  # the break is there
     torch.testing.assert_close(actual, eager, rtol=1e-5, atol=1e-5)
 

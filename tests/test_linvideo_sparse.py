@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from harness.errors import HarnessError, UnsupportedError
 from methods import METHODS, AttentionMethod, build_method
 from methods.base import AttentionContext, Schedule, TokenGrid
 from methods.dmd2.generator import Dmd2Generator
-from methods.linvideo.attention import LinVideo, softmax_methods
+from methods.linvideo.attention import LinVideo, TransferState, softmax_methods
 
 GRID = TokenGrid(8, 8, 8)  # the toy's 512 tokens (blocks of 32 under `auto`)
 HEADS, HEAD_DIM, LAYERS, STEPS = 4, 32, 4, 5
@@ -132,6 +133,59 @@ def test_the_outer_methods_dense_decision_includes_radials_own_rules(build: Call
     for ctx, q, k, v in _calls():
         decided = method.run(q, k, v, ctx, method.runs_dense(ctx))
         assert torch.equal(decided[0], method.run(q, k, v, ctx)[0]) and decided[1] == method.run(q, k, v, ctx)[1]
+
+
+SVG2 = KEEP_ALL["svg2"] | {"top_p": 0.5}
+
+
+def _linvideo_svg2() -> LinVideo:
+    return LinVideo(linear_layers=LINEAR, softmax_method="svg2", softmax_params=SVG2)
+
+
+def _dmd2_from_linvideo_svg2() -> Dmd2Generator:
+    method = Dmd2Generator()
+    method.configure((1.0, 0.5), _linvideo_svg2(), "a LinVideo generator")
+    return method
+
+
+OUTER_SVG2 = pytest.mark.parametrize("build", [
+    _linvideo_svg2, lambda: build_method("dmd2", attention="svg2", attention_params=SVG2), _dmd2_from_linvideo_svg2,
+], ids=["linvideo", "dmd2", "dmd2-from-linvideo"])  # fmt: skip
+
+
+@OUTER_SVG2
+def test_a_new_video_starts_the_inner_method_afresh(build: Callable[[], AttentionMethod]) -> None:
+    """begin_video reaches the method an outer one runs: svg2 warm-starts k-means from the previous step within a
+    video, never from the previous video, so a video's calls made after another video equal those made first."""
+    method = build()
+    first = [method.run(q, k, v, ctx)[0] for ctx, q, k, v in _calls()]
+    method.begin_video()
+    again = [method.run(q, k, v, ctx)[0] for ctx, q, k, v in _calls()]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+@OUTER_SVG2
+def test_a_route_resolved_before_the_call_gives_the_calls_own_output(build: Callable[[], AttentionMethod]) -> None:
+    """The processor resolves each layer's route before the forward (LinVideo's branch and feature maps, svg2's
+    centroid cache inside them): a video whose calls get it equals one whose calls resolve it themselves."""
+    method = build()
+    resolving = [method.run(q, k, v, ctx)[0] for ctx, q, k, v in _calls()]
+    method.begin_video()
+    routed = [method.run(q, k, v, replace(ctx, route=method.route(ctx)))[0] for ctx, q, k, v in _calls()]
+    assert all(torch.equal(a, b) for a, b in zip(resolving, routed, strict=True))
+
+
+def test_linvideo_ignores_a_route_resolved_for_a_state_since_replaced() -> None:
+    """A route holds the feature maps of the state it was resolved from: once another state is attached (here with
+    every layer softmax), a call handed the old route runs by the new state."""
+    method = LinVideo(linear_layers=LINEAR)
+    ctx, q, k, v = next(call for call in _calls() if call[0].layer in LINEAR)
+    method.run(q, k, v, ctx)  # builds the untrained state
+    stale = replace(ctx, route=method.route(ctx))
+    softmax_only = TransferState(LAYERS, HEADS, HEAD_DIM).requires_grad_(False)
+    softmax_only.set_linear(())
+    method.attach(softmax_only, converted=True)
+    assert torch.equal(method.run(q, k, v, stale)[0], torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
 def test_the_users_dense_layers_reach_the_softmax_method() -> None:

@@ -100,7 +100,7 @@ def check_flex(name: str, device: torch.device, grid: TokenGrid, heads: int, dim
         plan = method.plan(q.to(low), k.to(low), v.to(low), ctx)
         flex = method.execute(q.to(low), k.to(low), v.to(low), plan, backend="flex")
         masked = method.execute(q, k, v, plan, backend="masked")
-        density, tile_density = plan.used_density(), plan.pattern.tile_density()
+        density, tile_density = float(plan.used_density()), plan.pattern.tile_density()
         blocks = method.params()["block_size_used"]
     else:  # a method outside the block-sparse base: two instances, one per backend, same seeds
         try:

@@ -7,10 +7,11 @@ diffusers' own processor (text attention stays dense everywhere).
 
 Compiled as users run it (``torch.compile(transformer, fullgraph=True)``): whatever depends on where the
 sampler is (step, timestep, CFG branch, token grid) is resolved outside the transformer's forward, when the
-sampler or the adapter sets it on the :class:`AttentionRuntime`, into one context object and one dense-or-not
-decision per layer; the forward only reads them, so a compiled graph holds no guard on the step and is not
-recompiled from one step to the next (it is once, where the decision itself changes: the end of a dense
-warm-up). The attention timer and the method's density log are Python bookkeeping and stay out of a compiled
+sampler or the adapter sets it on the :class:`AttentionRuntime`, into one context object (carrying what the
+method looks up per layer: its route) and one dense-or-not decision per layer; the forward only reads them, so a
+compiled graph holds no guard on the step and is not recompiled from one step to the next (it is once, where the
+decision itself changes: the end of a dense warm-up), nor, where a method breaks the graph, once per layer. The
+attention timer and the method's density log are Python bookkeeping and stay out of a compiled
 graph (``torch.compiler.is_compiling()``): eager calls are timed and logged as before; compiled calls are
 neither, so compiled figures come from timing whole forwards (``bench latency --compile``).
 """
@@ -18,7 +19,7 @@ neither, so compiled figures come from timing whole forwards (``bench latency --
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -82,7 +83,8 @@ class AttentionTimer:
 
 @dataclass(frozen=True)
 class LayerCall:
-    """What one layer's attention call runs with: its context and whether the method's schedule runs it dense."""
+    """What one layer's attention call runs with: its context, carrying the method's route for the layer
+    (:meth:`~methods.base.AttentionMethod.route`), and whether the method's schedule runs it dense."""
 
     ctx: AttentionContext
     dense: bool
@@ -144,7 +146,7 @@ class AttentionRuntime:
                 cfg_branch=self.cfg_branch,
                 grid=self.grid,
             )
-            slot.call = LayerCall(ctx, self.method.runs_dense(ctx))
+            slot.call = LayerCall(replace(ctx, route=self.method.route(ctx)), self.method.runs_dense(ctx))
 
 
 _UNSET = object()

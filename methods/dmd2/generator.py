@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
-from methods.base import METHODS, AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
+from methods.base import METHODS, AttentionContext, AttentionMethod, Capabilities, Density, Schedule, register_method
 from methods.dmd2.sampler import FewStepScheduler
 from methods.inner import build_inner, parse_inner
 from methods.params import Param
@@ -111,12 +111,16 @@ class Dmd2Generator(AttentionMethod):
         """Every call goes to :attr:`inner`: dense where its rules or this method's schedule say so."""
         return super().runs_dense(ctx) or self.inner.runs_dense(ctx)
 
+    def route(self, ctx: AttentionContext) -> Any:
+        """:attr:`inner`'s route: every call goes to it."""
+        return self.inner.route(ctx)
+
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
-            dense: bool | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
+            dense: bool | None = None) -> tuple[torch.Tensor, Density]:  # fmt: skip
         return self.inner.run(q, k, v, ctx, dense)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
-               ) -> tuple[torch.Tensor, float]:  # fmt: skip
+               ) -> tuple[torch.Tensor, Density]:  # fmt: skip
         return self.inner.attend(q, k, v, ctx)
 
     # -- the checkpoint ------------------------------------------------------------------------

@@ -9,7 +9,8 @@ inside those.
     pattern = BlockSparsePattern(kept, seq_len=N, block_size=128)                      # whole tiles
     pattern = BlockSparsePattern(kept, N, 128, full=full, mask_mod=band)              # token level
     out = block_sparse_attention(q, k, v, pattern)        # sparse_backends: Flex on CUDA, masked SDPA on CPU
-    pattern.density()          # kept fraction of the N x N score matrix (exact), what methods record
+    pattern.density()          # kept fraction of the N x N score matrix (exact)
+    pattern.kept_fraction()    # the same as a 0-d tensor: what methods return per call (the log reads it)
     pattern.tile_density()     # fraction of entries inside computed tiles (what the kernel does)
     pattern.block_mask()       # FlexAttention BlockMask built from block indices
     pattern.dense_mask()       # (B, H, N, N) bool -- CPU and tests only
@@ -174,9 +175,15 @@ class BlockSparsePattern:
             entries = entries + self._partial_entries()
         return entries
 
+    def kept_fraction(self) -> torch.Tensor:
+        """:meth:`density` as a 0-d float64 tensor on the pattern's device, not read into Python: what a method
+        returns as the density of a call, which only the density log reads (eagerly; a compiled forward reading
+        it would break its graph, issue 21 item 5)."""
+        return self.kept_entries().mean() / self.seq_len**2
+
     def density(self) -> float:
         """Kept fraction of the N x N score matrix, averaged over batch and heads (exact)."""
-        return float(self.kept_entries().mean() / self.seq_len**2)
+        return float(self.kept_fraction())
 
     def _partial_entries(self) -> torch.Tensor:
         """Kept entries inside partial tiles per (batch, head), evaluating mask_mod tile by tile."""

@@ -11,7 +11,7 @@ per group g (one (batch, head) pair) with points ``x_g (N, D)`` and centroids ``
    ``sums_j / sizes_j`` where ``sizes_j > 0``, the old one where the cluster is empty.
 
 Two kernels per iteration, launched back to back; ``iterations`` iterations are ``2 x iterations`` launches with
-nothing read back to the host in between (the torch path's ``bincount`` synchronises on CUDA every iteration):
+nothing read back to the host in between:
 
 - :func:`_assign`: one program per (tile of BLOCK_N tokens, group): the tile of x stays in registers while the
   centroids stream past in tiles of BLOCK_C (loaded transposed by their addresses: no ``tl.trans``, see

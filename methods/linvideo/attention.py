@@ -13,6 +13,7 @@ further accelerated if we combine sparse attention" in the layers that keep soft
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import HarnessError, UnsupportedError
-from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
+from methods.base import AttentionContext, AttentionMethod, Capabilities, Density, Schedule, register_method
 from methods.inner import build_inner, parse_inner, softmax_methods  # noqa: F401 (softmax_methods: re-exported)
 from methods.kernels.linear_attention import KERNELS, build_feature_map, check_kernel, feature_linear_attention
 from methods.kernels.linear_attention_triton import BACKEND_NOTE
@@ -114,6 +115,18 @@ class TransferState(nn.Module):
         return r * F.scaled_dot_product_attention(q, k, v) + (1 - r) * self.linear(layer, q, k, v)
 
 
+@dataclass(frozen=True)
+class LayerRoute:
+    """Where a converted LinVideo sends one layer's calls (:meth:`LinVideo.route`): linear attention with the layer's
+    ``(q, k)`` feature ``maps`` of ``state``, or (``maps`` ``None``) the softmax method, called with ``softmax_ctx``:
+    the call's context with the softmax method's own route (built here: a context built in a compiled forward
+    guards on every field, the step included)."""
+
+    state: TransferState
+    maps: tuple[nn.Module, nn.Module] | None
+    softmax_ctx: AttentionContext | None = None
+
+
 @register_method("linvideo", aliases=("lin-video",))
 class LinVideo(AttentionMethod):
     """LinVideo: a converted model runs linear attention on its selected layers, softmax elsewhere.
@@ -195,6 +208,10 @@ class LinVideo(AttentionMethod):
         # Fixed once converted: no device sync on rho inside every attention call.
         self._linear = frozenset(state.linear_layers()) if converted else frozenset()
 
+    def begin_video(self) -> None:
+        """The softmax method's, which may draw (svg) or warm-start (svg2) within a video."""
+        self.softmax.begin_video()
+
     def runs_softmax(self, layer: int) -> bool:
         """Whether ``layer``'s calls go to :attr:`softmax`: a converted model's layers that are not linear (the
         ``linear_layers`` of an untrained state before its first call builds it)."""
@@ -205,21 +222,41 @@ class LinVideo(AttentionMethod):
         """The schedule, and in the softmax layers the softmax method's own rules (radial's warm-up)."""
         return super().runs_dense(ctx) or (self.runs_softmax(ctx.layer) and self.softmax.runs_dense(ctx))
 
+    def route(self, ctx: AttentionContext) -> LayerRoute | None:
+        """The converted layer's branch and feature maps; ``None`` before the state exists or while training (every
+        layer mixes both branches). Resolved before the forward, so that a compiled frame of :meth:`run` (one
+        compiled on its own where the softmax method breaks the graph) holds no guard on the layer's number: one
+        frame serves every linear layer and one every softmax layer."""
+        if self.state is None or not self.converted:
+            return None
+        layer = ctx.layer
+        if layer in self._linear:
+            return LayerRoute(self.state, (self.state.q_maps[layer], self.state.k_maps[layer]))
+        return LayerRoute(self.state, None, replace(ctx, route=self.softmax.route(ctx)))
+
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
-            dense: bool | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
-        self._state_for(q, ctx)  # attached first: it says which layers are linear
-        if self.runs_softmax(ctx.layer):
-            return self.softmax.run(q, k, v, ctx, dense)
+            dense: bool | None = None) -> tuple[torch.Tensor, Density]:  # fmt: skip
+        route = self._route(q, ctx)
+        if route is not None and route.maps is None:
+            return self.softmax.run(q, k, v, route.softmax_ctx, dense)
         return super().run(q, k, v, ctx, dense)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
-               ) -> tuple[torch.Tensor, float]:  # fmt: skip
-        state = self._state_for(q, ctx)
-        if not self.converted:
-            return state.mixed(ctx.layer, q, k, v), 1.0
-        if ctx.layer in self._linear:
-            return state.linear(ctx.layer, q, k, v), 0.0
-        return self.softmax.run(q, k, v, ctx)
+               ) -> tuple[torch.Tensor, Density]:  # fmt: skip
+        route = self._route(q, ctx)
+        if route is None:
+            return self._state_for(q, ctx).mixed(ctx.layer, q, k, v), 1.0
+        if route.maps is not None:
+            return feature_linear_attention(q, k, v, *route.maps), 0.0
+        return self.softmax.run(q, k, v, route.softmax_ctx)
+
+    def _route(self, q: torch.Tensor, ctx: AttentionContext) -> LayerRoute | None:
+        """The call's :meth:`route`: the one resolved before the forward if it belongs to the state in use."""
+        state = self._state_for(q, ctx)  # attached first: it says which layers are linear
+        resolved = ctx.route
+        if isinstance(resolved, LayerRoute) and resolved.state is state:
+            return resolved
+        return self.route(ctx)
 
     def _state_for(self, q: torch.Tensor, ctx: AttentionContext) -> TransferState:
         """The state on q's device: the attached one, or an untrained one with ``linear_layers`` linear."""
