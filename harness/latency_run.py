@@ -112,16 +112,25 @@ def _validate(request: LatencyRequest) -> tuple[list[AttentionMethod], torch.dev
         raise HarnessError(f"--param names method(s) {untimed} that are not timed (--methods {','.join(names)})")
     params = {name: dict(request.method_params.get(name, {})) for name in names}
     if request.at_density is not None:
-        fixed = [name for name in names if METHODS.get(name).capabilities.fixed_density]
-        if not fixed:
-            offer = sorted(n for n in METHODS.names() if METHODS.get(n).capabilities.fixed_density)
-            raise HarnessError(f"--at-density applies to methods with a fixed-density selection ({', '.join(offer)});"
-                               f" none of {names} has one")  # fmt: skip
-        for name in fixed:
+        for name in fixed_density_methods(names):
             params[name]["fixed_density"] = request.at_density
     methods = [check_method(adapter_cls, name, params[name], schedule, sampling, device, dtype) for name in names]
     request.baseline = baseline
     return methods, device, dtype
+
+
+def fixed_density_methods(names: list[str]) -> list[str]:
+    """Those of ``names`` that take a stated density (``Capabilities.fixed_density``), for ``--at-density``.
+
+    Raises:
+        HarnessError: none of them does (the option would change nothing); the message names those that do.
+    """
+    fixed = [name for name in names if METHODS.get(name).capabilities.fixed_density]
+    if not fixed:
+        offer = sorted(n for n in METHODS.names() if METHODS.get(n).capabilities.fixed_density)
+        raise HarnessError(f"--at-density applies to methods with a fixed-density selection ({', '.join(offer)});"
+                           f" none of {names} has one")  # fmt: skip
+    return fixed
 
 
 def _default_baseline(names: list[str]) -> str:

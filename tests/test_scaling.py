@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.benchmarks.scaling_gpu import CHECK_GRID, LINEAR_SETTING, check_method, sweep
-from harness.benchmarks.sparse_gpu import sparse_method_names
+from harness.benchmarks.scaling_gpu import CHECK_GRID, LINEAR_SETTING, check_method, default_methods, sweep
+from harness.benchmarks.sparse_gpu import PAPER_DENSITY, sparse_method_names
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,15 @@ def test_sparse_methods_are_checked_flex_against_masked(name: str) -> None:
     :func:`~harness.benchmarks.sparse_gpu.check_flex` without the grid and crashed before timing anything)."""
     check = check_method(name, {}, torch.device("cpu"), torch.float32)
     assert check["passed"] and check["tokens"] == CHECK_GRID.tokens and check["heads"] == 2 and check["head_dim"] == 16
+
+
+@pytest.mark.parametrize("name", ["xattn", "svg2"])
+def test_a_method_timed_at_a_stated_density_is_checked_at_it(name: str) -> None:
+    """The paper density the sweep times xattn and svg2 at (default_methods) is the one their check runs at."""
+    params = default_methods(torch.device("cpu"))[name]
+    check = check_method(name, params, torch.device("cpu"), torch.float32)
+    assert params == {"fixed_density": PAPER_DENSITY[name]}
+    assert check["passed"] and check["density_fixed_by_user"] == PAPER_DENSITY[name]
 
 
 def test_report_draws_the_scaling_plot(scaling_record: dict, tmp_path: Path, bench) -> None:

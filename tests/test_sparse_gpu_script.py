@@ -5,11 +5,19 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from harness.benchmarks.sparse_gpu import backend_check_patterns, main, sparse_method_names
+from harness.benchmarks.sparse_gpu import (
+    PAPER_DENSITY,
+    STATED_DENSITY_NOTE,
+    backend_check_patterns,
+    main,
+    sparse_method_names,
+    stated_densities,
+)
 from methods.kernels import sparse_backends
 from methods.kernels.block_sparse import masked_dense_attention
 
@@ -21,22 +29,126 @@ def test_default_methods_are_the_registered_sparse_ones() -> None:
     assert not {"sdpa", "fa2", "cudnn", "linear", "linvideo"} & set(names)
 
 
-def test_smoke_run_writes_checks_timings_and_densities(tmp_path: Path) -> None:
+SWEEP_DENSITIES = (0.2, 0.5)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One CPU run on wan-tiny (radial, xattn and svg2 at their paper densities, svg2's sweep at two densities):
+    the latency record and the summary."""
+    out = tmp_path_factory.mktemp("sparse")
+    main(["--out", str(out), "--device", "cpu", "--models", "wan-tiny", "--methods", "radial,xattn,svg2",
+          "--svg2-densities", ",".join(map(str, SWEEP_DENSITIES))])  # fmt: skip
+    return {"latency": json.loads((out / "sparse_latency_wan-tiny.json").read_text()),
+            "summary": json.loads((out / "sparse_summary.json").read_text())}  # fmt: skip
+
+
+def test_smoke_run_writes_checks_timings_and_densities(smoke: dict[str, Any]) -> None:
     """--device cpu --models wan-tiny: the check passes, the JSON holds the kernel and forward timings,
-    densities, and the data-dependent row is marked."""
-    main(["--out", str(tmp_path), "--device", "cpu", "--models", "wan-tiny", "--methods", "radial,xattn"])
-    result = json.loads((tmp_path / "sparse_latency_wan-tiny.json").read_text())
+    densities, and the data-dependent rows are marked."""
+    result = smoke["latency"]
     assert all(check["passed"] for check in result["flex_check"].values())
-    assert set(result["methods"]) == {"sdpa", "radial", "xattn"}
+    assert set(result["methods"]) == {"sdpa", "radial", "xattn", "svg2"}
     assert result["attention"]["methods"]["radial"]["kernel"]["median_ms"] > 0
     assert 0 < result["methods"]["radial"]["density"] < 1
     assert "note" in result["methods"]["xattn"] and "note" not in result["methods"]["radial"]
     backends = result["attention"]["methods"]["radial"]["backends"]
     assert backends["chosen"] in ("masked", "flex", "flex-tuned")
     assert "ms" in backends["report"][backends["chosen"]] and "skipped" in backends["report"]["flashinfer"]
-    rows = json.loads((tmp_path / "sparse_summary.json").read_text())["rows"]
-    assert {row["method"] for row in rows} == {"sdpa", "radial", "xattn"}
+    rows = smoke["summary"]["rows"]
+    assert {row["method"] for row in rows} == {"sdpa", "radial", "xattn", "svg2"}
     assert {row["backend"] for row in rows if row["method"] == "xattn"} <= {"masked", "flex", "flex-tuned"}
+
+
+def test_methods_that_take_a_density_are_checked_and_timed_at_their_papers(smoke: dict[str, Any]) -> None:
+    """By default xattn and svg2 run at PAPER_DENSITY in the check, the attention call and the forward, and every
+    record says the density was stated (radial's own density is not); the measured density stays beside it."""
+    result, stated = smoke["latency"], {"xattn": PAPER_DENSITY["xattn"], "svg2": PAPER_DENSITY["svg2"]}
+    assert smoke["summary"]["stated_density"] == stated
+    for records in (result["methods"], result["attention"]["methods"]):
+        assert {name: records[name]["density_fixed_by_user"] for name in ("radial", *stated)} == {"radial": None,
+                                                                                                  **stated}  # fmt: skip
+        assert all(records[name]["note"] == STATED_DENSITY_NOTE for name in stated)
+    for name, density in stated.items():
+        assert result["methods"][name]["params"]["fixed_density"] == density
+        assert result["flex_check"][name]["density_fixed_by_user"] == density
+        assert result["flex_check"][name]["density"] == pytest.approx(density, abs=0.1)
+    rows = {row["method"]: row for row in smoke["summary"]["rows"]}
+    assert {name: rows[name]["density_fixed_by_user"] for name in stated} == stated
+
+
+def test_kernel_efficiency_is_the_ideal_over_the_kernel_on_the_chosen_backend(smoke: dict[str, Any]) -> None:
+    """Per method: ideal = density of the timed plan x the dense call; efficiency = ideal / the chosen backend's
+    time (bench latency's kernel_efficiency), kernel_over_ideal its inverse; the dense call's is 1."""
+    rows = smoke["latency"]["attention"]["methods"]
+    dense_ms = rows["sdpa"]["call"]["median_ms"]
+    assert rows["sdpa"]["kernel_efficiency"] == pytest.approx(1.0)
+    for name in ("radial", "xattn", "svg2"):
+        row = rows[name]
+        kernel_ms = row["backends"]["report"][row["backends"]["chosen"]]["ms"]
+        assert row["ideal_kernel_ms"] == pytest.approx(row["plan_density"] * dense_ms)
+        assert row["kernel_efficiency"] == pytest.approx(row["ideal_kernel_ms"] / kernel_ms)
+        assert row["kernel_over_ideal"] == pytest.approx(1 / row["kernel_efficiency"])
+    summary = {row["method"]: row for row in smoke["summary"]["rows"]}
+    assert summary["svg2"]["kernel_over_ideal"] == rows["svg2"]["kernel_over_ideal"]
+
+
+def test_svg2_sweep_has_one_checked_and_timed_point_per_stated_density(smoke: dict[str, Any]) -> None:
+    """attention.svg2_density_sweep: per --svg2-densities value, svg2's plan at it, every backend's error against
+    masked dense (within tolerance where timed) and its time over the ideal; flashinfer skipped here with its reason."""
+    points = smoke["latency"]["attention"]["svg2_density_sweep"]
+    assert [point["density_fixed_by_user"] for point in points] == list(SWEEP_DENSITIES)
+    assert points[0]["density"] < points[1]["density"] <= points[1]["tile_density"]
+    dense_ms = smoke["latency"]["attention"]["methods"]["sdpa"]["call"]["median_ms"]
+    for point in points:
+        assert point["ideal_kernel_ms"] == pytest.approx(point["density"] * dense_ms)
+        assert "ms" in point["backends"][point["chosen"]] and "skipped" in point["backends"]["flashinfer"]
+        for outcome in (o for o in point["backends"].values() if "ms" in o):
+            assert outcome["error"] <= 1e-4
+            assert outcome["kernel_over_ideal"] == pytest.approx(outcome["ms"] / point["ideal_kernel_ms"])
+    assert smoke["summary"]["svg2_density_sweep"]["wan-tiny"] == points
+
+
+@pytest.mark.parametrize(
+    ("setting", "names", "expected"),
+    [
+        ("paper", ["radial", "xattn", "svg2"], {"xattn": 0.344, "svg2": 0.295}),
+        ("none", ["xattn", "svg2"], {}),
+        ("0.25", ["radial", "xattn", "svg2"], {"xattn": 0.25, "svg2": 0.25}),
+        ("paper", ["radial"], {}),
+    ],
+)
+def test_at_density_states_a_density_for_the_methods_that_take_one(setting: str, names: list[str],
+                                                                     expected: dict[str, float]) -> None:  # fmt: skip
+    """paper: each method's PAPER_DENSITY; none: nothing stated; a fraction: that one for every method with
+    fixed_density (radial has none)."""
+    assert stated_densities(setting, names) == expected
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--at-density", "1.5"], r"^--at-density must be a finite number > 0 and <= 1 \(a kept fraction\), got 1.5$"),
+        (["--at-density", "half"], r"^--at-density takes kept fractions in \(0, 1\], got 'half'$"),
+        (["--at-density", "0.2,0.3"], r"^--at-density takes paper, none or one kept fraction"),
+        (["--at-density", "0.2", "--methods", "radial"], r"^--at-density applies to methods with a fixed-density"),
+        (["--svg2-densities", "0.1,0"], r"^--svg2-densities must be a finite number > 0 and <= 1"),
+    ],
+)
+def test_a_bad_density_option_stops_the_script_before_any_check(tmp_path: Path, option: list[str], message: str
+                                                                ) -> None:  # fmt: skip
+    """A density outside (0, 1], not a number, or stated for methods that take none: one line, nothing written."""
+    with pytest.raises(SystemExit, match=message):
+        main(["--out", str(tmp_path / "out"), "--device", "cpu", "--models", "wan-tiny", *option])
+    assert not (tmp_path / "out").exists()
+
+
+def test_at_density_none_leaves_the_thresholds_and_the_check_says_so(tmp_path: Path) -> None:
+    """--at-density none --check-only: nothing stated, xattn checked with its threshold (fixed_density unset)."""
+    main(["--out", str(tmp_path), "--device", "cpu", "--methods", "xattn", "--at-density", "none", "--check-only"])
+    result = json.loads((tmp_path / "sparse_check.json").read_text())
+    assert result["stated_density"] == {} and result["flex_check"]["xattn"]["passed"]
+    assert result["flex_check"]["xattn"]["density_fixed_by_user"] is None
 
 
 def test_toy_cuda_script_checks_toy_size_and_a_wan_clip_at_their_automatic_blocks() -> None:

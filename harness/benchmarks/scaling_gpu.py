@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from harness.atomic import write_json_atomic
-from harness.benchmarks.sparse_gpu import check_flex, relative_error, sparse_context, sparse_method_names
+from harness.benchmarks.sparse_gpu import PAPER_DENSITY, check_flex, relative_error, sparse_context, sparse_method_names
 from harness.environment import capture_environment
 from harness.latency import machine_load, measure
 from harness.latency_run import dense_attention_tflop
@@ -50,8 +50,6 @@ from methods.linear import LinearAttention
 WAN_480P_FRAME = (30, 52)
 DEFAULT_FRAMES = (5, 10, 21, 42, 84)
 WAN_1_3B_LAYERS = 30
-# The density each data-dependent method's paper reports (see the module docstring and reference/baselines.md).
-PAPER_DENSITY = {"xattn": 0.344, "svg2": 0.295}
 LINEAR_SETTING = {"kernel": "hedgehog"}
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 CHECK_GRID = TokenGrid(2, 16, 32)
@@ -67,10 +65,10 @@ def default_methods(device: torch.device) -> dict[str, dict[str, Any]]:
 
 def check_method(name: str, params: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """One call on the check grid against its reference; ``passed`` when the relative error is within ``dtype``'s
-    tolerance. Sparse methods: :func:`check_flex` (Flex against masked dense, one plan)."""
+    tolerance. Sparse methods: :func:`check_flex` (Flex against masked dense, one plan, with ``params``)."""
     heads, dim = (12, 128) if device.type == "cuda" else (2, 16)
     if METHODS.get(name).capabilities.sparsity in ("static", "dynamic"):
-        return check_flex(name, device, CHECK_GRID, heads, dim)
+        return check_flex(name, device, CHECK_GRID, heads, dim, params)
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, heads, CHECK_GRID.tokens, dim, device=device, generator=generator).to(dtype)
                for _ in range(3))  # fmt: skip
