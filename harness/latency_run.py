@@ -286,11 +286,14 @@ def _warm_up_stages(model: Any, sampling: Sampling) -> None:
     warm.add(shape)
 
 
-def time_sample(model: Any, method: AttentionMethod, sampling: Sampling, device: torch.device) -> dict[str, Any]:
+def time_sample(
+    model: Any, method: AttentionMethod, sampling: Sampling, device: torch.device, decode: bool = True
+) -> dict[str, Any]:
     """One whole sample with per-stage times: prompt encoding (and the negative prompt's when ``sampling.cfg``
-    > 1, two transformer passes per step then), every denoising step, VAE decode. Encoding and decode are warmed
-    up once per model and latent shape before the first timed sample (:func:`_warm_up_stages`); per stage the
-    first timed call is still reported as warm-up, and ``total_ms`` sums every timed call of the three stages."""
+    > 1, two transformer passes per step then), every denoising step, VAE decode (``decode`` False: left out,
+    where a caller times it once for several samples of the same shape). Encoding and decode are warmed up once
+    per model and latent shape before the first timed sample (:func:`_warm_up_stages`); per stage the first
+    timed call is still reported as warm-up, and ``total_ms`` sums every timed call of the stages run."""
     timer = StageTimer(device)
     with model.use_method(method) as runtime, torch.inference_mode(), peak_memory(device) as memory:
         _warm_up_stages(model, sampling)
@@ -302,8 +305,9 @@ def time_sample(model: Any, method: AttentionMethod, sampling: Sampling, device:
                 uncond = model.encode_prompts([sampling.negative_prompt])
         noise = initial_noise((1, *type(model).latent_shape(sampling)), seed=0)
         latents = model.sample(noise, cond, uncond, sampling, runtime, lambda _i: timer.stage("denoise_step"))
-        with timer.stage("decode"):
-            model.decode(latents)
+        if decode:
+            with timer.stage("decode"):
+                model.decode(latents)
     attention_ms = runtime.timer.pop_seconds() * 1e3
     total_ms = sum(sum(timer.seconds(name)) for name in ("prompt_encoding", "denoise_step", "decode")) * 1e3
     return {

@@ -423,6 +423,27 @@ def test_a_timed_sample_excludes_the_first_encode_and_decode_of_the_process(monk
     assert len(decode["samples_ms"]) + len(decode["warmup_ms"]) == 1
 
 
+def test_a_timed_sample_without_decode_leaves_the_decoder_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``decode=False`` (a caller timing the decode once for several samples): after the once-per-shape warm-up,
+    no decode call, no decode stage, a total of the stages that ran."""
+    import dataclasses
+
+    from harness.latency_run import time_sample
+    from harness.models.base import MODELS
+    from methods import build_method
+
+    adapter_cls = MODELS.get("wan-tiny")
+    model = adapter_cls.load("random", CPU, torch.float32)
+    sampling = dataclasses.replace(adapter_cls.defaults, steps=1, cfg=1.0)
+    time_sample(model, build_method("sdpa"), sampling, CPU)  # the warm-up decode happens here
+    monkeypatch.setattr(model, "decode", lambda *a, **k: pytest.fail("decoded with decode=False"))
+    timing = time_sample(model, build_method("sdpa"), sampling, CPU, decode=False)
+    stages = timing["stages"]
+    assert set(stages) == {"prompt_encoding", "denoise_step"}
+    ran = sum(sum(stats["samples_ms"]) + sum(stats["warmup_ms"]) for stats in stages.values())
+    assert timing["total_ms"] == pytest.approx(ran)
+
+
 def test_wan_decode_runs_on_the_vae_device(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
     """Latents from any device reach the VAE on its own: the untimed warm-up's CPU noise met a CUDA VAE on an
     H200 (``slow_conv3d_forward`` on CUDA). A stand-in VAE on the meta device records what it is given."""

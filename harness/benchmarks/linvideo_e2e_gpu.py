@@ -1,4 +1,5 @@
-"""End-to-end sample latency of LinVideo at Wan 1.3B 480p x 81 frames, beside the paper's (issue 23, item 4).
+"""End-to-end sample latency of LinVideo at Wan 1.3B 480p x 81 frames, and per sampler step at Wan 14B 720p x 81,
+beside the paper's (issue 23, item 4).
 
 Random weights, real architecture, bf16 (latency does not depend on weight values). In order:
 
@@ -28,9 +29,31 @@ cuDNN 656, LinVideo 558, radial 482): checks ~20 s with FlexAttention's compile,
 2 + 88 + 51 + 56 + 66 s, VAE decode ~10 s per sample (not measured before). ``--budget-s`` (default 420, counted
 from the start) keeps the whole run under 8 minutes: the last samples are the first to be predicted instead.
 
+Per-step mode (``--per-step``, the default for ``--model wan14b``, where one sample takes ~50 x 2 x 12 s): the same
+correctness checks, no forward check, then each variant timed as a real 2-step sample through
+:func:`~harness.latency_run.time_sample` (prompt encoding and the sampler's own step, CFG included): the first step a
+warm-up (autotuning, FlexAttention's compile at the new shape), the second the timed step. LinVideo has the paper's
+22 of 40 layers linear. Before anything runs, each variant's timed step is checked to run dense in the same layers
+as its paper-length sample's steps after the dense warm-up (by the method's own ``runs_dense``): with 2 steps
+radial's warm-up (24%) rounds to none, so LinVideo + radial's timed step is one of steps 12-49 of 50. Per variant the
+JSON (``linvideo_e2e_per_step_<model>.json``) holds the step, its forward (step / passes) and density, and the
+predicted total at ``--steps`` x 2 (CFG) or ``--few-steps`` x 1, marked as a prediction: the dense warm-up steps
+(radial's 12 of 50) at LinVideo's forward median (radial's warm-up runs torch's SDPA, LinVideo's softmax layers
+cuDNN: an approximation), the rest at the measured step, plus prompt encoding per prompt and VAE decode at 720p,
+each measured once (in the first sample; the later ones skip the decode), beside the paper's Wan 14B 1931 s (FA2),
+1127 s (LinVideo) and 92.6 s (LinVideo + DMD2). A variant whose 2-step sample is predicted past ``--budget-s``
+gets its step predicted from the forward medians, marked ``"measured": false``.
+
+Per-step budget on one H200, from the 14B forwards of reports/gpu/h200 (cuDNN 12.3 s, FA2 17.2 s, LinVideo 7.9 s,
+LinVideo + radial ~5.7 s estimated): random 14B transformer and UMT5-XXL built on the GPU, checks ~20 s, then
+2-step samples of 16 + 69 + 23 + 32 + 49 s (1, 4, 4, 4, 4 forwards), VAE decode twice (warm-up, timed; ~7 s each at
+720p, not measured before): about 5 minutes in all, under the default ``--budget-s`` 420.
+
     python -m harness.benchmarks.linvideo_e2e_gpu --out $OUT
     python -m harness.benchmarks.linvideo_e2e_gpu --out $OUT --compile   # + the forward check compiled (~1 min more)
+    python -m harness.benchmarks.linvideo_e2e_gpu --out $OUT --model wan14b   # per step (~5 min)
     python -m harness.benchmarks.linvideo_e2e_gpu --out /tmp/x --device cpu --model wan-tiny --steps 2 --few-steps 1
+    python -m harness.benchmarks.linvideo_e2e_gpu --out /tmp/x --device cpu --model wan-tiny --per-step
 """
 
 from __future__ import annotations
@@ -50,7 +73,7 @@ from harness.benchmarks.sparse_gpu import CHECK_GRID, CHECK_HEADS_DIM, relative_
 from harness.environment import capture_environment
 from harness.latency_run import LatencyRequest, run_latency, save_latency, time_sample
 from harness.models.base import MODELS
-from methods import AttentionContext, build_method
+from methods import AttentionContext, TokenGrid, build_method
 from methods.base import AttentionMethod
 
 FORWARD_TARGET = 2.0  # issue 23: 16 layers linear + radial in the other 14 vs cuDNN dense
@@ -66,6 +89,20 @@ PAPER = {
     "linvideo_speedup": 1.43,
     "linvideo_dmd2_speedup": 15.9,
 }
+# Wan 14B 720p (linvideo.md 6.3; LinVideo's 22 of 40 layers linear).
+PAPER_14B = {
+    "source": "LinVideo (arXiv 2510.08318) v2: Wan 14B latencies; linvideo.md section 6.3",
+    "gpu": "not stated (the numbers fit one H100)",
+    "fa2_50x2_s": 1931.0,
+    "linvideo_50x2_s": 1127.0,
+    "linvideo_dmd2_4step_s": 92.6,
+    "linvideo_speedup": 1.71,
+    "linvideo_dmd2_speedup": 20.9,
+}
+PAPERS = {"wan14b": PAPER_14B}  # per model; any other (wan1.3b, wan-tiny) is set beside the 1.3B figures
+# Per-step mode: each variant is timed as a sample of this many steps, a warm-up step (kernel autotuning and
+# compiles at the new shape) then the timed one.
+PER_STEP_SAMPLE = 2
 
 
 @dataclass(frozen=True)
@@ -89,19 +126,25 @@ class Variant:
         return dataclasses.replace(defaults, steps=steps)
 
 
+def paper_for(model: str) -> dict[str, Any]:
+    """The paper's latencies set beside ``model``'s: Wan 14B's for it, Wan 1.3B's for any other."""
+    return PAPERS.get(model, PAPER)
+
+
 def variants(model: str, device: torch.device) -> list[Variant]:
     """The samples, most important first (a tight budget drops the last)."""
     fa2, cudnn = ("fa2", "cudnn") if device.type == "cuda" else ("sdpa", "sdpa")
+    paper = paper_for(model)
     linvideo = {"linear_layers": list(PAPER_LAYERS[model]), "softmax_method": cudnn}
     radial = {**linvideo, "softmax_method": "radial"}
     layers = f"{len(PAPER_LAYERS[model])} of {MODELS.get(model).num_layers} layers linear"
     return [
         Variant("linvideo_4step", f"LinVideo ({layers}), 4 steps, no CFG", "linvideo", linvideo, few_step=True,
-                paper_s=PAPER["linvideo_dmd2_4step_s"], forward="linvideo"),
-        Variant("fa2_50x2", "dense FA2, CFG", fa2, paper_s=PAPER["fa2_50x2_s"], forward=fa2),
+                paper_s=paper["linvideo_dmd2_4step_s"], forward="linvideo"),
+        Variant("fa2_50x2", "dense FA2, CFG", fa2, paper_s=paper["fa2_50x2_s"], forward=fa2),
         Variant("linvideo_radial_50x2", f"LinVideo ({layers}) + radial in the rest, CFG", "linvideo", radial,
                 forward="linvideo"),
-        Variant("linvideo_50x2", f"LinVideo ({layers}), CFG", "linvideo", linvideo, paper_s=PAPER["linvideo_50x2_s"],
+        Variant("linvideo_50x2", f"LinVideo ({layers}), CFG", "linvideo", linvideo, paper_s=paper["linvideo_50x2_s"],
                 forward="linvideo"),
         Variant("cudnn_50x2", "dense cuDNN, CFG", cudnn, forward=cudnn),
     ]  # fmt: skip
@@ -172,17 +215,26 @@ def build_model(model: str, device: torch.device, dtype: torch.dtype) -> tuple[A
         return adapter_cls.build_random(device, dtype), note
 
 
-def predicted_s(variant: Variant, forward_ms: dict[str, float], sampling: Any, fixed_s: float) -> float:
-    """A sample's time from its forward median (the slowest one while its own is unknown) plus encode/decode."""
-    passes = sampling.steps * (2 if sampling.cfg > 1 else 1)
+def passes_per_step(cfg: float) -> int:
+    """Transformer forwards per sampler step: 2 with CFG (conditional and unconditional), else 1."""
+    return 2 if cfg > 1 else 1
+
+
+def predicted_s(variant: Variant, forward_ms: dict[str, float], sampling: Any, fixed_s: float) -> float | None:
+    """A sample's time from its forward median (the slowest one while its own is unknown) plus encode/decode;
+    ``None`` while no forward median is known."""
+    if not forward_ms:
+        return None
+    passes = sampling.steps * passes_per_step(sampling.cfg)
     return passes * forward_ms.get(variant.forward, max(forward_ms.values())) / 1e3 + fixed_s
 
 
-def sample(model: Any, variant: Variant, sampling: Any, device: torch.device) -> dict[str, Any]:
-    """One real sample of ``variant`` with per-stage times, density and the method's resolved parameters."""
+def sample(model: Any, variant: Variant, sampling: Any, device: torch.device, decode: bool = True) -> dict[str, Any]:
+    """One real sample of ``variant`` with per-stage times, density and the method's resolved parameters
+    (``decode`` False: without the VAE decode, ``decode_s`` 0)."""
     method: AttentionMethod = build_method(variant.method, **variant.params)
     method.validate_for(type(model).num_layers, sampling.steps)
-    timing = time_sample(model, method, sampling, device)
+    timing = time_sample(model, method, sampling, device, decode)
     stages = timing["stages"]
     seconds = {name: (sum(stats["samples_ms"]) + sum(stats["warmup_ms"])) / 1e3 for name, stats in stages.items()}
     return {
@@ -195,37 +247,121 @@ def sample(model: Any, variant: Variant, sampling: Any, device: torch.device) ->
         "attention_s": timing["attention_ms"] / 1e3,
         "density": method.density.mean(),
         "density_per_layer": method.density.per_layer(),
+        "density_per_step": method.density.per_step(),
         "params": method.params(),
         "timing": timing,
     }
 
 
 def run_samples(model: Any, plans: list[tuple[Variant, Any]], forward_ms: dict[str, float], deadline: float,
-                device: torch.device) -> list[dict[str, Any]]:  # fmt: skip
+                device: torch.device, decode_once: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """One row per (variant, sampling), in order: a real sample, or -- when its predicted time would end past
-    ``deadline`` (a ``time.time()``) -- the prediction, marked ``"measured": false``. ``forward_ms`` (per
-    :attr:`Variant.forward`) learns each measured variant's forward median."""
+    ``deadline`` (a ``time.time()``) -- the prediction, marked ``"measured": false`` (a sample runs while no
+    forward median is known to predict it). ``forward_ms`` (per :attr:`Variant.forward`) learns each measured
+    variant's forward median. ``decode_once``: only the first measured sample decodes (same shape for all)."""
     rows: list[dict[str, Any]] = []
     fixed_s = 0.0  # encode + decode of the last sample, for the predictions
     for variant, sampling in plans:
-        passes = sampling.steps * (2 if sampling.cfg > 1 else 1)
+        passes = sampling.steps * passes_per_step(sampling.cfg)
         row: dict[str, Any] = {"key": variant.key, "label": variant.label, "method": variant.method,
                                "steps": sampling.steps, "cfg": sampling.cfg, "transformer_passes": passes,
                                "paper_s": variant.paper_s}  # fmt: skip
         prediction = predicted_s(variant, forward_ms, sampling, fixed_s)
         row["predicted_s"] = prediction
-        if time.time() + prediction > deadline:
+        if prediction is not None and time.time() + prediction > deadline:
             row |= {"measured": False, "total_s": prediction,
                     "note": f"NOT MEASURED: predicted {prediction:.0f} s from forward medians would end past "
                             "--budget-s; total_s is that prediction"}  # fmt: skip
         else:
-            row |= sample(model, variant, sampling, device)
+            decode = not decode_once or not any(done["measured"] for done in rows)
+            row |= sample(model, variant, sampling, device, decode)
             fixed_s = row["encode_s"] + row["decode_s"]
-            forward_ms.setdefault(variant.forward, row["step_median_ms"] / (passes // sampling.steps))
+            forward_ms.setdefault(variant.forward, row["step_median_ms"] / passes_per_step(sampling.cfg))
         rows.append(row)
         print(f"{variant.key}: {row['total_s']:.1f} s{'' if row['measured'] else ' (predicted, not measured)'}",
               flush=True)  # fmt: skip
     return rows
+
+
+def dense_layers(method: AttentionMethod, num_layers: int, step: int, num_steps: int, grid: TokenGrid
+                 ) -> tuple[bool, ...]:  # fmt: skip
+    """Per layer, whether ``method`` runs plain dense attention at ``step`` (0-based) of a ``num_steps`` sample."""
+    return tuple(method.runs_dense(AttentionContext(layer, num_layers, step, num_steps, 0.0, "cond", grid))
+                 for layer in range(num_layers))  # fmt: skip
+
+
+def step_schedule(variant: Variant, model: str, timed: Any, target: Any) -> dict[str, Any]:
+    """What the timed step (the last of the ``timed`` sample) stands for in the ``target`` sample, by the method's
+    own schedule (:meth:`~methods.base.AttentionMethod.runs_dense`): ``dense_warmup_steps``, the target's steps
+    whose dense layers differ from its last step's (radial's first 12 of 50), and ``timed_matches_target``, whether
+    the timed step runs dense in the same layers as the target's steps after that warm-up."""
+    method = build_method(variant.method, **variant.params)
+    adapter = MODELS.get(model)
+    layers, grid = adapter.num_layers, adapter.token_grid(target)
+    after = dense_layers(method, layers, target.steps - 1, target.steps, grid)
+    warmup = sum(dense_layers(method, layers, step, target.steps, grid) != after for step in range(target.steps))
+    return {
+        "dense_warmup_steps": warmup,
+        "dense_layers_after_warmup": [layer for layer, dense in enumerate(after) if dense],
+        "timed_matches_target": dense_layers(method, layers, timed.steps - 1, timed.steps, grid) == after,
+    }
+
+
+def add_predicted_totals(rows: list[dict[str, Any]], plans: list[tuple[Variant, Any, Any]],
+                         schedules: list[dict[str, Any]], forward_ms: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    """Per-step mode: each row gains its step (the timed one, or for a row not measured its forward median x
+    passes, :func:`predicted_s`'s rule) and its predicted total at the target step count: the warm-up steps at its
+    :attr:`Variant.forward` median (LinVideo's for LinVideo + radial: radial's warm-up runs the softmax layers
+    dense, torch's SDPA there, LinVideo's cuDNN here), the rest at its step, plus prompt encoding per prompt and
+    VAE decode measured once (the first measured sample). Returns those two."""
+    first = next(row for row in rows if row["measured"])
+    fixed = {"measured_in": first["key"], "encode_per_prompt_s": first["encode_s"] / passes_per_step(first["cfg"]),
+             "decode_s": first["decode_s"]}  # fmt: skip
+    for row, (variant, timed, target), schedule in zip(rows, plans, schedules, strict=True):
+        passes = passes_per_step(timed.cfg)
+        forward = forward_ms.get(variant.forward, max(forward_ms.values()))
+        step_ms = row["step_median_ms"] if row["measured"] else passes * forward
+        warmup = schedule["dense_warmup_steps"]
+        denoise_s = (warmup * passes * forward + (target.steps - warmup) * step_ms) / 1e3
+        row |= {
+            "step_ms": step_ms,
+            "forward_ms": step_ms / passes,
+            "timed_step": timed.steps - 1,
+            # The sample's first step: kernel autotuning and compiles at the shape, not timed as the step.
+            "first_step_ms": row["timing"]["stages"]["denoise_step"]["warmup_ms"][0] if row["measured"] else None,
+            "timed_step_density": row["density_per_step"].get(timed.steps - 1) if row["measured"] else None,
+            "target": {
+                "steps": target.steps,
+                "cfg": target.cfg,
+                "transformer_passes": target.steps * passes,
+                **schedule,
+                "dense_warmup_step_ms": passes * forward if warmup else None,
+            },
+            "predicted_denoise_s": denoise_s,
+            "predicted_total_s": passes * fixed["encode_per_prompt_s"] + fixed["decode_s"] + denoise_s,
+            "predicted_note": "PREDICTED: target steps from the "
+            + ("measured step" if row["measured"] else "forward medians (this step NOT MEASURED)")
+            + ", encode and decode measured once",
+        }
+    return fixed
+
+
+def print_step_table(rows: list[dict[str, Any]], fixed: dict[str, Any]) -> None:
+    """Per-step mode: each variant's step, its predicted total beside the paper's."""
+    print(f"\n{'variant':<22}{'step s':>8}{'fwd s':>7}{'density':>8}{'target':>8}{'total s':>9}{'vs FA2':>8}"
+          f"{'paper s':>9}{'paper vs FA2':>13}")  # fmt: skip
+    for row in rows:
+        density = "-" if row["timed_step_density"] is None else f"{row['timed_step_density']:.2f}"
+        target = row["target"]
+        paper = (f"{row['paper_s']:>9.1f}{row['paper_speedup_vs_fa2']:>12.2f}x" if row["paper_s"]
+                 else f"{'-':>9}{'-':>13}")  # fmt: skip
+        note = "" if row["measured"] else "  (step NOT MEASURED)"
+        print(f"{row['key']:<22}{row['step_ms'] / 1e3:>8.2f}{row['forward_ms'] / 1e3:>7.2f}{density:>8}"
+              f"{target['steps']:>4} x{passes_per_step(row['cfg']):>2}{row['predicted_total_s']:>9.1f}"
+              f"{row['speedup_vs_fa2_50x2']:>7.2f}x{paper}{note}")  # fmt: skip
+    print(f"totals predicted: target steps x the measured step (dense warm-up steps at the forward median), plus "
+          f"prompt encoding {fixed['encode_per_prompt_s']:.2f} s per prompt and VAE decode {fixed['decode_s']:.2f} s "
+          f"measured once ({fixed['measured_in']})")  # fmt: skip
 
 
 def print_table(rows: list[dict[str, Any]], forward: dict[str, Any], linear_layers: int) -> None:
@@ -251,9 +387,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for the JSON results")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with wan-tiny)")
-    parser.add_argument("--model", default="wan1.3b", help="model (random weights): wan1.3b, or wan-tiny to smoke")
+    parser.add_argument("--model", default="wan1.3b",
+                        help="model (random weights): wan1.3b, wan14b (per step), or wan-tiny to smoke")  # fmt: skip
     parser.add_argument("--steps", type=int, default=50, help="steps of the CFG samples (the paper's: 50)")
     parser.add_argument("--few-steps", type=int, default=4, help="steps of the few-step sample (DMD2's: 4)")
+    parser.add_argument(
+        "--per-step",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"time one sampler step per variant ({PER_STEP_SAMPLE}-step samples, the first a warm-up) and predict "
+        "the totals at --steps / --few-steps, instead of whole samples (default: on for wan14b only)",
+    )
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip a sample predicted to end past this")
     parser.add_argument(
         "--compile",
@@ -262,12 +406,24 @@ def main(argv: list[str] | None = None) -> None:
         "method, against the compiled baseline: outside attention shrinks, attention weighs more)",
     )
     args = parser.parse_args(argv)
+    per_step = args.model == "wan14b" if args.per_step is None else args.per_step
+    if per_step and args.compile:
+        raise SystemExit("--compile applies to the forward check, which --per-step leaves out")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA GPU; use --device cpu --model wan-tiny for a smoke test")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dense = ["fa2", "cudnn"] if device.type == "cuda" else ["sdpa"]
     args.out.mkdir(parents=True, exist_ok=True)
+    if per_step:  # (variant, timed sample, target sample) and what the timed step stands for, before any work
+        steps = [(v, v.sampling(args.model, PER_STEP_SAMPLE, PER_STEP_SAMPLE), v.sampling(args.model, args.steps,
+                  args.few_steps)) for v in variants(args.model, device)]  # fmt: skip
+        schedules = [step_schedule(variant, args.model, timed, target) for variant, timed, target in steps]
+        wrong = [variant.key for (variant, _, _), schedule in zip(steps, schedules, strict=True)
+                 if not schedule["timed_matches_target"]]  # fmt: skip
+        if wrong:
+            raise SystemExit(f"{', '.join(wrong)}: the timed step {PER_STEP_SAMPLE - 1} runs dense in other layers "
+                             "than the target's steps after warm-up: nothing timed")  # fmt: skip
 
     grid, (heads, dim) = CHECK_GRID[device.type], CHECK_HEADS_DIM[device.type]
     correctness = {
@@ -280,45 +436,58 @@ def main(argv: list[str] | None = None) -> None:
             or linear["mixed_r1_vs_dense"] > 1e-3:  # fmt: skip
         raise SystemExit("correctness check failed: nothing timed")
 
-    forward = forward_check(args.model, device, dense, args.out, args.compile)
-    compiled = "" if forward["compiled_speedup"] is None else f"; compiled {forward['compiled_speedup']:.2f}x"
-    print(f"forward: {forward['baseline']} {forward['baseline_forward_ms']:.1f} ms, linvideo + radial "
-          f"{forward['linvideo_radial_forward_ms']:.1f} ms: {forward['speedup']:.2f}x (target {FORWARD_TARGET}x)"
-          f"{compiled}", flush=True)  # fmt: skip
+    forward: dict[str, Any] | None = None
+    forward_ms: dict[str, float] = {}  # per Variant.forward, for the predictions; per-step mode learns all
+    if not per_step:  # at 14B 720p its 21 forwards would cost ~4 minutes; the per-step rows time the same forwards
+        forward = forward_check(args.model, device, dense, args.out, args.compile)
+        compiled = "" if forward["compiled_speedup"] is None else f"; compiled {forward['compiled_speedup']:.2f}x"
+        print(f"forward: {forward['baseline']} {forward['baseline_forward_ms']:.1f} ms, linvideo + radial "
+              f"{forward['linvideo_radial_forward_ms']:.1f} ms: {forward['speedup']:.2f}x (target {FORWARD_TARGET}x)"
+              f"{compiled}", flush=True)  # fmt: skip
+        # Dense backends from the forward check; LinVideo's from its first sample (the check timed it with radial).
+        forward_ms = {name: ms for name, ms in forward["forward_ms"].items() if name != "linvideo"}
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     model, encoder_note = build_model(args.model, device, dtype)
-    # Dense backends from the forward check; LinVideo's from its first sample (the check timed it with radial).
-    forward_ms = {name: ms for name, ms in forward["forward_ms"].items() if name != "linvideo"}
-    plans = [
-        (variant, variant.sampling(args.model, args.steps, args.few_steps)) for variant in variants(args.model, device)
-    ]
-    rows = run_samples(model, plans, forward_ms, started + args.budget_s, device)
+    if per_step:
+        plans = [(variant, timed) for variant, timed, _ in steps]
+    else:
+        plans = [(v, v.sampling(args.model, args.steps, args.few_steps)) for v in variants(args.model, device)]
+    rows = run_samples(model, plans, forward_ms, started + args.budget_s, device, decode_once=per_step)
+    fixed = add_predicted_totals(rows, steps, schedules, forward_ms) if per_step else None
+    figure = "predicted_total_s" if per_step else "total_s"
+    paper = paper_for(args.model)
     by_key = {row["key"]: row for row in rows}
     for row in rows:
         for base in ("fa2_50x2", "cudnn_50x2"):
-            row[f"speedup_vs_{base}"] = by_key[base]["total_s"] / row["total_s"]
-        row["paper_speedup_vs_fa2"] = PAPER["fa2_50x2_s"] / row["paper_s"] if row["paper_s"] else None
+            row[f"speedup_vs_{base}"] = by_key[base][figure] / row[figure]
+        row["paper_speedup_vs_fa2"] = paper["fa2_50x2_s"] / row["paper_s"] if row["paper_s"] else None
+    video = vars(MODELS.get(args.model).defaults) | {"steps": args.steps, "few_steps": args.few_steps}
     result = {
-        "kind": "linvideo_e2e",
+        "kind": "linvideo_e2e_per_step" if per_step else "linvideo_e2e",
         "model": args.model,
         "weights": "random",
         "dtype": str(dtype).removeprefix("torch."),
-        "video": vars(MODELS.get(args.model).defaults) | {"steps": args.steps, "few_steps": args.few_steps},
+        "video": video | ({"timed_sample_steps": PER_STEP_SAMPLE} if per_step else {}),
         "prompt_encoding": encoder_note,
-        "vae_decode": "included: AutoencoderKLWan, fp32 (random weights)",
+        "vae_decode": "included: AutoencoderKLWan, fp32 (random weights)"
+        + (f"; measured once, in {fixed['measured_in']}'s sample, added to every predicted total" if fixed else ""),
         "correctness": correctness,
-        "forward_check": forward,
+        "forward_check": forward if forward else "not run in per-step mode: the rows' steps time the same forwards",
         "samples": rows,
-        "paper": PAPER,
+        "encode_decode_once": fixed,
+        "paper": paper,
         "budget_s": args.budget_s,
         "environment": capture_environment(device),
         "wall_seconds": time.time() - started,
     }
-    write_json_atomic(args.out / f"linvideo_e2e_{args.model}.json", result)
+    write_json_atomic(args.out / f"{result['kind']}_{args.model}.json", result)
 
-    print_table(rows, forward, len(PAPER_LAYERS[args.model]))
+    if fixed:
+        print_step_table(rows, fixed)
+    else:
+        print_table(rows, forward, len(PAPER_LAYERS[args.model]))
     print(f"prompt encoding: {encoder_note}. Total {time.time() - started:.0f} s.")
 
 
