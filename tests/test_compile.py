@@ -157,3 +157,22 @@ def test_compiled_calls_are_neither_timed_nor_logged_and_eager_ones_are(tiny_mod
     with torch.inference_mode(), tiny_model.use_method(method) as runtime:
         tiny_model.forward(latents, torch.tensor(500.0), embeddings)
         assert runtime.timer.pop_seconds() > 0.0 and method.density.mean() == 1.0
+
+
+def test_a_state_built_in_the_first_forward_is_routed_in_the_next(deep_model) -> None:
+    """``bench latency --compile`` at step 0: an untrained LinVideo builds its state in the first (eager) forward,
+    after the runtime resolved its routes (none yet: no state); the compiled forwards that follow, at the same step,
+    grid and branch, find the state's routes, not a lookup by layer number per call (a recompile per layer where the
+    softmax method breaks the graph, which the limit turns into an error here)."""
+    method = build_method("linvideo", linear_layers=ODD_LAYERS, softmax_method="svg")
+    latents = torch.randn(1, *WanTiny.latent_shape(SAMPLING), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), deep_model.use_method(method) as runtime:
+        embeddings = deep_model.encode_prompts(["a prompt"])
+        runtime.num_steps = 1
+        deep_model.forward(latents, torch.tensor(500.0), embeddings)  # eager: builds the untrained state
+        limit = torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True)
+        with compiled(deep_model) as counter, limit:
+            for _ in range(2):
+                deep_model.forward(latents, torch.tensor(500.0), embeddings)
+        assert counter.frame_count > 1  # svg's draw breaks the graph
+        assert all(slot.call.ctx.route is not None for slot in runtime.slots)

@@ -132,6 +132,17 @@ class AttentionRuntime:
         if changed and name in POSITION_FIELDS and "slots" in self.__dict__:
             self._resolve()
 
+    def begin_forward(self, grid: TokenGrid) -> None:
+        """Before each transformer forward (the adapter, outside the forward): the call's token ``grid``, and every
+        layer's call resolved again even where no position changed. The method's state may have changed since the
+        last resolution (an untrained LinVideo builds its state in its first call; attached, loaded or trained
+        state), and a route resolved before it would send every call to the method's own lookup by layer number:
+        the per-layer recompiles that routes are there to avoid."""
+        if grid == self.grid:
+            self._resolve()
+        else:
+            self.grid = grid  # resolves
+
     def _resolve(self) -> None:
         for layer, slot in enumerate(self.slots):
             if self.grid is None:

@@ -204,7 +204,7 @@ class WanFamilyAdapter(ModelAdapter):
         if self._runtime is not None:
             _, _, frames, height, width = latents.shape
             p_t, p_h, p_w = self.patch_size
-            self._runtime.grid = type(self).token_grid_from_latent(frames // p_t, height // p_h, width // p_w)
+            self._runtime.begin_forward(type(self).token_grid_from_latent(frames // p_t, height // p_h, width // p_w))
         out = self.transformer(
             hidden_states=latents.to(self.dtype),
             timestep=timestep.expand(latents.shape[0]),
