@@ -127,6 +127,23 @@ def test_eager_flex_attention_with_a_block_level_patterns_mask_computes_the_patt
     assert relative(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
 
 
+def test_a_mask_for_the_backward_captures_no_inference_tensor() -> None:
+    """A pattern built under inference mode (radial's, reused across calls) and later run with gradients: the tile
+    lookup its BlockMask carries captures a normal tensor, which compiled Flex can save for the backward."""
+    import inspect
+
+    with torch.inference_mode():
+        pattern = BlockSparsePattern(torch.tensor([[True, False], [True, True]]).expand(1, 2, 2, 2), 2 * FLEX_TILE,
+                                     FLEX_TILE)  # fmt: skip
+    captured = {
+        backward: [value for value in inspect.getclosurevars(pattern.block_mask(backward).mask_mod).nonlocals.values()
+                   if isinstance(value, torch.Tensor)]
+        for backward in (False, True)
+    }  # fmt: skip
+    assert captured[False] and all(torch.is_inference(t) for t in captured[False])
+    assert captured[True] and not any(torch.is_inference(t) for t in captured[True])
+
+
 def small_block_pattern(tokens: int, blocks: int | tuple[int, int], token_level: bool) -> BlockSparsePattern:
     """Random kept tiles of ``blocks`` tokens; ``token_level`` adds random full tiles and a band mask_mod."""
     q_block, kv_block = (blocks, blocks) if isinstance(blocks, int) else blocks

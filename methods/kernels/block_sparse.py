@@ -224,14 +224,20 @@ class BlockSparsePattern:
             full_num,
             full_idx,
             BLOCK_SIZE=self.blocks,
-            mask_mod=self._tile_lookup() if self.mask_mod is None else self.mask_mod,
+            mask_mod=self._tile_lookup(backward) if self.mask_mod is None else self.mask_mod,
             seq_lengths=(self.seq_len, self.seq_len),
             compute_q_blocks=backward,
         )
 
-    def _tile_lookup(self) -> MaskMod:
-        """The token mask of a block-level pattern as a ``mask_mod``: the kept table at the pair's tile."""
+    def _tile_lookup(self, backward: bool) -> MaskMod:
+        """The token mask of a block-level pattern as a ``mask_mod``: the kept table at the pair's tile.
+
+        Compiled Flex saves the tensors a ``mask_mod`` captures for the backward; a pattern built under
+        ``torch.inference_mode`` (radial's, kept across calls) holds inference tensors, which autograd refuses to
+        save, so a mask for the backward captures a normal copy of the table."""
         kept, (q_block, kv_block) = self.kept, self.blocks
+        if backward and torch.is_inference(kept):
+            kept = kept.clone()
         one_batch, one_head = kept.shape[0] == 1, kept.shape[1] == 1  # broadcast tables: index 0 for every b, h
 
         def in_kept_tiles(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
