@@ -306,6 +306,49 @@ def test_compiled_fused_linear_attention_equals_eager() -> None:
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
+@needs_kernel
+@pytest.mark.parametrize(("grad", "op_calls"), [(False, 0), (True, 1)])
+def test_eager_calls_take_the_op_only_to_record_a_gradient(monkeypatch: pytest.MonkeyPatch, grad: bool,
+                                                          op_calls: int) -> None:  # fmt: skip
+    """An eager call recording no gradient runs the op's implementation without the op (its eager dispatch is host
+    time) and returns what the op returns; one that records a gradient goes through the op and its autograd."""
+    q, k, v = op_inputs("hedgehog")[:3]
+    q_map, k_map = maps("hedgehog", 1, 24)
+    calls = []
+    op = fused.linear_attention_forward
+    monkeypatch.setattr(fused, "linear_attention_forward", lambda *args: calls.append(args) or op(*args))
+    with torch.set_grad_enabled(grad):
+        out = fused.fused_linear_attention(q, k, v, q_map, k_map)
+    with torch.no_grad():
+        expected, _, _ = op(q, k, v, q_map.weight, k_map.weight, "hedgehog", 1e-6)
+    assert len(calls) == op_calls and out.requires_grad == grad and torch.equal(out, expected)
+
+
+@needs_kernel
+def test_autotuner_runs_once_per_key_until_its_choice_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a kernel's first call per key its chosen configuration is launched directly (the autotuner's per-call
+    key building is host time); a list that no longer holds the chosen configuration (a caller pinned another) sends
+    the next call back through the autotuner."""
+    tuner = fused._output
+    runs = []
+    run = type(tuner).run
+    monkeypatch.setattr(type(tuner), "run", lambda self, *a, **kw: runs.append(self) or run(self, *a, **kw))
+    q, k, v = (torch.randn(1, 2, 40, 32, device=DEVICE, dtype=DTYPES[0]) for _ in range(3))
+    q_map, k_map = maps("relu", 2, 32)
+    with torch.no_grad():
+        for _ in range(2):
+            fused.fused_linear_attention(q, k, v, q_map, k_map)
+        assert runs.count(tuner) <= 1
+        runs.clear()
+        fused.fused_linear_attention(q, k, v, q_map, k_map)
+        assert runs.count(tuner) == 0
+        first = tuner.configs[0]
+        pinned = fused.triton.Config(dict(first.kwargs), num_warps=first.num_warps // 2, num_stages=first.num_stages)
+        monkeypatch.setattr(tuner, "configs", [pinned])
+        fused.fused_linear_attention(q, k, v, q_map, k_map)
+        assert runs.count(tuner) == 1 and tuner.best_config is pinned
+
+
 @pytest.mark.skipif(not (ON_CUDA and fused.triton is not None), reason="needs CUDA and triton")
 def test_cuda_dispatch_uses_the_kernel_unless_forced_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     q = torch.randn(1, 2, 64, 32, device="cuda", dtype=torch.bfloat16)
