@@ -62,8 +62,9 @@ def auto_block_size(tokens: int) -> int:
     return block
 
 
-BACKEND = Param("backend", "choice", "auto", "auto (FlexAttention on CUDA, masked dense elsewhere), measure (the "
-                "fastest backend matching masked dense, timed on the first call per shape; recorded) or a backend",
+BACKEND = Param("backend", "choice", "auto", "auto (FlexAttention on CUDA, Hopper tiles on sm_90; masked dense "
+                "elsewhere), measure (the fastest backend matching masked dense, timed on the first call per shape; "
+                "recorded) or a backend",
                 choices=backend_names())  # fmt: skip
 
 

@@ -13,6 +13,7 @@ Python on our arguments with only the CUDA module replaced.
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 import types
 from collections.abc import Iterator
@@ -221,3 +222,111 @@ def test_the_installed_flashinfer_python_side_runs_our_arguments_to_masked_dense
     for pattern in backend_check_patterns(2, 3, 200, (16, 32), torch.device("cpu")).values():
         out = flashinfer_block_sparse_attention(q, k, v, pattern)
         assert relative_error(out, q, k, v, pattern) <= tolerance(q.dtype)
+
+
+class StandInBsrWrapper:
+    """FlashInfer's ``BlockSparseAttentionWrapper`` contract (flashinfer/sparse.py 0.6.18.post1): ``plan`` takes
+    a CSR block table (``indptr (MB + 1,)``, ``indices``) over an ``M x N`` matrix of ``R x C`` blocks; ``run``
+    takes q ``(M, qo_heads, D)`` and k, v ``(N, kv_heads, D)`` (paged into ``N / C`` pages of C tokens) and, with
+    ``return_lse``, returns the base-2 log-sum-exp of each row's scaled scores beside the output."""
+
+    plans: ClassVar[int] = 0
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, backend: str = "auto") -> None:
+        assert float_workspace_buffer.dtype == torch.uint8
+        self.planned: dict[str, Any] | None = None
+
+    def plan(self, indptr: torch.Tensor, indices: torch.Tensor, M: int, N: int, R: int, C: int,
+             num_qo_heads: int, num_kv_heads: int, head_dim: int, mask: Any = None, packed_mask: Any = None,
+             causal: bool = False, pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+             logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float | None = None,
+             rope_theta: float | None = None, q_data_type: Any = "float16", kv_data_type: Any = None,
+             o_data_type: Any = "float16") -> None:  # fmt: skip
+        assert indptr.dtype == indices.dtype == torch.int32 and len(indptr) == M // R + 1 and M % R == 0
+        assert N % C == 0 and int(indices.max()) * C < N and mask is None and not causal and sm_scale is None
+        StandInBsrWrapper.plans += 1
+        self.planned = dict(indptr=indptr, indices=indices, R=R, C=C, M=M, N=N, dtype=o_data_type)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        plan = self.planned
+        assert plan is not None and q.shape[0] == plan["M"] and k.shape[0] == v.shape[0] == plan["N"] and return_lse
+        pages_k, pages_v = k.reshape(-1, plan["C"], *k.shape[1:]), v.reshape(-1, plan["C"], *v.shape[1:])
+        out = torch.empty(q.shape, dtype=plan["dtype"])
+        lse = torch.empty(q.shape[:2], dtype=torch.float32)
+        for row in range(len(plan["indptr"]) - 1):
+            pages = plan["indices"][plan["indptr"][row] : plan["indptr"][row + 1]].long()
+            rows = slice(row * plan["R"], (row + 1) * plan["R"])
+            keys, values = pages_k[pages].flatten(0, 1)[:, 0].float(), pages_v[pages].flatten(0, 1)[:, 0].float()
+            scores = q[rows, 0].float() @ keys.T / q.shape[-1] ** 0.5
+            out[rows, 0] = (scores.softmax(-1) @ values).to(out.dtype)
+            lse[rows, 0] = torch.logsumexp(scores, -1) / math.log(2)
+        return out, lse
+
+
+@pytest.fixture
+def bsr_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = types.ModuleType("flashinfer")
+    module.sparse = types.SimpleNamespace(BlockSparseAttentionWrapper=StandInBsrWrapper)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flashinfer", module)
+    StandInBsrWrapper.plans = 0
+
+
+@pytest.mark.parametrize(("batch", "heads", "pattern_batch_heads", "tokens"), [
+    (2, 3, (2, 3), 200),  # per-(batch, head) tables; 200 tokens: 24 padding keys in the last 32-token page
+    (1, 2, (1, 1), 192),  # one table for every head; whole pages, no padding
+])  # fmt: skip
+def test_bsr_stacks_heads_corrects_the_padding_and_matches_masked_dense(
+    bsr_stand_in: None, batch: int, heads: int, pattern_batch_heads: tuple[int, int], tokens: int
+) -> None:
+    """The BSR path stacks B x H heads into one table and removes the padding keys' share of each row's softmax
+    (rows whose query block keeps the last, ragged key block), so the output equals masked dense."""
+    q, k, v = qkv(batch, heads, tokens)
+    pattern = tile_pattern(*pattern_batch_heads, tokens, (32, 32))
+    pattern.kept[..., -1] = True  # every row sees the padded page: uncorrected, the error would show
+    out = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert relative_error(out, q, k, v, pattern) <= tolerance(q.dtype)
+
+
+def test_bsr_plans_a_pattern_once_across_calls(bsr_stand_in: None) -> None:
+    """A pattern reused across calls (radial's) is planned in its first call only."""
+    q, k, v = qkv(1, 2, 200)
+    pattern = tile_pattern(1, 2, 200, (32, 32))
+    first = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
+    second = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
+    assert StandInBsrWrapper.plans == 1 and torch.equal(first, second)
+
+
+@pytest.mark.parametrize(("kind", "reason"), [
+    ("token", "token-level pattern"),
+    ("unequal", "query and key blocks differ"),
+    ("variable", "variable-size blocks"),
+])  # fmt: skip
+def test_bsr_refuses_patterns_it_cannot_run_whole(kind: str, reason: str) -> None:
+    from harness.benchmarks.sparse_gpu import backend_check_patterns
+
+    if kind == "unequal":
+        pattern = tile_pattern(1, 2, 200, (16, 32))
+    elif kind == "variable":
+        pattern = next(p for p in backend_check_patterns(1, 2, 200, (32, 32), torch.device("cpu")).values()
+                       if p.variable is not None)  # fmt: skip
+    else:
+        full = torch.zeros(1, 2, 7, 7, dtype=torch.bool)
+        pattern = BlockSparsePattern(torch.ones(1, 2, 7, 7, dtype=torch.bool), 200, 32, full,
+                                     lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)  # fmt: skip
+    refusal = sparse_backends._bsr_refuses(pattern)
+    assert refusal is not None and refusal.startswith(reason)
+
+
+@pytest.mark.parametrize(("device", "major", "expected"), [("cpu", None, "masked"), ("cuda", 9, "flex-tuned"),
+                                                          ("cuda", 8, "flex"), ("cuda", 10, "flex")])  # fmt: skip
+def test_auto_takes_the_hopper_flex_options_only_on_hopper(
+    monkeypatch: pytest.MonkeyPatch, device: str, major: int | None, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _device=None: (major, 0))
+    sparse_backends.auto_backend.cache_clear()
+    try:
+        assert sparse_backends.auto_backend(torch.device(device)) == expected
+    finally:
+        sparse_backends.auto_backend.cache_clear()

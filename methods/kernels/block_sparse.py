@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,9 @@ class BlockSparsePattern:
     _flex_masks: dict[tuple[tuple[int, int], bool], BlockMask] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    #: What a backend prepared for this pattern (e.g. FlashInfer's planned wrapper), by the backend's own key:
+    #: a pattern reused across calls (radial's) is planned once, and the plan goes with the pattern.
+    backend_plans: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         q_block, kv_block = self.blocks

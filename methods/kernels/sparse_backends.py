@@ -7,13 +7,15 @@ diffusers' ``attention_dispatch`` registers its attention backends:
     masked      SDPA with the pattern's dense token mask: the reference every other backend is checked against
     flex        compiled FlexAttention, Flex's own tile and pipeline choice
     flex-tuned  compiled FlexAttention with explicit Hopper tiles (:data:`HOPPER_FLEX_OPTIONS`)
-    flashinfer  FlashInfer's block-sparse wrappers: variable-size blocks (SVG2's clusters, its paper's kernel)
+    flashinfer  FlashInfer's variable-block wrapper: variable-size blocks (SVG2's clusters, its paper's kernel)
                 when the pattern carries them, else the pattern's own tiles; block-level patterns only
+    flashinfer-bsr  FlashInfer's BSR wrapper (FA3 on Hopper) over square tiles of a block-level pattern
 
-``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex on CUDA,
-masked elsewhere) and ``measure`` (:func:`choose_backend`: every available backend once on the call's own
-inputs, the fastest whose output matches masked dense within :func:`tolerance`; cached per label, shape, dtype
-and block sizes for the process). :class:`BackendLog` records which backend each sequence length ran on.
+``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex-tuned on
+Hopper, flex on other CUDA GPUs, masked elsewhere) and ``measure`` (:func:`choose_backend`: every available backend
+once on the call's own inputs, the fastest whose output matches masked dense within :func:`tolerance`; cached per
+label, shape, dtype and block sizes for the process). :class:`BackendLog` records which backend each sequence length
+ran on.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from methods.kernels.block_sparse import (
@@ -35,6 +38,7 @@ from methods.kernels.block_sparse import (
     block_lengths,
     flex_block_sparse_attention,
     masked_dense_attention,
+    num_blocks,
 )
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockSparsePattern], torch.Tensor]
@@ -43,11 +47,13 @@ Timer = Callable[[Callable[[], Any], torch.device], float]
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-#: Forward tiles for Hopper (H100/H200, 228 KB shared memory per SM): 128 queries x 64 keys, 8 warps and 3
-#: stages keep a 128-dim head's q tile plus three k/v stages in shared memory. ``fwd_`` prefixes leave the
-#: backward on Flex's own choice. All four are documented FlexKernelOptions of torch 2.13.
-HOPPER_FLEX_OPTIONS: FlexKernelOptions = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8,  # type: ignore[typeddict-unknown-key]
-                                          "fwd_num_stages": 3}  # fmt: skip
+#: Forward options for Hopper (H100/H200): 128 x 128 tiles, 8 warps, 2 stages, TMA loads. Chosen by
+#: ``harness.benchmarks.block_sparse_probe_gpu`` on an H200 at Wan 1.3B (reports/gpu/h200/run_95b16d0/probe):
+#: against Flex's own choice 6.97 -> 5.42 ms (radial, tile density 0.325), 6.84 -> 5.16 (xattn, 0.344),
+#: 5.53 -> 5.32 (svg, token-level, 0.346). ``fwd_`` prefixes leave the backward on Flex's own choice; Flex turns
+#: TMA off itself where the inputs cannot use it. All are FlexKernelOptions of torch 2.13.
+HOPPER_FLEX_OPTIONS: FlexKernelOptions = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8,  # type: ignore[typeddict-unknown-key]
+                                          "fwd_num_stages": 2, "fwd_USE_TMA": True}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -235,6 +241,99 @@ def _flashinfer_workspace(device: torch.device) -> torch.Tensor:
     return torch.empty(_FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
 
 
+def _bsr_refuses(pattern: BlockSparsePattern) -> str | None:
+    if pattern.variable is not None:
+        return "variable-size blocks: FlashInfer's variable-block wrapper (backend flashinfer) runs them"
+    if pattern.mask_mod is not None:
+        return "token-level pattern (partial tiles): the BSR wrapper runs whole tiles only"
+    if pattern.blocks[0] != pattern.blocks[1]:
+        return f"query and key blocks differ ({pattern.blocks}): the BSR wrapper's pages are square tiles"
+    return None
+
+
+@dataclass(frozen=True)
+class BsrPlan:
+    """FlashInfer's planned ``BlockSparseAttentionWrapper`` for one pattern at one ``(B, H)``, and how the
+    call's tensors map onto it.
+
+    Attributes:
+        wrapper: the planned wrapper: one BSR table over the ``B * H`` heads stacked along the token axis (head
+            g's query blocks list only head g's key blocks, so per-head masks share one table), one FlashInfer head.
+        tile: tokens per block, FlashInfer's ``R = C`` (its KV page size).
+        padded: tokens per head rounded up to whole tiles (the pages must be whole).
+        zero_keys: ``(B * H, N)`` fp32, how many padding keys (zero, scoring exactly 0) each real query row's
+            softmax included; ``None`` when N is a multiple of the tile.
+    """
+
+    wrapper: Any
+    tile: int
+    padded: int
+    zero_keys: torch.Tensor | None
+
+
+def bsr_plan(pattern: BlockSparsePattern, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+             device: torch.device) -> BsrPlan:  # fmt: skip
+    """The pattern's :class:`BsrPlan` for q ``(batch, heads, N, head_dim)``, planned once and kept with the pattern
+    (:attr:`BlockSparsePattern.backend_plans`). Follows flashinfer-python 0.6.18.post1's ``flashinfer/sparse.py``:
+    ``plan(indptr (MB + 1,), indices (nnz,), M, N, R, C, num_qo_heads, num_kv_heads, head_dim, ...)`` with block
+    rows ``indptr``/column ``indices`` in CSR order; ``run`` reshapes k and v into pages of C tokens."""
+    import flashinfer
+
+    key = ("flashinfer-bsr", batch, heads, head_dim, dtype, device)
+    if key in pattern.backend_plans:
+        return pattern.backend_plans[key]
+    tile, tokens = pattern.blocks[0], pattern.seq_len
+    blocks = num_blocks(tokens, tile)
+    padded, groups = blocks * tile, batch * heads
+    kept = pattern.kept.to(device).expand(batch, heads, -1, -1).reshape(groups, blocks, blocks)
+    group_of, _, column = kept.nonzero(as_tuple=True)  # row-major: CSR order of the stacked table
+    indptr = torch.zeros(groups * blocks + 1, dtype=torch.int32, device=device)
+    indptr[1:] = kept.sum(-1).reshape(-1).cumsum(0)
+    wrapper = flashinfer.sparse.BlockSparseAttentionWrapper(_flashinfer_workspace(device))
+    wrapper.plan(indptr, (group_of * blocks + column).to(torch.int32), groups * padded, groups * padded, tile, tile,
+                 1, 1, head_dim, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)  # fmt: skip
+    zero_keys = None
+    if padded > tokens:  # each query block that keeps the last key block saw its padding keys
+        last = kept[..., -1].repeat_interleave(tile, dim=1)[:, :tokens]
+        zero_keys = (padded - tokens) * last.float()
+    plan = BsrPlan(wrapper, tile, padded, zero_keys)
+    pattern.backend_plans[key] = plan
+    return plan
+
+
+@register_backend("flashinfer-bsr", devices=("cuda",), dtypes=HALF_DTYPES, package="flashinfer",
+                  distribution="flashinfer-python", refuses=_bsr_refuses)  # fmt: skip
+def flashinfer_bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
+                             ) -> torch.Tensor:  # fmt: skip
+    """FlashInfer's ``BlockSparseAttentionWrapper`` (BSR, square tiles as KV pages; FA3 on Hopper) over a
+    block-level pattern. ``(B, H, N, D)`` in and out.
+
+    The ``B * H`` heads are stacked along the token axis, each padded to whole tiles with zero queries, keys and
+    values (:class:`BsrPlan`). A zero key scores exactly 0, so it adds ``2**0 = 1`` to a row's normaliser and
+    nothing to its numerator: the wrapper's output is corrected by the normaliser its log-sum-exp gives,
+    ``out * Z / (Z - zero_keys)`` with ``Z = 2**lse`` (FlashInfer's lse is base 2: ``row_max * sm_scale_log2 +
+    log2(sum)``, include/flashinfer/attention/hopper/attention_updater.cuh). Exact up to rounding while a row's
+    real keys hold a normaliser above ~1e-30 (scaled scores above about -70): where every kept score of a row is
+    far below the padding's 0, the padding dominates in fp32 and that row loses precision.
+    """
+    batch, heads, tokens, dim = q.shape
+    plan = bsr_plan(pattern, batch, heads, dim, q.dtype, q.device)
+    groups = batch * heads
+
+    def stacked(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(groups, tokens, dim)
+        if plan.padded > tokens:
+            x = F.pad(x, (0, 0, 0, plan.padded - tokens))
+        return x.reshape(groups * plan.padded, 1, dim)
+
+    out, lse = plan.wrapper.run(stacked(q), stacked(k), stacked(v), return_lse=True)
+    out = out.view(groups, plan.padded, dim)[:, :tokens]
+    if plan.zero_keys is not None:
+        real_share = 1.0 - plan.zero_keys * torch.exp2(-lse.view(groups, plan.padded)[:, :tokens])
+        out = (out.float() / real_share[..., None]).to(q.dtype)
+    return out.reshape(batch, heads, tokens, dim)
+
+
 # -- choosing by measurement ------------------------------------------------------------------------
 
 
@@ -364,15 +463,25 @@ def measured_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     return _CHOICES[key]
 
 
+@functools.cache
+def auto_backend(device: torch.device) -> str:
+    """What ``backend=auto`` runs on ``device``: flex-tuned on Hopper (compute capability 9.x, where
+    :data:`HOPPER_FLEX_OPTIONS` were measured), Flex's own choice on other CUDA GPUs, masked dense elsewhere.
+    FlexAttention either way, so a compiled model captures it in its graph."""
+    if device.type != "cuda":
+        return "masked"
+    return "flex-tuned" if torch.cuda.get_device_capability(device)[0] == 9 else "flex"
+
+
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
                    backend: str = "auto", label: str = "") -> BackendChoice:  # fmt: skip
-    """The backend ``backend`` names for this call: ``auto`` is flex on CUDA and masked elsewhere, ``measure``
+    """The backend ``backend`` names for this call: ``auto`` is :func:`auto_backend`, ``measure``
     is :func:`measured_backend`, any other name must be registered and able to run this call (else
     :class:`HarnessError` saying why)."""
     if backend == "measure":
         return measured_backend(q, k, v, pattern, label)
     if backend == "auto":
-        return BackendChoice("flex" if q.device.type == "cuda" else "masked")
+        return BackendChoice(auto_backend(q.device))
     reason = get_backend(backend).unavailable(q, pattern)
     if reason is not None:
         raise HarnessError(f"block-sparse backend {backend!r} cannot run this call: {reason}")
