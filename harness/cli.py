@@ -1426,6 +1426,13 @@ app.add_typer(
 def report_cmd(
     runs_dir: RunsDirOpt = Path("runs"),
     out: Annotated[Path, typer.Option(help="Folder for the markdown and CSV tables.")] = Path("reports"),
+    include: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="An earlier report's table3.csv whose rows join this table3 as computed there (their "
+            "speedups on their own device); repeatable. For rows whose records were not kept."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build comparison tables (latency, speedup, every recorded metric) from a runs folder."""
@@ -1433,7 +1440,7 @@ def report_cmd(
     from harness.report import build_report, console_view
 
     existing_input(runs_dir, "runs folder", folder=True, missing_hint="; run `bench run` first")
-    report = build_report(runs_dir, out)
+    report = build_report(runs_dir, out, include)
     for path, reason in report.errors:
         err_console.print(f"[yellow]skipped record[/] {path}: {reason}", soft_wrap=True)
     if as_json:

@@ -55,7 +55,7 @@ class Report:
     files: list[Path] = field(default_factory=list)
     errors: list[tuple[Path, str]] = field(default_factory=list)  # records skipped, with the reason
     not_records: list[Path] = field(default_factory=list)  # other JSON under the runs folder
-    notes: dict[str, str] = field(default_factory=dict)  # metric -> how its figure departs from the benchmark
+    notes: dict[str, str] = field(default_factory=dict)  # metric -> how to read it: a protocol's departure, a basis
 
 
 def usable_records(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
@@ -225,10 +225,16 @@ def table1(records: list[dict[str, Any]]) -> pd.DataFrame:
 FEW_STEP_METHODS = ("dmd2",)
 
 
-def table3(records: list[dict[str, Any]]) -> pd.DataFrame:
+def table3(records: list[dict[str, Any]], included: pd.DataFrame | None = None) -> pd.DataFrame:
     """The paper's Tab. III layout: every few-step generator run (``dmd2``, any attention inside) beside the dense
     multi-step model of the same prompts, seeds, device, dtype and weights: quality, latency per video, and the
     speedup against that dense model (its run with the most transformer passes: steps x CFG branches).
+
+    Every other run of a model with a few-step row joins the table the same way (e.g. LinVideo, and LinVideo with
+    a sparse method in its softmax layers, at the teacher's steps and CFG), so that multi-step and few-step
+    speedups sit in one table; ``attention`` names a softmax method inside (``linvideo + radial``). ``included``:
+    rows of an earlier report's table3 (:func:`load_included`), which count as few-step rows of their model here;
+    they are not in the returned table (:func:`build_report` appends them).
 
     Latency per video is built from each stage's median (steps x the denoising step's, plus decode and one prompt
     encoding), so the warm-up calls (FlexAttention's compile on a sparse method's first step) do not land in a
@@ -239,26 +245,31 @@ def table3(records: list[dict[str, Any]]) -> pd.DataFrame:
     """
     from harness.eval.prompt_sets import PAPER8
 
-    few = [r for r in records if r["spec"]["method"] in FEW_STEP_METHODS]
+    few_models = {r["spec"]["model"] for r in records if r["spec"]["method"] in FEW_STEP_METHODS}
+    if included is not None:
+        few_models |= set(included.loc[included["method"].isin(FEW_STEP_METHODS), "model"])
+    members = [r for r in records if r["spec"]["model"] in few_models]
     references: dict[str, dict[str, Any]] = {}
-    for rec in records:
+    for rec in members:
         if rec["spec"]["method"] in DENSE_PREFERENCE and not rec["spec"].get("checkpoint"):
             key = _multistep_key(rec)
             if key not in references or _passes(rec) > _passes(references[key]):
                 references[key] = rec
+    chosen = {id(rec) for rec in references.values()}
+    others = [r for r in members if id(r) not in chosen]
     rows = []
-    for rec in [*references.values(), *few] if few else []:
+    # The dense references, then the other runs with the most transformer passes first: multi-step before few-step.
+    for rec in [*references.values(), *sorted(others, key=_passes, reverse=True)]:
         spec, s = rec["spec"], rec["spec"]["sampling"]
         reference = references.get(_multistep_key(rec))
-        resolved = rec.get("method_params_resolved") or {}
         latency = _video_seconds(rec)
         base = _video_seconds(reference) if reference else None
         named = f"{reference['spec']['method']} {reference['spec']['sampling']['steps']} steps" if reference else None
         row = {
             "model": spec["model"],
             "method": spec["method"],
-            "attention": resolved.get("attention", spec["method"]),
-            "generator": resolved.get("generator") or f"dense, {s['steps']} steps, CFG {s['cfg']:g}",
+            "attention": _attention_label(rec),
+            "generator": _generator_label(rec),
             "params": _given_params(rec),
             "video": f"{s['height']}x{s['width']}x{s['frames']}",
             "steps": s["steps"],
@@ -279,6 +290,63 @@ def table3(records: list[dict[str, Any]]) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame(rows)
     return table.dropna(axis=1, how="all") if not table.empty else table
+
+
+def _attention_label(rec: dict[str, Any]) -> str:
+    """The attention a run's transformer runs: a few-step generator's ``attention``, a method with a softmax method
+    inside as ``linvideo + radial``, else the method."""
+    resolved = rec.get("method_params_resolved") or {}
+    if resolved.get("attention"):
+        return resolved["attention"]
+    inner = resolved.get("softmax_method")
+    return f"{rec['spec']['method']} + {inner}" if inner else rec["spec"]["method"]
+
+
+def _generator_label(rec: dict[str, Any]) -> str:
+    """The model sampled: a few-step generator's own description, else the dense model or the method's checkpoint
+    with its steps and CFG (``linvideo checkpoint toy-3bf0c0ed51fa, 20 steps, CFG 4``)."""
+    resolved, spec = rec.get("method_params_resolved") or {}, rec["spec"]
+    if resolved.get("generator"):
+        return resolved["generator"]
+    model = f"{spec['method']} checkpoint {Path(spec['checkpoint']).name}" if spec.get("checkpoint") else "dense"
+    return f"{model}, {spec['sampling']['steps']} steps, CFG {spec['sampling']['cfg']:g}"
+
+
+#: The columns an included table3 (an earlier report's ``table3.csv``) must have: its rows' identity, device and
+#: speedup basis, which this report keeps as computed there.
+INCLUDED_COLUMNS = ("model", "method", "attention", "steps", "cfg", "device", "latency_s", "speedup", "baseline")
+SPEEDUP_NOTE = (
+    "each row against the dense run named in `baseline` on the row's own device (`device`); rows of different "
+    "devices are never compared with each other, and their latencies are not comparable"
+)
+
+
+def load_included(paths: list[Path]) -> pd.DataFrame | None:
+    """The rows of earlier reports' ``table3.csv`` files (their records not kept: e.g. a GPU run's few-step rows),
+    each with a ``source`` column naming its file (or the source it already names); None for no paths.
+
+    Raises HarnessError (one line) for a path that is missing, not a ``table3.csv``, unreadable or lacking one of
+    :data:`INCLUDED_COLUMNS`.
+    """
+    from harness.errors import HarnessError
+    from harness.io_checks import existing_input
+
+    frames = []
+    for path in paths:
+        path = existing_input(path, "included table", folder=False)
+        if path.name != "table3.csv":
+            raise HarnessError(f"included table {path} is not a table3.csv: only an earlier `bench report`'s table3 "
+                               "can be included (its rows carry their device and speedup basis)")  # fmt: skip
+        try:
+            frame = pd.read_csv(path)
+        except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise HarnessError(f"included table {path} cannot be read as CSV: {exc}") from exc
+        missing = [column for column in INCLUDED_COLUMNS if column not in frame]
+        if missing:
+            raise HarnessError(f"included table {path} lacks the column(s) {', '.join(missing)} of a table3.csv")
+        frame["source"] = frame["source"].fillna(str(path)) if "source" in frame else str(path)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def _multistep_key(rec: dict[str, Any]) -> str:
@@ -455,11 +523,16 @@ def _scaling_sweeps(paths: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
     return sweeps
 
 
-def build_report(runs_dir: Path, out_dir: Path | None) -> Report:
+def build_report(runs_dir: Path, out_dir: Path | None, include: list[Path] | None = None) -> Report:
     """Read every record under ``runs_dir``; write ``runs.md/csv`` and ``latency.md/csv`` to ``out_dir``.
 
-    Raises HarnessError (before reading anything) if ``out_dir`` cannot be written.
+    ``include``: earlier reports' ``table3.csv`` files whose rows join this report's table3 as computed there
+    (:func:`load_included`), with a ``source`` column naming where each row comes from. A table whose rows come
+    from more than one device gets a note on its speedups (:data:`SPEEDUP_NOTE`).
+
+    Raises HarnessError (before reading any record) if ``out_dir`` cannot be written or an included table is bad.
     """
+    included = load_included(include or [])
     if out_dir is not None:
         out_dir = ensure_writable_dir(out_dir)
     loaded = load_records(runs_dir)
@@ -468,15 +541,20 @@ def build_report(runs_dir: Path, out_dir: Path | None) -> Report:
     runs = [r for r in records if r["kind"] == "run"]
     reportable = [r for r in runs if r.get("quality_reportable", False)]
     report.notes = protocol_notes(reportable)
-    tables = {"runs": runs_table(runs),
-              "latency": latency_table([r for r in records if r["kind"] == "latency"]),
-              "table1": table1(reportable), "table3": table3(runs), **ablation_tables(reportable)}  # fmt: skip
+    tables = {"runs": runs_table(runs), "latency": latency_table([r for r in records if r["kind"] == "latency"]),
+              "table1": table1(reportable), "table3": table3(runs, included),
+              **ablation_tables(reportable)}  # fmt: skip
+    if included is not None:
+        own = tables["table3"].assign(source=str(runs_dir)) if not tables["table3"].empty else None
+        tables["table3"] = pd.concat([own, included], ignore_index=True).dropna(axis=1, how="all")
     for name, table in tables.items():
         if table.empty:
             continue
         report.tables[name] = table
+        notes = _notes_for(table, report.notes)
+        if "speedup" in table and "device" in table and table["device"].nunique() > 1:
+            notes["speedup"] = report.notes["speedup"] = SPEEDUP_NOTE
         if out_dir is not None:
-            notes = _notes_for(table, report.notes)
             if name == "ablation_objective":
                 notes["paper_imaging_quality"] = objective_order_note(table) or PAPER_OBJECTIVES_NOTE
             report.files += _write_table(table, out_dir, name, notes)
@@ -525,19 +603,20 @@ def _write_table(table: pd.DataFrame, out_dir: Path, stem: str, notes: dict[str,
 # -- the console's compact view --------------------------------------------------------------------------
 
 #: Columns the console shows first, in this order; then the metrics, as far as the terminal's width allows.
-CONSOLE_FIRST = ("model", "video", "tokens", "variant", "method", "attention", "params", "step_ms", "forward_ms",
-                 "latency_s", "speedup", "density")  # fmt: skip
+CONSOLE_FIRST = ("model", "video", "tokens", "variant", "method", "attention", "params", "device", "step_ms",
+                 "forward_ms", "latency_s", "speedup", "density")  # fmt: skip
 #: Columns only the files carry: provenance, spread, and ToyBench's sub-scores of prompt correctness.
 CONSOLE_HIDDEN = frozenset({
     "params_resolved", "device", "weights", "videos", "peak_gib", "forward_p25_ms", "forward_p75_ms",
     "data_dependent", "density_fixed", "steps", "e2e_s_per_video", "attn_ms_per_step", "colour", "shape", "size",
     "direction", "baseline", "prompts", "trained", "train_s_per_step", "concurrent_jobs", "linear_count", "cfg",
+    "source",
 })  # fmt: skip
 #: Shared by every row: shown once in the title instead of a column.
 CONSOLE_CONTEXT = ("model", "video", "tokens")
 CONSOLE_CELL = 32  # characters of a cell at most (longer: its middle cut to an ellipsis, the distinctive end kept)
 PARAMS_CELL = 21  # the short params label: room for a checkpoint's name (ckpt=toy-5af578e1e7ed) at 80 columns
-IDENTITY = ("variant", "method", "params")  # always shown: what each row is
+IDENTITY = ("variant", "method", "params")  # always shown: what each row is (and the device, where rows differ in it)
 
 
 @dataclass
@@ -553,11 +632,14 @@ class ConsoleView:
 
 def console_view(name: str, table: pd.DataFrame, width: int) -> ConsoleView:
     """The columns of ``table`` that fit in ``width`` characters (rich's box: 3 per column plus 1), in the
-    order of :data:`CONSOLE_FIRST` then the table's own; :data:`IDENTITY` columns always."""
+    order of :data:`CONSOLE_FIRST` then the table's own; :data:`IDENTITY` columns always, and ``device`` where the
+    rows are of more than one (their speedups and latencies are then not comparable across rows)."""
     context = [c for c in CONSOLE_CONTEXT if c in table and table[c].nunique(dropna=False) == 1]
     title = " ".join([name, *(str(table[c].iloc[0]) for c in context)])
-    candidates = [c for c in CONSOLE_FIRST if c in table and c not in context]
-    candidates += [c for c in table if c not in candidates and c not in context and c not in CONSOLE_HIDDEN]
+    mixed = "device" in table and table["device"].nunique() > 1
+    hidden, identity = (CONSOLE_HIDDEN - {"device"}, (*IDENTITY, "device")) if mixed else (CONSOLE_HIDDEN, IDENTITY)
+    order = [*(c for c in CONSOLE_FIRST if c in table), *(c for c in table if c not in CONSOLE_FIRST)]
+    candidates = [c for c in order if c not in context and c not in hidden]
     shown, headers, cells, used = [], [], {}, 1
     for column in candidates:
         limit = PARAMS_CELL if column == "params" else CONSOLE_CELL
@@ -567,7 +649,7 @@ def console_view(name: str, table: pd.DataFrame, width: int) -> ConsoleView:
         widest = max(*(len(word) for word in words), *(len(cell) for cell in cells[column]))
         roomy = max(widest, min(len(column), widest + 4))  # a few more characters spare a header line
         column_width = next((w for w in (roomy, widest) if used + w + 3 <= width), None)
-        if column in IDENTITY or column_width is not None:
+        if column in identity or column_width is not None:
             column_width = column_width or roomy
             shown.append(column)
             headers.append(_wrap(words, column_width))
