@@ -345,6 +345,8 @@ def load_included(paths: list[Path]) -> pd.DataFrame | None:
         if missing:
             raise HarnessError(f"included table {path} lacks the column(s) {', '.join(missing)} of a table3.csv")
         frame["source"] = frame["source"].fillna(str(path)) if "source" in frame else str(path)
+        text = frame.select_dtypes(include="object").columns
+        frame[text] = frame[text].fillna("")  # an empty text cell (e.g. no params) reads back as NaN
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else None
 

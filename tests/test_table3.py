@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from conftest import Invoke, normalise
 
-from harness.report import SPEEDUP_NOTE, build_report, console_view, table3
+from harness.report import SPEEDUP_NOTE, build_report, console_view, load_included, table3
 
 TOY_RUNS = Path(__file__).resolve().parents[1] / "reports" / "toy" / "runs"
 DENSE, LINVIDEO = "toy__sdpa__7255f221a221.json", "toy__linvideo__57e41b7940df.json"
@@ -78,6 +78,14 @@ def test_included_rows_keep_their_device_and_speedup_beside_this_report_s_rows(t
     assert table.loc[("AMD EPYC", "sdpa"), "source"] == str(runs)
     assert f"- speedup: {SPEEDUP_NOTE}" in (tmp_path / "report" / "table3.md").read_text()
     assert "device" in console_view("table3", report.tables["table3"], 80).columns
+
+
+def test_an_empty_text_cell_of_an_included_table_stays_empty(tmp_path: Path) -> None:
+    """A dense row has no params: its empty cell reads back from the CSV as NaN and must not print as "nan"."""
+    included = _gpu_table3(tmp_path / "gpu")
+    frame = pd.read_csv(included).assign(params=["", "ckpt=dense-lr1e-4"])
+    frame.to_csv(included, index=False)
+    assert load_included([included])["params"].tolist() == ["", "ckpt=dense-lr1e-4"]
 
 
 @pytest.mark.parametrize(("make", "fragment"), [
