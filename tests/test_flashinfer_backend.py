@@ -276,12 +276,20 @@ def bsr_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
     (2, 3, (2, 3), 200),  # per-(batch, head) tables; 200 tokens: 24 padding keys in the last 32-token page
     (1, 2, (1, 1), 192),  # one table for every head; whole pages, no padding
 ])  # fmt: skip
+@pytest.mark.parametrize("processor_layout", [True, False])
 def test_bsr_stacks_heads_corrects_the_padding_and_matches_masked_dense(
-    bsr_stand_in: None, batch: int, heads: int, pattern_batch_heads: tuple[int, int], tokens: int
+    bsr_stand_in: None,
+    batch: int,
+    heads: int,
+    pattern_batch_heads: tuple[int, int],
+    tokens: int,
+    processor_layout: bool,
 ) -> None:
     """The BSR path stacks B x H heads into one table and removes the padding keys' share of each row's softmax
     (rows whose query block keeps the last, ragged key block), so the output equals masked dense."""
     q, k, v = qkv(batch, heads, tokens)
+    if processor_layout:  # as the attention processor passes them: (B, N, H, D) projections seen as (B, H, N, D)
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     pattern = tile_pattern(*pattern_batch_heads, tokens, (32, 32))
     pattern.kept[..., -1] = True  # every row sees the padded page: uncorrected, the error would show
     out = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from methods.kernels.block_sparse import (
@@ -321,17 +320,21 @@ def flashinfer_bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     groups = batch * heads
 
     def stacked(x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(groups, tokens, dim)
-        if plan.padded > tokens:
-            x = F.pad(x, (0, 0, 0, plan.padded - tokens))
-        return x.reshape(groups * plan.padded, 1, dim)
+        """One copy from any (B, H, N, D) strides into the padded stack (the padding rows zeroed)."""
+        if plan.padded == tokens and x.is_contiguous():
+            return x.view(groups * tokens, 1, dim)
+        buffer = x.new_empty(batch, heads, plan.padded, dim)
+        buffer[:, :, :tokens].copy_(x)
+        buffer[:, :, tokens:].zero_()
+        return buffer.view(groups * plan.padded, 1, dim)
 
     out, lse = plan.wrapper.run(stacked(q), stacked(k), stacked(v), return_lse=True)
-    out = out.view(groups, plan.padded, dim)[:, :tokens]
+    out = out.view(batch, heads, plan.padded, dim)[:, :, :tokens]
     if plan.zero_keys is not None:
         real_share = 1.0 - plan.zero_keys * torch.exp2(-lse.view(groups, plan.padded)[:, :tokens])
-        out = (out.float() / real_share[..., None]).to(q.dtype)
-    return out.reshape(batch, heads, tokens, dim)
+        # in place, computed in fp32 and rounded once into the output's dtype
+        out.mul_(real_share.reciprocal().view(batch, heads, tokens, 1))
+    return out
 
 
 # -- choosing by measurement ------------------------------------------------------------------------
