@@ -63,6 +63,42 @@ def band_with_sink_pattern(tokens: int, width: int, sink: int, block: int, devic
     return BlockSparsePattern(kept.view(expand), tokens, block, full=full.view(expand), mask_mod=band_or_sink)
 
 
+def profile_key_blocks(grid: TokenGrid, block: int, device: torch.device) -> torch.Tensor:
+    """``(3, N)`` int32 block of each token under the exact, spatial and temporal profiles.
+
+    Row 0 is all zeros (every key is near every row: the exact attention), row 1 the frame-major block (spatial),
+    row 2 the block in position-major order ``p * frames + f`` (temporal)."""
+    frame_major = torch.arange(grid.tokens, dtype=torch.int32, device=device)
+    position_major = (frame_major % grid.tokens_per_frame) * grid.frames + frame_major // grid.tokens_per_frame
+    return torch.stack((torch.zeros_like(frame_major), frame_major // block, position_major // block))
+
+
+def profile_masks(key_blocks: torch.Tensor, rows: torch.Tensor, band_blocks: int) -> torch.Tensor:
+    """``(3, R, N)`` bool: key ``j`` is kept for sampled row ``rows[r]`` when their blocks are ``< band_blocks``
+    apart (:func:`profile_key_blocks`'s orders; the exact profile keeps all). Compared against both band ends,
+    so no ``(3, R, N)`` integer distance is built."""
+    row_blocks = key_blocks[:, rows, None]
+    return (key_blocks[:, None] > row_blocks - band_blocks) & (key_blocks[:, None] < row_blocks + band_blocks)
+
+
+def profile_errors(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, kept: torch.Tensor
+) -> torch.Tensor:
+    """``(B, H, P - 1)`` fp32 MSE between the sampled rows' attention under each profile ``kept[1:]`` and the
+    exact one ``kept[0]`` (q, k, v: ``(B, H, N, D)``; rows: ``(R,)``; kept: ``(P, R, N)`` bool).
+
+    One product ``q[rows] k^T`` in the inputs' dtype (tensor cores for bf16/fp16), masked into all P profiles'
+    logits at once (``-inf`` outside), one softmax (fp32 accumulation, probabilities rounded to the inputs' dtype
+    for the product with v, as before) and one product with v, so each ``(B, H, P, R, N)`` tensor is written once
+    in the inputs' dtype; fp32 copies of the scores and a copy, fill, softmax and cast per profile were most of
+    this selection's time on an H200 (reports/gpu/h200/run_31f9aae). Only the small outputs are compared in fp32.
+    """
+    scores = (q[:, :, rows] * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    probs = torch.where(kept, scores[:, :, None], float("-inf")).softmax(dim=-1)
+    out = (probs.flatten(2, 3) @ v).float().unflatten(2, kept.shape[:2])
+    return ((out[:, :, 1:] - out[:, :, :1]) ** 2).mean(dim=(-2, -1))
+
+
 @register_method("svg", aliases=("sparse-videogen", "sparse-video-gen"))
 class SparseVideoGen(BlockSparseMethod):
     """Sparse VideoGen: online spatial/temporal head profiling, layout transform, band + sink mask."""
@@ -91,6 +127,7 @@ class SparseVideoGen(BlockSparseMethod):
         self.sample_max_row: int = self.settings["sample_max_row"]
         self.generators = SeededGenerators(self.settings["seed"])
         self._patterns: dict[tuple[int, int, int, torch.device], tuple[BlockSparsePattern, float]] = {}
+        self._profile_blocks: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
 
     def begin_video(self) -> None:
         self.generators.reset()
@@ -107,23 +144,14 @@ class SparseVideoGen(BlockSparseMethod):
             0, min(self.sample_max_row, tokens), (min(self.sampled_rows, tokens),),
             generator=self.generators.on(q.device), device=q.device,
         )  # fmt: skip
-        # Products in the inputs' dtype (tensor cores for bf16/fp16), softmax and errors in fp32: the fp32 products
-        # ran on CUDA cores and were 90% of this selection on an H200 (reports/gpu/h200/README.md, run_25aee45).
-        scores = ((q[:, :, rows] * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).float()
-
-        def attend(weights: torch.Tensor) -> torch.Tensor:
-            return (weights.softmax(dim=-1).to(v.dtype) @ v).float()
-
-        exact = attend(scores)
         band_blocks = int(PROFILE_BAND_FRAMES * grid.tokens_per_frame // block)
-        frame_major = torch.arange(tokens, device=q.device)
-        position_major = (frame_major % grid.tokens_per_frame) * grid.frames + frame_major // grid.tokens_per_frame
-        errors = []
-        for index in (frame_major, position_major):  # spatial, then temporal
-            near = (index[rows, None] // block - index[None, :] // block).abs() < band_blocks
-            masked = attend(scores.masked_fill(~near, float("-inf")))
-            errors.append(((masked - exact) ** 2).mean(dim=(-2, -1)))
-        return errors[1] < errors[0]  # ties go to spatial, as argmin does
+        if band_blocks == 0:  # both profiling masks are empty (frames shorter than a block): nothing to compare
+            return torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device)
+        key = (grid.tokens, grid.tokens_per_frame, block, q.device)
+        if key not in self._profile_blocks:
+            self._profile_blocks[key] = profile_key_blocks(grid, block, q.device)
+        errors = profile_errors(q, k, v, rows, profile_masks(self._profile_blocks[key], rows, band_blocks))
+        return errors[..., 1] < errors[..., 0]  # ties go to spatial, as argmin does
 
     def band_pattern(self, grid: TokenGrid, block: int, device: torch.device) -> tuple[BlockSparsePattern, float]:
         """The shared band + sink pattern for this grid and its exact density (built once per shape)."""
