@@ -56,6 +56,8 @@ def load_baseline(path: Path) -> dict[str, Any]:
 def _baseline_problem(data: dict[str, Any]) -> str | None:
     """What makes a latency result unusable as a baseline (None if nothing): the request to re-measure
     and a positive time ratio per method."""
+    if data.get("status") == "partial":
+        return "is the partial result of an interrupted `bench latency` (rerun its command to finish it)"
     spec = data.get("spec")
     request = spec.get("request") if isinstance(spec, dict) else None
     if not isinstance(request, dict):

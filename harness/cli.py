@@ -585,7 +585,13 @@ def latency_cmd(
             "density their paper reports, instead of what their threshold keeps on random weights (nearly all).",
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the JSON result here, after each method's stage too (status partial until the end); a rerun "
+            "of the same request resumes it, measuring only what it lacks."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Time one transformer forward per method (and optionally a full sample); speedups vs a dense baseline."""
@@ -618,7 +624,7 @@ def latency_cmd(
         from harness.io_checks import ensure_writable_file
 
         ensure_writable_file(out)
-    result = run_latency(request)
+    result = run_latency(request, out, log=lambda line: err_console.print(line, soft_wrap=True, highlight=False))
     if out is not None:
         save_latency(result, out)
     for warning in result["warnings"]:

@@ -7,7 +7,9 @@ achieves on the score entries it keeps. ``compile`` times every method again und
 diffusers users run the transformer), beside eager, with the number of graphs and graph breaks it took.
 ``at_density`` times the data-dependent methods that offer it at a density the user states (their
 ``fixed_density`` selection) instead of what their threshold keeps on the given weights: random weights give
-near-uniform attention, so a threshold keeps nearly everything.
+near-uniform attention, so a threshold keeps nearly everything. With an output file, each method's stages are saved
+as they finish and a rerun of the same request measures only what an interrupted one left
+(:mod:`harness.latency_resume`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 from harness.environment import capture_environment
 from harness.errors import HarnessError, check_number
 from harness.generate import initial_noise
-from harness.latency import StageTimer, machine_load, measure, peak_memory, spread_warning
+from harness.latency import StageTimer, TimingStats, machine_load, measure, peak_memory, spread_warning
+from harness.latency_resume import measured_stages, resumed_record, save_partial
 from harness.models.base import MODELS
 from harness.preflight import check_method, resolve_device, resolve_dtype
 from harness.spec import Sampling
@@ -145,85 +148,135 @@ def dense_attention_tflop(grid_tokens: int, heads: int, head_dim: int, layers: i
     return 4.0 * batch * heads * grid_tokens**2 * head_dim * layers / 1e12
 
 
-def run_latency(request: LatencyRequest) -> dict[str, Any]:
-    """Time every requested method on the same model and inputs; return the JSON-able result."""
+def run_latency(
+    request: LatencyRequest, out: Path | None = None, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Time every requested method on the same model and inputs; return the JSON-able result.
+
+    Args:
+        request: what to time.
+        out: where the result goes: the record is saved there after each method's eager, compiled and sample stage
+            (``status`` "partial", :mod:`harness.latency_resume`), and the stages an earlier attempt of the same
+            request saved there are not measured again. The caller writes the complete record
+            (:func:`save_latency`) over it.
+        log: receives one progress line per stage measured or resumed.
+
+    Raises:
+        HarnessError: a bad request, or ``out`` holding the partial result of another request (before any model is
+            built).
+    """
     methods, device, dtype = _validate(request)
     adapter_cls = MODELS.get(request.model)
     sampling = request.sampling()
     grid = adapter_cls.token_grid(sampling)
-    load_before = machine_load(device)
-    model = adapter_cls.load(request.weights, device, dtype)
-    config = model.transformer.config
-    dense_tflop = dense_attention_tflop(
-        grid.tokens, config.num_attention_heads, config.attention_head_dim, adapter_cls.num_layers
-    )
-    with torch.inference_mode():
-        latents = initial_noise((1, *adapter_cls.latent_shape(sampling)), seed=0).to(device)
-        embeddings = model.encode_prompts([adapter_cls.default_prompts()[0]])  # within every model's grammar (toy)
-        timestep = torch.tensor(LATENCY_TIMESTEP, device=device)
-
-    results: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        with model.use_method(method) as runtime, torch.inference_mode():
-            with peak_memory(device) as memory:
-                runtime.num_steps = request.step + 1
-                for earlier in range(request.step):  # untimed: the state earlier steps leave
-                    runtime.step = earlier
-                    model.forward(latents, timestep, embeddings)
-                runtime.step = request.step
-                runtime.timer.pop_seconds()
-                method.density.reset()
-
-                def forward() -> torch.Tensor:
-                    return model.forward(latents, timestep, embeddings)
-
-                stats, attention_seconds = measure(
-                    forward, device, request.warmup, request.repeats, after_each=runtime.timer.pop_seconds
-                )
-            density = method.density.mean()  # eager calls only: compiled ones are not logged
-            compiled = _time_compiled(model, forward, request, device) if request.compile else None
-        attention_ms = sorted(s * 1e3 for s in attention_seconds)[len(attention_seconds) // 2]
-        entry: dict[str, Any] = {
-            "params": method.params(),
-            "sparsity": method.capabilities.sparsity,
-            "data_dependent": method.capabilities.data_dependent,
-            # A kept fraction the user stated (--at-density, or the method's fixed_density parameter): the density
-            # is then not what the method's own selection would keep on these weights.
-            "density_fixed_by_user": method.params().get("fixed_density"),
-            "forward": stats.to_dict(),
-            "attention_ms_per_forward": attention_ms,
-            "attention_ms_per_layer": attention_ms / adapter_cls.num_layers,
-            "non_attention_ms": stats.median_ms - attention_ms,
-            "peak_gib": memory["peak_gib"],
-            "density": density,
-            "attention_tflop_per_forward": dense_tflop * (density if density is not None else 1.0),
-        }
-        entry["attention_tflops"] = (
-            entry["attention_tflop_per_forward"] / (attention_ms / 1e3) if attention_ms else None
-        )
-        if compiled is not None:
-            entry["compiled"] = compiled
-        if request.sample_steps > 0:
-            entry["sample"] = time_sample(model, method, sampling, device)
-        results[method.name] = entry
-
-    _add_speedups(results, request.baseline or "")
-    _add_efficiency(results, request.baseline or "")
-    load = {"before": load_before, "after": machine_load(device)}
-    return {
+    record: dict[str, Any] = {
         "kind": "latency",
         "spec": {"request": asdict(request), "sampling": asdict(sampling)},
         "model": request.model,
         "weights": "random" if request.weights == "random" or adapter_cls.weights_kind == "random" else "pretrained",
         "token_grid": vars(grid),
         "tokens": grid.tokens,
-        "dense_attention_tflop_per_forward": dense_tflop,
+        "dense_attention_tflop_per_forward": None,  # from the model's config, once it is built
         "baseline": request.baseline,
         "environment": capture_environment(device),
-        "machine_load": load,
-        "warnings": _warnings(results, load),
-        "methods": results,
+        "machine_load": {"before": machine_load(device)},
+        "warnings": [],
+        "resumed": {},  # method -> its stages measured by an earlier, interrupted attempt
+        "methods": {},
     }
+    if out is not None:
+        record = resumed_record(out, record)
+    say = log or (lambda line: None)
+    for name, stages in record["resumed"].items():
+        say(f"{name}: {', '.join(stages)} resumed from {out}")
+    results: dict[str, dict[str, Any]] = record["methods"]
+
+    def save(line: str) -> None:
+        say(line)
+        if out is not None:
+            save_partial(out, record)
+
+    model = adapter_cls.load(request.weights, device, dtype)
+    config = model.transformer.config
+    dense_tflop = dense_attention_tflop(
+        grid.tokens, config.num_attention_heads, config.attention_head_dim, adapter_cls.num_layers
+    )
+    record["dense_attention_tflop_per_forward"] = dense_tflop
+    with torch.inference_mode():
+        latents = initial_noise((1, *adapter_cls.latent_shape(sampling)), seed=0).to(device)
+        embeddings = model.encode_prompts([adapter_cls.default_prompts()[0]])  # within every model's grammar (toy)
+        timestep = torch.tensor(LATENCY_TIMESTEP, device=device)
+
+    def forward() -> torch.Tensor:
+        return model.forward(latents, timestep, embeddings)
+
+    wanted = ["forward", *(["compiled"] if request.compile else []), *(["sample"] if request.sample_steps else [])]
+    for method in methods:
+        entry = results.setdefault(method.name, {})
+        pending = [stage for stage in wanted if stage not in measured_stages(entry)]
+        if "forward" in pending or "compiled" in pending:
+            with model.use_method(method) as runtime, torch.inference_mode():
+                with peak_memory(device) as memory:
+                    runtime.num_steps = request.step + 1
+                    for earlier_step in range(request.step):  # untimed: the state earlier steps leave
+                        runtime.step = earlier_step
+                        forward()
+                    runtime.step = request.step
+                    runtime.timer.pop_seconds()
+                    method.density.reset()
+                    if "forward" in pending:
+                        stats, attention_seconds = measure(
+                            forward, device, request.warmup, request.repeats, after_each=runtime.timer.pop_seconds
+                        )
+                if "forward" in pending:
+                    density = method.density.mean()  # eager calls only: compiled ones are not logged
+                    entry.update(_eager_entry(method, stats, attention_seconds, memory["peak_gib"], density,
+                                              dense_tflop, adapter_cls.num_layers))  # fmt: skip
+                    save(f"{method.name}: eager forward {stats.median_ms:.4g} ms")
+                if "compiled" in pending:
+                    entry["compiled"] = compiled = _time_compiled(model, forward, request, device)
+                    figure = compiled["error"] if "error" in compiled else f"{compiled['forward']['median_ms']:.4g} ms"
+                    save(f"{method.name}: compiled forward {figure}")
+        if "sample" in pending:
+            entry["sample"] = time_sample(model, method, sampling, device)
+            save(f"{method.name}: sample {entry['sample']['total_ms']:.4g} ms")
+
+    # Derived from every method's stored stages, whichever attempt measured them.
+    _add_speedups(results, request.baseline or "")
+    _add_efficiency(results, request.baseline or "")
+    record["machine_load"]["after"] = machine_load(device)
+    record["warnings"] = _warnings(results, record["machine_load"])
+    return record
+
+
+def _eager_entry(
+    method: AttentionMethod,
+    stats: TimingStats,
+    attention_seconds: list[float],
+    peak_gib: float | None,
+    density: float | None,
+    dense_tflop: float,
+    num_layers: int,
+) -> dict[str, Any]:
+    """A method's eager stage: its forward's timing, attention time, memory, density and achieved TFLOP/s."""
+    attention_ms = sorted(s * 1e3 for s in attention_seconds)[len(attention_seconds) // 2]
+    entry: dict[str, Any] = {
+        "params": method.params(),
+        "sparsity": method.capabilities.sparsity,
+        "data_dependent": method.capabilities.data_dependent,
+        # A kept fraction the user stated (--at-density, or the method's fixed_density parameter): the density
+        # is then not what the method's own selection would keep on these weights.
+        "density_fixed_by_user": method.params().get("fixed_density"),
+        "forward": stats.to_dict(),
+        "attention_ms_per_forward": attention_ms,
+        "attention_ms_per_layer": attention_ms / num_layers,
+        "non_attention_ms": stats.median_ms - attention_ms,
+        "peak_gib": peak_gib,
+        "density": density,
+        "attention_tflop_per_forward": dense_tflop * (density if density is not None else 1.0),
+    }
+    entry["attention_tflops"] = entry["attention_tflop_per_forward"] / (attention_ms / 1e3) if attention_ms else None
+    return entry
 
 
 def _time_compiled(
@@ -364,7 +417,7 @@ def _warnings(results: dict[str, dict[str, Any]], load: dict[str, dict[str, Any]
     for when, state in load.items():
         if state["loaded"]:
             warnings.append(
-                f"machine loaded {when} the run: 1-minute load {state['loadavg_1_5_15'][0]:.2f} on "
+                f"machine loaded {when.replace('_', ' ')} the run: 1-minute load {state['loadavg_1_5_15'][0]:.2f} on "
                 f"{state['cpus_usable']} usable CPUs; other work shares the timings"
             )
     return warnings

@@ -71,6 +71,8 @@ def usable_records(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
 
 
 def _shape_problem(record: dict[str, Any]) -> str | None:
+    if record.get("status") == "partial":
+        return "status partial (an interrupted run; rerun its command to finish it)"
     for path, kind, required in TABLE_FIELDS.get(record["kind"], ()):
         parts = path.split(".")
         if not required and parts[0] not in record:

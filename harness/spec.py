@@ -112,14 +112,7 @@ class RunSpec:
     def cohort_differences(self, other: RunSpec) -> list[str]:
         """The fields (``sampling.steps``, ``seeds``, ...) in which ``other`` falls outside this spec's cohort,
         each with both values where they are short; empty when the two share a cohort."""
-        ours, theirs = _flat(self._cohort_fields()), _flat(other._cohort_fields())
-        differences = []
-        for key in sorted(set(ours) | set(theirs)):
-            a, b = ours.get(key), theirs.get(key)
-            if a != b:
-                shown = f"{a!r} vs {b!r}"
-                differences.append(f"{key} ({shown})" if len(shown) <= 60 else key)
-        return differences
+        return differing_fields(self._cohort_fields(), other._cohort_fields())
 
     def _cohort_fields(self) -> dict[str, Any]:
         neutral = replace(self, method="", method_params={}, dense_warmup_steps=0, dense_layers=(), checkpoint=None,
@@ -138,6 +131,19 @@ def record_cohort(record: dict[str, Any]) -> str:
     """The cohort of a run record, recomputed from its spec (records written before a change of
     :meth:`RunSpec.cohort` still group correctly)."""
     return RunSpec.from_dict(record["spec"]).cohort()
+
+
+def differing_fields(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The dotted keys (``sampling.steps``) whose values differ between two nested dicts, each with both values
+    (``ours vs theirs``) where they are short; empty when the two are equal."""
+    ours, theirs = _flat(ours), _flat(theirs)
+    differences = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if a != b:
+            shown = f"{a!r} vs {b!r}"
+            differences.append(f"{key} ({shown})" if len(shown) <= 60 else key)
+    return differences
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

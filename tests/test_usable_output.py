@@ -58,6 +58,8 @@ BAD_BASELINES = [
     pytest.param(_baseline(lambda d: d["methods"]["math"].pop("ratio_to_baseline")), "no positive ratio_to_baseline "
                  "for 'math'", id="no-ratio"),
     pytest.param(_baseline(lambda d: d.update(methods={})), "names no method", id="no-methods"),
+    pytest.param(_baseline(lambda d: d.update(status="partial")), "is the partial result of an interrupted",
+                 id="partial"),
 ]  # fmt: skip
 
 
@@ -91,8 +93,9 @@ def _edit_record(runs: Path, method: str, change) -> Path:  # type: ignore[no-un
         (lambda r: r["spec"]["sampling"].pop("height"), "lacks spec.sampling.height"),
         (lambda r: r["artifacts"].update(videos=None), "artifacts.videos is NoneType, not a list"),
         (lambda r: r["spec"].update(colour="red"), "its spec is not one this version reads"),
+        (lambda r: r.update(status="partial"), "status partial (an interrupted run"),
     ],
-    ids=["no-stages", "stages-a-list", "no-height", "videos-null", "foreign-spec-field"],
+    ids=["no-stages", "stages-a-list", "no-height", "videos-null", "foreign-spec-field", "partial"],
 )
 def test_report_skips_a_record_it_cannot_read_and_reports_the_rest(change, reason: str, copy_runs, tmp_path: Path,
                                                                    bench: Invoke) -> None:  # fmt: skip

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     for model in [m for m in args.models.split(",") if m]:
         warmup, repeats = REPEATS.get(model, (2, 5))
         started = time.time()
+        latency_path = args.out / f"latency_{model}.json"
         result = run_latency(
             LatencyRequest(
                 model=model,
@@ -76,11 +77,13 @@ def main(argv: list[str] | None = None) -> None:
                 warmup=warmup,
                 repeats=repeats,
                 sample_steps=args.sample_steps,
-            )
+            ),
+            out=latency_path,
+            log=print,
         )
         result["correctness_relative_error"] = errors
         result["wall_seconds"] = time.time() - started
-        save_latency(result, args.out / f"latency_{model}.json")
+        save_latency(result, latency_path)
         for name, entry in result["methods"].items():
             summary.append(
                 {

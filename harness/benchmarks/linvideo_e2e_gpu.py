@@ -176,12 +176,13 @@ def forward_check(
     baseline = dense[-1]
     linvideo = {"linear_layers": list(PAPER_LAYERS[model]), "softmax_method": "radial"}
     warmup, repeats = FORWARD_REPEATS[device.type]
+    latency_path = out / f"linvideo_radial_forward_{model}.json"
     result = run_latency(LatencyRequest(
         model=model, methods=[*dense, "linvideo"], weights="random", device=str(device),
         dtype="bfloat16" if device.type == "cuda" else "float32", warmup=warmup, repeats=repeats, baseline=baseline,
         method_params={"linvideo": linvideo}, compile=compile,
-    ))  # fmt: skip
-    save_latency(result, out / f"linvideo_radial_forward_{model}.json")
+    ), out=latency_path, log=print)  # fmt: skip
+    save_latency(result, latency_path)
     base, ours = result["methods"][baseline], result["methods"]["linvideo"]
     compiled = ours.get("compiled", {}).get("speedup_vs_baseline")
     return {

@@ -138,14 +138,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for model in [m for m in args.models.split(",") if m]:
         layers = list(PAPER_LAYERS[model])
+        latency_path = args.out / f"linvideo_latency_{model}.json"
         result = run_latency(LatencyRequest(
             model=model, methods=[*dense, "linvideo"], weights="random", device=args.device,
             dtype="bfloat16" if device.type == "cuda" else "float32", warmup=1 if model == "wan14b" else 2,
             repeats=3 if model == "wan14b" else 5, method_params={"linvideo": {"linear_layers": layers}},
             compile=args.compile,
-        ))  # fmt: skip
+        ), out=latency_path, log=print)  # fmt: skip
         result["correctness_relative_error"] = errors
-        save_latency(result, args.out / f"linvideo_latency_{model}.json")
+        save_latency(result, latency_path)
         for name, entry in result["methods"].items():
             rows.append({"model": model, "method": name, "forward_ms": entry["forward"]["median_ms"],
                          "attn_ms_per_layer": entry["attention_ms_per_layer"], "density": entry.get("density"),

@@ -482,17 +482,18 @@ def main(argv: list[str] | None = None) -> None:
         # Written before the forward: a forward that runs out of time still leaves the per-call timings.
         write_json_atomic(args.out / f"sparse_attention_{model}.json", attention)
         warmup, repeats = FORWARD_REPEATS.get(model, (2, 3))
+        latency_path = args.out / f"sparse_latency_{model}.json"
         result = run_latency(LatencyRequest(
             model=model, methods=[*dense, *passed], weights="random", device=args.device,
             dtype="bfloat16" if device.type == "cuda" else "float32", warmup=warmup, repeats=repeats,
             method_params={name: p for name, p in params.items() if name in passed},
-        ))  # fmt: skip
+        ), out=latency_path, log=print)  # fmt: skip
         result |= {"flex_check": checks, "attention": attention, "wall_seconds": time.time() - started}
         for name, entry in result["methods"].items():
             note = density_note(name, entry["density_fixed_by_user"])
             if note is not None:
                 entry["note"] = note
-        save_latency(result, args.out / f"sparse_latency_{model}.json")
+        save_latency(result, latency_path)
         for name, entry in result["methods"].items():
             timing = attention["methods"][name]
             summary.append({
