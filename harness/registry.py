@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib.metadata import entry_points
@@ -33,8 +34,12 @@ def did_you_mean(name: str, candidates: Iterable[str], spellings: Mapping[str, s
     the candidate to suggest in their place.
     """
     spellings = spellings or {}
-    close = difflib.get_close_matches(name, [*candidates, *spellings], n=3, cutoff=0.5)
-    suggested = list(dict.fromkeys(spellings.get(match, match) for match in close))
+    names = [*candidates, *spellings]
+    # Case and one part of a hyphenated name count as near too: FLEX -> flex, bsr -> flashinfer-bsr.
+    folded = name.casefold()
+    parts = [c for c in names if folded == c.casefold() or folded in re.split(r"[-_.]", c.casefold())]
+    close = difflib.get_close_matches(folded, names, n=3, cutoff=0.5)
+    suggested = list(dict.fromkeys(spellings.get(match, match) for match in [*parts, *close]))[:3]
     return f" Did you mean {', '.join(repr(s) for s in suggested)}?" if suggested else ""
 
 

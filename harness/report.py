@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,7 +341,7 @@ def load_included(paths: list[Path]) -> pd.DataFrame | None:
             raise HarnessError(f"included table {path} is not a table3.csv: only an earlier `bench report`'s table3 "
                                "can be included (its rows carry their device and speedup basis)")  # fmt: skip
         try:
-            frame = pd.read_csv(path)
+            frame = pd.read_csv(path, float_precision="round_trip")  # exact floats: a row read back equals its run's
         except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
             raise HarnessError(f"included table {path} cannot be read as CSV: {exc}") from exc
         missing = [column for column in INCLUDED_COLUMNS if column not in frame]
@@ -351,6 +352,26 @@ def load_included(paths: list[Path]) -> pd.DataFrame | None:
         frame[text] = frame[text].fillna("")  # an empty text cell (e.g. no params) reads back as NaN
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def join_once(own: pd.DataFrame | None, included: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """``own`` rows, then the ``included`` rows not already there, and how many were left out.
+
+    A row equal to an earlier one in every column but ``source`` is the same run again (an earlier report of these
+    runs included, or one table given twice): kept, it would count that run twice.
+    """
+    joined = pd.concat([own, included], ignore_index=True)
+    repeated = joined.drop(columns="source").map(_cell_key).apply(tuple, axis=1).duplicated()
+    return joined[~repeated].reset_index(drop=True).dropna(axis=1, how="all"), int(repeated.sum())
+
+
+def _cell_key(value: Any) -> str:
+    """A cell as read back from a CSV compares: empty for a missing value, numbers as floats (20 and 20.0 alike)."""
+    if not isinstance(value, str) and pd.isna(value):
+        return ""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return repr(float(value))
+    return str(value)
 
 
 def _multistep_key(rec: dict[str, Any]) -> str:
@@ -550,7 +571,10 @@ def build_report(runs_dir: Path, out_dir: Path | None, include: list[Path] | Non
               **ablation_tables(reportable)}  # fmt: skip
     if included is not None:
         own = tables["table3"].assign(source=str(runs_dir)) if not tables["table3"].empty else None
-        tables["table3"] = pd.concat([own, included], ignore_index=True).dropna(axis=1, how="all")
+        tables["table3"], repeated = join_once(own, included)
+        if repeated:
+            report.notes["source"] = (f"{repeated} included row(s) left out: already in the table (an earlier report "
+                                      "of these runs, or a table included twice)")  # fmt: skip
     for name, table in tables.items():
         if table.empty:
             continue

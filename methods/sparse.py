@@ -24,7 +24,13 @@ import torch
 
 from methods.base import AttentionContext, AttentionMethod, Density, Schedule
 from methods.kernels.block_sparse import BlockSparsePattern, permute_tokens, unpermute_tokens
-from methods.kernels.sparse_backends import BackendLog, backend_names, block_sparse_attention
+from methods.kernels.sparse_backends import (
+    BackendLog,
+    backend_names,
+    backend_needs,
+    block_sparse_attention,
+    check_backend,
+)
 from methods.params import Param
 
 PAPER_BLOCK = 128
@@ -62,9 +68,9 @@ def auto_block_size(tokens: int) -> int:
     return block
 
 
-BACKEND = Param("backend", "choice", "auto", "auto (FlexAttention on CUDA, Hopper tiles on sm_90; masked dense "
+BACKEND = Param("backend", "choice", "auto", "auto (flex-tuned on Hopper, sm_90; flex on other CUDA GPUs; masked "
                 "elsewhere), measure (the fastest backend matching masked dense, timed on the first call per shape; "
-                "recorded) or a backend",
+                f"recorded) or one of {backend_needs()}",
                 choices=backend_names())  # fmt: skip
 
 
@@ -138,6 +144,11 @@ class BlockSparseMethod(AttentionMethod):
         block = self._block_size or auto_block_size(tokens)
         self._blocks_used[tokens] = block
         return block
+
+    def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
+        """The method's devices and dtypes, then its ``backend`` setting's (a missing package included)."""
+        super().check_supported(device, dtype)
+        check_backend(self.backend, device, dtype, self.name)
 
     def runs_dense(self, ctx: AttentionContext) -> bool:
         return (

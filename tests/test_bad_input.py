@@ -56,7 +56,16 @@ BAD_RUNS = [
     pytest.param(["--cfg", "inf"], ["--cfg must be a finite number, got inf"], id="cfg-inf"),
     pytest.param(["--shift", "nan"], ["--shift must be a finite number, got nan"], id="shift-nan"),
     pytest.param(["--device", "tpu"], ["unknown device 'tpu'; use auto, cpu, cuda or cuda:N"], id="device-tpu"),
-]
+    # A block-sparse backend that cannot run on the device failed inside the first sparse step; a backend in other
+    # case, or a part of its name, got no suggestion.
+    pytest.param(["--method", "radial", "--param", "backend=flashinfer-bsr"],
+                 ["radial: block-sparse backend 'flashinfer-bsr' cannot run on cpu in float32", "runs on cuda, not cpu",
+                  "Here use auto, measure, masked"], id="cuda-only-backend-on-cpu"),
+    pytest.param(["--method", "xattn", "--param", "backend=FLEX"], ["got 'FLEX'. Did you mean 'flex'"],
+                 id="backend-in-capitals"),
+    pytest.param(["--method", "svg", "--param", "backend=bsr"], ["got 'bsr'. Did you mean 'flashinfer-bsr'"],
+                 id="backend-name-part"),
+]  # fmt: skip
 
 
 @pytest.mark.usefixtures("no_model_build")

@@ -63,7 +63,7 @@ def test_lazy_entry_without_attr_is_rejected_on_get() -> None:
 
 @pytest.mark.parametrize(
     ("registry", "typo", "suggestion"),
-    [(METHODS, "sdpaa", "sdpa"), (METHODS, "cudn", "cudnn"), (MODELS, "wan1.3", "wan1.3b")],
+    [(METHODS, "sdpaa", "sdpa"), (METHODS, "cudn", "cudnn"), (MODELS, "wan1.3", "wan1.3b"), (METHODS, "SDPA", "sdpa")],
 )
 def test_unknown_name_suggests_closest(registry: Registry, typo: str, suggestion: str) -> None:
     """An unknown name raises UnknownNameError (a HarnessError) naming the closest valid name."""

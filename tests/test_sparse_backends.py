@@ -9,12 +9,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, UnsupportedError
 from methods.kernels import sparse_backends
 from methods.kernels.block_sparse import BlockSparsePattern, masked_dense_attention, num_blocks
 from methods.kernels.sparse_backends import (
     REGISTRY,
     BackendLog,
+    check_backend,
     choose_backend,
     get_backend,
     measured_backend,
@@ -187,6 +188,48 @@ def test_a_named_backend_that_cannot_run_is_a_clear_error(flashinfer_importable:
     q, k, v, pattern = inputs()
     with pytest.raises(HarnessError, match=r"'flashinfer' cannot run this call: runs on cuda"):
         sparse_backends.block_sparse_attention(q, k, v, pattern, "flashinfer")
+
+
+@pytest.mark.parametrize(("device", "dtype", "reasons"), [
+    ("cpu", torch.float32, ["runs on cuda, not cpu", "takes float16/bfloat16, not float32"]),
+    ("cuda", torch.float32, ["takes float16/bfloat16, not float32"]),
+])  # fmt: skip
+@pytest.mark.parametrize("name", ["flashinfer", "flashinfer-bsr"])
+def test_a_backend_that_cannot_run_on_the_device_is_refused_before_any_call(
+    flashinfer_importable: None, name: str, device: str, dtype: torch.dtype, reasons: list[str]
+) -> None:
+    """The preflight's check names every reason and the backends that can run there (no tensor needed)."""
+    with pytest.raises(UnsupportedError) as info:
+        check_backend(name, torch.device(device), dtype, "radial")
+    message = str(info.value)
+    assert message.startswith(f"radial: block-sparse backend {name!r} cannot run on {device} in float32: ")
+    assert all(reason in message for reason in reasons) and message.endswith("Here use auto, measure, masked, flex, "
+                                                                             "flex-tuned")  # fmt: skip
+
+
+def test_a_missing_package_is_refused_on_the_device_the_backend_runs_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # import raises ImportError
+    sparse_backends.import_failure.cache_clear()
+    try:
+        with pytest.raises(UnsupportedError, match=r"cannot run on cuda in bfloat16: package 'flashinfer' cannot be "
+                                                   r"imported \(pip install flashinfer-python\)"):  # fmt: skip
+            check_backend("flashinfer-bsr", torch.device("cuda"), torch.bfloat16, "svg")
+    finally:
+        sparse_backends.import_failure.cache_clear()
+
+
+def test_the_backend_help_says_what_auto_runs_and_what_each_backend_needs() -> None:
+    from methods.sparse import BACKEND
+
+    assert BACKEND.help.startswith("auto (flex-tuned on Hopper, sm_90; flex on other CUDA GPUs; masked elsewhere)")
+    assert BACKEND.help.endswith("or one of masked, flex, flex-tuned, flashinfer (cuda; float16/bfloat16; pip "
+                                 "install flashinfer-python), flashinfer-bsr (cuda; float16/bfloat16; pip install "
+                                 "flashinfer-python)")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["auto", "measure", "masked", "flex", "flex-tuned"])
+def test_a_backend_that_runs_anywhere_passes_the_check(name: str) -> None:
+    check_backend(name, torch.device("cpu"), torch.float32, "radial")
 
 
 def test_the_reference_on_sampled_rows_is_masked_dense_on_those_rows(monkeypatch: pytest.MonkeyPatch) -> None:

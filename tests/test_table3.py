@@ -80,6 +80,33 @@ def test_included_rows_keep_their_device_and_speedup_beside_this_report_s_rows(t
     assert "device" in console_view("table3", report.tables["table3"], 80).columns
 
 
+def _runs(tmp_path: Path) -> Path:
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name in (DENSE, LINVIDEO):
+        shutil.copy2(TOY_RUNS / name, runs / name)
+    return runs
+
+
+def test_a_table_included_twice_joins_once(tmp_path: Path) -> None:
+    """The same table3.csv given twice (under two spellings of its path) adds its rows once, and says so."""
+    runs, included = _runs(tmp_path), _gpu_table3(tmp_path / "gpu")
+    report = build_report(runs, tmp_path / "report", [included, tmp_path / "gpu" / ".." / "gpu" / "table3.csv"])
+    assert report.tables["table3"]["device"].value_counts()["NVIDIA H200"] == 2
+    assert report.notes["source"].startswith("2 included row(s) left out: already in the table")
+
+
+def test_an_earlier_report_of_these_runs_adds_none_of_their_rows_again(tmp_path: Path) -> None:
+    """Including a report of the same runs (e.g. to add one more table) leaves its rows of these runs out: they read
+    back from its CSV exactly as this report computes them."""
+    runs, included = _runs(tmp_path), _gpu_table3(tmp_path / "gpu")
+    first = build_report(runs, tmp_path / "first", [included]).tables["table3"]
+    again = build_report(runs, tmp_path / "again", [tmp_path / "first" / "table3.csv"])
+    assert len(again.tables["table3"]) == len(first) == 4
+    assert again.tables["table3"]["latency_s"].tolist() == first["latency_s"].tolist()
+    assert again.notes["source"].startswith("2 included row(s) left out")
+
+
 def test_an_empty_text_cell_of_an_included_table_stays_empty(tmp_path: Path) -> None:
     """A dense row has no params: its empty cell reads back from the CSV as NaN and must not print as "nan"."""
     included = _gpu_table3(tmp_path / "gpu")
@@ -93,6 +120,7 @@ def test_an_empty_text_cell_of_an_included_table_stays_empty(tmp_path: Path) -> 
     (lambda folder: pd.DataFrame({"model": ["toy"]}).to_csv(folder / "table3.csv") or folder / "table3.csv",
      "lacks the column(s) method, attention, steps"),
     (lambda folder: folder / "table3.csv", "does not exist"),
+    (lambda folder: folder, "is a folder, not a file"),
 ])  # fmt: skip
 def test_a_bad_included_table_is_refused_before_any_table_is_written(tmp_path: Path, bench: Invoke, make: Any,
                                                                       fragment: str) -> None:  # fmt: skip

@@ -8,6 +8,7 @@ cheap: the toy model with one prompt of its grammar and 2 steps, or ``wan-tiny``
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -38,6 +39,7 @@ SHIPPED_LINVIDEO = REPO / "harness/toyworld/assets/linvideo/toy-3bf0c0ed51fa"
 RUNS = f"{WS}/runs"
 SYS_DIR = "/sys/newcomer-catalogue"  # a read-only place, even for root
 TINY_RECORD = f"{RUNS}/wan-tiny__sdpa__*.json"  # the record of _tiny_pair's run (its id ends in a hash)
+GPU_TABLE3 = REPO / "reports/gpu/h200/run_65b3f07/fewstep_toy/report/table3.csv"  # H200 few-step rows, no records
 
 
 def command(base: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:
@@ -553,6 +555,41 @@ def methods_json(result: Invocation, ws: Workspace) -> str | None:
     return f"parameters without a type or help: {untyped[:3]}" if untyped else None
 
 
+def backend_described(result: Invocation, ws: Workspace) -> str | None:
+    """Every block-sparse method's ``backend`` offers flashinfer-bsr and its help says what ``auto`` runs."""
+    problem = json_stdout(result, ws)
+    if problem:
+        return problem
+    backends = [(r["name"], p) for r in strict_loads(result.stdout) for p in r["parameters"] if p["name"] == "backend"]
+    if not backends:
+        return "no method has a backend parameter"
+    lacking = [name for name, p in backends if "flashinfer-bsr" not in p["choices"] or "flex-tuned on Hopper"
+               not in p["help"] or "flashinfer-bsr (cuda" not in p["help"]]  # fmt: skip
+    return f"backend of {lacking} lacks flashinfer-bsr, what it needs, or what auto runs" if lacking else None
+
+
+def table3_once(own: int) -> Callable[[Invocation, Workspace], str | None]:
+    """``{ws}/o/table3.csv`` holds every row of :data:`GPU_TABLE3` and ``own`` rows of the runs folder, each once."""
+
+    def check(result: Invocation, ws: Workspace) -> str | None:
+        with (ws.path / "o" / "table3.csv").open(newline="") as table, GPU_TABLE3.open(newline="") as gpu:
+            rows, included = list(csv.DictReader(table)), len(list(csv.DictReader(gpu)))
+        keys = [tuple(value for column, value in row.items() if column != "source") for row in rows]
+        if len(set(keys)) < len(keys):
+            return f"{len(keys) - len(set(keys))} row(s) of table3.csv are there twice"
+        if len(rows) != included + own:
+            return f"table3.csv has {len(rows)} rows, not {included} included + {own} of the runs folder"
+        return None
+
+    return check
+
+
+def _report_of_these_runs(ws: Workspace) -> None:
+    """The toy run at ``{ws}/runs`` and its report with the GPU rows at ``{ws}/first`` (as a user made it before)."""
+    ws.copy_fixture("toy_run", "runs")
+    require_ok(bench(("report", "--runs-dir", RUNS, "--out", f"{WS}/first", "--include", str(GPU_TABLE3)), ws.path))
+
+
 def plan_json(result: Invocation, ws: Workspace) -> str | None:
     problem = json_stdout(result, ws)
     if problem:
@@ -601,7 +638,7 @@ HELP = [
     (("calibrate",), ("--out", "--threshold")),
     (("ablate",), ("One or more of alpha", "--steps")),
     (("eval",), ("A run record", "--suite")),
-    (("report",), ("--runs-dir", "--out")),
+    (("report",), ("--runs-dir", "--out", "--include")),
     (("toy",), ("train",)),
     (("toy", "train"), ("--out", "--steps")),
     (("vbench",), ("setup", "check")),
@@ -945,6 +982,37 @@ VALID = [
          check=record_check(videos_once(1))),
 ]  # fmt: skip
 
+REPORT_INCLUDE = ("report", "--runs-dir", RUNS, "--out", f"{WS}/o", "--include")
+TOY_RUN = copy_fixture("toy_run", "runs")
+# The surfaces this session added: `bench report --include`, the flashinfer-bsr backend, `auto` on Hopper.
+SURFACES = [
+    Case("report-include-gpu-rows", "include", (*REPORT_INCLUDE, str(GPU_TABLE3)), expect="ok", setup=TOY_RUN,
+         check=table3_once(1)),
+    Case("report-include-twice", "include", (*REPORT_INCLUDE, str(GPU_TABLE3), "--include", str(GPU_TABLE3)),
+         expect="ok", setup=TOY_RUN, check=table3_once(1), source="own: the same table given twice doubled its rows"),
+    Case("report-include-own-earlier-report", "include", (*REPORT_INCLUDE, f"{WS}/first/table3.csv"), expect="ok",
+         setup=_report_of_these_runs, check=table3_once(1),
+         source="own: an earlier report of the same runs included doubled their rows"),
+    Case("report-include-without-few-step-runs", "include", (*REPORT_INCLUDE, str(GPU_TABLE3)), expect="ok",
+         setup=copy_fixture("tiny_runs", "runs"), check=table3_once(0)),
+    Case("report-include-folder", "include", (*REPORT_INCLUDE, str(GPU_TABLE3.parent)), setup=TOY_RUN,
+         fragments=("report", "is a folder")),
+    Case("report-include-not-table3", "include", (*REPORT_INCLUDE, str(GPU_TABLE3.with_name("runs.csv"))),
+         setup=TOY_RUN, fragments=("runs.csv", "not a table3.csv")),
+    Case("report-include-missing", "include", (*REPORT_INCLUDE, f"{WS}/nope/table3.csv"), setup=TOY_RUN,
+         fragments=("nope/table3.csv", "does not exist")),
+    Case("methods-json-backend", "backend", ("methods", "--json"), expect="ok", check=backend_described),
+    Case("radial-cuda-only-backend-on-cpu", "backend", toy("--method", "radial", "--param", "backend=flashinfer-bsr"),
+         fragments=("flashinfer-bsr", "runs on cuda, not cpu", "here use auto"),
+         source="own: failed in the first sparse step, after the model was built"),
+    Case("latency-cuda-only-backend-on-cpu", "backend", tiny_latency("--methods", "sdpa,xattn", "--param",
+         "xattn.backend=flashinfer-bsr"), fragments=("xattn", "flashinfer-bsr", "not cpu")),
+    Case("backend-nonsense", "backend", toy("--method", "radial", "--param", "backend=nonsense"),
+         fragments=("nonsense", "auto", "flashinfer-bsr")),
+    Case("backend-capitals", "backend", toy("--method", "svg", "--param", "backend=FLEX"),
+         fragments=("FLEX", "did you mean 'flex'"), source="own: no suggestion for a name in capitals"),
+]  # fmt: skip
+
 CASES: list[Case] = [*ISSUE_B, *ISSUE_C, *ISSUE_D, *ISSUE_E, *ISSUE_F, *ISSUE_G, *TYPOS, *NUMBERS, *PATHS, *VALID,
-                     *HELP_CASES]  # fmt: skip
+                     *SURFACES, *HELP_CASES]  # fmt: skip
 assert len({c.name for c in CASES}) == len(CASES), "case names must be unique"

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, UnsupportedError
 from methods.kernels.block_sparse import (
     BlockSparsePattern,
     FlexKernelOptions,
@@ -78,18 +78,26 @@ class Backend:
     refuses: Callable[[BlockSparsePattern], str | None] | None = None
 
     def unavailable(self, q: torch.Tensor, pattern: BlockSparsePattern) -> str | None:
-        """Why this backend cannot run ``pattern`` on ``q`` here, or ``None`` when it can.
+        """Why this backend cannot run ``pattern`` on ``q`` here (the first reason), or ``None`` when it can."""
+        reasons = self.unavailable_on(q.device, q.dtype)
+        if reasons:
+            return reasons[0]
+        return None if self.refuses is None else self.refuses(pattern)
+
+    def unavailable_on(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+        """Every reason this backend cannot run on ``device`` in ``dtype``, whatever the pattern (empty: it can).
 
         The package comes first: a missing install is what a user must fix wherever they run.
         """
         failure = None if self.package is None else import_failure(self.package)
-        if failure is not None:
-            return f"package {self.package!r} cannot be imported (pip install {self.distribution}): {failure}"
-        if q.device.type not in self.devices:
-            return f"runs on {'/'.join(self.devices)}, not {q.device.type}"
-        if q.dtype not in self.dtypes:
-            return f"does not take {q.dtype}"
-        return None if self.refuses is None else self.refuses(pattern)
+        reasons = [] if failure is None else [f"package {self.package!r} cannot be imported (pip install "
+                                                f"{self.distribution}): {failure}"]  # fmt: skip
+        if device.type not in self.devices:
+            reasons.append(f"runs on {'/'.join(self.devices)}, not {device.type}")
+        if dtype not in self.dtypes:
+            names = "/".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            reasons.append(f"takes {names}, not {str(dtype).removeprefix('torch.')}")
+        return reasons
 
 
 REGISTRY: dict[str, Backend] = {}
@@ -132,6 +140,20 @@ def get_backend(name: str) -> Backend:
     if name not in REGISTRY:
         raise HarnessError(f"block-sparse backend must be one of {backend_names()}, got {name!r}")
     return REGISTRY[name]
+
+
+def backend_needs() -> str:
+    """Every registered backend with what it needs where it needs more than torch on any device, for ``--help``:
+    ``masked, flex, ..., flashinfer-bsr (cuda; float16/bfloat16; pip install flashinfer-python)``."""
+
+    def needs(backend: Backend) -> str:
+        parts = [] if set(backend.devices) >= {"cpu", "cuda"} else ["/".join(backend.devices)]
+        parts += [] if set(backend.dtypes) >= set(ALL_DTYPES) else ["/".join(str(d).removeprefix("torch.")
+                                                                           for d in backend.dtypes)]  # fmt: skip
+        parts += [] if backend.package is None else [f"pip install {backend.distribution}"]
+        return f"{backend.name} ({'; '.join(parts)})" if parts else backend.name
+
+    return ", ".join(needs(backend) for backend in REGISTRY.values())
 
 
 def backend_names() -> tuple[str, ...]:
@@ -489,6 +511,20 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: B
     if reason is not None:
         raise HarnessError(f"block-sparse backend {backend!r} cannot run this call: {reason}")
     return BackendChoice(backend)
+
+
+def check_backend(name: str, device: torch.device, dtype: torch.dtype, label: str) -> None:
+    """Refuse ``backend=name`` where it cannot run on ``device`` in ``dtype`` for any pattern (a run's preflight,
+    before a model is built): an :class:`~harness.errors.UnsupportedError` starting with ``label`` (the method),
+    with every reason and the backends that can. ``auto`` and ``measure`` run everywhere."""
+    if name in ("auto", "measure"):
+        return
+    reasons = get_backend(name).unavailable_on(device, dtype)
+    if reasons:
+        usable = [other for other, backend in REGISTRY.items() if not backend.unavailable_on(device, dtype)]
+        where = f"{device.type} in {str(dtype).removeprefix('torch.')}"
+        raise UnsupportedError(f"{label}: block-sparse backend {name!r} cannot run on {where}: "
+                               f"{'; '.join(reasons)}. Here use {', '.join(['auto', 'measure', *usable])}")  # fmt: skip
 
 
 def _check_fits(q: torch.Tensor, pattern: BlockSparsePattern) -> None:
