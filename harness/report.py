@@ -341,14 +341,14 @@ def load_included(paths: list[Path]) -> pd.DataFrame | None:
             raise HarnessError(f"included table {path} is not a table3.csv: only an earlier `bench report`'s table3 "
                                "can be included (its rows carry their device and speedup basis)")  # fmt: skip
         try:
-            frame = pd.read_csv(path, float_precision="round_trip")  # exact floats: a row read back equals its run's
+            frame = pd.read_csv(path)  # pandas 3 reads floats back exactly: a row read back equals its run's
         except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
             raise HarnessError(f"included table {path} cannot be read as CSV: {exc}") from exc
         missing = [column for column in INCLUDED_COLUMNS if column not in frame]
         if missing:
             raise HarnessError(f"included table {path} lacks the column(s) {', '.join(missing)} of a table3.csv")
         frame["source"] = frame["source"].fillna(str(path)) if "source" in frame else str(path)
-        text = frame.select_dtypes(include="object").columns
+        text = frame.select_dtypes(include=["object", "string"]).columns
         frame[text] = frame[text].fillna("")  # an empty text cell (e.g. no params) reads back as NaN
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else None
