@@ -154,15 +154,22 @@ def test_the_gpu_script_check_patterns_reach_flashinfer_and_match_masked_dense(s
         assert relative_error(out, q, k, v, pattern) <= tolerance(q.dtype)
 
 
+@pytest.mark.parametrize(("stand_in_fixture", "backend", "what"), [
+    ("stand_in", "flashinfer", "kept key tokens"),  # the variable wrapper lists one index per key token
+    ("bsr_stand_in", "flashinfer-bsr", "kept key pages"),  # the BSR wrapper one per key page
+])  # fmt: skip
 def test_a_plan_past_flashinfer_int32_indices_is_refused_before_planning(
-    stand_in: list, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, stand_in_fixture: str, backend: str, what: str
 ) -> None:
-    """More kept key tokens than FlashInfer's int32 indices hold is a clear error, and nothing is planned."""
-    monkeypatch.setattr(sparse_backends, "FLASHINFER_MAX_KV_INDICES", 1000)
+    """More key indices than FlashInfer's int32 indices hold is a clear error, and nothing is planned."""
+    recorded = request.getfixturevalue(stand_in_fixture)
+    monkeypatch.setattr(sparse_backends, "FLASHINFER_MAX_KV_INDICES", 10)
     q, k, v = qkv(1, 2, 200)
-    with pytest.raises(HarnessError, match=r"int32 indices \(1,000\): run fewer heads"):
-        flashinfer_block_sparse_attention(q, k, v, tile_pattern(1, 2, 200, (32, 32)))
-    assert stand_in == []
+    with pytest.raises(
+        HarnessError, match=rf"{what} \(one per query block\), past its int32 indices \(10\): run fewer"
+    ):
+        get_backend(backend).run(q, k, v, tile_pattern(1, 1, 200, (32, 32)))
+    assert recorded == []
 
 
 def test_a_missing_package_is_named_with_what_installs_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -329,11 +336,13 @@ class StandInBsrWrapper:
 
 
 @pytest.fixture
-def bsr_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+def bsr_stand_in(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """``import flashinfer`` gives the BSR stand-in; returns its plans."""
     module = types.ModuleType("flashinfer")
     module.sparse = types.SimpleNamespace(BlockSparseAttentionWrapper=StandInBsrWrapper)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "flashinfer", module)
     StandInBsrWrapper.plans, StandInBsrWrapper.runs = [], []
+    return StandInBsrWrapper.plans
 
 
 def test_bsr_pages_list_each_kept_tiles_pages_in_csr_order() -> None:
@@ -353,7 +362,7 @@ def test_bsr_pages_list_each_kept_tiles_pages_in_csr_order() -> None:
 ])  # fmt: skip
 @pytest.mark.parametrize("layout", ["processor", "contiguous"])
 def test_bsr_reads_a_head_shared_pattern_in_place_and_matches_masked_dense(
-    bsr_stand_in: None, batch: int, tokens: int, keep_tail: bool, layout: str
+    bsr_stand_in: list, batch: int, tokens: int, keep_tail: bool, layout: str
 ) -> None:
     """A table shared by every head (radial's) runs with FlashInfer's own heads on (N, H, D) views of q, k and v
     (no copy in), pages of gcd(tile, N) keys (no padding), into an output the result is a view of (no copy out)."""
@@ -377,7 +386,7 @@ def test_bsr_reads_a_head_shared_pattern_in_place_and_matches_masked_dense(
 
 
 @pytest.mark.parametrize("layout", ["processor", "contiguous"])
-def test_bsr_stacks_per_head_tables_and_matches_masked_dense(bsr_stand_in: None, layout: str) -> None:
+def test_bsr_stacks_per_head_tables_and_matches_masked_dense(bsr_stand_in: list, layout: str) -> None:
     """Per-(batch, head) tables (xattn's, svg's) run as B x H heads stacked along the token axis in one table: q
     copied into whole tiles per head, k and v as they are where (B, H, N, D) is contiguous (else one copy each)."""
     q, k, v = qkv(2, 3, 200)
@@ -394,7 +403,7 @@ def test_bsr_stacks_per_head_tables_and_matches_masked_dense(bsr_stand_in: None,
 
 
 @pytest.mark.parametrize("case", ["k and v strides differ", "strides off 16 bytes"])
-def test_bsr_stacks_a_head_shared_pattern_flashinfer_cannot_read_in_place(bsr_stand_in: None, case: str) -> None:
+def test_bsr_stacks_a_head_shared_pattern_flashinfer_cannot_read_in_place(bsr_stand_in: list, case: str) -> None:
     """Where FA3 could not read the tensors as they are (it takes one set of page strides for k and v, and 16-byte
     aligned strides), a head-shared pattern takes the stacked path, which copies, and still matches masked dense."""
     q, k, v = qkv(1, 2, 200)
@@ -409,23 +418,13 @@ def test_bsr_stacks_a_head_shared_pattern_flashinfer_cannot_read_in_place(bsr_st
     assert [plan["qo_heads"] for plan in StandInBsrWrapper.plans] == [1]
 
 
-def test_bsr_plans_a_pattern_once_across_calls(bsr_stand_in: None) -> None:
+def test_bsr_plans_a_pattern_once_across_calls(bsr_stand_in: list) -> None:
     """A pattern reused across calls (radial's) is planned in its first call only."""
     q, k, v = qkv(1, 2, 200)
     pattern = tile_pattern(1, 1, 200, (32, 32))
     first = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
     second = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
     assert len(StandInBsrWrapper.plans) == 1 and torch.equal(first, second)
-
-
-def test_a_bsr_page_table_past_flashinfer_int32_indices_is_refused_before_planning(
-    bsr_stand_in: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sparse_backends, "FLASHINFER_MAX_KV_INDICES", 10)
-    q, k, v = qkv(1, 2, 200)
-    with pytest.raises(HarnessError, match=r"kept key pages \(one per query block\), past its int32 indices \(10\)"):
-        sparse_backends.flashinfer_bsr_attention(q, k, v, tile_pattern(1, 1, 200, (32, 32)))
-    assert StandInBsrWrapper.plans == []
 
 
 @pytest.mark.parametrize(("kind", "reason"), [
