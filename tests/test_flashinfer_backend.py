@@ -94,6 +94,15 @@ def relative_error(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     return float((out.float() - ref).norm() / ref.norm())
 
 
+def processor_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """As the attention processor passes them: ``(B, N, H, D)``-contiguous projections seen as ``(B, H, N, D)``."""
+    return tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in tensors)
+
+
+def shares_memory(passed: torch.Tensor | None, source: torch.Tensor) -> bool:
+    return passed is not None and passed.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+
+
 def tile_pattern(batch: int, heads: int, tokens: int, blocks: tuple[int, int]) -> BlockSparsePattern:
     kept = torch.rand(batch, heads, num_blocks(tokens, blocks[0]), num_blocks(tokens, blocks[1])) < 0.4
     kept[..., 0] = True  # every query block sees a key
@@ -145,15 +154,22 @@ def test_the_gpu_script_check_patterns_reach_flashinfer_and_match_masked_dense(s
         assert relative_error(out, q, k, v, pattern) <= tolerance(q.dtype)
 
 
+@pytest.mark.parametrize(("stand_in_fixture", "backend", "what"), [
+    ("stand_in", "flashinfer", "kept key tokens"),  # the variable wrapper lists one index per key token
+    ("bsr_stand_in", "flashinfer-bsr", "kept key pages"),  # the BSR wrapper one per key page
+])  # fmt: skip
 def test_a_plan_past_flashinfer_int32_indices_is_refused_before_planning(
-    stand_in: list, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, stand_in_fixture: str, backend: str, what: str
 ) -> None:
-    """More kept key tokens than FlashInfer's int32 indices hold is a clear error, and nothing is planned."""
-    monkeypatch.setattr(sparse_backends, "FLASHINFER_MAX_KV_INDICES", 1000)
+    """More key indices than FlashInfer's int32 indices hold is a clear error, and nothing is planned."""
+    recorded = request.getfixturevalue(stand_in_fixture)
+    monkeypatch.setattr(sparse_backends, "FLASHINFER_MAX_KV_INDICES", 10)
     q, k, v = qkv(1, 2, 200)
-    with pytest.raises(HarnessError, match=r"int32 indices \(1,000\): run fewer heads"):
-        flashinfer_block_sparse_attention(q, k, v, tile_pattern(1, 2, 200, (32, 32)))
-    assert stand_in == []
+    with pytest.raises(
+        HarnessError, match=rf"{what} \(one per query block\), past its int32 indices \(10\): run fewer"
+    ):
+        get_backend(backend).run(q, k, v, tile_pattern(1, 1, 200, (32, 32)))
+    assert recorded == []
 
 
 def test_a_missing_package_is_named_with_what_installs_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,20 +185,45 @@ def test_a_missing_package_is_named_with_what_installs_it(monkeypatch: pytest.Mo
     assert reason is not None and reason.startswith(expected)
 
 
-def test_the_stand_in_has_the_installed_flashinfer_signatures() -> None:
-    """Where flashinfer is installed, every parameter the stand-in declares is the real wrapper's, with the same
+@pytest.mark.parametrize(("stand_in_name", "wrapper"), [
+    ("StandInVariableWrapper", "VariableBlockSparseAttentionWrapper"),
+    ("StandInBsrWrapper", "BlockSparseAttentionWrapper"),
+])  # fmt: skip
+def test_the_stand_ins_have_the_installed_flashinfer_signatures(stand_in_name: str, wrapper: str) -> None:
+    """Where flashinfer is installed, every parameter a stand-in declares is the real wrapper's, with the same
     default and position."""
     flashinfer = pytest.importorskip("flashinfer")
-    real = flashinfer.sparse.VariableBlockSparseAttentionWrapper
+    real, ours_cls = getattr(flashinfer.sparse, wrapper), globals()[stand_in_name]
     for method in ("__init__", "plan", "run"):
-        ours = list(inspect.signature(getattr(StandInVariableWrapper, method)).parameters.values())
+        ours = list(inspect.signature(getattr(ours_cls, method)).parameters.values())
         theirs = list(inspect.signature(getattr(real, method)).parameters.values())
         assert [(p.name, p.default) for p in ours] == [(p.name, p.default) for p in theirs[: len(ours)]], method
 
 
+def attend_pages(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+                 kv_indices: torch.Tensor, last_page_len: torch.Tensor, sm_scale: float, out: torch.Tensor,
+                 lse: torch.Tensor | None) -> None:  # fmt: skip
+    """FlashInfer's paged prefill in fp32 over NHD pages k, v ``(pages, page_size, kv_heads, D)``, read through their
+    strides: request i's queries ``q[qo_indptr[i]:qo_indptr[i + 1]]`` attend the first ``(n - 1) * page_size +
+    last_page_len[i]`` tokens of its n pages ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]`` (every one inside k), query
+    head h key head ``h // group``; a request without pages gets zeros and lse -inf (FA3's ``store_zero``). Writes
+    ``out`` and the base-2 ``lse``."""
+    page_size, group = k.shape[1], q.shape[1] // k.shape[2]
+    for i in range(len(qo_indptr) - 1):
+        rows, pages = slice(qo_indptr[i], qo_indptr[i + 1]), kv_indices[kv_indptr[i] : kv_indptr[i + 1]].long()
+        assert bool((pages < k.shape[0]).all()), "a page outside the k tensor"
+        kv_len = (len(pages) - 1) * page_size + int(last_page_len[i]) if len(pages) else 0
+        keys, values = (x[pages].flatten(0, 1)[:kv_len].float().repeat_interleave(group, 1) for x in (k, v))
+        scores = torch.einsum("qhd,khd->hqk", q[rows].float(), keys) * sm_scale
+        out[rows] = (scores.softmax(-1) @ values.transpose(0, 1)).transpose(0, 1).to(out.dtype)
+        if lse is not None:
+            lse[rows] = (torch.logsumexp(scores, -1) / math.log(2)).T
+
+
 class PagedRunReference:
-    """FlashInfer's batch-prefill module as the variable wrapper drives it (page size 1): request ``i``'s queries
-    ``q[qo_indptr[i]:qo_indptr[i + 1]]`` attend the keys ``kv_indices[kv_indptr[i]:kv_indptr[i + 1]]``."""
+    """FlashInfer's FA3 batch-prefill module as flashinfer/data/csrc/batch_prefill_sm90.cu takes its tensors: every
+    stride from them (unit stride along D; k and v with equal page and token strides, which it checks), then
+    :func:`attend_pages`."""
 
     def plan(self, *args: Any) -> list[int]:
         return []
@@ -192,23 +233,17 @@ class PagedRunReference:
                   kv_indices: torch.Tensor, last_page_len: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
                   mask_mode: int, layout: int, window_left: int, enable_pdl: bool, *params: Any) -> None:  # fmt: skip
         sm_scale = params[7]
-        assert sm_scale == pytest.approx(q.shape[-1] ** -0.5) and k.shape[1:3] == (1, 1)
-        for i in range(len(qo_indptr) - 1):
-            rows, keys = slice(qo_indptr[i], qo_indptr[i + 1]), kv_indices[kv_indptr[i] : kv_indptr[i + 1]].long()
-            scores = q[rows].float() @ k[keys, 0, 0].float().T * sm_scale  # (rows, group, keys)
-            out[rows] = (scores.softmax(-1) @ v[keys, 0, 0].float()).to(out.dtype)
+        assert sm_scale == pytest.approx(q.shape[-1] ** -0.5)
+        assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and k.stride()[:2] == v.stride()[:2]
+        attend_pages(q, k, v, qo_indptr, kv_indptr, kv_indices, last_page_len, sm_scale, out, lse)
 
 
-def test_the_installed_flashinfer_python_side_runs_our_arguments_to_masked_dense(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Where flashinfer is installed: its own plan()/run() Python (block table to token indices, HND to its
-    kernel layout and back) on our arguments, with the CUDA module replaced by :class:`PagedRunReference`,
-    reproduces masked dense on ragged tiles and on SVG2 clusters with an empty one."""
+@pytest.fixture
+def flashinfer_python_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where flashinfer is installed: its wrappers' own plan()/run() Python on the CPU, the CUDA module replaced by
+    :class:`PagedRunReference`."""
     pytest.importorskip("flashinfer")
     import flashinfer.sparse as fi_sparse
-
-    from harness.benchmarks.sparse_gpu import backend_check_patterns
 
     on_cpu = types.ModuleType("torch_on_cpu")
     on_cpu.__getattr__ = lambda name: getattr(torch, name)  # type: ignore[method-assign]
@@ -218,19 +253,47 @@ def test_the_installed_flashinfer_python_side_runs_our_arguments_to_masked_dense
     monkeypatch.setattr(fi_sparse, "determine_attention_backend", lambda *args, **kwargs: "fa3")
     monkeypatch.setattr(fi_sparse, "get_batch_prefill_module", lambda *args: PagedRunReference())
     monkeypatch.setattr(fi_sparse, "device_support_pdl", lambda device: False)
+
+
+def test_the_installed_flashinfer_python_side_runs_our_arguments_to_masked_dense(
+    flashinfer_python_on_cpu: None,
+) -> None:
+    """The variable wrapper's Python (block table to token indices, HND to its kernel layout and back) on our
+    arguments reproduces masked dense on ragged tiles and on SVG2 clusters with an empty one."""
+    from harness.benchmarks.sparse_gpu import backend_check_patterns
+
     q, k, v = qkv(2, 3, 200)
     for pattern in backend_check_patterns(2, 3, 200, (16, 32), torch.device("cpu")).values():
         out = flashinfer_block_sparse_attention(q, k, v, pattern)
         assert relative_error(out, q, k, v, pattern) <= tolerance(q.dtype)
 
 
-class StandInBsrWrapper:
-    """FlashInfer's ``BlockSparseAttentionWrapper`` contract (flashinfer/sparse.py 0.6.18.post1): ``plan`` takes
-    a CSR block table (``indptr (MB + 1,)``, ``indices``) over an ``M x N`` matrix of ``R x C`` blocks; ``run``
-    takes q ``(M, qo_heads, D)`` and k, v ``(N, kv_heads, D)`` (paged into ``N / C`` pages of C tokens) and, with
-    ``return_lse``, returns the base-2 log-sum-exp of each row's scaled scores beside the output."""
+@pytest.mark.parametrize("batch_heads", [(1, 1), (2, 3)])
+def test_the_installed_flashinfer_bsr_python_side_runs_our_arguments_to_masked_dense(
+    flashinfer_python_on_cpu: None, batch_heads: tuple[int, int]
+) -> None:
+    """The BSR wrapper's Python (``qo_indptr`` ending at M, k and v reshaped into pages) on our arguments, in the
+    processor's layout with a ragged last tile every query block keeps, reproduces masked dense: head-shared (read
+    in place) and per-head (stacked)."""
+    q, k, v = processor_layout(*qkv(2, 3, 200))
+    pattern = tile_pattern(*batch_heads, 200, (32, 32))
+    pattern.kept[..., -1] = True
+    out = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
+    assert relative_error(out, q, k, v, pattern) <= tolerance(q.dtype)
 
-    plans: ClassVar[int] = 0
+
+class StandInBsrWrapper:
+    """FlashInfer's ``BlockSparseAttentionWrapper`` contract (flashinfer/sparse.py 0.6.18.post1, its tensor-core
+    path): ``plan`` takes a CSR table (``indptr (MB + 1,)``, ``indices``) of ``R x C`` blocks over M query rows and N
+    keys, ``MB = ceil(M / R)`` (its ``qo_indptr`` is ``R * arange(MB + 1)`` with the last entry M: the last query
+    block may be partial) and ``N % C == 0``; ``run`` takes q ``(M, qo_heads, D)`` and k, v ``(N, kv_heads, D)`` of
+    any strides, reshapes k and v into pages ``(N / C, C, kv_heads, D)`` as its ``run`` does, checks what
+    batch_prefill_sm90.cu checks (unit stride along D; k and v with equal page and token strides), writes into
+    ``out`` where given and returns the base-2 log-sum-exp with ``return_lse``. A query block without pages gets
+    zeros and lse -inf (FA3's ``store_zero``). Every plan and run (the tensors it was given) is recorded."""
+
+    plans: ClassVar[list[dict[str, Any]]] = []
+    runs: ClassVar[list[dict[str, torch.Tensor | None]]] = []
 
     def __init__(self, float_workspace_buffer: torch.Tensor, backend: str = "auto") -> None:
         assert float_workspace_buffer.dtype == torch.uint8
@@ -242,68 +305,126 @@ class StandInBsrWrapper:
              logits_soft_cap: float | None = None, sm_scale: float | None = None, rope_scale: float | None = None,
              rope_theta: float | None = None, q_data_type: Any = "float16", kv_data_type: Any = None,
              o_data_type: Any = "float16") -> None:  # fmt: skip
-        assert indptr.dtype == indices.dtype == torch.int32 and len(indptr) == M // R + 1 and M % R == 0
-        assert N % C == 0 and int(indices.max()) * C < N and mask is None and not causal and sm_scale is None
-        StandInBsrWrapper.plans += 1
-        self.planned = dict(indptr=indptr, indices=indices, R=R, C=C, M=M, N=N, dtype=o_data_type)
+        assert indptr.dtype == indices.dtype == torch.int32 and len(indptr) == -(-M // R) + 1 and N % C == 0
+        assert int(indptr[-1]) == len(indices) and (len(indices) == 0 or int(indices.max()) < N // C)
+        assert mask is None and not causal and sm_scale is None and num_qo_heads % num_kv_heads == 0
+        self.planned = dict(indptr=indptr, indices=indices, R=R, C=C, M=M, N=N, qo_heads=num_qo_heads,
+                            kv_heads=num_kv_heads, head_dim=head_dim, dtype=o_data_type)  # fmt: skip
+        StandInBsrWrapper.plans.append(self.planned)
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_q: Any = None, scale_k: Any = None,
+            scale_v: Any = None, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+            return_lse: bool = False, enable_pdl: bool | None = None
+            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         plan = self.planned
-        assert plan is not None and q.shape[0] == plan["M"] and k.shape[0] == v.shape[0] == plan["N"] and return_lse
-        pages_k, pages_v = k.reshape(-1, plan["C"], *k.shape[1:]), v.reshape(-1, plan["C"], *v.shape[1:])
-        out = torch.empty(q.shape, dtype=plan["dtype"])
+        assert plan is not None, "run before plan"
+        assert q.shape == (plan["M"], plan["qo_heads"], plan["head_dim"])
+        assert k.shape == v.shape == (plan["N"], plan["kv_heads"], plan["head_dim"])
+        pages_k, pages_v = (x.reshape(-1, plan["C"], *x.shape[-2:]) for x in (k, v))
+        assert q.stride(-1) == pages_k.stride(-1) == pages_v.stride(-1) == 1
+        assert pages_k.stride()[:2] == pages_v.stride()[:2], "K and V must have same page stride and stride_n"
+        StandInBsrWrapper.runs.append(dict(q=q, k=k, v=v, pages_k=pages_k, out=out))
+        if out is None:
+            out = torch.empty(q.shape, dtype=plan["dtype"])
+        assert out.shape == q.shape and out.dtype == plan["dtype"]
         lse = torch.empty(q.shape[:2], dtype=torch.float32)
-        for row in range(len(plan["indptr"]) - 1):
-            pages = plan["indices"][plan["indptr"][row] : plan["indptr"][row + 1]].long()
-            rows = slice(row * plan["R"], (row + 1) * plan["R"])
-            keys, values = pages_k[pages].flatten(0, 1)[:, 0].float(), pages_v[pages].flatten(0, 1)[:, 0].float()
-            scores = q[rows, 0].float() @ keys.T / q.shape[-1] ** 0.5
-            out[rows, 0] = (scores.softmax(-1) @ values).to(out.dtype)
-            lse[rows, 0] = torch.logsumexp(scores, -1) / math.log(2)
-        return out, lse
+        blocks = len(plan["indptr"]) - 1
+        qo_indptr = (torch.arange(blocks + 1) * plan["R"]).clamp(max=plan["M"])
+        attend_pages(q, pages_k, pages_v, qo_indptr, plan["indptr"], plan["indices"],
+                     torch.full((blocks,), plan["C"]), q.shape[-1] ** -0.5, out, lse)  # fmt: skip
+        return (out, lse) if return_lse else out
 
 
 @pytest.fixture
-def bsr_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+def bsr_stand_in(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """``import flashinfer`` gives the BSR stand-in; returns its plans."""
     module = types.ModuleType("flashinfer")
     module.sparse = types.SimpleNamespace(BlockSparseAttentionWrapper=StandInBsrWrapper)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "flashinfer", module)
-    StandInBsrWrapper.plans = 0
+    StandInBsrWrapper.plans, StandInBsrWrapper.runs = [], []
+    return StandInBsrWrapper.plans
 
 
-@pytest.mark.parametrize(("batch", "heads", "pattern_batch_heads", "tokens"), [
-    (2, 3, (2, 3), 200),  # per-(batch, head) tables; 200 tokens: 24 padding keys in the last 32-token page
-    (1, 2, (1, 1), 192),  # one table for every head; whole pages, no padding
+def test_bsr_pages_list_each_kept_tiles_pages_in_csr_order() -> None:
+    """Tiles of 8 over 12 keys in pages of 4: tile 0 is pages 0-1, the ragged tile 1 page 2; the second sequence's
+    pages start after the first's 3."""
+    kept = torch.tensor([[[True, True], [False, True]], [[True, False], [True, True]]])
+    indptr, indices = sparse_backends.bsr_pages(kept, tokens=12, tile=8, page=4)
+    assert indptr.tolist() == [0, 3, 4, 6, 9] and indices.tolist() == [0, 1, 2, 2, 3, 4, 3, 4, 5]
+    assert indptr.dtype == indices.dtype == torch.int32
+
+
+@pytest.mark.parametrize(("batch", "tokens", "keep_tail"), [
+    (1, 200, True),   # 32-token tiles, a ragged 8-token last key tile every query block keeps: 8-token pages
+    (2, 200, False),  # no query block keeps the ragged tile; two batch items on one plan
+    (2, 203, True),   # gcd(32, 203) = 1: one-token pages
+    (1, 192, True),   # whole tiles: 32-token pages
 ])  # fmt: skip
-@pytest.mark.parametrize("processor_layout", [True, False])
-def test_bsr_stacks_heads_corrects_the_padding_and_matches_masked_dense(
-    bsr_stand_in: None,
-    batch: int,
-    heads: int,
-    pattern_batch_heads: tuple[int, int],
-    tokens: int,
-    processor_layout: bool,
+@pytest.mark.parametrize("layout", ["processor", "contiguous"])
+def test_bsr_reads_a_head_shared_pattern_in_place_and_matches_masked_dense(
+    bsr_stand_in: list, batch: int, tokens: int, keep_tail: bool, layout: str
 ) -> None:
-    """The BSR path stacks B x H heads into one table and removes the padding keys' share of each row's softmax
-    (rows whose query block keeps the last, ragged key block), so the output equals masked dense."""
+    """A table shared by every head (radial's) runs with FlashInfer's own heads on (N, H, D) views of q, k and v
+    (no copy in), pages of gcd(tile, N) keys (no padding), into an output the result is a view of (no copy out)."""
+    heads = 3
     q, k, v = qkv(batch, heads, tokens)
-    if processor_layout:  # as the attention processor passes them: (B, N, H, D) projections seen as (B, H, N, D)
-        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
-    pattern = tile_pattern(*pattern_batch_heads, tokens, (32, 32))
-    pattern.kept[..., -1] = True  # every row sees the padded page: uncorrected, the error would show
+    if layout == "processor":
+        q, k, v = processor_layout(q, k, v)
+    pattern = tile_pattern(1, 1, tokens, (32, 32))
+    pattern.kept[..., -1] = keep_tail
     out = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert relative_error(out, q, k, v, pattern) <= tolerance(q.dtype)
+    (plan,) = StandInBsrWrapper.plans
+    assert (plan["qo_heads"], plan["kv_heads"], plan["M"], plan["C"]) == (heads, heads, tokens, math.gcd(32, tokens))
+    assert len(StandInBsrWrapper.runs) == batch
+    for item, run in enumerate(StandInBsrWrapper.runs):
+        for name, source in (("q", q), ("k", k), ("v", v)):
+            assert run[name].data_ptr() == source.transpose(1, 2)[item].data_ptr() and shares_memory(run[name], source)
+        assert run["pages_k"].data_ptr() == k.transpose(1, 2)[item].data_ptr()  # paged as a view, not a copy
+        assert shares_memory(run["out"], out)
 
 
-def test_bsr_plans_a_pattern_once_across_calls(bsr_stand_in: None) -> None:
+@pytest.mark.parametrize("layout", ["processor", "contiguous"])
+def test_bsr_stacks_per_head_tables_and_matches_masked_dense(bsr_stand_in: list, layout: str) -> None:
+    """Per-(batch, head) tables (xattn's, svg's) run as B x H heads stacked along the token axis in one table: q
+    copied into whole tiles per head, k and v as they are where (B, H, N, D) is contiguous (else one copy each)."""
+    q, k, v = qkv(2, 3, 200)
+    if layout == "processor":
+        q, k, v = processor_layout(q, k, v)
+    pattern = tile_pattern(2, 3, 200, (32, 32))
+    pattern.kept[..., -1] = True
+    out = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
+    assert relative_error(out, q, k, v, pattern) <= tolerance(q.dtype)
+    (plan,) = StandInBsrWrapper.plans
+    assert (plan["qo_heads"], plan["M"], plan["N"], plan["C"]) == (1, 6 * 224, 6 * 200, 8)
+    (run,) = StandInBsrWrapper.runs
+    assert shares_memory(run["k"], k) == shares_memory(run["v"], v) == (layout == "contiguous")
+
+
+@pytest.mark.parametrize("case", ["k and v strides differ", "strides off 16 bytes"])
+def test_bsr_stacks_a_head_shared_pattern_flashinfer_cannot_read_in_place(bsr_stand_in: list, case: str) -> None:
+    """Where FA3 could not read the tensors as they are (it takes one set of page strides for k and v, and 16-byte
+    aligned strides), a head-shared pattern takes the stacked path, which copies, and still matches masked dense."""
+    q, k, v = qkv(1, 2, 200)
+    if case == "k and v strides differ":
+        q, k = processor_layout(q, k)
+    else:
+        q = torch.randn(1, 2, 200, 17, dtype=torch.bfloat16)[..., :16]  # rows 34 bytes apart
+    assert not sparse_backends.reads_in_place(q, k, v)
+    pattern = tile_pattern(1, 1, 200, (32, 32))
+    out = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
+    assert relative_error(out, q, k, v, pattern) <= tolerance(q.dtype)
+    assert [plan["qo_heads"] for plan in StandInBsrWrapper.plans] == [1]
+
+
+def test_bsr_plans_a_pattern_once_across_calls(bsr_stand_in: list) -> None:
     """A pattern reused across calls (radial's) is planned in its first call only."""
     q, k, v = qkv(1, 2, 200)
-    pattern = tile_pattern(1, 2, 200, (32, 32))
+    pattern = tile_pattern(1, 1, 200, (32, 32))
     first = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
     second = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
-    assert StandInBsrWrapper.plans == 1 and torch.equal(first, second)
+    assert len(StandInBsrWrapper.plans) == 1 and torch.equal(first, second)
 
 
 @pytest.mark.parametrize(("kind", "reason"), [

@@ -6,8 +6,12 @@ make at a sparse step (128-token tiles), it times:
 1. compiled FlexAttention under several kernel-option sets (tiles, warps, stages, ``USE_TMA``, ``PRESCALE_QK``,
    ``ROWS_GUARANTEED_SAFE``), each checked against masked dense in fp32 on sampled rows first;
 2. the ``flashinfer-bsr`` backend (:func:`methods.kernels.sparse_backends.flashinfer_bsr_attention`: FlashInfer's
-   BSR wrapper, FA3 on Hopper, the heads stacked along tokens, padding removed through the lse), its stacking
-   copies and correction included (run at 95b16d0, before that backend existed, this row timed the wrapper alone).
+   BSR wrapper, FA3 on Hopper, keys in pages of gcd(128, N) tokens), its copies included, on q, k, v
+   ``(B, H, N, D)``-contiguous and in the attention processor's layout (``(B, N, H, D)`` projections seen as
+   ``(B, H, N, D)``). A head-shared table (radial's) is read in place in both layouts; per-head tables (xattn, svg)
+   stack the heads: a copy of q into whole tiles, and of k and v too in the processor's layout. (Run at 95b16d0,
+   before that backend existed, this row timed the wrapper alone; at 8ae5dda the backend padded every head and
+   corrected the padding through the lse, with one copy per q, k, v.)
 
 Per variant: relative error against masked dense (fp32, 1,024 sampled rows), ms (CUDA events, median of 7), and
 ``x ideal`` (the kernel over density x the cuDNN call). A table last; JSON in ``$OUT/block_sparse_probe.json``.
@@ -73,6 +77,7 @@ def probe(device: torch.device) -> dict[str, Any]:
         dense_ms = default_timer(lambda: F.scaled_dot_product_attention(q, k, v), device, 3, 7) * 1e3
     print(f"cudnn {dense_ms:.3f} ms", flush=True)
     rows_idx = reference_rows(q.shape[-2], device)
+    processor_qkv = tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     result: dict[str, Any] = {"cudnn_ms": dense_ms, "methods": {}}
     torch._dynamo.config.recompile_limit = 64
     with torch.inference_mode():
@@ -85,6 +90,9 @@ def probe(device: torch.device) -> dict[str, Any]:
             variants: dict[str, Any] = {f"flex {label}": (lambda o=label, p=pattern: flex_variant(q, k, v, p, o))
                                         for label in OPTION_SETS}  # fmt: skip
             variants["flashinfer-bsr"] = lambda p=pattern: lambda: get_backend("flashinfer-bsr").run(q, k, v, p)
+            variants["flashinfer-bsr processor layout"] = lambda p=pattern: (
+                lambda: get_backend("flashinfer-bsr").run(*processor_qkv, p)
+            )
             for label, build in variants.items():
                 try:
                     run = build()

@@ -9,7 +9,8 @@ diffusers' ``attention_dispatch`` registers its attention backends:
     flex-tuned  compiled FlexAttention with explicit Hopper tiles (:data:`HOPPER_FLEX_OPTIONS`)
     flashinfer  FlashInfer's variable-block wrapper: variable-size blocks (SVG2's clusters, its paper's kernel)
                 when the pattern carries them, else the pattern's own tiles; block-level patterns only
-    flashinfer-bsr  FlashInfer's BSR wrapper (FA3 on Hopper) over square tiles of a block-level pattern
+    flashinfer-bsr  FlashInfer's BSR wrapper (FA3 on Hopper) over square tiles of a block-level pattern, reading q,
+                k, v in place where the table is shared by every head
 
 ``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex-tuned on
 Hopper, flex on other CUDA GPUs, masked elsewhere) and ``measure`` (:func:`choose_backend`: every available backend
@@ -193,9 +194,20 @@ def _flashinfer_refuses(pattern: BlockSparsePattern) -> str | None:
 
 
 _FLASHINFER_WORKSPACE_BYTES = 128 * 1024 * 1024  # the size FlashInfer's documentation recommends
-#: FlashInfer's plan lists every kept key token of every (head, query block) in int32 indices
-#: (``kv_indptr``, flashinfer/sparse.py ``_block_mask_map_to_expanded_indices``): past this it would wrap.
+#: FlashInfer's plans list key indices in int32: the variable wrapper every kept key token of every (head, query
+#: block) (flashinfer/sparse.py ``_block_mask_map_to_expanded_indices``), the BSR wrapper every kept key page of
+#: every query block (:func:`bsr_pages`). Past this they would wrap.
 FLASHINFER_MAX_KV_INDICES = 2**31 - 1
+
+
+def check_kv_indices(count: int, what: str) -> None:
+    """Refuse a FlashInfer plan listing ``count`` key indices (``what``: tokens or pages, one per query block that
+    keeps them) past its int32 :data:`FLASHINFER_MAX_KV_INDICES`: a :class:`HarnessError`, before it is built."""
+    if count > FLASHINFER_MAX_KV_INDICES:
+        raise HarnessError(
+            f"FlashInfer's plan would list {count:,} {what} (one per query block), past its int32 "
+            f"indices ({FLASHINFER_MAX_KV_INDICES:,}): run fewer heads or a smaller batch per call"
+        )
 
 
 @register_backend("flashinfer", devices=("cuda",), dtypes=HALF_DTYPES, package="flashinfer",
@@ -236,12 +248,7 @@ def flashinfer_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch
     kept = kept.expand(batch, heads, -1, -1).reshape(groups, *kept.shape[-2:])
     rows = rows.expand(batch, heads, -1).reshape(groups, -1).to(torch.int32)
     cols = cols.expand(batch, heads, -1).reshape(groups, -1).to(torch.int32)
-    kv_indices = int((kept * cols[:, None, :].long()).sum())
-    if kv_indices > FLASHINFER_MAX_KV_INDICES:
-        raise HarnessError(
-            f"FlashInfer's plan would list {kv_indices:,} kept key tokens (one per query block), past its int32 "
-            f"indices ({FLASHINFER_MAX_KV_INDICES:,}): run fewer heads or a smaller batch per call"
-        )
+    check_kv_indices(int((kept * cols[:, None, :].long()).sum()), "kept key tokens")
     wrapper = flashinfer.sparse.VariableBlockSparseAttentionWrapper(_flashinfer_workspace(q.device))
     wrapper.plan(
         block_mask_map=kept.contiguous(),
@@ -274,89 +281,137 @@ def _bsr_refuses(pattern: BlockSparsePattern) -> str | None:
 
 @dataclass(frozen=True)
 class BsrPlan:
-    """FlashInfer's planned ``BlockSparseAttentionWrapper`` for one pattern at one ``(B, H)``, and how the
-    call's tensors map onto it.
+    """FlashInfer's planned ``BlockSparseAttentionWrapper`` for one pattern, and how the call's tensors map onto it.
 
     Attributes:
-        wrapper: the planned wrapper: one BSR table over the ``B * H`` heads stacked along the token axis (head
-            g's query blocks list only head g's key blocks, so per-head masks share one table), one FlashInfer head.
-        tile: tokens per block, FlashInfer's ``R = C`` (its KV page size).
-        padded: tokens per head rounded up to whole tiles (the pages must be whole).
-        zero_keys: ``(B * H, N)`` fp32, how many padding keys (zero, scoring exactly 0) each real query row's
-            softmax included; ``None`` when N is a multiple of the tile.
+        wrapper: the planned wrapper.
+        shared: one table for every head (a head-shared pattern): FlashInfer's own heads over one sequence of N
+            tokens, q, k, v read in place. Else the ``B * H`` heads stacked along the token axis as one FlashInfer
+            head (head g's query blocks list only head g's keys, so per-head tables share one BSR table).
+        tile: query rows per block, FlashInfer's ``R``.
+        page: key tokens per page, FlashInfer's ``C``: ``gcd(tile, N)``, so every key tile, the ragged last one
+            included, is whole pages and no key is padding.
+        padded: query rows per stacked head, N rounded up to whole tiles (N when shared: FlashInfer's last query
+            block may be partial, its ``qo_indptr`` ends at M).
     """
 
     wrapper: Any
+    shared: bool
     tile: int
+    page: int
     padded: int
-    zero_keys: torch.Tensor | None
+
+
+def bsr_pages(kept: torch.Tensor, tokens: int, tile: int, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CSR table of key pages (``indptr (G * MB + 1,)``, ``indices``; int32) that FlashInfer's BSR plan takes for
+    ``kept`` ``(G, MB, NB)`` tiles of ``tile`` tokens over G sequences of ``tokens`` keys laid end to end in pages of
+    ``page`` tokens (``page`` divides ``tile`` and ``tokens``): query block ``(g, i)`` lists the pages of its kept key
+    tiles ``(g, j)``, ``len_j / page`` pages from token ``g * tokens + j * tile``.
+
+    Raises:
+        HarnessError: more pages than FlashInfer's int32 indices hold (:func:`check_kv_indices`).
+    """
+    per_tile = block_lengths(tokens, tile, kept.device) // page
+    per_row = (kept * per_tile).sum(-1).reshape(-1)
+    total = int(per_row.sum())
+    check_kv_indices(total, "kept key pages")
+    group, _, column = kept.nonzero(as_tuple=True)  # row-major: CSR order
+    counts = per_tile[column]
+    first = (group * tokens + column * tile) // page
+    within = torch.arange(total, device=kept.device) - (counts.cumsum(0) - counts).repeat_interleave(
+        counts, output_size=total
+    )
+    indptr = torch.zeros(len(per_row) + 1, dtype=torch.int32, device=kept.device)
+    indptr[1:] = per_row.cumsum(0)
+    return indptr, (first.repeat_interleave(counts, output_size=total) + within).to(torch.int32)
 
 
 def bsr_plan(pattern: BlockSparsePattern, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
-             device: torch.device) -> BsrPlan:  # fmt: skip
-    """The pattern's :class:`BsrPlan` for q ``(batch, heads, N, head_dim)``, planned once and kept with the pattern
+             device: torch.device, shared: bool) -> BsrPlan:  # fmt: skip
+    """The pattern's :class:`BsrPlan` for q ``(batch, heads, N, head_dim)``, ``shared`` (FlashInfer's heads; the
+    pattern's table must be ``(1, 1, MB, NB)``) or stacked, planned once and kept with the pattern
     (:attr:`BlockSparsePattern.backend_plans`). Follows flashinfer-python 0.6.18.post1's ``flashinfer/sparse.py``:
-    ``plan(indptr (MB + 1,), indices (nnz,), M, N, R, C, num_qo_heads, num_kv_heads, head_dim, ...)`` with block
-    rows ``indptr``/column ``indices`` in CSR order; ``run`` reshapes k and v into pages of C tokens."""
+    ``plan(indptr (MB + 1,), indices (nnz,), M, N, R, C, num_qo_heads, num_kv_heads, head_dim, ...)``, block rows
+    ``indptr`` and page ``indices`` in CSR order (:func:`bsr_pages`), ``qo_indptr = R * arange(MB + 1)`` with its
+    last entry set to M, every page whole (``last_page_len = C``); ``run`` reshapes k and v into pages of C tokens."""
     import flashinfer
 
-    key = ("flashinfer-bsr", batch, heads, head_dim, dtype, device)
+    key = ("flashinfer-bsr", shared, 1 if shared else batch, heads, head_dim, dtype, device)  # shared: any batch
     if key in pattern.backend_plans:
         return pattern.backend_plans[key]
     tile, tokens = pattern.blocks[0], pattern.seq_len
-    blocks = num_blocks(tokens, tile)
-    padded, groups = blocks * tile, batch * heads
-    kept = pattern.kept.to(device).expand(batch, heads, -1, -1).reshape(groups, blocks, blocks)
-    group_of, _, column = kept.nonzero(as_tuple=True)  # row-major: CSR order of the stacked table
-    indptr = torch.zeros(groups * blocks + 1, dtype=torch.int32, device=device)
-    indptr[1:] = kept.sum(-1).reshape(-1).cumsum(0)
+    page, blocks = math.gcd(tile, tokens), num_blocks(tokens, tile)
+    if shared:
+        kept, padded, sequences, fi_heads = pattern.kept.to(device)[0], tokens, 1, heads
+    else:
+        kept = pattern.kept.to(device).expand(batch, heads, -1, -1).reshape(batch * heads, blocks, blocks)
+        padded, sequences, fi_heads = blocks * tile, batch * heads, 1
+    indptr, indices = bsr_pages(kept, tokens, tile, page)
     wrapper = flashinfer.sparse.BlockSparseAttentionWrapper(_flashinfer_workspace(device))
-    wrapper.plan(indptr, (group_of * blocks + column).to(torch.int32), groups * padded, groups * padded, tile, tile,
-                 1, 1, head_dim, q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)  # fmt: skip
-    zero_keys = None
-    if padded > tokens:  # each query block that keeps the last key block saw its padding keys
-        last = kept[..., -1].repeat_interleave(tile, dim=1)[:, :tokens]
-        zero_keys = (padded - tokens) * last.float()
-    plan = BsrPlan(wrapper, tile, padded, zero_keys)
+    wrapper.plan(indptr, indices, sequences * padded, sequences * tokens, tile, page, fi_heads, fi_heads, head_dim,
+                 q_data_type=dtype, kv_data_type=dtype, o_data_type=dtype)  # fmt: skip
+    plan = BsrPlan(wrapper, shared, tile, page, padded)
     pattern.backend_plans[key] = plan
     return plan
+
+
+def reads_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether FlashInfer's FA3 kernel can read q, k, v ``(B, H, N, D)`` in place as one ``(N, H, D)`` view per
+    batch item (flashinfer/data/csrc/batch_prefill_sm90.cu takes every stride from the tensors): unit stride along
+    D; every other stride and each start on 16 bytes (q is loaded by TMA, k and v by 16-byte ``cp.async``); k and v
+    with the same strides (its sparse mainloop computes one offset for both and checks their page and token
+    strides equal). Both the processor's layout (``(B, N, H, D)`` projections seen as ``(B, H, N, D)``) and a
+    contiguous ``(B, H, N, D)`` qualify."""
+    if k.stride() != v.stride():
+        return False
+    for x in (q, k, v):
+        align = 16 // x.element_size()
+        if x.stride(-1) != 1 or any(stride % align for stride in x.stride()[:-1]) or x.data_ptr() % 16:
+            return False
+    return True
 
 
 @register_backend("flashinfer-bsr", devices=("cuda",), dtypes=HALF_DTYPES, package="flashinfer",
                   distribution="flashinfer-python", refuses=_bsr_refuses)  # fmt: skip
 def flashinfer_bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
                              ) -> torch.Tensor:  # fmt: skip
-    """FlashInfer's ``BlockSparseAttentionWrapper`` (BSR, square tiles as KV pages; FA3 on Hopper) over a
-    block-level pattern. ``(B, H, N, D)`` in and out.
+    """FlashInfer's ``BlockSparseAttentionWrapper`` (BSR; FA3 on Hopper) over a block-level pattern of square tiles.
+    ``(B, H, N, D)`` in and out.
 
-    The ``B * H`` heads are stacked along the token axis, each padded to whole tiles with zero queries, keys and
-    values (:class:`BsrPlan`). A zero key scores exactly 0, so it adds ``2**0 = 1`` to a row's normaliser and
-    nothing to its numerator: the wrapper's output is corrected by the normaliser its log-sum-exp gives,
-    ``out * Z / (Z - zero_keys)`` with ``Z = 2**lse`` (FlashInfer's lse is base 2: ``row_max * sm_scale_log2 +
-    log2(sum)``, include/flashinfer/attention/hopper/attention_updater.cuh). Exact up to rounding while a row's
-    real keys hold a normaliser above ~1e-30 (scaled scores above about -70): where every kept score of a row is
-    far below the padding's 0, the padding dominates in fp32 and that row loses precision.
+    Keys are paged in ``gcd(tile, N)`` tokens (:class:`BsrPlan`): every key tile, a ragged last one included, is
+    whole pages, so no key is padding and nothing is corrected afterwards (Wan 1.3B: N = 32,760, 128-token tiles,
+    8-token pages; the kernel gathers keys token by token through the page table whatever the page size,
+    flashinfer/data/include/flashinfer/attention/hopper/sparse_mainloop.cuh).
+
+    - A head-shared pattern (``kept`` ``(1, 1, MB, NB)``, radial's) on inputs :func:`reads_in_place` accepts runs
+      with FlashInfer's own heads: per batch item one call (the same plan) on ``(N, H, D)`` views of q, k and v,
+      written into one ``(B, N, H, D)`` output whose ``(B, H, N, D)`` view is returned: no copy in or out.
+    - Otherwise (per-head tables: xattn, svg; or strides FlashInfer cannot read) the ``B * H`` heads are stacked
+      along the token axis as one FlashInfer head: q is copied into whole tiles per head (the padding rows are
+      left unset: each is a query row of its own whose output is dropped), k and v are reshaped to ``(B * H * N,
+      1, D)`` (a view where ``(B, H, N, D)`` is contiguous, else one copy each).
+
+    Raises:
+        HarnessError: the page table would need more than :data:`FLASHINFER_MAX_KV_INDICES` indices.
     """
     batch, heads, tokens, dim = q.shape
-    plan = bsr_plan(pattern, batch, heads, dim, q.dtype, q.device)
+    if pattern.kept.shape[:2] == (1, 1) and reads_in_place(q, k, v):
+        plan = bsr_plan(pattern, batch, heads, dim, q.dtype, q.device, shared=True)
+        out = q.new_empty(batch, tokens, heads, dim)
+        for item in range(batch):
+            plan.wrapper.run(*(x.transpose(1, 2)[item] for x in (q, k, v)), out=out[item])
+        return out.transpose(1, 2)
+    plan = bsr_plan(pattern, batch, heads, dim, q.dtype, q.device, shared=False)
     groups = batch * heads
-
-    def stacked(x: torch.Tensor) -> torch.Tensor:
-        """One copy from any (B, H, N, D) strides into the padded stack (the padding rows zeroed)."""
-        if plan.padded == tokens and x.is_contiguous():
-            return x.view(groups * tokens, 1, dim)
-        buffer = x.new_empty(batch, heads, plan.padded, dim)
-        buffer[:, :, :tokens].copy_(x)
-        buffer[:, :, tokens:].zero_()
-        return buffer.view(groups * plan.padded, 1, dim)
-
-    out, lse = plan.wrapper.run(stacked(q), stacked(k), stacked(v), return_lse=True)
-    out = out.view(batch, heads, plan.padded, dim)[:, :, :tokens]
-    if plan.zero_keys is not None:
-        real_share = 1.0 - plan.zero_keys * torch.exp2(-lse.view(groups, plan.padded)[:, :tokens])
-        # in place, computed in fp32 and rounded once into the output's dtype
-        out.mul_(real_share.reciprocal().view(batch, heads, tokens, 1))
-    return out
+    if plan.padded == tokens:
+        queries = q.reshape(groups * tokens, 1, dim)
+    else:
+        queries = q.new_empty(batch, heads, plan.padded, dim)  # padding rows unset: each its own softmax, dropped
+        queries[:, :, :tokens] = q
+        queries = queries.view(groups * plan.padded, 1, dim)
+    keys, values = (x.reshape(groups * tokens, 1, dim) for x in (k, v))
+    out = plan.wrapper.run(queries, keys, values)
+    return out.view(batch, heads, plan.padded, dim)[:, :, :tokens]
 
 
 # -- choosing by measurement ------------------------------------------------------------------------
