@@ -308,6 +308,8 @@ class StandInBsrWrapper:
         assert indptr.dtype == indices.dtype == torch.int32 and len(indptr) == -(-M // R) + 1 and N % C == 0
         assert int(indptr[-1]) == len(indices) and (len(indices) == 0 or int(indices.max()) < N // C)
         assert mask is None and not causal and sm_scale is None and num_qo_heads % num_kv_heads == 0
+        assert R * (num_qo_heads // num_kv_heads) >= 4, "the real plan would run its decode kernel"
+        assert len(indices) > 0, "the real plan takes indices.max() of the table"
         self.planned = dict(indptr=indptr, indices=indices, R=R, C=C, M=M, N=N, qo_heads=num_qo_heads,
                             kv_heads=num_kv_heads, head_dim=head_dim, dtype=o_data_type)  # fmt: skip
         StandInBsrWrapper.plans.append(self.planned)
@@ -431,12 +433,15 @@ def test_bsr_plans_a_pattern_once_across_calls(bsr_stand_in: list) -> None:
     ("token", "token-level pattern"),
     ("unequal", "query and key blocks differ"),
     ("variable", "variable-size blocks"),
+    ("tiny", "tiles of 2 tokens"),
 ])  # fmt: skip
 def test_bsr_refuses_patterns_it_cannot_run_whole(kind: str, reason: str) -> None:
     from harness.benchmarks.sparse_gpu import backend_check_patterns
 
     if kind == "unequal":
         pattern = tile_pattern(1, 2, 200, (16, 32))
+    elif kind == "tiny":
+        pattern = tile_pattern(1, 2, 10, (2, 2))
     elif kind == "variable":
         pattern = next(p for p in backend_check_patterns(1, 2, 200, (32, 32), torch.device("cpu")).values()
                        if p.variable is not None)  # fmt: skip
@@ -448,14 +453,21 @@ def test_bsr_refuses_patterns_it_cannot_run_whole(kind: str, reason: str) -> Non
     assert refusal is not None and refusal.startswith(reason)
 
 
-@pytest.mark.parametrize(("device", "major", "expected"), [("cpu", None, "masked"), ("cuda", 9, "flex-tuned"),
-                                                          ("cuda", 8, "flex"), ("cuda", 10, "flex")])  # fmt: skip
-def test_auto_takes_the_hopper_flex_options_only_on_hopper(
-    monkeypatch: pytest.MonkeyPatch, device: str, major: int | None, expected: str
+@pytest.mark.parametrize(("device", "major", "dtype", "head_dim", "expected"), [
+    ("cpu", None, torch.bfloat16, 128, "masked"),
+    ("cuda", 9, torch.bfloat16, 128, "flex-tuned"),
+    ("cuda", 9, torch.float16, 64, "flex-tuned"),
+    ("cuda", 9, torch.float32, 128, "flex"),  # 128 x 128 fp32 tiles in two stages overflow an SM's shared memory
+    ("cuda", 9, torch.bfloat16, 256, "flex"),
+    ("cuda", 8, torch.bfloat16, 128, "flex"),
+    ("cuda", 10, torch.bfloat16, 128, "flex"),
+])  # fmt: skip
+def test_auto_takes_the_hopper_flex_options_only_where_they_were_measured(
+    monkeypatch: pytest.MonkeyPatch, device: str, major: int | None, dtype: torch.dtype, head_dim: int, expected: str
 ) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _device=None: (major, 0))
     sparse_backends.auto_backend.cache_clear()
     try:
-        assert sparse_backends.auto_backend(torch.device(device)) == expected
+        assert sparse_backends.auto_backend(torch.device(device), dtype, head_dim) == expected
     finally:
         sparse_backends.auto_backend.cache_clear()

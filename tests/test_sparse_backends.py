@@ -221,7 +221,10 @@ def test_a_missing_package_is_refused_on_the_device_the_backend_runs_on(monkeypa
 def test_the_backend_help_says_what_auto_runs_and_what_each_backend_needs() -> None:
     from methods.sparse import BACKEND
 
-    assert BACKEND.help.startswith("auto (flex-tuned on Hopper, sm_90; flex on other CUDA GPUs; masked elsewhere)")
+    assert BACKEND.help.startswith(
+        "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128; flex on other "
+        "CUDA calls; masked elsewhere)"
+    )
     assert BACKEND.help.endswith("or one of masked, flex, flex-tuned, flashinfer (cuda; float16/bfloat16; pip "
                                  "install flashinfer-python), flashinfer-bsr (cuda; float16/bfloat16; pip install "
                                  "flashinfer-python)")  # fmt: skip

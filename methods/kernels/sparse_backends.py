@@ -13,10 +13,10 @@ diffusers' ``attention_dispatch`` registers its attention backends:
                 k, v in place where the table is shared by every head
 
 ``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex-tuned on
-Hopper, flex on other CUDA GPUs, masked elsewhere) and ``measure`` (:func:`choose_backend`: every available backend
-once on the call's own inputs, the fastest whose output matches masked dense within :func:`tolerance`; cached per
-label, shape, dtype and block sizes for the process). :class:`BackendLog` records which backend each sequence length
-ran on.
+Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere) and ``measure``
+(:func:`choose_backend`: every available backend once on the call's own inputs, the fastest whose output matches
+masked dense within :func:`tolerance`; cached per label, shape, dtype and block sizes for the process).
+:class:`BackendLog` records which backend each sequence length ran on.
 """
 
 from __future__ import annotations
@@ -269,6 +269,11 @@ def _flashinfer_workspace(device: torch.device) -> torch.Tensor:
     return torch.empty(_FLASHINFER_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
 
 
+#: Smallest tile the BSR wrapper runs as attention (flashinfer/sparse.py: ``R * (qo_heads // kv_heads) < 4`` plans
+#: the CUDA-core decode kernel, whose batch is ``q.size(0)``: one query per block row).
+BSR_MIN_TILE = 4
+
+
 def _bsr_refuses(pattern: BlockSparsePattern) -> str | None:
     if pattern.variable is not None:
         return "variable-size blocks: FlashInfer's variable-block wrapper (backend flashinfer) runs them"
@@ -276,6 +281,9 @@ def _bsr_refuses(pattern: BlockSparsePattern) -> str | None:
         return "token-level pattern (partial tiles): the BSR wrapper runs whole tiles only"
     if pattern.blocks[0] != pattern.blocks[1]:
         return f"query and key blocks differ ({pattern.blocks}): the BSR wrapper's pages are square tiles"
+    if pattern.blocks[0] < BSR_MIN_TILE:
+        return (f"tiles of {pattern.blocks[0]} tokens: below {BSR_MIN_TILE} FlashInfer's plan switches to its decode "
+                "kernel, which takes one query row per block row")  # fmt: skip
     return None
 
 
@@ -544,13 +552,15 @@ def measured_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
 
 
 @functools.cache
-def auto_backend(device: torch.device) -> str:
-    """What ``backend=auto`` runs on ``device``: flex-tuned on Hopper (compute capability 9.x, where
-    :data:`HOPPER_FLEX_OPTIONS` were measured), Flex's own choice on other CUDA GPUs, masked dense elsewhere.
-    FlexAttention either way, so a compiled model captures it in its graph."""
+def auto_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128) -> str:
+    """What ``backend=auto`` runs for q of ``dtype`` and ``head_dim`` on ``device``: flex-tuned where
+    :data:`HOPPER_FLEX_OPTIONS` were measured (Hopper, compute capability 9.x; fp16/bf16; head dim <= 128: in fp32
+    its 128 x 128 tiles in two stages would need more shared memory than an SM has), Flex's own choice on other
+    CUDA calls, masked dense elsewhere. FlexAttention either way, so a compiled model captures it in its graph."""
     if device.type != "cuda":
         return "masked"
-    return "flex-tuned" if torch.cuda.get_device_capability(device)[0] == 9 else "flex"
+    measured = dtype in HALF_DTYPES and head_dim <= 128
+    return "flex-tuned" if measured and torch.cuda.get_device_capability(device)[0] == 9 else "flex"
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
@@ -561,7 +571,7 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: B
     if backend == "measure":
         return measured_backend(q, k, v, pattern, label)
     if backend == "auto":
-        return BackendChoice(auto_backend(q.device))
+        return BackendChoice(auto_backend(q.device, q.dtype, q.shape[-1]))
     reason = get_backend(backend).unavailable(q, pattern)
     if reason is not None:
         raise HarnessError(f"block-sparse backend {backend!r} cannot run this call: {reason}")
