@@ -196,6 +196,13 @@ def run_latency(
         if out is not None:
             save_partial(out, record)
 
+    wanted = ["forward", *(["compiled"] if request.compile else []), *(["sample"] if request.sample_steps else [])]
+    todo = {
+        method.name: [stage for stage in wanted if stage not in measured_stages(results.get(method.name, {}))]
+        for method in methods
+    }
+    if not any(todo.values()):  # a complete record of this request: returned as stored, no model built
+        return _finished(record, request, device)
     model = adapter_cls.load(request.weights, device, dtype)
     config = model.transformer.config
     dense_tflop = dense_attention_tflop(
@@ -210,10 +217,9 @@ def run_latency(
     def forward() -> torch.Tensor:
         return model.forward(latents, timestep, embeddings)
 
-    wanted = ["forward", *(["compiled"] if request.compile else []), *(["sample"] if request.sample_steps else [])]
     for method in methods:
         entry = results.setdefault(method.name, {})
-        pending = [stage for stage in wanted if stage not in measured_stages(entry)]
+        pending = todo[method.name]
         if "forward" in pending or "compiled" in pending:
             with model.use_method(method) as runtime, torch.inference_mode():
                 with peak_memory(device) as memory:
@@ -241,11 +247,15 @@ def run_latency(
             entry["sample"] = time_sample(model, method, sampling, device)
             save(f"{method.name}: sample {entry['sample']['total_ms']:.4g} ms")
 
-    # Derived from every method's stored stages, whichever attempt measured them.
-    _add_speedups(results, request.baseline or "")
-    _add_efficiency(results, request.baseline or "")
+    return _finished(record, request, device)
+
+
+def _finished(record: dict[str, Any], request: LatencyRequest, device: torch.device) -> dict[str, Any]:
+    """The record with the fields derived from every method's stored stages, whichever attempt measured them."""
+    _add_speedups(record["methods"], request.baseline or "")
+    _add_efficiency(record["methods"], request.baseline or "")
     record["machine_load"]["after"] = machine_load(device)
-    record["warnings"] = _warnings(results, record["machine_load"])
+    record["warnings"] = _warnings(record["methods"], record["machine_load"])
     return record
 
 

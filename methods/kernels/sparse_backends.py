@@ -56,6 +56,11 @@ HOPPER_FLEX_OPTIONS: FlexKernelOptions = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128
                                           "fwd_num_stages": 2, "fwd_USE_TMA": True}  # fmt: skip
 
 
+def dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    """``float16/bfloat16``: dtypes as users write them, for messages and help."""
+    return "/".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+
+
 @dataclass(frozen=True)
 class Backend:
     """One registered backend and what it needs.
@@ -96,8 +101,7 @@ class Backend:
         if device.type not in self.devices:
             reasons.append(f"runs on {'/'.join(self.devices)}, not {device.type}")
         if dtype not in self.dtypes:
-            names = "/".join(str(d).removeprefix("torch.") for d in self.dtypes)
-            reasons.append(f"takes {names}, not {str(dtype).removeprefix('torch.')}")
+            reasons.append(f"takes {dtype_names(self.dtypes)}, not {dtype_names((dtype,))}")
         return reasons
 
 
@@ -149,8 +153,7 @@ def backend_needs() -> str:
 
     def needs(backend: Backend) -> str:
         parts = [] if set(backend.devices) >= {"cpu", "cuda"} else ["/".join(backend.devices)]
-        parts += [] if set(backend.dtypes) >= set(ALL_DTYPES) else ["/".join(str(d).removeprefix("torch.")
-                                                                           for d in backend.dtypes)]  # fmt: skip
+        parts += [] if set(backend.dtypes) >= set(ALL_DTYPES) else [dtype_names(backend.dtypes)]
         parts += [] if backend.package is None else [f"pip install {backend.distribution}"]
         return f"{backend.name} ({'; '.join(parts)})" if parts else backend.name
 
@@ -587,7 +590,7 @@ def check_backend(name: str, device: torch.device, dtype: torch.dtype, label: st
     reasons = get_backend(name).unavailable_on(device, dtype)
     if reasons:
         usable = [other for other, backend in REGISTRY.items() if not backend.unavailable_on(device, dtype)]
-        where = f"{device.type} in {str(dtype).removeprefix('torch.')}"
+        where = f"{device.type} in {dtype_names((dtype,))}"
         raise UnsupportedError(f"{label}: block-sparse backend {name!r} cannot run on {where}: "
                                f"{'; '.join(reasons)}. Here use {', '.join(['auto', 'measure', *usable])}")  # fmt: skip
 
