@@ -81,6 +81,26 @@ def test_concurrent_variants_are_dealt_over_the_visible_gpus(
     assert [request.device for request in spread_over_gpus(requests)] == expected
 
 
+def test_a_training_on_one_gpu_of_several_makes_it_current(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A variant dealt onto cuda:1 runs with cuda:1 current (its context, and every library's default allocations,
+    stay off GPU 0); the first step after that, collecting the store, is stopped here."""
+    from harness import training
+
+    current: list[torch.device] = []
+
+    def collect(request: TrainRequest) -> None:
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(training, "resolve_device", lambda name: torch.device(name))
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(training, "collect_trajectories", collect)
+    request = TrainRequest(model="toy", weights="builtin", prompts=None, prompt_count=2, device="cuda:1",
+                           config=LinVideoTrainConfig(target_layers=4, steps=2), out=tmp_path, show_progress=False)  # fmt: skip
+    with pytest.raises(RuntimeError, match="stop"):
+        training.train(request)
+    assert current == [torch.device("cuda:1")]
+
+
 def test_unknown_axis_suggests_the_closest(bench: Invoke, tmp_path: Path) -> None:
     result = bench("ablate", "kernal", "--runs-dir", tmp_path, expect=2)
     assert "Did you mean 'kernel'" in normalise(result.output)

@@ -2,14 +2,21 @@
 block-sparse attention on FlexAttention with its masked dense equivalent (``block_sparse``), and the Triton
 kernels (``linear_attention_triton``, ``xattn_scoring_triton``, ``kmeans_triton``), each entered through a
 ``torch.library`` custom op in :data:`OP_NAMESPACE` so that torch.compile treats the launch code as one opaque call,
-and chosen over its torch path by :func:`use_kernel`."""
+and chosen over its torch path by :func:`use_kernel`; :func:`kernel_op` registers such an op, launched on its
+inputs' GPU (:func:`on_input_device`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
 
 from harness.errors import HarnessError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 OP_NAMESPACE = "attention_bench"
 #: Values of a kernel's backend variable (``BENCH_XATTN_BACKEND``, ...): where it can run, never, always.
@@ -42,3 +49,36 @@ def use_kernel(variable: str, default: str, backend: str | None, reason: Callabl
     if why is not None and chosen == "triton":
         raise HarnessError(f"{variable}=triton but {kernel} cannot run: {why}")
     return why is None
+
+
+def on_input_device(fn: F) -> F:
+    """``fn`` run with the CUDA device of its first tensor argument current (unchanged for CPU tensors, or none).
+
+    Triton launches on the current device, not the tensors', so a kernel given tensors on ``cuda:1`` while
+    ``cuda:0`` is current fails ("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)"): a
+    training dealt onto the second GPU of a host (``bench ablate --jobs``) or ``bench run --device cuda:1`` did.
+    Wrapping twice wraps once, so an implementation that is also called directly can carry it under its op."""
+    if getattr(fn, "launches_on_input_device", False):
+        return fn
+
+    @functools.wraps(fn)
+    def on_device(*args: Any, **kwargs: Any) -> Any:
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is None or device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    on_device.launches_on_input_device = True  # type: ignore[attr-defined]
+    return on_device  # type: ignore[return-value]
+
+
+def kernel_op(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """Register a function that launches Triton kernels as the custom op ``{OP_NAMESPACE}::{name}`` (it mutates
+    none of its arguments), launched on its inputs' GPU by :func:`on_input_device`. Returns the op
+    (``torch.library.CustomOpDef``), on which fakes and autograd are registered as on any custom op."""
+
+    def register(fn: Callable[..., Any]) -> Any:
+        return torch.library.custom_op(f"{OP_NAMESPACE}::{name}", on_input_device(fn), mutates_args=())
+
+    return register

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from methods.kernels import OP_NAMESPACE, use_kernel
+from methods.kernels import kernel_op, use_kernel
 
 try:
     import triton
@@ -189,7 +189,7 @@ def use_fused(x: torch.Tensor, backend: str | None = None) -> bool:
     return use_kernel(BACKEND_ENV, DEFAULT_BACKEND, backend, lambda: unsupported_reason(x), "the Triton k-means")
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::kmeans_lloyd", mutates_args=())
+@kernel_op("kmeans_lloyd")
 def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor,
                                                                                      torch.Tensor]:  # fmt: skip
     """``iterations`` (>= 1) Lloyd iterations from ``centroids`` ``(G, C, D)`` fp32 on points x ``(G, N, D)``

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from methods.kernels import OP_NAMESPACE, use_kernel
+from methods.kernels import kernel_op, on_input_device, use_kernel
 from methods.kernels.linear_attention import EluFeatureMap, FeatureMap, HedgehogFeatureMap, ReluFeatureMap
 
 try:
@@ -632,6 +632,7 @@ def _no_weight_grad(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
+@on_input_device
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
              k_weight: torch.Tensor | None, kind: str, eps: float,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -650,8 +651,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.
     return out, state, den
 
 
-linear_attention_forward = torch.library.custom_op(f"{OP_NAMESPACE}::linear_attention_forward", _forward,
-                                                   mutates_args=())  # fmt: skip
+linear_attention_forward = kernel_op("linear_attention_forward")(_forward)
 
 
 @linear_attention_forward.register_fake
@@ -662,7 +662,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor 
     return q.new_empty(q.shape), state, q.new_empty((batch * heads, tokens), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::linear_attention_backward", mutates_args=())
+@kernel_op("linear_attention_backward")
 def linear_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None, state: torch.Tensor, out: torch.Tensor, den: torch.Tensor, kind: str,

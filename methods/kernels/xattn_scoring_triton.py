@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from methods.kernels import OP_NAMESPACE, env_choice, use_kernel
+from methods.kernels import env_choice, kernel_op, use_kernel
 from methods.kernels.block_sparse import num_blocks
 
 try:
@@ -350,7 +350,7 @@ def _query_tiles(masses: torch.Tensor, rows: int) -> Any:
     return lambda meta: (triton.cdiv(blocks * rows, meta["BLOCK_M"]), batch * heads)
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::xattn_block_masses", mutates_args=())
+@kernel_op("xattn_block_masses")
 def xattn_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
     """The two-pass kernel's launch as one op, opaque to torch.compile (Dynamo does not trace the autotuner's
     Python): the masses ``(B, H, nb, nb)`` float32, contiguous, in memory of their own, for q, k ``(B, H, N, D)``
@@ -362,7 +362,7 @@ def xattn_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int
     return masses
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::xattn_block_masses_single_pass", mutates_args=())
+@kernel_op("xattn_block_masses_single_pass")
 def xattn_block_masses_single_pass(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
     """The single-pass kernels' two launches as one op, with :func:`xattn_block_masses`'s contract (same masses
     up to fp32 rounding, same shape, dtype, strides; inference only). The partials live only inside the op."""
