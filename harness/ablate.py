@@ -4,11 +4,11 @@ A variant is a ``LinVideoTrainConfig`` that differs from the default recipe alon
 paper's ablations: alpha range, kernel, objective, layer selection, number of converted layers; and
 ours: the optimizer of the scores r).
 Each distinct configuration is trained once into ``train_dir/linvideo-<config hash>`` from one shared
-trajectory store (``--jobs N`` trains N at a time in their own processes: the toy model is launch-bound,
-so one GPU runs several), then sampled on the model's held-out prompts like ``bench run --method
-linvideo --checkpoint`` and scored. Its record lists every (axis, variant) it stands for (the default
-recipe belongs to every axis) and the training summary. A half-done sweep resumes: training resumes
-from its checkpoints and finished runs are skipped.
+trajectory store, then sampled on the model's held-out prompts like ``bench run --method linvideo
+--checkpoint`` and scored (``--jobs N`` trains, then samples, N at a time in their own processes, dealt
+over every visible GPU: the toy model is launch-bound, so one GPU runs several). Its record lists every
+(axis, variant) it stands for (the default recipe belongs to every axis) and the training summary. A
+half-done sweep resumes: training resumes from its checkpoints and finished runs are skipped.
 """
 
 from __future__ import annotations
@@ -141,6 +141,36 @@ def _train_in_worker(request: TrainRequest, threads: int) -> Path:
     return train(dataclasses.replace(request, show_progress=False))
 
 
+def _run_in_worker(spec: Any, runs_dir: Path, gpu: int | None, threads: int) -> Any:
+    """One sampling (``bench run`` of ``spec``) in a pool process, on visible GPU ``gpu`` (None: where the spec
+    says), with its share of the CPU threads and no progress bar; returns its RunOutcome."""
+    import torch
+
+    from harness.generate import run
+
+    torch.set_num_threads(threads)
+    if gpu is not None:
+        torch.cuda.set_device(gpu)  # the spec keeps its bare "cuda", so the record is the one a single GPU writes
+    return run(spec, runs_dir, show_progress=False)
+
+
+def _in_pool(worker: Any, calls: list[tuple[Any, ...]], jobs: int, description: str, show_progress: bool) -> list[Any]:
+    """``worker(*call, threads)`` for every call, ``jobs`` at a time in spawned processes (CUDA cannot be used
+    from a forked one), each with its share of the CPU threads; the results in the calls' order."""
+    from rich.progress import Progress
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool, Progress(disable=not show_progress) as bar:
+        futures = [pool.submit(worker, *call, threads) for call in calls]
+        task = bar.add_task(f"{description}, {jobs} at a time", total=len(calls))
+        results = []
+        for future in futures:
+            results.append(future.result())
+            bar.advance(task)
+    return results
+
+
 def spread_over_gpus(requests: list[TrainRequest]) -> list[TrainRequest]:
     """The requests on a bare ``cuda`` (or ``auto``) dealt round-robin over every visible GPU (``cuda:N``); others
     unchanged. A launch-bound toy training keeps one GPU busy only in part, so concurrent ones use them all."""
@@ -156,8 +186,6 @@ def train_all(requests: list[TrainRequest], jobs: int, show_progress: bool = Tru
 
     The trajectory store they share is filled first, here, so that no two processes write it.
     """
-    from rich.progress import Progress
-
     from harness.training import collect_trajectories, train
 
     if jobs < 1:
@@ -165,17 +193,21 @@ def train_all(requests: list[TrainRequest], jobs: int, show_progress: bool = Tru
     if jobs == 1 or len(requests) < 2:
         return [train(request) for request in requests]
     collect_trajectories(requests[0])
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    requests = spread_over_gpus(requests)
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be used from a forked process
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool, Progress(disable=not show_progress) as bar:
-        futures = [pool.submit(_train_in_worker, request, threads) for request in requests]
-        task = bar.add_task(f"train {len(requests)} variants, {jobs} at a time", total=len(requests))
-        checkpoints = []
-        for future in futures:
-            checkpoints.append(future.result())
-            bar.advance(task)
-    return checkpoints
+    calls = [(request,) for request in spread_over_gpus(requests)]
+    return _in_pool(_train_in_worker, calls, jobs, f"train {len(requests)} variants", show_progress)
+
+
+def sample_all(specs: list[Any], runs_dir: Path, jobs: int, show_progress: bool = True) -> list[Any]:
+    """``bench run`` every spec into ``runs_dir`` (``jobs`` at a time, in spawned processes when > 1, dealt
+    round-robin over every visible GPU for a bare ``cuda``); returns their RunOutcomes, finished ones skipped.
+    The toy's sampling is launch-bound like its training: one at a time, a sweep's 15 took ~10 minutes on an H200."""
+    from harness.generate import run
+
+    if jobs == 1 or len(specs) < 2:
+        return [run(spec, runs_dir, show_progress=show_progress) for spec in specs]
+    gpus = visible_gpus(specs[0].device)
+    calls = [(spec, runs_dir, gpus[index % len(gpus)] if gpus else None) for index, spec in enumerate(specs)]
+    return _in_pool(_run_in_worker, calls, jobs, f"sample {len(specs)} runs", show_progress)
 
 
 def _weights(model: str) -> str:
@@ -184,19 +216,17 @@ def _weights(model: str) -> str:
     return "builtin" if MODELS.get(model).weights_kind == "builtin" else ""
 
 
-def _sample(request: AblationRequest, method: str, params: dict[str, Any], checkpoint: Path | None = None) -> Any:
-    """Sample and score the model's held-out prompts (seed 0) with one method; returns the RunOutcome."""
-    from harness.generate import run
+def _spec(request: AblationRequest, method: str, params: dict[str, Any], checkpoint: Path | None = None) -> Any:
+    """The run that samples and scores the model's held-out prompts (seed 0) with one method."""
     from harness.models.base import MODELS
     from harness.spec import RunSpec
 
     adapter_cls = MODELS.get(request.model)
-    spec = RunSpec(model=request.model, method=method, sampling=adapter_cls.defaults,
+    return RunSpec(model=request.model, method=method, sampling=adapter_cls.defaults,
                    prompts=adapter_cls.default_prompts(), seeds=(0,), device=request.device, dtype="float32",
                    weights=_weights(request.model), method_params=params,
                    checkpoint=None if checkpoint is None else str(checkpoint),
                    eval_suites=adapter_cls.default_eval)  # fmt: skip
-    return run(spec, request.runs_dir, show_progress=request.show_progress)
 
 
 def _preflight(request: AblationRequest) -> None:
@@ -240,9 +270,18 @@ def ablate(request: AblationRequest) -> list[dict[str, Any]]:
                      store=request.train_dir / "trajectories", show_progress=request.show_progress)
         for variant in planned
     ], request.jobs, request.show_progress)  # fmt: skip
+    # Dense, and untrained linear attention on the default recipe's linear layers, sampled in the variants' cohort:
+    # every table then shows what training bought.
+    specs = [_spec(request, "linvideo", {"kernel": variant.config.kernel}, checkpoint)
+             for variant, checkpoint in zip(planned, checkpoints, strict=True)]  # fmt: skip
+    specs.append(_spec(request, "sdpa", {}))
+    default = next((c for v, c in zip(planned, checkpoints, strict=True) if v.config == request.base), None)
+    layers = [] if default is None else json.loads((default / "spec.json").read_text())["linear_layers"]
+    if layers:
+        specs.append(_spec(request, "linear", {"layers": ",".join(map(str, layers)), "kernel": request.base.kernel}))
+    outcomes = sample_all(specs, request.runs_dir, request.jobs, request.show_progress)
     records = []
-    for variant, checkpoint in zip(planned, checkpoints, strict=True):
-        outcome = _sample(request, "linvideo", {"kernel": variant.config.kernel}, checkpoint)
+    for variant, checkpoint, outcome in zip(planned, checkpoints, outcomes, strict=False):  # the references last
         record = outcome.record
         known = record.get("ablation", []) if outcome.skipped else []
         memberships = known + [m for m in variant.memberships if m not in known]
@@ -251,11 +290,4 @@ def ablate(request: AblationRequest) -> list[dict[str, Any]]:
             record = {**record, "ablation": memberships, "training": training}
             write_record(outcome.path, record)
         records.append(record)
-    # Dense, and untrained linear attention on the default recipe's linear layers, in the variants' cohort:
-    # every table then shows what training bought.
-    default = next((r for v, r in zip(planned, records, strict=True) if v.config == request.base), None)
-    _sample(request, "sdpa", {})
-    if default is not None and default["training"]["linear_layers"]:
-        layers = ",".join(map(str, default["training"]["linear_layers"]))
-        _sample(request, "linear", {"layers": layers, "kernel": request.base.kernel})
     return records

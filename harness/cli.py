@@ -1250,8 +1250,8 @@ def ablate_cmd(
         int,
         typer.Option(
             help=(
-                "Variants trained at a time, each in its own process (the toy is launch-bound: one GPU runs several, "
-                "and on a bare cuda they are dealt over every visible GPU; on CPU they share the cores)."
+                "Variants trained, then sampled, at a time, each in its own process (the toy is launch-bound: one GPU "
+                "runs several, and on a bare cuda they are dealt over every visible GPU; on CPU they share the cores)."
             )
         ),
     ] = 1,

@@ -94,8 +94,9 @@ def test_a_training_on_one_gpu_of_several_makes_it_current(monkeypatch: pytest.M
     monkeypatch.setattr(training, "resolve_device", lambda name: torch.device(name))
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.setattr(training, "collect_trajectories", collect)
+    config = LinVideoTrainConfig(target_layers=4, steps=2)
     request = TrainRequest(model="toy", weights="builtin", prompts=None, prompt_count=2, device="cuda:1",
-                           config=LinVideoTrainConfig(target_layers=4, steps=2), out=tmp_path, show_progress=False)  # fmt: skip
+                           config=config, out=tmp_path, show_progress=False)  # fmt: skip
     with pytest.raises(RuntimeError, match="stop"):
         training.train(request)
     assert current == [torch.device("cuda:1")]
@@ -190,3 +191,20 @@ def test_objective_table_states_the_papers_order_beside_ours(scores: dict[str, f
     assert "adm > adm-extra-score > mse" in note and note.endswith(verdict)
     ours = " > ".join(sorted(scores, key=scores.get, reverse=True))
     assert f"prompt_correctness here {ours}" in note
+
+
+@pytest.mark.usefixtures("quick_toy")
+def test_concurrent_sampling_writes_the_records_sequential_sampling_does(tmp_path: Path) -> None:
+    """Two runs sampled in two spawned processes score what the same two sampled one after the other do, and a
+    finished run is skipped, not sampled again."""
+    from harness.ablate import AblationRequest, _spec, sample_all
+
+    request = AblationRequest(axes=("kernel",), model="toy", base=LinVideoTrainConfig(target_layers=4),
+                              runs_dir=tmp_path, train_dir=tmp_path, device="cpu", prompt_count=2)  # fmt: skip
+    specs = [_spec(request, "sdpa", {}), _spec(request, "linear", {"layers": "0,1", "kernel": "relu"})]
+    sequential = sample_all(specs, tmp_path / "one", jobs=1, show_progress=False)
+    parallel = sample_all(specs, tmp_path / "two", jobs=2, show_progress=False)
+    for a, b in zip(sequential, parallel, strict=True):
+        assert a.path.parent.name == "one" and b.path.parent.name == "two" and a.path.name == b.path.name
+        assert b.record["metrics"]["toybench"] == pytest.approx(a.record["metrics"]["toybench"])
+    assert all(outcome.skipped for outcome in sample_all(specs, tmp_path / "two", jobs=2, show_progress=False))
