@@ -95,6 +95,7 @@ class RadialAttention(BlockSparseMethod):
         notes="Radial: static mask, density halves per doubling of frame distance, decay 0.2, 24% warm-up, "
         "first layer dense",
     )
+    pattern_kinds = frozenset({"tiles"})
     parameters = (
         Param("decay_factor", "float", 0.2, "scales the band widths of frame pairs two or more frames apart",
               min=0.0, min_open=True),

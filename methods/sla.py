@@ -36,7 +36,7 @@ from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Density, Schedule, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks
 from methods.kernels.linear_attention import fp32_region
-from methods.kernels.sparse_backends import BackendLog
+from methods.kernels.sparse_backends import BackendLog, check_backend
 from methods.params import Param
 from methods.sparse import BACKEND
 
@@ -141,6 +141,7 @@ class SparseLinearAttention(AttentionMethod):
         notes="critical blocks exact (Flex block-sparse), marginal blocks linear + learned proj; fine-tuned; "
         "the output, not SLA's speed (its linear branch is unfused PyTorch, no faster than cuDNN on an H100)",
     )
+    pattern_kinds = frozenset({"tiles"})  # the critical blocks, whole
     parameters = (
         Param("critical", "float", 0.05, "share of key blocks per query block computed exactly (paper: 0.05)",
               min=0.0, max=1.0, min_open=True),
@@ -171,6 +172,11 @@ class SparseLinearAttention(AttentionMethod):
             **self.backends.params(),
             "trained": self.trained,
         }
+
+    def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
+        """The method's devices and dtypes, then its ``backend`` setting's for its critical blocks."""
+        super().check_supported(device, dtype)
+        check_backend(self.backend, device, dtype, self.name, self.pattern_kinds)
 
     def block_size(self, tokens: int) -> int:
         block = sla_block_size(tokens) if self.block_size_param == "auto" else int(self.block_size_param)

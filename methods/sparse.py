@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from methods.base import AttentionContext, AttentionMethod, Density, Schedule
-from methods.kernels.block_sparse import BlockSparsePattern, permute_tokens, unpermute_tokens
+from methods.kernels.block_sparse import BlockSparsePattern, PatternKind, permute_tokens, unpermute_tokens
 from methods.kernels.sparse_backends import (
     BackendLog,
     backend_names,
@@ -105,10 +105,14 @@ class SeededGenerators:
 class BlockSparseMethod(AttentionMethod):
     """An attention method whose sparse calls run a :class:`SparsePlan` through block-sparse attention.
 
-    Subclasses end their ``parameters`` with :func:`block_sparse_parameters` (warm-up, block size, backend).
+    Subclasses end their ``parameters`` with :func:`block_sparse_parameters` (warm-up, block size, backend) and
+    declare ``pattern_kinds``.
     """
 
     parameters = block_sparse_parameters(0.0, "none")
+    #: The kinds of pattern its plans hold (:attr:`BlockSparsePattern.kind`): a ``backend`` refusing all of them is
+    #: refused before the run (:meth:`check_supported`).
+    pattern_kinds: ClassVar[frozenset[PatternKind]]
 
     def __init__(self, schedule: Schedule | None = None, **params: Any) -> None:
         super().__init__(schedule, **params)
@@ -146,9 +150,10 @@ class BlockSparseMethod(AttentionMethod):
         return block
 
     def check_supported(self, device: torch.device, dtype: torch.dtype) -> None:
-        """The method's devices and dtypes, then its ``backend`` setting's (a missing package included)."""
+        """The method's devices and dtypes, then its ``backend`` setting's (a missing package included, and the kinds
+        of pattern it refuses)."""
         super().check_supported(device, dtype)
-        check_backend(self.backend, device, dtype, self.name)
+        check_backend(self.backend, device, dtype, self.name, self.pattern_kinds)
 
     def runs_dense(self, ctx: AttentionContext) -> bool:
         return (

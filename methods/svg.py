@@ -108,6 +108,7 @@ class SparseVideoGen(BlockSparseMethod):
         data_dependent=True,
         notes="SVG: per-head spatial/temporal profiling, band 0.3 + first-frame sink, 20% warm-up; Flex as upstream",
     )
+    pattern_kinds = frozenset({"token-level"})  # the band's edges cut tiles
     parameters = (
         Param("sparsity", "float", 0.3, "kept fraction of the band (the official sparsity argument is a density)",
               min=0.0, max=1.0, min_open=True),

@@ -169,6 +169,7 @@ class SparseVideoGen2(BlockSparseMethod):
         notes="SVG2: k-means 300/1000, top-p 0.9, min 10% key clusters, 20% warm-up; Flex gives the exact output "
         "but not SVG2's speed (variable-size blocks are computed as whole 128-tiles); " + BACKEND_NOTE,
     )
+    pattern_kinds = frozenset({"variable"})  # the clusters
     parameters = (
         Param("q_clusters", "int", 300, "k-means clusters of the queries", min=1),
         Param("k_clusters", "int", 1000, "k-means clusters of the keys", min=1),

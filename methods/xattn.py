@@ -99,6 +99,7 @@ class XAttention(BlockSparseMethod):
         notes="XAttention: antidiagonal scoring (stride 8), threshold 0.9, 128-blocks, 10% dense warm-up; "
         + BACKEND_NOTE,
     )
+    pattern_kinds = frozenset({"tiles"})
     parameters = (
         Param("threshold", "float", 0.9, "tau: kept share of each query block's scored mass (paper: 0.9 and 0.95; "
               "1 keeps every block)", min=0.0, max=1.0, min_open=True, spellings=("tau",)),

@@ -65,6 +65,13 @@ BAD_RUNS = [
                  id="backend-in-capitals"),
     pytest.param(["--method", "svg", "--param", "backend=bsr"], ["got 'bsr'. Did you mean 'flashinfer-bsr'"],
                  id="backend-name-part"),
+    # A backend refusing the kind of pattern the method makes passed the preflight and was refused at the first
+    # sparse call: on CPU the message names the kind beside the device.
+    pytest.param(["--method", "svg", "--param", "backend=flashinfer-bsr"],
+                 ["svg: block-sparse backend 'flashinfer-bsr' cannot run svg's token-level patterns on cpu in float32: "
+                  "token-level pattern (partial tiles): the BSR wrapper runs whole tiles only;",
+                  "runs on cuda, not cpu", "Here use auto, measure, masked, flex, flex-tuned"],
+                 id="backend-refusing-the-pattern-kind"),
 ]  # fmt: skip
 
 

@@ -449,7 +449,7 @@ def test_bsr_refuses_patterns_it_cannot_run_whole(kind: str, reason: str) -> Non
         full = torch.zeros(1, 2, 7, 7, dtype=torch.bool)
         pattern = BlockSparsePattern(torch.ones(1, 2, 7, 7, dtype=torch.bool), 200, 32, full,
                                      lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)  # fmt: skip
-    refusal = sparse_backends._bsr_refuses(pattern)
+    refusal = get_backend("flashinfer-bsr").refusal(pattern)
     assert refusal is not None and refusal.startswith(reason)
 
 

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from harness.errors import HarnessError, UnsupportedError
+from methods import build_method
 from methods.kernels import sparse_backends
-from methods.kernels.block_sparse import BlockSparsePattern, masked_dense_attention, num_blocks
+from methods.kernels.block_sparse import (
+    KIND_DESCRIPTIONS,
+    PATTERN_KINDS,
+    BlockSparsePattern,
+    masked_dense_attention,
+    num_blocks,
+)
 from methods.kernels.sparse_backends import (
     REGISTRY,
     BackendLog,
@@ -139,9 +146,9 @@ def test_flashinfer_refuses_token_level_patterns_without_variable_blocks() -> No
     *_, pattern = inputs()
     band = BlockSparsePattern(pattern.kept, N, BLOCK, full=torch.zeros_like(pattern.kept),
                               mask_mod=lambda b, h, qi, ki: (qi - ki).abs() < 9)  # fmt: skip
-    refuses = get_backend("flashinfer").refuses
-    assert refuses is not None and "token-level" in (refuses(band) or "")
-    assert refuses(pattern) is None
+    flashinfer = get_backend("flashinfer")
+    assert (flashinfer.refusal(band) or "").startswith("token-level pattern (partial tiles): FlashInfer's wrappers")
+    assert flashinfer.refusal(pattern) is None
 
 
 def test_flex_tuned_matches_masked_dense_on_cpu() -> None:
@@ -200,7 +207,7 @@ def test_a_backend_that_cannot_run_on_the_device_is_refused_before_any_call(
 ) -> None:
     """The preflight's check names every reason and the backends that can run there (no tensor needed)."""
     with pytest.raises(UnsupportedError) as info:
-        check_backend(name, torch.device(device), dtype, "radial")
+        check_backend(name, torch.device(device), dtype, "radial", {"tiles"})
     message = str(info.value)
     assert message.startswith(f"radial: block-sparse backend {name!r} cannot run on {device} in float32: ")
     assert all(reason in message for reason in reasons) and message.endswith("Here use auto, measure, masked, flex, "
@@ -213,7 +220,7 @@ def test_a_missing_package_is_refused_on_the_device_the_backend_runs_on(monkeypa
     try:
         with pytest.raises(UnsupportedError, match=r"cannot run on cuda in bfloat16: package 'flashinfer' cannot be "
                                                    r"imported \(pip install flashinfer-python\)"):  # fmt: skip
-            check_backend("flashinfer-bsr", torch.device("cuda"), torch.bfloat16, "svg")
+            check_backend("flashinfer-bsr", torch.device("cuda"), torch.bfloat16, "xattn", {"tiles"})
     finally:
         sparse_backends.import_failure.cache_clear()
 
@@ -232,7 +239,127 @@ def test_the_backend_help_says_what_auto_runs_and_what_each_backend_needs() -> N
 
 @pytest.mark.parametrize("name", ["auto", "measure", "masked", "flex", "flex-tuned"])
 def test_a_backend_that_runs_anywhere_passes_the_check(name: str) -> None:
-    check_backend(name, torch.device("cpu"), torch.float32, "radial")
+    check_backend(name, torch.device("cpu"), torch.float32, "radial", {"tiles"})
+
+
+# -- pattern kinds: a backend refusing every kind a method makes is refused before the run -------------------------
+
+
+def kind_patterns() -> dict[str, BlockSparsePattern]:
+    """One pattern of each kind: whole tiles, a band cutting tiles (token level), svg2's clusters (variable)."""
+    from methods.svg2 import cluster_pair_pattern
+
+    *_, tiles = inputs()
+    band = BlockSparsePattern(tiles.kept, N, BLOCK, full=torch.zeros_like(tiles.kept),
+                              mask_mod=lambda b, h, qi, ki: (qi - ki).abs() < 9)  # fmt: skip
+    sizes = torch.tensor([[[100, 0, 156], [56, 100, 100]]])
+    labels = torch.stack([torch.arange(3).repeat_interleave(sizes[0, h]) for h in range(2)])[None]
+    clusters = cluster_pair_pattern(torch.ones(1, 2, 3, 3, dtype=torch.bool), sizes, sizes, labels, labels, BLOCK)
+    return {"tiles": tiles, "token-level": band, "variable": clusters}
+
+
+@pytest.mark.parametrize("kind", PATTERN_KINDS)
+def test_a_pattern_knows_its_kind(kind: str) -> None:
+    """Variable blocks make a variable pattern although they come with a mask_mod; a mask_mod alone token-level."""
+    assert kind_patterns()[kind].kind == kind
+
+
+@pytest.mark.parametrize(("backend", "kind"), [
+    ("flashinfer", "token-level"), ("flashinfer-bsr", "token-level"), ("flashinfer-bsr", "variable"),
+])  # fmt: skip
+def test_a_kind_a_backend_refuses_is_refused_by_its_kind_first(backend: str, kind: str) -> None:
+    """The call's refusal of a pattern names its kind, with the reason the preflight gives for that kind."""
+    refused = get_backend(backend)
+    reason = refused.kind_refusal(kind)  # type: ignore[arg-type]
+    assert reason is not None and reason.startswith(KIND_DESCRIPTIONS[kind])  # type: ignore[index]
+    assert refused.refusal(kind_patterns()[kind]) == reason
+
+
+def method_class(name: str) -> type:
+    from methods import METHODS
+
+    return METHODS.get(name)
+
+
+@pytest.mark.parametrize(("method", "backend", "kind", "usable"), [
+    ("svg", "flashinfer-bsr", "token-level", "masked, flex, flex-tuned"),
+    ("svg", "flashinfer", "token-level", "masked, flex, flex-tuned"),
+    ("svg2", "flashinfer-bsr", "variable", "masked, flex, flex-tuned, flashinfer"),
+])  # fmt: skip
+def test_a_backend_refusing_the_methods_pattern_kind_is_refused_at_preflight(
+    flashinfer_importable: None, method: str, backend: str, kind: str, usable: str
+) -> None:
+    """Where the backend could run (CUDA, bf16, its package importable) the method's pattern kind alone refuses it,
+    before a model is built: the message names the method, the kind, why, and the backends that run the method."""
+    built = build_method(method, backend=backend)
+    with pytest.raises(UnsupportedError) as info:
+        built.check_supported(torch.device("cuda"), torch.bfloat16)
+    message = str(info.value)
+    reason = get_backend(backend).kind_refusal(kind)  # type: ignore[arg-type]
+    assert message == (f"{method}: block-sparse backend {backend!r} cannot run {method}'s {kind} patterns: {reason}. "
+                       f"Here use auto, measure, {usable}")  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "backend"), [
+    ("radial", "flashinfer-bsr"), ("xattn", "flashinfer-bsr"), ("sla", "flashinfer-bsr"), ("radial", "flashinfer"),
+    ("svg2", "flashinfer"), ("svg", "flex"), ("svg2", "flex-tuned"),
+])  # fmt: skip
+def test_a_backend_taking_the_methods_pattern_kind_passes_the_preflight(flashinfer_importable: None, method: str,
+                                                                        backend: str) -> None:  # fmt: skip
+    build_method(method, backend=backend).check_supported(torch.device("cuda"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("method", ["radial", "xattn", "svg", "svg2", "sla"])
+def test_every_method_with_a_backend_checks_it_at_preflight(flashinfer_importable: None, method: str) -> None:
+    """sla, outside the block-sparse base, checked none: a CUDA-only backend on the CPU failed at its first call."""
+    with pytest.raises(UnsupportedError, match=rf"^{method}: block-sparse backend 'flashinfer' cannot run.* on cpu in "
+                                               r"float32: .*runs on cuda, not cpu"):  # fmt: skip
+        build_method(method, backend="flashinfer").check_supported(torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("method", ["radial", "xattn", "svg", "svg2", "sla"])
+def test_every_method_with_a_backend_declares_the_kinds_of_pattern_it_makes(method: str) -> None:
+    """The declaration the preflight reads (that plans hold only these kinds: tests/test_sparse_methods.py)."""
+    assert method_class(method).pattern_kinds and set(method_class(method).pattern_kinds) <= set(PATTERN_KINDS)
+
+
+def test_the_registered_methods_with_a_backend_are_those_checked() -> None:
+    """A new method taking ``backend=`` is added to the parametrisations above (and must declare its kinds)."""
+    from methods import METHODS
+
+    taking = {name for name in METHODS.names() if any(p.name == "backend" for p in method_class(name).parameters)}
+    assert taking == {"radial", "xattn", "svg", "svg2", "sla"}
+
+
+@pytest.mark.parametrize("kind", PATTERN_KINDS)
+@pytest.mark.parametrize(("device", "major", "dtype"), [
+    ("cpu", None, torch.float32), ("cuda", 9, torch.bfloat16), ("cuda", 9, torch.float32), ("cuda", 8, torch.float16),
+])  # fmt: skip
+def test_auto_never_picks_a_backend_refusing_a_kind(monkeypatch: pytest.MonkeyPatch, kind: str, device: str,
+                                                    major: int | None, dtype: torch.dtype) -> None:  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _device=None: (major, 0))
+    sparse_backends.auto_backend.cache_clear()
+    try:
+        chosen = sparse_backends.auto_backend(torch.device(device), dtype, 128)
+    finally:
+        sparse_backends.auto_backend.cache_clear()
+    assert get_backend(chosen).kind_refusal(kind) is None  # type: ignore[arg-type]
+
+
+def test_measure_skips_a_backend_refusing_the_patterns_kind_even_when_fastest() -> None:
+    """A correct, fastest backend that refuses token-level patterns is never run on one: reported with the kind."""
+    register_backend("fake-tiles-only", refused_kinds={"token-level": "whole tiles only"})(
+        lambda q, k, v, pattern: masked_dense_attention(q, k, v, pattern)
+    )
+    try:
+        q, k, v, _ = inputs()
+        band = kind_patterns()["token-level"]
+        timer = fake_timer({"fake-tiles-only": 1e-6, "masked": 1.0})
+        choice = choose_backend(q, k, v, band, ("fake-tiles-only", "masked"), timer=timer)
+    finally:
+        REGISTRY.pop("fake-tiles-only")
+    assert choice.name == "masked"
+    assert choice.report["fake-tiles-only"] == {"skipped": "token-level pattern (partial tiles): whole tiles only"}
 
 
 def test_the_reference_on_sampled_rows_is_masked_dense_on_those_rows(monkeypatch: pytest.MonkeyPatch) -> None:

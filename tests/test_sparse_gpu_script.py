@@ -14,12 +14,14 @@ from harness.benchmarks.sparse_gpu import (
     PAPER_DENSITY,
     STATED_DENSITY_NOTE,
     backend_check_patterns,
+    check_backends,
     main,
     sparse_method_names,
     stated_densities,
 )
 from methods.kernels import sparse_backends
 from methods.kernels.block_sparse import masked_dense_attention
+from methods.kernels.sparse_backends import REGISTRY, register_backend
 
 
 def test_default_methods_are_the_registered_sparse_ones() -> None:
@@ -182,6 +184,19 @@ def test_a_required_backend_that_cannot_import_stops_the_script_naming_the_packa
     check = json.loads((tmp_path / "sparse_check.json").read_text())["backend_check"]
     assert not check["passed"] and "flashinfer-python" in check["patterns"]["clusters"]["flashinfer"]["skipped"]
     assert not (tmp_path / "sparse_latency_wan-tiny.json").exists()
+
+
+def test_a_check_pattern_of_a_kind_the_backend_refuses_is_not_applicable_not_a_failure() -> None:
+    """A backend that never runs variable blocks (as flashinfer-bsr) passes on the tiles and is not failed on svg2's
+    clusters: no method making them runs on it (the preflight refuses it first)."""
+    register_backend("fake-no-variable", refused_kinds={"variable": "whole tiles only"})(masked_dense_attention)
+    try:
+        check = check_backends(["fake-no-variable"], torch.device("cpu"))
+    finally:
+        REGISTRY.pop("fake-no-variable")
+    assert check["passed"] and check["failure"] is None and "ms" in check["patterns"]["tiles"]["fake-no-variable"]
+    assert check["patterns"]["clusters"]["fake-no-variable"] == {"not_applicable": "variable-size blocks: whole tiles "
+                                                                                   "only"}  # fmt: skip
 
 
 def test_an_unknown_required_backend_is_one_line_naming_the_known_ones(tmp_path: Path) -> None:

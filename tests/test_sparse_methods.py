@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from methods import AttentionContext, Schedule, TokenGrid, build_method
-from methods.kernels.block_sparse import permute_tokens, unpermute_tokens
+from methods.kernels import sparse_backends
+from methods.kernels.block_sparse import BlockSparsePattern, permute_tokens, unpermute_tokens
 from methods.sparse import BlockSparseMethod, SparsePlan
 
 GRID = TokenGrid(5, 5, 8)  # 200 tokens, 40 per frame
@@ -196,7 +197,6 @@ def test_svg2_kmeans_separates_clusters_and_centroids_are_cached(monkeypatch: py
 def test_radial_density_halves_per_doubling_of_frame_distance() -> None:
     """With 256 tokens per frame and decay 1, frame pairs 2-3, 4-7 and 8-15 apart keep ~0.78, ~0.48,
     ~0.29 of their entries: each band under 0.65 of the previous (whole tiles blur the exact halving)."""
-    from methods.kernels.block_sparse import BlockSparsePattern
     from methods.radial import band_half_width, radial_tiles
 
     assert [band_half_width(d, 4096, 1.0, 128) for d in (2, 4, 8, 16)] == [2048, 1024, 512, 256]
@@ -208,6 +208,23 @@ def test_radial_density_halves_per_doubling_of_frame_distance() -> None:
         pairs = [per_pair[i, j] for i in range(16) for j in range(1, 16) if low <= abs(i - j) < high]
         bands.append(float(sum(pairs) / len(pairs)))
     assert bands[1] < 0.65 * bands[0] and bands[2] < 0.65 * bands[1]
+
+
+@pytest.mark.parametrize("name", [*METHODS, "sla"])
+def test_every_pattern_a_method_runs_is_of_a_kind_it_declares(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kinds the preflight refuses backends by (``pattern_kinds``) are those of the patterns the calls run."""
+    kinds: list[str] = []
+    select = sparse_backends.select_backend
+
+    def recording(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
+                  *args: Any) -> sparse_backends.BackendChoice:  # fmt: skip
+        kinds.append(pattern.kind)
+        return select(q, k, v, pattern, *args)
+
+    monkeypatch.setattr(sparse_backends, "select_backend", recording)
+    method = build_method(name, block_size=BLOCK, **FAST.get(name, {}))
+    method(*qkv(), context())
+    assert kinds and set(kinds) <= type(method).pattern_kinds
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 
 0. Backends named by ``--backends`` (e.g. flashinfer): each must import and reproduce masked dense on two
    small patterns (tiles with ragged last blocks, query and key blocks unequal; SVG2-style clusters with an
-   empty one), else the script stops with the reason before anything else runs.
+   empty one), else the script stops with the reason before anything else runs; a pattern of a kind the backend
+   refuses outright (flashinfer-bsr: variable-size blocks) is not applicable, no failure.
 1. Correctness (fresh random inputs, 8 x 16 x 32 = 4,096 tokens, 12 heads x 128): for every method, at the
    density it is timed at, one plan executed twice -- compiled FlexAttention in bf16 and the masked dense path in
    fp32 -- relative error within bf16 tolerance. A failing method is not timed.
@@ -215,9 +216,11 @@ def backend_check_patterns(batch: int, heads: int, tokens: int, blocks: tuple[in
 def check_backends(names: list[str], device: torch.device) -> dict[str, Any]:
     """Each named backend against masked dense on :func:`backend_check_patterns` (fresh random q, k, v).
 
-    Returns ``{"passed", "failure", "patterns": {pattern: {backend: {"error", "ms"} or {"skipped"}}}}``;
-    ``failure`` is the first reason a backend cannot run here (its package, the device) or does not match, else
-    ``None``. Raises :class:`HarnessError` for an unknown backend name.
+    Returns ``{"passed", "failure", "patterns": {pattern: {backend: {"error", "ms"}, {"skipped"} or
+    {"not_applicable"}}}}``; ``failure`` is the first reason a backend cannot run here (its package, the device) or
+    does not match, else ``None``. A pattern of a kind the backend refuses outright is ``not_applicable``, no failure:
+    no method making that kind runs on it (:func:`~methods.kernels.sparse_backends.check_backend` refuses it first).
+    Raises :class:`HarnessError` for an unknown backend name.
     """
     for name in names:
         get_backend(name)
@@ -227,11 +230,18 @@ def check_backends(names: list[str], device: torch.device) -> dict[str, Any]:
     patterns: dict[str, dict[str, Any]] = {}
     failure = None
     for kind, pattern in backend_check_patterns(batch, heads, tokens, blocks, device).items():
-        # masked dense runs beside each backend, so a mismatch is reported in the outcome rather than raised
-        reports = {name: choose_backend(q, k, v, pattern, tuple(dict.fromkeys((name, "masked")))).report[name]
-                   for name in names}  # fmt: skip
+        reports: dict[str, dict[str, Any]] = {}
+        for name in names:
+            refusal = get_backend(name).kind_refusal(pattern.kind)
+            if refusal:
+                reports[name] = {"not_applicable": refusal}
+            else:  # masked dense runs beside each backend, so a mismatch is reported in the outcome, not raised
+                reports[name] = choose_backend(q, k, v, pattern, tuple(dict.fromkeys((name, "masked")))).report[name]
         patterns[kind] = reports
         for name, outcome in reports.items():
+            if "not_applicable" in outcome:
+                print(f"backend {name:>10} on {kind:>8}: n/a ({outcome['not_applicable']})", flush=True)
+                continue
             detail = outcome["skipped"] if "skipped" in outcome else f"relative error {outcome['error']:.2e}"
             print(f"backend {name:>10} on {kind:>8}: {'ok' if 'ms' in outcome else 'FAILED'} ({detail})", flush=True)
             if "skipped" in outcome and failure is None:

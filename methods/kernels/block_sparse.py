@@ -15,6 +15,7 @@ inside those.
     pattern.block_mask()       # FlexAttention BlockMask built from block indices
     pattern.dense_mask()       # (B, H, N, N) bool -- CPU and tests only
     pattern.regrouped(128)     # the same token mask over 128 x 128 tiles (what Flex runs on CUDA)
+    pattern.kind               # tiles, token-level or variable: what a backend must run (PatternKind)
 
 Block sizes: FlexAttention's CUDA kernels take tiles of :data:`FLEX_TILE` tokens, but the methods pick
 smaller blocks on short sequences (32 on the toy's 512 tokens, 64 on a 1,950-token clip; SLA's 8). The
@@ -41,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,18 @@ from torch.nn.attention.flex_attention import BlockMask, FlexKernelOptions, flex
 from harness.errors import HarnessError
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: What a pattern is made of (:attr:`BlockSparsePattern.kind`), which decides the backends that can run it:
+#: ``tiles`` whole tiles of equal size (every kept tile full; radial, xattn, SLA), ``token-level`` tiles a
+#: ``mask_mod`` keeps in part (svg's band), ``variable`` blocks of unequal sizes (svg2's clusters, given as
+#: token-level tiles too).
+PatternKind = Literal["tiles", "token-level", "variable"]
+PATTERN_KINDS: tuple[PatternKind, ...] = get_args(PatternKind)
+#: Each kind as messages name it.
+KIND_DESCRIPTIONS: dict[PatternKind, str] = {
+    "tiles": "whole tiles",
+    "token-level": "token-level pattern (partial tiles)",
+    "variable": "variable-size blocks",
+}
 #: Query and key tokens per tile of FlexAttention's CUDA kernels (their configs take tiles of 128 queries
 #: and 64 or 128 keys): the Flex path regroups patterns whose blocks are not multiples of it.
 FLEX_TILE = 128
@@ -153,6 +166,14 @@ class BlockSparsePattern:
     @property
     def blocks(self) -> tuple[int, int]:
         return _as_pair(self.block_size)
+
+    @property
+    def kind(self) -> PatternKind:
+        """``variable`` when it carries variable-size blocks, else ``token-level`` with a ``mask_mod``, else
+        ``tiles`` (see :data:`PatternKind`)."""
+        if self.variable is not None:
+            return "variable"
+        return "tiles" if self.mask_mod is None else "token-level"
 
     @property
     def full_tiles(self) -> torch.Tensor:

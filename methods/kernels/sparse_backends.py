@@ -1,8 +1,9 @@
 """Block-sparse attention backends: a registry, and the choice of the fastest one that reproduces the output.
 
 Every backend runs a :class:`~methods.kernels.block_sparse.BlockSparsePattern` on q, k, v ``(B, H, N, D)``
-and declares what it needs (devices, dtypes, an optional package, the patterns it can run), the way
-diffusers' ``attention_dispatch`` registers its attention backends:
+and declares what it needs (devices, dtypes, an optional package, the patterns it can run: the pattern kinds it
+refuses outright, :data:`~methods.kernels.block_sparse.PatternKind`, and the conditions on a pattern's data), the
+way diffusers' ``attention_dispatch`` registers its attention backends:
 
     masked      SDPA with the pattern's dense token mask: the reference every other backend is checked against
     flex        compiled FlexAttention, Flex's own tile and pipeline choice
@@ -25,7 +26,7 @@ import functools
 import importlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +34,10 @@ import torch
 
 from harness.errors import HarnessError, UnsupportedError
 from methods.kernels.block_sparse import (
+    KIND_DESCRIPTIONS,
     BlockSparsePattern,
     FlexKernelOptions,
+    PatternKind,
     block_lengths,
     flex_block_sparse_attention,
     masked_dense_attention,
@@ -72,7 +75,10 @@ class Backend:
         dtypes: input dtypes it runs on.
         package: module it imports (``None``: torch only).
         distribution: what installs ``package`` (``pip install <distribution>``), named when it is missing.
-        refuses: ``pattern -> reason`` when it cannot run that pattern, else ``None``.
+        refused_kinds: the pattern kinds it never runs, each with why: a method making only these is refused
+            before a run (:func:`check_backend`), a pattern of one at its call (:meth:`refusal`).
+        refuses: ``pattern -> reason`` when it cannot run a pattern of a kind it takes (tile sizes, index limits:
+            conditions on the pattern's data), else ``None``.
     """
 
     name: str
@@ -81,14 +87,29 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     package: str | None = None
     distribution: str | None = None
+    refused_kinds: Mapping[PatternKind, str] = field(default_factory=dict)
     refuses: Callable[[BlockSparsePattern], str | None] | None = None
 
     def unavailable(self, q: torch.Tensor, pattern: BlockSparsePattern) -> str | None:
         """Why this backend cannot run ``pattern`` on ``q`` here (the first reason), or ``None`` when it can."""
         reasons = self.unavailable_on(q.device, q.dtype)
-        if reasons:
-            return reasons[0]
-        return None if self.refuses is None else self.refuses(pattern)
+        return reasons[0] if reasons else self.refusal(pattern)
+
+    def refusal(self, pattern: BlockSparsePattern) -> str | None:
+        """Why this backend cannot run ``pattern`` (its kind first, then its data), or ``None`` when it can."""
+        return self.kind_refusal(pattern.kind) or (None if self.refuses is None else self.refuses(pattern))
+
+    def kind_refusal(self, kind: PatternKind) -> str | None:
+        """Why this backend runs no pattern of ``kind`` (``"token-level pattern (partial tiles): ..."``), else
+        ``None``."""
+        reason = self.refused_kinds.get(kind)
+        return None if reason is None else f"{KIND_DESCRIPTIONS[kind]}: {reason}"
+
+    def refuses_all(self, kinds: Collection[PatternKind]) -> list[str]:
+        """Why it refuses each of ``kinds`` when it refuses every one (a method making only those can never run on
+        it), else empty."""
+        reasons = [self.kind_refusal(kind) for kind in kinds]
+        return [reason for reason in reasons if reason] if all(reasons) else []
 
     def unavailable_on(self, device: torch.device, dtype: torch.dtype) -> list[str]:
         """Every reason this backend cannot run on ``device`` in ``dtype``, whatever the pattern (empty: it can).
@@ -114,12 +135,14 @@ def register_backend(
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES,
     package: str | None = None,
     distribution: str | None = None,
+    refused_kinds: Mapping[PatternKind, str] | None = None,
     refuses: Callable[[BlockSparsePattern], str | None] | None = None,
 ) -> Callable[[AttentionFn], AttentionFn]:
-    """Decorator: register ``fn(q, k, v, pattern)`` as backend ``name`` with its constraints."""
+    """Decorator: register ``fn(q, k, v, pattern)`` as backend ``name`` with its constraints (see :class:`Backend`)."""
 
     def register(fn: AttentionFn) -> AttentionFn:
-        REGISTRY[name] = Backend(name, fn, devices, dtypes, package, distribution or package, refuses)
+        REGISTRY[name] = Backend(name, fn, devices, dtypes, package, distribution or package, dict(refused_kinds or {}),
+                                 refuses)  # fmt: skip
         return fn
 
     return register
@@ -190,12 +213,6 @@ def tuned_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patt
     return flex_block_sparse_attention(q, k, v, pattern, HOPPER_FLEX_OPTIONS)
 
 
-def _flashinfer_refuses(pattern: BlockSparsePattern) -> str | None:
-    if pattern.variable is None and pattern.mask_mod is not None:
-        return "token-level pattern (partial tiles): FlashInfer's wrappers run whole blocks only"
-    return None
-
-
 _FLASHINFER_WORKSPACE_BYTES = 128 * 1024 * 1024  # the size FlashInfer's documentation recommends
 #: FlashInfer's plans list key indices in int32: the variable wrapper every kept key token of every (head, query
 #: block) (flashinfer/sparse.py ``_block_mask_map_to_expanded_indices``), the BSR wrapper every kept key page of
@@ -214,7 +231,8 @@ def check_kv_indices(count: int, what: str) -> None:
 
 
 @register_backend("flashinfer", devices=("cuda",), dtypes=HALF_DTYPES, package="flashinfer",
-                  distribution="flashinfer-python", refuses=_flashinfer_refuses)  # fmt: skip
+                  distribution="flashinfer-python",
+                  refused_kinds={"token-level": "FlashInfer's wrappers run whole blocks only"})  # fmt: skip
 def flashinfer_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                       pattern: BlockSparsePattern) -> torch.Tensor:  # fmt: skip
     """FlashInfer's ``VariableBlockSparseAttentionWrapper`` over the pattern's blocks. ``(B, H, N, D)`` in and out.
@@ -277,11 +295,15 @@ def _flashinfer_workspace(device: torch.device) -> torch.Tensor:
 BSR_MIN_TILE = 4
 
 
+#: The kinds the BSR wrapper never runs: it computes whole square tiles of one size.
+BSR_REFUSED_KINDS: dict[PatternKind, str] = {
+    "variable": "FlashInfer's variable-block wrapper (backend flashinfer) runs them",
+    "token-level": "the BSR wrapper runs whole tiles only",
+}
+
+
 def _bsr_refuses(pattern: BlockSparsePattern) -> str | None:
-    if pattern.variable is not None:
-        return "variable-size blocks: FlashInfer's variable-block wrapper (backend flashinfer) runs them"
-    if pattern.mask_mod is not None:
-        return "token-level pattern (partial tiles): the BSR wrapper runs whole tiles only"
+    """The BSR wrapper's conditions on a pattern of whole tiles (its kinds are :data:`BSR_REFUSED_KINDS`)."""
     if pattern.blocks[0] != pattern.blocks[1]:
         return f"query and key blocks differ ({pattern.blocks}): the BSR wrapper's pages are square tiles"
     if pattern.blocks[0] < BSR_MIN_TILE:
@@ -383,7 +405,7 @@ def reads_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 @register_backend("flashinfer-bsr", devices=("cuda",), dtypes=HALF_DTYPES, package="flashinfer",
-                  distribution="flashinfer-python", refuses=_bsr_refuses)  # fmt: skip
+                  distribution="flashinfer-python", refused_kinds=BSR_REFUSED_KINDS, refuses=_bsr_refuses)  # fmt: skip
 def flashinfer_bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
                              ) -> torch.Tensor:  # fmt: skip
     """FlashInfer's ``BlockSparseAttentionWrapper`` (BSR; FA3 on Hopper) over a block-level pattern of square tiles.
@@ -581,18 +603,27 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: B
     return BackendChoice(backend)
 
 
-def check_backend(name: str, device: torch.device, dtype: torch.dtype, label: str) -> None:
-    """Refuse ``backend=name`` where it cannot run on ``device`` in ``dtype`` for any pattern (a run's preflight,
-    before a model is built): an :class:`~harness.errors.UnsupportedError` starting with ``label`` (the method),
-    with every reason and the backends that can. ``auto`` and ``measure`` run everywhere."""
+def check_backend(name: str, device: torch.device, dtype: torch.dtype, label: str,
+                  kinds: Collection[PatternKind]) -> None:  # fmt: skip
+    """Refuse ``backend=name`` for a method (``label``) whose patterns are of ``kinds`` where it can run none of them:
+    not on ``device`` in ``dtype`` (a missing package included), or refusing every one of those kinds. A run's
+    preflight, before a model is built: an :class:`~harness.errors.UnsupportedError` starting with ``label``, with
+    every reason and the backends that can run the method here. ``auto`` and ``measure`` always pass: neither picks
+    a backend that refuses a pattern's kind (auto runs masked or Flex, which take every kind; measure skips any
+    backend refusing the call's pattern). Conditions on a pattern's data (tile sizes, index limits) are checked at
+    the call."""
     if name in ("auto", "measure"):
         return
-    reasons = get_backend(name).unavailable_on(device, dtype)
-    if reasons:
-        usable = [other for other, backend in REGISTRY.items() if not backend.unavailable_on(device, dtype)]
-        where = f"{device.type} in {dtype_names((dtype,))}"
-        raise UnsupportedError(f"{label}: block-sparse backend {name!r} cannot run on {where}: "
-                               f"{'; '.join(reasons)}. Here use {', '.join(['auto', 'measure', *usable])}")  # fmt: skip
+    backend = get_backend(name)
+    kind_reasons, device_reasons = backend.refuses_all(kinds), backend.unavailable_on(device, dtype)
+    if kind_reasons or device_reasons:
+        usable = [other.name for other in REGISTRY.values()
+                  if not other.refuses_all(kinds) and not other.unavailable_on(device, dtype)]  # fmt: skip
+        patterns = f" {label}'s {'/'.join(sorted(kinds))} patterns" if kind_reasons else ""
+        where = f" on {device.type} in {dtype_names((dtype,))}" if device_reasons else ""
+        raise UnsupportedError(f"{label}: block-sparse backend {name!r} cannot run{patterns}{where}: "
+                               f"{'; '.join(kind_reasons + device_reasons)}. Here use "
+                               f"{', '.join(['auto', 'measure', *usable])}")  # fmt: skip
 
 
 def _check_fits(q: torch.Tensor, pattern: BlockSparsePattern) -> None:
