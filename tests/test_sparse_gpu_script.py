@@ -199,6 +199,29 @@ def test_a_check_pattern_of_a_kind_the_backend_refuses_is_not_applicable_not_a_f
                                                                                    "only"}  # fmt: skip
 
 
+def test_a_backend_that_takes_only_square_tiles_is_checked_on_the_square_pattern() -> None:
+    """A backend refusing unequal query and key blocks by their data (as flashinfer-bsr) is checked on the square
+    tiles, not failed on the unequal ones: the check of flashinfer-bsr could never pass before."""
+    register_backend("fake-square", refused_kinds={"variable": "whole tiles only"},
+                     refuses=lambda p: None if p.blocks[0] == p.blocks[1] else "square tiles only")(
+        masked_dense_attention)  # fmt: skip
+    try:
+        check = check_backends(["fake-square"], torch.device("cpu"))
+    finally:
+        REGISTRY.pop("fake-square")
+    assert check["passed"] and "ms" in check["patterns"]["square"]["fake-square"]
+    assert check["patterns"]["tiles"]["fake-square"] == {"not_applicable": "square tiles only"}
+
+
+def test_a_backend_that_runs_none_of_the_check_patterns_fails_the_check() -> None:
+    register_backend("fake-none", refuses=lambda p: "nothing")(masked_dense_attention)
+    try:
+        check = check_backends(["fake-none"], torch.device("cpu"))
+    finally:
+        REGISTRY.pop("fake-none")
+    assert not check["passed"] and "runs none of the check patterns" in check["failure"]
+
+
 def test_an_unknown_required_backend_is_one_line_naming_the_known_ones(tmp_path: Path) -> None:
     """A typo in --backends stops the script with the registered names, not a traceback."""
     with pytest.raises(SystemExit, match=r"^--backends: block-sparse backend must be one of .*'flashinfer'.*'triton'"):
@@ -206,12 +229,13 @@ def test_an_unknown_required_backend_is_one_line_naming_the_known_ones(tmp_path:
 
 
 def test_the_backend_check_patterns_keep_a_key_for_every_query_and_an_empty_cluster() -> None:
-    """Masked dense is finite on both check patterns (no query without keys), the tiles are ragged with unequal
-    query and key blocks, and the clusters hold an empty one as FlashInfer's variable blocks."""
+    """Masked dense is finite on every check pattern (no query without keys), the tiles are ragged with unequal
+    query and key blocks and square ones of the key block, and the clusters hold an empty one as FlashInfer's
+    variable blocks."""
     patterns = backend_check_patterns(1, 2, 200, (16, 32), torch.device("cpu"))
     q, k, v = (torch.randn(1, 2, 200, 8) for _ in range(3))
     assert all(masked_dense_attention(q, k, v, p).isfinite().all() for p in patterns.values())
-    assert patterns["tiles"].blocks == (16, 32) and 200 % 32
+    assert patterns["tiles"].blocks == (16, 32) and 200 % 32 and patterns["square"].blocks == (32, 32)
     variable = patterns["clusters"].variable
     assert variable is not None and bool((variable.row_sizes == 0).any()) and bool((variable.col_sizes == 0).any())
     assert bool((variable.row_sizes.sum(-1) == 200).all())

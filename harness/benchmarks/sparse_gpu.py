@@ -192,12 +192,17 @@ def check_flex(name: str, device: torch.device, grid: TokenGrid, heads: int, dim
 
 def backend_check_patterns(batch: int, heads: int, tokens: int, blocks: tuple[int, int], device: torch.device
                            ) -> dict[str, BlockSparsePattern]:  # fmt: skip
-    """Two random patterns per (batch, head) that every query sees a key of: ``tiles`` (block level, unequal
-    query and key blocks) and ``clusters`` (SVG2's own constructor over 8 clusters of random sizes, one empty)."""
+    """Three random patterns per (batch, head) that every query sees a key of: ``tiles`` (block level, unequal
+    query and key blocks), ``square`` (block level, square tiles of the key block: what radial and xattn make on
+    CUDA, and the only tiles FlashInfer's BSR wrapper takes) and ``clusters`` (SVG2's own constructor over 8
+    clusters of random sizes, one empty)."""
     from methods.svg2 import cluster_pair_pattern
 
-    kept = torch.rand(batch, heads, num_blocks(tokens, blocks[0]), num_blocks(tokens, blocks[1]), device=device) < 0.3
-    kept[..., 0] = True
+    def kept(rows: int, cols: int) -> torch.Tensor:
+        tiles = torch.rand(batch, heads, num_blocks(tokens, rows), num_blocks(tokens, cols), device=device) < 0.3
+        tiles[..., 0] = True
+        return tiles
+
     sizes = []
     for _ in range(2):  # query clusters, key clusters
         weights = torch.rand(batch, heads, 8, device=device) + 0.5  # every cluster over 1/15 of the tokens ...
@@ -209,7 +214,8 @@ def backend_check_patterns(batch: int, heads: int, tokens: int, blocks: tuple[in
                            for row in size]) for size in sizes]  # fmt: skip
     keep = torch.rand(batch, heads, 8, 8, device=device) < 0.4
     keep[..., 0] = True
-    return {"tiles": BlockSparsePattern(kept, tokens, blocks),
+    return {"tiles": BlockSparsePattern(kept(*blocks), tokens, blocks),
+            "square": BlockSparsePattern(kept(blocks[1], blocks[1]), tokens, blocks[1]),
             "clusters": cluster_pair_pattern(keep, *sizes, *labels, block=blocks[1])}  # fmt: skip
 
 
@@ -217,9 +223,10 @@ def check_backends(names: list[str], device: torch.device) -> dict[str, Any]:
     """Each named backend against masked dense on :func:`backend_check_patterns` (fresh random q, k, v).
 
     Returns ``{"passed", "failure", "patterns": {pattern: {backend: {"error", "ms"}, {"skipped"} or
-    {"not_applicable"}}}}``; ``failure`` is the first reason a backend cannot run here (its package, the device) or
-    does not match, else ``None``. A pattern of a kind the backend refuses outright is ``not_applicable``, no failure:
-    no method making that kind runs on it (:func:`~methods.kernels.sparse_backends.check_backend` refuses it first).
+    {"not_applicable"}}}}``; ``failure`` is the first reason a backend cannot run here (its package, the device),
+    does not match, or runs none of the patterns, else ``None``. A pattern the backend refuses (its kind, or its
+    data, such as BSR's unequal tiles) is ``not_applicable``, no failure: a method's run refuses it the same way
+    (:func:`~methods.kernels.sparse_backends.check_backend` before the run, the call's refusal in it).
     Raises :class:`HarnessError` for an unknown backend name.
     """
     for name in names:
@@ -232,7 +239,7 @@ def check_backends(names: list[str], device: torch.device) -> dict[str, Any]:
     for kind, pattern in backend_check_patterns(batch, heads, tokens, blocks, device).items():
         reports: dict[str, dict[str, Any]] = {}
         for name in names:
-            refusal = get_backend(name).kind_refusal(pattern.kind)
+            refusal = get_backend(name).refusal(pattern)
             if refusal:
                 reports[name] = {"not_applicable": refusal}
             else:  # masked dense runs beside each backend, so a mismatch is reported in the outcome, not raised
@@ -246,6 +253,9 @@ def check_backends(names: list[str], device: torch.device) -> dict[str, Any]:
             print(f"backend {name:>10} on {kind:>8}: {'ok' if 'ms' in outcome else 'FAILED'} ({detail})", flush=True)
             if "skipped" in outcome and failure is None:
                 failure = f"backend {name!r} on {kind}: {outcome['skipped']}"
+    for name in names:
+        if failure is None and all("not_applicable" in reports[name] for reports in patterns.values()):
+            failure = f"backend {name!r} runs none of the check patterns ({', '.join(patterns)})"
     return {"passed": failure is None, "failure": failure, "patterns": patterns}
 
 
