@@ -270,10 +270,11 @@ def test_the_default_backend_runs_the_kernels_where_they_can(monkeypatch: pytest
 
 
 @needs_kernel
-def test_kmeans_script_checks_every_configuration_then_times_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU script at a small shape: each autotuner configuration pair passes its check, the kernels' iteration
-    at the timed shape passes too, both paths are timed (k-means and the selection) as a share of the dense call,
-    and the table has one line per path."""
+def test_kmeans_script_checks_every_configuration_then_times_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU script at a small shape: each autotuner configuration pair of each update step passes its check, the
+    kernels' iteration at the timed shape passes too with both updates, every path is timed (k-means and the
+    selection) as a share of the dense call, the faster update step is named, and the table has one line per
+    path."""
     from harness.benchmarks import svg2_kmeans as script
     from harness.benchmarks.sparse_gpu import sparse_context
     from methods import TokenGrid
@@ -281,13 +282,16 @@ def test_kmeans_script_checks_every_configuration_then_times_both_paths(monkeypa
     monkeypatch.setattr(script, "COLD_REPEATS", (0, 1))
     monkeypatch.setattr(script, "WARM_REPEATS", (1, 1))
     configs = script.check_configs(DEVICE)
-    assert configs["kept"] == len(configs["configs"]) >= 1
-    grid = TokenGrid(2, 8, 8)  # 128 tokens: 16 query and 16 key clusters
+    assert set(configs["variants"]) == set(fused.VARIANTS)
+    assert all(check["kept"] == len(check["configs"]) >= 1 for check in configs["variants"].values())
+    grid = TokenGrid(2, 8, 8)  # 128 tokens
     q, k, v = (torch.randn(1, 2, grid.tokens, 32, device=DEVICE).to(torch.float16) for _ in range(3))
-    row = script.kmeans_timings(q, k, v, sparse_context(grid), 1.0, True, kmeans_init_iters=3, kmeans_step_iters=1)
-    assert row["passed"] and row["clusters"] == {"q": 16, "k": 16}
-    assert all(row["check"]["triton"][name]["label_agreement"] > 0.9 for name in "qk")
+    row = script.kmeans_timings(q, k, v, sparse_context(grid), 1.0, configs, q_clusters=4, k_clusters=8,
+                                kmeans_init_iters=2, kmeans_step_iters=1)  # fmt: skip
+    assert row["passed"] and row["clusters"] == {"q": 4, "k": 8}
+    assert all(row["check"][path][name]["label_agreement"] > 0.9 for path in script.PATHS for name in "qk")
+    assert set(row["paths"]) == set(script.PATHS) and row["fastest_update"] in fused.VARIANTS
     for timing in row["paths"].values():
         assert timing["selection_fraction"] == timing["selection"]["median_ms"] > 0
-        assert timing["k"]["warm"]["median_ms"] > 0
+        assert all(timing[name]["warm_fraction"] == timing[name]["warm"]["median_ms"] > 0 for name in "qk")
     assert len(script.table_lines("toy", row)) == len(script.PATHS)

@@ -196,7 +196,7 @@ def _update_sorted(x_ptr, order_ptr, bounds_ptr, c_ptr, out_ptr, sizes_ptr, N, C
     count = end - begin
     row = g * C * D + cluster * D + cols
     previous = tl.load(c_ptr + row, mask=inside, other=0.0)
-    size = tl.full((BLOCK_D,), 1, tl.float32) * tl.maximum(count, 1).to(tl.float32)
+    size = tl.broadcast_to(tl.maximum(count, 1).to(tl.float32), (BLOCK_D,))
     mean = tl.math.div_rn(sums, size)  # IEEE division, as torch's
     tl.store(out_ptr + row, tl.where(count > 0, mean, previous), mask=inside)
     tl.store(sizes_ptr + g * C + cluster, count.to(tl.int64))
