@@ -44,7 +44,7 @@ from methods.kernels.block_sparse import (
     select_by_cost_budget,
     select_by_cumulative_mass,
 )
-from methods.kernels.kmeans_triton import BACKEND_NOTE, kmeans_lloyd, use_fused
+from methods.kernels.kmeans_triton import BACKEND_NOTE, chosen_variant, kmeans_lloyd, use_fused
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, block_sparse_parameters
 
@@ -69,11 +69,13 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor | None, generator: torch.Generator,
-           backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+           backend: str | None = None,
+           update: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Batched Euclidean k-means (Lloyd), as SVG2's ``batch_kmeans_Euclid`` with tolerance 0.
 
     On CUDA (fp16/bf16) the Triton iterations (:mod:`methods.kernels.kmeans_triton`, no host sync) run them unless
-    ``backend`` (default ``$BENCH_KMEANS_BACKEND``, else auto) is ``torch``; elsewhere :func:`lloyd`.
+    ``backend`` (default ``$BENCH_KMEANS_BACKEND``, else auto) is ``torch``, with the update step ``update``
+    (default ``$BENCH_KMEANS_UPDATE``, else onehot); elsewhere :func:`lloyd`.
 
     Args:
         x: ``(G, N, D)`` points (means accumulate in fp32).
@@ -82,17 +84,19 @@ def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor |
         init: ``(G, C, D)`` fp32 starting centroids, or ``None`` for C random tokens per group.
         generator: draws the random starting tokens.
         backend: ``auto``, ``torch`` or ``triton`` (HarnessError for another, or ``triton`` where it cannot run).
+        update: the kernels' update step, ``onehot`` or ``sorted`` (HarnessError for another, on every path).
 
     Returns:
         labels ``(G, N)`` of the last assignment, centroids ``(G, C, D)`` fp32 (the means of those
         labels; an empty cluster keeps its previous centroid) and cluster sizes ``(G, C)``.
     """
+    update = chosen_variant(update)
     groups, tokens, dim = x.shape
     if init is None:
         picks = torch.randint(0, tokens, (groups, clusters), generator=generator, device=x.device)
         init = x.gather(1, picks[..., None].expand(-1, -1, dim)).float()
     if use_fused(x, backend):
-        return kmeans_lloyd(x, init, iterations)
+        return kmeans_lloyd(x, init, iterations, update)
     return lloyd(x, init, iterations)
 
 

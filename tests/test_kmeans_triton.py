@@ -1,4 +1,5 @@
-"""SVG2's Triton k-means against the torch path (:func:`methods.svg2.lloyd`), and the dispatch between them.
+"""SVG2's Triton k-means against the torch path (:func:`methods.svg2.lloyd`), and the dispatch between them. The
+tests of the kernels' shared contract run each update variant (one-hot and sorted).
 
 The kernel tests need Triton and either CUDA or the Triton interpreter on CPU tensors; elsewhere (CI) they
 skip. To run them on a CPU machine, with Triton (and numpy < 2.4, which Triton 3.6's interpreter needs)
@@ -25,6 +26,7 @@ from methods.svg2 import kmeans, lloyd
 
 needs_kernel = triton_needs_kernel(fused)
 DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
+every_variant = pytest.mark.parametrize("update", fused.VARIANTS)
 
 
 def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -54,6 +56,7 @@ def means_of(x: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor) -> t
 
 
 @needs_kernel
+@every_variant
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("groups", "clusters", "tokens", "dim", "iterations"),
@@ -62,12 +65,12 @@ def means_of(x: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor) -> t
      (1, 33, 100, 32, 2)],  # clusters over three tiles, 33 = 2 x 16 + 1
 )  # fmt: skip
 def test_well_separated_points_get_torch_labels_sizes_and_centroids(
-    groups: int, clusters: int, tokens: int, dim: int, iterations: int, dtype: torch.dtype
+    groups: int, clusters: int, tokens: int, dim: int, iterations: int, dtype: torch.dtype, update: str
 ) -> None:
     """Labels (the clusters by construction) and sizes equal the torch path's exactly, centroids within
     CENTROID_TOLERANCE of its and of the float64 means of those labels."""
     x, init, expected = separated(groups, clusters, tokens, dim, dtype)
-    labels, centroids, sizes = fused.kmeans_lloyd(x, init, iterations)
+    labels, centroids, sizes = fused.kmeans_lloyd(x, init, iterations, update)
     ref_labels, ref_centroids, ref_sizes = lloyd(x, init, iterations)
     assert labels.dtype == sizes.dtype == torch.int64 and centroids.dtype == torch.float32
     assert torch.equal(labels, expected) and torch.equal(ref_labels, expected) and torch.equal(sizes, ref_sizes)
@@ -78,8 +81,9 @@ def test_well_separated_points_get_torch_labels_sizes_and_centroids(
 @pytest.fixture
 def gpu_tiles(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The kernels at GPU configurations' tiles instead of the interpreter's 16 x 16: 64 tokens x 32 centroids in
-    the assignment, 32 clusters x 64 tokens in the update."""
-    tuners = {fused._assign: {"BLOCK_N": 64, "BLOCK_C": 32}, fused._update: {"BLOCK_C": 32, "BLOCK_N": 64}}
+    the assignment, 32 clusters x 64 tokens in the one-hot update, 32 tokens in the sorted one."""
+    tuners = {fused._assign: {"BLOCK_N": 64, "BLOCK_C": 32}, fused._update: {"BLOCK_C": 32, "BLOCK_N": 64},
+              fused._update_sorted: {"BLOCK_N": 32}}  # fmt: skip
     for tuner, tiles in tuners.items():
         monkeypatch.setattr(tuner, "configs", [fused.triton.Config(tiles, num_warps=4)])
         tuner.cache.clear()
@@ -89,39 +93,43 @@ def gpu_tiles(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @needs_kernel
+@every_variant
 @pytest.mark.usefixtures("gpu_tiles")
-def test_well_separated_points_at_gpu_tiles() -> None:
-    """Several token, centroid and cluster tiles, each ragged: labels and sizes exact, centroids within tolerance."""
-    x, init, expected = separated(2, 40, 150, 32)
-    labels, centroids, sizes = fused.kmeans_lloyd(x, init, 2)
+def test_well_separated_points_at_gpu_tiles(update: str) -> None:
+    """Several token, centroid and cluster tiles, each ragged (clusters of 37 and 38 tokens: two sorted-update
+    tiles): labels and sizes exact, centroids within tolerance."""
+    x, init, expected = separated(2, 40, 1500, 32)
+    labels, centroids, sizes = fused.kmeans_lloyd(x, init, 2, update)
     ref_labels, ref_centroids, ref_sizes = lloyd(x, init, 2)
     assert torch.equal(labels, expected) and torch.equal(ref_labels, expected) and torch.equal(sizes, ref_sizes)
     assert relative(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
 
 
 @needs_kernel
-def test_random_points_get_a_nearest_centroid_and_the_means_of_their_labels() -> None:
+@every_variant
+def test_random_points_get_a_nearest_centroid_and_the_means_of_their_labels(update: str) -> None:
     """On overlapping random points (near-ties possible), one iteration passes the GPU script's check (every label a
     nearest centroid up to the dot products' rounding, centroids the float64 means of those labels, sizes their
     counts), and the labels are mostly torch's."""
     from harness.benchmarks.svg2_kmeans import label_check
 
     x, init = torch.randn(2, 200, 32, device=DEVICE).to(torch.float16), torch.randn(2, 24, 32, device=DEVICE)
-    out = fused.kmeans_lloyd(x, init, 1)
+    out = fused.kmeans_lloyd(x, init, 1, update)
     check = label_check(x, init, out)
     assert check["passed"], check
     assert (out[0] == lloyd(x, init, 1)[0]).float().mean() > 0.95
 
 
 @needs_kernel
-def test_ties_go_to_the_first_centroid_and_empty_clusters_keep_theirs() -> None:
+@every_variant
+def test_ties_go_to_the_first_centroid_and_empty_clusters_keep_theirs(update: str) -> None:
     """Duplicated centroids (exact ties, in one centroid tile and across tiles: indices 0, 1 and 69) give the lowest
     index, as argmin does; the duplicates and far centroids get no token and keep their value exactly."""
     x, _, _ = separated(1, 3, 60, 16)
     means = means_of(x, (torch.arange(60, device=DEVICE) % 3)[None], torch.zeros(1, 3, 16, device=DEVICE)).float()
     far = 50 + torch.randn(1, 65, 16, device=DEVICE)  # distances far above the means', within fp16
     init = torch.cat([means[:, :1], means[:, :1], means[:, 1:], far, means[:, :1]], dim=1)  # 70 centroids
-    labels, centroids, sizes = fused.kmeans_lloyd(x, init, 2)
+    labels, centroids, sizes = fused.kmeans_lloyd(x, init, 2, update)
     ref_labels, ref_centroids, ref_sizes = lloyd(x, init, 2)
     assert torch.equal(labels, ref_labels) and torch.equal(sizes, ref_sizes)
     assert sizes[0].tolist() == [20, 0, 20, 20] + [0] * 66
@@ -131,11 +139,12 @@ def test_ties_go_to_the_first_centroid_and_empty_clusters_keep_theirs() -> None:
 
 
 @needs_kernel
-def test_strided_points_are_read_in_place() -> None:
+@every_variant
+def test_strided_points_are_read_in_place(update: str) -> None:
     """(N, G, D) points seen as (G, N, D) (a head-major view of token-major projections) cluster as their copy."""
     x, init, _ = separated(2, 6, 50, 16)
     strided = x.transpose(0, 1).contiguous().transpose(0, 1)
-    out, ref = fused.kmeans_lloyd(strided, init, 2), fused.kmeans_lloyd(x, init, 2)
+    out, ref = fused.kmeans_lloyd(strided, init, 2, update), fused.kmeans_lloyd(x, init, 2, update)
     assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
 
 
@@ -153,25 +162,82 @@ def test_dispatch_runs_the_kernels_only_when_asked() -> None:
 
 
 @needs_kernel
-def test_op_passes_opcheck() -> None:
+@every_variant
+def test_op_passes_opcheck(update: str) -> None:
     """The op's schema (outputs alias no input), fake outputs (shapes, dtypes, strides) and AOT dispatch agree with
     the kernels."""
     x, init, _ = separated(2, 5, 40, 16)
-    torch.library.opcheck(fused.kmeans_lloyd, (x, init, 2))
+    torch.library.opcheck(fused.kmeans_lloyd, (x, init, 2, update))
 
 
 @needs_kernel
-def test_compiled_kmeans_equals_eager() -> None:
+@every_variant
+def test_compiled_kmeans_equals_eager(update: str) -> None:
     """torch.compile (fullgraph: no graph break) of the op gives eager's outputs: the launches are inside the op."""
     x, init, _ = separated(2, 5, 40, 16)
 
     def cluster(x: torch.Tensor, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return fused.kmeans_lloyd(x, init, 2)
+        return fused.kmeans_lloyd(x, init, 2, update)
 
     torch._dynamo.reset()
     compiled = torch.compile(cluster, backend="aot_eager", fullgraph=True)(x, init)
     torch._dynamo.reset()
     assert all(torch.equal(a, b) for a, b in zip(compiled, cluster(x, init), strict=True))
+
+
+@needs_kernel
+def test_sorted_update_gives_the_onehot_labels_and_the_float64_means() -> None:
+    """Random overlapping points from random tokens and far centroids (which stay empty), one iteration: the sorted
+    update's labels and sizes equal the one-hot update's, sizes are the labels' counts, centroids within
+    CENTROID_TOLERANCE of the float64 means of those labels, empty clusters keep their centroid exactly. 77 tokens,
+    head dim 24 and 3 near centroids: ragged token and column tiles, a cluster over two or more 16-token tiles."""
+    x = torch.randn(2, 77, 24, device=DEVICE).to(torch.float16)
+    far = 50 + torch.randn(2, 3, 24, device=DEVICE)
+    init = torch.cat([x[:, :2].float(), far[:, :2], x[:, 2:3].float(), far[:, 2:]], dim=1)  # 6 centroids
+    labels, centroids, sizes = fused.kmeans_lloyd(x, init, 1, "sorted")
+    onehot = fused.kmeans_lloyd(x, init, 1, "onehot")
+    assert torch.equal(labels, onehot[0]) and torch.equal(sizes, onehot[2])
+    counts = torch.nn.functional.one_hot(labels, 6).sum(dim=1)
+    assert torch.equal(sizes, counts) and (sizes[:, [2, 3, 5]] == 0).all()
+    assert relative(centroids, means_of(x, labels, init)) <= fused.CENTROID_TOLERANCE
+    assert torch.equal(centroids[sizes == 0], init[sizes == 0])
+
+
+@needs_kernel
+@every_variant
+def test_every_update_is_deterministic(update: str) -> None:
+    """Two runs of the same iterations on random points give bit-identical labels, centroids and sizes."""
+    x, init = torch.randn(2, 90, 16, device=DEVICE).to(torch.float16), torch.randn(2, 7, 16, device=DEVICE)
+    first, second = fused.kmeans_lloyd(x, init, 2, update), fused.kmeans_lloyd(x, init, 2, update)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@needs_kernel
+@every_variant
+def test_kmeans_runs_the_update_the_variable_names(monkeypatch: pytest.MonkeyPatch, update: str) -> None:
+    """``$BENCH_KMEANS_UPDATE`` picks the kernels' update step: only that one runs, once per iteration."""
+    calls: list[str] = []
+    for name, step in fused.UPDATE_STEPS.items():
+        monkeypatch.setitem(fused.UPDATE_STEPS, name, lambda *args, n=name, s=step: (calls.append(n), s(*args)))
+    monkeypatch.setenv(fused.VARIANT_ENV, update)
+    x, init, _ = separated(1, 4, 40, 16)
+    kmeans(x, 4, 2, init, torch.Generator(DEVICE), backend="triton")
+    assert calls == [update, update]
+
+
+def test_the_default_update_is_onehot_until_both_are_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(fused.VARIANT_ENV, raising=False)
+    assert fused.chosen_variant() == fused.DEFAULT_VARIANT == "onehot"
+    assert fused.chosen_variant("sorted") == "sorted"
+    monkeypatch.setenv(fused.VARIANT_ENV, " Sorted ")
+    assert fused.chosen_variant() == "sorted"
+
+
+def test_an_unknown_update_is_a_specific_error_on_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also where the torch path runs (fp32 points), as the xattn variant's error."""
+    monkeypatch.setenv(fused.VARIANT_ENV, "scatter")
+    with pytest.raises(HarnessError, match="BENCH_KMEANS_UPDATE must be one of onehot, sorted, got 'scatter'"):
+        kmeans(torch.randn(1, 20, 8), 4, 1, None, torch.Generator(), backend="torch")
 
 
 def test_unsupported_points_take_the_torch_path() -> None:
@@ -204,10 +270,11 @@ def test_the_default_backend_runs_the_kernels_where_they_can(monkeypatch: pytest
 
 
 @needs_kernel
-def test_kmeans_script_checks_every_configuration_then_times_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU script at a small shape: each autotuner configuration pair passes its check, the kernels' iteration
-    at the timed shape passes too, both paths are timed (k-means and the selection) as a share of the dense call,
-    and the table has one line per path."""
+def test_kmeans_script_checks_every_configuration_then_times_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU script at a small shape: each autotuner configuration pair of each update step passes its check, the
+    kernels' iteration at the timed shape passes too with both updates, every path is timed (k-means and the
+    selection) as a share of the dense call, the faster update step is named, and the table has one line per
+    path."""
     from harness.benchmarks import svg2_kmeans as script
     from harness.benchmarks.sparse_gpu import sparse_context
     from methods import TokenGrid
@@ -215,13 +282,16 @@ def test_kmeans_script_checks_every_configuration_then_times_both_paths(monkeypa
     monkeypatch.setattr(script, "COLD_REPEATS", (0, 1))
     monkeypatch.setattr(script, "WARM_REPEATS", (1, 1))
     configs = script.check_configs(DEVICE)
-    assert configs["kept"] == len(configs["configs"]) >= 1
-    grid = TokenGrid(2, 8, 8)  # 128 tokens: 16 query and 16 key clusters
+    assert set(configs["variants"]) == set(fused.VARIANTS)
+    assert all(check["kept"] == len(check["configs"]) >= 1 for check in configs["variants"].values())
+    grid = TokenGrid(2, 8, 8)  # 128 tokens
     q, k, v = (torch.randn(1, 2, grid.tokens, 32, device=DEVICE).to(torch.float16) for _ in range(3))
-    row = script.kmeans_timings(q, k, v, sparse_context(grid), 1.0, True, kmeans_init_iters=3, kmeans_step_iters=1)
-    assert row["passed"] and row["clusters"] == {"q": 16, "k": 16}
-    assert all(row["check"]["triton"][name]["label_agreement"] > 0.9 for name in "qk")
+    row = script.kmeans_timings(q, k, v, sparse_context(grid), 1.0, configs, q_clusters=4, k_clusters=8,
+                                kmeans_init_iters=2, kmeans_step_iters=1)  # fmt: skip
+    assert row["passed"] and row["clusters"] == {"q": 4, "k": 8}
+    assert all(row["check"][path][name]["label_agreement"] > 0.9 for path in script.PATHS for name in "qk")
+    assert set(row["paths"]) == set(script.PATHS) and row["fastest_update"] in fused.VARIANTS
     for timing in row["paths"].values():
         assert timing["selection_fraction"] == timing["selection"]["median_ms"] > 0
-        assert timing["k"]["warm"]["median_ms"] > 0
+        assert all(timing[name]["warm_fraction"] == timing[name]["warm"]["median_ms"] > 0 for name in "qk")
     assert len(script.table_lines("toy", row)) == len(script.PATHS)

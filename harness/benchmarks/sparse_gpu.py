@@ -424,7 +424,7 @@ def time_attention(names: list[str], dense: list[str], model: str, device: torch
             result["xattn_selection"] = xattn_selection.selection_timings(q, k, v, ctx, dense_ms, selection_check)
         if kmeans_check is not None:
             result["svg2_kmeans"] = svg2_kmeans.kmeans_timings(
-                q, k, v, ctx, dense_ms, kmeans_check["kept"] > 0, **params.get("svg2", {})
+                q, k, v, ctx, dense_ms, kmeans_check, **params.get("svg2", {})
             )
         if "svg2" in names and svg2_densities:
             result["svg2_density_sweep"] = svg2_density_sweep(q, k, v, ctx, svg2_densities, dense_ms)

@@ -1,18 +1,20 @@
 """SVG2's k-means on the GPU: the Triton Lloyd iterations checked, then timed against the torch path.
 
 Used by :mod:`harness.benchmarks.sparse_gpu` (on CUDA, when svg2 is among its methods) and runnable alone, per
-model shape, on random bf16 q and k ``(B, H, N, D)`` clustered per head with svg2's cluster counts:
+model shape, on random bf16 q and k ``(B, H, N, D)`` clustered per head with svg2's cluster counts, for the paths
+of :data:`PATHS`: torch, and the kernels with each update step (``triton`` the one-hot update, the name of earlier
+runs' JSON; ``triton_sorted`` the sorted one):
 
-1. :func:`check_configs`: each (assignment, update) configuration pair of the kernels' autotuner lists, pinned in
-   turn, on fresh random points at :data:`CONFIG_CHECK_SHAPE` in fp16 and bf16, one iteration checked by
-   :func:`label_check`; a pair that fails, or does not compile, is removed from both lists before anything is
-   timed, and the JSON names it with its errors.
+1. :func:`check_configs`: per update step, each (assignment, update) configuration pair of the kernels' autotuner
+   lists, pinned in turn, on fresh random points at :data:`CONFIG_CHECK_SHAPE` in fp16 and bf16, one iteration
+   checked by :func:`label_check`; a pair that fails, or does not compile, is removed from both lists before
+   anything is timed, and the JSON names it with its errors.
 2. :func:`kmeans_timings` at the model's shape: the same check of one iteration per path from a warm cache
    (torch's cold-start centroids), with the share of labels equal to torch's (random points have near-ties that
    rounding order decides, so equality is reported, not required); then per path the median time of the cold
    start (``kmeans_init_iters`` from random tokens) and of a warm step (``kmeans_step_iters`` from the cache) of q
    and of k, and of svg2's whole selection at a warm step (``SparseVideoGen2.plan``), as fractions of the dense
-   cuDNN call.
+   cuDNN call; ``fastest_update`` names the update step with the faster warm selection.
 
     python -m harness.benchmarks.svg2_kmeans --out $OUT/svg2_kmeans --models wan1.3b,wan14b
 """
@@ -20,6 +22,7 @@ model shape, on random bf16 q and k ``(B, H, N, D)`` clustered per head with svg
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,9 @@ from methods import AttentionContext, build_method
 from methods.kernels import kmeans_triton as fused
 from methods.svg2 import SparseVideoGen2, kmeans
 
-PATHS = ("torch", "triton")
+#: Timed path -> (``$BENCH_KMEANS_BACKEND``, ``$BENCH_KMEANS_UPDATE``; None: the torch path has no update step).
+PATHS: dict[str, tuple[str, str | None]] = {"torch": ("torch", None), "triton": ("triton", "onehot"),
+                                            "triton_sorted": ("triton", "sorted")}  # fmt: skip
 #: (groups, tokens, head_dim, clusters) of the per-configuration check: Wan's heads, 4,000 tokens and 300 clusters
 #: (ragged last token and cluster tiles at every configuration).
 CONFIG_CHECK_SHAPE = {"cuda": (12, 4000, 128, 300), "cpu": (2, 100, 32, 40)}
@@ -73,41 +78,59 @@ def label_check(x: torch.Tensor, centroids: torch.Tensor, out: tuple[torch.Tenso
 
 
 def check_configs(device: torch.device) -> dict[str, Any]:
-    """Each configuration pair of the autotuners' lists pinned in turn (see the module docstring); the failing pairs
-    are removed from the lists. Returns ``{"shape", "configs": [{"config", "checks", "passed"}], "kept"}``."""
+    """Per update step, each configuration pair of the autotuners' lists pinned in turn (see the module
+    docstring); the failing pairs are removed from the lists (an assignment configuration when it failed beside
+    either update). Returns ``{"shape", "variants": {update: {"configs": [{"config", "checks", "passed"}],
+    "kept"}}}``."""
     groups, tokens, dim, clusters = CONFIG_CHECK_SHAPE[device.type]
     dtypes = (torch.float16,) if fused.INTERPRETED else (torch.float16, torch.bfloat16)
     inputs = {}
     for dtype in dtypes:
         x = torch.randn(groups, tokens, dim, device=device).to(dtype)
         inputs[dtype] = (x, x[:, torch.randperm(tokens, device=device)[:clusters]].float())  # random tokens
-    results, kept = [], []
-    for pair in zip(fused._assign.configs, fused._update.configs, strict=True):
-        try:
-            with pinned(fused._assign, [pair[0]]), pinned(fused._update, [pair[1]]):
-                checks = {str(dtype).removeprefix("torch."): label_check(x, init, fused.kmeans_lloyd(x, init, 1))
-                          for dtype, (x, init) in inputs.items()}  # fmt: skip
-        except (fused.triton.runtime.errors.OutOfResources, fused.triton.compiler.errors.CompilationError) as exc:
-            checks = {"compile": {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                                  "passed": False}}  # fmt: skip
-        passed = all(check["passed"] for check in checks.values())
-        results.append({"config": [str(config) for config in pair], "checks": checks, "passed": passed})
-        print(f"svg2 k-means configs {pair[0]} / {pair[1]}: {'ok' if passed else 'FAILED'} {checks}", flush=True)
-        if passed:
-            kept.append(pair)
-    if kept:
-        for tuner, configs in ((fused._assign, [a for a, _ in kept]), (fused._update, [u for _, u in kept])):
-            tuner.configs = configs
-            tuner.cache.clear()
-    return {"shape": CONFIG_CHECK_SHAPE[device.type], "configs": results, "kept": len(kept)}
+    assign_failed: set[int] = set()
+    variants, kept_updates = {}, {}
+    for update in fused.VARIANTS:
+        tuner = fused.TUNERS[update]
+        results, kept = [], []
+        for index, pair in enumerate(zip(fused._assign.configs, tuner.configs, strict=True)):
+            try:
+                checks = {}
+                with pinned(fused._assign, [pair[0]]), pinned(tuner, [pair[1]]):
+                    for dtype, (x, init) in inputs.items():
+                        out = fused.kmeans_lloyd(x, init, 1, update)
+                        checks[str(dtype).removeprefix("torch.")] = label_check(x, init, out)
+            except (fused.triton.runtime.errors.OutOfResources, fused.triton.compiler.errors.CompilationError) as exc:
+                checks = {"compile": {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                      "passed": False}}  # fmt: skip
+            passed = all(check["passed"] for check in checks.values())
+            results.append({"config": [str(config) for config in pair], "checks": checks, "passed": passed})
+            print(f"svg2 k-means {update} configs {pair[0]} / {pair[1]}: {'ok' if passed else 'FAILED'} {checks}",
+                  flush=True)  # fmt: skip
+            if passed:
+                kept.append(pair[1])
+            else:
+                assign_failed.add(index)
+        kept_updates[update] = kept
+        variants[update] = {"configs": results, "kept": len(kept)}
+    kept_assign = [config for index, config in enumerate(fused._assign.configs) if index not in assign_failed]
+    if kept_assign:
+        fused._assign.configs = kept_assign
+        fused._assign.cache.clear()
+    for update, kept in kept_updates.items():
+        if kept:
+            fused.TUNERS[update].configs = kept
+            fused.TUNERS[update].cache.clear()
+        variants[update]["kept"] = len(kept) if kept_assign else 0
+    return {"shape": CONFIG_CHECK_SHAPE[device.type], "variants": variants}
 
 
 def kmeans_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, dense_ms: float,
-                   configs_passed: bool, **params: Any) -> dict[str, Any]:  # fmt: skip
-    """Check at this shape, then time both paths (see the module docstring). q, k, v ``(B, H, N, D)`` bf16 (fp16
-    in the interpreter); ``dense_ms`` the dense call's median; ``params`` svg2's (default: the repository's
-    settings). The kernels are timed only if ``configs_passed`` (some pair passed :func:`check_configs`) and their
-    iteration here passes :func:`label_check`."""
+                   config_check: dict[str, Any], **params: Any) -> dict[str, Any]:  # fmt: skip
+    """Check at this shape, then time every path (see the module docstring). q, k, v ``(B, H, N, D)`` bf16 (fp16
+    in the interpreter); ``dense_ms`` the dense call's median; ``config_check`` :func:`check_configs`'s result;
+    ``params`` svg2's (default: the repository's settings). An update step is timed only if some pair of it passed
+    there and its iteration here passes :func:`label_check`; ``passed`` says whether every update step's did."""
     settings = SparseVideoGen2(**params)
     counts = dict(zip("qk", settings.clusters(q.shape[-2]), strict=True))
     points = {"q": q.flatten(0, 1), "k": k.flatten(0, 1)}
@@ -117,70 +140,77 @@ def kmeans_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Atten
     check: dict[str, Any] = {path: {} for path in PATHS}
     for name, x in points.items():
         torch_labels = None
-        for path in PATHS:
-            reason = fused.unsupported_reason(x) or (None if configs_passed else "no configuration passed")
-            if path == "triton" and reason:
+        for path, (backend, update) in PATHS.items():
+            passed_pairs = update is None or config_check["variants"][update]["kept"] > 0
+            reason = fused.unsupported_reason(x) or (None if passed_pairs else "no configuration passed")
+            if update is not None and reason:
                 check[path][name] = {"skipped": reason, "passed": False}
                 continue
-            out = kmeans(x, counts[name], 1, cache[name], generator, path)
+            out = kmeans(x, counts[name], 1, cache[name], generator, backend, update)
             torch_labels = out[0] if torch_labels is None else torch_labels
             agreement = (out[0] == torch_labels).float().mean().item()
             check[path][name] = label_check(x, cache[name], out) | {"label_agreement": agreement}
             del out
-    passed = all(check["triton"][name]["passed"] for name in points)
+    checked = {path: all(check[path][name]["passed"] for name in points) for path, (_, u) in PATHS.items() if u}
     row: dict[str, Any] = {"clusters": counts, "iterations": {"cold": cold_iters, "warm": warm_iters},
-                           "dense_ms": dense_ms, "check": check, "passed": passed, "paths": {}}  # fmt: skip
-    for path in PATHS:
-        if path == "triton" and not passed:
+                           "dense_ms": dense_ms, "check": check, "passed": all(checked.values()),
+                           "paths": {}}  # fmt: skip
+    for path, (backend, update) in PATHS.items():
+        if not checked.get(path, True):
             row["paths"][path] = {"skipped": "an iteration failed its check"}
             continue
         timing: dict[str, Any] = {}
         for name, x in points.items():
-            cold, _ = measure(lambda n=name, x=x, p=path: kmeans(x, counts[n], cold_iters, None, generator, p),
-                              q.device, *COLD_REPEATS)  # fmt: skip
-            warm, _ = measure(lambda n=name, x=x, p=path: kmeans(x, counts[n], warm_iters, cache[n], generator, p),
-                              q.device, *WARM_REPEATS)  # fmt: skip
-            timing[name] = {"cold": cold.to_dict(), "warm": warm.to_dict()}
-        with environment({fused.BACKEND_ENV: path}):
+            cold_start = partial(kmeans, x, counts[name], cold_iters, None, generator, backend, update)
+            warm_step = partial(kmeans, x, counts[name], warm_iters, cache[name], generator, backend, update)
+            cold, _ = measure(cold_start, q.device, *COLD_REPEATS)
+            warm, _ = measure(warm_step, q.device, *WARM_REPEATS)
+            timing[name] = {"cold": cold.to_dict(), "warm": warm.to_dict(), "warm_fraction": warm.median_ms / dense_ms}
+        with environment({fused.BACKEND_ENV: backend} | ({} if update is None else {fused.VARIANT_ENV: update})):
             method = SparseVideoGen2(**params)  # the first (warm-up) plan runs the cold start, the timed ones warm
             selection, _ = measure(lambda m=method: m.plan(q, k, v, ctx), q.device, *WARM_REPEATS)
         warm_ms = sum(timing[name]["warm"]["median_ms"] for name in points)
         timing |= {"selection": selection.to_dict(), "warm_kmeans_fraction": warm_ms / dense_ms,
                    "selection_fraction": selection.median_ms / dense_ms}  # fmt: skip
         row["paths"][path] = timing
+    timed = {update: row["paths"][path]["selection"]["median_ms"] for path, (_, update) in PATHS.items()
+             if update is not None and "selection" in row["paths"][path]}  # fmt: skip
+    row["fastest_update"] = min(timed, key=timed.__getitem__) if timed else None
     return row
 
 
-TABLE_HEADER = (f"{'model':>8} {'path':>7} {'q cold ms':>9} {'q warm ms':>9} {'k cold ms':>9} {'k warm ms':>9} "
-                f"{'selection ms':>12} {'of dense':>8} {'gap/bound':>9} {'centroids':>9} {'agreement':>9}")  # fmt: skip
+TABLE_HEADER = (f"{'model':>8} {'path':>13} {'q cold ms':>9} {'q warm ms':>9} {'k cold ms':>9} {'k warm ms':>9} "
+                f"{'q warm %':>8} {'k warm %':>8} {'selection ms':>12} {'of dense':>8} {'gap/bound':>9} "
+                f"{'centroids':>9} {'agreement':>9}")  # fmt: skip
 
 
 def table_lines(model: str, row: dict[str, Any]) -> list[str]:
-    """Printed rows: per path, cold start and warm step of q and k, the warm selection (ms and share of the dense
-    call), and the check's worst label gap over its bound, centroid error and label agreement with torch (worst
-    of q and k)."""
+    """Printed rows: per path, cold start and warm step of q and k (ms; the warm steps also as shares of the dense
+    call), the warm selection (ms and share of the dense call), and the check's worst label gap over its bound,
+    centroid error and label agreement with torch (worst of q and k)."""
     lines = []
     for path, timing in row["paths"].items():
         if "skipped" in timing:
-            lines.append(f"{model:>8} {path:>7}  skipped: {timing['skipped']}")
+            lines.append(f"{model:>8} {path:>13}  skipped: {timing['skipped']}")
             continue
         checks = row["check"][path].values()
         times = " ".join(f"{timing[n][when]['median_ms']:>9.2f}" for n in "qk" for when in ("cold", "warm"))
-        lines.append(f"{model:>8} {path:>7} {times} {timing['selection']['median_ms']:>12.2f} "
+        times += "".join(f" {timing[n]['warm_fraction']:>8.1%}" for n in "qk")
+        lines.append(f"{model:>8} {path:>13} {times} {timing['selection']['median_ms']:>12.2f} "
                      f"{timing['selection_fraction']:>8.1%} {max(c['worst_gap'] for c in checks):>9.2f} "
                      f"{max(c['centroid_error'] for c in checks):>9.1e} "
                      f"{min(c['label_agreement'] for c in checks):>9.4f}")  # fmt: skip
     return lines
 
 
-def model_row(model: str, device: torch.device, configs_passed: bool) -> dict[str, Any]:
+def model_row(model: str, device: torch.device, config_check: dict[str, Any]) -> dict[str, Any]:
     """:func:`kmeans_timings` at ``model``'s shape, beside the cuDNN dense call on the same q, k, v."""
     from harness.benchmarks.sparse_gpu import model_inputs  # sparse_gpu imports this module
 
     q, k, v, ctx = model_inputs(model, device)
     dense = build_method("cudnn")
     dense_ms = measure(lambda: dense(q, k, v, ctx), device, *WARM_REPEATS)[0].median_ms
-    return kmeans_timings(q, k, v, ctx, dense_ms, configs_passed)
+    return kmeans_timings(q, k, v, ctx, dense_ms, config_check)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,13 +226,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = {}
     with torch.inference_mode():
         for model in [m for m in args.models.split(",") if m]:
-            rows[model] = model_row(model, device, configs["kept"] > 0)
+            rows[model] = model_row(model, device, configs)
             write_json_atomic(args.out / "svg2_kmeans.json", {"config_check": configs, "models": rows})
             torch.cuda.empty_cache()
     print(TABLE_HEADER)
     for model, row in rows.items():
         print("\n".join(table_lines(model, row)))
-        print(f"{'':>8} dense {row['dense_ms']:.2f} ms; clusters {row['clusters']}, iterations {row['iterations']}")
+        print(
+            f"{'':>8} dense {row['dense_ms']:.2f} ms; clusters {row['clusters']}, iterations {row['iterations']}; "
+            f"faster update step: {row['fastest_update']}"
+        )
 
 
 if __name__ == "__main__":

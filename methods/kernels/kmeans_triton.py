@@ -10,31 +10,38 @@ per group g (one (batch, head) pair) with points ``x_g (N, D)`` and centroids ``
 2. update: ``sums_j = sum of x_n (fp32) over label_n = j``, ``sizes_j = |{n: label_n = j}|``, the new centroid
    ``sums_j / sizes_j`` where ``sizes_j > 0``, the old one where the cluster is empty.
 
-Two kernels per iteration, launched back to back; ``iterations`` iterations are ``2 x iterations`` launches with
-nothing read back to the host in between:
+An assignment kernel and an update step per iteration, launched back to back with nothing read back to the host
+in between. The update has two variants (:data:`VARIANTS`, the op's ``update``; :func:`chosen_variant` reads
+``$BENCH_KMEANS_UPDATE``) with the same outputs:
 
 - :func:`_assign`: one program per (tile of BLOCK_N tokens, group): the tile of x stays in registers while the
   centroids stream past in tiles of BLOCK_C (loaded transposed by their addresses: no ``tl.trans``, see
   :mod:`methods.kernels.linear_attention_triton` on sm_90), with a running minimum and its index. Only the
   ``(G, N)`` labels reach memory, never the ``(N, C)`` distances.
-- :func:`_update`: one program per (tile of BLOCK_C clusters, group): over all tokens in tiles of BLOCK_N, the
-  one-hot matrix ``[label_n = j]`` (BLOCK_C, BLOCK_N) in x's dtype times the x tile, accumulated in fp32 on tensor
-  cores. The products ``1 x x_n`` are exact and the accumulation is fp32, so the sums are the fp32 sums of the
-  torch path in another order. No atomics, no sort: each program owns its clusters and adds their tokens in a
-  fixed order, so the result is the same on every run (the torch path's ``index_add_`` on CUDA is not).
+- ``onehot``, :func:`_update`: one program per (tile of BLOCK_C clusters, group): over all tokens in tiles of
+  BLOCK_N, the one-hot matrix ``[label_n = j]`` (BLOCK_C, BLOCK_N) in x's dtype times the x tile, accumulated in
+  fp32 on tensor cores. The products ``1 x x_n`` are exact and the accumulation is fp32, so the sums are the fp32
+  sums of the torch path in another order. No atomics, no sort: each program owns its clusters and adds their
+  tokens in a fixed order, so the result is the same on every run (the torch path's ``index_add_`` on CUDA is not).
+- ``sorted``: per group the labels sorted (``torch.sort``, stable: the tokens of a cluster in ascending order), the
+  cluster boundaries in the sorted labels by one batched ``torch.searchsorted`` (no host sync), then
+  :func:`_update_sorted`, one program per (cluster, group): its tokens' rows of x gathered through the sort's
+  ``order`` in tiles of BLOCK_N and summed in fp32 (plain adds, tile by tile in a fixed order: the same on every
+  run). Each token is read once.
 
-Cost per iteration and group: the assignment is ``2 N C D`` FLOPs (one ``x c^T``), the update another ``2 N C D``
-(the one-hot product: C / 1 times the ``N D`` adds a scatter would do, but on tensor cores and deterministic). At
-Wan 1.3B (N = 32,760, D = 128, 12 heads) with 1,000 key clusters that is 2 x 101 GFLOP, under a millisecond on an
-H100-class GPU at half its bf16 rate; a dense attention call is 6.6 TFLOP. Memory: the assignment reads x once and
-the centroids once per token tile (from L2), the update reads x once per cluster tile, both write O(N + C D).
+Cost per iteration and group: the assignment is ``2 N C D`` FLOPs (one ``x c^T``); the one-hot update another ``2 N
+C D`` (C times the ``N D`` adds a scatter would do, on tensor cores) and reads x ``C / BLOCK_C`` times, the sorted
+one ``N D`` adds, x read once (``O(N D)`` bytes) plus a sort and a search of N labels. At Wan 1.3B (N = 32,760, D
+= 128, 12 heads) with 1,000 key clusters the one-hot update took ~1.3 ms per iteration on an H200, more than the
+assignment. Memory: the assignment reads x once and the centroids once per token tile (from L2); both updates
+write O(N + C D).
 
 The loop is one ``torch.library`` custom op, :func:`kmeans_lloyd` (``attention_bench::``, inference only), so
 torch.compile sees one opaque call with fake outputs of the right shapes and never traces the autotuner.
 
 Shapes: x ``(G, N, D)`` fp16 or bf16 (fp16 only under the interpreter), ``D <= 128``, any strides with a
-contiguous last axis; centroids ``(G, C, D)`` float32. Returns labels ``(G, N)`` int64, centroids ``(G, C, D)``
-float32, sizes ``(G, C)`` int64, as the torch path.
+contiguous last axis; centroids ``(G, C, D)`` float32. Returns labels ``(G, N)`` int64, centroids
+``(G, C, D)`` float32, sizes ``(G, C)`` int64, as the torch path.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from typing import Any
 
 import torch
 
-from methods.kernels import kernel_op, use_kernel
+from methods.kernels import env_choice, kernel_op, use_kernel
 
 try:
     import triton
@@ -57,8 +64,13 @@ BACKEND_ENV = "BENCH_KMEANS_BACKEND"
 # as torch's, centroids within 2e-8 of float64) and made svg2's warm selection 67.8 ms against torch's 294.8 ms in
 # the same run at Wan 1.3B (reports/gpu/h200/README.md, run_65b3f07).
 DEFAULT_BACKEND = "auto"
+VARIANT_ENV = "BENCH_KMEANS_UPDATE"
+VARIANTS: tuple[str, ...] = ("onehot", "sorted")
+# onehot until a GPU run (harness.benchmarks.svg2_kmeans) has checked and timed both update variants in one process.
+DEFAULT_VARIANT = "onehot"
 BACKEND_NOTE = (f"svg2 k-means: the Triton Lloyd iterations on CUDA (fp16/bf16) where they can run; "
-                f"{BACKEND_ENV}=torch forces the torch path")  # fmt: skip
+                f"{BACKEND_ENV}=torch forces the torch path; {VARIANT_ENV}=onehot|sorted picks the update step "
+                f"(default {DEFAULT_VARIANT} until both are timed on a GPU; sorted reads each token once)")  # fmt: skip
 MAX_HEAD_DIM = 128
 # Relative error (norm) of the kernel's centroids against the float64 means of the same labels: each is a sum of
 # up to N fp32 terms (relative error ~N u in the worst case, ~sqrt(N) u typically, u = 6e-8) and one division.
@@ -73,19 +85,24 @@ ASSIGN_CONFIGS = ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4
 # (300 query clusters in tiles of 64 are only 5 per head), larger ones read x fewer times.
 UPDATE_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (128, 128, 8, 2),
                   (32, 64, 4, 4))  # fmt: skip
-INTERPRETER_CONFIGS = ((16, 16, 4, 1),)
+# Not yet run on a GPU. (BLOCK_N tokens, num_warps, num_stages) of the sorted update: a cluster's tokens gathered in
+# (BLOCK_N, 128) tiles; Wan's clusters average N / C tokens (33 of 1,000 key clusters, 109 of 300 query clusters).
+SORTED_UPDATE_CONFIGS = ((32, 4, 2), (64, 4, 2), (128, 4, 2), (32, 2, 3), (64, 8, 2), (16, 2, 2))
+# Under the interpreter, every tile 16.
+INTERPRETER_TILE, INTERPRETER_WARPS, INTERPRETER_STAGES = 16, 4, 1
 
 
-def _kernel(configs: tuple[tuple[int, int, int, int], ...], names: tuple[str, str]) -> Any:
-    """``triton.autotune`` over ``configs`` (tile sizes named ``names``) around ``triton.jit``; without Triton the
-    plain function, which is never launched."""
+def _kernel(configs: tuple[tuple[int, ...], ...], names: tuple[str, ...]) -> Any:
+    """``triton.autotune`` over ``configs`` (``(*tiles, num_warps, num_stages)``, the tile sizes named ``names``)
+    around ``triton.jit``; without Triton the plain function, which is never launched."""
 
     def wrap(fn: Any) -> Any:
         if triton is None:
             return fn
-        chosen = INTERPRETER_CONFIGS if INTERPRETED else configs
-        listed = [triton.Config(dict(zip(names, (a, b), strict=True)), num_warps=w, num_stages=s)
-                  for a, b, w, s in chosen]  # fmt: skip
+        interpreted = ((INTERPRETER_TILE,) * len(names) + (INTERPRETER_WARPS, INTERPRETER_STAGES),)
+        listed = [triton.Config(dict(zip(names, config[:-2], strict=True)), num_warps=config[-2],
+                                num_stages=config[-1])
+                  for config in (interpreted if INTERPRETED else configs)]  # fmt: skip
         return triton.autotune(configs=listed, key=["C", "BLOCK_D"])(triton.jit(fn))
 
     return wrap
@@ -155,6 +172,36 @@ def _update(x_ptr, labels_ptr, c_ptr, out_ptr, sizes_ptr, N, C, sxg, sxn, D: tl.
     tl.store(sizes_ptr + g * C + ids, counts.to(tl.int64), mask=ids < C)
 
 
+@_kernel(SORTED_UPDATE_CONFIGS, ("BLOCK_N",))
+def _update_sorted(x_ptr, order_ptr, bounds_ptr, c_ptr, out_ptr, sizes_ptr, N, C, sxg, sxn, D: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (cluster j, group g): the new centroid ``out[g, j]`` (fp32) and size ``sizes[g, j]`` (int64) from the
+    tokens ``order[g, bounds[g, j]:bounds[g, j + 1]]`` (``order (G, N)`` int64, the tokens sorted by label;
+    ``bounds (G, C + 1)`` int64, where each cluster starts in that order), their rows of x and the previous
+    centroids ``c``."""
+    cluster, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    begin = tl.load(bounds_ptr + g * (C + 1) + cluster)
+    end = tl.load(bounds_ptr + g * (C + 1) + cluster + 1)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < D
+    x_base = x_ptr + g * sxg
+    sums = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for start in range(begin, end, BLOCK_N):
+        positions = start + tl.arange(0, BLOCK_N)
+        present = positions < end
+        tokens = tl.load(order_ptr + g * N + positions, mask=present, other=0)
+        x = tl.load(x_base + tokens[:, None] * sxn + cols[None, :], mask=present[:, None] & inside[None, :],
+                    other=0.0)  # fmt: skip
+        sums += tl.sum(x.to(tl.float32), axis=0)
+    count = end - begin
+    row = g * C * D + cluster * D + cols
+    previous = tl.load(c_ptr + row, mask=inside, other=0.0)
+    size = tl.broadcast_to(tl.maximum(count, 1).to(tl.float32), (BLOCK_D,))
+    mean = tl.math.div_rn(sums, size)  # IEEE division, as torch's
+    tl.store(out_ptr + row, tl.where(count > 0, mean, previous), mask=inside)
+    tl.store(sizes_ptr + g * C + cluster, count.to(tl.int64))
+
+
 # -- dispatch -------------------------------------------------------------------------------------
 
 
@@ -189,16 +236,62 @@ def use_fused(x: torch.Tensor, backend: str | None = None) -> bool:
     return use_kernel(BACKEND_ENV, DEFAULT_BACKEND, backend, lambda: unsupported_reason(x), "the Triton k-means")
 
 
+def chosen_variant(variant: str | None = None) -> str:
+    """The update step: ``variant``, else ``$BENCH_KMEANS_UPDATE``, else :data:`DEFAULT_VARIANT`; HarnessError when
+    it is not one of :data:`VARIANTS`."""
+    return env_choice(variant, VARIANT_ENV, DEFAULT_VARIANT, VARIANTS)
+
+
+def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
+                   sizes: torch.Tensor) -> None:  # fmt: skip
+    """The one-hot update (:func:`_update`) of ``updated`` and ``sizes`` from x, the labels and the centroids."""
+    groups, tokens, dim = x.shape
+    clusters = centroids.shape[1]
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(clusters, meta["BLOCK_C"]), groups
+
+    _update[grid](x, labels, centroids, updated, sizes, tokens, clusters, x.stride(0), x.stride(1), D=dim,
+                  BLOCK_D=_block_d(dim))  # fmt: skip
+
+
+def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
+                       sizes: torch.Tensor) -> None:  # fmt: skip
+    """The sorted update (:func:`_update_sorted`), same arguments as :func:`_update_onehot`: the labels sorted per
+    group (int32 keys: half the radix sort's key bits of int64; stable, so the sums' order is the tokens' order),
+    each cluster's first position in them found by a batched binary search, then one program per (cluster,
+    group)."""
+    groups, tokens, dim = x.shape
+    clusters = centroids.shape[1]
+    sorted_labels, order = torch.sort(labels.to(torch.int32), dim=1, stable=True)
+    cluster_ids = torch.arange(clusters + 1, device=x.device, dtype=torch.int32).expand(groups, -1).contiguous()
+    bounds = torch.searchsorted(sorted_labels, cluster_ids)  # (G, C + 1) int64: cluster j is [bounds j, bounds j+1)
+    _update_sorted[(clusters, groups)](x, order, bounds, centroids, updated, sizes, tokens, clusters, x.stride(0),
+                                       x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
+
+
+UPDATE_STEPS = {"onehot": _update_onehot, "sorted": _update_by_sorting}
+#: Each update variant's autotuned kernel (the one whose configurations the GPU check pins in turn).
+TUNERS = {"onehot": _update, "sorted": _update_sorted}
+
+
 @kernel_op("kmeans_lloyd")
-def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor]:  # fmt: skip
+def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
+                 update: str = DEFAULT_VARIANT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``iterations`` (>= 1) Lloyd iterations from ``centroids`` ``(G, C, D)`` fp32 on points x ``(G, N, D)``
-    (any strides), as one op opaque to torch.compile (Dynamo does not trace the autotuner's Python): labels of the
+    (any strides), with the update step ``update`` (one of :data:`VARIANTS`; same results up to the fp32 sums'
+    order), as one op opaque to torch.compile (Dynamo does not trace the autotuner's Python): labels of the
     last assignment ``(G, N)`` int64, the means of those labels ``(G, C, D)`` fp32 (an empty cluster keeps its
     centroid) and cluster sizes ``(G, C)`` int64, each in memory of its own. The caller checks
-    :func:`unsupported_reason` first (:func:`use_fused` does). Inference only: no autograd is registered."""
+    :func:`unsupported_reason` first (:func:`use_fused` does). Inference only: no autograd is registered.
+
+    Raises:
+        ValueError: iterations < 1.
+        HarnessError: an unknown update step.
+    """
     if iterations < 1:
         raise ValueError(f"k-means needs iterations >= 1, got {iterations}")
+    update_step = UPDATE_STEPS[chosen_variant(update)]
     x = x if x.stride(-1) == 1 else x.contiguous()
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
@@ -210,20 +303,17 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> t
     def assign_grid(meta: dict[str, Any]) -> tuple[int, int]:
         return triton.cdiv(tokens, meta["BLOCK_N"]), groups
 
-    def update_grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return triton.cdiv(clusters, meta["BLOCK_C"]), groups
-
     for _ in range(iterations):
         _assign[assign_grid](x, centroids, labels, tokens, clusters, x.stride(0), x.stride(1), D=dim, BLOCK_D=block_d)
         updated = torch.empty_like(centroids)
-        _update[update_grid](x, labels, centroids, updated, sizes, tokens, clusters, x.stride(0), x.stride(1), D=dim,
-                             BLOCK_D=block_d)  # fmt: skip
+        update_step(x, labels, centroids, updated, sizes)
         centroids = updated
     return labels, centroids, sizes
 
 
 @kmeans_lloyd.register_fake
-def _(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
+      update: str = DEFAULT_VARIANT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     groups, tokens, _ = x.shape
     return (x.new_empty((groups, tokens), dtype=torch.int64), centroids.new_empty(centroids.shape, dtype=torch.float32),
             x.new_empty((groups, centroids.shape[1]), dtype=torch.int64))  # fmt: skip
