@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from methods.kernels import kernel_settings
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,4 +68,6 @@ def capture_environment(device: torch.device) -> dict[str, Any]:
         # A copy of the tree run elsewhere may have no .git, or a stale one: the caller's commit, when given, wins.
         "git_commit": os.environ.get("BENCH_GIT_COMMIT") or _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
+        # Which kernel ran (BENCH_LINEAR_BACKEND=torch, BENCH_KMEANS_UPDATE=sorted, ...) changes what a number measured.
+        "kernel_choices": kernel_settings(),
     }

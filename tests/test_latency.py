@@ -459,3 +459,17 @@ def test_wan_decode_runs_on_the_vae_device(tiny_model, monkeypatch: pytest.Monke
     monkeypatch.setattr(tiny_model, "vae", MetaVae())
     frames = tiny_model.decode(torch.zeros(1, len(tiny_model.vae.config.latents_mean), 1, 2, 2))
     assert seen["device"].type == "meta" and frames.shape == (1, 1, 2, 2, 3)
+
+
+def test_records_carry_the_kernel_choices_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every kernel variable a kernel module reads is in the environment a record carries, with its value in force
+    (as set, else its default): BENCH_KMEANS_UPDATE=sorted changes which kernel a number measured."""
+    from harness.environment import capture_environment
+    from methods.kernels import kmeans_triton, linear_attention_triton, xattn_scoring_triton
+
+    monkeypatch.setenv(kmeans_triton.VARIANT_ENV, "Sorted")
+    choices = capture_environment(CPU)["kernel_choices"]
+    read = {module.BACKEND_ENV for module in (kmeans_triton, linear_attention_triton, xattn_scoring_triton)}
+    assert set(choices) == read | {kmeans_triton.VARIANT_ENV, xattn_scoring_triton.VARIANT_ENV}
+    assert choices[kmeans_triton.VARIANT_ENV] == "sorted"
+    assert choices[xattn_scoring_triton.VARIANT_ENV] == xattn_scoring_triton.DEFAULT_VARIANT

@@ -21,6 +21,30 @@ F = TypeVar("F", bound=Callable[..., Any])
 OP_NAMESPACE = "attention_bench"
 #: Values of a kernel's backend variable (``BENCH_XATTN_BACKEND``, ...): where it can run, never, always.
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+#: Every kernel choice read from the environment (``BENCH_LINEAR_BACKEND``, ``BENCH_XATTN_VARIANT``, ...) with its
+#: default, declared by its kernel module through :func:`kernel_choice`: records carry the values in force.
+KERNEL_CHOICES: dict[str, str] = {}
+#: The modules that declare kernel choices (imported by :func:`kernel_settings` so that every one is known).
+CHOICE_MODULES = ("linear_attention_triton", "xattn_scoring_triton", "kmeans_triton")
+
+
+def kernel_choice(variable: str, default: str) -> str:
+    """Declare the environment variable ``variable`` as a kernel choice whose default is ``default``; returns the
+    variable's name."""
+    KERNEL_CHOICES[variable] = default
+    return variable
+
+
+def kernel_settings() -> dict[str, str]:
+    """The value in force of every kernel choice, by variable: as set (normalised as :func:`env_choice` reads it),
+    else its default. Not validated here: a run that uses the kernel refuses a bad value itself. Records carry it
+    (:func:`harness.environment.capture_environment`), since a choice changes which kernel a number measured."""
+    import importlib
+
+    for module in CHOICE_MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+    return {variable: os.environ.get(variable, default).strip().lower() or default
+            for variable, default in sorted(KERNEL_CHOICES.items())}  # fmt: skip
 
 
 def env_choice(value: str | None, variable: str, default: str, allowed: tuple[str, ...]) -> str:

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from methods.kernels import kernel_op, on_input_device, use_kernel
+from methods.kernels import kernel_choice, kernel_op, on_input_device, use_kernel
 from methods.kernels.linear_attention import EluFeatureMap, FeatureMap, HedgehogFeatureMap, ReluFeatureMap
 
 try:
@@ -67,6 +67,8 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
 
 FUSED_KERNELS: tuple[str, ...] = ("hedgehog", "relu", "elu")
 BACKEND_ENV = "BENCH_LINEAR_BACKEND"
+DEFAULT_BACKEND = "auto"
+kernel_choice(BACKEND_ENV, DEFAULT_BACKEND)
 BACKEND_NOTE = (
     f"linear attention on CUDA: fused Triton kernel for {', '.join(FUSED_KERNELS)} (taylor runs in torch); "
     f"{BACKEND_ENV}=torch forces the torch path"
@@ -769,7 +771,7 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_map:
 def use_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_map: FeatureMap, k_map: FeatureMap) -> bool:
     """Whether this call runs the fused kernel: ``$BENCH_LINEAR_BACKEND`` ``auto`` (default: when it can),
     ``torch`` (never, for A/B comparison) or ``triton`` (always; HarnessError when it cannot)."""
-    return use_kernel(BACKEND_ENV, "auto", None, lambda: unsupported_reason(q, k, v, q_map, k_map),
+    return use_kernel(BACKEND_ENV, DEFAULT_BACKEND, None, lambda: unsupported_reason(q, k, v, q_map, k_map),
                       "the fused linear attention")  # fmt: skip
 
 
