@@ -18,7 +18,8 @@ import difflib
 import json
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,25 +151,30 @@ def _run_in_worker(spec: Any, runs_dir: Path, gpu: int | None, threads: int) -> 
 
     torch.set_num_threads(threads)
     if gpu is not None:
-        torch.cuda.set_device(gpu)  # the spec keeps its bare "cuda", so the record is the one a single GPU writes
+        torch.cuda.set_device(gpu)  # the spec keeps its bare "cuda": the run's identity does not depend on the GPU
     return run(spec, runs_dir, show_progress=False)
 
 
-def _in_pool(worker: Any, calls: list[tuple[Any, ...]], jobs: int, description: str, show_progress: bool) -> list[Any]:
-    """``worker(*call, threads)`` for every call, ``jobs`` at a time in spawned processes (CUDA cannot be used
-    from a forked one), each with its share of the CPU threads; the results in the calls' order."""
+def _in_pool(worker: Any, calls: list[tuple[Any, ...]], jobs: int, description: str,
+             show_progress: bool) -> Iterator[tuple[int, Any]]:  # fmt: skip
+    """``worker(*call, threads)`` for every call, ``jobs`` at a time in spawned processes (CUDA cannot be used from a
+    forked one), each with its share of the CPU threads; yields ``(index of the call, its result)`` as each
+    finishes, so that a caller keeps what finished before a failure. On a failure (or when the caller stops) the
+    calls not yet started are cancelled."""
     from rich.progress import Progress
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool, Progress(disable=not show_progress) as bar:
-        futures = [pool.submit(worker, *call, threads) for call in calls]
+        futures = {pool.submit(worker, *call, threads): index for index, call in enumerate(calls)}
         task = bar.add_task(f"{description}, {jobs} at a time", total=len(calls))
-        results = []
-        for future in futures:
-            results.append(future.result())
-            bar.advance(task)
-    return results
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+                bar.advance(task)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def spread_over_gpus(requests: list[TrainRequest]) -> list[TrainRequest]:
@@ -194,20 +200,30 @@ def train_all(requests: list[TrainRequest], jobs: int, show_progress: bool = Tru
         return [train(request) for request in requests]
     collect_trajectories(requests[0])
     calls = [(request,) for request in spread_over_gpus(requests)]
-    return _in_pool(_train_in_worker, calls, jobs, f"train {len(requests)} variants", show_progress)
+    checkpoints = dict(_in_pool(_train_in_worker, calls, jobs, f"train {len(requests)} variants", show_progress))
+    return [checkpoints[index] for index in range(len(calls))]
 
 
-def sample_all(specs: list[Any], runs_dir: Path, jobs: int, show_progress: bool = True) -> list[Any]:
+def sample_all(specs: list[Any], runs_dir: Path, jobs: int, show_progress: bool = True) -> Iterator[tuple[int, Any]]:
     """``bench run`` every spec into ``runs_dir`` (``jobs`` at a time, in spawned processes when > 1, dealt
-    round-robin over every visible GPU for a bare ``cuda``); returns their RunOutcomes, finished ones skipped.
-    The toy's sampling is launch-bound like its training: one at a time, a sweep's 15 took ~10 minutes on an H200."""
+    round-robin over every visible GPU for a bare ``cuda``); yields ``(index of the spec, its RunOutcome)`` as each
+    finishes, finished runs skipped. The toy's sampling is launch-bound like its training: one at a time, a sweep's
+    15 took ~10 minutes on an H200. Runs sampled side by side time each other's contention: each such record says
+    so (``latency.concurrent_runs``), and reports leave its times out."""
     from harness.generate import run
 
     if jobs == 1 or len(specs) < 2:
-        return [run(spec, runs_dir, show_progress=show_progress) for spec in specs]
+        for index, spec in enumerate(specs):
+            yield index, run(spec, runs_dir, show_progress=show_progress)
+        return
     gpus = visible_gpus(specs[0].device)
     calls = [(spec, runs_dir, gpus[index % len(gpus)] if gpus else None) for index, spec in enumerate(specs)]
-    return _in_pool(_run_in_worker, calls, jobs, f"sample {len(specs)} runs", show_progress)
+    concurrent = min(jobs, len(specs))
+    for index, outcome in _in_pool(_run_in_worker, calls, jobs, f"sample {len(specs)} runs", show_progress):
+        if not outcome.skipped:
+            outcome.record["latency"]["concurrent_runs"] = concurrent
+            write_record(outcome.path, outcome.record)
+        yield index, outcome
 
 
 def _weights(model: str) -> str:
@@ -279,15 +295,21 @@ def ablate(request: AblationRequest) -> list[dict[str, Any]]:
     layers = [] if default is None else json.loads((default / "spec.json").read_text())["linear_layers"]
     if layers:
         specs.append(_spec(request, "linear", {"layers": ",".join(map(str, layers)), "kernel": request.base.kernel}))
-    outcomes = sample_all(specs, request.runs_dir, request.jobs, request.show_progress)
-    records = []
-    for variant, checkpoint, outcome in zip(planned, checkpoints, outcomes, strict=False):  # the references last
-        record = outcome.record
-        known = record.get("ablation", []) if outcome.skipped else []
-        memberships = known + [m for m in variant.memberships if m not in known]
-        if "training" not in record or memberships != known:
-            training = record.get("training") or _training_summary(checkpoint, min(request.jobs, len(planned)))
-            record = {**record, "ablation": memberships, "training": training}
-            write_record(outcome.path, record)
-        records.append(record)
+    records: list[dict[str, Any]] = [{} for _ in planned]
+    for index, outcome in sample_all(specs, request.runs_dir, request.jobs, request.show_progress):
+        if index < len(planned):  # labelled as it finishes: an interrupted sweep keeps every finished variant's
+            records[index] = _labelled(outcome, planned[index], checkpoints[index], min(request.jobs, len(planned)))
     return records
+
+
+def _labelled(outcome: Any, variant: Variant, checkpoint: Path, concurrent_jobs: int) -> dict[str, Any]:
+    """A variant's run record with every (axis, variant) it stands for and its training summary, written back
+    when either is new (a record from an earlier sweep keeps the memberships it had)."""
+    record = outcome.record
+    known = record.get("ablation", []) if outcome.skipped else []
+    memberships = known + [m for m in variant.memberships if m not in known]
+    if "training" not in record or memberships != known:
+        training = record.get("training") or _training_summary(checkpoint, concurrent_jobs)
+        record = {**record, "ablation": memberships, "training": training}
+        write_record(outcome.path, record)
+    return record

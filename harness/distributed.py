@@ -104,19 +104,29 @@ def child_visible_devices(ordinal: int) -> str:
     return entries[ordinal]
 
 
+def use_device(device: torch.device) -> None:
+    """Make an indexed CUDA device (``cuda:1``) this process's current one; others change nothing.
+
+    Much follows the current device rather than a tensor's: Triton's launches, a CUDA event recorded without a
+    stream (the timers'), the allocations of libraries given no device. A run on ``cuda:1`` with ``cuda:0`` current
+    timed the wrong GPU's stream, and its Triton kernels failed."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 @contextmanager
 def rank_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
-    """The process group of a sharded run (NCCL on GPUs, Gloo on CPU); nothing outside torchrun.
+    """The process group of a sharded run (NCCL on GPUs, Gloo on CPU); nothing outside torchrun. Either way
+    ``device`` becomes the current one (:func:`use_device`).
 
     A group that already exists (a caller's) is used as it is and left open.
     """
     import torch.distributed as dist
 
+    use_device(device)
     if not ranks.sharded or dist.is_initialized():
         yield
         return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         timeout=BARRIER_TIMEOUT,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from harness.distributed import use_device
 from harness.environment import capture_environment
 from harness.errors import HarnessError, check_number
 from harness.generate import initial_noise
@@ -166,6 +167,7 @@ def run_latency(
             built).
     """
     methods, device, dtype = _validate(request)
+    use_device(device)  # the timers' CUDA events record on the current device's stream
     adapter_cls = MODELS.get(request.model)
     sampling = request.sampling()
     grid = adapter_cls.token_grid(sampling)

@@ -134,6 +134,16 @@ def _short_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
 
 
+def _untimed_if_contended(rec: dict[str, Any]) -> dict[str, Any]:
+    """A run sampled beside others (``latency.concurrent_runs`` > 1, :func:`harness.ablate.sample_all`) with its
+    times taken out (no stage medians, end-to-end NaN): they measured the other runs' contention, so every table
+    leaves them blank and no speedup is computed from them. Other runs unchanged."""
+    latency = rec["latency"]
+    if latency.get("concurrent_runs", 1) <= 1:
+        return rec
+    return {**rec, "latency": {**latency, "stages": {}, "end_to_end_ms_per_video": math.nan}}
+
+
 def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per generation run: latency, speedup within its cohort, density, metrics."""
     rows = []
@@ -563,9 +573,13 @@ def build_report(runs_dir: Path, out_dir: Path | None, include: list[Path] | Non
     loaded = load_records(runs_dir)
     records, skipped = usable_records(loaded.records)
     report = Report(errors=loaded.errors + skipped, not_records=loaded.others)
-    runs = [r for r in records if r["kind"] == "run"]
+    runs = [_untimed_if_contended(r) for r in records if r["kind"] == "run"]
     reportable = [r for r in runs if r.get("quality_reportable", False)]
     report.notes = protocol_notes(reportable)
+    contended = sum(r["latency"].get("concurrent_runs", 1) > 1 for r in runs)
+    if contended:
+        report.notes["step_ms"] = (f"{contended} run(s) sampled beside others (bench ablate --jobs) have no times: "
+                                   "they measured each other's contention")  # fmt: skip
     tables = {"runs": runs_table(runs), "latency": latency_table([r for r in records if r["kind"] == "latency"]),
               "table1": table1(reportable), "table3": table3(runs, included),
               **ablation_tables(reportable)}  # fmt: skip

@@ -59,13 +59,10 @@ def train(request: TrainRequest) -> Path:
     from methods.linvideo.train import LinVideoTrainer
     from methods.sla_train import SlaTrainConfig, SlaTrainer
 
-    ranks, device = current_ranks(), resolve_device(request.device)
-    if device.type == "cuda" and device.index is not None:
-        # A training dealt onto one GPU of several (bench ablate --jobs) keeps its CUDA context and every library's
-        # default allocations there, not also on GPU 0.
-        torch.cuda.set_device(device)
-    # One process group for the collection (the ranks share its shards) and the training that follows.
-    with rank_group(ranks, device):
+    ranks = current_ranks()
+    # One process group for the collection (the ranks share its shards) and the training that follows; on cuda:N
+    # (a training dealt onto one GPU of several by bench ablate --jobs) that GPU is the current one.
+    with rank_group(ranks, resolve_device(request.device)):
         teacher, store = collect_trajectories(request)
         trainer = SlaTrainer if isinstance(request.config, SlaTrainConfig) else LinVideoTrainer
         return trainer(request.config, teacher, store, request.out).run(request.show_progress)

@@ -5,12 +5,23 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import Invoke, normalise, records_in
 
-from harness.ablate import expand_axes, plan, spread_over_gpus, train_all, variants
+from harness.ablate import (
+    AblationRequest,
+    _spec,
+    ablate,
+    expand_axes,
+    plan,
+    sample_all,
+    spread_over_gpus,
+    train_all,
+    variants,
+)
 from harness.models.toy import ToyModel
 from harness.training import TrainRequest
 from methods.linvideo import train as linvideo_train
@@ -79,27 +90,6 @@ def test_concurrent_variants_are_dealt_over_the_visible_gpus(
                              store=tmp_path / "store", show_progress=False)
                 for index in range(3)]  # fmt: skip
     assert [request.device for request in spread_over_gpus(requests)] == expected
-
-
-def test_a_training_on_one_gpu_of_several_makes_it_current(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A variant dealt onto cuda:1 runs with cuda:1 current (its context, and every library's default allocations,
-    stay off GPU 0); the first step after that, collecting the store, is stopped here."""
-    from harness import training
-
-    current: list[torch.device] = []
-
-    def collect(request: TrainRequest) -> None:
-        raise RuntimeError("stop")
-
-    monkeypatch.setattr(training, "resolve_device", lambda name: torch.device(name))
-    monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    monkeypatch.setattr(training, "collect_trajectories", collect)
-    config = LinVideoTrainConfig(target_layers=4, steps=2)
-    request = TrainRequest(model="toy", weights="builtin", prompts=None, prompt_count=2, device="cuda:1",
-                           config=config, out=tmp_path, show_progress=False)  # fmt: skip
-    with pytest.raises(RuntimeError, match="stop"):
-        training.train(request)
-    assert current == [torch.device("cuda:1")]
 
 
 def test_unknown_axis_suggests_the_closest(bench: Invoke, tmp_path: Path) -> None:
@@ -194,17 +184,54 @@ def test_objective_table_states_the_papers_order_beside_ours(scores: dict[str, f
 
 
 @pytest.mark.usefixtures("quick_toy")
-def test_concurrent_sampling_writes_the_records_sequential_sampling_does(tmp_path: Path) -> None:
-    """Two runs sampled in two spawned processes score what the same two sampled one after the other do, and a
-    finished run is skipped, not sampled again."""
-    from harness.ablate import AblationRequest, _spec, sample_all
+def test_concurrent_sampling_writes_the_records_sequential_sampling_does(bench: Invoke, tmp_path: Path) -> None:
+    """Two runs sampled in two spawned processes score what the same two sampled one after the other do, say that
+    they ran side by side, and a finished run is skipped, not sampled again."""
 
     request = AblationRequest(axes=("kernel",), model="toy", base=LinVideoTrainConfig(target_layers=4),
                               runs_dir=tmp_path, train_dir=tmp_path, device="cpu", prompt_count=2)  # fmt: skip
     specs = [_spec(request, "sdpa", {}), _spec(request, "linear", {"layers": "0,1", "kernel": "relu"})]
-    sequential = sample_all(specs, tmp_path / "one", jobs=1, show_progress=False)
-    parallel = sample_all(specs, tmp_path / "two", jobs=2, show_progress=False)
-    for a, b in zip(sequential, parallel, strict=True):
+    sequential = [outcome for _, outcome in sorted(sample_all(specs, tmp_path / "one", jobs=1, show_progress=False))]
+    parallel = dict(sample_all(specs, tmp_path / "two", jobs=2, show_progress=False))
+    for index, a in enumerate(sequential):
+        b = parallel[index]
         assert a.path.parent.name == "one" and b.path.parent.name == "two" and a.path.name == b.path.name
         assert b.record["metrics"]["toybench"] == pytest.approx(a.record["metrics"]["toybench"])
-    assert all(outcome.skipped for outcome in sample_all(specs, tmp_path / "two", jobs=2, show_progress=False))
+        assert "concurrent_runs" not in a.record["latency"] and b.record["latency"]["concurrent_runs"] == 2
+    assert all(outcome.skipped for _, outcome in sample_all(specs, tmp_path / "two", jobs=2, show_progress=False))
+
+    # Times measured beside another run are left out of every table, with a note; the solo runs keep theirs.
+    def step_ms(folder: Path) -> tuple[list[Any], str]:
+        payload = json.loads(bench("report", "--runs-dir", folder, "--json").stdout)
+        return [row["step_ms"] for row in payload["tables"]["runs"]], json.dumps(payload)
+
+    solo, _ = step_ms(tmp_path / "one")
+    contended, text = step_ms(tmp_path / "two")
+    assert all(ms is not None and ms > 0 for ms in solo) and all(ms is None for ms in contended)
+    assert "2 run(s) sampled beside others" in text
+
+
+@pytest.mark.usefixtures("quick_toy")
+def test_an_interrupted_sampling_keeps_the_labels_of_the_variants_it_finished(
+    bench: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep cut off while sampling (the references come last) leaves every variant it sampled labelled with its
+    axis and training, not shown as an unlabelled reference until it resumes."""
+    import harness.generate
+
+    real_run = harness.generate.run
+
+    def run(spec: Any, runs_dir: Path, **kwargs: Any) -> Any:
+        if spec.method == "sdpa":
+            raise RuntimeError("device time ran out")
+        return real_run(spec, runs_dir, **kwargs)
+
+    monkeypatch.setattr(harness.generate, "run", run)
+    runs = tmp_path / "runs"
+    with pytest.raises(RuntimeError, match="device time ran out"):
+        ablate(AblationRequest(axes=("target",), model="toy", base=LinVideoTrainConfig(target_layers=4, steps=2,
+                                                                                       batch_size=2),
+                               runs_dir=runs, train_dir=tmp_path / "train", device="cpu", prompt_count=2,
+                               show_progress=False))  # fmt: skip
+    variants = [record for record in records_in(runs) if record["spec"]["method"] == "linvideo"]
+    assert len(variants) == 3 and all(record["ablation"] and record["training"] for record in variants)

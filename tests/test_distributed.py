@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import Crash, count_samples, invoke_cli, records_in
 
-from harness.distributed import Ranks, child_visible_devices, current_ranks, rank_device, visible_gpus
+from harness.distributed import Ranks, child_visible_devices, current_ranks, rank_device, rank_group, visible_gpus
 from harness.errors import HarnessError
 from harness.eval.run_suites import load_frames
 
@@ -44,6 +44,31 @@ def test_a_bare_cuda_device_leaves_with_an_index(monkeypatch: pytest.MonkeyPatch
     assert rank_device(torch.device("cuda"), ranks) == torch.device(expected)
     assert rank_device(torch.device("cuda", 1), ranks) == torch.device("cuda", 1)
     assert rank_device(torch.device("cpu"), ranks) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("device", "current"), [("cuda:1", ["cuda:1"]), ("cpu", []), ("cuda", [])])
+def test_a_run_on_an_indexed_gpu_makes_it_current(monkeypatch: pytest.MonkeyPatch, device: str,
+                                                  current: list[str]) -> None:  # fmt: skip
+    """One process on cuda:1 (bench run or train --device cuda:1, a variant bench ablate dealt there) computes with
+    cuda:1 current: Triton's launches and the timers' CUDA events follow the current device, not the tensors'."""
+    seen: list[str] = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda target: seen.append(str(target)))
+    with rank_group(Ranks(), torch.device(device)):
+        assert seen == current
+
+
+def test_bench_latency_on_an_indexed_gpu_makes_it_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench latency --device cuda:1 times with cuda:1 current (it builds no process group)."""
+    from harness import latency_run
+    from harness.latency_run import LatencyRequest, run_latency
+
+    def stop(device: torch.device) -> None:
+        raise RuntimeError(f"current {device}")
+
+    monkeypatch.setattr(latency_run, "_validate", lambda request: ([], torch.device("cuda", 1), torch.float32))
+    monkeypatch.setattr(latency_run, "use_device", stop)
+    with pytest.raises(RuntimeError, match="current cuda:1"):
+        run_latency(LatencyRequest(model="wan-tiny", methods=["sdpa"]))
 
 
 def _torchrun(args: list[str], ranks: int) -> subprocess.CompletedProcess[str]:
