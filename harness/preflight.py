@@ -33,6 +33,7 @@ from harness.spec import RunSpec, Sampling
 from harness.video import check_mp4_size
 from methods import build_method
 from methods.base import AttentionMethod, Schedule
+from methods.kernels import check_kernel_choices
 
 DTYPES = {
     "float32": torch.float32,
@@ -119,7 +120,9 @@ def preflight(spec: RunSpec, eval_options: EvalOptions | None = None, checkpoint
 def check_method(adapter_cls: type[ModelAdapter], name: str, params: dict[str, Any], schedule: Schedule,
                  sampling: Sampling, device: torch.device, dtype: torch.dtype) -> AttentionMethod:  # fmt: skip
     """Construct the method (which checks its parameters, e.g. that xattn's stride divides its block size)
-    and validate it against the model's layers and steps, the device and the dtype."""
+    and validate it against the model's layers and steps, the device and the dtype; the kernel variables set in the
+    environment (``BENCH_LINEAR_BACKEND``, ...) first."""
+    check_kernel_choices()
     method = build_method(name, schedule, **params)
     method.validate_for(adapter_cls.num_layers, sampling.steps)
     method.check_supported(device, dtype)

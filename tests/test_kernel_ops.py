@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from conftest import Invoke, normalise
+from torch import Tensor
 from torch._library.custom_ops import CustomOpDef
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -65,12 +68,29 @@ def test_wrapping_twice_wraps_once() -> None:
 
 
 def test_a_kernel_op_keeps_its_schema_and_runs() -> None:
-    def scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """The schema comes from the function's own annotations (strings, resolved in its own module: ``Tensor`` is
+    a name of this one, not of the module that wraps it)."""
+
+    def scaled(x: Tensor, factor: float, mode: str = "fast") -> Tensor:
         return x * factor
 
     op = kernel_op("test_kernel_ops_scaled")(scaled)
-    assert str(op._opoverload._schema) == "attention_bench::test_kernel_ops_scaled(Tensor x, float factor) -> Tensor"
+    assert str(op._opoverload._schema) == (
+        'attention_bench::test_kernel_ops_scaled(Tensor x, float factor, str mode="fast") -> Tensor'
+    )
     assert op(torch.ones(2), 3.0).tolist() == [3.0, 3.0]
+
+
+def test_a_kernel_variable_set_to_a_value_it_does_not_take_is_refused_before_the_run(
+    bench: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo in BENCH_KMEANS_UPDATE stops any run at its preflight, naming the variable and its values (it was
+    refused only at svg2's first k-means call, after the model loaded)."""
+    monkeypatch.setenv(kmeans_triton.VARIANT_ENV, "sortd")
+    result = bench("run", "--method", "sdpa", "--model", "toy", "--device", "cpu", "--runs-dir", tmp_path,
+                   "--no-progress", expect=2)  # fmt: skip
+    assert "BENCH_KMEANS_UPDATE must be one of onehot, sorted, got 'sortd'" in normalise(result.output)
+    assert not list(tmp_path.iterdir())
 
 
 TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2 and linear_attention_triton.triton is not None
@@ -78,22 +98,23 @@ TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2 and line
 
 @pytest.mark.skipif(not TWO_GPUS, reason="needs two CUDA GPUs and triton")
 def test_kernels_run_on_a_gpu_that_is_not_current() -> None:
-    """Each kernel on cuda:1 with cuda:0 current: the linear attention forward and backward, k-means, xattn's
-    scores, each against the same call made with cuda:1 current."""
+    """Each kernel on cuda:1 with cuda:0 current: the linear attention forward and backward, k-means (both update
+    steps), xattn's scores, each against the same call made with cuda:1 current."""
     from methods.kernels.linear_attention import build_feature_map
 
     torch.manual_seed(0)
     second = torch.device("cuda:1")
     q, k, v = (torch.randn(1, 2, 256, 64, device=second, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     q_map, k_map = (build_feature_map("hedgehog", 2, 64, trainable=True).to(second) for _ in range(2))
-    x = torch.randn(2, 512, 64, device=second)
+    x = torch.randn(2, 512, 64, device=second, dtype=torch.bfloat16)
 
     def results() -> list[torch.Tensor]:
         out = linear_attention_triton.fused_linear_attention(q, k, v, q_map, k_map)
         grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-        labels, centroids, _ = kmeans_triton.kmeans_lloyd(x, x[:, :16].clone(), 3)
+        clusters = [kmeans_triton.kmeans_lloyd(x, x[:, :16].float(), 3, update)[:2]
+                    for update in kmeans_triton.VARIANTS]  # fmt: skip
         masses = xattn_scoring_triton.block_masses(q.detach(), k.detach(), 64, 8)
-        return [out, *grads, labels, centroids, masses]
+        return [out, *grads, *(t for pair in clusters for t in pair), masses]
 
     with torch.cuda.device(second):
         expected = results()

@@ -52,7 +52,8 @@ def sla_call(head_dim: int, tokens: int, backend: str, device: torch.device, blo
 
 
 def check_correctness(device: torch.device, heads: int, tokens: int, head_dim: int) -> dict[str, float]:
-    """Relative errors of the Flex paths (bf16 on CUDA, fp32 elsewhere) against the masked dense paths (fp32)."""
+    """Relative errors of the Flex paths against the masked dense paths (fp32): DFA's window in bf16, SLA's in bf16
+    on CUDA and fp32 elsewhere."""
     # Rounded to bf16 first, so that both paths see the same values: SLA ranks blocks by pooled scores,
     # and a rounding that moves a block across a class boundary is a different computation, not an error.
     q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device).bfloat16().float() for _ in range(3))

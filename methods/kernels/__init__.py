@@ -21,30 +21,50 @@ F = TypeVar("F", bound=Callable[..., Any])
 OP_NAMESPACE = "attention_bench"
 #: Values of a kernel's backend variable (``BENCH_XATTN_BACKEND``, ...): where it can run, never, always.
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
-#: Every kernel choice read from the environment (``BENCH_LINEAR_BACKEND``, ``BENCH_XATTN_VARIANT``, ...) with its
-#: default, declared by its kernel module through :func:`kernel_choice`: records carry the values in force.
-KERNEL_CHOICES: dict[str, str] = {}
+#: Every kernel choice read from the environment (``BENCH_LINEAR_BACKEND``, ``BENCH_XATTN_VARIANT``, ...): its
+#: default and allowed values, declared by its kernel module through :func:`kernel_choice`. A run's preflight checks
+#: them all (:func:`check_kernel_choices`) and records carry the values in force (:func:`kernel_settings`).
+KERNEL_CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {}
 #: The modules that declare kernel choices (imported by :func:`kernel_settings` so that every one is known).
 CHOICE_MODULES = ("linear_attention_triton", "xattn_scoring_triton", "kmeans_triton")
 
 
-def kernel_choice(variable: str, default: str) -> str:
-    """Declare the environment variable ``variable`` as a kernel choice whose default is ``default``; returns the
-    variable's name."""
-    KERNEL_CHOICES[variable] = default
+def kernel_choice(variable: str, default: str, allowed: tuple[str, ...]) -> str:
+    """Declare the environment variable ``variable`` as a kernel choice among ``allowed`` whose default is
+    ``default``; returns the variable's name."""
+    KERNEL_CHOICES[variable] = (default, allowed)
     return variable
 
 
-def kernel_settings() -> dict[str, str]:
-    """The value in force of every kernel choice, by variable: as set (normalised as :func:`env_choice` reads it),
-    else its default. Not validated here: a run that uses the kernel refuses a bad value itself. Records carry it
-    (:func:`harness.environment.capture_environment`), since a choice changes which kernel a number measured."""
+def _declared() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """:data:`KERNEL_CHOICES`, with every module that declares some imported first."""
     import importlib
 
     for module in CHOICE_MODULES:
         importlib.import_module(f"{__name__}.{module}")
-    return {variable: os.environ.get(variable, default).strip().lower() or default
-            for variable, default in sorted(KERNEL_CHOICES.items())}  # fmt: skip
+    return KERNEL_CHOICES
+
+
+def _read(variable: str, default: str) -> str:
+    """``$variable`` normalised (stripped, lower case), else ``default``."""
+    return os.environ.get(variable, default).strip().lower() or default
+
+
+def kernel_settings() -> dict[str, str]:
+    """The value in force of every kernel choice, by variable: as set (normalised), else its default. Records carry
+    it (:func:`harness.environment.capture_environment`), since a choice changes which kernel a number measured."""
+    return {variable: _read(variable, default) for variable, (default, _) in sorted(_declared().items())}
+
+
+def check_kernel_choices() -> None:
+    """Refuse a kernel variable set to a value it does not take, before a run builds anything (a typo in
+    ``BENCH_KMEANS_UPDATE`` was refused only at svg2's first k-means call, after the model loaded).
+
+    Raises:
+        HarnessError: naming the variable and its values.
+    """
+    for variable, (default, allowed) in _declared().items():
+        env_choice(None, variable, default, allowed)
 
 
 def env_choice(value: str | None, variable: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -53,7 +73,7 @@ def env_choice(value: str | None, variable: str, default: str, allowed: tuple[st
     Raises:
         HarnessError: naming ``variable`` when the choice is not one of ``allowed``.
     """
-    chosen = (value if value is not None else os.environ.get(variable, default)).strip().lower() or default
+    chosen = (value.strip().lower() or default) if value is not None else _read(variable, default)
     if chosen not in allowed:
         raise HarnessError(f"{variable} must be one of {', '.join(allowed)}, got {chosen!r}")
     return chosen
@@ -87,7 +107,7 @@ def on_input_device(fn: F) -> F:
 
     @functools.wraps(fn)
     def on_device(*args: Any, **kwargs: Any) -> Any:
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if device is None or device.type != "cuda":
             return fn(*args, **kwargs)
         with torch.cuda.device(device):
@@ -103,6 +123,8 @@ def kernel_op(name: str) -> Callable[[Callable[..., Any]], Any]:
     (``torch.library.CustomOpDef``), on which fakes and autograd are registered as on any custom op."""
 
     def register(fn: Callable[..., Any]) -> Any:
-        return torch.library.custom_op(f"{OP_NAMESPACE}::{name}", on_input_device(fn), mutates_args=())
+        # The schema from fn itself: its string annotations resolve in its own module, not in the wrapper's.
+        schema = torch.library.infer_schema(fn, mutates_args=())
+        return torch.library.custom_op(f"{OP_NAMESPACE}::{name}", on_input_device(fn), mutates_args=(), schema=schema)
 
     return register

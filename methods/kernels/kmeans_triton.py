@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from methods.kernels import env_choice, kernel_choice, kernel_op, use_kernel
+from methods.kernels import BACKENDS, env_choice, kernel_choice, kernel_op, use_kernel
 
 try:
     import triton
@@ -68,8 +68,8 @@ VARIANT_ENV = "BENCH_KMEANS_UPDATE"
 VARIANTS: tuple[str, ...] = ("onehot", "sorted")
 # onehot until a GPU run (harness.benchmarks.svg2_kmeans) has checked and timed both update variants in one process.
 DEFAULT_VARIANT = "onehot"
-kernel_choice(BACKEND_ENV, DEFAULT_BACKEND)
-kernel_choice(VARIANT_ENV, DEFAULT_VARIANT)
+kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
+kernel_choice(VARIANT_ENV, DEFAULT_VARIANT, VARIANTS)
 BACKEND_NOTE = (f"svg2 k-means: the Triton Lloyd iterations on CUDA (fp16/bf16) where they can run; "
                 f"{BACKEND_ENV}=torch forces the torch path; {VARIANT_ENV}=onehot|sorted picks the update step "
                 f"(default {DEFAULT_VARIANT} until both are timed on a GPU; sorted reads each token once)")  # fmt: skip

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from methods.kernels import kernel_choice, kernel_op, on_input_device, use_kernel
+from methods.kernels import BACKENDS, kernel_choice, kernel_op, on_input_device, use_kernel
 from methods.kernels.linear_attention import EluFeatureMap, FeatureMap, HedgehogFeatureMap, ReluFeatureMap
 
 try:
@@ -68,7 +68,7 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
 FUSED_KERNELS: tuple[str, ...] = ("hedgehog", "relu", "elu")
 BACKEND_ENV = "BENCH_LINEAR_BACKEND"
 DEFAULT_BACKEND = "auto"
-kernel_choice(BACKEND_ENV, DEFAULT_BACKEND)
+kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
 BACKEND_NOTE = (
     f"linear attention on CUDA: fused Triton kernel for {', '.join(FUSED_KERNELS)} (taylor runs in torch); "
     f"{BACKEND_ENV}=torch forces the torch path"

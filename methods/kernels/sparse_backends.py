@@ -569,8 +569,9 @@ _CHOICES: dict[tuple[Any, ...], BackendChoice] = {}
 
 def measured_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
                      label: str = "") -> BackendChoice:  # fmt: skip
-    """:func:`choose_backend` once per (label, shape, dtype, device, block sizes, variable blocks) per process."""
-    key = (label, tuple(q.shape), q.dtype, q.device.type, pattern.blocks, pattern.variable is not None)
+    """:func:`choose_backend` once per (label, shape, dtype, device, block sizes, pattern kind) per process: a
+    backend chosen on whole tiles is not reused for a token-level pattern of the same shape, which it may refuse."""
+    key = (label, tuple(q.shape), q.dtype, q.device.type, pattern.blocks, pattern.kind)
     if key not in _CHOICES:
         _CHOICES[key] = choose_backend(q, k, v, pattern)
     return _CHOICES[key]

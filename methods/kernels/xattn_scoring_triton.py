@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from methods.kernels import env_choice, kernel_choice, kernel_op, use_kernel
+from methods.kernels import BACKENDS, env_choice, kernel_choice, kernel_op, use_kernel
 from methods.kernels.block_sparse import num_blocks
 
 try:
@@ -81,8 +81,8 @@ VARIANTS: tuple[str, ...] = ("two_pass", "single_pass")
 # <= 8.0e-8, the same blocks kept as float64's) and scored in 1.41 ms against the two-pass kernel's 25.34 ms in the
 # same run at Wan 1.3B (reports/gpu/h200/README.md, run_65b3f07).
 DEFAULT_VARIANT = "single_pass"
-kernel_choice(BACKEND_ENV, DEFAULT_BACKEND)
-kernel_choice(VARIANT_ENV, DEFAULT_VARIANT)
+kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
+kernel_choice(VARIANT_ENV, DEFAULT_VARIANT, VARIANTS)
 BACKEND_NOTE = (f"xattn scoring: the fused Triton kernel on CUDA (fp16/bf16) where it can run; {BACKEND_ENV}=torch "
                 f"forces the torch path; {VARIANT_ENV}=two_pass|single_pass picks the kernel (default "
                 f"{DEFAULT_VARIANT}, which scores each tile once)")  # fmt: skip
