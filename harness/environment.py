@@ -71,3 +71,11 @@ def capture_environment(device: torch.device) -> dict[str, Any]:
         # Which kernel ran (BENCH_LINEAR_BACKEND=torch, BENCH_KMEANS_UPDATE=sorted, ...) changes what a number measured.
         "kernel_choices": kernel_settings(),
     }
+
+
+def kernel_choice_changes(recorded: dict[str, Any]) -> list[str]:
+    """Each kernel choice (``BENCH_...``) a record's environment names with another value than the one in force
+    now, as ``VARIABLE=recorded (now current)``; empty for a record made before records carried them."""
+    before, now = recorded.get("kernel_choices") or {}, kernel_settings()
+    return [f"{variable}={value} (now {now[variable]})" for variable, value in sorted(before.items())
+            if variable in now and now[variable] != value]  # fmt: skip

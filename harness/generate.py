@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.atomic import write_json_atomic
 from harness.distributed import Ranks, barrier, current_ranks, rank_group
-from harness.environment import capture_environment
+from harness.environment import capture_environment, kernel_choice_changes
 from harness.errors import HarnessError
 from harness.eval.run_suites import load_frame_files
 from harness.eval.suites import SUITES, EvalOptions
@@ -89,6 +89,10 @@ def run(
     path = record_path(runs_dir, spec.run_id)
     existing = finished_record(path)
     if existing is not None and not force:
+        changed = kernel_choice_changes(existing.get("environment", {}))
+        if changed:  # its numbers measured other kernels than the ones this run would use
+            raise HarnessError(f"{path} is a finished run of this spec made with {', '.join(changed)}: rerun "
+                               "it with --force (replaces it), use another --runs-dir, or set them back")  # fmt: skip
         return RunOutcome(existing, path, skipped=True)
     work = [(p, s) for p in range(len(spec.prompts)) for s in range(len(spec.seeds))]
     if ranks.world_size > len(work):

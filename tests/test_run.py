@@ -99,6 +99,21 @@ def test_rerun_is_skipped_without_rewriting(single_run_copy: Path) -> None:
     assert (record.stat().st_mtime_ns, video.stat().st_mtime_ns, record.read_bytes()) == before
 
 
+def test_a_finished_run_made_with_other_kernels_is_not_returned_as_this_one(
+    single_run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With BENCH_LINEAR_BACKEND changed since a run finished, the same spec is refused (naming the variable, both
+    values and the ways out), not skipped: the record measured other kernels. --force reruns it."""
+    record = _record_file(single_run_copy)
+    before = record.read_bytes()
+    monkeypatch.setenv("BENCH_LINEAR_BACKEND", "torch")
+    result = invoke_cli([*RUN_ARGS, "--runs-dir", single_run_copy], expect=2)
+    assert "BENCH_LINEAR_BACKEND=auto (now torch)" in normalise(result.output) and "--force" in result.output
+    assert record.read_bytes() == before
+    invoke_cli([*RUN_ARGS, "--runs-dir", single_run_copy, "--force"])
+    assert records_in(single_run_copy)[0]["environment"]["kernel_choices"]["BENCH_LINEAR_BACKEND"] == "torch"
+
+
 def test_force_reruns(single_run_copy: Path) -> None:
     """--force reruns a finished spec and rewrites its record."""
     record = _record_file(single_run_copy)
