@@ -142,9 +142,10 @@ def _train_in_worker(request: TrainRequest, threads: int) -> Path:
     return train(dataclasses.replace(request, show_progress=False))
 
 
-def _run_in_worker(spec: Any, runs_dir: Path, gpu: int | None, threads: int) -> Any:
+def _run_in_worker(spec: Any, runs_dir: Path, gpu: int | None, concurrent: int, threads: int) -> Any:
     """One sampling (``bench run`` of ``spec``) in a pool process, on visible GPU ``gpu`` (None: where the spec
-    says), with its share of the CPU threads and no progress bar; returns its RunOutcome."""
+    says), beside up to ``concurrent`` - 1 others, with its share of the CPU threads and no progress bar; returns
+    its RunOutcome."""
     import torch
 
     from harness.generate import run
@@ -152,7 +153,7 @@ def _run_in_worker(spec: Any, runs_dir: Path, gpu: int | None, threads: int) -> 
     torch.set_num_threads(threads)
     if gpu is not None:
         torch.cuda.set_device(gpu)  # the spec keeps its bare "cuda": the run's identity does not depend on the GPU
-    return run(spec, runs_dir, show_progress=False)
+    return run(spec, runs_dir, show_progress=False, concurrent_runs=concurrent)
 
 
 def _in_pool(worker: Any, calls: list[tuple[Any, ...]], jobs: int, description: str,
@@ -209,7 +210,7 @@ def sample_all(specs: list[Any], runs_dir: Path, jobs: int, show_progress: bool 
     round-robin over every visible GPU for a bare ``cuda``); yields ``(index of the spec, its RunOutcome)`` as each
     finishes, finished runs skipped. The toy's sampling is launch-bound like its training: one at a time, a sweep's
     15 took ~10 minutes on an H200. Runs sampled side by side time each other's contention: each such record says
-    so (``latency.concurrent_runs``), and reports leave its times out."""
+    so in its one write (``latency.concurrent_runs``), and reports leave its times out."""
     from harness.generate import run
 
     if jobs == 1 or len(specs) < 2:
@@ -217,13 +218,12 @@ def sample_all(specs: list[Any], runs_dir: Path, jobs: int, show_progress: bool 
             yield index, run(spec, runs_dir, show_progress=show_progress)
         return
     gpus = visible_gpus(specs[0].device)
-    calls = [(spec, runs_dir, gpus[index % len(gpus)] if gpus else None) for index, spec in enumerate(specs)]
+    # At most this many ran at once (some may be finished runs, skipped): a run that in fact ran alone loses its
+    # times, never the other way round.
     concurrent = min(jobs, len(specs))
-    for index, outcome in _in_pool(_run_in_worker, calls, jobs, f"sample {len(specs)} runs", show_progress):
-        if not outcome.skipped:
-            outcome.record["latency"]["concurrent_runs"] = concurrent
-            write_record(outcome.path, outcome.record)
-        yield index, outcome
+    calls = [(spec, runs_dir, gpus[index % len(gpus)] if gpus else None, concurrent)
+             for index, spec in enumerate(specs)]  # fmt: skip
+    yield from _in_pool(_run_in_worker, calls, jobs, f"sample {len(specs)} runs", show_progress)
 
 
 def _weights(model: str) -> str:

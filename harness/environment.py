@@ -73,9 +73,10 @@ def capture_environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def kernel_choice_changes(recorded: dict[str, Any]) -> list[str]:
-    """Each kernel choice (``BENCH_...``) a record's environment names with another value than the one in force
-    now, as ``VARIABLE=recorded (now current)``; empty for a record made before records carried them."""
+def kernel_choice_changes(recorded: dict[str, Any], variables: tuple[str, ...]) -> list[str]:
+    """Each of ``variables`` (the kernel choices a method reads) that a record's environment names with another
+    value than the one in force now, as ``VARIABLE=recorded (now current)``; empty for a record made before
+    records carried them."""
     before, now = recorded.get("kernel_choices") or {}, kernel_settings()
-    return [f"{variable}={value} (now {now[variable]})" for variable, value in sorted(before.items())
-            if variable in now and now[variable] != value]  # fmt: skip
+    return [f"{variable}={before[variable]} (now {now[variable]})" for variable in variables
+            if variable in before and variable in now and now[variable] != before[variable]]  # fmt: skip

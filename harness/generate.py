@@ -77,10 +77,13 @@ def run(
     allow_download: bool = False,
     show_progress: bool = True,
     eval_options: EvalOptions | None = None,
+    concurrent_runs: int = 1,
 ) -> RunOutcome:
     """Generate every prompt x seed of ``spec``, write its record and score it (skipped if already finished).
 
     Under torchrun each rank makes every ``WORLD_SIZE``-th video on its own GPU; rank 0 writes the one record.
+    ``concurrent_runs`` > 1: the caller runs up to that many runs side by side (:func:`harness.ablate.sample_all`),
+    which the record's latency says (``latency.concurrent_runs``): its times measured their contention.
     """
     ranks = current_ranks()
     prepared = preflight(spec, eval_options, allow_download=allow_download)
@@ -89,7 +92,7 @@ def run(
     path = record_path(runs_dir, spec.run_id)
     existing = finished_record(path)
     if existing is not None and not force:
-        changed = kernel_choice_changes(existing.get("environment", {}))
+        changed = kernel_choice_changes(existing.get("environment", {}), prepared.method.kernel_variables_used)
         if changed:  # its numbers measured other kernels than the ones this run would use
             raise HarnessError(f"{path} is a finished run of this spec made with {', '.join(changed)}: rerun "
                                "it with --force (replaces it), use another --runs-dir, or set them back")  # fmt: skip
@@ -113,6 +116,8 @@ def run(
         shares = _join_shares(share, ranks, artifacts_dir)
         if ranks.lead:
             record = _build_record(prepared, model, method, shares, time.time() - started, ranks.world_size)
+            if concurrent_runs > 1:
+                record["latency"]["concurrent_runs"] = concurrent_runs
             clip_suites = [SUITES.get(name) for name in spec.eval_suites if SUITES.get(name).score is not None]
             frames = load_frame_files(record["artifacts"]["frames"], runs_dir) if clip_suites else {}
             for suite in clip_suites:

@@ -15,6 +15,7 @@ from typing import Any
 
 from harness.environment import REPO_ROOT
 from harness.errors import HarnessError
+from harness.records import contended
 from harness.spec import RunSpec
 
 DEFAULT_SEARCH = REPO_ROOT / "reports"
@@ -66,7 +67,7 @@ def _forwards_in(data: Any, model: str, tokens: int, source: str) -> list[StepTi
         return [
             StepTime(entry["forward"]["median_ms"], name, device, source) for name, entry in data["methods"].items()
         ]
-    if data.get("kind") == "run" and _run_tokens(data) == tokens:
+    if data.get("kind") == "run" and _run_tokens(data) == tokens and not contended(data):
         stage = data["latency"]["stages"].get("denoise_step")
         passes = 2 if data["spec"]["sampling"]["cfg"] > 1 else 1
         return [StepTime(stage["median_ms"] / passes, data["spec"]["method"], device, source)] if stage else []

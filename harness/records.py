@@ -57,6 +57,12 @@ def read_record(path: Path) -> dict[str, Any]:
     return data
 
 
+def contended(record: dict[str, Any]) -> bool:
+    """Whether a run was sampled beside others (``latency.concurrent_runs`` > 1, ``bench ablate --jobs``): its
+    times measured their contention, so no table, speedup or estimate uses them."""
+    return record.get("latency", {}).get("concurrent_runs", 1) > 1
+
+
 def finished_record(path: Path) -> dict[str, Any] | None:
     """The record at ``path`` if it exists and is complete, else None (a rerun is needed)."""
     if not Path(path).exists():

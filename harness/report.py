@@ -23,7 +23,7 @@ import pandas as pd
 
 from harness.atomic import atomic_path
 from harness.io_checks import ensure_writable_dir
-from harness.records import load_records
+from harness.records import contended, load_records
 from harness.spec import record_cohort
 
 DENSE_PREFERENCE = ("fa2", "cudnn", "sdpa", "math")
@@ -135,13 +135,12 @@ def _short_value(value: Any) -> str:
 
 
 def _untimed_if_contended(rec: dict[str, Any]) -> dict[str, Any]:
-    """A run sampled beside others (``latency.concurrent_runs`` > 1, :func:`harness.ablate.sample_all`) with its
-    times taken out (no stage medians, end-to-end NaN): they measured the other runs' contention, so every table
-    leaves them blank and no speedup is computed from them. Other runs unchanged."""
-    latency = rec["latency"]
-    if latency.get("concurrent_runs", 1) <= 1:
+    """A run sampled beside others (:func:`harness.records.contended`) with its times taken out (no stage
+    medians, end-to-end NaN): they measured the other runs' contention, so every table leaves them blank and no
+    speedup is computed from them. Other runs unchanged."""
+    if not contended(rec):
         return rec
-    return {**rec, "latency": {**latency, "stages": {}, "end_to_end_ms_per_video": math.nan}}
+    return {**rec, "latency": {**rec["latency"], "stages": {}, "end_to_end_ms_per_video": math.nan}}
 
 
 def runs_table(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -576,10 +575,11 @@ def build_report(runs_dir: Path, out_dir: Path | None, include: list[Path] | Non
     runs = [_untimed_if_contended(r) for r in records if r["kind"] == "run"]
     reportable = [r for r in runs if r.get("quality_reportable", False)]
     report.notes = protocol_notes(reportable)
-    contended = sum(r["latency"].get("concurrent_runs", 1) > 1 for r in runs)
-    if contended:
-        report.notes["step_ms"] = (f"{contended} run(s) sampled beside others (bench ablate --jobs) have no times: "
-                                   "they measured each other's contention")  # fmt: skip
+    untimed = sum(contended(r) for r in records if r["kind"] == "run")
+    if untimed:
+        for column in ("step_ms", "latency_s"):  # the runs and ablation tables', table 1's and table 3's times
+            report.notes[column] = (f"{untimed} run(s) sampled beside others (bench ablate --jobs) have no times: "
+                                    "they measured each other's contention")  # fmt: skip
     tables = {"runs": runs_table(runs), "latency": latency_table([r for r in records if r["kind"] == "latency"]),
               "table1": table1(reportable), "table3": table3(runs, included),
               **ablation_tables(reportable)}  # fmt: skip

@@ -183,6 +183,9 @@ class AttentionMethod(ABC):
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
     parameters: ClassVar[tuple[Param, ...]] = ()
+    #: The kernel variables (``BENCH_...``, :data:`methods.kernels.KERNEL_CHOICES`) its calls read: a finished run
+    #: made with other values of these measured other kernels (:attr:`kernel_variables_used`).
+    kernel_variables: ClassVar[tuple[str, ...]] = ()
     #: Parameters a saved state is bound to: a checkpoint whose state recorded other values is refused up front.
     state_params: ClassVar[tuple[str, ...]] = ()
     #: Parameters that stand in for a trained state (latency without a checkpoint): refused beside a checkpoint.
@@ -247,6 +250,12 @@ class AttentionMethod(ABC):
         out, density = self.run(q, k, v, ctx, dense)
         self.density.add(ctx, density)
         return out
+
+    @property
+    def kernel_variables_used(self) -> tuple[str, ...]:
+        """The kernel variables this method's calls read (its own :attr:`kernel_variables`; a method that runs
+        another inside adds that one's)."""
+        return self.kernel_variables
 
     def params(self) -> dict[str, Any]:
         """The method's parameters as recorded in the run record (JSON-serialisable): its settings."""

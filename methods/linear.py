@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
 from methods.kernels.linear_attention import FeatureMap, build_feature_map, feature_linear_attention
-from methods.kernels.linear_attention_triton import BACKEND_NOTE
+from methods.kernels.linear_attention_triton import BACKEND_ENV, BACKEND_NOTE
 from methods.params import Param
 
 # taylor is left out: its 1 + D + D^2 features (16,513 per token at D = 128) do not fit at video length.
@@ -31,6 +31,7 @@ class LinearAttention(AttentionMethod):
     precedence over ``layers``.
     """
 
+    kernel_variables = (BACKEND_ENV,)
     capabilities = Capabilities(
         devices=("cpu", "cuda"),
         sparsity="linear",

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
+from methods.kernels import kmeans_triton as kmeans_kernels
 from methods.kernels.block_sparse import (
     BlockSparsePattern,
     VariableBlocks,
@@ -166,6 +167,7 @@ class LayerCentroids:
 class SparseVideoGen2(BlockSparseMethod):
     """Sparse VideoGen2: k-means on Q and K, cluster permutation, top-p key clusters with a floor."""
 
+    kernel_variables = (kmeans_kernels.BACKEND_ENV, kmeans_kernels.VARIANT_ENV)
     capabilities = Capabilities(
         sparsity="dynamic",
         data_dependent=True,

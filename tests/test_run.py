@@ -100,18 +100,30 @@ def test_rerun_is_skipped_without_rewriting(single_run_copy: Path) -> None:
 
 
 def test_a_finished_run_made_with_other_kernels_is_not_returned_as_this_one(
-    single_run_copy: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With BENCH_LINEAR_BACKEND changed since a run finished, the same spec is refused (naming the variable, both
-    values and the ways out), not skipped: the record measured other kernels. --force reruns it."""
-    record = _record_file(single_run_copy)
+    """With BENCH_LINEAR_BACKEND changed since a linear-attention run finished, the same spec is refused (naming
+    the variable, both values and the ways out), not skipped: the record measured other kernels. --force reruns
+    it."""
+    runs = tmp_path / "runs"
+    args = ["run", "--method", "linear", "--model", "wan-tiny", "--device", "cpu", "--no-progress", "--runs-dir", runs]
+    invoke_cli(args)
+    record = _record_file(runs)
     before = record.read_bytes()
     monkeypatch.setenv("BENCH_LINEAR_BACKEND", "torch")
-    result = invoke_cli([*RUN_ARGS, "--runs-dir", single_run_copy], expect=2)
+    result = invoke_cli(args, expect=2)
     assert "BENCH_LINEAR_BACKEND=auto (now torch)" in normalise(result.output) and "--force" in result.output
     assert record.read_bytes() == before
-    invoke_cli([*RUN_ARGS, "--runs-dir", single_run_copy, "--force"])
-    assert records_in(single_run_copy)[0]["environment"]["kernel_choices"]["BENCH_LINEAR_BACKEND"] == "torch"
+    invoke_cli([*args, "--force"])
+    assert records_in(runs)[0]["environment"]["kernel_choices"]["BENCH_LINEAR_BACKEND"] == "torch"
+
+
+def test_a_kernel_choice_the_method_does_not_read_does_not_stop_a_skip(
+    single_run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sdpa reads no kernel variable: a finished sdpa run is still skipped after BENCH_KMEANS_UPDATE changed."""
+    monkeypatch.setenv("BENCH_KMEANS_UPDATE", "sorted")
+    assert "skipped" in normalise(invoke_cli([*RUN_ARGS, "--runs-dir", single_run_copy]).output)
 
 
 def test_force_reruns(single_run_copy: Path) -> None:

@@ -119,3 +119,16 @@ def test_protocol_refuses_a_contradicting_option(bench, monkeypatch: pytest.Monk
     monkeypatch.setenv("BENCH_VBENCH_PROMPTS", str(PROMPTS))
     result = bench("run", "--model", "wan1.3b", "--protocol", "linvideo-vbench", "--steps", "20", "--dry-run", expect=2)
     assert "fixes steps = 50" in normalise(result.output)
+
+
+def test_the_dry_run_plan_takes_no_step_time_from_a_run_sampled_beside_others() -> None:
+    """A run record's denoising step estimates GPU hours, unless it was sampled beside others (bench ablate --jobs):
+    then it timed their contention."""
+    from harness.plan import _forwards_in
+
+    record = {"kind": "run", "spec": {"model": "toy", "method": "sdpa", "sampling": {"cfg": 4.0}},
+              "token_grid": {"frames": 2, "height": 4, "width": 4},
+              "latency": {"stages": {"denoise_step": {"median_ms": 8.0}}}}  # fmt: skip
+    assert [step.forward_ms for step in _forwards_in(record, "toy", 32, "r.json")] == [4.0]
+    record["latency"]["concurrent_runs"] = 3
+    assert _forwards_in(record, "toy", 32, "r.json") == []
