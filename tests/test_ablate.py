@@ -202,7 +202,7 @@ def test_concurrent_sampling_writes_the_records_sequential_sampling_does(bench: 
 
     # Times measured beside another run are left out of every table, with a note; the solo runs keep theirs.
     def step_ms(folder: Path) -> tuple[list[Any], str]:
-        payload = json.loads(bench("report", "--runs-dir", folder, "--json").stdout)
+        payload = json.loads(bench("report", "--runs-dir", folder, "--out", folder / "report", "--json").stdout)
         return [row["step_ms"] for row in payload["tables"]["runs"]], json.dumps(payload)
 
     solo, _ = step_ms(tmp_path / "one")
