@@ -235,3 +235,19 @@ def test_an_interrupted_sampling_keeps_the_labels_of_the_variants_it_finished(
                                show_progress=False))  # fmt: skip
     variants = [record for record in records_in(runs) if record["spec"]["method"] == "linvideo"]
     assert len(variants) == 3 and all(record["ablation"] and record["training"] for record in variants)
+
+
+@pytest.mark.usefixtures("quick_toy")
+def test_a_failed_concurrent_sampling_leaves_the_others_marked_as_contended(tmp_path: Path) -> None:
+    """The mark is part of a run's one record write: a sibling that fails (here a bad parameter) does not leave
+    the finished run's record looking like a solo run's."""
+    from harness.errors import HarnessError
+    from harness.records import contended
+
+    request = AblationRequest(axes=("kernel",), model="toy", base=LinVideoTrainConfig(target_layers=4),
+                              runs_dir=tmp_path, train_dir=tmp_path, device="cpu", prompt_count=2)  # fmt: skip
+    specs = [_spec(request, "sdpa", {}), _spec(request, "linear", {"layers": "99"})]
+    with pytest.raises(HarnessError):
+        list(sample_all(specs, tmp_path / "runs", jobs=2, show_progress=False))
+    (record,) = records_in(tmp_path / "runs")
+    assert record["spec"]["method"] == "sdpa" and contended(record)
