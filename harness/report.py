@@ -575,7 +575,7 @@ def build_report(runs_dir: Path, out_dir: Path | None, include: list[Path] | Non
     runs = [_untimed_if_contended(r) for r in records if r["kind"] == "run"]
     reportable = [r for r in runs if r.get("quality_reportable", False)]
     report.notes = protocol_notes(reportable)
-    untimed = sum(contended(r) for r in records if r["kind"] == "run")
+    untimed = sum(map(contended, runs))
     if untimed:
         for column in ("step_ms", "latency_s"):  # the runs and ablation tables', table 1's and table 3's times
             report.notes[column] = (f"{untimed} run(s) sampled beside others (bench ablate --jobs) have no times: "

@@ -29,11 +29,10 @@ KERNEL_CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {}
 CHOICE_MODULES = ("linear_attention_triton", "xattn_scoring_triton", "kmeans_triton")
 
 
-def kernel_choice(variable: str, default: str, allowed: tuple[str, ...]) -> str:
+def kernel_choice(variable: str, default: str, allowed: tuple[str, ...]) -> None:
     """Declare the environment variable ``variable`` as a kernel choice among ``allowed`` whose default is
-    ``default``; returns the variable's name."""
+    ``default``."""
     KERNEL_CHOICES[variable] = (default, allowed)
-    return variable
 
 
 def _declared() -> dict[str, tuple[str, tuple[str, ...]]]:
