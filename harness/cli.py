@@ -1460,7 +1460,7 @@ def report_cmd(
             }
         )
         return
-    if not report.tables:
+    if not report.tables and not report.files:  # a folder holding only scaling sweeps still gets their figures
         others = len(report.not_records)
         raise HarnessError(f"no readable records under {runs_dir}"
                            + (f" ({others} other JSON files there are not run records)" if others else ""))  # fmt: skip

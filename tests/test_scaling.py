@@ -62,3 +62,13 @@ def test_report_draws_the_scaling_plot(scaling_record: dict, tmp_path: Path, ben
     assert str(figure) in payload["files"]
     assert payload["tables"]["latency"][0]["kernel_efficiency"] == 1.0
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_of_a_folder_holding_only_a_sweep_draws_it(scaling_record: dict, tmp_path: Path, bench) -> None:
+    """A folder with the sweep's JSON and no run record is reported (the figure, exit 0), not refused as empty."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "scaling.json").write_text(json.dumps(scaling_record))
+    result = bench("report", "--runs-dir", runs, "--out", tmp_path / "reports")
+    assert (tmp_path / "reports" / "figures" / "scaling.png").is_file()
+    assert "scaling.png" in result.stdout
