@@ -229,8 +229,9 @@ def test_the_backend_help_says_what_auto_runs_and_what_each_backend_needs() -> N
     from methods.sparse import BACKEND
 
     assert BACKEND.help.startswith(
-        "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128; flex on other "
-        "CUDA calls; masked elsewhere)"
+        "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128, or there, eager and with "
+        "flashinfer-python installed, FlashInfer's wrapper for block patterns: flashinfer-bsr on square tiles, "
+        "flashinfer on variable blocks; flex on other CUDA calls; masked elsewhere)"
     )
     assert BACKEND.help.endswith("or one of masked, flex, flex-tuned, flashinfer (cuda; float16/bfloat16; pip "
                                  "install flashinfer-python), flashinfer-bsr (cuda; float16/bfloat16; pip install "
@@ -344,6 +345,44 @@ def test_auto_never_picks_a_backend_refusing_a_kind(monkeypatch: pytest.MonkeyPa
     finally:
         sparse_backends.auto_backend.cache_clear()
     assert get_backend(chosen).kind_refusal(kind) is None  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def hopper_with_flashinfer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` as on an H200 with flashinfer-python installed, on CPU tensors: auto_backend says flex-tuned and the
+    FlashInfer backends take any device and need no package (their kind and data conditions stay)."""
+    from dataclasses import replace
+
+    monkeypatch.setattr(sparse_backends, "auto_backend", lambda device, dtype=None, head_dim=None: "flex-tuned")
+    for name in ("flashinfer", "flashinfer-bsr"):
+        monkeypatch.setitem(REGISTRY, name, replace(REGISTRY[name], devices=("cpu", "cuda"), package=None,
+                                                    dtypes=(torch.float32,)))  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("tiles", "flashinfer-bsr"), ("variable", "flashinfer"), ("token-level", "flex-tuned"),
+])  # fmt: skip
+def test_auto_takes_flashinfer_for_block_patterns_in_eager_on_hopper(hopper_with_flashinfer: None, kind: str,
+                                                                     expected: str) -> None:  # fmt: skip
+    """Measured on an H200 (run_9dca079/sparse): FlashInfer's BSR wrapper beats flex-tuned on tiles, its variable
+    wrapper on svg2's clusters; token-level patterns stay on Flex, which alone runs partial tiles."""
+    q = torch.randn(1, 2, N, 16)
+    assert sparse_backends.select_backend(q, q, q, kind_patterns()[kind]).name == expected
+
+
+def test_auto_keeps_flex_where_bsr_refuses_the_tiles(hopper_with_flashinfer: None) -> None:
+    """Unequal query and key blocks (the BSR wrapper's pages are square): flex-tuned, not an error at the call."""
+    *_, tiles = inputs()
+    q = torch.randn(1, 2, N, 16)
+    uneven = BlockSparsePattern(tiles.kept[..., ::2], N, (BLOCK, 2 * BLOCK))
+    assert sparse_backends.auto_choice(q, uneven) == "flex-tuned"
+
+
+def test_auto_stays_on_flex_under_torch_compile(hopper_with_flashinfer: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled graph captures Flex; FlashInfer's plan and run are host code it cannot trace."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q = torch.randn(1, 2, N, 16)
+    assert sparse_backends.auto_choice(q, kind_patterns()["tiles"]) == "flex-tuned"
 
 
 def test_measure_skips_a_backend_refusing_the_patterns_kind_even_when_fastest() -> None:
