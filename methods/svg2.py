@@ -76,7 +76,7 @@ def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor |
 
     On CUDA (fp16/bf16) the Triton iterations (:mod:`methods.kernels.kmeans_triton`, no host sync) run them unless
     ``backend`` (default ``$BENCH_KMEANS_BACKEND``, else auto) is ``torch``, with the update step ``update``
-    (default ``$BENCH_KMEANS_UPDATE``, else onehot); elsewhere :func:`lloyd`.
+    (default ``$BENCH_KMEANS_UPDATE``, else sorted); elsewhere :func:`lloyd`.
 
     Args:
         x: ``(G, N, D)`` points (means accumulate in fp32).

@@ -225,12 +225,12 @@ def test_kmeans_runs_the_update_the_variable_names(monkeypatch: pytest.MonkeyPat
     assert calls == [update, update]
 
 
-def test_the_default_update_is_onehot_until_both_are_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_update_is_sorted_the_faster_on_an_h200(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(fused.VARIANT_ENV, raising=False)
-    assert fused.chosen_variant() == fused.DEFAULT_VARIANT == "onehot"
-    assert fused.chosen_variant("sorted") == "sorted"
-    monkeypatch.setenv(fused.VARIANT_ENV, " Sorted ")
-    assert fused.chosen_variant() == "sorted"
+    assert fused.chosen_variant() == fused.DEFAULT_VARIANT == "sorted"
+    assert fused.chosen_variant("onehot") == "onehot"
+    monkeypatch.setenv(fused.VARIANT_ENV, " OneHot ")
+    assert fused.chosen_variant() == "onehot"
 
 
 def test_an_unknown_update_is_a_specific_error_on_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
