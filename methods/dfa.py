@@ -37,7 +37,7 @@ import torch
 from harness import strict_json
 from harness.errors import HarnessError, check_number
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, dense_attention, register_method
-from methods.kernels.block_sparse import FLEX_TILE, BlockSparsePattern, num_blocks
+from methods.kernels.block_sparse import FLEX_TILE, BlockSparsePattern, mask_tables, num_blocks
 from methods.kernels.sparse_backends import block_sparse_attention
 from methods.params import Param
 
@@ -78,7 +78,7 @@ def band_pattern(tokens: int, radius: int, device: torch.device) -> BlockSparseP
         q_start, q_end, k_start, k_end = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
         nearest = torch.maximum((k_start - q_end).clamp(min=0), (q_start - k_end).clamp(min=0))
         farthest = torch.maximum(q_end - k_start, k_end - q_start)
-        limit = torch.tensor(radius, device=device)
+        (limit,) = mask_tables(torch.tensor(radius, device=device))
 
         def in_band(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
             return (q_idx - kv_idx).abs() <= limit

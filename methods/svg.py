@@ -24,7 +24,7 @@ import torch
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, TokenGrid, register_method
-from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks
+from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, mask_tables, num_blocks
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, block_sparse_parameters
 
@@ -53,8 +53,7 @@ def band_with_sink_pattern(tokens: int, width: int, sink: int, block: int, devic
     farthest = torch.maximum(q_hi - kv_lo, kv_hi - q_lo)
     kept = (nearest <= width) | (kv_lo < sink)
     full = (farthest <= width) | (kv_hi < sink)
-    width_t = torch.tensor(width, device=device)
-    sink_t = torch.tensor(sink, device=device)
+    width_t, sink_t = mask_tables(torch.tensor(width, device=device), torch.tensor(sink, device=device))
 
     def band_or_sink(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         return ((q_idx - kv_idx).abs() <= width_t) | (kv_idx < sink_t)

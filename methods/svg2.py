@@ -40,6 +40,7 @@ from methods.kernels.block_sparse import (
     BlockSparsePattern,
     VariableBlocks,
     block_lengths,
+    mask_tables,
     num_blocks,
     rectangle_counts,
     select_by_cost_budget,
@@ -147,8 +148,10 @@ def cluster_pair_pattern(
     kept = rectangle_counts(keep & present, rows, cols) > 0
     full = rectangle_counts(keep | ~present, rows, cols) == pairs  # empty clusters hold no tokens: they never mask
 
+    keep_read, q_labels_read, k_labels_read = mask_tables(keep, q_labels_sorted, k_labels_sorted)
+
     def kept_cluster_pair(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return keep[b, h, q_labels_sorted[b, h, q_idx], k_labels_sorted[b, h, kv_idx]]
+        return keep_read[b, h, q_labels_read[b, h, q_idx], k_labels_read[b, h, kv_idx]]
 
     variable = VariableBlocks(keep & present, q_sizes, k_sizes)  # the clusters themselves: SVG2's own kernel blocks
     return BlockSparsePattern(kept, tokens, block, full=full & kept, mask_mod=kept_cluster_pair, variable=variable)

@@ -11,6 +11,7 @@ from methods.kernels.block_sparse import (
     BlockSparsePattern,
     block_lengths,
     flex_block_sparse_attention,
+    mask_tables,
     masked_dense_attention,
     num_blocks,
     permute_tokens,
@@ -249,3 +250,16 @@ def test_bad_patterns_are_refused() -> None:
     q = torch.randn(1, 2, N, 8)
     with pytest.raises(HarnessError, match="backend"):
         block_sparse_attention(q, q, q, BlockSparsePattern(kept, N, BLOCK), backend="triton")
+
+
+def test_mask_tables_are_the_tensors_themselves_in_eager_code() -> None:
+    """No copy outside torch.compile (the copy is for Inductor: test_compile's Inductor test)."""
+    kept, labels = torch.ones(1, 2, 4, 4, dtype=torch.bool), torch.arange(8).view(1, 1, 8)
+    assert all(out is table for out, table in zip(mask_tables(kept, labels), (kept, labels), strict=True))
+
+
+@pytest.mark.parametrize("table", [torch.rand(1, 2, 4, 4) > 0.5, torch.arange(24).view(2, 3, 4)[:, :, ::2]],
+                         ids=["bool", "int-strided"])  # fmt: skip
+def test_the_mask_table_op_passes_opcheck(table: torch.Tensor) -> None:
+    """The op that stores a mask table under torch.compile: its schema, fake (shape, dtype, strides) and outputs."""
+    torch.library.opcheck(torch.ops.attention_bench.mask_table.default, (table,))

@@ -1,8 +1,9 @@
 """The harness's processor under torch.compile, as diffusers users run the transformer (issue 21, item 5).
 
 Graphs and recompiles are Dynamo's doing (graph capture and guards), so the transformer is compiled with a
-counting backend that runs each captured graph as it is, without code generation: seconds on CPU. Inductor's
-code is timed by ``bench latency --compile`` on the GPU. Methods that compile in one graph with no recompile
+counting backend that runs each captured graph as it is, without code generation: seconds on CPU; one test lowers a
+sparse call with Inductor (CPU code), where Flex reads a mask built in the graph. Inductor's code is timed by
+``bench latency --compile`` on the GPU. Methods that compile in one graph with no recompile
 across sampler steps: sdpa, math (and the other dense backends: the same code path), linear, linvideo, and xattn and
 sla on the masked (CPU) and Flex (GPU) backends (their densities stay tensors: only the eager density log reads
 them); radial, alone or in LinVideo's softmax layers, on both backends, in one graph per dense-or-sparse decision
@@ -25,7 +26,7 @@ from torch._dynamo.testing import CompileCounter
 
 from harness.models.wan import WAN_TINY_CONFIG, WanTiny
 from methods import AttentionMethod, build_method
-from methods.base import Schedule
+from methods.base import AttentionContext, Schedule, TokenGrid
 
 SAMPLING = replace(WanTiny.defaults, steps=4)
 
@@ -72,6 +73,29 @@ def test_processor_compiles_in_one_graph_across_sampler_steps(tiny_model, name: 
         actual = sample(tiny_model, method)
     assert counter.frame_count == 1
     torch.testing.assert_close(actual, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [128, "auto"], ids=["whole-tiles", "regrouped"])
+def test_a_mask_built_in_the_graph_lowers_with_inductor(block_size: int | str) -> None:
+    """xattn at a fixed density (the H200's failing case) on the Flex backend, its call compiled by Inductor as in
+    `bench latency --compile` (CPU code here): the tile table its mask_mod reads is built in the graph, the last step
+    a fused select_scatter (``kept[..., 0] = True``), which Flex's lowering refused ("No choices to select") until the
+    table went through mask_tables. 128-token blocks are read whole (Wan's case), the toy's automatic 32 through
+    128-token tiles regrouped from them. The compiled call equals masked dense on the same tiles."""
+    grid = TokenGrid(8, 8, 8)  # 512 tokens
+    ctx = AttentionContext(layer=0, num_layers=1, step=1, num_steps=2, timestep=0.5, cfg_branch="cond", grid=grid)
+    q, k, v = torch.randn(3, 1, 2, grid.tokens, 16, generator=torch.Generator().manual_seed(0))
+    params = {"fixed_density": 0.344, "block_size": block_size}
+    flex, masked = (build_method("xattn", backend=backend, **params) for backend in ("flex", "masked"))
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            out, density = torch.compile(lambda *qkv: flex.attend(*qkv, ctx), fullgraph=True)(q, k, v)
+            expected, expected_density = masked.attend(q, k, v, ctx)
+    finally:
+        torch._dynamo.reset()
+    assert float(density) == float(expected_density) < 1.0
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_dense_warmup_recompiles_once_where_the_decision_changes(tiny_model) -> None:

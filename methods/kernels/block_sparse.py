@@ -34,7 +34,8 @@ The method base class that runs a pattern under the step/layer schedule is
 with broadcastable tensor ops (comparisons, arithmetic, indexing small tensors by the index
 arguments), so that the CPU path can evaluate it on whole index grids. Values that change between
 calls (band widths, cluster labels) must be tensors captured by the closure, not Python numbers:
-a changed Python constant is a recompile of the compiled kernel.
+a changed Python constant is a recompile of the compiled kernel. Every tensor it reads goes through
+:func:`mask_tables` first: inside a compiled model Inductor cannot read one that is still a fused expression.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, FlexKernelOptions, flex_attention
 
 from harness.errors import HarnessError
+from methods.kernels import OP_NAMESPACE
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: What a pattern is made of (:attr:`BlockSparsePattern.kind`), which decides the backends that can run it:
@@ -71,6 +73,36 @@ FLEX_TILE = 128
 # hit must be an error: Dynamo's fallback runs flex_attention unfused, materialising N x N scores.
 RECOMPILE_LIMIT = 64
 _PARTIAL_CHUNK_ENTRIES = 1 << 24  # tile entries evaluated at once when counting partial tiles
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::mask_table", mutates_args=())
+def _stored_copy(table: torch.Tensor) -> torch.Tensor:
+    """A copy of ``table`` made by an op Inductor does not see into: its output is always a buffer in memory."""
+    return table.clone()
+
+
+@_stored_copy.register_fake
+def _(table: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(table)
+
+
+def mask_tables(*tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors a ``mask_mod`` reads, in a form FlexAttention can read inside a compiled model: in eager code
+    the tensors themselves, under ``torch.compile`` a copy of each made by an opaque op (small tables: 0.8 MB at
+    Wan 1.3B).
+
+    Flex's lowering builds the ``mask_mod`` into its kernel before it stores the tensors the mask reads, so one
+    that is still a fused expression in the graph (the pointwise ``select_scatter`` of xattn's ``kept[..., 0] =
+    True``, an ``&`` of two tables) is computed inside the kernel, or refused. On CPU the C++ template refuses it
+    ("NotImplementedError: Pointwise", then "No choices to select"). On the H200 (torch 2.11) xattn's compiled
+    forward failed with "LoweringException: AttributeError: 'int' object has no attribute 'free_symbols'", which
+    the select_scatter's integer index inlined into the Triton template would explain (inferred from Inductor's
+    source: the Triton path cannot run here). An opaque op's output is a buffer in memory, which every template
+    loads.
+    """
+    if not torch.compiler.is_compiling():
+        return tables
+    return tuple(_stored_copy(table) for table in tables)
 
 
 def num_blocks(seq_len: int, block: int) -> int:
@@ -263,6 +295,7 @@ class BlockSparsePattern:
         kept, (q_block, kv_block) = self.kept, self.blocks
         if backward and torch.is_inference(kept):
             kept = kept.clone()
+        (kept,) = mask_tables(kept)
         one_batch, one_head = kept.shape[0] == 1, kept.shape[1] == 1  # broadcast tables: index 0 for every b, h
 
         def in_kept_tiles(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
@@ -312,7 +345,7 @@ class BlockSparsePattern:
         kept = rectangle_counts(self.kept, rows, cols) > 0
         full = (rectangle_counts(self.full_tiles, rows, cols) == areas) & kept
         shape = (*(batch_heads or self.kept.shape[:2]), *self.kept.shape[-2:])
-        whole, partial = self.full_tiles.expand(shape), self.partial_tiles.expand(shape)
+        whole, partial = (table.expand(shape) for table in mask_tables(self.full_tiles, self.partial_tiles))
         inner = self.mask_mod
 
         def in_kept_blocks(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
