@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Schedule, register_method
 from methods.kernels.linear_attention import FeatureMap, build_feature_map, feature_linear_attention
-from methods.kernels.linear_attention_triton import BACKEND_ENV, BACKEND_NOTE, VARIANT_ENV, map_variables
+from methods.kernels.linear_attention_triton import BACKEND_ENV, BACKEND_NOTE
 from methods.params import Param
 
 # taylor is left out: its 1 + D + D^2 features (16,513 per token at D = 128) do not fit at video length.
@@ -31,7 +31,7 @@ class LinearAttention(AttentionMethod):
     precedence over ``layers``.
     """
 
-    kernel_variables = (BACKEND_ENV, VARIANT_ENV)  # the state kernel's only with hedgehog: kernel_variables_used
+    kernel_variables = (BACKEND_ENV,)
     capabilities = Capabilities(
         devices=("cpu", "cuda"),
         sparsity="linear",
@@ -51,10 +51,6 @@ class LinearAttention(AttentionMethod):
         layers = self.settings["layers"]
         self.layers: tuple[int, ...] | None = None if layers == "all" else tuple(layers)
         self._maps: dict[int, FeatureMap] = {}
-
-    @property
-    def kernel_variables_used(self) -> tuple[str, ...]:
-        return map_variables(self.kernel)
 
     def runs_linear(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers

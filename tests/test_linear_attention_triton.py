@@ -35,9 +35,6 @@ needs_kernel = triton_needs_kernel(fused)
 # Relative error against float64 for fp16 (10-bit) and bf16 (7-bit) operands with fp32 accumulation.
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 DTYPES = (torch.bfloat16, torch.float16) if ON_CUDA else (torch.float16,)
-# Each fused map with each state kernel it can run (hedgehog's split and fused).
-KIND_VARIANTS = [(kind, variant) for kind in fused.FUSED_KERNELS for variant in fused.gram_variants(kind)]
-TUNED = ("_gram_partials", "_gram_partials_fused", "_output", "_query_grads", "_key_grads", "_project_grads")
 
 
 def maps(kind: str, heads: int, head_dim: int, trained: bool = True) -> tuple[FeatureMap, FeatureMap]:
@@ -119,17 +116,14 @@ def many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 @needs_kernel
 @pytest.mark.usefixtures("many_chunks")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("kind", "variant"), KIND_VARIANTS)
+@pytest.mark.parametrize("kind", fused.FUSED_KERNELS)
 @pytest.mark.parametrize(
     "shape",
     [(2, 2, 40, 27, 32),  # batch 2 (W's gradient sums over it), more queries than keys
      (1, 1, 70, 70, 24)],  # padded head dim, strided (B, N, H, D) inputs
 )  # fmt: skip
-def test_fused_matches_float64_reference(monkeypatch: pytest.MonkeyPatch, kind: str, variant: str,
-                                         dtype: torch.dtype, shape: tuple[int, ...]) -> None:  # fmt: skip
-    """Output and every gradient (q, k, v, hedgehog's W for q and k) within the dtype's tolerance, with each state
-    kernel ($BENCH_LINEAR_GRAM, read at the call)."""
-    monkeypatch.setenv(fused.VARIANT_ENV, variant)
+def test_fused_matches_float64_reference(kind: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    """Output and every gradient (q, k, v, hedgehog's W for q and k) within the dtype's tolerance."""
     alignment = fused._chunk_alignment(fused.REDUCE_CONFIGS)
     scale = alignment // fused.INTERPRETER_CONFIGS[0][0]  # CUDA's blocks are 8x the interpreter's: 8x the tokens
     batch, heads, queries, keys, dim = shape
@@ -165,13 +159,13 @@ def gpu_blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     block = request.param
     monkeypatch.setattr(fused, "INTERPRETER_CONFIGS", ((block, 4, 1),))
     fused._chunking.cache_clear()
-    for name in TUNED:
+    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
         tuner = getattr(fused, name)
         monkeypatch.setattr(tuner, "configs", [fused.triton.Config({"BLOCK_N": block}, num_warps=4, num_stages=1)])
         tuner.cache.clear()
     yield block
     fused._chunking.cache_clear()
-    for name in TUNED:
+    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
         getattr(fused, name).cache.clear()
 
 
@@ -185,47 +179,20 @@ def stage_inputs(kind: str, shape: tuple[int, int, int, int]) -> tuple[torch.Ten
 
 
 @needs_kernel
-@pytest.mark.parametrize(("kind", "variant"), KIND_VARIANTS)
-def test_every_stage_matches_float64_at_the_gpu_blocks(kind: str, variant: str, gpu_blocks: int) -> None:
+@pytest.mark.parametrize("kind", fused.FUSED_KERNELS)
+def test_every_stage_matches_float64_at_the_gpu_blocks(kind: str, gpu_blocks: int) -> None:
     """Each launch's intermediate (state, output, den, the state's gradients, dL/dp of q and k, dv, the projection
     backward's dq, dk and dW) at 32- and 64-token blocks, several blocks per chunk, several chunks, a ragged tail
-    (150 tokens), full and padded head dims, batch 2, with each state kernel: the stages the H200 run of wt-T2 got
-    wrong (dk, dWk)."""
+    (150 tokens), full and padded head dims, batch 2: the stages the H200 run of wt-T2 got wrong (dk, dWk)."""
     from harness.benchmarks.linear_triton_gpu import stage_errors
 
     for shape in [(2, 2, 150, 32), (1, 2, 150, 24)]:
         assert fused._chunking(150, 4, 64, gpu_blocks)[0] > 1 and 150 % gpu_blocks
         q, k, v, grad, q_weight, k_weight = stage_inputs(kind, shape)
-        errors = stage_errors(q, k, v, kind, q_weight, k_weight, grad, variant=variant)
+        errors = stage_errors(q, k, v, kind, q_weight, k_weight, grad)
         expected = {"S", "z", "out", "den", "dS", "dz", "dp_q", "dp_k", "dv", "dq", "dk"}
         assert set(errors) == expected | ({"dWq", "dWk"} if kind == "hedgehog" else set())
         assert all(e is not None and e <= TOLERANCE[DTYPES[0]] for e in errors.values()), f"{shape}: {errors}"
-
-
-@needs_kernel
-def test_state_kernel_variant_is_read_at_each_hedgehog_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    """$BENCH_LINEAR_GRAM picks hedgehog's state kernel at each call (fused: both halves in one program, on a grid
-    without the halves' axis); relu and elu have one half and launch the split kernel whatever it says."""
-    launched = []
-    launch = fused._launch_tuned
-    monkeypatch.setattr(fused, "_launch_tuned", lambda kernel, grid, *a, **kw: launched.append(
-        (kernel, grid[0], kw.get("NH"))) or launch(kernel, grid, *a, **kw))  # fmt: skip
-    q, k, v = (torch.randn(1, 2, 40, 32, device=DEVICE, dtype=DTYPES[0]) for _ in range(3))
-    # (map, variable, the state kernel, programs per (chunk, head) on its grid, halves per program)
-    for kind, variant, kernel, programs, halves in [("hedgehog", "fused", fused._gram_partials_fused, 1, 2),
-                                                    ("hedgehog", "split", fused._gram_partials, 2, 1),
-                                                    ("relu", "fused", fused._gram_partials, 1, 1)]:  # fmt: skip
-        monkeypatch.setenv(fused.VARIANT_ENV, variant)
-        launched.clear()
-        with torch.no_grad():
-            fused.fused_linear_attention(q, k, v, *maps(kind, 2, 32))
-        assert launched[0] == (kernel, programs, halves), (kind, variant)
-
-
-def test_unknown_state_kernel_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(fused.VARIANT_ENV, "both")
-    with pytest.raises(HarnessError, match="BENCH_LINEAR_GRAM must be one of split, fused, got 'both'"):
-        fused.chosen_variant()
 
 
 @needs_kernel
@@ -427,55 +394,3 @@ def test_gpu_script_diagnosis_line_names_kernels_and_failed_parts() -> None:
     assert line.startswith("kernels 0.300 ms in 3 launches (_output 0.200, _gram_partials 0.090)")
     assert "graph replay failed" in line and "host enqueue 0.050 ms" in line and "_sum" not in line
     assert summary_line({"split": {"error": "RuntimeError"}, "graph_ms": 0.2}).startswith("kernel split failed; graph")
-
-
-def test_gpu_script_names_the_faster_state_kernel(capsys: pytest.CaptureFixture[str]) -> None:
-    """Per mode, the hedgehog state kernel with the lower median, in the JSON and the printed table; none where
-    fewer than two were timed."""
-    from harness.benchmarks.linear_triton_gpu import fastest_gram, print_table, summarise
-
-    rows = summarise({
-        "cudnn": {"forward_ms": 10.0, "forward_backward_ms": 40.0},
-        "fused hedgehog split": {"forward_ms": 0.44, "forward_backward_ms": 2.8},
-        "fused hedgehog fused": {"forward_ms": 0.40, "forward_backward_ms": 2.9},
-    })  # fmt: skip
-    faster = fastest_gram(rows)
-    assert faster == {"forward": "fused", "forward_backward": "split"}
-    assert fastest_gram({"fused hedgehog split": rows["fused hedgehog split"]}) is None
-    check = {"kind": "hedgehog", "variant": "fused", "shape": [1, 12, 32760, 128], "passed": True,
-             "fused": {"out": 4e-3}}  # fmt: skip
-    timed = {"rows": rows, "floor_ms": 0.1, "fastest_gram": faster}
-    print_table({"checks": [check], "timings": {"wan1.3b": timed}, "wall_seconds": 1.0})
-    printed = capsys.readouterr().out
-    assert "check hedgehog fused" in printed and "fused hedgehog fused" in printed
-    assert "faster hedgehog state kernel (BENCH_LINEAR_GRAM): forward fused, forward_backward split" in printed
-
-
-def test_gpu_script_reports_the_state_kernels_registers() -> None:
-    """Registers and spills of each compiled hedgehog state kernel at head dim 128 (NH 1: split, 2: fused), and each
-    tuner's choice there, from the compiled-kernel report; other maps and head dims are left out."""
-    from harness.benchmarks.linear_triton_gpu import register_lines
-
-    def compiled(kind: int, block_d: int, nh: int, registers: int, spills: int) -> dict[str, object]:
-        constexprs = {"KIND": kind, "BLOCK_D": block_d, "NH": nh, "BLOCK_N": 32}
-        return {"constexprs": constexprs, "warps": 8, "stages": 2, "registers": registers, "spills": spills,
-                "shared_bytes": 66560}  # fmt: skip
-
-    kernels = {
-        "_gram_partials": {"chosen": {"(128, 0, True, 1, 'torch.bfloat16')": "BLOCK_N: 64",
-                                      "(128, 1, False, 1, 'torch.bfloat16')": "BLOCK_N: 128"},
-                           "compiled": [compiled(0, 128, 1, 255, 0), compiled(0, 128, 2, 224, 8),
-                                        compiled(1, 128, 1, 158, 0), compiled(0, 32, 2, 128, 0)]},
-        "_gram_partials_fused": {"chosen": {"(128, 0, True, 2, 'torch.bfloat16')": "BLOCK_N: 32"},
-                                 "compiled": "listed under _gram_partials"},
-    }  # fmt: skip
-    lines = register_lines(kernels)
-    assert lines == [
-        "state kernel NH=1 BLOCK_N=32 8 warps 2 stages: 255 registers, 0 spills, 65 KB shared",
-        "state kernel NH=2 BLOCK_N=32 8 warps 2 stages: 224 registers, 8 spills, 65 KB shared",
-        "_gram_partials chose BLOCK_N: 64 for (128, 0, True, 1, 'torch.bfloat16')",
-        "_gram_partials_fused chose BLOCK_N: 32 for (128, 0, True, 2, 'torch.bfloat16')",
-    ]
-    assert register_lines({"_gram_partials": {"compiled": "unavailable: AttributeError"}}) == [
-        "registers: unavailable: AttributeError"
-    ]

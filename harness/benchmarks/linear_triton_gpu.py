@@ -1,30 +1,28 @@
 """Fused Triton linear attention on one GPU: correctness against float64 first, then time against cuDNN.
 
 1. Correctness (fresh random bf16 inputs): the fused kernel for hedgehog (a trained-like W = I + noise, separate
-   for q and k; each of its state kernels, ``BENCH_LINEAR_GRAM=split`` and ``fused``), relu and elu; the output and
-   every gradient (q, k, v and hedgehog's W of q and of k) against the float64 reference by relative error, at a
-   toy shape (head dim 24, padded in the kernel; batch 2) and at the Wan 1.3B 480p and 14B 720p shapes, with q, k,
-   v laid out as the attention processor passes them ((B, N, H, D) projections seen as (B, H, N, D)). The torch
-   path's errors are recorded beside. Tolerances (bf16 operands, fp32 accumulation): 1e-2 for the output, 2e-2 for
-   the gradients. If any check fails nothing is timed: each failed (map, shape, state kernel) is localised (every
-   kernel stage's intermediate, S, z, out, den, dp_q, dS, dz, dp_k, dv, dq, dk, dW, against float64, autotuned and
-   with each configuration index pinned) and the script exits non-zero. A CUDA error stops it at once (the context
-   is lost); ``--localise hedgehog,relu`` then runs the localisation alone, printing each variant before it runs.
+   for q and k), relu and elu; the output and every gradient (q, k, v and hedgehog's W of q and of k) against
+   the float64 reference by relative error, at a toy shape (head dim 24, padded in the kernel; batch 2) and at
+   the Wan 1.3B 480p and 14B 720p shapes, with q, k, v laid out as the attention processor passes them ((B, N,
+   H, D) projections seen as (B, H, N, D)). The torch path's errors are recorded beside. Tolerances (bf16
+   operands, fp32 accumulation): 1e-2 for the output, 2e-2 for the gradients. If any check fails nothing is
+   timed: each failed (map, shape) is localised (every kernel stage's intermediate, S, z, out, den, dp_q, dS, dz,
+   dp_k, dv, dq, dk, dW, against float64, autotuned and with each configuration index pinned) and the script
+   exits non-zero. A CUDA error stops it at once (the context is lost); ``--localise hedgehog,relu`` then runs
+   the localisation alone, printing each variant before it runs.
 2. Timing (CUDA events, warm-up, median): one cuDNN attention call (SDPBackend.CUDNN_ATTENTION), the torch path
-   (``linear_attention(q_map(q), k_map(k), v)``) and the fused kernel through the dispatcher (hedgehog with each
-   state kernel, and ``fastest_gram`` naming the faster per mode), forward (no grad) and forward + backward
-   (``torch.autograd.grad`` of a random upstream gradient, W included), at both Wan shapes; the ratios to cuDNN
-   against the targets (forward <= 3%, forward + backward <= 10%), and the memory floor (q, k, v read and the
-   output written once, at the copy bandwidth measured here).
+   (``linear_attention(q_map(q), k_map(k), v)``) and the fused kernel through the dispatcher, forward (no grad)
+   and forward + backward (``torch.autograd.grad`` of a random upstream gradient, W included), at both Wan
+   shapes; the ratios to cuDNN against the targets (forward <= 3%, forward + backward <= 10%), and the memory
+   floor (q, k, v read and the output written once, at the copy bandwidth measured here).
 3. Where each fused call's time goes (:mod:`harness.benchmarks.launch_split`): every kernel's device time and the
    launches per call (profiler), the call replayed as a CUDA graph (device time without host work) and the
    host time to enqueue it; one line per fused path, and in the JSON.
-4. A table last, and the registers and spills of hedgehog's state kernels at head dim 128; the JSON (checks,
-   timings, diagnostics, the autotuner's choices, registers and spills of each compiled kernel) in
-   ``--out``/linear_triton.json, written after each stage.
+4. A table last; the JSON (checks, timings, diagnostics, the autotuner's choices, registers and spills of each
+   compiled kernel) in ``--out``/linear_triton.json, written after each stage.
 
-About 2-3 minutes on one H200 for both shapes (Triton compiles and autotunes about 55 kernel variants in the first
-calls); ``--models wan1.3b``, ``--kinds hedgehog`` and ``--no-torch`` shorten it.
+About 2-3 minutes on one H200 for both shapes (Triton compiles and autotunes about 50 kernel variants in the first
+calls); ``--models wan1.3b`` and ``--no-torch`` shorten it.
 
     PYTHONUNBUFFERED=1 python -m harness.benchmarks.linear_triton_gpu --out $OUT
 """
@@ -33,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -46,7 +43,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness.atomic import write_json_atomic
 from harness.benchmarks.launch_split import diagnose, summary_line
-from harness.benchmarks.xattn_selection import environment
 from harness.latency import measure
 from harness.models.base import MODELS
 from methods.kernels import linear_attention_triton as fused
@@ -58,8 +54,7 @@ TIMED_MODELS = ("wan1.3b", "wan14b")
 TOY_SHAPE = (2, 4, 1061, 24)
 REPEATS = {"wan1.3b": (3, 30), "wan14b": (2, 7)}  # (warm-up, timed) calls
 GRADIENT_NAMES = ("dq", "dk", "dv", "dWq", "dWk")
-TUNED_KERNELS = ("_gram_partials", "_gram_partials_fused", "_output", "_query_grads", "_key_grads", "_project_grads")
-GRAM_KERNELS = ("_gram_partials", "_gram_partials_fused")  # hedgehog's state kernels, split and fused
+TUNED_KERNELS = ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads")
 
 
 def model_shape(model: str) -> tuple[int, int, int, int]:
@@ -68,11 +63,6 @@ def model_shape(model: str) -> tuple[int, int, int, int]:
     config = adapter.transformer_config
     tokens = adapter.token_grid(adapter.defaults).tokens
     return 1, config["num_attention_heads"], tokens, config["attention_head_dim"]
-
-
-def gram_path(variant: str) -> contextlib.AbstractContextManager[None]:
-    """``$BENCH_LINEAR_GRAM`` set to ``variant`` for the calls inside, as a user sets it."""
-    return environment({fused.VARIANT_ENV: variant})
 
 
 def processor_inputs(shape: tuple[int, int, int, int], device: torch.device) -> list[torch.Tensor]:
@@ -109,9 +99,8 @@ def errors_against(
             for name, a, b in zip(names, (out, *grads), (ref, *ref_grads), strict=False)}  # fmt: skip
 
 
-def check(kind: str, shape: tuple[int, int, int, int], device: torch.device) -> list[dict[str, Any]]:
-    """The fused kernel's (and the torch path's) output and gradients against float64, on fresh inputs: one row
-    per state kernel of ``kind`` (``gram_variants``: hedgehog's two), against one reference."""
+def check(kind: str, shape: tuple[int, int, int, int], device: torch.device) -> dict[str, Any]:
+    """The fused kernel's (and the torch path's) output and gradients against float64, on fresh inputs."""
     q, k, v = processor_inputs(shape, device)
     q_map, k_map = feature_maps(kind, shape[1], shape[3], device)
     leaves = [q, k, v, *q_map.parameters(), *k_map.parameters()]
@@ -120,17 +109,15 @@ def check(kind: str, shape: tuple[int, int, int, int], device: torch.device) -> 
     ref = fused.float64_reference(q, k, v, kind, *weights)
     ref_grads = torch.autograd.grad(ref, leaves, grad.double())
     ref = ref.detach()
-    torch_errors = errors_against(lambda: linear_attention(q_map(q), k_map(k), v), leaves, grad, ref, ref_grads)
-    rows = []
-    for variant in fused.gram_variants(kind):
-        with gram_path(variant):
-            errors = errors_against(lambda: fused.fused_linear_attention(q, k, v, q_map, k_map), leaves, grad, ref,
-                                    ref_grads)  # fmt: skip
-        passed = all(error is not None and error <= (FORWARD_TOLERANCE if name == "out" else GRADIENT_TOLERANCE)
-                     for name, error in errors.items())  # fmt: skip
-        rows.append({"shape": list(shape), "kind": kind, "variant": variant, "fused": errors, "torch": torch_errors,
-                     "passed": passed})  # fmt: skip
-    return rows
+    result: dict[str, Any] = {"shape": list(shape), "kind": kind}
+    result["fused"] = errors_against(lambda: fused.fused_linear_attention(q, k, v, q_map, k_map),
+                                     leaves, grad, ref, ref_grads)  # fmt: skip
+    result["torch"] = errors_against(lambda: linear_attention(q_map(q), k_map(k), v), leaves, grad, ref, ref_grads)
+    result["passed"] = all(
+        error is not None and error <= (FORWARD_TOLERANCE if name == "out" else GRADIENT_TOLERANCE)
+        for name, error in result["fused"].items()
+    )
+    return result
 
 
 @contextlib.contextmanager
@@ -192,14 +179,13 @@ def stage_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str
 
 
 def stage_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, q_weight: torch.Tensor | None,
-                 k_weight: torch.Tensor | None, grad: torch.Tensor, eps: float = 1e-6, variant: str | None = None,
+                 k_weight: torch.Tensor | None, grad: torch.Tensor, eps: float = 1e-6,
                  ) -> dict[str, float | None]:  # fmt: skip
     """The relative error of every intermediate of one fused forward + backward (each launch in turn, as the ops
     ``linear_attention_forward`` and ``linear_attention_backward`` chain them) against :func:`stage_reference`: names
     the first wrong kernel (state and its sum: S, z; output pass: out, den; query pass and its sum: dp_q, dS, dz; key
     pass: dp_k, dv; projection passes: dq, dk, dWq, dWk). None where not finite. q, k, v, grad ``(B, H, N, D)`` in
-    the compute dtype; ``variant`` the state kernel (default :func:`~methods.kernels.linear_attention_triton.
-    chosen_variant`'s)."""
+    the compute dtype."""
     code, nh = fused.KIND_CODES[kind], 2 if kind == "hedgehog" else 1
     batch, heads, tokens, dim = q.shape
     bd = fused._block_d(dim)
@@ -212,7 +198,7 @@ def stage_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, q
 
     with torch.no_grad():
         q, k, v = (t.detach() for t in (q, k, v))
-        state = fused._gram(k, v, wk, code, nh, fused.chosen_variant(variant))
+        state = fused._gram(k, v, wk, code, nh)
         out, den = fused._output_pass(q, wq, state, code, nh, eps)
         dp_q, d_state = fused._query_pass(q, grad.contiguous(), out, den, wq, state, code, nh)
         dp_k, dv = fused._key_pass(k, v, wk, d_state, code, nh)
@@ -232,10 +218,9 @@ def stage_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, q
             for name in ref}  # fmt: skip
 
 
-def localise(kind: str, shape: tuple[int, int, int, int], device: torch.device, variant: str) -> list[dict[str, Any]]:
-    """:func:`stage_errors` with the state kernel ``variant`` on fresh inputs, with the autotuner's choice and then
-    each configuration index pinned (:func:`pinned`), printing each line before it runs so that a crash names the
-    variant that was running."""
+def localise(kind: str, shape: tuple[int, int, int, int], device: torch.device) -> list[dict[str, Any]]:
+    """:func:`stage_errors` on fresh inputs with the autotuner's choice and then each configuration index pinned
+    (:func:`pinned`), printing each line before it runs so that a crash names the variant that was running."""
     q, k, v = processor_inputs(shape, device)
     q_map, k_map = feature_maps(kind, shape[1], shape[3], device)
     weights = getattr(q_map, "weight", None), getattr(k_map, "weight", None)
@@ -244,12 +229,12 @@ def localise(kind: str, shape: tuple[int, int, int, int], device: torch.device, 
     rows = []
     for index in (None, *range(longest)):
         with pinned(index) as label:
-            print(f"localise {kind} {shape} {variant} [{label}] ...", flush=True)
-            errors = stage_errors(q, k, v, kind, *weights, grad, variant=variant)
+            print(f"localise {kind} {shape} [{label}] ...", flush=True)
+            errors = stage_errors(q, k, v, kind, *weights, grad)
         worst = {name: error for name, error in errors.items() if error is None or error > GRADIENT_TOLERANCE}
         shown = {name: None if e is None else float(f"{e:.2e}") for name, e in errors.items()}
         print(f"  {'ok' if not worst else 'WRONG ' + str(worst)}; all: {shown}", flush=True)
-        rows.append({"kind": kind, "shape": list(shape), "variant": variant, "pinned": label, "errors": errors})
+        rows.append({"kind": kind, "shape": list(shape), "pinned": label, "errors": errors})
     return rows
 
 
@@ -285,8 +270,7 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def time_model(model: str, kinds: list[str], device: torch.device, bandwidth: float, with_torch: bool = True
                ) -> dict[str, Any]:  # fmt: skip
-    """cuDNN, the torch path (unless not ``with_torch``) and the fused kernel with each state kernel of the map,
-    diagnosed, at ``model``'s shape; ``fastest_gram`` names hedgehog's faster state kernel per mode."""
+    """cuDNN, the torch path (unless not ``with_torch``) and the fused kernel, diagnosed, at ``model``'s shape."""
     shape = model_shape(model)
     warmup, repeats = REPEATS[model]
     q, k, v = processor_inputs(shape, device)
@@ -304,34 +288,19 @@ def time_model(model: str, kinds: list[str], device: torch.device, bandwidth: fl
         if not fused.use_fused(q, k, v, q_map, k_map):
             raise RuntimeError(f"the dispatcher does not take the fused kernel: "
                                f"{fused.unsupported_reason(q, k, v, q_map, k_map)}")  # fmt: skip
-        variants = fused.gram_variants(kind)
-        paths = {}
-        if with_torch:
-            paths[f"torch {kind}"] = (lambda m=q_map, n=k_map: linear_attention(m(q), n(k), v), None)
-        for variant in variants:  # the fused kernel through the dispatcher, with each state kernel
-            name = f"fused {kind}" + (f" {variant}" if len(variants) > 1 else "")
-            paths[name] = (lambda m=q_map, n=k_map: feature_linear_attention(q, k, v, m, n), variant)
-        for name, (forward, variant) in paths.items():
-            with contextlib.nullcontext() if variant is None else gram_path(variant):
-                row = timings(forward, leaves, grad, device, warmup, repeats, diagnosed=variant is not None)
-            rows[name] = row
-            print(f"{model} {name}: {row['forward_ms']:.3f} ms forward, "
+        paths = {"torch": lambda m=q_map, n=k_map: linear_attention(m(q), n(k), v),
+                 "fused": lambda m=q_map, n=k_map: feature_linear_attention(q, k, v, m, n)}  # fmt: skip
+        for path, forward in paths.items():
+            if path == "torch" and not with_torch:
+                continue
+            row = timings(forward, leaves, grad, device, warmup, repeats, diagnosed=path == "fused")
+            rows[f"{path} {kind}"] = row
+            print(f"{model} {path} {kind}: {row['forward_ms']:.3f} ms forward, "
                   f"{row['forward_backward_ms']:.3f} ms forward + backward", flush=True)  # fmt: skip
             for mode, diagnosis in row.get("diagnostics", {}).items():
                 print(f"  {mode}: {summary_line(diagnosis)}", flush=True)
         torch.cuda.empty_cache()
-    timed = {"shape": list(shape), "floor_ms": floor_bytes / bandwidth * 1e3, "rows": summarise(rows)}
-    return timed | {"fastest_gram": fastest_gram(rows)}
-
-
-def fastest_gram(rows: dict[str, Any]) -> dict[str, str] | None:
-    """Per mode (forward, forward + backward), hedgehog's state kernel with the lower median, from the rows
-    ``fused hedgehog <variant>``; None when fewer than two were timed."""
-    timed = {variant: rows[f"fused hedgehog {variant}"] for variant in fused.VARIANTS
-             if f"fused hedgehog {variant}" in rows}  # fmt: skip
-    if len(timed) < 2:
-        return None
-    return {mode: min(timed, key=lambda variant: timed[variant][f"{mode}_ms"]) for mode in TARGETS}
+    return {"shape": list(shape), "floor_ms": floor_bytes / bandwidth * 1e3, "rows": summarise(rows)}
 
 
 def summarise(rows: dict[str, Any]) -> dict[str, Any]:
@@ -345,25 +314,17 @@ def summarise(rows: dict[str, Any]) -> dict[str, Any]:
 
 
 def compiled_kernels() -> dict[str, Any]:
-    """The autotuner's choice per key and each compiled variant's specialisation, constexprs, warps, stages, shared
-    memory, registers and spills, read off Triton's caches (internals: best effort, never fatal). A kernel that two
-    autotuners launch (the state kernel, split and fused) is listed under the first."""
+    """The autotuner's choice per key and each compiled variant's specialisation, warps, stages, shared memory,
+    registers and spills, read off Triton's caches (internals: best effort, never fatal)."""
     report: dict[str, Any] = {}
-    listed: dict[int, str] = {}  # id of a jitted kernel -> the first tuner listing it
-    for name in TUNED_KERNELS:
+    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
         tuner = getattr(fused, name)
         entry: dict[str, Any] = {"chosen": {str(key): str(config) for key, config in tuner.cache.items()}}
-        if id(tuner.fn) in listed:
-            entry["compiled"] = f"listed under {listed[id(tuner.fn)]}"
-            report[name] = entry
-            continue
-        listed[id(tuner.fn)] = name
         try:
             entry["compiled"] = [
                 {"specialisation": str(key)[-400:], "warps": kernel.metadata.num_warps,
                  "stages": kernel.metadata.num_stages, "shared_bytes": kernel.metadata.shared,
-                 "registers": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None),
-                 "constexprs": constexprs(tuner.fn, kernel)}
+                 "registers": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None)}
                 for caches in tuner.fn.device_caches.values() for key, kernel in caches[0].items()
             ]  # fmt: skip
         except Exception as exc:  # a diagnostic must not lose the measurements
@@ -372,43 +333,14 @@ def compiled_kernels() -> dict[str, Any]:
     return report
 
 
-def constexprs(jitted: Any, kernel: Any) -> dict[str, Any]:
-    """A compiled kernel's constexpr arguments by name (KIND, NH, BLOCK_N, ...), from the source it was compiled
-    from (Triton internals: empty where they differ)."""
-    constants = getattr(getattr(kernel, "src", None), "constants", None) or {}
-    return {jitted.arg_names[index[0]]: value for index, value in constants.items()
-            if isinstance(index, tuple) and isinstance(value, (bool, int, float))}  # fmt: skip
-
-
-def register_lines(kernels: dict[str, Any]) -> list[str]:
-    """Registers and spills of hedgehog's state kernels at head dim 128, per compiled configuration, from
-    :func:`compiled_kernels`'s report (NH: feature halves per program, 1 split, 2 fused)."""
-    compiled = kernels.get(GRAM_KERNELS[0], {}).get("compiled")
-    if not isinstance(compiled, list):
-        return [f"registers: {compiled}"]
-    lines = []
-    for row in compiled:
-        constants = row.get("constexprs", {})
-        if constants.get("KIND") != fused.KIND_CODES["hedgehog"] or constants.get("BLOCK_D") != fused.MAX_HEAD_DIM:
-            continue
-        lines.append(f"state kernel NH={constants.get('NH')} BLOCK_N={constants.get('BLOCK_N')} {row['warps']} warps "
-                     f"{row['stages']} stages: {row['registers']} registers, {row['spills']} spills, "
-                     f"{row['shared_bytes'] / 1024:.0f} KB shared")  # fmt: skip
-    for name in GRAM_KERNELS:
-        chosen = kernels.get(name, {}).get("chosen", {})
-        lines += [f"{name} chose {config} for {key}" for key, config in chosen.items()
-                  if key.startswith(f"({fused.MAX_HEAD_DIM}, {fused.KIND_CODES['hedgehog']},")]  # fmt: skip
-    return lines
-
-
 def print_table(result: dict[str, Any]) -> None:
     for check_row in result["checks"]:
         errors = check_row.get("fused", {})
         worst = "-" if not errors else "non-finite" if None in errors.values() else f"{max(errors.values()):.2e}"
-        print(f"check {check_row['kind']:>8} {check_row['variant']:>5} {tuple(check_row['shape'])!s:>22}: "
+        print(f"check {check_row['kind']:>8} {tuple(check_row['shape'])!s:>22}: "
               f"{'ok' if check_row['passed'] else 'FAILED'} (max relative error {worst}"
               f"{'; ' + check_row['error'] if 'error' in check_row else ''})")  # fmt: skip
-    print(f"\n{'model':>8} {'path':>20} {'fwd ms':>9} {'vs cuDNN':>9} {'fwd+bwd ms':>11} {'vs cuDNN':>9}"
+    print(f"\n{'model':>8} {'path':>15} {'fwd ms':>9} {'vs cuDNN':>9} {'fwd+bwd ms':>11} {'vs cuDNN':>9}"
           f"   graph replay fwd, fwd+bwd ms")  # fmt: skip
     for model, timed in result["timings"].items():
         if "error" in timed:
@@ -419,12 +351,9 @@ def print_table(result: dict[str, Any]) -> None:
             fwd, both = row["forward_vs_cudnn"], row["forward_backward_vs_cudnn"]
             graphs = [row.get("diagnostics", {}).get(mode, {}).get("graph_ms") for mode in TARGETS]
             graphs_text = ", ".join(f"{ms:.3f}" if isinstance(ms, float) else "-" for ms in graphs)
-            print(f"{model:>8} {name:>20} {row['forward_ms']:>9.3f} {fwd:>8.2%}{marks[0]} "
+            print(f"{model:>8} {name:>15} {row['forward_ms']:>9.3f} {fwd:>8.2%}{marks[0]} "
                   f"{row['forward_backward_ms']:>11.3f} {both:>8.2%}{marks[1]}   {graphs_text}")  # fmt: skip
-        print(f"{model:>8} {'memory floor':>20} {timed['floor_ms']:>9.3f}")
-        if timed.get("fastest_gram"):
-            faster = ", ".join(f"{mode} {variant}" for mode, variant in timed["fastest_gram"].items())
-            print(f"{model:>8} faster hedgehog state kernel ({fused.VARIANT_ENV}): {faster}")
+        print(f"{model:>8} {'memory floor':>15} {timed['floor_ms']:>9.3f}")
     print(f"Targets: fused forward <= {TARGETS['forward']:.0%} of cuDNN, forward + backward <= "
           f"{TARGETS['forward_backward']:.0%}. Total {result['wall_seconds']:.0f} s.")  # fmt: skip
 
@@ -436,9 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=",".join(TIMED_MODELS), help="comma-separated Wan shapes to check and time")
     parser.add_argument("--no-torch", action="store_true", help="skip timing the torch path (cuDNN and fused only)")
     parser.add_argument("--localise", default="", metavar="KINDS",
-                        help="only localise: every kernel stage of these maps (hedgehog with each state kernel) "
-                             "against float64, autotuned and with each configuration pinned, at the toy and --models "
-                             "shapes (no checks, no timing)")  # fmt: skip
+                        help="only localise: every kernel stage of these maps against float64, autotuned and with each "
+                             "configuration pinned, at the toy and --models shapes (no checks, no timing)")  # fmt: skip
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or fused.triton is None:
         raise SystemExit("needs a CUDA GPU and triton")
@@ -455,9 +383,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.localise:
         for kind in (kind for kind in args.localise.split(",") if kind):
-            shapes = [TOY_SHAPE, *map(model_shape, models)]
-            for shape, variant in itertools.product(shapes, fused.gram_variants(kind)):
-                result.setdefault("localised", []).extend(localise(kind, shape, device, variant))
+            for shape in [TOY_SHAPE, *(model_shape(model) for model in models)]:
+                result.setdefault("localised", []).extend(localise(kind, shape, device))
                 write_json_atomic(path, result)
         return
 
@@ -465,25 +392,23 @@ def main(argv: list[str] | None = None) -> None:
     for shape in [TOY_SHAPE, *(model_shape(model) for model in models)]:
         for kind in kinds:
             try:
-                rows = check(kind, shape, device)
-            except Exception as exc:  # a compile failure or OOM is recorded (for each state kernel), and not timed
-                error = {"passed": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-                rows = [{"shape": list(shape), "kind": kind, "variant": variant} | error
-                        for variant in fused.gram_variants(kind)]  # fmt: skip
-            result["checks"].extend(rows)
-            for row in rows:
-                print(f"check {kind} {row['variant']} {shape}: {'ok' if row['passed'] else 'FAILED'} "
-                      f"{row.get('fused', row.get('error'))}", flush=True)  # fmt: skip
-            if "CUDA error" in rows[0].get("error", ""):  # the context is lost: nothing after this would be measured
+                row = check(kind, shape, device)
+            except Exception as exc:  # a compile failure or OOM is recorded, and the kind is not timed
+                row = {"shape": list(shape), "kind": kind, "passed": False, "error": f"{type(exc).__name__}: {exc}",
+                       "traceback": traceback.format_exc()}  # fmt: skip
+            result["checks"].append(row)
+            print(f"check {kind} {shape}: {'ok' if row['passed'] else 'FAILED'} "
+                  f"{row.get('fused', row.get('error'))}", flush=True)  # fmt: skip
+            if "CUDA error" in row.get("error", ""):  # the context is lost: nothing after this would be measured
                 write_json_atomic(path, result)
                 raise SystemExit(f"stopped: a CUDA error in the {kind} check at {shape}; rerun with --localise {kind} "
                                  "to find the kernel and configuration")  # fmt: skip
             torch.cuda.empty_cache()
     write_json_atomic(path, result | {"kernels": compiled_kernels()})
-    failed = [(row["kind"], tuple(row["shape"]), row["variant"]) for row in result["checks"] if not row["passed"]]
+    failed = [(row["kind"], tuple(row["shape"])) for row in result["checks"] if not row["passed"]]
     if failed:  # correctness first: nothing is timed; each failure is traced to its kernel and configuration
-        for kind, shape, variant in failed:
-            result.setdefault("localised", []).extend(localise(kind, shape, device, variant))
+        for kind, shape in failed:
+            result.setdefault("localised", []).extend(localise(kind, shape, device))
             write_json_atomic(path, result | {"kernels": compiled_kernels()})
         raise SystemExit(f"stopped: {len(failed)} correctness check(s) failed: {failed}; per-stage errors in {path}")
     bandwidth = copy_bandwidth(device)
@@ -496,10 +421,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.empty_cache()
         write_json_atomic(path, result | {"kernels": compiled_kernels()})
     result["wall_seconds"] = time.time() - started
-    kernels = compiled_kernels()
-    write_json_atomic(path, result | {"kernels": kernels})
+    write_json_atomic(path, result | {"kernels": compiled_kernels()})
     print_table(result)
-    print("\n".join(register_lines(kernels)))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ state), ptxas assembles it and cuobjdump disassembles it, both from Triton's own
 older mma.sync), ``BAR.SYNC`` (barriers, mostly layout conversions through shared memory), and shared memory above
 about 113 KB (one program per SM). Needs Triton with its CUDA backend (not a GPU); a few seconds per variant.
 
-    PYTHONPATH=.:<triton site> python -m harness.benchmarks.linear_triton_ptxas [gram gram_fused output query ...]
+    PYTHONPATH=.:<triton site> python -m harness.benchmarks.linear_triton_ptxas [gram output query value key ...]
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ def variants(kernels: list[str], head_dim: int) -> list[tuple[str, Any, dict[str
     rows = []
     for name, (kind, has_w, halves) in MAPS.items():
         base = {"D": head_dim, "KIND": kind, "HAS_W": has_w, "BLOCK_D": block_d}
-        gram_types = {"x_ptr": BF16, "y_ptr": BF16, "w_ptr": F32, "part_ptr": F32}
         table = {
-            "gram": (fused._gram_partials, gram_types, base | {"NH": 1}, fused.REDUCE_CONFIGS),
+            "gram": (fused._gram_partials, {"x_ptr": BF16, "y_ptr": BF16, "w_ptr": F32, "part_ptr": F32}, base,
+                     fused.REDUCE_CONFIGS),
             "output": (fused._output, output_types, base | {"NH": halves, "NORMALISE": True}, fused.OUTPUT_CONFIGS),
             "value": (fused._output, output_types, base | {"NH": halves, "NORMALISE": False}, fused.OUTPUT_CONFIGS),
             "query": (fused._query_grads, {"q_ptr": BF16, "do_ptr": BF16, "o_ptr": BF16, "den_ptr": F32, "w_ptr": F32,
@@ -47,8 +47,6 @@ def variants(kernels: list[str], head_dim: int) -> list[tuple[str, Any, dict[str
             "key": (fused._key_grads, {"k_ptr": BF16, "v_ptr": BF16, "w_ptr": F32, "ds_ptr": F32, "dp_ptr": BF16},
                     base, fused.KEY_CONFIGS),
         }  # fmt: skip
-        if halves == 2:  # hedgehog's fused state kernel: both halves in one program
-            table["gram_fused"] = (fused._gram_partials_fused, gram_types, base | {"NH": 2}, fused.FUSED_GRAM_CONFIGS)
         rows += [(f"{kernel} {name}", *table[kernel]) for kernel in kernels if kernel in table]
     if "project" in kernels:
         types = {"dp_ptr": BF16, "x_ptr": BF16, "w_ptr": F32, "dx_ptr": BF16, "part_ptr": F32}
@@ -93,11 +91,9 @@ def compile_report(kernel: Any, types: dict[str, str], constants: dict[str, Any]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kernels", nargs="*",
-                        default=["gram", "gram_fused", "output", "query", "value", "key", "project", "sum"],
-                        help="kernels to compile: gram gram_fused (hedgehog's both halves in one program) output "
-                             "query value (the key pass's dv: the output kernel without its normaliser) key project "
-                             "sum (default: all)")  # fmt: skip
+    parser.add_argument("kernels", nargs="*", default=["gram", "output", "query", "value", "key", "project", "sum"],
+                        help="kernels to compile: gram output query value (the key pass's dv: the output kernel "
+                             "without its normaliser) key project sum (default: all)")  # fmt: skip
     parser.add_argument("--head-dim", type=int, default=128, help="head dimension D (default 128)")
     args = parser.parse_args(argv)
     for label, kernel, types, constants, configs in variants(args.kernels, args.head_dim):

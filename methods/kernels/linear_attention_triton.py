@@ -13,12 +13,8 @@ Kernels, each looping over the token blocks of one chunk of the sequence so that
 loaded once per program and the token axis is split over enough programs to fill the GPU (the chunk count
 minimises waves x chunk length, see :func:`_chunking`):
 
-- :func:`_gram_partials`: per (half, chunk, batch x head) ``phi(k)^T v`` and ``sum phi(k)`` (fp32). Hedgehog's
-  two feature halves ``softmax(+-x W)`` take one of two variants (:data:`VARIANTS`, ``$BENCH_LINEAR_GRAM``):
-  ``split`` runs them as separate, adjacent programs (one fp32 state each in registers), each projecting every key
-  tile, ``x W`` (a third of the flops); ``fused`` runs both in one program (two fp32 states in registers) from one
-  projection per tile, as the output pass does. Splitting the value columns over programs instead would project
-  each tile once per column block: as many projections as ``split``, and each softmax twice.
+- :func:`_gram_partials`: per (half, chunk, batch x head) ``phi(k)^T v`` and ``sum phi(k)`` (fp32); hedgehog's
+  two feature halves ``softmax(+-x W)`` go to separate, adjacent programs (one fp32 state each in registers).
 - :func:`_sum_groups`: the partial sums over chunks, in a fixed order (deterministic): the state ``S, z``.
 - :func:`_output`: phi(q) of both halves, ``phi(q) S`` and the normaliser ``den``; the output (and den, for the
   backward). Without the normaliser, ``phi(k) dS``: the value gradient dv.
@@ -60,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from methods.kernels import BACKENDS, env_choice, kernel_choice, kernel_op, on_input_device, use_kernel
+from methods.kernels import BACKENDS, kernel_choice, kernel_op, on_input_device, use_kernel
 from methods.kernels.linear_attention import EluFeatureMap, FeatureMap, HedgehogFeatureMap, ReluFeatureMap
 
 try:
@@ -72,16 +68,10 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
 FUSED_KERNELS: tuple[str, ...] = ("hedgehog", "relu", "elu")
 BACKEND_ENV = "BENCH_LINEAR_BACKEND"
 DEFAULT_BACKEND = "auto"
-# Hedgehog's state kernel: its two feature halves in separate programs, or both in one (see the module docstring).
-VARIANT_ENV = "BENCH_LINEAR_GRAM"
-VARIANTS: tuple[str, ...] = ("split", "fused")
-DEFAULT_VARIANT = "split"
 kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
-kernel_choice(VARIANT_ENV, DEFAULT_VARIANT, VARIANTS)
 BACKEND_NOTE = (
     f"linear attention on CUDA: fused Triton kernel for {', '.join(FUSED_KERNELS)} (taylor runs in torch); "
-    f"{BACKEND_ENV}=torch forces the torch path; {VARIANT_ENV}=split|fused picks hedgehog's state kernel (default "
-    f"{DEFAULT_VARIANT} until both are timed on a GPU; fused projects each key once)"
+    f"{BACKEND_ENV}=torch forces the torch path"
 )
 MAX_HEAD_DIM = 128
 # Map codes inside the kernels (constexpr KIND).
@@ -98,11 +88,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # 48 bytes, query 440; none elsewhere; the key pass at most 138 registers): harness/benchmarks/linear_triton_ptxas.py
 # prints that report.
 REDUCE_CONFIGS = ((128, 8, 2), (64, 4, 2), (64, 4, 3))
-# Hedgehog's fused state kernel holds two fp32 (128, 128) states, 128 registers per thread at 8 warps (all of them
-# at 4): ptxas (sm_90) reports no spills at 32 tokens (220-224 registers), 464 bytes at 64 tokens (8 warps), 340 at
-# 128 and over 700 at 16 warps; spills went with the query pass's sm_90 miscompile (below), so only 32 tokens, at
-# two to four stages (one program per SM: the pipeline hides the loads).
-FUSED_GRAM_CONFIGS = ((32, 8, 2), (32, 8, 3), (32, 8, 4))
 OUTPUT_CONFIGS = ((128, 8, 2), (32, 4, 2), (64, 4, 4))
 # The query pass at 64 tokens (8 warps, 2 stages) miscompiles on sm_90 at head dim 128 (Triton 3.6): on an H200
 # at the Wan 1.3B shape it wrote dz with relative error 1.7e4 (hedgehog) and read out of bounds (relu), while the
@@ -128,19 +113,11 @@ def _kernel(configs: tuple[tuple[int, int, int], ...]) -> Any:
     Triton the plain function, which is never launched."""
     if triton is None:
         return lambda fn: fn
-    return lambda fn: _retuned(triton.jit(fn), configs)
-
-
-def _retuned(jitted: Any, configs: tuple[tuple[int, int, int], ...]) -> Any:
-    """An autotuner over ``configs`` for the jitted kernel ``jitted`` (another tuner's ``fn``: a kernel launched
-    with two configuration lists, one per variant, shares its compiled variants); without Triton ``jitted``."""
-    if triton is None:
-        return jitted
     chosen = INTERPRETER_CONFIGS if INTERPRETED else configs
     tuned = [triton.Config({"BLOCK_N": block}, num_warps=warps, num_stages=stages) for block, warps, stages in chosen]
     autotune = triton.autotune(configs=tuned, key=["BLOCK_D", "KIND", "HAS_W", "NH", "NORMALISE", "WANT_DW"],
                                prune_configs_by={"early_config_prune": _prune})  # fmt: skip
-    return autotune(jitted)
+    return lambda fn: autotune(triton.jit(fn))
 
 
 def _prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
@@ -292,13 +269,10 @@ def _rows(base, n, stride, cols, mask):
 @_kernel(REDUCE_CONFIGS)
 def _gram_partials(x_ptr, y_ptr, w_ptr, part_ptr, H, N, D: tl.constexpr, CHUNK,
                    sxb, sxh, sxn, syb, syh, syn,
-                   KIND: tl.constexpr, HAS_W: tl.constexpr, NH: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr):  # fmt: skip
+                   KIND: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Program (half, chunk, b * H + h): over the chunk's tokens n, ``sum phi(x_n)^T y_n`` ``(BD, BD)`` and
-    ``sum phi(x_n)`` ``(BD,)`` of NH feature halves. NH = 1: this program's half into partial row ``(chunk, bh,
-    half)`` (hedgehog's halves run side by side, so their shared reads of x and y hit the L2). NH = 2 (hedgehog,
-    grid ``(1, chunks, B * H)``): both halves from one projection of each token tile, into rows ``(chunk, bh, 0)``
-    and ``(chunk, bh, 1)``, as the output pass holds both states."""
+    ``sum phi(x_n)`` ``(BD,)`` into partial row ``(chunk, bh, half)`` (the halves run side by side, so their
+    shared reads of x and y hit the L2)."""
     _, chunk, _, b, h, sign = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
@@ -307,28 +281,13 @@ def _gram_partials(x_ptr, y_ptr, w_ptr, part_ptr, H, N, D: tl.constexpr, CHUNK,
     w = _weight(w_ptr, h, cols, dtype, D, HAS_W, False, BLOCK_D)
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     zacc = tl.zeros((BLOCK_D, 16), dtype=tl.float32)
-    if NH == 2:
-        acc1 = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-        zacc1 = tl.zeros((BLOCK_D, 16), dtype=tl.float32)
     for offset in range(0, CHUNK, BLOCK_N):
         n, valid, mask = _block(chunk * CHUNK + offset, rows, N, inside)
         x, y = _rows(x_base, n, sxn, cols, mask), _rows(y_base, n, syn, cols, mask)
-        p = _project(x, w, HAS_W)
-        phi_t = tl.trans(_phi(p, sign, inside, KIND, D < BLOCK_D).to(dtype))
+        phi_t = tl.trans(_phi(_project(x, w, HAS_W), sign, inside, KIND, D < BLOCK_D).to(dtype))
         acc = tl.dot(phi_t, y, acc)  # rows past N: y is 0 there
         zacc = _row_sum(phi_t, valid.to(tl.float32), zacc, dtype)
-        if NH == 2:
-            phi_t = tl.trans(_phi(p, -1.0, inside, KIND, D < BLOCK_D).to(dtype))
-            acc1 = tl.dot(phi_t, y, acc1)
-            zacc1 = _row_sum(phi_t, valid.to(tl.float32), zacc1, dtype)
-    row = _partial_row() * NH
-    _store_state(part_ptr, row, acc, tl.sum(zacc, axis=1), cols, BLOCK_D)
-    if NH == 2:
-        _store_state(part_ptr, row + 1, acc1, tl.sum(zacc1, axis=1), cols, BLOCK_D)
-
-
-# Hedgehog's fused state kernel: the same kernel at NH = 2, tuned over its own configurations.
-_gram_partials_fused = _retuned(getattr(_gram_partials, "fn", _gram_partials), FUSED_GRAM_CONFIGS)
+    _store_state(part_ptr, _partial_row(), acc, tl.sum(zacc, axis=1), cols, BLOCK_D)
 
 
 @_jit
@@ -564,20 +523,16 @@ def _summed(partials: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _gram(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, kind: int, nh: int, variant: str
-          ) -> torch.Tensor:  # fmt: skip
+def _gram(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, kind: int, nh: int) -> torch.Tensor:
     """The state ``sum_n phi(x_n)^T y_n`` and ``sum_n phi(x_n)`` per (batch x head, half): ``(B*H*nh, BD*BD + BD)``
-    fp32, for x and y ``(B, H, N, D)``; two halves each in a program of its own (``variant`` ``split``) or both in
-    one program (``fused``), the same layout and sums either way."""
+    fp32, for x and y ``(B, H, N, D)``."""
     batch, heads, tokens, dim = x.shape
-    both = nh == 2 and variant == "fused"
-    kernel, configs = (_gram_partials_fused, FUSED_GRAM_CONFIGS) if both else (_gram_partials, REDUCE_CONFIGS)
-    grid, chunk = _grid(x, 1 if both else nh, configs)
+    grid, chunk = _grid(x, nh, REDUCE_CONFIGS)
     partials = _state_buffer(grid[1], batch * heads * nh, _block_d(dim), x.device)
     _launch_tuned(
-        kernel, grid, x, y, x if w is None else w, partials, heads, tokens, dim, chunk,
+        _gram_partials, grid, x, y, x if w is None else w, partials, heads, tokens, dim, chunk,
         *_strides(x), *_strides(y),
-        KIND=kind, HAS_W=w is not None, NH=2 if both else 1, BLOCK_D=_block_d(dim),
+        KIND=kind, HAS_W=w is not None, BLOCK_D=_block_d(dim),
     )  # fmt: skip
     return _summed(partials)
 
@@ -690,10 +645,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.
     Returns, each contiguous and in memory of its own, the output ``(B, H, N, D)`` in q's dtype, the state
     ``(B * H * halves, BD * BD + BD)`` fp32 and the normaliser ``den`` ``(B * H, N)`` fp32 (both kept for the
     backward). Launches: 2 or 3 (state partials, their sum when the keys are cut into more than one chunk, output);
-    no other device op. Hedgehog's state kernel is :func:`chosen_variant`'s, read at each call."""
+    no other device op."""
     code, nh = KIND_CODES[kind], _halves(kind)
     q, k, v = (_last_axis_contiguous(t) for t in (q, k, v))
-    state = _gram(k, v, _weight_operand(k_weight), code, nh, chosen_variant() if nh == 2 else DEFAULT_VARIANT)
+    state = _gram(k, v, _weight_operand(k_weight), code, nh)
     out, den = _output_pass(q, _weight_operand(q_weight), state, code, nh, eps)
     return out, state, den
 
@@ -766,24 +721,6 @@ linear_attention_forward.register_autograd(_backward, setup_context=_setup_conte
 
 
 # -- dispatch -------------------------------------------------------------------------------------
-
-
-def chosen_variant(variant: str | None = None) -> str:
-    """Hedgehog's state kernel: ``variant``, else ``$BENCH_LINEAR_GRAM``, else :data:`DEFAULT_VARIANT`; HarnessError
-    when it is not one of :data:`VARIANTS`."""
-    return env_choice(variant, VARIANT_ENV, DEFAULT_VARIANT, VARIANTS)
-
-
-def gram_variants(kind: str) -> tuple[str, ...]:
-    """The state kernels the feature map ``kind`` can run: :data:`VARIANTS` for hedgehog (two feature halves), the
-    default alone for the others (one half: one kernel)."""
-    return VARIANTS if _halves(kind) == 2 else (DEFAULT_VARIANT,)
-
-
-def map_variables(kind: str) -> tuple[str, ...]:
-    """The kernel variables a call with the feature map ``kind`` reads: the backend's, and for hedgehog the state
-    kernel's."""
-    return (BACKEND_ENV, VARIANT_ENV) if len(gram_variants(kind)) > 1 else (BACKEND_ENV,)
 
 
 def map_kind(feature_map: FeatureMap) -> str | None:

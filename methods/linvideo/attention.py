@@ -25,7 +25,7 @@ from harness.errors import HarnessError, UnsupportedError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Density, Schedule, register_method
 from methods.inner import build_inner, parse_inner, softmax_methods  # noqa: F401 (softmax_methods: re-exported)
 from methods.kernels.linear_attention import KERNELS, build_feature_map, check_kernel, feature_linear_attention
-from methods.kernels.linear_attention_triton import BACKEND_ENV, BACKEND_NOTE, VARIANT_ENV, map_variables
+from methods.kernels.linear_attention_triton import BACKEND_ENV, BACKEND_NOTE
 from methods.params import Param
 
 LINEAR_THRESHOLD = 0.5
@@ -140,7 +140,7 @@ class LinVideo(AttentionMethod):
     layer's call, the softmax method's density for a softmax call (mixed calls compute the full softmax, so 1).
     """
 
-    kernel_variables = (BACKEND_ENV, VARIANT_ENV)  # its linear layers' (by kernel); the softmax method adds its own
+    kernel_variables = (BACKEND_ENV,)  # its linear layers; the softmax method adds its own
     capabilities = Capabilities(
         devices=("cpu", "cuda"),
         sparsity="linear",
@@ -176,7 +176,7 @@ class LinVideo(AttentionMethod):
 
     @property
     def kernel_variables_used(self) -> tuple[str, ...]:
-        return (*map_variables(self.kernel), *self.softmax.kernel_variables_used)
+        return (*self.kernel_variables, *self.softmax.kernel_variables_used)
 
     @classmethod
     def parse_params(cls, raw: dict[str, Any]) -> dict[str, Any]:
