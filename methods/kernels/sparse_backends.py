@@ -14,8 +14,9 @@ way diffusers' ``attention_dispatch`` registers its attention backends:
                 k, v in place where the table is shared by every head
 
 ``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex-tuned on
-Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere; on Hopper an eager call whose
-pattern FlashInfer can run takes FlashInfer's wrapper instead where it is installed, :func:`auto_choice`) and ``measure``
+Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere; on Hopper an eager call on
+variable blocks or a head-shared tile table takes FlashInfer's wrapper where installed, :func:`auto_flashinfer`) and
+``measure``
 (:func:`choose_backend`: every available backend once on the call's own inputs, the fastest whose output matches
 masked dense within :func:`tolerance`; cached per label, shape, dtype and block sizes for the process).
 :class:`BackendLog` records which backend each sequence length ran on.
@@ -590,22 +591,34 @@ def auto_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16, head
     return "flex-tuned" if measured and torch.cuda.get_device_capability(device)[0] == 9 else "flex"
 
 
-#: The FlashInfer wrapper ``auto`` prefers per pattern kind for an eager call on Hopper. Measured on one H200 at Wan
-#: 1.3B (bf16, planning included; reports/gpu/h200/run_9dca079/sparse/): the BSR wrapper ran radial's tiles in
-#: 3.76 ms and xattn's in 4.08 ms against flex-tuned's 5.43 and 5.29; the variable-block wrapper ran svg2's clusters
-#: in 14.98 ms against 29.51. Token-level patterns stay on Flex (FlashInfer runs whole blocks only).
-AUTO_FLASHINFER: dict[PatternKind, str] = {"tiles": "flashinfer-bsr", "variable": "flashinfer"}
+def auto_flashinfer(pattern: BlockSparsePattern) -> str | None:
+    """The FlashInfer wrapper ``auto`` takes for ``pattern`` in an eager call on Hopper, or ``None`` (stay on Flex).
+
+    Measured on one H200 at Wan 1.3B (bf16): svg2's variable blocks on the variable-block wrapper, 14.98 against
+    flex-tuned's 29.51 ms a call (reports/gpu/h200/run_9dca079/sparse/), a whole forward 740.7 against 1,605.5 ms
+    (run_982dd84/latency/); a table shared by every head (radial's, planned once and read in place) on the BSR
+    wrapper, 3.76 against 5.43 ms a call, a forward 408.5 against 443.5 ms. Per-head tiles (xattn's, a new table
+    every call) were faster per call on BSR (4.08 against 5.29 ms) but not in the forward (518.5 against 489.5 ms:
+    each call plans on the host and stacks the heads), so they stay on Flex, as do token-level patterns, which
+    FlashInfer cannot run."""
+    if pattern.kind == "variable":
+        return "flashinfer"
+    if pattern.kind == "tiles" and pattern.kept.shape[:2] == (1, 1):
+        return "flashinfer-bsr"
+    return None
 
 
 def auto_choice(q: torch.Tensor, pattern: BlockSparsePattern) -> str:
-    """What ``backend=auto`` runs for this call: :data:`AUTO_FLASHINFER`'s wrapper for the pattern's kind where
-    :func:`auto_backend` is flex-tuned (Hopper, fp16/bf16), the call is eager and that wrapper can run this pattern
-    (installed, its data conditions met); :func:`auto_backend` otherwise. Under ``torch.compile`` it stays on Flex,
-    which the compiled graph captures (FlashInfer's plan and run are opaque host code). FlashInfer's first call per
-    dtype and head dim JIT-compiles its kernel unless a prebuilt one is installed (flashinfer-jit-cache), once."""
+    """What ``backend=auto`` runs for this call: :func:`auto_flashinfer`'s wrapper where :func:`auto_backend` is
+    flex-tuned (Hopper, fp16/bf16), the call is eager and that wrapper can run this pattern (installed, its data
+    conditions met); :func:`auto_backend` otherwise. Under ``torch.compile`` it stays on Flex, which the compiled
+    graph captures (FlashInfer's plan and run are opaque host code). FlashInfer's first call per dtype and head dim
+    JIT-compiles its kernel unless a prebuilt one is installed (flashinfer-jit-cache), once."""
     base = auto_backend(q.device, q.dtype, q.shape[-1])
-    preferred = AUTO_FLASHINFER.get(pattern.kind)
-    if base != "flex-tuned" or preferred is None or torch.compiler.is_compiling():
+    if base != "flex-tuned" or torch.compiler.is_compiling():
+        return base
+    preferred = auto_flashinfer(pattern)
+    if preferred is None:
         return base
     return preferred if get_backend(preferred).unavailable(q, pattern) is None else base
 
@@ -632,8 +645,8 @@ def check_backend(name: str, device: torch.device, dtype: torch.dtype, label: st
     preflight, before a model is built: an :class:`~harness.errors.UnsupportedError` starting with ``label``, with
     every reason and the backends that can run the method here. ``auto`` and ``measure`` always pass: neither picks
     a backend that refuses a pattern's kind (auto runs masked or Flex, which take every kind, or a FlashInfer wrapper
-    only on a pattern it can run; measure skips any backend refusing the call's pattern). Conditions on a pattern's data (tile sizes, index limits) are checked at
-    the call."""
+    only on a pattern it can run; measure skips any backend refusing the call's pattern). Conditions on a pattern's
+    data (tile sizes, index limits) are checked at the call."""
     if name in ("auto", "measure"):
         return
     backend = get_backend(name)
