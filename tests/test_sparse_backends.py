@@ -371,9 +371,9 @@ def head_shared_tiles() -> BlockSparsePattern:
 ])  # fmt: skip
 def test_auto_takes_flashinfer_where_it_was_faster_in_the_forward(hopper_with_flashinfer: None, pattern: str,
                                                                   expected: str) -> None:  # fmt: skip
-    """Measured on an H200 in the Wan 1.3B forward (run_982dd84/latency): svg2's clusters on the variable wrapper and
+    """Measured on an H200 at Wan 1.3B (auto_flashinfer's sources): svg2's clusters on the variable wrapper and
     radial's head-shared table on BSR were faster than flex-tuned, xattn's per-head tables (planned every call) were
-    not; token-level patterns stay on Flex, which alone runs partial tiles."""
+    not in the forward; token-level patterns stay on Flex, which alone runs partial tiles."""
     q = torch.randn(1, 2, N, 16)
     chosen = head_shared_tiles() if pattern == "head-shared tiles" else kind_patterns()[pattern]
     assert sparse_backends.select_backend(q, q, q, chosen).name == expected

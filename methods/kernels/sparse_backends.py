@@ -594,13 +594,13 @@ def auto_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16, head
 def auto_flashinfer(pattern: BlockSparsePattern) -> str | None:
     """The FlashInfer wrapper ``auto`` takes for ``pattern`` in an eager call on Hopper, or ``None`` (stay on Flex).
 
-    Measured on one H200 at Wan 1.3B (bf16): svg2's variable blocks on the variable-block wrapper, 14.98 against
-    flex-tuned's 29.51 ms a call (reports/gpu/h200/run_9dca079/sparse/), a whole forward 740.7 against 1,605.5 ms
-    (run_982dd84/latency/); a table shared by every head (radial's, planned once and read in place) on the BSR
-    wrapper, 3.76 against 5.43 ms a call, a forward 408.5 against 443.5 ms. Per-head tiles (xattn's, a new table
-    every call) were faster per call on BSR (4.08 against 5.29 ms) but not in the forward (518.5 against 489.5 ms:
-    each call plans on the host and stacks the heads), so they stay on Flex, as do token-level patterns, which
-    FlashInfer cannot run."""
+    Measured on one H200 at Wan 1.3B (bf16; reports/gpu/h200/run_9dca079/sparse/ per call, run_9dca079/latency/ and
+    run_982dd84/latency/ per forward, each against its own run's cuDNN): svg2's variable blocks on the variable-block
+    wrapper, 14.98 against flex-tuned's 29.51 ms a call; a table shared by every head (radial's, planned once and
+    read in place) on the BSR wrapper, 3.76 against 5.43 ms a call, a forward 1.55x cuDNN against 1.42x. Per-head
+    tiles (xattn's, a new table every call) were faster per call on BSR (4.08 against 5.29 ms) but not in the
+    forward (1.22x against 1.28x: each call plans on the host and stacks the heads), so they stay on Flex, as do
+    token-level patterns, which FlashInfer cannot run."""
     if pattern.kind == "variable":
         return "flashinfer"
     if pattern.kind == "tiles" and pattern.kept.shape[:2] == (1, 1):
