@@ -1449,6 +1449,10 @@ def report_cmd(
     report = build_report(runs_dir, out, include)
     for path, reason in report.errors:
         err_console.print(f"[yellow]skipped record[/] {path}: {reason}", soft_wrap=True)
+    if not report.tables and not report.files:  # a folder holding only scaling sweeps still gets their figures
+        others = len(report.not_records)
+        raise HarnessError(f"no readable records under {runs_dir}"
+                           + (f" ({others} other JSON files there are not run records)" if others else ""))  # fmt: skip
     if as_json:
         _print_json(
             {
@@ -1460,10 +1464,6 @@ def report_cmd(
             }
         )
         return
-    if not report.tables and not report.files:  # a folder holding only scaling sweeps still gets their figures
-        others = len(report.not_records)
-        raise HarnessError(f"no readable records under {runs_dir}"
-                           + (f" ({others} other JSON files there are not run records)" if others else ""))  # fmt: skip
     for name, table in report.tables.items():
         view = console_view(name, table, console.width)
         more = f" (+{len(view.left_out)} columns in {name}.md)" if view.left_out and out is not None else ""

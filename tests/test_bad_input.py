@@ -164,6 +164,15 @@ def test_report_only_corrupt_records(tmp_path: Path, bench) -> None:
     assert "bad.json" in _error(result) and "no readable records" in _error(result)
 
 
+def test_report_json_of_only_corrupt_records_is_the_same_error(tmp_path: Path, bench) -> None:
+    """--json changes the output, not the verdict: an empty report exits 2, with no JSON on stdout."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "bad.json").write_text("nope")
+    result = bench("report", "--runs-dir", runs, "--json", expect=2)
+    assert "no readable records" in _error(result) and result.stdout.strip() == ""
+
+
 def test_unknown_param_of_fa2_is_a_user_error(tmp_path: Path, bench) -> None:
     """An unknown --param for fa2 exits 2 with a clear message like every other method."""
     result = bench(*RUN, "--runs-dir", tmp_path / "runs", "--method", "fa2", "--param", "foo=1", expect=None)

@@ -132,6 +132,30 @@ def test_radial_compiles_in_one_graph_per_warmup_decision(tiny_model, in_linvide
     torch.testing.assert_close(actual, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_radial_compiled_after_eager_calls_on_another_backend_recompiles_no_more(
+    tiny_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto may run eager calls on FlashInfer and compiled ones on Flex: the compiled trace then builds radial's Flex
+    mask itself, and must not keep it on the pattern (that would change what the graph's guards read and recompile
+    the model once): 4 steps x 2 CFG branches still run 2 graphs, dense warm-up then sparse."""
+    from methods.kernels import sparse_backends
+
+    def flex_when_compiled(q, k, v, pattern, compiled=None) -> str:  # type: ignore[no-untyped-def]
+        return "flex" if (torch.compiler.is_compiling() if compiled is None else compiled) else "masked"
+
+    monkeypatch.setattr(sparse_backends, "auto_choice", flex_when_compiled)
+    method = build_method("radial", **RADIAL)
+    eager = sample(tiny_model, method)
+    with compiled(tiny_model, fullgraph=True) as counter:
+        actual = sample(tiny_model, method)
+    assert counter.frame_count == 2
+    params = method.params()
+    assert set(params["backend_used"].values()) == {"masked"} and set(params["backend_used_compiled"].values()) == {
+        "flex"
+    }
+    torch.testing.assert_close(actual, eager, rtol=1e-5, atol=1e-5)
+
+
 DEEP_LAYERS = 4  # with the recompile limit at 2, a frame compiled once per layer raises
 
 

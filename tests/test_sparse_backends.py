@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -350,13 +351,13 @@ def test_auto_never_picks_a_backend_refusing_a_kind(monkeypatch: pytest.MonkeyPa
 @pytest.fixture
 def hopper_with_flashinfer(monkeypatch: pytest.MonkeyPatch) -> None:
     """``auto`` as on an H200 with flashinfer-python installed, on CPU tensors: auto_backend says flex-tuned and the
-    FlashInfer backends take any device and need no package (their kind and data conditions stay)."""
-    from dataclasses import replace
-
+    FlashInfer backends take any device, need no package and run masked dense (their kind and data conditions and
+    their lack of a backward stay)."""
     monkeypatch.setattr(sparse_backends, "auto_backend", lambda device, dtype=None, head_dim=None: "flex-tuned")
+    monkeypatch.setattr(sparse_backends, "flashinfer_prebuilt", lambda: True)
     for name in ("flashinfer", "flashinfer-bsr"):
         monkeypatch.setitem(REGISTRY, name, replace(REGISTRY[name], devices=("cpu", "cuda"), package=None,
-                                                    dtypes=(torch.float32,)))  # fmt: skip
+                                                    dtypes=(torch.float32,), run=masked_dense_attention))  # fmt: skip
 
 
 def head_shared_tiles() -> BlockSparsePattern:
@@ -383,14 +384,77 @@ def test_auto_keeps_flex_where_bsr_refuses_the_tiles(hopper_with_flashinfer: Non
     """Unequal query and key blocks (the BSR wrapper's pages are square): flex-tuned, not an error at the call."""
     q = torch.randn(1, 2, N, 16)
     uneven = BlockSparsePattern(head_shared_tiles().kept[..., ::2], N, (BLOCK, 2 * BLOCK))
-    assert sparse_backends.auto_choice(q, uneven) == "flex-tuned"
+    assert sparse_backends.auto_choice(q, q, q, uneven) == "flex-tuned"
 
 
 def test_auto_stays_on_flex_under_torch_compile(hopper_with_flashinfer: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """A compiled graph captures Flex; FlashInfer's plan and run are host code it cannot trace."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     q = torch.randn(1, 2, N, 16)
-    assert sparse_backends.auto_choice(q, head_shared_tiles()) == "flex-tuned"
+    assert sparse_backends.auto_choice(q, q, q, head_shared_tiles()) == "flex-tuned"
+
+
+def test_auto_stays_on_flex_where_the_call_needs_gradients(hopper_with_flashinfer: None) -> None:
+    """FlashInfer computes no backward: training through the layer keeps Flex, so its gradients reach q, k, v."""
+    q = torch.randn(1, 2, N, 16, requires_grad=True)
+    k = torch.randn(1, 2, N, 16)
+    assert sparse_backends.auto_choice(q, k, k, head_shared_tiles()) == "flex-tuned"
+    with torch.no_grad():
+        assert sparse_backends.auto_choice(q, k, k, head_shared_tiles()) == "flashinfer-bsr"
+
+
+def test_a_forward_only_backend_named_for_a_call_needing_gradients_is_an_error(hopper_with_flashinfer: None) -> None:
+    q = torch.randn(1, 2, N, 16, requires_grad=True)
+    with pytest.raises(HarnessError, match=r"flashinfer-bsr.*computes no gradients"):
+        sparse_backends.select_backend(q, q, q, head_shared_tiles(), "flashinfer-bsr")
+
+
+def test_measure_skips_a_forward_only_backend_where_gradients_are_needed(hopper_with_flashinfer: None) -> None:
+    q = torch.randn(1, 2, N, 16, requires_grad=True)
+    choice = choose_backend(q, q, q, head_shared_tiles(), candidates=("masked", "flashinfer-bsr"))
+    assert choice.name == "masked" and "computes no gradients" in choice.report["flashinfer-bsr"]["skipped"]
+
+
+@pytest.mark.parametrize("missing", ["package", "prebuilt kernels"])
+def test_auto_stays_on_flex_without_a_runnable_flashinfer(
+    hopper_with_flashinfer: None, monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    """Not installed, or installed without prebuilt kernels (its first call would JIT-compile for minutes, or fail
+    without nvcc): auto keeps Flex; naming the backend still runs it."""
+    if missing == "package":
+        bsr = REGISTRY["flashinfer-bsr"]
+        monkeypatch.setitem(REGISTRY, "flashinfer-bsr", replace(bsr, package="flashinfer"))
+        monkeypatch.setitem(sys.modules, "flashinfer", None)  # import fails
+        sparse_backends.import_failure.cache_clear()
+    else:
+        monkeypatch.setattr(sparse_backends, "flashinfer_prebuilt", lambda: False)
+    q = torch.randn(1, 2, N, 16)
+    try:
+        assert sparse_backends.auto_choice(q, q, q, head_shared_tiles()) == "flex-tuned"
+    finally:
+        sparse_backends.import_failure.cache_clear()
+
+
+def test_auto_keeps_flex_where_the_variable_plan_could_outgrow_its_indices(
+    hopper_with_flashinfer: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound (every query block keeping every key token) is checked without a sync, before FlashInfer runs."""
+    q = torch.randn(1, 2, N, 16)
+    monkeypatch.setattr(sparse_backends, "FLASHINFER_MAX_KV_INDICES", 1000)
+    assert sparse_backends.auto_choice(q, q, q, kind_patterns()["variable"]) == "flex-tuned"
+
+
+def test_backend_log_names_what_auto_runs_under_compile_where_it_differs(hopper_with_flashinfer: None) -> None:
+    """Eagerly FlashInfer, compiled Flex: the record names both; where they agree, only backend_used."""
+    q = torch.randn(1, 2, N, 16)
+    shared, per_head = head_shared_tiles(), kind_patterns()["tiles"]
+    log = BackendLog("auto", "test")
+    log.attention(q, q, q, shared)
+    assert log.params()["backend_used"] == {str(N): "flashinfer-bsr"}
+    assert log.params()["backend_used_compiled"] == {str(N): "flex-tuned"}
+    other = BackendLog("auto", "test")
+    other.attention(q, q, q, per_head)
+    assert other.params() == {"backend_used": {str(N): "flex-tuned"}}
 
 
 def test_measure_skips_a_backend_refusing_the_patterns_kind_even_when_fastest() -> None:

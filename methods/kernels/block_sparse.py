@@ -88,8 +88,8 @@ def _(table: torch.Tensor) -> torch.Tensor:
 
 def mask_tables(*tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors a ``mask_mod`` reads, in a form FlexAttention can read inside a compiled model: in eager code
-    the tensors themselves, under ``torch.compile`` a copy of each made by an opaque op (small tables: 0.8 MB at
-    Wan 1.3B).
+    the tensors themselves, under ``torch.compile`` a copy of each made by an opaque op (small tables: at Wan 1.3B
+    0.8 MB for xattn's tiles, ~6 MB for svg2's two label tables).
 
     Flex's lowering builds the ``mask_mod`` into its kernel before it stores the tensors the mask reads, so one
     that is still a fused expression in the graph (the pointwise ``select_scatter`` of xattn's ``kept[..., 0] =
@@ -308,13 +308,18 @@ class BlockSparsePattern:
         :meth:`regrouped` into :data:`FLEX_TILE` tiles.
 
         Built once per pattern, ``batch_heads`` and ``backward``, and kept with the pattern: one reused across
-        calls (radial's, one per grid) is then built in its first, eager, call, and a compiled model's graph holds
-        the attention alone, not the tile tables' regrouping.
+        calls (radial's, one per grid) is then built in its first eager call, and a compiled model's graph holds
+        the attention alone, not the tile tables' regrouping. A compiled call finding none built (the eager calls
+        ran on another backend, e.g. FlashInfer) builds it in its graph without keeping it: storing it there would
+        change what the graph's guards read, and recompile the model once.
         """
         key = (batch_heads, backward)
-        if key not in self._flex_masks:
-            self._flex_masks[key] = self.regrouped(FLEX_TILE, batch_heads).block_mask(backward)
-        return self._flex_masks[key]
+        if key in self._flex_masks:
+            return self._flex_masks[key]
+        mask = self.regrouped(FLEX_TILE, batch_heads).block_mask(backward)
+        if not torch.compiler.is_compiling():
+            self._flex_masks[key] = mask
+        return mask
 
     def regrouped(self, tile: int, batch_heads: tuple[int, int] | None = None) -> BlockSparsePattern:
         """The same token mask over ``tile x tile`` tiles; the pattern itself if its blocks are multiples of ``tile``.

@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,6 +82,8 @@ class Backend:
             before a run (:func:`check_backend`), a pattern of one at its call (:meth:`refusal`).
         refuses: ``pattern -> reason`` when it cannot run a pattern of a kind it takes (tile sizes, index limits:
             conditions on the pattern's data), else ``None``.
+        differentiable: its output carries autograd history to q, k and v. A call needing gradients (training
+            through the layer) is never run on one that does not (:meth:`gradient_refusal`).
     """
 
     name: str
@@ -91,6 +94,13 @@ class Backend:
     distribution: str | None = None
     refused_kinds: Mapping[PatternKind, str] = field(default_factory=dict)
     refuses: Callable[[BlockSparsePattern], str | None] | None = None
+    differentiable: bool = True
+
+    def gradient_refusal(self, needs_gradients: bool) -> str | None:
+        """Why this backend cannot run a call that needs gradients (:func:`needs_gradients`), or ``None``."""
+        if self.differentiable or not needs_gradients:
+            return None
+        return "it computes no gradients (forward only), and this call needs them"
 
     def unavailable(self, q: torch.Tensor, pattern: BlockSparsePattern) -> str | None:
         """Why this backend cannot run ``pattern`` on ``q`` here (the first reason), or ``None`` when it can."""
@@ -128,6 +138,11 @@ class Backend:
         return reasons
 
 
+def needs_gradients(*qkv: torch.Tensor) -> bool:
+    """Whether a call on ``qkv`` records a backward: autograd on and any input requiring a gradient."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in qkv)
+
+
 REGISTRY: dict[str, Backend] = {}
 
 
@@ -139,12 +154,13 @@ def register_backend(
     distribution: str | None = None,
     refused_kinds: Mapping[PatternKind, str] | None = None,
     refuses: Callable[[BlockSparsePattern], str | None] | None = None,
+    differentiable: bool = True,
 ) -> Callable[[AttentionFn], AttentionFn]:
     """Decorator: register ``fn(q, k, v, pattern)`` as backend ``name`` with its constraints (see :class:`Backend`)."""
 
     def register(fn: AttentionFn) -> AttentionFn:
         REGISTRY[name] = Backend(name, fn, devices, dtypes, package, distribution or package, dict(refused_kinds or {}),
-                                 refuses)  # fmt: skip
+                                 refuses, differentiable)  # fmt: skip
         return fn
 
     return register
@@ -233,7 +249,7 @@ def check_kv_indices(count: int, what: str) -> None:
 
 
 @register_backend("flashinfer", devices=("cuda",), dtypes=HALF_DTYPES, package="flashinfer",
-                  distribution="flashinfer-python",
+                  distribution="flashinfer-python", differentiable=False,
                   refused_kinds={"token-level": "FlashInfer's wrappers run whole blocks only"})  # fmt: skip
 def flashinfer_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                       pattern: BlockSparsePattern) -> torch.Tensor:  # fmt: skip
@@ -407,7 +423,8 @@ def reads_in_place(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 @register_backend("flashinfer-bsr", devices=("cuda",), dtypes=HALF_DTYPES, package="flashinfer",
-                  distribution="flashinfer-python", refused_kinds=BSR_REFUSED_KINDS, refuses=_bsr_refuses)  # fmt: skip
+                  distribution="flashinfer-python", refused_kinds=BSR_REFUSED_KINDS, refuses=_bsr_refuses,
+                  differentiable=False)  # fmt: skip
 def flashinfer_bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
                              ) -> torch.Tensor:  # fmt: skip
     """FlashInfer's ``BlockSparseAttentionWrapper`` (BSR; FA3 on Hopper) over a block-level pattern of square tiles.
@@ -534,13 +551,14 @@ def choose_backend(
     """
     names = tuple(REGISTRY) if candidates is None else candidates
     backends = [get_backend(name) for name in names]
+    training = needs_gradients(q, k, v)
     with torch.no_grad():
         rows = reference_rows(q.shape[-2], q.device)
         reference = masked_reference(q, k, v, pattern, rows)
         report: dict[str, dict[str, Any]] = {}
         timed: dict[str, float] = {}
         for backend in backends:
-            reason = backend.unavailable(q, pattern)
+            reason = backend.unavailable(q, pattern) or backend.gradient_refusal(training)
             if reason is not None:
                 report[backend.name] = {"skipped": reason}
                 continue
@@ -571,9 +589,10 @@ _CHOICES: dict[tuple[Any, ...], BackendChoice] = {}
 
 def measured_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
                      label: str = "") -> BackendChoice:  # fmt: skip
-    """:func:`choose_backend` once per (label, shape, dtype, device, block sizes, pattern kind) per process: a
-    backend chosen on whole tiles is not reused for a token-level pattern of the same shape, which it may refuse."""
-    key = (label, tuple(q.shape), q.dtype, q.device.type, pattern.blocks, pattern.kind)
+    """:func:`choose_backend` once per (label, shape, dtype, device, block sizes, pattern kind, whether the call needs
+    gradients) per process: a backend chosen on whole tiles is not reused for a token-level pattern of the same
+    shape, which it may refuse, nor a forward-only one for a call that trains."""
+    key = (label, tuple(q.shape), q.dtype, q.device.type, pattern.blocks, pattern.kind, needs_gradients(q, k, v))
     if key not in _CHOICES:
         _CHOICES[key] = choose_backend(q, k, v, pattern)
     return _CHOICES[key]
@@ -608,19 +627,53 @@ def auto_flashinfer(pattern: BlockSparsePattern) -> str | None:
     return None
 
 
-def auto_choice(q: torch.Tensor, pattern: BlockSparsePattern) -> str:
+@functools.cache
+def flashinfer_prebuilt() -> bool:
+    """Whether FlashInfer's kernels come prebuilt (``flashinfer-jit-cache`` installed, or modules in its
+    ``data/aot``): without them its first call per dtype and head dim JIT-compiles for minutes, and fails where no
+    CUDA compiler is installed (``import flashinfer`` works either way)."""
+    if import_failure("flashinfer_jit_cache") is None:
+        return True
+    if import_failure("flashinfer") is not None:
+        return False
+    import flashinfer
+
+    aot = Path(flashinfer.__file__).parent / "data" / "aot"
+    return aot.is_dir() and any(aot.rglob("*.so"))
+
+
+def _flashinfer_indices_bound(q: torch.Tensor, pattern: BlockSparsePattern) -> int:
+    """An upper bound, without a host sync, on the key indices the variable-block wrapper's plan lists:
+    every query block of every head keeping every key token."""
+    rows = (pattern.variable.kept if pattern.variable is not None else pattern.kept).shape[-2]
+    return q.shape[0] * q.shape[1] * rows * q.shape[-2]
+
+
+def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
+                compiled: bool | None = None) -> str:  # fmt: skip
     """What ``backend=auto`` runs for this call: :func:`auto_flashinfer`'s wrapper where :func:`auto_backend` is
-    flex-tuned (Hopper, fp16/bf16), the call is eager and that wrapper can run this pattern (installed, its data
-    conditions met); :func:`auto_backend` otherwise. Under ``torch.compile`` it stays on Flex, which the compiled
-    graph captures (FlashInfer's plan and run are opaque host code). FlashInfer's first call per dtype and head dim
-    JIT-compiles its kernel unless a prebuilt one is installed (flashinfer-jit-cache), once."""
+    flex-tuned (Hopper, fp16/bf16), the call is eager and needs no gradients (FlashInfer computes none), its kernels
+    are prebuilt (:func:`flashinfer_prebuilt`: no JIT compile inside a run), its plan's indices fit
+    (:data:`FLASHINFER_MAX_KV_INDICES`, bounded without a sync) and it can run this pattern; :func:`auto_backend`
+    otherwise. Under ``torch.compile`` it stays on Flex, which the compiled graph captures (FlashInfer's plan and
+    run are opaque host code); ``compiled`` asks for that choice (``True``) or the eager one (``False``) whatever the
+    context (``None``: the context's)."""
     base = auto_backend(q.device, q.dtype, q.shape[-1])
-    if base != "flex-tuned" or torch.compiler.is_compiling():
+    if base != "flex-tuned" or (torch.compiler.is_compiling() if compiled is None else compiled):
         return base
     preferred = auto_flashinfer(pattern)
     if preferred is None:
         return base
-    return preferred if get_backend(preferred).unavailable(q, pattern) is None else base
+    backend = get_backend(preferred)
+    if (
+        backend.unavailable(q, pattern)
+        or backend.gradient_refusal(needs_gradients(q, k, v))
+        or not flashinfer_prebuilt()
+    ):
+        return base
+    if preferred == "flashinfer" and _flashinfer_indices_bound(q, pattern) > FLASHINFER_MAX_KV_INDICES:
+        return base
+    return preferred
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
@@ -631,8 +684,9 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: B
     if backend == "measure":
         return measured_backend(q, k, v, pattern, label)
     if backend == "auto":
-        return BackendChoice(auto_choice(q, pattern))
-    reason = get_backend(backend).unavailable(q, pattern)
+        return BackendChoice(auto_choice(q, k, v, pattern))
+    named = get_backend(backend)
+    reason = named.unavailable(q, pattern) or named.gradient_refusal(needs_gradients(q, k, v))
     if reason is not None:
         raise HarnessError(f"block-sparse backend {backend!r} cannot run this call: {reason}")
     return BackendChoice(backend)
@@ -681,7 +735,10 @@ class BackendLog:
     """Runs a method's block-sparse calls on its ``backend`` setting and records the backend per sequence length.
 
     ``params()`` gives ``backend_used`` ``{tokens: name}`` and, for measured choices, ``backend_report``
-    ``{tokens: {backend: {"error", "ms"} or {"skipped"}}}``: what run records and ``bench latency`` carry.
+    ``{tokens: {backend: {"error", "ms"} or {"skipped"}}}``; where ``auto`` runs another backend under
+    ``torch.compile`` than eagerly (FlashInfer eagerly, Flex compiled), ``backend_used_compiled`` names it: what run
+    records and ``bench latency`` carry. Eager calls record; a compiled call changes nothing here (a change would be
+    guarded by its graph and recompile it).
     """
 
     def __init__(self, backend: str, label: str) -> None:
@@ -689,12 +746,17 @@ class BackendLog:
             raise HarnessError(f"block-sparse backend must be one of {backend_names()}, got {backend!r}")
         self.backend, self.label = backend, label
         self._used: dict[int, BackendChoice] = {}
+        self._compiled: dict[int, str] = {}
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
                   ) -> torch.Tensor:  # fmt: skip
         _check_fits(q, pattern)
         choice = select_backend(q, k, v, pattern, self.backend, self.label)
-        self._used[q.shape[-2]] = choice
+        if not torch.compiler.is_compiling():
+            tokens = q.shape[-2]
+            self._used[tokens] = choice
+            if self.backend == "auto":
+                self._compiled[tokens] = auto_choice(q, k, v, pattern, compiled=True)
         return get_backend(choice.name).run(q, k, v, pattern)
 
     def params(self) -> dict[str, Any]:
@@ -703,4 +765,9 @@ class BackendLog:
         reports = {str(tokens): choice.report for tokens, choice in used if choice.report}
         if reports:
             out["backend_report"] = reports
+        compiled = {
+            str(tokens): name for tokens, name in sorted(self._compiled.items()) if name != self._used[tokens].name
+        }
+        if compiled:
+            out["backend_used_compiled"] = compiled
         return out
