@@ -230,8 +230,9 @@ def test_the_backend_help_says_what_auto_runs_and_what_each_backend_needs() -> N
     from methods.sparse import BACKEND
 
     assert BACKEND.help.startswith(
-        "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128, or there, eager and with "
-        "flashinfer-python installed, FlashInfer's wrapper: flashinfer-bsr on a tile table shared by every head, "
+        "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128, or there, eager, without gradients and "
+        "with flashinfer-python's kernels prebuilt, FlashInfer's wrapper: flashinfer-bsr on a tile table shared by "
+        "every head, "
         "flashinfer on variable blocks; flex on other CUDA calls; masked elsewhere)"
     )
     assert BACKEND.help.endswith("or one of masked, flex, flex-tuned, flashinfer (cuda; float16/bfloat16; pip "
