@@ -1470,7 +1470,7 @@ def report_cmd(
         console.print(_table(view.title + more, view.columns, view.rows))
     for metric, note in report.notes.items():
         console.print(f"[yellow]note:[/] {metric}: {note}")
-    console.print(f"wrote {', '.join(str(p) for p in report.files)}", soft_wrap=True)  # paths copied whole
+    console.print(f"wrote {', '.join(str(p) for p in report.files)}")
 
 
 if __name__ == "__main__":
