@@ -243,8 +243,6 @@ def run_latency(
                     save(f"{method.name}: eager forward {stats.median_ms:.4g} ms")
                 if "compiled" in pending:
                     entry["compiled"] = compiled = _time_compiled(model, forward, request, device)
-                    if "backend_used_compiled" in method.params():  # auto may run another kernel under compile
-                        compiled["backend_used"] = method.params()["backend_used_compiled"]
                     figure = compiled["error"] if "error" in compiled else f"{compiled['forward']['median_ms']:.4g} ms"
                     save(f"{method.name}: compiled forward {figure}")
         if "sample" in pending:
