@@ -12,6 +12,8 @@ way diffusers' ``attention_dispatch`` registers its attention backends:
                 when the pattern carries them, else the pattern's own tiles; block-level patterns only
     flashinfer-bsr  FlashInfer's BSR wrapper (FA3 on Hopper) over square tiles of a block-level pattern, reading q,
                 k, v in place where the table is shared by every head
+    triton-variable  our Triton kernel over variable-size blocks (SVG2's clusters): each query block's kept key
+                tokens gathered by index, planned on the device
 
 ``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex-tuned on
 Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere; on Hopper an eager call on
@@ -464,6 +466,19 @@ def flashinfer_bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     keys, values = (x.reshape(groups * tokens, 1, dim) for x in (k, v))
     out = plan.wrapper.run(queries, keys, values)
     return out.view(batch, heads, plan.padded, dim)[:, :, :tokens]
+
+
+@register_backend("triton-variable", devices=("cuda",), dtypes=HALF_DTYPES, package="triton", differentiable=False,
+                  refused_kinds={kind: "it runs variable-size blocks (SVG2's clusters) only"
+                                 for kind in ("tiles", "token-level")})  # fmt: skip
+def triton_variable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
+                              ) -> torch.Tensor:  # fmt: skip
+    """Our Triton kernel over the pattern's variable-size blocks
+    (:func:`methods.kernels.variable_blocks_triton.variable_block_attention`): per query block only its kept key
+    tokens, gathered by index, with no host plan. ``(B, H, N, D)`` in and out."""
+    from methods.kernels.variable_blocks_triton import variable_block_attention
+
+    return variable_block_attention(q, k, v, pattern.variable)
 
 
 # -- choosing by measurement ------------------------------------------------------------------------

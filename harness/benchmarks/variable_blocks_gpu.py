@@ -1,0 +1,155 @@
+"""SVG2's variable-block attention kernels on one GPU: our Triton kernel's configurations against FlashInfer's wrapper.
+
+Per model shape (random q, k, v; svg2's plan at each stated density, its k-means warm-started as from a previous
+step), first every candidate is checked against masked dense on sampled rows (fp32 reference; the same check
+``backend=measure`` makes), then each that passed is timed in this one process beside the dense cuDNN call on the
+same q, k, v:
+
+- ``triton-variable`` at every configuration of ``--configs`` ((BLOCK_M, BLOCK_N, num_warps, num_stages));
+- FlashInfer's variable-block wrapper (``flashinfer``), where installed, plan included (it plans per call);
+- flex-tuned on the clusters regrouped into 128-tiles.
+
+Kernel efficiency is the time over ``density x`` the cuDNN time (issue 21's bar: <= 1.2x). Prints a table last and
+writes ``variable_blocks.json`` under ``--out``::
+
+    python -m harness.benchmarks.variable_blocks_gpu --out /tmp/vb --models wan1.3b,wan14b --densities 0.1,0.295,0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.benchmarks.sparse_gpu import model_inputs, parse_densities
+from harness.errors import HarnessError
+from methods import build_method
+from methods.kernels.block_sparse import permute_tokens
+from methods.kernels.sparse_backends import (
+    default_timer,
+    get_backend,
+    masked_reference,
+    reference_rows,
+    tolerance,
+)
+from methods.kernels.variable_blocks_triton import variable_block_attention
+
+CONFIGS = "64x64x4x3,64x64x4x2,64x128x4x2,128x64x8x3,128x64x8x2,128x128x8x2,64x32x4x3"
+BASELINES = ("flashinfer", "flex-tuned")
+
+
+def parse_configs(text: str) -> list[tuple[int, int, int, int]]:
+    """``64x64x4x3,...`` -> ``[(64, 64, 4, 3), ...]`` (BLOCK_M x BLOCK_N x num_warps x num_stages)."""
+    configs = []
+    for item in filter(None, text.split(",")):
+        parts = item.split("x")
+        if len(parts) != 4 or not all(part.isdigit() for part in parts):
+            raise HarnessError(f"--configs: {item!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES (e.g. 64x64x4x3)")
+        configs.append(tuple(int(part) for part in parts))
+    return configs  # type: ignore[return-value]
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+def run_point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any, configs: list[tuple[int, int, int, int]],
+              dense_ms: float, density: float) -> dict[str, Any]:  # fmt: skip
+    """Check, then time, every candidate on one plan's permuted q, k, v."""
+    qp, kp, vp = permute_tokens(q, plan.q_order), permute_tokens(k, plan.kv_order), permute_tokens(v, plan.kv_order)
+    rows = reference_rows(q.shape[-2], q.device)
+    reference = masked_reference(qp, kp, vp, plan.pattern, rows)
+    candidates: dict[str, Any] = {
+        f"triton-variable {'x'.join(map(str, config))}": functools.partial(
+            variable_block_attention, qp, kp, vp, plan.pattern.variable, config)
+        for config in configs
+    }  # fmt: skip
+    for name in BASELINES if q.is_cuda else ():  # the CPU smoke times the Triton kernel alone
+        backend = get_backend(name)
+        reason = backend.unavailable(qp, plan.pattern)
+        candidates[name] = reason or functools.partial(backend.run, qp, kp, vp, plan.pattern)
+    results: dict[str, Any] = {}
+    for name, call in candidates.items():
+        if isinstance(call, str):
+            results[name] = {"skipped": call}
+            continue
+        try:
+            error = relative_error(call()[..., rows, :], reference)
+        except Exception as exc:  # a configuration that cannot compile or run here is reported, not fatal
+            results[name] = {"skipped": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            continue
+        passed = error <= tolerance(q.dtype)
+        results[name] = {"error": error, "passed": passed}
+        print(f"  {name:>28}: error {error:.2e} {'ok' if passed else 'FAILED'}", flush=True)
+    for name, outcome in results.items():
+        if outcome.get("passed"):
+            ms = default_timer(candidates[name], q.device, warmup=3, repeats=10) * 1e3
+            outcome |= {"ms": ms, "of_ideal": ms / (density * dense_ms)}
+            print(f"  {name:>28}: {ms:8.3f} ms, {outcome['of_ideal']:.2f}x ideal", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for variable_blocks.json")
+    parser.add_argument("--models", default="wan1.3b", help="comma-separated models (their attention shape)")
+    parser.add_argument("--densities", default="0.1,0.295,0.5", help="comma-separated stated densities of svg2")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda (the benchmark), or cpu under TRITON_INTERPRET=1 with --models wan-tiny (a smoke "
+                             "test: sdpa stands in for cuDNN)")  # fmt: skip
+    parser.add_argument("--configs", default=CONFIGS,
+                        help="comma-separated Triton configurations BLOCK_MxBLOCK_NxWARPSxSTAGES")  # fmt: skip
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA GPU; TRITON_INTERPRET=1 ... --device cpu --models wan-tiny smokes")
+    try:
+        configs, densities = parse_configs(args.configs), parse_densities(args.densities, "--densities")
+    except HarnessError as exc:
+        raise SystemExit(str(exc)) from None
+    from methods.svg2 import LayerCentroids
+
+    record: dict[str, Any] = {"configs": [list(c) for c in configs], "models": {}}
+    lines = []
+    for model in filter(None, args.models.split(",")):
+        q, k, v, ctx = model_inputs(model, device)
+        if device.type == "cpu":  # the interpreter's kernels compute in fp16
+            q, k, v = (x.half() for x in (q, k, v))
+        dense = build_method("cudnn" if device.type == "cuda" else "sdpa")
+        dense_ms = default_timer(lambda: dense(q, k, v, ctx), device, warmup=3, repeats=10) * 1e3
+        print(f"{model}: q {tuple(q.shape)}, {dense.name} {dense_ms:.3f} ms", flush=True)
+        ctx = replace(ctx, route=LayerCentroids())
+        build_method("svg2", fixed_density=densities[0]).plan(q, k, v, ctx)  # the cold k-means, untimed
+        points = []
+        for stated in densities:
+            plan = build_method("svg2", fixed_density=stated).plan(q, k, v, ctx)
+            density = float(plan.used_density())
+            print(f"{model} svg2 at {stated}: kept {density:.3f}", flush=True)
+            results = run_point(q, k, v, plan, configs, dense_ms, density)
+            points.append({"density_fixed_by_user": stated, "density": density, "results": results})
+            timed = {name: r["ms"] for name, r in results.items() if "ms" in r}
+            best = min(timed, key=timed.__getitem__) if timed else "none"
+            lines.append(f"{model:>8} {density:6.3f} ideal {density * dense_ms:7.3f} ms | best {best} "
+                         f"{timed.get(best, float('nan')):.3f} ms | flashinfer {timed.get('flashinfer', float('nan')):.3f}"
+                         f" | flex-tuned {timed.get('flex-tuned', float('nan')):.3f}")  # fmt: skip
+        record["models"][model] = {"shape": list(q.shape), "dense_ms": dense_ms, "points": points}
+        del q, k, v
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "variable_blocks.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, allow_nan=False))
+    tmp.replace(path)
+    print("\n".join(lines))
+    print(f"wrote {path} ({time.strftime('%H:%M:%S')})")
+
+
+if __name__ == "__main__":
+    main()

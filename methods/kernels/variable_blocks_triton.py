@@ -1,0 +1,190 @@
+"""Attention over variable-size blocks on CUDA in Triton: SVG2's cluster pairs at the cost of the kept tokens alone.
+
+Computes what :func:`methods.kernels.block_sparse.masked_dense_attention` computes for a pattern carrying
+:class:`~methods.kernels.block_sparse.VariableBlocks` (the reference it is tested against): per group g (one
+(batch, head) pair), query block i (consecutive tokens, SVG2's query cluster after its permutation) attends to the
+tokens of the key blocks j it keeps, ``softmax(q k^T / sqrt(D)) v`` over exactly those keys. SVG2 (Yang et al.,
+NeurIPS 2025, Sec. 4.3) runs the same computation on a patched FlashInfer whose kernel skips whole kept-or-not
+cluster pairs; FlashInfer's upstream variable-block wrapper lists one key index per kept token and plans on the
+host per call, 4.1-6.2x the density-scaled cuDNN time on an H200 (reports/gpu/h200/run_9dca079/sparse/).
+
+Two launches, no host work besides one read of the kept-token total (the index list's size):
+
+- :func:`_key_indices`: per (group, query block) the positions of its kept key tokens, in key-block order, as one
+  int32 list (``idx``; the list of query block (g, i) starts at ``offsets[g, i]``). Position p of the list is in
+  the key block j with ``cum[g, i, j] <= p < cum[g, i, j + 1]``, ``cum`` the running sum of kept block sizes
+  (a dropped block adds 0, so the search skips it), found by a binary search vectorised over BLOCK positions.
+- :func:`_attention`: one program per (query tile, group). Query tiles never straddle two query blocks: block i
+  is cut into ``ceil(rows_i / BLOCK_M)`` tiles (the last partial), so every row of a tile keeps the same keys, and
+  the program streams that list in tiles of BLOCK_N keys, gathering their rows of k and v by index (each row
+  ``D`` contiguous elements), with the online softmax of FlashAttention in fp32 (exp2, scale folded in).
+
+The waste is the partial last tile of each query block (rows) and of each list (columns): with 300 query clusters
+over Wan 1.3B's 32,760 tokens the query side averages 109 rows a block. Query rows of a block that keeps no key
+get zeros (masked dense gives NaN there; no method makes such a block).
+
+Shapes: q, k, v ``(B, H, N, D)`` fp16 or bf16, one dtype, any strides with a contiguous last axis, ``D <= 256``;
+the blocks' ``kept (B or 1, H or 1, R, C)``, ``row_sizes (.., R)``, ``col_sizes (.., C)`` (each summing to N).
+Returns ``(B, H, N, D)`` contiguous in q's dtype. Forward only (SVG2 is training-free).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from methods.kernels import kernel_op
+from methods.kernels.block_sparse import VariableBlocks
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (CI): the backend is refused there
+    triton = tl = None
+
+#: The Triton interpreter (TRITON_INTERPRET=1, CPU tensors): tests run the kernels on the CPU, in small tiles.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel.
+DEFAULT_CONFIG: tuple[int, int, int, int] = (64, 64, 4, 3)
+INTERPRETER_CONFIG: tuple[int, int, int, int] = (16, 16, 4, 1)
+#: Positions of the index lists one program of :func:`_key_indices` writes.
+INDEX_BLOCK = 1024
+
+
+def _jit(fn: Any) -> Any:
+    return fn if triton is None else triton.jit(fn)
+
+
+@_jit
+def _key_indices(cum_ptr, starts_ptr, offsets_ptr, idx_ptr, R, C, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (g * R + i, t): positions ``[t BLOCK, (t + 1) BLOCK)`` of query block (g, i)'s key list: the token
+    index ``starts[g, j] + p - cum[g, i, j]`` of the key block j holding position p, into ``idx[offsets + p]``.
+    ``cum (G * R, C + 1)`` int32 running sums of kept block sizes, ``starts (G, C)`` int32 first token of each key
+    block, ``offsets (G * R,)`` int64; STEPS >= log2(C) halvings of the search."""
+    row = tl.program_id(0).to(tl.int64)
+    cum = cum_ptr + row * (C + 1)
+    total = tl.load(cum + C)
+    p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = p < total
+    # Invariant: cum[lo] <= p < cum[hi]; cum[0] = 0 and cum[C] = total, so it holds from the start.
+    lo = tl.zeros((BLOCK,), dtype=tl.int32)
+    hi = tl.full((BLOCK,), C, dtype=tl.int32)
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        open_range = hi - lo > 1
+        below = tl.load(cum + mid, mask=inside, other=0) <= p
+        lo = tl.where(open_range & below, mid, lo)
+        hi = tl.where(open_range & ~below, mid, hi)
+    group = row // R
+    token = tl.load(starts_ptr + group * C + lo, mask=inside, other=0) + p - tl.load(cum + lo, mask=inside, other=0)
+    tl.store(idx_ptr + tl.load(offsets_ptr + row) + p, token, mask=inside)
+
+
+@_jit
+def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_starts_ptr, cum_ptr, offsets_ptr,
+               idx_ptr, scale, H, N, R, C, TILES,
+               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (t, g): query tile t of group g, in query block ``i = tile_block[g, t]`` (R: past the last tile,
+    nothing to do), rows ``row_starts[g, i] + (t - first_tile[g, i]) BLOCK_M + [0, BLOCK_M)`` below
+    ``row_starts[g, i + 1]``, over the key list of (g, i) in tiles of BLOCK_N. ``scale`` is ``log2(e) / sqrt(D)``;
+    the output ``(B * H, N, D)`` contiguous."""
+    t, g = tl.program_id(0), tl.program_id(1)
+    block = tl.load(tile_block_ptr + g * TILES + t)
+    if block < R:
+        b, h = (g // H).to(tl.int64), (g % H).to(tl.int64)
+        row = g.to(tl.int64) * R + block
+        start = tl.load(row_starts_ptr + g * (R + 1) + block)
+        end = tl.load(row_starts_ptr + g * (R + 1) + block + 1)
+        rows = start + (t - tl.load(first_tile_ptr + g * (R + 1) + block)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_D)
+        inside = cols < D
+        row_mask = (rows < end)[:, None] & inside[None, :]
+        q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], mask=row_mask, other=0.0)
+        count = tl.load(cum_ptr + row * (C + 1) + C)
+        base = tl.load(offsets_ptr + row)
+        k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for offset in range(0, count, BLOCK_N):
+            p = offset + tl.arange(0, BLOCK_N)
+            valid = p < count
+            token = tl.load(idx_ptr + base + p, mask=valid, other=0).to(tl.int64)
+            kt = tl.load(k_base + token[None, :] * skn + cols[:, None], mask=valid[None, :] & inside[:, None],
+                         other=0.0)  # (BLOCK_D, BLOCK_N): k^T by its addresses, no tl.trans  # fmt: skip
+            s = tl.dot(q, kt) * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            weights = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(weights, axis=1)
+            vt = tl.load(v_base + token[:, None] * svn + cols[None, :], mask=valid[:, None] & inside[None, :],
+                         other=0.0)  # fmt: skip
+            acc = acc * alpha[:, None] + tl.dot(weights.to(vt.dtype), vt)
+            m_i = m_new
+        out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+        o_base = o_ptr + g.to(tl.int64) * N * D
+        tl.store(o_base + rows[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=row_mask)
+
+
+def _running_sums(x: torch.Tensor) -> torch.Tensor:
+    """``(.., L)`` -> ``(.., L + 1)`` int32: 0, then the running sums of the last axis."""
+    return F.pad(x.cumsum(-1), (1, 0)).to(torch.int32)
+
+
+@kernel_op("variable_block_attention")
+def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor,
+                                row_sizes: torch.Tensor, col_sizes: torch.Tensor, block_m: int, block_n: int,
+                                num_warps: int, num_stages: int) -> torch.Tensor:  # fmt: skip
+    """The launches of :func:`variable_block_attention` as one op (torch.compile sees one opaque call; the index
+    list's size is read on the host inside it). Arguments as there, the configuration spelled out."""
+    batch, heads, tokens, dim = q.shape
+    groups, blocks_q, blocks_k = batch * heads, kept.shape[-2], kept.shape[-1]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    kept = kept.expand(batch, heads, -1, -1).reshape(groups, blocks_q, blocks_k)
+    rows = row_sizes.expand(batch, heads, -1).reshape(groups, blocks_q).long()
+    cols = col_sizes.expand(batch, heads, -1).reshape(groups, blocks_k).long()
+
+    cum = _running_sums(kept * cols[:, None, :]).view(groups * blocks_q, blocks_k + 1)
+    counts = cum[:, -1].long()
+    offsets = counts.cumsum(0) - counts
+    total = int(counts.sum())  # the one host read: the size of the index lists
+    idx = torch.empty(max(total, 1), device=q.device, dtype=torch.int32)
+    starts = (cols.cumsum(-1) - cols).to(torch.int32)
+    steps = max(1, blocks_k.bit_length())
+    index_grid = (groups * blocks_q, triton.cdiv(tokens, INDEX_BLOCK))
+    _key_indices[index_grid](cum, starts, offsets, idx, blocks_q, blocks_k, STEPS=steps, BLOCK=INDEX_BLOCK)
+
+    first_tile = _running_sums((rows + block_m - 1) // block_m)
+    tiles = triton.cdiv(tokens, block_m) + blocks_q  # each block adds at most one partial tile
+    positions = torch.arange(tiles, device=q.device, dtype=torch.int32).expand(groups, tiles).contiguous()
+    tile_block = torch.searchsorted(first_tile[:, 1:].contiguous(), positions, right=True).to(torch.int32)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    _attention[(tiles, groups)](
+        q, k, v, out, tile_block, first_tile, _running_sums(rows), cum, offsets, idx,
+        1.4426950408889634 / dim**0.5, heads, tokens, blocks_q, blocks_k, tiles,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+@variable_block_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, row_sizes: torch.Tensor,
+      col_sizes: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int) -> torch.Tensor:  # fmt: skip
+    return q.new_empty(q.shape)
+
+
+def variable_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: VariableBlocks,
+                             config: tuple[int, int, int, int] | None = None) -> torch.Tensor:  # fmt: skip
+    """Attention of q, k, v ``(B, H, N, D)`` (fp16/bf16, on CUDA or under the Triton interpreter) over ``blocks``'
+    kept pairs, ``(B, H, N, D)`` in q's dtype. ``config`` is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``
+    (:data:`DEFAULT_CONFIG`; :data:`INTERPRETER_CONFIG` under the interpreter)."""
+    block_m, block_n, warps, stages = config or (INTERPRETER_CONFIG if INTERPRETED else DEFAULT_CONFIG)
+    return variable_block_attention_op(q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, block_m, block_n,
+                                       warps, stages)  # fmt: skip

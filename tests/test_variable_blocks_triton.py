@@ -1,0 +1,126 @@
+"""The Triton variable-block attention (SVG2's clusters) against float64 attention under the blocks' token mask, and
+its place among the block-sparse backends.
+
+The kernel tests need Triton and either CUDA or the Triton interpreter on CPU tensors; elsewhere (CI) they skip.
+On a CPU machine, with Triton (and numpy < 2.4) installed outside the project's environment::
+
+    TRITON_INTERPRET=1 PYTHONPATH=.:<numpy < 2.4 site>:<triton site> python -m pytest tests/test_variable_blocks_triton.py
+
+The interpreter multiplies bf16 operands as raw integers, so there the kernel is checked in fp16; on CUDA in fp16
+and bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from triton_helpers import DEVICE, ON_CUDA
+from triton_helpers import needs_kernel as triton_needs_kernel
+
+from methods.kernels import variable_blocks_triton as kernel
+from methods.kernels.block_sparse import BlockSparsePattern, VariableBlocks
+from methods.kernels.sparse_backends import get_backend
+
+needs_kernel = triton_needs_kernel(kernel)
+DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
+#: Relative error of the kernel's output against float64 attention on the same (rounded) inputs.
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def block_sizes(batch: int, heads: int, tokens: int, blocks: int, empty: int | None) -> torch.Tensor:
+    """``(B, H, blocks)`` random sizes summing to ``tokens``, block ``empty`` holding none (k-means leaves some)."""
+    weights = torch.rand(batch, heads, blocks) + 0.2
+    if empty is not None:
+        weights[..., empty] = 0
+    sizes = (weights / weights.sum(-1, keepdim=True) * tokens).long()
+    sizes[..., 0] += tokens - sizes.sum(-1)
+    return sizes.to(DEVICE)
+
+
+def random_blocks(batch: int, heads: int, tokens: int, rows: int, cols: int, share: float = 0.4) -> VariableBlocks:
+    """Random variable blocks: every query block keeps key block 0 and about ``share`` of the others."""
+    kept = torch.rand(batch, heads, rows, cols) < share
+    kept[..., 0] = True
+    return VariableBlocks(kept.to(DEVICE), block_sizes(batch, heads, tokens, rows, 2 if rows > 2 else None),
+                          block_sizes(batch, heads, tokens, cols, 1 if cols > 2 else None))  # fmt: skip
+
+
+def float64_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: VariableBlocks) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v in float64 over the blocks' token mask; rows that keep no key are 0."""
+    mask = blocks.dense_mask()
+    scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    return weights @ v.double()
+
+
+def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(*shape, dtype=dtype).to(DEVICE) for _ in range(3))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "dim", "rows", "cols"), [
+    (100, 32, 5, 9),  # blocks of ~20 tokens: several tiles a block, partial last tiles
+    (160, 64, 3, 40),  # many small key blocks: a key tile spans several of them
+    (96, 24, 7, 7),  # a head dim that is not a power of two (padded columns)
+])  # fmt: skip
+def test_matches_float64_attention_under_the_blocks_mask(dtype: torch.dtype, tokens: int, dim: int, rows: int,
+                                                          cols: int) -> None:  # fmt: skip
+    torch.manual_seed(tokens + dim)
+    q, k, v = inputs((2, 2, tokens, dim), dtype)
+    blocks = random_blocks(2, 2, tokens, rows, cols)
+    out = kernel.variable_block_attention(q, k, v, blocks)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert relative(out, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
+
+
+@needs_kernel
+def test_blocks_shared_by_every_head_broadcast() -> None:
+    """A ``(1, 1, R, C)`` table (and sizes) applies to every batch item and head."""
+    torch.manual_seed(1)
+    q, k, v = inputs((2, 3, 80, 32), torch.float16)
+    shared = random_blocks(1, 1, 80, 4, 6)
+    out = kernel.variable_block_attention(q, k, v, shared)
+    expanded = VariableBlocks(shared.kept.expand(2, 3, -1, -1), shared.row_sizes.expand(2, 3, -1),
+                              shared.col_sizes.expand(2, 3, -1))  # fmt: skip
+    assert relative(out, float64_attention(q, k, v, expanded)) < TOLERANCE[torch.float16]
+
+
+@needs_kernel
+def test_reads_strided_inputs_in_place() -> None:
+    """q, k, v as ``(B, N, H, D)`` tensors seen as ``(B, H, N, D)`` (the layout a transformer's projection gives)."""
+    torch.manual_seed(2)
+    q, k, v = (x.transpose(1, 2) for x in inputs((1, 64, 2, 32), torch.float16))
+    blocks = random_blocks(1, 2, 64, 4, 5)
+    assert relative(kernel.variable_block_attention(q, k, v, blocks), float64_attention(q, k, v, blocks)) < 2e-3
+
+
+@needs_kernel
+def test_a_query_block_that_keeps_no_key_gets_zeros() -> None:
+    torch.manual_seed(3)
+    q, k, v = inputs((1, 1, 48, 16), torch.float16)
+    blocks = random_blocks(1, 1, 48, 3, 4)
+    blocks.kept[..., 1, :] = False
+    out = kernel.variable_block_attention(q, k, v, blocks)
+    start, end = int(blocks.row_sizes[0, 0, 0]), int(blocks.row_sizes[0, 0, :2].sum())
+    assert torch.equal(out[0, 0, start:end], torch.zeros_like(out[0, 0, start:end]))
+    assert relative(out, float64_attention(q, k, v, blocks)) < TOLERANCE[torch.float16]
+
+
+def test_backend_takes_variable_blocks_only() -> None:
+    """Registered as ``triton-variable``: forward only, fp16/bf16 on CUDA, refusing tiles and token-level patterns
+    with the reason."""
+    backend = get_backend("triton-variable")
+    assert not backend.differentiable
+    assert backend.devices == ("cuda",)
+    tiles = BlockSparsePattern(torch.ones(1, 1, 2, 2, dtype=torch.bool), 64, 32)
+    assert "variable-size blocks" in (backend.refusal(tiles) or "")
+    blocks = random_blocks(1, 1, 64, 2, 2)
+    variable = BlockSparsePattern(torch.ones(1, 1, 2, 2, dtype=torch.bool), 64, 32, variable=blocks)
+    assert backend.refusal(variable) is None
