@@ -230,10 +230,9 @@ def test_the_backend_help_says_what_auto_runs_and_what_each_backend_needs() -> N
     from methods.sparse import BACKEND
 
     assert BACKEND.help.startswith(
-        "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128, or there, eager, without gradients and "
-        "with flashinfer-python's kernels prebuilt, FlashInfer's wrapper: flashinfer-bsr on a tile table shared by "
-        "every head, "
-        "flashinfer on variable blocks; flex on other CUDA calls; masked elsewhere)"
+        "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128, or there, without gradients, "
+        "triton-variable on variable blocks and, eager with flashinfer-python's kernels prebuilt, flashinfer-bsr on a "
+        "tile table shared by every head; flex on other CUDA calls; masked elsewhere)"
     )
     assert BACKEND.help.endswith("or one of masked, flex, flex-tuned, flashinfer (cuda; float16/bfloat16; pip "
                                  "install flashinfer-python), flashinfer-bsr (cuda; float16/bfloat16; pip install "
@@ -352,11 +351,11 @@ def test_auto_never_picks_a_backend_refusing_a_kind(monkeypatch: pytest.MonkeyPa
 @pytest.fixture
 def hopper_with_flashinfer(monkeypatch: pytest.MonkeyPatch) -> None:
     """``auto`` as on an H200 with flashinfer-python installed, on CPU tensors: auto_backend says flex-tuned and the
-    FlashInfer backends take any device, need no package and run masked dense (their kind and data conditions and
-    their lack of a backward stay)."""
+    FlashInfer backends and triton-variable take any device, need no package and run masked dense (their kind and
+    data conditions and their lack of a backward stay)."""
     monkeypatch.setattr(sparse_backends, "auto_backend", lambda device, dtype=None, head_dim=None: "flex-tuned")
     monkeypatch.setattr(sparse_backends, "flashinfer_prebuilt", lambda: True)
-    for name in ("flashinfer", "flashinfer-bsr"):
+    for name in ("flashinfer", "flashinfer-bsr", "triton-variable"):
         monkeypatch.setitem(REGISTRY, name, replace(REGISTRY[name], devices=("cpu", "cuda"), package=None,
                                                     dtypes=(torch.float32,), run=masked_dense_attention))  # fmt: skip
 
@@ -368,14 +367,14 @@ def head_shared_tiles() -> BlockSparsePattern:
 
 
 @pytest.mark.parametrize(("pattern", "expected"), [
-    ("head-shared tiles", "flashinfer-bsr"), ("tiles", "flex-tuned"), ("variable", "flashinfer"),
+    ("head-shared tiles", "flashinfer-bsr"), ("tiles", "flex-tuned"), ("variable", "triton-variable"),
     ("token-level", "flex-tuned"),
 ])  # fmt: skip
-def test_auto_takes_flashinfer_where_it_was_faster_in_the_forward(hopper_with_flashinfer: None, pattern: str,
+def test_auto_takes_the_backend_that_was_faster_on_the_pattern(hopper_with_flashinfer: None, pattern: str,
                                                                   expected: str) -> None:  # fmt: skip
-    """Measured on an H200 at Wan 1.3B (auto_flashinfer's sources): svg2's clusters on the variable wrapper and
-    radial's head-shared table on BSR were faster than flex-tuned, xattn's per-head tables (planned every call) were
-    not in the forward; token-level patterns stay on Flex, which alone runs partial tiles."""
+    """Measured on an H200 at Wan 1.3B (auto_choice's and auto_flashinfer's sources): svg2's clusters on our Triton
+    kernel and radial's head-shared table on BSR were faster than flex-tuned, xattn's per-head tables (planned every
+    call) were not in the forward; token-level patterns stay on Flex, which alone runs partial tiles."""
     q = torch.randn(1, 2, N, 16)
     chosen = head_shared_tiles() if pattern == "head-shared tiles" else kind_patterns()[pattern]
     assert sparse_backends.select_backend(q, q, q, chosen).name == expected
@@ -436,12 +435,16 @@ def test_auto_stays_on_flex_without_a_runnable_flashinfer(
         sparse_backends.import_failure.cache_clear()
 
 
-def test_auto_keeps_flex_where_the_variable_plan_could_outgrow_its_indices(
-    hopper_with_flashinfer: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The bound (every query block keeping every key token) is checked without a sync, before FlashInfer runs."""
+def test_auto_runs_variable_blocks_on_triton_under_compile_too(hopper_with_flashinfer: None,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """triton-variable is one opaque op: a compiled graph calls it as eager code does."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     q = torch.randn(1, 2, N, 16)
-    monkeypatch.setattr(sparse_backends, "FLASHINFER_MAX_KV_INDICES", 1000)
+    assert sparse_backends.auto_choice(q, q, q, kind_patterns()["variable"]) == "triton-variable"
+
+
+def test_auto_keeps_variable_blocks_on_flex_where_the_call_needs_gradients(hopper_with_flashinfer: None) -> None:
+    q = torch.randn(1, 2, N, 16, requires_grad=True)
     assert sparse_backends.auto_choice(q, q, q, kind_patterns()["variable"]) == "flex-tuned"
 
 

@@ -124,3 +124,15 @@ def test_backend_takes_variable_blocks_only() -> None:
     blocks = random_blocks(1, 1, 64, 2, 2)
     variable = BlockSparsePattern(torch.ones(1, 1, 2, 2, dtype=torch.bool), 64, 32, variable=blocks)
     assert backend.refusal(variable) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_key_tiles_loaded_as_rows_give_the_same_output(dtype: torch.dtype) -> None:
+    """The ``k_rows`` configurations (key tiles loaded as rows and transposed) compute the same attention."""
+    torch.manual_seed(4)
+    q, k, v = inputs((1, 2, 120, 32), dtype)
+    blocks = random_blocks(1, 2, 120, 4, 12)
+    base = kernel.INTERPRETER_CONFIG if kernel.INTERPRETED else kernel.DEFAULT_CONFIG
+    rows = kernel.variable_block_attention(q, k, v, blocks, base._replace(k_rows=True))
+    assert relative(rows, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]

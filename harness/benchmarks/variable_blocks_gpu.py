@@ -5,7 +5,7 @@ step), first every candidate is checked against masked dense on sampled rows (fp
 ``backend=measure`` makes), then each that passed is timed in this one process beside the dense cuDNN call on the
 same q, k, v:
 
-- ``triton-variable`` at every configuration of ``--configs`` ((BLOCK_M, BLOCK_N, num_warps, num_stages));
+- ``triton-variable`` at every configuration of ``--configs`` (:class:`Config`);
 - FlashInfer's variable-block wrapper (``flashinfer``), where installed, plan included (it plans per call);
 - flex-tuned on the clusters regrouped into 128-tiles.
 
@@ -38,35 +38,36 @@ from methods.kernels.sparse_backends import (
     reference_rows,
     tolerance,
 )
-from methods.kernels.variable_blocks_triton import variable_block_attention
+from methods.kernels.variable_blocks_triton import Config, variable_block_attention
 
-CONFIGS = "64x64x4x3,64x64x4x2,64x128x4x2,128x64x8x3,128x64x8x2,128x128x8x2,64x32x4x3"
+CONFIGS = "64x32x4x3,64x32x4x4,64x32x4x5,64x64x4x4,64x32x4x3r,64x64x4x3r,64x32x4x4r,128x32x8x4,128x64x8x4,128x64x4x3"
 BASELINES = ("flashinfer", "flex-tuned")
 
 
-def parse_configs(text: str) -> list[tuple[int, int, int, int]]:
-    """``64x64x4x3,...`` -> ``[(64, 64, 4, 3), ...]`` (BLOCK_M x BLOCK_N x num_warps x num_stages)."""
+def parse_configs(text: str) -> list[Config]:
+    """``64x64x4x3,64x32x4x3r`` -> their :class:`Config` (BLOCK_M x BLOCK_N x num_warps x num_stages, ``r``: key
+    tiles loaded as rows)."""
     configs = []
     for item in filter(None, text.split(",")):
-        parts = item.split("x")
+        parts = item.removesuffix("r").split("x")
         if len(parts) != 4 or not all(part.isdigit() for part in parts):
-            raise HarnessError(f"--configs: {item!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES (e.g. 64x64x4x3)")
-        configs.append(tuple(int(part) for part in parts))
-    return configs  # type: ignore[return-value]
+            raise HarnessError(f"--configs: {item!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES[r] (e.g. 64x64x4x3)")
+        configs.append(Config(*(int(part) for part in parts), k_rows=item.endswith("r")))
+    return configs
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
 
-def run_point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any, configs: list[tuple[int, int, int, int]],
+def run_point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any, configs: list[Config],
               dense_ms: float, density: float) -> dict[str, Any]:  # fmt: skip
     """Check, then time, every candidate on one plan's permuted q, k, v."""
     qp, kp, vp = permute_tokens(q, plan.q_order), permute_tokens(k, plan.kv_order), permute_tokens(v, plan.kv_order)
     rows = reference_rows(q.shape[-2], q.device)
     reference = masked_reference(qp, kp, vp, plan.pattern, rows)
     candidates: dict[str, Any] = {
-        f"triton-variable {'x'.join(map(str, config))}": functools.partial(
+        f"triton-variable {config.name}": functools.partial(
             variable_block_attention, qp, kp, vp, plan.pattern.variable, config)
         for config in configs
     }  # fmt: skip
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(exc)) from None
     from methods.svg2 import LayerCentroids
 
-    record: dict[str, Any] = {"configs": [list(c) for c in configs], "models": {}}
+    record: dict[str, Any] = {"configs": [config._asdict() for config in configs], "models": {}}
     lines = []
     for model in filter(None, args.models.split(",")):
         q, k, v, ctx = model_inputs(model, device)

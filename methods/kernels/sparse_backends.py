@@ -16,9 +16,9 @@ way diffusers' ``attention_dispatch`` registers its attention backends:
                 tokens gathered by index, planned on the device
 
 ``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex-tuned on
-Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere; on Hopper an eager call on
-variable blocks or a head-shared tile table takes FlashInfer's wrapper where installed, :func:`auto_flashinfer`) and
-``measure``
+Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere; on Hopper, calls that need no
+gradients run variable blocks on triton-variable, and eager ones a head-shared tile table on FlashInfer's BSR wrapper
+where installed: :func:`auto_choice`) and ``measure``
 (:func:`choose_backend`: every available backend once on the call's own inputs, the fastest whose output matches
 masked dense within :func:`tolerance`; cached per label, shape, dtype and block sizes for the process).
 :class:`BackendLog` records which backend each sequence length ran on.
@@ -629,14 +629,12 @@ def auto_flashinfer(pattern: BlockSparsePattern) -> str | None:
     """The FlashInfer wrapper ``auto`` takes for ``pattern`` in an eager call on Hopper, or ``None`` (stay on Flex).
 
     Measured on one H200 at Wan 1.3B (bf16; reports/gpu/h200/run_9dca079/sparse/ per call, run_9dca079/latency/ and
-    run_982dd84/latency/ per forward, each against its own run's cuDNN): svg2's variable blocks on the variable-block
-    wrapper, 14.98 against flex-tuned's 29.51 ms a call; a table shared by every head (radial's, planned once and
-    read in place) on the BSR wrapper, 3.76 against 5.43 ms a call, a forward 1.55x cuDNN against 1.42x. Per-head
-    tiles (xattn's, a new table every call) were faster per call on BSR (4.08 against 5.29 ms) but not in the
-    forward (1.22x against 1.28x: each call plans on the host and stacks the heads), so they stay on Flex, as do
-    token-level patterns, which FlashInfer cannot run."""
-    if pattern.kind == "variable":
-        return "flashinfer"
+    run_982dd84/latency/ per forward, each against its own run's cuDNN): a table shared by every head (radial's,
+    planned once and read in place) on the BSR wrapper, 3.76 against flex-tuned's 5.43 ms a call, a forward 1.55x
+    cuDNN against 1.42x. Per-head tiles (xattn's, a new table every call) were faster per call on BSR (4.08 against
+    5.29 ms) but not in the forward (1.22x against 1.28x: each call plans on the host and stacks the heads), so they
+    stay on Flex, as do token-level patterns, which FlashInfer cannot run. Variable blocks go to triton-variable
+    (:func:`auto_choice`), faster than FlashInfer's variable-block wrapper (run_f81020f/variable_blocks/)."""
     if pattern.kind == "tiles" and pattern.kept.shape[:2] == (1, 1):
         return "flashinfer-bsr"
     return None
@@ -657,36 +655,36 @@ def flashinfer_prebuilt() -> bool:
     return aot.is_dir() and any(aot.rglob("*.so"))
 
 
-def _flashinfer_indices_bound(q: torch.Tensor, pattern: BlockSparsePattern) -> int:
-    """An upper bound, without a host sync, on the key indices the variable-block wrapper's plan lists:
-    every query block of every head keeping every key token."""
-    rows = (pattern.variable.kept if pattern.variable is not None else pattern.kept).shape[-2]
-    return q.shape[0] * q.shape[1] * rows * q.shape[-2]
-
-
 def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
                 compiled: bool | None = None) -> str:  # fmt: skip
-    """What ``backend=auto`` runs for this call: :func:`auto_flashinfer`'s wrapper where :func:`auto_backend` is
-    flex-tuned (Hopper, fp16/bf16), the call is eager and needs no gradients (FlashInfer computes none), its kernels
-    are prebuilt (:func:`flashinfer_prebuilt`: no JIT compile inside a run), its plan's indices fit
-    (:data:`FLASHINFER_MAX_KV_INDICES`, bounded without a sync) and it can run this pattern; :func:`auto_backend`
-    otherwise. Under ``torch.compile`` it stays on Flex, which the compiled graph captures (FlashInfer's plan and
-    run are opaque host code); ``compiled`` asks for that choice (``True``) or the eager one (``False``) whatever the
-    context (``None``: the context's)."""
+    """What ``backend=auto`` runs for this call where :func:`auto_backend` is flex-tuned (Hopper, fp16/bf16; else
+    that base choice), in this order:
+
+    - variable blocks (SVG2's clusters) on triton-variable, eager or compiled (one opaque op), when the call needs
+      no gradients (it computes none): at Wan 1.3B on an H200, 9.36 ms a call at density 0.295 against 12.63 ms on
+      FlashInfer's variable-block wrapper and 29.17 on flex-tuned; at 14B level with FlashInfer
+      (reports/gpu/h200/run_f81020f/variable_blocks/);
+    - in an eager call that needs no gradients, :func:`auto_flashinfer`'s wrapper where its kernels are prebuilt
+      (:func:`flashinfer_prebuilt`: no JIT compile inside a run) and it can run this pattern; under
+      ``torch.compile`` Flex, which the compiled graph captures (FlashInfer's plan and run are opaque host code);
+    - the base choice.
+
+    ``compiled`` asks for the compiled choice (``True``) or the eager one (``False``) whatever the context (``None``:
+    the context's)."""
     base = auto_backend(q.device, q.dtype, q.shape[-1])
-    if base != "flex-tuned" or (torch.compiler.is_compiling() if compiled is None else compiled):
+    if base != "flex-tuned":
+        return base
+    training = needs_gradients(q, k, v)
+    if pattern.kind == "variable":
+        variable = get_backend("triton-variable")
+        return base if variable.unavailable(q, pattern) or variable.gradient_refusal(training) else variable.name
+    if torch.compiler.is_compiling() if compiled is None else compiled:
         return base
     preferred = auto_flashinfer(pattern)
     if preferred is None:
         return base
     backend = get_backend(preferred)
-    if (
-        backend.unavailable(q, pattern)
-        or backend.gradient_refusal(needs_gradients(q, k, v))
-        or not flashinfer_prebuilt()
-    ):
-        return base
-    if preferred == "flashinfer" and _flashinfer_indices_bound(q, pattern) > FLASHINFER_MAX_KV_INDICES:
+    if backend.unavailable(q, pattern) or backend.gradient_refusal(training) or not flashinfer_prebuilt():
         return base
     return preferred
 

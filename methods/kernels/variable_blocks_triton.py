@@ -31,7 +31,7 @@ Returns ``(B, H, N, D)`` contiguous in q's dtype. Forward only (SVG2 is training
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,28 @@ except ImportError:  # CPU-only installs (CI): the backend is refused there
 
 #: The Triton interpreter (TRITON_INTERPRET=1, CPU tensors): tests run the kernels on the CPU, in small tiles.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel.
-DEFAULT_CONFIG: tuple[int, int, int, int] = (64, 64, 4, 3)
-INTERPRETER_CONFIG: tuple[int, int, int, int] = (16, 16, 4, 1)
+
+
+class Config(NamedTuple):
+    """A configuration of :func:`_attention`: its tiles, warps and pipeline stages, and whether it loads key tiles
+    as rows ``(BLOCK_N, D)`` and transposes them (``k_rows``) or transposed by their addresses ``(D, BLOCK_N)``."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    k_rows: bool = False
+
+    @property
+    def name(self) -> str:
+        """``64x32x4x3`` (``r`` appended for k_rows)."""
+        return "x".join(map(str, self[:4])) + ("r" if self.k_rows else "")
+
+
+#: The fastest of the configurations timed on an H200 at Wan 1.3B and 14B (svg2, densities 0.1-0.5;
+#: reports/gpu/h200/run_f81020f/variable_blocks/): three stages hide the gathers' latency, two do not.
+DEFAULT_CONFIG = Config(64, 32, 4, 3)
+INTERPRETER_CONFIG = Config(16, 16, 4, 1)
 #: Positions of the index lists one program of :func:`_key_indices` writes.
 INDEX_BLOCK = 1024
 
@@ -87,7 +106,8 @@ def _key_indices(cum_ptr, starts_ptr, offsets_ptr, idx_ptr, R, C, STEPS: tl.cons
 def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_starts_ptr, cum_ptr, offsets_ptr,
                idx_ptr, scale, H, N, R, C, TILES,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               K_ROWS: tl.constexpr):  # fmt: skip
     """Program (t, g): query tile t of group g, in query block ``i = tile_block[g, t]`` (R: past the last tile,
     nothing to do), rows ``row_starts[g, i] + (t - first_tile[g, i]) BLOCK_M + [0, BLOCK_M)`` below
     ``row_starts[g, i + 1]``, over the key list of (g, i) in tiles of BLOCK_N. ``scale`` is ``log2(e) / sqrt(D)``;
@@ -114,9 +134,14 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_s
             p = offset + tl.arange(0, BLOCK_N)
             valid = p < count
             token = tl.load(idx_ptr + base + p, mask=valid, other=0).to(tl.int64)
-            kt = tl.load(k_base + token[None, :] * skn + cols[:, None], mask=valid[None, :] & inside[:, None],
-                         other=0.0)  # (BLOCK_D, BLOCK_N): k^T by its addresses, no tl.trans  # fmt: skip
-            s = tl.dot(q, kt) * scale
+            if K_ROWS:
+                k = tl.load(k_base + token[:, None] * skn + cols[None, :], mask=valid[:, None] & inside[None, :],
+                            other=0.0)  # fmt: skip
+                s = tl.dot(q, tl.trans(k)) * scale
+            else:  # (BLOCK_D, BLOCK_N): k^T by its addresses
+                kt = tl.load(k_base + token[None, :] * skn + cols[:, None], mask=valid[None, :] & inside[:, None],
+                             other=0.0)  # fmt: skip
+                s = tl.dot(q, kt) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -139,7 +164,7 @@ def _running_sums(x: torch.Tensor) -> torch.Tensor:
 @kernel_op("variable_block_attention")
 def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor,
                                 row_sizes: torch.Tensor, col_sizes: torch.Tensor, block_m: int, block_n: int,
-                                num_warps: int, num_stages: int) -> torch.Tensor:  # fmt: skip
+                                num_warps: int, num_stages: int, k_rows: bool) -> torch.Tensor:  # fmt: skip
     """The launches of :func:`variable_block_attention` as one op (torch.compile sees one opaque call; the index
     list's size is read on the host inside it). Arguments as there, the configuration spelled out."""
     batch, heads, tokens, dim = q.shape
@@ -169,6 +194,7 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         1.4426950408889634 / dim**0.5, heads, tokens, blocks_q, blocks_k, tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        K_ROWS=k_rows,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
@@ -176,15 +202,15 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 @variable_block_attention_op.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, row_sizes: torch.Tensor,
-      col_sizes: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int) -> torch.Tensor:  # fmt: skip
+      col_sizes: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int, k_rows: bool,
+      ) -> torch.Tensor:  # fmt: skip
     return q.new_empty(q.shape)
 
 
 def variable_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: VariableBlocks,
-                             config: tuple[int, int, int, int] | None = None) -> torch.Tensor:  # fmt: skip
+                             config: Config | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of q, k, v ``(B, H, N, D)`` (fp16/bf16, on CUDA or under the Triton interpreter) over ``blocks``'
-    kept pairs, ``(B, H, N, D)`` in q's dtype. ``config`` is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``
-    (:data:`DEFAULT_CONFIG`; :data:`INTERPRETER_CONFIG` under the interpreter)."""
-    block_m, block_n, warps, stages = config or (INTERPRETER_CONFIG if INTERPRETED else DEFAULT_CONFIG)
-    return variable_block_attention_op(q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, block_m, block_n,
-                                       warps, stages)  # fmt: skip
+    kept pairs, ``(B, H, N, D)`` in q's dtype, with ``config`` (:data:`DEFAULT_CONFIG`; :data:`INTERPRETER_CONFIG`
+    under the interpreter)."""
+    config = config or (INTERPRETER_CONFIG if INTERPRETED else DEFAULT_CONFIG)
+    return variable_block_attention_op(q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, *config)
