@@ -65,9 +65,10 @@ class Config(NamedTuple):
         return "x".join(map(str, self[:4])) + ("r" if self.k_rows else "")
 
 
-#: The fastest of the configurations timed on an H200 at Wan 1.3B and 14B (svg2, densities 0.1-0.5;
-#: reports/gpu/h200/run_f81020f/variable_blocks/): three stages hide the gathers' latency, two do not.
-DEFAULT_CONFIG = Config(64, 32, 4, 3)
+#: Timed on an H200 against 16 other configurations at Wan 1.3B (svg2 at densities 0.1, 0.295, 0.5) and 14B (0.295):
+#: the fastest or within 2% of it at every point (reports/gpu/h200/run_998d57e/variable_blocks/); three stages hide
+#: the gathers' latency, two do not (30-45% slower).
+DEFAULT_CONFIG = Config(64, 64, 4, 3, k_rows=True)
 INTERPRETER_CONFIG = Config(16, 16, 4, 1)
 #: Positions of the index lists one program of :func:`_key_indices` writes.
 INDEX_BLOCK = 1024

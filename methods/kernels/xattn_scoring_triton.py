@@ -100,7 +100,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (R = 16) every score tile is a loop of S = 8 products of K = 128, whose loads (a (BLOCK_M, D) and a (D, BLOCK_N)
 # tile per slice) the pipeliner buffers num_stages deep: 128 x 64 tiles at 3 stages hold 144 KiB of bf16.
 CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4), (128, 128, 8, 2), (64, 16, 4, 4),
-           (128, 64, 8, 1))  # fmt: skip
+           (128, 64, 8, 1), (128, 128, 8, 3), (128, 256, 8, 2), (256, 128, 8, 2), (256, 64, 8, 3))  # fmt: skip
 INTERPRETER_CONFIGS = ((16, 16, 4, 1),)
 # Elements of a combining program's (R reduced rows, BLOCK_K key blocks) tile: BLOCK_K = COMBINE_TILE / R key
 # blocks (128 at R = 16), a power of two as R is.
