@@ -13,6 +13,7 @@ and bf16.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -136,3 +137,45 @@ def test_key_tiles_loaded_as_rows_give_the_same_output(dtype: torch.dtype) -> No
     base = kernel.INTERPRETER_CONFIG if kernel.INTERPRETED else kernel.DEFAULT_CONFIG
     rows = kernel.variable_block_attention(q, k, v, blocks, base._replace(k_rows=True))
     assert relative(rows, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
+
+
+@torch.library.custom_op("bench_test::variable_blocks_masked", mutates_args=())
+def _masked_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, row_sizes: torch.Tensor,
+                     col_sizes: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int,
+                     k_rows: bool) -> torch.Tensor:  # fmt: skip
+    """The kernel op's contract computed by masked dense SDPA on the CPU (no Triton here)."""
+    mask = VariableBlocks(kept, row_sizes, col_sizes).dense_mask()
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@_masked_stand_in.register_fake
+def _(q: torch.Tensor, *args: object) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def test_auto_on_variable_blocks_compiles_in_one_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` choosing triton-variable inside a compiled graph (as svg2's forward does on an H200) traces whole: its
+    check that the package imports is read as a constant (the import itself broke an H200 forward into 13 graphs),
+    and the kernel is one opaque op. The output is masked dense's."""
+    from torch._dynamo.testing import CompileCounter
+
+    from methods.kernels import sparse_backends
+
+    monkeypatch.setattr(sparse_backends, "auto_backend", lambda device, dtype=None, head_dim=None: "flex-tuned")
+    variable = sparse_backends.REGISTRY["triton-variable"]
+    monkeypatch.setitem(sparse_backends.REGISTRY, "triton-variable",
+                        replace(variable, devices=("cpu",), dtypes=(torch.float32,), package="torch"))  # fmt: skip
+    monkeypatch.setattr(kernel, "variable_block_attention_op", _masked_stand_in)
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    blocks = random_blocks(1, 2, 64, 3, 4)
+    blocks = VariableBlocks(blocks.kept.cpu(), blocks.row_sizes.cpu(), blocks.col_sizes.cpu())
+    pattern = BlockSparsePattern(torch.ones(1, 2, 1, 1, dtype=torch.bool), 64, 64, variable=blocks)
+    assert sparse_backends.auto_choice(q, k, v, pattern) == "triton-variable"
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(lambda q, k, v: sparse_backends.block_sparse_attention(q, k, v, pattern), backend=counter,
+                             fullgraph=True)  # fmt: skip
+    out = compiled(q, k, v)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(out, float64_attention(q, k, v, blocks).float(), rtol=1e-4, atol=1e-4)

@@ -48,6 +48,7 @@ from methods.kernels.block_sparse import (
     masked_dense_attention,
     num_blocks,
 )
+from methods.kernels.variable_blocks_triton import variable_block_attention
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockSparsePattern], torch.Tensor]
 #: Seconds per call of a thunk (warm-up included by the timer); injectable for tests.
@@ -130,7 +131,7 @@ class Backend:
 
         The package comes first: a missing install is what a user must fix wherever they run.
         """
-        failure = None if self.package is None else import_failure(self.package)
+        failure = None if self.package is None else package_failure(self.package)
         reasons = [] if failure is None else [f"package {self.package!r} cannot be imported (pip install "
                                                 f"{self.distribution}): {failure}"]  # fmt: skip
         if device.type not in self.devices:
@@ -181,6 +182,13 @@ def import_failure(module: str) -> str | None:
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc)[:300]}"
     return None
+
+
+@torch.compiler.assume_constant_result
+def package_failure(module: str) -> str | None:
+    """:func:`import_failure`, read by a compiled graph as the constant it is (Dynamo cannot trace an import: the
+    check broke svg2's compiled forward into 13 graphs where ``auto`` asked whether triton-variable can run)."""
+    return import_failure(module)
 
 
 def get_backend(name: str) -> Backend:
