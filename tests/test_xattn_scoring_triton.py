@@ -53,7 +53,9 @@ def variant(request: pytest.FixtureRequest) -> str:
      (1, 2, 150, 24, 32, 8),  # head dim padded to 32 columns
      (1, 2, 130, 32, 32, 4),  # R = 8
      (1, 1, 300, 32, 128, 8),  # the paper's block and stride: R = 16, one block per tile
-     (1, 2, 50, 16, 4, 4)],  # block = stride: R = 1, one reduced row per block
+     (1, 2, 50, 16, 4, 4),  # block = stride: R = 1, one reduced row per block
+     (1, 2, 96, 32, 16, 8),  # N a multiple of S: the TMA variant reads through descriptors
+     (1, 2, 256, 24, 128, 8)],  # the same, head dim padded (the descriptor's zero fill)
 )  # fmt: skip
 def test_fused_matches_torch_in_float64(batch: int, heads: int, tokens: int, dim: int, block: int, stride: int,
                                         dtype: torch.dtype, variant: str) -> None:  # fmt: skip
@@ -142,12 +144,14 @@ def test_the_single_pass_kernel_is_the_default_variant(monkeypatch: pytest.Monke
 
 
 @needs_kernel
-@pytest.mark.parametrize("op", [fused.xattn_block_masses, fused.xattn_block_masses_single_pass])
-def test_op_passes_opcheck(op: torch.library.CustomOpDef) -> None:
+@pytest.mark.parametrize(("op", "options"), [(fused.xattn_block_masses, ()),
+                                             (fused.xattn_block_masses_single_pass, (False,)),
+                                             (fused.xattn_block_masses_single_pass, (True,))])  # fmt: skip
+def test_op_passes_opcheck(op: torch.library.CustomOpDef, options: tuple[bool, ...]) -> None:
     """The op's schema (the masses alias no input), fake output (shape, dtype, strides) and AOT dispatch agree with
     the kernel, for (B, N, H, D) projections seen as (B, H, N, D)."""
     q, k = (torch.randn(1, 40, 2, 16, device=DEVICE).to(torch.float16).transpose(1, 2) for _ in range(2))
-    torch.library.opcheck(op, (q, k, 16, 4))
+    torch.library.opcheck(op, (q, k, 16, 4, *options))
 
 
 @needs_kernel
@@ -176,7 +180,8 @@ def test_unsupported_calls_take_the_torch_path() -> None:
     ("variable", "value", "message"),
     [("BENCH_XATTN_BACKEND", "triton", "BENCH_XATTN_BACKEND=triton but the fused xattn scoring cannot run"),
      ("BENCH_XATTN_BACKEND", "cuda", "BENCH_XATTN_BACKEND must be one of auto, torch, triton"),
-     ("BENCH_XATTN_VARIANT", "one_pass", "BENCH_XATTN_VARIANT must be one of two_pass, single_pass, got 'one_pass'")],
+     ("BENCH_XATTN_VARIANT", "one_pass",
+      "BENCH_XATTN_VARIANT must be one of two_pass, single_pass, single_pass_tma, got 'one_pass'")],
 )  # fmt: skip
 def test_backend_variable_errors_are_specific(monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
                                               message: str) -> None:  # fmt: skip
@@ -212,8 +217,9 @@ def test_selection_script_checks_every_configuration_then_times_every_path(monke
     grid = TokenGrid(2, 8, 8)
     q, k, v = (torch.randn(1, 2, grid.tokens, 32, device=DEVICE).to(torch.float16) for _ in range(3))
     row = script.selection_timings(q, k, v, sparse_context(grid), dense_ms=1.0, config_check=configs)
-    assert row["passed"] and set(row["paths"]) == set(script.PATHS) == {"torch", "triton", "triton_single_pass"}
-    for path in ("triton", "triton_single_pass"):
+    assert row["passed"] and set(row["paths"]) == set(script.PATHS) == {"torch", "triton", "triton_single_pass",
+                                                                         "triton_single_pass_tma"}  # fmt: skip
+    for path in ("triton", "triton_single_pass", "triton_single_pass_tma"):
         assert row["check"][path]["passed"] and row["check"][path]["selection_agreement"] == 1.0
     for timing in row["paths"].values():
         assert timing["selection_fraction"] == timing["selection"]["median_ms"] > 0

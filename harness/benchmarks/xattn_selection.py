@@ -32,7 +32,8 @@ from methods.xattn import XAttention, antidiagonal_block_scores, antidiagonal_bl
 
 #: Timed path -> (``$BENCH_XATTN_BACKEND``, ``$BENCH_XATTN_VARIANT``; None: the torch path has no variant).
 PATHS: dict[str, tuple[str, str | None]] = {"torch": ("torch", None), "triton": ("triton", "two_pass"),
-                                            "triton_single_pass": ("triton", "single_pass")}  # fmt: skip
+                                            "triton_single_pass": ("triton", "single_pass"),
+                                            "triton_single_pass_tma": ("triton", "single_pass_tma")}  # fmt: skip
 #: (batch, heads, tokens, head_dim, block, stride) of the per-configuration check: Wan's heads and blocks,
 #: 4,000 tokens (a ragged last block and last tile).
 CONFIG_CHECK_SHAPE = {"cuda": (1, 12, 4000, 128, 128, 8), "cpu": (1, 2, 300, 32, 128, 8)}

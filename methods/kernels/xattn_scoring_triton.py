@@ -76,7 +76,7 @@ BACKEND_ENV = "BENCH_XATTN_BACKEND"
 # <= 9.3e-8; scoring 5.24 ms against torch's 10.15 ms at Wan 1.3B: reports/gpu/h200/README.md, run_25aee45).
 DEFAULT_BACKEND = "auto"
 VARIANT_ENV = "BENCH_XATTN_VARIANT"
-VARIANTS: tuple[str, ...] = ("two_pass", "single_pass")
+VARIANTS: tuple[str, ...] = ("two_pass", "single_pass", "single_pass_tma")
 # single_pass since it passed sparse_gpu's check on an H200 (every configuration, fp16 and bf16, relative error
 # <= 8.0e-8, the same blocks kept as float64's) and scored in 1.41 ms against the two-pass kernel's 25.34 ms in the
 # same run at Wan 1.3B (reports/gpu/h200/README.md, run_65b3f07).
@@ -137,30 +137,51 @@ def _jit(fn: Any) -> Any:
 
 
 @_jit
-def _scores(q_base, k_base, rows, keys, cols, inside, N, sqn, skn, S: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr):  # fmt: skip
-    """``(BLOCK_M, BLOCK_N)`` fp32 unscaled scores of reduced query rows ``rows`` against reduced keys ``keys``:
+def _scores(q_base, k_base, rows, start, cols, inside, N, sqn, skn, S: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """``(BLOCK_M, BLOCK_N)`` fp32 unscaled scores of reduced query rows ``rows`` (from ``program_id(0) BLOCK_M``)
+    against reduced keys ``keys = start + [0, BLOCK_N)``:
     ``sum_m Q_m K_m^T`` with Q_m the tokens ``S rows + S - 1 - m`` and K_m the tokens ``S keys + m`` (zeros past
-    N, as the torch path's padding; K_m^T loaded transposed by the addresses)."""
+    N, as the torch path's padding). Pointer loads (K_m^T transposed by the addresses), or with TMA q_base and
+    k_base are tensor descriptors over ``(N / S, S, D)`` views (:func:`_descriptors`) whose ``[i, m]`` rows are
+    those tokens, loaded by the copy engine (zeros past the view), K_m transposed for the product."""
+    keys = start + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m in range(S):  # the product's K loop (S slices of D): a loop the pipeliner buffers num_stages deep
-        q_tokens = rows * S + (S - 1 - m)
-        k_tokens = keys * S + m
-        q_tile = tl.load(q_base + q_tokens.to(tl.int64)[:, None] * sqn + cols[None, :],
-                         mask=(q_tokens < N)[:, None] & inside[None, :], other=0.0)  # fmt: skip
-        k_tile = tl.load(k_base + k_tokens.to(tl.int64)[None, :] * skn + cols[:, None],
-                         mask=inside[:, None] & (k_tokens < N)[None, :], other=0.0)  # fmt: skip
-        acc = tl.dot(q_tile, k_tile, acc)
+        if TMA:
+            q_tile = tl.reshape(q_base.load([tl.program_id(0) * BLOCK_M, S - 1 - m, 0]), (BLOCK_M, BLOCK_D))
+            k_rows = tl.reshape(k_base.load([start, m, 0]), (BLOCK_N, BLOCK_D))
+            acc = tl.dot(q_tile, tl.trans(k_rows), acc)
+        else:
+            q_tokens = rows * S + (S - 1 - m)
+            k_tokens = keys * S + m
+            q_tile = tl.load(q_base + q_tokens.to(tl.int64)[:, None] * sqn + cols[None, :],
+                             mask=(q_tokens < N)[:, None] & inside[None, :], other=0.0)  # fmt: skip
+            k_tile = tl.load(k_base + k_tokens.to(tl.int64)[None, :] * skn + cols[:, None],
+                             mask=inside[:, None] & (k_tokens < N)[None, :], other=0.0)  # fmt: skip
+            acc = tl.dot(q_tile, k_tile, acc)
     return acc
 
 
 @_jit
-def _tile_scores(q_base, k_base, rows, keys, cols, inside, N, reduced_keys, scale, sqn, skn, S: tl.constexpr,
+def _descriptors(q_base, k_base, N, sqn, skn, S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """The tile's scores in base-2 units (``scale`` is ``log2(e) / (sqrt(D) S)``), ``-inf`` at keys past the
-    reduced keys ``S j < N`` so that they take no mass."""
-    s = _scores(q_base, k_base, rows, keys, cols, inside, N, sqn, skn, S, BLOCK_M, BLOCK_N) * scale
-    return tl.where((keys < reduced_keys)[None, :], s, float("-inf"))
+    """Tensor descriptors of one head's q and k as ``(N / S, S, D)`` (N a multiple of S): row i, slice m is token
+    ``S i + m``; blocks of ``(BLOCK_M or BLOCK_N, 1, BLOCK_D)``."""
+    q_desc = tl.make_tensor_descriptor(q_base, shape=[N // S, S, D], strides=[S * sqn, sqn, 1],
+                                       block_shape=[BLOCK_M, 1, BLOCK_D])  # fmt: skip
+    k_desc = tl.make_tensor_descriptor(k_base, shape=[N // S, S, D], strides=[S * skn, skn, 1],
+                                       block_shape=[BLOCK_N, 1, BLOCK_D])  # fmt: skip
+    return q_desc, k_desc
+
+
+@_jit
+def _tile_scores(q_base, k_base, rows, start, cols, inside, N, reduced_keys, scale, sqn, skn, S: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """The scores of the tile of keys from ``start`` in base-2 units (``scale`` is ``log2(e) / (sqrt(D) S)``),
+    ``-inf`` at keys past the reduced keys ``S j < N`` so that they take no mass."""
+    s = _scores(q_base, k_base, rows, start, cols, inside, N, sqn, skn, S, BLOCK_M, BLOCK_N, TMA, BLOCK_D) * scale
+    return tl.where((start + tl.arange(0, BLOCK_N) < reduced_keys)[None, :], s, float("-inf"))
 
 
 @_jit
@@ -179,7 +200,7 @@ def _head_bases(q_ptr, k_ptr, bh, H, sqb, sqh, skb, skh):
 @_jit
 def _online_pass(q_base, k_base, rows, cols, inside, N, scale, sqn, skn, partial_ptr, max_ptr, NB, ROWS,
                  S: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PARTIALS: tl.constexpr):  # fmt: skip
+                 PARTIALS: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """One pass over the reduced keys in tiles of BLOCK_N: each row's max and sum of ``exp2(s - max)`` (online,
     fp32), returned. With PARTIALS, also each tile's per (row, key block) sums against the row's running max and
     that max, stored at ``partial_ptr`` and ``max_ptr`` (``(NB, ROWS)``, key-block major; rows past ROWS and key
@@ -188,9 +209,8 @@ def _online_pass(q_base, k_base, rows, cols, inside, N, scale, sqn, skn, partial
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, reduced_keys, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        s = _tile_scores(q_base, k_base, rows, keys, cols, inside, N, reduced_keys, scale, sqn, skn, S, BLOCK_M,
-                         BLOCK_N)  # fmt: skip
+        s = _tile_scores(q_base, k_base, rows, start, cols, inside, N, reduced_keys, scale, sqn, skn, S, BLOCK_M,
+                         BLOCK_N, TMA, BLOCK_D)  # fmt: skip
         new_max = tl.maximum(row_max, tl.max(s, axis=1))  # finite: the first tile holds key 0
         p = tl.exp2(s - new_max[:, None])
         row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(p, axis=1)
@@ -216,15 +236,14 @@ def _block_masses(q_ptr, k_ptr, out_ptr, H, N, NB, scale, sqb, sqh, sqn, skb, sk
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
     row_max, row_sum = _online_pass(q_base, k_base, rows, cols, inside, N, scale, sqn, skn, out_ptr, out_ptr, NB, 0,
-                                    S, R, BLOCK_M, BLOCK_N, PARTIALS=False)  # fmt: skip
+                                    S, R, BLOCK_M, BLOCK_N, PARTIALS=False, TMA=False, BLOCK_D=BLOCK_D)  # fmt: skip
     weight = tl.where(rows * S < N, 1.0 / row_sum, 0.0)  # padded query rows contribute 0
     reduced_keys = tl.cdiv(N, S)
     query_blocks = tile * (BLOCK_M // R) + tl.arange(0, BLOCK_M // R)
     out_base = out_ptr + bh.to(tl.int64) * NB * NB
     for start in range(0, reduced_keys, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        s = _tile_scores(q_base, k_base, rows, keys, cols, inside, N, reduced_keys, scale, sqn, skn, S, BLOCK_M,
-                         BLOCK_N)  # fmt: skip
+        s = _tile_scores(q_base, k_base, rows, start, cols, inside, N, reduced_keys, scale, sqn, skn, S, BLOCK_M,
+                         BLOCK_N, False, BLOCK_D)  # fmt: skip
         p = tl.exp2(s - row_max[:, None]) * weight[:, None]
         mass = tl.sum(tl.reshape(_per_key_block(p, R, BLOCK_M, BLOCK_N), (BLOCK_M // R, R, BLOCK_N // R)), axis=1)
         key_blocks = start // R + tl.arange(0, BLOCK_N // R)
@@ -232,24 +251,33 @@ def _block_masses(q_ptr, k_ptr, out_ptr, H, N, NB, scale, sqb, sqh, sqn, skb, sk
                  mask=(query_blocks < NB)[:, None] & (key_blocks < NB)[None, :])  # fmt: skip
 
 
-@_kernel
-def _block_partials(q_ptr, k_ptr, partial_ptr, max_ptr, final_max_ptr, weight_ptr, H, N, NB, ROWS, scale, sqb, sqh,
-                    sqn, skb, skh, skn, D: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _partials_program(q_ptr, k_ptr, partial_ptr, max_ptr, final_max_ptr, weight_ptr, H, N, NB, ROWS, scale, sqb,
+                      sqh, sqn, skb, skh, skn, D: tl.constexpr, S: tl.constexpr, R: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      TMA: tl.constexpr):  # fmt: skip
     """Single-pass program (query tile, b * H + h), one pass over the reduced keys: per (row, key block) the
     partial sum against the row's running max and that max, into ``partial`` and ``max`` ``(B * H, NB, ROWS)``
     fp32 (``ROWS = NB R``, key-block major); then each row's final max and weight (``1 / row sum``, 0 past N)
-    into ``final_max`` and ``weight`` ``(B * H, ROWS)``."""
+    into ``final_max`` and ``weight`` ``(B * H, ROWS)``. With TMA (N a multiple of S) q and k are read through
+    tensor descriptors (:func:`_descriptors`)."""
     tile, bh = tl.program_id(0), tl.program_id(1)
     q_base, k_base = _head_bases(q_ptr, k_ptr, bh, H, sqb, sqh, skb, skh)
+    if TMA:
+        q_base, k_base = _descriptors(q_base, k_base, N, sqn, skn, S, D, BLOCK_D, BLOCK_M, BLOCK_N)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     head = bh.to(tl.int64) * NB * ROWS
     row_max, row_sum = _online_pass(q_base, k_base, rows, cols, cols < D, N, scale, sqn, skn, partial_ptr + head,
-                                    max_ptr + head, NB, ROWS, S, R, BLOCK_M, BLOCK_N, PARTIALS=True)  # fmt: skip
+                                    max_ptr + head, NB, ROWS, S, R, BLOCK_M, BLOCK_N, PARTIALS=True, TMA=TMA,
+                                    BLOCK_D=BLOCK_D)  # fmt: skip
     row_offsets = bh.to(tl.int64) * ROWS + rows
     tl.store(final_max_ptr + row_offsets, row_max, mask=rows < ROWS)
     tl.store(weight_ptr + row_offsets, tl.where(rows * S < N, 1.0 / row_sum, 0.0), mask=rows < ROWS)
+
+
+# Two autotuners over one program: the pointer loads and the TMA ones are timed and pinned apart.
+_block_partials = _kernel(_partials_program)
+_block_partials_tma = _kernel(_partials_program)
 
 
 @_jit
@@ -329,7 +357,12 @@ def fused_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int
 def fused_block_masses_single_pass(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
     """The single-pass variant's masses (see :func:`block_masses`), in two launches through the op
     :func:`xattn_block_masses_single_pass`."""
-    return xattn_block_masses_single_pass(q, k, block, stride)
+    return xattn_block_masses_single_pass(q, k, block, stride, False)
+
+
+def fused_block_masses_single_pass_tma(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+    """:func:`fused_block_masses_single_pass` with q and k read through tensor descriptors where they can be."""
+    return xattn_block_masses_single_pass(q, k, block, stride, True)
 
 
 def _launch_shape(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> tuple[Any, ...]:
@@ -364,18 +397,38 @@ def xattn_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int
     return masses
 
 
+def _tma_ready(x: torch.Tensor, stride: int) -> bool:
+    """Whether the copy engine can read ``x (B, H, N, D)`` as per-head ``(N / S, S, D)`` views: N a multiple of
+    the stride S, and the start and every stride but the last (contiguous) one a multiple of 16 bytes."""
+    size = x.element_size()
+    return x.shape[2] % stride == 0 and x.data_ptr() % 16 == 0 and all(x.stride(i) * size % 16 == 0 for i in range(3))
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global memory Triton asks for the tensor descriptors a kernel makes on the device (``triton.set_allocator``),
+    on the current device (the op's inputs' one, :func:`~methods.kernels.on_input_device`)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
 @kernel_op("xattn_block_masses_single_pass")
-def xattn_block_masses_single_pass(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+def xattn_block_masses_single_pass(q: torch.Tensor, k: torch.Tensor, block: int, stride: int,
+                                   tma: bool) -> torch.Tensor:  # fmt: skip
     """The single-pass kernels' two launches as one op, with :func:`xattn_block_masses`'s contract (same masses
-    up to fp32 rounding, same shape, dtype, strides; inference only). The partials live only inside the op."""
+    up to fp32 rounding, same shape, dtype, strides; inference only). The partials live only inside the op. With
+    ``tma`` the scoring reads q and k through tensor descriptors (the copy engine on Hopper) where
+    :func:`_tma_ready` holds for both, else by pointers."""
     q, k, masses, (heads, tokens, blocks), scale, strides, constexprs = _launch_shape(q, k, block, stride)
     batch_heads, rows = masses.shape[0] * masses.shape[1], constexprs["R"]
     partials, maxima = (torch.empty(batch_heads, blocks, blocks * rows, device=q.device, dtype=torch.float32)
                         for _ in range(2))  # fmt: skip
     final_max, weight = (torch.empty(batch_heads, blocks * rows, device=q.device, dtype=torch.float32)
                          for _ in range(2))  # fmt: skip
-    _block_partials[_query_tiles(masses, rows)](q, k, partials, maxima, final_max, weight, heads, tokens, blocks,
-                                                blocks * rows, scale, *strides, **constexprs)  # fmt: skip
+    with_tma = tma and _tma_ready(q, stride) and _tma_ready(k, stride)
+    if with_tma and not INTERPRETED:
+        triton.set_allocator(_scratch)
+    tuner = _block_partials_tma if with_tma else _block_partials
+    tuner[_query_tiles(masses, rows)](q, k, partials, maxima, final_max, weight, heads, tokens, blocks, blocks * rows,
+                                      scale, *strides, **constexprs, TMA=with_tma)  # fmt: skip
     key_blocks = max(1, COMBINE_TILE // rows)
     _combine_partials[(blocks, triton.cdiv(blocks, key_blocks), batch_heads)](
         partials, maxima, final_max, weight, masses, blocks, blocks * rows, R=rows, BLOCK_K=key_blocks
@@ -383,7 +436,7 @@ def xattn_block_masses_single_pass(q: torch.Tensor, k: torch.Tensor, block: int,
     return masses
 
 
-def _fake_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
+def _fake_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int, *tma: bool) -> torch.Tensor:
     """Both ops' fake output: the masses' shape and dtype, without running anything."""
     batch, heads, tokens, _ = q.shape
     blocks = num_blocks(tokens, block)
@@ -392,6 +445,7 @@ def _fake_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> t
 
 xattn_block_masses.register_fake(_fake_masses)
 xattn_block_masses_single_pass.register_fake(_fake_masses)
-VARIANT_FUNCTIONS = {"two_pass": fused_block_masses, "single_pass": fused_block_masses_single_pass}
+VARIANT_FUNCTIONS = {"two_pass": fused_block_masses, "single_pass": fused_block_masses_single_pass,
+                     "single_pass_tma": fused_block_masses_single_pass_tma}  # fmt: skip
 #: Each variant's autotuned kernel (the one whose configurations the GPU check pins in turn).
-TUNERS = {"two_pass": _block_masses, "single_pass": _block_partials}
+TUNERS = {"two_pass": _block_masses, "single_pass": _block_partials, "single_pass_tma": _block_partials_tma}
