@@ -53,7 +53,7 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, block: int, stri
     ``block / stride`` (fewer in a ragged last block). On CUDA (fp16/bf16) the fused Triton kernel
     (:mod:`methods.kernels.xattn_scoring_triton`, no score matrix in memory) computes them unless ``backend``
     (default ``$BENCH_XATTN_BACKEND``) is ``torch``, in its two-pass or single-pass ``variant`` (default
-    ``$BENCH_XATTN_VARIANT``, else single-pass); elsewhere :func:`antidiagonal_block_scores_torch`.
+    ``$BENCH_XATTN_VARIANT``, else single_pass_tma); elsewhere :func:`antidiagonal_block_scores_torch`.
     Raises HarnessError for an unknown backend or variant (on every path), or ``triton`` where the kernel cannot run.
     """
     variant = chosen_variant(variant)

@@ -127,12 +127,12 @@ def test_dispatch_runs_the_kernel_where_it_can() -> None:
 
 
 @needs_kernel
-def test_the_single_pass_kernel_is_the_default_variant(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without $BENCH_XATTN_VARIANT the single-pass kernel scores (the default since its GPU check passed); with it
-    set to two_pass, the two-pass op does."""
+def test_the_tma_single_pass_kernel_is_the_default_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without $BENCH_XATTN_VARIANT the single-pass kernel reading through descriptors scores (the default since it
+    was the fastest that passed the GPU check); with it set to two_pass, the two-pass op does."""
     q, k = (torch.randn(1, 2, 70, 16, device=DEVICE).to(torch.float16) for _ in range(2))
     monkeypatch.delenv(fused.VARIANT_ENV, raising=False)
-    assert fused.chosen_variant() == "single_pass"
+    assert fused.chosen_variant() == "single_pass_tma"
     calls: list[str] = []
     for name, launch in list(fused.VARIANT_FUNCTIONS.items()):
         monkeypatch.setitem(fused.VARIANT_FUNCTIONS, name,
@@ -140,7 +140,7 @@ def test_the_single_pass_kernel_is_the_default_variant(monkeypatch: pytest.Monke
     antidiagonal_block_scores(q, k, 16, 4)
     monkeypatch.setenv(fused.VARIANT_ENV, "two_pass")
     antidiagonal_block_scores(q, k, 16, 4)
-    assert calls == ["single_pass", "two_pass"]
+    assert calls == ["single_pass_tma", "two_pass"]
 
 
 @needs_kernel

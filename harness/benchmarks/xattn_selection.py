@@ -1,8 +1,9 @@
 """XAttention's block selection on the GPU: the fused Triton scoring checked, then timed against the torch path.
 
 Used by :mod:`harness.benchmarks.sparse_gpu` (on CUDA, when xattn is among its methods), per model shape, for
-the paths of :data:`PATHS`: torch, and the kernel's two variants (``triton`` the two-pass kernel, the name of
-earlier runs' JSON; ``triton_single_pass`` the single-pass one):
+the paths of :data:`PATHS`: torch, and the kernel's variants (``triton`` the two-pass kernel, the name of
+earlier runs' JSON; ``triton_single_pass`` the single-pass one, ``triton_single_pass_tma`` the same reading through
+tensor descriptors):
 
 1. :func:`check_configs`: per kernel variant, every configuration of its autotuner list, pinned in turn,
    against the torch path in float64 (fresh random q, k at :data:`CONFIG_CHECK_SHAPE`, ragged, fp16 and bf16); a

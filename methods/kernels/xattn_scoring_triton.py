@@ -17,7 +17,9 @@ blocks, batch x head), two passes over the reduced keys in tiles of BLOCK_N (= B
    query block over its R rows: a ``(BLOCK_M / R, BLOCK_N / R)`` tile of masses, stored; no atomics, so the
    result is the same on every run.
 
-``single_pass``: each score tile computed once, in two launches.
+``single_pass``: each score tile computed once, in two launches; ``single_pass_tma`` the same with q and k read
+through tensor descriptors (per head ``(N / S, S, D)`` views, copied by Hopper's tensor memory accelerator) where N
+is a multiple of S and the strides allow it (:func:`_tma_ready`), by pointers elsewhere. The default.
 
 1. :func:`_block_partials`, the same programs and tiles as pass 1: per tile the running row max ``m_i`` and
    sum, and per (reduced row i, key block kb of the tile) the partial ``P_i,kb = sum_{j in kb} exp2(s_ij -
@@ -77,15 +79,16 @@ BACKEND_ENV = "BENCH_XATTN_BACKEND"
 DEFAULT_BACKEND = "auto"
 VARIANT_ENV = "BENCH_XATTN_VARIANT"
 VARIANTS: tuple[str, ...] = ("two_pass", "single_pass", "single_pass_tma")
-# single_pass since it passed sparse_gpu's check on an H200 (every configuration, fp16 and bf16, relative error
-# <= 8.0e-8, the same blocks kept as float64's) and scored in 1.41 ms against the two-pass kernel's 25.34 ms in the
-# same run at Wan 1.3B (reports/gpu/h200/README.md, run_65b3f07).
-DEFAULT_VARIANT = "single_pass"
+# single_pass_tma since it passed sparse_gpu's check on an H200 (every configuration, fp16 and bf16, relative error
+# <= 1e-7, the same blocks kept as float64's) and scored in 0.991 ms against the pointer loads' 1.154 ms at Wan 1.3B,
+# 16.1 against 18.7 ms at 14B, in the same run (reports/gpu/h200/run_81d2574/xattn/); where N is not a multiple of
+# the stride it reads by pointers, as single_pass does.
+DEFAULT_VARIANT = "single_pass_tma"
 kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
 kernel_choice(VARIANT_ENV, DEFAULT_VARIANT, VARIANTS)
 BACKEND_NOTE = (f"xattn scoring: the fused Triton kernel on CUDA (fp16/bf16) where it can run; {BACKEND_ENV}=torch "
-                f"forces the torch path; {VARIANT_ENV}=two_pass|single_pass picks the kernel (default "
-                f"{DEFAULT_VARIANT}, which scores each tile once)")  # fmt: skip
+                f"forces the torch path; {VARIANT_ENV}={'|'.join(VARIANTS)} picks the kernel (default "
+                f"{DEFAULT_VARIANT}: each tile scored once, q and k read by the copy engine)")  # fmt: skip
 MAX_HEAD_DIM = 128
 # Relative error (norm) of the kernel's masses against the torch path on the same fp16/bf16 values in float64:
 # products of 8- or 11-bit mantissas are exact in fp32, the sums over S D terms and over the reduced keys are
