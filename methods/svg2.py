@@ -20,10 +20,12 @@ layers); the paper's own table used 100/500 clusters, 30% warm-up and does not s
 shorter than ``MIN_TOKENS_PER_CLUSTER`` x clusters use fewer clusters (the toy: 64 of each for 512
 tokens); the counts used are recorded.
 
-Speed: the exact output runs on FlexAttention through a token-level mask over the permuted order,
-but every 128 x 128 tile straddling a cluster boundary is computed whole and then masked. SVG2's
-own kernel (FlashInfer variable-size blocks) skips that waste, about 1.5-1.9x less work at equal
-density, so Flex timings of svg2 understate the method's speed.
+Speed: the plan carries the clusters as variable-size blocks, which ``auto`` runs on CUDA (no gradients) on
+``triton-variable`` (:mod:`methods.kernels.variable_blocks_triton`: per query cluster only its kept key tokens, as
+SVG2's own patched FlashInfer kernel does; 2.1-2.7x the density-scaled cuDNN time on an H200, where the paper
+puts its kernel above 85% of the density-scaled FA3 speed), or on FlashInfer's upstream variable-block wrapper when
+named. On Flex the exact output runs through a token-level mask over the permuted order, but every 128 x 128 tile
+straddling a cluster boundary is computed whole and then masked, about 1.5-1.9x more work at equal density.
 """
 
 from __future__ import annotations
@@ -175,8 +177,8 @@ class SparseVideoGen2(BlockSparseMethod):
         sparsity="dynamic",
         data_dependent=True,
         fixed_density=True,
-        notes="SVG2: k-means 300/1000, top-p 0.9, min 10% key clusters, 20% warm-up; Flex gives the exact output "
-        "but not SVG2's speed (variable-size blocks are computed as whole 128-tiles); " + BACKEND_NOTE,
+        notes="SVG2: k-means 300/1000, top-p 0.9, min 10% key clusters, 20% warm-up; its clusters run as variable-size "
+        "blocks on triton-variable on CUDA (Flex computes them as whole 128-tiles); " + BACKEND_NOTE,
     )
     pattern_kinds = frozenset({"variable"})  # the clusters
     parameters = (

@@ -247,11 +247,11 @@ def test_bad_settings_are_refused(name: str, params: dict[str, Any], message: st
 
 
 def test_bench_methods_marks_data_dependence_and_svg2_speed(bench) -> None:  # type: ignore[no-untyped-def]
-    """`bench methods --json` lists the four methods; svg2's note says Flex cannot give its speed."""
+    """`bench methods --json` lists the four methods; svg2's note says where its clusters run as variable blocks."""
     import json
 
     rows = {row["name"]: row for row in json.loads(bench("methods", "--json").stdout)}
     assert {name: rows[name]["data_dependent"] for name in METHODS} == {
         "xattn": True, "svg": True, "svg2": True, "radial": False,
     }  # fmt: skip
-    assert "not SVG2's speed" in rows["svg2"]["notes"]
+    assert "variable-size blocks on triton-variable" in rows["svg2"]["notes"]
