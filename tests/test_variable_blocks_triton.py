@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,30 @@ def test_auto_on_variable_blocks_compiles_in_one_graph(monkeypatch: pytest.Monke
     out = compiled(q, k, v)
     assert counter.frame_count == 1
     torch.testing.assert_close(out, float64_attention(q, k, v, blocks).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_gpu_script_reads_configurations_and_refuses_malformed_ones() -> None:
+    from harness.benchmarks.variable_blocks_gpu import parse_configs
+    from harness.errors import HarnessError
+
+    assert parse_configs("64x32x4x3,64x64x4x3r") == [kernel.Config(64, 32, 4, 3), kernel.Config(64, 64, 4, 3, True)]
+    assert kernel.Config(64, 64, 4, 3, True).name == "64x64x4x3r"
+    with pytest.raises(HarnessError, match="'64x64x4' is not BLOCK_MxBLOCK_NxWARPSxSTAGES"):
+        parse_configs("64x64x4")
+
+
+@needs_kernel
+def test_the_gpu_script_checks_then_times_every_configuration(tmp_path: Path) -> None:
+    """The GPU script at wan-tiny's shape on the interpreter (CUDA: the real one): each configuration is checked
+    against masked dense, then timed against its ideal; the JSON is written."""
+    import json
+
+    from harness.benchmarks import variable_blocks_gpu as script
+
+    device = "cuda" if ON_CUDA else "cpu"
+    script.main(["--out", str(tmp_path), "--device", device, "--models", "wan-tiny", "--densities", "0.3",
+                 "--configs", "16x16x4x1,16x16x4x1r"])  # fmt: skip
+    record = json.loads((tmp_path / "variable_blocks.json").read_text())
+    (point,) = record["models"]["wan-tiny"]["points"]
+    for name in ("triton-variable 16x16x4x1", "triton-variable 16x16x4x1r"):
+        assert point["results"][name]["passed"] and point["results"][name]["ms"] > 0
