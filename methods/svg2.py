@@ -22,7 +22,7 @@ tokens); the counts used are recorded.
 
 Speed: the plan carries the clusters as variable-size blocks, which ``auto`` runs on CUDA (no gradients) on
 ``triton-variable`` (:mod:`methods.kernels.variable_blocks_triton`: per query cluster only its kept key tokens, as
-SVG2's own patched FlashInfer kernel does; 2.1-2.7x the density-scaled cuDNN time on an H200, where the paper
+SVG2's own patched FlashInfer kernel does; 2.1-3.4x the density-scaled cuDNN time on an H200, where the paper
 puts its kernel above 85% of the density-scaled FA3 speed), or on FlashInfer's upstream variable-block wrapper when
 named. On Flex the exact output runs through a token-level mask over the permuted order, but every 128 x 128 tile
 straddling a cluster boundary is computed whole and then masked, about 1.5-1.9x more work at equal density.
