@@ -236,7 +236,8 @@ def test_the_backend_help_says_what_auto_runs_and_what_each_backend_needs() -> N
     )
     assert BACKEND.help.endswith("or one of masked, flex, flex-tuned, flashinfer (cuda; float16/bfloat16; pip "
                                  "install flashinfer-python), flashinfer-bsr (cuda; float16/bfloat16; pip install "
-                                 "flashinfer-python), triton-variable (cuda; float16/bfloat16; pip install triton)")  # fmt: skip
+                                 "flashinfer-python), triton-variable (cuda; float16/bfloat16; pip install "
+                                 "triton)")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["auto", "measure", "masked", "flex", "flex-tuned"])

@@ -4,7 +4,8 @@ its place among the block-sparse backends.
 The kernel tests need Triton and either CUDA or the Triton interpreter on CPU tensors; elsewhere (CI) they skip.
 On a CPU machine, with Triton (and numpy < 2.4) installed outside the project's environment::
 
-    TRITON_INTERPRET=1 PYTHONPATH=.:<numpy < 2.4 site>:<triton site> python -m pytest tests/test_variable_blocks_triton.py
+    TRITON_INTERPRET=1 PYTHONPATH=.:<numpy < 2.4 site>:<triton site> python -m pytest \
+        tests/test_variable_blocks_triton.py
 
 The interpreter multiplies bf16 operands as raw integers, so there the kernel is checked in fp16; on CUDA in fp16
 and bf16.
@@ -21,6 +22,7 @@ import torch
 from triton_helpers import DEVICE, ON_CUDA
 from triton_helpers import needs_kernel as triton_needs_kernel
 
+from harness.errors import HarnessError
 from methods.kernels import variable_blocks_triton as kernel
 from methods.kernels.block_sparse import BlockSparsePattern, VariableBlocks
 from methods.kernels.sparse_backends import get_backend
@@ -130,14 +132,33 @@ def test_backend_takes_variable_blocks_only() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_key_tiles_loaded_as_rows_give_the_same_output(dtype: torch.dtype) -> None:
-    """The ``k_rows`` configurations (key tiles loaded as rows and transposed) compute the same attention."""
+@pytest.mark.parametrize("k_rows", [False, True])
+def test_both_key_tile_loads_match_float64(dtype: torch.dtype, k_rows: bool) -> None:
+    """Key tiles loaded as rows and transposed (``k_rows``), or transposed by their addresses: the same attention."""
     torch.manual_seed(4)
     q, k, v = inputs((1, 2, 120, 32), dtype)
     blocks = random_blocks(1, 2, 120, 4, 12)
     base = kernel.INTERPRETER_CONFIG if kernel.INTERPRETED else kernel.DEFAULT_CONFIG
-    rows = kernel.variable_block_attention(q, k, v, blocks, base._replace(k_rows=True))
-    assert relative(rows, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
+    out = kernel.variable_block_attention(q, k, v, blocks, base._replace(k_rows=k_rows))
+    assert relative(out, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
+
+
+@needs_kernel
+def test_op_passes_opcheck() -> None:
+    """The op's schema (the output aliases no input), fake output and AOT dispatch agree with the kernel."""
+    torch.manual_seed(6)
+    q, k, v = inputs((1, 2, 64, 16), torch.float16)
+    blocks = random_blocks(1, 2, 64, 3, 5)
+    config = kernel.INTERPRETER_CONFIG if kernel.INTERPRETED else kernel.DEFAULT_CONFIG
+    torch.library.opcheck(kernel.variable_block_attention_op,
+                          (q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, *config))  # fmt: skip
+
+
+def test_a_head_dim_over_128_is_refused_with_its_reason() -> None:
+    q = torch.randn(1, 1, 8, 160, dtype=torch.float16)
+    blocks = VariableBlocks(torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.tensor([[[8]]]), torch.tensor([[[8]]]))
+    with pytest.raises(HarnessError, match="triton-variable takes head_dim <= 128, got 160"):
+        kernel.variable_block_attention(q, q, q, blocks)
 
 
 @torch.library.custom_op("bench_test::variable_blocks_masked", mutates_args=())
@@ -184,7 +205,6 @@ def test_auto_on_variable_blocks_compiles_in_one_graph(monkeypatch: pytest.Monke
 
 def test_the_gpu_script_reads_configurations_and_refuses_malformed_ones() -> None:
     from harness.benchmarks.variable_blocks_gpu import parse_configs
-    from harness.errors import HarnessError
 
     assert parse_configs("64x32x4x3,64x64x4x3r") == [kernel.Config(64, 32, 4, 3), kernel.Config(64, 64, 4, 3, True)]
     assert kernel.Config(64, 64, 4, 3, True).name == "64x64x4x3r"

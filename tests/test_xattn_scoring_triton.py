@@ -224,3 +224,24 @@ def test_selection_script_checks_every_configuration_then_times_every_path(monke
     for timing in row["paths"].values():
         assert timing["selection_fraction"] == timing["selection"]["median_ms"] > 0
     assert len(script.table_lines("toy", row)) == len(script.PATHS)
+
+
+@pytest.mark.parametrize(("shape", "dtype", "view", "ready"), [
+    ((1, 2, 96, 32), torch.float16, "bhnd", True),
+    ((1, 2, 96, 32), torch.float16, "bnhd", True),  # projections seen as (B, H, N, D): token stride H x D
+    ((1, 2, 100, 32), torch.float16, "bhnd", False),  # N not a multiple of the stride
+    ((1, 2, 96, 12), torch.float16, "bhnd", False),  # 24-byte token rows: not a multiple of 16 bytes
+    ((1, 2, 96, 32), torch.float16, "offset", False),  # a view starting 2 bytes in
+])  # fmt: skip
+def test_the_descriptor_variant_reads_through_descriptors_only_where_the_layout_allows(
+    shape: tuple[int, ...], dtype: torch.dtype, view: str, ready: bool
+) -> None:
+    """Tensor descriptors need N a multiple of S and 16-byte aligned starts and strides; elsewhere pointer loads."""
+    batch, heads, tokens, dim = shape
+    if view == "bnhd":
+        x = torch.randn(batch, tokens, heads, dim).to(dtype).transpose(1, 2)
+    elif view == "offset":
+        x = torch.randn(batch * heads * tokens * dim + 1).to(dtype)[1:].view(batch, heads, tokens, dim)
+    else:
+        x = torch.randn(*shape).to(dtype)
+    assert fused._tma_ready(x, 8) is ready

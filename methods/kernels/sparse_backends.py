@@ -484,8 +484,6 @@ def triton_variable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Our Triton kernel over the pattern's variable-size blocks
     (:func:`methods.kernels.variable_blocks_triton.variable_block_attention`): per query block only its kept key
     tokens, gathered by index, with no host plan. ``(B, H, N, D)`` in and out."""
-    from methods.kernels.variable_blocks_triton import variable_block_attention
-
     return variable_block_attention(q, k, v, pattern.variable)
 
 
@@ -553,7 +551,8 @@ def masked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     )
 
 
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` of a backend's output against the fp32 reference (NaN where out is not finite)."""
     return float((out.float() - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
@@ -586,7 +585,7 @@ def choose_backend(
                 report[backend.name] = {"skipped": reason}
                 continue
             try:
-                error = _relative_error(backend.run(q, k, v, pattern)[..., rows, :], reference)
+                error = relative_error(backend.run(q, k, v, pattern)[..., rows, :], reference)
             except Exception as exc:  # a kernel that cannot run these inputs is reported, not fatal
                 report[backend.name] = {"skipped": f"failed: {type(exc).__name__}: {str(exc)[:200]}"}
                 continue
@@ -669,9 +668,10 @@ def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bloc
     that base choice), in this order:
 
     - variable blocks (SVG2's clusters) on triton-variable, eager or compiled (one opaque op), when the call needs
-      no gradients (it computes none): at Wan 1.3B on an H200, 9.36 ms a call at density 0.295 against 12.63 ms on
-      FlashInfer's variable-block wrapper and 29.17 on flex-tuned; at 14B level with FlashInfer
-      (reports/gpu/h200/run_f81020f/variable_blocks/);
+      no gradients (it computes none): on an H200 at density 0.295, 9.24 ms a call at Wan 1.3B against 13.93 ms on
+      FlashInfer's variable-block wrapper and 29.02 on flex-tuned, 124.0 against 137.2 and 385.0 at 14B
+      (reports/gpu/h200/run_998d57e/variable_blocks/); FlashInfer was 4% faster only at 14B and density 0.1
+      (run_f81020f/);
     - in an eager call that needs no gradients, :func:`auto_flashinfer`'s wrapper where its kernels are prebuilt
       (:func:`flashinfer_prebuilt`: no JIT compile inside a run) and it can run this pattern; under
       ``torch.compile`` Flex, which the compiled graph captures (FlashInfer's plan and run are opaque host code);
@@ -719,9 +719,9 @@ def check_backend(name: str, device: torch.device, dtype: torch.dtype, label: st
     not on ``device`` in ``dtype`` (a missing package included), or refusing every one of those kinds. A run's
     preflight, before a model is built: an :class:`~harness.errors.UnsupportedError` starting with ``label``, with
     every reason and the backends that can run the method here. ``auto`` and ``measure`` always pass: neither picks
-    a backend that refuses a pattern's kind (auto runs masked or Flex, which take every kind, or a FlashInfer wrapper
-    only on a pattern it can run; measure skips any backend refusing the call's pattern). Conditions on a pattern's
-    data (tile sizes, index limits) are checked at the call."""
+    a backend that refuses a pattern's kind (auto runs masked or Flex, which take every kind, or triton-variable or a
+    FlashInfer wrapper only on a pattern it can run; measure skips any backend refusing the call's pattern).
+    Conditions on a pattern's data (tile sizes, index limits) are checked at the call."""
     if name in ("auto", "measure"):
         return
     backend = get_backend(name)

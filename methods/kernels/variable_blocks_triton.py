@@ -23,9 +23,13 @@ The waste is the partial last tile of each query block (rows) and of each list (
 over Wan 1.3B's 32,760 tokens the query side averages 109 rows a block. Query rows of a block that keeps no key
 get zeros (masked dense gives NaN there; no method makes such a block).
 
-Shapes: q, k, v ``(B, H, N, D)`` fp16 or bf16, one dtype, any strides with a contiguous last axis, ``D <= 256``;
+Shapes: q, k, v ``(B, H, N, D)`` fp16 or bf16, one dtype, any strides with a contiguous last axis, ``D <= 128``;
 the blocks' ``kept (B or 1, H or 1, R, C)``, ``row_sizes (.., R)``, ``col_sizes (.., C)`` (each summing to N).
 Returns ``(B, H, N, D)`` contiguous in q's dtype. Forward only (SVG2 is training-free).
+
+The ``k_rows`` configurations take ``tl.trans`` of a loaded key tile, which
+:mod:`methods.kernels.linear_attention_triton` avoids after a miscompile on sm_90 (a tile used both ways); here the
+tile is used transposed only, and every configuration passed its check on an H200 (run_998d57e/variable_blocks/).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from harness.errors import HarnessError
 from methods.kernels import kernel_op
 from methods.kernels.block_sparse import VariableBlocks
 
@@ -70,6 +75,7 @@ class Config(NamedTuple):
 #: the gathers' latency, two do not (30-45% slower).
 DEFAULT_CONFIG = Config(64, 64, 4, 3, k_rows=True)
 INTERPRETER_CONFIG = Config(16, 16, 4, 1)
+MAX_HEAD_DIM = 128
 #: Positions of the index lists one program of :func:`_key_indices` writes.
 INDEX_BLOCK = 1024
 
@@ -212,6 +218,8 @@ def variable_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              config: Config | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of q, k, v ``(B, H, N, D)`` (fp16/bf16, on CUDA or under the Triton interpreter) over ``blocks``'
     kept pairs, ``(B, H, N, D)`` in q's dtype, with ``config`` (:data:`DEFAULT_CONFIG`; :data:`INTERPRETER_CONFIG`
-    under the interpreter)."""
+    under the interpreter). Raises :class:`HarnessError` for a head dim over :data:`MAX_HEAD_DIM`."""
+    if q.shape[-1] > MAX_HEAD_DIM:  # tiles of wider heads overflow shared memory (a Triton error, not a message)
+        raise HarnessError(f"triton-variable takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     config = config or (INTERPRETER_CONFIG if INTERPRETED else DEFAULT_CONFIG)
     return variable_block_attention_op(q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, *config)

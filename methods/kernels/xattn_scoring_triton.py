@@ -38,9 +38,12 @@ launch reads them once: about 50 microseconds of HBM traffic on an H200, 1% of t
 
 The reduced rows are never formed: ``s = sum_m Q_m K_m^T`` over the S offsets m, where ``Q_m`` holds tokens
 ``S i + S - 1 - m`` and ``K_m`` tokens ``S j + m``; each is a strided load of whole token rows (pointer
-arithmetic, masked to zeros past N as the torch path's padding), so no ``(N / S, S D)`` copy of q or k reaches
-memory and any (B, H, N, D) strides with a contiguous last axis are read in place. ``K_m`` is loaded transposed
-by its addresses (no ``tl.trans``: see :mod:`methods.kernels.linear_attention_triton` on sm_90).
+arithmetic, masked to zeros past N as the torch path's padding; or, in ``single_pass_tma``, a block of a tensor
+descriptor over the ``(N / S, S, D)`` view, zero-filled past it), so no ``(N / S, S D)`` copy of q or k reaches
+memory and any (B, H, N, D) strides with a contiguous last axis are read in place. By pointers ``K_m`` is loaded
+transposed by its addresses (no ``tl.trans``: see :mod:`methods.kernels.linear_attention_triton` on sm_90); a
+descriptor loads rows, which are transposed for the product, a tile used transposed only, and every configuration
+of that variant passed its float64 check on an H200 (reports/gpu/h200/run_81d2574/xattn/).
 
 Cost: one reduced QK^T is ``2 N^2 D / S`` FLOPs per head, i.e. ``1 / (2 S)`` of a dense attention call's
 ``4 N^2 D``: the two-pass kernel computes it twice (``1 / S`` of a dense call, 12.5% at S = 8, at equal
@@ -58,6 +61,7 @@ power of two; masses ``(B, H, nb, nb)`` float32, ``nb = ceil(N / block)``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -103,15 +107,18 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (R = 16) every score tile is a loop of S = 8 products of K = 128, whose loads (a (BLOCK_M, D) and a (D, BLOCK_N)
 # tile per slice) the pipeliner buffers num_stages deep: 128 x 64 tiles at 3 stages hold 144 KiB of bf16.
 CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 4), (128, 128, 8, 2), (64, 16, 4, 4),
-           (128, 64, 8, 1), (128, 128, 8, 3), (128, 256, 8, 2), (256, 128, 8, 2), (256, 64, 8, 3))  # fmt: skip
+           (128, 64, 8, 1), (128, 128, 8, 3), (128, 256, 8, 2), (256, 128, 8, 2))  # fmt: skip
+# The descriptor loads need less shared memory: 256 x 64 tiles at 3 stages fit there (the pointer kernels ask for
+# 245,760 bytes of the H200's 232,448: reports/gpu/h200/run_81d2574/xattn/).
+TMA_CONFIGS = (*CONFIGS, (256, 64, 8, 3))
 INTERPRETER_CONFIGS = ((16, 16, 4, 1),)
 # Elements of a combining program's (R reduced rows, BLOCK_K key blocks) tile: BLOCK_K = COMBINE_TILE / R key
 # blocks (128 at R = 16), a power of two as R is.
 COMBINE_TILE = 2048
 
 
-def _configs() -> list[Any]:
-    chosen = INTERPRETER_CONFIGS if INTERPRETED else CONFIGS
+def _configs(configs: tuple[tuple[int, int, int, int], ...]) -> list[Any]:
+    chosen = INTERPRETER_CONFIGS if INTERPRETED else configs
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in chosen]
 
 
@@ -123,11 +130,12 @@ def _prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> lis
     return kept or [triton.Config({"BLOCK_M": rows, "BLOCK_N": rows}, num_warps=8, num_stages=2)]
 
 
-def _kernel(fn: Any) -> Any:
-    """``triton.autotune`` around ``triton.jit``; without Triton the plain function, which is never launched."""
+def _kernel(fn: Any, configs: tuple[tuple[int, int, int, int], ...] = CONFIGS) -> Any:
+    """``triton.autotune`` over ``configs`` around ``triton.jit``; without Triton the plain function, which is never
+    launched."""
     if triton is None:
         return fn
-    autotune = triton.autotune(configs=_configs(), key=["R", "S", "BLOCK_D"],
+    autotune = triton.autotune(configs=_configs(configs), key=["R", "S", "BLOCK_D"],
                                prune_configs_by={"early_config_prune": _prune})  # fmt: skip
     return autotune(triton.jit(fn))
 
@@ -140,19 +148,19 @@ def _jit(fn: Any) -> Any:
 
 
 @_jit
-def _scores(q_base, k_base, rows, start, cols, inside, N, sqn, skn, S: tl.constexpr, BLOCK_M: tl.constexpr,
+def _scores(q_base, k_base, row_start, start, cols, inside, N, sqn, skn, S: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """``(BLOCK_M, BLOCK_N)`` fp32 unscaled scores of reduced query rows ``rows`` (from ``program_id(0) BLOCK_M``)
-    against reduced keys ``keys = start + [0, BLOCK_N)``:
+    """``(BLOCK_M, BLOCK_N)`` fp32 unscaled scores of reduced query rows ``rows = row_start + [0, BLOCK_M)`` against
+    reduced keys ``keys = start + [0, BLOCK_N)``:
     ``sum_m Q_m K_m^T`` with Q_m the tokens ``S rows + S - 1 - m`` and K_m the tokens ``S keys + m`` (zeros past
     N, as the torch path's padding). Pointer loads (K_m^T transposed by the addresses), or with TMA q_base and
     k_base are tensor descriptors over ``(N / S, S, D)`` views (:func:`_descriptors`) whose ``[i, m]`` rows are
     those tokens, loaded by the copy engine (zeros past the view), K_m transposed for the product."""
-    keys = start + tl.arange(0, BLOCK_N)
+    rows, keys = row_start + tl.arange(0, BLOCK_M), start + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m in range(S):  # the product's K loop (S slices of D): a loop the pipeliner buffers num_stages deep
         if TMA:
-            q_tile = tl.reshape(q_base.load([tl.program_id(0) * BLOCK_M, S - 1 - m, 0]), (BLOCK_M, BLOCK_D))
+            q_tile = tl.reshape(q_base.load([row_start, S - 1 - m, 0]), (BLOCK_M, BLOCK_D))
             k_rows = tl.reshape(k_base.load([start, m, 0]), (BLOCK_N, BLOCK_D))
             acc = tl.dot(q_tile, tl.trans(k_rows), acc)
         else:
@@ -179,11 +187,11 @@ def _descriptors(q_base, k_base, N, sqn, skn, S: tl.constexpr, D: tl.constexpr, 
 
 
 @_jit
-def _tile_scores(q_base, k_base, rows, start, cols, inside, N, reduced_keys, scale, sqn, skn, S: tl.constexpr,
+def _tile_scores(q_base, k_base, row_start, start, cols, inside, N, reduced_keys, scale, sqn, skn, S: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """The scores of the tile of keys from ``start`` in base-2 units (``scale`` is ``log2(e) / (sqrt(D) S)``),
-    ``-inf`` at keys past the reduced keys ``S j < N`` so that they take no mass."""
-    s = _scores(q_base, k_base, rows, start, cols, inside, N, sqn, skn, S, BLOCK_M, BLOCK_N, TMA, BLOCK_D) * scale
+    """The scores of the tile of rows from ``row_start`` and keys from ``start`` in base-2 units (``scale`` is
+    ``log2(e) / (sqrt(D) S)``), ``-inf`` at keys past the reduced keys ``S j < N`` so that they take no mass."""
+    s = _scores(q_base, k_base, row_start, start, cols, inside, N, sqn, skn, S, BLOCK_M, BLOCK_N, TMA, BLOCK_D) * scale
     return tl.where((start + tl.arange(0, BLOCK_N) < reduced_keys)[None, :], s, float("-inf"))
 
 
@@ -201,7 +209,7 @@ def _head_bases(q_ptr, k_ptr, bh, H, sqb, sqh, skb, skh):
 
 
 @_jit
-def _online_pass(q_base, k_base, rows, cols, inside, N, scale, sqn, skn, partial_ptr, max_ptr, NB, ROWS,
+def _online_pass(q_base, k_base, row_start, cols, inside, N, scale, sqn, skn, partial_ptr, max_ptr, NB, ROWS,
                  S: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PARTIALS: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """One pass over the reduced keys in tiles of BLOCK_N: each row's max and sum of ``exp2(s - max)`` (online,
@@ -209,10 +217,11 @@ def _online_pass(q_base, k_base, rows, cols, inside, N, scale, sqn, skn, partial
     that max, stored at ``partial_ptr`` and ``max_ptr`` (``(NB, ROWS)``, key-block major; rows past ROWS and key
     blocks past NB are not stored)."""
     reduced_keys = tl.cdiv(N, S)  # reduced keys j with S j < N: every other one is padding only
+    rows = row_start + tl.arange(0, BLOCK_M)
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, reduced_keys, BLOCK_N):
-        s = _tile_scores(q_base, k_base, rows, start, cols, inside, N, reduced_keys, scale, sqn, skn, S, BLOCK_M,
+        s = _tile_scores(q_base, k_base, row_start, start, cols, inside, N, reduced_keys, scale, sqn, skn, S, BLOCK_M,
                          BLOCK_N, TMA, BLOCK_D)  # fmt: skip
         new_max = tl.maximum(row_max, tl.max(s, axis=1))  # finite: the first tile holds key 0
         p = tl.exp2(s - new_max[:, None])
@@ -238,15 +247,16 @@ def _block_masses(q_ptr, k_ptr, out_ptr, H, N, NB, scale, sqb, sqh, sqn, skb, sk
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
-    row_max, row_sum = _online_pass(q_base, k_base, rows, cols, inside, N, scale, sqn, skn, out_ptr, out_ptr, NB, 0,
-                                    S, R, BLOCK_M, BLOCK_N, PARTIALS=False, TMA=False, BLOCK_D=BLOCK_D)  # fmt: skip
+    row_max, row_sum = _online_pass(q_base, k_base, tile * BLOCK_M, cols, inside, N, scale, sqn, skn, out_ptr, out_ptr,
+                                    NB, 0, S, R, BLOCK_M, BLOCK_N, PARTIALS=False, TMA=False,
+                                    BLOCK_D=BLOCK_D)  # fmt: skip
     weight = tl.where(rows * S < N, 1.0 / row_sum, 0.0)  # padded query rows contribute 0
     reduced_keys = tl.cdiv(N, S)
     query_blocks = tile * (BLOCK_M // R) + tl.arange(0, BLOCK_M // R)
     out_base = out_ptr + bh.to(tl.int64) * NB * NB
     for start in range(0, reduced_keys, BLOCK_N):
-        s = _tile_scores(q_base, k_base, rows, start, cols, inside, N, reduced_keys, scale, sqn, skn, S, BLOCK_M,
-                         BLOCK_N, False, BLOCK_D)  # fmt: skip
+        s = _tile_scores(q_base, k_base, tile * BLOCK_M, start, cols, inside, N, reduced_keys, scale, sqn, skn, S,
+                         BLOCK_M, BLOCK_N, False, BLOCK_D)  # fmt: skip
         p = tl.exp2(s - row_max[:, None]) * weight[:, None]
         mass = tl.sum(tl.reshape(_per_key_block(p, R, BLOCK_M, BLOCK_N), (BLOCK_M // R, R, BLOCK_N // R)), axis=1)
         key_blocks = start // R + tl.arange(0, BLOCK_N // R)
@@ -270,9 +280,9 @@ def _partials_program(q_ptr, k_ptr, partial_ptr, max_ptr, final_max_ptr, weight_
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     head = bh.to(tl.int64) * NB * ROWS
-    row_max, row_sum = _online_pass(q_base, k_base, rows, cols, cols < D, N, scale, sqn, skn, partial_ptr + head,
-                                    max_ptr + head, NB, ROWS, S, R, BLOCK_M, BLOCK_N, PARTIALS=True, TMA=TMA,
-                                    BLOCK_D=BLOCK_D)  # fmt: skip
+    row_max, row_sum = _online_pass(q_base, k_base, tile * BLOCK_M, cols, cols < D, N, scale, sqn, skn,
+                                    partial_ptr + head, max_ptr + head, NB, ROWS, S, R, BLOCK_M, BLOCK_N, PARTIALS=True,
+                                    TMA=TMA, BLOCK_D=BLOCK_D)  # fmt: skip
     row_offsets = bh.to(tl.int64) * ROWS + rows
     tl.store(final_max_ptr + row_offsets, row_max, mask=rows < ROWS)
     tl.store(weight_ptr + row_offsets, tl.where(rows * S < N, 1.0 / row_sum, 0.0), mask=rows < ROWS)
@@ -280,7 +290,7 @@ def _partials_program(q_ptr, k_ptr, partial_ptr, max_ptr, final_max_ptr, weight_
 
 # Two autotuners over one program: the pointer loads and the TMA ones are timed and pinned apart.
 _block_partials = _kernel(_partials_program)
-_block_partials_tma = _kernel(_partials_program)
+_block_partials_tma = _kernel(_partials_program, TMA_CONFIGS)
 
 
 @_jit
@@ -409,8 +419,15 @@ def _tma_ready(x: torch.Tensor, stride: int) -> bool:
 
 def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     """Global memory Triton asks for the tensor descriptors a kernel makes on the device (``triton.set_allocator``),
-    on the current device (the op's inputs' one, :func:`~methods.kernels.on_input_device`)."""
+    on the current device (the op's inputs' one, :func:`~methods.kernels.on_input_device`). ``alignment`` is met
+    without asking: the caching allocator's blocks start at multiples of 512 bytes."""
     return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+@functools.cache
+def _use_scratch() -> None:
+    """Install :func:`_scratch` as Triton's allocator, once per process."""
+    triton.set_allocator(_scratch)
 
 
 @kernel_op("xattn_block_masses_single_pass")
@@ -428,7 +445,7 @@ def xattn_block_masses_single_pass(q: torch.Tensor, k: torch.Tensor, block: int,
                          for _ in range(2))  # fmt: skip
     with_tma = tma and _tma_ready(q, stride) and _tma_ready(k, stride)
     if with_tma and not INTERPRETED:
-        triton.set_allocator(_scratch)
+        _use_scratch()
     tuner = _block_partials_tma if with_tma else _block_partials
     tuner[_query_tiles(masses, rows)](q, k, partials, maxima, final_max, weight, heads, tokens, blocks, blocks * rows,
                                       scale, *strides, **constexprs, TMA=with_tma)  # fmt: skip
