@@ -70,9 +70,9 @@ class Config(NamedTuple):
         return "x".join(map(str, self[:4])) + ("r" if self.k_rows else "")
 
 
-#: Timed on an H200 against 16 other configurations at Wan 1.3B (svg2 at densities 0.1, 0.295, 0.5) and 14B (0.295):
+#: Timed on an H200 beside 9 other configurations at Wan 1.3B (svg2 at densities 0.1, 0.295, 0.5) and 14B (0.295):
 #: the fastest or within 2% of it at every point (reports/gpu/h200/run_998d57e/variable_blocks/); three stages hide
-#: the gathers' latency, two do not (30-45% slower).
+#: the gathers' latency, two do not (34-49% slower in the first sweep, run_f81020f/).
 DEFAULT_CONFIG = Config(64, 64, 4, 3, k_rows=True)
 INTERPRETER_CONFIG = Config(16, 16, 4, 1)
 MAX_HEAD_DIM = 128
