@@ -138,8 +138,7 @@ def test_both_key_tile_loads_match_float64(dtype: torch.dtype, k_rows: bool) -> 
     torch.manual_seed(4)
     q, k, v = inputs((1, 2, 120, 32), dtype)
     blocks = random_blocks(1, 2, 120, 4, 12)
-    base = kernel.INTERPRETER_CONFIG if kernel.INTERPRETED else kernel.DEFAULT_CONFIG
-    out = kernel.variable_block_attention(q, k, v, blocks, base._replace(k_rows=k_rows))
+    out = kernel.variable_block_attention(q, k, v, blocks, kernel.default_config()._replace(k_rows=k_rows))
     assert relative(out, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
 
 
@@ -149,9 +148,8 @@ def test_op_passes_opcheck() -> None:
     torch.manual_seed(6)
     q, k, v = inputs((1, 2, 64, 16), torch.float16)
     blocks = random_blocks(1, 2, 64, 3, 5)
-    config = kernel.INTERPRETER_CONFIG if kernel.INTERPRETED else kernel.DEFAULT_CONFIG
-    torch.library.opcheck(kernel.variable_block_attention_op,
-                          (q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, *config))  # fmt: skip
+    args = (q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, *kernel.default_config())
+    torch.library.opcheck(kernel.variable_block_attention_op, args)
 
 
 def test_a_head_dim_over_128_is_refused_with_its_reason() -> None:

@@ -76,6 +76,13 @@ class Config(NamedTuple):
 DEFAULT_CONFIG = Config(64, 64, 4, 3, k_rows=True)
 INTERPRETER_CONFIG = Config(16, 16, 4, 1)
 MAX_HEAD_DIM = 128
+
+
+def default_config() -> Config:
+    """:data:`DEFAULT_CONFIG`, or :data:`INTERPRETER_CONFIG` under the Triton interpreter."""
+    return INTERPRETER_CONFIG if INTERPRETED else DEFAULT_CONFIG
+
+
 #: Positions of the index lists one program of :func:`_key_indices` writes.
 INDEX_BLOCK = 1024
 
@@ -217,9 +224,9 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, row
 def variable_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: VariableBlocks,
                              config: Config | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of q, k, v ``(B, H, N, D)`` (fp16/bf16, on CUDA or under the Triton interpreter) over ``blocks``'
-    kept pairs, ``(B, H, N, D)`` in q's dtype, with ``config`` (:data:`DEFAULT_CONFIG`; :data:`INTERPRETER_CONFIG`
-    under the interpreter). Raises :class:`HarnessError` for a head dim over :data:`MAX_HEAD_DIM`."""
+    kept pairs, ``(B, H, N, D)`` in q's dtype, with ``config`` (:func:`default_config`). Raises
+    :class:`HarnessError` for a head dim over :data:`MAX_HEAD_DIM`."""
     if q.shape[-1] > MAX_HEAD_DIM:  # tiles of wider heads overflow shared memory (a Triton error, not a message)
         raise HarnessError(f"triton-variable takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
-    config = config or (INTERPRETER_CONFIG if INTERPRETED else DEFAULT_CONFIG)
+    config = config or default_config()
     return variable_block_attention_op(q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, *config)
