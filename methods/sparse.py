@@ -71,8 +71,8 @@ def auto_block_size(tokens: int) -> int:
 BACKEND = Param("backend", "choice", "auto", "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128, "
                 "or there, without gradients, triton-variable on variable blocks and, eager with flashinfer-python's "
                 "kernels prebuilt, flashinfer-bsr on a tile table shared by every head; "
-                "flex on other CUDA calls; masked elsewhere), measure (the fastest backend matching masked dense, "
-                f"timed on the first call per shape; recorded) or one of {backend_needs()}",
+                "flex on other CUDA calls; masked elsewhere, flex past its size), measure (the fastest backend "
+                f"matching masked dense, timed on the first call per shape; recorded) or one of {backend_needs()}",
                 choices=backend_names())  # fmt: skip
 
 

@@ -232,7 +232,7 @@ def test_the_backend_help_says_what_auto_runs_and_what_each_backend_needs() -> N
     assert BACKEND.help.startswith(
         "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128, or there, without gradients, "
         "triton-variable on variable blocks and, eager with flashinfer-python's kernels prebuilt, flashinfer-bsr on a "
-        "tile table shared by every head; flex on other CUDA calls; masked elsewhere)"
+        "tile table shared by every head; flex on other CUDA calls; masked elsewhere, flex past its size)"
     )
     assert BACKEND.help.endswith("or one of masked, flex, flex-tuned, flashinfer (cuda; float16/bfloat16; pip "
                                  "install flashinfer-python), flashinfer-bsr (cuda; float16/bfloat16; pip install "
@@ -497,3 +497,13 @@ def test_masked_past_its_size_is_skipped_and_another_backend_chosen(monkeypatch:
     choice = choose_backend(q, k, v, pattern, ("masked", "flex"), timer=lambda fn, device: 1.0)
     assert choice.name == "flex"
     assert "N x N" in choice.report["masked"]["skipped"]
+
+
+def test_auto_never_runs_masked_dense_past_its_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU auto is masked dense, whose N x N mask is refused past MASKED_MAX_ENTRIES (a Wan-scale call):
+    there auto runs Flex, which takes every pattern, instead of building the mask."""
+    q = torch.randn(1, 2, N, 16)
+    pattern = kind_patterns()["tiles"]
+    assert sparse_backends.auto_choice(q, q, q, pattern) == "masked"
+    monkeypatch.setattr(sparse_backends, "MASKED_MAX_ENTRIES", N * N)
+    assert sparse_backends.auto_choice(q, q, q, pattern) == "flex"

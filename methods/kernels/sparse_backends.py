@@ -16,9 +16,9 @@ way diffusers' ``attention_dispatch`` registers its attention backends:
                 tokens gathered by index, planned on the device
 
 ``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex-tuned on
-Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere; on Hopper, calls that need no
-gradients run variable blocks on triton-variable, and eager ones a head-shared tile table on FlashInfer's BSR wrapper
-where installed: :func:`auto_choice`) and ``measure``
+Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere (flex past its size); on Hopper,
+calls that need no gradients run variable blocks on triton-variable, and eager ones a head-shared tile table on
+FlashInfer's BSR wrapper where installed: :func:`auto_choice`) and ``measure``
 (:func:`choose_backend`: every available backend once on the call's own inputs, the fastest whose output matches
 masked dense within :func:`tolerance`; cached per label, shape, dtype and block sizes for the process).
 :class:`BackendLog` records which backend each sequence length ran on.
@@ -665,7 +665,7 @@ def flashinfer_prebuilt() -> bool:
 def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
                 compiled: bool | None = None) -> str:  # fmt: skip
     """What ``backend=auto`` runs for this call where :func:`auto_backend` is flex-tuned (Hopper, fp16/bf16; else
-    that base choice), in this order:
+    that base choice, masked on the CPU but flex where masked refuses the pattern's size), in this order:
 
     - variable blocks (SVG2's clusters) on triton-variable, eager or compiled (one opaque op), when the call needs
       no gradients (it computes none): on an H200 at density 0.295, 9.24 ms a call at Wan 1.3B against 13.93 ms on
@@ -680,6 +680,8 @@ def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bloc
     ``compiled`` asks for the compiled choice (``True``) or the eager one (``False``) whatever the context (``None``:
     the context's)."""
     base = auto_backend(q.device, q.dtype, q.shape[-1])
+    if base == "masked" and get_backend(base).refusal(pattern):
+        return "flex"  # a dense N x N mask past its size (a Wan-scale call on the CPU): Flex takes every pattern
     if base != "flex-tuned":
         return base
     training = needs_gradients(q, k, v)
