@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import time
 from dataclasses import replace
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from harness.atomic import write_json_atomic
 from harness.benchmarks.sparse_gpu import model_inputs, parse_densities
 from harness.errors import HarnessError
 from methods import build_method
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     from methods.svg2 import LayerCentroids
 
     record: dict[str, Any] = {"configs": [config._asdict() for config in configs], "models": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "variable_blocks.json"
     lines = []
     for model in filter(None, args.models.split(",")):
         q, k, v, ctx = model_inputs(model, device)
@@ -141,14 +143,10 @@ def main(argv: list[str] | None = None) -> None:
             cells = " | ".join(f"{name} {timed.get(name, float('nan')):.3f} ms" for name in (best, *BASELINES))
             lines.append(f"{model:>8} {density:6.3f} ideal {density * dense_ms:7.3f} ms | best {cells}")
         record["models"][model] = {"shape": list(q.shape), "dense_ms": dense_ms, "points": points}
+        write_json_atomic(path, record)  # after each model: a later one that runs out of time loses only itself
         del q, k, v
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "variable_blocks.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, allow_nan=False))
-    tmp.replace(path)
     print("\n".join(lines))
     print(f"wrote {path} ({time.strftime('%H:%M:%S')})")
 
