@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
+from methods.kernels import ranked_selection_triton as ranked
 from methods.kernels import xattn_scoring_triton as scoring
 from methods.kernels.block_sparse import (
     BlockSparsePattern,
@@ -93,7 +94,7 @@ def antidiagonal_block_scores_torch(q: torch.Tensor, k: torch.Tensor, block: int
 class XAttention(BlockSparseMethod):
     """XAttention: antidiagonal block scoring, cumulative threshold per query block, block-sparse attention."""
 
-    kernel_variables = (scoring.BACKEND_ENV, scoring.VARIANT_ENV)
+    kernel_variables = (scoring.BACKEND_ENV, scoring.VARIANT_ENV, ranked.BACKEND_ENV)
     capabilities = Capabilities(
         sparsity="dynamic",
         data_dependent=True,

@@ -16,7 +16,14 @@ from torch import Tensor
 from torch._library.custom_ops import CustomOpDef
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from methods.kernels import kernel_op, kmeans_triton, linear_attention_triton, on_input_device, xattn_scoring_triton
+from methods.kernels import (
+    kernel_op,
+    kmeans_triton,
+    linear_attention_triton,
+    on_input_device,
+    ranked_selection_triton,
+    xattn_scoring_triton,
+)
 
 KERNEL_MODULES = (linear_attention_triton, kmeans_triton, xattn_scoring_triton)
 
@@ -126,16 +133,17 @@ def test_kernels_run_on_a_gpu_that_is_not_current() -> None:
 
 def test_methods_name_the_kernel_variables_their_calls_read() -> None:
     """What a finished run is checked against (bench run refuses one made with other values of these): xattn its
-    scoring's, svg2 its k-means', the linear methods the fused kernel's, LinVideo its own and its softmax
-    method's; every one a declared kernel choice."""
+    scoring's and the ranked selection's, svg2 its k-means' and the ranked selection's, the linear methods the fused
+    kernel's, LinVideo its own and its softmax method's; every one a declared kernel choice."""
     from methods import METHODS, build_method
     from methods.kernels import kernel_settings
 
     assert build_method("xattn").kernel_variables_used == (xattn_scoring_triton.BACKEND_ENV,
-                                                           xattn_scoring_triton.VARIANT_ENV)  # fmt: skip
+                                                           xattn_scoring_triton.VARIANT_ENV,
+                                                           ranked_selection_triton.BACKEND_ENV)  # fmt: skip
     mixed = build_method("linvideo", softmax_method="svg2")
     assert mixed.kernel_variables_used == (linear_attention_triton.BACKEND_ENV, kmeans_triton.BACKEND_ENV,
-                                           kmeans_triton.VARIANT_ENV)  # fmt: skip
+                                           kmeans_triton.VARIANT_ENV, ranked_selection_triton.BACKEND_ENV)  # fmt: skip
     assert build_method("sdpa").kernel_variables_used == ()
     declared = set(kernel_settings())
     assert all(set(METHODS.get(name).kernel_variables) <= declared for name in METHODS.names())

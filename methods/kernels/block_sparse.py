@@ -51,6 +51,7 @@ from torch.nn.attention.flex_attention import BlockMask, FlexKernelOptions, flex
 
 from harness.errors import HarnessError
 from methods.kernels import OP_NAMESPACE
+from methods.kernels import ranked_selection_triton as ranked
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 #: What a pattern is made of (:attr:`BlockSparsePattern.kind`), which decides the backends that can run it:
@@ -482,11 +483,17 @@ def select_by_cumulative_mass(scores: torch.Tensor, threshold: float, min_keep: 
 
     Returns:
         ``(..., n)`` bool.
+
+    On CUDA (float32 scores) one launch of :mod:`methods.kernels.ranked_selection_triton` computes it (exact ties
+    straddling the cut kept in index order) unless ``$BENCH_SELECTION_BACKEND`` is ``torch``; this torch path is
+    the CPU path and the kernel's reference.
     """
     if not 0.0 < threshold <= 1.0:
         raise HarnessError(f"cumulative-mass threshold must be in (0, 1], got {threshold}")
     if threshold == 1.0:
         return torch.ones_like(scores, dtype=torch.bool)
+    if ranked.use_fused(scores, scores):
+        return ranked.ranked_prefix(scores, scores, threshold, False, min_keep)
     values, order = torch.sort(scores.double(), dim=-1, descending=True)
     before = values.cumsum(dim=-1) - values
     rank = torch.arange(scores.shape[-1], device=scores.device)
@@ -510,20 +517,25 @@ def select_by_cost_budget(scores: torch.Tensor, costs: torch.Tensor, fraction: f
     kept cost is the budget rounded to the nearest entry); the top entry is always kept.
 
     Args:
-        scores: ``(..., n)`` ranking scores (e.g. block masses); ``inf`` ranks an entry first.
+        scores: ``(..., n)`` non-negative ranking scores (e.g. block masses); ``inf`` ranks an entry first.
         costs: non-negative cost of each entry (e.g. tokens per key block or per cluster), broadcastable to
             ``scores``.
         fraction: the kept share of the cost, in ``(0, 1]``.
 
     Returns:
         ``(..., n)`` bool.
+
+    On CUDA (float32 scores) one launch of :mod:`methods.kernels.ranked_selection_triton` computes it unless
+    ``$BENCH_SELECTION_BACKEND`` is ``torch``; this torch path is the CPU path and the kernel's reference.
     """
     if not 0.0 < fraction <= 1.0:
         raise HarnessError(f"kept cost fraction must be in (0, 1], got {fraction}")
+    if ranked.use_fused(scores, costs):
+        return ranked.ranked_prefix(scores, costs, fraction, True, 1)
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    ranked = costs.expand_as(scores).gather(-1, order).double()
-    before = ranked.cumsum(dim=-1) - ranked
-    keep_sorted = before + ranked / 2 < fraction * ranked.sum(dim=-1, keepdim=True)
+    ranked_costs = costs.expand_as(scores).gather(-1, order).double()
+    before = ranked_costs.cumsum(dim=-1) - ranked_costs
+    keep_sorted = before + ranked_costs / 2 < fraction * ranked_costs.sum(dim=-1, keepdim=True)
     keep_sorted[..., 0] = True
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
