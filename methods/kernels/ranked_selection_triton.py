@@ -43,8 +43,12 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
 BACKEND_ENV = "BENCH_SELECTION_BACKEND"
 DEFAULT_BACKEND = "auto"
 kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
-#: The longest row one program ranks in registers (XAttention's blocks at 1M tokens; SVG2's 1,000 key clusters).
-MAX_ENTRIES = 8192
+#: The longest row the kernel ranks; longer rows take the torch path. One program sorts its row in registers, which
+#: costs far more than n log^2 n suggests past 512 entries: on an H200 (reports/gpu/h200/run_68cb19d/) 0.8 us a
+#: program for rows of 256 (xattn at Wan 1.3B: 0.019 ms for 3,072 rows, against 0.37 ms for the torch path with its
+#: host work), 13 us for rows padded to 1,024 (2.4 ms for xattn's 23,640 rows of 591 at 14B, where torch took
+#: 1.7 ms; 0.36 ms for SVG2's 3,600 rows of 1,000 key clusters at 1.3B).
+MAX_ENTRIES = 512
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -119,7 +123,7 @@ def ranked_prefix(scores: torch.Tensor, weights: torch.Tensor, fraction: float, 
     fraction_hi = struct.unpack("f", struct.pack("f", fraction))[0]
     _ranked_prefix[(rows,)](flat, spread, keep, n, inner, *spread.stride(), fraction_hi, fraction - fraction_hi,
                             0.5 if half else 0.0, min_keep, BLOCK=block,
-                            num_warps=4 if block <= 1024 else 8)  # fmt: skip
+                            num_warps=4)  # fmt: skip
     return keep
 
 
