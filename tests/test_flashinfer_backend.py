@@ -329,7 +329,9 @@ class StandInBsrWrapper:
         if out is None:
             out = torch.empty(q.shape, dtype=plan["dtype"])
         assert out.shape == q.shape and out.dtype == plan["dtype"]
-        lse = torch.empty(q.shape[:2], dtype=torch.float32)
+        if lse is None:
+            lse = torch.empty(q.shape[:2], dtype=torch.float32)
+        assert lse.shape == q.shape[:2] and lse.dtype == torch.float32
         blocks = len(plan["indptr"]) - 1
         qo_indptr = (torch.arange(blocks + 1) * plan["R"]).clamp(max=plan["M"])
         attend_pages(q, pages_k, pages_v, qo_indptr, plan["indptr"], plan["indices"],
@@ -418,6 +420,55 @@ def test_bsr_stacks_a_head_shared_pattern_flashinfer_cannot_read_in_place(bsr_st
     out = sparse_backends.flashinfer_bsr_attention(q, k, v, pattern)
     assert relative_error(out, q, k, v, pattern) <= tolerance(q.dtype)
     assert [plan["qo_heads"] for plan in StandInBsrWrapper.plans] == [1]
+
+
+def flex_with_natural_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
+                          kernel_options: Any = None,
+                          return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Flex's contract with ``return_lse`` (CPU Flex does not return it): the masked softmax's output and each row's
+    natural-log log-sum-exp, zeros and -inf for a row that keeps no key."""
+    assert return_lse
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~pattern.dense_mask(), float("-inf"))
+    lse = scores.logsumexp(dim=-1)
+    out = (scores - lse[..., None]).exp().nan_to_num(0.0) @ v.float()
+    return out.to(q.dtype), lse
+
+
+@pytest.mark.parametrize("layout", ["processor", "contiguous"])
+def test_split_runs_whole_tiles_on_bsr_and_partial_ones_on_flex_and_matches_masked_dense(
+    bsr_stand_in: list, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """svg's band and sink (head-shared, token level, ragged sink tile): the full tiles go to the BSR wrapper with
+    their base-2 log-sum-exps, the partial tiles to Flex with its natural-log ones; merged, the output is masked
+    dense's over the whole pattern, and both parts are planned once across calls."""
+    from methods.svg import band_with_sink_pattern
+
+    monkeypatch.setattr(sparse_backends, "flex_block_sparse_attention", flex_with_natural_lse)
+    q, k, v = qkv(2, 3, 200)
+    if layout == "processor":
+        q, k, v = processor_layout(q, k, v)
+    pattern = band_with_sink_pattern(200, 32, 40, 32, q.device)
+    assert pattern.partial_tiles.any() and pattern.full_tiles.any()
+    first = sparse_backends.flashinfer_split_attention(q, k, v, pattern)
+    second = sparse_backends.flashinfer_split_attention(q, k, v, pattern)
+    assert first.shape == q.shape and first.dtype == q.dtype and torch.equal(first, second)
+    assert relative_error(first, q, k, v, pattern) <= tolerance(q.dtype)
+    (plan,) = StandInBsrWrapper.plans
+    assert plan["qo_heads"] == 3  # one shared table read in place: FlashInfer's own heads
+
+
+def test_split_patterns_cover_the_pattern_once() -> None:
+    """The two parts are disjoint and together keep exactly the pattern's entries: whole tiles at block level, the
+    partial ones under the pattern's mask_mod."""
+    from methods.svg import band_with_sink_pattern
+
+    pattern = band_with_sink_pattern(200, 32, 40, 32, torch.device("cpu"))
+    whole, cut = sparse_backends.split_patterns(pattern)
+    assert whole.kind == "tiles" and cut.kind == "token-level"
+    assert not (whole.dense_mask() & cut.dense_mask()).any()
+    assert torch.equal(whole.dense_mask() | cut.dense_mask(), pattern.dense_mask())
+    assert sparse_backends.split_patterns(pattern)[0] is whole
 
 
 def test_bsr_plans_a_pattern_once_across_calls(bsr_stand_in: list) -> None:

@@ -232,10 +232,12 @@ def test_the_backend_help_says_what_auto_runs_and_what_each_backend_needs() -> N
     assert BACKEND.help.startswith(
         "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128, or there, without gradients, "
         "triton-variable on variable blocks and, eager with flashinfer-python's kernels prebuilt, flashinfer-bsr on a "
-        "tile table shared by every head; flex on other CUDA calls; masked elsewhere, flex past its size)"
+        "tile table shared by every head and flashinfer-split on a token-level one (svg's band); flex on other CUDA "
+        "calls; masked elsewhere, flex past its size)"
     )
     assert BACKEND.help.endswith("or one of masked, flex, flex-tuned, flashinfer (cuda; float16/bfloat16; pip "
                                  "install flashinfer-python), flashinfer-bsr (cuda; float16/bfloat16; pip install "
+                                 "flashinfer-python), flashinfer-split (cuda; float16/bfloat16; pip install "
                                  "flashinfer-python), triton-variable (cuda; float16/bfloat16; pip install "
                                  "triton)")  # fmt: skip
 
@@ -269,6 +271,7 @@ def test_a_pattern_knows_its_kind(kind: str) -> None:
 
 @pytest.mark.parametrize(("backend", "kind"), [
     ("flashinfer", "token-level"), ("flashinfer-bsr", "token-level"), ("flashinfer-bsr", "variable"),
+    ("flashinfer-split", "tiles"), ("flashinfer-split", "variable"),
 ])  # fmt: skip
 def test_a_kind_a_backend_refuses_is_refused_by_its_kind_first(backend: str, kind: str) -> None:
     """The call's refusal of a pattern names its kind, with the reason the preflight gives for that kind."""
@@ -285,8 +288,9 @@ def method_class(name: str) -> type:
 
 
 @pytest.mark.parametrize(("method", "backend", "kind", "usable"), [
-    ("svg", "flashinfer-bsr", "token-level", "masked, flex, flex-tuned"),
-    ("svg", "flashinfer", "token-level", "masked, flex, flex-tuned"),
+    ("svg", "flashinfer-bsr", "token-level", "masked, flex, flex-tuned, flashinfer-split"),
+    ("svg", "flashinfer", "token-level", "masked, flex, flex-tuned, flashinfer-split"),
+    ("radial", "flashinfer-split", "tiles", "masked, flex, flex-tuned, flashinfer, flashinfer-bsr"),
     ("svg2", "flashinfer-bsr", "variable", "masked, flex, flex-tuned, flashinfer"),
 ])  # fmt: skip
 def test_a_backend_refusing_the_methods_pattern_kind_is_refused_at_preflight(
@@ -305,7 +309,7 @@ def test_a_backend_refusing_the_methods_pattern_kind_is_refused_at_preflight(
 
 @pytest.mark.parametrize(("method", "backend"), [
     ("radial", "flashinfer-bsr"), ("xattn", "flashinfer-bsr"), ("sla", "flashinfer-bsr"), ("radial", "flashinfer"),
-    ("svg2", "flashinfer"), ("svg", "flex"), ("svg2", "flex-tuned"),
+    ("svg2", "flashinfer"), ("svg", "flex"), ("svg2", "flex-tuned"), ("svg", "flashinfer-split"),
 ])  # fmt: skip
 def test_a_backend_taking_the_methods_pattern_kind_passes_the_preflight(flashinfer_importable: None, method: str,
                                                                         backend: str) -> None:  # fmt: skip
@@ -356,7 +360,7 @@ def hopper_with_flashinfer(monkeypatch: pytest.MonkeyPatch) -> None:
     data conditions and their lack of a backward stay)."""
     monkeypatch.setattr(sparse_backends, "auto_backend", lambda device, dtype=None, head_dim=None: "flex-tuned")
     monkeypatch.setattr(sparse_backends, "flashinfer_prebuilt", lambda: True)
-    for name in ("flashinfer", "flashinfer-bsr", "triton-variable"):
+    for name in ("flashinfer", "flashinfer-bsr", "flashinfer-split", "triton-variable"):
         monkeypatch.setitem(REGISTRY, name, replace(REGISTRY[name], devices=("cpu", "cuda"), package=None,
                                                     dtypes=(torch.float32,), run=masked_dense_attention))  # fmt: skip
 
@@ -367,17 +371,26 @@ def head_shared_tiles() -> BlockSparsePattern:
     return BlockSparsePattern(tiles.kept[:, :1], N, BLOCK)
 
 
+def head_shared_band() -> BlockSparsePattern:
+    """svg's kind of pattern: one token-level band and sink for every head (after each head's layout transform)."""
+    from methods.svg import band_with_sink_pattern
+
+    return band_with_sink_pattern(N, 2 * BLOCK, BLOCK + 3, BLOCK, torch.device("cpu"))
+
+
 @pytest.mark.parametrize(("pattern", "expected"), [
     ("head-shared tiles", "flashinfer-bsr"), ("tiles", "flex-tuned"), ("variable", "triton-variable"),
-    ("token-level", "flex-tuned"),
+    ("token-level", "flex-tuned"), ("head-shared token-level", "flashinfer-split"),
 ])  # fmt: skip
 def test_auto_takes_the_backend_that_was_faster_on_the_pattern(hopper_with_flashinfer: None, pattern: str,
                                                                   expected: str) -> None:  # fmt: skip
     """Measured on an H200 at Wan 1.3B (auto_choice's and auto_flashinfer's sources): svg2's clusters on our Triton
-    kernel and radial's head-shared table on BSR were faster than flex-tuned, xattn's per-head tables (planned every
-    call) were not in the forward; token-level patterns stay on Flex, which alone runs partial tiles."""
+    kernel, radial's head-shared table on BSR and svg's head-shared band split between BSR and Flex were faster than
+    flex-tuned, xattn's per-head tables (planned every call) were not in the forward; per-head token-level tables
+    stay on Flex."""
     q = torch.randn(1, 2, N, 16)
-    chosen = head_shared_tiles() if pattern == "head-shared tiles" else kind_patterns()[pattern]
+    named = {"head-shared tiles": head_shared_tiles, "head-shared token-level": head_shared_band}
+    chosen = named[pattern]() if pattern in named else kind_patterns()[pattern]
     assert sparse_backends.select_backend(q, q, q, chosen).name == expected
 
 

@@ -443,10 +443,13 @@ def flex_block_sparse_attention(
     v: torch.Tensor,
     pattern: BlockSparsePattern,
     kernel_options: FlexKernelOptions | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Compiled FlexAttention over the pattern's tiles. Shapes ``(B, H, N, D)``.
 
-    ``kernel_options``: Flex's Triton tile and pipeline settings (``None``: its defaults).
+    ``kernel_options``: Flex's Triton tile and pipeline settings (``None``: its defaults). With ``return_lse`` also
+    each query row's log-sum-exp of its scaled scores ``(B, H, N)`` fp32, natural log (Flex's own convention; -inf
+    for a row that keeps no key), to merge with another part of the same row's keys.
 
     Blocks that are not multiples of :data:`FLEX_TILE` run regrouped into such tiles
     (:meth:`BlockSparsePattern.regrouped`; the same output). Always compiled: eager ``flex_attention``
@@ -457,9 +460,10 @@ def flex_block_sparse_attention(
     if torch.compiler.is_compiling():
         # Inside a compiled model the model's graph captures flex_attention itself; the configuration patch
         # below is a call Dynamo does not trace (a graph break in every sparse layer: issue 21, item 5).
-        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
+        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=kernel_options, return_lse=return_lse)
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-        return compiled_flex_attention()(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
+        return compiled_flex_attention()(q, k, v, block_mask=block_mask, kernel_options=kernel_options,
+                                         return_lse=return_lse)  # fmt: skip
 
 
 def masked_dense_attention(

@@ -14,13 +14,15 @@ way diffusers' ``attention_dispatch`` registers its attention backends:
                 k, v in place where the table is shared by every head
     triton-variable  our Triton kernel over variable-size blocks (SVG2's clusters): each query block's kept key
                 tokens gathered by index, planned on the device
+    flashinfer-split  a token-level pattern's full tiles on the BSR wrapper and its partial tiles on flex-tuned,
+                merged by their log-sum-exps (svg's band and sink)
 
 ``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex-tuned on
 Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere (flex past its size); on Hopper,
 calls that need no gradients run variable blocks on triton-variable, and eager ones a head-shared tile table on
-FlashInfer's BSR wrapper where installed: :func:`auto_choice`) and ``measure``
-(:func:`choose_backend`: every available backend once on the call's own inputs, the fastest whose output matches
-masked dense within :func:`tolerance`; cached per label, shape, dtype and block sizes for the process).
+FlashInfer's BSR wrapper where installed, a head-shared token-level one on flashinfer-split: :func:`auto_choice`)
+and ``measure`` (:func:`choose_backend`: every available backend once on the call's own inputs, the fastest whose output
+matches masked dense within :func:`tolerance`; cached per label, shape, dtype and block sizes for the process).
 :class:`BackendLog` records which backend each sequence length ran on.
 """
 
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 
 from harness.errors import HarnessError, UnsupportedError
+from methods.kernels.attention_states import LOG2_E, merge_attention_states
 from methods.kernels.block_sparse import (
     KIND_DESCRIPTIONS,
     BlockSparsePattern,
@@ -456,13 +459,22 @@ def flashinfer_bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Raises:
         HarnessError: the page table would need more than :data:`FLASHINFER_MAX_KV_INDICES` indices.
     """
+    return bsr_attention(q, k, v, pattern, return_lse=False)[0]
+
+
+def bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
+                  return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """:func:`flashinfer_bsr_attention`'s output and, with ``return_lse``, each query row's log-sum-exp of its
+    scaled scores ``(B, H, N)`` fp32 in base 2 (FlashInfer's convention: ``log2(e) m + log2(d)``), else ``None``."""
     batch, heads, tokens, dim = q.shape
     if pattern.kept.shape[:2] == (1, 1) and reads_in_place(q, k, v):
         plan = bsr_plan(pattern, batch, heads, dim, q.dtype, q.device, shared=True)
         out = q.new_empty(batch, tokens, heads, dim)
+        lse = q.new_empty(batch, tokens, heads, dtype=torch.float32) if return_lse else None
         for item in range(batch):
-            plan.wrapper.run(*(x.transpose(1, 2)[item] for x in (q, k, v)), out=out[item])
-        return out.transpose(1, 2)
+            plan.wrapper.run(*(x.transpose(1, 2)[item] for x in (q, k, v)), out=out[item],
+                             **({"lse": lse[item], "return_lse": True} if return_lse else {}))  # fmt: skip
+        return out.transpose(1, 2), None if lse is None else lse.transpose(1, 2)
     plan = bsr_plan(pattern, batch, heads, dim, q.dtype, q.device, shared=False)
     groups = batch * heads
     if plan.padded == tokens:
@@ -472,8 +484,40 @@ def flashinfer_bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         queries[:, :, :tokens] = q
         queries = queries.view(groups * plan.padded, 1, dim)
     keys, values = (x.reshape(groups * tokens, 1, dim) for x in (k, v))
-    out = plan.wrapper.run(queries, keys, values)
-    return out.view(batch, heads, plan.padded, dim)[:, :, :tokens]
+    out, lse = plan.wrapper.run(queries, keys, values, return_lse=True) if return_lse else (
+        plan.wrapper.run(queries, keys, values), None)  # fmt: skip
+    out = out.view(batch, heads, plan.padded, dim)[:, :, :tokens]
+    return out, None if lse is None else lse.view(batch, heads, plan.padded)[:, :, :tokens]
+
+
+def split_patterns(pattern: BlockSparsePattern) -> tuple[BlockSparsePattern, BlockSparsePattern]:
+    """A token-level pattern as two over disjoint entries: its full tiles, block level, and its partial tiles, token
+    level under its ``mask_mod``; built once and kept with the pattern (with what each backend plans for them)."""
+    key = ("split",)
+    if key not in pattern.backend_plans:
+        partial = pattern.partial_tiles
+        whole = BlockSparsePattern(pattern.full_tiles, pattern.seq_len, pattern.block_size)
+        cut = BlockSparsePattern(partial, pattern.seq_len, pattern.block_size, full=torch.zeros_like(partial),
+                                 mask_mod=pattern.mask_mod)  # fmt: skip
+        pattern.backend_plans[key] = (whole, cut)
+    return pattern.backend_plans[key]
+
+
+@register_backend("flashinfer-split", devices=("cuda",), dtypes=HALF_DTYPES, package="flashinfer",
+                  distribution="flashinfer-python", refuses=_bsr_refuses, differentiable=False,
+                  refused_kinds={"variable": "FlashInfer's variable-block wrapper (backend flashinfer) runs them",
+                                 "tiles": "no partial tile to split off: flashinfer-bsr runs it whole"})  # fmt: skip
+def flashinfer_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
+                               ) -> torch.Tensor:  # fmt: skip
+    """A token-level pattern in two parts over disjoint keys of each row (:func:`split_patterns`): its full tiles on
+    FlashInfer's BSR wrapper (:func:`bsr_attention`, FA3 on Hopper; a head-shared table read in place, as svg's band
+    after its layout transform), its partial tiles (the band's diagonal edges, a ragged sink) on flex-tuned under
+    the mask_mod, merged by their log-sum-exps (:func:`~methods.kernels.attention_states.merge_attention_states`).
+    The same output as one masked softmax over the union. ``(B, H, N, D)`` in and out."""
+    whole, cut = split_patterns(pattern)
+    out_whole, lse_whole = bsr_attention(q, k, v, whole, return_lse=True)
+    out_cut, lse_cut = flex_block_sparse_attention(q, k, v, cut, HOPPER_FLEX_OPTIONS, return_lse=True)
+    return merge_attention_states(out_whole, lse_whole, out_cut, lse_cut * LOG2_E)
 
 
 @register_backend("triton-variable", devices=("cuda",), dtypes=HALF_DTYPES, package="triton", differentiable=False,
@@ -640,11 +684,13 @@ def auto_flashinfer(pattern: BlockSparsePattern) -> str | None:
     planned once and read in place) on the BSR wrapper, 3.76 against flex-tuned's 5.43 ms a call, a forward 1.55x
     cuDNN against 1.42x. Per-head tiles (xattn's, a new table every call) were faster per call on BSR (4.08 against
     5.29 ms) but not in the forward (1.22x against 1.28x: each call plans on the host and stacks the heads), so they
-    stay on Flex, as do token-level patterns, which FlashInfer cannot run. Variable blocks go to triton-variable
-    (:func:`auto_choice`), faster than FlashInfer's variable-block wrapper (run_f81020f/variable_blocks/)."""
-    if pattern.kind == "tiles" and pattern.kept.shape[:2] == (1, 1):
-        return "flashinfer-bsr"
-    return None
+    stay on Flex. A token-level pattern with a head-shared table (svg's band and sink, after its per-head layout
+    transform) goes to flashinfer-split: its full tiles on the BSR wrapper, planned once, the partial ones on Flex.
+    Variable blocks go to triton-variable (:func:`auto_choice`), faster than FlashInfer's variable-block wrapper
+    (run_f81020f/variable_blocks/)."""
+    if pattern.kept.shape[:2] != (1, 1):
+        return None
+    return {"tiles": "flashinfer-bsr", "token-level": "flashinfer-split"}.get(pattern.kind)
 
 
 @functools.cache
