@@ -490,6 +490,11 @@ def bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bl
     return out, None if lse is None else lse.view(batch, heads, plan.padded)[:, :, :tokens]
 
 
+#: Flex's options for a split pattern's partial tiles (a few per query block): ``harness.benchmarks.split_gpu``
+#: times the candidates.
+SPLIT_FLEX_OPTIONS: FlexKernelOptions = HOPPER_FLEX_OPTIONS
+
+
 def split_patterns(pattern: BlockSparsePattern) -> tuple[BlockSparsePattern, BlockSparsePattern]:
     """A token-level pattern as two over disjoint entries: its full tiles, block level, and its partial tiles, token
     level under its ``mask_mod``; built once and kept with the pattern (with what each backend plans for them)."""
@@ -511,12 +516,13 @@ def flashinfer_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                ) -> torch.Tensor:  # fmt: skip
     """A token-level pattern in two parts over disjoint keys of each row (:func:`split_patterns`): its full tiles on
     FlashInfer's BSR wrapper (:func:`bsr_attention`, FA3 on Hopper; a head-shared table read in place, as svg's band
-    after its layout transform), its partial tiles (the band's diagonal edges, a ragged sink) on flex-tuned under
-    the mask_mod, merged by their log-sum-exps (:func:`~methods.kernels.attention_states.merge_attention_states`).
-    The same output as one masked softmax over the union. ``(B, H, N, D)`` in and out."""
+    after its layout transform), its partial tiles (the band's diagonal edges, a ragged sink) on Flex
+    (:data:`SPLIT_FLEX_OPTIONS`) under the mask_mod, merged by their log-sum-exps
+    (:func:`~methods.kernels.attention_states.merge_attention_states`). The same output as one masked softmax over
+    the union. ``(B, H, N, D)`` in and out."""
     whole, cut = split_patterns(pattern)
     out_whole, lse_whole = bsr_attention(q, k, v, whole, return_lse=True)
-    out_cut, lse_cut = flex_block_sparse_attention(q, k, v, cut, HOPPER_FLEX_OPTIONS, return_lse=True)
+    out_cut, lse_cut = flex_block_sparse_attention(q, k, v, cut, SPLIT_FLEX_OPTIONS, return_lse=True)
     return merge_attention_states(out_whole, lse_whole, out_cut, lse_cut * LOG2_E)
 
 
