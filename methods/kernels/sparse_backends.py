@@ -490,9 +490,12 @@ def bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bl
     return out, None if lse is None else lse.view(batch, heads, plan.padded)[:, :, :tokens]
 
 
-#: Flex's options for a split pattern's partial tiles (a few per query block): ``harness.benchmarks.split_gpu``
-#: times the candidates.
-SPLIT_FLEX_OPTIONS: FlexKernelOptions = HOPPER_FLEX_OPTIONS
+#: Flex's options for a split pattern's partial tiles (a few per query block): 64 x 64 tiles on 4 warps, 3 stages, the
+#: fastest of ``harness.benchmarks.split_gpu``'s candidates on an H200 at both Wan shapes (svg's partial tiles 0.48 ms
+#: at 1.3B, 2.38 at 14B, against 0.57 and 3.52 with the 128 x 128 Hopper options; the split call 1.10x and 1.09x the
+#: density-scaled cuDNN time, flex-tuned alone 1.34x and 1.25x: reports/gpu/h200/run_829fb7d/).
+SPLIT_FLEX_OPTIONS: FlexKernelOptions = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4,  # type: ignore[typeddict-unknown-key]
+                                         "fwd_num_stages": 3}  # fmt: skip
 
 
 def split_patterns(pattern: BlockSparsePattern) -> tuple[BlockSparsePattern, BlockSparsePattern]:
