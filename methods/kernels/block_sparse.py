@@ -406,10 +406,11 @@ def rectangle_counts(table: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor
         cols: first and last column of each rectangle column (inclusive), ``(C,)`` or ``(B, H, C)``.
 
     Returns:
-        ``(B, H, R, C)`` int64 counts.
+        ``(B, H, R, C)`` int32 counts (the prefix sums in int32, half int64's traffic: svg2's 300 x 1,000 cluster
+        pairs count at most 300,000).
     """
     batch, heads = table.shape[:2]
-    prefix = F.pad(table.long().cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    prefix = F.pad(table.int().cumsum(-2, dtype=torch.int32).cumsum(-1, dtype=torch.int32), (1, 0, 1, 0))
     b = torch.arange(batch, device=table.device)[:, None, None, None]
     h = torch.arange(heads, device=table.device)[None, :, None, None]
     r0, r1 = rows[0][..., :, None], rows[1][..., :, None] + 1
