@@ -465,11 +465,12 @@ def test_records_carry_the_kernel_choices_in_force(monkeypatch: pytest.MonkeyPat
     """Every kernel variable a kernel module reads is in the environment a record carries, with its value in force
     (as set, else its default): BENCH_KMEANS_UPDATE=sorted changes which kernel a number measured."""
     from harness.environment import capture_environment
-    from methods.kernels import kmeans_triton, linear_attention_triton, xattn_scoring_triton
+    from methods.kernels import kmeans_triton, linear_attention_triton, ranked_selection_triton, xattn_scoring_triton
 
     monkeypatch.setenv(kmeans_triton.VARIANT_ENV, "Sorted")
     choices = capture_environment(CPU)["kernel_choices"]
-    read = {module.BACKEND_ENV for module in (kmeans_triton, linear_attention_triton, xattn_scoring_triton)}
+    modules = (kmeans_triton, linear_attention_triton, xattn_scoring_triton, ranked_selection_triton)
+    read = {module.BACKEND_ENV for module in modules}
     assert set(choices) == read | {kmeans_triton.VARIANT_ENV, xattn_scoring_triton.VARIANT_ENV}
     assert choices[kmeans_triton.VARIANT_ENV] == "sorted"
     assert choices[xattn_scoring_triton.VARIANT_ENV] == xattn_scoring_triton.DEFAULT_VARIANT
