@@ -424,15 +424,14 @@ def test_bsr_stacks_a_head_shared_pattern_flashinfer_cannot_read_in_place(bsr_st
 
 def flex_with_natural_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
                           kernel_options: Any = None,
-                          return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Flex's contract with ``return_lse`` (CPU Flex does not return it): the masked softmax's output and each row's
-    natural-log log-sum-exp, zeros and -inf for a row that keeps no key."""
-    assert return_lse
+                          return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Flex's contract (CPU Flex returns no log-sum-exp): the masked softmax's output and, with ``return_lse``, each
+    row's natural-log log-sum-exp; zeros and -inf for a row that keeps no key."""
     scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
     scores = scores.masked_fill(~pattern.dense_mask(), float("-inf"))
     lse = scores.logsumexp(dim=-1)
-    out = (scores - lse[..., None]).exp().nan_to_num(0.0) @ v.float()
-    return out.to(q.dtype), lse
+    out = ((scores - lse[..., None]).exp().nan_to_num(0.0) @ v.float()).to(q.dtype)
+    return (out, lse) if return_lse else out
 
 
 @pytest.mark.parametrize("layout", ["processor", "contiguous"])
@@ -456,6 +455,27 @@ def test_split_runs_whole_tiles_on_bsr_and_partial_ones_on_flex_and_matches_mask
     assert relative_error(first, q, k, v, pattern) <= tolerance(q.dtype)
     (plan,) = StandInBsrWrapper.plans
     assert plan["qo_heads"] == 3  # one shared table read in place: FlashInfer's own heads
+
+
+def test_split_stacks_per_head_tables_and_runs_a_pattern_without_full_tiles_on_flex_alone(
+    bsr_stand_in: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-(batch, head) token-level tables take the BSR wrapper's stacked path (its log-sum-exps cut back to N rows
+    per head); a pattern with no full tile has no BSR part (FlashInfer's plan takes no empty table) and runs on Flex
+    alone. Both equal masked dense."""
+    monkeypatch.setattr(sparse_backends, "flex_block_sparse_attention", flex_with_natural_lse)
+    q, k, v = qkv(2, 3, 200)
+    kept = torch.rand(2, 3, 7, 7) < 0.5
+    kept[..., 0] = True
+    full = kept & (torch.rand(2, 3, 7, 7) < 0.5)
+    band = BlockSparsePattern(kept, 200, 32, full=full, mask_mod=lambda b, h, qi, ki: (qi - ki).abs() < 40)
+    out = sparse_backends.flashinfer_split_attention(q, k, v, band)
+    assert relative_error(out, q, k, v, band) <= tolerance(q.dtype)
+    assert [plan["qo_heads"] for plan in StandInBsrWrapper.plans] == [1]  # heads stacked in one table
+    partial_only = BlockSparsePattern(kept, 200, 32, full=torch.zeros_like(kept), mask_mod=band.mask_mod)
+    out = sparse_backends.flashinfer_split_attention(q, k, v, partial_only)
+    assert relative_error(out, q, k, v, partial_only) <= tolerance(q.dtype)
+    assert len(StandInBsrWrapper.plans) == 1  # nothing planned for it
 
 
 def test_split_patterns_cover_the_pattern_once() -> None:

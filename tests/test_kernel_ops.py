@@ -25,7 +25,7 @@ from methods.kernels import (
     xattn_scoring_triton,
 )
 
-KERNEL_MODULES = (linear_attention_triton, kmeans_triton, xattn_scoring_triton)
+KERNEL_MODULES = (linear_attention_triton, kmeans_triton, xattn_scoring_triton, ranked_selection_triton)
 
 
 def _ops(module: ModuleType) -> list[CustomOpDef]:

@@ -95,6 +95,35 @@ def test_cost_budget_ranks_ties_by_index_and_inf_first(monkeypatch: pytest.Monke
 
 
 @needs_kernel
+@pytest.mark.parametrize("fraction", [0.7, 0.9, 0.344])
+def test_an_exact_tie_at_the_budget_keeps_what_torch_keeps(monkeypatch: pytest.MonkeyPatch, fraction: float) -> None:
+    """Equal costs (xattn's block lengths) and equal masses put the budget exactly on an entry's edge: the kernel
+    compares against the same double fraction as torch (on CUDA a float32 one kept one entry more)."""
+    monkeypatch.setenv(kernel.BACKEND_ENV, "triton")
+    equal = torch.ones(2, 125, device=DEVICE)
+    costs = torch.full((125,), 128, device=DEVICE)
+    for entries in (5, 125):
+        scores, weights = equal[:, :entries], costs[:entries]
+        kept = select_by_cost_budget(scores, weights, fraction)
+        assert torch.equal(kept, torch_path(monkeypatch, select_by_cost_budget, scores, weights, fraction))
+        kept = select_by_cumulative_mass(scores, fraction, min_keep=0)
+        reference = torch_path(monkeypatch, select_by_cumulative_mass, scores, fraction, min_keep=0)
+        assert torch.equal(kept.sum(-1), reference.sum(-1))  # all tie: which ones torch keeps is unspecified
+
+
+@needs_kernel
+def test_negative_scores_rank_below_the_others_and_padding_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of the masses' contract, but a negative score must not rank the padding among the entries (it read past
+    the row): it ranks by value, as torch's sort does."""
+    scores = torch.tensor([[0.5, -0.25, 0.1, 0.2, 0.3, -1.0, float("-inf")]], device=DEVICE)
+    costs = torch.arange(1, 8, device=DEVICE)
+    monkeypatch.setenv(kernel.BACKEND_ENV, "triton")
+    for fraction in (0.5, 0.95, 1.0):
+        kept = select_by_cost_budget(scores, costs, fraction)
+        assert torch.equal(kept, torch_path(monkeypatch, select_by_cost_budget, scores, costs, fraction))
+
+
+@needs_kernel
 def test_op_contract() -> None:
     """The op's fake matches its output and it traces through ``torch.library.opcheck``."""
     scores = masses(3, 40)

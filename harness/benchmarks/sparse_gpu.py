@@ -290,20 +290,23 @@ def model_inputs(model: str, device: torch.device) -> tuple[torch.Tensor, torch.
     return q, k, v, sparse_context(grid, adapter_cls.num_layers)
 
 
-def back_to_back_ms(fn: Callable[[], Any], device: torch.device, calls: int = 10) -> float:
+def back_to_back_ms(fn: Callable[[], Any], device: torch.device, calls: int = 10, samples: int = 3) -> float:
     """Milliseconds per call of ``calls`` calls of ``fn`` issued back to back (after two warm ones) and timed as one
-    region: what a call costs inside a forward, where the host enqueues it while the GPU still runs earlier work.
-    :func:`~harness.latency.measure` synchronises before each timed call, so its time also holds the host's work
-    before the first launch, during which the GPU idles."""
+    region, the median of ``samples`` such regions: what a call costs inside a forward, where the host enqueues it
+    while the GPU still runs earlier work. :func:`~harness.latency.measure` synchronises before each timed call, so
+    its time also holds the host's work before the first launch, during which the GPU idles."""
     for _ in range(2):
         fn()
-    region = Region(device)
-    synchronize(device)
-    region.start()
-    for _ in range(calls):
-        fn()
-    region.stop()
-    return region.seconds() * 1e3 / calls
+    times = []
+    for _ in range(samples):
+        region = Region(device)
+        synchronize(device)
+        region.start()
+        for _ in range(calls):
+            fn()
+        region.stop()
+        times.append(region.seconds() * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def top_ops(call: Callable[[], Any], device: torch.device, rows: int = 12) -> list[dict[str, Any]]:

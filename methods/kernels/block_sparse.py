@@ -49,6 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, FlexKernelOptions, flex_attention
 
+try:
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # torch < 2.9: return_lse
+    AuxRequest = None  # type: ignore[assignment,misc]
+
 from harness.errors import HarnessError
 from methods.kernels import OP_NAMESPACE
 from methods.kernels import ranked_selection_triton as ranked
@@ -410,7 +415,7 @@ def rectangle_counts(table: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor
         pairs count at most 300,000).
     """
     batch, heads = table.shape[:2]
-    prefix = F.pad(table.int().cumsum(-2, dtype=torch.int32).cumsum(-1, dtype=torch.int32), (1, 0, 1, 0))
+    prefix = F.pad(table.cumsum(-2, dtype=torch.int32).cumsum(-1, dtype=torch.int32), (1, 0, 1, 0))
     b = torch.arange(batch, device=table.device)[:, None, None, None]
     h = torch.arange(heads, device=table.device)[None, :, None, None]
     r0, r1 = rows[0][..., :, None], rows[1][..., :, None] + 1
@@ -461,10 +466,26 @@ def flex_block_sparse_attention(
     if torch.compiler.is_compiling():
         # Inside a compiled model the model's graph captures flex_attention itself; the configuration patch
         # below is a call Dynamo does not trace (a graph break in every sparse layer: issue 21, item 5).
-        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=kernel_options, return_lse=return_lse)
+        return _with_lse(flex_attention(q, k, v, block_mask=block_mask, kernel_options=kernel_options,
+                                        **_lse_request(return_lse)))  # fmt: skip
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-        return compiled_flex_attention()(q, k, v, block_mask=block_mask, kernel_options=kernel_options,
-                                         return_lse=return_lse)  # fmt: skip
+        return _with_lse(compiled_flex_attention()(q, k, v, block_mask=block_mask, kernel_options=kernel_options,
+                                                   **_lse_request(return_lse)))  # fmt: skip
+
+
+def _lse_request(return_lse: bool) -> dict[str, Any]:
+    """Flex's keyword asking for the log-sum-exp: ``return_aux=AuxRequest(lse=True)`` (torch >= 2.9; its
+    ``return_lse`` is deprecated there), else ``return_lse``; nothing when it is not asked for."""
+    if not return_lse:
+        return {}
+    return {"return_lse": True} if AuxRequest is None else {"return_aux": AuxRequest(lse=True)}
+
+
+def _with_lse(result: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Flex's result as the output, or ``(output, lse)`` whichever keyword asked for the log-sum-exp."""
+    if isinstance(result, tuple) and hasattr(result[1], "lse"):
+        return result[0], result[1].lse
+    return result
 
 
 def masked_dense_attention(

@@ -12,9 +12,10 @@ In torch that is a sort, a gather, a cumulative sum, a comparison and a scatter,
 host work per call: at Wan 1.3B, XAttention's threshold added 0.37 ms (3.3% of a cuDNN call) to its 0.99 ms of
 scoring (reports/gpu/h200/run_81d2574/xattn/). Here one program per row holds the row in registers:
 
-- the rank key of entry j is ``(float bits of score_j) << 32 | (BLOCK - 1 - j)``, an int64 (scores are
-  non-negative, so their IEEE bits order as the scores do, ``inf`` first): one descending ``tl.sort`` ranks by
-  score with ties in index order, as the stable sort of the torch budget does (the torch cumulative mass sorts
+- the rank key of entry j is ``(ordered float bits of score_j) << 32 | (BLOCK - 1 - j)``, an int64 (a
+  non-negative score's IEEE bits order as the scores do, ``inf`` first; a negative one's magnitude bits are flipped
+  so that it ranks below, and padding ranks last): one descending ``tl.sort`` ranks by score with ties in index
+  order, as the stable sort of the torch budget does (the torch cumulative mass sorts
   without stability: only the order of exact ties differs, and only where they straddle the cut);
 - the weights are gathered in rank order (a load by index, from L1/L2), summed by ``tl.cumsum`` in float64 as the
   torch path sums in double, the kept count is the prefix the rule allows, and the cut is the smallest kept key.
@@ -57,26 +58,28 @@ def _jit(fn: Any) -> Any:
 
 
 @_jit
-def _ranked_prefix(scores_ptr, weights_ptr, keep_ptr, n, inner, wsp, wsq, wsn, fraction_hi, fraction_lo, own, min_keep,
+def _ranked_prefix(scores_ptr, weights_ptr, keep_ptr, n, inner, wsp, wsq, wsn, fraction_bits, own, min_keep,
                    BLOCK: tl.constexpr):  # fmt: skip
     """Program ``row``: the kept entries of ``scores[row, :n]`` (contiguous rows) into ``keep[row]``, counting
-    ``own`` (0 or 1/2) of each entry's weight against the budget ``fraction x total``, the fraction given as the
-    sum of two float32 scalars (Triton passes a Python float as float32, which would round 0.9); the weights of
-    row ``row = p * inner + q`` are at ``weights_ptr + p wsp + q wsq + j wsn`` (broadcast rows have stride 0)."""
+    ``own`` (0 or 1/2) of each entry's weight against the budget ``fraction x total``, the fraction passed as the
+    int64 bits of its double (Triton passes a Python float as float32: at an exact tie, equal costs summing to the
+    budget, the rounded fraction kept one entry more than torch); the weights of row ``row = p * inner + q`` are at
+    ``weights_ptr + p wsp + q wsq + j wsn`` (broadcast rows have stride 0)."""
     row = tl.program_id(0).to(tl.int64)
     entries = tl.arange(0, BLOCK)
     present = entries < n
     score = tl.load(scores_ptr + row * n + entries, mask=present, other=0.0) + 0.0  # -0.0 ranks as 0.0
-    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(present, (bits << 32) | (BLOCK - 1 - entries), -1)
+    bits = score.to(tl.int32, bitcast=True)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # IEEE bits in score order, negative scores included
+    padding = -9223372036854775807 - 1  # below every score's key: the padding ranks last
+    key = tl.where(present, (bits.to(tl.int64) << 32) | (BLOCK - 1 - entries), padding)
     ranked = tl.sort(key, descending=True)
     order = BLOCK - 1 - (ranked & 0xFFFFFFFF)  # entry index at each rank; the n entries rank before the padding
     weights_row = weights_ptr + (row // inner) * wsp + (row % inner) * wsq
     weight = tl.load(weights_row + order * wsn, mask=present, other=0).to(tl.float64)
     before = tl.cumsum(weight, 0) - weight
     total = tl.sum(weight, 0)
-    budget = total * fraction_hi + total * fraction_lo  # float64: total is
-    kept = before + weight * own < budget
+    kept = before + weight * own < total * fraction_bits.to(tl.float64, bitcast=True)
     kept = (kept | (entries < min_keep)) & present
     cut = tl.min(tl.where(kept, ranked, 0x7FFFFFFFFFFFFFFF), 0)
     tl.store(keep_ptr + row * n + entries, key >= cut, mask=present)
@@ -120,10 +123,9 @@ def ranked_prefix(scores: torch.Tensor, weights: torch.Tensor, fraction: float, 
     spread = weights.expand_as(scores).reshape(rows // inner, inner, n)  # a view where the broadcast allows
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     block = max(16, triton.next_power_of_2(n))
-    fraction_hi = struct.unpack("f", struct.pack("f", fraction))[0]
-    _ranked_prefix[(rows,)](flat, spread, keep, n, inner, *spread.stride(), fraction_hi, fraction - fraction_hi,
-                            0.5 if half else 0.0, min_keep, BLOCK=block,
-                            num_warps=4)  # fmt: skip
+    fraction_bits = struct.unpack("<q", struct.pack("<d", fraction))[0]  # > 2^31 for any fraction > 2^-1022: int64
+    _ranked_prefix[(rows,)](flat, spread, keep, n, inner, *spread.stride(), fraction_bits, 0.5 if half else 0.0,
+                            min_keep, BLOCK=block, num_warps=4)  # fmt: skip
     return keep
 
 

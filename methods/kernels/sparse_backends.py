@@ -334,7 +334,8 @@ BSR_REFUSED_KINDS: dict[PatternKind, str] = {
 
 
 def _bsr_refuses(pattern: BlockSparsePattern) -> str | None:
-    """The BSR wrapper's conditions on a pattern of whole tiles (its kinds are :data:`BSR_REFUSED_KINDS`)."""
+    """The BSR wrapper's conditions on a pattern's tiles (its kinds are :data:`BSR_REFUSED_KINDS`), which
+    flashinfer-split's full tiles meet too."""
     if pattern.blocks[0] != pattern.blocks[1]:
         return f"query and key blocks differ ({pattern.blocks}): the BSR wrapper's pages are square tiles"
     if pattern.blocks[0] < BSR_MIN_TILE:
@@ -498,13 +499,14 @@ SPLIT_FLEX_OPTIONS: FlexKernelOptions = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "
                                          "fwd_num_stages": 3}  # fmt: skip
 
 
-def split_patterns(pattern: BlockSparsePattern) -> tuple[BlockSparsePattern, BlockSparsePattern]:
-    """A token-level pattern as two over disjoint entries: its full tiles, block level, and its partial tiles, token
-    level under its ``mask_mod``; built once and kept with the pattern (with what each backend plans for them)."""
+def split_patterns(pattern: BlockSparsePattern) -> tuple[BlockSparsePattern | None, BlockSparsePattern]:
+    """A token-level pattern as two over disjoint entries: its full tiles, block level (``None`` when it has none:
+    FlashInfer's plan takes no empty table), and its partial tiles, token level under its ``mask_mod``; built once
+    (one host read, whether any tile is full) and kept with the pattern, with what each backend plans for them."""
     key = ("split",)
     if key not in pattern.backend_plans:
-        partial = pattern.partial_tiles
-        whole = BlockSparsePattern(pattern.full_tiles, pattern.seq_len, pattern.block_size)
+        partial, full = pattern.partial_tiles, pattern.full_tiles
+        whole = BlockSparsePattern(full, pattern.seq_len, pattern.block_size) if bool(full.any()) else None
         cut = BlockSparsePattern(partial, pattern.seq_len, pattern.block_size, full=torch.zeros_like(partial),
                                  mask_mod=pattern.mask_mod)  # fmt: skip
         pattern.backend_plans[key] = (whole, cut)
@@ -513,19 +515,22 @@ def split_patterns(pattern: BlockSparsePattern) -> tuple[BlockSparsePattern, Blo
 
 @register_backend("flashinfer-split", devices=("cuda",), dtypes=HALF_DTYPES, package="flashinfer",
                   distribution="flashinfer-python", refuses=_bsr_refuses, differentiable=False,
-                  refused_kinds={"variable": "FlashInfer's variable-block wrapper (backend flashinfer) runs them",
+                  refused_kinds={"variable": BSR_REFUSED_KINDS["variable"],
                                  "tiles": "no partial tile to split off: flashinfer-bsr runs it whole"})  # fmt: skip
-def flashinfer_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
+def flashinfer_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
+                               partial_options: FlexKernelOptions | None = SPLIT_FLEX_OPTIONS
                                ) -> torch.Tensor:  # fmt: skip
     """A token-level pattern in two parts over disjoint keys of each row (:func:`split_patterns`): its full tiles on
     FlashInfer's BSR wrapper (:func:`bsr_attention`, FA3 on Hopper; a head-shared table read in place, as svg's band
-    after its layout transform), its partial tiles (the band's diagonal edges, a ragged sink) on Flex
-    (:data:`SPLIT_FLEX_OPTIONS`) under the mask_mod, merged by their log-sum-exps
-    (:func:`~methods.kernels.attention_states.merge_attention_states`). The same output as one masked softmax over
-    the union. ``(B, H, N, D)`` in and out."""
+    after its layout transform), its partial tiles (the band's diagonal edges, a ragged sink) on Flex with
+    ``partial_options`` (:data:`SPLIT_FLEX_OPTIONS`; ``None``: Flex's own choice) under the mask_mod, merged by their
+    log-sum-exps (:func:`~methods.kernels.attention_states.merge_attention_states`). The same output as one masked
+    softmax over the union; a pattern without a full tile runs on Flex alone. ``(B, H, N, D)`` in and out."""
     whole, cut = split_patterns(pattern)
+    if whole is None:
+        return flex_block_sparse_attention(q, k, v, cut, partial_options)
     out_whole, lse_whole = bsr_attention(q, k, v, whole, return_lse=True)
-    out_cut, lse_cut = flex_block_sparse_attention(q, k, v, cut, SPLIT_FLEX_OPTIONS, return_lse=True)
+    out_cut, lse_cut = flex_block_sparse_attention(q, k, v, cut, partial_options, return_lse=True)
     return merge_attention_states(out_whole, lse_whole, out_cut, lse_cut * LOG2_E)
 
 
