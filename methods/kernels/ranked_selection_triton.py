@@ -45,10 +45,11 @@ BACKEND_ENV = "BENCH_SELECTION_BACKEND"
 DEFAULT_BACKEND = "auto"
 kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
 #: The longest row the kernel ranks; longer rows take the torch path. One program sorts its row in registers, which
-#: costs far more than n log^2 n suggests past 512 entries: on an H200 (reports/gpu/h200/run_68cb19d/) 0.8 us a
-#: program for rows of 256 (xattn at Wan 1.3B: 0.019 ms for 3,072 rows, against 0.37 ms for the torch path with its
-#: host work), 13 us for rows padded to 1,024 (2.4 ms for xattn's 23,640 rows of 591 at 14B, where torch took
-#: 1.7 ms; 0.36 ms for SVG2's 3,600 rows of 1,000 key clusters at 1.3B).
+#: costs far more than n log^2 n suggests past 512 entries: on an H200 (device time, reports/gpu/h200/run_68cb19d/)
+#: 0.8 us a program for rows of 256 (xattn at Wan 1.3B: 0.019 ms for 3,072 rows, where the torch path had added
+#: 0.37 ms to the synchronised selection, host work included, in run_81d2574), 13 us for rows padded to 1,024
+#: (2.41 ms for xattn's 23,640 rows of 591 at 14B, 2.11 ms synchronised against torch's 1.69; 0.36 ms for SVG2's
+#: 3,600 rows of 1,000 key clusters at 1.3B).
 MAX_ENTRIES = 512
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
