@@ -14,8 +14,8 @@ way diffusers' ``attention_dispatch`` registers its attention backends:
                 k, v in place where the table is shared by every head
     triton-variable  our Triton kernel over variable-size blocks (SVG2's clusters): each query block's kept key
                 tokens gathered by index, planned on the device
-    flashinfer-split  a token-level pattern's full tiles on the BSR wrapper and its partial tiles on flex-tuned,
-                merged by their log-sum-exps (svg's band and sink)
+    flashinfer-split  a token-level pattern's full tiles on the BSR wrapper and its partial tiles on Flex
+                (:data:`SPLIT_FLEX_OPTIONS`), merged by their log-sum-exps (svg's band and sink)
 
 ``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex-tuned on
 Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere (flex past its size); on Hopper,
