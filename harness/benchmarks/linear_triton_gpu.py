@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -320,6 +321,13 @@ def compiled_kernels() -> dict[str, Any]:
     for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
         tuner = getattr(fused, name)
         entry: dict[str, Any] = {"chosen": {str(key): str(config) for key, config in tuner.cache.items()}}
+        # The last key's tuning, ms per configuration (a configuration that failed to run times as inf: null).
+        timings = getattr(tuner, "configs_timings", None) or {}
+        entry["last_tuning_ms"] = {
+            str(config): [t if math.isfinite(t) else None for t in map(float, times if isinstance(times, list | tuple)
+                                                                     else [times])]
+            for config, times in timings.items()
+        }  # fmt: skip
         try:
             entry["compiled"] = [
                 {"specialisation": str(key)[-400:], "warps": kernel.metadata.num_warps,
