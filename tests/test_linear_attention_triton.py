@@ -145,39 +145,27 @@ def test_fused_matches_float64_reference(kind: str, dtype: torch.dtype, shape: t
     assert all(e <= TOLERANCE[dtype] for e in errors.values()), f"{kind} {dtype}: {errors}"
 
 
-KERNELS = ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads")
-
-
-@pytest.fixture(params=[(None, False), (None, True)] if ON_CUDA else [(32, False), (64, False), (32, True)],
-                ids=lambda param: f"{param[0] or 'tuned'}{'-paired' if param[1] else ''}")  # fmt: skip
+@pytest.fixture(params=[None] if ON_CUDA else [32, 64])
 def gpu_blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     """Under the interpreter, every kernel run at BLOCK_N tokens (the blocks the GPU's autotuner picks; the
     interpreter's default is 16), with chunks aligned to it and several chunks per head. On CUDA, the kernels' own
     configurations, as the benchmarks run them (forcing one, e.g. the query pass at 64 tokens that QUERY_CONFIGS
-    leaves out because it miscompiles on sm_90, would test code that never runs). Each way once more with the
-    state pass's PAIRED configurations alone (hedgehog's halves in one program; a map of one half skips); yields
-    the chunk alignment."""
-    block, paired = request.param
-    if paired and request.node.callspec.params.get("kind") != "hedgehog":
-        pytest.skip("only hedgehog has two feature halves to pair")
+    leaves out because it miscompiles on sm_90, would test code that never runs); yields the chunk alignment."""
     monkeypatch.setattr(fused, "_slots", lambda device: 64)
-    fused._chunking.cache_clear()
-    if block is None:
-        if paired:
-            listed = [config for config in fused._gram_partials.configs if config.kwargs["PAIRED"]]
-            monkeypatch.setattr(fused._gram_partials, "configs", listed)
-            fused._gram_partials.cache.clear()
+    if request.param is None:
+        fused._chunking.cache_clear()
         yield fused._chunk_alignment(fused.REDUCE_CONFIGS)
-    else:
-        monkeypatch.setattr(fused, "INTERPRETER_CONFIGS", ((block, 4, 1),))
-        for name in KERNELS:
-            flags = {"PAIRED": paired} if name == "_gram_partials" else {}
-            config = fused.triton.Config({"BLOCK_N": block, **flags}, num_warps=4, num_stages=1)
-            monkeypatch.setattr(getattr(fused, name), "configs", [config])
-            getattr(fused, name).cache.clear()
-        yield block
+        return
+    block = request.param
+    monkeypatch.setattr(fused, "INTERPRETER_CONFIGS", ((block, 4, 1),))
     fused._chunking.cache_clear()
-    for name in KERNELS:
+    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
+        tuner = getattr(fused, name)
+        monkeypatch.setattr(tuner, "configs", [fused.triton.Config({"BLOCK_N": block}, num_warps=4, num_stages=1)])
+        tuner.cache.clear()
+    yield block
+    fused._chunking.cache_clear()
+    for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
         getattr(fused, name).cache.clear()
 
 
@@ -239,17 +227,6 @@ def test_hedgehog_weights_in_the_compute_dtype() -> None:
     ref_grads = torch.autograd.grad(ref, (q_map.weight, k_map.weight), torch.ones_like(ref))
     assert relative(out, ref) <= TOLERANCE[dtype]
     assert all(g.dtype == dtype and relative(g, r) <= TOLERANCE[dtype] for g, r in zip(grads, ref_grads, strict=True))
-
-
-@pytest.mark.skipif(fused.triton is None, reason="needs triton")
-@pytest.mark.parametrize(("kind", "paired"), [("hedgehog", True), ("relu", False), ("elu", False)])
-def test_only_hedgehog_tunes_paired_state_passes(kind: str, paired: bool) -> None:
-    """The state pass's PAIRED configurations (both feature halves in one program) stay among the candidates for
-    hedgehog's two halves and are pruned for the one-half maps, at Wan's head dim."""
-    listed = [fused.triton.Config({"BLOCK_N": block, "PAIRED": pair}, num_warps=warps, num_stages=stages)
-              for block, warps, stages, pair in fused.REDUCE_CONFIGS]  # fmt: skip
-    kept = fused._prune(listed, {}, KIND=fused.KIND_CODES[kind], BLOCK_D=128)
-    assert kept and any(config.kwargs["PAIRED"] for config in kept) == paired
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs triton")

@@ -14,8 +14,7 @@ loaded once per program and the token axis is split over enough programs to fill
 minimises waves x chunk length, see :func:`_chunking`):
 
 - :func:`_gram_partials`: per (half, chunk, batch x head) ``phi(k)^T v`` and ``sum phi(k)`` (fp32); hedgehog's
-  two feature halves ``softmax(+-x W)`` go to separate, adjacent programs (one fp32 state each in registers) or,
-  in the autotuner's PAIRED configurations, to one program that projects each key tile once and holds both.
+  two feature halves ``softmax(+-x W)`` go to separate, adjacent programs (one fp32 state each in registers).
 - :func:`_sum_groups`: the partial sums over chunks, in a fixed order (deterministic): the state ``S, z``.
 - :func:`_output`: phi(q) of both halves, ``phi(q) S`` and the normaliser ``den``; the output (and den, for the
   backward). Without the normaliser, ``phi(k) dS``: the value gradient dv.
@@ -51,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,11 +88,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # 48 bytes, query 440; none elsewhere; the key pass at most 138 registers): harness/benchmarks/linear_triton_ptxas.py
 # prints that report. The 8-warp variants at 64 tokens (and 32 at 3 stages) halve the registers per thread of the
 # 4-warp ones, which the H200 chose at 255, the cap, for the state pass at Wan 1.3B.
-# The state pass's lists end in PAIRED (hedgehog's two feature halves in one program, which projects each key
-# tile once instead of twice: a quarter of the pass's matrix work, for twice the fp32 state in registers; only
-# hedgehog has two halves, the other maps prune these). Not yet timed on a GPU.
-REDUCE_CONFIGS = ((128, 8, 2, False), (64, 4, 2, False), (64, 4, 3, False), (64, 8, 2, False), (64, 8, 3, False),
-                  (32, 8, 2, True), (32, 8, 3, True), (64, 8, 2, True))  # fmt: skip
+REDUCE_CONFIGS = ((128, 8, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3))
 OUTPUT_CONFIGS = ((128, 8, 2), (32, 4, 2), (64, 4, 4), (64, 8, 2), (64, 8, 3), (32, 8, 3))
 # The query pass at 64 tokens (8 warps, 2 stages) miscompiles on sm_90 at head dim 128 (Triton 3.6): on an H200
 # at the Wan 1.3B shape it wrote dz with relative error 1.7e4 (hedgehog) and read out of bounds (relu), while the
@@ -115,26 +109,21 @@ PROGRAM_COST_TOKENS = 128
 MAX_WAVES = 4
 
 
-def _kernel(configs: tuple[tuple[Any, ...], ...], flags: tuple[str, ...] = ()) -> Any:
-    """``triton.autotune`` over ``configs`` (BLOCK_N, num_warps, num_stages, then one value per constexpr named
-    in ``flags``) around ``triton.jit``; without Triton the plain function, which is never launched. Under the
-    interpreter each flag is False."""
+def _kernel(configs: tuple[tuple[int, int, int], ...]) -> Any:
+    """``triton.autotune`` over ``configs`` (BLOCK_N, num_warps, num_stages) around ``triton.jit``; without
+    Triton the plain function, which is never launched."""
     if triton is None:
         return lambda fn: fn
-    chosen = tuple(config + (False,) * len(flags) for config in INTERPRETER_CONFIGS) if INTERPRETED else configs
-    tuned = [triton.Config({"BLOCK_N": block, **dict(zip(flags, rest, strict=True))}, num_warps=warps,
-                           num_stages=stages) for block, warps, stages, *rest in chosen]  # fmt: skip
+    chosen = INTERPRETER_CONFIGS if INTERPRETED else configs
+    tuned = [triton.Config({"BLOCK_N": block}, num_warps=warps, num_stages=stages) for block, warps, stages in chosen]
     autotune = triton.autotune(configs=tuned, key=["BLOCK_D", "KIND", "HAS_W", "NH", "NORMALISE", "WANT_DW"],
                                prune_configs_by={"early_config_prune": _prune})  # fmt: skip
     return lambda fn: autotune(triton.jit(fn))
 
 
 def _prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
-    """Maps of one feature half drop the PAIRED configurations (nothing to pair); small heads (toy models,
-    BLOCK_D < 128) take the first remaining configuration untimed: each tuned one costs a compile, and their calls
-    are too small for the choice to matter."""
-    if kwargs.get("KIND", KIND_CODES["hedgehog"]) != KIND_CODES["hedgehog"]:
-        configs = [config for config in configs if not config.kwargs.get("PAIRED", False)]
+    """Small heads (toy models, BLOCK_D < 128) take the first configuration untimed: each tuned one costs a
+    compile, and their calls are too small for the choice to matter."""
     return configs if kwargs.get("BLOCK_D", MAX_HEAD_DIM) >= MAX_HEAD_DIM else configs[:1]
 
 
@@ -142,9 +131,9 @@ def _jit(fn: Any) -> Any:
     return fn if triton is None else triton.jit(fn)
 
 
-def _chunk_alignment(configs: tuple[tuple[Any, ...], ...]) -> int:
+def _chunk_alignment(configs: tuple[tuple[int, int, int], ...]) -> int:
     """Chunks are whole multiples of every configuration's block, so no block straddles two chunks."""
-    return max(config[0] for config in (INTERPRETER_CONFIGS if INTERPRETED else configs))
+    return max(block for block, _, _ in (INTERPRETER_CONFIGS if INTERPRETED else configs))
 
 
 # -- kernels ------------------------------------------------------------------------------------
@@ -278,15 +267,13 @@ def _rows(base, n, stride, cols, mask):
     return tl.load(base + n[:, None] * stride + cols[None, :], mask=mask, other=0.0)
 
 
-@_kernel(REDUCE_CONFIGS, flags=("PAIRED",))
+@_kernel(REDUCE_CONFIGS)
 def _gram_partials(x_ptr, y_ptr, w_ptr, part_ptr, H, N, D: tl.constexpr, CHUNK,
                    sxb, sxh, sxn, syb, syh, syn,
-                   KIND: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PAIRED: tl.constexpr):  # fmt: skip
+                   KIND: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Program (half, chunk, b * H + h): over the chunk's tokens n, ``sum phi(x_n)^T y_n`` ``(BD, BD)`` and
-    ``sum phi(x_n)`` ``(BD,)`` into partial row ``(chunk, bh, half)``. Hedgehog's two feature halves run either
-    side by side in adjacent programs (their shared reads of x and y hit the L2; each projects x again) or, when
-    PAIRED (grid ``(1, chunks, B * H)``), in one program that projects x once and holds both fp32 states."""
+    ``sum phi(x_n)`` ``(BD,)`` into partial row ``(chunk, bh, half)`` (the halves run side by side, so their
+    shared reads of x and y hit the L2)."""
     _, chunk, _, b, h, sign = _program(H)
     rows, cols = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     inside = cols < D
@@ -295,26 +282,13 @@ def _gram_partials(x_ptr, y_ptr, w_ptr, part_ptr, H, N, D: tl.constexpr, CHUNK,
     w = _weight(w_ptr, h, cols, dtype, D, HAS_W, False, BLOCK_D)
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     zacc = tl.zeros((BLOCK_D, 16), dtype=tl.float32)
-    if PAIRED:
-        acc_minus = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-        zacc_minus = tl.zeros((BLOCK_D, 16), dtype=tl.float32)
     for offset in range(0, CHUNK, BLOCK_N):
         n, valid, mask = _block(chunk * CHUNK + offset, rows, N, inside)
         x, y = _rows(x_base, n, sxn, cols, mask), _rows(y_base, n, syn, cols, mask)
-        p = _project(x, w, HAS_W)
-        phi_t = tl.trans(_phi(p, sign, inside, KIND, D < BLOCK_D).to(dtype))
+        phi_t = tl.trans(_phi(_project(x, w, HAS_W), sign, inside, KIND, D < BLOCK_D).to(dtype))
         acc = tl.dot(phi_t, y, acc)  # rows past N: y is 0 there
         zacc = _row_sum(phi_t, valid.to(tl.float32), zacc, dtype)
-        if PAIRED:
-            phi_t = tl.trans(_phi(p, -1.0, inside, KIND, D < BLOCK_D).to(dtype))
-            acc_minus = tl.dot(phi_t, y, acc_minus)
-            zacc_minus = _row_sum(phi_t, valid.to(tl.float32), zacc_minus, dtype)
-    row = _partial_row()
-    if PAIRED:  # one program per (chunk, bh): its halves are rows 2 row and 2 row + 1
-        _store_state(part_ptr, 2 * row, acc, tl.sum(zacc, axis=1), cols, BLOCK_D)
-        _store_state(part_ptr, 2 * row + 1, acc_minus, tl.sum(zacc_minus, axis=1), cols, BLOCK_D)
-    else:
-        _store_state(part_ptr, row, acc, tl.sum(zacc, axis=1), cols, BLOCK_D)
+    _store_state(part_ptr, _partial_row(), acc, tl.sum(zacc, axis=1), cols, BLOCK_D)
 
 
 @_jit
@@ -476,8 +450,7 @@ def _block_d(head_dim: int) -> int:
 _CHOSEN: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
 
 
-def _launch_tuned(kernel: Any, grid: tuple[int, ...] | Callable[[dict[str, Any]], tuple[int, ...]], *args: Any,
-                  **meta: Any) -> None:  # fmt: skip
+def _launch_tuned(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
     """``kernel[grid](*args, **meta)`` for an autotuned kernel, with the autotuner's per-call work (dicts over every
     argument to build its key: as much host time as the launch itself) done once per key, the constexprs ``meta``
     and the tensors' dtypes (the autotuner's own key, or finer): its first call runs the autotuner, which picks
@@ -554,13 +527,9 @@ def _summed(partials: torch.Tensor) -> torch.Tensor:
 def _gram(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, kind: int, nh: int) -> torch.Tensor:
     """The state ``sum_n phi(x_n)^T y_n`` and ``sum_n phi(x_n)`` per (batch x head, half): ``(B*H*nh, BD*BD + BD)``
     fp32, for x and y ``(B, H, N, D)``."""
-    _, heads, tokens, dim = x.shape
-    (halves, chunks, rows), chunk = _grid(x, nh, REDUCE_CONFIGS)
-    partials = _state_buffer(chunks, rows * nh, _block_d(dim), x.device)
-
-    def grid(meta: dict[str, Any]) -> tuple[int, int, int]:
-        return 1 if meta["PAIRED"] else halves, chunks, rows
-
+    batch, heads, tokens, dim = x.shape
+    grid, chunk = _grid(x, nh, REDUCE_CONFIGS)
+    partials = _state_buffer(grid[1], batch * heads * nh, _block_d(dim), x.device)
     _launch_tuned(
         _gram_partials, grid, x, y, x if w is None else w, partials, heads, tokens, dim, chunk,
         *_strides(x), *_strides(y),
