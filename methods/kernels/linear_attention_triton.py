@@ -100,11 +100,14 @@ PROJECT_CONFIGS = ((64, 8, 2), (128, 8, 2))
 INTERPRETER_CONFIGS = ((16, 4, 1),)
 # Elements of fp32 partial sums that one program of the summing kernel adds over all chunks.
 SUM_BLOCK = 1024
-# The chunking's model of the GPU: a wave is SLOTS_PER_SM programs per multiprocessor (the configurations above
-# run one, two or more per SM at head dim 128: a whole wave is whole rounds for each), a program costs
+# The chunking's model of the GPU: a wave is SLOTS_PER_SM programs per multiprocessor, a program costs
 # PROGRAM_COST_TOKENS tokens of streaming besides its chunk (loading W and the state, storing its partial sums),
-# and at most MAX_WAVES waves are considered.
-SLOTS_PER_SM = 4
+# and at most MAX_WAVES waves are considered. Two per SM, as the forward's chosen configurations run at head dim 128
+# (the state pass at 64 tokens on 4 warps: 255 registers, 98 KB of shared memory; the output pass one per SM):
+# on an H200 the hedgehog forward's graph replay took 0.323 ms at Wan 1.3B with 2 against 0.343 with 4 (half the
+# partial sums, fewer and longer programs) and 0.320 with 1, and at 14B 2.265, 2.258 and 2.307 ms (1 cuts the
+# 14B keys into 3 chunks of 25,216 tokens); reports/gpu/h200/README.md, "Twelfth session".
+SLOTS_PER_SM = 2
 PROGRAM_COST_TOKENS = 128
 MAX_WAVES = 4
 
