@@ -27,6 +27,8 @@ from methods.svg2 import kmeans, lloyd
 needs_kernel = triton_needs_kernel(fused)
 DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
 every_variant = pytest.mark.parametrize("update", fused.VARIANTS)
+# Two fp32 sums of the same 24 positive squares in different orders: each within 24 u (u = 6e-8) of the exact one.
+SUM_ORDER_RTOL = 3e-6
 
 
 def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -136,6 +138,63 @@ def test_ties_go_to_the_first_centroid_and_empty_clusters_keep_theirs(update: st
     empty = sizes[0] == 0
     assert torch.equal(centroids[:, empty], init[:, empty])
     assert relative(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dot_products_are_rounded_to_the_points_dtype_to_nearest_even(dtype: torch.dtype) -> None:
+    """Exact integer products one past 2^p (p = 11 in fp16, 8 in bf16: spacing 2 above it) decide the labels: in
+    group 0 <x, c_0> = 2^p + 1 rounds down to 2^p (centroid 0's distance then 1 above centroid 1's, 1 below
+    unrounded); in group 1 <x, c_0> = 2^p + 3 rounds up to 2^p + 4, the even neighbour (centroid 0 then 1 below,
+    unrounded or truncated 1 or 3 above). Labels [1] and [0], as the torch path's."""
+    p = 11 if dtype == torch.float16 else 8
+    k, m = 2 ** (p // 2), 2 ** (p - p // 2)  # k m = 2^p, both exact
+    x, init = torch.zeros(2, 1, 16), torch.zeros(2, 2, 16)
+    x[0, 0, :2], init[0, 0, :2], init[0, 1, 0] = torch.tensor([k, 1]), torch.tensor([m, 1]), m
+    # Group 1: ||c_0||^2 = m^2 + 7 (columns 1 to 4 add 1 + 4 + 1 + 1; x is nonzero in column 1 only).
+    x[1, 0, :2], init[1, 0, :5], init[1, 1, 0] = torch.tensor([k, 3]), torch.tensor([m, 1, 2, 1, 1]), m
+    x, init = x.to(DEVICE, dtype), init.to(DEVICE)
+    labels = fused.kmeans_lloyd(x, init, 1)[0]
+    assert labels.tolist() == [[1], [0]] and torch.equal(labels, lloyd(x, init, 1)[0])
+
+
+@needs_kernel
+def test_prepared_copy_is_the_centroids_in_the_points_dtype_transposed_and_zero_padded() -> None:
+    """prepare_centroids' ct: (G, BLOCK_D, CP) with ct[g, d, j] = centroid j's column d rounded to the points'
+    dtype, zeros past D (24 of 32 columns) and past C (37 of CENTROID_PAD)."""
+    centroids = torch.randn(2, 37, 24, device=DEVICE)
+    ct, _ = fused.prepare_centroids(centroids, torch.float16)
+    assert ct.shape == (2, 32, fused.CENTROID_PAD) and ct.dtype == torch.float16
+    assert torch.equal(ct[:, :24, :37], centroids.half().transpose(1, 2))
+    assert not ct[:, 24:].any() and not ct[:, :, 37:].any()
+
+
+@needs_kernel
+def test_prepared_norms_are_the_float32_squared_norms_and_inf_past_the_clusters() -> None:
+    """prepare_centroids' sq: (G, CP) fp32, the squared norms of the fp32 centroids (as the torch path's ``(c **
+    2).sum(-1)``, up to the sum's order; not of the rounded copy), +inf for the padding clusters."""
+    centroids = torch.randn(2, 37, 24, device=DEVICE)
+    _, sq = fused.prepare_centroids(centroids, torch.float16)
+    assert sq.shape == (2, fused.CENTROID_PAD) and sq.dtype == torch.float32
+    torch.testing.assert_close(sq[:, :37], (centroids**2).sum(dim=-1), rtol=SUM_ORDER_RTOL, atol=0)
+    assert torch.isinf(sq[:, 37:]).all() and (sq[:, 37:] > 0).all()
+
+
+@needs_kernel
+@every_variant
+def test_each_update_writes_the_prepared_copy_of_its_new_centroids(update: str) -> None:
+    """After an update step on the initial prepared buffers, they hold prepare_centroids of the new centroids (an
+    empty far cluster's kept one included): the copy exactly, the norms up to their sum's order."""
+    x = torch.randn(2, 90, 24, device=DEVICE).to(torch.float16)
+    init = torch.cat([x[:, :6].float(), 50 + torch.randn(2, 1, 24, device=DEVICE)], dim=1)  # 7 clusters, 1 empty
+    ct, sq = fused.prepare_centroids(init, x.dtype)
+    labels = lloyd(x, init, 1)[0]
+    updated, sizes = torch.empty_like(init), torch.empty(2, 7, device=DEVICE, dtype=torch.int64)
+    fused.UPDATE_STEPS[update](x, labels, init, updated, sizes, ct, sq)
+    expected_ct, expected_sq = fused.prepare_centroids(updated, x.dtype)
+    assert (sizes[:, 6] == 0).all() and torch.equal(updated[:, 6], init[:, 6])
+    assert torch.equal(ct, expected_ct) and torch.equal(torch.isinf(sq), torch.isinf(expected_sq))
+    torch.testing.assert_close(sq, expected_sq, rtol=SUM_ORDER_RTOL, atol=0)
 
 
 @needs_kernel

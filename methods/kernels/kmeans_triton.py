@@ -11,13 +11,22 @@ per group g (one (batch, head) pair) with points ``x_g (N, D)`` and centroids ``
    ``sums_j / sizes_j`` where ``sizes_j > 0``, the old one where the cluster is empty.
 
 An assignment kernel and an update step per iteration, launched back to back with nothing read back to the host
-in between. The update has two variants (:data:`VARIANTS`, the op's ``update``; :func:`chosen_variant` reads
+in between. The assignment reads the centroids prepared once per iteration, not per program: ``ct (G, BLOCK_D,
+CP)``, the centroids rounded to x's dtype and transposed (each tile a straight, coalesced load of a ``(D,
+BLOCK_C)`` block: no ``tl.trans`` of a loaded dot operand, which miscompiled on sm_90 in
+:mod:`methods.kernels.linear_attention_triton`), and ``sq (G, CP)``, their fp32 squared norms (the fp32 sum of
+squares of the fp32 centroid, as the torch path's), with CP = C rounded up to :data:`CENTROID_PAD` (zeros in ct and
++inf in sq past C, so tiles load unmasked and the padding never wins). :func:`_prepare` writes them for the initial
+centroids (one launch per op call); every update kernel writes them beside its new centroids (no extra launch).
+The update has two variants (:data:`VARIANTS`, the op's ``update``; :func:`chosen_variant` reads
 ``$BENCH_KMEANS_UPDATE``) with the same outputs:
 
-- :func:`_assign`: one program per (tile of BLOCK_N tokens, group): the tile of x stays in registers while the
-  centroids stream past in tiles of BLOCK_C (loaded transposed by their addresses: no ``tl.trans``, see
-  :mod:`methods.kernels.linear_attention_triton` on sm_90), with a running minimum and its index. Only the
-  ``(G, N)`` labels reach memory, never the ``(N, C)`` distances.
+- :func:`_assign`: one program per (tile of BLOCK_N tokens, group): the tile of x stays on chip while the prepared
+  centroids stream past in tiles of BLOCK_C (from L2), with a running minimum and its index: per tile the
+  distances' row minimum, then the first column holding it (two plain reductions, cheaper than an argmin's
+  (value, index) pairs), kept where strictly below the running one (ties: the lower index). In bf16 on the GPU
+  the products are rounded by one ``cvt.rn.bf16x2.f32`` per element (:func:`_round_to_points`; Triton's own
+  conversion is a slow scalar F2F). Only the ``(G, N)`` labels reach memory, never the ``(N, C)`` distances.
 - ``onehot``, :func:`_update`: one program per (tile of BLOCK_C clusters, group): over all tokens in tiles of
   BLOCK_N, the one-hot matrix ``[label_n = j]`` (BLOCK_C, BLOCK_N) in x's dtype times the x tile, accumulated in
   fp32 on tensor cores. The products ``1 x x_n`` are exact and the accumulation is fp32, so the sums are the fp32
@@ -29,12 +38,16 @@ in between. The update has two variants (:data:`VARIANTS`, the op's ``update``; 
   ``order`` in tiles of BLOCK_N and summed in fp32 (plain adds, tile by tile in a fixed order: the same on every
   run). Each token is read once.
 
-Cost per iteration and group: the assignment is ``2 N C D`` FLOPs (one ``x c^T``); the one-hot update another ``2 N
-C D`` (C times the ``N D`` adds a scatter would do, on tensor cores) and reads x ``C / BLOCK_C`` times, the sorted
-one ``N D`` adds, x read once (``O(N D)`` bytes) plus a sort and a search of N labels. At Wan 1.3B (N = 32,760, D
-= 128, 12 heads) with 1,000 key clusters the one-hot update took ~1.3 ms per iteration on an H200, more than the
-assignment. Memory: the assignment reads x once and the centroids once per token tile (from L2); both updates
-write O(N + C D).
+Cost per iteration and group: the assignment is ``2 N C D`` FLOPs (one ``x c^T``) plus ~5 instructions per
+distance (round, subtract, minimum, first index); the one-hot update another ``2 N C D`` (C times the ``N D`` adds a
+scatter would do, on tensor cores) and reads x ``C / BLOCK_C`` times, the sorted one ``N D`` adds, x read once
+(``O(N D)`` bytes) plus a sort and a search of N labels. At Wan 1.3B (N = 32,760, D = 128, 12 heads) with 1,000 key
+clusters the one-hot update took ~1.3 ms per iteration on an H200, more than the assignment. Memory: the assignment
+reads x once and the prepared centroids (``2 C D`` bytes in bf16) once per token tile, from L2: ~0.8 GB per
+assignment at Wan 1.3B with 1,000 key clusters in 128-token tiles. The earlier kernel read the fp32 centroids
+instead (twice the bytes, transposed by address, squared and converted per program) and took 1.25 ms on an H200 for
+a selection's four warm assignments (~210 TFLOP/s). The prepared buffers take ``G CP (2 BLOCK_D + 4)`` bytes; both
+updates write O(N + C D), the prepared copy included.
 
 The loop is one ``torch.library`` custom op, :func:`kmeans_lloyd` (``attention_bench::``, inference only), so
 torch.compile sees one opaque call with fake outputs of the right shapes and never traces the autotuner.
@@ -81,19 +94,35 @@ MAX_HEAD_DIM = 128
 CENTROID_TOLERANCE = 1e-5
 # The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot time configurations: one small one.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# Not yet run on a GPU. (BLOCK_N tokens, BLOCK_C centroids, num_warps, num_stages) of the assignment: a (BLOCK_N,
-# 128) tile of x held while (128, BLOCK_C) fp32 centroid tiles stream past; the autotuner keeps the fastest.
-ASSIGN_CONFIGS = ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4),
-                  (256, 64, 8, 3))  # fmt: skip
-# (BLOCK_C clusters, BLOCK_N tokens, num_warps, num_stages) of the update: small cluster tiles give more programs
-# (300 query clusters in tiles of 64 are only 5 per head), larger ones read x fewer times.
+# Candidates, none timed one by one (the autotuner times them at run time); compiled for sm_90 without a GPU, none
+# spills. (BLOCK_N tokens, BLOCK_C centroids, num_warps, num_stages) of the assignment: a (BLOCK_N, 128) tile of x
+# held while (128, BLOCK_C) tiles of the prepared centroids stream past; the autotuner keeps the fastest per cluster
+# count. Larger BLOCK_N reads the centroids fewer times (at Wan 1.3B with 1,000 key clusters, 128 tokens: ~0.8 GB
+# from L2 per assignment; 256: half). (128, 128, 8, 2) and (256, 64, 8, 2) fit two programs per SM (128 registers,
+# 96 KB of shared memory), so that one's matrix products overlap the other's minima; the others fit one, with
+# larger tiles. 300 query clusters waste less in tiles of 64 or 128 (320, 384) than of 256 (512).
+ASSIGN_CONFIGS = ((128, 128, 8, 2), (256, 128, 8, 2), (128, 256, 8, 2), (256, 64, 8, 2), (256, 128, 16, 2),
+                  (128, 64, 4, 3))  # fmt: skip
+# The prepared centroids are padded to a multiple of every assignment BLOCK_C (powers of two: the largest), so that
+# the assignment loads them unmasked.
+CENTROID_PAD = max(config[1] for config in ASSIGN_CONFIGS)
+# Clusters per program of the initial preparation (:func:`_prepare`), a divisor of CENTROID_PAD.
+PREPARE_BLOCK = 32
+# Candidates, none timed one by one. (BLOCK_C clusters, BLOCK_N tokens, num_warps, num_stages) of the update: small
+# cluster tiles give more programs (300 query clusters in tiles of 64 are only 5 per head), larger ones read x fewer
+# times.
 UPDATE_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (128, 128, 8, 2),
                   (32, 64, 4, 4))  # fmt: skip
-# Not yet run on a GPU. (BLOCK_N tokens, num_warps, num_stages) of the sorted update: a cluster's tokens gathered in
-# (BLOCK_N, 128) tiles; Wan's clusters average N / C tokens (33 of 1,000 key clusters, 109 of 300 query clusters).
+# Candidates, none timed one by one. (BLOCK_N tokens, num_warps, num_stages) of the sorted update: a cluster's
+# tokens gathered in (BLOCK_N, 128) tiles; Wan's clusters average N / C tokens (33 of 1,000 key clusters, 109 of 300
+# query clusters).
 SORTED_UPDATE_CONFIGS = ((32, 4, 2), (64, 4, 2), (128, 4, 2), (32, 2, 3), (64, 8, 2), (16, 2, 2))
 # Under the interpreter, every tile 16.
 INTERPRETER_TILE, INTERPRETER_WARPS, INTERPRETER_STAGES = 16, 4, 1
+
+
+def _jit(fn: Any) -> Any:
+    return fn if triton is None else triton.jit(fn)
 
 
 def _kernel(configs: tuple[tuple[int, ...], ...], names: tuple[str, ...]) -> Any:
@@ -115,43 +144,81 @@ def _kernel(configs: tuple[tuple[int, ...], ...], names: tuple[str, ...]) -> Any
 # -- kernels --------------------------------------------------------------------------------------
 
 
+@_jit
+def _store_prepared(ct_ptr, sq_ptr, g, C, CP, ids, centroids, BLOCK_D: tl.constexpr):
+    """The assignment's copy of the centroids ``(R, BLOCK_D)`` fp32 (zero past D and for ids >= C) of clusters ``ids
+    (R,)`` of group g: ``ct[g, :, ids]`` (G, BLOCK_D, CP) in ct's dtype (x's) and their fp32 squared norms
+    ``sq[g, ids]`` (G, CP), +inf for the padding ids >= C, which then never win; ids >= CP are not written."""
+    cols = tl.arange(0, BLOCK_D)
+    stored = ids < CP
+    squares = tl.sum(centroids * centroids, axis=1)
+    tl.store(sq_ptr + g * CP + ids, tl.where(ids < C, squares, float("inf")), mask=stored)
+    tl.store(ct_ptr + g * BLOCK_D * CP + cols[None, :] * CP + ids[:, None], centroids.to(ct_ptr.dtype.element_ty),
+             mask=stored[:, None])  # fmt: skip
+
+
+@_jit
+def _prepare(c_ptr, ct_ptr, sq_ptr, C, CP, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (cluster tile, group g): :func:`_store_prepared` of clusters ``[tile BLOCK_C, (tile + 1) BLOCK_C)``
+    from contiguous centroids ``(G, C, D)`` fp32, padding included."""
+    tile, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    ids = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = tl.arange(0, BLOCK_D)
+    centroids = tl.load(c_ptr + g * C * D + ids[:, None] * D + cols[None, :],
+                        mask=(ids < C)[:, None] & (cols < D)[None, :], other=0.0)  # fmt: skip
+    _store_prepared(ct_ptr, sq_ptr, g, C, CP, ids, centroids, BLOCK_D)
+
+
+@_jit
+def _round_to_points(dots, dtype: tl.constexpr, BF16_ASM: tl.constexpr):
+    """fp32 ``dots`` rounded to the points' ``dtype`` (to nearest, ties to even) and back to fp32, as the torch
+    path's fp16/bf16 matmul returns its products. With ``BF16_ASM`` (bf16 on a GPU; the interpreter runs no inline
+    assembly) one ``cvt.rn.bf16x2.f32`` of (dot, 0) per element (SASS F2FP.BF16.F32.PACK_AB), whose packed result,
+    the rounded dot in the high half and zeros below, is that fp32 value itself. Triton's own conversion compiles to
+    a scalar F2F.BF16.F32 and a shift back per element there; F2F is a conversion unit's instruction, at a fraction
+    of the fp32 FMA rate (the CUDA guide's throughput table; not measured here)."""
+    if BF16_ASM:
+        packed = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", [dots, tl.zeros_like(dots)],
+                                           dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+        return packed.to(tl.float32, bitcast=True)
+    return dots.to(dtype).to(tl.float32)
+
+
 @_kernel(ASSIGN_CONFIGS, ("BLOCK_N", "BLOCK_C"))
-def _assign(x_ptr, c_ptr, labels_ptr, N, C, sxg, sxn, D: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+def _assign(x_ptr, ct_ptr, sq_ptr, labels_ptr, N, C, CP, sxg, sxn, D: tl.constexpr, BLOCK_D: tl.constexpr,
+            BF16_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     """Program (token tile, group g): the nearest centroid of tokens ``[tile BLOCK_N, (tile + 1) BLOCK_N)`` into
-    ``labels (G, N)`` int64, from x ``(G, N, D)`` (strides sxg, sxn, 1) and contiguous centroids ``(G, C, D)``
-    fp32."""
+    ``labels (G, N)`` int64, from x ``(G, N, D)`` (strides sxg, sxn, 1) and the prepared centroids of
+    :func:`_prepare`: ``ct (G, BLOCK_D, CP)`` in x's dtype and ``sq (G, CP)`` fp32."""
     tile, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     tokens = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    inside = cols < D
-    x_base = x_ptr + g * sxg
-    x = tl.load(x_base + tokens.to(tl.int64)[:, None] * sxn + cols[None, :],
-                mask=(tokens < N)[:, None] & inside[None, :], other=0.0)  # fmt: skip
-    c_base = c_ptr + g * C * D
+    x = tl.load(x_ptr + g * sxg + tokens.to(tl.int64)[:, None] * sxn + cols[None, :],
+                mask=(tokens < N)[:, None] & (cols < D)[None, :], other=0.0)  # fmt: skip
+    ct_base = ct_ptr + g * BLOCK_D * CP + cols[:, None] * CP
+    sq_base = sq_ptr + g * CP
     best = tl.full((BLOCK_N,), float("inf"), dtype=tl.float32)
     best_index = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for start in range(0, C, BLOCK_C):
+        # Unmasked: CP is a multiple of BLOCK_C, the padding zero in ct and +inf in sq (never below a real distance).
         ids = start + tl.arange(0, BLOCK_C)
-        valid = ids < C
-        c_t = tl.load(c_base + ids[None, :] * D + cols[:, None], mask=inside[:, None] & valid[None, :], other=0.0)
-        c_sq = tl.sum(c_t * c_t, axis=0)
-        # Rounded to x's dtype: the torch path's fp16/bf16 matmul returns its products so, and near-ties then
-        # resolve alike in both paths.
-        dots = tl.dot(x, c_t.to(x.dtype)).to(x.dtype).to(tl.float32)
-        distances = tl.where(valid[None, :], c_sq[None, :] - 2.0 * dots, float("inf"))
-        tile_min, tile_index = tl.min(distances, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        dots = _round_to_points(tl.dot(x, tl.load(ct_base + ids[None, :])), x.dtype, BF16_ASM)
+        distances = tl.load(sq_base + ids)[None, :] - 2.0 * dots
+        # The tile's minimum, then its first column (cheaper than an argmin's (value, index) pairs).
+        tile_min = tl.min(distances, axis=1)
+        first = tl.min(tl.where(distances == tile_min[:, None], tl.arange(0, BLOCK_C)[None, :], BLOCK_C), axis=1)
         better = tile_min < best  # strictly: on a tie across tiles the earlier (lower) index stays
         best = tl.where(better, tile_min, best)
-        best_index = tl.where(better, tile_index + start, best_index)
+        best_index = tl.where(better, first + start, best_index)
     tl.store(labels_ptr + g * N + tokens, best_index.to(tl.int64), mask=tokens < N)
 
 
 @_kernel(UPDATE_CONFIGS, ("BLOCK_C", "BLOCK_N"))
-def _update(x_ptr, labels_ptr, c_ptr, out_ptr, sizes_ptr, N, C, sxg, sxn, D: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _update(x_ptr, labels_ptr, c_ptr, out_ptr, sizes_ptr, ct_ptr, sq_ptr, N, C, CP, sxg, sxn, D: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Program (cluster tile, group g): the new centroids ``out (G, C, D)`` fp32 and sizes ``(G, C)`` int64 of
-    clusters ``[tile BLOCK_C, (tile + 1) BLOCK_C)`` from x, the labels and the previous centroids ``c``."""
+    clusters ``[tile BLOCK_C, (tile + 1) BLOCK_C)`` from x, the labels and the previous centroids ``c``, and their
+    prepared copy for the next assignment (:func:`_store_prepared`)."""
     tile, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     ids = tile * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = tl.arange(0, BLOCK_D)
@@ -172,17 +239,19 @@ def _update(x_ptr, labels_ptr, c_ptr, out_ptr, sizes_ptr, N, C, sxg, sxn, D: tl.
     mask = (ids < C)[:, None] & inside[None, :]
     previous = tl.load(c_ptr + rows, mask=mask, other=0.0)
     means = tl.math.div_rn(sums, tl.maximum(counts, 1).to(tl.float32)[:, None])  # IEEE division, as torch's
-    tl.store(out_ptr + rows, tl.where((counts > 0)[:, None], means, previous), mask=mask)
+    updated = tl.where((counts > 0)[:, None], means, previous)  # zero past C and D: the padding's copy
+    tl.store(out_ptr + rows, updated, mask=mask)
     tl.store(sizes_ptr + g * C + ids, counts.to(tl.int64), mask=ids < C)
+    _store_prepared(ct_ptr, sq_ptr, g, C, CP, ids, updated, BLOCK_D)
 
 
 @_kernel(SORTED_UPDATE_CONFIGS, ("BLOCK_N",))
-def _update_sorted(x_ptr, order_ptr, bounds_ptr, c_ptr, out_ptr, sizes_ptr, N, C, sxg, sxn, D: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _update_sorted(x_ptr, order_ptr, bounds_ptr, c_ptr, out_ptr, sizes_ptr, ct_ptr, sq_ptr, N, C, CP, sxg, sxn,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Program (cluster j, group g): the new centroid ``out[g, j]`` (fp32) and size ``sizes[g, j]`` (int64) from the
     tokens ``order[g, bounds[g, j]:bounds[g, j + 1]]`` (``order (G, N)`` int64, the tokens sorted by label;
     ``bounds (G, C + 1)`` int64, where each cluster starts in that order), their rows of x and the previous
-    centroids ``c``."""
+    centroids ``c``, and its prepared copy for the next assignment (:func:`_store_prepared`)."""
     cluster, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     begin = tl.load(bounds_ptr + g * (C + 1) + cluster)
     end = tl.load(bounds_ptr + g * (C + 1) + cluster + 1)
@@ -202,8 +271,10 @@ def _update_sorted(x_ptr, order_ptr, bounds_ptr, c_ptr, out_ptr, sizes_ptr, N, C
     previous = tl.load(c_ptr + row, mask=inside, other=0.0)
     size = tl.broadcast_to(tl.maximum(count, 1).to(tl.float32), (BLOCK_D,))
     mean = tl.math.div_rn(sums, size)  # IEEE division, as torch's
-    tl.store(out_ptr + row, tl.where(count > 0, mean, previous), mask=inside)
+    updated = tl.where(count > 0, mean, previous)  # zero past D
+    tl.store(out_ptr + row, updated, mask=inside)
     tl.store(sizes_ptr + g * C + cluster, count.to(tl.int64))
+    _store_prepared(ct_ptr, sq_ptr, g, C, CP, tl.full((1,), cluster, tl.int32), updated[None, :], BLOCK_D)
 
 
 # -- dispatch -------------------------------------------------------------------------------------
@@ -246,21 +317,37 @@ def chosen_variant(variant: str | None = None) -> str:
     return env_choice(variant, VARIANT_ENV, DEFAULT_VARIANT, VARIANTS)
 
 
+def prepare_centroids(centroids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the assignment reads of contiguous centroids ``(G, C, D)`` fp32 (:func:`_prepare`, one launch):
+    ``ct (G, BLOCK_D, CP)`` the centroids rounded to ``dtype`` (x's) and transposed, ``sq (G, CP)`` fp32 their
+    squared norms, with CP = C rounded up to :data:`CENTROID_PAD`; zeros in ``ct`` and +inf in ``sq`` past C, zeros
+    in ``ct`` past D. The update kernels then refresh the first C clusters in place."""
+    groups, clusters, dim = centroids.shape
+    block_d = _block_d(dim)
+    padded = triton.cdiv(clusters, CENTROID_PAD) * CENTROID_PAD
+    ct = torch.empty(groups, block_d, padded, device=centroids.device, dtype=dtype)
+    sq = torch.empty(groups, padded, device=centroids.device, dtype=torch.float32)
+    _prepare[(padded // PREPARE_BLOCK, groups)](centroids, ct, sq, clusters, padded, D=dim, BLOCK_D=block_d,
+                                                BLOCK_C=PREPARE_BLOCK)  # fmt: skip
+    return ct, sq
+
+
 def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
-                   sizes: torch.Tensor) -> None:  # fmt: skip
-    """The one-hot update (:func:`_update`) of ``updated`` and ``sizes`` from x, the labels and the centroids."""
+                   sizes: torch.Tensor, ct: torch.Tensor, sq: torch.Tensor) -> None:  # fmt: skip
+    """The one-hot update (:func:`_update`) of ``updated`` and ``sizes`` from x, the labels and the centroids, and
+    of the prepared ``ct``, ``sq`` (:func:`prepare_centroids`) from ``updated``."""
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
 
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return triton.cdiv(clusters, meta["BLOCK_C"]), groups
 
-    _update[grid](x, labels, centroids, updated, sizes, tokens, clusters, x.stride(0), x.stride(1), D=dim,
-                  BLOCK_D=_block_d(dim))  # fmt: skip
+    _update[grid](x, labels, centroids, updated, sizes, ct, sq, tokens, clusters, sq.shape[1], x.stride(0),
+                  x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
 
 
 def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
-                       sizes: torch.Tensor) -> None:  # fmt: skip
+                       sizes: torch.Tensor, ct: torch.Tensor, sq: torch.Tensor) -> None:  # fmt: skip
     """The sorted update (:func:`_update_sorted`), same arguments as :func:`_update_onehot`: the labels sorted per
     group (int32 keys: half the radix sort's key bits of int64; stable, so the sums' order is the tokens' order),
     each cluster's first position in them found by a batched binary search, then one program per (cluster,
@@ -270,8 +357,8 @@ def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.T
     sorted_labels, order = torch.sort(labels.to(torch.int32), dim=1, stable=True)
     cluster_ids = torch.arange(clusters + 1, device=x.device, dtype=torch.int32).expand(groups, -1).contiguous()
     bounds = torch.searchsorted(sorted_labels, cluster_ids)  # (G, C + 1) int64: cluster j is [bounds j, bounds j+1)
-    _update_sorted[(clusters, groups)](x, order, bounds, centroids, updated, sizes, tokens, clusters, x.stride(0),
-                                       x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
+    _update_sorted[(clusters, groups)](x, order, bounds, centroids, updated, sizes, ct, sq, tokens, clusters,
+                                       sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
 
 
 UPDATE_STEPS = {"onehot": _update_onehot, "sorted": _update_by_sorting}
@@ -303,14 +390,17 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
     labels = torch.empty(groups, tokens, device=x.device, dtype=torch.int64)
     sizes = torch.empty(groups, clusters, device=x.device, dtype=torch.int64)
     block_d = _block_d(dim)
+    bf16_asm = x.dtype == torch.bfloat16 and not INTERPRETED
 
     def assign_grid(meta: dict[str, Any]) -> tuple[int, int]:
         return triton.cdiv(tokens, meta["BLOCK_N"]), groups
 
+    ct, sq = prepare_centroids(centroids, x.dtype)  # then each update step refreshes them
     for _ in range(iterations):
-        _assign[assign_grid](x, centroids, labels, tokens, clusters, x.stride(0), x.stride(1), D=dim, BLOCK_D=block_d)
+        _assign[assign_grid](x, ct, sq, labels, tokens, clusters, sq.shape[1], x.stride(0), x.stride(1), D=dim,
+                             BLOCK_D=block_d, BF16_ASM=bf16_asm)  # fmt: skip
         updated = torch.empty_like(centroids)
-        update_step(x, labels, centroids, updated, sizes)
+        update_step(x, labels, centroids, updated, sizes, ct, sq)
         centroids = updated
     return labels, centroids, sizes
 
