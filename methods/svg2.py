@@ -49,7 +49,7 @@ from methods.kernels.block_sparse import (
     select_by_cost_budget,
     select_by_cumulative_mass,
 )
-from methods.kernels.kmeans_triton import BACKEND_NOTE, chosen_variant, kmeans_lloyd, use_fused
+from methods.kernels.kmeans_triton import BACKEND_NOTE, chosen_variant, kmeans_lloyd, sort_labels, use_fused
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, block_sparse_parameters
 
@@ -75,7 +75,7 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor | None, generator: torch.Generator,
            backend: str | None = None,
-           update: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+           update: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Batched Euclidean k-means (Lloyd), as SVG2's ``batch_kmeans_Euclid`` with tolerance 0.
 
     On CUDA (fp16/bf16) the Triton iterations (:mod:`methods.kernels.kmeans_triton`, no host sync) run them unless
@@ -92,8 +92,10 @@ def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor |
         update: the kernels' update step, ``onehot`` or ``sorted`` (HarnessError for another, on every path).
 
     Returns:
-        labels ``(G, N)`` of the last assignment, centroids ``(G, C, D)`` fp32 (the means of those
-        labels; an empty cluster keeps its previous centroid) and cluster sizes ``(G, C)``.
+        labels ``(G, N)`` int64 of the last assignment, centroids ``(G, C, D)`` fp32 (the means of those
+        labels; an empty cluster keeps its previous centroid), cluster sizes ``(G, C)`` int64 and the order
+        ``(G, N)`` int64 that sorts the labels stably per group (the tokens cluster by cluster, each cluster's in
+        ascending order: svg2's permutation; the sorted update's own last sort where it runs).
     """
     update = chosen_variant(update)
     groups, tokens, dim = x.shape
@@ -105,9 +107,10 @@ def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor |
     return lloyd(x, init, iterations)
 
 
-def lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lloyd(x: torch.Tensor, centroids: torch.Tensor,
+          iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`kmeans`'s iterations in torch from ``centroids`` ``(G, C, D)`` fp32, the CPU path and the Triton
-    kernels' reference (same returns)."""
+    kernels' reference (same returns; the order from one stable sort of the last labels)."""
     groups, clusters, dim = centroids.shape
     points = x.float().flatten(0, 1)
     offsets = (torch.arange(groups, device=x.device) * clusters)[:, None]
@@ -122,7 +125,7 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[to
         sizes = sizes.view(groups, clusters)
         means = sums.view(groups, clusters, dim) / sizes.clamp(min=1)[..., None]
         centroids = torch.where(sizes[..., None] > 0, means, centroids)
-    return labels, centroids, sizes
+    return labels, centroids, sizes, sort_labels(labels)[1]
 
 
 def cluster_pair_pattern(
@@ -242,8 +245,9 @@ class SparseVideoGen2(BlockSparseMethod):
 
     def _cluster(
         self, x: torch.Tensor, count: int, cached: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k-means of ``x`` (B, H, N, D) per head, warm-started from ``cached`` when its shape fits."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k-means of ``x`` (B, H, N, D) per head, warm-started from ``cached`` when its shape fits (:func:`kmeans`'s
+        returns, per ``B * H`` group)."""
         flat = x.flatten(0, 1)
         warm = cached is not None and cached.shape == (flat.shape[0], count, flat.shape[-1])
         iterations = self.kmeans_step_iters if warm else self.kmeans_init_iters
@@ -253,8 +257,8 @@ class SparseVideoGen2(BlockSparseMethod):
         batch, heads, tokens, dim = q.shape
         q_count, k_count = self.clusters(tokens)
         cached = self.route(ctx) if ctx.route is None else ctx.route
-        q_labels, q_centroids, q_sizes = self._cluster(q, q_count, cached.q)
-        k_labels, k_centroids, k_sizes = self._cluster(k, k_count, cached.k)
+        q_labels, q_centroids, q_sizes, q_order = self._cluster(q, q_count, cached.q)
+        k_labels, k_centroids, k_sizes, k_order = self._cluster(k, k_count, cached.k)
         cached.q, cached.k = q_centroids, k_centroids
 
         logits = q_centroids @ k_centroids.transpose(-2, -1) / dim**0.5
@@ -267,10 +271,11 @@ class SparseVideoGen2(BlockSparseMethod):
 
         shape = (batch, heads)
         q_labels, k_labels = q_labels.view(*shape, tokens), k_labels.view(*shape, tokens)
+        q_order, k_order = q_order.view(*shape, tokens), k_order.view(*shape, tokens)
         q_sizes, k_sizes = q_sizes.view(*shape, q_count), k_sizes.view(*shape, k_count)
         keep = keep.view(*shape, q_count, k_count)
-        q_sorted, q_order = q_labels.sort(dim=-1, stable=True)
-        k_sorted, k_order = k_labels.sort(dim=-1, stable=True)
+        # k-means's order sorts its labels stably (no second sort); the sorted labels are the labels in that order.
+        q_sorted, k_sorted = q_labels.gather(-1, q_order), k_labels.gather(-1, k_order)
         block = self.block_size(tokens)
         pattern = cluster_pair_pattern(keep, q_sizes, k_sizes, q_sorted, k_sorted, block)
         pair_tokens = q_sizes[..., :, None].double() * k_sizes[..., None, :].double()

@@ -29,6 +29,9 @@ in between. The update has two variants (:data:`VARIANTS`, the op's ``update``; 
   ``order`` in tiles of BLOCK_N and summed in fp32 (plain adds, tile by tile in a fixed order: the same on every
   run). Each token is read once.
 
+The op also returns the tokens in stable label order (what svg2 permutes q and k by): the sorted update's last sort
+(of the last assignment's labels, the ones returned), or one sort after the one-hot iterations.
+
 Cost per iteration and group: the assignment is ``2 N C D`` FLOPs (one ``x c^T``); the one-hot update another ``2 N
 C D`` (C times the ``N D`` adds a scatter would do, on tensor cores) and reads x ``C / BLOCK_C`` times, the sorted
 one ``N D`` adds, x read once (``O(N D)`` bytes) plus a sort and a search of N labels. At Wan 1.3B (N = 32,760, D
@@ -41,12 +44,13 @@ torch.compile sees one opaque call with fake outputs of the right shapes and nev
 
 Shapes: x ``(G, N, D)`` fp16 or bf16 (fp16 only under the interpreter), ``D <= 128``, any strides with a
 contiguous last axis; centroids ``(G, C, D)`` float32. Returns labels ``(G, N)`` int64, centroids
-``(G, C, D)`` float32, sizes ``(G, C)`` int64, as the torch path.
+``(G, C, D)`` float32, sizes ``(G, C)`` int64 and the order ``(G, N)`` int64, as the torch path.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -246,9 +250,17 @@ def chosen_variant(variant: str | None = None) -> str:
     return env_choice(variant, VARIANT_ENV, DEFAULT_VARIANT, VARIANTS)
 
 
+def sort_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``labels (G, N)`` sorted per group, stable (the tokens of a cluster in ascending order): the sorted labels
+    ``(G, N)`` int32 and the order ``(G, N)`` int64 (token indices), by a sort of int32 keys (half the radix sort's
+    key bits of int64; a stable sort's order does not depend on the keys' dtype)."""
+    return torch.sort(labels.to(torch.int32), dim=1, stable=True)
+
+
 def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
                    sizes: torch.Tensor) -> None:  # fmt: skip
-    """The one-hot update (:func:`_update`) of ``updated`` and ``sizes`` from x, the labels and the centroids."""
+    """The one-hot update (:func:`_update`) of ``updated`` and ``sizes`` from x, the labels and the centroids; it
+    sorts nothing (``None``: no order of the labels to hand on)."""
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
 
@@ -260,34 +272,39 @@ def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tenso
 
 
 def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
-                       sizes: torch.Tensor) -> None:  # fmt: skip
+                       sizes: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """The sorted update (:func:`_update_sorted`), same arguments as :func:`_update_onehot`: the labels sorted per
-    group (int32 keys: half the radix sort's key bits of int64; stable, so the sums' order is the tokens' order),
-    each cluster's first position in them found by a batched binary search, then one program per (cluster,
-    group)."""
+    group (:func:`sort_labels`; stable, so the sums' order is the tokens' order), each cluster's first position in
+    them found by a batched binary search, then one program per (cluster, group). Returns the sort's order ``(G,
+    N)`` int64."""
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
-    sorted_labels, order = torch.sort(labels.to(torch.int32), dim=1, stable=True)
+    sorted_labels, order = sort_labels(labels)
     cluster_ids = torch.arange(clusters + 1, device=x.device, dtype=torch.int32).expand(groups, -1).contiguous()
     bounds = torch.searchsorted(sorted_labels, cluster_ids)  # (G, C + 1) int64: cluster j is [bounds j, bounds j+1)
     _update_sorted[(clusters, groups)](x, order, bounds, centroids, updated, sizes, tokens, clusters, x.stride(0),
                                        x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
+    return order
 
 
-UPDATE_STEPS = {"onehot": _update_onehot, "sorted": _update_by_sorting}
+#: Each update variant's step ``(x, labels, centroids, updated, sizes) -> order``: it writes ``updated`` and ``sizes``
+#: and returns the labels' stable sorting order where it computed one (else ``None``).
+UPDATE_STEPS: dict[str, Callable[..., torch.Tensor | None]] = {"onehot": _update_onehot, "sorted": _update_by_sorting}
 #: Each update variant's autotuned kernel (the one whose configurations the GPU check pins in turn).
 TUNERS = {"onehot": _update, "sorted": _update_sorted}
 
 
 @kernel_op("kmeans_lloyd")
-def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
-                 update: str = DEFAULT_VARIANT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, update: str = DEFAULT_VARIANT
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``iterations`` (>= 1) Lloyd iterations from ``centroids`` ``(G, C, D)`` fp32 on points x ``(G, N, D)``
     (any strides), with the update step ``update`` (one of :data:`VARIANTS`; same results up to the fp32 sums'
     order), as one op opaque to torch.compile (Dynamo does not trace the autotuner's Python): labels of the
     last assignment ``(G, N)`` int64, the means of those labels ``(G, C, D)`` fp32 (an empty cluster keeps its
-    centroid) and cluster sizes ``(G, C)`` int64, each in memory of its own. The caller checks
-    :func:`unsupported_reason` first (:func:`use_fused` does). Inference only: no autograd is registered.
+    centroid), cluster sizes ``(G, C)`` int64 and the order ``(G, N)`` int64 that sorts those labels stably per
+    group (the sorted update's last sort, else one sort after the iterations), each in memory of its own. The
+    caller checks :func:`unsupported_reason` first (:func:`use_fused` does). Inference only: no autograd is
+    registered.
 
     Raises:
         ValueError: iterations < 1.
@@ -310,14 +327,17 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
     for _ in range(iterations):
         _assign[assign_grid](x, centroids, labels, tokens, clusters, x.stride(0), x.stride(1), D=dim, BLOCK_D=block_d)
         updated = torch.empty_like(centroids)
-        update_step(x, labels, centroids, updated, sizes)
+        order = update_step(x, labels, centroids, updated, sizes)
         centroids = updated
-    return labels, centroids, sizes
+    if order is None:  # the one-hot update sorts nothing
+        order = sort_labels(labels)[1]
+    return labels, centroids, sizes, order
 
 
 @kmeans_lloyd.register_fake
-def _(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
-      update: str = DEFAULT_VARIANT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def _(x: torch.Tensor, centroids: torch.Tensor, iterations: int, update: str = DEFAULT_VARIANT
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     groups, tokens, _ = x.shape
     return (x.new_empty((groups, tokens), dtype=torch.int64), centroids.new_empty(centroids.shape, dtype=torch.float32),
-            x.new_empty((groups, centroids.shape[1]), dtype=torch.int64))  # fmt: skip
+            x.new_empty((groups, centroids.shape[1]), dtype=torch.int64),
+            x.new_empty((groups, tokens), dtype=torch.int64))  # fmt: skip
