@@ -25,7 +25,10 @@ Speed: the plan carries the clusters as variable-size blocks, which ``auto`` run
 SVG2's own patched FlashInfer kernel does; 2.1-3.4x the density-scaled cuDNN time on an H200, where the paper
 puts its kernel above 85% of the density-scaled FA3 speed), or on FlashInfer's upstream variable-block wrapper when
 named. On Flex the exact output runs through a token-level mask over the permuted order, but every 128 x 128 tile
-straddling a cluster boundary is computed whole and then masked, about 1.5-1.9x more work at equal density.
+straddling a cluster boundary is computed whole and then masked, about 1.5-1.9x more work at equal density. The
+plan does only what triton-variable reads: the permutations are k-means's own stable sort of its labels (the
+sorted update's last one, not a sort again), and the tile tables and the mask's label tables are deferred
+(:func:`cluster_pair_pattern`), built where a backend or a report first reads them (Flex, masked, tile densities).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from methods.kernels import kmeans_triton as kmeans_kernels
 from methods.kernels import ranked_selection_triton as ranked
 from methods.kernels.block_sparse import (
     BlockSparsePattern,
+    TileTables,
     VariableBlocks,
     block_lengths,
     mask_tables,
@@ -128,39 +132,54 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor,
     return labels, centroids, sizes, sort_labels(labels)[1]
 
 
-def cluster_pair_pattern(
-    keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, q_labels_sorted: torch.Tensor,
-    k_labels_sorted: torch.Tensor, block: int,
-) -> BlockSparsePattern:  # fmt: skip
-    """Tiles over cluster-sorted tokens: kept if any kept cluster pair has tokens in the tile, full if all do.
+def sorted_cluster_ids(sizes: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The cluster id of every token after sorting by cluster, ``(B, H, N)`` int64 (cluster j repeated ``sizes[b, h,
+    j]`` times, in ascending order), from cluster sizes ``(B, H, C)`` that sum to ``tokens`` per (b, h): the labels
+    in k-means's stable order, from the sizes alone."""
+    ids = torch.arange(sizes.shape[-1], device=sizes.device).expand_as(sizes).reshape(-1)
+    repeated = ids.repeat_interleave(sizes.reshape(-1), output_size=sizes[..., 0].numel() * tokens)
+    return repeated.view(*sizes.shape[:-1], tokens)
+
+
+def cluster_pair_pattern(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, tokens: int,
+                         block: int) -> BlockSparsePattern:  # fmt: skip
+    """The kept cluster pairs over cluster-sorted tokens: as variable blocks (the clusters themselves, what
+    triton-variable and FlashInfer run) and as deferred tile tables (built on their first read, see
+    :class:`BlockSparsePattern`): a tile is kept if any kept cluster pair has tokens in it, full if all do, and a
+    ``mask_mod`` looks each token pair's clusters up in the others.
 
     Args:
         keep: ``(B, H, Cq, Ck)`` kept (query cluster, key cluster) pairs.
-        q_sizes, k_sizes: ``(B, H, Cq)``, ``(B, H, Ck)`` cluster sizes.
-        q_labels_sorted, k_labels_sorted: ``(B, H, N)`` cluster id of each token after sorting (ascending).
+        q_sizes, k_sizes: ``(B, H, Cq)``, ``(B, H, Ck)`` cluster sizes (int64), each summing to ``tokens``.
+        tokens: N.
         block: tile size.
     """
-    tokens = q_labels_sorted.shape[-1]
-    device = keep.device
     present = (q_sizes > 0)[..., :, None] & (k_sizes > 0)[..., None, :]
-    starts = torch.arange(num_blocks(tokens, block), device=device) * block
-    ends = starts + block_lengths(tokens, block, device) - 1
-    # Clusters in a tile of sorted tokens form the id range [label at its first token, label at its last].
-    q_first, q_last = q_labels_sorted[..., starts], q_labels_sorted[..., ends]
-    k_first, k_last = k_labels_sorted[..., starts], k_labels_sorted[..., ends]
+    kept_pairs = keep & present
+    variable = VariableBlocks(kept_pairs, q_sizes, k_sizes)  # the clusters themselves: SVG2's own kernel blocks
 
-    rows, cols = (q_first, q_last), (k_first, k_last)
-    pairs = (q_last - q_first + 1)[..., :, None] * (k_last - k_first + 1)[..., None, :]
-    kept = rectangle_counts(keep & present, rows, cols) > 0
-    full = rectangle_counts(keep | ~present, rows, cols) == pairs  # empty clusters hold no tokens: they never mask
+    def tables() -> TileTables:
+        q_labels, k_labels = sorted_cluster_ids(q_sizes, tokens), sorted_cluster_ids(k_sizes, tokens)
+        starts = torch.arange(num_blocks(tokens, block), device=keep.device) * block
+        ends = starts + block_lengths(tokens, block, keep.device) - 1
+        # Clusters in a tile of sorted tokens form the id range [label at its first token, label at its last].
+        q_first, q_last = q_labels[..., starts], q_labels[..., ends]
+        k_first, k_last = k_labels[..., starts], k_labels[..., ends]
 
-    keep_read, q_labels_read, k_labels_read = mask_tables(keep, q_labels_sorted, k_labels_sorted)
+        rows, cols = (q_first, q_last), (k_first, k_last)
+        pairs = (q_last - q_first + 1)[..., :, None] * (k_last - k_first + 1)[..., None, :]
+        kept = rectangle_counts(kept_pairs, rows, cols) > 0
+        full = rectangle_counts(keep | ~present, rows, cols) == pairs  # empty clusters hold no tokens: never mask
 
-    def kept_cluster_pair(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return keep_read[b, h, q_labels_read[b, h, q_idx], k_labels_read[b, h, kv_idx]]
+        keep_read, q_labels_read, k_labels_read = mask_tables(keep, q_labels, k_labels)
 
-    variable = VariableBlocks(keep & present, q_sizes, k_sizes)  # the clusters themselves: SVG2's own kernel blocks
-    return BlockSparsePattern(kept, tokens, block, full=full & kept, mask_mod=kept_cluster_pair, variable=variable)
+        def kept_cluster_pair(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                              kv_idx: torch.Tensor) -> torch.Tensor:  # fmt: skip
+            return keep_read[b, h, q_labels_read[b, h, q_idx], k_labels_read[b, h, kv_idx]]
+
+        return TileTables(kept, full=full & kept, mask_mod=kept_cluster_pair)
+
+    return BlockSparsePattern(None, tokens, block, variable=variable, tables=tables)
 
 
 @dataclass
@@ -257,8 +276,8 @@ class SparseVideoGen2(BlockSparseMethod):
         batch, heads, tokens, dim = q.shape
         q_count, k_count = self.clusters(tokens)
         cached = self.route(ctx) if ctx.route is None else ctx.route
-        q_labels, q_centroids, q_sizes, q_order = self._cluster(q, q_count, cached.q)
-        k_labels, k_centroids, k_sizes, k_order = self._cluster(k, k_count, cached.k)
+        _, q_centroids, q_sizes, q_order = self._cluster(q, q_count, cached.q)
+        _, k_centroids, k_sizes, k_order = self._cluster(k, k_count, cached.k)
         cached.q, cached.k = q_centroids, k_centroids
 
         logits = q_centroids @ k_centroids.transpose(-2, -1) / dim**0.5
@@ -270,14 +289,12 @@ class SparseVideoGen2(BlockSparseMethod):
             keep = select_by_cost_budget(mass, k_sizes[:, None, :], self.fixed_density)
 
         shape = (batch, heads)
-        q_labels, k_labels = q_labels.view(*shape, tokens), k_labels.view(*shape, tokens)
         q_order, k_order = q_order.view(*shape, tokens), k_order.view(*shape, tokens)
         q_sizes, k_sizes = q_sizes.view(*shape, q_count), k_sizes.view(*shape, k_count)
         keep = keep.view(*shape, q_count, k_count)
-        # k-means's order sorts its labels stably (no second sort); the sorted labels are the labels in that order.
-        q_sorted, k_sorted = q_labels.gather(-1, q_order), k_labels.gather(-1, k_order)
-        block = self.block_size(tokens)
-        pattern = cluster_pair_pattern(keep, q_sizes, k_sizes, q_sorted, k_sorted, block)
+        # k-means's order sorts its labels stably: the permutation, with no second sort. The tile tables' sorted
+        # labels come from the sizes, when a backend reads the tables (not triton-variable: cluster_pair_pattern).
+        pattern = cluster_pair_pattern(keep, q_sizes, k_sizes, tokens, self.block_size(tokens))
         pair_tokens = q_sizes[..., :, None].double() * k_sizes[..., None, :].double()
         density = (keep * pair_tokens).sum() / (batch * heads * tokens**2)
         return SparsePlan(pattern, q_order=q_order, kv_order=k_order, density=density)

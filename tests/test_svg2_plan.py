@@ -106,3 +106,62 @@ def test_the_plan_equals_the_computation_it_replaced(params: dict[str, Any]) -> 
     for step in (15, 16):
         q, k, v = (torch.randn(1, 2, GRID.tokens, 16, generator=generator) for _ in range(3))
         assert_same_plan(method.plan(q, k, v, context(step)), previous_plan(reference, q, k, context(step)))
+
+
+def test_the_plan_builds_no_tile_table_until_one_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan gives the orders, density and variable blocks (all that triton-variable reads) without the tile
+    tables; the first table read builds them (kept and full: two rectangle counts), later reads reuse them."""
+    from methods import svg2
+
+    counts: list[int] = []
+    monkeypatch.setattr(svg2, "rectangle_counts", lambda *args: counts.append(1) or rectangle_counts(*args))
+    method = build_method("svg2", **SETTINGS)
+    q, k, v = (torch.randn(1, 2, GRID.tokens, 16) for _ in range(3))
+    plan = method.plan(q, k, v, context(15))
+    assert plan.pattern.kind == "variable" and plan.pattern.batch_heads == (1, 2) and plan.density is not None
+    assert not counts
+    plan.pattern.dense_mask()
+    plan.pattern.tile_density()
+    assert counts == [1, 1]
+
+
+def traced_calls(fn: Any, *args: torch.Tensor) -> tuple[Any, list[str]]:
+    """``fn(*args)`` compiled in one graph (fullgraph) by a backend that runs the graph as it is: the result and
+    the names of the functions and methods the graph calls."""
+    calls: list[str] = []
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+        calls.extend(getattr(node.target, "__name__", str(node.target)) for node in graph.graph.nodes
+                     if node.op in ("call_function", "call_method"))  # fmt: skip
+        return graph.forward
+
+    torch._dynamo.reset()
+    try:
+        return torch.compile(fn, backend=backend, fullgraph=True)(*args), calls
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_compiled_plan_traces_the_tile_tables_only_where_they_are_read() -> None:
+    """A warm plan (k-means from the cached centroids: no draw) compiled in one graph: read for its variable blocks
+    alone (triton-variable's case) the graph holds no tile-table op (the sorted labels' repeat_interleave, the
+    rectangle counts' pad of their prefix sums); read for its tile table it builds them in the graph, equal to
+    eager's."""
+    method = build_method("svg2", **SETTINGS)
+    assert isinstance(method, SparseVideoGen2)
+    q, k, v = (torch.randn(1, 2, GRID.tokens, 16) for _ in range(3))
+    method.plan(q, k, v, context(15))  # the cold call fills the centroid cache
+    cache = method.route(context(16))
+    start = cache.q, cache.k
+
+    def warm_plan(*qkv: torch.Tensor) -> SparsePlan:
+        cache.q, cache.k = start  # every call from the same centroids
+        return method.plan(*qkv, context(16))
+
+    eager = warm_plan(q, k, v)
+    variable, calls = traced_calls(lambda *qkv: warm_plan(*qkv).pattern.variable.kept, q, k, v)
+    assert not {"repeat_interleave", "pad"} & set(calls)
+    assert eager.pattern.variable is not None and torch.equal(variable, eager.pattern.variable.kept)
+    kept, calls = traced_calls(lambda *qkv: warm_plan(*qkv).pattern.kept, q, k, v)
+    assert {"repeat_interleave", "pad"} <= set(calls)
+    assert torch.equal(kept, eager.pattern.kept)
