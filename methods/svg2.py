@@ -281,7 +281,8 @@ class SparseVideoGen2(BlockSparseMethod):
         cached.q, cached.k = q_centroids, k_centroids
 
         logits = q_centroids @ k_centroids.transpose(-2, -1) / dim**0.5
-        weights = k_sizes[:, None, :].float() * (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        # int64 sizes times fp32: promoted to fp32 inside the product (the value .float() gives), not by a copy first
+        weights = k_sizes[:, None, :] * (logits - logits.amax(dim=-1, keepdim=True)).exp()
         mass = weights / weights.sum(dim=-1, keepdim=True)
         if self.fixed_density is None:
             keep = select_by_cumulative_mass(mass, self.top_p, min_keep=math.floor(self.min_kc_ratio * k_count))
@@ -295,6 +296,9 @@ class SparseVideoGen2(BlockSparseMethod):
         # k-means's order sorts its labels stably: the permutation, with no second sort. The tile tables' sorted
         # labels come from the sizes, when a backend reads the tables (not triton-variable: cluster_pair_pattern).
         pattern = cluster_pair_pattern(keep, q_sizes, k_sizes, tokens, self.block_size(tokens))
-        pair_tokens = q_sizes[..., :, None].double() * k_sizes[..., None, :].double()
-        density = (keep * pair_tokens).sum() / (batch * heads * tokens**2)
+        # Kept entries: the kept key tokens of each query cluster (int64), times its tokens, summed in float64. Every
+        # partial sum is an integer below 2^53 (at most B H N^2), so this is exactly the float64 sum of the pairs'
+        # token products, without building them as a (B, H, Cq, Ck) float64 table.
+        kept_keys = (keep * k_sizes[..., None, :]).sum(dim=-1)
+        density = (kept_keys * q_sizes).sum(dtype=torch.float64) / (batch * heads * tokens**2)
         return SparsePlan(pattern, q_order=q_order, kv_order=k_order, density=density)

@@ -11,8 +11,9 @@ per group g (one (batch, head) pair) with points ``x_g (N, D)`` and centroids ``
    ``sums_j / sizes_j`` where ``sizes_j > 0``, the old one where the cluster is empty.
 
 An assignment kernel and an update step per iteration, launched back to back with nothing read back to the host
-in between. The update has two variants (:data:`VARIANTS`, the op's ``update``; :func:`chosen_variant` reads
-``$BENCH_KMEANS_UPDATE``) with the same outputs:
+in between. The labels stay int32 between them (what the sort takes as keys: no conversion per iteration), made
+int64 once, for the op's output. The update has two variants (:data:`VARIANTS`, the op's ``update``;
+:func:`chosen_variant` reads ``$BENCH_KMEANS_UPDATE``) with the same outputs:
 
 - :func:`_assign`: one program per (tile of BLOCK_N tokens, group): the tile of x stays in registers while the
   centroids stream past in tiles of BLOCK_C (loaded transposed by their addresses: no ``tl.trans``, see
@@ -49,6 +50,7 @@ contiguous last axis; centroids ``(G, C, D)`` float32. Returns labels ``(G, N)``
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -123,7 +125,7 @@ def _kernel(configs: tuple[tuple[int, ...], ...], names: tuple[str, ...]) -> Any
 def _assign(x_ptr, c_ptr, labels_ptr, N, C, sxg, sxn, D: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     """Program (token tile, group g): the nearest centroid of tokens ``[tile BLOCK_N, (tile + 1) BLOCK_N)`` into
-    ``labels (G, N)`` int64, from x ``(G, N, D)`` (strides sxg, sxn, 1) and contiguous centroids ``(G, C, D)``
+    ``labels (G, N)`` int32, from x ``(G, N, D)`` (strides sxg, sxn, 1) and contiguous centroids ``(G, C, D)``
     fp32."""
     tile, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     tokens = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,14 +150,15 @@ def _assign(x_ptr, c_ptr, labels_ptr, N, C, sxg, sxn, D: tl.constexpr, BLOCK_D: 
         better = tile_min < best  # strictly: on a tie across tiles the earlier (lower) index stays
         best = tl.where(better, tile_min, best)
         best_index = tl.where(better, tile_index + start, best_index)
-    tl.store(labels_ptr + g * N + tokens, best_index.to(tl.int64), mask=tokens < N)
+    tl.store(labels_ptr + g * N + tokens, best_index, mask=tokens < N)
 
 
 @_kernel(UPDATE_CONFIGS, ("BLOCK_C", "BLOCK_N"))
 def _update(x_ptr, labels_ptr, c_ptr, out_ptr, sizes_ptr, N, C, sxg, sxn, D: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Program (cluster tile, group g): the new centroids ``out (G, C, D)`` fp32 and sizes ``(G, C)`` int64 of
-    clusters ``[tile BLOCK_C, (tile + 1) BLOCK_C)`` from x, the labels and the previous centroids ``c``."""
+    clusters ``[tile BLOCK_C, (tile + 1) BLOCK_C)`` from x, the labels ``(G, N)`` int32 and the previous centroids
+    ``c``."""
     tile, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     ids = tile * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = tl.arange(0, BLOCK_D)
@@ -253,8 +256,17 @@ def chosen_variant(variant: str | None = None) -> str:
 def sort_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``labels (G, N)`` sorted per group, stable (the tokens of a cluster in ascending order): the sorted labels
     ``(G, N)`` int32 and the order ``(G, N)`` int64 (token indices), by a sort of int32 keys (half the radix sort's
-    key bits of int64; a stable sort's order does not depend on the keys' dtype)."""
+    key bits of int64; a stable sort's order does not depend on the keys' dtype; the kernels' labels are int32
+    already, the torch path's are converted)."""
     return torch.sort(labels.to(torch.int32), dim=1, stable=True)
+
+
+@functools.cache
+def _cluster_ids(groups: int, clusters: int, device: torch.device) -> torch.Tensor:
+    """``(G, C + 1)`` int32, ``0 .. C`` in every row: the values the sorted update searches the sorted labels for
+    (searchsorted takes them contiguous, one row per group). Made once per shape and device, not per iteration
+    (an arange and a copy each time); nothing writes to it."""
+    return torch.arange(clusters + 1, device=device, dtype=torch.int32).expand(groups, -1).contiguous()
 
 
 def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
@@ -280,8 +292,8 @@ def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.T
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
     sorted_labels, order = sort_labels(labels)
-    cluster_ids = torch.arange(clusters + 1, device=x.device, dtype=torch.int32).expand(groups, -1).contiguous()
-    bounds = torch.searchsorted(sorted_labels, cluster_ids)  # (G, C + 1) int64: cluster j is [bounds j, bounds j+1)
+    # (G, C + 1) int64: cluster j is [bounds j, bounds j+1)
+    bounds = torch.searchsorted(sorted_labels, _cluster_ids(groups, clusters, x.device))
     _update_sorted[(clusters, groups)](x, order, bounds, centroids, updated, sizes, tokens, clusters, x.stride(0),
                                        x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
     return order
@@ -317,7 +329,7 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, upda
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
     centroids = centroids.float().contiguous()
-    labels = torch.empty(groups, tokens, device=x.device, dtype=torch.int64)
+    labels = torch.empty(groups, tokens, device=x.device, dtype=torch.int32)  # the sort's keys: see the module
     sizes = torch.empty(groups, clusters, device=x.device, dtype=torch.int64)
     block_d = _block_d(dim)
 
@@ -331,7 +343,7 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, upda
         centroids = updated
     if order is None:  # the one-hot update sorts nothing
         order = sort_labels(labels)[1]
-    return labels, centroids, sizes, order
+    return labels.long(), centroids, sizes, order
 
 
 @kmeans_lloyd.register_fake
