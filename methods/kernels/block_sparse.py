@@ -191,7 +191,8 @@ class BlockSparsePattern:
     reads only the variable blocks (triton-variable, flashinfer) never builds them: svg2's 128-token tables and its
     mask's label tables, work its CUDA kernel does not need. Under ``torch.compile`` the build is traced where a
     table is first read: a graph whose backend reads none holds none of their ops. The variable blocks give such a
-    pattern's ``(B, H)`` (:attr:`batch_heads`) and kind without a build.
+    pattern's ``(B, H)`` (:attr:`batch_heads`) and kind without a build. The function reads its tensors when it
+    runs: nothing may change them in place before.
 
     Raises:
         HarnessError: a tile table of the wrong shape or dtype (a deferred one when it is built), ``full`` without
