@@ -25,7 +25,10 @@ Speed: the plan carries the clusters as variable-size blocks, which ``auto`` run
 SVG2's own patched FlashInfer kernel does; 2.1-3.4x the density-scaled cuDNN time on an H200, where the paper
 puts its kernel above 85% of the density-scaled FA3 speed), or on FlashInfer's upstream variable-block wrapper when
 named. On Flex the exact output runs through a token-level mask over the permuted order, but every 128 x 128 tile
-straddling a cluster boundary is computed whole and then masked, about 1.5-1.9x more work at equal density.
+straddling a cluster boundary is computed whole and then masked, about 1.5-1.9x more work at equal density. The
+plan does only what triton-variable reads: the permutations are k-means's own stable sort of its labels (the
+sorted update's last one, not a sort again), and the tile tables and the mask's label tables are deferred
+(:func:`cluster_pair_pattern`), built where a backend or a report first reads them (Flex, masked, tile densities).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from methods.kernels import kmeans_triton as kmeans_kernels
 from methods.kernels import ranked_selection_triton as ranked
 from methods.kernels.block_sparse import (
     BlockSparsePattern,
+    TileTables,
     VariableBlocks,
     block_lengths,
     mask_tables,
@@ -49,7 +53,7 @@ from methods.kernels.block_sparse import (
     select_by_cost_budget,
     select_by_cumulative_mass,
 )
-from methods.kernels.kmeans_triton import BACKEND_NOTE, chosen_variant, kmeans_lloyd, use_fused
+from methods.kernels.kmeans_triton import BACKEND_NOTE, chosen_variant, kmeans_lloyd, sort_labels, use_fused
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, block_sparse_parameters
 
@@ -75,7 +79,7 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor | None, generator: torch.Generator,
            backend: str | None = None,
-           update: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+           update: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Batched Euclidean k-means (Lloyd), as SVG2's ``batch_kmeans_Euclid`` with tolerance 0.
 
     On CUDA (fp16/bf16) the Triton iterations (:mod:`methods.kernels.kmeans_triton`, no host sync) run them unless
@@ -92,8 +96,10 @@ def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor |
         update: the kernels' update step, ``onehot`` or ``sorted`` (HarnessError for another, on every path).
 
     Returns:
-        labels ``(G, N)`` of the last assignment, centroids ``(G, C, D)`` fp32 (the means of those
-        labels; an empty cluster keeps its previous centroid) and cluster sizes ``(G, C)``.
+        labels ``(G, N)`` int64 of the last assignment, centroids ``(G, C, D)`` fp32 (the means of those
+        labels; an empty cluster keeps its previous centroid), cluster sizes ``(G, C)`` int64 and the order
+        ``(G, N)`` int64 that sorts the labels stably per group (the tokens cluster by cluster, each cluster's in
+        ascending order: svg2's permutation; the sorted update's own last sort where it runs).
     """
     update = chosen_variant(update)
     groups, tokens, dim = x.shape
@@ -105,9 +111,10 @@ def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor |
     return lloyd(x, init, iterations)
 
 
-def lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lloyd(x: torch.Tensor, centroids: torch.Tensor,
+          iterations: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`kmeans`'s iterations in torch from ``centroids`` ``(G, C, D)`` fp32, the CPU path and the Triton
-    kernels' reference (same returns)."""
+    kernels' reference (same returns; the order from one stable sort of the last labels)."""
     groups, clusters, dim = centroids.shape
     points = x.float().flatten(0, 1)
     offsets = (torch.arange(groups, device=x.device) * clusters)[:, None]
@@ -122,42 +129,57 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int) -> tuple[to
         sizes = sizes.view(groups, clusters)
         means = sums.view(groups, clusters, dim) / sizes.clamp(min=1)[..., None]
         centroids = torch.where(sizes[..., None] > 0, means, centroids)
-    return labels, centroids, sizes
+    return labels, centroids, sizes, sort_labels(labels)[1]
 
 
-def cluster_pair_pattern(
-    keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, q_labels_sorted: torch.Tensor,
-    k_labels_sorted: torch.Tensor, block: int,
-) -> BlockSparsePattern:  # fmt: skip
-    """Tiles over cluster-sorted tokens: kept if any kept cluster pair has tokens in the tile, full if all do.
+def sorted_cluster_ids(sizes: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The cluster id of every token after sorting by cluster, ``(B, H, N)`` int64 (cluster j repeated ``sizes[b, h,
+    j]`` times, in ascending order), from cluster sizes ``(B, H, C)`` that sum to ``tokens`` per (b, h): the labels
+    in k-means's stable order, from the sizes alone."""
+    ids = torch.arange(sizes.shape[-1], device=sizes.device).expand_as(sizes).reshape(-1)
+    repeated = ids.repeat_interleave(sizes.reshape(-1), output_size=sizes[..., 0].numel() * tokens)
+    return repeated.view(*sizes.shape[:-1], tokens)
+
+
+def cluster_pair_pattern(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, tokens: int,
+                         block: int) -> BlockSparsePattern:  # fmt: skip
+    """The kept cluster pairs over cluster-sorted tokens: as variable blocks (the clusters themselves, what
+    triton-variable and FlashInfer run) and as deferred tile tables (built on their first read, see
+    :class:`BlockSparsePattern`): a tile is kept if any kept cluster pair has tokens in it, full if all do, and a
+    ``mask_mod`` looks each token pair's clusters up in the others.
 
     Args:
         keep: ``(B, H, Cq, Ck)`` kept (query cluster, key cluster) pairs.
-        q_sizes, k_sizes: ``(B, H, Cq)``, ``(B, H, Ck)`` cluster sizes.
-        q_labels_sorted, k_labels_sorted: ``(B, H, N)`` cluster id of each token after sorting (ascending).
+        q_sizes, k_sizes: ``(B, H, Cq)``, ``(B, H, Ck)`` cluster sizes (int64), each summing to ``tokens``.
+        tokens: N.
         block: tile size.
     """
-    tokens = q_labels_sorted.shape[-1]
-    device = keep.device
     present = (q_sizes > 0)[..., :, None] & (k_sizes > 0)[..., None, :]
-    starts = torch.arange(num_blocks(tokens, block), device=device) * block
-    ends = starts + block_lengths(tokens, block, device) - 1
-    # Clusters in a tile of sorted tokens form the id range [label at its first token, label at its last].
-    q_first, q_last = q_labels_sorted[..., starts], q_labels_sorted[..., ends]
-    k_first, k_last = k_labels_sorted[..., starts], k_labels_sorted[..., ends]
+    kept_pairs = keep & present
+    variable = VariableBlocks(kept_pairs, q_sizes, k_sizes)  # the clusters themselves: SVG2's own kernel blocks
 
-    rows, cols = (q_first, q_last), (k_first, k_last)
-    pairs = (q_last - q_first + 1)[..., :, None] * (k_last - k_first + 1)[..., None, :]
-    kept = rectangle_counts(keep & present, rows, cols) > 0
-    full = rectangle_counts(keep | ~present, rows, cols) == pairs  # empty clusters hold no tokens: they never mask
+    def tables() -> TileTables:
+        q_labels, k_labels = sorted_cluster_ids(q_sizes, tokens), sorted_cluster_ids(k_sizes, tokens)
+        starts = torch.arange(num_blocks(tokens, block), device=keep.device) * block
+        ends = starts + block_lengths(tokens, block, keep.device) - 1
+        # Clusters in a tile of sorted tokens form the id range [label at its first token, label at its last].
+        q_first, q_last = q_labels[..., starts], q_labels[..., ends]
+        k_first, k_last = k_labels[..., starts], k_labels[..., ends]
 
-    keep_read, q_labels_read, k_labels_read = mask_tables(keep, q_labels_sorted, k_labels_sorted)
+        rows, cols = (q_first, q_last), (k_first, k_last)
+        pairs = (q_last - q_first + 1)[..., :, None] * (k_last - k_first + 1)[..., None, :]
+        kept = rectangle_counts(kept_pairs, rows, cols) > 0
+        full = rectangle_counts(keep | ~present, rows, cols) == pairs  # empty clusters hold no tokens: never mask
 
-    def kept_cluster_pair(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return keep_read[b, h, q_labels_read[b, h, q_idx], k_labels_read[b, h, kv_idx]]
+        keep_read, q_labels_read, k_labels_read = mask_tables(keep, q_labels, k_labels)
 
-    variable = VariableBlocks(keep & present, q_sizes, k_sizes)  # the clusters themselves: SVG2's own kernel blocks
-    return BlockSparsePattern(kept, tokens, block, full=full & kept, mask_mod=kept_cluster_pair, variable=variable)
+        def kept_cluster_pair(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                              kv_idx: torch.Tensor) -> torch.Tensor:  # fmt: skip
+            return keep_read[b, h, q_labels_read[b, h, q_idx], k_labels_read[b, h, kv_idx]]
+
+        return TileTables(kept, full=full & kept, mask_mod=kept_cluster_pair)
+
+    return BlockSparsePattern(None, tokens, block, variable=variable, tables=tables)
 
 
 @dataclass
@@ -242,8 +264,9 @@ class SparseVideoGen2(BlockSparseMethod):
 
     def _cluster(
         self, x: torch.Tensor, count: int, cached: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k-means of ``x`` (B, H, N, D) per head, warm-started from ``cached`` when its shape fits."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k-means of ``x`` (B, H, N, D) per head, warm-started from ``cached`` when its shape fits (:func:`kmeans`'s
+        returns, per ``B * H`` group)."""
         flat = x.flatten(0, 1)
         warm = cached is not None and cached.shape == (flat.shape[0], count, flat.shape[-1])
         iterations = self.kmeans_step_iters if warm else self.kmeans_init_iters
@@ -253,12 +276,13 @@ class SparseVideoGen2(BlockSparseMethod):
         batch, heads, tokens, dim = q.shape
         q_count, k_count = self.clusters(tokens)
         cached = self.route(ctx) if ctx.route is None else ctx.route
-        q_labels, q_centroids, q_sizes = self._cluster(q, q_count, cached.q)
-        k_labels, k_centroids, k_sizes = self._cluster(k, k_count, cached.k)
+        _, q_centroids, q_sizes, q_order = self._cluster(q, q_count, cached.q)
+        _, k_centroids, k_sizes, k_order = self._cluster(k, k_count, cached.k)
         cached.q, cached.k = q_centroids, k_centroids
 
         logits = q_centroids @ k_centroids.transpose(-2, -1) / dim**0.5
-        weights = k_sizes[:, None, :].float() * (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        # int64 sizes times fp32: promoted to fp32 inside the product (the value .float() gives), not by a copy first
+        weights = k_sizes[:, None, :] * (logits - logits.amax(dim=-1, keepdim=True)).exp()
         mass = weights / weights.sum(dim=-1, keepdim=True)
         if self.fixed_density is None:
             keep = select_by_cumulative_mass(mass, self.top_p, min_keep=math.floor(self.min_kc_ratio * k_count))
@@ -266,13 +290,15 @@ class SparseVideoGen2(BlockSparseMethod):
             keep = select_by_cost_budget(mass, k_sizes[:, None, :], self.fixed_density)
 
         shape = (batch, heads)
-        q_labels, k_labels = q_labels.view(*shape, tokens), k_labels.view(*shape, tokens)
+        q_order, k_order = q_order.view(*shape, tokens), k_order.view(*shape, tokens)
         q_sizes, k_sizes = q_sizes.view(*shape, q_count), k_sizes.view(*shape, k_count)
         keep = keep.view(*shape, q_count, k_count)
-        q_sorted, q_order = q_labels.sort(dim=-1, stable=True)
-        k_sorted, k_order = k_labels.sort(dim=-1, stable=True)
-        block = self.block_size(tokens)
-        pattern = cluster_pair_pattern(keep, q_sizes, k_sizes, q_sorted, k_sorted, block)
-        pair_tokens = q_sizes[..., :, None].double() * k_sizes[..., None, :].double()
-        density = (keep * pair_tokens).sum() / (batch * heads * tokens**2)
+        # k-means's order sorts its labels stably: the permutation, with no second sort. The tile tables' sorted
+        # labels come from the sizes, when a backend reads the tables (not triton-variable: cluster_pair_pattern).
+        pattern = cluster_pair_pattern(keep, q_sizes, k_sizes, tokens, self.block_size(tokens))
+        # Kept entries: the kept key tokens of each query cluster (int64), times its tokens, summed in float64. Every
+        # partial sum is an integer below 2^53 (at most B H N^2), so this is exactly the float64 sum of the pairs'
+        # token products, without building them as a (B, H, Cq, Ck) float64 table.
+        kept_keys = (keep * k_sizes[..., None, :]).sum(dim=-1)
+        density = (kept_keys * q_sizes).sum(dtype=torch.float64) / (batch * heads * tokens**2)
         return SparsePlan(pattern, q_order=q_order, kv_order=k_order, density=density)

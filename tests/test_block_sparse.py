@@ -9,6 +9,8 @@ from harness.errors import HarnessError
 from methods.kernels.block_sparse import (
     FLEX_TILE,
     BlockSparsePattern,
+    TileTables,
+    VariableBlocks,
     block_lengths,
     flex_block_sparse_attention,
     mask_tables,
@@ -250,6 +252,50 @@ def test_bad_patterns_are_refused() -> None:
     q = torch.randn(1, 2, N, 8)
     with pytest.raises(HarnessError, match="backend"):
         block_sparse_attention(q, q, q, BlockSparsePattern(kept, N, BLOCK), backend="triton")
+
+
+def deferred_twin(pattern: BlockSparsePattern) -> tuple[BlockSparsePattern, list[int]]:
+    """``pattern`` (block level, ``BLOCK`` tiles) with deferred tables (the same ones) and its tiles as variable
+    blocks, and the list the build appends to each time it runs."""
+    builds: list[int] = []
+
+    def tables() -> TileTables:
+        builds.append(1)
+        return TileTables(pattern.kept, pattern.full, pattern.mask_mod)
+
+    lengths = block_lengths(pattern.seq_len, BLOCK).expand(*pattern.kept.shape[:2], -1)
+    variable = VariableBlocks(pattern.kept, lengths, lengths)
+    return BlockSparsePattern(None, pattern.seq_len, BLOCK, variable=variable, tables=tables), builds
+
+
+def test_deferred_tables_are_built_once_on_their_first_read_and_equal_the_given_ones() -> None:
+    """Kind, (B, H) and the variable blocks are read without a build; the first table read builds them, once,
+    and every table and density equals the pattern's given at once."""
+    eager = BlockSparsePattern(random_tiles(), N, BLOCK)
+    deferred, builds = deferred_twin(eager)
+    assert deferred.kind == "variable" and deferred.batch_heads == (1, 2) and deferred.variable is not None
+    assert not builds
+    assert torch.equal(deferred.kept, eager.kept) and deferred.full is None and deferred.mask_mod is None
+    assert deferred.density() == eager.density() and deferred.tile_density() == eager.tile_density()
+    assert torch.equal(deferred.dense_mask(), eager.dense_mask())
+    assert builds == [1]
+
+
+def test_deferred_tables_are_checked() -> None:
+    """Deferred tables come instead of kept, full and mask_mod and with variable blocks; built, they are checked as
+    given tables are, and must have the variable blocks' (B, H)."""
+    kept = random_tiles()
+    variable = deferred_twin(BlockSparsePattern(kept, N, BLOCK))[0].variable
+    with pytest.raises(HarnessError, match="one of the two"):
+        BlockSparsePattern(kept, N, BLOCK, variable=variable, tables=lambda: TileTables(kept))
+    with pytest.raises(HarnessError, match="need the variable blocks"):
+        BlockSparsePattern(None, N, BLOCK, tables=lambda: TileTables(kept))
+    wrong_shape = BlockSparsePattern(None, N, BLOCK, variable=variable, tables=lambda: TileTables(kept[..., 1:]))
+    with pytest.raises(HarnessError, match="tile table"):
+        _ = wrong_shape.kept
+    one_head = BlockSparsePattern(None, N, BLOCK, variable=variable, tables=lambda: TileTables(kept[:, :1]))
+    with pytest.raises(HarnessError, match=r"variable blocks' are \(1, 2\)"):
+        _ = one_head.kept
 
 
 def test_mask_tables_are_the_tensors_themselves_in_eager_code() -> None:

@@ -72,8 +72,8 @@ def test_well_separated_points_get_torch_labels_sizes_and_centroids(
     """Labels (the clusters by construction) and sizes equal the torch path's exactly, centroids within
     CENTROID_TOLERANCE of its and of the float64 means of those labels."""
     x, init, expected = separated(groups, clusters, tokens, dim, dtype)
-    labels, centroids, sizes = fused.kmeans_lloyd(x, init, iterations, update)
-    ref_labels, ref_centroids, ref_sizes = lloyd(x, init, iterations)
+    labels, centroids, sizes, _ = fused.kmeans_lloyd(x, init, iterations, update)
+    ref_labels, ref_centroids, ref_sizes, _ = lloyd(x, init, iterations)
     assert labels.dtype == sizes.dtype == torch.int64 and centroids.dtype == torch.float32
     assert torch.equal(labels, expected) and torch.equal(ref_labels, expected) and torch.equal(sizes, ref_sizes)
     assert relative(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
@@ -101,8 +101,8 @@ def test_well_separated_points_at_gpu_tiles(update: str) -> None:
     """Several token, centroid and cluster tiles, each ragged (clusters of 37 and 38 tokens: two sorted-update
     tiles): labels and sizes exact, centroids within tolerance."""
     x, init, expected = separated(2, 40, 1500, 32)
-    labels, centroids, sizes = fused.kmeans_lloyd(x, init, 2, update)
-    ref_labels, ref_centroids, ref_sizes = lloyd(x, init, 2)
+    labels, centroids, sizes, _ = fused.kmeans_lloyd(x, init, 2, update)
+    ref_labels, ref_centroids, ref_sizes, _ = lloyd(x, init, 2)
     assert torch.equal(labels, expected) and torch.equal(ref_labels, expected) and torch.equal(sizes, ref_sizes)
     assert relative(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
 
@@ -131,8 +131,8 @@ def test_ties_go_to_the_first_centroid_and_empty_clusters_keep_theirs(update: st
     means = means_of(x, (torch.arange(60, device=DEVICE) % 3)[None], torch.zeros(1, 3, 16, device=DEVICE)).float()
     far = 50 + torch.randn(1, 65, 16, device=DEVICE)  # distances far above the means', within fp16
     init = torch.cat([means[:, :1], means[:, :1], means[:, 1:], far, means[:, :1]], dim=1)  # 70 centroids
-    labels, centroids, sizes = fused.kmeans_lloyd(x, init, 2, update)
-    ref_labels, ref_centroids, ref_sizes = lloyd(x, init, 2)
+    labels, centroids, sizes, _ = fused.kmeans_lloyd(x, init, 2, update)
+    ref_labels, ref_centroids, ref_sizes, _ = lloyd(x, init, 2)
     assert torch.equal(labels, ref_labels) and torch.equal(sizes, ref_sizes)
     assert sizes[0].tolist() == [20, 0, 20, 20] + [0] * 66
     empty = sizes[0] == 0
@@ -253,7 +253,7 @@ def test_sorted_update_gives_the_onehot_labels_and_the_float64_means() -> None:
     x = torch.randn(2, 77, 24, device=DEVICE).to(torch.float16)
     far = 50 + torch.randn(2, 3, 24, device=DEVICE)
     init = torch.cat([x[:, :2].float(), far[:, :2], x[:, 2:3].float(), far[:, 2:]], dim=1)  # 6 centroids
-    labels, centroids, sizes = fused.kmeans_lloyd(x, init, 1, "sorted")
+    labels, centroids, sizes, _ = fused.kmeans_lloyd(x, init, 1, "sorted")
     onehot = fused.kmeans_lloyd(x, init, 1, "onehot")
     assert torch.equal(labels, onehot[0]) and torch.equal(sizes, onehot[2])
     counts = torch.nn.functional.one_hot(labels, 6).sum(dim=1)
@@ -271,13 +271,49 @@ def test_every_update_is_deterministic(update: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+def clumped(groups: int, clusters: int, tokens: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 points ``(G, N, D)`` drawn from ``clusters`` random points per group (many exact duplicates: clusters
+    of many tokens, in no order), and those points as starting centroids (the first of them twice: one stays
+    empty)."""
+    centres = torch.randn(groups, clusters, dim, device=DEVICE)
+    picks = torch.randint(0, clusters, (groups, tokens), device=DEVICE)
+    x = centres.gather(1, picks[..., None].expand(-1, -1, dim)).to(torch.float16)
+    return x, torch.cat([centres[:, :1], centres], dim=1).to(torch.float16).float()
+
+
+def assert_stable_order(labels: torch.Tensor, order: torch.Tensor) -> None:
+    """``order`` is the stable sort of ``labels`` per group: int64 token indices, the clusters in ascending order,
+    each cluster's tokens in ascending order."""
+    assert order.dtype == torch.int64 and order.shape == labels.shape
+    assert torch.equal(order, labels.sort(dim=1, stable=True).indices)
+
+
+@needs_kernel
+@every_variant
+def test_the_kernels_return_the_stable_order_of_their_last_labels(update: str) -> None:
+    """Both update steps, over 3 iterations on clumped points (clusters of ~10 tokens, tokens of a cluster scattered
+    through the sequence): the order is the stable sort of the returned labels, the same as the torch path's."""
+    x, init = clumped(2, 9, 90, 16)
+    labels, _, _, order = fused.kmeans_lloyd(x, init, 3, update)
+    assert_stable_order(labels, order)
+    assert torch.equal(order, lloyd(x, init, 3)[3])
+
+
+def test_the_torch_path_returns_the_stable_order_of_its_last_labels() -> None:
+    """The torch path (the CPU's) on clumped fp32 points, over 3 iterations: the order is the stable sort of its
+    labels."""
+    x, init = clumped(2, 9, 90, 16)
+    labels, _, _, order = lloyd(x.float().cpu(), init.cpu(), 3)
+    assert_stable_order(labels, order)
+
+
 @needs_kernel
 @every_variant
 def test_kmeans_runs_the_update_the_variable_names(monkeypatch: pytest.MonkeyPatch, update: str) -> None:
     """``$BENCH_KMEANS_UPDATE`` picks the kernels' update step: only that one runs, once per iteration."""
     calls: list[str] = []
     for name, step in fused.UPDATE_STEPS.items():
-        monkeypatch.setitem(fused.UPDATE_STEPS, name, lambda *args, n=name, s=step: (calls.append(n), s(*args)))
+        monkeypatch.setitem(fused.UPDATE_STEPS, name, lambda *args, n=name, s=step: calls.append(n) or s(*args))
     monkeypatch.setenv(fused.VARIANT_ENV, update)
     x, init, _ = separated(1, 4, 40, 16)
     kmeans(x, 4, 2, init, torch.Generator(DEVICE), backend="triton")

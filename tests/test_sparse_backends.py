@@ -19,6 +19,7 @@ from methods.kernels.block_sparse import (
     BlockSparsePattern,
     masked_dense_attention,
     num_blocks,
+    rectangle_counts,
 )
 from methods.kernels.sparse_backends import (
     REGISTRY,
@@ -182,13 +183,41 @@ def test_svg2_variable_blocks_hold_the_same_token_mask() -> None:
     from methods.svg2 import cluster_pair_pattern
 
     tokens, sizes = 96, torch.tensor([[[30, 0, 50, 16], [10, 20, 30, 36]]])  # an empty cluster included
-    labels = torch.stack([torch.arange(4).repeat_interleave(sizes[0, h]) for h in range(2)])[None]
     keep = torch.rand(1, 2, 4, 4) < 0.5
     keep[..., 0] = True
-    pattern = cluster_pair_pattern(keep, sizes, sizes, labels, labels, block=16)
+    pattern = cluster_pair_pattern(keep, sizes, sizes, tokens, block=16)
     assert pattern.variable is not None
     assert torch.equal(pattern.variable.dense_mask(), pattern.dense_mask())
     assert pattern.variable.dense_mask().shape == (1, 2, tokens, tokens)
+
+
+def test_a_backend_reading_only_variable_blocks_builds_no_tile_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """svg2's clusters through a method's BackendLog on a backend that reads only the variable blocks (as
+    triton-variable does; here SDPA under their mask): the checks on the way (the pattern's fit, the backend's
+    availability and kinds) build none of the deferred tile tables, and the output is masked dense's."""
+    from methods import svg2
+
+    builds: list[int] = []
+    monkeypatch.setattr(svg2, "rectangle_counts", lambda *args: builds.append(1) or rectangle_counts(*args))
+
+    def variable_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern) -> torch.Tensor:
+        assert pattern.variable is not None
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=pattern.variable.dense_mask())
+
+    refused = {kind: "variable blocks only" for kind in ("tiles", "token-level")}
+    monkeypatch.setitem(REGISTRY, "variable-only", sparse_backends.Backend("variable-only", variable_only, ("cpu",),
+                                                                          sparse_backends.ALL_DTYPES,
+                                                                          refused_kinds=refused))  # fmt: skip
+    sizes = torch.tensor([[[100, 0, 156], [56, 100, 100]]])
+    keep = torch.rand(1, 2, 3, 3) < 0.5
+    keep[..., 0] = True
+    q, k, v, _ = inputs()
+    clusters = svg2.cluster_pair_pattern(keep, sizes, sizes, N, BLOCK)
+    out = BackendLog("variable-only", "svg2").attention(q, k, v, clusters)
+    assert not builds
+    expected = masked_dense_attention(q, k, v, svg2.cluster_pair_pattern(keep, sizes, sizes, N, BLOCK))
+    assert builds == [1, 1]  # masked dense reads the tables: kept and full, once
+    torch.testing.assert_close(out, expected)
 
 
 def test_a_named_backend_that_cannot_run_is_a_clear_error(flashinfer_importable: None) -> None:
@@ -258,8 +287,7 @@ def kind_patterns() -> dict[str, BlockSparsePattern]:
     band = BlockSparsePattern(tiles.kept, N, BLOCK, full=torch.zeros_like(tiles.kept),
                               mask_mod=lambda b, h, qi, ki: (qi - ki).abs() < 9)  # fmt: skip
     sizes = torch.tensor([[[100, 0, 156], [56, 100, 100]]])
-    labels = torch.stack([torch.arange(3).repeat_interleave(sizes[0, h]) for h in range(2)])[None]
-    clusters = cluster_pair_pattern(torch.ones(1, 2, 3, 3, dtype=torch.bool), sizes, sizes, labels, labels, BLOCK)
+    clusters = cluster_pair_pattern(torch.ones(1, 2, 3, 3, dtype=torch.bool), sizes, sizes, N, BLOCK)
     return {"tiles": tiles, "token-level": band, "variable": clusters}
 
 

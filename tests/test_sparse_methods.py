@@ -175,7 +175,7 @@ def test_svg2_kmeans_separates_clusters_and_centroids_are_cached(monkeypatch: py
     centres = torch.randn(3, 16) * 20
     points = (centres.repeat_interleave(25, dim=0) + torch.randn(75, 16))[None]
     start = points[:, [0, 50, 25]]
-    labels, centroids, sizes = svg2.kmeans(points, 3, 5, start, torch.Generator())
+    labels, centroids, sizes, _ = svg2.kmeans(points, 3, 5, start, torch.Generator())
     assert labels[0].tolist() == [0] * 25 + [2] * 25 + [1] * 25 and sizes.tolist() == [[25, 25, 25]]
     assert torch.allclose(centroids[0, 2], points[0, 25:50].mean(dim=0), atol=1e-5)
 

@@ -210,13 +210,11 @@ def backend_check_patterns(batch: int, heads: int, tokens: int, blocks: tuple[in
         size = (weights / weights.sum(-1, keepdim=True) * tokens).long()
         size[..., 0] += tokens - size.sum(-1)  # the rounding
         sizes.append(size)
-    labels = [torch.stack([torch.stack([torch.arange(8, device=device).repeat_interleave(s) for s in row])
-                           for row in size]) for size in sizes]  # fmt: skip
     keep = torch.rand(batch, heads, 8, 8, device=device) < 0.4
     keep[..., 0] = True
     return {"tiles": BlockSparsePattern(kept(*blocks), tokens, blocks),
             "square": BlockSparsePattern(kept(blocks[1], blocks[1]), tokens, blocks[1]),
-            "clusters": cluster_pair_pattern(keep, *sizes, *labels, block=blocks[1])}  # fmt: skip
+            "clusters": cluster_pair_pattern(keep, *sizes, tokens, block=blocks[1])}  # fmt: skip
 
 
 def check_backends(names: list[str], device: torch.device) -> dict[str, Any]:

@@ -45,8 +45,8 @@ COLD_REPEATS, WARM_REPEATS = (1, 3), (3, 10)  # (warm-up, timed) calls: a torch 
 
 
 def label_check(x: torch.Tensor, centroids: torch.Tensor, out: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-    """One Lloyd iteration ``out = (labels, new centroids, sizes)`` from ``centroids`` ``(G, C, D)`` on x ``(G, N,
-    D)``, checked in float64 per group:
+    """One Lloyd iteration ``out = (labels, new centroids, sizes, order)`` from ``centroids`` ``(G, C, D)`` on x
+    ``(G, N, D)``, checked in float64 per group:
 
     - each label is a nearest centroid up to the rounding of the dot products: with u the unit roundoff of x's
       dtype, rounding ``c`` to it and the product back perturbs ``||c||^2 - 2 x.c`` by at most ``4 u sum |x_i c_i|
@@ -54,11 +54,12 @@ def label_check(x: torch.Tensor, centroids: torch.Tensor, out: tuple[torch.Tenso
       bound; ``worst_gap`` is the largest gap over its bound, <= 1 to pass);
     - the new centroids within ``CENTROID_TOLERANCE`` (relative, norm) of the float64 means of those labels, the
       old centroid for an empty cluster;
-    - the sizes the labels' exact counts.
+    - the sizes the labels' exact counts;
+    - the order the stable sort of the labels (``order_exact``).
     """
-    labels, updated, sizes = out
+    labels, updated, sizes, order = out
     unit = torch.finfo(x.dtype).eps / 2
-    worst, error_sq, norm_sq, sizes_exact = 0.0, 0.0, 0.0, True
+    worst, error_sq, norm_sq, sizes_exact, order_exact = 0.0, 0.0, 0.0, True, True
     for g in range(x.shape[0]):
         points, previous = x[g].double(), centroids[g].double()
         distances = (previous**2).sum(dim=-1) - 2 * points @ previous.T
@@ -72,9 +73,11 @@ def label_check(x: torch.Tensor, centroids: torch.Tensor, out: tuple[torch.Tenso
         error_sq += (updated[g].double() - means).norm().item() ** 2
         norm_sq += means.norm().item() ** 2
         sizes_exact = sizes_exact and torch.equal(sizes[g], counts)
+        order_exact = order_exact and torch.equal(order[g], labels[g].sort(stable=True).indices)
     centroid_error = (error_sq / norm_sq) ** 0.5
-    passed = worst <= 1.0 and centroid_error <= fused.CENTROID_TOLERANCE and sizes_exact
-    return {"worst_gap": worst, "centroid_error": centroid_error, "sizes_exact": sizes_exact, "passed": passed}
+    passed = worst <= 1.0 and centroid_error <= fused.CENTROID_TOLERANCE and sizes_exact and order_exact
+    return {"worst_gap": worst, "centroid_error": centroid_error, "sizes_exact": sizes_exact,
+            "order_exact": order_exact, "passed": passed}  # fmt: skip
 
 
 def check_configs(device: torch.device) -> dict[str, Any]:

@@ -8,6 +8,7 @@ inside those.
 
     pattern = BlockSparsePattern(kept, seq_len=N, block_size=128)                      # whole tiles
     pattern = BlockSparsePattern(kept, N, 128, full=full, mask_mod=band)              # token level
+    pattern = BlockSparsePattern(None, N, 128, variable=blocks, tables=build)  # tables built on first read
     out = block_sparse_attention(q, k, v, pattern)        # sparse_backends: Flex on CUDA, masked SDPA on CPU
     pattern.density()          # kept fraction of the N x N score matrix (exact)
     pattern.kept_fraction()    # the same as a 0-d tensor: what methods return per call (the log reads it)
@@ -160,6 +161,16 @@ def _as_pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class TileTables:
+    """A pattern's tables over its tiles: :class:`BlockSparsePattern`'s ``kept``, ``full`` and ``mask_mod`` (see
+    there), as the function building a pattern's deferred tables returns them."""
+
+    kept: torch.Tensor
+    full: torch.Tensor | None = None
+    mask_mod: MaskMod | None = None
+
+
+@dataclass(frozen=True, init=False)
 class BlockSparsePattern:
     """Which entries of the ``N x N`` score matrix one attention call computes, per batch and head.
 
@@ -173,33 +184,100 @@ class BlockSparsePattern:
             (``kept & ~full``); see the module docstring for how to write it.
         variable: the same token mask as blocks of unequal sizes (SVG2's clusters), for kernels that
             run such blocks whole (FlashInfer's variable-block-sparse wrapper); ``None`` if not known.
+
+    Deferred tables: a pattern with variable blocks may be given, instead of ``kept`` (and ``full``, ``mask_mod``),
+    ``tables``, a function returning its :class:`TileTables`. It runs on the first read of ``kept``, ``full`` or
+    ``mask_mod`` (by any method below, or a backend) and its tables stay with the pattern, so a call whose backend
+    reads only the variable blocks (triton-variable, flashinfer) never builds them: svg2's 128-token tables and its
+    mask's label tables, work its CUDA kernel does not need. Under ``torch.compile`` the build is traced where a
+    table is first read: a graph whose backend reads none holds none of their ops. The variable blocks give such a
+    pattern's ``(B, H)`` (:attr:`batch_heads`) and kind without a build. The function reads its tensors when it
+    runs: nothing may change them in place before.
+
+    Raises:
+        HarnessError: a tile table of the wrong shape or dtype (a deferred one when it is built), ``full`` without
+            ``mask_mod`` or the reverse, neither or both of ``kept`` and ``tables``, or ``tables`` with ``full``,
+            ``mask_mod`` or without ``variable``.
     """
 
-    kept: torch.Tensor
     seq_len: int
-    block_size: int | tuple[int, int] = 128
-    full: torch.Tensor | None = None
-    mask_mod: MaskMod | None = None
-    variable: VariableBlocks | None = None
-    _flex_masks: dict[tuple[tuple[int, int], bool], BlockMask] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
+    block_size: int | tuple[int, int]
+    variable: VariableBlocks | None
+    _tiles: TileTables | Callable[[], TileTables] = field(repr=False)
+    _flex_masks: dict[tuple[tuple[int, int], bool], BlockMask] = field(repr=False, compare=False)
     #: What a backend prepared for this pattern (e.g. FlashInfer's planned wrapper), by the backend's own key:
     #: a pattern reused across calls (radial's) is planned once, and the plan goes with the pattern.
-    backend_plans: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    backend_plans: dict[tuple[Any, ...], Any] = field(repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def __init__(self, kept: torch.Tensor | None, seq_len: int, block_size: int | tuple[int, int] = 128,
+                 full: torch.Tensor | None = None, mask_mod: MaskMod | None = None,
+                 variable: VariableBlocks | None = None,
+                 tables: Callable[[], TileTables] | None = None) -> None:  # fmt: skip
+        if (kept is None) == (tables is None):
+            raise HarnessError("give a pattern its tile table (kept) or a function building its tables (tables), "
+                               "one of the two")  # fmt: skip
+        if tables is not None and (full is not None or mask_mod is not None or variable is None):
+            raise HarnessError("deferred tile tables (tables) take no full or mask_mod (they build them) and need "
+                               "the variable blocks, which give the pattern's batch, heads and kind")  # fmt: skip
+        # Frozen: the fields are set as the dataclass's own __init__ sets them.
+        object.__setattr__(self, "seq_len", seq_len)
+        object.__setattr__(self, "block_size", block_size)
+        object.__setattr__(self, "variable", variable)
+        object.__setattr__(self, "_flex_masks", {})
+        object.__setattr__(self, "backend_plans", {})
+        object.__setattr__(self, "_tiles", tables if kept is None else self._checked(TileTables(kept, full, mask_mod)))
+
+    def _checked(self, tiles: TileTables) -> TileTables:
+        """``tiles`` if they fit this pattern (see the class's Raises), else a HarnessError."""
         q_block, kv_block = self.blocks
         expected = (num_blocks(self.seq_len, q_block), num_blocks(self.seq_len, kv_block))
-        if self.kept.dim() != 4 or tuple(self.kept.shape[-2:]) != expected or self.kept.dtype != torch.bool:
+        kept = tiles.kept
+        if kept.dim() != 4 or tuple(kept.shape[-2:]) != expected or kept.dtype != torch.bool:
             raise HarnessError(
                 f"kept must be a (B, H, {expected[0]}, {expected[1]}) bool tile table for {self.seq_len} tokens "
-                f"in blocks of {self.blocks}, got {tuple(self.kept.shape)} {self.kept.dtype}"
+                f"in blocks of {self.blocks}, got {tuple(kept.shape)} {kept.dtype}"
             )
-        if (self.full is None) != (self.mask_mod is None):
+        if (tiles.full is None) != (tiles.mask_mod is None):
             raise HarnessError("give full and mask_mod together (token-level pattern) or neither (block-level)")
-        if self.full is not None and self.full.shape != self.kept.shape:
-            raise HarnessError(f"full {tuple(self.full.shape)} must match kept {tuple(self.kept.shape)}")
+        if tiles.full is not None and tiles.full.shape != kept.shape:
+            raise HarnessError(f"full {tuple(tiles.full.shape)} must match kept {tuple(kept.shape)}")
+        return tiles
+
+    @property
+    def tables(self) -> TileTables:
+        """The tile tables: deferred ones are built on this first read, checked and kept (see the class docstring)."""
+        tiles = self._tiles
+        if not isinstance(tiles, TileTables):
+            tiles = self._checked(tiles())
+            if tuple(tiles.kept.shape[:2]) != self.batch_heads:
+                raise HarnessError(f"deferred tables of (B, H) = {tuple(tiles.kept.shape[:2])}, but the variable "
+                                   f"blocks' are {self.batch_heads}")  # fmt: skip
+            object.__setattr__(self, "_tiles", tiles)
+        return tiles
+
+    @property
+    def kept(self) -> torch.Tensor:
+        return self.tables.kept
+
+    @property
+    def full(self) -> torch.Tensor | None:
+        return self.tables.full
+
+    @property
+    def mask_mod(self) -> MaskMod | None:
+        return self.tables.mask_mod
+
+    @property
+    def batch_heads(self) -> tuple[int, int]:
+        """``(B, H)`` of the tables (1 where they broadcast), read without building deferred ones: those of the
+        variable blocks then."""
+        tiles = self._tiles
+        if isinstance(tiles, TileTables):
+            source = tiles.kept
+        else:
+            assert self.variable is not None  # a deferred pattern has them (__init__)
+            source = self.variable.kept
+        return source.shape[0], source.shape[1]
 
     @property
     def blocks(self) -> tuple[int, int]:

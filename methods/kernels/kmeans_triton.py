@@ -11,9 +11,10 @@ per group g (one (batch, head) pair) with points ``x_g (N, D)`` and centroids ``
    ``sums_j / sizes_j`` where ``sizes_j > 0``, the old one where the cluster is empty.
 
 An assignment kernel and an update step per iteration, launched back to back with nothing read back to the host
-in between. The assignment reads the centroids prepared once per iteration, not per program: ``ct (G, BLOCK_D,
-CP)``, the centroids rounded to x's dtype and transposed (each tile a straight, coalesced load of a ``(D,
-BLOCK_C)`` block: no ``tl.trans`` of a loaded dot operand, which miscompiled on sm_90 in
+in between. The labels stay int32 between them (what the sort takes as keys: no conversion per iteration), made
+int64 once, for the op's output. The assignment reads the centroids prepared once per iteration, not per program:
+``ct (G, BLOCK_D, CP)``, the centroids rounded to x's dtype and transposed (each tile a straight, coalesced load of
+a ``(D, BLOCK_C)`` block: no ``tl.trans`` of a loaded dot operand, which miscompiled on sm_90 in
 :mod:`methods.kernels.linear_attention_triton`), and ``sq (G, CP)``, their fp32 squared norms (the fp32 sum of
 squares of the fp32 centroid, as the torch path's), with CP = C rounded up to :data:`CENTROID_PAD` (zeros in ct and
 +inf in sq past C, so tiles load unmasked and the padding never wins). :func:`_prepare` writes them for the initial
@@ -38,6 +39,9 @@ The update has two variants (:data:`VARIANTS`, the op's ``update``; :func:`chose
   ``order`` in tiles of BLOCK_N and summed in fp32 (plain adds, tile by tile in a fixed order: the same on every
   run). Each token is read once.
 
+The op also returns the tokens in stable label order (what svg2 permutes q and k by): the sorted update's last sort
+(of the last assignment's labels, the ones returned), or one sort after the one-hot iterations.
+
 Cost per iteration and group: the assignment is ``2 N C D`` FLOPs (one ``x c^T``) plus ~5 instructions per
 distance (round, subtract, minimum, first index); the one-hot update another ``2 N C D`` (C times the ``N D`` adds a
 scatter would do, on tensor cores) and reads x ``C / BLOCK_C`` times, the sorted one ``N D`` adds, x read once
@@ -54,12 +58,14 @@ torch.compile sees one opaque call with fake outputs of the right shapes and nev
 
 Shapes: x ``(G, N, D)`` fp16 or bf16 (fp16 only under the interpreter), ``D <= 128``, any strides with a
 contiguous last axis; centroids ``(G, C, D)`` float32. Returns labels ``(G, N)`` int64, centroids
-``(G, C, D)`` float32, sizes ``(G, C)`` int64, as the torch path.
+``(G, C, D)`` float32, sizes ``(G, C)`` int64 and the order ``(G, N)`` int64, as the torch path.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -188,7 +194,7 @@ def _round_to_points(dots, dtype: tl.constexpr, BF16_ASM: tl.constexpr):
 def _assign(x_ptr, ct_ptr, sq_ptr, labels_ptr, N, C, CP, sxg, sxn, D: tl.constexpr, BLOCK_D: tl.constexpr,
             BF16_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     """Program (token tile, group g): the nearest centroid of tokens ``[tile BLOCK_N, (tile + 1) BLOCK_N)`` into
-    ``labels (G, N)`` int64, from x ``(G, N, D)`` (strides sxg, sxn, 1) and the prepared centroids of
+    ``labels (G, N)`` int32, from x ``(G, N, D)`` (strides sxg, sxn, 1) and the prepared centroids of
     :func:`_prepare`: ``ct (G, BLOCK_D, CP)`` in x's dtype and ``sq (G, CP)`` fp32."""
     tile, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     tokens = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -210,15 +216,15 @@ def _assign(x_ptr, ct_ptr, sq_ptr, labels_ptr, N, C, CP, sxg, sxn, D: tl.constex
         better = tile_min < best  # strictly: on a tie across tiles the earlier (lower) index stays
         best = tl.where(better, tile_min, best)
         best_index = tl.where(better, first + start, best_index)
-    tl.store(labels_ptr + g * N + tokens, best_index.to(tl.int64), mask=tokens < N)
+    tl.store(labels_ptr + g * N + tokens, best_index, mask=tokens < N)
 
 
 @_kernel(UPDATE_CONFIGS, ("BLOCK_C", "BLOCK_N"))
 def _update(x_ptr, labels_ptr, c_ptr, out_ptr, sizes_ptr, ct_ptr, sq_ptr, N, C, CP, sxg, sxn, D: tl.constexpr,
             BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Program (cluster tile, group g): the new centroids ``out (G, C, D)`` fp32 and sizes ``(G, C)`` int64 of
-    clusters ``[tile BLOCK_C, (tile + 1) BLOCK_C)`` from x, the labels and the previous centroids ``c``, and their
-    prepared copy for the next assignment (:func:`_store_prepared`)."""
+    clusters ``[tile BLOCK_C, (tile + 1) BLOCK_C)`` from x, the labels ``(G, N)`` int32 and the previous centroids
+    ``c``, and their prepared copy for the next assignment (:func:`_store_prepared`)."""
     tile, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     ids = tile * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = tl.arange(0, BLOCK_D)
@@ -332,10 +338,27 @@ def prepare_centroids(centroids: torch.Tensor, dtype: torch.dtype) -> tuple[torc
     return ct, sq
 
 
+def sort_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``labels (G, N)`` sorted per group, stable (the tokens of a cluster in ascending order): the sorted labels
+    ``(G, N)`` int32 and the order ``(G, N)`` int64 (token indices), by a sort of int32 keys (half the radix sort's
+    key bits of int64; a stable sort's order does not depend on the keys' dtype; the kernels' labels are int32
+    already, the torch path's are converted)."""
+    return torch.sort(labels.to(torch.int32), dim=1, stable=True)
+
+
+@functools.cache
+def _cluster_ids(groups: int, clusters: int, device: torch.device) -> torch.Tensor:
+    """``(G, C + 1)`` int32, ``0 .. C`` in every row: the values the sorted update searches the sorted labels for
+    (searchsorted takes them contiguous, one row per group). Made once per shape and device, not per iteration
+    (an arange and a copy each time); nothing writes to it."""
+    return torch.arange(clusters + 1, device=device, dtype=torch.int32).expand(groups, -1).contiguous()
+
+
 def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
                    sizes: torch.Tensor, ct: torch.Tensor, sq: torch.Tensor) -> None:  # fmt: skip
     """The one-hot update (:func:`_update`) of ``updated`` and ``sizes`` from x, the labels and the centroids, and
-    of the prepared ``ct``, ``sq`` (:func:`prepare_centroids`) from ``updated``."""
+    of the prepared ``ct``, ``sq`` (:func:`prepare_centroids`) from ``updated``; it sorts nothing (``None``: no order
+    of the labels to hand on)."""
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
 
@@ -347,34 +370,39 @@ def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tenso
 
 
 def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
-                       sizes: torch.Tensor, ct: torch.Tensor, sq: torch.Tensor) -> None:  # fmt: skip
+                       sizes: torch.Tensor, ct: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """The sorted update (:func:`_update_sorted`), same arguments as :func:`_update_onehot`: the labels sorted per
-    group (int32 keys: half the radix sort's key bits of int64; stable, so the sums' order is the tokens' order),
-    each cluster's first position in them found by a batched binary search, then one program per (cluster,
-    group)."""
+    group (:func:`sort_labels`; stable, so the sums' order is the tokens' order), each cluster's first position in
+    them found by a batched binary search, then one program per (cluster, group). Returns the sort's order ``(G,
+    N)`` int64."""
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
-    sorted_labels, order = torch.sort(labels.to(torch.int32), dim=1, stable=True)
-    cluster_ids = torch.arange(clusters + 1, device=x.device, dtype=torch.int32).expand(groups, -1).contiguous()
-    bounds = torch.searchsorted(sorted_labels, cluster_ids)  # (G, C + 1) int64: cluster j is [bounds j, bounds j+1)
+    sorted_labels, order = sort_labels(labels)
+    # (G, C + 1) int64: cluster j is [bounds j, bounds j+1)
+    bounds = torch.searchsorted(sorted_labels, _cluster_ids(groups, clusters, x.device))
     _update_sorted[(clusters, groups)](x, order, bounds, centroids, updated, sizes, ct, sq, tokens, clusters,
                                        sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
+    return order
 
 
-UPDATE_STEPS = {"onehot": _update_onehot, "sorted": _update_by_sorting}
+#: Each update variant's step ``(x, labels, centroids, updated, sizes, ct, sq) -> order``: it writes ``updated``,
+#: ``sizes``, ``ct`` and ``sq`` and returns the labels' stable sorting order where it computed one (else ``None``).
+UPDATE_STEPS: dict[str, Callable[..., torch.Tensor | None]] = {"onehot": _update_onehot, "sorted": _update_by_sorting}
 #: Each update variant's autotuned kernel (the one whose configurations the GPU check pins in turn).
 TUNERS = {"onehot": _update, "sorted": _update_sorted}
 
 
 @kernel_op("kmeans_lloyd")
-def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
-                 update: str = DEFAULT_VARIANT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, update: str = DEFAULT_VARIANT
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``iterations`` (>= 1) Lloyd iterations from ``centroids`` ``(G, C, D)`` fp32 on points x ``(G, N, D)``
     (any strides), with the update step ``update`` (one of :data:`VARIANTS`; same results up to the fp32 sums'
     order), as one op opaque to torch.compile (Dynamo does not trace the autotuner's Python): labels of the
     last assignment ``(G, N)`` int64, the means of those labels ``(G, C, D)`` fp32 (an empty cluster keeps its
-    centroid) and cluster sizes ``(G, C)`` int64, each in memory of its own. The caller checks
-    :func:`unsupported_reason` first (:func:`use_fused` does). Inference only: no autograd is registered.
+    centroid), cluster sizes ``(G, C)`` int64 and the order ``(G, N)`` int64 that sorts those labels stably per
+    group (the sorted update's last sort, else one sort after the iterations), each in memory of its own. The
+    caller checks :func:`unsupported_reason` first (:func:`use_fused` does). Inference only: no autograd is
+    registered.
 
     Raises:
         ValueError: iterations < 1.
@@ -387,7 +415,7 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
     centroids = centroids.float().contiguous()
-    labels = torch.empty(groups, tokens, device=x.device, dtype=torch.int64)
+    labels = torch.empty(groups, tokens, device=x.device, dtype=torch.int32)  # the sort's keys: see the module
     sizes = torch.empty(groups, clusters, device=x.device, dtype=torch.int64)
     block_d = _block_d(dim)
     bf16_asm = x.dtype == torch.bfloat16 and not INTERPRETED
@@ -400,14 +428,17 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
         _assign[assign_grid](x, ct, sq, labels, tokens, clusters, sq.shape[1], x.stride(0), x.stride(1), D=dim,
                              BLOCK_D=block_d, BF16_ASM=bf16_asm)  # fmt: skip
         updated = torch.empty_like(centroids)
-        update_step(x, labels, centroids, updated, sizes, ct, sq)
+        order = update_step(x, labels, centroids, updated, sizes, ct, sq)
         centroids = updated
-    return labels, centroids, sizes
+    if order is None:  # the one-hot update sorts nothing
+        order = sort_labels(labels)[1]
+    return labels.long(), centroids, sizes, order
 
 
 @kmeans_lloyd.register_fake
-def _(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
-      update: str = DEFAULT_VARIANT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def _(x: torch.Tensor, centroids: torch.Tensor, iterations: int, update: str = DEFAULT_VARIANT
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     groups, tokens, _ = x.shape
     return (x.new_empty((groups, tokens), dtype=torch.int64), centroids.new_empty(centroids.shape, dtype=torch.float32),
-            x.new_empty((groups, centroids.shape[1]), dtype=torch.int64))  # fmt: skip
+            x.new_empty((groups, centroids.shape[1]), dtype=torch.int64),
+            x.new_empty((groups, tokens), dtype=torch.int64))  # fmt: skip

@@ -227,7 +227,7 @@ MASKED_MAX_ENTRIES = 1 << 31
 
 
 def _masked_refuses(pattern: BlockSparsePattern) -> str | None:
-    entries = pattern.kept.shape[0] * pattern.kept.shape[1] * pattern.seq_len**2
+    entries = math.prod(pattern.batch_heads) * pattern.seq_len**2
     if entries > MASKED_MAX_ENTRIES:
         return f"dense N x N mask of {entries:.2e} entries (> {MASKED_MAX_ENTRIES:.2e}): reference on sampled rows only"
     return None
@@ -702,7 +702,7 @@ def auto_flashinfer(pattern: BlockSparsePattern) -> str | None:
     transform) goes to flashinfer-split: its full tiles on the BSR wrapper, planned once, the partial ones on Flex.
     Variable blocks go to triton-variable (:func:`auto_choice`), faster than FlashInfer's variable-block wrapper
     (run_f81020f/variable_blocks/)."""
-    if pattern.kept.shape[:2] != (1, 1):
+    if pattern.batch_heads != (1, 1):
         return None
     return {"tiles": "flashinfer-bsr", "token-level": "flashinfer-split"}.get(pattern.kind)
 
@@ -799,9 +799,11 @@ def check_backend(name: str, device: torch.device, dtype: torch.dtype, label: st
 
 
 def _check_fits(q: torch.Tensor, pattern: BlockSparsePattern) -> None:
-    if q.shape[-2] != pattern.seq_len or pattern.kept.shape[:2] not in ((1, 1), q.shape[:2]):
+    """A HarnessError unless ``pattern`` fits q ``(B, H, N, D)``; its deferred tables stay unbuilt (only a backend
+    that reads them builds them)."""
+    if q.shape[-2] != pattern.seq_len or pattern.batch_heads not in ((1, 1), tuple(q.shape[:2])):
         raise HarnessError(
-            f"pattern for {pattern.seq_len} tokens and (B, H) = {tuple(pattern.kept.shape[:2])} "
+            f"pattern for {pattern.seq_len} tokens and (B, H) = {pattern.batch_heads} "
             f"does not fit q of shape {tuple(q.shape)}"
         )
 
