@@ -1,8 +1,7 @@
-"""svg2's plan against the computation it replaced: the same orders, kept pairs, density and tile tables."""
+"""svg2's plan against its token mask: the orders, density, variable blocks and (deferred) tile tables."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
@@ -10,14 +9,7 @@ import torch
 
 from methods import AttentionContext, TokenGrid, build_method
 from methods.kernels.block_sparse import (
-    BlockSparsePattern,
-    VariableBlocks,
-    block_lengths,
-    mask_tables,
-    num_blocks,
     rectangle_counts,
-    select_by_cost_budget,
-    select_by_cumulative_mass,
 )
 from methods.sparse import SparsePlan
 from methods.svg2 import SparseVideoGen2
@@ -31,81 +23,51 @@ def context(step: int) -> AttentionContext:
                             grid=GRID)  # fmt: skip
 
 
-def previous_pattern(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, q_labels_sorted: torch.Tensor,
-                     k_labels_sorted: torch.Tensor, block: int) -> BlockSparsePattern:  # fmt: skip
-    """``cluster_pair_pattern`` as it was: every tile table built at once, from the sorted labels."""
-    tokens = q_labels_sorted.shape[-1]
-    device = keep.device
-    present = (q_sizes > 0)[..., :, None] & (k_sizes > 0)[..., None, :]
-    starts = torch.arange(num_blocks(tokens, block), device=device) * block
-    ends = starts + block_lengths(tokens, block, device) - 1
-    q_first, q_last = q_labels_sorted[..., starts], q_labels_sorted[..., ends]
-    k_first, k_last = k_labels_sorted[..., starts], k_labels_sorted[..., ends]
-    rows, cols = (q_first, q_last), (k_first, k_last)
-    pairs = (q_last - q_first + 1)[..., :, None] * (k_last - k_first + 1)[..., None, :]
-    kept = rectangle_counts(keep & present, rows, cols) > 0
-    full = rectangle_counts(keep | ~present, rows, cols) == pairs
-    keep_read, q_labels_read, k_labels_read = mask_tables(keep, q_labels_sorted, k_labels_sorted)
-
-    def kept_cluster_pair(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return keep_read[b, h, q_labels_read[b, h, q_idx], k_labels_read[b, h, kv_idx]]
-
-    variable = VariableBlocks(keep & present, q_sizes, k_sizes)
-    return BlockSparsePattern(kept, tokens, block, full=full & kept, mask_mod=kept_cluster_pair, variable=variable)
+def token_mask(keep: torch.Tensor, q_labels: torch.Tensor, k_labels: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, N)`` bool, from first principles: query token i (in cluster-sorted order) sees key token j when
+    their clusters' pair is kept."""
+    q_sorted, k_sorted = q_labels.sort(dim=-1, stable=True).values, k_labels.sort(dim=-1, stable=True).values
+    batch = torch.arange(keep.shape[0])[:, None, None, None]
+    heads = torch.arange(keep.shape[1])[None, :, None, None]
+    return keep[batch, heads, q_sorted[..., :, None], k_sorted[..., None, :]]
 
 
-def previous_plan(method: SparseVideoGen2, q: torch.Tensor, k: torch.Tensor, ctx: AttentionContext) -> SparsePlan:
-    """``SparseVideoGen2.plan`` as it was: the labels sorted again after k-means, the tables built at once."""
-    batch, heads, tokens, dim = q.shape
-    q_count, k_count = method.clusters(tokens)
-    cached = method.route(ctx)
-    q_labels, q_centroids, q_sizes, _ = method._cluster(q, q_count, cached.q)
-    k_labels, k_centroids, k_sizes, _ = method._cluster(k, k_count, cached.k)
-    cached.q, cached.k = q_centroids, k_centroids
-    logits = q_centroids @ k_centroids.transpose(-2, -1) / dim**0.5
-    weights = k_sizes[:, None, :].float() * (logits - logits.amax(dim=-1, keepdim=True)).exp()
-    mass = weights / weights.sum(dim=-1, keepdim=True)
-    if method.fixed_density is None:
-        keep = select_by_cumulative_mass(mass, method.top_p, min_keep=math.floor(method.min_kc_ratio * k_count))
-    else:
-        keep = select_by_cost_budget(mass, k_sizes[:, None, :], method.fixed_density)
-    shape = (batch, heads)
-    q_labels, k_labels = q_labels.view(*shape, tokens), k_labels.view(*shape, tokens)
-    q_sizes, k_sizes = q_sizes.view(*shape, q_count), k_sizes.view(*shape, k_count)
-    keep = keep.view(*shape, q_count, k_count)
-    q_sorted, q_order = q_labels.sort(dim=-1, stable=True)
-    k_sorted, k_order = k_labels.sort(dim=-1, stable=True)
-    pattern = previous_pattern(keep, q_sizes, k_sizes, q_sorted, k_sorted, method.block_size(tokens))
-    pair_tokens = q_sizes[..., :, None].double() * k_sizes[..., None, :].double()
-    density = (keep * pair_tokens).sum() / (batch * heads * tokens**2)
-    return SparsePlan(pattern, q_order=q_order, kv_order=k_order, density=density)
-
-
-def assert_same_plan(plan: SparsePlan, expected: SparsePlan) -> None:
-    """Bit-identical orders, density (value and dtype), variable blocks and tile tables (the token mask too)."""
-    assert torch.equal(plan.q_order, expected.q_order) and torch.equal(plan.kv_order, expected.kv_order)
-    assert isinstance(plan.density, torch.Tensor) and isinstance(expected.density, torch.Tensor)
-    assert plan.density.dtype == expected.density.dtype and torch.equal(plan.density, expected.density)
-    got, want = plan.pattern.variable, expected.pattern.variable
-    assert got is not None and want is not None
-    for name in ("kept", "row_sizes", "col_sizes"):
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
-    assert plan.pattern.blocks == expected.pattern.blocks and plan.pattern.seq_len == expected.pattern.seq_len
-    assert torch.equal(plan.pattern.kept, expected.pattern.kept)
-    assert torch.equal(plan.pattern.full, expected.pattern.full)
-    assert torch.equal(plan.pattern.dense_mask(), expected.pattern.dense_mask())
+def tile_reductions(mask: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, full)`` ``(B, H, T, T)`` of a token mask over tiles of ``block`` (the last partial): any, all."""
+    tiles = range(0, mask.shape[-1], block)
+    kept = torch.stack([torch.stack([mask[..., i : i + block, j : j + block].flatten(-2).any(-1) for j in tiles], -1)
+                        for i in tiles], -2)  # fmt: skip
+    full = torch.stack([torch.stack([mask[..., i : i + block, j : j + block].flatten(-2).all(-1) for j in tiles], -1)
+                        for i in tiles], -2)  # fmt: skip
+    return kept, full
 
 
 @pytest.mark.parametrize("params", [{}, {"fixed_density": 0.3}], ids=["top-p", "fixed-density"])
-def test_the_plan_equals_the_computation_it_replaced(params: dict[str, Any]) -> None:
+def test_the_plan_matches_its_token_mask(params: dict[str, Any]) -> None:
     """On random q and k, a cold call (k-means from random tokens) and a warm one (from the cached centroids): the
-    plan equals the previous computation (labels sorted again, tables built at once) bit for bit."""
+    orders are the stable sorts of a second instance's k-means labels (same seed), and the density, variable blocks
+    and tile tables (built when read) are those of the token mask of the kept cluster pairs over those orders."""
     method, reference = (build_method("svg2", **SETTINGS, **params) for _ in range(2))
     assert isinstance(method, SparseVideoGen2) and isinstance(reference, SparseVideoGen2)
     generator = torch.Generator().manual_seed(0)
     for step in (15, 16):
         q, k, v = (torch.randn(1, 2, GRID.tokens, 16, generator=generator) for _ in range(3))
-        assert_same_plan(method.plan(q, k, v, context(step)), previous_plan(reference, q, k, context(step)))
+        plan = method.plan(q, k, v, context(step))
+        cached = reference.route(context(step))
+        q_labels, cached.q, _, _ = reference._cluster(q, method.clusters(GRID.tokens)[0], cached.q)
+        k_labels, cached.k, _, _ = reference._cluster(k, method.clusters(GRID.tokens)[1], cached.k)
+        q_labels, k_labels = q_labels.view(1, 2, -1), k_labels.view(1, 2, -1)
+        assert torch.equal(plan.q_order, q_labels.sort(dim=-1, stable=True).indices)
+        assert torch.equal(plan.kv_order, k_labels.sort(dim=-1, stable=True).indices)
+        variable = plan.pattern.variable
+        assert variable is not None
+        mask = token_mask(variable.kept, q_labels, k_labels)
+        assert plan.density is not None and plan.density.dtype == torch.float64
+        assert float(plan.density) == float(mask.double().mean())
+        assert torch.equal(variable.dense_mask(), mask)
+        kept, full = tile_reductions(mask, method.block_size(GRID.tokens))
+        assert torch.equal(plan.pattern.kept, kept) and torch.equal(plan.pattern.full, full)
+        assert torch.equal(plan.pattern.dense_mask(), mask)
 
 
 def test_the_plan_builds_no_tile_table_until_one_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
