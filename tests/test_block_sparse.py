@@ -281,6 +281,15 @@ def test_deferred_tables_are_built_once_on_their_first_read_and_equal_the_given_
     assert builds == [1]
 
 
+def test_a_pattern_hashes_alike_before_and_after_its_tables_are_built() -> None:
+    """Patterns hash and compare by identity, so building deferred tables (which replaces the builder held inside)
+    leaves a pattern's hash, and its place in a set, as they were."""
+    deferred, _ = deferred_twin(BlockSparsePattern(random_tiles(), N, BLOCK))
+    before, seen = hash(deferred), {deferred}
+    _ = deferred.kept
+    assert hash(deferred) == before and deferred in seen
+
+
 def test_deferred_tables_are_checked() -> None:
     """Deferred tables come instead of kept, full and mask_mod and with variable blocks; built, they are checked as
     given tables are, and must have the variable blocks' (B, H)."""

@@ -13,6 +13,7 @@ fp16 and bf16.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -64,7 +65,8 @@ def means_of(x: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor) -> t
     ("groups", "clusters", "tokens", "dim", "iterations"),
     [(2, 5, 77, 16, 1),  # ragged last token tile, clusters fewer than a tile
      (3, 20, 150, 24, 3),  # G = 3, head dim padded to 32 columns, clusters over two tiles (ragged)
-     (1, 33, 100, 32, 2)],  # clusters over three tiles, 33 = 2 x 16 + 1
+     (1, 33, 100, 32, 2),  # clusters over three tiles, 33 = 2 x 16 + 1
+     (1, 300, 700, 16, 1)],  # more clusters than CENTROID_PAD: the prepared buffers padded to 512
 )  # fmt: skip
 def test_well_separated_points_get_torch_labels_sizes_and_centroids(
     groups: int, clusters: int, tokens: int, dim: int, iterations: int, dtype: torch.dtype, update: str
@@ -120,6 +122,28 @@ def test_random_points_get_a_nearest_centroid_and_the_means_of_their_labels(upda
     check = label_check(x, init, out)
     assert check["passed"], check
     assert (out[0] == lloyd(x, init, 1)[0]).float().mean() > 0.95
+
+
+def test_the_check_records_a_failed_check_as_strict_json() -> None:
+    """Centroids gone NaN fail the GPU script's check, their error recorded as null (the record is strict JSON)."""
+    from harness.benchmarks.svg2_kmeans import label_check
+
+    x, init, _ = separated(1, 4, 40, 8)
+    labels, centroids, sizes, order = lloyd(x, init, 1)
+    check = label_check(x, init, (labels, torch.full_like(centroids, float("nan")), sizes, order))
+    assert not check["passed"] and check["centroid_error"] is None
+    json.dumps(check, allow_nan=False)
+
+
+def test_the_check_takes_a_zero_point_at_its_nearest_centroid() -> None:
+    """A point at the origin has a rounding bound of 0: at its nearest centroid its gap is 0, and the check
+    passes (before, 0 / 0 gave NaN, which the maximum then dropped)."""
+    from harness.benchmarks.svg2_kmeans import label_check
+
+    x, init, _ = separated(1, 4, 40, 8)
+    x[0, 0] = 0
+    check = label_check(x, init, lloyd(x, init, 1))
+    assert check["passed"] and check["worst_gap"] is not None and check["worst_gap"] <= 1.0
 
 
 @needs_kernel
@@ -188,7 +212,7 @@ def test_each_update_writes_the_prepared_copy_of_its_new_centroids(update: str) 
     x = torch.randn(2, 90, 24, device=DEVICE).to(torch.float16)
     init = torch.cat([x[:, :6].float(), 50 + torch.randn(2, 1, 24, device=DEVICE)], dim=1)  # 7 clusters, 1 empty
     ct, sq = fused.prepare_centroids(init, x.dtype)
-    labels = lloyd(x, init, 1)[0]
+    labels = lloyd(x, init, 1)[0].int()  # int32, as the op hands them to its update steps
     updated, sizes = torch.empty_like(init), torch.empty(2, 7, device=DEVICE, dtype=torch.int64)
     fused.UPDATE_STEPS[update](x, labels, init, updated, sizes, ct, sq)
     expected_ct, expected_sq = fused.prepare_centroids(updated, x.dtype)
@@ -235,7 +259,7 @@ def test_compiled_kmeans_equals_eager(update: str) -> None:
     """torch.compile (fullgraph: no graph break) of the op gives eager's outputs: the launches are inside the op."""
     x, init, _ = separated(2, 5, 40, 16)
 
-    def cluster(x: torch.Tensor, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def cluster(x: torch.Tensor, init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return fused.kmeans_lloyd(x, init, 2, update)
 
     torch._dynamo.reset()

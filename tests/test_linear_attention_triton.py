@@ -366,6 +366,17 @@ def test_gpu_script_times_the_wan_attention_calls() -> None:
     assert model_shape("wan14b") == (1, 40, 75600, 128)
 
 
+def test_gpu_script_records_the_last_tuning_as_strict_json() -> None:
+    """Triton's timings per configuration (median, 20th and 80th percentiles, or one number) are labelled, and a
+    configuration that failed to run (inf) becomes null."""
+    from types import SimpleNamespace
+
+    from harness.benchmarks.linear_triton_gpu import last_tuning
+
+    tuner = SimpleNamespace(configs_timings={"A": [0.2, 0.1, float("inf")], "B": 0.3})
+    assert last_tuning(tuner) == {"A": {"median": 0.2, "p20": 0.1, "p80": None}, "B": {"median": 0.3}}
+
+
 def test_gpu_script_ratios_flag_fused_rows_over_target() -> None:
     from harness.benchmarks.linear_triton_gpu import summarise
 

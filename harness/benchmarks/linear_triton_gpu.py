@@ -315,20 +315,15 @@ def summarise(rows: dict[str, Any]) -> dict[str, Any]:
 
 
 def compiled_kernels() -> dict[str, Any]:
-    """The autotuner's choice per key and each compiled variant's specialisation, warps, stages, shared memory,
-    registers and spills, read off Triton's caches (internals: best effort, never fatal)."""
+    """The autotuner's choice per key, its last tuning's timings (:func:`last_tuning`) and each compiled variant's
+    specialisation, warps, stages, shared memory, registers and spills, read off Triton's caches (internals: best
+    effort, never fatal)."""
     report: dict[str, Any] = {}
     for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
         tuner = getattr(fused, name)
         entry: dict[str, Any] = {"chosen": {str(key): str(config) for key, config in tuner.cache.items()}}
-        # The last key's tuning, ms per configuration (a configuration that failed to run times as inf: null).
-        timings = getattr(tuner, "configs_timings", None) or {}
-        entry["last_tuning_ms"] = {
-            str(config): [t if math.isfinite(t) else None for t in map(float, times if isinstance(times, list | tuple)
-                                                                     else [times])]
-            for config, times in timings.items()
-        }  # fmt: skip
         try:
+            entry["last_tuning_ms"] = last_tuning(tuner)
             entry["compiled"] = [
                 {"specialisation": str(key)[-400:], "warps": kernel.metadata.num_warps,
                  "stages": kernel.metadata.num_stages, "shared_bytes": kernel.metadata.shared,
@@ -336,8 +331,22 @@ def compiled_kernels() -> dict[str, Any]:
                 for caches in tuner.fn.device_caches.values() for key, kernel in caches[0].items()
             ]  # fmt: skip
         except Exception as exc:  # a diagnostic must not lose the measurements
+            entry.setdefault("last_tuning_ms", None)
             entry["compiled"] = f"unavailable: {type(exc).__name__}: {exc}"
         report[name] = entry
+    return report
+
+
+def last_tuning(tuner: Any) -> dict[str, dict[str, float | None]]:
+    """The autotuner's timings of the last key it tuned (Triton keeps no others; the script tunes the check shapes
+    first, then each timed shape in turn): per configuration the median and the 20th and 80th percentiles in ms, as
+    Triton's ``do_bench`` returns them; a configuration that failed to run times as inf, recorded as null."""
+    quantiles = ("median", "p20", "p80")
+    report = {}
+    for config, times in (getattr(tuner, "configs_timings", None) or {}).items():
+        values = times if isinstance(times, list | tuple) else [times]
+        report[str(config)] = {name: float(t) if math.isfinite(float(t)) else None
+                               for name, t in zip(quantiles, values, strict=False)}  # fmt: skip
     return report
 
 

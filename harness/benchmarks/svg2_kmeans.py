@@ -22,6 +22,7 @@ runs' JSON; ``triton_sorted`` the sorted one):
 from __future__ import annotations
 
 import argparse
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,9 @@ def label_check(x: torch.Tensor, centroids: torch.Tensor, out: tuple[torch.Tenso
         distances = (previous**2).sum(dim=-1) - 2 * points @ previous.T
         chosen = distances.gather(1, labels[g][:, None])[:, 0]
         bound = 8.5 * unit * points.norm(dim=-1) * previous.norm(dim=-1).max()  # 8.5: fp32 sums' slack
-        worst = max(worst, ((chosen - distances.amin(dim=-1)) / bound).max().item())
+        # A zero-norm point's bound is 0: its gap must then be 0 too (0 / tiny), not 0 / 0.
+        gap = ((chosen - distances.amin(dim=-1)) / bound.clamp(min=torch.finfo(torch.float64).tiny)).max().item()
+        worst = max(worst, gap) if math.isfinite(gap) else math.inf  # NaN or inf: the check fails
         del distances
         counts = torch.bincount(labels[g], minlength=previous.shape[0])
         sums = torch.zeros_like(previous).index_add_(0, labels[g], points)
@@ -76,8 +79,9 @@ def label_check(x: torch.Tensor, centroids: torch.Tensor, out: tuple[torch.Tenso
         order_exact = order_exact and torch.equal(order[g], labels[g].sort(stable=True).indices)
     centroid_error = (error_sq / norm_sq) ** 0.5
     passed = worst <= 1.0 and centroid_error <= fused.CENTROID_TOLERANCE and sizes_exact and order_exact
-    return {"worst_gap": worst, "centroid_error": centroid_error, "sizes_exact": sizes_exact,
-            "order_exact": order_exact, "passed": passed}  # fmt: skip
+    finite = {name: value if math.isfinite(value) else None  # strict JSON: a failed check's NaN or inf as null
+              for name, value in (("worst_gap", worst), ("centroid_error", centroid_error))}  # fmt: skip
+    return {**finite, "sizes_exact": sizes_exact, "order_exact": order_exact, "passed": passed}
 
 
 def check_configs(device: torch.device) -> dict[str, Any]:
@@ -201,10 +205,15 @@ def table_lines(model: str, row: dict[str, Any]) -> list[str]:
         times = " ".join(f"{timing[n][when]['median_ms']:>9.2f}" for n in "qk" for when in ("cold", "warm"))
         times += "".join(f" {timing[n]['warm_fraction']:>8.1%}" for n in "qk")
         lines.append(f"{model:>8} {path:>13} {times} {timing['selection']['median_ms']:>12.2f} "
-                     f"{timing['selection_fraction']:>8.1%} {max(c['worst_gap'] for c in checks):>9.2f} "
-                     f"{max(c['centroid_error'] for c in checks):>9.1e} "
+                     f"{timing['selection_fraction']:>8.1%} {worst_of(checks, 'worst_gap'):>9.2f} "
+                     f"{worst_of(checks, 'centroid_error'):>9.1e} "
                      f"{min(c['label_agreement'] for c in checks):>9.4f}")  # fmt: skip
     return lines
+
+
+def worst_of(checks: Any, name: str) -> float:
+    """The largest ``name`` of :func:`label_check` results, inf where one recorded it as null (not finite)."""
+    return max(math.inf if check[name] is None else check[name] for check in checks)
 
 
 def model_row(model: str, device: torch.device, config_check: dict[str, Any]) -> dict[str, Any]:

@@ -170,7 +170,7 @@ class TileTables:
     mask_mod: MaskMod | None = None
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True, init=False, eq=False)  # identity: a pattern's hash must not change when its tables are built
 class BlockSparsePattern:
     """Which entries of the ``N x N`` score matrix one attention call computes, per batch and head.
 

@@ -63,7 +63,6 @@ contiguous last axis; centroids ``(G, C, D)`` float32. Returns labels ``(G, N)``
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -294,7 +293,7 @@ def _block_d(head_dim: int) -> int:
 def unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the kernels cannot cluster ``x`` (None when they can): they run on CUDA, or on CPU tensors under the
     Triton interpreter (``TRITON_INTERPRET=1``, tests), in fp16 or bf16 (fp16 only in the interpreter, which
-    multiplies bf16 operands as raw integers), for ``(G, N, D)`` points with ``D <= 128``."""
+    multiplies bf16 operands as raw integers; bf16 from sm_80 on), for ``(G, N, D)`` points with ``D <= 128``."""
     if triton is None:
         return "triton is not installed"
     device_type = "cpu" if INTERPRETED else "cuda"
@@ -307,6 +306,8 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
         return f"points of shape {tuple(x.shape)} are not (G, N, D)"
     if x.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim {x.shape[-1]} > {MAX_HEAD_DIM}"
+    if x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "bf16 points need sm_80 or newer (bf16 matrix products, the bf16 rounding instruction)"
     return None
 
 
@@ -327,7 +328,15 @@ def prepare_centroids(centroids: torch.Tensor, dtype: torch.dtype) -> tuple[torc
     """What the assignment reads of contiguous centroids ``(G, C, D)`` fp32 (:func:`_prepare`, one launch):
     ``ct (G, BLOCK_D, CP)`` the centroids rounded to ``dtype`` (x's) and transposed, ``sq (G, CP)`` fp32 their
     squared norms, with CP = C rounded up to :data:`CENTROID_PAD`; zeros in ``ct`` and +inf in ``sq`` past C, zeros
-    in ``ct`` past D. The update kernels then refresh the first C clusters in place."""
+    in ``ct`` past D. The update kernels then refresh the first C clusters in place.
+
+    Raises:
+        ValueError: an assignment configuration in force (a caller may pin others) whose BLOCK_C does not divide
+            CP: its unmasked loads would read past the buffers.
+    """
+    if any(CENTROID_PAD % config.kwargs["BLOCK_C"] for config in _assign.configs):
+        raise ValueError(f"every assignment BLOCK_C must divide CENTROID_PAD = {CENTROID_PAD}: "
+                         f"{[config.kwargs['BLOCK_C'] for config in _assign.configs]}")  # fmt: skip
     groups, clusters, dim = centroids.shape
     block_d = _block_d(dim)
     padded = triton.cdiv(clusters, CENTROID_PAD) * CENTROID_PAD
@@ -344,14 +353,6 @@ def sort_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     key bits of int64; a stable sort's order does not depend on the keys' dtype; the kernels' labels are int32
     already, the torch path's are converted)."""
     return torch.sort(labels.to(torch.int32), dim=1, stable=True)
-
-
-@functools.cache
-def _cluster_ids(groups: int, clusters: int, device: torch.device) -> torch.Tensor:
-    """``(G, C + 1)`` int32, ``0 .. C`` in every row: the values the sorted update searches the sorted labels for
-    (searchsorted takes them contiguous, one row per group). Made once per shape and device, not per iteration
-    (an arange and a copy each time); nothing writes to it."""
-    return torch.arange(clusters + 1, device=device, dtype=torch.int32).expand(groups, -1).contiguous()
 
 
 def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
@@ -379,7 +380,10 @@ def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.T
     clusters = centroids.shape[1]
     sorted_labels, order = sort_labels(labels)
     # (G, C + 1) int64: cluster j is [bounds j, bounds j+1)
-    bounds = torch.searchsorted(sorted_labels, _cluster_ids(groups, clusters, x.device))
+    # Made per call, not cached: a cached device tensor first made inside a CUDA graph capture or a cudagraph
+    # tree's warm-up would live in memory the graph's pool hands out again.
+    cluster_ids = torch.arange(clusters + 1, device=x.device, dtype=torch.int32).expand(groups, -1).contiguous()
+    bounds = torch.searchsorted(sorted_labels, cluster_ids)
     _update_sorted[(clusters, groups)](x, order, bounds, centroids, updated, sizes, ct, sq, tokens, clusters,
                                        sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
     return order
