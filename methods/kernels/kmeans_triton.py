@@ -33,9 +33,9 @@ The update has two variants (:data:`VARIANTS`, the op's ``update``; :func:`chose
   fp32 on tensor cores. The products ``1 x x_n`` are exact and the accumulation is fp32, so the sums are the fp32
   sums of the torch path in another order. No atomics, no sort: each program owns its clusters and adds their
   tokens in a fixed order, so the result is the same on every run (the torch path's ``index_add_`` on CUDA is not).
-- ``sorted``: per group the labels sorted (``torch.sort``, stable: the tokens of a cluster in ascending order), then
-  :func:`_update_sorted`, one program per (cluster, group): its cluster's run in the sorted labels found by a
-  binary search in the program, its tokens' rows of x gathered through the sort's
+- ``sorted``: per group the labels sorted (``torch.sort``, stable: the tokens of a cluster in ascending order), the
+  cluster boundaries in the sorted labels by one batched ``torch.searchsorted`` (no host sync), then
+  :func:`_update_sorted`, one program per (cluster, group): its tokens' rows of x gathered through the sort's
   ``order`` in tiles of BLOCK_N and summed in fp32 (plain adds, tile by tile in a fixed order: the same on every
   run). Each token is read once.
 
@@ -251,26 +251,15 @@ def _update(x_ptr, labels_ptr, c_ptr, out_ptr, sizes_ptr, ct_ptr, sq_ptr, N, C, 
 
 
 @_kernel(SORTED_UPDATE_CONFIGS, ("BLOCK_N",))
-def _update_sorted(x_ptr, order_ptr, sorted_ptr, c_ptr, out_ptr, sizes_ptr, ct_ptr, sq_ptr, N, C, CP, sxg, sxn,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, STEPS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _update_sorted(x_ptr, order_ptr, bounds_ptr, c_ptr, out_ptr, sizes_ptr, ct_ptr, sq_ptr, N, C, CP, sxg, sxn,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Program (cluster j, group g): the new centroid ``out[g, j]`` (fp32) and size ``sizes[g, j]`` (int64) from the
-    tokens ``order[g, begin:end]`` (``order (G, N)`` int64, the tokens sorted by label), their rows of x and the
-    previous centroids ``c``, and its prepared copy for the next assignment (:func:`_store_prepared`). ``begin`` and
-    ``end`` are the first positions of labels ``>= j`` and ``>= j + 1`` in the sorted labels ``(G, N)`` int32,
-    found by one binary search of STEPS >= bit_length(N) halvings for both (no launch of its own)."""
+    tokens ``order[g, bounds[g, j]:bounds[g, j + 1]]`` (``order (G, N)`` int64, the tokens sorted by label;
+    ``bounds (G, C + 1)`` int64, where each cluster starts in that order), their rows of x and the previous
+    centroids ``c``, and its prepared copy for the next assignment (:func:`_store_prepared`)."""
     cluster, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    targets = cluster + tl.arange(0, 2)  # j and j + 1
-    lo = tl.zeros((2,), dtype=tl.int32)
-    hi = tl.full((2,), N, dtype=tl.int32)
-    # Invariant: labels before lo are < target, labels from hi on are >= target; the interval halves each step.
-    for _ in tl.static_range(STEPS):
-        open_range = lo < hi
-        mid = (lo + hi) // 2
-        below = open_range & (tl.load(sorted_ptr + g * N + tl.minimum(mid, N - 1)) < targets)
-        lo = tl.where(below, mid + 1, lo)
-        hi = tl.where(open_range & ~below, mid, hi)
-    begin = tl.sum(tl.where(tl.arange(0, 2) == 0, lo, 0)).to(tl.int64)
-    end = tl.sum(tl.where(tl.arange(0, 2) == 1, lo, 0)).to(tl.int64)
+    begin = tl.load(bounds_ptr + g * (C + 1) + cluster)
+    end = tl.load(bounds_ptr + g * (C + 1) + cluster + 1)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
     x_base = x_ptr + g * sxg
@@ -384,16 +373,19 @@ def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tenso
 def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
                        sizes: torch.Tensor, ct: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """The sorted update (:func:`_update_sorted`), same arguments as :func:`_update_onehot`: the labels sorted per
-    group (:func:`sort_labels`; stable, so the sums' order is the tokens' order), then one program per (cluster,
-    group), which finds its cluster's run in them by a binary search: two launches per iteration, the sort's and the
-    update's (a separate ``torch.searchsorted`` took four more small launches per iteration). Returns the sort's
-    order ``(G, N)`` int64."""
+    group (:func:`sort_labels`; stable, so the sums' order is the tokens' order), each cluster's first position in
+    them found by a batched binary search, then one program per (cluster, group). Returns the sort's order ``(G,
+    N)`` int64."""
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
     sorted_labels, order = sort_labels(labels)
-    _update_sorted[(clusters, groups)](x, order, sorted_labels, centroids, updated, sizes, ct, sq, tokens, clusters,
-                                       sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=_block_d(dim),
-                                       STEPS=max(1, tokens.bit_length()))  # fmt: skip
+    # (G, C + 1) int64: cluster j is [bounds j, bounds j+1)
+    # Made per call, not cached: a cached device tensor first made inside a CUDA graph capture or a cudagraph
+    # tree's warm-up would live in memory the graph's pool hands out again.
+    cluster_ids = torch.arange(clusters + 1, device=x.device, dtype=torch.int32).expand(groups, -1).contiguous()
+    bounds = torch.searchsorted(sorted_labels, cluster_ids)
+    _update_sorted[(clusters, groups)](x, order, bounds, centroids, updated, sizes, ct, sq, tokens, clusters,
+                                       sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
     return order
 
 
