@@ -35,11 +35,12 @@ def token_mask(keep: torch.Tensor, q_labels: torch.Tensor, k_labels: torch.Tenso
 def tile_reductions(mask: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kept, full)`` ``(B, H, T, T)`` of a token mask over tiles of ``block`` (the last partial): any, all."""
     tiles = range(0, mask.shape[-1], block)
-    kept = torch.stack([torch.stack([mask[..., i : i + block, j : j + block].flatten(-2).any(-1) for j in tiles], -1)
-                        for i in tiles], -2)  # fmt: skip
-    full = torch.stack([torch.stack([mask[..., i : i + block, j : j + block].flatten(-2).all(-1) for j in tiles], -1)
-                        for i in tiles], -2)  # fmt: skip
-    return kept, full
+
+    def reduce(op: Any) -> torch.Tensor:
+        rows = [[op(mask[..., i : i + block, j : j + block].flatten(-2), -1) for j in tiles] for i in tiles]
+        return torch.stack([torch.stack(row, -1) for row in rows], -2)
+
+    return reduce(torch.any), reduce(torch.all)
 
 
 @pytest.mark.parametrize("params", [{}, {"fixed_density": 0.3}], ids=["top-p", "fixed-density"])
