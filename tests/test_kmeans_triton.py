@@ -232,6 +232,24 @@ def test_strided_points_are_read_in_place(update: str) -> None:
 
 
 @needs_kernel
+def test_the_assignment_autotuner_runs_once_per_cluster_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The autotuner's key holds the cluster count C (a runtime argument): its first call per C goes through the
+    autotuner, later calls of that C launch the chosen configuration directly, with the same labels."""
+    tuner = fused._assign
+    runs = []
+    run = type(tuner).run
+    monkeypatch.setattr(type(tuner), "run", lambda self, *a, **kw: runs.append(self) or run(self, *a, **kw))
+    x, init, _ = separated(2, 6, 50, 16)
+    first = fused.kmeans_lloyd(x, init, 3)
+    assert runs.count(tuner) <= 1
+    runs.clear()
+    again = fused.kmeans_lloyd(x, init, 3)
+    assert runs.count(tuner) == 0 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    fused.kmeans_lloyd(x, init[:, :5].contiguous(), 1)
+    assert runs.count(tuner) == 1
+
+
+@needs_kernel
 def test_dispatch_runs_the_kernels_only_when_asked() -> None:
     """kmeans takes the kernels under auto or triton, the torch path under torch (the default until a GPU check
     passes), with the same returns on separated points."""

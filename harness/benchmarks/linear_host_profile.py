@@ -42,6 +42,7 @@ from harness.atomic import write_json_atomic
 from harness.errors import HarnessError
 from methods.kernels import linear_attention_triton as fused
 from methods.kernels.linear_attention import build_feature_map, check_kernel, feature_linear_attention
+from methods.kernels.tuned_launch import forget_choices
 
 H200_SMS = 132
 WAN_1_3B_SHAPE = (1, 12, 32760, 128)  # one self-attention call at 480p, batch 1 (B, H, N, D)
@@ -126,7 +127,7 @@ def stubbed_launches(sms: int) -> Iterator[list[str]]:
             function.device_caches.clear()
         for name in ("_gram_partials", "_output", "_query_grads", "_key_grads", "_project_grads"):
             getattr(fused, name).cache.clear()
-        fused._CHOSEN.clear()
+        forget_choices()
 
 
 def _inputs(kind: str, shape: tuple[int, int, int, int]) -> tuple[Callable[[str], Any], list[torch.Tensor]]:

@@ -70,6 +70,7 @@ from typing import Any
 import torch
 
 from methods.kernels import BACKENDS, env_choice, kernel_choice, kernel_op, use_kernel
+from methods.kernels.tuned_launch import launch_tuned
 
 try:
     import triton
@@ -366,8 +367,8 @@ def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tenso
     def grid(meta: dict[str, Any]) -> tuple[int, int]:
         return triton.cdiv(clusters, meta["BLOCK_C"]), groups
 
-    _update[grid](x, labels, centroids, updated, sizes, ct, sq, tokens, clusters, sq.shape[1], x.stride(0),
-                  x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
+    launch_tuned(_update, grid, x, labels, centroids, updated, sizes, ct, sq, tokens, clusters, sq.shape[1],
+                 x.stride(0), x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
 
 
 def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
@@ -384,8 +385,8 @@ def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.T
     # tree's warm-up would live in memory the graph's pool hands out again.
     cluster_ids = torch.arange(clusters + 1, device=x.device, dtype=torch.int32).expand(groups, -1).contiguous()
     bounds = torch.searchsorted(sorted_labels, cluster_ids)
-    _update_sorted[(clusters, groups)](x, order, bounds, centroids, updated, sizes, ct, sq, tokens, clusters,
-                                       sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
+    launch_tuned(_update_sorted, (clusters, groups), x, order, bounds, centroids, updated, sizes, ct, sq, tokens,
+                 clusters, sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
     return order
 
 
@@ -429,8 +430,8 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, upda
 
     ct, sq = prepare_centroids(centroids, x.dtype)  # then each update step refreshes them
     for _ in range(iterations):
-        _assign[assign_grid](x, ct, sq, labels, tokens, clusters, sq.shape[1], x.stride(0), x.stride(1), D=dim,
-                             BLOCK_D=block_d, BF16_ASM=bf16_asm)  # fmt: skip
+        launch_tuned(_assign, assign_grid, x, ct, sq, labels, tokens, clusters, sq.shape[1], x.stride(0),
+                     x.stride(1), D=dim, BLOCK_D=block_d, BF16_ASM=bf16_asm)  # fmt: skip
         updated = torch.empty_like(centroids)
         order = update_step(x, labels, centroids, updated, sizes, ct, sq)
         centroids = updated

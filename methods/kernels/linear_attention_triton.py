@@ -33,8 +33,9 @@ The launches are entered through two ``torch.library`` custom ops, :func:`linear
 one opaque call with fake outputs of the real shapes, dtypes and strides, and never traces the launch code (the
 autotuners' Python and the ``lru_cache`` of :func:`_chunking`), which Dynamo could not. An eager call that records
 no gradient runs the forward op's implementation without the op, and each autotuner runs once per key
-(:func:`_launch_tuned`): an eager forward is host-bound on an H200, and the op's dispatch and the autotuners' key
-building cost as much host time as the launches (``python -m harness.benchmarks.linear_host_profile``).
+(:func:`methods.kernels.tuned_launch.launch_tuned`): an eager forward is host-bound on an H200, and the op's
+dispatch and the autotuners' key building cost as much host time as the launches
+(``python -m harness.benchmarks.linear_host_profile``).
 
 No kernel takes ``tl.trans`` of a tile it also passes untransposed to another ``tl.dot``, nor of a loaded tile: a
 matrix needed both ways is loaded twice, transposed by the addresses (:func:`_matrix`). On an H200 (sm_90, Triton
@@ -58,6 +59,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from methods.kernels import BACKENDS, kernel_choice, kernel_op, on_input_device, use_kernel
 from methods.kernels.linear_attention import EluFeatureMap, FeatureMap, HedgehogFeatureMap, ReluFeatureMap
+from methods.kernels.tuned_launch import launch_tuned
 
 try:
     import triton
@@ -449,30 +451,6 @@ def _block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-# (kernel, constexprs, tensor dtypes) -> (configuration, its launch keywords): see _launch_tuned.
-_CHOSEN: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
-
-
-def _launch_tuned(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
-    """``kernel[grid](*args, **meta)`` for an autotuned kernel, with the autotuner's per-call work (dicts over every
-    argument to build its key: as much host time as the launch itself) done once per key, the constexprs ``meta``
-    and the tensors' dtypes (the autotuner's own key, or finer): its first call runs the autotuner, which picks
-    (and on CUDA times) a configuration, and later calls launch that configuration's kernel directly while the
-    autotuner still holds it (an equal configuration in its list and, where it has a choice, in its cache: a caller
-    that pins others or clears the cache, as the GPU benchmark's localisation does, sends the next call back)."""
-    key = (kernel, *meta.items(), *[arg.dtype for arg in args if isinstance(arg, torch.Tensor)])
-    chosen = _CHOSEN.get(key)
-    if (
-        chosen is not None
-        and chosen[0] in kernel.configs
-        and (len(kernel.configs) == 1 or chosen[0] in kernel.cache.values())
-    ):
-        kernel.fn[grid](*args, **meta, **chosen[1])
-        return
-    kernel[grid](*args, **meta)
-    _CHOSEN[key] = kernel.best_config, kernel.best_config.all_kwargs()
-
-
 @functools.lru_cache(maxsize=16)
 def _slots(device: torch.device) -> int:
     """Programs ``device`` runs at once in the chunking's model (the interpreter's CPU: 2)."""
@@ -533,7 +511,7 @@ def _gram(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, kind: int, n
     batch, heads, tokens, dim = x.shape
     grid, chunk = _grid(x, nh, REDUCE_CONFIGS)
     partials = _state_buffer(grid[1], batch * heads * nh, _block_d(dim), x.device)
-    _launch_tuned(
+    launch_tuned(
         _gram_partials, grid, x, y, x if w is None else w, partials, heads, tokens, dim, chunk,
         *_strides(x), *_strides(y),
         KIND=kind, HAS_W=w is not None, BLOCK_D=_block_d(dim),
@@ -560,7 +538,7 @@ def _through_projection(x: torch.Tensor, dp_halves: torch.Tensor, weight: torch.
     partials = dx  # a placeholder, never read without WANT_DW
     if want:
         partials = torch.empty(grid[1] * batch, heads, block_d * block_d, device=x.device, dtype=torch.float32)
-    _launch_tuned(
+    launch_tuned(
         _project_grads, grid, dp_halves, x, x if weight is None else _weight_operand(weight), dx, partials, heads,
         tokens, dim, chunk, *_strides(x), NH=nh, HAS_W=weight is not None, WANT_DW=want, BLOCK_D=block_d,
     )  # fmt: skip
@@ -577,7 +555,7 @@ def _output_pass(q: torch.Tensor, wq: torch.Tensor | None, state: torch.Tensor, 
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     den = None if eps is None else torch.empty(batch * heads, tokens, device=q.device, dtype=torch.float32)
     grid, chunk = _grid(q, 1, OUTPUT_CONFIGS)  # both halves in each program
-    _launch_tuned(
+    launch_tuned(
         _output, grid, q, q if wq is None else wq, state, out, out if den is None else den, heads, tokens, dim, chunk,
         0.0 if eps is None else eps, *_strides(q), KIND=kind, HAS_W=wq is not None, NH=nh, NORMALISE=den is not None,
         BLOCK_D=_block_d(dim),
@@ -595,7 +573,7 @@ def _query_pass(q: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor, den:
     dp_q = torch.empty(nh, batch, heads, tokens, block_d, device=q.device, dtype=q.dtype)
     grid, chunk = _grid(q, nh, QUERY_CONFIGS)
     partials = _state_buffer(grid[1], batch * heads * nh, block_d, q.device)
-    _launch_tuned(
+    launch_tuned(
         _query_grads, grid, q, grad_out, out, den, q if wq is None else wq, state, dp_q, partials,
         heads, tokens, dim, chunk, *_strides(q), *_strides(grad_out),
         KIND=kind, HAS_W=wq is not None, BLOCK_D=block_d,
@@ -612,7 +590,7 @@ def _key_pass(k: torch.Tensor, v: torch.Tensor, wk: torch.Tensor | None, d_state
     dv, _ = _output_pass(k, wk, d_state, kind, nh, None)
     dp_k = torch.empty(nh, batch, heads, key_tokens, _block_d(dim), device=k.device, dtype=k.dtype)
     grid, chunk = _grid(k, nh, KEY_CONFIGS)
-    _launch_tuned(
+    launch_tuned(
         _key_grads, grid, k, v, k if wk is None else wk, d_state, dp_k, heads, key_tokens, dim, chunk,
         *_strides(k), *_strides(v),
         KIND=kind, HAS_W=wk is not None, BLOCK_D=_block_d(dim),

@@ -70,6 +70,7 @@ import torch
 
 from methods.kernels import BACKENDS, env_choice, kernel_choice, kernel_op, use_kernel
 from methods.kernels.block_sparse import num_blocks
+from methods.kernels.tuned_launch import launch_tuned
 
 try:
     import triton
@@ -405,8 +406,8 @@ def xattn_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int
     (any strides). Inference only: the masses select blocks, nothing differentiates them, so the op registers no
     autograd (a backward through it raises)."""
     q, k, masses, (heads, tokens, blocks), scale, strides, constexprs = _launch_shape(q, k, block, stride)
-    _block_masses[_query_tiles(masses, constexprs["R"])](q, k, masses, heads, tokens, blocks, scale, *strides,
-                                                         **constexprs)  # fmt: skip
+    launch_tuned(_block_masses, _query_tiles(masses, constexprs["R"]), q, k, masses, heads, tokens, blocks, scale,
+                 *strides, **constexprs)  # fmt: skip
     return masses
 
 
@@ -447,8 +448,8 @@ def xattn_block_masses_single_pass(q: torch.Tensor, k: torch.Tensor, block: int,
     if with_tma and not INTERPRETED:
         _use_scratch()
     tuner = _block_partials_tma if with_tma else _block_partials
-    tuner[_query_tiles(masses, rows)](q, k, partials, maxima, final_max, weight, heads, tokens, blocks, blocks * rows,
-                                      scale, *strides, **constexprs, TMA=with_tma)  # fmt: skip
+    launch_tuned(tuner, _query_tiles(masses, rows), q, k, partials, maxima, final_max, weight, heads, tokens, blocks,
+                 blocks * rows, scale, *strides, **constexprs, TMA=with_tma)  # fmt: skip
     key_blocks = max(1, COMBINE_TILE // rows)
     _combine_partials[(blocks, triton.cdiv(blocks, key_blocks), batch_heads)](
         partials, maxima, final_max, weight, masses, blocks, blocks * rows, R=rows, BLOCK_K=key_blocks
