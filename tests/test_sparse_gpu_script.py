@@ -95,6 +95,22 @@ def test_kernel_efficiency_is_the_ideal_over_the_kernel_on_the_chosen_backend(sm
     assert summary["svg2"]["kernel_over_ideal"] == rows["svg2"]["kernel_over_ideal"]
 
 
+def test_selection_in_calls_is_whole_calls_less_kernels_back_to_back(smoke: dict[str, Any]) -> None:
+    """What a plan adds inside a sequence of calls: whole calls back to back less the same plan's kernels back to
+    back, as a share of the dense call; the summary row carries the share."""
+    rows = smoke["latency"]["attention"]["methods"]
+    dense_ms = rows["sdpa"]["call"]["median_ms"]
+    summary = {row["method"]: row for row in smoke["summary"]["rows"]}
+    for name in ("radial", "xattn", "svg2"):
+        row = rows[name]
+        assert row["calls_back_to_back_ms"] > 0 and row["kernels_back_to_back_ms"] > 0
+        assert row["selection_in_calls_ms"] == pytest.approx(
+            row["calls_back_to_back_ms"] - row["kernels_back_to_back_ms"]
+        )
+        assert row["selection_in_calls_share_of_dense"] == pytest.approx(row["selection_in_calls_ms"] / dense_ms)
+        assert summary[name]["selection_in_calls_share_of_dense"] == row["selection_in_calls_share_of_dense"]
+
+
 def test_svg2_sweep_has_one_checked_and_timed_point_per_stated_density(smoke: dict[str, Any]) -> None:
     """attention.svg2_density_sweep: per --svg2-densities value, svg2's plan at it, every backend's error against
     masked dense (within tolerance where timed) and its time over the ideal; flashinfer skipped here with its reason."""

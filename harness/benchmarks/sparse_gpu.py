@@ -8,8 +8,9 @@
    density it is timed at, one plan executed twice -- compiled FlexAttention in bf16 and the masked dense path in
    fp32 -- relative error within bf16 tolerance. A failing method is not timed.
 2. Attention: per model shape, one method call at a sparse step (selection + kernel), the kernel alone on a
-   fixed plan and the selection alone (its share of the cuDNN call, and its costliest operators from one
-   profiled call: JSON ``selection_top_ops``), beside FA2 and cuDNN dense (random q, k, v in bf16); then every
+   fixed plan and the selection alone (its share of the cuDNN call, synchronised, back to back, and as whole calls
+   back to back less the kernels alone back to back, what it adds inside a forward; and its costliest operators
+   from one profiled call: JSON ``selection_top_ops``), beside FA2 and cuDNN dense (random q, k, v in bf16); then every
    block-sparse backend on that plan (error against masked dense on sampled rows, time, or why skipped)
    and the one ``backend=measure`` chooses (JSON ``attention.methods.<name>.backends``). Per method its kernel
    efficiency as ``bench latency`` defines it (:func:`kernel_efficiency`): the ideal time, density x the cuDNN
@@ -417,6 +418,10 @@ def time_attention(names: list[str], dense: list[str], model: str, device: torch
                 kernel, _ = measure(lambda m=method, p=plan: m.execute(q, k, v, p, m.backend), device, *KERNEL_REPEATS)
                 selection, _ = measure(lambda m=method: m.plan(q, k, v, ctx), device, *KERNEL_REPEATS)
                 pipelined = back_to_back_ms(lambda m=method: m.plan(q, k, v, ctx), device)
+                # What the plan adds to calls issued back to back, as a forward issues them: its host work overlaps
+                # the previous call's kernel, its device work (and any wait on the device) does not.
+                calls_b2b = back_to_back_ms(lambda m=method: m(q, k, v, ctx), device)
+                kernels_b2b = back_to_back_ms(lambda m=method, p=plan: m.execute(q, k, v, p, m.backend), device)
                 backends = measure_backends(method, plan, q, k, v)
                 density = float(plan.used_density())
                 judged = backends["report"][backends["chosen"]]["ms"]
@@ -425,6 +430,10 @@ def time_attention(names: list[str], dense: list[str], model: str, device: torch
                         "selection_share_of_dense": selection.median_ms / rows[dense[0]]["call"]["median_ms"],
                         "selection_back_to_back_ms": pipelined,
                         "selection_back_to_back_share_of_dense": pipelined / rows[dense[0]]["call"]["median_ms"],
+                        "calls_back_to_back_ms": calls_b2b, "kernels_back_to_back_ms": kernels_b2b,
+                        "selection_in_calls_ms": calls_b2b - kernels_b2b,
+                        "selection_in_calls_share_of_dense": (calls_b2b - kernels_b2b)
+                        / rows[dense[0]]["call"]["median_ms"],
                         "selection_top_ops": top_ops(lambda m=method: m.plan(q, k, v, ctx), device),
                         "backends": backends}  # fmt: skip
             dense_ms = call.median_ms if name == dense[0] else rows[dense[0]]["call"]["median_ms"]
@@ -544,6 +553,7 @@ def main(argv: list[str] | None = None) -> None:
                 "kernel_ms": timing.get("kernel", timing["call"])["median_ms"],
                 "selection_share_of_dense": timing.get("selection_share_of_dense"),
                 "selection_back_to_back_share_of_dense": timing.get("selection_back_to_back_share_of_dense"),
+                "selection_in_calls_share_of_dense": timing.get("selection_in_calls_share_of_dense"),
                 "backend": timing.get("backends", {}).get("chosen"),
                 "kernel_efficiency": timing["kernel_efficiency"], "kernel_over_ideal": timing["kernel_over_ideal"],
                 "density_fixed_by_user": entry["density_fixed_by_user"],
@@ -575,6 +585,7 @@ def main(argv: list[str] | None = None) -> None:
         ("x ideal", 8),
         ("selection", 10),
         ("b2b", 5),
+        ("in calls", 9),
         ("stated", 7),
     )
     print("\n" + " ".join(f"{title:>{width}}" for title, width in header) + "  density")
@@ -582,16 +593,19 @@ def main(argv: list[str] | None = None) -> None:
         stated_cell = "-" if row["density_fixed_by_user"] is None else f"{row['density_fixed_by_user']:.3f}"
         mark = "*" if row["data_dependent"] and row["density_fixed_by_user"] is None else ""
         share, over = row["selection_share_of_dense"], row["kernel_over_ideal"]
-        b2b = row["selection_back_to_back_share_of_dense"]
+        b2b, in_calls = row["selection_back_to_back_share_of_dense"], row["selection_in_calls_share_of_dense"]
         print(f"{row['model']:>8} {row['method']:>7} {row['forward_ms']:>11.1f} {row['speedup']:>7.2f}x "
               f"{row['attention_call_ms']:>9.2f} {row['kernel_ms']:>10.2f} {row['backend'] or '-':>10} "
               f"{'-' if over is None else f'{over:.2f}x':>8} {'-' if share is None else f'{share:.0%}':>10} "
-              f"{'-' if b2b is None else f'{b2b:.0%}':>5} {stated_cell:>7} {row['density']:>7.3f}{mark}")  # fmt: skip
+              f"{'-' if b2b is None else f'{b2b:.0%}':>5} {'-' if in_calls is None else f'{in_calls:.0%}':>9} "
+              f"{stated_cell:>7} {row['density']:>7.3f}{mark}")  # fmt: skip
     print(
         f"Speedup vs {summary[0]['baseline'] if summary else '-'}; kernel ms: the plan on the method's own backend "
         "setting; x ideal: the kernel on the chosen backend (the call without one) over density x the dense call "
         f"({dense[0]}), issue 21's bar <= 1.2x; selection: the plan alone as a share of the dense call (b2b: its "
-        "calls back to back, the host's work overlapped as in a forward); stated: the density a method was timed at "
+        "calls back to back, the host's work overlapped as in a forward; in calls: whole calls back to back less "
+        "the kernels alone back to back, what the plan adds to calls issued as a forward issues them); stated: "
+        "the density a method was timed at "
         "(fixed_density), density: the one measured in the forward; * measured on "
         f"random inputs, where a data-dependent method keeps more than on videos. Total {time.time() - started:.0f} s."
     )
