@@ -115,10 +115,19 @@ class Schedule:
 
 @dataclass
 class DensityLog:
-    """Density actually used per (layer, step), averaged over the calls (CFG branches, batches)."""
+    """Density actually used per (layer, step), averaged over the calls (CFG branches, batches).
+
+    A density the method gave as a device tensor is kept as it is and read back only when the log is read
+    (:meth:`mean`, :meth:`entries`, ...), in one transfer per device and dtype: reading it at every call (a
+    ``float()`` of a CUDA tensor) made each eager call wait for the GPU to finish it, so the host could no longer
+    queue the next layer's work ahead, and a selection's host time (svg2's plan, ~40 launches) was paid in full
+    at every call of a forward. The values and their order of summation are those of a read at every call.
+    """
 
     _sums: dict[tuple[int, int], float] = field(default_factory=lambda: defaultdict(float))
     _counts: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
+    # Calls not yet summed, in call order: (key, density as given); folded into _sums by _settle.
+    _pending: list[tuple[tuple[int, int], Density]] = field(default_factory=list)
 
     def add(self, ctx: AttentionContext, density: Density) -> None:
         if torch.compiler.is_compiling():
@@ -126,14 +135,32 @@ class DensityLog:
             # a recompile at every call: compiled calls are not logged (see harness.models.processor).
             return
         key = (ctx.layer, ctx.step)
-        self._sums[key] += float(density)
+        self._pending.append((key, density.detach() if isinstance(density, torch.Tensor) else float(density)))
         self._counts[key] += 1
+
+    def _settle(self) -> None:
+        """Fold the pending densities into the sums, in call order; the tensors read in one transfer per (device,
+        dtype)."""
+        values = [value for _, value in self._pending]
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        for index, value in enumerate(values):
+            if isinstance(value, torch.Tensor):
+                groups[(value.device, value.dtype)].append(index)
+        for indices in groups.values():
+            read = torch.stack([values[i].reshape(()) for i in indices]).tolist()
+            for index, number in zip(indices, read, strict=True):
+                values[index] = float(number)
+        for (key, _), value in zip(self._pending, values, strict=True):
+            self._sums[key] += value
+        self._pending.clear()
 
     def reset(self) -> None:
         self._sums.clear()
         self._counts.clear()
+        self._pending.clear()
 
     def mean(self) -> float | None:
+        self._settle()
         calls = sum(self._counts.values())
         return sum(self._sums.values()) / calls if calls else None
 
@@ -144,6 +171,7 @@ class DensityLog:
         return self._grouped(1)
 
     def _grouped(self, axis: int) -> dict[int, float]:
+        self._settle()
         sums: dict[int, float] = defaultdict(float)
         counts: dict[int, int] = defaultdict(int)
         for key, value in self._sums.items():
@@ -156,10 +184,12 @@ class DensityLog:
 
     def entries(self) -> list[tuple[int, int, float, int]]:
         """Raw ``(layer, step, density sum, calls)`` rows: what :meth:`absorb` joins across ranks."""
+        self._settle()
         return [(*key, self._sums[key], self._counts[key]) for key in sorted(self._sums)]
 
     def absorb(self, entries: list[tuple[int, int, float, int]]) -> None:
         """Add another log's :meth:`entries` (another rank's calls) to this one."""
+        self._settle()
         for layer, step, total, calls in entries:
             self._sums[(layer, step)] += total
             self._counts[(layer, step)] += calls

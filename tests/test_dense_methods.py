@@ -10,6 +10,7 @@ import torch
 
 from harness.errors import HarnessError, UnsupportedError
 from methods import AttentionContext, AttentionMethod, Schedule, TokenGrid, build_method
+from methods.base import DensityLog
 
 SHAPE = (2, 3, 50, 16)  # (B, H, N, D)
 CPU = torch.device("cpu")
@@ -114,6 +115,27 @@ def test_schedule_density_is_measured_per_layer_and_step() -> None:
     assert summary["per_layer"] == pytest.approx({0: (1.0 + 0.25 + 0.25) / 3, 1: 1.0})
     assert summary["per_step"] == pytest.approx({0: 1.0, 1: (0.25 + 1.0) / 2, 2: (0.25 + 1.0) / 2})
     assert summary["mean"] == pytest.approx((4 * 1.0 + 2 * 0.25) / 6)
+
+
+def test_tensor_densities_are_read_when_the_log_is_read_not_at_each_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A density given as a tensor (a device tensor in a sparse method's plan) is not read back at the call, which
+    on CUDA would wait for the GPU at every call; reading the log gives the same sums as reading each call's value,
+    floats and tensors of two dtypes mixed."""
+    log = DensityLog()
+    given = [(0, 0, torch.tensor(0.25)), (1, 0, 1.0), (0, 1, torch.tensor(0.5, dtype=torch.float64)),
+             (0, 1, torch.tensor(0.125)), (1, 1, 0.75)]  # fmt: skip
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("a density was read back during a call")
+
+    with monkeypatch.context() as patch:
+        for name in ("__float__", "item", "tolist"):
+            patch.setattr(torch.Tensor, name, refuse)
+        for layer, step, density in given:
+            log.add(ctx(layer=layer, step=step), density)
+    assert log.entries() == [(0, 0, 0.25, 1), (0, 1, 0.625, 2), (1, 0, 1.0, 1), (1, 1, 0.75, 1)]
+    assert log.mean() == pytest.approx((0.25 + 1.0 + 0.5 + 0.125 + 0.75) / 5)
+    assert log.per_layer() == pytest.approx({0: 0.875 / 3, 1: 1.75 / 2})
 
 
 def test_method_without_schedule_never_runs_dense() -> None:
