@@ -14,7 +14,6 @@ and bf16.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -143,67 +142,13 @@ def test_both_key_tile_loads_match_float64(dtype: torch.dtype, k_rows: bool) -> 
     assert relative(out, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
 
 
-#: Tail configurations small enough for the interpreter: remainders of at most tail_m rows in tiles of tail_m.
-TAIL_CONFIGS = (kernel.Config(32, 16, 4, 1, tail_m=16), kernel.Config(64, 32, 4, 1, k_rows=True, tail_m=32),
-                kernel.Config(64, 16, 8, 1, tail_m=16))  # fmt: skip
-
-
-def tail_blocks(config: kernel.Config, cols: int) -> VariableBlocks:
-    """Query blocks of ``(1, 2, R)`` sizes whose remainders mod block_m fall on both sides of tail_m: empty, smaller
-    than tail_m, exactly tail_m, one past it, exact multiples of block_m, full tiles plus a short or a long
-    remainder (the second head's in reverse order); query block 5 (full tiles and a tail) keeps no key."""
-    m, t = config.block_m, config.tail_m
-    sizes = torch.tensor([0, 3, t, t + 1, m, m + 5, 2 * m, m + t, m + t + 1, 1])
-    row_sizes = torch.stack([sizes, sizes.flip(0)])[None]
-    tokens = int(sizes.sum())
-    kept = torch.rand(1, 2, len(sizes), cols) < 0.4
-    kept[..., 0] = True
-    kept[..., 5, :] = False
-    return VariableBlocks(kept.to(DEVICE), row_sizes.to(DEVICE), block_sizes(1, 2, tokens, cols, 1))
-
-
 @needs_kernel
-@pytest.mark.parametrize("config", TAIL_CONFIGS, ids=lambda config: config.name)
-def test_tail_tiles_match_float64_attention(config: kernel.Config) -> None:
-    """With tail tiles every query row is computed once, by the first launch or the tail's, whatever its block's
-    remainder: the output is masked dense's, zeros for the block that keeps nothing."""
-    torch.manual_seed(config.block_m + config.tail_m)
-    blocks = tail_blocks(config, 6)
-    q, k, v = inputs((1, 2, int(blocks.row_sizes[0, 0].sum()), 32), torch.float16)
-    out = kernel.variable_block_attention(q, k, v, blocks, config)
-    assert relative(out, float64_attention(q, k, v, blocks)) < TOLERANCE[torch.float16]
-
-
-@needs_kernel
-def test_tail_tiles_of_blocks_that_keep_nothing_write_zeros() -> None:
-    """No query block keeps a key (an empty index list): both launches write zeros over every row."""
-    config = TAIL_CONFIGS[0]
-    blocks = tail_blocks(config, 4)
-    blocks.kept.zero_()
-    q, k, v = inputs((1, 2, int(blocks.row_sizes[0, 0].sum()), 16), torch.float16)
-    out = kernel.variable_block_attention(q, k, v, blocks, config)
-    assert torch.equal(out, torch.zeros_like(out))
-
-
-@pytest.mark.parametrize("tail_m", [8, 24, 64])
-def test_tail_tiles_that_cannot_run_are_refused(tail_m: int) -> None:
-    """tail_m below tl.dot's 16 rows, not a power of two, or not below block_m."""
-    q = torch.randn(1, 1, 8, 16, dtype=torch.float16)
-    blocks = VariableBlocks(torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.tensor([[[8]]]), torch.tensor([[[8]]]))
-    refusal = f"tail_m must be 0 or a power of two in \\[16, block_m = 64\\), got {tail_m}"
-    with pytest.raises(HarnessError, match=refusal):
-        kernel.variable_block_attention(q, q, q, blocks, kernel.Config(64, 64, 4, 3, tail_m=tail_m))
-
-
-@needs_kernel
-@pytest.mark.parametrize("config", [kernel.default_config(), TAIL_CONFIGS[0]], ids=lambda config: config.name)
-def test_op_passes_opcheck(config: kernel.Config) -> None:
-    """The op's schema (the output aliases no input; the configuration, tail_m included, as ints and a bool), fake
-    output and AOT dispatch agree with the kernel."""
+def test_op_passes_opcheck() -> None:
+    """The op's schema (the output aliases no input), fake output and AOT dispatch agree with the kernel."""
     torch.manual_seed(6)
     q, k, v = inputs((1, 2, 64, 16), torch.float16)
     blocks = random_blocks(1, 2, 64, 3, 5)
-    args = (q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, *config)
+    args = (q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, *kernel.default_config())
     torch.library.opcheck(kernel.variable_block_attention_op, args)
 
 
@@ -217,7 +162,7 @@ def test_a_head_dim_over_128_is_refused_with_its_reason() -> None:
 @torch.library.custom_op("bench_test::variable_blocks_masked", mutates_args=())
 def _masked_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, row_sizes: torch.Tensor,
                      col_sizes: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int,
-                     k_rows: bool, tail_m: int) -> torch.Tensor:  # fmt: skip
+                     k_rows: bool) -> torch.Tensor:  # fmt: skip
     """The kernel op's contract computed by masked dense SDPA on the CPU (no Triton here)."""
     mask = VariableBlocks(kept, row_sizes, col_sizes).dense_mask()
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -261,21 +206,8 @@ def test_the_gpu_script_reads_configurations_and_refuses_malformed_ones() -> Non
 
     assert parse_configs("64x32x4x3,64x64x4x3r") == [kernel.Config(64, 32, 4, 3), kernel.Config(64, 64, 4, 3, True)]
     assert kernel.Config(64, 64, 4, 3, True).name == "64x64x4x3r"
-    for name in ("64x64x4x3", "64x64x4x3r", "64x64x4x3r+t32", "128x64x8x4+t16"):
-        assert parse_configs(name)[0].name == name
-    assert parse_configs("64x32x4x3+t16") == [kernel.Config(64, 32, 4, 3, tail_m=16)]
-    for malformed in ("64x64x4", "64x64x4x3+t", "64x64x4x3+tx", "64x64x4x3+16"):
-        with pytest.raises(HarnessError, match=re.escape(f"'{malformed}' is not BLOCK_MxBLOCK_NxWARPSxSTAGES")):
-            parse_configs(malformed)
-    with pytest.raises(HarnessError, match="64x64x4x3r\\+t48: tail_m must be"):
-        parse_configs("64x64x4x3r+t48")
-
-
-def test_the_gpu_script_sweeps_tail_tiles() -> None:
-    """Its default configurations include tail tiles, each one the kernel takes."""
-    from harness.benchmarks.variable_blocks_gpu import CONFIGS, parse_configs
-
-    assert sum(config.tail_m > 0 for config in parse_configs(CONFIGS)) >= 3
+    with pytest.raises(HarnessError, match="'64x64x4' is not BLOCK_MxBLOCK_NxWARPSxSTAGES"):
+        parse_configs("64x64x4")
 
 
 @needs_kernel
@@ -288,8 +220,8 @@ def test_the_gpu_script_checks_then_times_every_configuration(tmp_path: Path) ->
 
     device = "cuda" if ON_CUDA else "cpu"
     script.main(["--out", str(tmp_path), "--device", device, "--models", "wan-tiny", "--densities", "0.3",
-                 "--configs", "16x16x4x1,16x16x4x1r,32x16x4x1+t16"])  # fmt: skip
+                 "--configs", "16x16x4x1,16x16x4x1r"])  # fmt: skip
     record = json.loads((tmp_path / "variable_blocks.json").read_text())
     (point,) = record["models"]["wan-tiny"]["points"]
-    for name in ("triton-variable 16x16x4x1", "triton-variable 16x16x4x1r", "triton-variable 32x16x4x1+t16"):
+    for name in ("triton-variable 16x16x4x1", "triton-variable 16x16x4x1r"):
         assert point["results"][name]["passed"] and point["results"][name]["ms"] > 0

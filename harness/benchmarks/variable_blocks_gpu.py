@@ -42,29 +42,19 @@ from methods.kernels.sparse_backends import (
 )
 from methods.kernels.variable_blocks_triton import Config, variable_block_attention
 
-#: The last five run each query block's remainder of at most 32 (16, 64) rows as one tail tile of that many rows.
-CONFIGS = ("64x32x4x3,64x32x4x4,64x32x4x5,64x64x4x4,64x32x4x3r,64x64x4x3r,64x32x4x4r,128x32x8x4,128x64x8x4,128x64x4x3,"
-           "64x64x4x3r+t32,64x64x4x3r+t16,64x32x4x3r+t32,128x64x8x4+t64,128x64x8x4+t32")  # fmt: skip
+CONFIGS = "64x32x4x3,64x32x4x4,64x32x4x5,64x64x4x4,64x32x4x3r,64x64x4x3r,64x32x4x4r,128x32x8x4,128x64x8x4,128x64x4x3"
 BASELINES = ("flashinfer", "flex-tuned")
 
 
 def parse_configs(text: str) -> list[Config]:
-    """``64x64x4x3,64x32x4x3r+t32`` -> their :class:`Config` (BLOCK_M x BLOCK_N x num_warps x num_stages, ``r``:
-    key tiles loaded as rows, ``+tT``: tail tiles of T rows), the inverse of :attr:`Config.name`.
-
-    Raises:
-        HarnessError: naming an item of another form, or tail tiles :meth:`Config.check` refuses.
-    """
+    """``64x64x4x3,64x32x4x3r`` -> their :class:`Config` (BLOCK_M x BLOCK_N x num_warps x num_stages, ``r``: key
+    tiles loaded as rows)."""
     configs = []
     for item in filter(None, text.split(",")):
-        tiles, plus, tail = item.partition("+t")
-        parts = tiles.removesuffix("r").split("x")
-        if len(parts) != 4 or not all(part.isdigit() for part in (*parts, *([tail] if plus else []))):
-            raise HarnessError(f"--configs: {item!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES[r][+tTAIL_M] "
-                               "(e.g. 64x64x4x3 or 64x64x4x3r+t32)")  # fmt: skip
-        config = Config(*(int(part) for part in parts), k_rows=tiles.endswith("r"), tail_m=int(tail) if plus else 0)
-        config.check()
-        configs.append(config)
+        parts = item.removesuffix("r").split("x")
+        if len(parts) != 4 or not all(part.isdigit() for part in parts):
+            raise HarnessError(f"--configs: {item!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES[r] (e.g. 64x64x4x3)")
+        configs.append(Config(*(int(part) for part in parts), k_rows=item.endswith("r")))
     return configs
 
 
@@ -117,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="cuda (the benchmark), or cpu under TRITON_INTERPRET=1 with --models wan-tiny (a smoke "
                              "test: sdpa stands in for cuDNN)")  # fmt: skip
     parser.add_argument("--configs", default=CONFIGS,
-                        help="comma-separated Triton configurations BLOCK_MxBLOCK_NxWARPSxSTAGES, r appended: key "
-                             "tiles loaded as rows, +tT: remainders of at most T rows as tail tiles of T")  # fmt: skip
+                        help="comma-separated Triton configurations BLOCK_MxBLOCK_NxWARPSxSTAGES")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -8,8 +8,7 @@ NeurIPS 2025, Sec. 4.3) runs the same computation on a patched FlashInfer whose 
 cluster pairs; FlashInfer's upstream variable-block wrapper lists one key index per kept token and plans on the
 host per call, 4.1-6.2x the density-scaled cuDNN time on an H200 (reports/gpu/h200/run_9dca079/sparse/).
 
-Two launches (three with tail tiles), no host work besides one read of the kept-token total (the index list's
-size):
+Two launches, no host work besides one read of the kept-token total (the index list's size):
 
 - :func:`_key_indices`: per (group, query block) the positions of its kept key tokens, in key-block order, as one
   int32 list (``idx``; the list of query block (g, i) starts at ``offsets[g, i]``). Position p of the list is in
@@ -18,19 +17,11 @@ size):
 - :func:`_attention`: one program per (query tile, group). Query tiles never straddle two query blocks: block i
   is cut into ``ceil(rows_i / BLOCK_M)`` tiles (the last partial), so every row of a tile keeps the same keys, and
   the program streams that list in tiles of BLOCK_N keys, gathering their rows of k and v by index (each row
-  ``D`` contiguous elements), with the online softmax of FlashAttention in fp32 (exp2, scale folded in). Each
-  launch's tile table (the block of each tile, the first tile of each block) is built on the device in torch.
+  ``D`` contiguous elements), with the online softmax of FlashAttention in fp32 (exp2, scale folded in).
 
-The waste is the partial last tile of each query block (rows) and of each list (columns). With 300 query clusters
-over Wan 1.3B's 32,760 tokens (k-means on random data: median ~130 rows, max ~190, some tiny) the tiles' row
-utilisation, useful rows over computed ones counted on the CPU (not timed), is 0.73 at BLOCK_M 64, 0.86 at 32, 0.93
-at 16 and 0.56 at 128; the kernel ran at 2.9x its ideal time on an H200. Tail tiles (``Config.tail_m``, 0: off, the
-default) take the short remainders: a block's ``r = rows mod BLOCK_M`` rows past its full tiles, when
-``0 < r <= tail_m``, become one tile of ``tail_m`` rows in a second launch of :func:`_attention` at
-``BLOCK_M = tail_m`` (warps: the first launch's, at most :data:`MAX_TAIL_WARPS`), while full tiles and longer
-remainders stay in the first launch; the two write disjoint rows. Whether the smaller tiles' lower efficiency eats
-the saved rows is for a GPU sweep (:mod:`harness.benchmarks.variable_blocks_gpu`) to say. Query rows of a block
-that keeps no key get zeros (masked dense gives NaN there; no method makes such a block).
+The waste is the partial last tile of each query block (rows) and of each list (columns): with 300 query clusters
+over Wan 1.3B's 32,760 tokens the query side averages 109 rows a block. Query rows of a block that keeps no key
+get zeros (masked dense gives NaN there; no method makes such a block).
 
 Shapes: q, k, v ``(B, H, N, D)`` fp16 or bf16, one dtype, any strides with a contiguous last axis, ``D <= 128``;
 the blocks' ``kept (B or 1, H or 1, R, C)``, ``row_sizes (.., R)``, ``col_sizes (.., C)`` (each summing to N).
@@ -64,32 +55,19 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class Config(NamedTuple):
-    """A configuration of :func:`_attention`: its tiles, warps and pipeline stages, whether it loads key tiles as
-    rows ``(BLOCK_N, D)`` and transposes them (``k_rows``) or transposed by their addresses ``(D, BLOCK_N)``, and
-    the rows of its tail tiles (``tail_m``; 0: none, every query block in tiles of ``block_m`` alone)."""
+    """A configuration of :func:`_attention`: its tiles, warps and pipeline stages, and whether it loads key tiles
+    as rows ``(BLOCK_N, D)`` and transposes them (``k_rows``) or transposed by their addresses ``(D, BLOCK_N)``."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     k_rows: bool = False
-    tail_m: int = 0
 
     @property
     def name(self) -> str:
-        """``64x32x4x3`` (``r`` appended for k_rows, ``+t32`` for tail tiles of 32 rows)."""
-        return "x".join(map(str, self[:4])) + ("r" if self.k_rows else "") + (f"+t{self.tail_m}" if self.tail_m else "")
-
-    def check(self) -> None:
-        """Refuse tail tiles :func:`_attention` cannot run or that would cover nothing.
-
-        Raises:
-            HarnessError: for a ``tail_m`` other than 0 or a power of two in ``[MIN_TAIL_M, block_m)``.
-        """
-        tail = self.tail_m
-        if tail and not (MIN_TAIL_M <= tail < self.block_m and tail & (tail - 1) == 0):
-            raise HarnessError(f"triton-variable {self.name}: tail_m must be 0 or a power of two in "
-                               f"[{MIN_TAIL_M}, block_m = {self.block_m}), got {tail}")  # fmt: skip
+        """``64x32x4x3`` (``r`` appended for k_rows)."""
+        return "x".join(map(str, self[:4])) + ("r" if self.k_rows else "")
 
 
 #: Timed on an H200 beside 9 other configurations at Wan 1.3B (svg2 at densities 0.1, 0.295, 0.5) and 14B (0.295):
@@ -98,12 +76,6 @@ class Config(NamedTuple):
 DEFAULT_CONFIG = Config(64, 64, 4, 3, k_rows=True)
 INTERPRETER_CONFIG = Config(16, 16, 4, 1)
 MAX_HEAD_DIM = 128
-#: Fewest rows of a tail tile: tl.dot takes M >= 16.
-MIN_TAIL_M = 16
-#: Most warps of the tail launch, which otherwise keeps the first launch's: every program still gathers BLOCK_N rows
-#: of k and v a step, work that does not shrink with its rows, but a tile of 16 or 32 rows over 8 warps leaves each
-#: a sliver of the dots (4 is one warpgroup, as the 64-row tiles of the default use). Untimed: a choice to sweep.
-MAX_TAIL_WARPS = 4
 
 
 def default_config() -> Config:
@@ -145,23 +117,21 @@ def _key_indices(cum_ptr, starts_ptr, offsets_ptr, idx_ptr, R, C, STEPS: tl.cons
 
 
 @_jit
-def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, first_row_ptr, row_starts_ptr, cum_ptr,
-               offsets_ptr, idx_ptr, scale, H, N, R, C, TILES,
+def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_starts_ptr, cum_ptr, offsets_ptr,
+               idx_ptr, scale, H, N, R, C, TILES,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                K_ROWS: tl.constexpr):  # fmt: skip
     """Program (t, g): query tile t of group g, in query block ``i = tile_block[g, t]`` (R: past the last tile,
-    nothing to do), rows ``first_row[g, i] + (t - first_tile[g, i]) BLOCK_M + [0, BLOCK_M)`` below
-    ``row_starts[g, i + 1]``, over the key list of (g, i) in tiles of BLOCK_N. ``first_row (G, R)`` is where this
-    launch's tiles of block i begin (the block's first row, or for tail tiles the row after its full tiles),
-    ``row_starts (G, R + 1)`` the blocks' bounds. ``scale`` is ``log2(e) / sqrt(D)``; the output ``(B * H, N, D)``
-    contiguous."""
+    nothing to do), rows ``row_starts[g, i] + (t - first_tile[g, i]) BLOCK_M + [0, BLOCK_M)`` below
+    ``row_starts[g, i + 1]``, over the key list of (g, i) in tiles of BLOCK_N. ``scale`` is ``log2(e) / sqrt(D)``;
+    the output ``(B * H, N, D)`` contiguous."""
     t, g = tl.program_id(0), tl.program_id(1)
     block = tl.load(tile_block_ptr + g * TILES + t)
     if block < R:
         b, h = (g // H).to(tl.int64), (g % H).to(tl.int64)
         row = g.to(tl.int64) * R + block
-        start = tl.load(first_row_ptr + g * R + block)
+        start = tl.load(row_starts_ptr + g * (R + 1) + block)
         end = tl.load(row_starts_ptr + g * (R + 1) + block + 1)
         rows = start + (t - tl.load(first_tile_ptr + g * (R + 1) + block)) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_D)
@@ -205,24 +175,12 @@ def _running_sums(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x.cumsum(-1), (1, 0)).to(torch.int32)
 
 
-def _tile_table(tiles_per_block: torch.Tensor, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One launch's tiles, on the device (no host read): ``tiles_per_block (G, R)`` int64 -> ``first_tile
-    (G, R + 1)`` int32, the index of each block's first tile (its running sums), and ``tile_block (G, tiles)``
-    int32, the block of each of ``tiles`` tile slots (R for a slot past the group's last tile)."""
-    first_tile = _running_sums(tiles_per_block)
-    positions = torch.arange(tiles, device=first_tile.device, dtype=torch.int32).expand(len(first_tile), tiles)
-    tile_block = torch.searchsorted(first_tile[:, 1:].contiguous(), positions.contiguous(), right=True)
-    return first_tile, tile_block.to(torch.int32)
-
-
 @kernel_op("variable_block_attention")
 def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor,
                                 row_sizes: torch.Tensor, col_sizes: torch.Tensor, block_m: int, block_n: int,
-                                num_warps: int, num_stages: int, k_rows: bool, tail_m: int
-                                ) -> torch.Tensor:  # fmt: skip
+                                num_warps: int, num_stages: int, k_rows: bool) -> torch.Tensor:  # fmt: skip
     """The launches of :func:`variable_block_attention` as one op (torch.compile sees one opaque call; the index
-    list's size is read on the host inside it). Arguments as there, the configuration (:class:`Config`, checked by
-    the caller) spelled out."""
+    list's size is read on the host inside it). Arguments as there, the configuration spelled out."""
     batch, heads, tokens, dim = q.shape
     groups, blocks_q, blocks_k = batch * heads, kept.shape[-2], kept.shape[-1]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -240,38 +198,26 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     index_grid = (groups * blocks_q, triton.cdiv(tokens, INDEX_BLOCK))
     _key_indices[index_grid](cum, starts, offsets, idx, blocks_q, blocks_k, STEPS=steps, BLOCK=INDEX_BLOCK)
 
+    first_tile = _running_sums((rows + block_m - 1) // block_m)
+    tiles = triton.cdiv(tokens, block_m) + blocks_q  # each block adds at most one partial tile
+    positions = torch.arange(tiles, device=q.device, dtype=torch.int32).expand(groups, tiles).contiguous()
+    tile_block = torch.searchsorted(first_tile[:, 1:].contiguous(), positions, right=True).to(torch.int32)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    row_starts = _running_sums(rows)
-
-    def launch(tiles_per_block: torch.Tensor, first_row: torch.Tensor, tiles: int, tile_m: int, warps: int) -> None:
-        """``_attention`` over ``tiles_per_block (G, R)`` tiles of ``tile_m`` rows from ``first_row (G, R)`` on,
-        in a grid of ``tiles`` (a bound on any group's count) by G programs."""
-        first_tile, tile_block = _tile_table(tiles_per_block, tiles)
-        _attention[(tiles, groups)](
-            q, k, v, out, tile_block, first_tile, first_row.to(torch.int32).contiguous(), row_starts, cum, offsets,
-            idx, 1.4426950408889634 / dim**0.5, heads, tokens, blocks_q, blocks_k, tiles,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-            v.stride(2), D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=tile_m, BLOCK_N=block_n,
-            K_ROWS=k_rows,
-            num_warps=warps, num_stages=num_stages,
-        )  # fmt: skip
-
-    full, remainder = rows // block_m, rows % block_m
-    # A remainder of at most tail_m rows goes to one tail tile of tail_m rows; a larger one stays a partial tile here.
-    tail = (remainder > 0) & (remainder <= tail_m)
-    # The grid's bound: each block adds at most one partial tile to its full ones.
-    launch(full + ((remainder > 0) & ~tail), row_starts[:, :-1], triton.cdiv(tokens, block_m) + blocks_q, block_m,
-           num_warps)  # fmt: skip
-    if tail_m:  # the tail tiles start after their block's full tiles: the two launches write disjoint rows
-        launch(tail.long(), row_starts[:, :-1] + full * block_m, min(blocks_q, tokens), tail_m,
-               min(num_warps, MAX_TAIL_WARPS))  # fmt: skip
+    _attention[(tiles, groups)](
+        q, k, v, out, tile_block, first_tile, _running_sums(rows), cum, offsets, idx,
+        1.4426950408889634 / dim**0.5, heads, tokens, blocks_q, blocks_k, tiles,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        K_ROWS=k_rows,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
     return out
 
 
 @variable_block_attention_op.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, row_sizes: torch.Tensor,
       col_sizes: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int, k_rows: bool,
-      tail_m: int) -> torch.Tensor:  # fmt: skip
+      ) -> torch.Tensor:  # fmt: skip
     return q.new_empty(q.shape)
 
 
@@ -279,9 +225,8 @@ def variable_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              config: Config | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of q, k, v ``(B, H, N, D)`` (fp16/bf16, on CUDA or under the Triton interpreter) over ``blocks``'
     kept pairs, ``(B, H, N, D)`` in q's dtype, with ``config`` (:func:`default_config`). Raises
-    :class:`HarnessError` for a head dim over :data:`MAX_HEAD_DIM` or tail tiles :meth:`Config.check` refuses."""
+    :class:`HarnessError` for a head dim over :data:`MAX_HEAD_DIM`."""
     if q.shape[-1] > MAX_HEAD_DIM:  # tiles of wider heads overflow shared memory (a Triton error, not a message)
         raise HarnessError(f"triton-variable takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     config = config or default_config()
-    config.check()
     return variable_block_attention_op(q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, *config)
