@@ -341,6 +341,61 @@ def test_the_kernels_return_the_stable_order_of_their_last_labels(update: str) -
     assert torch.equal(order, lloyd(x, init, 3)[3])
 
 
+@needs_kernel
+@pytest.mark.parametrize(
+    ("groups", "tokens", "clusters", "tiles"),
+    [(3, 77, 5, {"block": 16, "cluster_tile": 16}),  # several groups, N not a multiple of the block
+     (2, 1000, 37, {"block": 64, "cluster_tile": 16}),  # C not a power of two over three cluster tiles, 16 blocks
+     (2, 128, 300, {"block": 32, "cluster_tile": 64}),  # more clusters than tokens (most empty), N a multiple
+     (1, 5, 1, {"block": 16, "cluster_tile": 16}),  # C = 1, fewer tokens than a block
+     (2, 2000, 1000, {})],  # the GPU's block and cluster tile: two blocks (the second ragged), four tiles
+)  # fmt: skip
+def test_counting_sort_is_the_stable_sort_and_its_cluster_bounds(
+    groups: int, tokens: int, clusters: int, tiles: dict[str, int]
+) -> None:
+    """On random int32 labels with many ties and empty clusters (every label that is a multiple of 3 moved to the
+    last cluster: clusters 0, 3, 6, ... empty unless last), the order equals torch's stable sort's indices and the
+    bounds the first position of every cluster (and N) in the sorted labels, both int64."""
+    labels = torch.randint(0, clusters, (groups, tokens), device=DEVICE, dtype=torch.int32)
+    labels[labels % 3 == 0] = clusters - 1
+    order, bounds = fused.counting_sort(labels, clusters, **tiles)
+    ranked = torch.sort(labels, dim=1, stable=True)
+    ids = torch.arange(clusters + 1, device=DEVICE, dtype=torch.int32).expand(groups, -1).contiguous()
+    assert order.dtype == bounds.dtype == torch.int64 and bounds.shape == (groups, clusters + 1)
+    assert torch.equal(order, ranked.indices) and torch.equal(bounds, torch.searchsorted(ranked.values, ids))
+
+
+@pytest.mark.parametrize(
+    ("clusters", "tiles", "message"),
+    [(1 << 20, {}, "overflow the counting sort's keys"),  # 2^20 << log2(1024) reaches 2^30
+     (4, {"block": 48}, "must be powers of two"),
+     (4, {"block": 1}, "must be powers of two"),
+     (4, {"cluster_tile": 100}, "must be powers of two")],
+)  # fmt: skip
+def test_counting_sort_refuses_tiles_and_cluster_counts_it_cannot_key(
+    clusters: int, tiles: dict[str, int], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        fused.counting_sort(torch.zeros(1, 8, dtype=torch.int32), clusters, **tiles)
+
+
+@needs_kernel
+@every_variant
+def test_the_kernels_sort_without_torch_sort(monkeypatch: pytest.MonkeyPatch, update: str) -> None:
+    """Neither update step (nor the one-hot path's closing order) calls torch.sort or torch.searchsorted, and the
+    order is still the stable sort of the labels."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the kernel path called a torch sort or search")
+
+    x, init = clumped(2, 9, 90, 16)
+    monkeypatch.setattr(torch, "sort", refuse)
+    monkeypatch.setattr(torch, "searchsorted", refuse)
+    labels, _, _, order = fused.kmeans_lloyd(x, init, 2, update)
+    monkeypatch.undo()
+    assert_stable_order(labels, order)
+
+
 def test_the_torch_path_returns_the_stable_order_of_its_last_labels() -> None:
     """The torch path (the CPU's) on clumped fp32 points, over 3 iterations: the order is the stable sort of its
     labels."""

@@ -11,7 +11,7 @@ per group g (one (batch, head) pair) with points ``x_g (N, D)`` and centroids ``
    ``sums_j / sizes_j`` where ``sizes_j > 0``, the old one where the cluster is empty.
 
 An assignment kernel and an update step per iteration, launched back to back with nothing read back to the host
-in between. The labels stay int32 between them (what the sort takes as keys: no conversion per iteration), made
+in between. The labels stay int32 between them (what the counting sort reads: no conversion per iteration), made
 int64 once, for the op's output. The assignment reads the centroids prepared once per iteration, not per program:
 ``ct (G, BLOCK_D, CP)``, the centroids rounded to x's dtype and transposed (each tile a straight, coalesced load of
 a ``(D, BLOCK_C)`` block: no ``tl.trans`` of a loaded dot operand, which miscompiled on sm_90 in
@@ -33,25 +33,45 @@ The update has two variants (:data:`VARIANTS`, the op's ``update``; :func:`chose
   fp32 on tensor cores. The products ``1 x x_n`` are exact and the accumulation is fp32, so the sums are the fp32
   sums of the torch path in another order. No atomics, no sort: each program owns its clusters and adds their
   tokens in a fixed order, so the result is the same on every run (the torch path's ``index_add_`` on CUDA is not).
-- ``sorted``: per group the labels sorted (``torch.sort``, stable: the tokens of a cluster in ascending order), the
-  cluster boundaries in the sorted labels by one batched ``torch.searchsorted`` (no host sync), then
-  :func:`_update_sorted`, one program per (cluster, group): its tokens' rows of x gathered through the sort's
-  ``order`` in tiles of BLOCK_N and summed in fp32 (plain adds, tile by tile in a fixed order: the same on every
-  run). Each token is read once.
+- ``sorted``: per group the labels' stable order (the tokens of a cluster in ascending order) and each cluster's
+  bounds in it by a counting sort (:func:`counting_sort`, below), then :func:`_update_sorted`, one program per
+  (cluster, group): its tokens' rows of x gathered through the ``order`` in tiles of BLOCK_N and summed in fp32
+  (plain adds, tile by tile in a fixed order: the same on every run). Each token is read once.
 
-The op also returns the tokens in stable label order (what svg2 permutes q and k by): the sorted update's last sort
-(of the last assignment's labels, the ones returned), or one sort after the one-hot iterations.
+The counting sort, three launches and no host sync, for labels ``(G, N)`` int32 in ``[0, C)`` in blocks of
+:data:`SORT_BLOCK` tokens (B = ceil(N / SORT_BLOCK) per group):
+
+1. :func:`_block_histograms`, per (block, group): the block's label counts ``(G, B, C)`` int32 (``tl.histogram``
+   over tiles of :data:`SORT_CLUSTER_TILE` clusters);
+2. :func:`_cluster_offsets`, per group: an exclusive scan of the counts, cluster-major (cluster 0's tokens block by
+   block, then cluster 1's, ...): the bounds ``(G, C + 1)`` int64 and, in the counts' place, each (block, cluster)'s
+   first position in the order less the block's tokens of lower clusters;
+3. :func:`_scatter_order`, per (block, group): the block's keys ``label << log2(SORT_BLOCK) | index`` sorted on
+   chip (:func:`_sort_keys`, a bitonic network), so that a token's position i in its sorted block is its block's
+   tokens of lower clusters plus its rank among its own cluster's; it goes to ``order[offset + i]``.
+
+It replaced, per iteration, a stable ``torch.sort`` of the labels (cub's segmented radix sort, several launches), an
+``arange`` copied per group and a ``torch.searchsorted``: at Wan 1.3B on an H200 svg2's plan spent 0.397 ms of
+device time in 5 sorts, the 2 warm iterations' of q and of k among them (reports/gpu/h200/README.md, run_aee13f7).
+The op also returns the tokens in stable label order (what svg2 permutes q and k by): the sorted update's last order
+(of the last assignment's labels, the ones returned), or one counting sort after the one-hot iterations.
 
 Cost per iteration and group: the assignment is ``2 N C D`` FLOPs (one ``x c^T``) plus ~5 instructions per
 distance (round, subtract, minimum, first index); the one-hot update another ``2 N C D`` (C times the ``N D`` adds a
 scatter would do, on tensor cores) and reads x ``C / BLOCK_C`` times, the sorted one ``N D`` adds, x read once
-(``O(N D)`` bytes) plus a sort and a search of N labels. At Wan 1.3B (N = 32,760, D = 128, 12 heads) with 1,000 key
+(``O(N D)`` bytes) plus the counting sort. At Wan 1.3B (N = 32,760, D = 128, 12 heads) with 1,000 key
 clusters the one-hot update took ~1.3 ms per iteration on an H200, more than the assignment. Memory: the assignment
 reads x once and the prepared centroids (``2 C D`` bytes in bf16) once per token tile, from L2: ~0.8 GB per
 assignment at Wan 1.3B with 1,000 key clusters in 128-token tiles. The earlier kernel read the fp32 centroids
 instead (twice the bytes, transposed by address, squared and converted per program) and took 1.25 ms on an H200 for
 a selection's four warm assignments (~210 TFLOP/s). The prepared buffers take ``G CP (2 BLOCK_D + 4)`` bytes; both
-updates write O(N + C D), the prepared copy included.
+updates write O(N + C D), the prepared copy included. The counting sort reads the labels twice (``8 N`` bytes), writes
+and rewrites the ``4 B C`` bytes of counts and writes the ``8 N`` bytes of order: at Wan 1.3B with 1,000 key
+clusters (B = 32) about 3.1 MB each over the 12 heads. Its work: per cluster tile and 32 labels, log2(tile) warp
+ballots and tile / 32 popcounts a lane in the histogram; per block 55 compare-exchange steps on 1,024 keys (log2
+1024 (log2 1024 + 1) / 2; the steps between warps through shared memory); per group a scan whose ceil(C / tile)
+tiles run one after another in one program (the least parallel launch: 12 programs at Wan 1.3B). Not yet timed on a
+GPU: whether the three launches beat the sort they replaced is unmeasured.
 
 The loop is one ``torch.library`` custom op, :func:`kmeans_lloyd` (``attention_bench::``, inference only), so
 torch.compile sees one opaque call with fake outputs of the right shapes and never traces the autotuner.
@@ -125,6 +145,24 @@ UPDATE_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4,
 SORTED_UPDATE_CONFIGS = ((32, 4, 2), (64, 4, 2), (128, 4, 2), (32, 2, 3), (64, 8, 2), (16, 2, 2))
 # Under the interpreter, every tile 16.
 INTERPRETER_TILE, INTERPRETER_WARPS, INTERPRETER_STAGES = 16, 4, 1
+# The counting sort's fixed tiles (plain triton.jit, not autotuned: not timed on a GPU yet). Tokens per block: at Wan's
+# 32,760 tokens 32 blocks per group (384 programs over 12 groups, about three per H200 SM), the per-block counts
+# ``(G, blocks, C)`` int32 1.5 MB at 1,000 clusters; one block's keys sort on chip (a bitonic network of
+# log2(1024) (log2(1024) + 1) / 2 = 55 compare-exchange steps). Smaller blocks sort faster but multiply the counts
+# the scan reads, larger ones halve them with fewer, slower programs. A power of two (its local index takes the
+# keys' low bits).
+SORT_BLOCK = 1024
+# Bins per histogram call: a runtime cluster count in tiles of 256 (300 clusters in two, 1,000 in four). Triton's
+# histogram takes log2(bins) warp ballots per 32 labels and a popcount per bin a lane owns (bins / 32: 8 at 256), so
+# the work per label grows with the tile and the tiles add up to about C either way.
+SORT_CLUSTER_TILE = 256
+# Elements of the scan's (blocks padded to a power of two, clusters) tile, over 8 warps: compiled for sm_90 without a
+# GPU, 4,096 spill nothing from 1 to 256 padded blocks (N up to 262,144 at SORT_BLOCK; 100-252 registers, the scans
+# over both axes holding several copies of the tile); 8,192 spilled at 128 blocks, and 16 warps at 8,192 too.
+SCAN_TILE = 4096
+# The histogram and scatter programs: 1,024 tokens over 4 warps, 8 a thread (compiled for sm_90: the scatter at 32
+# registers, the histogram at 150, no spill; over 8 warps the sort takes 35 barriers against 26). Not timed.
+SORT_WARPS, SCAN_WARPS = 4, 8
 
 
 def _jit(fn: Any) -> Any:
@@ -283,6 +321,102 @@ def _update_sorted(x_ptr, order_ptr, bounds_ptr, c_ptr, out_ptr, sizes_ptr, ct_p
     _store_prepared(ct_ptr, sq_ptr, g, C, CP, tl.full((1,), cluster, tl.int32), updated[None, :], BLOCK_D)
 
 
+@_jit
+def _block_histograms(labels_ptr, counts_ptr, N, C, blocks, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (token block b, group g): ``counts[g, b, j]`` (G, blocks, C) int32, how many of tokens ``[b BLOCK,
+    (b + 1) BLOCK)`` have label j, from ``labels (G, N)`` int32 in ``[0, C)``; the clusters in tiles of BLOCK_C."""
+    block, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    tokens = block * BLOCK + tl.arange(0, BLOCK)
+    labels = tl.load(labels_ptr + g * N + tokens, mask=tokens < N, other=-1)
+    row = counts_ptr + (g * blocks + block) * C
+    for start in range(0, C, BLOCK_C):
+        bins = labels - start
+        # Masked, not left out of range: on the GPU the histogram bins a value by its low log2(BLOCK_C) bits.
+        counts = tl.histogram(bins, BLOCK_C, mask=(bins >= 0) & (bins < BLOCK_C))
+        ids = start + tl.arange(0, BLOCK_C)
+        tl.store(row + ids, counts, mask=ids < C)
+
+
+@_jit
+def _cluster_offsets(counts_ptr, bounds_ptr, C, blocks, BLOCKS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (group g): from the block counts ``(G, blocks, C)`` int32 of :func:`_block_histograms`, ``bounds[g,
+    j]`` (G, C + 1) int64, where cluster j starts in the group's order (the tokens of every cluster before it), and,
+    in place of the counts, ``offset[g, b, j] = bounds[g, j] + (tokens of cluster j in blocks before b) - (tokens of
+    block b in clusters before j)``: a token of block b with label j that sorts to position i among its block's
+    tokens (by label, then index) goes to position ``offset + i`` of the order. BLOCKS is ``blocks`` rounded up to a
+    power of two (the tile's rows); the clusters in tiles of BLOCK_C."""
+    g = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCKS)
+    base = counts_ptr + g * blocks * C + rows[:, None] * C
+    before = tl.zeros((), dtype=tl.int32)  # tokens of the clusters before the tile
+    row_before = tl.zeros((BLOCKS,), dtype=tl.int32)  # the same, per block
+    for start in range(0, C, BLOCK_C):
+        ids = start + tl.arange(0, BLOCK_C)
+        mask = (rows < blocks)[:, None] & (ids < C)[None, :]
+        counts = tl.load(base + ids[None, :], mask=mask, other=0)
+        totals = tl.sum(counts, axis=0)
+        first = before + tl.cumsum(totals, axis=0) - totals
+        earlier_blocks = tl.cumsum(counts, axis=0) - counts
+        earlier_clusters = row_before[:, None] + tl.cumsum(counts, axis=1) - counts
+        tl.store(base + ids[None, :], first[None, :] + earlier_blocks - earlier_clusters, mask=mask)
+        tl.store(bounds_ptr + g * (C + 1) + ids, first.to(tl.int64), mask=ids < C)
+        before += tl.sum(totals, axis=0)
+        row_before += tl.sum(counts, axis=1)
+    tl.store(bounds_ptr + g * (C + 1) + C, before.to(tl.int64))  # N: every label is below C
+
+
+@_jit
+def _half(n_dims: tl.constexpr, axis: tl.constexpr):
+    """Which half of a ``(2,) * n_dims`` hypercube's ``axis`` an element lies in: 0 or 1 int32, shaped to broadcast
+    (2 along ``axis``, 1 elsewhere)."""
+    return tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (n_dims - axis - 1))
+
+
+@_jit
+def _compare_exchange(h, n_dims: tl.constexpr, axis: tl.constexpr, run_axis: tl.constexpr):
+    """One step of :func:`_sort_keys` on the hypercube ``h (2,) * n_dims``: each pair along ``axis`` ordered, the
+    lower half taking the smaller key, except where the upper half of ``run_axis`` flips it (the descending runs;
+    ``run_axis < 0``: none, the last stage). The partner is the pair's sum less the key: one reduction, as tl.sort's
+    xor-sum."""
+    partner = tl.sum(h, axis=axis, keep_dims=True) - h
+    upper = _half(n_dims, axis)
+    if run_axis >= 0:
+        upper = upper ^ _half(n_dims, run_axis)
+    return tl.where(upper == 1, tl.maximum(h, partner), tl.minimum(h, partner))
+
+
+@_jit
+def _sort_keys(keys, LOG_N: tl.constexpr):
+    """``keys (2^LOG_N,)`` int32 in ``[0, 2^30)`` (below 2^30 a pair's sum fits int32), ascending: ``tl.sort``'s
+    bitonic network (the keys as a ``(2,) * LOG_N`` hypercube; per stage, runs of 2^stage keys sorted in alternating
+    directions, the last stage's one run ascending, by stage steps of compare-exchanges 2^(stage - 1), ..., 1 keys
+    apart) with :func:`_compare_exchange`'s partner by a sum: tl.sort's xor-sum has no fast path in the Triton
+    interpreter, which reduces it in Python key by key (seconds per 1,024-key block); a sum reduces in numpy."""
+    h = tl.reshape(keys, [2] * LOG_N)
+    for stage in tl.static_range(1, LOG_N + 1):
+        for step in tl.static_range(stage):
+            h = _compare_exchange(h, LOG_N, LOG_N - stage + step, LOG_N - 1 - stage)
+    return tl.reshape(h, keys.shape)
+
+
+@_jit
+def _scatter_order(labels_ptr, offsets_ptr, order_ptr, N, C, blocks, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
+    """Program (token block b, group g): ``order[g, offset[g, b, j] + i] = token`` (G, N) int64 for each token of
+    the block, with label j and position i in its block sorted by (label, index): one :func:`_sort_keys` of the
+    distinct keys ``label << LOG_BLOCK | local index`` (the tokens past N keyed as label C, after every real one and
+    never stored). ``offsets (G, blocks, C)`` int32 from :func:`_cluster_offsets`."""
+    block, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    local = tl.arange(0, BLOCK)
+    tokens = block * BLOCK + local
+    labels = tl.load(labels_ptr + g * N + tokens, mask=tokens < N, other=0)
+    keys = _sort_keys((tl.where(tokens < N, labels, C) << LOG_BLOCK) | local, LOG_BLOCK)
+    sorted_labels = keys >> LOG_BLOCK
+    present = sorted_labels < C
+    offsets = tl.load(offsets_ptr + (g * blocks + block) * C + sorted_labels, mask=present, other=0)
+    tokens = block * BLOCK + (keys & (BLOCK - 1))
+    tl.store(order_ptr + g * N + offsets + local, tokens.to(tl.int64), mask=present)
+
+
 # -- dispatch -------------------------------------------------------------------------------------
 
 
@@ -351,9 +485,49 @@ def prepare_centroids(centroids: torch.Tensor, dtype: torch.dtype) -> tuple[torc
 def sort_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``labels (G, N)`` sorted per group, stable (the tokens of a cluster in ascending order): the sorted labels
     ``(G, N)`` int32 and the order ``(G, N)`` int64 (token indices), by a sort of int32 keys (half the radix sort's
-    key bits of int64; a stable sort's order does not depend on the keys' dtype; the kernels' labels are int32
-    already, the torch path's are converted)."""
+    key bits of int64; a stable sort's order does not depend on the keys' dtype). The torch path's order
+    (:func:`methods.svg2.lloyd`); the kernels sort by :func:`counting_sort`."""
     return torch.sort(labels.to(torch.int32), dim=1, stable=True)
+
+
+def counting_sort(labels: torch.Tensor, clusters: int, block: int = SORT_BLOCK,
+                  cluster_tile: int = SORT_CLUSTER_TILE) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The stable sort of contiguous ``labels (G, N)`` int32 in ``[0, clusters)`` per group, in three launches and
+    no host sync: the order ``(G, N)`` int64 (``torch.sort(labels, dim=1, stable=True).indices``) and the bounds
+    ``(G, C + 1)`` int64 (cluster j is ``order[g, bounds[g, j]:bounds[g, j + 1]]``; ``bounds[g, C] = N``).
+
+    :func:`_block_histograms` counts each block of ``block`` tokens' labels (tiles of ``cluster_tile`` clusters),
+    :func:`_cluster_offsets` scans the counts per group (cluster-major: cluster 0 over the blocks in order, then
+    cluster 1, ...), :func:`_scatter_order` sorts each block's keys and writes each token at its cluster's offset
+    plus its rank. ``block`` (at least 2) and ``cluster_tile`` are powers of two (the defaults for a GPU; tests take
+    smaller ones for several blocks and tiles at small sizes).
+
+    Raises:
+        ValueError: ``block`` or ``cluster_tile`` not a power of two, ``block`` below 2, or ``clusters`` too many
+            for the keys ``label << log2(block) | index`` below 2^30 (:func:`_sort_keys`): ``clusters < 2^(30 -
+            log2(block))``, 1,048,576 at blocks of 1,024.
+    """
+    if block < 2 or cluster_tile < 1 or block & (block - 1) or cluster_tile & (cluster_tile - 1):
+        raise ValueError(f"block ({block}, at least 2) and cluster_tile ({cluster_tile}) must be powers of two")
+    log_block = block.bit_length() - 1
+    if clusters >= 1 << (30 - log_block):
+        raise ValueError(f"{clusters} clusters overflow the counting sort's keys at blocks of {block} tokens")
+    groups, tokens = labels.shape
+    blocks = triton.cdiv(tokens, block)
+    padded_blocks = triton.next_power_of_2(blocks)
+    # The counts, then the scan's offsets in their place (each tile read, then rewritten by one program).
+    counts = torch.empty(groups, blocks, clusters, device=labels.device, dtype=torch.int32)
+    order = torch.empty(groups, tokens, device=labels.device, dtype=torch.int64)
+    bounds = torch.empty(groups, clusters + 1, device=labels.device, dtype=torch.int64)
+    _block_histograms[(blocks, groups)](labels, counts, tokens, clusters, blocks, BLOCK=block, BLOCK_C=cluster_tile,
+                                        num_warps=SORT_WARPS)  # fmt: skip
+    # At least 16 clusters a tile: past 256 padded blocks (N > 262,144 tokens at blocks of 1,024) the tile outgrows
+    # SCAN_TILE (spills, from 512) rather than shrinking to slivers.
+    _cluster_offsets[(groups,)](counts, bounds, clusters, blocks, BLOCKS=padded_blocks,
+                                BLOCK_C=max(16, SCAN_TILE // padded_blocks), num_warps=SCAN_WARPS)  # fmt: skip
+    _scatter_order[(blocks, groups)](labels, counts, order, tokens, clusters, blocks, BLOCK=block,
+                                     LOG_BLOCK=log_block, num_warps=SORT_WARPS)  # fmt: skip
+    return order, bounds
 
 
 def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
@@ -373,18 +547,12 @@ def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tenso
 
 def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
                        sizes: torch.Tensor, ct: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """The sorted update (:func:`_update_sorted`), same arguments as :func:`_update_onehot`: the labels sorted per
-    group (:func:`sort_labels`; stable, so the sums' order is the tokens' order), each cluster's first position in
-    them found by a batched binary search, then one program per (cluster, group). Returns the sort's order ``(G,
-    N)`` int64."""
+    """The sorted update (:func:`_update_sorted`), same arguments as :func:`_update_onehot`: the labels' stable order
+    per group and each cluster's bounds in it (:func:`counting_sort`; stable, so the sums' order is the tokens'
+    order), then one program per (cluster, group). Returns the order ``(G, N)`` int64."""
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
-    sorted_labels, order = sort_labels(labels)
-    # (G, C + 1) int64: cluster j is [bounds j, bounds j+1)
-    # Made per call, not cached: a cached device tensor first made inside a CUDA graph capture or a cudagraph
-    # tree's warm-up would live in memory the graph's pool hands out again.
-    cluster_ids = torch.arange(clusters + 1, device=x.device, dtype=torch.int32).expand(groups, -1).contiguous()
-    bounds = torch.searchsorted(sorted_labels, cluster_ids)
+    order, bounds = counting_sort(labels, clusters)
     launch_tuned(_update_sorted, (clusters, groups), x, order, bounds, centroids, updated, sizes, ct, sq, tokens,
                  clusters, sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
     return order
@@ -436,7 +604,7 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, upda
         order = update_step(x, labels, centroids, updated, sizes, ct, sq)
         centroids = updated
     if order is None:  # the one-hot update sorts nothing
-        order = sort_labels(labels)[1]
+        order = counting_sort(labels, clusters)[0]
     return labels.long(), centroids, sizes, order
 
 
