@@ -220,8 +220,12 @@ def test_the_gpu_script_checks_then_times_every_configuration(tmp_path: Path) ->
 
     device = "cuda" if ON_CUDA else "cpu"
     script.main(["--out", str(tmp_path), "--device", device, "--models", "wan-tiny", "--densities", "0.3",
-                 "--configs", "16x16x4x1,16x16x4x1r"])  # fmt: skip
+                 "--configs", "16x16x4x1,16x16x4x1r", "--full-blocks", "16"])  # fmt: skip
     record = json.loads((tmp_path / "variable_blocks.json").read_text())
     (point,) = record["models"]["wan-tiny"]["points"]
     for name in ("triton-variable 16x16x4x1", "triton-variable 16x16x4x1r"):
         assert point["results"][name]["passed"] and point["results"][name]["ms"] > 0
+    full = record["models"]["wan-tiny"]["full_blocks"]
+    assert full["block"] == 16
+    for name in ("16x16x4x1", "16x16x4x1r"):  # every block kept: checked against dense attention, then timed
+        assert full["results"][name]["passed"] and full["results"][name]["of_dense"] > 0

@@ -9,7 +9,10 @@ same q, k, v:
 - FlashInfer's variable-block wrapper (``flashinfer``), where installed, plan included (it plans per call);
 - flex-tuned on the clusters regrouped into 128-tiles.
 
-Kernel efficiency is the time over ``density x`` the cuDNN time (issue 21's bar: <= 1.2x). Prints a table last and
+Kernel efficiency is the time over ``density x`` the cuDNN time (issue 21's bar: <= 1.2x). Then every configuration
+once more with every block kept, in blocks of ``--full-blocks`` tokens (checked against dense attention first):
+density 1 and no partial tile, so its time over the cuDNN call's is the kernel's own cost per computed entry, the
+ceiling of its efficiency at any density (``full_blocks`` in the JSON). Prints a table last and
 writes ``variable_blocks.json`` under ``--out``::
 
     python -m harness.benchmarks.variable_blocks_gpu --out /tmp/vb --models wan1.3b,wan14b --densities 0.1,0.295,0.5
@@ -31,7 +34,7 @@ from harness.atomic import write_json_atomic
 from harness.benchmarks.sparse_gpu import model_inputs, parse_densities
 from harness.errors import HarnessError
 from methods import build_method
-from methods.kernels.block_sparse import permute_tokens
+from methods.kernels.block_sparse import VariableBlocks, permute_tokens
 from methods.kernels.sparse_backends import (
     default_timer,
     get_backend,
@@ -98,6 +101,33 @@ def run_point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any, conf
     return results
 
 
+def full_point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, configs: list[Config], dense_ms: float,
+               block: int) -> dict[str, Any]:  # fmt: skip
+    """Every configuration on blocks of ``block`` tokens (the last one shorter) where every query block keeps every
+    key block: density 1, every computed row useful, so the time over the dense call's is the kernel's own cost per
+    computed entry (its ceiling at any density), checked first against dense attention on sampled rows."""
+    tokens = q.shape[-2]
+    count = -(-tokens // block)
+    sizes = torch.full((1, 1, count), block, device=q.device, dtype=torch.int64)
+    sizes[..., -1] = tokens - (count - 1) * block
+    blocks = VariableBlocks(torch.ones(1, 1, count, count, device=q.device, dtype=torch.bool), sizes, sizes)
+    rows = reference_rows(tokens, q.device)
+    reference = torch.nn.functional.scaled_dot_product_attention(q[..., rows, :].float(), k.float(), v.float())
+    results: dict[str, Any] = {}
+    for config in configs:
+        call = functools.partial(variable_block_attention, q, k, v, blocks, config)
+        error = relative_error(call()[..., rows, :], reference)
+        passed = math.isfinite(error) and error <= tolerance(q.dtype)
+        results[config.name] = {"error": error if math.isfinite(error) else None, "passed": passed}
+        if passed:
+            ms = default_timer(call, q.device, warmup=3, repeats=10) * 1e3
+            results[config.name] |= {"ms": ms, "of_dense": ms / dense_ms}
+        print(f"  full {block}-token blocks {config.name:>12}: "
+              + (f"{results[config.name]['ms']:8.3f} ms, {results[config.name]['of_dense']:.2f}x the dense call"
+                 if passed else f"FAILED (error {error:.2e})"), flush=True)  # fmt: skip
+    return {"block": block, "results": results}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for variable_blocks.json")
@@ -106,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda",
                         help="cuda (the benchmark), or cpu under TRITON_INTERPRET=1 with --models wan-tiny (a smoke "
                              "test: sdpa stands in for cuDNN)")  # fmt: skip
+    parser.add_argument("--full-blocks", type=int, default=64,
+                        help="also time every configuration with every block kept, blocks of this many tokens "
+                             "(density 1, no partial tiles: the kernel's ceiling against the dense call); 0 skips",
+                        )  # fmt: skip
     parser.add_argument("--configs", default=CONFIGS,
                         help="comma-separated Triton configurations BLOCK_MxBLOCK_NxWARPSxSTAGES")  # fmt: skip
     args = parser.parse_args(argv)
@@ -142,7 +176,14 @@ def main(argv: list[str] | None = None) -> None:
             best = min(timed, key=timed.__getitem__) if timed else "none"
             cells = " | ".join(f"{name} {timed.get(name, float('nan')):.3f} ms" for name in (best, *BASELINES))
             lines.append(f"{model:>8} {density:6.3f} ideal {density * dense_ms:7.3f} ms | best {cells}")
-        record["models"][model] = {"shape": list(q.shape), "dense_ms": dense_ms, "points": points}
+        full = full_point(q, k, v, configs, dense_ms, args.full_blocks) if args.full_blocks > 0 else None
+        if full is not None:
+            timed = {name: r["of_dense"] for name, r in full["results"].items() if "of_dense" in r}
+            best = min(timed, key=timed.__getitem__) if timed else None
+            lines.append(f"{model:>8} full {args.full_blocks}-token blocks: best "
+                         + (f"{best} {timed[best]:.2f}x the dense call" if best else "none passed"))  # fmt: skip
+        record["models"][model] = {"shape": list(q.shape), "dense_ms": dense_ms, "points": points,
+                                   "full_blocks": full}  # fmt: skip
         write_json_atomic(path, record)  # after each model: a later one that runs out of time loses only itself
         del q, k, v
         if device.type == "cuda":
