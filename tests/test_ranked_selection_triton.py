@@ -124,6 +124,65 @@ def test_negative_scores_rank_below_the_others_and_padding_last(monkeypatch: pyt
 
 
 @needs_kernel
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # the interpreter's 0 x inf
+def test_an_infinite_mass_keeps_only_the_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``inf`` mass ranks first and makes torch's ``cumsum - value`` NaN there (``inf`` below it): the mass rule
+    keeps nothing, the ``min_keep`` floor alone is kept; the kernel's ``0 x inf`` drops it alike."""
+    scores = masses(4, 50)
+    scores[:, 3] = float("inf")
+    monkeypatch.setenv(kernel.BACKEND_ENV, "triton")
+    for min_keep in (0, 2):
+        kept = select_by_cumulative_mass(scores, 0.9, min_keep=min_keep)
+        assert kept.sum() == min_keep * 4
+        assert torch.equal(kept, torch_path(monkeypatch, select_by_cumulative_mass, scores, 0.9, min_keep=min_keep))
+
+
+@needs_kernel
+@pytest.mark.parametrize("ranking", ["distinct scores", "tied scores"])
+@pytest.mark.parametrize("entries", [1000, 4096])
+def test_long_rows_keep_the_torch_budget(monkeypatch: pytest.MonkeyPatch, ranking: str, entries: int) -> None:
+    """Rows past the sort's old 512 entries (SVG2's 1,000 key clusters, up to 4,096) keep what torch keeps under
+    integer costs, for random scores and for scores on four levels, whose ties rank in index order across the row."""
+    generator = torch.Generator().manual_seed(entries)
+    if ranking == "distinct scores":
+        scores = masses(3, entries, seed=entries)
+    else:
+        scores = (torch.randint(0, 4, (3, entries), generator=generator).float() / 4).to(DEVICE)
+    costs = torch.randint(0, 300, (entries,), generator=generator).to(DEVICE)
+    monkeypatch.setenv(kernel.BACKEND_ENV, "triton")
+    for fraction in (0.05, 0.344, 0.9):
+        kept = select_by_cost_budget(scores, costs, fraction)
+        assert torch.equal(kept, torch_path(monkeypatch, select_by_cost_budget, scores, costs, fraction))
+
+
+@needs_kernel
+@pytest.mark.parametrize("floor", ["none", "one", "a tenth"])
+@pytest.mark.parametrize("entries", [1000, 4096])
+def test_long_rows_keep_the_torch_cumulative_mass(monkeypatch: pytest.MonkeyPatch, floor: str, entries: int) -> None:
+    """Rows of 1,000 and 4,096 masses keep what torch's top-p keeps; SVG2's floor of a tenth of the clusters binds
+    at the 0.3 threshold (about 7% of the entries hold 30% of these masses), where the floor's own search runs."""
+    scores = masses(3, entries, seed=entries)
+    min_keep = {"none": 0, "one": 1, "a tenth": entries // 10}[floor]
+    monkeypatch.setenv(kernel.BACKEND_ENV, "triton")
+    for threshold in (0.3, 0.9, 0.999):
+        kept = select_by_cumulative_mass(scores, threshold, min_keep=min_keep)
+        reference = torch_path(monkeypatch, select_by_cumulative_mass, scores, threshold, min_keep=min_keep)
+        assert torch.equal(kept, reference)
+        assert kept.sum(-1).min() >= min_keep
+
+
+@needs_kernel
+def test_svg2_shaped_budget_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SVG2's fixed-density call at its shapes: ``(B, H, 300, 1000)`` query- by key-cluster masses against each
+    head's key-cluster sizes ``(B, H, 1, 1000)``, broadcast over its 300 query clusters (two heads: a group edge)."""
+    scores = masses(1, 2, 300, 1000, seed=11)
+    sizes = torch.randint(1, 120, (1, 2, 1, 1000), generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    monkeypatch.setenv(kernel.BACKEND_ENV, "triton")
+    kept = select_by_cost_budget(scores, sizes, 0.295)
+    assert torch.equal(kept, torch_path(monkeypatch, select_by_cost_budget, scores, sizes, 0.295))
+
+
+@needs_kernel
 def test_op_contract() -> None:
     """The op's fake matches its output and it traces through ``torch.library.opcheck``."""
     scores = masses(3, 40)

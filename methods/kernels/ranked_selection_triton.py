@@ -10,15 +10,33 @@ non-negative weights), so the kept set is every entry whose rank key is at least
 
 In torch that is a sort, a gather, a cumulative sum, a comparison and a scatter, about ten launches and their
 host work per call: at Wan 1.3B, XAttention's threshold added 0.37 ms (3.3% of a cuDNN call) to its 0.99 ms of
-scoring (reports/gpu/h200/run_81d2574/xattn/). Here one program per row holds the row in registers:
+scoring (reports/gpu/h200/run_81d2574/xattn/). Here one program per row holds the row in registers and finds the
+cut without sorting:
 
-- the rank key of entry j is ``(ordered float bits of score_j) << 32 | (BLOCK - 1 - j)``, an int64 (a
-  non-negative score's IEEE bits order as the scores do, ``inf`` first; a negative one's magnitude bits are flipped
-  so that it ranks below, and padding ranks last): one descending ``tl.sort`` ranks by score with ties in index
-  order, as the stable sort of the torch budget does (the torch cumulative mass sorts
-  without stability: only the order of exact ties differs, and only where they straddle the cut);
-- the weights are gathered in rank order (a load by index, from L1/L2), summed by ``tl.cumsum`` in float64 as the
-  torch path sums in double, the kept count is the prefix the rule allows, and the cut is the smallest kept key.
+- the rank key of entry j is the pair ``(ordered float bits of score_j, BLOCK - 1 - j)`` in lexicographic order
+  (a non-negative score's IEEE bits order as the scores do, ``inf`` first; a negative one's magnitude bits are
+  flipped so that it ranks below): a strict total order, by score with ties in index order, as the stable sort of
+  the torch budget ranks (the torch cumulative mass sorts without stability: only the order of exact ties
+  differs, and only where they straddle the cut);
+- with ``G(t) = weight of the keys above t + half x weight of key t``, entry e is kept iff ``G(key e) < fraction x
+  total``; G never decreases down the ranking, so the dropped entries are the keys up to the highest dropped one
+  V, and a binary search over the key space finds V without ranking anything: the 32 score bits, then
+  ``log2(BLOCK) + 1`` index bits within the tie at V's score, each bit one test of G against the budget, G a sum
+  over the row (``tl.sum(tl.where(key above t, weight, 0))``; a second sum in the tie's steps takes its one
+  entry's own weight). Weights sum in float64 as the torch paths sum in double: integer costs make every sum
+  exact, so the kept set is torch's bit for bit whatever the order of summation; float masses sum in another
+  order than torch's ``cumsum`` (so did the sorting kernel's ``tl.cumsum``), which can only matter where the
+  budget falls within rounding of an entry's edge;
+- ``min_keep``: where the rule keeps fewer, the same search over counts (int32) finds the ``min_keep``-th key.
+
+Cost model: ``33 + 2 (log2(BLOCK) + 1)`` serial reductions a row, 55 at 1,024 entries (twice that where the
+``min_keep`` floor binds, the second search over int32), each a compare, a select and a float64 add per entry
+and a warp's shuffles: O(n) work a step, O(bits x n) a row, against the sort's O(n log^2 n) compare-exchanges
+through registers and shared memory (0.8 us a program at 256 entries, 13 us at 1,024 on an H200,
+reports/gpu/h200/run_68cb19d/). The search's GPU time is not yet measured. Ties, ``inf``, zero rows and exact
+budget ties keep what the sort kept: a zero row drops everything but the floor (its budget is 0), an entry of
+``inf`` mass is dropped (its ``0 x inf`` is NaN where torch's ``cumsum - value`` is ``inf - inf``), and the
+fraction is compared as a double.
 
 Shapes: scores ``(..., n)`` float32, non-negative (``inf`` ranks first), ``n <= MAX_ENTRIES``; weights
 broadcastable to scores, any real dtype. Returns ``(..., n)`` bool. On CPU tensors under the interpreter
@@ -44,13 +62,14 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
 BACKEND_ENV = "BENCH_SELECTION_BACKEND"
 DEFAULT_BACKEND = "auto"
 kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
-#: The longest row the kernel ranks; longer rows take the torch path. One program sorts its row in registers, which
-#: costs far more than n log^2 n suggests past 512 entries: on an H200 (device time, reports/gpu/h200/run_68cb19d/)
-#: 0.8 us a program for rows of 256 (xattn at Wan 1.3B: 0.019 ms for 3,072 rows, where the torch path had added
-#: 0.37 ms to the synchronised selection, host work included, in run_81d2574), 13 us for rows padded to 1,024
-#: (2.41 ms for xattn's 23,640 rows of 591 at 14B, 2.11 ms synchronised against torch's 1.69; 0.36 ms for SVG2's
-#: 3,600 rows of 1,000 key clusters at 1.3B).
-MAX_ENTRIES = 512
+#: The longest row the kernel ranks; longer rows take the torch path. The search costs O(n) a step and 33 + 2
+#: (log2(BLOCK) + 1) steps (55 at 1,024 entries), so it grows linearly with the row, unlike the in-register sort it
+#: replaced (0.8 us a program at 256 entries but 13 us at 1,024 on an H200, reports/gpu/h200/run_68cb19d/, which
+#: held this at 512): 4,096 covers SVG2's 1,000 key clusters and XAttention's 591 blocks at 14B, with four warps a
+#: row (:func:`launch_options`). The search's GPU time is not yet measured.
+MAX_ENTRIES = 4096
+#: Entries of a row each thread holds: rows of up to 32 x this many run in one warp (see :func:`launch_options`).
+ENTRIES_PER_THREAD = 32
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -58,32 +77,73 @@ def _jit(fn: Any) -> Any:
     return fn if triton is None else triton.jit(fn)
 
 
+def launch_options(block: int) -> dict[str, int]:
+    """The launch's options for rows padded to ``block`` entries, chosen here alone: one program a row, one warp
+    up to ``32 x ENTRIES_PER_THREAD`` entries and as many warps above that as keep a thread at that many. In one
+    warp each of the search's serial sums is a thread's own adds and five shuffle rounds; more warps add a shared
+    memory round and a barrier to every one. ptxas for sm_90a (compiled without a GPU, never run): 92 registers a
+    thread at 256 entries, 166 at 512, 255 without spills at 1,024 (and at 4,096 over four warps), so eight
+    single-warp programs of 1,024 entries fit an SM's 64K registers, two a scheduler, each one's steps filling the
+    other's latency. Half as many entries a thread (two warps at 1,024, 168 registers) fits six programs of two
+    warps: which runs faster is for an H200 to measure."""
+    return {"num_warps": max(1, block // (32 * ENTRIES_PER_THREAD))}
+
+
+@_jit
+def _kept_above_last_dropped(bits, rank_index, weight, own, budget, LOG_BLOCK: tl.constexpr):
+    """One rule's kept entries, ``(BLOCK,)`` bool: every entry ranked above the highest-ranked one the rule drops.
+
+    Entry ``j``'s rank key is the pair ``(bits_j, rank_index_j)`` in lexicographic order (``bits`` int32 in score
+    order, ``rank_index`` = ``BLOCK - 1 - j`` int32). With ``G(t) = sum(weight of keys > t) + own x weight of key
+    t`` (``weight`` non-negative, float64 or int32 counts, 0 on padding; ``own`` 0 or 1/2) the rule keeps entry e
+    iff ``G(key e) < budget``, as torch compares (a NaN G, ``0 x inf``, drops it as torch's ``inf - inf`` does). G
+    never increases with t, so the dropped entries are the keys up to the highest dropped one V, found bit by bit,
+    one test of ``G < budget`` a bit. First the 32 score bits, the sign first (int32 orders signed): the bit's test
+    is at the pair ``(s - 1, 2^32 - 1)``, between entries' keys, where ``G = sum(weight where bits >= s)`` and
+    ``own`` does not enter; ``score_bits`` ends at V's. Then ``index`` = V's rank index + 1, in
+    ``[0, BLOCK]``, within the tie at that score (``LOG_BLOCK + 1`` bits), where G is the weight above the tie plus
+    a sum over the tie plus ``own x`` one entry's weight. Float64 sums of non-negative values over a tree of fixed
+    shape are monotone in the set summed, so the computed G never increases with t either. When no key's G
+    reaches the budget, the search stays at the lowest key ``(INT32_MIN, -1)`` and every entry is kept; when every
+    key's does (a zero budget), it ends above the highest and none is."""
+    score_bits = tl.where(tl.sum(tl.where(bits >= 0, weight, 0), 0) < budget, -2147483648, 0)
+    for step in range(31):
+        candidate = score_bits | (1 << (30 - step))
+        score_bits = tl.where(tl.sum(tl.where(bits >= candidate, weight, 0), 0) < budget, score_bits, candidate)
+    tied = bits == score_bits
+    above = tl.sum(tl.where(bits > score_bits, weight, 0), 0)
+    tied_weight = tl.where(tied, weight, 0)
+    index = 0
+    for step in range(LOG_BLOCK + 1):
+        candidate = index | (1 << (LOG_BLOCK - step))
+        own_weight = tl.sum(tl.where(rank_index == candidate - 1, tied_weight, 0), 0)  # one entry's, exact
+        counted = above + tl.sum(tl.where(rank_index >= candidate, tied_weight, 0), 0) + own * own_weight
+        index = tl.where(counted < budget, index, candidate)
+    return (bits > score_bits) | (tied & (rank_index >= index))
+
+
 @_jit
 def _ranked_prefix(scores_ptr, weights_ptr, keep_ptr, n, inner, wsp, wsq, wsn, fraction_bits, own, min_keep,
-                   BLOCK: tl.constexpr):  # fmt: skip
+                   BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):  # fmt: skip
     """Program ``row``: the kept entries of ``scores[row, :n]`` (contiguous rows) into ``keep[row]``, counting
     ``own`` (0 or 1/2) of each entry's weight against the budget ``fraction x total``, the fraction passed as the
     int64 bits of its double (Triton passes a Python float as float32: at an exact tie, equal costs summing to the
     budget, the rounded fraction kept one entry more than torch); the weights of row ``row = p * inner + q`` are at
-    ``weights_ptr + p wsp + q wsq + j wsn`` (broadcast rows have stride 0)."""
+    ``weights_ptr + p wsp + q wsq + j wsn`` (broadcast rows have stride 0). ``BLOCK = 2^LOG_BLOCK >= n``."""
     row = tl.program_id(0).to(tl.int64)
     entries = tl.arange(0, BLOCK)
     present = entries < n
     score = tl.load(scores_ptr + row * n + entries, mask=present, other=0.0) + 0.0  # -0.0 ranks as 0.0
     bits = score.to(tl.int32, bitcast=True)
     bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # IEEE bits in score order, negative scores included
-    padding = -9223372036854775807 - 1  # below every score's key: the padding ranks last
-    key = tl.where(present, (bits.to(tl.int64) << 32) | (BLOCK - 1 - entries), padding)
-    ranked = tl.sort(key, descending=True)
-    order = BLOCK - 1 - (ranked & 0xFFFFFFFF)  # entry index at each rank; the n entries rank before the padding
     weights_row = weights_ptr + (row // inner) * wsp + (row % inner) * wsq
-    weight = tl.load(weights_row + order * wsn, mask=present, other=0).to(tl.float64)
-    before = tl.cumsum(weight, 0) - weight
-    total = tl.sum(weight, 0)
-    kept = before + weight * own < total * fraction_bits.to(tl.float64, bitcast=True)
-    kept = (kept | (entries < min_keep)) & present
-    cut = tl.min(tl.where(kept, ranked, 0x7FFFFFFFFFFFFFFF), 0)
-    tl.store(keep_ptr + row * n + entries, key >= cut, mask=present)
+    weight = tl.load(weights_row + entries * wsn, mask=present, other=0).to(tl.float64)  # padding weighs nothing
+    budget = tl.sum(weight, 0) * fraction_bits.to(tl.float64, bitcast=True)
+    kept = _kept_above_last_dropped(bits, BLOCK - 1 - entries, weight, own, budget, LOG_BLOCK)
+    if tl.sum((kept & present).to(tl.int32), 0) < min_keep:  # the floor binds: the top min_keep are kept too
+        counts = present.to(tl.int32)  # G(t) counts the entries above t: the cheaper int32 sums
+        kept = kept | _kept_above_last_dropped(bits, BLOCK - 1 - entries, counts, 0, min_keep, LOG_BLOCK)
+    tl.store(keep_ptr + row * n + entries, kept, mask=present)
 
 
 def unsupported_reason(scores: torch.Tensor, weights: torch.Tensor) -> str | None:
@@ -124,9 +184,10 @@ def ranked_prefix(scores: torch.Tensor, weights: torch.Tensor, fraction: float, 
     spread = weights.expand_as(scores).reshape(rows // inner, inner, n)  # a view where the broadcast allows
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     block = max(16, triton.next_power_of_2(n))
+    log_block = block.bit_length() - 1
     fraction_bits = struct.unpack("<q", struct.pack("<d", fraction))[0]  # > 2^31 for any fraction > 2^-1022: int64
     _ranked_prefix[(rows,)](flat, spread, keep, n, inner, *spread.stride(), fraction_bits, 0.5 if half else 0.0,
-                            min_keep, BLOCK=block, num_warps=4)  # fmt: skip
+                            min_keep, BLOCK=block, LOG_BLOCK=log_block, **launch_options(block))  # fmt: skip
     return keep
 
 
