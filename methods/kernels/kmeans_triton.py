@@ -150,10 +150,9 @@ INTERPRETER_TILE, INTERPRETER_WARPS, INTERPRETER_STAGES = 16, 4, 1
 # The counting sort's fixed tiles (plain triton.jit, not autotuned; timed as a whole, not per tile size). Tokens per
 # block: at Wan's 32,760 tokens 32 blocks per group (384 programs over 12 groups, about three per H200 SM), the
 # per-block counts ``(G, blocks, C)`` int32 1.5 MB at 1,000 clusters; one block's keys sort on chip (a bitonic
-# network of
-# log2(1024) (log2(1024) + 1) / 2 = 55 compare-exchange steps). Smaller blocks sort faster but multiply the counts
-# the scan reads, larger ones halve them with fewer, slower programs. A power of two (its local index takes the
-# keys' low bits).
+# network of log2(1024) (log2(1024) + 1) / 2 = 55 compare-exchange steps). Smaller blocks sort faster but multiply
+# the counts the scan reads, larger ones halve them with fewer, slower programs. A power of two (its local index
+# takes the keys' low bits).
 SORT_BLOCK = 1024
 # Bins per histogram call: a runtime cluster count in tiles of 256 (300 clusters in two, 1,000 in four). Triton's
 # histogram takes log2(bins) warp ballots per 32 labels and a popcount per bin a lane owns (bins / 32: 8 at 256), so
