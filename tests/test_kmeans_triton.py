@@ -252,6 +252,25 @@ def test_the_assignment_autotuner_runs_once_per_cluster_count(monkeypatch: pytes
 
 
 @needs_kernel
+def test_a_choice_made_under_a_pinned_list_does_not_outlive_the_pin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A configuration chosen while a caller pinned another list (the GPU check pins each in turn) is not launched
+    directly once the autotuner's own list is back: the next call goes through the autotuner again."""
+    tuner = fused._assign
+    runs = []
+    run = type(tuner).run
+    monkeypatch.setattr(type(tuner), "run", lambda self, *a, **kw: runs.append(self) or run(self, *a, **kw))
+    monkeypatch.setattr(tuned_launch, "_CHOSEN", {})
+    x, init, _ = separated(2, 6, 50, 16)
+    own = tuner.configs
+    with monkeypatch.context() as pin:
+        pin.setattr(tuner, "configs", list(own))
+        fused.kmeans_lloyd(x, init, 1)
+    assert tuner.configs is own and runs.count(tuner) == 1
+    fused.kmeans_lloyd(x, init, 1)
+    assert runs.count(tuner) == 2
+
+
+@needs_kernel
 def test_dispatch_runs_the_kernels_only_when_asked() -> None:
     """kmeans takes the kernels under auto or triton, the torch path under torch (the default until a GPU check
     passes), with the same returns on separated points."""
@@ -365,6 +384,14 @@ def test_counting_sort_is_the_stable_sort_and_its_cluster_bounds(
     ids = torch.arange(clusters + 1, device=DEVICE, dtype=torch.int32).expand(groups, -1).contiguous()
     assert order.dtype == bounds.dtype == torch.int64 and bounds.shape == (groups, clusters + 1)
     assert torch.equal(order, ranked.indices) and torch.equal(bounds, torch.searchsorted(ranked.values, ids))
+
+
+@needs_kernel
+def test_counting_sort_of_no_tokens_is_empty() -> None:
+    """No tokens: an empty order and every cluster empty (bounds all 0), without a launch."""
+    order, bounds = fused.counting_sort(torch.zeros(2, 0, device=DEVICE, dtype=torch.int32), 5)
+    assert order.shape == (2, 0) and order.dtype == torch.int64
+    assert torch.equal(bounds, torch.zeros(2, 6, device=DEVICE, dtype=torch.int64))
 
 
 @pytest.mark.parametrize(
