@@ -121,7 +121,9 @@ class DensityLog:
     (:meth:`mean`, :meth:`entries`, ...), in one transfer per device and dtype: reading it at every call (a
     ``float()`` of a CUDA tensor) made each eager call wait for the GPU to finish it, so the host could no longer
     queue the next layer's work ahead, and a selection's host time (svg2's plan, ~40 launches) was paid in full
-    at every call of a forward. The values and their order of summation are those of a read at every call.
+    at every call of a forward. The values and their order of summation are those of a read at every call; a density
+    tensor is read as it is when the log is read, so a method must not change it in place after returning it (none
+    does: each call's is a new tensor).
     """
 
     _sums: dict[tuple[int, int], float] = field(default_factory=lambda: defaultdict(float))
@@ -135,6 +137,8 @@ class DensityLog:
             # a recompile at every call: compiled calls are not logged (see harness.models.processor).
             return
         key = (ctx.layer, ctx.step)
+        if isinstance(density, torch.Tensor) and density.numel() != 1:  # refused now, not at a later read
+            raise ValueError(f"a call's density is one number, got a tensor of shape {tuple(density.shape)}")
         self._pending.append((key, density.detach() if isinstance(density, torch.Tensor) else float(density)))
         self._counts[key] += 1
 

@@ -138,6 +138,15 @@ def test_tensor_densities_are_read_when_the_log_is_read_not_at_each_call(monkeyp
     assert log.per_layer() == pytest.approx({0: 0.875 / 3, 1: 1.75 / 2})
 
 
+def test_a_density_of_several_numbers_is_refused_at_the_call() -> None:
+    """A tensor density must hold one number: refused when logged, so the log stays readable."""
+    log = DensityLog()
+    with pytest.raises(ValueError, match="one number"):
+        log.add(ctx(), torch.tensor([0.25, 0.5]))
+    log.add(ctx(), torch.tensor([0.25]))
+    assert log.mean() == 0.25
+
+
 def test_method_without_schedule_never_runs_dense() -> None:
     """The default schedule leaves every call to the method."""
     method = ZeroMethod()
