@@ -515,6 +515,10 @@ def counting_sort(labels: torch.Tensor, clusters: int, block: int = SORT_BLOCK,
     if clusters >= 1 << (30 - log_block):
         raise ValueError(f"{clusters} clusters overflow the counting sort's keys at blocks of {block} tokens")
     groups, tokens = labels.shape
+    if tokens == 0:  # nothing to sort: every cluster empty
+        return labels.new_empty((groups, 0), dtype=torch.int64), labels.new_zeros(
+            (groups, clusters + 1), dtype=torch.int64
+        )
     blocks = triton.cdiv(tokens, block)
     padded_blocks = triton.next_power_of_2(blocks)
     # The counts, then the scan's offsets in their place (each tile read, then rewritten by one program).
@@ -580,7 +584,7 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, upda
     registered.
 
     Raises:
-        ValueError: iterations < 1.
+        ValueError: iterations < 1, or 2^20 clusters or more (the counting sort's keys, :func:`counting_sort`).
         HarnessError: an unknown update step.
     """
     if iterations < 1:

@@ -70,7 +70,7 @@ kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
 #: replaced (0.8 us a program at 256 entries but 13 us at 1,024 on an H200, reports/gpu/h200/run_68cb19d/, which
 #: held this at 512): 4,096 covers SVG2's 1,000 key clusters and XAttention's 591 blocks at 14B, with four warps a
 #: row (:func:`launch_options`). Timed on an H200 at 256, 591 and 1,000 entries (module docstring); rows beyond
-#: 1,024 (four warps) are checked, not timed.
+#: 1,024 (two warps up to 2,048, four up to 4,096) are checked, not timed.
 MAX_ENTRIES = 4096
 #: Entries of a row each thread holds: rows of up to 32 x this many run in one warp (see :func:`launch_options`).
 ENTRIES_PER_THREAD = 32
@@ -108,7 +108,7 @@ def _kept_above_last_dropped(bits, rank_index, weight, own, budget, LOG_BLOCK: t
     ``[0, BLOCK]``, within the tie at that score (``LOG_BLOCK + 1`` bits), where G is the weight above the tie plus
     a sum over the tie plus ``own x`` one entry's weight. Float64 sums of non-negative values over a tree of fixed
     shape are monotone in the set summed, so the computed G never increases with t either. When no key's G
-    reaches the budget, the search stays at the lowest key ``(INT32_MIN, -1)`` and every entry is kept; when every
+    reaches the budget, the search ends at or below the lowest entry's key and every entry is kept; when every
     key's does (a zero budget), it ends above the highest and none is."""
     score_bits = tl.where(tl.sum(tl.where(bits >= 0, weight, 0), 0) < budget, -2147483648, 0)
     for step in range(31):
