@@ -229,3 +229,16 @@ def test_the_gpu_script_checks_then_times_every_configuration(tmp_path: Path) ->
     assert full["block"] == 16
     for name in ("16x16x4x1", "16x16x4x1r"):  # every block kept: checked against dense attention, then timed
         assert full["results"][name]["passed"] and full["results"][name]["of_dense"] > 0
+        assert full["results"][name]["block"] == 16
+
+
+@needs_kernel
+def test_the_full_block_point_never_runs_a_half_masked_tile(tmp_path: Path) -> None:
+    """A configuration whose BLOCK_M exceeds --full-blocks runs blocks of its BLOCK_M (a 32-row tile over 16-token
+    blocks would compute every row twice), still checked against dense attention."""
+    from harness.benchmarks import variable_blocks_gpu as script
+
+    q, k, v = (torch.randn(1, 2, 100, 16, device=DEVICE, dtype=torch.float16) for _ in range(3))
+    config = kernel.Config(32, 16, 4, 1)
+    full = script.full_point(q, k, v, [config], 1.0, 16)
+    assert full["results"][config.name]["block"] == 32 and full["results"][config.name]["passed"]

@@ -10,10 +10,10 @@ same q, k, v:
 - flex-tuned on the clusters regrouped into 128-tiles.
 
 Kernel efficiency is the time over ``density x`` the cuDNN time (issue 21's bar: <= 1.2x). Then every configuration
-once more with every block kept, in blocks of ``--full-blocks`` tokens (checked against dense attention first):
-density 1 and no partial tile, so its time over the cuDNN call's is the kernel's own cost per computed entry, the
-ceiling of its efficiency at any density (``full_blocks`` in the JSON). Prints a table last and
-writes ``variable_blocks.json`` under ``--out``::
+once more with every block kept, in blocks of ``--full-blocks`` tokens or of its BLOCK_M where larger (checked
+against dense attention first): density 1 and no partial tile, so its time over the cuDNN call's is the kernel's own
+cost per computed entry, the ceiling of its efficiency at any density (``full_blocks`` in the JSON). Prints a table
+last and writes ``variable_blocks.json`` under ``--out``::
 
     python -m harness.benchmarks.variable_blocks_gpu --out /tmp/vb --models wan1.3b,wan14b --densities 0.1,0.295,0.5
 """
@@ -103,26 +103,30 @@ def run_point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any, conf
 
 def full_point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, configs: list[Config], dense_ms: float,
                block: int) -> dict[str, Any]:  # fmt: skip
-    """Every configuration on blocks of ``block`` tokens (the last one shorter) where every query block keeps every
-    key block: density 1, every computed row useful, so the time over the dense call's is the kernel's own cost per
-    computed entry (its ceiling at any density), checked first against dense attention on sampled rows."""
+    """Every configuration on blocks where every query block keeps every key block: density 1 and no partial tile
+    (blocks of ``block`` tokens, or of the configuration's BLOCK_M where that is larger, so that no tile is half
+    masked; the last block shorter), so the time over the dense call's is the kernel's own cost per computed entry,
+    the ceiling of its efficiency at any density (approximately: its key lists hold all N tokens per block, more
+    index reads per entry than svg2's larger clusters take). Each is checked first against dense attention on
+    sampled rows."""
     tokens = q.shape[-2]
-    count = -(-tokens // block)
-    sizes = torch.full((1, 1, count), block, device=q.device, dtype=torch.int64)
-    sizes[..., -1] = tokens - (count - 1) * block
-    blocks = VariableBlocks(torch.ones(1, 1, count, count, device=q.device, dtype=torch.bool), sizes, sizes)
     rows = reference_rows(tokens, q.device)
     reference = torch.nn.functional.scaled_dot_product_attention(q[..., rows, :].float(), k.float(), v.float())
     results: dict[str, Any] = {}
     for config in configs:
+        size = -(-max(block, config.block_m) // config.block_m) * config.block_m
+        count = -(-tokens // size)
+        sizes = torch.full((1, 1, count), size, device=q.device, dtype=torch.int64)
+        sizes[..., -1] = tokens - (count - 1) * size
+        blocks = VariableBlocks(torch.ones(1, 1, count, count, device=q.device, dtype=torch.bool), sizes, sizes)
         call = functools.partial(variable_block_attention, q, k, v, blocks, config)
         error = relative_error(call()[..., rows, :], reference)
         passed = math.isfinite(error) and error <= tolerance(q.dtype)
-        results[config.name] = {"error": error if math.isfinite(error) else None, "passed": passed}
+        results[config.name] = {"block": size, "error": error if math.isfinite(error) else None, "passed": passed}
         if passed:
             ms = default_timer(call, q.device, warmup=3, repeats=10) * 1e3
             results[config.name] |= {"ms": ms, "of_dense": ms / dense_ms}
-        print(f"  full {block}-token blocks {config.name:>12}: "
+        print(f"  full {size}-token blocks {config.name:>12}: "
               + (f"{results[config.name]['ms']:8.3f} ms, {results[config.name]['of_dense']:.2f}x the dense call"
                  if passed else f"FAILED (error {error:.2e})"), flush=True)  # fmt: skip
     return {"block": block, "results": results}
@@ -137,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="cuda (the benchmark), or cpu under TRITON_INTERPRET=1 with --models wan-tiny (a smoke "
                              "test: sdpa stands in for cuDNN)")  # fmt: skip
     parser.add_argument("--full-blocks", type=int, default=64,
-                        help="also time every configuration with every block kept, blocks of this many tokens "
-                             "(density 1, no partial tiles: the kernel's ceiling against the dense call); 0 skips",
+                        help="also time every configuration with every block kept, blocks of this many tokens or of "
+                             "its BLOCK_M where larger (density 1, no partial tiles: the kernel's ceiling against the "
+                             "dense call); 0 skips",
                         )  # fmt: skip
     parser.add_argument("--configs", default=CONFIGS,
                         help="comma-separated Triton configurations BLOCK_MxBLOCK_NxWARPSxSTAGES")  # fmt: skip
