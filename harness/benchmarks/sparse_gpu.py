@@ -9,9 +9,10 @@
    fp32 -- relative error within bf16 tolerance. A failing method is not timed.
 2. Attention: per model shape, one method call at a sparse step (selection + kernel), the kernel alone on a
    fixed plan and the selection alone (its share of the cuDNN call, synchronised, back to back, and as whole calls
-   back to back less the kernels alone back to back, what it adds inside a forward; and its costliest operators
-   from one profiled call: JSON ``selection_top_ops``), beside FA2 and cuDNN dense (random q, k, v in bf16); then every
-   block-sparse backend on that plan (error against masked dense on sampled rows, time, or why skipped)
+   back to back less the kernels alone back to back, what a call adds beyond its kernel inside a forward: the plan
+   and the call's bookkeeping; and its costliest operators from one profiled call: JSON ``selection_top_ops``),
+   beside FA2 and cuDNN dense (random q, k, v in bf16); then every block-sparse backend on that plan (error
+   against masked dense on sampled rows, time, or why skipped)
    and the one ``backend=measure`` chooses (JSON ``attention.methods.<name>.backends``). Per method its kernel
    efficiency as ``bench latency`` defines it (:func:`kernel_efficiency`): the ideal time, density x the cuDNN
    call's, over the kernel's on the chosen backend (the call's for a method outside the block-sparse base), and
@@ -418,8 +419,9 @@ def time_attention(names: list[str], dense: list[str], model: str, device: torch
                 kernel, _ = measure(lambda m=method, p=plan: m.execute(q, k, v, p, m.backend), device, *KERNEL_REPEATS)
                 selection, _ = measure(lambda m=method: m.plan(q, k, v, ctx), device, *KERNEL_REPEATS)
                 pipelined = back_to_back_ms(lambda m=method: m.plan(q, k, v, ctx), device)
-                # What the plan adds to calls issued back to back, as a forward issues them: its host work overlaps
-                # the previous call's kernel, its device work (and any wait on the device) does not.
+                # What a call adds beyond its kernel when calls are issued back to back, as a forward issues them: the
+                # plan (its host work overlaps the previous call's kernel, its device work does not) and the call's
+                # own bookkeeping (the density's reduction, the backend log), each call planning afresh.
                 calls_b2b = back_to_back_ms(lambda m=method: m(q, k, v, ctx), device)
                 kernels_b2b = back_to_back_ms(lambda m=method, p=plan: m.execute(q, k, v, p, m.backend), device)
                 backends = measure_backends(method, plan, q, k, v)
@@ -604,7 +606,8 @@ def main(argv: list[str] | None = None) -> None:
         "setting; x ideal: the kernel on the chosen backend (the call without one) over density x the dense call "
         f"({dense[0]}), issue 21's bar <= 1.2x; selection: the plan alone as a share of the dense call (b2b: its "
         "calls back to back, the host's work overlapped as in a forward; in calls: whole calls back to back less "
-        "the kernels alone back to back, what the plan adds to calls issued as a forward issues them); stated: "
+        "the kernels alone back to back: what a call adds beyond its kernel, the plan and its bookkeeping, when "
+        "calls are issued as a forward issues them); stated: "
         "the density a method was timed at "
         "(fixed_density), density: the one measured in the forward; * measured on "
         f"random inputs, where a data-dependent method keeps more than on videos. Total {time.time() - started:.0f} s."
