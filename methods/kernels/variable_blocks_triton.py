@@ -21,12 +21,13 @@ Two launches, no host work besides one read of the kept-token total (the index l
 
 The waste is the partial last tile of each query block (rows) and of each list (columns): with 300 query clusters
 over Wan 1.3B's 32,760 tokens the query side averages 109 rows a block, and on k-means clusters of random data
-the tiles compute 1/0.74 of the useful rows (counted on the CPU). Saving those rows does not save time: a second
-launch running each block's remainder as one tile of 16 or 32 rows took 9.24 and 9.56 ms against 9.44 at Wan 1.3B
-(svg2 at density 0.295, H200, reports/gpu/h200/run_109ff79/variable_blocks/), and 128-row tiles with 64-row tails
-(the same rows as 64-row tiles, half the gathers per row) 9.33 ms: the kernel's cost per computed row, not the
-rows or the gathers, is what keeps it at ~2.7x its ideal time. Query rows of a block that keeps no key get zeros
-(masked dense gives NaN there; no method makes such a block).
+the tiles compute 1/0.74 of the useful rows (counted on the CPU). Both costs were measured on an H200 at Wan 1.3B
+(reports/gpu/h200/run_109ff79/, run_b36de12/): with every block kept and no partial tile, the default's 64-row tiles
+take 1.95x the cuDNN call per computed entry and 128-row tiles (4 warps) 1.61x, half the gathers per row; on svg2's
+clusters (density 0.295) a second launch running each block's remainder as one tile of 16 or 32 rows took 9.24 and
+9.56 ms against 9.44, and 128-row tiles 10.54 ms (utilisation 0.56), 9.33 with 64-row tails. So even with no row
+wasted the kernel would stay above 1.6x its ideal time. Query rows of a block that keeps no key get zeros (masked
+dense gives NaN there; no method makes such a block).
 
 Shapes: q, k, v ``(B, H, N, D)`` fp16 or bf16, one dtype, any strides with a contiguous last axis, ``D <= 128``;
 the blocks' ``kept (B or 1, H or 1, R, C)``, ``row_sizes (.., R)``, ``col_sizes (.., C)`` (each summing to N).
