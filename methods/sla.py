@@ -34,6 +34,7 @@ from torch import nn
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Density, Schedule, register_method
+from methods.kernels import sla_linear_triton as sla_linear
 from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks
 from methods.kernels.linear_attention import fp32_region
 from methods.kernels.sparse_backends import BackendLog, check_backend
@@ -41,6 +42,8 @@ from methods.params import Param
 from methods.sparse import BACKEND
 
 PAPER_BLOCK = 64
+#: Added to the linear branch's denominators (only a query whose features meet no marginal key's is near 0).
+LINEAR_EPS = 1e-6
 #: ``block_size="auto"`` halves the paper's 64 until a row holds this many blocks, so that 5% and
 #: 10% of a row are whole blocks: Wan 480p keeps 64 (512 blocks a row), the toy's 512 tokens get 8
 #: (one patch row of one frame, 64 blocks a row).
@@ -66,41 +69,69 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     return sums / lengths[:, None]
 
 
-def classify_blocks(q: torch.Tensor, k: torch.Tensor, block: int, critical: float, negligible: float
-                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Critical and marginal key blocks per query block, each ``(B, H, nq, nk)`` bool (the rest is skipped).
-
-    ``max(1, floor(critical * nk))`` blocks are critical and ``floor(negligible * nk)`` skipped
-    (fewer if the two would overlap), ranked by the pooled scores (softmax keeps their order).
-    """
+def key_block_order(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
+    """Key blocks per query block from the best to the worst by the pooled scores, ``(B, H, nq, nk)`` int64: mean-
+    pooled q against the mean-pooled mean-centred k (softmax keeps their order, so it is not taken)."""
     pooled_q = block_means(q, block)
     pooled_k = block_means(k.float() - k.float().mean(dim=-2, keepdim=True), block)
     scores = (pooled_q @ pooled_k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    blocks = scores.shape[-1]
+    return scores.argsort(dim=-1, descending=True)
+
+
+def class_sizes(blocks: int, critical: float, negligible: float) -> tuple[int, int]:
+    """Critical and skipped key blocks per query block of ``blocks``: ``max(1, floor(critical * blocks))`` and
+    ``floor(negligible * blocks)`` (fewer if the two would overlap)."""
     n_critical = min(blocks, max(1, math.floor(critical * blocks + 1e-9)))
-    n_skipped = min(blocks - n_critical, math.floor(negligible * blocks + 1e-9))
-    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = the best key block
+    return n_critical, min(blocks - n_critical, math.floor(negligible * blocks + 1e-9))
+
+
+def classes_from_order(order: torch.Tensor, critical: float, negligible: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Critical and marginal key blocks per query block, each ``(B, H, nq, nk)`` bool, from
+    :func:`key_block_order`'s ``order``: the first ones critical, the last ones skipped (:func:`class_sizes`)."""
+    blocks = order.shape[-1]
+    n_critical, n_skipped = class_sizes(blocks, critical, negligible)
+    rank = order.argsort(dim=-1)  # 0 = the best key block
     is_critical = rank < n_critical
     return is_critical, ~is_critical & (rank < blocks - n_skipped)
 
 
+def classify_blocks(q: torch.Tensor, k: torch.Tensor, block: int, critical: float, negligible: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Critical and marginal key blocks per query block, each ``(B, H, nq, nk)`` bool (the rest is skipped), ranked
+    by the pooled scores (:func:`key_block_order`, :func:`classes_from_order`)."""
+    return classes_from_order(key_block_order(q, k, block), critical, negligible)
+
+
+def linear_branch_lists(order: torch.Tensor, critical: float, negligible: float) -> tuple[torch.Tensor, bool]:
+    """What the linear-branch kernel sums per query block (:func:`methods.kernels.sla_linear_triton.
+    marginal_linear_attention`): the marginal blocks, or, when they are more than half of a row, the critical and
+    skipped ones to subtract from the sums over all keys (``complement`` True). ``(lists (B, H, nq, L) int32,
+    complement)``; the same blocks for every query block's class sizes (:func:`class_sizes`)."""
+    blocks = order.shape[-1]
+    n_critical, n_skipped = class_sizes(blocks, critical, negligible)
+    marginal = blocks - n_critical - n_skipped
+    if 2 * marginal <= blocks:
+        return order[..., n_critical : blocks - n_skipped].to(torch.int32), False
+    return torch.cat([order[..., :n_critical], order[..., blocks - n_skipped :]], dim=-1).to(torch.int32), True
+
+
 def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor,
-                              block: int, eps: float = 1e-6) -> torch.Tensor:  # fmt: skip
+                              block: int, eps: float = LINEAR_EPS) -> torch.Tensor:  # fmt: skip
     """Linear attention of each query over its block's marginal key blocks, phi = softmax over features.
 
-    ``marginal`` ``(B|1, H|1, nq, nk)``; returns ``(B, H, N, D)`` in fp32. A query block with no marginal
-    block gets 0.
+    ``marginal`` ``(B|1, H|1, nq, nk)``; returns ``(B, H, N, D)`` in fp32 (float64 for float64 inputs: the
+    kernel's reference). A query block with no marginal block gets 0.
     """
     tokens = q.shape[-2]
     pad = num_blocks(tokens, block) * block - tokens
-    with fp32_region(v):  # autocast would run the sums below in bf16
-        phi_q, phi_k = q.float().softmax(dim=-1), k.float().softmax(dim=-1)
+    with fp32_region(v) as dtype:  # autocast would run the sums below in bf16
+        phi_q, phi_k = q.to(dtype).softmax(dim=-1), k.to(dtype).softmax(dim=-1)
         # Padding keys get zero features, so they add nothing to any block's sums.
         phi_k = torch.nn.functional.pad(phi_k, (0, 0, 0, pad)).unflatten(-2, (-1, block))
-        values = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).unflatten(-2, (-1, block))
+        values = torch.nn.functional.pad(v.to(dtype), (0, 0, 0, pad)).unflatten(-2, (-1, block))
         per_block_kv = phi_k.transpose(-2, -1) @ values  # (B, H, nk, D, D)
         per_block_k = phi_k.sum(dim=-2)  # (B, H, nk, D)
-        weights = marginal.float()
+        weights = marginal.to(dtype)
         kv = torch.einsum("bhij,bhjde->bhide", weights, per_block_kv)  # (B, H, nq, D, D)
         k_sum = torch.einsum("bhij,bhjd->bhid", weights, per_block_k)  # (B, H, nq, D)
         phi_q = torch.nn.functional.pad(phi_q, (0, 0, 0, pad)).unflatten(-2, (-1, block))  # (B, H, nq, b, D)
@@ -196,10 +227,15 @@ class SparseLinearAttention(AttentionMethod):
             self.state.to(q.device)
         tokens, block = q.shape[-2], self.block_size(q.shape[-2])
         with torch.no_grad():  # the selection is not differentiated (as in SLA)
-            critical, marginal = classify_blocks(q, k, block, self.critical, self.negligible)
+            order = key_block_order(q, k, block)
+            critical, marginal = classes_from_order(order, self.critical, self.negligible)
         pattern = BlockSparsePattern(critical, tokens, block)
         sparse = self.backends.attention(q, k, v, pattern)
-        linear = marginal_linear_attention(q, k, v, marginal, block)
+        if sla_linear.use_fused(q, k, v, block):
+            lists, complement = linear_branch_lists(order, self.critical, self.negligible)
+            linear = sla_linear.marginal_linear_attention(q, k, v, lists, block, complement, LINEAR_EPS)
+        else:
+            linear = marginal_linear_attention(q, k, v, marginal, block, LINEAR_EPS)
         proj = self.state.proj[ctx.layer]
         out = sparse.float() + proj(linear.to(proj.weight.dtype)).float()
         return out.to(v.dtype), pattern.kept_fraction()

@@ -14,9 +14,11 @@ from harness.errors import HarnessError, UnsupportedError
 from methods import build_method
 from methods.kernels import sparse_backends
 from methods.kernels.block_sparse import (
+    FLEX_TILE,
     KIND_DESCRIPTIONS,
     PATTERN_KINDS,
     BlockSparsePattern,
+    flex_tile,
     masked_dense_attention,
     num_blocks,
     rectangle_counts,
@@ -162,6 +164,33 @@ def test_flex_tuned_matches_masked_dense_on_cpu() -> None:
         pytest.skip(f"compiled flex with kernel options does not run on this CPU torch: {exc}")
     ref = masked_dense_attention(q, k, v, pattern)
     assert float((out - ref).norm() / ref.norm()) <= 1e-5
+
+
+@pytest.mark.parametrize(("block", "training", "small"), [(64, False, True), (64, True, False), (128, False, False),
+                                                        (192, False, True), (32, False, False)])  # fmt: skip
+def test_flex_tuned_runs_64_token_blocks_on_64_token_tiles(block: int, training: bool, small: bool) -> None:
+    """Blocks that are multiples of 64 but not of 128 (SLA's 64) take 64 x 64 tiles, unregrouped, in a call without
+    gradients; 128-multiples, smaller blocks and calls that train keep the Hopper tiles (Flex's backward takes 128)."""
+    pattern = BlockSparsePattern(torch.ones(1, 1, 2, 2, dtype=torch.bool), 2 * block, block)
+    options = sparse_backends.tuned_flex_options(pattern, training)
+    assert options is (sparse_backends.SMALL_TILE_FLEX_OPTIONS if small else sparse_backends.HOPPER_FLEX_OPTIONS)
+    assert flex_tile(options) == (64 if small else FLEX_TILE)
+    assert flex_tile(None) == FLEX_TILE
+
+
+def test_a_64_token_block_pattern_on_64_token_tiles_matches_masked_dense() -> None:
+    """flex-tuned on a 64-block pattern: its BlockMask for 64 x 64 kernel tiles keeps the pattern's blocks (no
+    regrouping), and compiled Flex on it reproduces masked dense."""
+    kept = torch.rand(1, 2, 5, 5, generator=torch.Generator().manual_seed(0)) < 0.4
+    kept[..., 0] = True
+    pattern = BlockSparsePattern(kept, 300, 64)  # a ragged last block of 44 tokens
+    q, k, v = (torch.randn(1, 2, 300, 16) for _ in range(3))
+    try:
+        out = get_backend("flex-tuned").run(q, k, v, pattern)
+    except Exception as exc:
+        pytest.skip(f"compiled flex with kernel options does not run on this CPU torch: {exc}")
+    assert pattern.flex_block_mask((1, 2), tile=64).BLOCK_SIZE == (64, 64)
+    assert float((out - masked_dense_attention(q, k, v, pattern)).norm()) <= 1e-5 * float(out.norm())
 
 
 def test_measure_records_the_chosen_backend_and_report() -> None:

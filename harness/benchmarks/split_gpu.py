@@ -48,7 +48,7 @@ from methods.kernels.sparse_backends import (
 PARTIAL_OPTIONS: dict[str, dict[str, Any] | None] = {
     "hopper 128x128 w8": HOPPER_FLEX_OPTIONS,
     "flex default": None,
-    "64x64 w4 s3": sparse_backends.SPLIT_FLEX_OPTIONS,
+    "64x64 w4 s3": sparse_backends.SMALL_TILE_FLEX_OPTIONS,
     "128x64 w4 s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
 }
 

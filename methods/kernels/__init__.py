@@ -1,7 +1,7 @@
 """Attention kernels shared by methods: linear attention and its feature maps (``linear_attention``),
 block-sparse attention on FlexAttention with its masked dense equivalent (``block_sparse``) and its backends
 (``sparse_backends``), and the Triton kernels (``linear_attention_triton``, ``xattn_scoring_triton``, ``kmeans_triton``,
-``variable_blocks_triton``, ``ranked_selection_triton``), each entered through a
+``variable_blocks_triton``, ``ranked_selection_triton``, ``sla_linear_triton``), each entered through a
 ``torch.library`` custom op in :data:`OP_NAMESPACE` so that torch.compile treats the launch code as one opaque call
 (but ``attention_states``' merge, a plain function: only the eager-only flashinfer-split backend calls it),
 and chosen over its torch path by :func:`use_kernel`; :func:`kernel_op` registers such an op, launched on its
@@ -28,7 +28,13 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 #: them all (:func:`check_kernel_choices`) and records carry the values in force (:func:`kernel_settings`).
 KERNEL_CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {}
 #: The modules that declare kernel choices (imported by :func:`kernel_settings` so that every one is known).
-CHOICE_MODULES = ("linear_attention_triton", "xattn_scoring_triton", "kmeans_triton", "ranked_selection_triton")
+CHOICE_MODULES = (
+    "linear_attention_triton",
+    "xattn_scoring_triton",
+    "kmeans_triton",
+    "ranked_selection_triton",
+    "sla_linear_triton",
+)
 
 
 def kernel_choice(variable: str, default: str, allowed: tuple[str, ...]) -> None:

@@ -387,20 +387,21 @@ class BlockSparsePattern:
 
         return in_kept_tiles
 
-    def flex_block_mask(self, batch_heads: tuple[int, int], backward: bool = False) -> BlockMask:
+    def flex_block_mask(self, batch_heads: tuple[int, int], backward: bool = False, tile: int = FLEX_TILE
+                        ) -> BlockMask:  # fmt: skip
         """What FlexAttention runs for q of ``(B, H)`` = ``batch_heads``: :meth:`block_mask` of the pattern
-        :meth:`regrouped` into :data:`FLEX_TILE` tiles.
+        :meth:`regrouped` into ``tile`` tiles (:func:`flex_tile` of the kernel's options).
 
-        Built once per pattern, ``batch_heads`` and ``backward``, and kept with the pattern: one reused across
-        calls (radial's, one per grid) is then built in its first eager call, and a compiled model's graph holds
-        the attention alone, not the tile tables' regrouping. A compiled call finding none built (the eager calls
-        ran on another backend, e.g. FlashInfer) builds it in its graph without keeping it: storing it there would
-        change what the graph's guards read, and recompile the model once.
+        Built once per pattern, ``batch_heads``, ``backward`` and ``tile``, and kept with the pattern: one reused
+        across calls (radial's, one per grid) is then built in its first eager call, and a compiled model's graph
+        holds the attention alone, not the tile tables' regrouping. A compiled call finding none built (the eager
+        calls ran on another backend, e.g. FlashInfer) builds it in its graph without keeping it: storing it there
+        would change what the graph's guards read, and recompile the model once.
         """
-        key = (batch_heads, backward)
+        key = (batch_heads, backward, tile)
         if key in self._flex_masks:
             return self._flex_masks[key]
-        mask = self.regrouped(FLEX_TILE, batch_heads).block_mask(backward)
+        mask = self.regrouped(tile, batch_heads).block_mask(backward)
         if not torch.compiler.is_compiling():
             self._flex_masks[key] = mask
         return mask
@@ -510,6 +511,15 @@ def _tile_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- execution -----------------------------------------------------------------------------------
 
+
+def flex_tile(kernel_options: FlexKernelOptions | None) -> int:
+    """Tokens per side of the tiles a pattern is regrouped into for Flex's forward kernel under ``kernel_options``:
+    the larger of its forward tile sides where the options give both (64 for 64 x 64 tiles, so that SLA's 64-token
+    blocks run as they are, not as partly kept 128-token tiles), else :data:`FLEX_TILE` (Flex's own choice)."""
+    sides = [(kernel_options or {}).get(name) for name in ("fwd_BLOCK_M", "fwd_BLOCK_N")]
+    return FLEX_TILE if None in sides else max(int(side) for side in sides)  # type: ignore[arg-type]
+
+
 _compiled_flex: Callable[..., torch.Tensor] | None = None
 
 
@@ -536,11 +546,14 @@ def flex_block_sparse_attention(
     for a row that keeps no key), to merge with another part of the same row's keys.
 
     Blocks that are not multiples of :data:`FLEX_TILE` run regrouped into such tiles
-    (:meth:`BlockSparsePattern.regrouped`; the same output). Always compiled: eager ``flex_attention``
+    (:meth:`BlockSparsePattern.regrouped`; the same output), or of the options' own tiles where they give both sides
+    and no gradient is asked (:func:`flex_tile`). Always compiled: eager ``flex_attention``
     ignores the tile table (it only applies ``mask_mod``, over a materialised N x N score matrix).
     Hitting the recompile limit raises instead of falling back to that unfused path.
     """
-    block_mask = pattern.flex_block_mask((q.shape[0], q.shape[1]), backward=q.requires_grad)
+    # Flex's backward takes its own tiles (128 queries): a pattern that trains keeps FLEX_TILE.
+    tile = FLEX_TILE if q.requires_grad else flex_tile(kernel_options)
+    block_mask = pattern.flex_block_mask((q.shape[0], q.shape[1]), backward=q.requires_grad, tile=tile)
     if torch.compiler.is_compiling():
         # Inside a compiled model the model's graph captures flex_attention itself; the configuration patch
         # below is a call Dynamo does not trace (a graph break in every sparse layer: issue 21, item 5).

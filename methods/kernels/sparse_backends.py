@@ -7,7 +7,7 @@ way diffusers' ``attention_dispatch`` registers its attention backends:
 
     masked      SDPA with the pattern's dense token mask: the reference every other backend is checked against
     flex        compiled FlexAttention, Flex's own tile and pipeline choice
-    flex-tuned  compiled FlexAttention with explicit Hopper tiles (:data:`HOPPER_FLEX_OPTIONS`)
+    flex-tuned  compiled FlexAttention with explicit Hopper tiles (:func:`tuned_flex_options`)
     flashinfer  FlashInfer's variable-block wrapper: variable-size blocks (SVG2's clusters, its paper's kernel)
                 when the pattern carries them, else the pattern's own tiles; block-level patterns only
     flashinfer-bsr  FlashInfer's BSR wrapper (FA3 on Hopper) over square tiles of a block-level pattern, reading q,
@@ -15,7 +15,7 @@ way diffusers' ``attention_dispatch`` registers its attention backends:
     triton-variable  our Triton kernel over variable-size blocks (SVG2's clusters): each query block's kept key
                 tokens gathered by index, planned on the device
     flashinfer-split  a token-level pattern's full tiles on the BSR wrapper and its partial tiles on Flex
-                (:data:`SPLIT_FLEX_OPTIONS`), merged by their log-sum-exps (svg's band and sink)
+                (:data:`SMALL_TILE_FLEX_OPTIONS`), merged by their log-sum-exps (svg's band and sink)
 
 ``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex-tuned on
 Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere (flex past its size); on Hopper,
@@ -42,6 +42,7 @@ import torch
 from harness.errors import HarnessError, UnsupportedError
 from methods.kernels.attention_states import LOG2_E, merge_attention_states
 from methods.kernels.block_sparse import (
+    FLEX_TILE,
     KIND_DESCRIPTIONS,
     BlockSparsePattern,
     FlexKernelOptions,
@@ -66,6 +67,13 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: TMA off itself where the inputs cannot use it. All are FlexKernelOptions of torch 2.13.
 HOPPER_FLEX_OPTIONS: FlexKernelOptions = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8,  # type: ignore[typeddict-unknown-key]
                                           "fwd_num_stages": 2, "fwd_USE_TMA": True}  # fmt: skip
+#: Flex's options on 64 x 64 tiles, 4 warps, 3 stages: for a split pattern's partial tiles (a few per query block),
+#: the fastest of ``harness.benchmarks.split_gpu``'s candidates on an H200 at both Wan shapes (svg's partial tiles
+#: 0.48 ms at 1.3B, 2.38 at 14B, against 0.57 and 3.52 with the 128 x 128 Hopper options; the split call 1.10x and
+#: 1.09x the density-scaled cuDNN time, flex-tuned alone 1.34x and 1.25x: reports/gpu/h200/run_829fb7d/); and in
+#: flex-tuned for patterns of 64-token blocks (SLA's), which then run unregrouped (:func:`tuned_flex_options`).
+SMALL_TILE_FLEX_OPTIONS: FlexKernelOptions = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4,  # type: ignore[typeddict-unknown-key]
+                                              "fwd_num_stages": 3}  # fmt: skip
 
 
 def dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
@@ -240,8 +248,18 @@ register_backend("flex")(flex_block_sparse_attention)
 @register_backend("flex-tuned")
 def tuned_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
                          ) -> torch.Tensor:  # fmt: skip
-    """Compiled FlexAttention with :data:`HOPPER_FLEX_OPTIONS` (CPU inductor ignores the GPU tile options)."""
-    return flex_block_sparse_attention(q, k, v, pattern, HOPPER_FLEX_OPTIONS)
+    """Compiled FlexAttention with :func:`tuned_flex_options` (CPU inductor ignores the GPU tile options)."""
+    return flex_block_sparse_attention(q, k, v, pattern, tuned_flex_options(pattern, needs_gradients(q, k, v)))
+
+
+def tuned_flex_options(pattern: BlockSparsePattern, training: bool) -> FlexKernelOptions:
+    """flex-tuned's options for ``pattern``: :data:`SMALL_TILE_FLEX_OPTIONS` where its blocks are multiples of 64
+    but not of :data:`~methods.kernels.block_sparse.FLEX_TILE` and the call needs no gradients (the 64-token tiles
+    then run as they are, where 128-token ones would compute up to four 64-blocks for each kept one: SLA's critical
+    5% of 64-blocks keep up to 1 - 0.95^4 = 19% of 128-tiles), else :data:`HOPPER_FLEX_OPTIONS`."""
+    blocks = pattern.blocks
+    small = all(side % 64 == 0 for side in blocks) and not all(side % FLEX_TILE == 0 for side in blocks)
+    return SMALL_TILE_FLEX_OPTIONS if small and not training else HOPPER_FLEX_OPTIONS
 
 
 _FLASHINFER_WORKSPACE_BYTES = 128 * 1024 * 1024  # the size FlashInfer's documentation recommends
@@ -491,14 +509,6 @@ def bsr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bl
     return out, None if lse is None else lse.view(batch, heads, plan.padded)[:, :, :tokens]
 
 
-#: Flex's options for a split pattern's partial tiles (a few per query block): 64 x 64 tiles on 4 warps, 3 stages, the
-#: fastest of ``harness.benchmarks.split_gpu``'s candidates on an H200 at both Wan shapes (svg's partial tiles 0.48 ms
-#: at 1.3B, 2.38 at 14B, against 0.57 and 3.52 with the 128 x 128 Hopper options; the split call 1.10x and 1.09x the
-#: density-scaled cuDNN time, flex-tuned alone 1.34x and 1.25x: reports/gpu/h200/run_829fb7d/).
-SPLIT_FLEX_OPTIONS: FlexKernelOptions = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4,  # type: ignore[typeddict-unknown-key]
-                                         "fwd_num_stages": 3}  # fmt: skip
-
-
 def split_patterns(pattern: BlockSparsePattern) -> tuple[BlockSparsePattern | None, BlockSparsePattern]:
     """A token-level pattern as two over disjoint entries: its full tiles, block level (``None`` when it has none:
     FlashInfer's plan takes no empty table), and its partial tiles, token level under its ``mask_mod``; built once
@@ -518,13 +528,13 @@ def split_patterns(pattern: BlockSparsePattern) -> tuple[BlockSparsePattern | No
                   refused_kinds={"variable": BSR_REFUSED_KINDS["variable"],
                                  "tiles": "no partial tile to split off: flashinfer-bsr runs it whole"})  # fmt: skip
 def flashinfer_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
-                               partial_options: FlexKernelOptions | None = SPLIT_FLEX_OPTIONS
+                               partial_options: FlexKernelOptions | None = SMALL_TILE_FLEX_OPTIONS
                                ) -> torch.Tensor:  # fmt: skip
     """A token-level pattern in two parts over disjoint keys of each row (:func:`split_patterns`): its full tiles on
     FlashInfer's BSR wrapper (:func:`bsr_attention`, FA3 on Hopper; a head-shared table read in place, as svg's band
     after its layout transform), its partial tiles (the band's diagonal edges, a ragged sink) on Flex with
-    ``partial_options`` (:data:`SPLIT_FLEX_OPTIONS`; ``None``: Flex's own choice) under the mask_mod, merged by their
-    log-sum-exps (:func:`~methods.kernels.attention_states.merge_attention_states`). The same output as one masked
+    ``partial_options`` (:data:`SMALL_TILE_FLEX_OPTIONS`; ``None``: Flex's own choice) under the mask_mod, merged by
+    their log-sum-exps (:func:`~methods.kernels.attention_states.merge_attention_states`). The same output as one masked
     softmax over the union; a pattern without a full tile runs on Flex alone. ``(B, H, N, D)`` in and out."""
     whole, cut = split_patterns(pattern)
     if whole is None:

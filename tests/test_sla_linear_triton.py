@@ -1,0 +1,131 @@
+"""SLA's linear-branch Triton kernel against the torch path in float64, and the dispatch between them.
+
+The kernel tests need Triton and either CUDA or the Triton interpreter on CPU tensors; elsewhere (CI) they skip. On a
+CPU machine (see tests/test_xattn_scoring_triton.py for the environment)::
+
+    TRITON_INTERPRET=1 PYTHONPATH=.:<numpy < 2.4 site>:<triton site> python -m pytest tests/test_sla_linear_triton.py
+
+The interpreter multiplies bf16 operands as raw integers, so there the kernel is checked in fp16; on CUDA in fp16 and
+bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_helpers import DEVICE, ON_CUDA
+from triton_helpers import needs_kernel as triton_needs_kernel
+
+from harness.errors import HarnessError
+from methods import AttentionContext, TokenGrid, build_method
+from methods.kernels import sla_linear_triton as fused
+from methods.sla import (
+    SlaProjections,
+    classes_from_order,
+    key_block_order,
+    linear_branch_lists,
+    marginal_linear_attention,
+)
+
+needs_kernel = triton_needs_kernel(fused)
+DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
+# fp16 features and (b, b) products in v's dtype: ~1e-3 relative in fp16, ~4e-3 in bf16 (the products' 8 bits).
+TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+
+def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def inputs(batch: int, heads: int, tokens: int, dim: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, tokens, dim, generator=generator).to(DEVICE, dtype) for _ in range(3)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "heads", "tokens", "dim", "block", "critical", "negligible"),
+    [(1, 2, 256, 32, 16, 0.05, 0.10),  # SLA's classes, 16 blocks: the complement lists 1 + 1 blocks
+     (2, 2, 200, 32, 16, 0.25, 0.10),  # batch 2, a ragged last block (200 = 12 x 16 + 8)
+     (1, 2, 160, 24, 32, 0.20, 0.0),  # head dim padded to 32 columns; no skipped block (the public SLA-1 kernel)
+     (1, 1, 256, 32, 16, 0.50, 0.25),  # marginal a quarter of a row: the direct mode
+     (1, 2, 128, 16, 16, 0.90, 0.10)],  # no marginal block at all: the direct mode lists none, the branch is 0
+)  # fmt: skip
+def test_kernel_matches_the_torch_path_in_float64(batch: int, heads: int, tokens: int, dim: int, block: int,
+                                                  critical: float, negligible: float,
+                                                  dtype: torch.dtype) -> None:  # fmt: skip
+    q, k, v = inputs(batch, heads, tokens, dim, dtype, seed=tokens + dim)
+    order = key_block_order(q, k, block)
+    _, marginal = classes_from_order(order, critical, negligible)
+    lists, complement = linear_branch_lists(order, critical, negligible)
+    out = fused.marginal_linear_attention(q, k, v, lists, block, complement, 1e-6)
+    ref = marginal_linear_attention(q.double(), k.double(), v.double(), marginal, block)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    if not bool(marginal.any()):
+        assert float(out.abs().max()) == 0.0
+        return
+    assert relative(out, ref) < TOLERANCE[dtype]
+
+
+@needs_kernel
+@pytest.mark.parametrize("complement", [False, True])
+def test_both_modes_give_the_same_sums(complement: bool) -> None:
+    """The same marginal blocks listed directly, or as the rest subtracted from all keys' sums, give one branch."""
+    q, k, v = inputs(1, 2, 256, 32, torch.float16, seed=3)
+    order = key_block_order(q, k, 16)
+    marginal_lists = order[..., 2:10].to(torch.int32)  # 8 of 16 blocks: either mode may list them
+    rest = torch.cat([order[..., :2], order[..., 10:]], dim=-1).to(torch.int32)
+    direct = fused.marginal_linear_attention(q, k, v, marginal_lists, 16, False, 1e-6)
+    subtracted = fused.marginal_linear_attention(q, k, v, rest, 16, True, 1e-6)
+    assert relative(subtracted, direct) < 3e-3
+
+
+def test_lists_name_the_shorter_side() -> None:
+    order = torch.arange(20).flip(0).expand(1, 1, 20, 20)
+    lists, complement = linear_branch_lists(order, 0.05, 0.10)  # 1 critical, 2 skipped, 17 marginal
+    assert complement and lists.dtype == torch.int32
+    assert lists[0, 0, 0].tolist() == [19, 1, 0]
+    lists, complement = linear_branch_lists(order, 0.50, 0.25)  # 10 critical, 5 skipped, 5 marginal
+    assert not complement and lists[0, 0, 0].tolist() == [9, 8, 7, 6, 5]
+
+
+def test_cpu_tensors_take_the_torch_path() -> None:
+    q, k, v = (torch.randn(1, 1, 64, 16) for _ in range(3))
+    assert not fused.use_fused(q, k, v, 16)
+    with pytest.raises(HarnessError, match="BENCH_SLA_BACKEND=triton"):
+        fused.use_fused(q, k, v, 16, backend="triton")
+
+
+@pytest.mark.parametrize(("block", "why"), [(8, "power of two >= 16"), (48, "power of two >= 16")])
+def test_small_or_odd_blocks_are_refused(block: int, why: str) -> None:
+    q = torch.randn(1, 1, 64, 16, dtype=torch.float16)
+    reason = fused.unsupported_reason(q, q, q, block)
+    assert reason is not None and (fused.triton is None or why in reason)
+
+
+@needs_kernel
+def test_a_gradient_request_takes_the_torch_path() -> None:
+    q, k, v = inputs(1, 1, 64, 16, torch.float16, seed=0)
+    q.requires_grad_(True)
+    assert "gradients" in (fused.unsupported_reason(q, k, v, 16) or "")
+    with torch.no_grad():
+        assert fused.unsupported_reason(q, k, v, 16) is None
+
+
+@needs_kernel
+def test_the_method_runs_the_kernel_and_matches_its_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLA's call with the kernel equals the same call with ``BENCH_SLA_BACKEND=torch`` (trained projections, so
+    that the linear branch counts in the output)."""
+    q, k, v = inputs(1, 2, 1024, 32, torch.float16, seed=7)
+    ctx = AttentionContext(layer=0, num_layers=1, step=1, num_steps=2, timestep=0.5, cfg_branch="cond",
+                           grid=TokenGrid(1, 32, 32))  # fmt: skip
+    method = build_method("sla", block_size=16)
+    state = SlaProjections(1, q.shape[-1])
+    torch.nn.init.normal_(state.proj[0].weight, std=0.5)
+    method.attach(state.requires_grad_(False).to(DEVICE), trained=True)
+    with torch.no_grad():
+        out = method(q, k, v, ctx)
+        monkeypatch.setenv(fused.BACKEND_ENV, "torch")
+        ref = method(q, k, v, ctx)
+    assert relative(out, ref) < 5e-3
