@@ -1,12 +1,17 @@
 """DFA's window and SLA's attention on the GPU: Flex against masked dense first, then per-call latency.
 
 1. Correctness (fresh random inputs, bf16, 8,190 tokens: not a multiple of 128): DFA's band through
-   compiled FlexAttention against the masked dense SDPA in fp32; SLA's output and its gradients (q, k,
-   v, proj), both at 64-blocks regrouped into Flex's 128-tiles, against the masked path in fp32. A
-   failure stops the script.
+   compiled FlexAttention against the masked dense SDPA in fp32; SLA's output on Flex's own tiles (64-blocks
+   regrouped into 128-tiles) and on flex-tuned (64 x 64 tiles, unregrouped), its linear branch on the Triton kernel
+   (:mod:`methods.kernels.sla_linear_triton`) in both of its modes, and SLA's gradients (q, k, v, proj: the torch
+   linear branch, regrouped Flex), against the masked path in fp32; then the kernel's linear branch against the
+   torch path in float64 at Wan 1.3B's shape. A failure stops the script.
 2. Latency per self-attention call at Wan 1.3B 480p (12 heads x 128, 32,760 tokens) and Wan 14B 720p
    (40 heads, 75,600 tokens): cudnn dense, DFA's window (1/8), DFA's residual refresh (dense + window),
-   SLA forward (classification + critical Flex + linear branch) at the paper's 5% / 10%, 64-blocks.
+   SLA forward (classification + critical Flex + linear branch) at the paper's 5% / 10%, 64-blocks; and SLA's
+   parts: the selection, the critical branch on 64 x 64 tiles and regrouped into 128 x 128 ones (its ideal: the
+   density x the dense call), the linear branch on the kernel and in torch, the whole call with the torch linear
+   branch.
 
     python -m harness.benchmarks.dfa_sla_gpu --out $OUT
     python -m harness.benchmarks.dfa_sla_gpu --out /tmp/x --device cpu      # smoke test, tiny shapes (Flex in fp32;
@@ -17,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +36,18 @@ from harness.environment import capture_environment
 from harness.latency import measure
 from methods import AttentionContext, TokenGrid
 from methods.dfa import DEFAULT_WINDOW_FRACTION, band_density, window_attention, window_radius
-from methods.sla import SlaProjections, SparseLinearAttention
+from methods.kernels import sla_linear_triton as sla_linear
+from methods.kernels.block_sparse import BlockSparsePattern, flex_block_sparse_attention
+from methods.kernels.sparse_backends import HOPPER_FLEX_OPTIONS, tuned_flex_attention
+from methods.sla import (
+    LINEAR_EPS,
+    SlaProjections,
+    SparseLinearAttention,
+    classes_from_order,
+    key_block_order,
+    linear_branch_lists,
+    marginal_linear_attention,
+)
 
 BF16_RELATIVE_TOLERANCE = 2e-2
 SHAPES = {"wan1.3b-480p": (12, 32760), "wan14b-720p": (40, 75600)}
@@ -62,13 +80,15 @@ def check_correctness(device: torch.device, heads: int, tokens: int, head_dim: i
                                      window_attention(q, k, v, radius, "masked"))}  # fmt: skip
     cuda = device.type == "cuda"
     fast_dtype = torch.bfloat16 if cuda else torch.float32
-    # Forward and gradients at the paper's 64-blocks, which Flex runs regrouped into its 128-tiles.
+    # Forward on Flex's own tiles (regrouped into 128) and on flex-tuned's 64 x 64 ones, the linear branch on the
+    # kernel where it runs (CUDA, bf16, no gradient); gradients on the torch linear branch and regrouped Flex.
     # FlexAttention has no backward on CPU: there (smoke mode) only the forward is compared.
-    checks = (("sla_output", False), ("sla_grad", True)) if cuda else (("sla_output", False),)
-    for label, grad in checks:
+    checks = [("sla_output", "flex", False), ("sla_output_flex_tuned", "flex-tuned", False)]
+    checks += [("sla_grad", "flex", True)] if cuda else []
+    for label, fast_backend, grad in checks:
         block = 64 if cuda else 4
         results = {}
-        for backend, dtype in (("flex", fast_dtype), ("masked", torch.float32)):
+        for backend, dtype in ((fast_backend, fast_dtype), ("masked", torch.float32)):
             method, ctx = sla_call(head_dim, tokens, backend, device, block)
             inputs = [t.detach().clone().to(dtype).requires_grad_(grad) for t in (q, k, v)]
             with torch.set_grad_enabled(grad):
@@ -79,8 +99,26 @@ def check_correctness(device: torch.device, heads: int, tokens: int, head_dim: i
             else:
                 results[backend] = [out]
         names = ("dq", "dk", "dv", "dproj") if grad else ("",)
-        for name, fast_value, ref_value in zip(names, results["flex"], results["masked"], strict=True):
+        for name, fast_value, ref_value in zip(names, results[fast_backend], results["masked"], strict=True):
             errors[f"{label}_{name}".rstrip("_")] = relative(fast_value, ref_value)
+    if cuda:
+        errors.update(check_linear_kernel(device, heads, SHAPES["wan1.3b-480p"][1], head_dim))
+    return errors
+
+
+def check_linear_kernel(device: torch.device, heads: int, tokens: int, head_dim: int) -> dict[str, float]:
+    """SLA's linear branch on the Triton kernel (bf16 inputs) against the torch path in float64, at the paper's
+    classes (5% critical, 10% skipped: the complement mode) and at 50% / 25% (a quarter marginal: the direct
+    mode), 64-blocks."""
+    q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    order = key_block_order(q, k, 64)
+    errors = {}
+    for critical, negligible in ((0.05, 0.10), (0.50, 0.25)):
+        _, marginal = classes_from_order(order, critical, negligible)
+        lists, complement = linear_branch_lists(order, critical, negligible)
+        out = sla_linear.marginal_linear_attention(q, k, v, lists, 64, complement, LINEAR_EPS)
+        ref = marginal_linear_attention(q.double(), k.double(), v.double(), marginal, 64)
+        errors[f"sla_linear_kernel_{'complement' if complement else 'direct'}"] = relative(out, ref)
     return errors
 
 
@@ -103,8 +141,47 @@ def latency(device: torch.device, heads: int, tokens: int, head_dim: int, repeat
             ),
             "sla": time_call(lambda: method(q, k, v, ctx), device, repeats),
         }
-    return {"calls": rows, "dfa_window_density": band_density(tokens, radius), "sla_density": method.density.mean(),
-            "sla_block": method.params()["block_size_used"]}  # fmt: skip
+        parts = sla_parts(method, q, k, v, device, repeats)
+        rows.update(parts.pop("calls"))
+        with mock.patch.dict(os.environ, {sla_linear.BACKEND_ENV: "torch"}):
+            rows["sla_torch_linear"] = time_call(lambda: method(q, k, v, ctx), device, repeats)
+    density = method.density.mean()
+    dense_ms = rows["dense_sdpa"]["median_ms"]
+    return {"calls": rows, "dfa_window_density": band_density(tokens, radius), "sla_density": density,
+            "sla_block": method.params()["block_size_used"], **parts,
+            "sla_critical_ideal_ms": density * dense_ms,
+            "sla_critical_over_ideal": rows["sla_critical_64_tiles"]["median_ms"] / (density * dense_ms),
+            "sla_speedup_vs_dense": dense_ms / rows["sla"]["median_ms"]}  # fmt: skip
+
+
+def sla_parts(method: SparseLinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              device: torch.device, repeats: int) -> dict[str, Any]:  # fmt: skip
+    """SLA's call in its parts: the selection (pooled scores, ranks, classes), the critical branch on flex-tuned's
+    64 x 64 tiles and regrouped into the Hopper 128 x 128 ones, the linear branch on the kernel (where it runs) and
+    in torch; with the linear kernel's mode and configuration."""
+    tokens = q.shape[-2]
+    block = method.block_size(tokens)
+    order = key_block_order(q, k, block)
+    critical, marginal = classes_from_order(order, method.critical, method.negligible)
+    pattern = BlockSparsePattern(critical, tokens, block)
+    lists, complement = linear_branch_lists(order, method.critical, method.negligible)
+    calls = {
+        "sla_selection": time_call(
+            lambda: classes_from_order(key_block_order(q, k, block), method.critical, method.negligible), device,
+            repeats),
+        "sla_critical_64_tiles": time_call(lambda: tuned_flex_attention(q, k, v, pattern), device, repeats),
+        "sla_critical_128_tiles": time_call(
+            lambda: flex_block_sparse_attention(q, k, v, pattern, HOPPER_FLEX_OPTIONS), device, repeats),
+        "sla_linear_torch": time_call(lambda: marginal_linear_attention(q, k, v, marginal, block), device, repeats),
+    }  # fmt: skip
+    out: dict[str, Any] = {"sla_linear_mode": "complement" if complement else "direct",
+                           "sla_linear_blocks_listed": lists.shape[-1]}  # fmt: skip
+    if sla_linear.use_fused(q, k, v, block):
+        calls["sla_linear_kernel"] = time_call(
+            lambda: sla_linear.marginal_linear_attention(q, k, v, lists, block, complement, LINEAR_EPS), device,
+            repeats)  # fmt: skip
+        out["sla_linear_kernel_config"] = str(getattr(sla_linear.TUNER, "best_config", None))
+    return {"calls": calls, **out}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         entry = latency(device, heads, tokens, 16 if smoke else 128, args.repeats)
         result["shapes"][name] = entry
         calls = ", ".join(f"{call} {stats['median_ms']:.3g} ms" for call, stats in entry["calls"].items())
+        speedup, over_ideal = entry["sla_speedup_vs_dense"], entry["sla_critical_over_ideal"]
+        mode, listed = entry["sla_linear_mode"], entry["sla_linear_blocks_listed"]
+        print(f"  sla: {speedup:.2f}x dense; critical branch {over_ideal:.2f}x its ideal; linear branch {mode} "
+              f"({listed} blocks listed)")  # fmt: skip
         densities = f"window density {entry['dfa_window_density']:.3f}, sla density {entry['sla_density']:.3f}"
         print(f"{name} ({heads} heads, {tokens} tokens): {calls}; {densities}")
     write_json_atomic(args.out / "dfa_sla_gpu.json", {**result, "status": "complete"})

@@ -162,6 +162,10 @@ def _marginal_linear(q_ptr, k_ptr, v_ptr, h_ptr, z_ptr, lists_ptr, out_ptr, H, N
              mask=(rows < N)[:, None] & inside[None, :])  # fmt: skip
 
 
+#: The autotuned kernel (its ``best_config`` is what the GPU script records).
+TUNER = _marginal_linear
+
+
 # -- dispatch -------------------------------------------------------------------------------------
 
 
