@@ -61,19 +61,23 @@ def sla_block_size(tokens: int) -> int:
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean over each block of ``block`` tokens (the last may be ragged): ``(B, H, N, D) -> (B, H, nb, D)``."""
+    """Mean over each block of ``block`` tokens (the last may be ragged): ``(B, H, N, D) -> (B, H, nb, D)``, summed
+    in fp32 (float64 for float64 inputs) without an fp32 copy of x."""
     tokens = x.shape[-2]
-    lengths = block_lengths(tokens, block, x.device)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, num_blocks(tokens, block) * block - tokens))
-    sums = padded.unflatten(-2, (-1, block)).sum(dim=-2)
-    return sums / lengths[:, None]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    whole = tokens // block * block
+    sums = x[..., :whole, :].unflatten(-2, (-1, block)).sum(dim=-2, dtype=dtype)
+    if whole < tokens:
+        sums = torch.cat([sums, x[..., whole:, :].sum(dim=-2, keepdim=True, dtype=dtype)], dim=-2)
+    return sums / block_lengths(tokens, block, x.device)[:, None]
 
 
 def key_block_order(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
     """Key blocks per query block from the best to the worst by the pooled scores, ``(B, H, nq, nk)`` int64: mean-
     pooled q against the mean-pooled mean-centred k (softmax keeps their order, so it is not taken)."""
     pooled_q = block_means(q, block)
-    pooled_k = block_means(k.float() - k.float().mean(dim=-2, keepdim=True), block)
+    # The block means of the centred k are those of k less k's mean: no centred copy of k.
+    pooled_k = block_means(k, block) - k.mean(dim=-2, keepdim=True, dtype=pooled_q.dtype)
     scores = (pooled_q @ pooled_k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     return scores.argsort(dim=-1, descending=True)
 
@@ -90,9 +94,10 @@ def classes_from_order(order: torch.Tensor, critical: float, negligible: float) 
     :func:`key_block_order`'s ``order``: the first ones critical, the last ones skipped (:func:`class_sizes`)."""
     blocks = order.shape[-1]
     n_critical, n_skipped = class_sizes(blocks, critical, negligible)
-    rank = order.argsort(dim=-1)  # 0 = the best key block
-    is_critical = rank < n_critical
-    return is_critical, ~is_critical & (rank < blocks - n_skipped)
+    none = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+    is_critical = none.scatter(-1, order[..., :n_critical], True)
+    skipped = none.scatter(-1, order[..., blocks - n_skipped :], True) if n_skipped else none
+    return is_critical, ~is_critical & ~skipped
 
 
 def classify_blocks(q: torch.Tensor, k: torch.Tensor, block: int, critical: float, negligible: float

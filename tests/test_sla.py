@@ -211,12 +211,14 @@ def test_fine_tune_then_run_from_the_checkpoint(bench, tmp_path: Path) -> None: 
 def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
     """The DFA/SLA GPU script runs its CPU smoke mode: Flex checked against masked dense (two computations: their
     errors are not 0, as when the smoke mode compared masked dense with itself; the forward only, since Flex has no
-    CPU backward), and the JSON is complete."""
+    CPU backward; on Flex's own tiles and on flex-tuned), SLA timed in its parts (no linear kernel on the CPU), and
+    the JSON is complete."""
     from harness.benchmarks.dfa_sla_gpu import main
 
     main(["--out", str(tmp_path), "--device", "cpu", "--repeats", "1"])
     result = json.loads((tmp_path / "dfa_sla_gpu.json").read_text())
-    assert set(result["correctness"]) == {"dfa_window", "sla_output"}
+    assert set(result["correctness"]) == {"dfa_window", "sla_output", "sla_output_flex_tuned"}
     assert all(0 < error < result["tolerance"] for error in result["correctness"].values())
     assert result["status"] == "complete" and set(result["shapes"]["smoke"]["calls"]) == {
-        "dense_sdpa", "dfa_window", "dfa_refresh", "sla"}  # fmt: skip
+        "dense_sdpa", "dfa_window", "dfa_refresh", "sla", "sla_selection", "sla_critical_64_tiles",
+        "sla_critical_128_tiles", "sla_linear_torch", "sla_torch_linear"}  # fmt: skip

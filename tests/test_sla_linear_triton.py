@@ -99,7 +99,7 @@ def test_cpu_tensors_take_the_torch_path() -> None:
 
 @pytest.mark.parametrize(("block", "why"), [(8, "power of two >= 16"), (48, "power of two >= 16")])
 def test_small_or_odd_blocks_are_refused(block: int, why: str) -> None:
-    q = torch.randn(1, 1, 64, 16, dtype=torch.float16)
+    q = torch.randn(1, 1, 64, 16, dtype=torch.float16, device=DEVICE)
     reason = fused.unsupported_reason(q, q, q, block)
     assert reason is not None and (fused.triton is None or why in reason)
 

@@ -100,10 +100,12 @@ def _head_offsets(bh, H, sb, sh):
 
 
 @_jit
-def _key_sums(k_ptr, v_ptr, h_ptr, z_ptr, H, N, skb, skh, skn, svb, svh, svn, D: tl.constexpr, BLOCK: tl.constexpr,
-              BLOCK_D: tl.constexpr, CHUNK_TOKENS: tl.constexpr):  # fmt: skip
+def _key_sums(k_ptr, v_ptr, h_ptr, z_ptr, phi_ptr, H, N, NP, skb, skh, skn, svb, svh, svn, D: tl.constexpr,
+              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_TOKENS: tl.constexpr):  # fmt: skip
     """Program (chunk c, b * H + h): ``h[c, bh] = phi(K_c)^T V_c`` ``(BLOCK_D, BLOCK_D)`` and ``z[c, bh] = sum
-    phi(K_c)`` ``(BLOCK_D,)`` fp32 over the chunk's keys ``[c CHUNK_TOKENS, (c + 1) CHUNK_TOKENS)``."""
+    phi(K_c)`` ``(BLOCK_D,)`` fp32 over the chunk's keys ``[c CHUNK_TOKENS, (c + 1) CHUNK_TOKENS)``, and the
+    features themselves, transposed, into ``phi (B H, BLOCK_D, NP)`` fp16 (keys past N and columns past D zero;
+    keys past NP not stored)."""
     chunk, bh = tl.program_id(0), tl.program_id(1)
     k_base = k_ptr + _head_offsets(bh, H, skb, skh)
     v_base = v_ptr + _head_offsets(bh, H, svb, svh)
@@ -113,6 +115,8 @@ def _key_sums(k_ptr, v_ptr, h_ptr, z_ptr, H, N, skb, skh, skn, svb, svh, svn, D:
     for start in range(chunk * CHUNK_TOKENS, chunk * CHUNK_TOKENS + CHUNK_TOKENS, BLOCK):
         keys = start + tl.arange(0, BLOCK)
         phi_kt = _features_t(k_base, keys, cols, N, D, skn)
+        tl.store(phi_ptr + bh.to(tl.int64) * BLOCK_D * NP + cols[:, None] * NP + keys[None, :], phi_kt.to(tl.float16),
+                 mask=(keys < NP)[None, :])  # fmt: skip
         values = tl.load(v_base + keys.to(tl.int64)[:, None] * svn + cols[None, :],
                          mask=(keys < N)[:, None] & (cols < D)[None, :], other=0.0)  # fmt: skip
         state = tl.dot(phi_kt, values.to(tl.float32), state)
@@ -123,12 +127,13 @@ def _key_sums(k_ptr, v_ptr, h_ptr, z_ptr, H, N, skb, skh, skn, svb, svh, svn, D:
 
 
 @_tuned
-def _marginal_linear(q_ptr, k_ptr, v_ptr, h_ptr, z_ptr, lists_ptr, out_ptr, H, N, NQ, L, eps, sqb, sqh, sqn, skb, skh,
-                     skn, svb, svh, svn, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+def _marginal_linear(q_ptr, phi_ptr, v_ptr, h_ptr, z_ptr, lists_ptr, out_ptr, H, N, NP, NQ, L, eps, sqb, sqh, sqn,
+                     svb, svh, svn, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                      COMPLEMENT: tl.constexpr):  # fmt: skip
     """Program (query block i, b * H + h): ``O_l`` of the block's rows into ``out (B, H, N, D)`` fp32 contiguous,
-    from the key blocks ``lists[bh, i, :L]`` (summed, or with COMPLEMENT subtracted from the sums over all keys
-    ``h (BH, BLOCK_D, BLOCK_D)`` and ``z (BH, BLOCK_D)``)."""
+    from the key blocks ``lists[bh, i, :L]`` through their features ``phi (BH, BLOCK_D, NP)`` (:func:`_key_sums`)
+    (summed, or with COMPLEMENT subtracted from the sums over all keys ``h (BH, BLOCK_D, BLOCK_D)`` and ``z (BH,
+    BLOCK_D)``)."""
     block, bh = tl.program_id(0), tl.program_id(1)
     rows = block * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK_D)
@@ -139,23 +144,25 @@ def _marginal_linear(q_ptr, k_ptr, v_ptr, h_ptr, z_ptr, lists_ptr, out_ptr, H, N
     e = tl.exp2(x - tl.max(x, axis=1)[:, None])
     phi_q = e / tl.sum(e, axis=1)[:, None]
     phi_q16 = phi_q.to(tl.float16)
-    k_base = k_ptr + _head_offsets(bh, H, skb, skh)
+    phi_base = phi_ptr + bh.to(tl.int64) * BLOCK_D * NP + cols[:, None] * NP
     v_base = v_ptr + _head_offsets(bh, H, svb, svh)
-    numerator = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
-    denominator = tl.zeros((BLOCK,), dtype=tl.float32)
+    if COMPLEMENT:  # start from the sums over all keys, and subtract: phi_q in fp32 dies here
+        state = tl.load(h_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :])
+        numerator = tl.dot(phi_q, state)
+        denominator = tl.sum(phi_q * tl.load(z_ptr + bh.to(tl.int64) * BLOCK_D + cols)[None, :], axis=1)
+        sign = -1.0
+    else:
+        numerator = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+        denominator = tl.zeros((BLOCK,), dtype=tl.float32)
+        sign = 1.0
     listed = lists_ptr + (bh.to(tl.int64) * NQ + block) * L
     for entry in range(L):
         keys = tl.load(listed + entry) * BLOCK + tl.arange(0, BLOCK)
-        scores = tl.dot(phi_q16, _features_t(k_base, keys, cols, N, D, skn).to(tl.float16))  # (BLOCK, BLOCK) fp32
+        scores = tl.dot(phi_q16, tl.load(phi_base + keys[None, :])) * sign  # (BLOCK, BLOCK) fp32
         denominator += tl.sum(scores, axis=1)
         values = tl.load(v_base + keys.to(tl.int64)[:, None] * svn + cols[None, :],
                          mask=(keys < N)[:, None] & inside[None, :], other=0.0)  # fmt: skip
         numerator = tl.dot(scores.to(values.dtype), values, numerator)
-    if COMPLEMENT:
-        state = tl.load(h_ptr + bh.to(tl.int64) * BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + cols[None, :])
-        sums = tl.load(z_ptr + bh.to(tl.int64) * BLOCK_D + cols)
-        numerator = tl.dot(phi_q, state) - numerator
-        denominator = tl.sum(phi_q * sums[None, :], axis=1) - denominator
     out = numerator / (denominator + eps)[:, None]
     tl.store(out_ptr + bh.to(tl.int64) * N * D + rows.to(tl.int64)[:, None] * D + cols[None, :], out,
              mask=(rows < N)[:, None] & inside[None, :])  # fmt: skip
@@ -207,20 +214,25 @@ def _contiguous_last(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
 
 
-def key_sums(k: torch.Tensor, v: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``H = phi(K)^T V`` ``(B H, BLOCK_D, BLOCK_D)`` and ``Z = sum phi(K)`` ``(B H, BLOCK_D)`` fp32 per head over
-    all keys (zero past D), by :data:`CHUNK`-token partial sums added in torch."""
+def key_sums(k: torch.Tensor, v: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Over every key of each head: ``H = phi(K)^T V`` ``(B H, BLOCK_D, BLOCK_D)`` and ``Z = sum phi(K)`` ``(B H,
+    BLOCK_D)`` fp32 (zero past D), by :data:`CHUNK`-token partial sums added in torch, and the features
+    ``phi(K)^T`` ``(B H, BLOCK_D, NP)`` fp16, ``NP = nb b`` (zero past N and D), which the per-query-block kernel
+    reads instead of computing each key block's softmax once per query block that lists it."""
     k, v = _contiguous_last(k, v)
     batch, heads, tokens, dim = k.shape
     block_d = _block_d(dim)
+    padded = num_blocks(tokens, block) * block
     chunk = max(block, min(CHUNK, triton.next_power_of_2(tokens)))
     chunks = triton.cdiv(tokens, chunk)
     state = torch.empty(chunks, batch * heads, block_d, block_d, device=k.device, dtype=torch.float32)
     sums = torch.empty(chunks, batch * heads, block_d, device=k.device, dtype=torch.float32)
+    features = torch.empty(batch * heads, block_d, padded, device=k.device, dtype=torch.float16)
     # 8 warps: with 4 a program takes 254 registers on sm_90 (ptxas).
-    _key_sums[(chunks, batch * heads)](k, v, state, sums, heads, tokens, *k.stride()[:3], *v.stride()[:3], D=dim,
-                                       BLOCK=block, BLOCK_D=block_d, CHUNK_TOKENS=chunk, num_warps=8)  # fmt: skip
-    return state.sum(dim=0), sums.sum(dim=0)
+    _key_sums[(chunks, batch * heads)](k, v, state, sums, features, heads, tokens, padded, *k.stride()[:3],
+                                       *v.stride()[:3], D=dim, BLOCK=block, BLOCK_D=block_d, CHUNK_TOKENS=chunk,
+                                       num_warps=8)  # fmt: skip
+    return state.sum(dim=0), sums.sum(dim=0), features
 
 
 @kernel_op("sla_marginal_linear")
@@ -235,15 +247,11 @@ def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, heads, tokens, dim = q.shape
     blocks, listed = num_blocks(tokens, block), lists.shape[-1]
     lists = lists.to(torch.int32).expand(batch, heads, blocks, listed).contiguous()
-    block_d = _block_d(dim)
-    if complement:
-        state, sums = key_sums(k, v, block)
-    else:  # not read
-        state = sums = torch.empty(1, device=q.device, dtype=torch.float32)
+    state, sums, features = key_sums(k, v, block)  # the sums are read only by the complement mode
     out = torch.empty(batch, heads, tokens, dim, device=q.device, dtype=torch.float32)
-    launch_tuned(_marginal_linear, (blocks, batch * heads), q, k, v, state, sums, lists, out, heads, tokens, blocks,
-                 listed, eps, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], D=dim, BLOCK=block, BLOCK_D=block_d,
-                 COMPLEMENT=complement)  # fmt: skip
+    launch_tuned(_marginal_linear, (blocks, batch * heads), q, features, v, state, sums, lists, out, heads, tokens,
+                 features.shape[-1], blocks, listed, eps, *q.stride()[:3], *v.stride()[:3], D=dim, BLOCK=block,
+                 BLOCK_D=_block_d(dim), COMPLEMENT=complement)  # fmt: skip
     return out
 
 
