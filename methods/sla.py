@@ -107,19 +107,6 @@ def classify_blocks(q: torch.Tensor, k: torch.Tensor, block: int, critical: floa
     return classes_from_order(key_block_order(q, k, block), critical, negligible)
 
 
-def linear_branch_lists(order: torch.Tensor, critical: float, negligible: float) -> tuple[torch.Tensor, bool]:
-    """What the linear-branch kernel sums per query block (:func:`methods.kernels.sla_linear_triton.
-    marginal_linear_attention`): the marginal blocks, or, when they are more than half of a row, the critical and
-    skipped ones to subtract from the sums over all keys (``complement`` True). ``(lists (B, H, nq, L) int32,
-    complement)``; the same blocks for every query block's class sizes (:func:`class_sizes`)."""
-    blocks = order.shape[-1]
-    n_critical, n_skipped = class_sizes(blocks, critical, negligible)
-    marginal = blocks - n_critical - n_skipped
-    if 2 * marginal <= blocks:
-        return order[..., n_critical : blocks - n_skipped].to(torch.int32), False
-    return torch.cat([order[..., :n_critical], order[..., blocks - n_skipped :]], dim=-1).to(torch.int32), True
-
-
 def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor,
                               block: int, eps: float = LINEAR_EPS) -> torch.Tensor:  # fmt: skip
     """Linear attention of each query over its block's marginal key blocks, phi = softmax over features.
@@ -237,8 +224,7 @@ class SparseLinearAttention(AttentionMethod):
         pattern = BlockSparsePattern(critical, tokens, block)
         sparse = self.backends.attention(q, k, v, pattern)
         if sla_linear.use_fused(q, k, v, block):
-            lists, complement = linear_branch_lists(order, self.critical, self.negligible)
-            linear = sla_linear.marginal_linear_attention(q, k, v, lists, block, complement, LINEAR_EPS)
+            linear = sla_linear.marginal_linear_attention(q, k, v, marginal, block, LINEAR_EPS)
         else:
             linear = marginal_linear_attention(q, k, v, marginal, block, LINEAR_EPS)
         proj = self.state.proj[ctx.layer]

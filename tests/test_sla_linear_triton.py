@@ -19,18 +19,13 @@ from triton_helpers import needs_kernel as triton_needs_kernel
 from harness.errors import HarnessError
 from methods import AttentionContext, TokenGrid, build_method
 from methods.kernels import sla_linear_triton as fused
-from methods.sla import (
-    SlaProjections,
-    classes_from_order,
-    key_block_order,
-    linear_branch_lists,
-    marginal_linear_attention,
-)
+from methods.sla import SlaProjections, classes_from_order, key_block_order, marginal_linear_attention
 
 needs_kernel = triton_needs_kernel(fused)
 DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
-# fp16 features and (b, b) products in v's dtype: ~1e-3 relative in fp16, ~4e-3 in bf16 (the products' 8 bits).
-TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1e-2}
+# States rounded to bf16 (8 bits) before and after they are summed: ~3e-3 relative (3.0e-3 in the interpreter at
+# these shapes).
+TOLERANCE = 6e-3
 
 
 def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -46,48 +41,34 @@ def inputs(batch: int, heads: int, tokens: int, dim: int, dtype: torch.dtype, se
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("batch", "heads", "tokens", "dim", "block", "critical", "negligible"),
-    [(1, 2, 256, 32, 16, 0.05, 0.10),  # SLA's classes, 16 blocks: the complement lists 1 + 1 blocks
+    [(1, 2, 256, 32, 16, 0.05, 0.10),  # SLA's classes over 16 blocks: 1 critical, 1 skipped
      (2, 2, 200, 32, 16, 0.25, 0.10),  # batch 2, a ragged last block (200 = 12 x 16 + 8)
      (1, 2, 160, 24, 32, 0.20, 0.0),  # head dim padded to 32 columns; no skipped block (the public SLA-1 kernel)
-     (1, 1, 256, 32, 16, 0.50, 0.25),  # marginal a quarter of a row: the direct mode
-     (1, 2, 128, 16, 16, 0.90, 0.10)],  # no marginal block at all: the direct mode lists none, the branch is 0
+     (1, 1, 256, 32, 16, 0.50, 0.25),  # a quarter of each row marginal
+     (1, 2, 128, 16, 16, 0.90, 0.10)],  # no marginal block at all: the branch is 0
 )  # fmt: skip
 def test_kernel_matches_the_torch_path_in_float64(batch: int, heads: int, tokens: int, dim: int, block: int,
                                                   critical: float, negligible: float,
                                                   dtype: torch.dtype) -> None:  # fmt: skip
     q, k, v = inputs(batch, heads, tokens, dim, dtype, seed=tokens + dim)
-    order = key_block_order(q, k, block)
-    _, marginal = classes_from_order(order, critical, negligible)
-    lists, complement = linear_branch_lists(order, critical, negligible)
-    out = fused.marginal_linear_attention(q, k, v, lists, block, complement, 1e-6)
+    _, marginal = classes_from_order(key_block_order(q, k, block), critical, negligible)
+    out = fused.marginal_linear_attention(q, k, v, marginal, block, 1e-6)
     ref = marginal_linear_attention(q.double(), k.double(), v.double(), marginal, block)
     assert out.dtype == torch.float32 and out.shape == q.shape
     if not bool(marginal.any()):
         assert float(out.abs().max()) == 0.0
         return
-    assert relative(out, ref) < TOLERANCE[dtype]
+    assert relative(out, ref) < TOLERANCE
 
 
 @needs_kernel
-@pytest.mark.parametrize("complement", [False, True])
-def test_both_modes_give_the_same_sums(complement: bool) -> None:
-    """The same marginal blocks listed directly, or as the rest subtracted from all keys' sums, give one branch."""
-    q, k, v = inputs(1, 2, 256, 32, torch.float16, seed=3)
-    order = key_block_order(q, k, 16)
-    marginal_lists = order[..., 2:10].to(torch.int32)  # 8 of 16 blocks: either mode may list them
-    rest = torch.cat([order[..., :2], order[..., 10:]], dim=-1).to(torch.int32)
-    direct = fused.marginal_linear_attention(q, k, v, marginal_lists, 16, False, 1e-6)
-    subtracted = fused.marginal_linear_attention(q, k, v, rest, 16, True, 1e-6)
-    assert relative(subtracted, direct) < 3e-3
-
-
-def test_lists_name_the_shorter_side() -> None:
-    order = torch.arange(20).flip(0).expand(1, 1, 20, 20)
-    lists, complement = linear_branch_lists(order, 0.05, 0.10)  # 1 critical, 2 skipped, 17 marginal
-    assert complement and lists.dtype == torch.int32
-    assert lists[0, 0, 0].tolist() == [19, 1, 0]
-    lists, complement = linear_branch_lists(order, 0.50, 0.25)  # 10 critical, 5 skipped, 5 marginal
-    assert not complement and lists[0, 0, 0].tolist() == [9, 8, 7, 6, 5]
+def test_a_head_shared_marginal_table_broadcasts() -> None:
+    """Marginal blocks given once for every batch and head ``(1, 1, nq, nk)`` equal the same table expanded."""
+    q, k, v = inputs(2, 2, 128, 16, torch.float16, seed=3)
+    shared = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE) < 0.5
+    out = fused.marginal_linear_attention(q, k, v, shared, 16, 1e-6)
+    expanded = fused.marginal_linear_attention(q, k, v, shared.expand(2, 2, 8, 8).clone(), 16, 1e-6)
+    assert torch.equal(out, expanded)
 
 
 def test_cpu_tensors_take_the_torch_path() -> None:

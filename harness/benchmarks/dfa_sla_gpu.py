@@ -45,7 +45,6 @@ from methods.sla import (
     SparseLinearAttention,
     classes_from_order,
     key_block_order,
-    linear_branch_lists,
     marginal_linear_attention,
 )
 
@@ -108,17 +107,15 @@ def check_correctness(device: torch.device, heads: int, tokens: int, head_dim: i
 
 def check_linear_kernel(device: torch.device, heads: int, tokens: int, head_dim: int) -> dict[str, float]:
     """SLA's linear branch on the Triton kernel (bf16 inputs) against the torch path in float64, at the paper's
-    classes (5% critical, 10% skipped: the complement mode) and at 50% / 25% (a quarter marginal: the direct
-    mode), 64-blocks."""
+    classes (5% critical, 10% skipped) and at 50% / 25% (a quarter of each row marginal), 64-blocks."""
     q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
     order = key_block_order(q, k, 64)
     errors = {}
     for critical, negligible in ((0.05, 0.10), (0.50, 0.25)):
         _, marginal = classes_from_order(order, critical, negligible)
-        lists, complement = linear_branch_lists(order, critical, negligible)
-        out = sla_linear.marginal_linear_attention(q, k, v, lists, 64, complement, LINEAR_EPS)
+        out = sla_linear.marginal_linear_attention(q, k, v, marginal, 64, LINEAR_EPS)
         ref = marginal_linear_attention(q.double(), k.double(), v.double(), marginal, 64)
-        errors[f"sla_linear_kernel_{'complement' if complement else 'direct'}"] = relative(out, ref)
+        errors[f"sla_linear_kernel_{round(critical * 100)}_{round(negligible * 100)}"] = relative(out, ref)
     return errors
 
 
@@ -158,13 +155,12 @@ def sla_parts(method: SparseLinearAttention, q: torch.Tensor, k: torch.Tensor, v
               device: torch.device, repeats: int) -> dict[str, Any]:  # fmt: skip
     """SLA's call in its parts: the selection (pooled scores, ranks, classes), the critical branch on flex-tuned's
     64 x 64 tiles and regrouped into the Hopper 128 x 128 ones, the linear branch on the kernel (where it runs) and
-    in torch; with the linear kernel's mode and configuration."""
+    in torch; with the linear kernel's configuration."""
     tokens = q.shape[-2]
     block = method.block_size(tokens)
     order = key_block_order(q, k, block)
     critical, marginal = classes_from_order(order, method.critical, method.negligible)
     pattern = BlockSparsePattern(critical, tokens, block)
-    lists, complement = linear_branch_lists(order, method.critical, method.negligible)
     calls = {
         "sla_selection": time_call(
             lambda: classes_from_order(key_block_order(q, k, block), method.critical, method.negligible), device,
@@ -174,12 +170,11 @@ def sla_parts(method: SparseLinearAttention, q: torch.Tensor, k: torch.Tensor, v
             lambda: flex_block_sparse_attention(q, k, v, pattern, HOPPER_FLEX_OPTIONS), device, repeats),
         "sla_linear_torch": time_call(lambda: marginal_linear_attention(q, k, v, marginal, block), device, repeats),
     }  # fmt: skip
-    out: dict[str, Any] = {"sla_linear_mode": "complement" if complement else "direct",
-                           "sla_linear_blocks_listed": lists.shape[-1]}  # fmt: skip
+    out: dict[str, Any] = {}
     if sla_linear.use_fused(q, k, v, block):
         calls["sla_linear_kernel"] = time_call(
-            lambda: sla_linear.marginal_linear_attention(q, k, v, lists, block, complement, LINEAR_EPS), device,
-            repeats)  # fmt: skip
+            lambda: sla_linear.marginal_linear_attention(q, k, v, marginal, block, LINEAR_EPS), device, repeats
+        )
         out["sla_linear_kernel_config"] = str(getattr(sla_linear.TUNER, "best_config", None))
     return {"calls": calls, **out}
 
@@ -206,9 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         result["shapes"][name] = entry
         calls = ", ".join(f"{call} {stats['median_ms']:.3g} ms" for call, stats in entry["calls"].items())
         speedup, over_ideal = entry["sla_speedup_vs_dense"], entry["sla_critical_over_ideal"]
-        mode, listed = entry["sla_linear_mode"], entry["sla_linear_blocks_listed"]
-        print(f"  sla: {speedup:.2f}x dense; critical branch {over_ideal:.2f}x its ideal; linear branch {mode} "
-              f"({listed} blocks listed)")  # fmt: skip
+        print(f"  sla: {speedup:.2f}x dense; critical branch {over_ideal:.2f}x its ideal")
         densities = f"window density {entry['dfa_window_density']:.3f}, sla density {entry['sla_density']:.3f}"
         print(f"{name} ({heads} heads, {tokens} tokens): {calls}; {densities}")
     write_json_atomic(args.out / "dfa_sla_gpu.json", {**result, "status": "complete"})
