@@ -161,9 +161,11 @@ class SparseLinearAttention(AttentionMethod):
         sparsity="dynamic",
         data_dependent=True,
         needs_training=True,
-        notes="critical blocks exact (Flex block-sparse), marginal blocks linear + learned proj; fine-tuned; "
-        "the output, not SLA's speed (its linear branch is unfused PyTorch, no faster than cuDNN on an H100)",
+        notes="critical blocks exact (block-sparse: 64-token tiles on flex-tuned), marginal blocks linear + learned "
+        "proj; fine-tuned; on CUDA without gradients the linear branch runs in Triton (per-block states summed by "
+        "one GEMM), training takes its torch path",
     )
+    kernel_variables = (sla_linear.BACKEND_ENV,)
     pattern_kinds = frozenset({"tiles"})  # the critical blocks, whole
     parameters = (
         Param("critical", "float", 0.05, "share of key blocks per query block computed exactly (paper: 0.05)",
@@ -187,11 +189,13 @@ class SparseLinearAttention(AttentionMethod):
         self.state: SlaProjections | None = None
         self.trained = False
         self._blocks_used: dict[int, int] = {}
+        self._linear_used: dict[int, str] = {}
 
     def params(self) -> dict[str, Any]:
         return {
             **super().params(),
             "block_size_used": {str(tokens): block for tokens, block in sorted(self._blocks_used.items())},
+            "linear_branch_used": {str(tokens): path for tokens, path in sorted(self._linear_used.items())},
             **self.backends.params(),
             "trained": self.trained,
         }
@@ -223,7 +227,10 @@ class SparseLinearAttention(AttentionMethod):
             critical, marginal = classes_from_order(order, self.critical, self.negligible)
         pattern = BlockSparsePattern(critical, tokens, block)
         sparse = self.backends.attention(q, k, v, pattern)
-        if sla_linear.use_fused(q, k, v, block):
+        fused = sla_linear.use_fused(q, k, v, block)
+        if not torch.compiler.is_compiling():  # a compiled graph would guard on the record
+            self._linear_used[tokens] = "triton" if fused else "torch"
+        if fused:
             linear = sla_linear.marginal_linear_attention(q, k, v, marginal, block, LINEAR_EPS)
         else:
             linear = marginal_linear_attention(q, k, v, marginal, block, LINEAR_EPS)

@@ -71,6 +71,30 @@ def test_a_head_shared_marginal_table_broadcasts() -> None:
     assert torch.equal(out, expanded)
 
 
+@needs_kernel
+def test_op_passes_opcheck() -> None:
+    """The op's schema (its output aliases no input), fake output and AOT dispatch agree with the kernels."""
+    q, k, v = inputs(1, 2, 64, 16, torch.float16, seed=1)
+    marginal = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(1)).to(DEVICE) < 0.5
+    torch.library.opcheck(fused.marginal_linear_attention, (q, k, v, marginal, 16, 1e-6))
+
+
+@needs_kernel
+def test_compiled_branch_equals_eager() -> None:
+    """torch.compile (fullgraph: no graph break) of the kernel's call gives eager's branch: the launches are inside
+    the op, out of Dynamo's sight."""
+    q, k, v = inputs(1, 2, 64, 16, torch.float16, seed=2)
+    marginal = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(2)).to(DEVICE) < 0.5
+
+    def branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return fused.marginal_linear_attention(q, k, v, marginal, 16, 1e-6)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(branch, backend="aot_eager", fullgraph=True)(q, k, v)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, branch(q, k, v))
+
+
 def test_cpu_tensors_take_the_torch_path() -> None:
     q, k, v = (torch.randn(1, 1, 64, 16) for _ in range(3))
     assert not fused.use_fused(q, k, v, 16)
