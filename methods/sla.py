@@ -227,14 +227,15 @@ class SparseLinearAttention(AttentionMethod):
             critical, marginal = classes_from_order(order, self.critical, self.negligible)
         pattern = BlockSparsePattern(critical, tokens, block)
         sparse = self.backends.attention(q, k, v, pattern)
-        fused = sla_linear.use_fused(q, k, v, block)
+        proj = self.state.proj[ctx.layer]
+        fused = sla_linear.use_fused(q, k, v, block, proj.weight, proj.bias)
         if not torch.compiler.is_compiling():  # a compiled graph would guard on the record
             self._linear_used[tokens] = "triton" if fused else "torch"
-        if fused:
-            linear = sla_linear.marginal_linear_attention(q, k, v, marginal, block, LINEAR_EPS)
-        else:
-            linear = marginal_linear_attention(q, k, v, marginal, block, LINEAR_EPS)
-        proj = self.state.proj[ctx.layer]
+        if fused:  # the projection and the sum in the kernel's registers
+            out = sla_linear.marginal_linear_attention(q, k, v, marginal, block, LINEAR_EPS, sparse, proj.weight,
+                                                       proj.bias)  # fmt: skip
+            return out, pattern.kept_fraction()
+        linear = marginal_linear_attention(q, k, v, marginal, block, LINEAR_EPS)
         out = sparse.float() + proj(linear.to(proj.weight.dtype)).float()
         return out.to(v.dtype), pattern.kept_fraction()
 

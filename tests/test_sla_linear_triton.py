@@ -72,6 +72,31 @@ def test_a_head_shared_marginal_table_broadcasts() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16])
+def test_fused_projection_equals_the_projected_branch_plus_the_sparse_output(weight_dtype: torch.dtype) -> None:
+    """Given the sparse output and the projection, the op returns ``sparse + O_l W^T + b`` in v's dtype: the torch
+    composition's value in float64, within the output's rounding (the projection computed in fp32 in the kernel)."""
+    q, k, v = inputs(1, 2, 200, 24, torch.float16, seed=4)  # ragged last block, head dim padded
+    _, marginal = classes_from_order(key_block_order(q, k, 16), 0.25, 0.10)
+    generator = torch.Generator().manual_seed(4)
+    sparse = torch.randn(1, 2, 200, 24, generator=generator).to(DEVICE, torch.float16)
+    weight = (torch.randn(24, 24, generator=generator) * 0.5).to(DEVICE, weight_dtype)
+    bias = torch.randn(24, generator=generator).to(DEVICE, weight_dtype)
+    out = fused.marginal_linear_attention(q, k, v, marginal, 16, 1e-6, sparse, weight, bias)
+    branch = marginal_linear_attention(q.double(), k.double(), v.double(), marginal, 16)
+    ref = sparse.double() + branch @ weight.double().T + bias.double()
+    assert out.dtype == v.dtype and relative(out, ref) < 2e-3
+
+
+@needs_kernel
+def test_the_projection_needs_all_three_of_its_inputs() -> None:
+    q, k, v = inputs(1, 1, 64, 16, torch.float16, seed=5)
+    marginal = torch.ones(1, 1, 4, 4, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="together"):
+        fused.marginal_linear_attention(q, k, v, marginal, 16, 1e-6, q, None, None)
+
+
+@needs_kernel
 def test_op_passes_opcheck() -> None:
     """The op's schema (its output aliases no input), fake output and AOT dispatch agree with the kernels."""
     q, k, v = inputs(1, 2, 64, 16, torch.float16, seed=1)
@@ -112,25 +137,32 @@ def test_small_or_odd_blocks_are_refused(block: int, why: str) -> None:
 @needs_kernel
 def test_a_gradient_request_takes_the_torch_path() -> None:
     q, k, v = inputs(1, 1, 64, 16, torch.float16, seed=0)
+    weight = torch.zeros(16, 16, device=DEVICE, requires_grad=True)  # a projection being trained
+    assert fused.unsupported_reason(q, k, v, 16) is None
+    assert "gradients" in (fused.unsupported_reason(q, k, v, 16, weight) or "")
     q.requires_grad_(True)
     assert "gradients" in (fused.unsupported_reason(q, k, v, 16) or "")
     with torch.no_grad():
-        assert fused.unsupported_reason(q, k, v, 16) is None
+        assert fused.unsupported_reason(q, k, v, 16, weight) is None
 
 
 @needs_kernel
 def test_the_method_runs_the_kernel_and_matches_its_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """SLA's call with the kernel equals the same call with ``BENCH_SLA_BACKEND=torch`` (trained projections, so
-    that the linear branch counts in the output)."""
+    """SLA's call with the kernel (the projection and the sum fused) equals the same call with
+    ``BENCH_SLA_BACKEND=torch`` (trained projections, so that the linear branch counts in the output), and the record
+    names each path."""
     q, k, v = inputs(1, 2, 1024, 32, torch.float16, seed=7)
     ctx = AttentionContext(layer=0, num_layers=1, step=1, num_steps=2, timestep=0.5, cfg_branch="cond",
                            grid=TokenGrid(1, 32, 32))  # fmt: skip
     method = build_method("sla", block_size=16)
     state = SlaProjections(1, q.shape[-1])
     torch.nn.init.normal_(state.proj[0].weight, std=0.5)
+    torch.nn.init.normal_(state.proj[0].bias)
     method.attach(state.requires_grad_(False).to(DEVICE), trained=True)
     with torch.no_grad():
         out = method(q, k, v, ctx)
+        assert method.params()["linear_branch_used"] == {"1024": "triton"}
         monkeypatch.setenv(fused.BACKEND_ENV, "torch")
         ref = method(q, k, v, ctx)
+        assert method.params()["linear_branch_used"] == {"1024": "torch"}
     assert relative(out, ref) < 5e-3

@@ -61,7 +61,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Key blocks per program of the key states (at Wan 1.3B 32 chunks x 12 heads).
 CHUNK_BLOCKS = 16
 # (num_warps, num_stages) of the per-query-block kernel (no loop: one stage); the autotuner keeps the faster per
-# (b, D). Compiled for sm_90, neither spills (208 and 126 registers).
+# (b, D, PROJECT). Compiled for sm_90, none spills (224 and 127 registers; 245 and 197 with the projection).
 CONFIGS = ((4, 1), (8, 1))
 INTERPRETER_CONFIGS = ((4, 1),)
 
@@ -76,7 +76,7 @@ def _tuned(fn: Any) -> Any:
         return fn
     chosen = INTERPRETER_CONFIGS if INTERPRETED else CONFIGS
     configs = [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in chosen]
-    return triton.autotune(configs=configs, key=["BLOCK", "BLOCK_D"])(triton.jit(fn))
+    return triton.autotune(configs=configs, key=["BLOCK", "BLOCK_D", "PROJECT"])(triton.jit(fn))
 
 
 # -- kernels --------------------------------------------------------------------------------------
@@ -124,16 +124,19 @@ def _key_states(k_ptr, v_ptr, h_ptr, z_ptr, H, N, NB, skb, skh, skn, svb, svh, s
 
 
 @_tuned
-def _apply_states(q_ptr, h_ptr, z_ptr, out_ptr, H, N, NQ, eps, sqb, sqh, sqn, D: tl.constexpr, BLOCK: tl.constexpr,
-                  BLOCK_D: tl.constexpr):  # fmt: skip
-    """Program (query block i, b * H + h): ``O_l`` of the block's rows into ``out (B, H, N, D)`` fp32 contiguous, from
-    the block's summed states ``h (BH, NQ, BLOCK_D, BLOCK_D)`` (bf16) and ``z (BH, NQ, BLOCK_D)`` fp32."""
+def _apply_states(q_ptr, h_ptr, z_ptr, s_ptr, w_ptr, b_ptr, out_ptr, H, N, NQ, eps, sqb, sqh, sqn, ssb, ssh, ssn,
+                  D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PROJECT: tl.constexpr):  # fmt: skip
+    """Program (query block i, b * H + h): ``O_l`` of the block's rows from its summed states ``h (BH, NQ, BLOCK_D,
+    BLOCK_D)`` (bf16) and ``z (BH, NQ, BLOCK_D)`` fp32, into ``out (B, H, N, D)`` contiguous: ``O_l`` itself (fp32),
+    or with PROJECT SLA's output ``s + O_l w^T + b`` in out's dtype, from the sparse branch's output ``s (B, H, N, D)``
+    and the projection's weight ``w (D, D)`` (contiguous) and bias ``b (D,)``."""
     block, bh = tl.program_id(0), tl.program_id(1)
     rows = block * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
+    present = (rows < N)[:, None] & inside[None, :]
     x = tl.load(q_ptr + _head_offsets(bh, H, sqb, sqh) + rows.to(tl.int64)[:, None] * sqn + cols[None, :],
-                mask=(rows < N)[:, None] & inside[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                mask=present, other=0.0).to(tl.float32)  # fmt: skip
     x = tl.where(inside[None, :], x * 1.4426950408889634, float("-inf"))
     e = tl.exp2(x - tl.max(x, axis=1)[:, None])
     phi_q = e / tl.sum(e, axis=1)[:, None]
@@ -142,8 +145,14 @@ def _apply_states(q_ptr, h_ptr, z_ptr, out_ptr, H, N, NQ, eps, sqb, sqh, sqn, D:
     numerator = tl.dot(phi_q, state)
     denominator = tl.sum(phi_q * tl.load(z_ptr + at * BLOCK_D + cols)[None, :], axis=1)
     out = numerator / (denominator + eps)[:, None]
-    tl.store(out_ptr + bh.to(tl.int64) * N * D + rows.to(tl.int64)[:, None] * D + cols[None, :], out,
-             mask=(rows < N)[:, None] & inside[None, :])  # fmt: skip
+    if PROJECT:  # w^T loaded transposed by its addresses (input features down, output features across)
+        weight_t = tl.load(w_ptr + cols[None, :] * D + cols[:, None], mask=inside[:, None] & inside[None, :],
+                           other=0.0).to(tl.float32)  # fmt: skip
+        out = tl.dot(out, weight_t) + tl.load(b_ptr + cols, mask=inside, other=0.0).to(tl.float32)[None, :]
+        out += tl.load(s_ptr + _head_offsets(bh, H, ssb, ssh) + rows.to(tl.int64)[:, None] * ssn + cols[None, :],
+                       mask=present, other=0.0).to(tl.float32)  # fmt: skip
+    tl.store(out_ptr + bh.to(tl.int64) * N * D + rows.to(tl.int64)[:, None] * D + cols[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=present)  # fmt: skip
 
 
 #: The autotuned kernel (its ``best_config`` is what the GPU script records).
@@ -153,10 +162,11 @@ TUNER = _apply_states
 # -- dispatch -------------------------------------------------------------------------------------
 
 
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> str | None:
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,
+                       *parameters: torch.Tensor) -> str | None:  # fmt: skip
     """Why the kernel cannot compute this call (None when it can): CUDA (CPU tensors under the interpreter), fp16 or
-    bf16 (fp16 only in the interpreter, which multiplies bf16 operands as raw integers), no gradient asked, head dim
-    <= 128, blocks a power of two >= 16."""
+    bf16 (fp16 only in the interpreter, which multiplies bf16 operands as raw integers), no gradient asked of q, k, v
+    or of ``parameters`` (the projection's, when it is fused), head dim <= 128, blocks a power of two >= 16."""
     if triton is None:
         return "triton is not installed"
     device_type = "cpu" if INTERPRETED else "cuda"
@@ -165,7 +175,7 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block:
     dtypes = (torch.float16,) if INTERPRETED else (torch.float16, torch.bfloat16)
     if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in dtypes:
         return f"inputs are {q.dtype}/{k.dtype}/{v.dtype}: the kernel takes {' or '.join(map(str, dtypes))}"
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *parameters)):
         return "gradients are asked for: the kernel has no backward (training takes the torch path)"
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not all (B, H, N, D)"
@@ -176,10 +186,11 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block:
     return None
 
 
-def use_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, backend: str | None = None) -> bool:
+def use_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, *parameters: torch.Tensor,
+              backend: str | None = None) -> bool:  # fmt: skip
     """Whether this call runs the kernel: ``backend`` (default ``$BENCH_SLA_BACKEND``, else ``auto``) ``auto``
     (when it can), ``torch`` (never) or ``triton`` (always; HarnessError when it cannot)."""
-    return use_kernel(BACKEND_ENV, DEFAULT_BACKEND, backend, lambda: unsupported_reason(q, k, v, block),
+    return use_kernel(BACKEND_ENV, DEFAULT_BACKEND, backend, lambda: unsupported_reason(q, k, v, block, *parameters),
                       "the SLA linear-branch kernel")  # fmt: skip
 
 
@@ -209,10 +220,21 @@ def key_states(k: torch.Tensor, v: torch.Tensor, block: int) -> tuple[torch.Tens
 
 @kernel_op("sla_marginal_linear")
 def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor, block: int,
-                              eps: float) -> torch.Tensor:  # fmt: skip
-    """SLA's linear branch ``(B, H, N, D)`` fp32 (see the module docstring) from q, k, v ``(B, H, N, D)`` and the
-    marginal key blocks of each query block, ``(B|1, H|1, nq, nk)`` bool. One op, opaque to torch.compile; inference
-    only (no autograd is registered). The caller checks :func:`unsupported_reason` first (:func:`use_fused` does)."""
+                              eps: float, sparse: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                              bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """SLA's linear branch ``O_l`` ``(B, H, N, D)`` fp32 (see the module docstring) from q, k, v ``(B, H, N, D)`` and
+    the marginal key blocks of each query block, ``(B|1, H|1, nq, nk)`` bool; given the sparse branch's output
+    ``sparse (B, H, N, D)`` and the projection's ``weight (D, D)`` and ``bias (D,)``, SLA's output ``sparse + O_l
+    weight^T + bias`` in v's dtype instead, formed in the last kernel's registers (no fp32 ``O_l`` in memory). One op,
+    opaque to torch.compile; inference only (no autograd is registered). The caller checks
+    :func:`unsupported_reason` first (:func:`use_fused` does).
+
+    Raises:
+        ValueError: ``sparse``, ``weight`` and ``bias`` not all given or all left out.
+    """
+    project = sparse is not None
+    if project != (weight is not None) or project != (bias is not None):
+        raise ValueError("sla's fused output needs the sparse output, the projection's weight and its bias together")
     q, k, v = _contiguous_last(q, k, v)
     batch, heads, tokens, dim = q.shape
     blocks = num_blocks(tokens, block)
@@ -220,13 +242,19 @@ def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     states, sums = key_states(k, v, block)
     summed_states = torch.bmm(weights.to(torch.bfloat16), states)  # (B H, nq, BLOCK_D^2): fp32 accumulation
     summed_sums = torch.bmm(weights.to(torch.float32), sums)
-    out = torch.empty(batch, heads, tokens, dim, device=q.device, dtype=torch.float32)
-    launch_tuned(_apply_states, (blocks, batch * heads), q, summed_states, summed_sums, out, heads, tokens, blocks,
-                 eps, *q.stride()[:3], D=dim, BLOCK=block, BLOCK_D=_block_d(dim))  # fmt: skip
+    out = torch.empty(batch, heads, tokens, dim, device=q.device, dtype=v.dtype if project else torch.float32)
+    if project:
+        sparse, weight = _contiguous_last(sparse)[0], weight.contiguous()
+    else:  # not read
+        sparse = weight = bias = out
+    launch_tuned(_apply_states, (blocks, batch * heads), q, summed_states, summed_sums, sparse, weight, bias, out,
+                 heads, tokens, blocks, eps, *q.stride()[:3], *sparse.stride()[:3], D=dim, BLOCK=block,
+                 BLOCK_D=_block_d(dim), PROJECT=project)  # fmt: skip
     return out
 
 
 @marginal_linear_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor, block: int,
-      eps: float) -> torch.Tensor:  # fmt: skip
-    return q.new_empty(q.shape, dtype=torch.float32)
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, marginal: torch.Tensor, block: int, eps: float,
+      sparse: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+      bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    return q.new_empty(q.shape, dtype=v.dtype if sparse is not None else torch.float32)
