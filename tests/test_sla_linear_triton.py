@@ -45,7 +45,7 @@ def inputs(batch: int, heads: int, tokens: int, dim: int, dtype: torch.dtype, se
      (2, 2, 200, 32, 16, 0.25, 0.10),  # batch 2, a ragged last block (200 = 12 x 16 + 8)
      (1, 2, 160, 24, 32, 0.20, 0.0),  # head dim padded to 32 columns; no skipped block (the public SLA-1 kernel)
      (1, 1, 256, 32, 16, 0.50, 0.25),  # a quarter of each row marginal
-     (1, 2, 128, 16, 16, 0.90, 0.10)],  # no marginal block at all: the branch is 0
+     (1, 2, 128, 16, 16, 0.50, 0.50)],  # 4 critical and 4 skipped of 8: no marginal block, the branch is 0
 )  # fmt: skip
 def test_kernel_matches_the_torch_path_in_float64(batch: int, heads: int, tokens: int, dim: int, block: int,
                                                   critical: float, negligible: float,
@@ -97,6 +97,19 @@ def test_the_projection_needs_all_three_of_its_inputs() -> None:
 
 
 @needs_kernel
+def test_autocast_leaves_the_sums_in_their_dtypes() -> None:
+    """Under fp16 autocast (a no-grad sampling inside a training loop) the op computes what it computes outside it:
+    autocast would have made the summed states fp16 (past 65,504: inf) and the summed sums fp16/bf16."""
+    q, k, v = inputs(1, 2, 128, 16, torch.float16, seed=6)
+    v = v * 3000  # block states near 64 x 3000 x 0.3, their sums over blocks past fp16's range
+    marginal = torch.ones(1, 2, 8, 8, dtype=torch.bool, device=DEVICE)
+    plain = fused.marginal_linear_attention(q, k, v, marginal, 16, 1e-6)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        autocast = fused.marginal_linear_attention(q, k, v, marginal, 16, 1e-6)
+    assert bool(torch.isfinite(autocast).all()) and torch.equal(autocast, plain)
+
+
+@needs_kernel
 def test_op_passes_opcheck() -> None:
     """The op's schema (its output aliases no input), fake output and AOT dispatch agree with the kernels."""
     q, k, v = inputs(1, 2, 64, 16, torch.float16, seed=1)
@@ -129,7 +142,7 @@ def test_cpu_tensors_take_the_torch_path() -> None:
 
 @pytest.mark.parametrize(("block", "why"), [(8, "power of two >= 16"), (48, "power of two >= 16")])
 def test_small_or_odd_blocks_are_refused(block: int, why: str) -> None:
-    q = torch.randn(1, 1, 64, 16, dtype=torch.float16, device=DEVICE)
+    q = torch.randn(1, 1, 64, 16, dtype=torch.float16)
     reason = fused.unsupported_reason(q, q, q, block)
     assert reason is not None and (fused.triton is None or why in reason)
 

@@ -189,7 +189,8 @@ def test_a_64_token_block_pattern_on_64_token_tiles_matches_masked_dense() -> No
         out = get_backend("flex-tuned").run(q, k, v, pattern)
     except Exception as exc:
         pytest.skip(f"compiled flex with kernel options does not run on this CPU torch: {exc}")
-    assert pattern.flex_block_mask((1, 2), tile=64).BLOCK_SIZE == (64, 64)
+    ran = pattern._flex_masks[((1, 2), False, 64)]  # the mask the call built and kept: 64-token tiles, no regrouping
+    assert ran.BLOCK_SIZE == (64, 64) and pattern.flex_block_mask((1, 2), tile=64) is ran
     assert float((out - masked_dense_attention(q, k, v, pattern)).norm()) <= 1e-5 * float(out.norm())
 
 

@@ -2,10 +2,10 @@
 
 1. Correctness (fresh random inputs, bf16, 8,190 tokens: not a multiple of 128): DFA's band through
    compiled FlexAttention against the masked dense SDPA in fp32; SLA's output on Flex's own tiles (64-blocks
-   regrouped into 128-tiles) and on flex-tuned (64 x 64 tiles, unregrouped), its linear branch on the Triton kernel
-   (:mod:`methods.kernels.sla_linear_triton`) in both of its modes, and SLA's gradients (q, k, v, proj: the torch
-   linear branch, regrouped Flex), against the masked path in fp32; then the kernel's linear branch against the
-   torch path in float64 at Wan 1.3B's shape. A failure stops the script.
+   regrouped into 128-tiles) and on flex-tuned (64 x 64 tiles, unregrouped), its linear branch, projection and sum
+   on the Triton kernels (:mod:`methods.kernels.sla_linear_triton`), and SLA's gradients (q, k, v, proj: the torch
+   linear branch, regrouped Flex), against the masked path in fp32; then the kernels' linear branch against the
+   torch path in float64 at Wan 1.3B's and 14B's token counts (4 heads, two classes each). A failure stops the script.
 2. Latency per self-attention call at Wan 1.3B 480p (12 heads x 128, 32,760 tokens) and Wan 14B 720p
    (40 heads, 75,600 tokens): cudnn dense, DFA's window (1/8), DFA's residual refresh (dense + window),
    SLA forward (classification + critical Flex + linear branch) at the paper's 5% / 10%, 64-blocks; and SLA's
@@ -101,11 +101,14 @@ def check_correctness(device: torch.device, heads: int, tokens: int, head_dim: i
         for name, fast_value, ref_value in zip(names, results[fast_backend], results["masked"], strict=True):
             errors[f"{label}_{name}".rstrip("_")] = relative(fast_value, ref_value)
     if cuda:
-        errors.update(check_linear_kernel(device, heads, SHAPES["wan1.3b-480p"][1], head_dim))
+        # 4 heads at each shape's tokens: the float64 reference's states take 3 GB per head at 14B.
+        for name, (_, shape_tokens) in SHAPES.items():
+            errors.update(check_linear_kernel(device, 4, shape_tokens, head_dim, name))
     return errors
 
 
-def check_linear_kernel(device: torch.device, heads: int, tokens: int, head_dim: int) -> dict[str, float]:
+def check_linear_kernel(device: torch.device, heads: int, tokens: int, head_dim: int, label: str
+                        ) -> dict[str, float]:  # fmt: skip
     """SLA's linear branch on the Triton kernel (bf16 inputs) against the torch path in float64, at the paper's
     classes (5% critical, 10% skipped) and at 50% / 25% (a quarter of each row marginal), 64-blocks."""
     q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
@@ -115,7 +118,7 @@ def check_linear_kernel(device: torch.device, heads: int, tokens: int, head_dim:
         _, marginal = classes_from_order(order, critical, negligible)
         out = sla_linear.marginal_linear_attention(q, k, v, marginal, 64, LINEAR_EPS)
         ref = marginal_linear_attention(q.double(), k.double(), v.double(), marginal, 64)
-        errors[f"sla_linear_kernel_{round(critical * 100)}_{round(negligible * 100)}"] = relative(out, ref)
+        errors[f"sla_linear_kernel_{label}_{round(critical * 100)}_{round(negligible * 100)}"] = relative(out, ref)
     return errors
 
 

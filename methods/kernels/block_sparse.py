@@ -551,9 +551,10 @@ def flex_block_sparse_attention(
     ignores the tile table (it only applies ``mask_mod``, over a materialised N x N score matrix).
     Hitting the recompile limit raises instead of falling back to that unfused path.
     """
+    trains = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     # Flex's backward takes its own tiles (128 queries): a pattern that trains keeps FLEX_TILE.
-    tile = FLEX_TILE if q.requires_grad else flex_tile(kernel_options)
-    block_mask = pattern.flex_block_mask((q.shape[0], q.shape[1]), backward=q.requires_grad, tile=tile)
+    tile = FLEX_TILE if trains else flex_tile(kernel_options)
+    block_mask = pattern.flex_block_mask((q.shape[0], q.shape[1]), backward=trains, tile=tile)
     if torch.compiler.is_compiling():
         # Inside a compiled model the model's graph captures flex_attention itself; the configuration patch
         # below is a call Dynamo does not trace (a graph break in every sparse layer: issue 21, item 5).

@@ -12,17 +12,21 @@ query block i, its marginal key blocks ``M_i`` (a 0/1 matrix ``W (nq, nk)`` per 
 
 1. :func:`_key_states`, one program per (chunk of key blocks, batch x head): each block's ``h_j`` (its features in
    fp32, the product on tensor cores in TF32, stored in bf16) and ``z_j`` (fp32).
-2. ``H = W h`` and ``Z = W z`` per head as batched matrix products (cuBLAS): ``(nq, nk) x (nk, D^2)`` in bf16 with
-   fp32 accumulation, ``(nq, nk) x (nk, D)`` in fp32. Adding a block's state costs ``2 D^2`` FLOPs per (query
-   block, key block) pair on tensor cores, where forming ``(phi(Q_i) phi(K_j)^T) V_j`` per listed pair costs ``4 b^2
-   D``, 2b^2/D = 64 times more at b = 64, D = 128: even over all nk blocks the GEMM does a tenth of the work of the
-   pairs SLA's classes would list (at Wan 1.3B 103 GFLOP a call, at 14B 1.8 TFLOP).
+2. ``H = W h`` and ``Z = W z`` per head as batched matrix products (cuBLAS, autocast off): ``(nq, nk) x (nk, D^2)``
+   in bf16 (cuBLAS accumulates in fp32; ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction``, on by
+   default, lets it reduce split-K partial sums in bf16), ``(nq, nk) x (nk, D)`` in fp32. Adding a block's state
+   costs ``2 D^2`` FLOPs per (query block, key block) pair on tensor cores, where forming ``(phi(Q_i) phi(K_j)^T)
+   V_j`` per pair costs ``4 b^2 D``, 2b^2/D = 64 times more at b = 64, D = 128: over all nk blocks the GEMM does a
+   tenth of the work of the pairwise form over the 15% of pairs it needed at SLA's classes (the critical and skipped
+   blocks, subtracted from all keys' sums), a 54th of that over the 85% marginal ones (at Wan 1.3B 103 GFLOP a call,
+   at 14B 1.8 TFLOP; reports/gpu/h200/run_551d626/ timed the pairwise form).
 3. :func:`_apply_states`, one program per (query block, batch x head): ``phi(Q_i) H_i`` (TF32) and ``phi(Q_i) .
    Z_i``, divided.
 
 The torch path does the same algebra in fp32 without tensor cores, with ``phi(K)`` and both ``(nk, D, D)`` and
 ``(nq, D, D)`` states in fp32 (at Wan 1.3B 4.5 ms a call on an H200); here the states are bf16 (``(nk + nq) D^2``
-x 2 bytes: 400 MB at Wan 1.3B, 3.1 GB at 14B, freed when the op returns) and no ``phi`` reaches memory.
+x 2 bytes per batch x head: 400 MB at Wan 1.3B, 3.1 GB at 14B for batch 1, freed when the op returns) and no ``phi``
+reaches memory.
 
 Precision: q, k, v fp16 or bf16; the features and every sum in fp32; the states rounded to bf16 (fp32's range: a
 block state reaches 64 max|v| and a sum over 1,000 blocks more, past fp16's 65,504), the products with them fp32
@@ -169,6 +173,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block:
     or of ``parameters`` (the projection's, when it is fused), head dim <= 128, blocks a power of two >= 16."""
     if triton is None:
         return "triton is not installed"
+    if block < MIN_BLOCK or block & (block - 1):
+        return f"block {block} is not a power of two >= {MIN_BLOCK}"
     device_type = "cpu" if INTERPRETED else "cuda"
     if {x.device.type for x in (q, k, v)} != {device_type}:
         return f"inputs are not all on {device_type}"
@@ -181,8 +187,6 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block:
         return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not all (B, H, N, D)"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
-    if block < MIN_BLOCK or block & (block - 1):
-        return f"block {block} is not a power of two >= {MIN_BLOCK}"
     return None
 
 
@@ -240,8 +244,9 @@ def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     blocks = num_blocks(tokens, block)
     weights = marginal.expand(batch, heads, blocks, blocks).reshape(batch * heads, blocks, blocks)
     states, sums = key_states(k, v, block)
-    summed_states = torch.bmm(weights.to(torch.bfloat16), states)  # (B H, nq, BLOCK_D^2): fp32 accumulation
-    summed_sums = torch.bmm(weights.to(torch.float32), sums)
+    with torch.autocast(q.device.type, enabled=False):  # fp16 autocast would overflow the sums, bf16 round Z's
+        summed_states = torch.bmm(weights.to(torch.bfloat16), states)  # (B H, nq, BLOCK_D^2), bf16
+        summed_sums = torch.bmm(weights.to(torch.float32), sums)
     out = torch.empty(batch, heads, tokens, dim, device=q.device, dtype=v.dtype if project else torch.float32)
     if project:
         sparse, weight = _contiguous_last(sparse)[0], weight.contiguous()
