@@ -162,8 +162,7 @@ class SparseLinearAttention(AttentionMethod):
         data_dependent=True,
         needs_training=True,
         notes="critical blocks exact (block-sparse: 64-token tiles on flex-tuned), marginal blocks linear + learned "
-        "proj; fine-tuned; on CUDA without gradients the linear branch runs in Triton (per-block states summed by "
-        "one GEMM), training takes its torch path",
+        "proj; fine-tuned; " + sla_linear.BACKEND_NOTE,
     )
     kernel_variables = (sla_linear.BACKEND_ENV,)
     pattern_kinds = frozenset({"tiles"})  # the critical blocks, whole

@@ -462,15 +462,23 @@ def test_wan_decode_runs_on_the_vae_device(tiny_model, monkeypatch: pytest.Monke
 
 
 def test_records_carry_the_kernel_choices_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every kernel variable a kernel module reads is in the environment a record carries, with its value in force
-    (as set, else its default): BENCH_KMEANS_UPDATE=sorted changes which kernel a number measured."""
+    """Every kernel variable a kernel module reads (found by importing every module of methods.kernels: one added
+    without declaring its choice fails here) is in the environment a record carries, with its value in force (as
+    set, else its default): BENCH_KMEANS_UPDATE=sorted changes which kernel a number measured."""
+    import importlib
+    import pkgutil
+
+    import methods.kernels
     from harness.environment import capture_environment
-    from methods.kernels import kmeans_triton, linear_attention_triton, ranked_selection_triton, xattn_scoring_triton
+    from methods.kernels import kmeans_triton, xattn_scoring_triton
 
     monkeypatch.setenv(kmeans_triton.VARIANT_ENV, "Sorted")
     choices = capture_environment(CPU)["kernel_choices"]
-    modules = (kmeans_triton, linear_attention_triton, xattn_scoring_triton, ranked_selection_triton)
-    read = {module.BACKEND_ENV for module in modules}
-    assert set(choices) == read | {kmeans_triton.VARIANT_ENV, xattn_scoring_triton.VARIANT_ENV}
+    modules = [importlib.import_module(f"methods.kernels.{info.name}")
+               for info in pkgutil.iter_modules(methods.kernels.__path__)]  # fmt: skip
+    read = {getattr(module, name) for module in modules for name in ("BACKEND_ENV", "VARIANT_ENV")
+            if hasattr(module, name)}  # fmt: skip
+    assert {kmeans_triton.VARIANT_ENV, "BENCH_SLA_BACKEND"} <= read
+    assert set(choices) == read
     assert choices[kmeans_triton.VARIANT_ENV] == "sorted"
     assert choices[xattn_scoring_triton.VARIANT_ENV] == xattn_scoring_triton.DEFAULT_VARIANT

@@ -47,6 +47,7 @@ from harness.benchmarks.launch_split import diagnose, summary_line
 from harness.latency import measure
 from harness.models.base import MODELS
 from methods.kernels import linear_attention_triton as fused
+from methods.kernels import tile_columns
 from methods.kernels.linear_attention import FeatureMap, build_feature_map, feature_linear_attention, linear_attention
 
 FORWARD_TOLERANCE, GRADIENT_TOLERANCE = 1e-2, 2e-2
@@ -189,7 +190,7 @@ def stage_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, q
     the compute dtype."""
     code, nh = fused.KIND_CODES[kind], 2 if kind == "hedgehog" else 1
     batch, heads, tokens, dim = q.shape
-    bd = fused._block_d(dim)
+    bd = tile_columns(dim)
     wq, wk = fused._weight_operand(q_weight), fused._weight_operand(k_weight)
 
     def squares(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,12 @@ CHOICE_MODULES = (
 )
 
 
+def tile_columns(head_dim: int) -> int:
+    """Columns of a Triton kernel's tile over the head dimension: rounded up to a power of two (``tl.arange``'s
+    sizes), at least 16 (``tl.dot``'s smallest)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def kernel_choice(variable: str, default: str, allowed: tuple[str, ...]) -> None:
     """Declare the environment variable ``variable`` as a kernel choice among ``allowed`` whose default is
     ``default``."""

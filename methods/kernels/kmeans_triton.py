@@ -91,7 +91,7 @@ from typing import Any
 
 import torch
 
-from methods.kernels import BACKENDS, env_choice, kernel_choice, kernel_op, use_kernel
+from methods.kernels import BACKENDS, env_choice, kernel_choice, kernel_op, tile_columns, use_kernel
 from methods.kernels.tuned_launch import launch_tuned
 
 try:
@@ -422,11 +422,6 @@ def _scatter_order(labels_ptr, offsets_ptr, order_ptr, N, C, blocks, BLOCK: tl.c
 # -- dispatch -------------------------------------------------------------------------------------
 
 
-def _block_d(head_dim: int) -> int:
-    """Columns of a tile: the head dimension rounded up to a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
-
-
 def unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the kernels cannot cluster ``x`` (None when they can): they run on CUDA, or on CPU tensors under the
     Triton interpreter (``TRITON_INTERPRET=1``, tests), in fp16 or bf16 (fp16 only in the interpreter, which
@@ -475,7 +470,7 @@ def prepare_centroids(centroids: torch.Tensor, dtype: torch.dtype) -> tuple[torc
         raise ValueError(f"every assignment BLOCK_C must divide CENTROID_PAD = {CENTROID_PAD}: "
                          f"{[config.kwargs['BLOCK_C'] for config in _assign.configs]}")  # fmt: skip
     groups, clusters, dim = centroids.shape
-    block_d = _block_d(dim)
+    block_d = tile_columns(dim)
     padded = triton.cdiv(clusters, CENTROID_PAD) * CENTROID_PAD
     ct = torch.empty(groups, block_d, padded, device=centroids.device, dtype=dtype)
     sq = torch.empty(groups, padded, device=centroids.device, dtype=torch.float32)
@@ -548,7 +543,7 @@ def _update_onehot(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tenso
         return triton.cdiv(clusters, meta["BLOCK_C"]), groups
 
     launch_tuned(_update, grid, x, labels, centroids, updated, sizes, ct, sq, tokens, clusters, sq.shape[1],
-                 x.stride(0), x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
+                 x.stride(0), x.stride(1), D=dim, BLOCK_D=tile_columns(dim))  # fmt: skip
 
 
 def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, updated: torch.Tensor,
@@ -560,7 +555,7 @@ def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.T
     clusters = centroids.shape[1]
     order, bounds = counting_sort(labels, clusters)
     launch_tuned(_update_sorted, (clusters, groups), x, order, bounds, centroids, updated, sizes, ct, sq, tokens,
-                 clusters, sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=_block_d(dim))  # fmt: skip
+                 clusters, sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=tile_columns(dim))  # fmt: skip
     return order
 
 
@@ -596,7 +591,7 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, upda
     centroids = centroids.float().contiguous()
     labels = torch.empty(groups, tokens, device=x.device, dtype=torch.int32)  # the sort's keys: see the module
     sizes = torch.empty(groups, clusters, device=x.device, dtype=torch.int64)
-    block_d = _block_d(dim)
+    block_d = tile_columns(dim)
     bf16_asm = x.dtype == torch.bfloat16 and not INTERPRETED
 
     def assign_grid(meta: dict[str, Any]) -> tuple[int, int]:

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from methods.kernels import BACKENDS, kernel_choice, kernel_op, on_input_device, use_kernel
+from methods.kernels import BACKENDS, kernel_choice, kernel_op, on_input_device, tile_columns, use_kernel
 from methods.kernels.linear_attention import EluFeatureMap, FeatureMap, HedgehogFeatureMap, ReluFeatureMap
 from methods.kernels.tuned_launch import launch_tuned
 
@@ -446,11 +446,6 @@ def _project_grads(dp_ptr, x_ptr, w_ptr, dx_ptr, part_ptr, H, N, D: tl.constexpr
 # -- launches -------------------------------------------------------------------------------------
 
 
-def _block_d(head_dim: int) -> int:
-    """Columns of a tile: the head dimension rounded up to a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
-
-
 @functools.lru_cache(maxsize=16)
 def _slots(device: torch.device) -> int:
     """Programs ``device`` runs at once in the chunking's model (the interpreter's CPU: 2)."""
@@ -510,11 +505,11 @@ def _gram(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, kind: int, n
     fp32, for x and y ``(B, H, N, D)``."""
     batch, heads, tokens, dim = x.shape
     grid, chunk = _grid(x, nh, REDUCE_CONFIGS)
-    partials = _state_buffer(grid[1], batch * heads * nh, _block_d(dim), x.device)
+    partials = _state_buffer(grid[1], batch * heads * nh, tile_columns(dim), x.device)
     launch_tuned(
         _gram_partials, grid, x, y, x if w is None else w, partials, heads, tokens, dim, chunk,
         *_strides(x), *_strides(y),
-        KIND=kind, HAS_W=w is not None, BLOCK_D=_block_d(dim),
+        KIND=kind, HAS_W=w is not None, BLOCK_D=tile_columns(dim),
     )  # fmt: skip
     return _summed(partials)
 
@@ -558,7 +553,7 @@ def _output_pass(q: torch.Tensor, wq: torch.Tensor | None, state: torch.Tensor, 
     launch_tuned(
         _output, grid, q, q if wq is None else wq, state, out, out if den is None else den, heads, tokens, dim, chunk,
         0.0 if eps is None else eps, *_strides(q), KIND=kind, HAS_W=wq is not None, NH=nh, NORMALISE=den is not None,
-        BLOCK_D=_block_d(dim),
+        BLOCK_D=tile_columns(dim),
     )  # fmt: skip
     return out, den
 
@@ -569,7 +564,7 @@ def _query_pass(q: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor, den:
     """dL/dp per feature half ``(nh, B, H, N, BD)`` in q's dtype and the state's gradients ``dS, dz`` laid out as
     the state ``(B * H * nh, BD * BD + BD)`` fp32."""
     batch, heads, tokens, dim = q.shape
-    block_d = _block_d(dim)
+    block_d = tile_columns(dim)
     dp_q = torch.empty(nh, batch, heads, tokens, block_d, device=q.device, dtype=q.dtype)
     grid, chunk = _grid(q, nh, QUERY_CONFIGS)
     partials = _state_buffer(grid[1], batch * heads * nh, block_d, q.device)
@@ -588,12 +583,12 @@ def _key_pass(k: torch.Tensor, v: torch.Tensor, wk: torch.Tensor | None, d_state
     for both, holding dS and its transpose, spilled and went wrong on sm_90: NOTES.md)."""
     batch, heads, key_tokens, dim = k.shape
     dv, _ = _output_pass(k, wk, d_state, kind, nh, None)
-    dp_k = torch.empty(nh, batch, heads, key_tokens, _block_d(dim), device=k.device, dtype=k.dtype)
+    dp_k = torch.empty(nh, batch, heads, key_tokens, tile_columns(dim), device=k.device, dtype=k.dtype)
     grid, chunk = _grid(k, nh, KEY_CONFIGS)
     launch_tuned(
         _key_grads, grid, k, v, k if wk is None else wk, d_state, dp_k, heads, key_tokens, dim, chunk,
         *_strides(k), *_strides(v),
-        KIND=kind, HAS_W=wk is not None, BLOCK_D=_block_d(dim),
+        KIND=kind, HAS_W=wk is not None, BLOCK_D=tile_columns(dim),
     )  # fmt: skip
     return dp_k, dv
 
@@ -606,7 +601,7 @@ def _halves(kind: str) -> int:
 def _state_shape(q: torch.Tensor, kind: str) -> tuple[int, int]:
     """The state buffer's shape ``(B * H * halves, BD * BD + BD)`` for q ``(B, H, N, D)``."""
     batch, heads, _, dim = q.shape
-    block_d = _block_d(int(dim))  # the head dim is static: it picks the kernels' tile
+    block_d = tile_columns(int(dim))  # the head dim is static: it picks the kernels' tile
     return batch * heads * _halves(kind), block_d * block_d + block_d
 
 

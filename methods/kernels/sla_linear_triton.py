@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from methods.kernels import BACKENDS, kernel_choice, kernel_op, use_kernel
+from methods.kernels import BACKENDS, kernel_choice, kernel_op, tile_columns, use_kernel
 from methods.kernels.block_sparse import num_blocks
 from methods.kernels.tuned_launch import launch_tuned
 
@@ -56,8 +56,9 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
 BACKEND_ENV = "BENCH_SLA_BACKEND"
 DEFAULT_BACKEND = "auto"
 kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
-BACKEND_NOTE = (f"sla linear branch: the Triton kernel on CUDA (fp16/bf16, no gradient, blocks of 16 tokens or "
-                f"more) where it can run; {BACKEND_ENV}=torch forces the torch path")  # fmt: skip
+BACKEND_NOTE = (f"the linear branch, projection and sum in Triton on CUDA (fp16/bf16, no gradient, blocks a power of "
+                f"two >= 16) where they can run, training on the torch path; {BACKEND_ENV}=torch forces the torch "
+                f"path")  # fmt: skip
 MAX_HEAD_DIM = 128
 MIN_BLOCK = 16  # tl.dot's smallest dimension
 # The Triton interpreter (TRITON_INTERPRET=1, CPU tensors): tests run the kernels there.
@@ -198,11 +199,6 @@ def use_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, *pa
                       "the SLA linear-branch kernel")  # fmt: skip
 
 
-def _block_d(head_dim: int) -> int:
-    """Columns of a tile: the head dimension rounded up to a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
-
-
 def _contiguous_last(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
 
@@ -212,7 +208,7 @@ def key_states(k: torch.Tensor, v: torch.Tensor, block: int) -> tuple[torch.Tens
     ``(B H, nk, BLOCK_D)`` fp32 (zero past D)."""
     k, v = _contiguous_last(k, v)
     batch, heads, tokens, dim = k.shape
-    block_d, blocks = _block_d(dim), num_blocks(tokens, block)
+    block_d, blocks = tile_columns(dim), num_blocks(tokens, block)
     states = torch.empty(batch * heads, blocks, block_d * block_d, device=k.device, dtype=torch.bfloat16)
     sums = torch.empty(batch * heads, blocks, block_d, device=k.device, dtype=torch.float32)
     # 8 warps: with 4 a program takes 254 registers on sm_90 (ptxas).
@@ -254,7 +250,7 @@ def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         sparse = weight = bias = out
     launch_tuned(_apply_states, (blocks, batch * heads), q, summed_states, summed_sums, sparse, weight, bias, out,
                  heads, tokens, blocks, eps, *q.stride()[:3], *sparse.stride()[:3], D=dim, BLOCK=block,
-                 BLOCK_D=_block_d(dim), PROJECT=project)  # fmt: skip
+                 BLOCK_D=tile_columns(dim), PROJECT=project)  # fmt: skip
     return out
 
 

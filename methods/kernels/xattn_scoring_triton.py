@@ -68,7 +68,7 @@ from typing import Any
 
 import torch
 
-from methods.kernels import BACKENDS, env_choice, kernel_choice, kernel_op, use_kernel
+from methods.kernels import BACKENDS, env_choice, kernel_choice, kernel_op, tile_columns, use_kernel
 from methods.kernels.block_sparse import num_blocks
 from methods.kernels.tuned_launch import launch_tuned
 
@@ -315,11 +315,6 @@ def _combine_partials(partial_ptr, max_ptr, final_max_ptr, weight_ptr, out_ptr, 
 # -- dispatch -------------------------------------------------------------------------------------
 
 
-def _block_d(head_dim: int) -> int:
-    """Columns of a tile: the head dimension rounded up to a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
-
-
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> str | None:
     """Why the fused kernel cannot score this call (None when it can): it runs on CUDA, or on CPU tensors under
     the Triton interpreter (``TRITON_INTERPRET=1``, tests), in fp16 or bf16 (fp16 only in the interpreter, which
@@ -389,7 +384,7 @@ def _launch_shape(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> 
     masses = torch.empty(batch, heads, blocks, blocks, device=q.device, dtype=torch.float32)
     scale = LOG2_E / (math.sqrt(dim) * stride)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    constexprs = {"D": dim, "S": stride, "R": rows, "BLOCK_D": _block_d(dim)}
+    constexprs = {"D": dim, "S": stride, "R": rows, "BLOCK_D": tile_columns(dim)}
     return q, k, masses, (heads, tokens, blocks), scale, strides, constexprs
 
 
