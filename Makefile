@@ -54,7 +54,8 @@ bench-linvideo-e2e: setup
 bench-sparse: setup
 	$(PY) -m harness.benchmarks.sparse_gpu --out reports/gpu/sparse
 
-# DFA's window and SLA on FlexAttention: correctness against masked dense, then per-call latency.
+# DFA's window and SLA (Flex's critical blocks, the Triton linear branch): correctness against masked dense and
+# float64, then per-call latency and SLA's parts.
 bench-dfa-sla: setup
 	$(PY) -m harness.benchmarks.dfa_sla_gpu --out reports/gpu/dfa_sla
 

@@ -222,8 +222,7 @@ class SparseLinearAttention(AttentionMethod):
             self.state.to(q.device)
         tokens, block = q.shape[-2], self.block_size(q.shape[-2])
         with torch.no_grad():  # the selection is not differentiated (as in SLA)
-            order = key_block_order(q, k, block)
-            critical, marginal = classes_from_order(order, self.critical, self.negligible)
+            critical, marginal = classify_blocks(q, k, block, self.critical, self.negligible)
         pattern = BlockSparsePattern(critical, tokens, block)
         sparse = self.backends.attention(q, k, v, pattern)
         proj = self.state.proj[ctx.layer]
