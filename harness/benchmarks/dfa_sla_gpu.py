@@ -44,6 +44,7 @@ from methods.sla import (
     SlaProjections,
     SparseLinearAttention,
     classes_from_order,
+    classify_blocks,
     key_block_order,
     marginal_linear_attention,
 )
@@ -161,13 +162,11 @@ def sla_parts(method: SparseLinearAttention, q: torch.Tensor, k: torch.Tensor, v
     in torch; with the linear kernel's configuration."""
     tokens = q.shape[-2]
     block = method.block_size(tokens)
-    order = key_block_order(q, k, block)
-    critical, marginal = classes_from_order(order, method.critical, method.negligible)
+    critical, marginal = classify_blocks(q, k, block, method.critical, method.negligible)
     pattern = BlockSparsePattern(critical, tokens, block)
     calls = {
-        "sla_selection": time_call(
-            lambda: classes_from_order(key_block_order(q, k, block), method.critical, method.negligible), device,
-            repeats),
+        "sla_selection": time_call(lambda: classify_blocks(q, k, block, method.critical, method.negligible), device,
+                                   repeats),
         "sla_critical_64_tiles": time_call(lambda: tuned_flex_attention(q, k, v, pattern), device, repeats),
         "sla_critical_128_tiles": time_call(
             lambda: flex_block_sparse_attention(q, k, v, pattern, HOPPER_FLEX_OPTIONS), device, repeats),

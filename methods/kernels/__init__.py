@@ -37,6 +37,12 @@ CHOICE_MODULES = (
 )
 
 
+def last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself where its last axis is contiguous, else a contiguous copy: the Triton kernels take any batch,
+    head and token strides but read each token's row as one contiguous run."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def tile_columns(head_dim: int) -> int:
     """Columns of a Triton kernel's tile over the head dimension: rounded up to a power of two (``tl.arange``'s
     sizes), at least 16 (``tl.dot``'s smallest)."""

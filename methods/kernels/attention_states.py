@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from methods.kernels import on_input_device
+from methods.kernels import last_axis_contiguous, on_input_device
 
 try:
     import triton
@@ -98,7 +98,7 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
     last axis; contiguous output), else by the torch path."""
     if not _kernel_runs(out_a):
         return merge_attention_states_torch(out_a, lse_a, out_b, lse_b)
-    out_a, out_b = (x if x.stride(-1) == 1 else x.contiguous() for x in (out_a, out_b))
+    out_a, out_b = last_axis_contiguous(out_a), last_axis_contiguous(out_b)
     batch, heads, tokens, dim = out_a.shape
     out = torch.empty(batch, heads, tokens, dim, device=out_a.device, dtype=out_a.dtype)
     grid = (triton.cdiv(tokens, ROWS_PER_PROGRAM), batch * heads)

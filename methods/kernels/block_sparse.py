@@ -512,6 +512,11 @@ def _tile_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # -- execution -----------------------------------------------------------------------------------
 
 
+def needs_gradients(*tensors: torch.Tensor) -> bool:
+    """Whether a call on ``tensors`` records a backward: autograd on and any of them requiring a gradient."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
 def flex_tile(kernel_options: FlexKernelOptions | None) -> int:
     """Tokens per side of the tiles a pattern is regrouped into for Flex's forward kernel under ``kernel_options``:
     the larger of its forward tile sides where the options give both (64 for 64 x 64 tiles, so that SLA's 64-token
@@ -551,7 +556,7 @@ def flex_block_sparse_attention(
     ignores the tile table (it only applies ``mask_mod``, over a materialised N x N score matrix).
     Hitting the recompile limit raises instead of falling back to that unfused path.
     """
-    trains = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    trains = needs_gradients(q, k, v)
     # Flex's backward takes its own tiles (128 queries): a pattern that trains keeps FLEX_TILE.
     tile = FLEX_TILE if trains else flex_tile(kernel_options)
     block_mask = pattern.flex_block_mask((q.shape[0], q.shape[1]), backward=trains, tile=tile)

@@ -91,7 +91,15 @@ from typing import Any
 
 import torch
 
-from methods.kernels import BACKENDS, env_choice, kernel_choice, kernel_op, tile_columns, use_kernel
+from methods.kernels import (
+    BACKENDS,
+    env_choice,
+    kernel_choice,
+    kernel_op,
+    last_axis_contiguous,
+    tile_columns,
+    use_kernel,
+)
 from methods.kernels.tuned_launch import launch_tuned
 
 try:
@@ -585,7 +593,7 @@ def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, upda
     if iterations < 1:
         raise ValueError(f"k-means needs iterations >= 1, got {iterations}")
     update_step = UPDATE_STEPS[chosen_variant(update)]
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = last_axis_contiguous(x)
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
     centroids = centroids.float().contiguous()

@@ -57,7 +57,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from methods.kernels import BACKENDS, kernel_choice, kernel_op, on_input_device, tile_columns, use_kernel
+from methods.kernels import (
+    BACKENDS,
+    kernel_choice,
+    kernel_op,
+    last_axis_contiguous,
+    on_input_device,
+    tile_columns,
+    use_kernel,
+)
 from methods.kernels.linear_attention import EluFeatureMap, FeatureMap, HedgehogFeatureMap, ReluFeatureMap
 from methods.kernels.tuned_launch import launch_tuned
 
@@ -479,11 +487,6 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """The kernels take any batch, head and token strides but read each token's row as one contiguous run."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _state_buffer(groups: int, rows: int, block_d: int, device: torch.device) -> torch.Tensor:
     """fp32 ``(groups, rows, BD * BD + BD)``: per row a ``(BD, BD)`` matrix and its ``(BD,)`` sums."""
     return torch.empty(groups, rows, block_d * block_d + block_d, device=device, dtype=torch.float32)
@@ -624,7 +627,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.
     backward). Launches: 2 or 3 (state partials, their sum when the keys are cut into more than one chunk, output);
     no other device op."""
     code, nh = KIND_CODES[kind], _halves(kind)
-    q, k, v = (_last_axis_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_axis_contiguous(t) for t in (q, k, v))
     state = _gram(k, v, _weight_operand(k_weight), code, nh)
     out, den = _output_pass(q, _weight_operand(q_weight), state, code, nh, eps)
     return out, state, den
@@ -657,7 +660,7 @@ def linear_attention_backward(
     fp32 weights. Elsewhere slicing the padded columns off costs one copy per unprojected dq/dk and per dW, as does
     casting dW to a weight dtype other than fp32. First order only: it registers no autograd of its own."""
     code, nh = KIND_CODES[kind], _halves(kind)
-    grad_out, q, k, v = (_last_axis_contiguous(t) for t in (grad_out, q, k, v))
+    grad_out, q, k, v = (last_axis_contiguous(t) for t in (grad_out, q, k, v))
     wq, wk = _weight_operand(q_weight), _weight_operand(k_weight)
     dp_q, d_state = _query_pass(q, grad_out, out, den, wq, state, code, nh)
     dp_k, dv = _key_pass(k, v, wk, d_state, code, nh)

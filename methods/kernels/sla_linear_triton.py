@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
-from methods.kernels import BACKENDS, kernel_choice, kernel_op, tile_columns, use_kernel
-from methods.kernels.block_sparse import num_blocks
+from methods.kernels import BACKENDS, kernel_choice, kernel_op, last_axis_contiguous, tile_columns, use_kernel
+from methods.kernels.block_sparse import needs_gradients, num_blocks
 from methods.kernels.tuned_launch import launch_tuned
 
 try:
@@ -182,7 +182,7 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block:
     dtypes = (torch.float16,) if INTERPRETED else (torch.float16, torch.bfloat16)
     if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in dtypes:
         return f"inputs are {q.dtype}/{k.dtype}/{v.dtype}: the kernel takes {' or '.join(map(str, dtypes))}"
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *parameters)):
+    if needs_gradients(q, k, v, *parameters):
         return "gradients are asked for: the kernel has no backward (training takes the torch path)"
     if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
         return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not all (B, H, N, D)"
@@ -199,14 +199,10 @@ def use_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, *pa
                       "the SLA linear-branch kernel")  # fmt: skip
 
 
-def _contiguous_last(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in xs)
-
-
 def key_states(k: torch.Tensor, v: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each key block's state ``h_j = phi(K_j)^T V_j`` ``(B H, nk, BLOCK_D^2)`` bf16 and ``z_j = sum phi(K_j)``
     ``(B H, nk, BLOCK_D)`` fp32 (zero past D)."""
-    k, v = _contiguous_last(k, v)
+    k, v = last_axis_contiguous(k), last_axis_contiguous(v)
     batch, heads, tokens, dim = k.shape
     block_d, blocks = tile_columns(dim), num_blocks(tokens, block)
     states = torch.empty(batch * heads, blocks, block_d * block_d, device=k.device, dtype=torch.bfloat16)
@@ -235,7 +231,7 @@ def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     project = sparse is not None
     if project != (weight is not None) or project != (bias is not None):
         raise ValueError("sla's fused output needs the sparse output, the projection's weight and its bias together")
-    q, k, v = _contiguous_last(q, k, v)
+    q, k, v = (last_axis_contiguous(x) for x in (q, k, v))
     batch, heads, tokens, dim = q.shape
     blocks = num_blocks(tokens, block)
     weights = marginal.expand(batch, heads, blocks, blocks).reshape(batch * heads, blocks, blocks)
@@ -245,7 +241,7 @@ def marginal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         summed_sums = torch.bmm(weights.to(torch.float32), sums)
     out = torch.empty(batch, heads, tokens, dim, device=q.device, dtype=v.dtype if project else torch.float32)
     if project:
-        sparse, weight = _contiguous_last(sparse)[0], weight.contiguous()
+        sparse, weight = last_axis_contiguous(sparse), weight.contiguous()
     else:  # not read
         sparse = weight = bias = out
     launch_tuned(_apply_states, (blocks, batch * heads), q, summed_states, summed_sums, sparse, weight, bias, out,

@@ -50,6 +50,7 @@ from methods.kernels.block_sparse import (
     block_lengths,
     flex_block_sparse_attention,
     masked_dense_attention,
+    needs_gradients,
     num_blocks,
 )
 from methods.kernels.variable_blocks_triton import variable_block_attention
@@ -150,11 +151,6 @@ class Backend:
         if dtype not in self.dtypes:
             reasons.append(f"takes {dtype_names(self.dtypes)}, not {dtype_names((dtype,))}")
         return reasons
-
-
-def needs_gradients(*qkv: torch.Tensor) -> bool:
-    """Whether a call on ``qkv`` records a backward: autograd on and any input requiring a gradient."""
-    return torch.is_grad_enabled() and any(x.requires_grad for x in qkv)
 
 
 REGISTRY: dict[str, Backend] = {}

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
-from methods.kernels import kernel_op
+from methods.kernels import kernel_op, last_axis_contiguous
 from methods.kernels.block_sparse import VariableBlocks
 
 try:
@@ -189,7 +189,7 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     list's size is read on the host inside it). Arguments as there, the configuration spelled out."""
     batch, heads, tokens, dim = q.shape
     groups, blocks_q, blocks_k = batch * heads, kept.shape[-2], kept.shape[-1]
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    q, k, v = (last_axis_contiguous(x) for x in (q, k, v))
     kept = kept.expand(batch, heads, -1, -1).reshape(groups, blocks_q, blocks_k)
     rows = row_sizes.expand(batch, heads, -1).reshape(groups, blocks_q).long()
     cols = col_sizes.expand(batch, heads, -1).reshape(groups, blocks_k).long()

@@ -68,7 +68,15 @@ from typing import Any
 
 import torch
 
-from methods.kernels import BACKENDS, env_choice, kernel_choice, kernel_op, tile_columns, use_kernel
+from methods.kernels import (
+    BACKENDS,
+    env_choice,
+    kernel_choice,
+    kernel_op,
+    last_axis_contiguous,
+    tile_columns,
+    use_kernel,
+)
 from methods.kernels.block_sparse import num_blocks
 from methods.kernels.tuned_launch import launch_tuned
 
@@ -378,7 +386,7 @@ def _launch_shape(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> 
     """What both ops start from: q and k with a contiguous last axis (else copied), the empty masses ``(B, H, nb,
     nb)`` fp32, the sizes (H, N, nb), the base-2 score scale ``log2(e) / (sqrt(D) S)``, the six strides and the
     constexprs (D, S, R, BLOCK_D) that both scoring kernels take."""
-    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    q, k = last_axis_contiguous(q), last_axis_contiguous(k)
     batch, heads, tokens, dim = q.shape
     blocks, rows = num_blocks(tokens, block), block // stride
     masses = torch.empty(batch, heads, blocks, blocks, device=q.device, dtype=torch.float32)
