@@ -100,6 +100,15 @@ def classes_from_order(order: torch.Tensor, critical: float, negligible: float) 
     return is_critical, ~is_critical & ~skipped
 
 
+def sorted_critical_lists(order: torch.Tensor, n_critical: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The critical key blocks of every query block as the block lists of
+    :func:`methods.kernels.block_list_triton.block_list_attention`, from :func:`key_block_order`'s ``order``: ``lists
+    (B, H, nq, n_critical)`` int32, ascending (neighbouring reads), and ``counts (B, H, nq)`` int32, all
+    ``n_critical``. The ranking has them already: no sort of the ``(nq, nk)`` table."""
+    lists = order[..., :n_critical].sort(dim=-1).values.to(torch.int32)
+    return lists, torch.full(order.shape[:-1], n_critical, dtype=torch.int32, device=order.device)
+
+
 def classify_blocks(q: torch.Tensor, k: torch.Tensor, block: int, critical: float, negligible: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Critical and marginal key blocks per query block, each ``(B, H, nq, nk)`` bool (the rest is skipped), ranked

@@ -49,6 +49,22 @@ def tile_columns(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global memory Triton asks for the tensor descriptors a kernel makes on the device (``triton.set_allocator``),
+    on the current device (the op's inputs' one, :func:`on_input_device`). ``alignment`` is met without asking: the
+    caching allocator's blocks start at multiples of 512 bytes."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+@functools.cache
+def use_descriptor_scratch() -> None:
+    """Install Triton's allocator for device-side tensor descriptors (``tl.make_tensor_descriptor``), once per
+    process; a kernel that makes them needs it before its first launch (not under the interpreter)."""
+    import triton
+
+    triton.set_allocator(_descriptor_scratch)
+
+
 def kernel_choice(variable: str, default: str, allowed: tuple[str, ...]) -> None:
     """Declare the environment variable ``variable`` as a kernel choice among ``allowed`` whose default is
     ``default``."""

@@ -61,7 +61,6 @@ power of two; masses ``(B, H, nb, nb)`` float32, ``nb = ceil(N / block)``.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Any
@@ -75,6 +74,7 @@ from methods.kernels import (
     kernel_op,
     last_axis_contiguous,
     tile_columns,
+    use_descriptor_scratch,
     use_kernel,
 )
 from methods.kernels.block_sparse import num_blocks
@@ -421,19 +421,6 @@ def _tma_ready(x: torch.Tensor, stride: int) -> bool:
     return x.shape[2] % stride == 0 and x.data_ptr() % 16 == 0 and all(x.stride(i) * size % 16 == 0 for i in range(3))
 
 
-def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    """Global memory Triton asks for the tensor descriptors a kernel makes on the device (``triton.set_allocator``),
-    on the current device (the op's inputs' one, :func:`~methods.kernels.on_input_device`). ``alignment`` is met
-    without asking: the caching allocator's blocks start at multiples of 512 bytes."""
-    return torch.empty(size, device="cuda", dtype=torch.int8)
-
-
-@functools.cache
-def _use_scratch() -> None:
-    """Install :func:`_scratch` as Triton's allocator, once per process."""
-    triton.set_allocator(_scratch)
-
-
 @kernel_op("xattn_block_masses_single_pass")
 def xattn_block_masses_single_pass(q: torch.Tensor, k: torch.Tensor, block: int, stride: int,
                                    tma: bool) -> torch.Tensor:  # fmt: skip
@@ -449,7 +436,7 @@ def xattn_block_masses_single_pass(q: torch.Tensor, k: torch.Tensor, block: int,
                          for _ in range(2))  # fmt: skip
     with_tma = tma and _tma_ready(q, stride) and _tma_ready(k, stride)
     if with_tma and not INTERPRETED:
-        _use_scratch()
+        use_descriptor_scratch()
     tuner = _block_partials_tma if with_tma else _block_partials
     launch_tuned(tuner, _query_tiles(masses, rows), q, k, partials, maxima, final_max, weight, heads, tokens, blocks,
                  blocks * rows, scale, *strides, **constexprs, TMA=with_tma)  # fmt: skip

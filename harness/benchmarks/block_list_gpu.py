@@ -1,0 +1,130 @@
+"""triton-blocks (:mod:`methods.kernels.block_list_triton`) on the GPU: every configuration checked against masked
+dense attention first, then timed against Flex on the same patterns and against the density-scaled cuDNN call.
+
+Patterns (fresh random bf16 inputs):
+- ``sla``: SLA's critical blocks (64 tokens, the paper's 5%, ranked by the pooled scores of the same inputs);
+- ``tiles64``, ``tiles128``: random tile tables at density 0.3 (64- and 128-token blocks: radial's, xattn's and
+  svg's own tile sizes on short and on long clips).
+
+1. Correctness at 8,190 tokens (12 heads x 128, not a multiple of 64): each configuration and Flex against masked
+   dense in fp32 (bf16 tolerance). A failure stops the script.
+2. Latency per call at Wan 1.3B 480p (12 heads, 32,760 tokens) and Wan 14B 720p (40 heads, 75,600): cuDNN dense,
+   Flex on the pattern's own tiles (flex-tuned's options for it), each configuration; per pattern the ideal
+   (density x cuDNN) and each time over it; for SLA also the lists' cost (from its ranking, and by a sort of the
+   table).
+
+    python -m harness.benchmarks.block_list_gpu --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from harness.atomic import write_json_atomic
+from harness.benchmarks.dfa_sla_gpu import SHAPES, relative, time_call
+from harness.environment import capture_environment
+from methods.kernels import block_list_triton as blocks
+from methods.kernels.block_sparse import BlockSparsePattern, masked_dense_attention, num_blocks
+from methods.kernels.sparse_backends import tuned_flex_attention
+from methods.sla import class_sizes, classes_from_order, key_block_order, sorted_critical_lists
+
+BF16_RELATIVE_TOLERANCE = 2e-2
+CHECK_SHAPE = (12, 8190)
+RANDOM_DENSITY = 0.3
+CONFIGS = {
+    64: (blocks.Config(1, 4, 2), blocks.Config(1, 4, 3), blocks.Config(1, 4, 4), blocks.Config(1, 4, 2, True),
+         blocks.Config(1, 4, 3, True), blocks.Config(1, 4, 4, True), blocks.Config(2, 8, 2), blocks.Config(2, 8, 3),
+         blocks.Config(1, 8, 3, True)),
+    128: (blocks.Config(1, 8, 2), blocks.Config(1, 8, 3), blocks.Config(1, 8, 2, True), blocks.Config(1, 8, 3, True)),
+}  # fmt: skip
+
+
+def patterns(q: torch.Tensor, k: torch.Tensor, seed: int) -> dict[str, tuple[BlockSparsePattern, Any]]:
+    """Each pattern with its block lists: SLA's from its own ranking, the random tables' by a sort."""
+    tokens = q.shape[-2]
+    order = key_block_order(q, k, 64)
+    critical, _ = classes_from_order(order, 0.05, 0.10)
+    n_critical, _ = class_sizes(order.shape[-1], 0.05, 0.10)
+    out = {"sla": (BlockSparsePattern(critical, tokens, 64), sorted_critical_lists(order, n_critical))}
+    generator = torch.Generator(device=q.device).manual_seed(seed)
+    for block in (64, 128):
+        n = num_blocks(tokens, block)
+        kept = torch.rand(1, q.shape[1], n, n, device=q.device, generator=generator) < RANDOM_DENSITY
+        kept[..., 0] = True  # every query block keeps a key
+        out[f"tiles{block}"] = (BlockSparsePattern(kept, tokens, block), blocks.block_lists(kept))
+    return out
+
+
+def check(device: torch.device) -> dict[str, float]:
+    heads, tokens = CHECK_SHAPE
+    q, k, v = (torch.randn(1, heads, tokens, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+    errors = {}
+    for name, (pattern, (lists, counts)) in patterns(q, k, 0).items():
+        ref = masked_dense_attention(q.float(), k.float(), v.float(), pattern)
+        errors[f"{name}_flex"] = relative(tuned_flex_attention(q, k, v, pattern), ref)
+        for config in CONFIGS[pattern.blocks[0]]:
+            out = blocks.block_list_attention(q, k, v, lists, counts, pattern.blocks[0], config)
+            errors[f"{name}_{config.name}"] = relative(out, ref)
+    return errors
+
+
+def latency(device: torch.device, heads: int, tokens: int, repeats: int) -> dict[str, Any]:
+    q, k, v = (torch.randn(1, heads, tokens, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+    with torch.inference_mode():
+        dense = time_call(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats)
+        entry: dict[str, Any] = {"dense_sdpa": dense}
+        for name, (pattern, (lists, counts)) in patterns(q, k, 1).items():
+            density = pattern.density()
+            ideal = density * dense["median_ms"]
+            block = pattern.blocks[0]
+            calls = {"flex": time_call(lambda p=pattern: tuned_flex_attention(q, k, v, p), device, repeats)}
+            for config in CONFIGS[block]:
+                calls[config.name] = time_call(
+                    lambda c=config, ls=lists, cs=counts, b=block: blocks.block_list_attention(q, k, v, ls, cs, b, c),
+                    device, repeats)  # fmt: skip
+            if name == "sla":
+                order = key_block_order(q, k, 64)
+                n_critical, _ = class_sizes(order.shape[-1], 0.05, 0.10)
+                calls["lists_from_ranking"] = time_call(
+                    lambda o=order, n=n_critical: sorted_critical_lists(o, n), device, repeats)  # fmt: skip
+                calls["lists_by_sort"] = time_call(lambda p=pattern: blocks.block_lists(p.kept), device, repeats)
+            over = {label: stats["median_ms"] / ideal for label, stats in calls.items()
+                    if not label.startswith("lists")}  # fmt: skip
+            best = min(over, key=over.get)
+            entry[name] = {"density": density, "ideal_ms": ideal, "calls": calls, "over_ideal": over, "best": best}
+            print(f"  {name}: density {density:.3f}, ideal {ideal:.3f} ms; flex {over['flex']:.2f}x, best {best} "
+                  f"{over[best]:.2f}x", flush=True)  # fmt: skip
+    return entry
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for block_list_gpu.json")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per variant (median and spread)")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"shapes to time, of {', '.join(SHAPES)}")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    errors = check(device)
+    print("correctness (relative error vs masked dense fp32):", json.dumps(errors, indent=1), flush=True)
+    result: dict[str, Any] = {"correctness": errors, "tolerance": BF16_RELATIVE_TOLERANCE,
+                              "environment": capture_environment(device), "shapes": {}}  # fmt: skip
+    failed = {name: err for name, err in errors.items() if not err <= BF16_RELATIVE_TOLERANCE}
+    if failed:
+        write_json_atomic(args.out / "block_list_gpu.json", {**result, "status": "failed"})
+        raise SystemExit(f"correctness failed: {failed}")
+    for name in args.shapes.split(","):
+        heads, tokens = SHAPES[name]
+        print(f"{name} ({heads} heads, {tokens} tokens)", flush=True)
+        result["shapes"][name] = latency(device, heads, tokens, args.repeats)
+        write_json_atomic(args.out / "block_list_gpu.json", {**result, "status": "partial"})
+    write_json_atomic(args.out / "block_list_gpu.json", {**result, "status": "complete"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Block-sparse attention over listed key blocks on CUDA in Triton: each query block streams only its kept key
+blocks, whole, in the pattern's own block size (SLA's 64 tokens included).
+
+Computes what :func:`methods.kernels.block_sparse.masked_dense_attention` computes for a block-level pattern (every
+kept tile full; the reference it is tested against): per group g (one (batch, head) pair) query block i, tokens
+``[i b, (i + 1) b)``, attends to the tokens of the key blocks its row keeps, ``softmax(q k^T / sqrt(D)) v`` over
+exactly those keys, FlashAttention's online softmax in fp32 (exp2, scale folded in). The kept key blocks of (g, i)
+come as a list, ``lists[g, i, :counts[g, i]]`` int32 (:func:`block_lists` builds it from a tile table; a method that
+ranks blocks has it already, SLA's critical blocks).
+
+Why a kernel of our own: SLA (Zhang et al., 2025, Sec. 4) keeps 5% of 64 x 64 blocks at Wan 1.3B, and its own
+kernel (thu-ml/SLA, Triton) streams each query block's critical key blocks from such a list. Flex computes the same
+tiles at 3.8x density x cuDNN (reports/gpu/h200/run_096045e/, BLOCK 64 options), FlashInfer's BSR wrapper runs
+64-row blocks in its 128-row tiles. One program per (query block, group):
+
+- the query block's tile ``(b, D)`` stays in registers;
+- per step, ``PAIRS`` listed key blocks (one key tile of ``PAIRS b`` rows: a wider product, half the softmax
+  rescales per key at 2) are loaded by pointers (``cp.async``), or with ``TMA`` and ``PAIRS`` 1 through tensor
+  descriptors (Hopper's copy engine; a whole block is one contiguous ``(b, D)`` box);
+- a key block past N (the ragged last block) is masked to -inf, a list entry past the count too.
+
+Query rows of a block that keeps no key get zeros (masked dense gives NaN; no method makes such a block).
+
+Shapes: q, k, v ``(B, H, N, D)`` fp16 or bf16, one dtype, any strides with a contiguous last axis, ``D <= 128``;
+``lists (G, R, L)`` int32 and ``counts (G, R)`` int32 with ``G = B H`` and ``R = ceil(N / b)``. Returns
+``(B, H, N, D)`` contiguous in q's dtype. Forward only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import torch
+
+from harness.errors import HarnessError
+from methods.kernels import kernel_op, last_axis_contiguous, tile_columns, use_descriptor_scratch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (CI): the backend is refused there
+    triton = tl = None
+
+#: The Triton interpreter (TRITON_INTERPRET=1, CPU tensors): tests run the kernel on the CPU.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_HEAD_DIM = 128
+#: Block sizes the kernel takes: powers of two, ``tl.arange``'s sizes, from ``tl.dot``'s smallest to 128 (a larger
+#: block's tile overflows shared memory at D = 128).
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+class Config(NamedTuple):
+    """A launch of :func:`_attention`: key blocks per step, warps, pipeline stages, tensor-descriptor loads."""
+
+    pairs: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False
+
+    @property
+    def name(self) -> str:
+        """``2x4x3`` (``t`` appended for descriptor loads)."""
+        return "x".join(map(str, self[:3])) + ("t" if self.tma else "")
+
+
+#: Candidates for the H200 sweep (harness.benchmarks.dfa_sla_gpu); the default is the interpreter-checked one.
+CONFIGS = (Config(1, 4, 3), Config(2, 4, 3), Config(2, 8, 3), Config(1, 4, 4), Config(1, 4, 3, True),
+           Config(1, 4, 4, True), Config(2, 4, 2), Config(1, 8, 3, True))  # fmt: skip
+DEFAULT_CONFIG = Config(1, 4, 3)
+
+
+def _jit(fn: Any) -> Any:
+    return fn if triton is None else triton.jit(fn)
+
+
+@_jit
+def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lists_ptr, counts_ptr, scale, H, N, R, L,
+               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PAIRS: tl.constexpr,
+               TMA: tl.constexpr):  # fmt: skip
+    """Program (i, g): query block i of group g over its listed key blocks ``lists[g, i, :counts[g, i]]``.
+    ``scale`` is ``log2(e) / sqrt(D)``; the output ``(B * H, N, D)`` contiguous."""
+    i, g = tl.program_id(0), tl.program_id(1)
+    b, h = (g // H).to(tl.int64), (g % H).to(tl.int64)
+    row = g.to(tl.int64) * R + i
+    rows = i * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    inside = cols < D
+    row_mask = (rows < N)[:, None] & inside[None, :]
+    q = tl.load(q_ptr + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqn + cols[None, :], mask=row_mask,
+                other=0.0)  # fmt: skip
+    count = tl.load(counts_ptr + row)
+    listed = lists_ptr + row * L
+    k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[N, D], strides=[skn, 1], block_shape=[BLOCK, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[N, D], strides=[svn, 1], block_shape=[BLOCK, BLOCK_D])
+    # A key tile is PAIRS listed blocks, one after the other: tile row r is row r % BLOCK of entry r // BLOCK.
+    within = tl.arange(0, PAIRS * BLOCK) % BLOCK
+    part = tl.arange(0, PAIRS * BLOCK) // BLOCK
+    m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+    for step in range(0, count, PAIRS):
+        if TMA:
+            start = tl.load(listed + step) * BLOCK
+            keys = start + within
+            valid = keys < N
+            k = k_desc.load([start, 0])  # zeros past N
+            vt = v_desc.load([start, 0])
+        else:
+            entry = step + part
+            keys = tl.load(listed + entry, mask=entry < count, other=0) * BLOCK + within
+            valid = (entry < count) & (keys < N)
+            tile_mask = valid[:, None] & inside[None, :]
+            k = tl.load(k_base + keys.to(tl.int64)[:, None] * skn + cols[None, :], mask=tile_mask, other=0.0)
+            vt = tl.load(v_base + keys.to(tl.int64)[:, None] * svn + cols[None, :], mask=tile_mask, other=0.0)
+        s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        weights = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(weights, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(weights.to(vt.dtype), vt)
+        m_i = m_new
+    out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+    o_base = o_ptr + g.to(tl.int64) * N * D
+    tl.store(o_base + rows.to(tl.int64)[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=row_mask)
+
+
+def block_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept key blocks of every query block, ascending, from a tile table ``kept (.., R, C)`` bool: ``lists
+    (.., R, C)`` int32 (the kept ones first, the rest unread) and ``counts (.., R)`` int32. One stable sort of the
+    rows, no host sync."""
+    lists = torch.sort(kept.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    return lists.to(torch.int32), kept.sum(dim=-1, dtype=torch.int32)
+
+
+def descriptors_ready(*tensors: torch.Tensor) -> bool:
+    """Whether the copy engine can read each ``(B, H, N, D)`` tensor per head as ``(N, D)`` rows: its start and its
+    token stride multiples of 16 bytes (the last axis contiguous)."""
+    return all(x.data_ptr() % 16 == 0 and x.stride(2) * x.element_size() % 16 == 0 for x in tensors)
+
+
+@kernel_op("block_list_attention")
+def block_list_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor,
+                            counts: torch.Tensor, block: int, pairs: int, num_warps: int, num_stages: int,
+                            tma: bool) -> torch.Tensor:  # fmt: skip
+    """:func:`block_list_attention`'s launch as one op (torch.compile sees one opaque call), its configuration
+    spelled out."""
+    batch, heads, tokens, dim = q.shape
+    q, k, v = (last_axis_contiguous(x) for x in (q, k, v))
+    groups, blocks = batch * heads, lists.shape[-2]
+    lists = lists.expand(batch, heads, -1, -1).reshape(groups, blocks, lists.shape[-1])
+    counts = counts.expand(batch, heads, -1).reshape(groups, blocks)
+    with_tma = tma and descriptors_ready(k, v)
+    if with_tma and not INTERPRETED:
+        use_descriptor_scratch()
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    _attention[(blocks, groups)](
+        q, k, v, out, lists, counts, 1.4426950408889634 / dim**0.5, heads, tokens, blocks, lists.shape[-1],
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), D=dim, BLOCK_D=tile_columns(dim), BLOCK=block, PAIRS=1 if with_tma else pairs, TMA=with_tma,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+@block_list_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor, counts: torch.Tensor, block: int,
+      pairs: int, num_warps: int, num_stages: int, tma: bool) -> torch.Tensor:  # fmt: skip
+    return q.new_empty(q.shape)
+
+
+def block_list_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor, counts: torch.Tensor,
+                         block: int, config: Config = DEFAULT_CONFIG) -> torch.Tensor:  # fmt: skip
+    """Attention of q, k, v ``(B, H, N, D)`` (fp16/bf16, on CUDA or under the Triton interpreter) over the listed
+    key blocks: ``lists (B or 1, H or 1, R, L)`` int32, ``counts (B or 1, H or 1, R)`` int32, blocks of ``block``
+    tokens. Returns ``(B, H, N, D)`` in q's dtype.
+
+    Raises:
+        HarnessError: a head dim over :data:`MAX_HEAD_DIM`, a block size not in :data:`BLOCK_SIZES`, or lists
+            whose row count is not ``ceil(N / block)``.
+    """
+    if q.shape[-1] > MAX_HEAD_DIM:  # tiles of wider heads overflow shared memory (a Triton error, not a message)
+        raise HarnessError(f"triton-blocks takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if block not in BLOCK_SIZES:
+        raise HarnessError(f"triton-blocks takes blocks of {', '.join(map(str, BLOCK_SIZES))} tokens, got {block}")
+    rows = -(-q.shape[-2] // block)
+    if lists.shape[-2] != rows or counts.shape[-1] != rows:
+        raise HarnessError(f"block lists for {lists.shape[-2]} query blocks, but {q.shape[-2]} tokens in blocks of "
+                           f"{block} make {rows}")  # fmt: skip
+    return block_list_attention_op(q, k, v, lists, counts, block, *config)
