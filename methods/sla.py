@@ -35,6 +35,7 @@ from torch import nn
 from harness.errors import HarnessError
 from methods.base import AttentionContext, AttentionMethod, Capabilities, Density, Schedule, register_method
 from methods.kernels import sla_linear_triton as sla_linear
+from methods.kernels.block_list_triton import attach_lists
 from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, num_blocks
 from methods.kernels.linear_attention import fp32_region
 from methods.kernels.sparse_backends import BackendLog, check_backend
@@ -231,8 +232,12 @@ class SparseLinearAttention(AttentionMethod):
             self.state.to(q.device)
         tokens, block = q.shape[-2], self.block_size(q.shape[-2])
         with torch.no_grad():  # the selection is not differentiated (as in SLA)
-            critical, marginal = classify_blocks(q, k, block, self.critical, self.negligible)
-        pattern = BlockSparsePattern(critical, tokens, block)
+            order = key_block_order(q, k, block)
+            critical, marginal = classes_from_order(order, self.critical, self.negligible)
+            pattern = BlockSparsePattern(critical, tokens, block)
+            # The critical blocks listed from the ranking, as SLA's kernel streams them, when triton-blocks reads them.
+            n_critical = class_sizes(order.shape[-1], self.critical, self.negligible)[0]
+            attach_lists(pattern, lambda: sorted_critical_lists(order, n_critical))
         sparse = self.backends.attention(q, k, v, pattern)
         proj = self.state.proj[ctx.layer]
         fused = sla_linear.use_fused(q, k, v, block, proj.weight, proj.bias)

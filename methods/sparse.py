@@ -69,9 +69,9 @@ def auto_block_size(tokens: int) -> int:
 
 
 BACKEND = Param("backend", "choice", "auto", "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128, "
-                "or there, without gradients, triton-variable on variable blocks and, eager with flashinfer-python's "
-                "kernels prebuilt, flashinfer-bsr on a tile table shared by every head and flashinfer-split on a "
-                "token-level one (svg's band); "
+                "or there, without gradients, triton-variable on variable blocks, eager with flashinfer-python's "
+                "kernels prebuilt flashinfer-bsr on a tile table shared by every head and flashinfer-split on a "
+                "token-level one (svg's band), and triton-blocks on other block-level patterns; "
                 "flex on other CUDA calls; masked elsewhere, flex past its size), measure (the fastest backend "
                 f"matching masked dense, timed on the first call per shape; recorded) or one of {backend_needs()}",
                 choices=backend_names())  # fmt: skip

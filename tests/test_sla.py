@@ -220,5 +220,5 @@ def test_gpu_script_smoke_mode(tmp_path: Path) -> None:
     assert set(result["correctness"]) == {"dfa_window", "sla_output", "sla_output_flex_tuned"}
     assert all(0 < error < result["tolerance"] for error in result["correctness"].values())
     assert result["status"] == "complete" and set(result["shapes"]["smoke"]["calls"]) == {
-        "dense_sdpa", "dfa_window", "dfa_refresh", "sla", "sla_selection", "sla_critical_64_tiles",
+        "dense", "dfa_window", "dfa_refresh", "sla", "sla_selection", "sla_critical_64_tiles",
         "sla_critical_128_tiles", "sla_linear_torch", "sla_torch_linear"}  # fmt: skip

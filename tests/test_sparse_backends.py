@@ -290,15 +290,15 @@ def test_the_backend_help_says_what_auto_runs_and_what_each_backend_needs() -> N
 
     assert BACKEND.help.startswith(
         "auto (flex-tuned on Hopper, sm_90, in fp16/bf16 up to head dim 128, or there, without gradients, "
-        "triton-variable on variable blocks and, eager with flashinfer-python's kernels prebuilt, flashinfer-bsr on a "
-        "tile table shared by every head and flashinfer-split on a token-level one (svg's band); flex on other CUDA "
-        "calls; masked elsewhere, flex past its size)"
+        "triton-variable on variable blocks, eager with flashinfer-python's kernels prebuilt flashinfer-bsr on a "
+        "tile table shared by every head and flashinfer-split on a token-level one (svg's band), and triton-blocks "
+        "on other block-level patterns; flex on other CUDA calls; masked elsewhere, flex past its size)"
     )
     assert BACKEND.help.endswith("or one of masked, flex, flex-tuned, flashinfer (cuda; float16/bfloat16; pip "
                                  "install flashinfer-python), flashinfer-bsr (cuda; float16/bfloat16; pip install "
                                  "flashinfer-python), flashinfer-split (cuda; float16/bfloat16; pip install "
                                  "flashinfer-python), triton-variable (cuda; float16/bfloat16; pip install "
-                                 "triton)")  # fmt: skip
+                                 "triton), triton-blocks (cuda; float16/bfloat16; pip install triton)")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["auto", "measure", "masked", "flex", "flex-tuned"])
@@ -418,7 +418,7 @@ def hopper_with_flashinfer(monkeypatch: pytest.MonkeyPatch) -> None:
     data conditions and their lack of a backward stay)."""
     monkeypatch.setattr(sparse_backends, "auto_backend", lambda device, dtype=None, head_dim=None: "flex-tuned")
     monkeypatch.setattr(sparse_backends, "flashinfer_prebuilt", lambda: True)
-    for name in ("flashinfer", "flashinfer-bsr", "flashinfer-split", "triton-variable"):
+    for name in ("flashinfer", "flashinfer-bsr", "flashinfer-split", "triton-variable", "triton-blocks"):
         monkeypatch.setitem(REGISTRY, name, replace(REGISTRY[name], devices=("cpu", "cuda"), package=None,
                                                     dtypes=(torch.float32,), run=masked_dense_attention))  # fmt: skip
 
@@ -437,15 +437,14 @@ def head_shared_band() -> BlockSparsePattern:
 
 
 @pytest.mark.parametrize(("pattern", "expected"), [
-    ("head-shared tiles", "flashinfer-bsr"), ("tiles", "flex-tuned"), ("variable", "triton-variable"),
+    ("head-shared tiles", "flashinfer-bsr"), ("tiles", "triton-blocks"), ("variable", "triton-variable"),
     ("token-level", "flex-tuned"), ("head-shared token-level", "flashinfer-split"),
 ])  # fmt: skip
 def test_auto_takes_the_backend_that_was_faster_on_the_pattern(hopper_with_flashinfer: None, pattern: str,
                                                                   expected: str) -> None:  # fmt: skip
-    """Measured on an H200 at Wan 1.3B (auto_choice's and auto_flashinfer's sources): svg2's clusters on our Triton
-    kernel, radial's head-shared table on BSR and svg's head-shared band split between BSR and Flex were faster than
-    flex-tuned, xattn's per-head tables (planned every call) were not in the forward; per-head token-level tables
-    stay on Flex."""
+    """Measured on an H200 (auto_choice's and auto_flashinfer's sources): svg2's clusters on our Triton kernel,
+    radial's head-shared table on BSR, svg's head-shared band split between BSR and Flex, and per-head tables
+    (xattn's, SLA's) on triton-blocks were faster than flex-tuned; per-head token-level tables stay on Flex."""
     q = torch.randn(1, 2, N, 16)
     named = {"head-shared tiles": head_shared_tiles, "head-shared token-level": head_shared_band}
     chosen = named[pattern]() if pattern in named else kind_patterns()[pattern]
@@ -459,11 +458,21 @@ def test_auto_keeps_flex_where_bsr_refuses_the_tiles(hopper_with_flashinfer: Non
     assert sparse_backends.auto_choice(q, q, q, uneven) == "flex-tuned"
 
 
-def test_auto_stays_on_flex_under_torch_compile(hopper_with_flashinfer: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A compiled graph captures Flex; FlashInfer's plan and run are host code it cannot trace."""
+def test_auto_runs_tiles_on_triton_blocks_under_torch_compile(hopper_with_flashinfer: None,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A compiled graph cannot trace FlashInfer's plan and run (host code); triton-blocks is one opaque op."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     q = torch.randn(1, 2, N, 16)
-    assert sparse_backends.auto_choice(q, q, q, head_shared_tiles()) == "flex-tuned"
+    assert sparse_backends.auto_choice(q, q, q, head_shared_tiles()) == "triton-blocks"
+
+
+@pytest.mark.parametrize("block", [8, 256])
+def test_auto_keeps_flex_for_tiles_triton_blocks_does_not_take(hopper_with_flashinfer: None, block: int) -> None:
+    q = torch.randn(1, 2, 512, 16)
+    blocks = 512 // block
+    pattern = BlockSparsePattern(torch.rand(1, 2, blocks, blocks) < 0.5, 512, block)
+    assert get_backend("triton-blocks").refusal(pattern) == f"tiles of {block} tokens: it takes 16, 32, 64, 128"
+    assert sparse_backends.auto_choice(q, q, q, pattern) == "flex-tuned"
 
 
 def test_auto_stays_on_flex_where_the_call_needs_gradients(hopper_with_flashinfer: None) -> None:
@@ -488,11 +497,11 @@ def test_measure_skips_a_forward_only_backend_where_gradients_are_needed(hopper_
 
 
 @pytest.mark.parametrize("missing", ["package", "prebuilt kernels"])
-def test_auto_stays_on_flex_without_a_runnable_flashinfer(
+def test_auto_runs_triton_blocks_without_a_runnable_flashinfer(
     hopper_with_flashinfer: None, monkeypatch: pytest.MonkeyPatch, missing: str
 ) -> None:
     """Not installed, or installed without prebuilt kernels (its first call would JIT-compile for minutes, or fail
-    without nvcc): auto keeps Flex; naming the backend still runs it."""
+    without nvcc): auto runs the tiles on triton-blocks instead; naming the backend still runs it."""
     if missing == "package":
         bsr = REGISTRY["flashinfer-bsr"]
         monkeypatch.setitem(REGISTRY, "flashinfer-bsr", replace(bsr, package="flashinfer"))
@@ -502,7 +511,7 @@ def test_auto_stays_on_flex_without_a_runnable_flashinfer(
         monkeypatch.setattr(sparse_backends, "flashinfer_prebuilt", lambda: False)
     q = torch.randn(1, 2, N, 16)
     try:
-        assert sparse_backends.auto_choice(q, q, q, head_shared_tiles()) == "flex-tuned"
+        assert sparse_backends.auto_choice(q, q, q, head_shared_tiles()) == "triton-blocks"
     finally:
         sparse_backends.import_failure.cache_clear()
 
@@ -521,16 +530,16 @@ def test_auto_keeps_variable_blocks_on_flex_where_the_call_needs_gradients(hoppe
 
 
 def test_backend_log_names_what_auto_runs_under_compile_where_it_differs(hopper_with_flashinfer: None) -> None:
-    """Eagerly FlashInfer, compiled Flex: the record names both; where they agree, only backend_used."""
+    """Eagerly FlashInfer, compiled triton-blocks: the record names both; where they agree, only backend_used."""
     q = torch.randn(1, 2, N, 16)
     shared, per_head = head_shared_tiles(), kind_patterns()["tiles"]
     log = BackendLog("auto", "test")
     log.attention(q, q, q, shared)
     assert log.params()["backend_used"] == {str(N): "flashinfer-bsr"}
-    assert log.params()["backend_used_compiled"] == {str(N): "flex-tuned"}
+    assert log.params()["backend_used_compiled"] == {str(N): "triton-blocks"}
     other = BackendLog("auto", "test")
     other.attention(q, q, q, per_head)
-    assert other.params() == {"backend_used": {str(N): "flex-tuned"}}
+    assert other.params() == {"backend_used": {str(N): "triton-blocks"}}
 
 
 def test_measure_skips_a_backend_refusing_the_patterns_kind_even_when_fastest() -> None:

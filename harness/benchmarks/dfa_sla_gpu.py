@@ -2,16 +2,17 @@
 
 1. Correctness (fresh random inputs, bf16, 8,190 tokens: not a multiple of 128): DFA's band through
    compiled FlexAttention against the masked dense SDPA in fp32; SLA's output on Flex's own tiles (64-blocks
-   regrouped into 128-tiles) and on flex-tuned (64 x 64 tiles, unregrouped), its linear branch, projection and sum
-   on the Triton kernels (:mod:`methods.kernels.sla_linear_triton`), and SLA's gradients (q, k, v, proj: the torch
-   linear branch, regrouped Flex), against the masked path in fp32; then the kernels' linear branch against the
-   torch path in float64 at Wan 1.3B's and 14B's token counts (4 heads, two classes each). A failure stops the script.
+   regrouped into 128-tiles), on flex-tuned (64 x 64 tiles, unregrouped) and on triton-blocks (its critical blocks
+   listed from the ranking), its linear branch, projection and sum on the Triton kernels
+   (:mod:`methods.kernels.sla_linear_triton`), and SLA's gradients (q, k, v, proj: the torch linear branch,
+   regrouped Flex), against the masked path in fp32; then the kernels' linear branch against the torch path in
+   float64 at Wan 1.3B's and 14B's token counts (4 heads, two classes each). A failure stops the script.
 2. Latency per self-attention call at Wan 1.3B 480p (12 heads x 128, 32,760 tokens) and Wan 14B 720p
-   (40 heads, 75,600 tokens): cudnn dense, DFA's window (1/8), DFA's residual refresh (dense + window),
-   SLA forward (classification + critical Flex + linear branch) at the paper's 5% / 10%, 64-blocks; and SLA's
-   parts: the selection, the critical branch on 64 x 64 tiles and regrouped into 128 x 128 ones (its ideal: the
-   density x the dense call), the linear branch on the kernel and in torch, the whole call with the torch linear
-   branch.
+   (40 heads, 75,600 tokens): cuDNN dense (pinned), DFA's window (1/8), DFA's residual refresh (dense + window),
+   SLA forward (classification, critical branch and linear branch as ``auto`` runs them) at the paper's 5% / 10%,
+   64-blocks; and SLA's parts: the selection, the critical branch on 64 x 64 Flex tiles, regrouped into 128 x 128
+   ones and on triton-blocks, each against its ideal (the density x the dense call), the critical lists, the linear
+   branch on the kernel and in torch, the whole call with the torch linear branch.
 
     python -m harness.benchmarks.dfa_sla_gpu --out $OUT
     python -m harness.benchmarks.dfa_sla_gpu --out /tmp/x --device cpu      # smoke test, tiny shapes (Flex in fp32;
@@ -30,6 +31,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from harness.atomic import write_json_atomic
 from harness.environment import capture_environment
@@ -37,16 +39,19 @@ from harness.latency import measure
 from methods import AttentionContext, TokenGrid
 from methods.dfa import DEFAULT_WINDOW_FRACTION, band_density, window_attention, window_radius
 from methods.kernels import sla_linear_triton as sla_linear
+from methods.kernels.block_list_triton import block_list_attention
 from methods.kernels.block_sparse import BlockSparsePattern, flex_block_sparse_attention
 from methods.kernels.sparse_backends import HOPPER_FLEX_OPTIONS, tuned_flex_attention
 from methods.sla import (
     LINEAR_EPS,
     SlaProjections,
     SparseLinearAttention,
+    class_sizes,
     classes_from_order,
     classify_blocks,
     key_block_order,
     marginal_linear_attention,
+    sorted_critical_lists,
 )
 
 BF16_RELATIVE_TOLERANCE = 2e-2
@@ -84,7 +89,7 @@ def check_correctness(device: torch.device, heads: int, tokens: int, head_dim: i
     # kernel where it runs (CUDA, bf16, no gradient); gradients on the torch linear branch and regrouped Flex.
     # FlexAttention has no backward on CPU: there (smoke mode) only the forward is compared.
     checks = [("sla_output", "flex", False), ("sla_output_flex_tuned", "flex-tuned", False)]
-    checks += [("sla_grad", "flex", True)] if cuda else []
+    checks += [("sla_output_triton_blocks", "triton-blocks", False), ("sla_grad", "flex", True)] if cuda else []
     for label, fast_backend, grad in checks:
         block = 64 if cuda else 4
         results = {}
@@ -128,6 +133,15 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict
     return stats.to_dict()
 
 
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The dense call sparse methods are measured against: cuDNN's on CUDA (pinned: SDPA's own choice there may be
+    another kernel), SDPA's choice elsewhere."""
+    if q.is_cuda:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 def latency(device: torch.device, heads: int, tokens: int, head_dim: int, repeats: int) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
@@ -135,10 +149,10 @@ def latency(device: torch.device, heads: int, tokens: int, head_dim: int, repeat
     method, ctx = sla_call(head_dim, tokens, "auto", device)
     with torch.inference_mode():
         rows = {
-            "dense_sdpa": time_call(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats),
+            "dense": time_call(lambda: dense_attention(q, k, v), device, repeats),
             "dfa_window": time_call(lambda: window_attention(q, k, v, radius), device, repeats),
             "dfa_refresh": time_call(
-                lambda: F.scaled_dot_product_attention(q, k, v) - window_attention(q, k, v, radius), device, repeats
+                lambda: dense_attention(q, k, v) - window_attention(q, k, v, radius), device, repeats
             ),
             "sla": time_call(lambda: method(q, k, v, ctx), device, repeats),
         }
@@ -147,23 +161,29 @@ def latency(device: torch.device, heads: int, tokens: int, head_dim: int, repeat
         with mock.patch.dict(os.environ, {sla_linear.BACKEND_ENV: "torch"}):
             rows["sla_torch_linear"] = time_call(lambda: method(q, k, v, ctx), device, repeats)
     density = method.density.mean()
-    dense_ms = rows["dense_sdpa"]["median_ms"]
-    return {"calls": rows, "dfa_window_density": band_density(tokens, radius), "sla_density": density,
-            "sla_block": method.params()["block_size_used"], **parts,
-            "sla_critical_ideal_ms": density * dense_ms,
-            "sla_critical_over_ideal": rows["sla_critical_64_tiles"]["median_ms"] / (density * dense_ms),
+    dense_ms = rows["dense"]["median_ms"]
+    over_ideal = {name: stats["median_ms"] / (density * dense_ms) for name, stats in rows.items()
+                  if name.startswith("sla_critical_")}  # fmt: skip
+    return {"calls": rows, "dense_backend": "cudnn" if device.type == "cuda" else "sdpa",
+            "dfa_window_density": band_density(tokens, radius), "sla_density": density,
+            "sla_block": method.params()["block_size_used"], **parts, "sla_critical_ideal_ms": density * dense_ms,
+            "sla_critical_over_ideal": over_ideal,
+            "sla_critical_backend": method.params()["backend_used"][str(tokens)],
             "sla_speedup_vs_dense": dense_ms / rows["sla"]["median_ms"]}  # fmt: skip
 
 
 def sla_parts(method: SparseLinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               device: torch.device, repeats: int) -> dict[str, Any]:  # fmt: skip
     """SLA's call in its parts: the selection (pooled scores, ranks, classes), the critical branch on flex-tuned's
-    64 x 64 tiles and regrouped into the Hopper 128 x 128 ones, the linear branch on the kernel (where it runs) and
-    in torch; with the linear kernel's configuration."""
+    64 x 64 tiles, regrouped into the Hopper 128 x 128 ones and (on CUDA) on triton-blocks with its lists from the
+    ranking, the linear branch on the kernel (where it runs) and in torch; with the linear kernel's configuration."""
     tokens = q.shape[-2]
     block = method.block_size(tokens)
-    critical, marginal = classify_blocks(q, k, block, method.critical, method.negligible)
+    order = key_block_order(q, k, block)
+    critical, marginal = classes_from_order(order, method.critical, method.negligible)
     pattern = BlockSparsePattern(critical, tokens, block)
+    n_critical = class_sizes(order.shape[-1], method.critical, method.negligible)[0]
+    lists = sorted_critical_lists(order, n_critical)
     calls = {
         "sla_selection": time_call(lambda: classify_blocks(q, k, block, method.critical, method.negligible), device,
                                    repeats),
@@ -172,6 +192,10 @@ def sla_parts(method: SparseLinearAttention, q: torch.Tensor, k: torch.Tensor, v
             lambda: flex_block_sparse_attention(q, k, v, pattern, HOPPER_FLEX_OPTIONS), device, repeats),
         "sla_linear_torch": time_call(lambda: marginal_linear_attention(q, k, v, marginal, block), device, repeats),
     }  # fmt: skip
+    if q.is_cuda:
+        calls["sla_critical_triton_blocks"] = time_call(
+            lambda: block_list_attention(q, k, v, *lists, block), device, repeats)  # fmt: skip
+        calls["sla_lists"] = time_call(lambda: sorted_critical_lists(order, n_critical), device, repeats)
     out: dict[str, Any] = {}
     if sla_linear.use_fused(q, k, v, block):
         calls["sla_linear_kernel"] = time_call(
@@ -202,8 +226,10 @@ def main(argv: list[str] | None = None) -> None:
         entry = latency(device, heads, tokens, 16 if smoke else 128, args.repeats)
         result["shapes"][name] = entry
         calls = ", ".join(f"{call} {stats['median_ms']:.3g} ms" for call, stats in entry["calls"].items())
-        speedup, over_ideal = entry["sla_speedup_vs_dense"], entry["sla_critical_over_ideal"]
-        print(f"  sla: {speedup:.2f}x dense; critical branch {over_ideal:.2f}x its ideal")
+        over_ideal = ", ".join(f"{row.removeprefix('sla_critical_')} {ratio:.2f}x"
+                               for row, ratio in entry["sla_critical_over_ideal"].items())  # fmt: skip
+        print(f"  sla: {entry['sla_speedup_vs_dense']:.2f}x dense; critical branch over its ideal: {over_ideal} "
+              f"(the call's: {entry['sla_critical_backend']})")  # fmt: skip
         densities = f"window density {entry['dfa_window_density']:.3f}, sla density {entry['sla_density']:.3f}"
         print(f"{name} ({heads} heads, {tokens} tokens): {calls}; {densities}")
     write_json_atomic(args.out / "dfa_sla_gpu.json", {**result, "status": "complete"})

@@ -22,19 +22,22 @@ tiles at 3.8x density x cuDNN (reports/gpu/h200/run_096045e/, BLOCK 64 options),
 Query rows of a block that keeps no key get zeros (masked dense gives NaN; no method makes such a block).
 
 Shapes: q, k, v ``(B, H, N, D)`` fp16 or bf16, one dtype, any strides with a contiguous last axis, ``D <= 128``;
-``lists (G, R, L)`` int32 and ``counts (G, R)`` int32 with ``G = B H`` and ``R = ceil(N / b)``. Returns
-``(B, H, N, D)`` contiguous in q's dtype. Forward only.
+``lists (B or 1, H or 1, R, L)`` int32 and ``counts (B or 1, H or 1, R)`` int32 with ``R = ceil(N / b)`` (a table
+shared by every batch item or head is read in place, not copied). Returns ``(B, H, N, D)`` contiguous in q's dtype.
+Forward only.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
 from harness.errors import HarnessError
 from methods.kernels import kernel_op, last_axis_contiguous, tile_columns, use_descriptor_scratch
+from methods.kernels.block_sparse import BlockSparsePattern
 
 try:
     import triton
@@ -45,6 +48,8 @@ except ImportError:  # CPU-only installs (CI): the backend is refused there
 #: The Triton interpreter (TRITON_INTERPRET=1, CPU tensors): tests run the kernel on the CPU.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 128
+#: Where a pattern keeps its lists (:attr:`BlockSparsePattern.backend_plans`).
+LISTS_KEY = ("block-lists",)
 #: Block sizes the kernel takes: powers of two, ``tl.arange``'s sizes, from ``tl.dot``'s smallest to 128 (a larger
 #: block's tile overflows shared memory at D = 128).
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -64,10 +69,12 @@ class Config(NamedTuple):
         return "x".join(map(str, self[:3])) + ("t" if self.tma else "")
 
 
-#: Candidates for the H200 sweep (harness.benchmarks.dfa_sla_gpu); the default is the interpreter-checked one.
-CONFIGS = (Config(1, 4, 3), Config(2, 4, 3), Config(2, 8, 3), Config(1, 4, 4), Config(1, 4, 3, True),
-           Config(1, 4, 4, True), Config(2, 4, 2), Config(1, 8, 3, True))  # fmt: skip
-DEFAULT_CONFIG = Config(1, 4, 3)
+#: The configuration per block size: the fastest of the H200 sweep (harness.benchmarks.block_list_gpu, 9 of them at
+#: 64 tokens, 4 at 128, at Wan 1.3B and 14B on SLA's critical blocks and on random tables at density 0.3; run_fd15a60):
+#: descriptor loads in 3 stages, 4 warps at 64 (112 KB of shared memory), 8 at 128 (4 spill). Descriptor loads beat
+#: the pointer ones of the same tiles by 1.2-1.4x; two blocks per step (8 warps) lost at 64 (2x).
+BEST_CONFIGS = {16: Config(1, 4, 3, True), 32: Config(1, 4, 3, True), 64: Config(1, 4, 3, True),
+                128: Config(1, 8, 3, True)}  # fmt: skip
 
 
 def _jit(fn: Any) -> Any:
@@ -75,23 +82,23 @@ def _jit(fn: Any) -> Any:
 
 
 @_jit
-def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lists_ptr, counts_ptr, scale, H, N, R, L,
-               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lists_ptr, counts_ptr, scale, H, N,
+               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, slr, scb, sch,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PAIRS: tl.constexpr,
                TMA: tl.constexpr):  # fmt: skip
-    """Program (i, g): query block i of group g over its listed key blocks ``lists[g, i, :counts[g, i]]``.
+    """Program (i, g): query block i of group g = (b, h) over its listed key blocks ``lists[b, h, i, :counts[b, h,
+    i]]`` (strides slb, slh, slr, 1 and scb, sch, 1: 0 where a table is shared by every batch item or head).
     ``scale`` is ``log2(e) / sqrt(D)``; the output ``(B * H, N, D)`` contiguous."""
     i, g = tl.program_id(0), tl.program_id(1)
     b, h = (g // H).to(tl.int64), (g % H).to(tl.int64)
-    row = g.to(tl.int64) * R + i
     rows = i * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
     row_mask = (rows < N)[:, None] & inside[None, :]
     q = tl.load(q_ptr + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqn + cols[None, :], mask=row_mask,
                 other=0.0)  # fmt: skip
-    count = tl.load(counts_ptr + row)
-    listed = lists_ptr + row * L
+    count = tl.load(counts_ptr + b * scb + h * sch + i)
+    listed = lists_ptr + b * slb + h * slh + i * slr
     k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
     if TMA:
         k_desc = tl.make_tensor_descriptor(k_base, shape=[N, D], strides=[skn, 1], block_shape=[BLOCK, BLOCK_D])
@@ -150,17 +157,20 @@ def block_list_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     spelled out."""
     batch, heads, tokens, dim = q.shape
     q, k, v = (last_axis_contiguous(x) for x in (q, k, v))
+    # Broadcast, not copied: a shared table is read with zero batch and head strides.
+    lists, counts = lists.expand(batch, heads, -1, -1), counts.expand(batch, heads, -1)
+    if lists.stride(-1) != 1 or counts.stride(-1) != 1:
+        lists, counts = lists.contiguous(), counts.contiguous()
     groups, blocks = batch * heads, lists.shape[-2]
-    lists = lists.expand(batch, heads, -1, -1).reshape(groups, blocks, lists.shape[-1])
-    counts = counts.expand(batch, heads, -1).reshape(groups, blocks)
     with_tma = tma and descriptors_ready(k, v)
     if with_tma and not INTERPRETED:
         use_descriptor_scratch()
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     _attention[(blocks, groups)](
-        q, k, v, out, lists, counts, 1.4426950408889634 / dim**0.5, heads, tokens, blocks, lists.shape[-1],
+        q, k, v, out, lists, counts, 1.4426950408889634 / dim**0.5, heads, tokens,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), D=dim, BLOCK_D=tile_columns(dim), BLOCK=block, PAIRS=1 if with_tma else pairs, TMA=with_tma,
+        v.stride(2), lists.stride(0), lists.stride(1), lists.stride(2), counts.stride(0), counts.stride(1),
+        D=dim, BLOCK_D=tile_columns(dim), BLOCK=block, PAIRS=1 if with_tma else pairs, TMA=with_tma,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
@@ -173,10 +183,10 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor, co
 
 
 def block_list_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor, counts: torch.Tensor,
-                         block: int, config: Config = DEFAULT_CONFIG) -> torch.Tensor:  # fmt: skip
+                         block: int, config: Config | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of q, k, v ``(B, H, N, D)`` (fp16/bf16, on CUDA or under the Triton interpreter) over the listed
     key blocks: ``lists (B or 1, H or 1, R, L)`` int32, ``counts (B or 1, H or 1, R)`` int32, blocks of ``block``
-    tokens. Returns ``(B, H, N, D)`` in q's dtype.
+    tokens, with ``config`` (default :data:`BEST_CONFIGS`' for the block). Returns ``(B, H, N, D)`` in q's dtype.
 
     Raises:
         HarnessError: a head dim over :data:`MAX_HEAD_DIM`, a block size not in :data:`BLOCK_SIZES`, or lists
@@ -190,4 +200,21 @@ def block_list_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, list
     if lists.shape[-2] != rows or counts.shape[-1] != rows:
         raise HarnessError(f"block lists for {lists.shape[-2]} query blocks, but {q.shape[-2]} tokens in blocks of "
                            f"{block} make {rows}")  # fmt: skip
-    return block_list_attention_op(q, k, v, lists, counts, block, *config)
+    return block_list_attention_op(q, k, v, lists, counts, block, *(config or BEST_CONFIGS[block]))
+
+
+def pattern_lists(pattern: BlockSparsePattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block lists of a block-level ``pattern``: those a method attached (:func:`attach_lists`), else
+    :func:`block_lists` of its tile table; built on the first call and kept with the pattern (a pattern reused
+    across calls, radial's, lists once)."""
+    plan = pattern.backend_plans.get(LISTS_KEY)
+    if not isinstance(plan, tuple):
+        plan = pattern.backend_plans[LISTS_KEY] = block_lists(pattern.kept) if plan is None else plan()
+    return plan
+
+
+def attach_lists(pattern: BlockSparsePattern, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give ``pattern`` the builder of its block lists (those of its tile table, in any order), run where a backend
+    first reads them (:func:`pattern_lists`), for a method that has them from its own ranking (SLA's critical
+    blocks): no sort of the table, and no work where another backend runs the pattern."""
+    pattern.backend_plans[LISTS_KEY] = build

@@ -14,13 +14,16 @@ way diffusers' ``attention_dispatch`` registers its attention backends:
                 k, v in place where the table is shared by every head
     triton-variable  our Triton kernel over variable-size blocks (SVG2's clusters): each query block's kept key
                 tokens gathered by index, planned on the device
+    triton-blocks  our Triton kernel over a block-level pattern's square tiles of 16-128 tokens (SLA's 64): each
+                query block streams its listed key blocks whole, through tensor descriptors
     flashinfer-split  a token-level pattern's full tiles on the BSR wrapper and its partial tiles on Flex
                 (:data:`SMALL_TILE_FLEX_OPTIONS`), merged by their log-sum-exps (svg's band and sink)
 
 ``backend`` names accepted by :func:`block_sparse_attention` are the registered ones plus ``auto`` (flex-tuned on
 Hopper in fp16/bf16 up to head dim 128, flex on other CUDA calls, masked elsewhere (flex past its size); on Hopper,
-calls that need no gradients run variable blocks on triton-variable, and eager ones a head-shared tile table on
-FlashInfer's BSR wrapper where installed, a head-shared token-level one on flashinfer-split: :func:`auto_choice`)
+calls that need no gradients run variable blocks on triton-variable, eager ones a head-shared tile table on
+FlashInfer's BSR wrapper where installed, a head-shared token-level one on flashinfer-split, and other block-level
+patterns on triton-blocks: :func:`auto_choice`)
 and ``measure`` (:func:`choose_backend`: every available backend once on the call's own inputs, the fastest whose output
 matches masked dense within :func:`tolerance`; cached per label, shape, dtype and block sizes for the process).
 :class:`BackendLog` records which backend each sequence length ran on.
@@ -41,6 +44,7 @@ import torch
 
 from harness.errors import HarnessError, UnsupportedError
 from methods.kernels.attention_states import LOG2_E, merge_attention_states
+from methods.kernels.block_list_triton import BLOCK_SIZES, block_list_attention, pattern_lists
 from methods.kernels.block_sparse import (
     FLEX_TILE,
     KIND_DESCRIPTIONS,
@@ -551,6 +555,30 @@ def triton_variable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return variable_block_attention(q, k, v, pattern.variable)
 
 
+def _blocks_refuses(pattern: BlockSparsePattern) -> str | None:
+    """triton-blocks' conditions on a block-level pattern: square tiles of a size its kernel takes."""
+    q_block, kv_block = pattern.blocks
+    if q_block != kv_block:
+        return f"query and key blocks differ ({pattern.blocks}): it lists square blocks"
+    if q_block not in BLOCK_SIZES:
+        return f"tiles of {q_block} tokens: it takes {', '.join(map(str, BLOCK_SIZES))}"
+    return None
+
+
+@register_backend("triton-blocks", devices=("cuda",), dtypes=HALF_DTYPES, package="triton", differentiable=False,
+                  refuses=_blocks_refuses,
+                  refused_kinds={"variable": "triton-variable runs them",
+                                 "token-level": "it computes whole tiles only"})  # fmt: skip
+def triton_blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
+                            ) -> torch.Tensor:  # fmt: skip
+    """Our Triton kernel over a block-level pattern's kept tiles
+    (:func:`methods.kernels.block_list_triton.block_list_attention`): each query block streams its listed key
+    blocks (:func:`~methods.kernels.block_list_triton.pattern_lists`: the method's own, or the table's, kept with
+    the pattern). ``(B, H, N, D)`` in and out."""
+    lists, counts = pattern_lists(pattern)
+    return block_list_attention(q, k, v, lists, counts, pattern.blocks[0])
+
+
 # -- choosing by measurement ------------------------------------------------------------------------
 
 
@@ -731,16 +759,20 @@ def flashinfer_prebuilt() -> bool:
 def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,
                 compiled: bool | None = None) -> str:  # fmt: skip
     """What ``backend=auto`` runs for this call where :func:`auto_backend` is flex-tuned (Hopper, fp16/bf16; else
-    that base choice, masked on the CPU but flex where masked refuses the pattern's size), in this order:
+    that base choice, masked on the CPU but flex where masked refuses the pattern's size), in this order, for a call
+    that needs no gradients (our kernels and FlashInfer's compute none; a call that needs them takes the base):
 
-    - variable blocks (SVG2's clusters) on triton-variable, eager or compiled (one opaque op), when the call needs
-      no gradients (it computes none): on an H200 at density 0.295, 9.24 ms a call at Wan 1.3B against 13.93 ms on
-      FlashInfer's variable-block wrapper and 29.02 on flex-tuned, 124.0 against 137.2 and 385.0 at 14B
-      (reports/gpu/h200/run_998d57e/variable_blocks/); FlashInfer was 4% faster only at 14B and density 0.1
-      (run_f81020f/);
-    - in an eager call that needs no gradients, :func:`auto_flashinfer`'s wrapper where its kernels are prebuilt
-      (:func:`flashinfer_prebuilt`: no JIT compile inside a run) and it can run this pattern; under
-      ``torch.compile`` Flex, which the compiled graph captures (FlashInfer's plan and run are opaque host code);
+    - variable blocks (SVG2's clusters) on triton-variable, eager or compiled (one opaque op): on an H200 at density
+      0.295, 9.24 ms a call at Wan 1.3B against 13.93 ms on FlashInfer's variable-block wrapper and 29.02 on
+      flex-tuned, 124.0 against 137.2 and 385.0 at 14B (reports/gpu/h200/run_998d57e/variable_blocks/); FlashInfer
+      was 4% faster only at 14B and density 0.1 (run_f81020f/);
+    - in an eager call, :func:`auto_flashinfer`'s wrapper where its kernels are prebuilt (:func:`flashinfer_prebuilt`:
+      no JIT compile inside a run) and it can run this pattern (its plan and run are host code a compiled graph
+      cannot trace);
+    - a block-level pattern triton-blocks takes on triton-blocks, eager or compiled (one opaque op): on an H200 at
+      Wan 1.3B / 14B, SLA's 64-token critical blocks 1.58x / 1.35x their ideal (density x dense) against flex-tuned's
+      3.37x / 2.32x, random 128-token tables at density 0.3 1.23x / 1.19x against 1.38x / 1.32x
+      (reports/gpu/h200/run_fd15a60/block_list/);
     - the base choice.
 
     ``compiled`` asks for the compiled choice (``True``) or the eager one (``False``) whatever the context (``None``:
@@ -748,21 +780,14 @@ def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bloc
     base = auto_backend(q.device, q.dtype, q.shape[-1])
     if base == "masked" and get_backend(base).refusal(pattern):
         return "flex"  # a dense N x N mask past its size (a Wan-scale call on the CPU): Flex takes every pattern
-    if base != "flex-tuned":
+    if base != "flex-tuned" or needs_gradients(q, k, v):
         return base
-    training = needs_gradients(q, k, v)
-    if pattern.kind == "variable":
-        variable = get_backend("triton-variable")
-        return base if variable.unavailable(q, pattern) or variable.gradient_refusal(training) else variable.name
-    if torch.compiler.is_compiling() if compiled is None else compiled:
-        return base
-    preferred = auto_flashinfer(pattern)
-    if preferred is None:
-        return base
-    backend = get_backend(preferred)
-    if backend.unavailable(q, pattern) or backend.gradient_refusal(training) or not flashinfer_prebuilt():
-        return base
-    return preferred
+    if not (torch.compiler.is_compiling() if compiled is None else compiled):
+        preferred = auto_flashinfer(pattern)
+        if preferred is not None and not get_backend(preferred).unavailable(q, pattern) and flashinfer_prebuilt():
+            return preferred
+    ours = {"variable": "triton-variable", "tiles": "triton-blocks"}.get(pattern.kind)
+    return base if ours is None or get_backend(ours).unavailable(q, pattern) else ours
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern,

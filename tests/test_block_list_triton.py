@@ -1,0 +1,239 @@
+"""The Triton block-list attention (triton-blocks: SLA's critical blocks, any block-level pattern of square tiles)
+against float64 attention under the pattern's token mask, its lists, and its place among the block-sparse backends.
+
+The kernel tests need Triton and either CUDA or the Triton interpreter on CPU tensors; elsewhere (CI) they skip.
+On a CPU machine, with Triton (and numpy < 2.4) installed outside the project's environment::
+
+    TRITON_INTERPRET=1 PYTHONPATH=.:<numpy < 2.4 site>:<triton site> python -m pytest tests/test_block_list_triton.py
+
+The interpreter multiplies bf16 operands as raw integers, so there the kernel is checked in fp16; on CUDA in fp16
+and bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from triton_helpers import DEVICE, ON_CUDA
+from triton_helpers import needs_kernel as triton_needs_kernel
+
+from harness.errors import HarnessError
+from methods.kernels import block_list_triton as kernel
+from methods.kernels import sparse_backends
+from methods.kernels.block_sparse import BlockSparsePattern, num_blocks
+from methods.sla import class_sizes, classes_from_order, key_block_order, sorted_critical_lists
+
+needs_kernel = triton_needs_kernel(kernel)
+DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
+#: Relative error of the kernel's output against float64 attention on the same (rounded) inputs.
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+#: Every way the kernel loads key blocks: one per step by pointers or by tensor descriptors, two per step.
+LOADS = (kernel.Config(1, 4, 2), kernel.Config(1, 4, 2, True), kernel.Config(2, 4, 2))
+
+
+def random_tiles(batch: int, heads: int, tokens: int, block: int, share: float = 0.4) -> torch.Tensor:
+    """``(B, H, R, R)`` random kept tiles; every query block keeps key block 0."""
+    blocks = num_blocks(tokens, block)
+    kept = torch.rand(batch, heads, blocks, blocks) < share
+    kept[..., 0] = True
+    return kept.to(DEVICE)
+
+
+def float64_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v in float64 over the pattern's token mask; rows that keep no key are 0."""
+    scores = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    weights = scores.masked_fill(~pattern.dense_mask(), float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    return weights @ v.double()
+
+
+def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(*shape, dtype=dtype).to(DEVICE) for _ in range(3))
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, block: int,
+        config: kernel.Config | None = None) -> torch.Tensor:  # fmt: skip
+    return kernel.block_list_attention(q, k, v, *kernel.block_lists(kept), block, config)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", LOADS, ids=lambda c: c.name)
+@pytest.mark.parametrize(("tokens", "dim", "block"), [
+    (100, 32, 16),  # a ragged last block (4 of 16 tokens)
+    (96, 24, 32),  # a head dim that is not a power of two (padded columns)
+    (130, 64, 64),  # a last block of 2 tokens
+])  # fmt: skip
+def test_matches_float64_attention_under_the_tiles(dtype: torch.dtype, config: kernel.Config, tokens: int, dim: int,
+                                                    block: int) -> None:  # fmt: skip
+    torch.manual_seed(tokens + dim)
+    q, k, v = inputs((2, 2, tokens, dim), dtype)
+    kept = random_tiles(2, 2, tokens, block)
+    out = run(q, k, v, kept, block, config)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert relative(out, float64_attention(q, k, v, BlockSparsePattern(kept, tokens, block))) < TOLERANCE[dtype]
+
+
+@needs_kernel
+def test_a_table_shared_by_every_head_broadcasts() -> None:
+    """``(1, 1, R, L)`` lists and ``(1, 1, R)`` counts apply to every batch item and head."""
+    torch.manual_seed(1)
+    q, k, v = inputs((2, 3, 80, 32), torch.float16)
+    shared = random_tiles(1, 1, 80, 16)
+    expected = float64_attention(q, k, v, BlockSparsePattern(shared.expand(2, 3, -1, -1), 80, 16))
+    assert relative(run(q, k, v, shared, 16), expected) < TOLERANCE[torch.float16]
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", LOADS, ids=lambda c: c.name)
+def test_reads_strided_inputs_in_place(config: kernel.Config) -> None:
+    """q, k, v as ``(B, N, H, D)`` tensors seen as ``(B, H, N, D)`` (the layout a transformer's projection gives)."""
+    torch.manual_seed(2)
+    q, k, v = (x.transpose(1, 2) for x in inputs((1, 64, 2, 32), torch.float16))
+    kept = random_tiles(1, 2, 64, 16)
+    expected = float64_attention(q, k, v, BlockSparsePattern(kept, 64, 16))
+    assert relative(run(q, k, v, kept, 16, config), expected) < TOLERANCE[torch.float16]
+
+
+@needs_kernel
+def test_a_query_block_that_keeps_no_key_gets_zeros() -> None:
+    torch.manual_seed(3)
+    q, k, v = inputs((1, 1, 48, 16), torch.float16)
+    kept = random_tiles(1, 1, 48, 16)
+    kept[..., 1, :] = False
+    out = run(q, k, v, kept, 16)
+    assert torch.equal(out[0, 0, 16:32], torch.zeros_like(out[0, 0, 16:32]))
+    assert relative(out, float64_attention(q, k, v, BlockSparsePattern(kept, 48, 16))) < TOLERANCE[torch.float16]
+
+
+def test_block_lists_list_each_rows_kept_blocks_in_ascending_order() -> None:
+    kept = torch.tensor([[[[True, False, True, True], [False, False, False, False], [False, True, False, False]]]])
+    lists, counts = kernel.block_lists(kept)
+    assert lists.dtype == counts.dtype == torch.int32
+    assert counts.tolist() == [[[3, 0, 1]]]
+    assert lists[0, 0, 0, :3].tolist() == [0, 2, 3] and lists[0, 0, 2, :1].tolist() == [1]
+
+
+def test_slas_critical_lists_are_its_critical_blocks_in_ascending_order() -> None:
+    """Listed from the ranking (no sort of the table): the same blocks as the critical table, row by row."""
+    torch.manual_seed(4)
+    q, k = torch.randn(1, 2, 640, 16), torch.randn(1, 2, 640, 16)
+    order = key_block_order(q, k, 16)
+    critical, _ = classes_from_order(order, 0.2, 0.1)
+    lists, counts = sorted_critical_lists(order, class_sizes(order.shape[-1], 0.2, 0.1)[0])
+    table_lists, table_counts = kernel.block_lists(critical)
+    assert torch.equal(counts, table_counts)
+    assert torch.equal(lists, table_lists[..., : lists.shape[-1]])
+
+
+def test_pattern_lists_build_once_from_an_attached_builder_or_the_table() -> None:
+    kept = torch.tensor([[[[True, False], [True, True]]]])
+    built = []
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        built.append(1)
+        return kernel.block_lists(kept)
+
+    attached = BlockSparsePattern(kept, 32, 16)
+    kernel.attach_lists(attached, build)
+    assert not built  # nothing is listed before a backend asks
+    first, second = kernel.pattern_lists(attached), kernel.pattern_lists(attached)
+    assert built == [1] and first is second
+    plain = BlockSparsePattern(kept, 32, 16)
+    assert torch.equal(kernel.pattern_lists(plain)[1], kernel.block_lists(kept)[1])
+
+
+@needs_kernel
+def test_op_passes_opcheck() -> None:
+    """The op's schema (the output aliases no input), fake output and AOT dispatch agree with the kernel."""
+    torch.manual_seed(6)
+    q, k, v = inputs((1, 2, 64, 16), torch.float16)
+    lists, counts = kernel.block_lists(random_tiles(1, 2, 64, 16))
+    torch.library.opcheck(kernel.block_list_attention_op, (q, k, v, lists, counts, 16, *kernel.Config(1, 4, 2)))
+
+
+@pytest.mark.parametrize(("shape", "block", "message"), [
+    ((1, 1, 32, 160), 16, "triton-blocks takes head_dim <= 128, got 160"),
+    ((1, 1, 48, 16), 24, "triton-blocks takes blocks of 16, 32, 64, 128 tokens, got 24"),
+    ((1, 1, 40, 16), 16, "block lists for 2 query blocks, but 40 tokens in blocks of 16 make 3"),
+])  # fmt: skip
+def test_bad_calls_are_refused_with_their_reason(shape: tuple[int, ...], block: int, message: str) -> None:
+    q = torch.randn(*shape, dtype=torch.float16)
+    lists, counts = kernel.block_lists(torch.ones(1, 1, 2, 2, dtype=torch.bool))
+    with pytest.raises(HarnessError, match=message):
+        kernel.block_list_attention(q, q, q, lists, counts, block)
+
+
+def test_backend_takes_square_tiles_of_the_kernels_sizes_only() -> None:
+    """Registered as ``triton-blocks``: forward only, fp16/bf16 on CUDA; it refuses variable blocks, token-level
+    patterns and unequal or unsupported tiles with the reason."""
+    backend = sparse_backends.get_backend("triton-blocks")
+    assert not backend.differentiable and backend.devices == ("cuda",)
+    assert backend.refusal(BlockSparsePattern(torch.ones(1, 1, 2, 2, dtype=torch.bool), 64, 32)) is None
+    uneven = BlockSparsePattern(torch.ones(1, 1, 2, 1, dtype=torch.bool), 64, (32, 64))
+    assert "query and key blocks differ" in (backend.refusal(uneven) or "")
+    band = BlockSparsePattern(torch.ones(1, 1, 2, 2, dtype=torch.bool), 64, 32,
+                              full=torch.zeros(1, 1, 2, 2, dtype=torch.bool),
+                              mask_mod=lambda b, h, q, k: q >= k)  # fmt: skip
+    assert "whole tiles only" in (backend.refusal(band) or "")
+
+
+STAND_IN_CALLS: list[int] = []
+
+
+@torch.library.custom_op("bench_test::block_lists_masked", mutates_args=())
+def _masked_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor, counts: torch.Tensor,
+                     block: int, pairs: int, num_warps: int, num_stages: int, tma: bool) -> torch.Tensor:  # fmt: skip
+    """The kernel op's contract computed by masked dense SDPA on the CPU (no Triton here); counts its calls."""
+    STAND_IN_CALLS.append(block)
+    blocks = lists.shape[-2]
+    listed = torch.arange(lists.shape[-1]) < counts[..., None]
+    kept = torch.zeros(*lists.shape[:-1], blocks, dtype=torch.bool).scatter(-1, lists.long(), listed)
+    mask = BlockSparsePattern(kept, q.shape[-2], block).dense_mask()
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@_masked_stand_in.register_fake
+def _(q: torch.Tensor, *args: object) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def test_sla_on_auto_compiles_in_one_graph_on_triton_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLA's critical blocks as ``auto`` runs them on an H200 (triton-blocks, its lists from SLA's ranking) trace
+    whole under ``torch.compile(fullgraph=True)``: the kernel is one opaque op, the lists' builder runs in the graph.
+    The output is the masked path's."""
+    from torch._dynamo.testing import CompileCounter
+
+    from methods import AttentionContext, TokenGrid
+    from methods.kernels import sla_linear_triton
+    from methods.sla import SlaProjections, SparseLinearAttention
+
+    monkeypatch.setattr(sparse_backends, "auto_backend", lambda device, dtype=None, head_dim=None: "flex-tuned")
+    blocks = sparse_backends.REGISTRY["triton-blocks"]
+    monkeypatch.setitem(sparse_backends.REGISTRY, "triton-blocks",
+                        replace(blocks, devices=("cpu",), dtypes=(torch.float32,), package="torch"))  # fmt: skip
+    monkeypatch.setattr(kernel, "block_list_attention_op", _masked_stand_in)
+    monkeypatch.setenv(sla_linear_triton.BACKEND_ENV, "torch")
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 320, 16) for _ in range(3))
+    ctx = AttentionContext(layer=0, num_layers=1, step=1, num_steps=2, timestep=0.5, cfg_branch="cond",
+                           grid=TokenGrid(1, 1, 320))  # fmt: skip
+    fast, reference = SparseLinearAttention(block_size=16), SparseLinearAttention(block_size=16, backend="masked")
+    state = SlaProjections(1, 16).requires_grad_(False)
+    torch.nn.init.constant_(state.proj[0].weight, 0.01)  # a linear branch that counts
+    for method in (fast, reference):
+        method.attach(state, trained=True)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(lambda q, k, v: fast.attend(q, k, v, ctx)[0], backend=counter, fullgraph=True)
+    STAND_IN_CALLS.clear()
+    out = compiled(q, k, v)
+    assert counter.frame_count == 1
+    assert STAND_IN_CALLS == [16]  # the critical blocks ran on triton-blocks' op
+    assert torch.allclose(out, reference.attend(q, k, v, ctx)[0], atol=1e-5)
