@@ -19,8 +19,11 @@ Paper settings on Wan 1.3B: critical 5%, negligible 10%, 64 x 64 blocks, softmax
 
 Density recorded per call: the share of the N x N scores computed exactly (the critical tiles); the
 linear branch forms no score and is not counted (the paper's "95% sparsity" counts it as sparse).
-The critical branch runs through :func:`methods.kernels.sparse_backends.block_sparse_attention`
-(compiled FlexAttention on CUDA, masked dense on CPU).
+The critical branch runs through :func:`methods.kernels.sparse_backends.block_sparse_attention`: ``auto`` runs it
+on Hopper without gradients on triton-blocks (:mod:`methods.kernels.block_list_triton`), each query block streaming
+its critical key blocks from a list taken from the ranking, as SLA's own kernel does (1.82x / 1.35x the
+density-scaled cuDNN call at Wan 1.3B / 14B on an H200, against flex-tuned's 3.35x / 2.34x:
+reports/gpu/h200/run_d6d37b9/), and on compiled FlexAttention when training (masked dense on CPU).
 """
 
 from __future__ import annotations
@@ -171,7 +174,8 @@ class SparseLinearAttention(AttentionMethod):
         sparsity="dynamic",
         data_dependent=True,
         needs_training=True,
-        notes="critical blocks exact (block-sparse: 64-token tiles on flex-tuned), marginal blocks linear + learned "
+        notes="critical blocks exact (block-sparse, 64-token blocks: listed from the ranking on triton-blocks on "
+        "Hopper without gradients, 64-token tiles on flex-tuned when training), marginal blocks linear + learned "
         "proj; fine-tuned; " + sla_linear.BACKEND_NOTE,
     )
     kernel_variables = (sla_linear.BACKEND_ENV,)

@@ -1,8 +1,9 @@
 """The base of the block-sparse methods (XAttention, SVG, SVG2, Radial, ...).
 
 A subclass plans each sparse call -- which tiles to compute, in which token order -- and the base
-runs the plan with :func:`methods.kernels.sparse_backends.block_sparse_attention` (compiled
-FlexAttention on CUDA, the masked dense equivalent on CPU), undoes any permutation and records the
+runs the plan with :func:`methods.kernels.sparse_backends.block_sparse_attention` (on CUDA compiled
+FlexAttention, or where no gradient is needed our Triton kernels or FlashInfer's; the masked dense equivalent on
+CPU), undoes any permutation and records the
 exact density of the mask used. Besides the user's :class:`~methods.base.Schedule`, every method
 keeps its paper's own dense warm-up steps (``warmup_fraction`` of the steps) and dense first layers
 (:meth:`paper_dense_layers`), which scale with the model's step and layer counts.
