@@ -104,13 +104,29 @@ def classes_from_order(order: torch.Tensor, critical: float, negligible: float) 
     return is_critical, ~is_critical & ~skipped
 
 
-def sorted_critical_lists(order: torch.Tensor, n_critical: int) -> tuple[torch.Tensor, torch.Tensor]:
+def critical_lists(top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The critical key blocks of every query block as the block lists of
-    :func:`methods.kernels.block_list_triton.block_list_attention`, from :func:`key_block_order`'s ``order``: ``lists
-    (B, H, nq, n_critical)`` int32, ascending (neighbouring reads), and ``counts (B, H, nq)`` int32, all
-    ``n_critical``. The ranking has them already: no sort of the ``(nq, nk)`` table."""
-    lists = order[..., :n_critical].sort(dim=-1).values.to(torch.int32)
-    return lists, torch.full(order.shape[:-1], n_critical, dtype=torch.int32, device=order.device)
+    :func:`methods.kernels.block_list_triton.block_list_attention`, from the ranking's first ``n_critical`` entries
+    ``top (B, H, nq, n_critical)`` int64: ``lists`` int32, ascending (neighbouring reads), and ``counts (B, H, nq)``
+    int32, all ``n_critical``. No sort of the ``(nq, nk)`` table."""
+    lists = top.sort(dim=-1).values.to(torch.int32)
+    return lists, torch.full(top.shape[:-1], top.shape[-1], dtype=torch.int32, device=top.device)
+
+
+def critical_pattern(q: torch.Tensor, k: torch.Tensor, block: int, critical: float, negligible: float
+                     ) -> tuple[BlockSparsePattern, torch.Tensor]:  # fmt: skip
+    """SLA's selection as its critical branch runs it: the critical blocks as a block-level pattern, with the
+    builder of their lists attached (:func:`critical_lists`, run where triton-blocks first reads them, as SLA's own
+    kernel streams them), and the marginal blocks ``(B, H, nq, nk)`` bool (:func:`classify_blocks`' classes). Only
+    the ranking's first ``n_critical`` entries outlive the call (the full ranking is ``B H nq nk`` int64: 447 MB at
+    Wan 14B)."""
+    order = key_block_order(q, k, block)
+    is_critical, marginal = classes_from_order(order, critical, negligible)
+    top = order[..., : class_sizes(order.shape[-1], critical, negligible)[0]].clone()
+    del order
+    pattern = BlockSparsePattern(is_critical, q.shape[-2], block)
+    attach_lists(pattern, lambda: critical_lists(top))
+    return pattern, marginal
 
 
 def classify_blocks(q: torch.Tensor, k: torch.Tensor, block: int, critical: float, negligible: float
@@ -236,12 +252,7 @@ class SparseLinearAttention(AttentionMethod):
             self.state.to(q.device)
         tokens, block = q.shape[-2], self.block_size(q.shape[-2])
         with torch.no_grad():  # the selection is not differentiated (as in SLA)
-            order = key_block_order(q, k, block)
-            critical, marginal = classes_from_order(order, self.critical, self.negligible)
-            pattern = BlockSparsePattern(critical, tokens, block)
-            # The critical blocks listed from the ranking, as SLA's kernel streams them, when triton-blocks reads them.
-            n_critical = class_sizes(order.shape[-1], self.critical, self.negligible)[0]
-            attach_lists(pattern, lambda: sorted_critical_lists(order, n_critical))
+            pattern, marginal = critical_pattern(q, k, block, self.critical, self.negligible)
         sparse = self.backends.attention(q, k, v, pattern)
         proj = self.state.proj[ctx.layer]
         fused = sla_linear.use_fused(q, k, v, block, proj.weight, proj.bias)

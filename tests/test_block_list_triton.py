@@ -22,9 +22,9 @@ from triton_helpers import needs_kernel as triton_needs_kernel
 
 from harness.errors import HarnessError
 from methods.kernels import block_list_triton as kernel
-from methods.kernels import sparse_backends
+from methods.kernels import descriptor_aligned, sparse_backends
 from methods.kernels.block_sparse import BlockSparsePattern, num_blocks
-from methods.sla import class_sizes, classes_from_order, key_block_order, sorted_critical_lists
+from methods.sla import classify_blocks, critical_pattern
 
 needs_kernel = triton_needs_kernel(kernel)
 DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
@@ -102,6 +102,42 @@ def test_reads_strided_inputs_in_place(config: kernel.Config) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("shared", [(1, 3), (2, 1)], ids=["per-head", "per-item"])
+def test_a_table_shared_over_one_axis_broadcasts(shared: tuple[int, int]) -> None:
+    torch.manual_seed(8)
+    q, k, v = inputs((2, 3, 64, 16), torch.float16)
+    kept = random_tiles(*shared, 64, 16)
+    expected = float64_attention(q, k, v, BlockSparsePattern(kept.expand(2, 3, -1, -1), 64, 16))
+    assert relative(run(q, k, v, kept, 16), expected) < TOLERANCE[torch.float16]
+
+
+@needs_kernel
+def test_inputs_the_copy_engine_cannot_read_run_on_pointer_loads() -> None:
+    """Heads 200 bytes apart (fp16, D = 100, seen from a (B, N, H, D) tensor): a descriptor made at every other head
+    would start misaligned, so descriptor configurations load those k and v by pointers, with the same output."""
+    torch.manual_seed(9)
+    q, k, v = (x.transpose(1, 2) for x in inputs((1, 64, 2, 100), torch.float16))
+    assert not descriptor_aligned(k)
+    kept = random_tiles(1, 2, 64, 16)
+    expected = float64_attention(q, k, v, BlockSparsePattern(kept, 64, 16))
+    assert relative(run(q, k, v, kept, 16, kernel.Config(1, 4, 2, True)), expected) < TOLERANCE[torch.float16]
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", LOADS[:2], ids=lambda c: c.name)
+def test_a_count_past_the_lists_length_reads_the_list_only(config: kernel.Config) -> None:
+    """Lists cut to L entries with counts above L: each row reads its own L entries, never the next row's."""
+    torch.manual_seed(10)
+    q, k, v = inputs((1, 2, 80, 16), torch.float16)
+    kept = torch.zeros(1, 2, 5, 5, dtype=torch.bool, device=DEVICE)
+    kept[..., :2] = True  # every row keeps blocks 0 and 1: the lists' first two entries
+    lists, counts = kernel.block_lists(kept)
+    out = kernel.block_list_attention(q, k, v, lists[..., :2].contiguous(), counts + 3, 16, config)
+    expected = float64_attention(q, k, v, BlockSparsePattern(kept, 80, 16))
+    assert relative(out, expected) < TOLERANCE[torch.float16]
+
+
+@needs_kernel
 def test_a_query_block_that_keeps_no_key_gets_zeros() -> None:
     torch.manual_seed(3)
     q, k, v = inputs((1, 1, 48, 16), torch.float16)
@@ -121,12 +157,14 @@ def test_block_lists_list_each_rows_kept_blocks_in_ascending_order() -> None:
 
 
 def test_slas_critical_lists_are_its_critical_blocks_in_ascending_order() -> None:
-    """Listed from the ranking (no sort of the table): the same blocks as the critical table, row by row."""
+    """Listed from the ranking (no sort of the table): the same blocks as the critical table, row by row; the
+    classes are classify_blocks'."""
     torch.manual_seed(4)
     q, k = torch.randn(1, 2, 640, 16), torch.randn(1, 2, 640, 16)
-    order = key_block_order(q, k, 16)
-    critical, _ = classes_from_order(order, 0.2, 0.1)
-    lists, counts = sorted_critical_lists(order, class_sizes(order.shape[-1], 0.2, 0.1)[0])
+    pattern, marginal = critical_pattern(q, k, 16, 0.2, 0.1)
+    critical, expected_marginal = classify_blocks(q, k, 16, 0.2, 0.1)
+    assert torch.equal(pattern.kept, critical) and torch.equal(marginal, expected_marginal)
+    lists, counts = kernel.pattern_lists(pattern)
     table_lists, table_counts = kernel.block_lists(critical)
     assert torch.equal(counts, table_counts)
     assert torch.equal(lists, table_lists[..., : lists.shape[-1]])
@@ -158,16 +196,22 @@ def test_op_passes_opcheck() -> None:
     torch.library.opcheck(kernel.block_list_attention_op, (q, k, v, lists, counts, 16, *kernel.Config(1, 4, 2)))
 
 
-@pytest.mark.parametrize(("shape", "block", "message"), [
-    ((1, 1, 32, 160), 16, "triton-blocks takes head_dim <= 128, got 160"),
-    ((1, 1, 48, 16), 24, "triton-blocks takes blocks of 16, 32, 64, 128 tokens, got 24"),
-    ((1, 1, 40, 16), 16, "block lists for 2 query blocks, but 40 tokens in blocks of 16 make 3"),
+@pytest.mark.parametrize(("shape", "block", "change", "message"), [
+    ((1, 1, 32, 160), 16, None, "triton-blocks takes head_dim <= 128, got 160"),
+    ((1, 1, 48, 16), 24, None, "triton-blocks takes blocks of 16, 32, 64, 128 tokens, got 24"),
+    ((1, 1, 40, 16), 16, None, "block lists for 2 query blocks, but 40 tokens in blocks of 16 make 3"),
+    ((1, 1, 32, 16), 16, "int64", "triton-blocks takes int32 lists and counts, got torch.int64 and torch.int32"),
+    ((1, 2, 32, 16), 16, "three heads", r"block lists \(1, 3, 2, 2\) and counts \(1, 3, 2\) do not fit q"),
+    ((1, 1, 32, 16), 16, "pairs with descriptors", "configuration 2x4x2t: descriptor loads take one key block a step"),
 ])  # fmt: skip
-def test_bad_calls_are_refused_with_their_reason(shape: tuple[int, ...], block: int, message: str) -> None:
+def test_bad_calls_are_refused_with_their_reason(shape: tuple[int, ...], block: int, change: str | None,
+                                                 message: str) -> None:  # fmt: skip
     q = torch.randn(*shape, dtype=torch.float16)
-    lists, counts = kernel.block_lists(torch.ones(1, 1, 2, 2, dtype=torch.bool))
+    lists, counts = kernel.block_lists(torch.ones(1, 3 if change == "three heads" else 1, 2, 2, dtype=torch.bool))
+    lists = lists.long() if change == "int64" else lists
+    config = kernel.Config(2, 4, 2, True) if change == "pairs with descriptors" else None
     with pytest.raises(HarnessError, match=message):
-        kernel.block_list_attention(q, q, q, lists, counts, block)
+        kernel.block_list_attention(q, q, q, lists, counts, block, config)
 
 
 def test_backend_takes_square_tiles_of_the_kernels_sizes_only() -> None:
@@ -202,6 +246,27 @@ def _masked_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: t
 @_masked_stand_in.register_fake
 def _(q: torch.Tensor, *args: object) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+def test_a_pattern_reused_across_compiled_calls_compiles_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Radial's kind of pattern, made once and run every call: the compiled graph builds its lists itself and stores
+    nothing in the pattern, so the second call runs the same graph (no recompile)."""
+    from torch._dynamo.testing import CompileCounter
+
+    blocks = sparse_backends.REGISTRY["triton-blocks"]
+    monkeypatch.setitem(sparse_backends.REGISTRY, "triton-blocks",
+                        replace(blocks, devices=("cpu",), dtypes=(torch.float32,), package="torch"))  # fmt: skip
+    monkeypatch.setattr(kernel, "block_list_attention_op", _masked_stand_in)
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    pattern = BlockSparsePattern(random_tiles(1, 1, 64, 16).cpu(), 64, 16)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(lambda q, k, v: sparse_backends.block_sparse_attention(q, k, v, pattern, "triton-blocks"),
+                             backend=counter, fullgraph=True)  # fmt: skip
+    first, second = compiled(q, k, v), compiled(q, k, v)
+    assert counter.frame_count == 1 and torch.equal(first, second)
+    assert kernel.LISTS_KEY not in pattern.backend_plans
 
 
 def test_sla_on_auto_compiles_in_one_graph_on_triton_blocks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -501,7 +501,7 @@ def test_auto_runs_triton_blocks_without_a_runnable_flashinfer(
     hopper_with_flashinfer: None, monkeypatch: pytest.MonkeyPatch, missing: str
 ) -> None:
     """Not installed, or installed without prebuilt kernels (its first call would JIT-compile for minutes, or fail
-    without nvcc): auto runs the tiles on triton-blocks instead; naming the backend still runs it."""
+    without nvcc): auto runs the tiles on triton-blocks instead."""
     if missing == "package":
         bsr = REGISTRY["flashinfer-bsr"]
         monkeypatch.setitem(REGISTRY, "flashinfer-bsr", replace(bsr, package="flashinfer"))

@@ -11,8 +11,8 @@ Patterns (fresh random bf16 inputs):
 2. Latency per call at Wan 1.3B 480p (12 heads, 32,760 tokens) and Wan 14B 720p (40 heads, 75,600): cuDNN dense
    (pinned; run_fd15a60 timed SDPA's own choice, 11.7 ms at 1.3B, where cuDNN took 10.4 in other runs),
    Flex on the pattern's own tiles (flex-tuned's options for it), each configuration; per pattern the ideal
-   (density x cuDNN) and each time over it; for SLA also the lists' cost (from its ranking, and by a sort of the
-   table).
+   (density x cuDNN) and each time over it; for SLA also its selection with the lists from its ranking, and the
+   lists by a sort of the table.
 
     python -m harness.benchmarks.block_list_gpu --out $OUT
 """
@@ -32,11 +32,12 @@ from harness.environment import capture_environment
 from methods.kernels import block_list_triton as blocks
 from methods.kernels.block_sparse import BlockSparsePattern, masked_dense_attention, num_blocks
 from methods.kernels.sparse_backends import tuned_flex_attention
-from methods.sla import class_sizes, classes_from_order, key_block_order, sorted_critical_lists
+from methods.sla import critical_pattern
 
 BF16_RELATIVE_TOLERANCE = 2e-2
 CHECK_SHAPE = (12, 8190)
 RANDOM_DENSITY = 0.3
+SLA_CLASSES = (0.05, 0.10)  # the paper's critical and skipped shares
 CONFIGS = {
     64: (blocks.Config(1, 4, 2), blocks.Config(1, 4, 3), blocks.Config(1, 4, 4), blocks.Config(1, 4, 2, True),
          blocks.Config(1, 4, 3, True), blocks.Config(1, 4, 4, True), blocks.Config(2, 8, 2), blocks.Config(2, 8, 3),
@@ -48,10 +49,8 @@ CONFIGS = {
 def patterns(q: torch.Tensor, k: torch.Tensor, seed: int) -> dict[str, tuple[BlockSparsePattern, Any]]:
     """Each pattern with its block lists: SLA's from its own ranking, the random tables' by a sort."""
     tokens = q.shape[-2]
-    order = key_block_order(q, k, 64)
-    critical, _ = classes_from_order(order, 0.05, 0.10)
-    n_critical, _ = class_sizes(order.shape[-1], 0.05, 0.10)
-    out = {"sla": (BlockSparsePattern(critical, tokens, 64), sorted_critical_lists(order, n_critical))}
+    sla, _ = critical_pattern(q, k, 64, *SLA_CLASSES)
+    out = {"sla": (sla, blocks.pattern_lists(sla))}
     generator = torch.Generator(device=q.device).manual_seed(seed)
     for block in (64, 128):
         n = num_blocks(tokens, block)
@@ -89,10 +88,9 @@ def latency(device: torch.device, heads: int, tokens: int, repeats: int) -> dict
                     lambda c=config, ls=lists, cs=counts, b=block: blocks.block_list_attention(q, k, v, ls, cs, b, c),
                     device, repeats)  # fmt: skip
             if name == "sla":
-                order = key_block_order(q, k, 64)
-                n_critical, _ = class_sizes(order.shape[-1], 0.05, 0.10)
-                calls["lists_from_ranking"] = time_call(
-                    lambda o=order, n=n_critical: sorted_critical_lists(o, n), device, repeats)  # fmt: skip
+                calls["lists_from_ranking_with_selection"] = time_call(
+                    lambda: blocks.pattern_lists(critical_pattern(q, k, 64, *SLA_CLASSES)[0]), device,
+                    repeats)  # fmt: skip
                 calls["lists_by_sort"] = time_call(lambda p=pattern: blocks.block_lists(p.kept), device, repeats)
             over = {label: stats["median_ms"] / ideal for label, stats in calls.items()
                     if not label.startswith("lists")}  # fmt: skip

@@ -11,8 +11,9 @@
    (40 heads, 75,600 tokens): cuDNN dense (pinned), DFA's window (1/8), DFA's residual refresh (dense + window),
    SLA forward (classification, critical branch and linear branch as ``auto`` runs them) at the paper's 5% / 10%,
    64-blocks; and SLA's parts: the selection, the critical branch on 64 x 64 Flex tiles, regrouped into 128 x 128
-   ones and on triton-blocks, each against its ideal (the density x the dense call), the critical lists, the linear
-   branch on the kernel and in torch, the whole call with the torch linear branch.
+   ones and on triton-blocks, each against its ideal (the density x the dense call), the selection with the critical
+   lists triton-blocks reads, the linear branch on the kernel and in torch, the whole call with the torch linear
+   branch.
 
     python -m harness.benchmarks.dfa_sla_gpu --out $OUT
     python -m harness.benchmarks.dfa_sla_gpu --out /tmp/x --device cpu      # smoke test, tiny shapes (Flex in fp32;
@@ -39,19 +40,18 @@ from harness.latency import measure
 from methods import AttentionContext, TokenGrid
 from methods.dfa import DEFAULT_WINDOW_FRACTION, band_density, window_attention, window_radius
 from methods.kernels import sla_linear_triton as sla_linear
-from methods.kernels.block_list_triton import block_list_attention
-from methods.kernels.block_sparse import BlockSparsePattern, flex_block_sparse_attention
+from methods.kernels.block_list_triton import block_list_attention, pattern_lists
+from methods.kernels.block_sparse import flex_block_sparse_attention
 from methods.kernels.sparse_backends import HOPPER_FLEX_OPTIONS, tuned_flex_attention
 from methods.sla import (
     LINEAR_EPS,
     SlaProjections,
     SparseLinearAttention,
-    class_sizes,
     classes_from_order,
     classify_blocks,
+    critical_pattern,
     key_block_order,
     marginal_linear_attention,
-    sorted_critical_lists,
 )
 
 BF16_RELATIVE_TOLERANCE = 2e-2
@@ -179,11 +179,8 @@ def sla_parts(method: SparseLinearAttention, q: torch.Tensor, k: torch.Tensor, v
     ranking, the linear branch on the kernel (where it runs) and in torch; with the linear kernel's configuration."""
     tokens = q.shape[-2]
     block = method.block_size(tokens)
-    order = key_block_order(q, k, block)
-    critical, marginal = classes_from_order(order, method.critical, method.negligible)
-    pattern = BlockSparsePattern(critical, tokens, block)
-    n_critical = class_sizes(order.shape[-1], method.critical, method.negligible)[0]
-    lists = sorted_critical_lists(order, n_critical)
+    pattern, marginal = critical_pattern(q, k, block, method.critical, method.negligible)
+    lists = pattern_lists(pattern)
     calls = {
         "sla_selection": time_call(lambda: classify_blocks(q, k, block, method.critical, method.negligible), device,
                                    repeats),
@@ -195,7 +192,9 @@ def sla_parts(method: SparseLinearAttention, q: torch.Tensor, k: torch.Tensor, v
     if q.is_cuda:
         calls["sla_critical_triton_blocks"] = time_call(
             lambda: block_list_attention(q, k, v, *lists, block), device, repeats)  # fmt: skip
-        calls["sla_lists"] = time_call(lambda: sorted_critical_lists(order, n_critical), device, repeats)
+        calls["sla_selection_with_lists"] = time_call(
+            lambda: pattern_lists(critical_pattern(q, k, block, method.critical, method.negligible)[0]), device,
+            repeats)  # fmt: skip
     out: dict[str, Any] = {}
     if sla_linear.use_fused(q, k, v, block):
         calls["sla_linear_kernel"] = time_call(

@@ -49,6 +49,14 @@ def tile_columns(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+def descriptor_aligned(x: torch.Tensor) -> bool:
+    """Whether Hopper's copy engine can read ``x (B, H, N, D)`` through a tensor descriptor made at any (b, h, n)
+    offset: its start and its batch, head and token strides multiples of 16 bytes (a zero stride, broadcast, is);
+    the last axis contiguous."""
+    size = x.element_size()
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(x.stride(i) * size % 16 == 0 for i in range(3))
+
+
 def _descriptor_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
     """Global memory Triton asks for the tensor descriptors a kernel makes on the device (``triton.set_allocator``),
     on the current device (the op's inputs' one, :func:`on_input_device`). ``alignment`` is met without asking: the

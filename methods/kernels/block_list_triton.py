@@ -36,7 +36,13 @@ from typing import Any, NamedTuple
 import torch
 
 from harness.errors import HarnessError
-from methods.kernels import kernel_op, last_axis_contiguous, tile_columns, use_descriptor_scratch
+from methods.kernels import (
+    descriptor_aligned,
+    kernel_op,
+    last_axis_contiguous,
+    tile_columns,
+    use_descriptor_scratch,
+)
 from methods.kernels.block_sparse import BlockSparsePattern
 
 try:
@@ -72,7 +78,9 @@ class Config(NamedTuple):
 #: The configuration per block size: the fastest of the H200 sweep (harness.benchmarks.block_list_gpu, 9 of them at
 #: 64 tokens, 4 at 128, at Wan 1.3B and 14B on SLA's critical blocks and on random tables at density 0.3; run_fd15a60):
 #: descriptor loads in 3 stages, 4 warps at 64 (112 KB of shared memory), 8 at 128 (4 spill). Descriptor loads beat
-#: the pointer ones of the same tiles by 1.2-1.4x; two blocks per step (8 warps) lost at 64 (2x).
+#: the pointer ones of the same tiles by 1.33-1.44x; two blocks per step (8 warps) lost at 64 (2x). Times against
+#: SDPA's own dense choice in that run (1.58x / 1.35x the ideal on SLA's blocks; 1.82x / 1.35x against pinned cuDNN
+#: in run_d6d37b9).
 BEST_CONFIGS = {16: Config(1, 4, 3, True), 32: Config(1, 4, 3, True), 64: Config(1, 4, 3, True),
                 128: Config(1, 8, 3, True)}  # fmt: skip
 
@@ -82,13 +90,14 @@ def _jit(fn: Any) -> Any:
 
 
 @_jit
-def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lists_ptr, counts_ptr, scale, H, N,
+def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lists_ptr, counts_ptr, scale, H, N, L,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, slr, scb, sch,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PAIRS: tl.constexpr,
                TMA: tl.constexpr):  # fmt: skip
     """Program (i, g): query block i of group g = (b, h) over its listed key blocks ``lists[b, h, i, :counts[b, h,
-    i]]`` (strides slb, slh, slr, 1 and scb, sch, 1: 0 where a table is shared by every batch item or head).
-    ``scale`` is ``log2(e) / sqrt(D)``; the output ``(B * H, N, D)`` contiguous."""
+    i]]`` (strides slb, slh, slr, 1 and scb, sch, 1: 0 where a table is shared by every batch item or head; a count
+    above the lists' length L reads L entries). ``scale`` is ``log2(e) / sqrt(D)``; the output ``(B * H, N, D)``
+    contiguous."""
     i, g = tl.program_id(0), tl.program_id(1)
     b, h = (g // H).to(tl.int64), (g % H).to(tl.int64)
     rows = i * BLOCK + tl.arange(0, BLOCK)
@@ -97,38 +106,38 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lists_ptr, counts_ptr, scale, H, N,
     row_mask = (rows < N)[:, None] & inside[None, :]
     q = tl.load(q_ptr + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqn + cols[None, :], mask=row_mask,
                 other=0.0)  # fmt: skip
-    count = tl.load(counts_ptr + b * scb + h * sch + i)
+    count = tl.minimum(tl.load(counts_ptr + b * scb + h * sch + i), L)  # never past the row's own list
     listed = lists_ptr + b * slb + h * slh + i * slr
     k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
     if TMA:
         k_desc = tl.make_tensor_descriptor(k_base, shape=[N, D], strides=[skn, 1], block_shape=[BLOCK, BLOCK_D])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[N, D], strides=[svn, 1], block_shape=[BLOCK, BLOCK_D])
-    # A key tile is PAIRS listed blocks, one after the other: tile row r is row r % BLOCK of entry r // BLOCK.
-    within = tl.arange(0, PAIRS * BLOCK) % BLOCK
-    part = tl.arange(0, PAIRS * BLOCK) // BLOCK
+    else:
+        # A key tile is PAIRS listed blocks, one after the other: tile row r is row r % BLOCK of entry r // BLOCK.
+        within = tl.arange(0, PAIRS * BLOCK) % BLOCK
+        part = tl.arange(0, PAIRS * BLOCK) // BLOCK
     m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK,), dtype=tl.float32)
     acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
     for step in range(0, count, PAIRS):
         if TMA:
-            start = tl.load(listed + step) * BLOCK
-            keys = start + within
-            valid = keys < N
+            start = tl.load(listed + step).to(tl.int32) * BLOCK  # descriptor offsets are 32-bit
+            valid = start + tl.arange(0, BLOCK) < N
             k = k_desc.load([start, 0])  # zeros past N
-            vt = v_desc.load([start, 0])
+            v = v_desc.load([start, 0])
         else:
             entry = step + part
             keys = tl.load(listed + entry, mask=entry < count, other=0) * BLOCK + within
             valid = (entry < count) & (keys < N)
             tile_mask = valid[:, None] & inside[None, :]
             k = tl.load(k_base + keys.to(tl.int64)[:, None] * skn + cols[None, :], mask=tile_mask, other=0.0)
-            vt = tl.load(v_base + keys.to(tl.int64)[:, None] * svn + cols[None, :], mask=tile_mask, other=0.0)
+            v = tl.load(v_base + keys.to(tl.int64)[:, None] * svn + cols[None, :], mask=tile_mask, other=0.0)
         s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         weights = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(weights, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(weights.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
         m_i = m_new
     out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
     o_base = o_ptr + g.to(tl.int64) * N * D
@@ -141,12 +150,6 @@ def block_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, no host sync."""
     lists = torch.sort(kept.to(torch.uint8), dim=-1, descending=True, stable=True).indices
     return lists.to(torch.int32), kept.sum(dim=-1, dtype=torch.int32)
-
-
-def descriptors_ready(*tensors: torch.Tensor) -> bool:
-    """Whether the copy engine can read each ``(B, H, N, D)`` tensor per head as ``(N, D)`` rows: its start and its
-    token stride multiples of 16 bytes (the last axis contiguous)."""
-    return all(x.data_ptr() % 16 == 0 and x.stride(2) * x.element_size() % 16 == 0 for x in tensors)
 
 
 @kernel_op("block_list_attention")
@@ -162,15 +165,15 @@ def block_list_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     if lists.stride(-1) != 1 or counts.stride(-1) != 1:
         lists, counts = lists.contiguous(), counts.contiguous()
     groups, blocks = batch * heads, lists.shape[-2]
-    with_tma = tma and descriptors_ready(k, v)
+    with_tma = tma and descriptor_aligned(k) and descriptor_aligned(v)
     if with_tma and not INTERPRETED:
         use_descriptor_scratch()
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     _attention[(blocks, groups)](
-        q, k, v, out, lists, counts, 1.4426950408889634 / dim**0.5, heads, tokens,
+        q, k, v, out, lists, counts, 1.4426950408889634 / dim**0.5, heads, tokens, lists.shape[-1],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), lists.stride(0), lists.stride(1), lists.stride(2), counts.stride(0), counts.stride(1),
-        D=dim, BLOCK_D=tile_columns(dim), BLOCK=block, PAIRS=1 if with_tma else pairs, TMA=with_tma,
+        D=dim, BLOCK_D=tile_columns(dim), BLOCK=block, PAIRS=pairs, TMA=with_tma,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
@@ -189,28 +192,45 @@ def block_list_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, list
     tokens, with ``config`` (default :data:`BEST_CONFIGS`' for the block). Returns ``(B, H, N, D)`` in q's dtype.
 
     Raises:
-        HarnessError: a head dim over :data:`MAX_HEAD_DIM`, a block size not in :data:`BLOCK_SIZES`, or lists
-            whose row count is not ``ceil(N / block)``.
+        HarnessError: a head dim over :data:`MAX_HEAD_DIM`, a block size not in :data:`BLOCK_SIZES`, lists or counts
+            not int32, of another batch or head count than q's (or 1), or whose row count is not ``ceil(N / block)``,
+            or a configuration with descriptor loads and more than one block a step.
     """
     if q.shape[-1] > MAX_HEAD_DIM:  # tiles of wider heads overflow shared memory (a Triton error, not a message)
         raise HarnessError(f"triton-blocks takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if block not in BLOCK_SIZES:
         raise HarnessError(f"triton-blocks takes blocks of {', '.join(map(str, BLOCK_SIZES))} tokens, got {block}")
+    if lists.dtype != torch.int32 or counts.dtype != torch.int32:
+        raise HarnessError(f"triton-blocks takes int32 lists and counts, got {lists.dtype} and {counts.dtype}")
+    if (
+        lists.dim() != 4
+        or counts.shape != lists.shape[:-1]
+        or any(n not in (1, full) for n, full in zip(lists.shape[:2], q.shape[:2], strict=True))
+    ):
+        raise HarnessError(f"block lists {tuple(lists.shape)} and counts {tuple(counts.shape)} do not fit q "
+                           f"{tuple(q.shape)}: (B or 1, H or 1, R, L) and (B or 1, H or 1, R)")  # fmt: skip
     rows = -(-q.shape[-2] // block)
-    if lists.shape[-2] != rows or counts.shape[-1] != rows:
+    if lists.shape[-2] != rows:
         raise HarnessError(f"block lists for {lists.shape[-2]} query blocks, but {q.shape[-2]} tokens in blocks of "
                            f"{block} make {rows}")  # fmt: skip
-    return block_list_attention_op(q, k, v, lists, counts, block, *(config or BEST_CONFIGS[block]))
+    config = config or BEST_CONFIGS[block]
+    if config.tma and config.pairs != 1:
+        raise HarnessError(f"configuration {config.name}: descriptor loads take one key block a step")
+    return block_list_attention_op(q, k, v, lists, counts, block, *config)
 
 
 def pattern_lists(pattern: BlockSparsePattern) -> tuple[torch.Tensor, torch.Tensor]:
     """The block lists of a block-level ``pattern``: those a method attached (:func:`attach_lists`), else
-    :func:`block_lists` of its tile table; built on the first call and kept with the pattern (a pattern reused
-    across calls, radial's, lists once)."""
+    :func:`block_lists` of its tile table; built on the first eager call and kept with the pattern (a pattern reused
+    across calls, radial's, lists once), built in the graph on every compiled call (a dict written inside a compiled
+    graph recompiles it once: its guard on the pattern's plans fails on the next call)."""
     plan = pattern.backend_plans.get(LISTS_KEY)
-    if not isinstance(plan, tuple):
-        plan = pattern.backend_plans[LISTS_KEY] = block_lists(pattern.kept) if plan is None else plan()
-    return plan
+    if isinstance(plan, tuple):
+        return plan
+    built = block_lists(pattern.kept) if plan is None else plan()
+    if not torch.compiler.is_compiling():  # stored inside a graph, they would fail its guard on the next call
+        pattern.backend_plans[LISTS_KEY] = built
+    return built
 
 
 def attach_lists(pattern: BlockSparsePattern, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -725,15 +725,17 @@ def auto_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16, head
 
 
 def auto_flashinfer(pattern: BlockSparsePattern) -> str | None:
-    """The FlashInfer wrapper ``auto`` takes for ``pattern`` in an eager call on Hopper, or ``None`` (stay on Flex).
+    """The FlashInfer wrapper ``auto`` takes for ``pattern`` in an eager call on Hopper, or ``None`` (our kernels or
+    Flex, :func:`auto_choice`).
 
     Measured on one H200 at Wan 1.3B (bf16; reports/gpu/h200/run_9dca079/sparse/ per call, run_9dca079/latency/ and
     run_982dd84/latency/ per forward, each against its own run's cuDNN): a table shared by every head (radial's,
     planned once and read in place) on the BSR wrapper, 3.76 against flex-tuned's 5.43 ms a call, a forward 1.55x
     cuDNN against 1.42x. Per-head tiles (xattn's, a new table every call) were faster per call on BSR (4.08 against
     5.29 ms) but not in the forward (1.22x against 1.28x: each call plans on the host and stacks the heads), so they
-    stay on Flex. A token-level pattern with a head-shared table (svg's band and sink, after its per-head layout
-    transform) goes to flashinfer-split: its full tiles on the BSR wrapper, planned once, the partial ones on Flex.
+    stay off it (on triton-blocks since). A token-level pattern with a head-shared table (svg's band and sink, after
+    its per-head layout transform) goes to flashinfer-split: its full tiles on the BSR wrapper, planned once, the
+    partial ones on Flex.
     Variable blocks go to triton-variable (:func:`auto_choice`), faster than FlashInfer's variable-block wrapper
     (run_f81020f/variable_blocks/)."""
     if pattern.batch_heads != (1, 1):
@@ -770,9 +772,10 @@ def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bloc
       no JIT compile inside a run) and it can run this pattern (its plan and run are host code a compiled graph
       cannot trace);
     - a block-level pattern triton-blocks takes on triton-blocks, eager or compiled (one opaque op): on an H200 at
-      Wan 1.3B / 14B, SLA's 64-token critical blocks 1.58x / 1.35x their ideal (density x dense) against flex-tuned's
-      3.37x / 2.32x, random 128-token tables at density 0.3 1.23x / 1.19x against 1.38x / 1.32x
-      (reports/gpu/h200/run_fd15a60/block_list/);
+      Wan 1.3B / 14B, SLA's 64-token critical blocks 1.82x / 1.35x their ideal (density x the cuDNN call) against
+      flex-tuned's 3.35x / 2.34x (reports/gpu/h200/run_d6d37b9/dfa_sla/); random 128-token tables at density 0.3
+      1.23x / 1.19x the density-scaled SDPA call against 1.38x / 1.32x (run_fd15a60/block_list/); radial's and
+      xattn's tables at 1.3B 1.38x and 1.35x (run_d6d37b9/call3/sparse/; xattn 5.08 against 5.68 ms on flex-tuned);
     - the base choice.
 
     ``compiled`` asks for the compiled choice (``True``) or the eager one (``False``) whatever the context (``None``:

@@ -69,6 +69,7 @@ import torch
 
 from methods.kernels import (
     BACKENDS,
+    descriptor_aligned,
     env_choice,
     kernel_choice,
     kernel_op,
@@ -417,8 +418,7 @@ def xattn_block_masses(q: torch.Tensor, k: torch.Tensor, block: int, stride: int
 def _tma_ready(x: torch.Tensor, stride: int) -> bool:
     """Whether the copy engine can read ``x (B, H, N, D)`` as per-head ``(N / S, S, D)`` views: N a multiple of
     the stride S, and the start and every stride but the last (contiguous) one a multiple of 16 bytes."""
-    size = x.element_size()
-    return x.shape[2] % stride == 0 and x.data_ptr() % 16 == 0 and all(x.stride(i) * size % 16 == 0 for i in range(3))
+    return x.shape[2] % stride == 0 and descriptor_aligned(x)
 
 
 @kernel_op("xattn_block_masses_single_pass")
