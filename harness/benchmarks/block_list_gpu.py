@@ -9,7 +9,7 @@ Patterns (fresh random bf16 inputs):
 1. Correctness at 8,190 tokens (12 heads x 128, not a multiple of 64): each configuration and Flex against masked
    dense in fp32 (bf16 tolerance). A failure stops the script.
 2. Latency per call at Wan 1.3B 480p (12 heads, 32,760 tokens) and Wan 14B 720p (40 heads, 75,600): cuDNN dense
-   (pinned; run_fd15a60 timed SDPA's own choice, 11.7 ms at 1.3B, where cuDNN took 10.4 in other runs),
+   (pinned; run_fd15a60 timed SDPA's own choice, 11.7 ms at 1.3B, the pinned cuDNN's 10.9-11.7 on later H200s),
    Flex on the pattern's own tiles (flex-tuned's options for it), each configuration; per pattern the ideal
    (density x cuDNN) and each time over it; for SLA also its selection with the lists from its ranking, and the
    lists by a sort of the table.
