@@ -248,15 +248,21 @@ def _(q: torch.Tensor, *args: object) -> torch.Tensor:
     return torch.empty_like(q)
 
 
-def test_a_pattern_reused_across_compiled_calls_compiles_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Radial's kind of pattern, made once and run every call: the compiled graph builds its lists itself and stores
-    nothing in the pattern, so the second call runs the same graph (no recompile)."""
-    from torch._dynamo.testing import CompileCounter
-
+@pytest.fixture
+def triton_blocks_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """triton-blocks registered for CPU fp32 calls, its op computed by :func:`_masked_stand_in` (no Triton here)."""
     blocks = sparse_backends.REGISTRY["triton-blocks"]
     monkeypatch.setitem(sparse_backends.REGISTRY, "triton-blocks",
                         replace(blocks, devices=("cpu",), dtypes=(torch.float32,), package="torch"))  # fmt: skip
     monkeypatch.setattr(kernel, "block_list_attention_op", _masked_stand_in)
+
+
+@pytest.mark.usefixtures("triton_blocks_on_cpu")
+def test_a_pattern_reused_across_compiled_calls_compiles_once() -> None:
+    """Radial's kind of pattern, made once and run every call: the compiled graph builds its lists itself and stores
+    nothing in the pattern, so the second call runs the same graph (no recompile)."""
+    from torch._dynamo.testing import CompileCounter
+
     torch.manual_seed(11)
     q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
     pattern = BlockSparsePattern(random_tiles(1, 1, 64, 16).cpu(), 64, 16)
@@ -269,6 +275,7 @@ def test_a_pattern_reused_across_compiled_calls_compiles_once(monkeypatch: pytes
     assert kernel.LISTS_KEY not in pattern.backend_plans
 
 
+@pytest.mark.usefixtures("triton_blocks_on_cpu")
 def test_sla_on_auto_compiles_in_one_graph_on_triton_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """SLA's critical blocks as ``auto`` runs them on an H200 (triton-blocks, its lists from SLA's ranking) trace
     whole under ``torch.compile(fullgraph=True)``: the kernel is one opaque op, the lists' builder runs in the graph.
@@ -280,10 +287,6 @@ def test_sla_on_auto_compiles_in_one_graph_on_triton_blocks(monkeypatch: pytest.
     from methods.sla import SlaProjections, SparseLinearAttention
 
     monkeypatch.setattr(sparse_backends, "auto_backend", lambda device, dtype=None, head_dim=None: "flex-tuned")
-    blocks = sparse_backends.REGISTRY["triton-blocks"]
-    monkeypatch.setitem(sparse_backends.REGISTRY, "triton-blocks",
-                        replace(blocks, devices=("cpu",), dtypes=(torch.float32,), package="torch"))  # fmt: skip
-    monkeypatch.setattr(kernel, "block_list_attention_op", _masked_stand_in)
     monkeypatch.setenv(sla_linear_triton.BACKEND_ENV, "torch")
     torch.manual_seed(7)
     q, k, v = (torch.randn(1, 2, 320, 16) for _ in range(3))
