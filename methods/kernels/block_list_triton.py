@@ -80,7 +80,7 @@ class Config(NamedTuple):
 #: descriptor loads in 3 stages, 4 warps at 64 (112 KB of shared memory), 8 at 128 (4 spill). Descriptor loads beat
 #: the pointer ones of the same tiles by 1.33-1.44x; two blocks per step (8 warps) lost at 64 (2x). Times against
 #: SDPA's own dense choice in that run (1.58x / 1.35x the ideal on SLA's blocks; 1.82x / 1.35x against pinned cuDNN
-#: in run_d6d37b9).
+#: in run_d6d37b9). 16 and 32 take 64's (compiled for sm_90 without spills, not timed).
 BEST_CONFIGS = {16: Config(1, 4, 3, True), 32: Config(1, 4, 3, True), 64: Config(1, 4, 3, True),
                 128: Config(1, 8, 3, True)}  # fmt: skip
 
