@@ -37,6 +37,16 @@ CHOICE_MODULES = (
 )
 
 
+def triton_jit(fn: F) -> F:
+    """``triton.jit(fn)`` where Triton imports, else ``fn`` itself, never launched (CPU-only installs, CI: every call
+    takes its torch path): the decorator of every Triton kernel in this package."""
+    try:
+        import triton
+    except ImportError:
+        return fn
+    return triton.jit(fn)
+
+
 def last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself where its last axis is contiguous, else a contiguous copy: the Triton kernels take any batch,
     head and token strides but read each token's row as one contiguous run."""

@@ -18,11 +18,10 @@ partial ones on Flex).
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 
-from methods.kernels import last_axis_contiguous, on_input_device
+from methods.kernels import last_axis_contiguous, on_input_device, triton_jit
 
 try:
     import triton
@@ -53,11 +52,7 @@ def merge_attention_states_torch(out_a: torch.Tensor, lse_a: torch.Tensor, out_b
     return ((part_a + part_b) / total).to(out_a.dtype)
 
 
-def _jit(fn: Any) -> Any:
-    return fn if triton is None else triton.jit(fn)
-
-
-@_jit
+@triton_jit
 def _merge(a_ptr, la_ptr, b_ptr, lb_ptr, out_ptr, H, N, D: tl.constexpr, sab, sah, san, slab, slah, slan, sbb, sbh,
            sbn, slbb, slbh, slbn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """Program (row tile, b * H + h): rows ``[tile BLOCK_N, (tile + 1) BLOCK_N)`` of both states merged into

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +41,7 @@ from methods.kernels import (
     kernel_op,
     last_axis_contiguous,
     tile_columns,
+    triton_jit,
     use_descriptor_scratch,
 )
 from methods.kernels.block_sparse import BlockSparsePattern
@@ -85,11 +86,7 @@ BEST_CONFIGS = {16: Config(1, 4, 3, True), 32: Config(1, 4, 3, True), 64: Config
                 128: Config(1, 8, 3, True)}  # fmt: skip
 
 
-def _jit(fn: Any) -> Any:
-    return fn if triton is None else triton.jit(fn)
-
-
-@_jit
+@triton_jit
 def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lists_ptr, counts_ptr, scale, H, N, L,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, slr, scb, sch,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PAIRS: tl.constexpr,

@@ -98,6 +98,7 @@ from methods.kernels import (
     kernel_op,
     last_axis_contiguous,
     tile_columns,
+    triton_jit,
     use_kernel,
 )
 from methods.kernels.tuned_launch import launch_tuned
@@ -175,10 +176,6 @@ SCAN_TILE = 4096
 SORT_WARPS, SCAN_WARPS = 4, 8
 
 
-def _jit(fn: Any) -> Any:
-    return fn if triton is None else triton.jit(fn)
-
-
 def _kernel(configs: tuple[tuple[int, ...], ...], names: tuple[str, ...]) -> Any:
     """``triton.autotune`` over ``configs`` (``(*tiles, num_warps, num_stages)``, the tile sizes named ``names``)
     around ``triton.jit``; without Triton the plain function, which is never launched."""
@@ -198,7 +195,7 @@ def _kernel(configs: tuple[tuple[int, ...], ...], names: tuple[str, ...]) -> Any
 # -- kernels --------------------------------------------------------------------------------------
 
 
-@_jit
+@triton_jit
 def _store_prepared(ct_ptr, sq_ptr, g, C, CP, ids, centroids, BLOCK_D: tl.constexpr):
     """The assignment's copy of the centroids ``(R, BLOCK_D)`` fp32 (zero past D and for ids >= C) of clusters ``ids
     (R,)`` of group g: ``ct[g, :, ids]`` (G, BLOCK_D, CP) in ct's dtype (x's) and their fp32 squared norms
@@ -211,7 +208,7 @@ def _store_prepared(ct_ptr, sq_ptr, g, C, CP, ids, centroids, BLOCK_D: tl.conste
              mask=stored[:, None])  # fmt: skip
 
 
-@_jit
+@triton_jit
 def _prepare(c_ptr, ct_ptr, sq_ptr, C, CP, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (cluster tile, group g): :func:`_store_prepared` of clusters ``[tile BLOCK_C, (tile + 1) BLOCK_C)``
     from contiguous centroids ``(G, C, D)`` fp32, padding included."""
@@ -223,7 +220,7 @@ def _prepare(c_ptr, ct_ptr, sq_ptr, C, CP, D: tl.constexpr, BLOCK_D: tl.constexp
     _store_prepared(ct_ptr, sq_ptr, g, C, CP, ids, centroids, BLOCK_D)
 
 
-@_jit
+@triton_jit
 def _round_to_points(dots, dtype: tl.constexpr, BF16_ASM: tl.constexpr):
     """fp32 ``dots`` rounded to the points' ``dtype`` (to nearest, ties to even) and back to fp32, as the torch
     path's fp16/bf16 matmul returns its products. With ``BF16_ASM`` (bf16 on a GPU; the interpreter runs no inline
@@ -331,7 +328,7 @@ def _update_sorted(x_ptr, order_ptr, bounds_ptr, c_ptr, out_ptr, sizes_ptr, ct_p
     _store_prepared(ct_ptr, sq_ptr, g, C, CP, tl.full((1,), cluster, tl.int32), updated[None, :], BLOCK_D)
 
 
-@_jit
+@triton_jit
 def _block_histograms(labels_ptr, counts_ptr, N, C, blocks, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (token block b, group g): ``counts[g, b, j]`` (G, blocks, C) int32, how many of tokens ``[b BLOCK,
     (b + 1) BLOCK)`` have label j, from ``labels (G, N)`` int32 in ``[0, C)``; the clusters in tiles of BLOCK_C."""
@@ -347,7 +344,7 @@ def _block_histograms(labels_ptr, counts_ptr, N, C, blocks, BLOCK: tl.constexpr,
         tl.store(row + ids, counts, mask=ids < C)
 
 
-@_jit
+@triton_jit
 def _cluster_offsets(counts_ptr, bounds_ptr, C, blocks, BLOCKS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (group g): from the block counts ``(G, blocks, C)`` int32 of :func:`_block_histograms`, ``bounds[g,
     j]`` (G, C + 1) int64, where cluster j starts in the group's order (the tokens of every cluster before it), and,
@@ -375,14 +372,14 @@ def _cluster_offsets(counts_ptr, bounds_ptr, C, blocks, BLOCKS: tl.constexpr, BL
     tl.store(bounds_ptr + g * (C + 1) + C, before.to(tl.int64))  # N: every label is below C
 
 
-@_jit
+@triton_jit
 def _half(n_dims: tl.constexpr, axis: tl.constexpr):
     """Which half of a ``(2,) * n_dims`` hypercube's ``axis`` an element lies in: 0 or 1 int32, shaped to broadcast
     (2 along ``axis``, 1 elsewhere)."""
     return tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (n_dims - axis - 1))
 
 
-@_jit
+@triton_jit
 def _compare_exchange(h, n_dims: tl.constexpr, axis: tl.constexpr, run_axis: tl.constexpr):
     """One step of :func:`_sort_keys` on the hypercube ``h (2,) * n_dims``: each pair along ``axis`` ordered, the
     lower half taking the smaller key, except where the upper half of ``run_axis`` flips it (the descending runs;
@@ -395,7 +392,7 @@ def _compare_exchange(h, n_dims: tl.constexpr, axis: tl.constexpr, run_axis: tl.
     return tl.where(upper == 1, tl.maximum(h, partner), tl.minimum(h, partner))
 
 
-@_jit
+@triton_jit
 def _sort_keys(keys, LOG_N: tl.constexpr):
     """``keys (2^LOG_N,)`` int32 in ``[0, 2^30)`` (below 2^30 a pair's sum fits int32), ascending: ``tl.sort``'s
     bitonic network (the keys as a ``(2,) * LOG_N`` hypercube; per stage, runs of 2^stage keys sorted in alternating
@@ -409,7 +406,7 @@ def _sort_keys(keys, LOG_N: tl.constexpr):
     return tl.reshape(h, keys.shape)
 
 
-@_jit
+@triton_jit
 def _scatter_order(labels_ptr, offsets_ptr, order_ptr, N, C, blocks, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
     """Program (token block b, group g): ``order[g, offset[g, b, j] + i] = token`` (G, N) int64 for each token of
     the block, with label j and position i in its block sorted by (label, index): one :func:`_sort_keys` of the

@@ -64,6 +64,7 @@ from methods.kernels import (
     last_axis_contiguous,
     on_input_device,
     tile_columns,
+    triton_jit,
     use_kernel,
 )
 from methods.kernels.linear_attention import EluFeatureMap, FeatureMap, HedgehogFeatureMap, ReluFeatureMap
@@ -140,10 +141,6 @@ def _prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> lis
     return configs if kwargs.get("BLOCK_D", MAX_HEAD_DIM) >= MAX_HEAD_DIM else configs[:1]
 
 
-def _jit(fn: Any) -> Any:
-    return fn if triton is None else triton.jit(fn)
-
-
 def _chunk_alignment(configs: tuple[tuple[int, int, int], ...]) -> int:
     """Chunks are whole multiples of every configuration's block, so no block straddles two chunks."""
     return max(block for block, _, _ in (INTERPRETER_CONFIGS if INTERPRETED else configs))
@@ -152,7 +149,7 @@ def _chunk_alignment(configs: tuple[tuple[int, int, int], ...]) -> int:
 # -- kernels ------------------------------------------------------------------------------------
 
 
-@_jit
+@triton_jit
 def _project(x, w, HAS_W: tl.constexpr):
     """``x (T, BD)`` -> ``x + x (W - I)`` in fp32; ``w`` holds ``W - I`` in the operand dtype."""
     p = x.to(tl.float32)
@@ -161,7 +158,7 @@ def _project(x, w, HAS_W: tl.constexpr):
     return p
 
 
-@_jit
+@triton_jit
 def _phi(p, sign, inside, KIND: tl.constexpr, PADDED: tl.constexpr):
     """Features ``(T, BD)`` fp32 from the projected tile: hedgehog's ``softmax(sign p)`` over the real
     columns (``inside``; all of them unless PADDED), relu, or elu + 1 (0 in padding columns)."""
@@ -180,7 +177,7 @@ def _phi(p, sign, inside, KIND: tl.constexpr, PADDED: tl.constexpr):
     return phi
 
 
-@_jit
+@triton_jit
 def _row_sum(phi_t, weights, acc, dtype):
     """``acc (BD, 16)`` plus ``phi^T weights`` in its column 0 (the others stay 0), for ``phi_t (BD, T)`` in
     ``dtype`` and weights ``(T,)``: a weighted sum over tokens on the tensor cores, which spares the loop a
@@ -189,7 +186,7 @@ def _row_sum(phi_t, weights, acc, dtype):
     return tl.dot(phi_t, unit, acc)
 
 
-@_jit
+@triton_jit
 def _phi_grad(p, phi, dphi, sign, KIND: tl.constexpr):
     """dL/dp for ``phi = _phi(p, sign)`` given dL/dphi, all ``(T, BD)`` fp32."""
     if KIND == 0:
@@ -201,7 +198,7 @@ def _phi_grad(p, phi, dphi, sign, KIND: tl.constexpr):
     return dp
 
 
-@_jit
+@triton_jit
 def _weight(w_ptr, h, cols, dtype, D: tl.constexpr, HAS_W: tl.constexpr, TRANSPOSED: tl.constexpr,
             BLOCK_D: tl.constexpr):  # fmt: skip
     """Head h's ``W - I`` (``(W - I)^T`` when TRANSPOSED) as a zero-padded ``(BD, BD)`` tile in ``dtype``, built
@@ -218,14 +215,14 @@ def _weight(w_ptr, h, cols, dtype, D: tl.constexpr, HAS_W: tl.constexpr, TRANSPO
     return tile
 
 
-@_jit
+@triton_jit
 def _state(ptr, row, cols, dtype, BLOCK_D: tl.constexpr):
     """Row ``row`` of a state buffer ``(rows, BD * BD + BD)`` fp32: the ``(BD, BD)`` matrix in ``dtype`` (the
     operand of a product) and the ``(BD,)`` sums in fp32."""
     return _matrix(ptr, row, cols, dtype, False, BLOCK_D), _sums(ptr, row, cols, BLOCK_D)
 
 
-@_jit
+@triton_jit
 def _matrix(ptr, row, cols, dtype, TRANSPOSED: tl.constexpr, BLOCK_D: tl.constexpr):
     """The ``(BD, BD)`` matrix of row ``row`` of a state buffer in ``dtype``, transposed by the load's addresses
     when TRANSPOSED. A kernel that needs a matrix and its transpose loads both: ``tl.trans`` of a tile that is
@@ -236,13 +233,13 @@ def _matrix(ptr, row, cols, dtype, TRANSPOSED: tl.constexpr, BLOCK_D: tl.constex
     return tl.load(base + offsets).to(dtype)
 
 
-@_jit
+@triton_jit
 def _sums(ptr, row, cols, BLOCK_D: tl.constexpr):
     """The ``(BD,)`` sums of row ``row`` of a state buffer ``(rows, BD * BD + BD)`` fp32."""
     return tl.load(ptr + row * (BLOCK_D * BLOCK_D + BLOCK_D) + BLOCK_D * BLOCK_D + cols)
 
 
-@_jit
+@triton_jit
 def _store_state(ptr, row, acc, sums, cols, BLOCK_D: tl.constexpr):
     """``acc (BD, BD)`` and ``sums (BD,)`` into row ``row`` of a state buffer ``(rows, BD * BD + BD)``."""
     base = ptr + row * (BLOCK_D * BLOCK_D + BLOCK_D)
@@ -250,7 +247,7 @@ def _store_state(ptr, row, acc, sums, cols, BLOCK_D: tl.constexpr):
     tl.store(base + BLOCK_D * BLOCK_D + cols, sums)
 
 
-@_jit
+@triton_jit
 def _program(H):
     """``(half, chunk, bh, b, h, sign)`` of a program on the grid ``(halves, chunks, B * H)``; ``sign`` picks
     hedgehog's feature half (+1: softmax(x W), -1: softmax(-x W))."""
@@ -258,7 +255,7 @@ def _program(H):
     return half, chunk, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), 1.0 - 2.0 * half.to(tl.float32)
 
 
-@_jit
+@triton_jit
 def _partial_row():
     """Row ``(chunk, bh, half)`` of a partial-sum buffer ``(chunks, B * H * halves, ...)``: summed over chunks
     it is the ``(B * H, halves)`` layout the kernels read, and for ``halves = 1`` the ``(chunks * B, H)`` one."""
@@ -266,7 +263,7 @@ def _partial_row():
     return row.to(tl.int64)
 
 
-@_jit
+@triton_jit
 def _block(start, rows, N, inside):
     """Token indices ``n`` of one block, the rows that exist, and the tile mask (rows x real columns)."""
     n = start + rows
@@ -274,7 +271,7 @@ def _block(start, rows, N, inside):
     return n, valid, valid[:, None] & inside[None, :]
 
 
-@_jit
+@triton_jit
 def _rows(base, n, stride, cols, mask):
     """The ``(BLOCK_N, BD)`` tile of tokens n from a token-major matrix at ``base`` (zeros outside ``mask``)."""
     return tl.load(base + n[:, None] * stride + cols[None, :], mask=mask, other=0.0)
@@ -304,7 +301,7 @@ def _gram_partials(x_ptr, y_ptr, w_ptr, part_ptr, H, N, D: tl.constexpr, CHUNK,
     _store_state(part_ptr, _partial_row(), acc, tl.sum(zacc, axis=1), cols, BLOCK_D)
 
 
-@_jit
+@triton_jit
 def _sum_groups(src_ptr, dst_ptr, GROUPS, SIZE, BLOCK: tl.constexpr):
     """``dst[i] = sum_g src[g, i]`` over a fp32 ``(GROUPS, SIZE)`` buffer, in the order g = 0, 1, ... (the
     same sum on every run); program p adds elements ``[p BLOCK, (p + 1) BLOCK)``."""

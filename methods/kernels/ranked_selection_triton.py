@@ -50,11 +50,10 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any
 
 import torch
 
-from methods.kernels import BACKENDS, kernel_choice, kernel_op, use_kernel
+from methods.kernels import BACKENDS, kernel_choice, kernel_op, triton_jit, use_kernel
 
 try:
     import triton
@@ -77,10 +76,6 @@ ENTRIES_PER_THREAD = 32
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _jit(fn: Any) -> Any:
-    return fn if triton is None else triton.jit(fn)
-
-
 def launch_options(block: int) -> dict[str, int]:
     """The launch's options for rows padded to ``block`` entries, chosen here alone: one program a row, one warp
     up to ``32 x ENTRIES_PER_THREAD`` entries and as many warps above that as keep a thread at that many. In one
@@ -93,7 +88,7 @@ def launch_options(block: int) -> dict[str, int]:
     return {"num_warps": max(1, block // (32 * ENTRIES_PER_THREAD))}
 
 
-@_jit
+@triton_jit
 def _kept_above_last_dropped(bits, rank_index, weight, own, budget, LOG_BLOCK: tl.constexpr):
     """One rule's kept entries, ``(BLOCK,)`` bool: every entry ranked above the highest-ranked one the rule drops.
 
@@ -126,7 +121,7 @@ def _kept_above_last_dropped(bits, rank_index, weight, own, budget, LOG_BLOCK: t
     return (bits > score_bits) | (tied & (rank_index >= index))
 
 
-@_jit
+@triton_jit
 def _ranked_prefix(scores_ptr, weights_ptr, keep_ptr, n, inner, wsp, wsq, wsn, fraction_bits, own, min_keep,
                    BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):  # fmt: skip
     """Program ``row``: the kept entries of ``scores[row, :n]`` (contiguous rows) into ``keep[row]``, counting

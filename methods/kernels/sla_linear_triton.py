@@ -43,7 +43,15 @@ from typing import Any
 
 import torch
 
-from methods.kernels import BACKENDS, kernel_choice, kernel_op, last_axis_contiguous, tile_columns, use_kernel
+from methods.kernels import (
+    BACKENDS,
+    kernel_choice,
+    kernel_op,
+    last_axis_contiguous,
+    tile_columns,
+    triton_jit,
+    use_kernel,
+)
 from methods.kernels.block_sparse import needs_gradients, num_blocks
 from methods.kernels.tuned_launch import launch_tuned
 
@@ -71,10 +79,6 @@ CONFIGS = ((4, 1), (8, 1))
 INTERPRETER_CONFIGS = ((4, 1),)
 
 
-def _jit(fn: Any) -> Any:
-    return fn if triton is None else triton.jit(fn)
-
-
 def _tuned(fn: Any) -> Any:
     """``triton.autotune`` over :data:`CONFIGS` around ``triton.jit``; without Triton the plain function."""
     if triton is None:
@@ -87,7 +91,7 @@ def _tuned(fn: Any) -> Any:
 # -- kernels --------------------------------------------------------------------------------------
 
 
-@_jit
+@triton_jit
 def _features_t(ptr, keys, cols, N, D: tl.constexpr, stride):
     """``phi`` of the rows ``keys`` of one head, transposed: ``(BLOCK_D, len(keys))`` fp32, softmax over the D
     columns (loaded transposed by their addresses: no ``tl.trans`` of a loaded dot operand, which miscompiled on
@@ -100,13 +104,13 @@ def _features_t(ptr, keys, cols, N, D: tl.constexpr, stride):
     return tl.where(present[None, :], e / tl.sum(e, axis=0)[None, :], 0.0)
 
 
-@_jit
+@triton_jit
 def _head_offsets(bh, H, sb, sh):
     """Where batch x head ``bh`` starts in a tensor with batch stride ``sb`` and head stride ``sh``."""
     return (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh
 
 
-@_jit
+@triton_jit
 def _key_states(k_ptr, v_ptr, h_ptr, z_ptr, H, N, NB, skb, skh, skn, svb, svh, svn, D: tl.constexpr,
                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):  # fmt: skip
     """Program (chunk c, b * H + h): for each key block j of the chunk (blocks ``[c CHUNK_BLOCKS, (c + 1)

@@ -41,13 +41,13 @@ tile is used transposed only, and every configuration passed its check on an H20
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
-from methods.kernels import kernel_op, last_axis_contiguous
+from methods.kernels import kernel_op, last_axis_contiguous, triton_jit
 from methods.kernels.block_sparse import VariableBlocks
 
 try:
@@ -93,11 +93,7 @@ def default_config() -> Config:
 INDEX_BLOCK = 1024
 
 
-def _jit(fn: Any) -> Any:
-    return fn if triton is None else triton.jit(fn)
-
-
-@_jit
+@triton_jit
 def _key_indices(cum_ptr, starts_ptr, offsets_ptr, idx_ptr, R, C, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     """Program (g * R + i, t): positions ``[t BLOCK, (t + 1) BLOCK)`` of query block (g, i)'s key list: the token
     index ``starts[g, j] + p - cum[g, i, j]`` of the key block j holding position p, into ``idx[offsets + p]``.
@@ -122,7 +118,7 @@ def _key_indices(cum_ptr, starts_ptr, offsets_ptr, idx_ptr, R, C, STEPS: tl.cons
     tl.store(idx_ptr + tl.load(offsets_ptr + row) + p, token, mask=inside)
 
 
-@_jit
+@triton_jit
 def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_starts_ptr, cum_ptr, offsets_ptr,
                idx_ptr, scale, H, N, R, C, TILES,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,

@@ -75,6 +75,7 @@ from methods.kernels import (
     kernel_op,
     last_axis_contiguous,
     tile_columns,
+    triton_jit,
     use_descriptor_scratch,
     use_kernel,
 )
@@ -150,14 +151,10 @@ def _kernel(fn: Any, configs: tuple[tuple[int, int, int, int], ...] = CONFIGS) -
     return autotune(triton.jit(fn))
 
 
-def _jit(fn: Any) -> Any:
-    return fn if triton is None else triton.jit(fn)
-
-
 # -- kernel ---------------------------------------------------------------------------------------
 
 
-@_jit
+@triton_jit
 def _scores(q_base, k_base, row_start, start, cols, inside, N, sqn, skn, S: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """``(BLOCK_M, BLOCK_N)`` fp32 unscaled scores of reduced query rows ``rows = row_start + [0, BLOCK_M)`` against
@@ -184,7 +181,7 @@ def _scores(q_base, k_base, row_start, start, cols, inside, N, sqn, skn, S: tl.c
     return acc
 
 
-@_jit
+@triton_jit
 def _descriptors(q_base, k_base, N, sqn, skn, S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Tensor descriptors of one head's q and k as ``(N / S, S, D)`` (N a multiple of S): row i, slice m is token
@@ -196,7 +193,7 @@ def _descriptors(q_base, k_base, N, sqn, skn, S: tl.constexpr, D: tl.constexpr, 
     return q_desc, k_desc
 
 
-@_jit
+@triton_jit
 def _tile_scores(q_base, k_base, row_start, start, cols, inside, N, reduced_keys, scale, sqn, skn, S: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """The scores of the tile of rows from ``row_start`` and keys from ``start`` in base-2 units (``scale`` is
@@ -205,20 +202,20 @@ def _tile_scores(q_base, k_base, row_start, start, cols, inside, N, reduced_keys
     return tl.where((start + tl.arange(0, BLOCK_N) < reduced_keys)[None, :], s, float("-inf"))
 
 
-@_jit
+@triton_jit
 def _per_key_block(p, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``(BLOCK_M, BLOCK_N / R)``: each row of ``p`` summed over the R keys of each key block."""
     return tl.sum(tl.reshape(p, (BLOCK_M, BLOCK_N // R, R)), axis=2)
 
 
-@_jit
+@triton_jit
 def _head_bases(q_ptr, k_ptr, bh, H, sqb, sqh, skb, skh):
     """Where q and k of ``bh = b * H + h`` start."""
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     return q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh
 
 
-@_jit
+@triton_jit
 def _online_pass(q_base, k_base, row_start, cols, inside, N, scale, sqn, skn, partial_ptr, max_ptr, NB, ROWS,
                  S: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PARTIALS: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
@@ -303,7 +300,7 @@ _block_partials = _kernel(_partials_program)
 _block_partials_tma = _kernel(_partials_program, TMA_CONFIGS)
 
 
-@_jit
+@triton_jit
 def _combine_partials(partial_ptr, max_ptr, final_max_ptr, weight_ptr, out_ptr, NB, ROWS, R: tl.constexpr,
                       BLOCK_K: tl.constexpr):  # fmt: skip
     """Program (query block, key tile, b * H + h): ``out[qb, kb] = sum over the block's R rows of partial
