@@ -46,6 +46,7 @@ from methods.kernels.block_sparse import (
     BlockSparsePattern,
     TileTables,
     VariableBlocks,
+    block_ids,
     block_lengths,
     mask_tables,
     num_blocks,
@@ -132,15 +133,6 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor,
     return labels, centroids, sizes, sort_labels(labels)[1]
 
 
-def sorted_cluster_ids(sizes: torch.Tensor, tokens: int) -> torch.Tensor:
-    """The cluster id of every token after sorting by cluster, ``(B, H, N)`` int64 (cluster j repeated ``sizes[b, h,
-    j]`` times, in ascending order), from cluster sizes ``(B, H, C)`` that sum to ``tokens`` per (b, h): the labels
-    in k-means's stable order, from the sizes alone."""
-    ids = torch.arange(sizes.shape[-1], device=sizes.device).expand_as(sizes).reshape(-1)
-    repeated = ids.repeat_interleave(sizes.reshape(-1), output_size=sizes[..., 0].numel() * tokens)
-    return repeated.view(*sizes.shape[:-1], tokens)
-
-
 def cluster_pair_pattern(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, tokens: int,
                          block: int) -> BlockSparsePattern:  # fmt: skip
     """The kept cluster pairs over cluster-sorted tokens: as variable blocks (the clusters themselves, what
@@ -159,7 +151,7 @@ def cluster_pair_pattern(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: tor
     variable = VariableBlocks(kept_pairs, q_sizes, k_sizes)  # the clusters themselves: SVG2's own kernel blocks
 
     def tables() -> TileTables:
-        q_labels, k_labels = sorted_cluster_ids(q_sizes, tokens), sorted_cluster_ids(k_sizes, tokens)
+        q_labels, k_labels = block_ids(q_sizes, tokens), block_ids(k_sizes, tokens)
         starts = torch.arange(num_blocks(tokens, block), device=keep.device) * block
         ends = starts + block_lengths(tokens, block, keep.device) - 1
         # Clusters in a tile of sorted tokens form the id range [label at its first token, label at its last].
@@ -180,6 +172,32 @@ def cluster_pair_pattern(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: tor
         return TileTables(kept, full=full & kept, mask_mod=kept_cluster_pair)
 
     return BlockSparsePattern(None, tokens, block, variable=variable, tables=tables)
+
+
+def by_popularity(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, k_labels: torch.Tensor,
+                  k_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The key clusters reordered by how many query tokens keep them, most first (ties by label): ``keep``'s
+    columns, the sizes and the key order, each cluster's tokens still consecutive and ascending. Attention is the
+    same under any order of the keys; this one puts the clusters most query clusters keep next to each other, so
+    that whole tiles of the key sequence hold mostly kept keys (triton-variable's key tiles, Flex's 128-tiles).
+
+    Args:
+        keep: ``(G, Cq, Ck)`` kept cluster pairs; q_sizes ``(G, Cq)``, k_sizes ``(G, Ck)`` int64.
+        k_labels: ``(G, N)`` int64 each key's cluster; k_order ``(G, N)`` their stable sort (k-means's order).
+
+    Returns:
+        keep ``(G, Cq, Ck)``, k_sizes ``(G, Ck)`` and k_order ``(G, N)`` in the new cluster order. No host sync.
+    """
+    kept_by = (keep * q_sizes[..., None]).sum(dim=-2)
+    clusters = kept_by.argsort(dim=-1, descending=True, stable=True)  # new position -> cluster
+    new_sizes = k_sizes.gather(-1, clusters)
+    new_starts = torch.empty_like(k_sizes).scatter_(-1, clusters, new_sizes.cumsum(-1) - new_sizes)
+    old_starts = k_sizes.cumsum(-1) - k_sizes
+    positions = torch.arange(k_order.shape[-1], device=k_order.device).expand_as(k_order)
+    rank_in_cluster = torch.empty_like(k_order).scatter_(-1, k_order, positions) - old_starts.gather(-1, k_labels)
+    new_order = torch.empty_like(k_order).scatter_(-1, new_starts.gather(-1, k_labels) + rank_in_cluster,
+                                                    positions.expand_as(k_order))  # fmt: skip
+    return keep.gather(-1, clusters[:, None, :].expand_as(keep)), new_sizes, new_order
 
 
 @dataclass
@@ -277,7 +295,7 @@ class SparseVideoGen2(BlockSparseMethod):
         q_count, k_count = self.clusters(tokens)
         cached = self.route(ctx) if ctx.route is None else ctx.route
         _, q_centroids, q_sizes, q_order = self._cluster(q, q_count, cached.q)
-        _, k_centroids, k_sizes, k_order = self._cluster(k, k_count, cached.k)
+        k_labels, k_centroids, k_sizes, k_order = self._cluster(k, k_count, cached.k)
         cached.q, cached.k = q_centroids, k_centroids
 
         logits = q_centroids @ k_centroids.transpose(-2, -1) / dim**0.5
@@ -288,6 +306,7 @@ class SparseVideoGen2(BlockSparseMethod):
             keep = select_by_cumulative_mass(mass, self.top_p, min_keep=math.floor(self.min_kc_ratio * k_count))
         else:
             keep = select_by_cost_budget(mass, k_sizes[:, None, :], self.fixed_density)
+        keep, k_sizes, k_order = by_popularity(keep, q_sizes, k_sizes, k_labels, k_order)
 
         shape = (batch, heads)
         q_order, k_order = q_order.view(*shape, tokens), k_order.view(*shape, tokens)

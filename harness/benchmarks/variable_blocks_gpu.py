@@ -50,14 +50,15 @@ BASELINES = ("flashinfer", "flex-tuned")
 
 
 def parse_configs(text: str) -> list[Config]:
-    """``64x64x4x3,64x32x4x3r`` -> their :class:`Config` (BLOCK_M x BLOCK_N x num_warps x num_stages, ``r``: key
-    tiles loaded as rows)."""
+    """``64x64x4x3,64x32x4x3r,64x64x4x3t`` -> their :class:`Config` (BLOCK_M x BLOCK_N x num_warps x num_stages;
+    ``r``: gathered key tiles loaded as rows, ``t``: whole key tiles of the sequence, masked)."""
     configs = []
     for item in filter(None, text.split(",")):
-        parts = item.removesuffix("r").split("x")
+        suffix = item[-1] if item[-1:] in ("r", "t") else ""
+        parts = item.removesuffix(suffix).split("x")
         if len(parts) != 4 or not all(part.isdigit() for part in parts):
-            raise HarnessError(f"--configs: {item!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES[r] (e.g. 64x64x4x3)")
-        configs.append(Config(*(int(part) for part in parts), k_rows=item.endswith("r")))
+            raise HarnessError(f"--configs: {item!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES[r|t] (e.g. 64x64x4x3)")
+        configs.append(Config(*(int(part) for part in parts), k_rows=suffix == "r", tiles=suffix == "t"))
     return configs
 
 

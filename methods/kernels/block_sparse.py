@@ -130,6 +130,15 @@ def tile_areas(seq_len: int, block_size: tuple[int, int], device: torch.device |
     return rows[:, None] * cols[None, :]
 
 
+def block_ids(sizes: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The block of every token of consecutive variable-size blocks, ``(.., N)`` int64 (block j repeated ``sizes[..,
+    j]`` times, in ascending order), from block sizes ``(.., C)`` that sum to ``tokens`` along the last axis: SVG2's
+    cluster labels in its permuted order, from the sizes alone. No host sync."""
+    ids = torch.arange(sizes.shape[-1], device=sizes.device).expand_as(sizes).reshape(-1)
+    repeated = ids.repeat_interleave(sizes.reshape(-1), output_size=sizes[..., 0].numel() * tokens)
+    return repeated.view(*sizes.shape[:-1], tokens)
+
+
 @dataclass(frozen=True)
 class VariableBlocks:
     """A token mask as kept (query block, key block) pairs of blocks with unequal sizes, per batch and head.

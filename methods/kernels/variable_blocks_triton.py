@@ -47,8 +47,15 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
-from methods.kernels import kernel_op, last_axis_contiguous, triton_jit
-from methods.kernels.block_sparse import VariableBlocks
+from methods.kernels import (
+    descriptor_aligned,
+    kernel_op,
+    last_axis_contiguous,
+    tile_columns,
+    triton_jit,
+    use_descriptor_scratch,
+)
+from methods.kernels.block_sparse import VariableBlocks, block_ids
 
 try:
     import triton
@@ -69,11 +76,12 @@ class Config(NamedTuple):
     num_warps: int
     num_stages: int
     k_rows: bool = False
+    tiles: bool = False
 
     @property
     def name(self) -> str:
-        """``64x32x4x3`` (``r`` appended for k_rows)."""
-        return "x".join(map(str, self[:4])) + ("r" if self.k_rows else "")
+        """``64x32x4x3`` (``r`` appended for k_rows, ``t`` for key tiles)."""
+        return "x".join(map(str, self[:4])) + ("r" if self.k_rows else "") + ("t" if self.tiles else "")
 
 
 #: Timed on an H200 beside 9 other configurations at Wan 1.3B (svg2 at densities 0.1, 0.295, 0.5) and 14B (0.295):
@@ -82,6 +90,8 @@ class Config(NamedTuple):
 DEFAULT_CONFIG = Config(64, 64, 4, 3, k_rows=True)
 INTERPRETER_CONFIG = Config(16, 16, 4, 1)
 MAX_HEAD_DIM = 128
+#: Widest key tile of the ``tiles`` configurations: one int64 holds its kept columns.
+MAX_KEY_TILE = 64
 
 
 def default_config() -> Config:
@@ -91,6 +101,8 @@ def default_config() -> Config:
 
 #: Positions of the index lists one program of :func:`_key_indices` writes.
 INDEX_BLOCK = 1024
+#: Key tiles one step of :func:`_key_tiles` scans.
+KEY_TILE_CHUNK = 16
 
 
 @triton_jit
@@ -119,15 +131,45 @@ def _key_indices(cum_ptr, starts_ptr, offsets_ptr, idx_ptr, R, C, STEPS: tl.cons
 
 
 @triton_jit
-def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_starts_ptr, cum_ptr, offsets_ptr,
-               idx_ptr, scale, H, N, R, C, TILES,
+def _key_tiles(labels_ptr, kept_ptr, lists_ptr, bits_ptr, counts_ptr, R, C, N, TILES,
+               BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """Program g * R + i: the key tiles (``[t BLOCK_N, (t + 1) BLOCK_N)`` of the cluster-sorted keys) holding a key
+    that query block (g, i) keeps, ascending, into ``lists[g * R + i, :counts[g * R + i]]`` int32, each with the
+    bits of its kept columns (bit c: token ``t BLOCK_N + c``) at the same place of ``bits`` int64. ``labels (G, N)``
+    int32 the key block of every token, ``kept (G * R, C)`` uint8; ``TILES = ceil(N / BLOCK_N)``, the lists' width."""
+    row = tl.program_id(0).to(tl.int64)
+    labels = labels_ptr + (row // R) * N
+    kept = kept_ptr + row * C
+    column_bit = tl.full((BLOCK_N,), 1, dtype=tl.int64) << tl.arange(0, BLOCK_N).to(tl.int64)
+    listed = tl.zeros((), dtype=tl.int32)
+    for first in range(0, TILES, CHUNK):
+        tiles = first + tl.arange(0, CHUNK)
+        tokens = tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        inside = tokens < N
+        label = tl.load(labels + tokens, mask=inside, other=0)
+        keeps = (tl.load(kept + label, mask=inside, other=0) != 0) & inside
+        bits = tl.sum(tl.where(keeps, column_bit[None, :], 0), axis=1)  # disjoint bits: the sum is their or
+        nonzero = (bits != 0) & (tiles < TILES)
+        slot = listed + tl.cumsum(nonzero.to(tl.int32), axis=0) - 1
+        tl.store(lists_ptr + row * TILES + slot, tiles, mask=nonzero)
+        tl.store(bits_ptr + row * TILES + slot, bits, mask=nonzero)
+        listed += tl.sum(nonzero.to(tl.int32), axis=0)
+    tl.store(counts_ptr + row, listed)
+
+
+@triton_jit
+def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_starts_ptr, count_ptr, offsets_ptr,
+               idx_ptr, bits_ptr, scale, H, N, R, TILES,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               K_ROWS: tl.constexpr):  # fmt: skip
+               K_ROWS: tl.constexpr, KEY_TILES: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """Program (t, g): query tile t of group g, in query block ``i = tile_block[g, t]`` (R: past the last tile,
     nothing to do), rows ``row_starts[g, i] + (t - first_tile[g, i]) BLOCK_M + [0, BLOCK_M)`` below
-    ``row_starts[g, i + 1]``, over the key list of (g, i) in tiles of BLOCK_N. ``scale`` is ``log2(e) / sqrt(D)``;
-    the output ``(B * H, N, D)`` contiguous."""
+    ``row_starts[g, i + 1]``, over the keys of (g, i), from ``offsets[g * R + i]`` on: gathered (``KEY_TILES``
+    off), its ``count[g * R + i]`` key tokens in ``idx``, in tiles of BLOCK_N; with key tiles, its ``count`` listed
+    tiles (in ``idx``) of the key sequence, each read whole (through tensor descriptors with ``TMA``) and masked to
+    the columns set in ``bits`` (same place). ``scale`` is ``log2(e) / sqrt(D)``; the output ``(B * H, N, D)``
+    contiguous."""
     t, g = tl.program_id(0), tl.program_id(1)
     block = tl.load(tile_block_ptr + g * TILES + t)
     if block < R:
@@ -140,17 +182,30 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_s
         inside = cols < D
         row_mask = (rows < end)[:, None] & inside[None, :]
         q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], mask=row_mask, other=0.0)
-        count = tl.load(cum_ptr + row * (C + 1) + C)
+        count = tl.load(count_ptr + row)
         base = tl.load(offsets_ptr + row)
         k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+        if TMA:
+            k_desc = tl.make_tensor_descriptor(k_base, shape=[N, D], strides=[skn, 1], block_shape=[BLOCK_N, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[N, D], strides=[svn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        column = tl.arange(0, BLOCK_N)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for offset in range(0, count, BLOCK_N):
-            p = offset + tl.arange(0, BLOCK_N)
-            valid = p < count
-            token = tl.load(idx_ptr + base + p, mask=valid, other=0).to(tl.int64)
-            if K_ROWS:
+        steps = count if KEY_TILES else tl.cdiv(count, BLOCK_N)
+        for step in range(0, steps):
+            if KEY_TILES:
+                first_key = tl.load(idx_ptr + base + step) * BLOCK_N
+                valid = ((tl.load(bits_ptr + base + step) >> column.to(tl.int64)) & 1) != 0
+                token = (first_key + column).to(tl.int64)
+            else:
+                p = step * BLOCK_N + column
+                valid = p < count
+                token = tl.load(idx_ptr + base + p, mask=valid, other=0).to(tl.int64)
+            if TMA:  # key tiles only: a whole tile of the key sequence is one box; zeros past N
+                k = k_desc.load([first_key, 0])
+                s = tl.dot(q, tl.trans(k)) * scale
+            elif K_ROWS:
                 k = tl.load(k_base + token[:, None] * skn + cols[None, :], mask=valid[:, None] & inside[None, :],
                             other=0.0)  # fmt: skip
                 s = tl.dot(q, tl.trans(k)) * scale
@@ -163,8 +218,11 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_s
             alpha = tl.exp2(m_i - m_new)
             weights = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(weights, axis=1)
-            vt = tl.load(v_base + token[:, None] * svn + cols[None, :], mask=valid[:, None] & inside[None, :],
-                         other=0.0)  # fmt: skip
+            if TMA:
+                vt = v_desc.load([first_key, 0])
+            else:
+                vt = tl.load(v_base + token[:, None] * svn + cols[None, :], mask=valid[:, None] & inside[None, :],
+                             other=0.0)  # fmt: skip
             acc = acc * alpha[:, None] + tl.dot(weights.to(vt.dtype), vt)
             m_i = m_new
         out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
@@ -180,9 +238,10 @@ def _running_sums(x: torch.Tensor) -> torch.Tensor:
 @kernel_op("variable_block_attention")
 def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor,
                                 row_sizes: torch.Tensor, col_sizes: torch.Tensor, block_m: int, block_n: int,
-                                num_warps: int, num_stages: int, k_rows: bool) -> torch.Tensor:  # fmt: skip
-    """The launches of :func:`variable_block_attention` as one op (torch.compile sees one opaque call; the index
-    list's size is read on the host inside it). Arguments as there, the configuration spelled out."""
+                                num_warps: int, num_stages: int, k_rows: bool,
+                                tiles: bool) -> torch.Tensor:  # fmt: skip
+    """The launches of :func:`variable_block_attention` as one op (torch.compile sees one opaque call; gathered keys
+    read the index list's size on the host inside it). Arguments as there, the configuration spelled out."""
     batch, heads, tokens, dim = q.shape
     groups, blocks_q, blocks_k = batch * heads, kept.shape[-2], kept.shape[-1]
     q, k, v = (last_axis_contiguous(x) for x in (q, k, v))
@@ -190,27 +249,42 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     rows = row_sizes.expand(batch, heads, -1).reshape(groups, blocks_q).long()
     cols = col_sizes.expand(batch, heads, -1).reshape(groups, blocks_k).long()
 
-    cum = _running_sums(kept * cols[:, None, :]).view(groups * blocks_q, blocks_k + 1)
-    counts = cum[:, -1].long()
-    offsets = counts.cumsum(0) - counts
-    total = int(counts.sum())  # the one host read: the size of the index lists
-    idx = torch.empty(max(total, 1), device=q.device, dtype=torch.int32)
-    starts = (cols.cumsum(-1) - cols).to(torch.int32)
-    steps = max(1, blocks_k.bit_length())
-    index_grid = (groups * blocks_q, triton.cdiv(tokens, INDEX_BLOCK))
-    _key_indices[index_grid](cum, starts, offsets, idx, blocks_q, blocks_k, STEPS=steps, BLOCK=INDEX_BLOCK)
+    with_tma = False
+    if tiles:
+        key_tiles = triton.cdiv(tokens, block_n)
+        labels = block_ids(cols, tokens).to(torch.int32)
+        idx = torch.empty(groups * blocks_q, key_tiles, device=q.device, dtype=torch.int32)
+        bits = torch.empty(groups * blocks_q, key_tiles, device=q.device, dtype=torch.int64)
+        counts = torch.empty(groups * blocks_q, device=q.device, dtype=torch.int32)
+        kept_bytes = kept.to(torch.uint8).contiguous()
+        _key_tiles[(groups * blocks_q,)](labels, kept_bytes, idx, bits, counts, blocks_q, blocks_k, tokens, key_tiles,
+                                         BLOCK_N=block_n, CHUNK=KEY_TILE_CHUNK)  # fmt: skip
+        offsets = torch.arange(groups * blocks_q, device=q.device, dtype=torch.int64) * key_tiles
+        with_tma = descriptor_aligned(k) and descriptor_aligned(v)
+        if with_tma and not INTERPRETED:
+            use_descriptor_scratch()
+    else:
+        cum = _running_sums(kept * cols[:, None, :]).view(groups * blocks_q, blocks_k + 1)
+        counts = cum[:, -1].long()
+        offsets = counts.cumsum(0) - counts
+        total = int(counts.sum())  # the one host read: the size of the index lists
+        idx = bits = torch.empty(max(total, 1), device=q.device, dtype=torch.int32)
+        starts = (cols.cumsum(-1) - cols).to(torch.int32)
+        steps = max(1, blocks_k.bit_length())
+        index_grid = (groups * blocks_q, triton.cdiv(tokens, INDEX_BLOCK))
+        _key_indices[index_grid](cum, starts, offsets, idx, blocks_q, blocks_k, STEPS=steps, BLOCK=INDEX_BLOCK)
 
     first_tile = _running_sums((rows + block_m - 1) // block_m)
-    tiles = triton.cdiv(tokens, block_m) + blocks_q  # each block adds at most one partial tile
-    positions = torch.arange(tiles, device=q.device, dtype=torch.int32).expand(groups, tiles).contiguous()
+    query_tiles = triton.cdiv(tokens, block_m) + blocks_q  # each block adds at most one partial tile
+    positions = torch.arange(query_tiles, device=q.device, dtype=torch.int32).expand(groups, query_tiles).contiguous()
     tile_block = torch.searchsorted(first_tile[:, 1:].contiguous(), positions, right=True).to(torch.int32)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    _attention[(tiles, groups)](
-        q, k, v, out, tile_block, first_tile, _running_sums(rows), cum, offsets, idx,
-        1.4426950408889634 / dim**0.5, heads, tokens, blocks_q, blocks_k, tiles,
+    _attention[(query_tiles, groups)](
+        q, k, v, out, tile_block, first_tile, _running_sums(rows), counts, offsets, idx, bits,
+        1.4426950408889634 / dim**0.5, heads, tokens, blocks_q, query_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
-        K_ROWS=k_rows,
+        v.stride(2), D=dim, BLOCK_D=tile_columns(dim), BLOCK_M=block_m, BLOCK_N=block_n,
+        K_ROWS=k_rows, KEY_TILES=tiles, TMA=with_tma,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
@@ -219,7 +293,7 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 @variable_block_attention_op.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, row_sizes: torch.Tensor,
       col_sizes: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int, k_rows: bool,
-      ) -> torch.Tensor:  # fmt: skip
+      tiles: bool) -> torch.Tensor:  # fmt: skip
     return q.new_empty(q.shape)
 
 
@@ -227,8 +301,11 @@ def variable_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              config: Config | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of q, k, v ``(B, H, N, D)`` (fp16/bf16, on CUDA or under the Triton interpreter) over ``blocks``'
     kept pairs, ``(B, H, N, D)`` in q's dtype, with ``config`` (:func:`default_config`). Raises
-    :class:`HarnessError` for a head dim over :data:`MAX_HEAD_DIM`."""
+    :class:`HarnessError` for a head dim over :data:`MAX_HEAD_DIM`, or key tiles wider than
+    :data:`MAX_KEY_TILE` (their kept columns are the bits of one int64)."""
     if q.shape[-1] > MAX_HEAD_DIM:  # tiles of wider heads overflow shared memory (a Triton error, not a message)
         raise HarnessError(f"triton-variable takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     config = config or default_config()
+    if config.tiles and config.block_n > MAX_KEY_TILE:
+        raise HarnessError(f"configuration {config.name}: key tiles take BLOCK_N <= {MAX_KEY_TILE}")
     return variable_block_attention_op(q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, *config)
