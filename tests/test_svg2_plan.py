@@ -43,11 +43,21 @@ def tile_reductions(mask: torch.Tensor, block: int) -> tuple[torch.Tensor, torch
     return reduce(torch.any), reduce(torch.all)
 
 
+def in_label_order(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, k_labels: torch.Tensor,
+                   k_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`methods.svg2.by_popularity`'s place taken by the key clusters in label order (k-means's own)."""
+    return keep, k_sizes, k_order
+
+
 @pytest.mark.parametrize("params", [{}, {"fixed_density": 0.3}], ids=["top-p", "fixed-density"])
-def test_the_plan_matches_its_token_mask(params: dict[str, Any]) -> None:
-    """On random q and k, a cold call (k-means from random tokens) and a warm one (from the cached centroids): the
-    orders are the stable sorts of a second instance's k-means labels (same seed), and the density, variable blocks
-    and tile tables (built when read) are those of the token mask of the kept cluster pairs over those orders."""
+def test_the_plan_matches_its_token_mask(params: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On random q and k, a cold call (k-means from random tokens) and a warm one (from the cached centroids), key
+    clusters in label order: the orders are the stable sorts of a second instance's k-means labels (same seed), and
+    the density, variable blocks and tile tables (built when read) are those of the token mask of the kept cluster
+    pairs over those orders."""
+    from methods import svg2
+
+    monkeypatch.setattr(svg2, "by_popularity", in_label_order)
     method, reference = (build_method("svg2", **SETTINGS, **params) for _ in range(2))
     assert isinstance(method, SparseVideoGen2) and isinstance(reference, SparseVideoGen2)
     generator = torch.Generator().manual_seed(0)
@@ -69,6 +79,44 @@ def test_the_plan_matches_its_token_mask(params: dict[str, Any]) -> None:
         kept, full = tile_reductions(mask, method.block_size(GRID.tokens))
         assert torch.equal(plan.pattern.kept, kept) and torch.equal(plan.pattern.full, full)
         assert torch.equal(plan.pattern.dense_mask(), mask)
+
+
+def mask_by_token(plan: SparsePlan) -> torch.Tensor:
+    """The plan's token mask ``(B, H, N, N)`` indexed by the tokens' own positions (its orders undone)."""
+    assert plan.pattern.variable is not None and plan.q_order is not None and plan.kv_order is not None
+    mask = plan.pattern.variable.dense_mask()
+    rows = torch.empty_like(mask).scatter_(-2, plan.q_order[..., None].expand_as(mask), mask)
+    return torch.empty_like(mask).scatter_(-1, plan.kv_order[..., None, :].expand_as(mask), rows)
+
+
+@pytest.mark.parametrize("params", [{}, {"fixed_density": 0.3}], ids=["top-p", "fixed-density"])
+def test_key_clusters_come_most_kept_first_with_the_same_pairs(params: dict[str, Any],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The plan's key clusters are ordered by the query tokens that keep them, most first: each still consecutive
+    (a run of its size) and ascending in token order, and the kept token pairs and density are those of the plan in
+    label order."""
+    from methods import svg2
+
+    plans = []
+    for reorder in (in_label_order, svg2.by_popularity):
+        monkeypatch.setattr(svg2, "by_popularity", reorder)
+        method = build_method("svg2", **SETTINGS, **params)
+        generator = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, GRID.tokens, 16, generator=generator) for _ in range(3))
+        plans.append(method.plan(q, k, v, context(15)))
+    labelled, plan = plans
+    assert torch.equal(mask_by_token(plan), mask_by_token(labelled))
+    assert plan.density is not None and float(plan.density) == float(labelled.density)
+    variable = plan.pattern.variable
+    assert variable is not None and plan.kv_order is not None and labelled.kv_order is not None
+    kept_by = (variable.kept * variable.row_sizes[..., None]).sum(dim=-2)
+    assert bool((kept_by[..., :-1] >= kept_by[..., 1:]).all())
+    for group in range(2):
+        runs = plan.kv_order[0, group].split(variable.col_sizes[0, group].tolist())
+        assert all(bool((run[1:] > run[:-1]).all()) for run in runs)
+        assert sorted(tuple(run.tolist()) for run in runs if len(run)) == sorted(
+            tuple(run.tolist()) for run in labelled.kv_order[0, group].split(
+                labelled.pattern.variable.col_sizes[0, group].tolist()) if len(run))  # fmt: skip
 
 
 def test_the_plan_builds_no_tile_table_until_one_is_read(monkeypatch: pytest.MonkeyPatch) -> None:

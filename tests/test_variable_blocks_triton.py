@@ -24,10 +24,12 @@ from triton_helpers import needs_kernel as triton_needs_kernel
 
 from harness.errors import HarnessError
 from methods.kernels import variable_blocks_triton as kernel
-from methods.kernels.block_sparse import BlockSparsePattern, VariableBlocks
+from methods.kernels.block_sparse import BlockSparsePattern, VariableBlocks, block_ids
 from methods.kernels.sparse_backends import get_backend
 
 needs_kernel = triton_needs_kernel(kernel)
+#: The default (whole key tiles, masked) and the gathered keys, in the tiles this device runs.
+CONFIGS = {"key-tiles": kernel.default_config(), "gathered": kernel.default_config()._replace(tiles=False)}
 DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
 #: Relative error of the kernel's output against float64 attention on the same (rounded) inputs.
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -68,6 +70,7 @@ def inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ..
 
 
 @needs_kernel
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "dim", "rows", "cols"), [
     (100, 32, 5, 9),  # blocks of ~20 tokens: several tiles a block, partial last tiles
@@ -75,11 +78,11 @@ def inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ..
     (96, 24, 7, 7),  # a head dim that is not a power of two (padded columns)
 ])  # fmt: skip
 def test_matches_float64_attention_under_the_blocks_mask(dtype: torch.dtype, tokens: int, dim: int, rows: int,
-                                                          cols: int) -> None:  # fmt: skip
+                                                          cols: int, config: kernel.Config) -> None:  # fmt: skip
     torch.manual_seed(tokens + dim)
     q, k, v = inputs((2, 2, tokens, dim), dtype)
     blocks = random_blocks(2, 2, tokens, rows, cols)
-    out = kernel.variable_block_attention(q, k, v, blocks)
+    out = kernel.variable_block_attention(q, k, v, blocks, config)
     assert out.shape == q.shape and out.dtype == dtype
     assert relative(out, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
 
@@ -97,12 +100,48 @@ def test_blocks_shared_by_every_head_broadcast() -> None:
 
 
 @needs_kernel
-def test_reads_strided_inputs_in_place() -> None:
-    """q, k, v as ``(B, N, H, D)`` tensors seen as ``(B, H, N, D)`` (the layout a transformer's projection gives)."""
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("dim", [32, 20], ids=["descriptor-rows", "rows-of-40-bytes"])
+def test_reads_strided_inputs_in_place(config: kernel.Config, dim: int) -> None:
+    """q, k, v as ``(B, N, H, D)`` tensors seen as ``(B, H, N, D)`` (the layout a transformer's projection gives);
+    with 20 columns a token's row is 40 bytes, off the copy engine's 16-byte grid, and key tiles load by pointers."""
     torch.manual_seed(2)
-    q, k, v = (x.transpose(1, 2) for x in inputs((1, 64, 2, 32), torch.float16))
+    q, k, v = (x.transpose(1, 2) for x in inputs((1, 64, 2, dim), torch.float16))
     blocks = random_blocks(1, 2, 64, 4, 5)
-    assert relative(kernel.variable_block_attention(q, k, v, blocks), float64_attention(q, k, v, blocks)) < 2e-3
+    out = kernel.variable_block_attention(q, k, v, blocks, config)
+    assert relative(out, float64_attention(q, k, v, blocks)) < 2e-3
+
+
+@needs_kernel
+def test_key_tiles_list_each_tile_with_a_kept_key_and_its_kept_columns() -> None:
+    """:func:`_key_tiles` on blocks of 5, 20, 3 and 12 tokens (40 tokens, tiles of 16): the tiles that hold a kept
+    key of each query block, ascending, with bit c set where token ``16 t + c`` is kept; no other tile."""
+    cols = torch.tensor([[5, 20, 3, 12]], device=DEVICE)
+    kept = torch.tensor([[[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0]]], device=DEVICE, dtype=torch.uint8)
+    labels = block_ids(cols, 40).to(torch.int32)
+    lists = torch.full((3, 3), -1, device=DEVICE, dtype=torch.int32)
+    bits = torch.zeros(3, 3, device=DEVICE, dtype=torch.int64)
+    counts = torch.empty(3, device=DEVICE, dtype=torch.int32)
+    kernel._key_tiles[(3,)](labels, kept.view(3, 4), lists, bits, counts, 3, 4, 40, 3, BLOCK_N=16, CHUNK=2)
+    expected: list[list[tuple[int, int]]] = []
+    for row in kept[0].bool().cpu():
+        token_kept = row.repeat_interleave(cols[0].cpu())
+        listed = []
+        for tile in range(3):
+            columns = token_kept[16 * tile : 16 * tile + 16]
+            if columns.any():
+                listed.append((tile, sum(1 << c for c, kept_key in enumerate(columns.tolist()) if kept_key)))
+        expected.append(listed)
+    assert counts.tolist() == [len(listed) for listed in expected]
+    for row, listed in enumerate(expected):
+        assert list(zip(lists[row, : len(listed)].tolist(), bits[row, : len(listed)].tolist(), strict=True)) == listed
+
+
+def test_key_tiles_wider_than_an_int64_are_refused() -> None:
+    q = torch.randn(1, 1, 8, 16, dtype=torch.float16)
+    blocks = VariableBlocks(torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.tensor([[[8]]]), torch.tensor([[[8]]]))
+    with pytest.raises(HarnessError, match="64x128x4x3t: key tiles take BLOCK_N <= 64"):
+        kernel.variable_block_attention(q, q, q, blocks, kernel.Config(64, 128, 4, 3, tiles=True))
 
 
 @needs_kernel
@@ -134,11 +173,12 @@ def test_backend_takes_variable_blocks_only() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k_rows", [False, True])
 def test_both_key_tile_loads_match_float64(dtype: torch.dtype, k_rows: bool) -> None:
-    """Key tiles loaded as rows and transposed (``k_rows``), or transposed by their addresses: the same attention."""
+    """Gathered key tiles loaded as rows and transposed (``k_rows``), or transposed by their addresses: the same
+    attention."""
     torch.manual_seed(4)
     q, k, v = inputs((1, 2, 120, 32), dtype)
     blocks = random_blocks(1, 2, 120, 4, 12)
-    out = kernel.variable_block_attention(q, k, v, blocks, kernel.default_config()._replace(k_rows=k_rows))
+    out = kernel.variable_block_attention(q, k, v, blocks, CONFIGS["gathered"]._replace(k_rows=k_rows))
     assert relative(out, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
 
 
@@ -162,7 +202,7 @@ def test_a_head_dim_over_128_is_refused_with_its_reason() -> None:
 @torch.library.custom_op("bench_test::variable_blocks_masked", mutates_args=())
 def _masked_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, row_sizes: torch.Tensor,
                      col_sizes: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int,
-                     k_rows: bool) -> torch.Tensor:  # fmt: skip
+                     k_rows: bool, tiles: bool) -> torch.Tensor:  # fmt: skip
     """The kernel op's contract computed by masked dense SDPA on the CPU (no Triton here)."""
     mask = VariableBlocks(kept, row_sizes, col_sizes).dense_mask()
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -204,8 +244,13 @@ def test_auto_on_variable_blocks_compiles_in_one_graph(monkeypatch: pytest.Monke
 def test_the_gpu_script_reads_configurations_and_refuses_malformed_ones() -> None:
     from harness.benchmarks.variable_blocks_gpu import parse_configs
 
-    assert parse_configs("64x32x4x3,64x64x4x3r") == [kernel.Config(64, 32, 4, 3), kernel.Config(64, 64, 4, 3, True)]
+    assert parse_configs("64x32x4x3,64x64x4x3r,64x64x4x2t") == [
+        kernel.Config(64, 32, 4, 3),
+        kernel.Config(64, 64, 4, 3, True),
+        kernel.Config(64, 64, 4, 2, tiles=True),
+    ]
     assert kernel.Config(64, 64, 4, 3, True).name == "64x64x4x3r"
+    assert kernel.Config(64, 64, 4, 2, tiles=True).name == "64x64x4x2t"
     with pytest.raises(HarnessError, match="'64x64x4' is not BLOCK_MxBLOCK_NxWARPSxSTAGES"):
         parse_configs("64x64x4")
 
@@ -220,14 +265,14 @@ def test_the_gpu_script_checks_then_times_every_configuration(tmp_path: Path) ->
 
     device = "cuda" if ON_CUDA else "cpu"
     script.main(["--out", str(tmp_path), "--device", device, "--models", "wan-tiny", "--densities", "0.3",
-                 "--configs", "16x16x4x1,16x16x4x1r", "--full-blocks", "16"])  # fmt: skip
+                 "--configs", "16x16x4x1,16x16x4x1r,16x16x4x1t", "--full-blocks", "16"])  # fmt: skip
     record = json.loads((tmp_path / "variable_blocks.json").read_text())
     (point,) = record["models"]["wan-tiny"]["points"]
-    for name in ("triton-variable 16x16x4x1", "triton-variable 16x16x4x1r"):
+    for name in ("triton-variable 16x16x4x1", "triton-variable 16x16x4x1r", "triton-variable 16x16x4x1t"):
         assert point["results"][name]["passed"] and point["results"][name]["ms"] > 0
     full = record["models"]["wan-tiny"]["full_blocks"]
     assert full["block"] == 16
-    for name in ("16x16x4x1", "16x16x4x1r"):  # every block kept: checked against dense attention, then timed
+    for name in ("16x16x4x1", "16x16x4x1r", "16x16x4x1t"):  # every block kept: checked against dense, then timed
         assert full["results"][name]["passed"] and full["results"][name]["of_dense"] > 0
         assert full["results"][name]["block"] == 16
 

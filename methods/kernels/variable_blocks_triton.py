@@ -8,32 +8,39 @@ NeurIPS 2025, Sec. 4.3) runs the same computation on a patched FlashInfer whose 
 cluster pairs; FlashInfer's upstream variable-block wrapper lists one key index per kept token and plans on the
 host per call, 4.1-6.2x the density-scaled cuDNN time on an H200 (reports/gpu/h200/run_9dca079/sparse/).
 
-Two launches, no host work besides one read of the kept-token total (the index list's size):
+Query tiles never straddle two query blocks: block i is cut into ``ceil(rows_i / BLOCK_M)`` tiles (the last
+partial), so every row of a tile keeps the same keys. :func:`_attention`, one program per (query tile, group),
+streams those keys in tiles of BLOCK_N with the online softmax of FlashAttention in fp32 (exp2, scale folded in).
+The keys come one of two ways (:class:`Config`'s ``tiles``):
 
-- :func:`_key_indices`: per (group, query block) the positions of its kept key tokens, in key-block order, as one
-  int32 list (``idx``; the list of query block (g, i) starts at ``offsets[g, i]``). Position p of the list is in
-  the key block j with ``cum[g, i, j] <= p < cum[g, i, j + 1]``, ``cum`` the running sum of kept block sizes
-  (a dropped block adds 0, so the search skips it), found by a binary search vectorised over BLOCK positions.
-- :func:`_attention`: one program per (query tile, group). Query tiles never straddle two query blocks: block i
-  is cut into ``ceil(rows_i / BLOCK_M)`` tiles (the last partial), so every row of a tile keeps the same keys, and
-  the program streams that list in tiles of BLOCK_N keys, gathering their rows of k and v by index (each row
-  ``D`` contiguous elements), with the online softmax of FlashAttention in fp32 (exp2, scale folded in).
+- **Key tiles** (the default): the key blocks are consecutive tokens, so the program reads whole tiles
+  ``[t BLOCK_N, (t + 1) BLOCK_N)`` of the key sequence, through tensor descriptors (Hopper's copy engine) where the
+  strides allow, each masked to the columns whose block its query block keeps. :func:`_key_tiles` lists per (group,
+  query block), with no host read, the tiles holding a kept key and their kept columns as the bits of an int64. A
+  tile computes kept and dropped columns alike, so the order of the key blocks matters: svg2 puts the key clusters
+  most query clusters keep next to each other (:func:`methods.svg2.by_popularity`), and on k-means clusters of
+  random data at density 0.295 the listed tiles' columns are then 0.93 kept (0.79 in label order; counted on the
+  CPU).
+- **Gathered keys**: :func:`_key_indices` writes per (group, query block) the positions of its kept key tokens as
+  one int32 list (position p is in key block j with ``cum[g, i, j] <= p < cum[g, i, j + 1]``, ``cum`` the running
+  sum of kept block sizes, found by a binary search), and the program gathers their rows of k and v by index:
+  nothing but kept keys, but no copy engine (it has no gather on Hopper), and one host read (the lists' size).
 
-The waste is the partial last tile of each query block (rows) and of each list (columns): with 300 query clusters
-over Wan 1.3B's 32,760 tokens the query side averages 109 rows a block, and on k-means clusters of random data
-the tiles compute 1/0.74 of the useful rows (counted on the CPU). Both costs were measured on an H200 at Wan 1.3B
-(reports/gpu/h200/run_109ff79/, run_b36de12/): with every block kept and no partial tile, the default's 64-row tiles
-take 1.95x the cuDNN call per computed entry and 128-row tiles (4 warps) 1.61x, half the gathers per row; on svg2's
-clusters (density 0.295) a second launch running each block's remainder as one tile of 16 or 32 rows took 9.24 and
-9.56 ms against 9.44, and 128-row tiles 10.54 ms (utilisation 0.56), 9.33 with 64-row tails. So even with no row
-wasted the kernel would stay above 1.6x its ideal time. Query rows of a block that keeps no key get zeros (masked
+Measured on an H200 (reports/gpu/h200/run_c8cd359/, svg2 at density 0.295, cuDNN 10.9 ms at Wan 1.3B and 205 ms
+at 14B): key tiles 7.76 ms (2.27x the density-scaled cuDNN call) at 1.3B and 109.7 ms (1.81x) at 14B, gathered
+keys 9.71 (2.84x) and 130.4 ms (2.15x); with every block kept (64-token blocks, no partial tile) 1.43x and 2.12x the
+dense call per computed entry. So the rest is the tile rate of a 64-row Triton kernel (1.43x cuDNN's) and the
+partial last tile of each query block: with 300 query clusters over 32,760 tokens a block averages 109 rows and
+64-row tiles compute 1/0.76 of the useful rows (128-row tiles: 3.38x, 1.79x per entry; a second launch for each
+block's remainder in 16- or 32-row tiles saved at most 2% in run_109ff79/).
+Query rows of a block that keeps no key get zeros (masked
 dense gives NaN there; no method makes such a block).
 
 Shapes: q, k, v ``(B, H, N, D)`` fp16 or bf16, one dtype, any strides with a contiguous last axis, ``D <= 128``;
 the blocks' ``kept (B or 1, H or 1, R, C)``, ``row_sizes (.., R)``, ``col_sizes (.., C)`` (each summing to N).
 Returns ``(B, H, N, D)`` contiguous in q's dtype. Forward only (SVG2 is training-free).
 
-The ``k_rows`` configurations take ``tl.trans`` of a loaded key tile, which
+The ``k_rows`` and key-tile configurations take ``tl.trans`` of a loaded key tile, which
 :mod:`methods.kernels.linear_attention_triton` avoids after a miscompile on sm_90 (a tile used both ways); here the
 tile is used transposed only, and every configuration passed its check on an H200 (run_998d57e/variable_blocks/).
 """
@@ -68,8 +75,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class Config(NamedTuple):
-    """A configuration of :func:`_attention`: its tiles, warps and pipeline stages, and whether it loads key tiles
-    as rows ``(BLOCK_N, D)`` and transposes them (``k_rows``) or transposed by their addresses ``(D, BLOCK_N)``."""
+    """A configuration of :func:`_attention`: its tiles, warps and pipeline stages, whether it reads whole key
+    tiles of the sequence, masked (``tiles``, BLOCK_N <= :data:`MAX_KEY_TILE`), or gathers the kept keys, and whether
+    it loads key tiles as rows ``(BLOCK_N, D)`` and transposes them (``k_rows``; descriptor loads always do) or
+    transposed by their addresses ``(D, BLOCK_N)``."""
 
     block_m: int
     block_n: int
@@ -84,11 +93,12 @@ class Config(NamedTuple):
         return "x".join(map(str, self[:4])) + ("r" if self.k_rows else "") + ("t" if self.tiles else "")
 
 
-#: Timed on an H200 beside 9 other configurations at Wan 1.3B (svg2 at densities 0.1, 0.295, 0.5) and 14B (0.295):
-#: the fastest or within 2% of it at every point (reports/gpu/h200/run_998d57e/variable_blocks/); three stages hide
-#: the gathers' latency, two do not (34-49% slower in the first sweep, run_f81020f/).
-DEFAULT_CONFIG = Config(64, 64, 4, 3, k_rows=True)
-INTERPRETER_CONFIG = Config(16, 16, 4, 1)
+#: Key tiles of 64 in 64-row query tiles, 4 warps, 3 stages: timed on an H200 beside 2 and 4 stages (within 2%),
+#: 32-column tiles (2-4% slower) and 128-row tiles on 8 warps (30-50% slower) at Wan 1.3B and 14B, svg2 at 0.295
+#: (reports/gpu/h200/run_c8cd359/). The gathered keys' best, 64x64x4x3r, came first among 10 gathered
+#: configurations in run_998d57e/variable_blocks/.
+DEFAULT_CONFIG = Config(64, 64, 4, 3, tiles=True)
+INTERPRETER_CONFIG = Config(16, 16, 4, 1, tiles=True)
 MAX_HEAD_DIM = 128
 #: Widest key tile of the ``tiles`` configurations: one int64 holds its kept columns.
 MAX_KEY_TILE = 64
