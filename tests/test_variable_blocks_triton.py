@@ -28,8 +28,12 @@ from methods.kernels.block_sparse import BlockSparsePattern, VariableBlocks, blo
 from methods.kernels.sparse_backends import get_backend
 
 needs_kernel = triton_needs_kernel(kernel)
-#: The default (whole key tiles, masked) and the gathered keys, in the tiles this device runs.
-CONFIGS = {"key-tiles": kernel.default_config(), "gathered": kernel.default_config()._replace(tiles=False)}
+#: The default, whole key tiles only, and gathered keys only, in the tiles this device runs.
+CONFIGS = {
+    "default": kernel.default_config(),
+    "whole-tiles": kernel.default_config()._replace(sparse_below=0),
+    "gathered": kernel.default_config()._replace(tiles=False, sparse_below=0),
+}
 DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
 #: Relative error of the kernel's output against float64 attention on the same (rounded) inputs.
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -112,29 +116,62 @@ def test_reads_strided_inputs_in_place(config: kernel.Config, dim: int) -> None:
     assert relative(out, float64_attention(q, k, v, blocks)) < 2e-3
 
 
+def listed_keys(kept: torch.Tensor, cols: torch.Tensor, tile: int, sparse_below: int,
+                cap: int) -> tuple[list[list[tuple[int, int]]], list[list[int]]]:  # fmt: skip
+    """:func:`_key_tiles`' lists from first principles: per query block, its whole tiles (index, bits of the kept
+    columns) and its gathered key tokens, tiles scanned in order, sparse ones gathered until their keys so far
+    exceed ``cap``."""
+    tokens = int(cols.sum())
+    tiles, gathered = [], []
+    for row in kept.bool():
+        token_kept = row.repeat_interleave(cols)
+        whole, tokens_gathered, asked = [], [], 0
+        for index in range(-(-tokens // tile)):
+            columns = token_kept[tile * index : tile * (index + 1)].tolist()
+            keys = [tile * index + c for c, kept_key in enumerate(columns) if kept_key]
+            asked += len(keys) if len(keys) < sparse_below else 0
+            if keys and len(keys) < sparse_below and asked <= cap:
+                tokens_gathered += keys
+            elif keys:
+                whole.append((index, sum(1 << c for c, kept_key in enumerate(columns) if kept_key)))
+        tiles.append(whole)
+        gathered.append(tokens_gathered)
+    return tiles, gathered
+
+
 @needs_kernel
-def test_key_tiles_list_each_tile_with_a_kept_key_and_its_kept_columns() -> None:
-    """:func:`_key_tiles` on blocks of 5, 20, 3 and 12 tokens (40 tokens, tiles of 16): the tiles that hold a kept
-    key of each query block, ascending, with bit c set where token ``16 t + c`` is kept; no other tile."""
+@pytest.mark.parametrize(("sparse_below", "cap"), [(0, 40), (6, 40), (6, 4)], ids=["whole", "sparse", "cap-reached"])
+def test_key_tiles_list_whole_tiles_and_gather_sparse_ones(sparse_below: int, cap: int) -> None:
+    """:func:`_key_tiles` on blocks of 5, 20, 3 and 12 tokens (40 tokens, tiles of 16): per query block the tiles
+    that hold a kept key, ascending; those with fewer than ``sparse_below`` kept keys have their tokens gathered
+    while ``cap`` holds them, the others are listed whole with bit c set where token ``16 t + c`` is kept."""
     cols = torch.tensor([[5, 20, 3, 12]], device=DEVICE)
     kept = torch.tensor([[[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0]]], device=DEVICE, dtype=torch.uint8)
     labels = block_ids(cols, 40).to(torch.int32)
     lists = torch.full((3, 3), -1, device=DEVICE, dtype=torch.int32)
     bits = torch.zeros(3, 3, device=DEVICE, dtype=torch.int64)
-    counts = torch.empty(3, device=DEVICE, dtype=torch.int32)
-    kernel._key_tiles[(3,)](labels, kept.view(3, 4), lists, bits, counts, 3, 4, 40, 3, BLOCK_N=16, CHUNK=2)
-    expected: list[list[tuple[int, int]]] = []
-    for row in kept[0].bool().cpu():
-        token_kept = row.repeat_interleave(cols[0].cpu())
-        listed = []
-        for tile in range(3):
-            columns = token_kept[16 * tile : 16 * tile + 16]
-            if columns.any():
-                listed.append((tile, sum(1 << c for c, kept_key in enumerate(columns.tolist()) if kept_key)))
-        expected.append(listed)
-    assert counts.tolist() == [len(listed) for listed in expected]
-    for row, listed in enumerate(expected):
-        assert list(zip(lists[row, : len(listed)].tolist(), bits[row, : len(listed)].tolist(), strict=True)) == listed
+    gathered = torch.full((3, cap), -1, device=DEVICE, dtype=torch.int32)
+    counts, gathered_counts = (torch.empty(3, device=DEVICE, dtype=torch.int32) for _ in range(2))
+    kernel._key_tiles[(3,)](labels, kept.view(3, 4), lists, bits, counts, gathered, gathered_counts, 3, 4, 40, 3,
+                            cap, sparse_below, BLOCK_N=16, CHUNK=2)  # fmt: skip
+    tiles, tokens = listed_keys(kept[0].cpu(), cols[0].cpu(), 16, sparse_below, cap)
+    assert counts.tolist() == [len(whole) for whole in tiles]
+    assert gathered_counts.tolist() == [len(keys) for keys in tokens]
+    for row, (whole, keys) in enumerate(zip(tiles, tokens, strict=True)):
+        assert list(zip(lists[row, : len(whole)].tolist(), bits[row, : len(whole)].tolist(), strict=True)) == whole
+        assert gathered[row, : len(keys)].tolist() == keys
+
+
+@needs_kernel
+def test_sparse_tiles_past_the_gather_cap_are_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With room for 8 gathered keys per query block, the rest of its sparse tiles are read whole: the same
+    attention."""
+    monkeypatch.setattr(kernel, "GATHER_CAP", 8)
+    torch.manual_seed(7)
+    q, k, v = inputs((1, 2, 160, 32), torch.float16)
+    blocks = random_blocks(1, 2, 160, 3, 40)
+    config = kernel.default_config()._replace(sparse_below=kernel.default_config().block_n)
+    assert relative(kernel.variable_block_attention(q, k, v, blocks, config), float64_attention(q, k, v, blocks)) < 2e-3
 
 
 def test_key_tiles_wider_than_an_int64_are_refused() -> None:
@@ -202,7 +239,7 @@ def test_a_head_dim_over_128_is_refused_with_its_reason() -> None:
 @torch.library.custom_op("bench_test::variable_blocks_masked", mutates_args=())
 def _masked_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, row_sizes: torch.Tensor,
                      col_sizes: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int,
-                     k_rows: bool, tiles: bool) -> torch.Tensor:  # fmt: skip
+                     k_rows: bool, tiles: bool, sparse_below: int) -> torch.Tensor:  # fmt: skip
     """The kernel op's contract computed by masked dense SDPA on the CPU (no Triton here)."""
     mask = VariableBlocks(kept, row_sizes, col_sizes).dense_mask()
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -244,13 +281,15 @@ def test_auto_on_variable_blocks_compiles_in_one_graph(monkeypatch: pytest.Monke
 def test_the_gpu_script_reads_configurations_and_refuses_malformed_ones() -> None:
     from harness.benchmarks.variable_blocks_gpu import parse_configs
 
-    assert parse_configs("64x32x4x3,64x64x4x3r,64x64x4x2t") == [
+    assert parse_configs("64x32x4x3,64x64x4x3r,64x64x4x2t,64x64x4x3rt40") == [
         kernel.Config(64, 32, 4, 3),
         kernel.Config(64, 64, 4, 3, True),
         kernel.Config(64, 64, 4, 2, tiles=True),
+        kernel.Config(64, 64, 4, 3, True, True, 40),
     ]
     assert kernel.Config(64, 64, 4, 3, True).name == "64x64x4x3r"
     assert kernel.Config(64, 64, 4, 2, tiles=True).name == "64x64x4x2t"
+    assert kernel.Config(64, 64, 4, 3, True, True, 40).name == "64x64x4x3rt40"
     with pytest.raises(HarnessError, match="'64x64x4' is not BLOCK_MxBLOCK_NxWARPSxSTAGES"):
         parse_configs("64x64x4")
 
@@ -265,14 +304,14 @@ def test_the_gpu_script_checks_then_times_every_configuration(tmp_path: Path) ->
 
     device = "cuda" if ON_CUDA else "cpu"
     script.main(["--out", str(tmp_path), "--device", device, "--models", "wan-tiny", "--densities", "0.3",
-                 "--configs", "16x16x4x1,16x16x4x1r,16x16x4x1t", "--full-blocks", "16"])  # fmt: skip
+                 "--configs", "16x16x4x1,16x16x4x1r,16x16x4x1rt8", "--full-blocks", "16"])  # fmt: skip
     record = json.loads((tmp_path / "variable_blocks.json").read_text())
     (point,) = record["models"]["wan-tiny"]["points"]
-    for name in ("triton-variable 16x16x4x1", "triton-variable 16x16x4x1r", "triton-variable 16x16x4x1t"):
+    for name in ("triton-variable 16x16x4x1", "triton-variable 16x16x4x1r", "triton-variable 16x16x4x1rt8"):
         assert point["results"][name]["passed"] and point["results"][name]["ms"] > 0
     full = record["models"]["wan-tiny"]["full_blocks"]
     assert full["block"] == 16
-    for name in ("16x16x4x1", "16x16x4x1r", "16x16x4x1t"):  # every block kept: checked against dense, then timed
+    for name in ("16x16x4x1", "16x16x4x1r", "16x16x4x1rt8"):  # every block kept: checked against dense, then timed
         assert full["results"][name]["passed"] and full["results"][name]["of_dense"] > 0
         assert full["results"][name]["block"] == 16
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -50,15 +51,16 @@ BASELINES = ("flashinfer", "flex-tuned")
 
 
 def parse_configs(text: str) -> list[Config]:
-    """``64x64x4x3,64x32x4x3r,64x64x4x3t`` -> their :class:`Config` (BLOCK_M x BLOCK_N x num_warps x num_stages;
-    ``r``: gathered key tiles loaded as rows, ``t``: whole key tiles of the sequence, masked)."""
+    """``64x64x4x3,64x32x4x3r,64x64x4x3t,64x64x4x3t40`` -> their :class:`Config` (BLOCK_M x BLOCK_N x num_warps x
+    num_stages; ``r``: gathered key tiles loaded as rows; ``t``: whole key tiles of the sequence, masked, those with
+    fewer kept keys than the number after it gathered instead)."""
     configs = []
     for item in filter(None, text.split(",")):
-        suffix = item[-1] if item[-1:] in ("r", "t") else ""
-        parts = item.removesuffix(suffix).split("x")
-        if len(parts) != 4 or not all(part.isdigit() for part in parts):
-            raise HarnessError(f"--configs: {item!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES[r|t] (e.g. 64x64x4x3)")
-        configs.append(Config(*(int(part) for part in parts), k_rows=suffix == "r", tiles=suffix == "t"))
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)x(\d+)(r?)(t(\d*))?", item)
+        if match is None:
+            raise HarnessError(f"--configs: {item!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES[r][t[N]] (e.g. 64x64x4x3)")
+        configs.append(Config(*(int(part) for part in match.group(1, 2, 3, 4)), k_rows=bool(match.group(5)),
+                              tiles=bool(match.group(6)), sparse_below=int(match.group(7) or 0)))  # fmt: skip
     return configs
 
 

@@ -86,19 +86,21 @@ class Config(NamedTuple):
     num_stages: int
     k_rows: bool = False
     tiles: bool = False
+    sparse_below: int = 0
 
     @property
     def name(self) -> str:
-        """``64x32x4x3`` (``r`` appended for k_rows, ``t`` for key tiles)."""
-        return "x".join(map(str, self[:4])) + ("r" if self.k_rows else "") + ("t" if self.tiles else "")
+        """``64x32x4x3`` (``r`` appended for k_rows, ``t`` for key tiles, then sparse_below where not 0)."""
+        suffix = ("r" if self.k_rows else "") + ("t" if self.tiles else "")
+        return "x".join(map(str, self[:4])) + suffix + (str(self.sparse_below) if self.sparse_below else "")
 
 
 #: Key tiles of 64 in 64-row query tiles, 4 warps, 3 stages: timed on an H200 beside 2 and 4 stages (within 2%),
 #: 32-column tiles (2-4% slower) and 128-row tiles on 8 warps (30-50% slower) at Wan 1.3B and 14B, svg2 at 0.295
 #: (reports/gpu/h200/run_c8cd359/). The gathered keys' best, 64x64x4x3r, came first among 10 gathered
 #: configurations in run_998d57e/variable_blocks/.
-DEFAULT_CONFIG = Config(64, 64, 4, 3, tiles=True)
-INTERPRETER_CONFIG = Config(16, 16, 4, 1, tiles=True)
+DEFAULT_CONFIG = Config(64, 64, 4, 3, k_rows=True, tiles=True, sparse_below=40)
+INTERPRETER_CONFIG = Config(16, 16, 4, 1, k_rows=True, tiles=True, sparse_below=10)
 MAX_HEAD_DIM = 128
 #: Widest key tile of the ``tiles`` configurations: one int64 holds its kept columns.
 MAX_KEY_TILE = 64
@@ -113,6 +115,10 @@ def default_config() -> Config:
 INDEX_BLOCK = 1024
 #: Key tiles one step of :func:`_key_tiles` scans.
 KEY_TILE_CHUNK = 16
+#: Gathered keys a query block may take besides its whole tiles (the list is allocated at this width per block, with
+#: no host read; past it, sparse tiles are read whole). svg2's blocks at Wan 1.3B gathered at most 3,563 keys at
+#: ``sparse_below`` 39 in a random-weight forward (mean 2,234; counted on the CPU).
+GATHER_CAP = 4096
 
 
 @triton_jit
@@ -141,45 +147,75 @@ def _key_indices(cum_ptr, starts_ptr, offsets_ptr, idx_ptr, R, C, STEPS: tl.cons
 
 
 @triton_jit
-def _key_tiles(labels_ptr, kept_ptr, lists_ptr, bits_ptr, counts_ptr, R, C, N, TILES,
-               BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
-    """Program g * R + i: the key tiles (``[t BLOCK_N, (t + 1) BLOCK_N)`` of the cluster-sorted keys) holding a key
-    that query block (g, i) keeps, ascending, into ``lists[g * R + i, :counts[g * R + i]]`` int32, each with the
-    bits of its kept columns (bit c: token ``t BLOCK_N + c``) at the same place of ``bits`` int64. ``labels (G, N)``
-    int32 the key block of every token, ``kept (G * R, C)`` uint8; ``TILES = ceil(N / BLOCK_N)``, the lists' width."""
+def _key_tiles(labels_ptr, kept_ptr, lists_ptr, bits_ptr, counts_ptr, gathered_ptr, gathered_counts_ptr, R, C, N,
+               TILES, CAP, SPARSE, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+    """Program g * R + i: the keys that query block (g, i) keeps, by tiles ``[t BLOCK_N, (t + 1) BLOCK_N)`` of the
+    cluster-sorted keys, ascending. A tile with at least ``SPARSE`` kept keys is listed whole: its index into
+    ``lists[g * R + i, :counts[g * R + i]]`` int32, the bits of its kept columns (bit c: token ``t BLOCK_N + c``) at
+    the same place of ``bits`` int64. A tile with fewer (a sparse tile) has its kept tokens appended to
+    ``gathered[g * R + i, :gathered_counts[g * R + i]]`` int32, until the sparse tiles' keys so far exceed ``CAP``;
+    from that tile on, sparse tiles are listed whole. ``labels (G, N)``
+    int32 the key block of every token, ``kept (G * R, C)`` uint8; ``TILES = ceil(N / BLOCK_N)``, the lists'
+    width."""
     row = tl.program_id(0).to(tl.int64)
     labels = labels_ptr + (row // R) * N
     kept = kept_ptr + row * C
-    column_bit = tl.full((BLOCK_N,), 1, dtype=tl.int64) << tl.arange(0, BLOCK_N).to(tl.int64)
+    column = tl.arange(0, BLOCK_N)
+    column_bit = tl.full((BLOCK_N,), 1, dtype=tl.int64) << column.to(tl.int64)
     listed = tl.zeros((), dtype=tl.int32)
+    gathered = tl.zeros((), dtype=tl.int32)
+    asked = tl.zeros((), dtype=tl.int32)
     for first in range(0, TILES, CHUNK):
         tiles = first + tl.arange(0, CHUNK)
-        tokens = tiles[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tokens = tiles[:, None] * BLOCK_N + column[None, :]
         inside = tokens < N
         label = tl.load(labels + tokens, mask=inside, other=0)
         keeps = (tl.load(kept + label, mask=inside, other=0) != 0) & inside
+        keys = tl.sum(keeps.to(tl.int32), axis=1)
+        sparse = (keys > 0) & (keys < SPARSE)
+        asked_by = asked + tl.cumsum(tl.where(sparse, keys, 0), axis=0)  # every sparse tile's keys so far
+        fits = sparse & (asked_by <= CAP)
+        whole = (keys > 0) & ~fits
         bits = tl.sum(tl.where(keeps, column_bit[None, :], 0), axis=1)  # disjoint bits: the sum is their or
-        nonzero = (bits != 0) & (tiles < TILES)
-        slot = listed + tl.cumsum(nonzero.to(tl.int32), axis=0) - 1
-        tl.store(lists_ptr + row * TILES + slot, tiles, mask=nonzero)
-        tl.store(bits_ptr + row * TILES + slot, bits, mask=nonzero)
-        listed += tl.sum(nonzero.to(tl.int32), axis=0)
+        slot = listed + tl.cumsum(whole.to(tl.int32), axis=0) - 1
+        tl.store(lists_ptr + row * TILES + slot, tiles, mask=whole)
+        tl.store(bits_ptr + row * TILES + slot, bits, mask=whole)
+        listed += tl.sum(whole.to(tl.int32), axis=0)
+        taken = tl.reshape(keeps & fits[:, None], (CHUNK * BLOCK_N,))
+        place = gathered + tl.cumsum(taken.to(tl.int32), axis=0) - 1
+        tl.store(gathered_ptr + row * CAP + place, tl.reshape(tokens, (CHUNK * BLOCK_N,)), mask=taken)
+        gathered += tl.sum(taken.to(tl.int32), axis=0)
+        asked = tl.max(asked_by, axis=0)
     tl.store(counts_ptr + row, listed)
+    tl.store(gathered_counts_ptr + row, gathered)
 
 
 @triton_jit
-def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_starts_ptr, count_ptr, offsets_ptr,
-               idx_ptr, bits_ptr, scale, H, N, R, TILES,
+def _accumulate(s, valid, v, m_i, l_i, acc):
+    """One key tile of FlashAttention's online softmax: scores ``s (BLOCK_M, BLOCK_N)`` (log2 units) of the
+    columns ``valid``, their values ``v (BLOCK_N, BLOCK_D)``; returns the updated max, sum and accumulator."""
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    weights = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(weights, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton_jit
+def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_starts_ptr, tile_counts_ptr,
+               tile_lists_ptr, bits_ptr, counts_ptr, offsets_ptr, idx_ptr, scale, H, N, R, TILES, KEY_TILES,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               K_ROWS: tl.constexpr, KEY_TILES: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+               K_ROWS: tl.constexpr, WHOLE_TILES: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """Program (t, g): query tile t of group g, in query block ``i = tile_block[g, t]`` (R: past the last tile,
     nothing to do), rows ``row_starts[g, i] + (t - first_tile[g, i]) BLOCK_M + [0, BLOCK_M)`` below
-    ``row_starts[g, i + 1]``, over the keys of (g, i), from ``offsets[g * R + i]`` on: gathered (``KEY_TILES``
-    off), its ``count[g * R + i]`` key tokens in ``idx``, in tiles of BLOCK_N; with key tiles, its ``count`` listed
-    tiles (in ``idx``) of the key sequence, each read whole (through tensor descriptors with ``TMA``) and masked to
-    the columns set in ``bits`` (same place). ``scale`` is ``log2(e) / sqrt(D)``; the output ``(B * H, N, D)``
-    contiguous."""
+    ``row_starts[g, i + 1]``, over the keys of (g, i): with ``WHOLE_TILES``, first its ``tile_counts[g * R + i]``
+    listed tiles ``tile_lists[(g * R + i) KEY_TILES:]`` of the key sequence, each read whole (through tensor
+    descriptors with ``TMA``) and masked to the columns set in ``bits`` (same place); then its ``counts[g * R + i]``
+    gathered key tokens ``idx[offsets[g * R + i]:]``, in tiles of BLOCK_N. ``scale`` is ``log2(e) / sqrt(D)``; the
+    output ``(B * H, N, D)`` contiguous."""
     t, g = tl.program_id(0), tl.program_id(1)
     block = tl.load(tile_block_ptr + g * TILES + t)
     if block < R:
@@ -192,30 +228,36 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_s
         inside = cols < D
         row_mask = (rows < end)[:, None] & inside[None, :]
         q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + cols[None, :], mask=row_mask, other=0.0)
-        count = tl.load(count_ptr + row)
-        base = tl.load(offsets_ptr + row)
         k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
-        if TMA:
-            k_desc = tl.make_tensor_descriptor(k_base, shape=[N, D], strides=[skn, 1], block_shape=[BLOCK_N, BLOCK_D])
-            v_desc = tl.make_tensor_descriptor(v_base, shape=[N, D], strides=[svn, 1], block_shape=[BLOCK_N, BLOCK_D])
         column = tl.arange(0, BLOCK_N)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        steps = count if KEY_TILES else tl.cdiv(count, BLOCK_N)
-        for step in range(0, steps):
-            if KEY_TILES:
-                first_key = tl.load(idx_ptr + base + step) * BLOCK_N
-                valid = ((tl.load(bits_ptr + base + step) >> column.to(tl.int64)) & 1) != 0
-                token = (first_key + column).to(tl.int64)
-            else:
-                p = step * BLOCK_N + column
-                valid = p < count
-                token = tl.load(idx_ptr + base + p, mask=valid, other=0).to(tl.int64)
-            if TMA:  # key tiles only: a whole tile of the key sequence is one box; zeros past N
-                k = k_desc.load([first_key, 0])
-                s = tl.dot(q, tl.trans(k)) * scale
-            elif K_ROWS:
+        if WHOLE_TILES:
+            if TMA:
+                k_desc = tl.make_tensor_descriptor(k_base, shape=[N, D], strides=[skn, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+                v_desc = tl.make_tensor_descriptor(v_base, shape=[N, D], strides=[svn, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_D])  # fmt: skip
+            listed = tile_lists_ptr + row * KEY_TILES
+            for step in range(0, tl.load(tile_counts_ptr + row)):
+                first_key = tl.load(listed + step) * BLOCK_N
+                valid = ((tl.load(bits_ptr + row * KEY_TILES + step) >> column.to(tl.int64)) & 1) != 0
+                if TMA:  # a whole tile of the key sequence is one box; zeros past N
+                    k, v = k_desc.load([first_key, 0]), v_desc.load([first_key, 0])
+                else:
+                    token = (first_key + column).to(tl.int64)
+                    tile_mask = (token < N)[:, None] & inside[None, :]
+                    k = tl.load(k_base + token[:, None] * skn + cols[None, :], mask=tile_mask, other=0.0)
+                    v = tl.load(v_base + token[:, None] * svn + cols[None, :], mask=tile_mask, other=0.0)
+                m_i, l_i, acc = _accumulate(tl.dot(q, tl.trans(k)) * scale, valid, v, m_i, l_i, acc)
+        count = tl.load(counts_ptr + row)
+        base = tl.load(offsets_ptr + row)
+        for offset in range(0, count, BLOCK_N):
+            p = offset + column
+            valid = p < count
+            token = tl.load(idx_ptr + base + p, mask=valid, other=0).to(tl.int64)
+            if K_ROWS:
                 k = tl.load(k_base + token[:, None] * skn + cols[None, :], mask=valid[:, None] & inside[None, :],
                             other=0.0)  # fmt: skip
                 s = tl.dot(q, tl.trans(k)) * scale
@@ -223,18 +265,9 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_s
                 kt = tl.load(k_base + token[None, :] * skn + cols[:, None], mask=valid[None, :] & inside[:, None],
                              other=0.0)  # fmt: skip
                 s = tl.dot(q, kt) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            weights = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(weights, axis=1)
-            if TMA:
-                vt = v_desc.load([first_key, 0])
-            else:
-                vt = tl.load(v_base + token[:, None] * svn + cols[None, :], mask=valid[:, None] & inside[None, :],
-                             other=0.0)  # fmt: skip
-            acc = acc * alpha[:, None] + tl.dot(weights.to(vt.dtype), vt)
-            m_i = m_new
+            v = tl.load(v_base + token[:, None] * svn + cols[None, :], mask=valid[:, None] & inside[None, :],
+                        other=0.0)  # fmt: skip
+            m_i, l_i, acc = _accumulate(s, valid, v, m_i, l_i, acc)
         out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
         o_base = o_ptr + g.to(tl.int64) * N * D
         tl.store(o_base + rows[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=row_mask)
@@ -248,8 +281,8 @@ def _running_sums(x: torch.Tensor) -> torch.Tensor:
 @kernel_op("variable_block_attention")
 def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor,
                                 row_sizes: torch.Tensor, col_sizes: torch.Tensor, block_m: int, block_n: int,
-                                num_warps: int, num_stages: int, k_rows: bool,
-                                tiles: bool) -> torch.Tensor:  # fmt: skip
+                                num_warps: int, num_stages: int, k_rows: bool, tiles: bool,
+                                sparse_below: int) -> torch.Tensor:  # fmt: skip
     """The launches of :func:`variable_block_attention` as one op (torch.compile sees one opaque call; gathered keys
     read the index list's size on the host inside it). Arguments as there, the configuration spelled out."""
     batch, heads, tokens, dim = q.shape
@@ -262,23 +295,29 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     with_tma = False
     if tiles:
         key_tiles = triton.cdiv(tokens, block_n)
+        cap = max(1, min(GATHER_CAP, tokens))
         labels = block_ids(cols, tokens).to(torch.int32)
-        idx = torch.empty(groups * blocks_q, key_tiles, device=q.device, dtype=torch.int32)
+        tile_lists = torch.empty(groups * blocks_q, key_tiles, device=q.device, dtype=torch.int32)
         bits = torch.empty(groups * blocks_q, key_tiles, device=q.device, dtype=torch.int64)
+        tile_counts = torch.empty(groups * blocks_q, device=q.device, dtype=torch.int32)
+        idx = torch.empty(groups * blocks_q, cap, device=q.device, dtype=torch.int32)
         counts = torch.empty(groups * blocks_q, device=q.device, dtype=torch.int32)
         kept_bytes = kept.to(torch.uint8).contiguous()
-        _key_tiles[(groups * blocks_q,)](labels, kept_bytes, idx, bits, counts, blocks_q, blocks_k, tokens, key_tiles,
-                                         BLOCK_N=block_n, CHUNK=KEY_TILE_CHUNK)  # fmt: skip
-        offsets = torch.arange(groups * blocks_q, device=q.device, dtype=torch.int64) * key_tiles
+        _key_tiles[(groups * blocks_q,)](labels, kept_bytes, tile_lists, bits, tile_counts, idx, counts, blocks_q,
+                                         blocks_k, tokens, key_tiles, cap, sparse_below, BLOCK_N=block_n,
+                                         CHUNK=KEY_TILE_CHUNK)  # fmt: skip
+        offsets = torch.arange(groups * blocks_q, device=q.device, dtype=torch.int64) * cap
         with_tma = descriptor_aligned(k) and descriptor_aligned(v)
         if with_tma and not INTERPRETED:
             use_descriptor_scratch()
     else:
+        key_tiles = 0
         cum = _running_sums(kept * cols[:, None, :]).view(groups * blocks_q, blocks_k + 1)
-        counts = cum[:, -1].long()
-        offsets = counts.cumsum(0) - counts
+        counts = cum[:, -1].contiguous()  # read by the kernel as a flat int32 array
+        offsets = counts.long().cumsum(0) - counts
         total = int(counts.sum())  # the one host read: the size of the index lists
-        idx = bits = torch.empty(max(total, 1), device=q.device, dtype=torch.int32)
+        idx = torch.empty(max(total, 1), device=q.device, dtype=torch.int32)
+        tile_lists = tile_counts = bits = idx  # unread
         starts = (cols.cumsum(-1) - cols).to(torch.int32)
         steps = max(1, blocks_k.bit_length())
         index_grid = (groups * blocks_q, triton.cdiv(tokens, INDEX_BLOCK))
@@ -290,11 +329,11 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     tile_block = torch.searchsorted(first_tile[:, 1:].contiguous(), positions, right=True).to(torch.int32)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     _attention[(query_tiles, groups)](
-        q, k, v, out, tile_block, first_tile, _running_sums(rows), counts, offsets, idx, bits,
-        1.4426950408889634 / dim**0.5, heads, tokens, blocks_q, query_tiles,
+        q, k, v, out, tile_block, first_tile, _running_sums(rows), tile_counts, tile_lists, bits, counts, offsets, idx,
+        1.4426950408889634 / dim**0.5, heads, tokens, blocks_q, query_tiles, key_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), D=dim, BLOCK_D=tile_columns(dim), BLOCK_M=block_m, BLOCK_N=block_n,
-        K_ROWS=k_rows, KEY_TILES=tiles, TMA=with_tma,
+        K_ROWS=k_rows, WHOLE_TILES=tiles, TMA=with_tma,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
@@ -303,7 +342,7 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 @variable_block_attention_op.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, row_sizes: torch.Tensor,
       col_sizes: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int, k_rows: bool,
-      tiles: bool) -> torch.Tensor:  # fmt: skip
+      tiles: bool, sparse_below: int) -> torch.Tensor:  # fmt: skip
     return q.new_empty(q.shape)
 
 
