@@ -21,14 +21,17 @@ shorter than ``MIN_TOKENS_PER_CLUSTER`` x clusters use fewer clusters (the toy: 
 tokens); the counts used are recorded.
 
 Speed: the plan carries the clusters as variable-size blocks, which ``auto`` runs on CUDA (no gradients) on
-``triton-variable`` (:mod:`methods.kernels.variable_blocks_triton`: per query cluster only its kept key tokens, as
-SVG2's own patched FlashInfer kernel does; 2.1-3.4x the density-scaled cuDNN time on an H200, where the paper
-puts its kernel above 85% of the density-scaled FA3 speed), or on FlashInfer's upstream variable-block wrapper when
-named. On Flex the exact output runs through a token-level mask over the permuted order, but every 128 x 128 tile
-straddling a cluster boundary is computed whole and then masked, about 1.5-1.9x more work at equal density. The
-plan does only what triton-variable reads: the permutations are k-means's own stable sort of its labels (the
-sorted update's last one, not a sort again), and the tile tables and the mask's label tables are deferred
-(:func:`cluster_pair_pattern`), built where a backend or a report first reads them (Flex, masked, tile densities).
+``triton-variable`` (:mod:`methods.kernels.variable_blocks_triton`: per query cluster only the key tiles holding its
+kept keys, whole, and the kept keys of sparse tiles gathered; 1.7-2.2x the density-scaled cuDNN time on an H200,
+where the paper puts its patched FlashInfer kernel above 85% of the density-scaled FA3 speed), or on FlashInfer's
+upstream variable-block wrapper when named. The key clusters come in the order of how many query tokens keep them,
+most first (:func:`by_popularity`; any key order gives the same attention), so that the kept keys of most query
+clusters share whole tiles. On Flex the exact output runs through a token-level mask over the permuted order, but
+every 128 x 128 tile straddling a cluster boundary is computed whole and then masked, about 1.5-1.9x more work at
+equal density. The plan does only what triton-variable reads: the permutations are k-means's own stable sort of its
+labels (the sorted update's last one, not a sort again; the key order then moved cluster by cluster by one scatter),
+and the tile tables and the mask's label tables are deferred (:func:`cluster_pair_pattern`), built where a backend or
+a report first reads them (Flex, masked, tile densities).
 """
 
 from __future__ import annotations

@@ -765,9 +765,9 @@ def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bloc
     that needs no gradients (our kernels and FlashInfer's compute none; a call that needs them takes the base):
 
     - variable blocks (SVG2's clusters) on triton-variable, eager or compiled (one opaque op): on an H200 at density
-      0.295, 9.24 ms a call at Wan 1.3B against 13.93 ms on FlashInfer's variable-block wrapper and 29.02 on
-      flex-tuned, 124.0 against 137.2 and 385.0 at 14B (reports/gpu/h200/run_998d57e/variable_blocks/); FlashInfer
-      was 4% faster only at 14B and density 0.1 (run_f81020f/);
+      0.295, 7.38 ms a call at Wan 1.3B against 15.29 on flex-tuned, 101.9 against 247.1 at 14B
+      (reports/gpu/h200/run_ec88077/); its gathered keys alone took 9.24 ms against 13.93 on FlashInfer's
+      variable-block wrapper, 124.0 against 137.2 at 14B (run_998d57e/variable_blocks/);
     - in an eager call, :func:`auto_flashinfer`'s wrapper where its kernels are prebuilt (:func:`flashinfer_prebuilt`:
       no JIT compile inside a run) and it can run this pattern (its plan and run are host code a compiled graph
       cannot trace);

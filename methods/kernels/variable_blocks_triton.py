@@ -11,28 +11,29 @@ host per call, 4.1-6.2x the density-scaled cuDNN time on an H200 (reports/gpu/h2
 Query tiles never straddle two query blocks: block i is cut into ``ceil(rows_i / BLOCK_M)`` tiles (the last
 partial), so every row of a tile keeps the same keys. :func:`_attention`, one program per (query tile, group),
 streams those keys in tiles of BLOCK_N with the online softmax of FlashAttention in fp32 (exp2, scale folded in).
-The keys come one of two ways (:class:`Config`'s ``tiles``):
+The keys come two ways, both in the default (:class:`Config`'s ``tiles`` and ``sparse_below``):
 
-- **Key tiles** (the default): the key blocks are consecutive tokens, so the program reads whole tiles
+- **Whole key tiles**: the key blocks are consecutive tokens, so the program reads whole tiles
   ``[t BLOCK_N, (t + 1) BLOCK_N)`` of the key sequence, through tensor descriptors (Hopper's copy engine) where the
-  strides allow, each masked to the columns whose block its query block keeps. :func:`_key_tiles` lists per (group,
-  query block), with no host read, the tiles holding a kept key and their kept columns as the bits of an int64. A
-  tile computes kept and dropped columns alike, so the order of the key blocks matters: svg2 puts the key clusters
-  most query clusters keep next to each other (:func:`methods.svg2.by_popularity`), and on k-means clusters of
-  random data at density 0.295 the listed tiles' columns are then 0.93 kept (0.79 in label order; counted on the
-  CPU).
-- **Gathered keys**: :func:`_key_indices` writes per (group, query block) the positions of its kept key tokens as
-  one int32 list (position p is in key block j with ``cum[g, i, j] <= p < cum[g, i, j + 1]``, ``cum`` the running
-  sum of kept block sizes, found by a binary search), and the program gathers their rows of k and v by index:
-  nothing but kept keys, but no copy engine (it has no gather on Hopper), and one host read (the lists' size).
+  strides allow, each masked to the columns whose block its query block keeps, the bits of an int64.
+- **Gathered keys**: key tokens listed one by one, their rows of k and v gathered by index (no copy engine: it has
+  no gather on Hopper), every computed column kept. The default gathers the kept keys of tiles with fewer than
+  ``sparse_below`` of them (at most :data:`GATHER_CAP` per query block), after the whole tiles, in the same
+  program; ``tiles`` off gathers every kept key (:func:`_key_indices`, one host read for the lists' size).
 
-Measured on an H200 (reports/gpu/h200/run_c8cd359/, svg2 at density 0.295, cuDNN 10.9 ms at Wan 1.3B and 205 ms
-at 14B): key tiles 7.76 ms (2.27x the density-scaled cuDNN call) at 1.3B and 109.7 ms (1.81x) at 14B, gathered
-keys 9.71 (2.84x) and 130.4 ms (2.15x); with every block kept (64-token blocks, no partial tile) 1.43x and 2.12x the
-dense call per computed entry. So the rest is the tile rate of a 64-row Triton kernel (1.43x cuDNN's) and the
-partial last tile of each query block: with 300 query clusters over 32,760 tokens a block averages 109 rows and
-64-row tiles compute 1/0.76 of the useful rows (128-row tiles: 3.38x, 1.79x per entry; a second launch for each
-block's remainder in 16- or 32-row tiles saved at most 2% in run_109ff79/).
+:func:`_key_tiles` lists both per (group, query block), on the device with no host read. A whole tile computes kept
+and dropped columns alike, so the order of the key blocks matters: svg2 puts the key clusters that most query tokens
+keep next to each other (:func:`methods.svg2.by_popularity`).
+
+Measured on an H200 at density 0.295 (reports/gpu/h200/run_c8cd359/, run_ec88077/): per computed entry, with every
+block kept, whole tiles take 1.43x the dense cuDNN call's time and gathered keys 2.12x. On q, k, v taken from a Wan
+1.3B forward (random weights) 0.65 of the listed tiles' columns are kept: whole tiles alone 9.15-9.34 ms, gathered
+keys alone 8.46-8.62, both (``sparse_below`` 40) 7.20-7.29 ms, 2.05-2.12x the density-scaled cuDNN call. On random
+q, k, v (0.93 of the columns kept) 7.38 ms at Wan 1.3B (2.17x) and 101.9 ms at 14B (1.71x) against 9.32 and 122.5
+gathered. The rest is the tile rate of a 64-row Triton kernel and the partial last tile of each query block: with 300
+query clusters over 32,760 tokens a block averages 109 rows and 64-row tiles use 0.81 of their rows (128-row tiles:
+3.38x, 1.79x per entry; a second launch for each block's remainder in 16- or 32-row tiles saved at most 2%,
+run_109ff79/).
 Query rows of a block that keeps no key get zeros (masked
 dense gives NaN there; no method makes such a block).
 
@@ -95,10 +96,12 @@ class Config(NamedTuple):
         return "x".join(map(str, self[:4])) + suffix + (str(self.sparse_below) if self.sparse_below else "")
 
 
-#: Key tiles of 64 in 64-row query tiles, 4 warps, 3 stages: timed on an H200 beside 2 and 4 stages (within 2%),
-#: 32-column tiles (2-4% slower) and 128-row tiles on 8 warps (30-50% slower) at Wan 1.3B and 14B, svg2 at 0.295
-#: (reports/gpu/h200/run_c8cd359/). The gathered keys' best, 64x64x4x3r, came first among 10 gathered
-#: configurations in run_998d57e/variable_blocks/.
+#: 64-row query tiles, 64-token key tiles, 4 warps, 3 stages; tiles with fewer than 40 kept keys gathered, as rows.
+#: Whole tiles were timed on an H200 beside 2 and 4 stages (within 2%), 32-column tiles (2-4% slower) and 128-row
+#: tiles on 8 warps (30-50% slower) at Wan 1.3B and 14B, svg2 at 0.295 (reports/gpu/h200/run_c8cd359/); the gathered
+#: threshold beside 24, 32 and 48 on a forward's q, k, v and random ones (40 and 48 within 1%, 24 3-10% slower,
+#: run_ec88077/). The gathered keys' best, 64x64x4x3r, came first among 10 gathered configurations
+#: (run_998d57e/variable_blocks/).
 DEFAULT_CONFIG = Config(64, 64, 4, 3, k_rows=True, tiles=True, sparse_below=40)
 INTERPRETER_CONFIG = Config(16, 16, 4, 1, k_rows=True, tiles=True, sparse_below=10)
 MAX_HEAD_DIM = 128
