@@ -29,7 +29,7 @@ most first (:func:`by_popularity`; any key order gives the same attention), so t
 clusters share whole tiles. On Flex the exact output runs through a token-level mask over the permuted order, but
 every 128 x 128 tile straddling a cluster boundary is computed whole and then masked, about 1.5-1.9x more work at
 equal density. The plan does only what triton-variable reads: the permutations are k-means's own stable sort of its
-labels (the sorted update's last one, not a sort again; the key order then moved cluster by cluster by one scatter),
+labels (the sorted update's last one, not a sort again; the key order then moved cluster by cluster by two scatters),
 and the tile tables and the mask's label tables are deferred (:func:`cluster_pair_pattern`), built where a backend or
 a report first reads them (Flex, masked, tile densities).
 """

@@ -108,7 +108,8 @@ def test_blocks_shared_by_every_head_broadcast() -> None:
 @pytest.mark.parametrize("dim", [32, 20], ids=["descriptor-rows", "rows-of-40-bytes"])
 def test_reads_strided_inputs_in_place(config: kernel.Config, dim: int) -> None:
     """q, k, v as ``(B, N, H, D)`` tensors seen as ``(B, H, N, D)`` (the layout a transformer's projection gives);
-    with 20 columns a token's row is 40 bytes, off the copy engine's 16-byte grid, and key tiles load by pointers."""
+    with 20 columns a head starts 40 bytes after the previous one, off the copy engine's 16-byte grid, and key tiles
+    load by pointers."""
     torch.manual_seed(2)
     q, k, v = (x.transpose(1, 2) for x in inputs((1, 64, 2, dim), torch.float16))
     blocks = random_blocks(1, 2, 64, 4, 5)
@@ -140,8 +141,12 @@ def listed_keys(kept: torch.Tensor, cols: torch.Tensor, tile: int, sparse_below:
 
 
 @needs_kernel
-@pytest.mark.parametrize(("sparse_below", "cap"), [(0, 40), (6, 40), (6, 4)], ids=["whole", "sparse", "cap-reached"])
-def test_key_tiles_list_whole_tiles_and_gather_sparse_ones(sparse_below: int, cap: int) -> None:
+@pytest.mark.parametrize(("sparse_below", "cap", "chunk"), [
+    (0, 40, 2), (6, 40, 2),
+    (6, 4, 2),  # the first sparse tile is over the cap already
+    (16, 7, 1),  # a tile gathered, the next one past the cap, at a chunk's edge: read whole
+], ids=["whole", "sparse", "cap-at-once", "cap-crossed"])  # fmt: skip
+def test_key_tiles_list_whole_tiles_and_gather_sparse_ones(sparse_below: int, cap: int, chunk: int) -> None:
     """:func:`_key_tiles` on blocks of 5, 20, 3 and 12 tokens (40 tokens, tiles of 16): per query block the tiles
     that hold a kept key, ascending; those with fewer than ``sparse_below`` kept keys have their tokens gathered
     while ``cap`` holds them, the others are listed whole with bit c set where token ``16 t + c`` is kept."""
@@ -153,7 +158,7 @@ def test_key_tiles_list_whole_tiles_and_gather_sparse_ones(sparse_below: int, ca
     gathered = torch.full((3, cap), -1, device=DEVICE, dtype=torch.int32)
     counts, gathered_counts = (torch.empty(3, device=DEVICE, dtype=torch.int32) for _ in range(2))
     kernel._key_tiles[(3,)](labels, kept.view(3, 4), lists, bits, counts, gathered, gathered_counts, 3, 4, 40, 3,
-                            cap, sparse_below, BLOCK_N=16, CHUNK=2)  # fmt: skip
+                            cap, sparse_below, BLOCK_N=16, CHUNK=chunk)  # fmt: skip
     tiles, tokens = listed_keys(kept[0].cpu(), cols[0].cpu(), 16, sparse_below, cap)
     assert counts.tolist() == [len(whole) for whole in tiles]
     assert gathered_counts.tolist() == [len(keys) for keys in tokens]
@@ -174,11 +179,15 @@ def test_sparse_tiles_past_the_gather_cap_are_read_whole(monkeypatch: pytest.Mon
     assert relative(kernel.variable_block_attention(q, k, v, blocks, config), float64_attention(q, k, v, blocks)) < 2e-3
 
 
-def test_key_tiles_wider_than_an_int64_are_refused() -> None:
+@pytest.mark.parametrize(("config", "message"), [
+    (kernel.Config(64, 128, 4, 3, tiles=True), "64x128x4x3t: key tiles take BLOCK_N <= 64"),
+    (kernel.Config(64, 64, 4, 3, sparse_below=40), "64x64x4x3: sparse_below 40 needs whole key tiles"),
+], ids=["wider-than-an-int64", "sparse-below-without-tiles"])  # fmt: skip
+def test_a_configuration_the_kernel_cannot_run_is_refused(config: kernel.Config, message: str) -> None:
     q = torch.randn(1, 1, 8, 16, dtype=torch.float16)
     blocks = VariableBlocks(torch.ones(1, 1, 1, 1, dtype=torch.bool), torch.tensor([[[8]]]), torch.tensor([[[8]]]))
-    with pytest.raises(HarnessError, match="64x128x4x3t: key tiles take BLOCK_N <= 64"):
-        kernel.variable_block_attention(q, q, q, blocks, kernel.Config(64, 128, 4, 3, tiles=True))
+    with pytest.raises(HarnessError, match=message):
+        kernel.variable_block_attention(q, q, q, blocks, config)
 
 
 @needs_kernel

@@ -550,8 +550,9 @@ def flashinfer_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 def triton_variable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
                               ) -> torch.Tensor:  # fmt: skip
     """Our Triton kernel over the pattern's variable-size blocks
-    (:func:`methods.kernels.variable_blocks_triton.variable_block_attention`): per query block only its kept key
-    tokens, gathered by index, with no host plan. ``(B, H, N, D)`` in and out."""
+    (:func:`methods.kernels.variable_blocks_triton.variable_block_attention`): per query block the key tiles holding
+    its kept keys, read whole and masked, and the kept keys of sparse tiles gathered by index, with no host plan.
+    ``(B, H, N, D)`` in and out."""
     return variable_block_attention(q, k, v, pattern.variable)
 
 

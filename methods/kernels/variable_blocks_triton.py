@@ -41,9 +41,10 @@ Shapes: q, k, v ``(B, H, N, D)`` fp16 or bf16, one dtype, any strides with a con
 the blocks' ``kept (B or 1, H or 1, R, C)``, ``row_sizes (.., R)``, ``col_sizes (.., C)`` (each summing to N).
 Returns ``(B, H, N, D)`` contiguous in q's dtype. Forward only (SVG2 is training-free).
 
-The ``k_rows`` and key-tile configurations take ``tl.trans`` of a loaded key tile, which
+Whole key tiles and the ``k_rows`` configurations' gathered ones take ``tl.trans`` of a loaded key tile, which
 :mod:`methods.kernels.linear_attention_triton` avoids after a miscompile on sm_90 (a tile used both ways); here the
-tile is used transposed only, and every configuration passed its check on an H200 (run_998d57e/variable_blocks/).
+tile is used transposed only, and every configuration passed its check on an H200 (run_998d57e/variable_blocks/,
+run_c8cd359/, run_ec88077/).
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class Config(NamedTuple):
-    """A configuration of :func:`_attention`: its tiles, warps and pipeline stages, whether it reads whole key
-    tiles of the sequence, masked (``tiles``, BLOCK_N <= :data:`MAX_KEY_TILE`), or gathers the kept keys, and whether
-    it loads key tiles as rows ``(BLOCK_N, D)`` and transposes them (``k_rows``; descriptor loads always do) or
+    """A configuration of :func:`_attention`: its tiles, warps and pipeline stages; whether it reads whole key
+    tiles of the sequence, masked (``tiles``, BLOCK_N <= :data:`MAX_KEY_TILE`; always loaded as rows), gathering
+    only the keys of tiles with fewer than ``sparse_below`` kept (0: none; needs ``tiles``), or gathers every kept
+    key; and whether gathered key tiles load as rows ``(BLOCK_N, D)`` and are transposed (``k_rows``) or load
     transposed by their addresses ``(D, BLOCK_N)``."""
 
     block_m: int
@@ -91,16 +93,16 @@ class Config(NamedTuple):
 
     @property
     def name(self) -> str:
-        """``64x32x4x3`` (``r`` appended for k_rows, ``t`` for key tiles, then sparse_below where not 0)."""
-        suffix = ("r" if self.k_rows else "") + ("t" if self.tiles else "")
-        return "x".join(map(str, self[:4])) + suffix + (str(self.sparse_below) if self.sparse_below else "")
+        """``64x32x4x3`` (``r`` appended for k_rows, ``t`` for whole key tiles, then sparse_below where not 0)."""
+        tiles = f"t{self.sparse_below or ''}" if self.tiles else ""
+        return "x".join(map(str, self[:4])) + ("r" if self.k_rows else "") + tiles
 
 
 #: 64-row query tiles, 64-token key tiles, 4 warps, 3 stages; tiles with fewer than 40 kept keys gathered, as rows.
 #: Whole tiles were timed on an H200 beside 2 and 4 stages (within 2%), 32-column tiles (2-4% slower) and 128-row
 #: tiles on 8 warps (30-50% slower) at Wan 1.3B and 14B, svg2 at 0.295 (reports/gpu/h200/run_c8cd359/); the gathered
-#: threshold beside 24, 32 and 48 on a forward's q, k, v and random ones (40 and 48 within 1%, 24 3-10% slower,
-#: run_ec88077/). The gathered keys' best, 64x64x4x3r, came first among 10 gathered configurations
+#: threshold beside 24, 32 and 48 on a forward's q, k, v and random ones (48 up to 2% faster or 0.2% slower than 40,
+#: 24 3-12% slower; run_ec88077/). The gathered keys' best, 64x64x4x3r, came first among 10 gathered configurations
 #: (run_998d57e/variable_blocks/).
 DEFAULT_CONFIG = Config(64, 64, 4, 3, k_rows=True, tiles=True, sparse_below=40)
 INTERPRETER_CONFIG = Config(16, 16, 4, 1, k_rows=True, tiles=True, sparse_below=10)
@@ -298,7 +300,7 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     with_tma = False
     if tiles:
         key_tiles = triton.cdiv(tokens, block_n)
-        cap = max(1, min(GATHER_CAP, tokens))
+        cap = max(1, min(GATHER_CAP, tokens)) if sparse_below else 1  # nothing gathered: no list
         labels = block_ids(cols, tokens).to(torch.int32)
         tile_lists = torch.empty(groups * blocks_q, key_tiles, device=q.device, dtype=torch.int32)
         bits = torch.empty(groups * blocks_q, key_tiles, device=q.device, dtype=torch.int64)
@@ -353,11 +355,13 @@ def variable_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              config: Config | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of q, k, v ``(B, H, N, D)`` (fp16/bf16, on CUDA or under the Triton interpreter) over ``blocks``'
     kept pairs, ``(B, H, N, D)`` in q's dtype, with ``config`` (:func:`default_config`). Raises
-    :class:`HarnessError` for a head dim over :data:`MAX_HEAD_DIM`, or key tiles wider than
-    :data:`MAX_KEY_TILE` (their kept columns are the bits of one int64)."""
+    :class:`HarnessError` for a head dim over :data:`MAX_HEAD_DIM`, key tiles wider than :data:`MAX_KEY_TILE`
+    (their kept columns are the bits of one int64), or ``sparse_below`` without whole key tiles."""
     if q.shape[-1] > MAX_HEAD_DIM:  # tiles of wider heads overflow shared memory (a Triton error, not a message)
         raise HarnessError(f"triton-variable takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     config = config or default_config()
     if config.tiles and config.block_n > MAX_KEY_TILE:
         raise HarnessError(f"configuration {config.name}: key tiles take BLOCK_N <= {MAX_KEY_TILE}")
+    if config.sparse_below and not config.tiles:
+        raise HarnessError(f"configuration {config.name}: sparse_below {config.sparse_below} needs whole key tiles")
     return variable_block_attention_op(q, k, v, blocks.kept, blocks.row_sizes, blocks.col_sizes, *config)
