@@ -89,21 +89,57 @@ def block_sparse_parameters(warmup_fraction: float, paper: str) -> tuple[Param, 
     )  # fmt: skip
 
 
-class SeededGenerators:
-    """One ``torch.Generator`` per device, all seeded alike, so a method's random draws repeat per video."""
+def _as_int64(value: int) -> int:
+    """``value`` mod 2^64 as a signed 64-bit integer (torch's int64 arithmetic wraps the same way)."""
+    value %= 1 << 64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 ``x`` (torch's ``>>`` keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+#: SplitMix64's increment and multipliers (Steele, Lea and Flood, OOPSLA 2014), as signed int64.
+_GOLDEN, _MIX_1, _MIX_2 = (_as_int64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function of int64 ``x`` (elementwise, wrapping as uint64 would): a bijection whose
+    outputs pass BigCrush for consecutive inputs. Plain tensor arithmetic, so torch.compile traces it."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX_1
+    x = (x ^ _shift_right(x, 27)) * _MIX_2
+    return x ^ _shift_right(x, 31)
+
+
+class CounterDraws:
+    """A method's random integers, repeatable per video and traced by torch.compile into the graph (a
+    ``torch.Generator`` breaks it: Dynamo traces none). Draw i of the n of a device's c-th call is
+    ``splitmix64(seed_key ^ (c n + i)) mod high``; the call counter is an int64 tensor on that device, advanced in
+    place, so a compiled graph reads it as an input and guards on no count."""
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
-        self._by_device: dict[torch.device, torch.Generator] = {}
+        self._key = _as_int64(splitmix64(torch.tensor(self.seed)).item())
+        self._counters: dict[torch.device, torch.Tensor] = {}
 
-    def on(self, device: torch.device) -> torch.Generator:
-        if device not in self._by_device:
-            self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._by_device[device]
+    def randint(self, high: int, size: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``size`` int64 draws in ``[0, high)`` on ``device`` (modulo bias below high / 2^63)."""
+        counter = self._counters.get(device)
+        if counter is None:
+            with torch.inference_mode(False):  # a normal tensor: reset() and later draws update it in any mode
+                counter = self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
+        count = math.prod(size)
+        index = counter * count + torch.arange(count, device=device)
+        counter.add_(1)
+        return (splitmix64(index ^ self._key) & _as_int64((1 << 63) - 1)).remainder(high).view(size)
 
     def reset(self) -> None:
-        """Start every device's draws from the seed again."""
-        self._by_device.clear()
+        """Start every device's draws from the seed again (in place: a compiled graph keeps reading the same
+        counters)."""
+        for counter in self._counters.values():
+            counter.zero_()
 
 
 class BlockSparseMethod(AttentionMethod):

@@ -32,7 +32,7 @@ from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, TokenGrid, register_method
 from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, mask_tables, num_blocks
 from methods.params import Param
-from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, block_sparse_parameters
+from methods.sparse import BlockSparseMethod, CounterDraws, SparsePlan, block_sparse_parameters
 
 PROFILE_BAND_FRAMES = 1.5  # the profiling masks' band, in frames (official: 1.5 x frame size)
 
@@ -122,7 +122,7 @@ class SparseVideoGen(BlockSparseMethod):
         Param("sample_max_row", "int", 10_000, "rows are drawn among the first this many queries", min=1),
         Param("dense_layer_fraction", "float", 0.03, "floor(fraction x layers) first layers run dense",
               min=0.0, max=1.0),
-        Param("seed", "int", 0, "seed of the row sampling (a generator per device, so runs repeat)", min=0),
+        Param("seed", "int", 0, "seed of the row sampling (counter-based draws, so runs repeat)", min=0),
         *block_sparse_parameters(0.2, "paper: 20%"),
     )  # fmt: skip
 
@@ -132,12 +132,12 @@ class SparseVideoGen(BlockSparseMethod):
         self.dense_layer_fraction: float = self.settings["dense_layer_fraction"]
         self.sampled_rows: int = self.settings["sampled_rows"]
         self.sample_max_row: int = self.settings["sample_max_row"]
-        self.generators = SeededGenerators(self.settings["seed"])
+        self.draws = CounterDraws(self.settings["seed"])
         self._patterns: dict[tuple[int, int, int, torch.device], tuple[BlockSparsePattern, float]] = {}
         self._profile_blocks: dict[tuple[int, int, int, torch.device], torch.Tensor] = {}
 
     def begin_video(self) -> None:
-        self.generators.reset()
+        self.draws.reset()
 
     def paper_dense_layers(self, num_layers: int) -> int:
         return math.floor(self.dense_layer_fraction * num_layers)
@@ -147,10 +147,7 @@ class SparseVideoGen(BlockSparseMethod):
     ) -> torch.Tensor:
         """``(B, H)`` bool: heads whose sampled rows are better served by the temporal mask (lower MSE)."""
         tokens = q.shape[-2]
-        rows = torch.randint(
-            0, min(self.sample_max_row, tokens), (min(self.sampled_rows, tokens),),
-            generator=self.generators.on(q.device), device=q.device,
-        )  # fmt: skip
+        rows = self.draws.randint(min(self.sample_max_row, tokens), (min(self.sampled_rows, tokens),), q.device)
         band_blocks = int(PROFILE_BAND_FRAMES * grid.tokens_per_frame // block)
         if band_blocks == 0:  # both profiling masks are empty (frames shorter than a block): nothing to compare
             return torch.zeros(q.shape[:2], dtype=torch.bool, device=q.device)

@@ -59,7 +59,7 @@ from methods.kernels.block_sparse import (
 )
 from methods.kernels.kmeans_triton import BACKEND_NOTE, chosen_variant, kmeans_lloyd, sort_labels, use_fused
 from methods.params import Param
-from methods.sparse import BlockSparseMethod, SeededGenerators, SparsePlan, block_sparse_parameters
+from methods.sparse import BlockSparseMethod, CounterDraws, SparsePlan, block_sparse_parameters
 
 MIN_TOKENS_PER_CLUSTER = 8
 _ASSIGN_CHUNK_ELEMENTS = 1 << 27  # token x centroid distances held at once
@@ -81,7 +81,13 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.cat(labels, dim=1)
 
 
-def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor | None, generator: torch.Generator,
+def starting_centroids(x: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """k-means' first centroids ``(G, C, D)`` fp32: the tokens ``picks (G, C)`` of x ``(G, N, D)``."""
+    return x.gather(1, picks[..., None].expand(-1, -1, x.shape[-1])).float()
+
+
+def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor | None,
+           generator: torch.Generator | None,
            backend: str | None = None,
            update: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Batched Euclidean k-means (Lloyd), as SVG2's ``batch_kmeans_Euclid`` with tolerance 0.
@@ -95,7 +101,7 @@ def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor |
         clusters: C.
         iterations: Lloyd iterations (>= 1).
         init: ``(G, C, D)`` fp32 starting centroids, or ``None`` for C random tokens per group.
-        generator: draws the random starting tokens.
+        generator: draws the random starting tokens where ``init`` is ``None``.
         backend: ``auto``, ``torch`` or ``triton`` (HarnessError for another, or ``triton`` where it cannot run).
         update: the kernels' update step, ``onehot`` or ``sorted`` (HarnessError for another, on every path).
 
@@ -106,10 +112,9 @@ def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor |
         ascending order: svg2's permutation; the sorted update's own last sort where it runs).
     """
     update = chosen_variant(update)
-    groups, tokens, dim = x.shape
+    groups, tokens, _ = x.shape
     if init is None:
-        picks = torch.randint(0, tokens, (groups, clusters), generator=generator, device=x.device)
-        init = x.gather(1, picks[..., None].expand(-1, -1, dim)).float()
+        init = starting_centroids(x, torch.randint(0, tokens, (groups, clusters), generator=generator, device=x.device))
     if use_fused(x, backend):
         return kmeans_lloyd(x, init, iterations, update)
     return lloyd(x, init, iterations)
@@ -254,7 +259,7 @@ class SparseVideoGen2(BlockSparseMethod):
         self.min_kc_ratio: float = settings["min_kc_ratio"]
         self.dense_layer_fraction: float = settings["dense_layer_fraction"]
         self.fixed_density: float | None = settings["fixed_density"]
-        self.generators = SeededGenerators(settings["seed"])
+        self.draws = CounterDraws(settings["seed"])
         self._centroids: dict[int, LayerCentroids] = {}
         self._clusters_used: dict[int, tuple[int, int]] = {}
 
@@ -264,13 +269,13 @@ class SparseVideoGen2(BlockSparseMethod):
     def begin_video(self) -> None:
         # k-means warm-starts from the previous step's centroids within a video, never from another video's. Emptied
         # in place: the routes the harness's processor resolved stay this method's.
-        self.generators.reset()
+        self.draws.reset()
         for cached in self._centroids.values():
             cached.q = cached.k = None
 
     def route(self, ctx: AttentionContext) -> LayerCentroids:
-        """The layer's centroid cache, so that a compiled :meth:`plan` (one compiled on its own where the k-means
-        initialisation's draw breaks the graph) finds it without a guard on the layer's number."""
+        """The layer's centroid cache, so that a compiled :meth:`plan` finds it without a guard on the layer's
+        number."""
         return self._centroids.setdefault(ctx.layer, LayerCentroids())
 
     def paper_dense_layers(self, num_layers: int) -> int:
@@ -289,9 +294,12 @@ class SparseVideoGen2(BlockSparseMethod):
         """k-means of ``x`` (B, H, N, D) per head, warm-started from ``cached`` when its shape fits (:func:`kmeans`'s
         returns, per ``B * H`` group)."""
         flat = x.flatten(0, 1)
-        warm = cached is not None and cached.shape == (flat.shape[0], count, flat.shape[-1])
+        groups, tokens, dim = flat.shape
+        warm = cached is not None and cached.shape == (groups, count, dim)
+        if not warm:  # C random tokens per group, drawn in the graph where compiled
+            cached = starting_centroids(flat, self.draws.randint(tokens, (groups, count), x.device))
         iterations = self.kmeans_step_iters if warm else self.kmeans_init_iters
-        return kmeans(flat, count, iterations, cached if warm else None, self.generators.on(x.device))
+        return kmeans(flat, count, iterations, cached, None)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> SparsePlan:
         batch, heads, tokens, dim = q.shape

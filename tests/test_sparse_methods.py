@@ -179,19 +179,24 @@ def test_svg2_kmeans_separates_clusters_and_centroids_are_cached(monkeypatch: py
     assert labels[0].tolist() == [0] * 25 + [2] * 25 + [1] * 25 and sizes.tolist() == [[25, 25, 25]]
     assert torch.allclose(centroids[0, 2], points[0, 25:50].mean(dim=0), atol=1e-5)
 
-    calls: list[tuple[int, bool]] = []
+    calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     real = svg2.kmeans
 
     def spy(x, clusters, iterations, init, generator):  # type: ignore[no-untyped-def]
-        calls.append((iterations, init is not None))
-        return real(x, clusters, iterations, init, generator)
+        out = real(x, clusters, iterations, init, generator)
+        calls.append((iterations, x, init, out[1]))
+        return out
 
     monkeypatch.setattr(svg2, "kmeans", spy)
     method = build("svg2", kmeans_init_iters=5, kmeans_step_iters=2)
     q, k, v = qkv()
     method(q, k, v, context(step=15))
     method(q, k, v, context(step=16))
-    assert calls == [(5, False), (5, False), (2, True), (2, True)]
+    assert [iterations for iterations, *_ in calls] == [5, 5, 2, 2]
+    for _, x, init, _ in calls[:2]:  # cold: every starting centroid is one of the group's tokens
+        assert all(bool((x[g].float()[None] == init[g][:, None]).all(-1).any(-1).all()) for g in range(x.shape[0]))
+    for (_, _, _, cached), (_, _, init, _) in zip(calls[:2], calls[2:], strict=True):  # warm: the cached centroids
+        assert torch.equal(init, cached)
 
 
 def test_radial_density_halves_per_doubling_of_frame_distance() -> None:
@@ -255,3 +260,50 @@ def test_bench_methods_marks_data_dependence_and_svg2_speed(bench) -> None:  # t
         "xattn": True, "svg": True, "svg2": True, "radial": False,
     }  # fmt: skip
     assert "variable-size blocks on triton-variable" in rows["svg2"]["notes"]
+
+
+def test_splitmix64_wraps_as_unsigned_64_bit_arithmetic() -> None:
+    """The tensor version against SplitMix64 in Python integers mod 2^64 (Steele, Lea and Flood's constants)."""
+    from methods.sparse import splitmix64
+
+    def reference(x: int) -> int:
+        mask = (1 << 64) - 1
+        z = (x + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    inputs = [0, 1, 2, 12345, -1, (1 << 63) - 1, -(1 << 63)]
+    out = splitmix64(torch.tensor(inputs, dtype=torch.int64))
+    assert [value % (1 << 64) for value in out.tolist()] == [reference(x % (1 << 64)) for x in inputs]
+
+
+def test_counter_draws_repeat_per_video_vary_per_call_and_stay_in_range() -> None:
+    """Draws restart with the seed on reset, differ from call to call and between seeds, lie in [0, high), and
+    spread evenly (each of 10 values within 20% of its share in 20,000 draws)."""
+    from methods.sparse import CounterDraws
+
+    draws, other = CounterDraws(0), CounterDraws(1)
+    first = [draws.randint(10, (2000,), torch.device("cpu")) for _ in range(10)]
+    draws.reset()
+    again = [draws.randint(10, (2000,), torch.device("cpu")) for _ in range(10)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], first[1])
+    assert not torch.equal(first[0], other.randint(10, (2000,), torch.device("cpu")))
+    values = torch.cat(first)
+    assert int(values.min()) >= 0 and int(values.max()) < 10
+    assert bool((torch.bincount(values, minlength=10) - 2000).abs().le(400).all())
+
+
+def test_counter_draws_compiled_by_inductor_equal_eager_ones() -> None:
+    """Inductor's code (CPU here) draws what eager draws, the counter advanced in place by the compiled graph."""
+    from methods.sparse import CounterDraws
+
+    eager, compiled = CounterDraws(3), CounterDraws(3)
+    expected = [eager.randint(1000, (4, 7), torch.device("cpu")) for _ in range(3)]
+    torch._dynamo.reset()
+    draw = torch.compile(lambda: compiled.randint(1000, (4, 7), torch.device("cpu")), backend="inductor",
+                         fullgraph=True)  # fmt: skip
+    compiled.randint(1000, (1,), torch.device("cpu"))  # the counter exists before the graph reads it
+    compiled.reset()
+    assert all(torch.equal(draw(), value) for value in expected)
