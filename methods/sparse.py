@@ -115,13 +115,15 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
 
 class CounterDraws:
     """A method's random integers, repeatable per video and traced by torch.compile into the graph (a
-    ``torch.Generator`` breaks it: Dynamo traces none). Draw i of the n of a device's c-th call is
-    ``splitmix64(seed_key ^ (c n + i)) mod high``; the call counter is an int64 tensor on that device, advanced in
-    place, so a compiled graph reads it as an input and guards on no count."""
+    ``torch.Generator`` breaks it: Dynamo traces none). A device's draws are one stream: the j-th integer drawn there
+    since the last :meth:`reset` is ``splitmix64(seed_key ^ j) mod high``, whatever the sizes of the calls. The
+    stream's position is an int64 tensor on that device, advanced in place, so a compiled graph reads it as an input
+    and guards on no count (created on the first draw: a graph compiled before any eager draw recompiles once when
+    it exists)."""
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
-        self._key = _as_int64(splitmix64(torch.tensor(self.seed)).item())
+        self._key = _as_int64(splitmix64(torch.tensor(_as_int64(self.seed))).item())
         self._counters: dict[torch.device, torch.Tensor] = {}
 
     def randint(self, high: int, size: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -130,9 +132,12 @@ class CounterDraws:
         if counter is None:
             with torch.inference_mode(False):  # a normal tensor: reset() and later draws update it in any mode
                 counter = self._counters[device] = torch.zeros((), dtype=torch.int64, device=device)
+            if not torch.compiler.is_compiling():  # (Dynamo cannot trace the marking)
+                # Updated in place by the graph: static, so that CUDA-graph modes (reduce-overhead) still capture it.
+                torch._dynamo.mark_static_address(counter)
         count = math.prod(size)
-        index = counter * count + torch.arange(count, device=device)
-        counter.add_(1)
+        index = counter + torch.arange(count, device=device)
+        counter.add_(count)
         return (splitmix64(index ^ self._key) & _as_int64((1 << 63) - 1)).remainder(high).view(size)
 
     def reset(self) -> None:

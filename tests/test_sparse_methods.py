@@ -278,6 +278,19 @@ def test_splitmix64_wraps_as_unsigned_64_bit_arithmetic() -> None:
     assert [value % (1 << 64) for value in out.tolist()] == [reference(x % (1 << 64)) for x in inputs]
 
 
+def test_counter_draws_continue_one_stream_whatever_the_call_sizes() -> None:
+    """Calls of 3 and then 5 draws give the 8 draws of one call, so calls of different sizes (svg2's queries and
+    keys) never repeat each other's draws; a seed of 2^64 - 1 is taken as manual_seed takes it."""
+    from methods.sparse import CounterDraws
+
+    split, whole = CounterDraws(7), CounterDraws(7)
+    cpu = torch.device("cpu")
+    parts = torch.cat([split.randint(1000, (3,), cpu), split.randint(1000, (5,), cpu)])
+    assert torch.equal(parts, whole.randint(1000, (8,), cpu))
+    assert torch.equal(split.randint(1000, (4,), cpu), whole.randint(1000, (4,), cpu))
+    assert CounterDraws((1 << 64) - 1).randint(10, (2,), cpu).shape == (2,)
+
+
 def test_counter_draws_repeat_per_video_vary_per_call_and_stay_in_range() -> None:
     """Draws restart with the seed on reset, differ from call to call and between seeds, lie in [0, high), and
     spread evenly (each of 10 values within 20% of its share in 20,000 draws)."""
@@ -307,3 +320,13 @@ def test_counter_draws_compiled_by_inductor_equal_eager_ones() -> None:
     compiled.randint(1000, (1,), torch.device("cpu"))  # the counter exists before the graph reads it
     compiled.reset()
     assert all(torch.equal(draw(), value) for value in expected)
+
+
+def test_counter_draws_compiled_before_any_eager_draw_equal_eager_ones() -> None:
+    """A graph traced before the counter exists (a user compiling first) creates it and draws what eager draws."""
+    from methods.sparse import CounterDraws
+
+    eager, compiled = CounterDraws(5), CounterDraws(5)
+    torch._dynamo.reset()
+    draw = torch.compile(lambda: compiled.randint(50, (6,), torch.device("cpu")), backend="eager", fullgraph=True)
+    assert all(torch.equal(draw(), eager.randint(50, (6,), torch.device("cpu"))) for _ in range(3))
