@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from methods import TokenGrid, build_method
+from methods.sparse import CounterDraws
 from methods.svg import PROFILE_BAND_FRAMES, SparseVideoGen, profile_errors, profile_key_blocks, profile_masks
 
 GRID = TokenGrid(8, 4, 6)  # 192 tokens, 24 per frame: a band of 1.5 frames is 4 blocks of 8
@@ -24,8 +25,9 @@ def method(seed: int) -> SparseVideoGen:
 
 
 def seeded_rows(seed: int) -> torch.Tensor:
-    """The rows the method draws: ROWS among the first min(10,000, N) queries from a generator seeded with ``seed``."""
-    return torch.randint(0, GRID.tokens, (ROWS,), generator=torch.Generator().manual_seed(seed))
+    """The rows the method draws: ROWS among the first min(10,000, N) queries, a video's first draw of the
+    counter-based draws seeded with ``seed``."""
+    return CounterDraws(seed).randint(GRID.tokens, (ROWS,), torch.device("cpu"))
 
 
 def reference_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
