@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from numerics import relative_error
 from triton_helpers import DEVICE, ON_CUDA
 from triton_helpers import needs_kernel as triton_needs_kernel
 
@@ -49,10 +50,6 @@ def float64_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     return weights @ v.double()
 
 
-def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref).norm() / ref.norm())
-
-
 def inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(*shape, dtype=dtype).to(DEVICE) for _ in range(3))
 
@@ -77,7 +74,7 @@ def test_matches_float64_attention_under_the_tiles(dtype: torch.dtype, config: k
     kept = random_tiles(2, 2, tokens, block)
     out = run(q, k, v, kept, block, config)
     assert out.shape == q.shape and out.dtype == dtype
-    assert relative(out, float64_attention(q, k, v, BlockSparsePattern(kept, tokens, block))) < TOLERANCE[dtype]
+    assert relative_error(out, float64_attention(q, k, v, BlockSparsePattern(kept, tokens, block))) < TOLERANCE[dtype]
 
 
 @needs_kernel
@@ -87,7 +84,7 @@ def test_a_table_shared_by_every_head_broadcasts() -> None:
     q, k, v = inputs((2, 3, 80, 32), torch.float16)
     shared = random_tiles(1, 1, 80, 16)
     expected = float64_attention(q, k, v, BlockSparsePattern(shared.expand(2, 3, -1, -1), 80, 16))
-    assert relative(run(q, k, v, shared, 16), expected) < TOLERANCE[torch.float16]
+    assert relative_error(run(q, k, v, shared, 16), expected) < TOLERANCE[torch.float16]
 
 
 @needs_kernel
@@ -98,7 +95,7 @@ def test_reads_strided_inputs_in_place(config: kernel.Config) -> None:
     q, k, v = (x.transpose(1, 2) for x in inputs((1, 64, 2, 32), torch.float16))
     kept = random_tiles(1, 2, 64, 16)
     expected = float64_attention(q, k, v, BlockSparsePattern(kept, 64, 16))
-    assert relative(run(q, k, v, kept, 16, config), expected) < TOLERANCE[torch.float16]
+    assert relative_error(run(q, k, v, kept, 16, config), expected) < TOLERANCE[torch.float16]
 
 
 @needs_kernel
@@ -108,7 +105,7 @@ def test_a_table_shared_over_one_axis_broadcasts(shared: tuple[int, int]) -> Non
     q, k, v = inputs((2, 3, 64, 16), torch.float16)
     kept = random_tiles(*shared, 64, 16)
     expected = float64_attention(q, k, v, BlockSparsePattern(kept.expand(2, 3, -1, -1), 64, 16))
-    assert relative(run(q, k, v, kept, 16), expected) < TOLERANCE[torch.float16]
+    assert relative_error(run(q, k, v, kept, 16), expected) < TOLERANCE[torch.float16]
 
 
 @needs_kernel
@@ -120,7 +117,7 @@ def test_inputs_the_copy_engine_cannot_read_run_on_pointer_loads() -> None:
     assert not descriptor_aligned(k)
     kept = random_tiles(1, 2, 64, 16)
     expected = float64_attention(q, k, v, BlockSparsePattern(kept, 64, 16))
-    assert relative(run(q, k, v, kept, 16, kernel.Config(1, 4, 2, True)), expected) < TOLERANCE[torch.float16]
+    assert relative_error(run(q, k, v, kept, 16, kernel.Config(1, 4, 2, True)), expected) < TOLERANCE[torch.float16]
 
 
 @needs_kernel
@@ -134,7 +131,7 @@ def test_a_count_past_the_lists_length_reads_the_list_only(config: kernel.Config
     lists, counts = kernel.block_lists(kept)
     out = kernel.block_list_attention(q, k, v, lists[..., :2].contiguous(), counts + 3, 16, config)
     expected = float64_attention(q, k, v, BlockSparsePattern(kept, 80, 16))
-    assert relative(out, expected) < TOLERANCE[torch.float16]
+    assert relative_error(out, expected) < TOLERANCE[torch.float16]
 
 
 @needs_kernel
@@ -145,7 +142,7 @@ def test_a_query_block_that_keeps_no_key_gets_zeros() -> None:
     kept[..., 1, :] = False
     out = run(q, k, v, kept, 16)
     assert torch.equal(out[0, 0, 16:32], torch.zeros_like(out[0, 0, 16:32]))
-    assert relative(out, float64_attention(q, k, v, BlockSparsePattern(kept, 48, 16))) < TOLERANCE[torch.float16]
+    assert relative_error(out, float64_attention(q, k, v, BlockSparsePattern(kept, 48, 16))) < TOLERANCE[torch.float16]
 
 
 def test_block_lists_list_each_rows_kept_blocks_in_ascending_order() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import relative_error
 
 from harness.errors import HarnessError
 from methods.kernels.block_sparse import (
@@ -51,10 +52,6 @@ def masked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return weights @ v.double()
 
 
-def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
 def test_block_lengths_cover_the_sequence_with_a_ragged_last_block() -> None:
     """300 tokens in blocks of 64: four full blocks and a last block of 44."""
     assert block_lengths(N, BLOCK).tolist() == [64, 64, 64, 64, 44]
@@ -84,7 +81,7 @@ def test_masked_dense_matches_a_float64_masked_softmax() -> None:
     q, k, v = (torch.randn(2, 2, N, 16) for _ in range(3))
     pattern = BlockSparsePattern(random_tiles(batch=2), N, BLOCK)
     out = block_sparse_attention(q, k, v, pattern, backend="masked")
-    assert relative(out, masked_reference(q, k, v, pattern.dense_mask())) <= 1e-5
+    assert relative_error(out, masked_reference(q, k, v, pattern.dense_mask())) <= 1e-5
 
 
 def test_block_mask_holds_exactly_the_kept_tiles() -> None:
@@ -106,11 +103,11 @@ def test_compiled_flex_matches_masked_dense_without_recompiling() -> None:
     q, k, v = (torch.randn(1, 2, N, 16) for _ in range(3))
     for pattern in (BlockSparsePattern(random_tiles(), N, BLOCK), band_pattern(torch.tensor(40))):
         out = flex_block_sparse_attention(q, k, v, pattern)
-        assert relative(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
+        assert relative_error(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
     graphs = counters["stats"]["unique_graphs"]
     for pattern in (BlockSparsePattern(random_tiles(keep=0.8), N, BLOCK), band_pattern(torch.tensor(90))):
         out = flex_block_sparse_attention(q, k, v, pattern)
-        assert relative(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
+        assert relative_error(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -127,7 +124,7 @@ def test_eager_flex_attention_with_a_block_level_patterns_mask_computes_the_patt
     block_mask = pattern.flex_block_mask((1, 2))
     assert pattern.flex_block_mask((1, 2)) is block_mask
     out = flex_attention(q, k, v, block_mask=block_mask)
-    assert relative(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
+    assert relative_error(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
 
 
 def test_a_mask_for_the_backward_captures_no_inference_tensor() -> None:
@@ -193,7 +190,7 @@ def test_compiled_flex_with_small_blocks_matches_masked_dense(blocks: int) -> No
     for token_level in (False, True):
         pattern = small_block_pattern(512, blocks, token_level)
         out = flex_block_sparse_attention(q, k, v, pattern)
-        assert relative(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
+        assert relative_error(out, masked_dense_attention(q, k, v, pattern)) <= 1e-5
 
 
 def test_cumulative_mass_keeps_the_smallest_prefix_reaching_the_threshold() -> None:
@@ -239,7 +236,7 @@ def test_permutation_round_trip_and_equivariance() -> None:
     pattern = BlockSparsePattern(kept, 40, 64)
     permuted = [permute_tokens(t, order) for t in (q, k, v)]
     out = unpermute_tokens(block_sparse_attention(*permuted, pattern, backend="masked"), order)
-    assert relative(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) <= 1e-6
+    assert relative_error(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) <= 1e-6
 
 
 def test_bad_patterns_are_refused() -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from numerics import relative_error
 from triton_helpers import DEVICE, ON_CUDA
 from triton_helpers import needs_kernel as triton_needs_kernel
 
@@ -31,10 +32,6 @@ DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
 every_variant = pytest.mark.parametrize("update", fused.VARIANTS)
 # Two fp32 sums of the same 24 positive squares in different orders: each within 24 u (u = 6e-8) of the exact one.
 SUM_ORDER_RTOL = 3e-6
-
-
-def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
 def separated(groups: int, clusters: int, tokens: int, dim: int,
@@ -79,8 +76,8 @@ def test_well_separated_points_get_torch_labels_sizes_and_centroids(
     ref_labels, ref_centroids, ref_sizes, _ = lloyd(x, init, iterations)
     assert labels.dtype == sizes.dtype == torch.int64 and centroids.dtype == torch.float32
     assert torch.equal(labels, expected) and torch.equal(ref_labels, expected) and torch.equal(sizes, ref_sizes)
-    assert relative(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
-    assert relative(centroids, means_of(x, labels, init)) <= fused.CENTROID_TOLERANCE
+    assert relative_error(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
+    assert relative_error(centroids, means_of(x, labels, init)) <= fused.CENTROID_TOLERANCE
 
 
 @pytest.fixture
@@ -107,7 +104,7 @@ def test_well_separated_points_at_gpu_tiles(update: str) -> None:
     labels, centroids, sizes, _ = fused.kmeans_lloyd(x, init, 2, update)
     ref_labels, ref_centroids, ref_sizes, _ = lloyd(x, init, 2)
     assert torch.equal(labels, expected) and torch.equal(ref_labels, expected) and torch.equal(sizes, ref_sizes)
-    assert relative(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
+    assert relative_error(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
 
 
 @needs_kernel
@@ -162,7 +159,7 @@ def test_ties_go_to_the_first_centroid_and_empty_clusters_keep_theirs(update: st
     assert sizes[0].tolist() == [20, 0, 20, 20] + [0] * 66
     empty = sizes[0] == 0
     assert torch.equal(centroids[:, empty], init[:, empty])
-    assert relative(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
+    assert relative_error(centroids, ref_centroids) <= fused.CENTROID_TOLERANCE
 
 
 @needs_kernel
@@ -280,7 +277,7 @@ def test_dispatch_runs_the_kernels_only_when_asked() -> None:
     fast = kmeans(x, 4, 2, init, generator, backend="auto")
     assert all(torch.equal(a, b) for a, b in zip(fast, fused.kmeans_lloyd(x, init, 2), strict=True))
     slow = kmeans(x, 4, 2, init, generator, backend="torch")
-    assert torch.equal(fast[0], slow[0]) and relative(fast[1], slow[1]) <= fused.CENTROID_TOLERANCE
+    assert torch.equal(fast[0], slow[0]) and relative_error(fast[1], slow[1]) <= fused.CENTROID_TOLERANCE
 
 
 @needs_kernel
@@ -321,7 +318,7 @@ def test_sorted_update_gives_the_onehot_labels_and_the_float64_means() -> None:
     assert torch.equal(labels, onehot[0]) and torch.equal(sizes, onehot[2])
     counts = torch.nn.functional.one_hot(labels, 6).sum(dim=1)
     assert torch.equal(sizes, counts) and (sizes[:, [2, 3, 5]] == 0).all()
-    assert relative(centroids, means_of(x, labels, init)) <= fused.CENTROID_TOLERANCE
+    assert relative_error(centroids, means_of(x, labels, init)) <= fused.CENTROID_TOLERANCE
     assert torch.equal(centroids[sizes == 0], init[sizes == 0])
 
 

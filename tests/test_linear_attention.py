@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import relative_error
 
 from harness.errors import HarnessError
 from methods import METHODS, AttentionContext, TokenGrid, build_method
@@ -75,10 +76,6 @@ def test_bf16_inputs_are_accumulated_in_fp32() -> None:
     error = (out.float() - ref).abs()
     bound = (BF16_UNIT_ROUNDOFF + 1e-5) * ref.abs() + 1e-6
     assert (error <= bound).all(), f"worst error / bound {(error / bound).max():.3g}"
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref).norm() / ref.norm())
 
 
 def test_linear_attention_is_fp32_under_bf16_autocast() -> None:

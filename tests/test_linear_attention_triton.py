@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from numerics import relative_error
 from triton_helpers import DEVICE, ON_CUDA
 from triton_helpers import needs_kernel as triton_needs_kernel
 
@@ -47,10 +48,6 @@ def maps(kind: str, heads: int, head_dim: int, trained: bool = True) -> tuple[Fe
     return pair  # type: ignore[return-value]
 
 
-def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
-
-
 def test_float64_reference_matches_naive_quadratic_form() -> None:
     """The O(N) float64 reference the kernels are checked against equals the O(N^2) one, for each fused map."""
     q, k, v = (torch.randn(2, 3, 29, 16, dtype=torch.float64, device=DEVICE) for _ in range(3))
@@ -60,7 +57,7 @@ def test_float64_reference_matches_naive_quadratic_form() -> None:
         with torch.no_grad():
             ref = fused.float64_reference(q, k, v, kind, *weights)
             naive = naive_linear_attention(q_map(q), k_map(k), v)
-        assert relative(ref, naive) < 1e-6, kind
+        assert relative_error(ref, naive) < 1e-6, kind
 
 
 def test_cpu_calls_take_the_torch_path() -> None:
@@ -141,7 +138,7 @@ def test_fused_matches_float64_reference(kind: str, dtype: torch.dtype, shape: t
     ref_grads = torch.autograd.grad(ref, leaves, grad.double())
     assert out.shape == (batch, heads, queries, dim) and out.dtype == dtype
     names = ["out", "dq", "dk", "dv", "dWq", "dWk"]
-    errors = {name: relative(a, b) for name, a, b in zip(names, [out, *grads], [ref, *ref_grads], strict=False)}
+    errors = {name: relative_error(a, b) for name, a, b in zip(names, [out, *grads], [ref, *ref_grads], strict=False)}
     assert all(e <= TOLERANCE[dtype] for e in errors.values()), f"{kind} {dtype}: {errors}"
 
 
@@ -225,8 +222,10 @@ def test_hedgehog_weights_in_the_compute_dtype() -> None:
     grads = torch.autograd.grad(out, (q_map.weight, k_map.weight), torch.ones_like(out))
     ref = fused.float64_reference(q, k, v, "hedgehog", q_map.weight, k_map.weight)
     ref_grads = torch.autograd.grad(ref, (q_map.weight, k_map.weight), torch.ones_like(ref))
-    assert relative(out, ref) <= TOLERANCE[dtype]
-    assert all(g.dtype == dtype and relative(g, r) <= TOLERANCE[dtype] for g, r in zip(grads, ref_grads, strict=True))
+    assert relative_error(out, ref) <= TOLERANCE[dtype]
+    assert all(
+        g.dtype == dtype and relative_error(g, r) <= TOLERANCE[dtype] for g, r in zip(grads, ref_grads, strict=True)
+    )
 
 
 @pytest.mark.skipif(fused.triton is None, reason="needs triton")
@@ -251,8 +250,8 @@ def test_identity_hedgehog_has_no_weight_gradient() -> None:
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     ref = fused.float64_reference(q, k, v, "hedgehog")
     ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
-    assert relative(out, ref) <= TOLERANCE[DTYPES[0]]
-    assert all(relative(a, b) <= TOLERANCE[DTYPES[0]] for a, b in zip(grads, ref_grads, strict=True))
+    assert relative_error(out, ref) <= TOLERANCE[DTYPES[0]]
+    assert all(relative_error(a, b) <= TOLERANCE[DTYPES[0]] for a, b in zip(grads, ref_grads, strict=True))
 
 
 def op_inputs(kind: str) -> tuple[torch.Tensor | None, ...]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import relative_error
 from triton_helpers import DEVICE, ON_CUDA
 from triton_helpers import needs_kernel as triton_needs_kernel
 
@@ -26,10 +27,6 @@ DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
 # States rounded to bf16 (8 bits) before and after they are summed: ~3e-3 relative (3.0e-3 in the interpreter at
 # these shapes).
 TOLERANCE = 6e-3
-
-
-def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
 def inputs(batch: int, heads: int, tokens: int, dim: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
@@ -58,7 +55,7 @@ def test_kernel_matches_the_torch_path_in_float64(batch: int, heads: int, tokens
     if not bool(marginal.any()):
         assert float(out.abs().max()) == 0.0
         return
-    assert relative(out, ref) < TOLERANCE
+    assert relative_error(out, ref) < TOLERANCE
 
 
 @needs_kernel
@@ -85,7 +82,7 @@ def test_fused_projection_equals_the_projected_branch_plus_the_sparse_output(wei
     out = fused.marginal_linear_attention(q, k, v, marginal, 16, 1e-6, sparse, weight, bias)
     branch = marginal_linear_attention(q.double(), k.double(), v.double(), marginal, 16)
     ref = sparse.double() + branch @ weight.double().T + bias.double()
-    assert out.dtype == v.dtype and relative(out, ref) < 2e-3
+    assert out.dtype == v.dtype and relative_error(out, ref) < 2e-3
 
 
 @needs_kernel
@@ -178,4 +175,4 @@ def test_the_method_runs_the_kernel_and_matches_its_torch_path(monkeypatch: pyte
         monkeypatch.setenv(fused.BACKEND_ENV, "torch")
         ref = method(q, k, v, ctx)
         assert method.params()["linear_branch_used"] == {"1024": "torch"}
-    assert relative(out, ref) < 5e-3
+    assert relative_error(out, ref) < 5e-3

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import relative_error
 
 from harness.errors import HarnessError
 from methods import AttentionContext, Schedule, TokenGrid, build_method
@@ -38,10 +39,6 @@ def qkv(grid: TokenGrid = GRID, heads: int = 3, dim: int = 16) -> tuple[torch.Te
     return tuple(torch.randn(1, heads, grid.tokens, dim) for _ in range(3))
 
 
-def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
 def recording(method: BlockSparseMethod) -> list[SparsePlan]:
     """Make ``method`` remember every plan it runs."""
     plans: list[SparsePlan] = []
@@ -64,7 +61,7 @@ def test_full_density_equals_dense(name: str) -> None:
     method = build(name, **FULL_DENSITY.get(name, {}))
     q, k, v = qkv(grid)
     out = method(q, k, v, context(grid=grid))
-    assert relative(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double())) <= 1e-5
+    assert relative_error(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double())) <= 1e-5
     assert method.density.mean() == pytest.approx(1.0)
 
 
@@ -85,7 +82,7 @@ def test_output_and_recorded_density_are_those_of_the_mask_used(name: str) -> No
     scores = (qp.double() @ kp.double().transpose(-2, -1)) / qp.shape[-1] ** 0.5
     ref = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ vp.double()
     ref = ref if q_order is None else unpermute_tokens(ref, q_order)
-    assert relative(out, ref) <= 1e-5
+    assert relative_error(out, ref) <= 1e-5
     assert method.density.mean() == pytest.approx(mask.double().mean().item(), abs=1e-12)
     assert method.density.mean() < 1.0
 
@@ -96,7 +93,7 @@ def test_paper_warmup_steps_run_dense(name: str) -> None:
     method = build(name)
     q, k, v = qkv()
     out = method(q, k, v, context(step=0))
-    assert relative(out, F.scaled_dot_product_attention(q, k, v)) <= 1e-6
+    assert relative_error(out, F.scaled_dot_product_attention(q, k, v)) <= 1e-6
     assert method.density.per_step() == {0: 1.0}
 
 
@@ -128,7 +125,7 @@ def test_flex_path_matches_masked_path(name: str) -> None:
     q, k, v = qkv()
     plan = method.plan(q, k, v, context())
     flex = method.execute(q, k, v, plan, backend="flex")
-    assert relative(flex, method.execute(q, k, v, plan, backend="masked")) <= 1e-5
+    assert relative_error(flex, method.execute(q, k, v, plan, backend="masked")) <= 1e-5
 
 
 def test_xattn_scores_are_strided_antidiagonal_sums() -> None:

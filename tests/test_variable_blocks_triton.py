@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import relative_error
 from triton_helpers import DEVICE, ON_CUDA
 from triton_helpers import needs_kernel as triton_needs_kernel
 
@@ -65,10 +66,6 @@ def float64_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks:
     return weights @ v.double()
 
 
-def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref).norm() / ref.norm())
-
-
 def inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(*shape, dtype=dtype).to(DEVICE) for _ in range(3))
 
@@ -88,7 +85,7 @@ def test_matches_float64_attention_under_the_blocks_mask(dtype: torch.dtype, tok
     blocks = random_blocks(2, 2, tokens, rows, cols)
     out = kernel.variable_block_attention(q, k, v, blocks, config)
     assert out.shape == q.shape and out.dtype == dtype
-    assert relative(out, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
+    assert relative_error(out, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
 
 
 @needs_kernel
@@ -100,7 +97,7 @@ def test_blocks_shared_by_every_head_broadcast() -> None:
     out = kernel.variable_block_attention(q, k, v, shared)
     expanded = VariableBlocks(shared.kept.expand(2, 3, -1, -1), shared.row_sizes.expand(2, 3, -1),
                               shared.col_sizes.expand(2, 3, -1))  # fmt: skip
-    assert relative(out, float64_attention(q, k, v, expanded)) < TOLERANCE[torch.float16]
+    assert relative_error(out, float64_attention(q, k, v, expanded)) < TOLERANCE[torch.float16]
 
 
 @needs_kernel
@@ -114,7 +111,7 @@ def test_reads_strided_inputs_in_place(config: kernel.Config, dim: int) -> None:
     q, k, v = (x.transpose(1, 2) for x in inputs((1, 64, 2, dim), torch.float16))
     blocks = random_blocks(1, 2, 64, 4, 5)
     out = kernel.variable_block_attention(q, k, v, blocks, config)
-    assert relative(out, float64_attention(q, k, v, blocks)) < 2e-3
+    assert relative_error(out, float64_attention(q, k, v, blocks)) < 2e-3
 
 
 def listed_keys(kept: torch.Tensor, cols: torch.Tensor, tile: int, sparse_below: int,
@@ -176,7 +173,10 @@ def test_sparse_tiles_past_the_gather_cap_are_read_whole(monkeypatch: pytest.Mon
     q, k, v = inputs((1, 2, 160, 32), torch.float16)
     blocks = random_blocks(1, 2, 160, 3, 40)
     config = kernel.default_config()._replace(sparse_below=kernel.default_config().block_n)
-    assert relative(kernel.variable_block_attention(q, k, v, blocks, config), float64_attention(q, k, v, blocks)) < 2e-3
+    assert (
+        relative_error(kernel.variable_block_attention(q, k, v, blocks, config), float64_attention(q, k, v, blocks))
+        < 2e-3
+    )
 
 
 @pytest.mark.parametrize(("config", "message"), [
@@ -199,7 +199,7 @@ def test_a_query_block_that_keeps_no_key_gets_zeros() -> None:
     out = kernel.variable_block_attention(q, k, v, blocks)
     start, end = int(blocks.row_sizes[0, 0, 0]), int(blocks.row_sizes[0, 0, :2].sum())
     assert torch.equal(out[0, 0, start:end], torch.zeros_like(out[0, 0, start:end]))
-    assert relative(out, float64_attention(q, k, v, blocks)) < TOLERANCE[torch.float16]
+    assert relative_error(out, float64_attention(q, k, v, blocks)) < TOLERANCE[torch.float16]
 
 
 def test_backend_takes_variable_blocks_only() -> None:
@@ -225,7 +225,7 @@ def test_both_key_tile_loads_match_float64(dtype: torch.dtype, k_rows: bool) -> 
     q, k, v = inputs((1, 2, 120, 32), dtype)
     blocks = random_blocks(1, 2, 120, 4, 12)
     out = kernel.variable_block_attention(q, k, v, blocks, CONFIGS["gathered"]._replace(k_rows=k_rows))
-    assert relative(out, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
+    assert relative_error(out, float64_attention(q, k, v, blocks)) < TOLERANCE[dtype]
 
 
 @needs_kernel

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from numerics import relative_error
 from triton_helpers import DEVICE, ON_CUDA
 from triton_helpers import needs_kernel as triton_needs_kernel
 
@@ -27,10 +28,6 @@ from methods.xattn import antidiagonal_block_scores, antidiagonal_block_scores_t
 needs_kernel = triton_needs_kernel(fused)
 DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
 TOLERANCE = fused.MASS_TOLERANCE  # why 1e-5: see its comment
-
-
-def relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> torch.Tensor:
@@ -64,7 +61,7 @@ def test_fused_matches_torch_in_float64(batch: int, heads: int, tokens: int, dim
     masses = fused.block_masses(q, k, block, stride, variant)
     ref = reference(q, k, block, stride)
     assert masses.shape == ref.shape and masses.dtype == torch.float32
-    assert relative(masses, ref) <= TOLERANCE, relative(masses, ref)
+    assert relative_error(masses, ref) <= TOLERANCE, relative_error(masses, ref)
 
 
 @pytest.fixture
@@ -84,7 +81,7 @@ def test_fused_matches_torch_at_gpu_tiles(variant: str) -> None:
     """Several query and key blocks per tile at the paper's R = 16, ragged last block and last tile."""
     q, k = (torch.randn(1, 2, 600, 32, device=DEVICE).to(torch.float16) for _ in range(2))
     masses = fused.block_masses(q, k, 128, 8, variant)
-    assert relative(masses, reference(q, k, 128, 8)) <= TOLERANCE
+    assert relative_error(masses, reference(q, k, 128, 8)) <= TOLERANCE
 
 
 @needs_kernel
@@ -113,7 +110,7 @@ def test_masses_right_when_later_key_tiles_raise_the_row_max(variant: str) -> No
     q, k = q.to(DEVICE, torch.float16), (k * 20).to(DEVICE, torch.float16)  # s spans 1 to 114 in base 2
     masses, ref = fused.block_masses(q, k, 16, 8, variant), reference(q, k, 16, 8)
     assert ref[..., -1].sum() > 0.9 * ref.sum()  # the last key block takes nearly all mass, as built
-    assert relative(masses, ref) <= TOLERANCE, relative(masses, ref)
+    assert relative_error(masses, ref) <= TOLERANCE, relative_error(masses, ref)
 
 
 @needs_kernel
