@@ -203,8 +203,7 @@ def by_popularity(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tens
     old_starts = k_sizes.cumsum(-1) - k_sizes
     positions = torch.arange(k_order.shape[-1], device=k_order.device).expand_as(k_order)
     rank_in_cluster = torch.empty_like(k_order).scatter_(-1, k_order, positions) - old_starts.gather(-1, k_labels)
-    new_order = torch.empty_like(k_order).scatter_(-1, new_starts.gather(-1, k_labels) + rank_in_cluster,
-                                                    positions.expand_as(k_order))  # fmt: skip
+    new_order = torch.empty_like(k_order).scatter_(-1, new_starts.gather(-1, k_labels) + rank_in_cluster, positions)
     return keep.gather(-1, clusters[:, None, :].expand_as(keep)), new_sizes, new_order
 
 

@@ -53,6 +53,21 @@ def merge_attention_states_torch(out_a: torch.Tensor, lse_a: torch.Tensor, out_b
 
 
 @triton_jit
+def accumulate_tile(s, valid, v, m_i, l_i, acc):
+    """One key tile of FlashAttention's online softmax, the step of the block-sparse kernels
+    (:mod:`methods.kernels.block_list_triton`, :mod:`methods.kernels.variable_blocks_triton`): scores ``s
+    (BLOCK_M, BLOCK_N)`` in log2 units of the columns ``valid``, their values ``v (BLOCK_N, BLOCK_D)``; the running
+    row max ``m_i``, sum ``l_i`` and fp32 accumulator ``acc`` updated and returned."""
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    weights = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(weights, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton_jit
 def _merge(a_ptr, la_ptr, b_ptr, lb_ptr, out_ptr, H, N, D: tl.constexpr, sab, sah, san, slab, slah, slan, sbb, sbh,
            sbn, slbb, slbh, slbn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """Program (row tile, b * H + h): rows ``[tile BLOCK_N, (tile + 1) BLOCK_N)`` of both states merged into

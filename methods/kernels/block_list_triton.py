@@ -44,6 +44,7 @@ from methods.kernels import (
     triton_jit,
     use_descriptor_scratch,
 )
+from methods.kernels.attention_states import accumulate_tile
 from methods.kernels.block_sparse import BlockSparsePattern
 
 try:
@@ -129,13 +130,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lists_ptr, counts_ptr, scale, H, N, L
             tile_mask = valid[:, None] & inside[None, :]
             k = tl.load(k_base + keys.to(tl.int64)[:, None] * skn + cols[None, :], mask=tile_mask, other=0.0)
             v = tl.load(v_base + keys.to(tl.int64)[:, None] * svn + cols[None, :], mask=tile_mask, other=0.0)
-        s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        weights = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(weights, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = accumulate_tile(tl.dot(q, tl.trans(k)) * scale, valid, v, m_i, l_i, acc)
     out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
     o_base = o_ptr + g.to(tl.int64) * N * D
     tl.store(o_base + rows.to(tl.int64)[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=row_mask)

@@ -64,6 +64,7 @@ from methods.kernels import (
     triton_jit,
     use_descriptor_scratch,
 )
+from methods.kernels.attention_states import accumulate_tile
 from methods.kernels.block_sparse import VariableBlocks, block_ids
 
 try:
@@ -196,19 +197,6 @@ def _key_tiles(labels_ptr, kept_ptr, lists_ptr, bits_ptr, counts_ptr, gathered_p
 
 
 @triton_jit
-def _accumulate(s, valid, v, m_i, l_i, acc):
-    """One key tile of FlashAttention's online softmax: scores ``s (BLOCK_M, BLOCK_N)`` (log2 units) of the
-    columns ``valid``, their values ``v (BLOCK_N, BLOCK_D)``; returns the updated max, sum and accumulator."""
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    weights = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(weights, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
-    return m_new, l_i, acc
-
-
-@triton_jit
 def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_starts_ptr, tile_counts_ptr,
                tile_lists_ptr, bits_ptr, counts_ptr, offsets_ptr, idx_ptr, scale, H, N, R, TILES, KEY_TILES,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
@@ -255,7 +243,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_s
                     tile_mask = (token < N)[:, None] & inside[None, :]
                     k = tl.load(k_base + token[:, None] * skn + cols[None, :], mask=tile_mask, other=0.0)
                     v = tl.load(v_base + token[:, None] * svn + cols[None, :], mask=tile_mask, other=0.0)
-                m_i, l_i, acc = _accumulate(tl.dot(q, tl.trans(k)) * scale, valid, v, m_i, l_i, acc)
+                m_i, l_i, acc = accumulate_tile(tl.dot(q, tl.trans(k)) * scale, valid, v, m_i, l_i, acc)
         count = tl.load(counts_ptr + row)
         base = tl.load(offsets_ptr + row)
         for offset in range(0, count, BLOCK_N):
@@ -272,7 +260,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_s
                 s = tl.dot(q, kt) * scale
             v = tl.load(v_base + token[:, None] * svn + cols[None, :], mask=valid[:, None] & inside[None, :],
                         other=0.0)  # fmt: skip
-            m_i, l_i, acc = _accumulate(s, valid, v, m_i, l_i, acc)
+            m_i, l_i, acc = accumulate_tile(s, valid, v, m_i, l_i, acc)
         out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
         o_base = o_ptr + g.to(tl.int64) * N * D
         tl.store(o_base + rows[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=row_mask)
