@@ -83,9 +83,10 @@ def test_well_separated_points_get_torch_labels_sizes_and_centroids(
 @pytest.fixture
 def gpu_tiles(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The kernels at GPU configurations' tiles instead of the interpreter's 16 x 16: 64 tokens x 32 centroids in
-    the assignment, 32 clusters x 64 tokens in the one-hot update, 32 tokens in the sorted one."""
+    the assignment, 32 clusters x 64 tokens in the one-hot update, windows of 16 clusters in 32-token tiles in the
+    sorted one."""
     tuners = {fused._assign: {"BLOCK_N": 64, "BLOCK_C": 32}, fused._update: {"BLOCK_C": 32, "BLOCK_N": 64},
-              fused._update_sorted: {"BLOCK_N": 32}}  # fmt: skip
+              fused._update_sorted: {"WINDOW": 16, "BLOCK_N": 32}}  # fmt: skip
     for tuner, tiles in tuners.items():
         monkeypatch.setattr(tuner, "configs", [fused.triton.Config(tiles, num_warps=4)])
         tuner.cache.clear()

@@ -35,8 +35,10 @@ The update has two variants (:data:`VARIANTS`, the op's ``update``; :func:`chose
   tokens in a fixed order, so the result is the same on every run (the torch path's ``index_add_`` on CUDA is not).
 - ``sorted``: per group the labels' stable order (the tokens of a cluster in ascending order) and each cluster's
   bounds in it by a counting sort (:func:`counting_sort`, below), then :func:`_update_sorted`, one program per
-  (cluster, group): its tokens' rows of x gathered through the ``order`` in tiles of BLOCK_N and summed in fp32
-  (plain adds, tile by tile in a fixed order: the same on every run). Each token is read once.
+  (window of WINDOW clusters, group): the window's tokens, one run of the ``order``, their rows of x gathered in tiles
+  of BLOCK_N and summed per cluster by a one-hot product on tensor cores, accumulated in fp32 (tile by tile in a
+  fixed order: the same on every run). Each token is read once. A program per cluster, the earlier kernel, left
+  most of a program's time to three dependent loads (its bounds, its positions, its rows) for ~33 tokens.
 
 The counting sort, three launches and no host sync, for labels ``(G, N)`` int32 in ``[0, C)`` in blocks of
 :data:`SORT_BLOCK` tokens (B = ceil(N / SORT_BLOCK) per group):
@@ -58,7 +60,8 @@ The op also returns the tokens in stable label order (what svg2 permutes q and k
 
 Cost per iteration and group: the assignment is ``2 N C D`` FLOPs (one ``x c^T``) plus ~5 instructions per
 distance (round, subtract, minimum, first index); the one-hot update another ``2 N C D`` (C times the ``N D`` adds a
-scatter would do, on tensor cores) and reads x ``C / BLOCK_C`` times, the sorted one ``N D`` adds, x read once
+scatter would do, on tensor cores) and reads x ``C / BLOCK_C`` times, the sorted one ``2 N WINDOW D`` (the one-hot
+product over the window's run), x read once
 (``O(N D)`` bytes) plus the counting sort. At Wan 1.3B (N = 32,760, D = 128, 12 heads) with 1,000 key
 clusters the one-hot update took ~1.3 ms per iteration on an H200, more than the assignment. Memory: the assignment
 reads x once and the prepared centroids (``2 C D`` bytes in bf16) once per token tile, from L2: ~0.8 GB per
@@ -150,10 +153,14 @@ PREPARE_BLOCK = 32
 # times.
 UPDATE_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (128, 128, 8, 2),
                   (32, 64, 4, 4))  # fmt: skip
-# Candidates, none timed one by one. (BLOCK_N tokens, num_warps, num_stages) of the sorted update: a cluster's
-# tokens gathered in (BLOCK_N, 128) tiles; Wan's clusters average N / C tokens (33 of 1,000 key clusters, 109 of 300
-# query clusters).
-SORTED_UPDATE_CONFIGS = ((32, 4, 2), (64, 4, 2), (128, 4, 2), (32, 2, 3), (64, 8, 2), (16, 2, 2))
+# Candidates. (WINDOW clusters, BLOCK_N tokens, num_warps, num_stages) of the sorted update: a window's tokens
+# gathered in (BLOCK_N, 128) tiles. Wan's clusters average N / C tokens (33 of 1,000 key clusters, 109 of 300 query
+# clusters), so a window of 16 runs ~4 (k) to ~14 (q) tiles of 128, loads in flight across them. At Wan 1.3B's shape
+# on an H200 (.ref probe of session 17, first iteration from random tokens) (16, 128, 4, 3) took 0.066 ms at 300
+# clusters and 0.079 at 1,000, against 0.20 and 0.31 for the best program per cluster (the earlier kernel); windows of
+# 64 were 2-3x slower (fewer programs), 32 tokens a tile 1.5-2x.
+SORTED_UPDATE_CONFIGS = ((16, 128, 4, 3), (16, 64, 4, 3), (32, 128, 4, 3), (16, 128, 8, 3), (32, 64, 4, 3),
+                         (16, 32, 4, 3))  # fmt: skip
 # Under the interpreter, every tile 16.
 INTERPRETER_TILE, INTERPRETER_WARPS, INTERPRETER_STAGES = 16, 4, 1
 # The counting sort's fixed tiles (plain triton.jit, not autotuned; timed as a whole, not per tile size). Tokens per
@@ -296,36 +303,45 @@ def _update(x_ptr, labels_ptr, c_ptr, out_ptr, sizes_ptr, ct_ptr, sq_ptr, N, C, 
     _store_prepared(ct_ptr, sq_ptr, g, C, CP, ids, updated, BLOCK_D)
 
 
-@_kernel(SORTED_UPDATE_CONFIGS, ("BLOCK_N",))
+@_kernel(SORTED_UPDATE_CONFIGS, ("WINDOW", "BLOCK_N"))
 def _update_sorted(x_ptr, order_ptr, bounds_ptr, c_ptr, out_ptr, sizes_ptr, ct_ptr, sq_ptr, N, C, CP, sxg, sxn,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Program (cluster j, group g): the new centroid ``out[g, j]`` (fp32) and size ``sizes[g, j]`` (int64) from the
-    tokens ``order[g, bounds[g, j]:bounds[g, j + 1]]`` (``order (G, N)`` int64, the tokens sorted by label;
-    ``bounds (G, C + 1)`` int64, where each cluster starts in that order), their rows of x and the previous
-    centroids ``c``, and its prepared copy for the next assignment (:func:`_store_prepared`)."""
-    cluster, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    begin = tl.load(bounds_ptr + g * (C + 1) + cluster)
-    end = tl.load(bounds_ptr + g * (C + 1) + cluster + 1)
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (window of clusters ``[w WINDOW, (w + 1) WINDOW)``, group g): their new centroids ``out[g, j]`` (fp32)
+    and sizes ``sizes[g, j]`` (int64) from the tokens ``order[g, bounds[g, j]:bounds[g, j + 1]]`` (``order (G, N)``
+    int64, the tokens sorted by label; ``bounds (G, C + 1)`` int64, where each cluster starts in that order), their
+    rows of x and the previous centroids ``c``, and their prepared copy for the next assignment
+    (:func:`_store_prepared`). The window's clusters are one run of the order: its rows are gathered in tiles of
+    BLOCK_N positions and summed per cluster by a product with the (WINDOW, BLOCK_N) matrix ``[position in cluster
+    j]``, accumulated in fp32 on tensor cores (``1 x x_n`` is exact)."""
+    window, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    ids = window * WINDOW + tl.arange(0, WINDOW)
+    listed = ids < C
+    bounds = bounds_ptr + g * (C + 1)
+    begins = tl.load(bounds + ids, mask=listed, other=0)
+    ends = tl.load(bounds + ids + 1, mask=listed, other=0)  # past C: an empty range, no position in it
+    begin = tl.load(bounds + window * WINDOW)
+    end = tl.load(bounds + tl.minimum(window * WINDOW + WINDOW, C))
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
     x_base = x_ptr + g * sxg
-    sums = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    sums = tl.zeros((WINDOW, BLOCK_D), dtype=tl.float32)
     for start in range(begin, end, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         present = positions < end
         tokens = tl.load(order_ptr + g * N + positions, mask=present, other=0)
         x = tl.load(x_base + tokens[:, None] * sxn + cols[None, :], mask=present[:, None] & inside[None, :],
                     other=0.0)  # fmt: skip
-        sums += tl.sum(x.to(tl.float32), axis=0)
-    count = end - begin
-    row = g * C * D + cluster * D + cols
-    previous = tl.load(c_ptr + row, mask=inside, other=0.0)
-    size = tl.broadcast_to(tl.maximum(count, 1).to(tl.float32), (BLOCK_D,))
-    mean = tl.math.div_rn(sums, size)  # IEEE division, as torch's
-    updated = tl.where(count > 0, mean, previous)  # zero past D
-    tl.store(out_ptr + row, updated, mask=inside)
-    tl.store(sizes_ptr + g * C + cluster, count.to(tl.int64))
-    _store_prepared(ct_ptr, sq_ptr, g, C, CP, tl.full((1,), cluster, tl.int32), updated[None, :], BLOCK_D)
+        member = (positions[None, :] >= begins[:, None]) & (positions[None, :] < ends[:, None])
+        sums = tl.dot(member.to(x.dtype), x, sums)
+    counts = ends - begins
+    rows = g * C * D + ids[:, None] * D + cols[None, :]
+    mask = listed[:, None] & inside[None, :]
+    previous = tl.load(c_ptr + rows, mask=mask, other=0.0)
+    means = tl.math.div_rn(sums, tl.maximum(counts, 1).to(tl.float32)[:, None])  # IEEE division, as torch's
+    updated = tl.where((counts > 0)[:, None], means, previous)  # zero past C and D: the padding's copy
+    tl.store(out_ptr + rows, updated, mask=mask)
+    tl.store(sizes_ptr + g * C + ids, counts, mask=listed)
+    _store_prepared(ct_ptr, sq_ptr, g, C, CP, ids, updated, BLOCK_D)
 
 
 @triton_jit
@@ -555,12 +571,16 @@ def _update_by_sorting(x: torch.Tensor, labels: torch.Tensor, centroids: torch.T
                        sizes: torch.Tensor, ct: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """The sorted update (:func:`_update_sorted`), same arguments as :func:`_update_onehot`: the labels' stable order
     per group and each cluster's bounds in it (:func:`counting_sort`; stable, so the sums' order is the tokens'
-    order), then one program per (cluster, group). Returns the order ``(G, N)`` int64."""
+    order), then one program per (window of clusters, group). Returns the order ``(G, N)`` int64."""
     groups, tokens, dim = x.shape
     clusters = centroids.shape[1]
     order, bounds = counting_sort(labels, clusters)
-    launch_tuned(_update_sorted, (clusters, groups), x, order, bounds, centroids, updated, sizes, ct, sq, tokens,
-                 clusters, sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=tile_columns(dim))  # fmt: skip
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return triton.cdiv(clusters, meta["WINDOW"]), groups
+
+    launch_tuned(_update_sorted, grid, x, order, bounds, centroids, updated, sizes, ct, sq, tokens, clusters,
+                 sq.shape[1], x.stride(0), x.stride(1), D=dim, BLOCK_D=tile_columns(dim))  # fmt: skip
     return order
 
 
