@@ -141,6 +141,19 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor,
     return labels, centroids, sizes, sort_labels(labels)[1]
 
 
+def cluster_mass(q_centroids: torch.Tensor, k_centroids: torch.Tensor, k_sizes: torch.Tensor) -> torch.Tensor:
+    """SVG2's cluster-size-weighted centroid probability ``(G, Cq, Ck)`` fp32 of each key cluster for each query
+    cluster, ``|K_j| exp(c_i . c_j / sqrt(d)) / sum_k |K_k| exp(c_i . c_k / sqrt(d))``, from centroids ``(G, Cq,
+    D)``, ``(G, Ck, D)`` fp32 and key cluster sizes ``(G, Ck)`` int64.
+
+    Computed as ``softmax_j(c_i . c_j / sqrt(d) + log |K_j|)``, the same value: one batched product with the log
+    sizes as its added term and one softmax, two launches where the formula as written takes eight. An empty
+    cluster's log size is -inf: its mass is 0."""
+    log_sizes = k_sizes.float().log()[:, None, :]
+    scale = q_centroids.shape[-1] ** -0.5
+    return torch.baddbmm(log_sizes, q_centroids, k_centroids.transpose(-2, -1), alpha=scale).softmax(dim=-1)
+
+
 def cluster_pair_pattern(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, tokens: int,
                          block: int) -> BlockSparsePattern:  # fmt: skip
     """The kept cluster pairs over cluster-sorted tokens: as variable blocks (the clusters themselves, what
@@ -301,17 +314,14 @@ class SparseVideoGen2(BlockSparseMethod):
         return kmeans(flat, count, iterations, cached, None)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> SparsePlan:
-        batch, heads, tokens, dim = q.shape
+        batch, heads, tokens, _ = q.shape
         q_count, k_count = self.clusters(tokens)
         cached = self.route(ctx) if ctx.route is None else ctx.route
         _, q_centroids, q_sizes, q_order = self._cluster(q, q_count, cached.q)
         k_labels, k_centroids, k_sizes, k_order = self._cluster(k, k_count, cached.k)
         cached.q, cached.k = q_centroids, k_centroids
 
-        logits = q_centroids @ k_centroids.transpose(-2, -1) / dim**0.5
-        # int64 sizes times fp32: promoted to fp32 inside the product (the value .float() gives), not by a copy first
-        weights = k_sizes[:, None, :] * (logits - logits.amax(dim=-1, keepdim=True)).exp()
-        mass = weights / weights.sum(dim=-1, keepdim=True)
+        mass = cluster_mass(q_centroids, k_centroids, k_sizes)
         if self.fixed_density is None:
             keep = select_by_cumulative_mass(mass, self.top_p, min_keep=math.floor(self.min_kc_ratio * k_count))
         else:

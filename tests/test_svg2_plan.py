@@ -12,7 +12,7 @@ from methods.kernels.block_sparse import (
     rectangle_counts,
 )
 from methods.sparse import SparsePlan
-from methods.svg2 import SparseVideoGen2
+from methods.svg2 import SparseVideoGen2, cluster_mass
 
 GRID = TokenGrid(5, 5, 8)  # 200 tokens
 SETTINGS = {"q_clusters": 8, "k_clusters": 16, "kmeans_init_iters": 3, "kmeans_step_iters": 1, "block_size": 16}
@@ -176,3 +176,20 @@ def test_a_compiled_plan_traces_the_tile_tables_only_where_they_are_read() -> No
     kept, calls = traced_calls(lambda *qkv: warm_plan(*qkv).pattern.kept, q, k, v)
     assert {"repeat_interleave", "pad"} <= set(calls)
     assert torch.equal(kept, eager.pattern.kept)
+
+
+def test_cluster_mass_is_the_size_weighted_centroid_probability() -> None:
+    """The mass equals ``|K_j| exp(c_i . c_j / sqrt(d)) / sum_k |K_k| exp(c_i . c_k / sqrt(d))`` in float64 within
+    fp32 rounding, an empty key cluster's is exactly 0, and each row sums to 1."""
+    torch.manual_seed(0)
+    q_centroids, k_centroids = torch.randn(3, 7, 32), torch.randn(3, 11, 32)
+    k_sizes = torch.randint(1, 50, (3, 11))
+    k_sizes[:, 4] = 0
+    logits = q_centroids.double() @ k_centroids.double().transpose(-2, -1) / 32**0.5
+    weights = k_sizes[:, None, :] * logits.exp()
+    expected = weights / weights.sum(dim=-1, keepdim=True)
+    mass = cluster_mass(q_centroids, k_centroids, k_sizes)
+    assert mass.dtype == torch.float32
+    assert ((mass.double() - expected).abs() <= 1e-6 * expected.amax(dim=-1, keepdim=True)).all()
+    assert (mass[..., 4] == 0).all()
+    assert torch.allclose(mass.sum(dim=-1), torch.ones(3, 7))

@@ -138,11 +138,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # spills. (BLOCK_N tokens, BLOCK_C centroids, num_warps, num_stages) of the assignment: a (BLOCK_N, 128) tile of x
 # held while (128, BLOCK_C) tiles of the prepared centroids stream past; the autotuner keeps the fastest per cluster
 # count. Larger BLOCK_N reads the centroids fewer times (at Wan 1.3B with 1,000 key clusters, 128 tokens: ~0.8 GB
-# from L2 per assignment; 256: half). (128, 128, 8, 2) and (256, 64, 8, 2) fit two programs per SM (128 registers,
-# 96 KB of shared memory), so that one's matrix products overlap the other's minima; the others fit one, with
-# larger tiles. 300 query clusters waste less in tiles of 64 or 128 (320, 384) than of 256 (512).
+# from L2 per assignment; 256: half). 300 query clusters waste less in tiles of 64 or 128 (320, 384) than of 256
+# (512). Compiled for sm_90 (bf16, session 17): (128, 128, 8, 2) takes 173 registers a thread and (256, 64, 8, 2) 211,
+# one program an SM each (an earlier comment here had them at 128, two an SM: not so); (128, 128, 4, 2), 238
+# registers over half the threads, fits two, and was the fastest at 1,000 clusters in an H200 probe at Wan 1.3B
+# (0.268 ms against 0.279 for (256, 64, 8, 2)), the slowest of those three at 300 (0.120 against 0.103).
 ASSIGN_CONFIGS = ((128, 128, 8, 2), (256, 128, 8, 2), (128, 256, 8, 2), (256, 64, 8, 2), (256, 128, 16, 2),
-                  (128, 64, 4, 3))  # fmt: skip
+                  (128, 64, 4, 3), (128, 128, 4, 2))  # fmt: skip
 # The prepared centroids are padded to a multiple of every assignment BLOCK_C (powers of two: the largest), so that
 # the assignment loads them unmasked.
 CENTROID_PAD = max(config[1] for config in ASSIGN_CONFIGS)
