@@ -30,6 +30,7 @@ import torch
 
 from harness.errors import HarnessError
 from methods.base import AttentionContext, Capabilities, Schedule, TokenGrid, register_method
+from methods.kernels import permute_triton as permute
 from methods.kernels.block_sparse import BlockSparsePattern, block_lengths, mask_tables, num_blocks
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, CounterDraws, SparsePlan, block_sparse_parameters
@@ -108,6 +109,7 @@ def profile_errors(
 class SparseVideoGen(BlockSparseMethod):
     """Sparse VideoGen: online spatial/temporal head profiling, layout transform, band + sink mask."""
 
+    kernel_variables = (permute.BACKEND_ENV,)  # its temporal layout
     capabilities = Capabilities(
         sparsity="dynamic",
         data_dependent=True,

@@ -44,6 +44,7 @@ import torch
 
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
 from methods.kernels import kmeans_triton as kmeans_kernels
+from methods.kernels import permute_triton as permute
 from methods.kernels import ranked_selection_triton as ranked
 from methods.kernels.block_sparse import (
     BlockSparsePattern,
@@ -233,7 +234,7 @@ class LayerCentroids:
 class SparseVideoGen2(BlockSparseMethod):
     """Sparse VideoGen2: k-means on Q and K, cluster permutation, top-p key clusters with a floor."""
 
-    kernel_variables = (kmeans_kernels.BACKEND_ENV, kmeans_kernels.VARIANT_ENV, ranked.BACKEND_ENV)
+    kernel_variables = (kmeans_kernels.BACKEND_ENV, kmeans_kernels.VARIANT_ENV, ranked.BACKEND_ENV, permute.BACKEND_ENV)
     capabilities = Capabilities(
         sparsity="dynamic",
         data_dependent=True,

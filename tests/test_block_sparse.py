@@ -315,3 +315,26 @@ def test_mask_tables_are_the_tensors_themselves_in_eager_code() -> None:
 def test_the_mask_table_op_passes_opcheck(table: torch.Tensor) -> None:
     """The op that stores a mask table under torch.compile: its schema, fake (shape, dtype, strides) and outputs."""
     torch.library.opcheck(torch.ops.attention_bench.mask_table.default, (table,))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "head_shared", "order_shared", "with_grad"])
+def test_permutations_are_gather_and_scatter_of_token_rows(layout: str) -> None:
+    """In every layout the methods pass (and on whichever path: the Triton row copy where it runs, gather / scatter
+    elsewhere), the permuted tokens are ``x[b, h, order[b, h, i]]`` by indexing and unpermuting puts each row back;
+    with gradients they flow back to x."""
+    batch, heads, tokens, dim = 2, 3, 50, 16
+    x = {"transposed": torch.randn(batch, tokens, heads, dim).transpose(1, 2),
+         "head_shared": torch.randn(batch, 1, tokens, dim).expand(batch, heads, tokens, dim)}.get(
+        layout, torch.randn(batch, heads, tokens, dim))  # fmt: skip
+    x.requires_grad_(layout == "with_grad")
+    order = torch.stack([torch.stack([torch.randperm(tokens) for _ in range(heads)]) for _ in range(batch)])
+    if layout == "order_shared":
+        order = torch.randperm(tokens)[None, None]
+    full = order.expand(batch, heads, tokens)
+    permuted = permute_tokens(x, order)
+    expected = torch.stack([torch.stack([x[b, h, full[b, h]] for h in range(heads)]) for b in range(batch)])
+    assert torch.equal(permuted, expected)
+    assert torch.equal(unpermute_tokens(permuted, order), x)
+    if layout == "with_grad":
+        unpermute_tokens(permuted, order).sum().backward()
+        assert torch.equal(x.grad, torch.ones_like(x))

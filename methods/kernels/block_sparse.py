@@ -57,6 +57,7 @@ except ImportError:  # torch < 2.9: return_lse
 
 from harness.errors import HarnessError
 from methods.kernels import OP_NAMESPACE
+from methods.kernels import permute_triton as permute
 from methods.kernels import ranked_selection_triton as ranked
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -676,12 +677,20 @@ def select_by_cost_budget(scores: torch.Tensor, costs: torch.Tensor, fraction: f
 
 
 def permute_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """``x[..., order[...], :]`` per batch and head: ``x`` ``(B, H, N, D)``, ``order`` ``(B|1, H|1, N)``."""
+    """``x[..., order[...], :]`` per batch and head: ``x`` ``(B, H, N, D)``, ``order`` ``(B|1, H|1, N)``.
+
+    On CUDA without gradients the Triton row copy (:mod:`methods.kernels.permute_triton`) unless
+    ``$BENCH_PERMUTE_BACKEND`` is ``torch``; this ``gather`` is the CPU path and its reference."""
+    if permute.use_fused(x):
+        return permute.permute_rows(x, order, False)
     index = order.expand(*x.shape[:2], -1).unsqueeze(-1).expand_as(x)
     return x.gather(-2, index)
 
 
 def unpermute_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`permute_tokens` with the same ``order``: scatters rows back to their places."""
+    """Inverse of :func:`permute_tokens` with the same ``order``: scatters rows back to their places (the Triton row
+    copy where :func:`permute_tokens` takes it)."""
+    if permute.use_fused(x):
+        return permute.permute_rows(x, order, True)
     index = order.expand(*x.shape[:2], -1).unsqueeze(-1).expand_as(x)
     return torch.empty_like(x).scatter(-2, index, x)

@@ -119,8 +119,11 @@ def default_config() -> Config:
 
 #: Positions of the index lists one program of :func:`_key_indices` writes.
 INDEX_BLOCK = 1024
-#: Key tiles one step of :func:`_key_tiles` scans.
-KEY_TILE_CHUNK = 16
+#: Key tiles one step of :func:`_key_tiles` scans, and its warps: one program per query block scans every key
+#: tile, so narrow programs, many per SM, did best. On an H200 at Wan 1.3B (svg2's 3,600 blocks over 512 tiles) 4
+#: tiles over 1 warp took 0.259 ms, 8 x 1 0.279, 16 x 2 0.284, 16 x 4 0.326; the earlier kernel (one scan over the
+#: chunk's flattened tokens, always) 0.524 ms at 16 x 4 (.ref probe 4 of session 17).
+KEY_TILE_CHUNK, KEY_TILE_WARPS = 4, 1
 #: Gathered keys a query block may take besides its whole tiles (the list is allocated at this width per block, with
 #: no host read; past it, sparse tiles are read whole). svg2's blocks at Wan 1.3B gathered at most 3,563 keys at
 #: ``sparse_below`` 39 in a random-weight forward (mean 2,234; counted on the CPU).
@@ -187,10 +190,15 @@ def _key_tiles(labels_ptr, kept_ptr, lists_ptr, bits_ptr, counts_ptr, gathered_p
         tl.store(lists_ptr + row * TILES + slot, tiles, mask=whole)
         tl.store(bits_ptr + row * TILES + slot, bits, mask=whole)
         listed += tl.sum(whole.to(tl.int32), axis=0)
-        taken = tl.reshape(keeps & fits[:, None], (CHUNK * BLOCK_N,))
-        place = gathered + tl.cumsum(taken.to(tl.int32), axis=0) - 1
-        tl.store(gathered_ptr + row * CAP + place, tl.reshape(tokens, (CHUNK * BLOCK_N,)), mask=taken)
-        gathered += tl.sum(taken.to(tl.int32), axis=0)
+        gathered_by_tile = tl.where(fits, keys, 0)
+        if tl.sum(gathered_by_tile, axis=0) > 0:  # no scan where no tile of the chunk is gathered
+            taken = (keeps & fits[:, None]).to(tl.int32)
+            # A token's place: the gathered keys of the earlier tiles, then of its tile's earlier columns (two short
+            # scans, one per axis, rather than one over the chunk's flattened tokens).
+            before = tl.cumsum(gathered_by_tile, axis=0) - gathered_by_tile
+            place = gathered + before[:, None] + tl.cumsum(taken, axis=1) - taken
+            tl.store(gathered_ptr + row * CAP + place, tokens, mask=taken != 0)
+        gathered += tl.sum(gathered_by_tile, axis=0)
         asked = tl.max(asked_by, axis=0)
     tl.store(counts_ptr + row, listed)
     tl.store(gathered_counts_ptr + row, gathered)
@@ -298,7 +306,7 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         kept_bytes = kept.to(torch.uint8).contiguous()
         _key_tiles[(groups * blocks_q,)](labels, kept_bytes, tile_lists, bits, tile_counts, idx, counts, blocks_q,
                                          blocks_k, tokens, key_tiles, cap, sparse_below, BLOCK_N=block_n,
-                                         CHUNK=KEY_TILE_CHUNK)  # fmt: skip
+                                         CHUNK=KEY_TILE_CHUNK, num_warps=KEY_TILE_WARPS)  # fmt: skip
         offsets = torch.arange(groups * blocks_q, device=q.device, dtype=torch.int64) * cap
         with_tma = descriptor_aligned(k) and descriptor_aligned(v)
         if with_tma and not INTERPRETED:
