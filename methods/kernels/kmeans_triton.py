@@ -158,9 +158,11 @@ UPDATE_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4,
 # Candidates. (WINDOW clusters, BLOCK_N tokens, num_warps, num_stages) of the sorted update: a window's tokens
 # gathered in (BLOCK_N, 128) tiles. Wan's clusters average N / C tokens (33 of 1,000 key clusters, 109 of 300 query
 # clusters), so a window of 16 runs ~4 (k) to ~14 (q) tiles of 128, loads in flight across them. At Wan 1.3B's shape
-# on an H200 (.ref probe of session 17, first iteration from random tokens) (16, 128, 4, 3) took 0.066 ms at 300
-# clusters and 0.079 at 1,000, against 0.20 and 0.31 for the best program per cluster (the earlier kernel); windows of
-# 64 were 2-3x slower (fewer programs), 32 tokens a tile 1.5-2x.
+# on an H200, (16, 128, 4, 3) took 0.041 ms at 300 clusters and 0.048 at 1,000 on converged clusters, against 0.054
+# and 0.064 for the best configuration of the earlier kernel (one program per cluster; run_3bfeba6/kmeans_probe2),
+# and 0.066 and 0.079 against 0.20 and 0.31 on the lopsided clusters of a first iteration from random tokens
+# (run_474e9b5/kmeans_probe); windows of 64 were 2-3x slower (fewer programs), 32-token tiles 1.2-2x. In svg2's warm
+# selection the four updates took 0.156 ms of device time against 0.288 (run_24d3bf0, run_4ad7f39).
 SORTED_UPDATE_CONFIGS = ((16, 128, 4, 3), (16, 64, 4, 3), (32, 128, 4, 3), (16, 128, 8, 3), (32, 64, 4, 3),
                          (16, 32, 4, 3))  # fmt: skip
 # Under the interpreter, every tile 16.

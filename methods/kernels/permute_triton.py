@@ -10,8 +10,8 @@ torch's ``gather`` over an index expanded to x's shape reads one int64 index per
 element's address on its own; on an H200 at Wan 1.3B (12 heads x 32,760 tokens x 128, bf16) it took 0.17-0.29 ms a
 tensor (about 0.7-1.2 TB/s for its 201 MB read and written) and the output's ``scatter`` 0.21-0.23 ms. Here one
 program moves BLOCK rows: it loads their BLOCK indices once and each row as one contiguous run of D elements, so
-the copy runs near the memory's rate: 0.063 ms a tensor, 0.059-0.070 the inverse (.ref probe 4 of session 17,
-``reports/gpu/h200/README.md``). A copy: exact in every dtype.
+the copy runs near the memory's rate: 0.063 ms a tensor, 0.059-0.070 the inverse
+(``reports/gpu/h200/run_674ac94/call5/``). A copy: exact in every dtype.
 
 Shapes: x ``(B, H, N, D)`` any strides with a contiguous last axis; order ``(B|1, H|1, N)`` int64, a permutation of
 ``range(N)`` per (b, h) (not checked: the inverse's stores would collide otherwise). Returns a contiguous ``(B, H, N,

@@ -122,7 +122,7 @@ INDEX_BLOCK = 1024
 #: Key tiles one step of :func:`_key_tiles` scans, and its warps: one program per query block scans every key
 #: tile, so narrow programs, many per SM, did best. On an H200 at Wan 1.3B (svg2's 3,600 blocks over 512 tiles) 4
 #: tiles over 1 warp took 0.259 ms, 8 x 1 0.279, 16 x 2 0.284, 16 x 4 0.326; the earlier kernel (one scan over the
-#: chunk's flattened tokens, always) 0.524 ms at 16 x 4 (.ref probe 4 of session 17).
+#: chunk's flattened tokens, always) 0.524 ms at 16 x 4 (``reports/gpu/h200/run_674ac94/call5/``).
 KEY_TILE_CHUNK, KEY_TILE_WARPS = 4, 1
 #: Gathered keys a query block may take besides its whole tiles (the list is allocated at this width per block, with
 #: no host read; past it, sparse tiles are read whole). svg2's blocks at Wan 1.3B gathered at most 3,563 keys at
