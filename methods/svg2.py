@@ -147,10 +147,10 @@ def cluster_mass(q_centroids: torch.Tensor, k_centroids: torch.Tensor, k_sizes: 
     cluster, ``|K_j| exp(c_i . c_j / sqrt(d)) / sum_k |K_k| exp(c_i . c_k / sqrt(d))``, from centroids ``(G, Cq,
     D)``, ``(G, Ck, D)`` fp32 and key cluster sizes ``(G, Ck)`` int64.
 
-    Computed as ``softmax_j(c_i . c_j / sqrt(d) + log |K_j|)``, the same value: one batched product with the log
-    sizes as its added term and one softmax, two launches where the formula as written takes eight. An empty
-    cluster's log size is -inf: its mass is 0."""
-    log_sizes = k_sizes.float().log()[:, None, :]
+    Computed as ``softmax_j(c_i . c_j / sqrt(d) + log |K_j|)``, the same value: the log sizes, one batched product
+    with them as its added term and one softmax, three or four launches where the formula as written takes eight.
+    An empty cluster's log size is -inf: its mass is 0."""
+    log_sizes = k_sizes.log()[:, None, :]  # float32 from int64
     scale = q_centroids.shape[-1] ** -0.5
     return torch.baddbmm(log_sizes, q_centroids, k_centroids.transpose(-2, -1), alpha=scale).softmax(dim=-1)
 

@@ -99,8 +99,9 @@ def gpu_tiles(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @every_variant
 @pytest.mark.usefixtures("gpu_tiles")
 def test_well_separated_points_at_gpu_tiles(update: str) -> None:
-    """Several token, centroid and cluster tiles, each ragged (clusters of 37 and 38 tokens: two sorted-update
-    tiles): labels and sizes exact, centroids within tolerance."""
+    """Several token, centroid and cluster tiles, each ragged (40 clusters of 37 and 38 tokens: windows of 16
+    clusters over 32-token tiles that straddle clusters, the last window partly past the clusters): labels and sizes
+    exact, centroids within tolerance."""
     x, init, expected = separated(2, 40, 1500, 32)
     labels, centroids, sizes, _ = fused.kmeans_lloyd(x, init, 2, update)
     ref_labels, ref_centroids, ref_sizes, _ = lloyd(x, init, 2)

@@ -56,7 +56,7 @@ def test_kernel_moves_the_rows_gather_and_scatter_move(layout: str, shared: bool
 @needs_kernel
 def test_tokens_take_the_kernel_and_gradients_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """permute_tokens / unpermute_tokens run the op without gradients (unless $BENCH_PERMUTE_BACKEND=torch) and
-    gather / scatter for a tensor that needs them, whose gradient then flows back."""
+    gather / scatter for a tensor that needs them, whose gradient then flows back; under no_grad the op again."""
     calls = []
     real = permute.permute_rows
     monkeypatch.setattr(permute, "permute_rows", lambda *args: calls.append(args[2]) or real(*args))
@@ -68,6 +68,32 @@ def test_tokens_take_the_kernel_and_gradients_the_torch_path(monkeypatch: pytest
     x.requires_grad_(True)
     unpermute_tokens(permute_tokens(x, order), order).sum().backward()
     assert calls == [False, True] and torch.equal(x.grad, torch.ones_like(x))
+    with torch.no_grad():  # no graph recorded: the kernel serves a tensor that would otherwise need gradients
+        assert torch.equal(unpermute_tokens(permute_tokens(x, order), order), x) and calls == [False, True] * 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("inverse", [False, True])
+def test_op_passes_opcheck(inverse: bool) -> None:
+    """The op's schema (its output aliases no input), fake output (shape, dtype, contiguous strides) and AOT dispatch
+    agree with the kernel, on a transposed x and an order shared by the batch."""
+    x, order = tensor("transposed", 16, torch.float16), orders(False)[:1]
+    torch.library.opcheck(permute.permute_rows, (x, order, inverse))
+
+
+@needs_kernel
+def test_compiled_permutation_equals_eager() -> None:
+    """torch.compile (fullgraph: no graph break) of permute_tokens and unpermute_tokens gives eager's outputs."""
+
+    def round_trip(x: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        permuted = permute_tokens(x, order)
+        return permuted, unpermute_tokens(permuted * 2, order)
+
+    x, order = tensor("contiguous", 16, torch.float32), orders(False)
+    torch._dynamo.reset()
+    compiled = torch.compile(round_trip, backend="aot_eager", fullgraph=True)(x, order)
+    torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(compiled, round_trip(x, order), strict=True))
 
 
 def test_the_kernel_refuses_what_it_cannot_move() -> None:
@@ -77,5 +103,7 @@ def test_the_kernel_refuses_what_it_cannot_move() -> None:
     if permute.triton is not None and permute.INTERPRETED:
         assert "gradients" in permute.unsupported_reason(x)
         assert "non-empty" in permute.unsupported_reason(torch.randn(2, 3, 0, 8))
+        many = torch.zeros(1, 1, 4, 8).expand(permute.MAX_GROUPS + 1, 1, 4, 8)
+        assert "(batch, head) pairs" in permute.unsupported_reason(many)
     with pytest.raises(HarnessError, match="BENCH_PERMUTE_BACKEND=triton"):
         permute.use_fused(x, "triton")

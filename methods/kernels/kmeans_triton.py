@@ -598,14 +598,15 @@ TUNERS = {"onehot": _update, "sorted": _update_sorted}
 @kernel_op("kmeans_lloyd")
 def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, update: str = DEFAULT_VARIANT
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``iterations`` (>= 1) Lloyd iterations from ``centroids`` ``(G, C, D)`` fp32 on points x ``(G, N, D)``
-    (any strides), with the update step ``update`` (one of :data:`VARIANTS`; same results up to the fp32 sums'
-    order), as one op opaque to torch.compile (Dynamo does not trace the autotuner's Python): labels of the
-    last assignment ``(G, N)`` int64, the means of those labels ``(G, C, D)`` fp32 (an empty cluster keeps its
-    centroid), cluster sizes ``(G, C)`` int64 and the order ``(G, N)`` int64 that sorts those labels stably per
-    group (the sorted update's last sort, else one sort after the iterations), each in memory of its own. The
-    caller checks :func:`unsupported_reason` first (:func:`use_fused` does). Inference only: no autograd is
-    registered.
+    """``iterations`` (>= 1) Lloyd iterations from ``centroids`` ``(G, C, D)`` fp32 on points x ``(G, N, D)`` (any
+    strides), with the update step ``update`` (one of :data:`VARIANTS`; same results up to the fp32 sums' order for
+    finite points: a non-finite point makes NaN every centroid its program multiplies it into, its window of
+    clusters in the sorted update and its cluster tile in the one-hot one, its own cluster in the torch path), as
+    one op opaque to torch.compile (Dynamo does not trace the autotuner's Python): labels of the last assignment
+    ``(G, N)`` int64, the means of those labels ``(G, C, D)`` fp32 (an empty cluster keeps its centroid), cluster
+    sizes ``(G, C)`` int64 and the order ``(G, N)`` int64 that sorts those labels stably per group (the sorted
+    update's last sort, else one sort after the iterations), each in memory of its own. The caller checks
+    :func:`unsupported_reason` first (:func:`use_fused` does). Inference only: no autograd is registered.
 
     Raises:
         ValueError: iterations < 1, or 2^20 clusters or more (the counting sort's keys, :func:`counting_sort`).

@@ -14,8 +14,9 @@ the copy runs near the memory's rate: 0.063 ms a tensor, 0.059-0.070 the inverse
 (``reports/gpu/h200/run_674ac94/call5/``). A copy: exact in every dtype.
 
 Shapes: x ``(B, H, N, D)`` any strides with a contiguous last axis; order ``(B|1, H|1, N)`` int64, a permutation of
-``range(N)`` per (b, h) (not checked: the inverse's stores would collide otherwise). Returns a contiguous ``(B, H, N,
-D)`` tensor of x's dtype. No gradients: callers take the torch path for tensors that need them.
+``range(N)`` per (b, h) (not checked: an index out of range reads or writes outside the tensors, where ``gather``
+raises, and a repeated one makes the inverse's stores collide). Returns a contiguous ``(B, H, N, D)`` tensor of x's
+dtype. No gradients: callers take the torch path for tensors that need them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 #: Rows a program moves, and its warps: 32 x 4 was within 5% of the fastest of (16-128 rows) x (4, 8 warps) in both
 #: directions and both layouts of q (contiguous, and the projection's transposed one) on an H200 at Wan 1.3B.
 BLOCK_ROWS, NUM_WARPS = 32, 4
+#: (batch, head) pairs one launch takes: CUDA's limit on a grid's second axis.
+MAX_GROUPS = 65535
 
 
 @triton_jit
@@ -78,8 +81,10 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
         return f"x is not on {device_type}"
     if x.dim() != 4 or x.numel() == 0:
         return f"x of shape {tuple(x.shape)} is not a non-empty (B, H, N, D)"
-    if x.requires_grad:
+    if x.requires_grad and torch.is_grad_enabled():
         return "x needs gradients (the kernel has no backward)"
+    if x.shape[0] * x.shape[1] > MAX_GROUPS:
+        return f"{x.shape[0] * x.shape[1]} (batch, head) pairs (the launch grid's second axis holds {MAX_GROUPS})"
     return None
 
 
@@ -96,7 +101,7 @@ def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: bool) -> torch.T
     tensor of x's shape and dtype. The caller checks :func:`unsupported_reason` first (:func:`use_fused` does)."""
     x = last_axis_contiguous(x)
     batch, heads, tokens, dim = x.shape
-    order = order.expand(batch, heads, tokens)
+    order = order.long().expand(batch, heads, tokens)  # int64 offsets: an int32 index times the stride could overflow
     if order.stride(-1) != 1:
         order = order.contiguous()
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
