@@ -54,6 +54,12 @@ def last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def needs_gradients(*tensors: torch.Tensor) -> bool:
+    """Whether a call on ``tensors`` records a backward: autograd on and any of them requiring a gradient (the
+    kernels without a backward take their torch path then)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
 def tile_columns(head_dim: int) -> int:
     """Columns of a Triton kernel's tile over the head dimension: rounded up to a power of two (``tl.arange``'s
     sizes), at least 16 (``tl.dot``'s smallest)."""

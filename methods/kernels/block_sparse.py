@@ -56,7 +56,7 @@ except ImportError:  # torch < 2.9: return_lse
     AuxRequest = None  # type: ignore[assignment,misc]
 
 from harness.errors import HarnessError
-from methods.kernels import OP_NAMESPACE
+from methods.kernels import OP_NAMESPACE, needs_gradients
 from methods.kernels import permute_triton as permute
 from methods.kernels import ranked_selection_triton as ranked
 
@@ -520,11 +520,6 @@ def _tile_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- execution -----------------------------------------------------------------------------------
-
-
-def needs_gradients(*tensors: torch.Tensor) -> bool:
-    """Whether a call on ``tensors`` records a backward: autograd on and any of them requiring a gradient."""
-    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
 
 
 def flex_tile(kernel_options: FlexKernelOptions | None) -> int:

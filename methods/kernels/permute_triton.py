@@ -30,6 +30,7 @@ from methods.kernels import (
     kernel_choice,
     kernel_op,
     last_axis_contiguous,
+    needs_gradients,
     tile_columns,
     triton_jit,
     use_kernel,
@@ -81,7 +82,7 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
         return f"x is not on {device_type}"
     if x.dim() != 4 or x.numel() == 0:
         return f"x of shape {tuple(x.shape)} is not a non-empty (B, H, N, D)"
-    if x.requires_grad and torch.is_grad_enabled():
+    if needs_gradients(x):
         return "x needs gradients (the kernel has no backward)"
     if x.shape[0] * x.shape[1] > MAX_GROUPS:
         return f"{x.shape[0] * x.shape[1]} (batch, head) pairs (the launch grid's second axis holds {MAX_GROUPS})"

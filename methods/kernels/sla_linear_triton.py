@@ -48,11 +48,12 @@ from methods.kernels import (
     kernel_choice,
     kernel_op,
     last_axis_contiguous,
+    needs_gradients,
     tile_columns,
     triton_jit,
     use_kernel,
 )
-from methods.kernels.block_sparse import needs_gradients, num_blocks
+from methods.kernels.block_sparse import num_blocks
 from methods.kernels.tuned_launch import launch_tuned
 
 try:

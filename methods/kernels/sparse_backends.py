@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from harness.errors import HarnessError, UnsupportedError
+from methods.kernels import needs_gradients
 from methods.kernels.attention_states import LOG2_E, merge_attention_states
 from methods.kernels.block_list_triton import BLOCK_SIZES, block_list_attention, pattern_lists
 from methods.kernels.block_sparse import (
@@ -54,7 +55,6 @@ from methods.kernels.block_sparse import (
     block_lengths,
     flex_block_sparse_attention,
     masked_dense_attention,
-    needs_gradients,
     num_blocks,
 )
 from methods.kernels.variable_blocks_triton import variable_block_attention
