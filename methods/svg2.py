@@ -45,6 +45,7 @@ import torch
 from methods.base import AttentionContext, Capabilities, Schedule, register_method
 from methods.kernels import kmeans_triton as kmeans_kernels
 from methods.kernels import permute_triton as permute
+from methods.kernels import popularity_triton as popularity
 from methods.kernels import ranked_selection_triton as ranked
 from methods.kernels.block_sparse import (
     BlockSparsePattern,
@@ -132,7 +133,8 @@ KmeansResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def kmeans_both(first: tuple[torch.Tensor, torch.Tensor, int], second: tuple[torch.Tensor, torch.Tensor, int],
-                backend: str | None = None, update: str | None = None) -> tuple[KmeansResult, KmeansResult]:  # fmt: skip
+                backend: str | None = None,
+                update: str | None = None) -> tuple[KmeansResult, KmeansResult]:  # fmt: skip
     """:func:`kmeans` of two point sets, each ``(x (G, N, D), starting centroids (G, C, D) fp32, iterations)``
     (svg2's queries and keys): at once on one GPU (:func:`~methods.kernels.kmeans_triton.kmeans_lloyd_pair`: the
     first on a side stream) where the kernels run both, else one after the other; each result as :func:`kmeans`
@@ -222,19 +224,26 @@ def cluster_pair_pattern(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: tor
 
 
 def by_popularity(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, k_labels: torch.Tensor,
-                  k_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                  k_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The key clusters reordered by how many query tokens keep them, most first (ties by label): ``keep``'s
-    columns, the sizes and the key order, each cluster's tokens still consecutive and ascending. Attention is the
-    same under any order of the keys; this one puts the clusters most query clusters keep next to each other, so
-    that whole tiles of the key sequence hold mostly kept keys (triton-variable's key tiles, Flex's 128-tiles).
+    columns, the sizes and the key order, each cluster's tokens still consecutive and ascending; and each query
+    cluster's kept keys. Attention is the same under any order of the keys; this one puts the clusters most query
+    clusters keep next to each other, so that whole tiles of the key sequence hold mostly kept keys
+    (triton-variable's key tiles, Flex's 128-tiles).
+
+    On CUDA the Triton kernels (:mod:`methods.kernels.popularity_triton`, three launches) compute it unless
+    ``$BENCH_POPULARITY_BACKEND`` is ``torch``; this torch path is the CPU path and their reference.
 
     Args:
         keep: ``(G, Cq, Ck)`` kept cluster pairs; q_sizes ``(G, Cq)``, k_sizes ``(G, Ck)`` int64.
         k_labels: ``(G, N)`` int64 each key's cluster; k_order ``(G, N)`` their stable sort (k-means's order).
 
     Returns:
-        keep ``(G, Cq, Ck)``, k_sizes ``(G, Ck)`` and k_order ``(G, N)`` in the new cluster order. No host sync.
+        keep ``(G, Cq, Ck)``, k_sizes ``(G, Ck)`` and k_order ``(G, N)`` in the new cluster order, and the kept key
+        tokens ``(G, Cq)`` int64 of each query cluster. No host sync.
     """
+    if popularity.use_fused(keep, k_order):
+        return popularity.popularity_order(keep, q_sizes, k_sizes, k_labels, k_order)
     kept_by = (keep * q_sizes[..., None]).sum(dim=-2)
     clusters = kept_by.argsort(dim=-1, descending=True, stable=True)  # new position -> cluster
     new_sizes = k_sizes.gather(-1, clusters)
@@ -243,7 +252,8 @@ def by_popularity(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tens
     positions = torch.arange(k_order.shape[-1], device=k_order.device).expand_as(k_order)
     rank_in_cluster = torch.empty_like(k_order).scatter_(-1, k_order, positions) - old_starts.gather(-1, k_labels)
     new_order = torch.empty_like(k_order).scatter_(-1, new_starts.gather(-1, k_labels) + rank_in_cluster, positions)
-    return keep.gather(-1, clusters[:, None, :].expand_as(keep)), new_sizes, new_order
+    kept_keys = (keep * k_sizes[..., None, :]).sum(dim=-1)
+    return keep.gather(-1, clusters[:, None, :].expand_as(keep)), new_sizes, new_order, kept_keys
 
 
 @dataclass
@@ -259,7 +269,13 @@ class LayerCentroids:
 class SparseVideoGen2(BlockSparseMethod):
     """Sparse VideoGen2: k-means on Q and K, cluster permutation, top-p key clusters with a floor."""
 
-    kernel_variables = (kmeans_kernels.BACKEND_ENV, kmeans_kernels.VARIANT_ENV, ranked.BACKEND_ENV, permute.BACKEND_ENV)
+    kernel_variables = (
+        kmeans_kernels.BACKEND_ENV,
+        kmeans_kernels.VARIANT_ENV,
+        ranked.BACKEND_ENV,
+        permute.BACKEND_ENV,
+        popularity.BACKEND_ENV,
+    )
     capabilities = Capabilities(
         sparsity="dynamic",
         data_dependent=True,
@@ -351,7 +367,7 @@ class SparseVideoGen2(BlockSparseMethod):
             keep = select_by_cumulative_mass(mass, self.top_p, min_keep=math.floor(self.min_kc_ratio * k_count))
         else:
             keep = select_by_cost_budget(mass, k_sizes[:, None, :], self.fixed_density)
-        keep, k_sizes, k_order = by_popularity(keep, q_sizes, k_sizes, k_labels, k_order)
+        keep, k_sizes, k_order, kept_keys = by_popularity(keep, q_sizes, k_sizes, k_labels, k_order)
 
         shape = (batch, heads)
         q_order, k_order = q_order.view(*shape, tokens), k_order.view(*shape, tokens)
@@ -363,6 +379,5 @@ class SparseVideoGen2(BlockSparseMethod):
         # Kept entries: the kept key tokens of each query cluster (int64), times its tokens, summed in float64. Every
         # partial sum is an integer below 2^53 (at most B H N^2), so this is exactly the float64 sum of the pairs'
         # token products, without building them as a (B, H, Cq, Ck) float64 table.
-        kept_keys = (keep * k_sizes[..., None, :]).sum(dim=-1)
-        density = (kept_keys * q_sizes).sum(dtype=torch.float64) / (batch * heads * tokens**2)
+        density = (kept_keys.view(*shape, q_count) * q_sizes).sum(dtype=torch.float64) / (batch * heads * tokens**2)
         return SparsePlan(pattern, q_order=q_order, kv_order=k_order, density=density)

@@ -22,13 +22,14 @@ from methods.kernels import (
     linear_attention_triton,
     on_input_device,
     permute_triton,
+    popularity_triton,
     ranked_selection_triton,
     sla_linear_triton,
     xattn_scoring_triton,
 )
 
 KERNEL_MODULES = (linear_attention_triton, kmeans_triton, xattn_scoring_triton, ranked_selection_triton,
-                  sla_linear_triton, permute_triton)  # fmt: skip
+                  sla_linear_triton, permute_triton, popularity_triton)  # fmt: skip
 
 
 def _ops(module: ModuleType) -> list[CustomOpDef]:
@@ -138,8 +139,8 @@ def test_kernels_run_on_a_gpu_that_is_not_current() -> None:
 
 def test_methods_name_the_kernel_variables_their_calls_read() -> None:
     """What a finished run is checked against (bench run refuses one made with other values of these): xattn its
-    scoring's and the ranked selection's, svg its permutation's, svg2 its k-means', the ranked selection's and the
-    permutation's, the linear methods the fused
+    scoring's and the ranked selection's, svg its permutation's, svg2 its k-means', the ranked selection's, the
+    permutation's and the popularity order's, the linear methods the fused
     kernel's, SLA its linear branch's, LinVideo its own and its softmax method's; every one a declared kernel
     choice."""
     from methods import METHODS, build_method
@@ -151,7 +152,7 @@ def test_methods_name_the_kernel_variables_their_calls_read() -> None:
     mixed = build_method("linvideo", softmax_method="svg2")
     assert mixed.kernel_variables_used == (linear_attention_triton.BACKEND_ENV, kmeans_triton.BACKEND_ENV,
                                            kmeans_triton.VARIANT_ENV, ranked_selection_triton.BACKEND_ENV,
-                                           permute_triton.BACKEND_ENV)  # fmt: skip
+                                           permute_triton.BACKEND_ENV, popularity_triton.BACKEND_ENV)  # fmt: skip
     assert build_method("svg").kernel_variables_used == (permute_triton.BACKEND_ENV,)
     assert build_method("sla").kernel_variables_used == (sla_linear_triton.BACKEND_ENV,)
     assert build_method("sdpa").kernel_variables_used == ()

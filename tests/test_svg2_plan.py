@@ -44,9 +44,9 @@ def tile_reductions(mask: torch.Tensor, block: int) -> tuple[torch.Tensor, torch
 
 
 def in_label_order(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, k_labels: torch.Tensor,
-                   k_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                   k_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`methods.svg2.by_popularity`'s place taken by the key clusters in label order (k-means's own)."""
-    return keep, k_sizes, k_order
+    return keep, k_sizes, k_order, (keep * k_sizes[..., None, :]).sum(dim=-1)
 
 
 def cluster(method: SparseVideoGen2, x: torch.Tensor, count: int,

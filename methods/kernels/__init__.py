@@ -1,7 +1,8 @@
 """Attention kernels shared by methods: linear attention and its feature maps (``linear_attention``),
 block-sparse attention on FlexAttention with its masked dense equivalent (``block_sparse``) and its backends
 (``sparse_backends``), and the Triton kernels (``linear_attention_triton``, ``xattn_scoring_triton``, ``kmeans_triton``,
-``variable_blocks_triton``, ``ranked_selection_triton``, ``sla_linear_triton``, ``permute_triton``), each entered
+``variable_blocks_triton``, ``ranked_selection_triton``, ``sla_linear_triton``, ``permute_triton``,
+``popularity_triton``), each entered
 through a ``torch.library`` custom op in :data:`OP_NAMESPACE` so that torch.compile treats the launch code as one
 opaque call (but ``attention_states``' merge, a plain function: only the eager-only flashinfer-split backend calls
 it), and chosen over its torch path by :func:`use_kernel`; :func:`kernel_op` registers such an op, launched on its
@@ -35,6 +36,7 @@ CHOICE_MODULES = (
     "ranked_selection_triton",
     "sla_linear_triton",
     "permute_triton",
+    "popularity_triton",
 )
 
 
