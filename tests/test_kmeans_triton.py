@@ -404,7 +404,8 @@ def test_the_kernels_return_the_stable_order_of_their_last_labels(update: str) -
      (2, 1000, 37, {"block": 64, "cluster_tile": 16}),  # C not a power of two over three cluster tiles, 16 blocks
      (2, 128, 300, {"block": 32, "cluster_tile": 64}),  # more clusters than tokens (most empty), N a multiple
      (1, 5, 1, {"block": 16, "cluster_tile": 16}),  # C = 1, fewer tokens than a block
-     (2, 2000, 1000, {})],  # the GPU's block and cluster tile: two blocks (the second ragged), four tiles
+     (2, 2000, 1000, {}),  # the GPU's block and cluster tile: two blocks (the second ragged), four tiles
+     (2, 3000, 100, {"block": 8, "cluster_tile": 16})],  # 375 blocks: the scan in 7 tiles of 16 clusters, ragged
 )  # fmt: skip
 def test_counting_sort_is_the_stable_sort_and_its_cluster_bounds(
     groups: int, tokens: int, clusters: int, tiles: dict[str, int]

@@ -45,9 +45,10 @@ The counting sort, three launches and no host sync, for labels ``(G, N)`` int32 
 
 1. :func:`_block_histograms`, per (block, group): the block's label counts ``(G, B, C)`` int32 (``tl.histogram``
    over tiles of :data:`SORT_CLUSTER_TILE` clusters);
-2. :func:`_cluster_offsets`, per group: an exclusive scan of the counts, cluster-major (cluster 0's tokens block by
-   block, then cluster 1's, ...): the bounds ``(G, C + 1)`` int64 and, in the counts' place, each (block, cluster)'s
-   first position in the order less the block's tokens of lower clusters;
+2. :func:`_cluster_offsets`, per (tile of clusters, group): an exclusive scan of the counts, cluster-major
+   (cluster 0's tokens block by block, then cluster 1's, ...), each tile starting from the sum of the tiles before
+   it: the bounds ``(G, C + 1)`` int64 and, beside the counts, each (block, cluster)'s first position in the order
+   less the block's tokens of lower clusters;
 3. :func:`_scatter_order`, per (block, group): the block's keys ``label << log2(SORT_BLOCK) | index`` sorted on
    chip (:func:`_sort_keys`, a bitonic network), so that a token's position i in its sorted block is its block's
    tokens of lower clusters plus its rank among its own cluster's; it goes to ``order[offset + i]``.
@@ -69,14 +70,14 @@ assignment at Wan 1.3B with 1,000 key clusters in 128-token tiles. The earlier k
 instead (twice the bytes, transposed by address, squared and converted per program) and took 1.25 ms on an H200 for
 a selection's four warm assignments (~210 TFLOP/s). The prepared buffers take ``G CP (2 BLOCK_D + 4)`` bytes; both
 updates write O(N + C D), the prepared copy included. The counting sort reads the labels twice (``8 N`` bytes), writes
-and rewrites the ``4 B C`` bytes of counts and writes the ``8 N`` bytes of order: at Wan 1.3B with 1,000 key
+the ``4 B C`` bytes of counts and of offsets and the ``8 N`` bytes of order: at Wan 1.3B with 1,000 key
 clusters (B = 32) about 3.1 MB each over the 12 heads. Its work: per cluster tile and 32 labels, log2(tile) warp
 ballots and tile / 32 popcounts a lane in the histogram; per block 55 compare-exchange steps on 1,024 keys (log2
-1024 (log2 1024 + 1) / 2; the steps between warps through shared memory); per group a scan whose ceil(C / tile)
-tiles run one after another in one program (the least parallel launch: 12 programs at Wan 1.3B). On an H200 at Wan
-1.3B svg2's four warm sorts took 0.158 ms of device time (histograms 0.025, scans 0.048, scatters 0.085), and at
-14B 0.748 ms (reports/gpu/h200/run_5ce9330/); the orders equalled torch's stable sort's in every configuration
-check.
+1024 (log2 1024 + 1) / 2; the steps between warps through shared memory); per tile of clusters a scan, after the sums
+of the earlier tiles' counts. On an H200 at Wan 1.3B svg2's four warm sorts took 0.158 ms of device time (histograms
+0.025, scatters 0.085, scans 0.048 when one program per group ran every tile of its group after another: 12
+programs), and at 14B 0.748 ms (reports/gpu/h200/run_5ce9330/); the orders equalled torch's stable sort's in every
+configuration check.
 
 The loop is one ``torch.library`` custom op, :func:`kmeans_lloyd` (``attention_bench::``, inference only), so
 torch.compile sees one opaque call with fake outputs of the right shapes and never traces the autotuner.
@@ -366,31 +367,34 @@ def _block_histograms(labels_ptr, counts_ptr, N, C, blocks, BLOCK: tl.constexpr,
 
 
 @triton_jit
-def _cluster_offsets(counts_ptr, bounds_ptr, C, blocks, BLOCKS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (group g): from the block counts ``(G, blocks, C)`` int32 of :func:`_block_histograms`, ``bounds[g,
-    j]`` (G, C + 1) int64, where cluster j starts in the group's order (the tokens of every cluster before it), and,
-    in place of the counts, ``offset[g, b, j] = bounds[g, j] + (tokens of cluster j in blocks before b) - (tokens of
+def _cluster_offsets(counts_ptr, offsets_ptr, bounds_ptr, C, blocks, BLOCKS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (cluster tile t, group g), clusters ``[t BLOCK_C, (t + 1) BLOCK_C)``: from the block counts ``(G,
+    blocks, C)`` int32 of :func:`_block_histograms`, ``bounds[g, j]`` (G, C + 1) int64, where cluster j starts in the
+    group's order (the tokens of every cluster before it; the last tile also writes ``bounds[g, C]``, N), and
+    ``offsets[g, b, j]`` (G, blocks, C) int32, ``bounds[g, j] + (tokens of cluster j in blocks before b) - (tokens of
     block b in clusters before j)``: a token of block b with label j that sorts to position i among its block's
     tokens (by label, then index) goes to position ``offset + i`` of the order. BLOCKS is ``blocks`` rounded up to a
-    power of two (the tile's rows); the clusters in tiles of BLOCK_C."""
-    g = tl.program_id(0).to(tl.int64)
+    power of two (the tile's rows). The program first sums the counts of the clusters before its tile (plain sums,
+    no scan), so that the tiles of a group scan at once, not one after another."""
+    tile, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = tl.arange(0, BLOCKS)
-    base = counts_ptr + g * blocks * C + rows[:, None] * C
-    before = tl.zeros((), dtype=tl.int32)  # tokens of the clusters before the tile
-    row_before = tl.zeros((BLOCKS,), dtype=tl.int32)  # the same, per block
-    for start in range(0, C, BLOCK_C):
+    base = g * blocks * C + rows[:, None] * C
+    row_before = tl.zeros((BLOCKS,), dtype=tl.int32)  # tokens of each block in the clusters before the tile
+    for start in range(0, tile * BLOCK_C, BLOCK_C):
         ids = start + tl.arange(0, BLOCK_C)
-        mask = (rows < blocks)[:, None] & (ids < C)[None, :]
-        counts = tl.load(base + ids[None, :], mask=mask, other=0)
-        totals = tl.sum(counts, axis=0)
-        first = before + tl.cumsum(totals, axis=0) - totals
-        earlier_blocks = tl.cumsum(counts, axis=0) - counts
-        earlier_clusters = row_before[:, None] + tl.cumsum(counts, axis=1) - counts
-        tl.store(base + ids[None, :], first[None, :] + earlier_blocks - earlier_clusters, mask=mask)
-        tl.store(bounds_ptr + g * (C + 1) + ids, first.to(tl.int64), mask=ids < C)
-        before += tl.sum(totals, axis=0)
+        counts = tl.load(counts_ptr + base + ids[None, :], mask=(rows < blocks)[:, None], other=0)  # ids < C here
         row_before += tl.sum(counts, axis=1)
-    tl.store(bounds_ptr + g * (C + 1) + C, before.to(tl.int64))  # N: every label is below C
+    ids = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < blocks)[:, None] & (ids < C)[None, :]
+    counts = tl.load(counts_ptr + base + ids[None, :], mask=mask, other=0)
+    totals = tl.sum(counts, axis=0)
+    first = tl.sum(row_before, axis=0) + tl.cumsum(totals, axis=0) - totals
+    earlier_blocks = tl.cumsum(counts, axis=0) - counts
+    earlier_clusters = row_before[:, None] + tl.cumsum(counts, axis=1) - counts
+    tl.store(offsets_ptr + base + ids[None, :], first[None, :] + earlier_blocks - earlier_clusters, mask=mask)
+    tl.store(bounds_ptr + g * (C + 1) + ids, first.to(tl.int64), mask=ids < C)
+    if tile == tl.num_programs(0) - 1:  # N: every label is below C
+        tl.store(bounds_ptr + g * (C + 1) + C, (tl.sum(row_before, axis=0) + tl.sum(totals, axis=0)).to(tl.int64))
 
 
 @triton_jit
@@ -520,9 +524,9 @@ def counting_sort(labels: torch.Tensor, clusters: int, block: int = SORT_BLOCK,
     ``(G, C + 1)`` int64 (cluster j is ``order[g, bounds[g, j]:bounds[g, j + 1]]``; ``bounds[g, C] = N``).
 
     :func:`_block_histograms` counts each block of ``block`` tokens' labels (tiles of ``cluster_tile`` clusters),
-    :func:`_cluster_offsets` scans the counts per group (cluster-major: cluster 0 over the blocks in order, then
-    cluster 1, ...), :func:`_scatter_order` sorts each block's keys and writes each token at its cluster's offset
-    plus its rank. ``block`` (at least 2) and ``cluster_tile`` are powers of two (the defaults for a GPU; tests take
+    :func:`_cluster_offsets` scans the counts per tile of clusters (cluster-major: cluster 0 over the blocks in
+    order, then cluster 1, ...), :func:`_scatter_order` sorts each block's keys and writes each token at its
+    cluster's offset plus its rank. ``block`` (at least 2) and ``cluster_tile`` are powers of two (the defaults for a GPU; tests take
     smaller ones for several blocks and tiles at small sizes).
 
     Raises:
@@ -542,17 +546,20 @@ def counting_sort(labels: torch.Tensor, clusters: int, block: int = SORT_BLOCK,
         )
     blocks = triton.cdiv(tokens, block)
     padded_blocks = triton.next_power_of_2(blocks)
-    # The counts, then the scan's offsets in their place (each tile read, then rewritten by one program).
+    # The counts, then the scan's offsets beside them (a tile's counts are read by every later tile's program).
     counts = torch.empty(groups, blocks, clusters, device=labels.device, dtype=torch.int32)
+    offsets = torch.empty_like(counts)
     order = torch.empty(groups, tokens, device=labels.device, dtype=torch.int64)
     bounds = torch.empty(groups, clusters + 1, device=labels.device, dtype=torch.int64)
     _block_histograms[(blocks, groups)](labels, counts, tokens, clusters, blocks, BLOCK=block, BLOCK_C=cluster_tile,
                                         num_warps=SORT_WARPS)  # fmt: skip
     # At least 16 clusters a tile: past 256 padded blocks (N > 262,144 tokens at blocks of 1,024) the tile outgrows
     # SCAN_TILE (spills, from 512) rather than shrinking to slivers.
-    _cluster_offsets[(groups,)](counts, bounds, clusters, blocks, BLOCKS=padded_blocks,
-                                BLOCK_C=max(16, SCAN_TILE // padded_blocks), num_warps=SCAN_WARPS)  # fmt: skip
-    _scatter_order[(blocks, groups)](labels, counts, order, tokens, clusters, blocks, BLOCK=block,
+    scan_tile = max(16, SCAN_TILE // padded_blocks)
+    _cluster_offsets[(triton.cdiv(clusters, scan_tile), groups)](counts, offsets, bounds, clusters, blocks,
+                                                                 BLOCKS=padded_blocks, BLOCK_C=scan_tile,
+                                                                 num_warps=SCAN_WARPS)  # fmt: skip
+    _scatter_order[(blocks, groups)](labels, offsets, order, tokens, clusters, blocks, BLOCK=block,
                                      LOG_BLOCK=log_block, num_warps=SORT_WARPS)  # fmt: skip
     return order, bounds
 
@@ -663,7 +670,7 @@ def kmeans_lloyd_pair(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
     :func:`kmeans_lloyd` returns for it alone (the same launches, in the same order per stream).
 
     Why: each run is a chain of launches that depend on each other, many too small to fill the GPU (a histogram
-    and a scatter of 32 programs per head, a scan of one program per head, an update of C / 16 programs per head),
+    and a scatter of 32 programs per head, a scan of C / 128 programs per head, an update of C / 16 per head),
     so one chain's small launches leave SMs idle that the other chain's assignments can take. Under the interpreter
     (CPU tensors) the two run one after the other. Raises as :func:`kmeans_lloyd`."""
     if x.device.type != "cuda":
