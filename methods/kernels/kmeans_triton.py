@@ -526,8 +526,8 @@ def counting_sort(labels: torch.Tensor, clusters: int, block: int = SORT_BLOCK,
     :func:`_block_histograms` counts each block of ``block`` tokens' labels (tiles of ``cluster_tile`` clusters),
     :func:`_cluster_offsets` scans the counts per tile of clusters (cluster-major: cluster 0 over the blocks in
     order, then cluster 1, ...), :func:`_scatter_order` sorts each block's keys and writes each token at its
-    cluster's offset plus its rank. ``block`` (at least 2) and ``cluster_tile`` are powers of two (the defaults for a GPU; tests take
-    smaller ones for several blocks and tiles at small sizes).
+    cluster's offset plus its rank. ``block`` (at least 2) and ``cluster_tile`` are powers of two (the defaults
+    for a GPU; tests take smaller ones for several blocks and tiles at small sizes).
 
     Raises:
         ValueError: ``block`` or ``cluster_tile`` not a power of two, ``block`` below 2, or ``clusters`` too many
