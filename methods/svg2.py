@@ -59,14 +59,7 @@ from methods.kernels.block_sparse import (
     select_by_cost_budget,
     select_by_cumulative_mass,
 )
-from methods.kernels.kmeans_triton import (
-    BACKEND_NOTE,
-    chosen_variant,
-    kmeans_lloyd,
-    kmeans_lloyd_pair,
-    sort_labels,
-    use_fused,
-)
+from methods.kernels.kmeans_triton import BACKEND_NOTE, chosen_variant, kmeans_lloyd, sort_labels, use_fused
 from methods.params import Param
 from methods.sparse import BlockSparseMethod, CounterDraws, SparsePlan, block_sparse_parameters
 
@@ -127,25 +120,6 @@ def kmeans(x: torch.Tensor, clusters: int, iterations: int, init: torch.Tensor |
     if use_fused(x, backend):
         return kmeans_lloyd(x, init, iterations, update)
     return lloyd(x, init, iterations)
-
-
-KmeansResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def kmeans_both(first: tuple[torch.Tensor, torch.Tensor, int], second: tuple[torch.Tensor, torch.Tensor, int],
-                backend: str | None = None,
-                update: str | None = None) -> tuple[KmeansResult, KmeansResult]:  # fmt: skip
-    """:func:`kmeans` of two point sets, each ``(x (G, N, D), starting centroids (G, C, D) fp32, iterations)``
-    (svg2's queries and keys): at once on one GPU (:func:`~methods.kernels.kmeans_triton.kmeans_lloyd_pair`: the
-    first on a side stream) where the kernels run both, else one after the other; each result as :func:`kmeans`
-    returns it for that set alone. ``backend`` and ``update`` as there."""
-    update = chosen_variant(update)
-    (x, init, iterations), (y, y_init, y_iterations) = first, second
-    if use_fused(x, backend) and use_fused(y, backend) and x.device == y.device:
-        out = kmeans_lloyd_pair(x, init, iterations, y, y_init, y_iterations, update)
-        return out[:4], out[4:]
-    return (kmeans(x, init.shape[1], iterations, init, None, backend, update),
-            kmeans(y, y_init.shape[1], y_iterations, y_init, None, backend, update))  # fmt: skip
 
 
 def lloyd(x: torch.Tensor, centroids: torch.Tensor,
@@ -342,24 +316,25 @@ class SparseVideoGen2(BlockSparseMethod):
         self._clusters_used[tokens] = used
         return used
 
-    def _start(self, x: torch.Tensor, count: int,
-               cached: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
-        """k-means' points, starting centroids and iterations for ``x`` (B, H, N, D) per head (``B * H`` groups):
-        warm-started from ``cached`` when its shape fits, else from ``count`` random tokens per group."""
+    def _cluster(
+        self, x: torch.Tensor, count: int, cached: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k-means of ``x`` (B, H, N, D) per head, warm-started from ``cached`` when its shape fits (:func:`kmeans`'s
+        returns, per ``B * H`` group)."""
         flat = x.flatten(0, 1)
         groups, tokens, dim = flat.shape
         warm = cached is not None and cached.shape == (groups, count, dim)
         if not warm:  # C random tokens per group, drawn in the graph where compiled
             cached = starting_centroids(flat, self.draws.randint(tokens, (groups, count), x.device))
-        return flat, cached, self.kmeans_step_iters if warm else self.kmeans_init_iters
+        iterations = self.kmeans_step_iters if warm else self.kmeans_init_iters
+        return kmeans(flat, count, iterations, cached, None)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> SparsePlan:
         batch, heads, tokens, _ = q.shape
         q_count, k_count = self.clusters(tokens)
         cached = self.route(ctx) if ctx.route is None else ctx.route
-        (_, q_centroids, q_sizes, q_order), (k_labels, k_centroids, k_sizes, k_order) = kmeans_both(
-            self._start(q, q_count, cached.q), self._start(k, k_count, cached.k)
-        )
+        _, q_centroids, q_sizes, q_order = self._cluster(q, q_count, cached.q)
+        k_labels, k_centroids, k_sizes, k_order = self._cluster(k, k_count, cached.k)
         cached.q, cached.k = q_centroids, k_centroids
 
         mass = cluster_mass(q_centroids, k_centroids, k_sizes)

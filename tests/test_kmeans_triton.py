@@ -307,42 +307,6 @@ def test_compiled_kmeans_equals_eager(update: str) -> None:
 
 
 @needs_kernel
-@every_variant
-def test_the_pair_op_gives_each_run_alone(update: str) -> None:
-    """kmeans_lloyd_pair (the first run on a side stream on CUDA) returns, for each of two point sets with their own
-    cluster counts and iterations, exactly what kmeans_lloyd returns for it alone, the side stream's outputs usable
-    on the current stream after it."""
-    x, init, _ = separated(2, 5, 90, 16)
-    y, y_init, _ = separated(2, 7, 60, 32)
-    pair = fused.kmeans_lloyd_pair(x, init, 3, y, y_init, 2, update)
-    alone = (*fused.kmeans_lloyd(x, init, 3, update), *fused.kmeans_lloyd(y, y_init, 2, update))
-    assert all(torch.equal(a, b) for a, b in zip(pair, alone, strict=True))
-    assert torch.equal(pair[2].sum(dim=1), torch.full((2,), 90, device=DEVICE))  # x's sizes, read after the join
-
-
-@needs_kernel
-def test_kmeans_both_takes_the_pair_op_or_each_path() -> None:
-    """svg2's kmeans_both equals two kmeans calls on the kernels (through the pair op) and on the torch path."""
-    from methods.svg2 import kmeans_both
-
-    x, init, _ = separated(2, 5, 90, 16)
-    y, y_init, _ = separated(2, 7, 60, 16)
-    for backend in ("triton", "torch"):
-        both = kmeans_both((x, init, 2), (y, y_init, 1), backend=backend)
-        alone = (kmeans(x, 5, 2, init, None, backend), kmeans(y, 7, 1, y_init, None, backend))
-        assert all(torch.equal(a, b) for got, want in zip(both, alone, strict=True)
-                   for a, b in zip(got, want, strict=True))  # fmt: skip
-
-
-@needs_kernel
-def test_pair_op_passes_opcheck() -> None:
-    """The pair op's schema, fake outputs and AOT dispatch agree with its launches."""
-    x, init, _ = separated(2, 5, 40, 16)
-    y, y_init, _ = separated(2, 3, 30, 16)
-    torch.library.opcheck(fused.kmeans_lloyd_pair, (x, init, 2, y, y_init, 1))
-
-
-@needs_kernel
 def test_sorted_update_gives_the_onehot_labels_and_the_float64_means() -> None:
     """Random overlapping points from random tokens and far centroids (which stay empty), one iteration: the sorted
     update's labels and sizes equal the one-hot update's, sizes are the labels' counts, centroids within

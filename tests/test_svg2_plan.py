@@ -49,16 +49,6 @@ def in_label_order(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Ten
     return keep, k_sizes, k_order, (keep * k_sizes[..., None, :]).sum(dim=-1)
 
 
-def cluster(method: SparseVideoGen2, x: torch.Tensor, count: int,
-            cached: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One k-means of ``x`` (B, H, N, D) alone, started as ``method``'s plan starts it: labels and centroids."""
-    from methods import svg2
-
-    points, start, iterations = method._start(x, count, cached)
-    labels, centroids, _, _ = svg2.kmeans(points, count, iterations, start, None)
-    return labels, centroids
-
-
 @pytest.mark.parametrize("params", [{}, {"fixed_density": 0.3}], ids=["top-p", "fixed-density"])
 def test_the_plan_matches_its_token_mask(params: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """On random q and k, a cold call (k-means from random tokens) and a warm one (from the cached centroids), key
@@ -75,8 +65,8 @@ def test_the_plan_matches_its_token_mask(params: dict[str, Any], monkeypatch: py
         q, k, v = (torch.randn(1, 2, GRID.tokens, 16, generator=generator) for _ in range(3))
         plan = method.plan(q, k, v, context(step))
         cached = reference.route(context(step))
-        q_labels, cached.q = cluster(reference, q, method.clusters(GRID.tokens)[0], cached.q)
-        k_labels, cached.k = cluster(reference, k, method.clusters(GRID.tokens)[1], cached.k)
+        q_labels, cached.q, _, _ = reference._cluster(q, method.clusters(GRID.tokens)[0], cached.q)
+        k_labels, cached.k, _, _ = reference._cluster(k, method.clusters(GRID.tokens)[1], cached.k)
         q_labels, k_labels = q_labels.view(1, 2, -1), k_labels.view(1, 2, -1)
         assert torch.equal(plan.q_order, q_labels.sort(dim=-1, stable=True).indices)
         assert torch.equal(plan.kv_order, k_labels.sort(dim=-1, stable=True).indices)

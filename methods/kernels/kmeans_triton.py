@@ -89,7 +89,6 @@ contiguous last axis; centroids ``(G, C, D)`` float32. Returns labels ``(G, N)``
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -603,9 +602,23 @@ UPDATE_STEPS: dict[str, Callable[..., torch.Tensor | None]] = {"onehot": _update
 TUNERS = {"onehot": _update, "sorted": _update_sorted}
 
 
-def _lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
-           update: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """:func:`kmeans_lloyd`'s launches (its arguments and returns), on the current stream."""
+@kernel_op("kmeans_lloyd")
+def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, update: str = DEFAULT_VARIANT
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``iterations`` (>= 1) Lloyd iterations from ``centroids`` ``(G, C, D)`` fp32 on points x ``(G, N, D)`` (any
+    strides), with the update step ``update`` (one of :data:`VARIANTS`; same results up to the fp32 sums' order for
+    finite points: a non-finite point makes NaN every centroid its program multiplies it into, its window of
+    clusters in the sorted update and its cluster tile in the one-hot one, its own cluster in the torch path), as
+    one op opaque to torch.compile (Dynamo does not trace the autotuner's Python): labels of the last assignment
+    ``(G, N)`` int64, the means of those labels ``(G, C, D)`` fp32 (an empty cluster keeps its centroid), cluster
+    sizes ``(G, C)`` int64 and the order ``(G, N)`` int64 that sorts those labels stably per group (the sorted
+    update's last sort, else one sort after the iterations), each in memory of its own. The caller checks
+    :func:`unsupported_reason` first (:func:`use_fused` does). Inference only: no autograd is registered.
+
+    Raises:
+        ValueError: iterations < 1, or 2^20 clusters or more (the counting sort's keys, :func:`counting_sort`).
+        HarnessError: an unknown update step.
+    """
     if iterations < 1:
         raise ValueError(f"k-means needs iterations >= 1, got {iterations}")
     update_step = UPDATE_STEPS[chosen_variant(update)]
@@ -633,60 +646,6 @@ def _lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int,
     return labels.long(), centroids, sizes, order
 
 
-@kernel_op("kmeans_lloyd")
-def kmeans_lloyd(x: torch.Tensor, centroids: torch.Tensor, iterations: int, update: str = DEFAULT_VARIANT
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``iterations`` (>= 1) Lloyd iterations from ``centroids`` ``(G, C, D)`` fp32 on points x ``(G, N, D)`` (any
-    strides), with the update step ``update`` (one of :data:`VARIANTS`; same results up to the fp32 sums' order for
-    finite points: a non-finite point makes NaN every centroid its program multiplies it into, its window of
-    clusters in the sorted update and its cluster tile in the one-hot one, its own cluster in the torch path), as
-    one op opaque to torch.compile (Dynamo does not trace the autotuner's Python): labels of the last assignment
-    ``(G, N)`` int64, the means of those labels ``(G, C, D)`` fp32 (an empty cluster keeps its centroid), cluster
-    sizes ``(G, C)`` int64 and the order ``(G, N)`` int64 that sorts those labels stably per group (the sorted
-    update's last sort, else one sort after the iterations), each in memory of its own. The caller checks
-    :func:`unsupported_reason` first (:func:`use_fused` does). Inference only: no autograd is registered.
-
-    Raises:
-        ValueError: iterations < 1, or 2^20 clusters or more (the counting sort's keys, :func:`counting_sort`).
-        HarnessError: an unknown update step.
-    """
-    return _lloyd(x, centroids, iterations, update)
-
-
-@functools.cache
-def _side_stream(device: int) -> torch.cuda.Stream:
-    """The stream :func:`kmeans_lloyd_pair` runs its first k-means on, one per CUDA device, made once."""
-    return torch.cuda.Stream(device)
-
-
-@kernel_op("kmeans_lloyd_pair")
-def kmeans_lloyd_pair(x: torch.Tensor, centroids: torch.Tensor, iterations: int, y: torch.Tensor,
-                      y_centroids: torch.Tensor, y_iterations: int, update: str = DEFAULT_VARIANT
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Two independent :func:`kmeans_lloyd` runs (svg2's queries and keys), ``x`` from ``centroids`` and ``y`` from
-    ``y_centroids``, at once on one GPU: x's on a side stream that waits for the work already queued, y's on the
-    current one, which then waits for the side stream. Returns x's four outputs then y's, each exactly what
-    :func:`kmeans_lloyd` returns for it alone (the same launches, in the same order per stream).
-
-    Why: each run is a chain of launches that depend on each other, many too small to fill the GPU (a histogram
-    and a scatter of 32 programs per head, a scan of C / 128 programs per head, an update of C / 16 per head),
-    so one chain's small launches leave SMs idle that the other chain's assignments can take. Under the interpreter
-    (CPU tensors) the two run one after the other. Raises as :func:`kmeans_lloyd`."""
-    if x.device.type != "cuda":
-        return (*_lloyd(x, centroids, iterations, update), *_lloyd(y, y_centroids, y_iterations, update))
-    main = torch.cuda.current_stream(x.device)
-    side = _side_stream(x.device.index)
-    side.wait_stream(main)  # x, its centroids and everything queued before are ready
-    with torch.cuda.stream(side):
-        first = _lloyd(x, centroids, iterations, update)
-    second = _lloyd(y, y_centroids, y_iterations, update)
-    main.wait_stream(side)
-    for out in first:  # made on the side stream, used and freed on the main one
-        out.record_stream(main)
-    return (*first, *second)
-
-
 @kmeans_lloyd.register_fake
 def _(x: torch.Tensor, centroids: torch.Tensor, iterations: int, update: str = DEFAULT_VARIANT
       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -694,11 +653,3 @@ def _(x: torch.Tensor, centroids: torch.Tensor, iterations: int, update: str = D
     return (x.new_empty((groups, tokens), dtype=torch.int64), centroids.new_empty(centroids.shape, dtype=torch.float32),
             x.new_empty((groups, centroids.shape[1]), dtype=torch.int64),
             x.new_empty((groups, tokens), dtype=torch.int64))  # fmt: skip
-
-
-@kmeans_lloyd_pair.register_fake
-def _(x: torch.Tensor, centroids: torch.Tensor, iterations: int, y: torch.Tensor, y_centroids: torch.Tensor,
-      y_iterations: int, update: str = DEFAULT_VARIANT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                             torch.Tensor, torch.Tensor, torch.Tensor,
-                                                             torch.Tensor]:  # fmt: skip
-    return (*kmeans_lloyd(x, centroids, iterations, update), *kmeans_lloyd(y, y_centroids, y_iterations, update))
