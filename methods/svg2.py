@@ -205,7 +205,7 @@ def by_popularity(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tens
     clusters keep next to each other, so that whole tiles of the key sequence hold mostly kept keys
     (triton-variable's key tiles, Flex's 128-tiles).
 
-    On CUDA the Triton kernels (:mod:`methods.kernels.popularity_triton`, three launches) compute it unless
+    On CUDA the Triton kernels (:mod:`methods.kernels.popularity_triton`, five launches) compute it unless
     ``$BENCH_POPULARITY_BACKEND`` is ``torch``; this torch path is the CPU path and their reference.
 
     Args:

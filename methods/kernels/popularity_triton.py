@@ -1,4 +1,4 @@
-"""SVG2's key clusters put in order of popularity on CUDA in Triton: three launches where torch takes about twenty.
+"""SVG2's key clusters put in order of popularity on CUDA in Triton: five launches where torch takes about twenty.
 
 Computes what :func:`methods.svg2.by_popularity` computes in torch (its torch path, the CPU path and the
 reference), for kept cluster pairs ``keep (G, R, C)`` of R query and C key clusters per group (one (batch, head)
@@ -11,14 +11,15 @@ pair), query and key cluster sizes, each key's cluster and the keys' order by cl
 - the keys' new order: every cluster's tokens still consecutive and ascending, moved by its new start less its old
   one; and ``keep``'s columns in the new cluster order.
 
-:func:`_popularity`, one program per group, reads the group's ``keep`` once in tiles of ROWS query clusters (both
-sums), then ranks the C clusters on chip: one bitonic sort (:func:`methods.kernels.kmeans_triton._sort_keys`) of the
-int32 keys ``(N - popularity) << log2(C') | label`` (C' = C rounded up to a power of two; a popularity is at most N),
-and writes the new order, sizes and each cluster's old and new first positions. :func:`_move_keys`, one program per
-(tile of positions, group), moves each key of the old order to its place in the new one. ``keep``'s columns are
-gathered by torch. In torch the same is two products and sums over ``keep``, a sort, and a dozen gathers, scatters
-and running sums of sizes and orders: at Wan 1.3B (300 x 1,000 clusters, 12 heads) about 0.13 ms of an H200's
-device time in svg2's plan, and their host work (reports/gpu/h200/run_674ac94/svg2_profile.log.gz).
+:func:`_cluster_totals`, one program per (tile of query clusters, group), sums both over its rows of ``keep`` (the
+popularity by int64 atomics into zeros); :func:`_rank_clusters`, one program per group, ranks the C key clusters on
+chip: one bitonic sort (:func:`methods.kernels.kmeans_triton._sort_keys`) of the int32 keys ``(N - popularity) <<
+log2(C') | label`` (C' = C rounded up to a power of two; a popularity is at most N), and writes the new order, sizes
+and each cluster's old and new first positions; :func:`_move_keys`, one program per (tile of positions, group),
+moves each key of the old order to its place in the new one. ``keep``'s columns are gathered by torch. In torch the
+same is two products and sums over ``keep``, a sort, and a dozen gathers, scatters and running sums of sizes and
+orders: at Wan 1.3B (300 x 1,000 clusters, 12 heads) about 0.13 ms of an H200's device time in svg2's plan, and
+their host work (reports/gpu/h200/run_674ac94/svg2_profile.log.gz).
 
 Shapes: keep ``(G, R, C)`` bool, q_sizes ``(G, R)``, k_sizes ``(G, C)`` int64 (the key sizes summing to N),
 k_labels and k_order ``(G, N)`` int64. Returns keep ``(G, R, C)`` bool, k_sizes ``(G, C)``, k_order ``(G, N)`` and
@@ -47,32 +48,48 @@ kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 #: Most key clusters one program ranks on chip (a sort of this many int32 keys, over :data:`RANK_WARPS` warps).
 MAX_CLUSTERS = 4096
-#: Query clusters per tile of the popularity pass, and the program's warps (not timed one by one).
-ROWS, RANK_WARPS = 8, 4
+#: Entries of ``keep`` a program of :func:`_cluster_totals` sums (16 query clusters of 1,024 padded key clusters), and
+#: its warps; the warps of :func:`_rank_clusters`. A
+#: first version summed every query cluster of a head in one program (12 programs at Wan 1.3B): 0.20 ms on an H200,
+#: more than torch's operators (reports/gpu/h200/run_6a6c3e9/).
+TOTALS_TILE, TOTALS_WARPS, RANK_WARPS = 16384, 8, 4
+if INTERPRETED:  # tests: several tiles of query clusters at small sizes
+    TOTALS_TILE = 64
 #: Positions a program of :func:`_move_keys` moves.
 MOVE_BLOCK = 1024
 
 
 @triton_jit
-def _popularity(keep_ptr, q_sizes_ptr, k_sizes_ptr, kept_keys_ptr, clusters_ptr, new_sizes_ptr, old_starts_ptr,
-                new_starts_ptr, R, C, N, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, LOG_C: tl.constexpr):  # fmt: skip
-    """Program g: from ``keep (G, R, C)``, ``q_sizes (G, R)`` and ``k_sizes (G, C)``, the kept keys ``(G, R)`` of
-    every query cluster; the key clusters by decreasing popularity, ties by label: ``clusters[g, p]`` the one at new
-    place p and ``new_sizes[g, p]`` its size; ``old_starts[g, j]`` and ``new_starts[g, j]`` where cluster j's keys
-    start in the old and new orders (all int64). ``BLOCK_C = 2^LOG_C >= C``."""
+def _cluster_totals(keep_ptr, q_sizes_ptr, k_sizes_ptr, kept_keys_ptr, popularity_ptr, R, C, ROWS: tl.constexpr,
+                    BLOCK_C: tl.constexpr):  # fmt: skip
+    """Program (tile t of ROWS query clusters, group g): from ``keep (G, R, C)``, ``q_sizes (G, R)`` and ``k_sizes
+    (G, C)``, the kept keys ``(G, R)`` of the tile's query clusters, and their query tokens added to the popularity
+    ``(G, C)`` of each key cluster they keep (int64 atomics: integer sums, the same in any order)."""
+    tile, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    labels = tl.arange(0, BLOCK_C)
+    listed = labels < C
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    inside = rows < R
+    kept = tl.load(keep_ptr + (g * R + rows[:, None]) * C + labels[None, :], mask=inside[:, None] & listed[None, :],
+                   other=0) != 0  # fmt: skip
+    k_sizes = tl.load(k_sizes_ptr + g * C + labels, mask=listed, other=0)
+    q_sizes = tl.load(q_sizes_ptr + g * R + rows, mask=inside, other=0)
+    tl.store(kept_keys_ptr + g * R + rows, tl.sum(tl.where(kept, k_sizes[None, :], 0), axis=1), mask=inside)
+    popular = tl.sum(tl.where(kept, q_sizes[:, None], 0), axis=0)
+    tl.atomic_add(popularity_ptr + g * C + labels, popular, mask=listed & (popular > 0), sem="relaxed")
+
+
+@triton_jit
+def _rank_clusters(popularity_ptr, k_sizes_ptr, clusters_ptr, new_sizes_ptr, old_starts_ptr, new_starts_ptr, C, N,
+                   BLOCK_C: tl.constexpr, LOG_C: tl.constexpr):  # fmt: skip
+    """Program g: the key clusters by decreasing ``popularity (G, C)``, ties by label: ``clusters[g, p]`` the one
+    at new place p and ``new_sizes[g, p]`` its size; ``old_starts[g, j]`` and ``new_starts[g, j]`` where cluster
+    j's keys start in the old and new orders (all int64). ``BLOCK_C = 2^LOG_C >= C``."""
     g = tl.program_id(0).to(tl.int64)
     labels = tl.arange(0, BLOCK_C)
     listed = labels < C
+    popularity = tl.load(popularity_ptr + g * C + labels, mask=listed, other=0)
     k_sizes = tl.load(k_sizes_ptr + g * C + labels, mask=listed, other=0)
-    popularity = tl.zeros((BLOCK_C,), dtype=tl.int64)
-    for first in range(0, R, ROWS):
-        rows = first + tl.arange(0, ROWS)
-        inside = rows < R
-        kept = tl.load(keep_ptr + (g * R + rows[:, None]) * C + labels[None, :], mask=inside[:, None] & listed[None, :],
-                       other=0) != 0  # fmt: skip
-        q_sizes = tl.load(q_sizes_ptr + g * R + rows, mask=inside, other=0)
-        tl.store(kept_keys_ptr + g * R + rows, tl.sum(tl.where(kept, k_sizes[None, :], 0), axis=1), mask=inside)
-        popularity += tl.sum(tl.where(kept, q_sizes[:, None], 0), axis=0)
     # Ascending keys: the most popular first, then the lower label; the padding (N + 1) after every cluster.
     keys = (tl.where(listed, N - popularity, N + 1).to(tl.int32) << LOG_C) | labels
     clusters = _sort_keys(keys, LOG_C) & (BLOCK_C - 1)
@@ -142,10 +159,14 @@ def popularity_order(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.T
     k_labels, k_order = k_labels.contiguous(), k_order.contiguous()
     kept_keys = torch.empty(groups, rows, device=keep.device, dtype=torch.int64)
     ranked, new_sizes, old_starts, new_starts = (torch.empty_like(k_sizes) for _ in range(4))
+    popular = torch.zeros_like(k_sizes)
     padded = _padded(clusters)
-    _popularity[(groups,)](keep, q_sizes, k_sizes, kept_keys, ranked, new_sizes, old_starts, new_starts, rows,
-                           clusters, tokens, ROWS=ROWS, BLOCK_C=padded, LOG_C=padded.bit_length() - 1,
-                           num_warps=RANK_WARPS)  # fmt: skip
+    tile_rows = max(1, TOTALS_TILE // padded)
+    _cluster_totals[(triton.cdiv(rows, tile_rows), groups)](keep, q_sizes, k_sizes, kept_keys, popular, rows,
+                                                            clusters, ROWS=tile_rows, BLOCK_C=padded,
+                                                            num_warps=TOTALS_WARPS)  # fmt: skip
+    _rank_clusters[(groups,)](popular, k_sizes, ranked, new_sizes, old_starts, new_starts, clusters, tokens,
+                              BLOCK_C=padded, LOG_C=padded.bit_length() - 1, num_warps=RANK_WARPS)  # fmt: skip
     new_order = torch.empty_like(k_order)
     _move_keys[(triton.cdiv(tokens, MOVE_BLOCK), groups)](k_order, k_labels, old_starts, new_starts, new_order,
                                                            tokens, clusters, BLOCK=MOVE_BLOCK)  # fmt: skip
