@@ -341,7 +341,8 @@ class SparseVideoGen2(BlockSparseMethod):
         if self.fixed_density is None:
             keep = select_by_cumulative_mass(mass, self.top_p, min_keep=math.floor(self.min_kc_ratio * k_count))
         else:
-            keep = select_by_cost_budget(mass, k_sizes[:, None, :], self.fixed_density)
+            # int32 token counts (a row's total is N): the fused ranking sums them in int32, not float64.
+            keep = select_by_cost_budget(mass, k_sizes.to(torch.int32)[:, None, :], self.fixed_density)
         keep, k_sizes, k_order, kept_keys = by_popularity(keep, q_sizes, k_sizes, k_labels, k_order)
 
         shape = (batch, heads)

@@ -67,14 +67,17 @@ def test_cumulative_mass_of_an_empty_row_keeps_only_the_floor(monkeypatch: pytes
 @needs_kernel
 @pytest.mark.parametrize("fraction", [0.05, 0.344, 0.9])
 @pytest.mark.parametrize("layout", ["shared costs", "costs per group"])
-def test_cost_budget_matches_torch(monkeypatch: pytest.MonkeyPatch, fraction: float, layout: str) -> None:
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=["float64 sums", "int32 sums"])
+def test_cost_budget_matches_torch(monkeypatch: pytest.MonkeyPatch, fraction: float, layout: str,
+                                   dtype: torch.dtype) -> None:  # fmt: skip
     """Both budgets' layouts keep the same entries as the torch path: xattn's one row of block lengths for every
-    row, SVG2's cluster sizes per (batch x head) group ``(G, 1, C)`` broadcast over its query clusters."""
+    row, SVG2's cluster sizes per (batch x head) group ``(G, 1, C)`` broadcast over its query clusters; int64 costs
+    summed in float64, int32 ones in int32."""
     groups, rows, entries = 6, 9, 50
     scores = masses(groups, rows, entries, seed=3)
     generator = torch.Generator().manual_seed(4)
     shape = (entries,) if layout == "shared costs" else (groups, 1, entries)
-    costs = torch.randint(0, 300, shape, generator=generator).to(DEVICE)
+    costs = torch.randint(0, 300, shape, generator=generator).to(DEVICE, dtype)
     monkeypatch.setenv(kernel.BACKEND_ENV, "triton")
     kept = select_by_cost_budget(scores, costs, fraction)
     assert torch.equal(kept, torch_path(monkeypatch, select_by_cost_budget, scores, costs, fraction))
@@ -96,12 +99,15 @@ def test_cost_budget_ranks_ties_by_index_and_inf_first(monkeypatch: pytest.Monke
 
 @needs_kernel
 @pytest.mark.parametrize("fraction", [0.7, 0.9, 0.344])
-def test_an_exact_tie_at_the_budget_keeps_what_torch_keeps(monkeypatch: pytest.MonkeyPatch, fraction: float) -> None:
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=["float64 sums", "int32 sums"])
+def test_an_exact_tie_at_the_budget_keeps_what_torch_keeps(monkeypatch: pytest.MonkeyPatch, fraction: float,
+                                                           dtype: torch.dtype) -> None:  # fmt: skip
     """Equal costs (xattn's block lengths) and equal masses put the budget exactly on an entry's edge: the kernel
-    compares against the same double fraction as torch (on CUDA a float32 one kept one entry more)."""
+    compares against the same double fraction as torch (on CUDA a float32 one kept one entry more), its half entry
+    too where the costs sum in int32."""
     monkeypatch.setenv(kernel.BACKEND_ENV, "triton")
     equal = torch.ones(2, 125, device=DEVICE)
-    costs = torch.full((125,), 128, device=DEVICE)
+    costs = torch.full((125,), 128, device=DEVICE, dtype=dtype)
     for entries in (5, 125):
         scores, weights = equal[:, :entries], costs[:entries]
         kept = select_by_cost_budget(scores, weights, fraction)
@@ -172,11 +178,12 @@ def test_long_rows_keep_the_torch_cumulative_mass(monkeypatch: pytest.MonkeyPatc
 
 
 @needs_kernel
-def test_svg2_shaped_budget_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=["float64 sums", "int32 sums"])
+def test_svg2_shaped_budget_matches_torch(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     """SVG2's fixed-density call at its shapes: ``(B, H, 300, 1000)`` query- by key-cluster masses against each
     head's key-cluster sizes ``(B, H, 1, 1000)``, broadcast over its 300 query clusters (two heads: a group edge)."""
     scores = masses(1, 2, 300, 1000, seed=11)
-    sizes = torch.randint(1, 120, (1, 2, 1, 1000), generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    sizes = torch.randint(1, 120, (1, 2, 1, 1000), generator=torch.Generator().manual_seed(12)).to(DEVICE, dtype)
     monkeypatch.setenv(kernel.BACKEND_ENV, "triton")
     kept = select_by_cost_budget(scores, sizes, 0.295)
     assert torch.equal(kept, torch_path(monkeypatch, select_by_cost_budget, scores, sizes, 0.295))

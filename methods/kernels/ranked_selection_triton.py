@@ -42,8 +42,9 @@ budget ties keep what the sort kept: a zero row drops everything but the floor (
 fraction is compared as a double.
 
 Shapes: scores ``(..., n)`` float32, non-negative (``inf`` ranks first), ``n <= MAX_ENTRIES``; weights
-broadcastable to scores, any real dtype. Returns ``(..., n)`` bool. On CPU tensors under the interpreter
-(``TRITON_INTERPRET=1``, tests) as on CUDA.
+broadcastable to scores, any real dtype: int32 weights sum in int32 (the caller's promise that a row's total fits;
+a thread's adds and shuffles of one word, not a double's two), any other in float64. Returns ``(..., n)`` bool. On
+CPU tensors under the interpreter (``TRITON_INTERPRET=1``, tests) as on CUDA.
 """
 
 from __future__ import annotations
@@ -116,19 +117,21 @@ def _kept_above_last_dropped(bits, rank_index, weight, own, budget, LOG_BLOCK: t
     for step in range(LOG_BLOCK + 1):
         candidate = index | (1 << (LOG_BLOCK - step))
         own_weight = tl.sum(tl.where(rank_index == candidate - 1, tied_weight, 0), 0)  # one entry's, exact
-        counted = above + tl.sum(tl.where(rank_index >= candidate, tied_weight, 0), 0) + own * own_weight
+        counted = (above + tl.sum(tl.where(rank_index >= candidate, tied_weight, 0), 0)).to(tl.float64)
+        counted += own * own_weight.to(tl.float64)
         index = tl.where(counted < budget, index, candidate)
     return (bits > score_bits) | (tied & (rank_index >= index))
 
 
 @triton_jit
 def _ranked_prefix(scores_ptr, weights_ptr, keep_ptr, n, inner, wsp, wsq, wsn, fraction_bits, own, min_keep,
-                   BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):  # fmt: skip
+                   BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr, INT_WEIGHTS: tl.constexpr):  # fmt: skip
     """Program ``row``: the kept entries of ``scores[row, :n]`` (contiguous rows) into ``keep[row]``, counting
     ``own`` (0 or 1/2) of each entry's weight against the budget ``fraction x total``, the fraction passed as the
     int64 bits of its double (Triton passes a Python float as float32: at an exact tie, equal costs summing to the
     budget, the rounded fraction kept one entry more than torch); the weights of row ``row = p * inner + q`` are at
-    ``weights_ptr + p wsp + q wsq + j wsn`` (broadcast rows have stride 0). ``BLOCK = 2^LOG_BLOCK >= n``."""
+    ``weights_ptr + p wsp + q wsq + j wsn`` (broadcast rows have stride 0), summed in int32 with ``INT_WEIGHTS``
+    (int32 weights: every row's total fits), else in float64. ``BLOCK = 2^LOG_BLOCK >= n``."""
     row = tl.program_id(0).to(tl.int64)
     entries = tl.arange(0, BLOCK)
     present = entries < n
@@ -136,8 +139,9 @@ def _ranked_prefix(scores_ptr, weights_ptr, keep_ptr, n, inner, wsp, wsq, wsn, f
     bits = score.to(tl.int32, bitcast=True)
     bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # IEEE bits in score order, negative scores included
     weights_row = weights_ptr + (row // inner) * wsp + (row % inner) * wsq
-    weight = tl.load(weights_row + entries * wsn, mask=present, other=0).to(tl.float64)  # padding weighs nothing
-    budget = tl.sum(weight, 0) * fraction_bits.to(tl.float64, bitcast=True)
+    weight = tl.load(weights_row + entries * wsn, mask=present, other=0)  # padding weighs nothing
+    weight = weight.to(tl.int32) if INT_WEIGHTS else weight.to(tl.float64)
+    budget = tl.sum(weight, 0).to(tl.float64) * fraction_bits.to(tl.float64, bitcast=True)
     kept = _kept_above_last_dropped(bits, BLOCK - 1 - entries, weight, own, budget, LOG_BLOCK)
     if tl.sum((kept & present).to(tl.int32), 0) < min_keep:  # the floor binds: the top min_keep are kept too
         counts = present.to(tl.int32)  # G(t) counts the entries above t: the cheaper int32 sums
@@ -173,9 +177,10 @@ def use_fused(scores: torch.Tensor, weights: torch.Tensor, backend: str | None =
 def ranked_prefix(scores: torch.Tensor, weights: torch.Tensor, fraction: float, half: bool,
                   min_keep: int) -> torch.Tensor:  # fmt: skip
     """The module's rule as one op (no gradients): ``(..., n)`` bool kept entries of ``scores (..., n)`` float32,
-    ranking by score and summing ``weights`` (broadcastable to scores) until ``fraction`` of the row's total, the
-    crossing entry kept (``half`` False) or kept when under half of it (``half`` True); at least ``min_keep``.
-    The caller checks :func:`unsupported_reason` first (:func:`use_fused` does)."""
+    ranking by score and summing ``weights`` (broadcastable to scores; int32 ones in int32, their row totals below
+    2^31) until ``fraction`` of the row's total, the crossing entry kept (``half`` False) or kept when under half of
+    it (``half`` True); at least ``min_keep``. The caller checks :func:`unsupported_reason` first (:func:`use_fused`
+    does)."""
     n = scores.shape[-1]
     inner = scores.shape[-2] if scores.dim() > 1 else 1
     flat = scores.reshape(-1, n).contiguous()
@@ -186,7 +191,8 @@ def ranked_prefix(scores: torch.Tensor, weights: torch.Tensor, fraction: float, 
     log_block = block.bit_length() - 1
     fraction_bits = struct.unpack("<q", struct.pack("<d", fraction))[0]  # > 2^31 for any fraction > 2^-1022: int64
     _ranked_prefix[(rows,)](flat, spread, keep, n, inner, *spread.stride(), fraction_bits, 0.5 if half else 0.0,
-                            min_keep, BLOCK=block, LOG_BLOCK=log_block, **launch_options(block))  # fmt: skip
+                            min_keep, BLOCK=block, LOG_BLOCK=log_block, INT_WEIGHTS=weights.dtype == torch.int32,
+                            **launch_options(block))  # fmt: skip
     return keep
 
 
