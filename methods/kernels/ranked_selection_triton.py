@@ -68,25 +68,28 @@ kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
 #: The longest row the kernel ranks; longer rows take the torch path. The search costs O(n) a step and 33 + 2
 #: (log2(BLOCK) + 1) steps (55 at 1,024 entries), so it grows linearly with the row, unlike the in-register sort it
 #: replaced (0.8 us a program at 256 entries but 13 us at 1,024 on an H200, reports/gpu/h200/run_68cb19d/, which
-#: held this at 512): 4,096 covers SVG2's 1,000 key clusters and XAttention's 591 blocks at 14B, with four warps a
-#: row (:func:`launch_options`). Timed on an H200 at 256, 591 and 1,000 entries (module docstring); rows beyond
-#: 1,024 (two warps up to 2,048, four up to 4,096) are checked, not timed.
+#: held this at 512): 4,096 covers SVG2's 1,000 key clusters and XAttention's 591 blocks at 14B, in up to 16 warps a
+#: row (:func:`launch_options`). Timed on an H200 at 256, 591 and 1,000 entries (module docstring); longer
+#: rows are checked, not timed.
 MAX_ENTRIES = 4096
-#: Entries of a row each thread holds: rows of up to 32 x this many run in one warp (see :func:`launch_options`).
-ENTRIES_PER_THREAD = 32
+#: Entries of a row each thread holds, by how the weights sum: rows of up to 32 x this many run in one warp (see
+#: :func:`launch_options`). On an H200, svg2's 3,600 rows of 1,000 at Wan 1.3B took 0.134 / 0.087 / 0.106 ms at 32 /
+#: 16 / 8 entries a thread with float64 sums and 0.101 / 0.070 / 0.064 ms with int32 sums (reports/gpu/h200/
+#: run_2c9239b/svg2_probe6.json).
+ENTRIES_PER_THREAD = {"float64": 16, "int32": 8}
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def launch_options(block: int) -> dict[str, int]:
-    """The launch's options for rows padded to ``block`` entries, chosen here alone: one program a row, one warp
-    up to ``32 x ENTRIES_PER_THREAD`` entries and as many warps above that as keep a thread at that many. In one
-    warp each of the search's serial sums is a thread's own adds and five shuffle rounds; more warps add a shared
-    memory round and a barrier to every one. ptxas for sm_90a (compiled without a GPU, never run): 92 registers a
-    thread at 256 entries, 166 at 512, 255 without spills at 1,024 (and at 4,096 over four warps), so eight
-    single-warp programs of 1,024 entries fit an SM's 64K registers, two a scheduler, each one's steps filling the
-    other's latency. Half as many entries a thread (two warps at 1,024, 168 registers) fits six programs of two
-    warps: which runs faster is for an H200 to measure."""
-    return {"num_warps": max(1, block // (32 * ENTRIES_PER_THREAD))}
+def launch_options(block: int, int_weights: bool) -> dict[str, int]:
+    """The launch's options for rows padded to ``block`` entries whose weights sum in int32 (``int_weights``) or
+    float64, chosen here alone: one program a row, one warp up to ``32 x ENTRIES_PER_THREAD`` entries and as many
+    warps above that as keep a thread at that many. In one warp each of the search's serial sums is a thread's own
+    adds and five shuffle rounds; more warps add a shared-memory round and a barrier to every one, but hold fewer
+    registers a thread, so that more programs share an SM and fill each other's latency: ptxas for sm_90a gave 255
+    registers a thread at 1,024 entries in one warp (eight programs an SM), 168 over two warps; the H200 timings
+    beside :data:`ENTRIES_PER_THREAD` chose."""
+    per_thread = ENTRIES_PER_THREAD["int32" if int_weights else "float64"]
+    return {"num_warps": max(1, block // (32 * per_thread))}
 
 
 @triton_jit
@@ -190,9 +193,10 @@ def ranked_prefix(scores: torch.Tensor, weights: torch.Tensor, fraction: float, 
     block = max(16, triton.next_power_of_2(n))
     log_block = block.bit_length() - 1
     fraction_bits = struct.unpack("<q", struct.pack("<d", fraction))[0]  # > 2^31 for any fraction > 2^-1022: int64
+    int_weights = weights.dtype == torch.int32
     _ranked_prefix[(rows,)](flat, spread, keep, n, inner, *spread.stride(), fraction_bits, 0.5 if half else 0.0,
-                            min_keep, BLOCK=block, LOG_BLOCK=log_block, INT_WEIGHTS=weights.dtype == torch.int32,
-                            **launch_options(block))  # fmt: skip
+                            min_keep, BLOCK=block, LOG_BLOCK=log_block, INT_WEIGHTS=int_weights,
+                            **launch_options(block, int_weights))  # fmt: skip
     return keep
 
 
