@@ -504,7 +504,10 @@ def test_kmeans_script_checks_every_configuration_then_times_every_path(monkeypa
     monkeypatch.setattr(script, "WARM_REPEATS", (1, 1))
     configs = script.check_configs(DEVICE)
     assert set(configs["variants"]) == set(fused.VARIANTS)
-    assert all(check["kept"] == len(check["configs"]) >= 1 for check in configs["variants"].values())
+    assert all(result["passed"] for check in configs["variants"].values() for result in check["configs"])
+    for update, check in configs["variants"].items():  # every configuration of both lists, each kept
+        assert len(check["configs"]) == max(len(fused._assign.configs), len(fused.TUNERS[update].configs))
+        assert check["kept"] == len(fused.TUNERS[update].configs) >= 1
     grid = TokenGrid(2, 8, 8)  # 128 tokens
     q, k, v = (torch.randn(1, 2, grid.tokens, 32, device=DEVICE).to(torch.float16) for _ in range(3))
     row = script.kmeans_timings(q, k, v, sparse_context(grid), 1.0, configs, q_clusters=4, k_clusters=8,

@@ -6,9 +6,10 @@ of :data:`PATHS`: torch, and the kernels with each update step (``triton`` the o
 runs' JSON; ``triton_sorted`` the sorted one):
 
 1. :func:`check_configs`: per update step, each (assignment, update) configuration pair of the kernels' autotuner
-   lists, pinned in turn, on fresh random points at :data:`CONFIG_CHECK_SHAPE` in fp16 and bf16, one iteration
-   checked by :func:`label_check`; a pair that fails, or does not compile, is removed from both lists before
-   anything is timed, and the JSON names it with its errors.
+   lists (the shorter list cycled beside the longer: every configuration of each), pinned in turn, on fresh random
+   points at :data:`CONFIG_CHECK_SHAPE` in fp16 and bf16, one iteration checked by :func:`label_check`; a pair that
+   fails, or does not compile, is removed from both lists before anything is timed, and the JSON names it with its
+   errors.
 2. :func:`kmeans_timings` at the model's shape: the same check of one iteration per path from a warm cache
    (torch's cold-start centroids), with the share of labels equal to torch's (random points have near-ties that
    rounding order decides, so equality is reported, not required); then per path the median time of the cold
@@ -99,9 +100,12 @@ def check_configs(device: torch.device) -> dict[str, Any]:
     variants, kept_updates = {}, {}
     for update in fused.VARIANTS:
         tuner = fused.TUNERS[update]
-        results, kept = [], []
-        # Equal lists at import; a second check in one process sees the lists the first one shortened apart.
-        for index, pair in enumerate(zip(fused._assign.configs, tuner.configs, strict=False)):
+        results, update_failed = [], set()
+        # Every configuration of both lists is checked: the shorter list is cycled beside the longer (a plain zip
+        # left the assignment's seventh configuration unchecked beside six update ones, yet kept it).
+        assigns, updates = fused._assign.configs, tuner.configs
+        for index in range(max(len(assigns), len(updates))):
+            pair = (assigns[index % len(assigns)], updates[index % len(updates)])
             try:
                 checks = {}
                 with pinned(fused._assign, [pair[0]]), pinned(tuner, [pair[1]]):
@@ -115,12 +119,11 @@ def check_configs(device: torch.device) -> dict[str, Any]:
             results.append({"config": [str(config) for config in pair], "checks": checks, "passed": passed})
             print(f"svg2 k-means {update} configs {pair[0]} / {pair[1]}: {'ok' if passed else 'FAILED'} {checks}",
                   flush=True)  # fmt: skip
-            if passed:
-                kept.append(pair[1])
-            else:
-                assign_failed.add(index)
-        kept_updates[update] = kept
-        variants[update] = {"configs": results, "kept": len(kept)}
+            if not passed:
+                assign_failed.add(index % len(assigns))
+                update_failed.add(index % len(updates))
+        kept_updates[update] = [config for index, config in enumerate(updates) if index not in update_failed]
+        variants[update] = {"configs": results, "kept": len(kept_updates[update])}
     kept_assign = [config for index, config in enumerate(fused._assign.configs) if index not in assign_failed]
     if kept_assign:
         fused._assign.configs = kept_assign
