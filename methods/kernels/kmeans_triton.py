@@ -77,7 +77,9 @@ ballots and tile / 32 popcounts a lane in the histogram; per block 55 compare-ex
 of the earlier tiles' counts. On an H200 at Wan 1.3B svg2's four warm sorts took 0.158 ms of device time (histograms
 0.025, scatters 0.085, scans 0.048 when one program per group ran every tile of its group after another: 12
 programs), and at 14B 0.748 ms (reports/gpu/h200/run_5ce9330/); the orders equalled torch's stable sort's in every
-configuration check.
+configuration check. The scans per tile took 0.038 ms at 1.3B (8 tiles a head) but 0.248 at 14B against 0.215 (32
+tiles a head: the last one sums 31 tiles before its own; reports/gpu/h200/run_3bc646e/); summing four tiles a step
+spills registers at 14B's 128 padded blocks (ptxas for sm_90a), so the sums stay one tile a step.
 
 The loop is one ``torch.library`` custom op, :func:`kmeans_lloyd` (``attention_bench::``, inference only), so
 torch.compile sees one opaque call with fake outputs of the right shapes and never traces the autotuner.
