@@ -29,7 +29,8 @@ most first (:func:`by_popularity`; any key order gives the same attention), so t
 clusters share whole tiles. On Flex the exact output runs through a token-level mask over the permuted order, but
 every 128 x 128 tile straddling a cluster boundary is computed whole and then masked, about 1.5-1.9x more work at
 equal density. The plan does only what triton-variable reads: the permutations are k-means's own stable sort of its
-labels (the sorted update's last one, not a sort again; the key order then moved cluster by cluster by two scatters),
+labels (the sorted update's last one, not a sort again; the key order then moved cluster by cluster, by one Triton
+launch on CUDA, by two scatters on the torch path),
 and the tile tables and the mask's label tables are deferred (:func:`cluster_pair_pattern`), built where a backend or
 a report first reads them (Flex, masked, tile densities).
 """
@@ -205,8 +206,9 @@ def by_popularity(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tens
     clusters keep next to each other, so that whole tiles of the key sequence hold mostly kept keys
     (triton-variable's key tiles, Flex's 128-tiles).
 
-    On CUDA the Triton kernels (:mod:`methods.kernels.popularity_triton`, five launches) compute it unless
-    ``$BENCH_POPULARITY_BACKEND`` is ``torch``; this torch path is the CPU path and their reference.
+    The Triton kernels (:mod:`methods.kernels.popularity_triton`, five launches) compute it where they can run (CUDA,
+    up to 4,096 key clusters) unless ``$BENCH_POPULARITY_BACKEND`` is ``torch``; this torch path is the CPU path, the
+    fallback and their reference.
 
     Args:
         keep: ``(G, Cq, Ck)`` kept cluster pairs; q_sizes ``(G, Cq)``, k_sizes ``(G, Ck)`` int64.

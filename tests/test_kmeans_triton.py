@@ -490,6 +490,36 @@ def test_the_default_backend_runs_the_kernels_where_they_can(monkeypatch: pytest
     assert fused.use_fused(points) == (fused.unsupported_reason(points) is None)
 
 
+def test_the_configuration_check_pairs_every_configuration_and_drops_those_that_always_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """check_configs (stand-in autotuners and k-means, no Triton needed) pairs 7 assignment configurations with 6
+    update ones per update step, the shorter list cycled, and drops exactly the configurations every pair of which
+    failed: a6 (bad beside both updates) and the one-hot update's o3 (its only pair failed, its partner a3 passed
+    beside s3); s0 and o0 failed beside a6 but passed beside a0, so they stay."""
+    from types import SimpleNamespace
+
+    from harness.benchmarks import svg2_kmeans as script
+
+    assign = SimpleNamespace(configs=[f"a{i}" for i in range(7)], cache={})
+    tuners = {update: SimpleNamespace(configs=[f"{update[0]}{i}" for i in range(6)], cache={})
+              for update in ("onehot", "sorted")}  # fmt: skip
+    monkeypatch.setattr(fused, "_assign", assign)
+    monkeypatch.setattr(fused, "TUNERS", tuners)
+    monkeypatch.setattr(fused, "VARIANTS", ("onehot", "sorted"))
+    monkeypatch.setattr(fused, "kmeans_lloyd",
+                        lambda x, init, iterations, update: (assign.configs[0], tuners[update].configs[0]))  # fmt: skip
+    failing = {("a6", "o0"), ("a6", "s0"), ("a3", "o3")}
+    monkeypatch.setattr(script, "label_check", lambda x, init, pair: {"passed": pair not in failing})
+    result = script.check_configs(torch.device("cpu"))
+    for update in ("onehot", "sorted"):
+        assert len(result["variants"][update]["configs"]) == 7
+    assert assign.configs == [f"a{i}" for i in range(6)]
+    assert tuners["onehot"].configs == ["o0", "o1", "o2", "o4", "o5"]
+    assert tuners["sorted"].configs == [f"s{i}" for i in range(6)]
+    assert result["variants"]["onehot"]["kept"] == 5 and result["variants"]["sorted"]["kept"] == 6
+
+
 @needs_kernel
 def test_kmeans_script_checks_every_configuration_then_times_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU script at a small shape: each autotuner configuration pair of each update step passes its check, the

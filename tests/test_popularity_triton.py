@@ -41,8 +41,9 @@ def clusters(groups: int, q_clusters: int, k_clusters: int, tokens: int, density
     ("groups", "q_clusters", "k_clusters", "tokens", "density"),
     [(2, 5, 13, 200, 0.3),  # key clusters padded from 13 to 16; interpreted, 4 query clusters a tile
      (3, 20, 64, 700, 0.5),  # a power of two: no padding
-     (1, 9, 300, 1500, 0.1),  # more clusters than a tile of keys moved, many empty
+     (1, 9, 300, 1500, 0.1),  # many empty key clusters; two tiles of keys moved
      (2, 300, 1000, 5000, 0.3),  # svg2's cluster counts: 19 tiles of query clusters on a GPU
+     (1, 3, 2049, 9000, 0.2),  # padded to 4,096 key clusters, the most the kernel ranks
      (2, 4, 1, 50, 1.0)],  # one key cluster
 )  # fmt: skip
 def test_kernels_give_the_torch_order(groups: int, q_clusters: int, k_clusters: int, tokens: int,

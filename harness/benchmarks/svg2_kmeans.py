@@ -7,9 +7,9 @@ runs' JSON; ``triton_sorted`` the sorted one):
 
 1. :func:`check_configs`: per update step, each (assignment, update) configuration pair of the kernels' autotuner
    lists (the shorter list cycled beside the longer: every configuration of each), pinned in turn, on fresh random
-   points at :data:`CONFIG_CHECK_SHAPE` in fp16 and bf16, one iteration checked by :func:`label_check`; a pair that
-   fails, or does not compile, is removed from both lists before anything is timed, and the JSON names it with its
-   errors.
+   points at :data:`CONFIG_CHECK_SHAPE` in fp16 and bf16, one iteration checked by :func:`label_check`; a
+   configuration every pair of which failed (or did not compile) is removed from its list before anything is timed,
+   and the JSON names each failing pair with its errors.
 2. :func:`kmeans_timings` at the model's shape: the same check of one iteration per path from a warm cache
    (torch's cold-start centroids), with the share of labels equal to torch's (random points have near-ties that
    rounding order decides, so equality is reported, not required); then per path the median time of the cold
@@ -87,25 +87,29 @@ def label_check(x: torch.Tensor, centroids: torch.Tensor, out: tuple[torch.Tenso
 
 def check_configs(device: torch.device) -> dict[str, Any]:
     """Per update step, each configuration pair of the autotuners' lists pinned in turn (see the module
-    docstring); the failing pairs are removed from the lists (an assignment configuration when it failed beside
-    either update). Returns ``{"shape", "variants": {update: {"configs": [{"config", "checks", "passed"}],
-    "kept"}}}``."""
+    docstring); a configuration is removed from its list when every pair it was in failed (an assignment
+    configuration is in one pair per update step). Returns ``{"shape", "variants": {update: {"configs": [{"config",
+    "checks", "passed"}], "kept"}}}``."""
     groups, tokens, dim, clusters = CONFIG_CHECK_SHAPE[device.type]
     dtypes = (torch.float16,) if fused.INTERPRETED else (torch.float16, torch.bfloat16)
     inputs = {}
     for dtype in dtypes:
         x = torch.randn(groups, tokens, dim, device=device).to(dtype)
         inputs[dtype] = (x, x[:, torch.randperm(tokens, device=device)[:clusters]].float())  # random tokens
+    # Per configuration, whether some pair it was in passed and whether some failed: a configuration is dropped when
+    # every pair it was in failed (a pair that fails beside a partner that passed elsewhere blames this one).
+    assign_passed: set[int] = set()
     assign_failed: set[int] = set()
     variants, kept_updates = {}, {}
     for update in fused.VARIANTS:
         tuner = fused.TUNERS[update]
-        results, update_failed = [], set()
+        results, update_passed, update_failed = [], set(), set()
         # Every configuration of both lists is checked: the shorter list is cycled beside the longer (a plain zip
         # left the assignment's seventh configuration unchecked beside six update ones, yet kept it).
         assigns, updates = fused._assign.configs, tuner.configs
         for index in range(max(len(assigns), len(updates))):
-            pair = (assigns[index % len(assigns)], updates[index % len(updates)])
+            places = (index % len(assigns), index % len(updates))
+            pair = (assigns[places[0]], updates[places[1]])
             try:
                 checks = {}
                 with pinned(fused._assign, [pair[0]]), pinned(tuner, [pair[1]]):
@@ -119,12 +123,13 @@ def check_configs(device: torch.device) -> dict[str, Any]:
             results.append({"config": [str(config) for config in pair], "checks": checks, "passed": passed})
             print(f"svg2 k-means {update} configs {pair[0]} / {pair[1]}: {'ok' if passed else 'FAILED'} {checks}",
                   flush=True)  # fmt: skip
-            if not passed:
-                assign_failed.add(index % len(assigns))
-                update_failed.add(index % len(updates))
-        kept_updates[update] = [config for index, config in enumerate(updates) if index not in update_failed]
+            (assign_passed if passed else assign_failed).add(places[0])
+            (update_passed if passed else update_failed).add(places[1])
+        kept_updates[update] = [config for index, config in enumerate(updates)
+                                if index in update_passed or index not in update_failed]  # fmt: skip
         variants[update] = {"configs": results, "kept": len(kept_updates[update])}
-    kept_assign = [config for index, config in enumerate(fused._assign.configs) if index not in assign_failed]
+    kept_assign = [config for index, config in enumerate(fused._assign.configs)
+                   if index in assign_passed or index not in assign_failed]  # fmt: skip
     if kept_assign:
         fused._assign.configs = kept_assign
         fused._assign.cache.clear()

@@ -647,7 +647,8 @@ def select_by_cost_budget(scores: torch.Tensor, costs: torch.Tensor, fraction: f
     Args:
         scores: ``(..., n)`` non-negative ranking scores (e.g. block masses); ``inf`` ranks an entry first.
         costs: non-negative cost of each entry (e.g. tokens per key block or per cluster), broadcastable to
-            ``scores``.
+            ``scores``. The kernel sums int32 costs in int32: a row's total must then stay below 2^31 (token counts
+            do: it is N); any other dtype sums in float64.
         fraction: the kept share of the cost, in ``(0, 1]``.
 
     Returns:

@@ -50,8 +50,9 @@ The counting sort, three launches and no host sync, for labels ``(G, N)`` int32 
    it: the bounds ``(G, C + 1)`` int64 and, beside the counts, each (block, cluster)'s first position in the order
    less the block's tokens of lower clusters;
 3. :func:`_scatter_order`, per (block, group): the block's keys ``label << log2(SORT_BLOCK) | index`` sorted on
-   chip (:func:`_sort_keys`, a bitonic network), so that a token's position i in its sorted block is its block's
-   tokens of lower clusters plus its rank among its own cluster's; it goes to ``order[offset + i]``.
+   chip (:func:`~methods.kernels.sorting_triton.sort_keys`, a bitonic network), so that a token's position i in its
+   sorted block is its block's tokens of lower clusters plus its rank among its own cluster's; it goes to
+   ``order[offset + i]``.
 
 It replaced, per iteration, a stable ``torch.sort`` of the labels (cub's segmented radix sort, several launches), an
 ``arange`` copied per group and a ``torch.searchsorted``: at Wan 1.3B on an H200 svg2's plan spent 0.397 ms of
@@ -59,27 +60,27 @@ device time in 5 sorts, the 2 warm iterations' of q and of k among them (reports
 The op also returns the tokens in stable label order (what svg2 permutes q and k by): the sorted update's last order
 (of the last assignment's labels, the ones returned), or one counting sort after the one-hot iterations.
 
-Cost per iteration and group: the assignment is ``2 N C D`` FLOPs (one ``x c^T``) plus ~5 instructions per
-distance (round, subtract, minimum, first index); the one-hot update another ``2 N C D`` (C times the ``N D`` adds a
-scatter would do, on tensor cores) and reads x ``C / BLOCK_C`` times, the sorted one ``2 N WINDOW D`` (the one-hot
-product over the window's run), x read once
-(``O(N D)`` bytes) plus the counting sort. At Wan 1.3B (N = 32,760, D = 128, 12 heads) with 1,000 key
-clusters the one-hot update took ~1.3 ms per iteration on an H200, more than the assignment. Memory: the assignment
-reads x once and the prepared centroids (``2 C D`` bytes in bf16) once per token tile, from L2: ~0.8 GB per
-assignment at Wan 1.3B with 1,000 key clusters in 128-token tiles. The earlier kernel read the fp32 centroids
-instead (twice the bytes, transposed by address, squared and converted per program) and took 1.25 ms on an H200 for
-a selection's four warm assignments (~210 TFLOP/s). The prepared buffers take ``G CP (2 BLOCK_D + 4)`` bytes; both
-updates write O(N + C D), the prepared copy included. The counting sort reads the labels twice (``8 N`` bytes), writes
-the ``4 B C`` bytes of counts and of offsets and the ``8 N`` bytes of order: at Wan 1.3B with 1,000 key
-clusters (B = 32) about 3.1 MB each over the 12 heads. Its work: per cluster tile and 32 labels, log2(tile) warp
-ballots and tile / 32 popcounts a lane in the histogram; per block 55 compare-exchange steps on 1,024 keys (log2
-1024 (log2 1024 + 1) / 2; the steps between warps through shared memory); per tile of clusters a scan, after the sums
-of the earlier tiles' counts. On an H200 at Wan 1.3B svg2's four warm sorts took 0.158 ms of device time (histograms
-0.025, scatters 0.085, scans 0.048 when one program per group ran every tile of its group after another: 12
-programs), and at 14B 0.748 ms (reports/gpu/h200/run_5ce9330/); the orders equalled torch's stable sort's in every
-configuration check. The scans per tile took 0.038 ms at 1.3B (8 tiles a head) but 0.248 at 14B against 0.215 (32
-tiles a head: the last one sums 31 tiles before its own; reports/gpu/h200/run_3bc646e/); summing four tiles a step
-spills registers at 14B's 128 padded blocks (ptxas for sm_90a), so the sums stay one tile a step.
+Cost per iteration and group: the assignment is ``2 N C D`` FLOPs (one ``x c^T``) plus ~5 instructions per distance
+(round, subtract, minimum, first index); the one-hot update another ``2 N C D`` (C times the ``N D`` adds a scatter
+would do, on tensor cores) and reads x ``C / BLOCK_C`` times, the sorted one ``2 N WINDOW D`` (the one-hot product over
+the window's run), x read once (``O(N D)`` bytes) plus the counting sort. At Wan 1.3B (N = 32,760, D = 128, 12 heads)
+with 1,000 key clusters the one-hot update took ~1.3 ms per iteration on an H200, more than the assignment. Memory: the
+assignment reads x once and the prepared centroids (``2 C D`` bytes in bf16) once per token tile, from L2: ~0.8 GB per
+assignment at Wan 1.3B with 1,000 key clusters in 128-token tiles. The earlier kernel read the fp32 centroids instead
+(twice the bytes, transposed by address, squared and converted per program) and took 1.25 ms on an H200 for a
+selection's four warm assignments (~210 TFLOP/s). The prepared buffers take ``G CP (2 BLOCK_D + 4)`` bytes; both updates
+write O(N + C D), the prepared copy included. The counting sort reads the labels twice (``8 N`` bytes), writes the ``4 B
+C`` bytes of counts and of offsets and the ``8 N`` bytes of order: at Wan 1.3B with 1,000 key clusters (B = 32) about
+3.1 MB each over the 12 heads; its scan reads the counts ``(T + 1) / 2`` times over for T tiles of clusters (4.5 at
+1.3B, 16.5 at 14B), each tile summing the ones before it. Its work: per cluster tile and 32 labels, log2(tile) warp
+ballots and tile / 32 popcounts a lane in the histogram; per block 55 compare-exchange steps on 1,024 keys (log2 1024
+(log2 1024 + 1) / 2; the steps between warps through shared memory); per tile of clusters a scan, after the sums of the
+earlier tiles' counts. On an H200 at Wan 1.3B svg2's four warm sorts took 0.158 ms of device time (histograms 0.025,
+scatters 0.085, scans 0.048 when one program per group ran every tile of its group after another: 12 programs), and at
+14B 0.748 ms (reports/gpu/h200/run_5ce9330/); the orders equalled torch's stable sort's in every configuration check.
+The scans per tile took 0.038 ms at 1.3B (8 tiles a head) but 0.248 at 14B against 0.215 (32 tiles a head: the last one
+sums 31 tiles before its own; reports/gpu/h200/run_3bc646e/); summing four tiles a step spills registers at 14B's 128
+padded blocks (ptxas for sm_90a), so the sums stay one tile a step.
 
 The loop is one ``torch.library`` custom op, :func:`kmeans_lloyd` (``attention_bench::``, inference only), so
 torch.compile sees one opaque call with fake outputs of the right shapes and never traces the autotuner.
@@ -107,6 +108,7 @@ from methods.kernels import (
     triton_jit,
     use_kernel,
 )
+from methods.kernels.sorting_triton import sort_keys
 from methods.kernels.tuned_launch import launch_tuned
 
 try:
@@ -399,50 +401,16 @@ def _cluster_offsets(counts_ptr, offsets_ptr, bounds_ptr, C, blocks, BLOCKS: tl.
 
 
 @triton_jit
-def _half(n_dims: tl.constexpr, axis: tl.constexpr):
-    """Which half of a ``(2,) * n_dims`` hypercube's ``axis`` an element lies in: 0 or 1 int32, shaped to broadcast
-    (2 along ``axis``, 1 elsewhere)."""
-    return tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (n_dims - axis - 1))
-
-
-@triton_jit
-def _compare_exchange(h, n_dims: tl.constexpr, axis: tl.constexpr, run_axis: tl.constexpr):
-    """One step of :func:`_sort_keys` on the hypercube ``h (2,) * n_dims``: each pair along ``axis`` ordered, the
-    lower half taking the smaller key, except where the upper half of ``run_axis`` flips it (the descending runs;
-    ``run_axis < 0``: none, the last stage). The partner is the pair's sum less the key: one reduction, as tl.sort's
-    xor-sum."""
-    partner = tl.sum(h, axis=axis, keep_dims=True) - h
-    upper = _half(n_dims, axis)
-    if run_axis >= 0:
-        upper = upper ^ _half(n_dims, run_axis)
-    return tl.where(upper == 1, tl.maximum(h, partner), tl.minimum(h, partner))
-
-
-@triton_jit
-def _sort_keys(keys, LOG_N: tl.constexpr):
-    """``keys (2^LOG_N,)`` int32 in ``[0, 2^30)`` (below 2^30 a pair's sum fits int32), ascending: ``tl.sort``'s
-    bitonic network (the keys as a ``(2,) * LOG_N`` hypercube; per stage, runs of 2^stage keys sorted in alternating
-    directions, the last stage's one run ascending, by stage steps of compare-exchanges 2^(stage - 1), ..., 1 keys
-    apart) with :func:`_compare_exchange`'s partner by a sum: tl.sort's xor-sum has no fast path in the Triton
-    interpreter, which reduces it in Python key by key (seconds per 1,024-key block); a sum reduces in numpy."""
-    h = tl.reshape(keys, [2] * LOG_N)
-    for stage in tl.static_range(1, LOG_N + 1):
-        for step in tl.static_range(stage):
-            h = _compare_exchange(h, LOG_N, LOG_N - stage + step, LOG_N - 1 - stage)
-    return tl.reshape(h, keys.shape)
-
-
-@triton_jit
 def _scatter_order(labels_ptr, offsets_ptr, order_ptr, N, C, blocks, BLOCK: tl.constexpr, LOG_BLOCK: tl.constexpr):
     """Program (token block b, group g): ``order[g, offset[g, b, j] + i] = token`` (G, N) int64 for each token of
-    the block, with label j and position i in its block sorted by (label, index): one :func:`_sort_keys` of the
+    the block, with label j and position i in its block sorted by (label, index): one :func:`sort_keys` of the
     distinct keys ``label << LOG_BLOCK | local index`` (the tokens past N keyed as label C, after every real one and
     never stored). ``offsets (G, blocks, C)`` int32 from :func:`_cluster_offsets`."""
     block, g = tl.program_id(0), tl.program_id(1).to(tl.int64)
     local = tl.arange(0, BLOCK)
     tokens = block * BLOCK + local
     labels = tl.load(labels_ptr + g * N + tokens, mask=tokens < N, other=0)
-    keys = _sort_keys((tl.where(tokens < N, labels, C) << LOG_BLOCK) | local, LOG_BLOCK)
+    keys = sort_keys((tl.where(tokens < N, labels, C) << LOG_BLOCK) | local, LOG_BLOCK)
     sorted_labels = keys >> LOG_BLOCK
     present = sorted_labels < C
     offsets = tl.load(offsets_ptr + (g * blocks + block) * C + sorted_labels, mask=present, other=0)
@@ -532,7 +500,7 @@ def counting_sort(labels: torch.Tensor, clusters: int, block: int = SORT_BLOCK,
 
     Raises:
         ValueError: ``block`` or ``cluster_tile`` not a power of two, ``block`` below 2, or ``clusters`` too many
-            for the keys ``label << log2(block) | index`` below 2^30 (:func:`_sort_keys`): ``clusters < 2^(30 -
+            for the keys ``label << log2(block) | index`` below 2^30 (:func:`sort_keys`): ``clusters < 2^(30 -
             log2(block))``, 1,048,576 at blocks of 1,024.
     """
     if block < 2 or cluster_tile < 1 or block & (block - 1) or cluster_tile & (cluster_tile - 1):

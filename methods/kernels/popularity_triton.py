@@ -13,7 +13,7 @@ pair), query and key cluster sizes, each key's cluster and the keys' order by cl
 
 :func:`_cluster_totals`, one program per (tile of query clusters, group), sums both over its rows of ``keep`` (the
 popularity by int64 atomics into zeros); :func:`_rank_clusters`, one program per group, ranks the C key clusters on
-chip: one bitonic sort (:func:`methods.kernels.kmeans_triton._sort_keys`) of the int32 keys ``(N - popularity) <<
+chip: one bitonic sort (:func:`methods.kernels.sorting_triton.sort_keys`) of the int32 keys ``(N - popularity) <<
 log2(C') | label`` (C' = C rounded up to a power of two; a popularity is at most N), and writes the new order, sizes
 and each cluster's old and new first positions; :func:`_move_keys`, one program per (tile of positions, group),
 moves each key of the old order to its place in the new one. ``keep``'s columns are gathered by torch. In torch the
@@ -34,7 +34,7 @@ import os
 import torch
 
 from methods.kernels import BACKENDS, kernel_choice, kernel_op, triton_jit, use_kernel
-from methods.kernels.kmeans_triton import _sort_keys
+from methods.kernels.sorting_triton import sort_keys
 
 try:
     import triton
@@ -46,13 +46,15 @@ BACKEND_ENV = "BENCH_POPULARITY_BACKEND"
 DEFAULT_BACKEND = "auto"
 kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-#: Most key clusters one program ranks on chip (a sort of this many int32 keys, over :data:`RANK_WARPS` warps).
+#: Most key clusters one program ranks on chip (a sort of this many int32 keys; compiled for sm_90a, not run).
 MAX_CLUSTERS = 4096
 #: Entries of ``keep`` a program of :func:`_cluster_totals` sums (16 query clusters of 1,024 padded key clusters), and
-#: its warps; the warps of :func:`_rank_clusters`. A
-#: first version summed every query cluster of a head in one program (12 programs at Wan 1.3B): 0.20 ms on an H200,
-#: more than torch's operators (reports/gpu/h200/run_6a6c3e9/).
-TOTALS_TILE, TOTALS_WARPS, RANK_WARPS = 16384, 8, 4
+#: its warps. A first version summed every query cluster of a head in one program (12 programs at Wan 1.3B): 0.20 ms
+#: on an H200, more than torch's operators (reports/gpu/h200/run_6a6c3e9/).
+TOTALS_TILE, TOTALS_WARPS = 16384, 8
+#: Padded key clusters a warp of :func:`_rank_clusters` sorts (at least 4 warps): compiled for sm_90a without a GPU,
+#: 95 registers a thread at 1,024 over 4 warps, 190 at 4,096 over 8 (over 4 it spilled).
+RANK_CLUSTERS_PER_WARP = 512
 if INTERPRETED:  # tests: several tiles of query clusters at small sizes
     TOTALS_TILE = 64
 #: Positions a program of :func:`_move_keys` moves.
@@ -92,7 +94,7 @@ def _rank_clusters(popularity_ptr, k_sizes_ptr, clusters_ptr, new_sizes_ptr, old
     k_sizes = tl.load(k_sizes_ptr + g * C + labels, mask=listed, other=0)
     # Ascending keys: the most popular first, then the lower label; the padding (N + 1) after every cluster.
     keys = (tl.where(listed, N - popularity, N + 1).to(tl.int32) << LOG_C) | labels
-    clusters = _sort_keys(keys, LOG_C) & (BLOCK_C - 1)
+    clusters = sort_keys(keys, LOG_C) & (BLOCK_C - 1)
     new_sizes = tl.load(k_sizes_ptr + g * C + clusters, mask=listed, other=0)
     tl.store(clusters_ptr + g * C + labels, clusters.to(tl.int64), mask=listed)
     tl.store(new_sizes_ptr + g * C + labels, new_sizes, mask=listed)
@@ -116,8 +118,8 @@ def _move_keys(order_ptr, labels_ptr, old_starts_ptr, new_starts_ptr, out_ptr, N
 
 
 def _padded(clusters: int) -> int:
-    """Key clusters rounded up to a power of two (at least 2: the sort's hypercube needs one axis)."""
-    return max(2, 1 << (clusters - 1).bit_length())
+    """Key clusters rounded up to a power of two, at least 2 (the sort's hypercube needs one axis)."""
+    return max(2, triton.next_power_of_2(clusters))
 
 
 def unsupported_reason(keep: torch.Tensor, k_order: torch.Tensor) -> str | None:
@@ -155,7 +157,7 @@ def popularity_order(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.T
     :func:`unsupported_reason` first (:func:`use_fused` does)."""
     groups, rows, clusters = keep.shape
     tokens = k_order.shape[-1]
-    keep, q_sizes, k_sizes = keep.contiguous(), q_sizes.contiguous(), k_sizes.contiguous()
+    keep, q_sizes, k_sizes = keep.contiguous(), q_sizes.long().contiguous(), k_sizes.long().contiguous()  # int64 sums
     k_labels, k_order = k_labels.contiguous(), k_order.contiguous()
     kept_keys = torch.empty(groups, rows, device=keep.device, dtype=torch.int64)
     ranked, new_sizes, old_starts, new_starts = (torch.empty_like(k_sizes) for _ in range(4))
@@ -166,7 +168,8 @@ def popularity_order(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.T
                                                             clusters, ROWS=tile_rows, BLOCK_C=padded,
                                                             num_warps=TOTALS_WARPS)  # fmt: skip
     _rank_clusters[(groups,)](popular, k_sizes, ranked, new_sizes, old_starts, new_starts, clusters, tokens,
-                              BLOCK_C=padded, LOG_C=padded.bit_length() - 1, num_warps=RANK_WARPS)  # fmt: skip
+                              BLOCK_C=padded, LOG_C=padded.bit_length() - 1,
+                              num_warps=max(4, padded // RANK_CLUSTERS_PER_WARP))  # fmt: skip
     new_order = torch.empty_like(k_order)
     _move_keys[(triton.cdiv(tokens, MOVE_BLOCK), groups)](k_order, k_labels, old_starts, new_starts, new_order,
                                                            tokens, clusters, BLOCK=MOVE_BLOCK)  # fmt: skip
@@ -176,4 +179,6 @@ def popularity_order(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.T
 @popularity_order.register_fake
 def _fake_order(keep: torch.Tensor, q_sizes: torch.Tensor, k_sizes: torch.Tensor, k_labels: torch.Tensor,
                 k_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return torch.empty_like(keep), torch.empty_like(k_sizes), torch.empty_like(k_order), torch.empty_like(q_sizes)
+    # Contiguous, as the op's outputs; the kept keys int64 whatever q_sizes' integer dtype.
+    return (keep.new_empty(keep.shape), k_sizes.new_empty(k_sizes.shape, dtype=torch.int64),
+            k_order.new_empty(k_order.shape), q_sizes.new_empty(q_sizes.shape, dtype=torch.int64))  # fmt: skip

@@ -23,23 +23,25 @@ cut without sorting:
   V, and a binary search over the key space finds V without ranking anything: the 32 score bits, then
   ``log2(BLOCK) + 1`` index bits within the tie at V's score, each bit one test of G against the budget, G a sum
   over the row (``tl.sum(tl.where(key above t, weight, 0))``; a second sum in the tie's steps takes its one
-  entry's own weight). Weights sum in float64 as the torch paths sum in double: integer costs make every sum
-  exact, so the kept set is torch's bit for bit whatever the order of summation; float masses sum in another
+  entry's own weight). Weights sum in float64 as the torch paths sum in double (int32 weights in int32, compared
+  as doubles): integer costs make every sum exact, so the kept set is torch's bit for bit whatever the order of
+  summation; float masses sum in another
   order than torch's ``cumsum`` (so did the sorting kernel's ``tl.cumsum``), which can only matter where the
   budget falls within rounding of an entry's edge;
 - ``min_keep``: where the rule keeps fewer, the same search over counts (int32) finds the ``min_keep``-th key.
 
-Cost model: ``33 + 2 (log2(BLOCK) + 1)`` serial reductions a row, 55 at 1,024 entries (twice that where the
-``min_keep`` floor binds, the second search over int32), each a compare, a select and a float64 add per entry
-and a warp's shuffles: O(n) work a step, O(bits x n) a row, against the sort's O(n log^2 n) compare-exchanges
-through registers and shared memory (0.8 us a program at 256 entries, 13 us at 1,024 on an H200,
-reports/gpu/h200/run_68cb19d/). On an H200 the search took 0.015 ms of device time for xattn's 3,072 rows of 256 at
-Wan 1.3B (0.019 with the sort), 0.095 ms for svg2's 3,600 rows of 1,000 (the torch path's operators ~0.25 ms),
-0.31 ms for svg2's 12,000 rows at 14B and 0.50 ms for xattn's 23,640 rows of 591 there (reports/gpu/h200/
-run_5ce9330/, ``selection_top_ops``). Ties, ``inf``, zero rows and exact
-budget ties keep what the sort kept: a zero row drops everything but the floor (its budget is 0), an entry of
-``inf`` mass is dropped (its ``0 x inf`` is NaN where torch's ``cumsum - value`` is ``inf - inf``), and the
-fraction is compared as a double.
+Cost model: ``33 + 2 (log2(BLOCK) + 1)`` serial reductions a row, 55 at 1,024 entries (twice that where the ``min_keep``
+floor binds, the second search over int32), each a compare, a select and a float64 (or int32) add per entry and the
+warps' shuffles: O(n) work a step, O(bits x n) a row, against the sort's O(n log^2 n) compare-exchanges through
+registers and shared memory (0.8 us a program at 256 entries, 13 us at 1,024 on an H200, reports/gpu/h200/run_68cb19d/).
+On an H200 the search took 0.015 ms of device time for xattn's 3,072 rows of 256 at Wan 1.3B (0.019 with the sort),
+0.095 ms for svg2's 3,600 rows of 1,000 (the torch path's operators ~0.25 ms), 0.31 ms for svg2's 12,000 rows at 14B and
+0.50 ms for xattn's 23,640 rows of 591 there (reports/gpu/h200/run_5ce9330/, ``selection_top_ops``), each a warp a row;
+svg2's rows then took 0.087 ms over two warps in float64 and 0.064 over four in int32 (its token counts; run_2c9239b/),
+0.056-0.060 in its plan and 0.197 at 14B (run_3bc646e/). xattn's 14B rows now run over two warps, not re-timed. Ties,
+``inf``, zero rows and exact budget ties keep what the sort kept: a zero row drops everything but the floor (its budget
+is 0), an entry of ``inf`` mass is dropped (its ``0 x inf`` is NaN where torch's ``cumsum - value`` is ``inf - inf``),
+and the fraction is compared as a double.
 
 Shapes: scores ``(..., n)`` float32, non-negative (``inf`` ranks first), ``n <= MAX_ENTRIES``; weights
 broadcastable to scores, any real dtype: int32 weights sum in int32 (the caller's promise that a row's total fits;
