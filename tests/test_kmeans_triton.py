@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -490,34 +491,62 @@ def test_the_default_backend_runs_the_kernels_where_they_can(monkeypatch: pytest
     assert fused.use_fused(points) == (fused.unsupported_reason(points) is None)
 
 
-def test_the_configuration_check_pairs_every_configuration_and_drops_those_that_always_failed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """check_configs (stand-in autotuners and k-means, no Triton needed) pairs 7 assignment configurations with 6
-    update ones per update step, the shorter list cycled, and drops exactly the configurations every pair of which
-    failed: a6 (bad beside both updates) and the one-hot update's o3 (its only pair failed, its partner a3 passed
-    beside s3); s0 and o0 failed beside a6 but passed beside a0, so they stay."""
+def stand_in_check(monkeypatch: pytest.MonkeyPatch, failing: set[tuple[str, str]], assigns: int = 7,
+                   updates: int = 6) -> tuple[dict[str, Any], list[str], dict[str, list[str]]]:  # fmt: skip
+    """svg2_kmeans.check_configs on stand-in autotuners (``assigns`` assignment configurations a0, a1, ...; ``updates``
+    of each update step, o0, ... and s0, ...) and a stand-in k-means whose pinned pair fails where listed in
+    ``failing``: no Triton needed. Returns the check's result and the lists left in the autotuners."""
     from types import SimpleNamespace
 
     from harness.benchmarks import svg2_kmeans as script
 
-    assign = SimpleNamespace(configs=[f"a{i}" for i in range(7)], cache={})
-    tuners = {update: SimpleNamespace(configs=[f"{update[0]}{i}" for i in range(6)], cache={})
+    assign = SimpleNamespace(configs=[f"a{i}" for i in range(assigns)], cache={})
+    tuners = {update: SimpleNamespace(configs=[f"{update[0]}{i}" for i in range(updates)], cache={})
               for update in ("onehot", "sorted")}  # fmt: skip
     monkeypatch.setattr(fused, "_assign", assign)
     monkeypatch.setattr(fused, "TUNERS", tuners)
     monkeypatch.setattr(fused, "VARIANTS", ("onehot", "sorted"))
     monkeypatch.setattr(fused, "kmeans_lloyd",
                         lambda x, init, iterations, update: (assign.configs[0], tuners[update].configs[0]))  # fmt: skip
-    failing = {("a6", "o0"), ("a6", "s0"), ("a3", "o3")}
     monkeypatch.setattr(script, "label_check", lambda x, init, pair: {"passed": pair not in failing})
     result = script.check_configs(torch.device("cpu"))
-    for update in ("onehot", "sorted"):
-        assert len(result["variants"][update]["configs"]) == 7
-    assert assign.configs == [f"a{i}" for i in range(6)]
-    assert tuners["onehot"].configs == ["o0", "o1", "o2", "o4", "o5"]
-    assert tuners["sorted"].configs == [f"s{i}" for i in range(6)]
+    return result, assign.configs, {update: tuner.configs for update, tuner in tuners.items()}
+
+
+def test_the_configuration_check_pairs_every_configuration_and_drops_a_member_of_each_failing_pair(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """7 assignment configurations beside 6 update ones per update step, the shorter list cycled (7 pairs each).
+    a6 fails beside both updates' first configurations, which pass beside a0: a6 goes, o0 and s0 stay. a3 fails
+    beside o3, its only pair, but passes beside s3: o3 goes. The JSON names what is kept."""
+    failing = {("a6", "o0"), ("a6", "s0"), ("a3", "o3")}
+    result, assigns, updates = stand_in_check(monkeypatch, failing)
+    assert all(len(result["variants"][update]["configs"]) == 7 for update in ("onehot", "sorted"))
+    assert assigns == result["assign_kept"] == [f"a{i}" for i in range(6)]
+    assert updates["onehot"] == result["variants"]["onehot"]["kept_configs"] == ["o0", "o1", "o2", "o4", "o5"]
+    assert updates["sorted"] == result["variants"]["sorted"]["kept_configs"] == [f"s{i}" for i in range(6)]
     assert result["variants"]["onehot"]["kept"] == 5 and result["variants"]["sorted"]["kept"] == 6
+
+
+def test_a_failing_pair_of_configurations_that_each_passed_elsewhere_drops_the_update(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(a0, o0) fails while a0 passes beside s0 and o0 beside a6: the assignment's labels do not depend on the update
+    step, so o0 is to blame and goes; a0 stays (the autotuners choose independently: keeping both would let a run
+    pick the failing pair)."""
+    _, assigns, updates = stand_in_check(monkeypatch, {("a0", "o0")})
+    assert assigns == [f"a{i}" for i in range(7)]
+    assert updates["onehot"] == [f"o{i}" for i in range(1, 6)] and updates["sorted"] == [f"s{i}" for i in range(6)]
+
+
+def test_when_every_pair_fails_nothing_is_kept_and_the_lists_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pair failing: kept 0 for both update steps (none is timed), the autotuners' lists left as they were (an
+    empty list would leave nothing to launch)."""
+    every = {(f"a{i}", f"{update[0]}{j}") for i in range(3) for j in range(2) for update in ("onehot", "sorted")}
+    result, assigns, updates = stand_in_check(monkeypatch, every, assigns=3, updates=2)
+    assert result["assign_kept"] == [] and assigns == ["a0", "a1", "a2"]
+    assert all(result["variants"][update]["kept"] == 0 for update in ("onehot", "sorted"))
+    assert updates == {"onehot": ["o0", "o1"], "sorted": ["s0", "s1"]}
 
 
 @needs_kernel

@@ -7,9 +7,9 @@ runs' JSON; ``triton_sorted`` the sorted one):
 
 1. :func:`check_configs`: per update step, each (assignment, update) configuration pair of the kernels' autotuner
    lists (the shorter list cycled beside the longer: every configuration of each), pinned in turn, on fresh random
-   points at :data:`CONFIG_CHECK_SHAPE` in fp16 and bf16, one iteration checked by :func:`label_check`; a
-   configuration every pair of which failed (or did not compile) is removed from its list before anything is timed,
-   and the JSON names each failing pair with its errors.
+   points at :data:`CONFIG_CHECK_SHAPE` in fp16 and bf16, one iteration checked by :func:`label_check`; each pair
+   that fails (or does not compile) loses the member not cleared by passing elsewhere (both if neither was) before
+   anything is timed, and the JSON names each failing pair with its errors and the configurations kept.
 2. :func:`kmeans_timings` at the model's shape: the same check of one iteration per path from a warm cache
    (torch's cold-start centroids), with the share of labels equal to torch's (random points have near-ties that
    rounding order decides, so equality is reported, not required); then per path the median time of the cold
@@ -87,23 +87,26 @@ def label_check(x: torch.Tensor, centroids: torch.Tensor, out: tuple[torch.Tenso
 
 def check_configs(device: torch.device) -> dict[str, Any]:
     """Per update step, each configuration pair of the autotuners' lists pinned in turn (see the module
-    docstring); a configuration is removed from its list when every pair it was in failed (an assignment
-    configuration is in one pair per update step). Returns ``{"shape", "variants": {update: {"configs": [{"config",
-    "checks", "passed"}], "kept"}}}``."""
+    docstring); every failing pair loses a member: the one not cleared by passing in another pair, both where neither
+    was (an assignment configuration is in at least one pair per update step). Nothing is checked, and nothing kept,
+    when a list is empty. Returns ``{"shape", "assign_kept": [config], "variants": {update: {"configs": [{"config",
+    "checks", "passed"}], "kept", "kept_configs"}}}``."""
     groups, tokens, dim, clusters = CONFIG_CHECK_SHAPE[device.type]
     dtypes = (torch.float16,) if fused.INTERPRETED else (torch.float16, torch.bfloat16)
     inputs = {}
     for dtype in dtypes:
         x = torch.randn(groups, tokens, dim, device=device).to(dtype)
         inputs[dtype] = (x, x[:, torch.randperm(tokens, device=device)[:clusters]].float())  # random tokens
-    # Per configuration, whether some pair it was in passed and whether some failed: a configuration is dropped when
-    # every pair it was in failed (a pair that fails beside a partner that passed elsewhere blames this one).
+    variants: dict[str, Any] = {}
+    if not fused._assign.configs or not all(fused.TUNERS[update].configs for update in fused.VARIANTS):
+        nothing = {update: {"configs": [], "kept": 0, "kept_configs": []} for update in fused.VARIANTS}
+        return {"shape": CONFIG_CHECK_SHAPE[device.type], "assign_kept": [], "variants": nothing}
     assign_passed: set[int] = set()
-    assign_failed: set[int] = set()
-    variants, kept_updates = {}, {}
+    update_passed: dict[str, set[int]] = {update: set() for update in fused.VARIANTS}
+    failures: list[tuple[str, int, int]] = []  # (update step, assignment index, update index) of each failing pair
     for update in fused.VARIANTS:
         tuner = fused.TUNERS[update]
-        results, update_passed, update_failed = [], set(), set()
+        results = []
         # Every configuration of both lists is checked: the shorter list is cycled beside the longer (a plain zip
         # left the assignment's seventh configuration unchecked beside six update ones, yet kept it).
         assigns, updates = fused._assign.configs, tuner.configs
@@ -123,22 +126,42 @@ def check_configs(device: torch.device) -> dict[str, Any]:
             results.append({"config": [str(config) for config in pair], "checks": checks, "passed": passed})
             print(f"svg2 k-means {update} configs {pair[0]} / {pair[1]}: {'ok' if passed else 'FAILED'} {checks}",
                   flush=True)  # fmt: skip
-            (assign_passed if passed else assign_failed).add(places[0])
-            (update_passed if passed else update_failed).add(places[1])
-        kept_updates[update] = [config for index, config in enumerate(updates)
-                                if index in update_passed or index not in update_failed]  # fmt: skip
-        variants[update] = {"configs": results, "kept": len(kept_updates[update])}
-    kept_assign = [config for index, config in enumerate(fused._assign.configs)
-                   if index in assign_passed or index not in assign_failed]  # fmt: skip
+            if passed:
+                assign_passed.add(places[0])
+                update_passed[update].add(places[1])
+            else:
+                failures.append((update, *places))
+        variants[update] = {"configs": results}
+    # Every failing pair loses a member. One iteration from pinned configurations gives the same labels whatever the
+    # update step: an assignment configuration that passed elsewhere clears itself and blames its partner, an update
+    # one that passed elsewhere blames the assignment; a pair with neither cleared loses both.
+    dropped_assign: set[int] = set()
+    dropped_update: dict[str, set[int]] = {update: set() for update in fused.VARIANTS}
+    for update, assign_index, update_index in failures:
+        if assign_index in assign_passed:
+            dropped_update[update].add(update_index)
+        elif update_index in update_passed[update]:
+            dropped_assign.add(assign_index)
+        else:
+            dropped_assign.add(assign_index)
+            dropped_update[update].add(update_index)
+    kept_assign = [config for index, config in enumerate(fused._assign.configs) if index not in dropped_assign]
     if kept_assign:
         fused._assign.configs = kept_assign
         fused._assign.cache.clear()
-    for update, kept in kept_updates.items():
+    for update in fused.VARIANTS:
+        tuner = fused.TUNERS[update]
+        kept = [config for index, config in enumerate(tuner.configs) if index not in dropped_update[update]]
         if kept:
-            fused.TUNERS[update].configs = kept
-            fused.TUNERS[update].cache.clear()
-        variants[update]["kept"] = len(kept) if kept_assign else 0
-    return {"shape": CONFIG_CHECK_SHAPE[device.type], "variants": variants}
+            tuner.configs = kept
+            tuner.cache.clear()
+        usable = kept if kept_assign else []
+        variants[update] |= {"kept": len(usable), "kept_configs": [str(config) for config in usable]}
+    return {
+        "shape": CONFIG_CHECK_SHAPE[device.type],
+        "assign_kept": [str(config) for config in kept_assign],
+        "variants": variants,
+    }
 
 
 def kmeans_timings(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, dense_ms: float,

@@ -46,7 +46,8 @@ BACKEND_ENV = "BENCH_POPULARITY_BACKEND"
 DEFAULT_BACKEND = "auto"
 kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-#: Most key clusters one program ranks on chip (a sort of this many int32 keys; compiled for sm_90a, not run).
+#: Most key clusters one program ranks on chip (a sort of this many int32 keys; run on an H200 in the tests of
+#: reports/gpu/h200/run_1f3b6ab/).
 MAX_CLUSTERS = 4096
 #: Entries of ``keep`` a program of :func:`_cluster_totals` sums (16 query clusters of 1,024 padded key clusters), and
 #: its warps. A first version summed every query cluster of a head in one program (12 programs at Wan 1.3B): 0.20 ms
