@@ -14,6 +14,7 @@ from triton_helpers import DEVICE
 from triton_helpers import needs_kernel as triton_needs_kernel
 
 from harness.errors import HarnessError
+from methods.kernels import INTERPRETED
 from methods.kernels import permute_triton as permute
 from methods.kernels.block_sparse import permute_tokens, unpermute_tokens
 
@@ -100,7 +101,7 @@ def test_the_kernel_refuses_what_it_cannot_move() -> None:
     """Reasons name the tensor's problem; forcing the kernel where it cannot run is a specific error."""
     x = torch.randn(2, 3, 4, 8, requires_grad=True)
     assert permute.unsupported_reason(x) is not None
-    if permute.triton is not None and permute.INTERPRETED:
+    if permute.triton is not None and INTERPRETED:
         assert "gradients" in permute.unsupported_reason(x)
         assert "non-empty" in permute.unsupported_reason(torch.randn(2, 3, 0, 8))
         many = torch.zeros(1, 1, 4, 8).expand(permute.MAX_GROUPS + 1, 1, 4, 8)

@@ -22,6 +22,10 @@ from harness.errors import HarnessError
 F = TypeVar("F", bound=Callable[..., Any])
 
 OP_NAMESPACE = "attention_bench"
+#: The Triton interpreter (``TRITON_INTERPRET=1``): the kernels run on CPU tensors (tests), in small tiles.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+#: Where the kernels run: CPU tensors under the interpreter, CUDA ones otherwise.
+KERNEL_DEVICE = "cpu" if INTERPRETED else "cuda"
 #: Values of a kernel's backend variable (``BENCH_XATTN_BACKEND``, ...): where it can run, never, always.
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 #: Every kernel choice read from the environment (``BENCH_LINEAR_BACKEND``, ``BENCH_XATTN_VARIANT``, ...): its
@@ -48,6 +52,12 @@ def triton_jit(fn: F) -> F:
     except ImportError:
         return fn
     return triton.jit(fn)
+
+
+def on_kernel_device(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is where the kernels run (:data:`KERNEL_DEVICE`): the first check of each kernel module's
+    ``unsupported_reason``."""
+    return all(x.device.type == KERNEL_DEVICE for x in tensors)
 
 
 def last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:

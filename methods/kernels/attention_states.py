@@ -17,11 +17,9 @@ partial ones on Flex).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from methods.kernels import last_axis_contiguous, on_input_device, triton_jit
+from methods.kernels import last_axis_contiguous, on_input_device, on_kernel_device, triton_jit
 
 try:
     import triton
@@ -30,8 +28,6 @@ except ImportError:  # CPU-only installs (CI): the torch path
     triton = tl = None
 
 LOG2_E = 1.4426950408889634
-#: The Triton interpreter (TRITON_INTERPRET=1): tests run the kernel on CPU tensors.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 #: A program holds two ``(ROWS_PER_PROGRAM, D)`` fp32 tiles: up to 256 columns keeps them at 64 registers a thread
 #: (4 warps), and 32 rows give Wan 1.3B's 12 heads x 32,760 rows ~12,000 programs, enough to stream at full bandwidth.
 MAX_HEAD_DIM = 256
@@ -97,8 +93,7 @@ def _merge(a_ptr, la_ptr, b_ptr, lb_ptr, out_ptr, H, N, D: tl.constexpr, sab, sa
 def _kernel_runs(out_a: torch.Tensor) -> bool:
     """Whether the Triton merge runs: Triton installed, CUDA tensors (CPU ones under the interpreter), a head dim
     up to :data:`MAX_HEAD_DIM`."""
-    device_type = "cpu" if INTERPRETED else "cuda"
-    return triton is not None and out_a.device.type == device_type and out_a.shape[-1] <= MAX_HEAD_DIM
+    return triton is not None and on_kernel_device(out_a) and out_a.shape[-1] <= MAX_HEAD_DIM
 
 
 @on_input_device

@@ -29,7 +29,6 @@ Forward only.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,6 +36,7 @@ import torch
 
 from harness.errors import HarnessError
 from methods.kernels import (
+    INTERPRETED,
     descriptor_aligned,
     kernel_op,
     last_axis_contiguous,
@@ -53,8 +53,6 @@ try:
 except ImportError:  # CPU-only installs (CI): the backend is refused there
     triton = tl = None
 
-#: The Triton interpreter (TRITON_INTERPRET=1, CPU tensors): tests run the kernel on the CPU.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 128
 #: Where a pattern keeps its lists (:attr:`BlockSparsePattern.backend_plans`).
 LISTS_KEY = ("block-lists",)

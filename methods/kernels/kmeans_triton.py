@@ -92,7 +92,6 @@ contiguous last axis; centroids ``(G, C, D)`` float32. Returns labels ``(G, N)``
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -100,10 +99,13 @@ import torch
 
 from methods.kernels import (
     BACKENDS,
+    INTERPRETED,
+    KERNEL_DEVICE,
     env_choice,
     kernel_choice,
     kernel_op,
     last_axis_contiguous,
+    on_kernel_device,
     tile_columns,
     triton_jit,
     use_kernel,
@@ -137,8 +139,6 @@ MAX_HEAD_DIM = 128
 # Relative error (norm) of the kernel's centroids against the float64 means of the same labels: each is a sum of
 # up to N fp32 terms (relative error ~N u in the worst case, ~sqrt(N) u typically, u = 6e-8) and one division.
 CENTROID_TOLERANCE = 1e-5
-# The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot time configurations: one small one.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Candidates, none timed one by one (the autotuner times them at run time); compiled for sm_90 without a GPU, none
 # spills. (BLOCK_N tokens, BLOCK_C centroids, num_warps, num_stages) of the assignment: a (BLOCK_N, 128) tile of x
 # held while (128, BLOCK_C) tiles of the prepared centroids stream past; the autotuner keeps the fastest per cluster
@@ -427,9 +427,8 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
     multiplies bf16 operands as raw integers; bf16 from sm_80 on), for ``(G, N, D)`` points with ``D <= 128``."""
     if triton is None:
         return "triton is not installed"
-    device_type = "cpu" if INTERPRETED else "cuda"
-    if x.device.type != device_type:
-        return f"points are not on {device_type}"
+    if not on_kernel_device(x):
+        return f"points are not on {KERNEL_DEVICE}"
     dtypes = (torch.float16,) if INTERPRETED else (torch.float16, torch.bfloat16)
     if x.dtype not in dtypes:
         return f"points are {x.dtype}: the kernels cluster {' or '.join(str(d) for d in dtypes)} points"

@@ -50,7 +50,6 @@ Shapes: q ``(B, H, N, D)``, k and v ``(B, H, M, D)`` (any strides with a contigu
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
@@ -59,6 +58,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from methods.kernels import (
     BACKENDS,
+    INTERPRETED,
     kernel_choice,
     kernel_op,
     last_axis_contiguous,
@@ -90,8 +90,6 @@ KIND_CODES = {"hedgehog": 0, "relu": 1, "elu": 2}
 # Tensor types the eager path runs on directly (subclasses such as fake or functional tensors take the op).
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _MAP_KINDS: dict[type[FeatureMap], str] = {HedgehogFeatureMap: "hedgehog", ReluFeatureMap: "relu", EluFeatureMap: "elu"}
-# The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot time configurations: one small one.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, num_warps, num_stages) per kernel; the autotuner keeps the fastest of each list (head dim 128; smaller
 # heads take the first untimed). The lists hold the configurations an H200 chose at the Wan shapes
 # (reports/gpu/h200/linear_triton), a deeper pipeline at two programs per SM for the memory-bound relu and elu

@@ -21,16 +21,16 @@ dtype. No gradients: callers take the torch path for tensors that need them.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from methods.kernels import (
     BACKENDS,
+    KERNEL_DEVICE,
     kernel_choice,
     kernel_op,
     last_axis_contiguous,
     needs_gradients,
+    on_kernel_device,
     tile_columns,
     triton_jit,
     use_kernel,
@@ -45,7 +45,6 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
 BACKEND_ENV = "BENCH_PERMUTE_BACKEND"
 DEFAULT_BACKEND = "auto"
 kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 #: Rows a program moves, and its warps: 32 x 4 was within 5% of the fastest of (16-128 rows) x (4, 8 warps) in both
 #: directions and both layouts of q (contiguous, and the projection's transposed one) on an H200 at Wan 1.3B.
 BLOCK_ROWS, NUM_WARPS = 32, 4
@@ -77,9 +76,8 @@ def unsupported_reason(x: torch.Tensor) -> str | None:
     interpreter; a ``(B, H, N, D)`` tensor with tokens, not needing gradients."""
     if triton is None:
         return "triton is not installed"
-    device_type = "cpu" if INTERPRETED else "cuda"
-    if x.device.type != device_type:
-        return f"x is not on {device_type}"
+    if not on_kernel_device(x):
+        return f"x is not on {KERNEL_DEVICE}"
     if x.dim() != 4 or x.numel() == 0:
         return f"x of shape {tuple(x.shape)} is not a non-empty (B, H, N, D)"
     if needs_gradients(x):

@@ -29,11 +29,18 @@ kept keys ``(G, R)`` int64, as the torch path. Needs ``(N + 2) C' <= 2^30`` (the
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from methods.kernels import BACKENDS, kernel_choice, kernel_op, triton_jit, use_kernel
+from methods.kernels import (
+    BACKENDS,
+    INTERPRETED,
+    KERNEL_DEVICE,
+    kernel_choice,
+    kernel_op,
+    on_kernel_device,
+    triton_jit,
+    use_kernel,
+)
 from methods.kernels.sorting_triton import sort_keys
 
 try:
@@ -45,7 +52,6 @@ except ImportError:  # CPU-only installs (CI): every call takes the torch path
 BACKEND_ENV = "BENCH_POPULARITY_BACKEND"
 DEFAULT_BACKEND = "auto"
 kernel_choice(BACKEND_ENV, DEFAULT_BACKEND, BACKENDS)
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 #: Most key clusters one program ranks on chip (a sort of this many int32 keys; run on an H200 in the tests of
 #: reports/gpu/h200/run_1f3b6ab/).
 MAX_CLUSTERS = 4096
@@ -129,9 +135,8 @@ def unsupported_reason(keep: torch.Tensor, k_order: torch.Tensor) -> str | None:
     ``(N + 2) C' <= 2^30`` for N keys (the sort's int32 keys)."""
     if triton is None:
         return "triton is not installed"
-    device_type = "cpu" if INTERPRETED else "cuda"
-    if {keep.device.type, k_order.device.type} != {device_type}:
-        return f"inputs are not all on {device_type}"
+    if not on_kernel_device(keep, k_order):
+        return f"inputs are not all on {KERNEL_DEVICE}"
     if keep.dim() != 3 or keep.numel() == 0 or k_order.shape[-1] == 0:
         return f"kept pairs of shape {tuple(keep.shape)} over {k_order.shape[-1]} keys"
     padded = _padded(keep.shape[-1])

@@ -51,12 +51,11 @@ CPU tensors under the interpreter (``TRITON_INTERPRET=1``, tests) as on CUDA.
 
 from __future__ import annotations
 
-import os
 import struct
 
 import torch
 
-from methods.kernels import BACKENDS, kernel_choice, kernel_op, triton_jit, use_kernel
+from methods.kernels import BACKENDS, KERNEL_DEVICE, kernel_choice, kernel_op, on_kernel_device, triton_jit, use_kernel
 
 try:
     import triton
@@ -79,7 +78,6 @@ MAX_ENTRIES = 4096
 #: 16 / 8 entries a thread with float64 sums and 0.101 / 0.070 / 0.064 ms with int32 sums (reports/gpu/h200/
 #: run_2c9239b/svg2_probe6.json).
 ENTRIES_PER_THREAD = {"float64": 16, "int32": 8}
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def launch_options(block: int, int_weights: bool) -> dict[str, int]:
@@ -159,9 +157,8 @@ def unsupported_reason(scores: torch.Tensor, weights: torch.Tensor) -> str | Non
     interpreter; float32 scores with at least one and at most :data:`MAX_ENTRIES` entries a row."""
     if triton is None:
         return "triton is not installed"
-    device_type = "cpu" if INTERPRETED else "cuda"
-    if {scores.device.type, weights.device.type} != {device_type}:
-        return f"inputs are not all on {device_type}"
+    if not on_kernel_device(scores, weights):
+        return f"inputs are not all on {KERNEL_DEVICE}"
     if scores.dtype != torch.float32:
         return f"scores are {scores.dtype}, the kernel ranks float32"
     if scores.dim() == 0 or not 0 < scores.shape[-1] <= MAX_ENTRIES:

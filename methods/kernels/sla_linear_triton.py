@@ -38,17 +38,19 @@ smaller blocks, as the toy's 8, take the torch path); the marginal blocks ``(B|1
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from methods.kernels import (
     BACKENDS,
+    INTERPRETED,
+    KERNEL_DEVICE,
     kernel_choice,
     kernel_op,
     last_axis_contiguous,
     needs_gradients,
+    on_kernel_device,
     tile_columns,
     triton_jit,
     use_kernel,
@@ -70,8 +72,6 @@ BACKEND_NOTE = (f"the linear branch, projection and sum in Triton on CUDA (fp16/
                 f"path")  # fmt: skip
 MAX_HEAD_DIM = 128
 MIN_BLOCK = 16  # tl.dot's smallest dimension
-# The Triton interpreter (TRITON_INTERPRET=1, CPU tensors): tests run the kernels there.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Key blocks per program of the key states (at Wan 1.3B 32 chunks x 12 heads).
 CHUNK_BLOCKS = 16
 # (num_warps, num_stages) of the per-query-block kernel (no loop: one stage); the autotuner keeps the faster per
@@ -181,9 +181,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block:
         return "triton is not installed"
     if block < MIN_BLOCK or block & (block - 1):
         return f"block {block} is not a power of two >= {MIN_BLOCK}"
-    device_type = "cpu" if INTERPRETED else "cuda"
-    if {x.device.type for x in (q, k, v)} != {device_type}:
-        return f"inputs are not all on {device_type}"
+    if not on_kernel_device(q, k, v):
+        return f"inputs are not all on {KERNEL_DEVICE}"
     dtypes = (torch.float16,) if INTERPRETED else (torch.float16, torch.bfloat16)
     if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in dtypes:
         return f"inputs are {q.dtype}/{k.dtype}/{v.dtype}: the kernel takes {' or '.join(map(str, dtypes))}"

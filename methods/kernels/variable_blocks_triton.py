@@ -49,7 +49,6 @@ run_c8cd359/, run_ec88077/).
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from methods.kernels import (
+    INTERPRETED,
     descriptor_aligned,
     kernel_op,
     last_axis_contiguous,
@@ -72,9 +72,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs (CI): the backend is refused there
     triton = tl = None
-
-#: The Triton interpreter (TRITON_INTERPRET=1, CPU tensors): tests run the kernels on the CPU, in small tiles.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class Config(NamedTuple):

@@ -62,18 +62,20 @@ power of two; masses ``(B, H, nb, nb)`` float32, ``nb = ceil(N / block)``.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
 
 from methods.kernels import (
     BACKENDS,
+    INTERPRETED,
+    KERNEL_DEVICE,
     descriptor_aligned,
     env_choice,
     kernel_choice,
     kernel_op,
     last_axis_contiguous,
+    on_kernel_device,
     tile_columns,
     triton_jit,
     use_descriptor_scratch,
@@ -111,8 +113,6 @@ MAX_HEAD_DIM = 128
 # ex2.approx, 2^-22 relative). The reference's own softmax is fp32. 1e-5 leaves a 100x margin.
 MASS_TOLERANCE = 1e-5
 LOG2_E = 1.4426950408889634
-# The Triton interpreter (TRITON_INTERPRET=1, CPU tensors) cannot time configurations: one small one.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_M reduced query rows, BLOCK_N reduced keys, num_warps, num_stages); the autotuner keeps the fastest
 # (tiles smaller than one block, R = block / S, are pruned). Not yet run on a GPU: at Wan's block 128 and S = 8
 # (R = 16) every score tile is a loop of S = 8 products of K = 128, whose loads (a (BLOCK_M, D) and a (D, BLOCK_N)
@@ -327,9 +327,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, block: int, stride: int
     multiplies bf16 operands as raw integers)."""
     if triton is None:
         return "triton is not installed"
-    device_type = "cpu" if INTERPRETED else "cuda"
-    if {q.device.type, k.device.type} != {device_type}:
-        return f"inputs are not all on {device_type}"
+    if not on_kernel_device(q, k):
+        return f"inputs are not all on {KERNEL_DEVICE}"
     dtypes = (torch.float16,) if INTERPRETED else (torch.float16, torch.bfloat16)
     if q.dtype != k.dtype or q.dtype not in dtypes:
         return f"inputs are {q.dtype}/{k.dtype}: the kernel scores {' or '.join(str(d) for d in dtypes)} inputs"
