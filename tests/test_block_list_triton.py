@@ -31,8 +31,14 @@ needs_kernel = triton_needs_kernel(kernel)
 DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
 #: Relative error of the kernel's output against float64 attention on the same (rounded) inputs.
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-#: Every way the kernel loads key blocks: one per step by pointers or by tensor descriptors, two per step.
-LOADS = (kernel.Config(1, 4, 2), kernel.Config(1, 4, 2, True), kernel.Config(2, 4, 2))
+#: Every way the kernel loads key blocks: one per step by pointers or by tensor descriptors (with and without warp
+#: specialisation, which the interpreter ignores: on CUDA it changes the schedule, not the arithmetic), two per step.
+LOADS = (
+    kernel.Config(1, 4, 2),
+    kernel.Config(1, 4, 2, True),
+    kernel.Config(1, 4, 2, True, True),
+    kernel.Config(2, 4, 2),
+)
 
 
 def random_tiles(batch: int, heads: int, tokens: int, block: int, share: float = 0.4) -> torch.Tensor:
@@ -135,6 +141,21 @@ def test_a_count_past_the_lists_length_reads_the_list_only(config: kernel.Config
 
 
 @needs_kernel
+@pytest.mark.parametrize("config", LOADS[:2], ids=lambda c: c.name)
+def test_the_ragged_last_block_alone_or_beside_others(config: kernel.Config) -> None:
+    """With descriptor loads the sequence's ragged last block runs after the others, merged into their output: rows
+    that keep only it, it and others, and not it all match (70 tokens in blocks of 16: the last holds 6)."""
+    torch.manual_seed(11)
+    q, k, v = inputs((1, 2, 70, 16), torch.float16)
+    kept = torch.zeros(1, 2, 5, 5, dtype=torch.bool, device=DEVICE)
+    kept[..., 0, 4] = True  # only the ragged block
+    kept[..., 1, [0, 2, 4]] = True  # it and others
+    kept[..., 2:, :2] = True  # not it
+    out = run(q, k, v, kept, 16, config)
+    assert relative_error(out, float64_attention(q, k, v, BlockSparsePattern(kept, 70, 16))) < TOLERANCE[torch.float16]
+
+
+@needs_kernel
 def test_a_query_block_that_keeps_no_key_gets_zeros() -> None:
     torch.manual_seed(3)
     q, k, v = inputs((1, 1, 48, 16), torch.float16)
@@ -200,13 +221,16 @@ def test_op_passes_opcheck() -> None:
     ((1, 1, 32, 16), 16, "int64", "triton-blocks takes int32 lists and counts, got torch.int64 and torch.int32"),
     ((1, 2, 32, 16), 16, "three heads", r"block lists \(1, 3, 2, 2\) and counts \(1, 3, 2\) do not fit q"),
     ((1, 1, 32, 16), 16, "pairs with descriptors", "configuration 2x4x2t: descriptor loads take one key block a step"),
+    ((1, 1, 32, 16), 16, "specialised pointer loads", "configuration 1x4x2w: warp specialisation takes descriptor"),
 ])  # fmt: skip
 def test_bad_calls_are_refused_with_their_reason(shape: tuple[int, ...], block: int, change: str | None,
                                                  message: str) -> None:  # fmt: skip
     q = torch.randn(*shape, dtype=torch.float16)
     lists, counts = kernel.block_lists(torch.ones(1, 3 if change == "three heads" else 1, 2, 2, dtype=torch.bool))
     lists = lists.long() if change == "int64" else lists
-    config = kernel.Config(2, 4, 2, True) if change == "pairs with descriptors" else None
+    configs = {"pairs with descriptors": kernel.Config(2, 4, 2, True),
+               "specialised pointer loads": kernel.Config(1, 4, 2, False, True)}  # fmt: skip
+    config = configs.get(change)
     with pytest.raises(HarnessError, match=message):
         kernel.block_list_attention(q, q, q, lists, counts, block, config)
 
@@ -230,7 +254,8 @@ STAND_IN_CALLS: list[int] = []
 
 @torch.library.custom_op("bench_test::block_lists_masked", mutates_args=())
 def _masked_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor, counts: torch.Tensor,
-                     block: int, pairs: int, num_warps: int, num_stages: int, tma: bool) -> torch.Tensor:  # fmt: skip
+                     block: int, pairs: int, num_warps: int, num_stages: int, tma: bool,
+                     ws: bool) -> torch.Tensor:  # fmt: skip
     """The kernel op's contract computed by masked dense SDPA on the CPU (no Triton here); counts its calls."""
     STAND_IN_CALLS.append(block)
     blocks = lists.shape[-2]

@@ -7,7 +7,8 @@ Patterns (fresh random bf16 inputs):
   svg's own tile sizes on short and on long clips).
 
 1. Correctness at 8,190 tokens (12 heads x 128, not a multiple of 64): each configuration and Flex against masked
-   dense in fp32 (bf16 tolerance). A failure stops the script.
+   dense in fp32 (bf16 tolerance). A configuration that fails is recorded and not timed; a failure of Flex or of a
+   block size's shipped configuration (:data:`~methods.kernels.block_list_triton.BEST_CONFIGS`) stops the script.
 2. Latency per call at Wan 1.3B 480p (12 heads, 32,760 tokens) and Wan 14B 720p (40 heads, 75,600): cuDNN dense
    (pinned; run_fd15a60 timed SDPA's own choice, 11.7 ms at 1.3B, the pinned cuDNN's 10.9-11.7 on later H200s),
    Flex on the pattern's own tiles (flex-tuned's options for it), each configuration; per pattern the ideal
@@ -38,11 +39,13 @@ BF16_RELATIVE_TOLERANCE = 2e-2
 CHECK_SHAPE = (12, 8190)
 RANDOM_DENSITY = 0.3
 SLA_CLASSES = (0.05, 0.10)  # the paper's critical and skipped shares
+#: Pointer loads and two blocks a step lost to descriptor loads at every shape in run_fd15a60 and are not swept again;
+#: the warp-specialised ones (``w``) are Triton's Hopper schedule, 4-warp programs only (it leaves 8-warp ones as
+#: they are), in the stages that fit shared memory (128-token blocks: 2).
 CONFIGS = {
-    64: (blocks.Config(1, 4, 2), blocks.Config(1, 4, 3), blocks.Config(1, 4, 4), blocks.Config(1, 4, 2, True),
-         blocks.Config(1, 4, 3, True), blocks.Config(1, 4, 4, True), blocks.Config(2, 8, 2), blocks.Config(2, 8, 3),
-         blocks.Config(1, 8, 3, True)),
-    128: (blocks.Config(1, 8, 2), blocks.Config(1, 8, 3), blocks.Config(1, 8, 2, True), blocks.Config(1, 8, 3, True)),
+    64: (blocks.Config(1, 4, 3, True), blocks.Config(1, 4, 4, True), blocks.Config(1, 4, 2, True, True),
+         blocks.Config(1, 4, 3, True, True), blocks.Config(1, 4, 4, True, True)),
+    128: (blocks.Config(1, 8, 2, True), blocks.Config(1, 8, 3, True), blocks.Config(1, 4, 2, True, True)),
 }  # fmt: skip
 
 
@@ -113,9 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"correctness": errors, "tolerance": BF16_RELATIVE_TOLERANCE,
                               "environment": capture_environment(device), "shapes": {}}  # fmt: skip
     failed = {name: err for name, err in errors.items() if not err <= BF16_RELATIVE_TOLERANCE}
-    if failed:
+    shipped = {f"_{config.name}" for config in blocks.BEST_CONFIGS.values()} | {"_flex"}
+    result["failed"] = failed
+    if any(name.endswith(tuple(shipped)) for name in failed):
         write_json_atomic(args.out / "block_list_gpu.json", {**result, "status": "failed"})
         raise SystemExit(f"correctness failed: {failed}")
+    for size, configs in CONFIGS.items():
+        CONFIGS[size] = tuple(c for c in configs if not any(name.endswith(f"_{c.name}") for name in failed))
     for name in args.shapes.split(","):
         heads, tokens = SHAPES[name]
         print(f"{name} ({heads} heads, {tokens} tokens)", flush=True)

@@ -49,15 +49,19 @@ def merge_attention_states_torch(out_a: torch.Tensor, lse_a: torch.Tensor, out_b
 
 
 @triton_jit
-def accumulate_tile(s, valid, v, m_i, l_i, acc):
+def accumulate_tile(qk, scale, valid, v, m_i, l_i, acc, MASKED: tl.constexpr):
     """One key tile of FlashAttention's online softmax, the step of the block-sparse kernels
-    (:mod:`methods.kernels.block_list_triton`, :mod:`methods.kernels.variable_blocks_triton`): scores ``s
-    (BLOCK_M, BLOCK_N)`` in log2 units of the columns ``valid``, their values ``v (BLOCK_N, BLOCK_D)``; the running
-    row max ``m_i``, sum ``l_i`` and fp32 accumulator ``acc`` updated and returned."""
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    (:mod:`methods.kernels.block_list_triton`, :mod:`methods.kernels.variable_blocks_triton`): raw scores ``qk
+    (BLOCK_M, BLOCK_N)`` fp32 (``q k^T``), ``scale`` (``log2(e) / sqrt(D)``: the softmax in base 2), with ``MASKED``
+    only the columns ``valid (BLOCK_N,)`` kept (without it every column counts: no select per score), their values
+    ``v (BLOCK_N, BLOCK_D)``; the running row max ``m_i`` (log2 units), sum ``l_i`` and fp32 accumulator ``acc``
+    updated and returned. The scale is folded into the exponent's argument (one FMA per score, as Triton's fused
+    attention tutorial does), not applied to the scores first."""
+    if MASKED:
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale)
     alpha = tl.exp2(m_i - m_new)
-    weights = tl.exp2(s - m_new[:, None])
+    weights = tl.exp2(qk * scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(weights, axis=1)
     acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
     return m_new, l_i, acc

@@ -5,8 +5,8 @@ Computes what :func:`methods.kernels.block_sparse.masked_dense_attention` comput
 kept tile full; the reference it is tested against): per group g (one (batch, head) pair) query block i, tokens
 ``[i b, (i + 1) b)``, attends to the tokens of the key blocks its row keeps, ``softmax(q k^T / sqrt(D)) v`` over
 exactly those keys, FlashAttention's online softmax in fp32 (exp2, scale folded in). The kept key blocks of (g, i)
-come as a list, ``lists[g, i, :counts[g, i]]`` int32 (:func:`block_lists` builds it from a tile table; a method that
-ranks blocks has it already, SLA's critical blocks).
+come as a list, ``lists[g, i, :counts[g, i]]`` int32, ascending (:func:`block_lists` builds it from a tile table; a
+method that ranks blocks has it already, SLA's critical blocks, and sorts it).
 
 Why a kernel of our own: SLA (Zhang et al., 2025, Sec. 4) keeps 5% of 64 x 64 blocks at Wan 1.3B, and its own
 kernel (thu-ml/SLA, Triton) streams each query block's critical key blocks from such a list. Flex computes the same
@@ -17,7 +17,11 @@ tiles at 3.8x density x cuDNN (reports/gpu/h200/run_096045e/, BLOCK 64 options),
 - per step, ``PAIRS`` listed key blocks (one key tile of ``PAIRS b`` rows: a wider product, half the softmax
   rescales per key at 2) are loaded by pointers (``cp.async``), or with ``TMA`` and ``PAIRS`` 1 through tensor
   descriptors (Hopper's copy engine; a whole block is one contiguous ``(b, D)`` box);
-- a key block past N (the ragged last block) is masked to -inf, a list entry past the count too.
+- with descriptor loads, every listed block but the sequence's ragged last one (the row's last entry, the lists
+  ascending) runs without a column mask, that one after the loop, masked to its tokens below N; with pointer
+  loads, a key block past N is masked to -inf, a list entry past the count too;
+- with ``WS``, the key loop is warp-specialised by Triton (``tl.range(warp_specialize=True)``: on Hopper, producer
+  warps issue the descriptor loads into a ring of shared-memory stages while the program's warps compute).
 
 Query rows of a block that keeps no key get zeros (masked dense gives NaN; no method makes such a block).
 
@@ -62,17 +66,20 @@ BLOCK_SIZES = (16, 32, 64, 128)
 
 
 class Config(NamedTuple):
-    """A launch of :func:`_attention`: key blocks per step, warps, pipeline stages, tensor-descriptor loads."""
+    """A launch of :func:`_attention`: key blocks per step, warps, pipeline stages, tensor-descriptor loads, and
+    Triton's automatic warp specialisation of the key loop (Hopper: producer warps issue the descriptor loads while
+    the program's own warps compute; it applies to 4-warp programs, descriptor loads only)."""
 
     pairs: int
     num_warps: int
     num_stages: int
     tma: bool = False
+    ws: bool = False
 
     @property
     def name(self) -> str:
-        """``2x4x3`` (``t`` appended for descriptor loads)."""
-        return "x".join(map(str, self[:3])) + ("t" if self.tma else "")
+        """``2x4x3`` (``t`` appended for descriptor loads, ``w`` for warp specialisation)."""
+        return "x".join(map(str, self[:3])) + ("t" if self.tma else "") + ("w" if self.ws else "")
 
 
 #: The configuration per block size: the fastest of the H200 sweep (harness.benchmarks.block_list_gpu, 9 of them at
@@ -86,52 +93,108 @@ BEST_CONFIGS = {16: Config(1, 4, 3, True), 32: Config(1, 4, 3, True), 64: Config
 
 
 @triton_jit
-def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lists_ptr, counts_ptr, scale, H, N, L,
+def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale, H, N, L,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, slr, scb, sch,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PAIRS: tl.constexpr,
-               TMA: tl.constexpr):  # fmt: skip
+               TMA: tl.constexpr, WS: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
     """Program (i, g): query block i of group g = (b, h) over its listed key blocks ``lists[b, h, i, :counts[b, h,
     i]]`` (strides slb, slh, slr, 1 and scb, sch, 1: 0 where a table is shared by every batch item or head; a count
     above the lists' length L reads L entries). ``scale`` is ``log2(e) / sqrt(D)``; the output ``(B * H, N, D)``
-    contiguous."""
+    contiguous. With ``SPLIT`` (descriptor loads, N not a multiple of BLOCK) a listed ragged last block is left to
+    :func:`_ragged_block` and each row's base-2 log-sum-exp goes to ``lse (B * H, N)`` fp32 for it."""
     i, g = tl.program_id(0), tl.program_id(1)
     b, h = (g // H).to(tl.int64), (g % H).to(tl.int64)
     rows = i * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK_D)
     inside = cols < D
     row_mask = (rows < N)[:, None] & inside[None, :]
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqn + cols[None, :], mask=row_mask,
-                other=0.0)  # fmt: skip
     count = tl.minimum(tl.load(counts_ptr + b * scb + h * sch + i), L)  # never past the row's own list
     listed = lists_ptr + b * slb + h * slh + i * slr
     k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
-    if TMA:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[N, D], strides=[skn, 1], block_shape=[BLOCK, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[N, D], strides=[svn, 1], block_shape=[BLOCK, BLOCK_D])
-    else:
-        # A key tile is PAIRS listed blocks, one after the other: tile row r is row r % BLOCK of entry r // BLOCK.
-        within = tl.arange(0, PAIRS * BLOCK) % BLOCK
-        part = tl.arange(0, PAIRS * BLOCK) // BLOCK
+    o_base = o_ptr + g.to(tl.int64) * N * D
     m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK,), dtype=tl.float32)
     acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
-    for step in range(0, count, PAIRS):
-        if TMA:
+    if TMA:
+        # Every read and write a whole box: Triton's warp specialisation of the loop applies only where nothing
+        # but the epilogue follows it (no masked step after it, seen compiling for sm_90).
+        q_desc = tl.make_tensor_descriptor(q_ptr + b * sqb + h * sqh, shape=[N, D], strides=[sqn, 1],
+                                           block_shape=[BLOCK, BLOCK_D])  # fmt: skip
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[N, D], strides=[skn, 1], block_shape=[BLOCK, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[N, D], strides=[svn, 1], block_shape=[BLOCK, BLOCK_D])
+        q = q_desc.load([i * BLOCK, 0])  # zeros past N
+        whole = count
+        if SPLIT:  # lists ascend: the sequence's ragged last block, where listed, is the row's last entry
+            whole -= ((count > 0) & (tl.load(listed + tl.maximum(count - 1, 0)) * BLOCK + BLOCK > N)).to(tl.int32)
+        for step in tl.range(0, whole, warp_specialize=WS):
             start = tl.load(listed + step).to(tl.int32) * BLOCK  # descriptor offsets are 32-bit
-            valid = start + tl.arange(0, BLOCK) < N
-            k = k_desc.load([start, 0])  # zeros past N
+            k = k_desc.load([start, 0])
             v = v_desc.load([start, 0])
-        else:
+            m_i, l_i, acc = accumulate_tile(tl.dot(q, tl.trans(k)), scale, None, v, m_i, l_i, acc, False)
+        out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[N, D], strides=[D, 1], block_shape=[BLOCK, BLOCK_D])
+        o_desc.store([i * BLOCK, 0], out.to(o_ptr.dtype.element_ty))  # rows past N are not written
+        if SPLIT:
+            tl.store(lse_ptr + g.to(tl.int64) * N + rows, m_i + tl.log2(l_i), mask=rows < N)  # -inf: no key
+    else:
+        q = tl.load(q_ptr + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqn + cols[None, :], mask=row_mask,
+                    other=0.0)  # fmt: skip
+        # A key tile is PAIRS listed blocks, one after the other: tile row r is row r % BLOCK of entry r // BLOCK.
+        within = tl.arange(0, PAIRS * BLOCK) % BLOCK
+        part = tl.arange(0, PAIRS * BLOCK) // BLOCK
+        for step in range(0, count, PAIRS):
             entry = step + part
             keys = tl.load(listed + entry, mask=entry < count, other=0) * BLOCK + within
             valid = (entry < count) & (keys < N)
             tile_mask = valid[:, None] & inside[None, :]
             k = tl.load(k_base + keys.to(tl.int64)[:, None] * skn + cols[None, :], mask=tile_mask, other=0.0)
             v = tl.load(v_base + keys.to(tl.int64)[:, None] * svn + cols[None, :], mask=tile_mask, other=0.0)
-        m_i, l_i, acc = accumulate_tile(tl.dot(q, tl.trans(k)) * scale, valid, v, m_i, l_i, acc)
-    out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
-    o_base = o_ptr + g.to(tl.int64) * N * D
-    tl.store(o_base + rows.to(tl.int64)[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=row_mask)
+            m_i, l_i, acc = accumulate_tile(tl.dot(q, tl.trans(k)), scale, valid, v, m_i, l_i, acc, True)
+        out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
+        tl.store(o_base + rows.to(tl.int64)[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_mask)  # fmt: skip
+
+
+@triton_jit
+def _ragged_block(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale, H, N, L,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, slr, scb, sch,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Program (i, g), after :func:`_attention` with ``SPLIT``: where query block i of group g lists the sequence's
+    ragged last block, that block's keys below N (masked) merged into the row's output ``o`` and its log-sum-exp
+    ``lse``, the other blocks' (:mod:`methods.kernels.attention_states`' combine: ``o = (2^{lse} o + sum_j p_j v_j)
+    / (2^{lse} + sum_j p_j)``, against the larger exponent). Other programs return at once."""
+    i, g = tl.program_id(0), tl.program_id(1)
+    b, h = (g // H).to(tl.int64), (g % H).to(tl.int64)
+    count = tl.minimum(tl.load(counts_ptr + b * scb + h * sch + i), L)
+    last = tl.load(lists_ptr + b * slb + h * slh + i * slr + tl.maximum(count - 1, 0)) * BLOCK
+    if (count > 0) & (last + BLOCK > N):
+        rows = i * BLOCK + tl.arange(0, BLOCK)
+        keys = last + tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK_D)
+        inside = cols < D
+        row_mask = (rows < N)[:, None] & inside[None, :]
+        valid = keys < N
+        key_mask = valid[:, None] & inside[None, :]
+        q = tl.load(q_ptr + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqn + cols[None, :], mask=row_mask,
+                    other=0.0)  # fmt: skip
+        k = tl.load(k_ptr + b * skb + h * skh + keys.to(tl.int64)[:, None] * skn + cols[None, :], mask=key_mask,
+                    other=0.0)  # fmt: skip
+        v = tl.load(v_ptr + b * svb + h * svh + keys.to(tl.int64)[:, None] * svn + cols[None, :], mask=key_mask,
+                    other=0.0)  # fmt: skip
+        m_b = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+        m_b, l_b, acc = accumulate_tile(tl.dot(q, tl.trans(k)), scale, valid, v, m_b,
+                                        tl.zeros((BLOCK,), dtype=tl.float32),
+                                        tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32), True)  # fmt: skip
+        o_rows = o_ptr + g.to(tl.int64) * N * D + rows.to(tl.int64)[:, None] * D + cols[None, :]
+        lse_rows = lse_ptr + g.to(tl.int64) * N + rows
+        lse_a = tl.load(lse_rows, mask=rows < N, other=float("-inf"))
+        top = tl.maximum(lse_a, m_b)  # m_b is finite: the block has a key below N
+        weight_a = tl.exp2(lse_a - top)  # 0 where the other blocks gave no key
+        weight_b = tl.exp2(m_b - top)
+        out_a = tl.load(o_rows, mask=row_mask, other=0.0).to(tl.float32)
+        total = weight_a + weight_b * l_b
+        out = (out_a * weight_a[:, None] + acc * weight_b[:, None]) / total[:, None]
+        tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_mask)
 
 
 def block_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +208,7 @@ def block_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @kernel_op("block_list_attention")
 def block_list_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor,
                             counts: torch.Tensor, block: int, pairs: int, num_warps: int, num_stages: int,
-                            tma: bool) -> torch.Tensor:  # fmt: skip
+                            tma: bool, ws: bool) -> torch.Tensor:  # fmt: skip
     """:func:`block_list_attention`'s launch as one op (torch.compile sees one opaque call), its configuration
     spelled out."""
     batch, heads, tokens, dim = q.shape
@@ -155,30 +218,47 @@ def block_list_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     if lists.stride(-1) != 1 or counts.stride(-1) != 1:
         lists, counts = lists.contiguous(), counts.contiguous()
     groups, blocks = batch * heads, lists.shape[-2]
-    with_tma = tma and descriptor_aligned(k) and descriptor_aligned(v)
+    with_tma = tma and all(descriptor_aligned(x) for x in (q, k, v))
     if with_tma and not INTERPRETED:
         use_descriptor_scratch()
+    split = with_tma and tokens % block != 0
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    _attention[(blocks, groups)](
-        q, k, v, out, lists, counts, 1.4426950408889634 / dim**0.5, heads, tokens, lists.shape[-1],
+    lse = torch.empty(q.shape[:-1] if split else (1,), device=q.device, dtype=torch.float32)
+    arguments = (
+        q, k, v, out, lse, lists, counts, 1.4426950408889634 / dim**0.5, heads, tokens, lists.shape[-1],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), lists.stride(0), lists.stride(1), lists.stride(2), counts.stride(0), counts.stride(1),
-        D=dim, BLOCK_D=tile_columns(dim), BLOCK=block, PAIRS=pairs, TMA=with_tma,
-        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    block_d = tile_columns(dim)
+    _attention[(blocks, groups)](
+        *arguments,
+        D=dim,
+        BLOCK_D=block_d,
+        BLOCK=block,
+        PAIRS=pairs,
+        TMA=with_tma,
+        WS=ws and with_tma,
+        SPLIT=split,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if split:
+        _ragged_block[(blocks, groups)](*arguments, D=dim, BLOCK_D=block_d, BLOCK=block, num_warps=4, num_stages=1)
     return out
 
 
 @block_list_attention_op.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor, counts: torch.Tensor, block: int,
-      pairs: int, num_warps: int, num_stages: int, tma: bool) -> torch.Tensor:  # fmt: skip
+      pairs: int, num_warps: int, num_stages: int, tma: bool, ws: bool) -> torch.Tensor:  # fmt: skip
     return q.new_empty(q.shape)
 
 
 def block_list_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: torch.Tensor, counts: torch.Tensor,
                          block: int, config: Config | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of q, k, v ``(B, H, N, D)`` (fp16/bf16, on CUDA or under the Triton interpreter) over the listed
-    key blocks: ``lists (B or 1, H or 1, R, L)`` int32, ``counts (B or 1, H or 1, R)`` int32, blocks of ``block``
+    key blocks: ``lists (B or 1, H or 1, R, L)`` int32, each row's first ``counts`` entries ascending (as
+    :func:`block_lists` and SLA's :func:`~methods.sla.critical_lists` make them: the descriptor path takes the
+    sequence's ragged last block for a row's last entry), ``counts (B or 1, H or 1, R)`` int32, blocks of ``block``
     tokens, with ``config`` (default :data:`BEST_CONFIGS`' for the block). Returns ``(B, H, N, D)`` in q's dtype.
 
     Raises:
@@ -206,6 +286,8 @@ def block_list_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, list
     config = config or BEST_CONFIGS[block]
     if config.tma and config.pairs != 1:
         raise HarnessError(f"configuration {config.name}: descriptor loads take one key block a step")
+    if config.ws and not config.tma:
+        raise HarnessError(f"configuration {config.name}: warp specialisation takes descriptor loads")
     return block_list_attention_op(q, k, v, lists, counts, block, *config)
 
 

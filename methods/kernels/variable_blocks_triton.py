@@ -248,7 +248,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_s
                     tile_mask = (token < N)[:, None] & inside[None, :]
                     k = tl.load(k_base + token[:, None] * skn + cols[None, :], mask=tile_mask, other=0.0)
                     v = tl.load(v_base + token[:, None] * svn + cols[None, :], mask=tile_mask, other=0.0)
-                m_i, l_i, acc = accumulate_tile(tl.dot(q, tl.trans(k)) * scale, valid, v, m_i, l_i, acc)
+                m_i, l_i, acc = accumulate_tile(tl.dot(q, tl.trans(k)), scale, valid, v, m_i, l_i, acc, True)
         count = tl.load(counts_ptr + row)
         base = tl.load(offsets_ptr + row)
         for offset in range(0, count, BLOCK_N):
@@ -258,14 +258,14 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_s
             if K_ROWS:
                 k = tl.load(k_base + token[:, None] * skn + cols[None, :], mask=valid[:, None] & inside[None, :],
                             other=0.0)  # fmt: skip
-                s = tl.dot(q, tl.trans(k)) * scale
+                qk = tl.dot(q, tl.trans(k))
             else:  # (BLOCK_D, BLOCK_N): k^T by its addresses
                 kt = tl.load(k_base + token[None, :] * skn + cols[:, None], mask=valid[None, :] & inside[:, None],
                              other=0.0)  # fmt: skip
-                s = tl.dot(q, kt) * scale
+                qk = tl.dot(q, kt)
             v = tl.load(v_base + token[:, None] * svn + cols[None, :], mask=valid[:, None] & inside[None, :],
                         other=0.0)  # fmt: skip
-            m_i, l_i, acc = accumulate_tile(s, valid, v, m_i, l_i, acc)
+            m_i, l_i, acc = accumulate_tile(qk, scale, valid, v, m_i, l_i, acc, True)
         out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
         o_base = o_ptr + g.to(tl.int64) * N * D
         tl.store(o_base + rows[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=row_mask)
