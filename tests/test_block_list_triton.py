@@ -141,7 +141,25 @@ def test_a_count_past_the_lists_length_reads_the_list_only(config: kernel.Config
 
 
 @needs_kernel
-@pytest.mark.parametrize("config", LOADS[:2], ids=lambda c: c.name)
+@pytest.mark.parametrize("block", kernel.BLOCK_SIZES)
+def test_each_shipped_configuration_at_head_dim_128_over_a_ragged_sequence(block: int) -> None:
+    """The configuration each block size runs by default (its warps, stages and schedule: on an H200 a warp-specialised
+    schedule once read the loop's initial state after the loop at exactly this head dim, not at the small ones
+    above), on a sequence whose last block holds 5 tokens."""
+    torch.manual_seed(block)
+    tokens = 3 * block + 5
+    q, k, v = inputs((1, 2, tokens, 128), torch.float16)
+    kept = random_tiles(1, 2, tokens, block, share=0.6)
+    kept[..., -1] = True  # every row lists the ragged block
+    out = run(q, k, v, kept, block)
+    assert (
+        relative_error(out, float64_attention(q, k, v, BlockSparsePattern(kept, tokens, block)))
+        < TOLERANCE[torch.float16]
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", LOADS[:3], ids=lambda c: c.name)
 def test_the_ragged_last_block_alone_or_beside_others(config: kernel.Config) -> None:
     """With descriptor loads the sequence's ragged last block runs after the others, merged into their output: rows
     that keep only it, it and others, and not it all match (70 tokens in blocks of 16: the last holds 6)."""

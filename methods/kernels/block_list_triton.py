@@ -89,11 +89,11 @@ class Config(NamedTuple):
 #: SDPA's own dense choice in that run (1.58x / 1.35x the ideal on SLA's blocks; 1.82x / 1.35x against pinned cuDNN
 #: in run_d6d37b9). 16 and 32 take 64's (compiled for sm_90 without spills, not timed).
 BEST_CONFIGS = {16: Config(1, 4, 3, True), 32: Config(1, 4, 3, True), 64: Config(1, 4, 3, True),
-                128: Config(1, 8, 3, True)}  # fmt: skip
+                128: Config(1, 4, 2, True, True)}  # fmt: skip
 
 
 @triton_jit
-def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale, H, N, L,
+def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale, H, N, NP, L,
                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, slr, scb, sch,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, PAIRS: tl.constexpr,
                TMA: tl.constexpr, WS: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
@@ -101,7 +101,8 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale
     i]]`` (strides slb, slh, slr, 1 and scb, sch, 1: 0 where a table is shared by every batch item or head; a count
     above the lists' length L reads L entries). ``scale`` is ``log2(e) / sqrt(D)``; the output ``(B * H, N, D)``
     contiguous. With ``SPLIT`` (descriptor loads, N not a multiple of BLOCK) a listed ragged last block is left to
-    :func:`_ragged_block` and each row's base-2 log-sum-exp goes to ``lse (B * H, N)`` fp32 for it."""
+    :func:`_ragged_block` and each row's base-2 log-sum-exp goes to ``lse (B * H, NP)`` fp32 for it (NP: N rounded
+    up to whole blocks, each group's row 16-byte aligned for its descriptor)."""
     i, g = tl.program_id(0), tl.program_id(1)
     b, h = (g // H).to(tl.int64), (g % H).to(tl.int64)
     rows = i * BLOCK + tl.arange(0, BLOCK)
@@ -134,8 +135,10 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale
         out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
         o_desc = tl.make_tensor_descriptor(o_base, shape=[N, D], strides=[D, 1], block_shape=[BLOCK, BLOCK_D])
         o_desc.store([i * BLOCK, 0], out.to(o_ptr.dtype.element_ty))  # rows past N are not written
-        if SPLIT:
-            tl.store(lse_ptr + g.to(tl.int64) * N + rows, m_i + tl.log2(l_i), mask=rows < N)  # -inf: no key
+        if SPLIT:  # a pointer store here read the loop's initial state under warp specialisation (H200, 3f2b77d)
+            lse_desc = tl.make_tensor_descriptor(lse_ptr + g.to(tl.int64) * NP, shape=[NP], strides=[1],
+                                                 block_shape=[BLOCK])  # fmt: skip
+            lse_desc.store([i * BLOCK], m_i + tl.log2(l_i))  # -inf: no key
     else:
         q = tl.load(q_ptr + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqn + cols[None, :], mask=row_mask,
                     other=0.0)  # fmt: skip
@@ -156,7 +159,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale
 
 
 @triton_jit
-def _ragged_block(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale, H, N, L,
+def _ragged_block(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale, H, N, NP, L,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, slb, slh, slr, scb, sch,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Program (i, g), after :func:`_attention` with ``SPLIT``: where query block i of group g lists the sequence's
@@ -186,7 +189,7 @@ def _ragged_block(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, sc
                                         tl.zeros((BLOCK,), dtype=tl.float32),
                                         tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32), True)  # fmt: skip
         o_rows = o_ptr + g.to(tl.int64) * N * D + rows.to(tl.int64)[:, None] * D + cols[None, :]
-        lse_rows = lse_ptr + g.to(tl.int64) * N + rows
+        lse_rows = lse_ptr + g.to(tl.int64) * NP + rows
         lse_a = tl.load(lse_rows, mask=rows < N, other=float("-inf"))
         top = tl.maximum(lse_a, m_b)  # m_b is finite: the block has a key below N
         weight_a = tl.exp2(lse_a - top)  # 0 where the other blocks gave no key
@@ -223,9 +226,10 @@ def block_list_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         use_descriptor_scratch()
     split = with_tma and tokens % block != 0
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    lse = torch.empty(q.shape[:-1] if split else (1,), device=q.device, dtype=torch.float32)
+    padded = blocks * block
+    lse = torch.empty((groups, padded) if split else (1,), device=q.device, dtype=torch.float32)
     arguments = (
-        q, k, v, out, lse, lists, counts, 1.4426950408889634 / dim**0.5, heads, tokens, lists.shape[-1],
+        q, k, v, out, lse, lists, counts, 1.4426950408889634 / dim**0.5, heads, tokens, padded, lists.shape[-1],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), lists.stride(0), lists.stride(1), lists.stride(2), counts.stride(0), counts.stride(1),
     )  # fmt: skip
