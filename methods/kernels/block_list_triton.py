@@ -82,12 +82,14 @@ class Config(NamedTuple):
         return "x".join(map(str, self[:3])) + ("t" if self.tma else "") + ("w" if self.ws else "")
 
 
-#: The configuration per block size: the fastest of the H200 sweep (harness.benchmarks.block_list_gpu, 9 of them at
-#: 64 tokens, 4 at 128, at Wan 1.3B and 14B on SLA's critical blocks and on random tables at density 0.3; run_fd15a60):
-#: descriptor loads in 3 stages, 4 warps at 64 (112 KB of shared memory), 8 at 128 (4 spill). Descriptor loads beat
-#: the pointer ones of the same tiles by 1.33-1.44x; two blocks per step (8 warps) lost at 64 (2x). Times against
-#: SDPA's own dense choice in that run (1.58x / 1.35x the ideal on SLA's blocks; 1.82x / 1.35x against pinned cuDNN
-#: in run_d6d37b9). 16 and 32 take 64's (compiled for sm_90 without spills, not timed).
+#: The configuration per block size: the fastest of the H200 sweeps (harness.benchmarks.block_list_gpu at Wan 1.3B and
+#: 14B on SLA's critical blocks and on random tables at density 0.3). 64 tokens (run_fd15a60): descriptor loads in 3
+#: stages, 4 warps (112 KB of shared memory); they beat the pointer loads of the same tiles by 1.33-1.44x, two blocks
+#: a step (8 warps) lost (2x); warp-specialised 64-token programs gave NaN in 3 and 4 stages and ran 1.6-1.7x slower
+#: in 2 on Triton 3.6 (run_3f2b77d, run_62c9eb5). 128 tokens (run_62c9eb5): the warp-specialised 4-warp program in 2
+#: stages (192 KB), **1.01x / 1.03x the ideal** (density x pinned cuDNN) on the random tables against 1.26x / 1.22x
+#: for 8 warps in 3 stages, the earlier choice; its whole key blocks unmasked (1.15x in the probe with a mask on every
+#: block, run_eeedd2b). 16 and 32 take 64's (compiled for sm_90 without spills, not timed).
 BEST_CONFIGS = {16: Config(1, 4, 3, True), 32: Config(1, 4, 3, True), 64: Config(1, 4, 3, True),
                 128: Config(1, 4, 2, True, True)}  # fmt: skip
 
