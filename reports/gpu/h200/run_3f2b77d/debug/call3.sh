@@ -1,0 +1,3 @@
+set -u
+export PYTHONPATH=.
+timeout 200 python3 .ref/ws_debug.py 2>&1 | grep -v -i warn | tail -20
