@@ -7,8 +7,9 @@ Patterns (fresh random bf16 inputs):
   svg's own tile sizes on short and on long clips).
 
 1. Correctness at 8,190 tokens (12 heads x 128, not a multiple of 64): each configuration and Flex against masked
-   dense in fp32 (bf16 tolerance). A configuration that fails is recorded and not timed; a failure of Flex or of a
-   block size's shipped configuration (:data:`~methods.kernels.block_list_triton.BEST_CONFIGS`) stops the script.
+   dense in fp32, the whole output and its worst row (bf16 tolerances; a launch that raises fails). A configuration
+   that fails on a pattern is recorded and not timed at its block size; a failure of Flex or of the configuration a
+   pattern's block size runs by default (:func:`~methods.kernels.block_list_triton.default_config`) stops the script.
 2. Latency per call at Wan 1.3B 480p (12 heads, 32,760 tokens) and Wan 14B 720p (40 heads, 75,600): cuDNN dense
    (pinned; run_fd15a60 timed SDPA's own choice, 11.7 ms at 1.3B, the pinned cuDNN's 10.9-11.7 on later H200s),
    Flex on the pattern's own tiles (flex-tuned's options for it), each configuration; per pattern the ideal
@@ -36,9 +37,15 @@ from methods.kernels.sparse_backends import tuned_flex_attention
 from methods.sla import critical_pattern
 
 BF16_RELATIVE_TOLERANCE = 2e-2
+#: A correct row's error is a few bf16 roundings (2^-9 each; the whole outputs' 2.2e-3 to 2.4e-3 in run_62c9eb5), a
+#: bound with room for the worst of ~100,000 rows (not yet measured: the JSON records each worst row); the merge
+#: fault of run_3f2b77d gave rows of 1.6.
+WORST_ROW_TOLERANCE = 5e-2
 CHECK_SHAPE = (12, 8190)
 RANDOM_DENSITY = 0.3
 SLA_CLASSES = (0.05, 0.10)  # the paper's critical and skipped shares
+#: Each pattern's block size (:func:`patterns`).
+PATTERN_BLOCKS = {"sla": 64, "tiles64": 64, "tiles128": 128}
 #: Pointer loads and two blocks a step lost to descriptor loads at every shape in run_fd15a60 and are not swept again;
 #: the warp-specialised ones (``w``) are Triton's Hopper schedule, 4-warp programs only (it leaves 8-warp ones as
 #: they are), in the stages that fit shared memory (128-token blocks: 2).
@@ -63,20 +70,47 @@ def patterns(q: torch.Tensor, k: torch.Tensor, seed: int) -> dict[str, tuple[Blo
     return out
 
 
-def check(device: torch.device) -> dict[str, float]:
+def worst_row(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest relative error of one query row (``(.., N, D)``): a fault confined to some rows (the ragged block's
+    merge once) moves the whole output's norm little (1.6e-2 against 2.4e-3, under the tolerance) but these rows a lot
+    (1.6, run_3f2b77d)."""
+    difference = (out.double() - ref.double()).norm(dim=-1)
+    return float((difference / ref.double().norm(dim=-1).clamp_min(1e-30)).max())
+
+
+def check(device: torch.device) -> dict[str, dict[str, Any]]:
+    """Per pattern and configuration (and Flex): the relative error and the worst row's against masked dense in fp32,
+    or the error a launch raised."""
     heads, tokens = CHECK_SHAPE
     q, k, v = (torch.randn(1, heads, tokens, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
-    errors = {}
+    errors: dict[str, dict[str, Any]] = {}
     for name, (pattern, (lists, counts)) in patterns(q, k, 0).items():
         ref = masked_dense_attention(q.float(), k.float(), v.float(), pattern)
-        errors[f"{name}_flex"] = relative(tuned_flex_attention(q, k, v, pattern), ref)
+        calls = {"flex": lambda p=pattern: tuned_flex_attention(q, k, v, p)}
         for config in CONFIGS[pattern.blocks[0]]:
-            out = blocks.block_list_attention(q, k, v, lists, counts, pattern.blocks[0], config)
-            errors[f"{name}_{config.name}"] = relative(out, ref)
+            calls[config.name] = lambda c=config, p=pattern, ls=lists, cs=counts: blocks.block_list_attention(
+                q, k, v, ls, cs, p.blocks[0], c)  # fmt: skip
+        errors[name] = {}
+        for label, call in calls.items():
+            try:
+                out = call()
+                errors[name][label] = {"relative": relative(out, ref), "worst_row": worst_row(out, ref)}
+            except Exception as exc:  # one configuration's failure (shared memory, a compiler error) is recorded
+                errors[name][label] = {"raised": f"{type(exc).__name__}: {str(exc)[:300]}"}
     return errors
 
 
-def latency(device: torch.device, heads: int, tokens: int, repeats: int) -> dict[str, Any]:
+def passed(error: dict[str, Any]) -> bool:
+    """Within the bf16 tolerance overall and on its worst row (NaN fails both)."""
+    return (
+        "raised" not in error
+        and error["relative"] <= BF16_RELATIVE_TOLERANCE
+        and (error["worst_row"] <= WORST_ROW_TOLERANCE)
+    )
+
+
+def latency(device: torch.device, heads: int, tokens: int, repeats: int,
+            configs: dict[int, tuple[blocks.Config, ...]]) -> dict[str, Any]:  # fmt: skip
     q, k, v = (torch.randn(1, heads, tokens, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
     with torch.inference_mode():
         dense = time_call(lambda: dense_attention(q, k, v), device, repeats)
@@ -86,7 +120,7 @@ def latency(device: torch.device, heads: int, tokens: int, repeats: int) -> dict
             ideal = density * dense["median_ms"]
             block = pattern.blocks[0]
             calls = {"flex": time_call(lambda p=pattern: tuned_flex_attention(q, k, v, p), device, repeats)}
-            for config in CONFIGS[block]:
+            for config in configs[block]:
                 calls[config.name] = time_call(
                     lambda c=config, ls=lists, cs=counts, b=block: blocks.block_list_attention(q, k, v, ls, cs, b, c),
                     device, repeats)  # fmt: skip
@@ -112,21 +146,27 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     errors = check(device)
-    print("correctness (relative error vs masked dense fp32):", json.dumps(errors, indent=1), flush=True)
+    print("correctness (relative error and worst row vs masked dense fp32):", json.dumps(errors, indent=1),
+          flush=True)  # fmt: skip
+    failed = {f"{name}_{label}": error for name, labels in errors.items() for label, error in labels.items()
+              if not passed(error)}  # fmt: skip
     result: dict[str, Any] = {"correctness": errors, "tolerance": BF16_RELATIVE_TOLERANCE,
+                              "worst_row_tolerance": WORST_ROW_TOLERANCE, "failed": failed,
                               "environment": capture_environment(device), "shapes": {}}  # fmt: skip
-    failed = {name: err for name, err in errors.items() if not err <= BF16_RELATIVE_TOLERANCE}
-    shipped = {f"_{config.name}" for config in blocks.BEST_CONFIGS.values()} | {"_flex"}
-    result["failed"] = failed
-    if any(name.endswith(tuple(shipped)) for name in failed):
+    shipped = {name: ("flex", blocks.default_config(pattern_block, device).name)
+               for name, pattern_block in PATTERN_BLOCKS.items()}  # fmt: skip
+    if any(f"{name}_{label}" in failed for name, labels in shipped.items() for label in labels):
         write_json_atomic(args.out / "block_list_gpu.json", {**result, "status": "failed"})
-        raise SystemExit(f"correctness failed: {failed}")
-    for size, configs in CONFIGS.items():
-        CONFIGS[size] = tuple(c for c in configs if not any(name.endswith(f"_{c.name}") for name in failed))
+        raise SystemExit(f"correctness failed for a shipped configuration or Flex: {failed}")
+    # A configuration that failed on any pattern of its block size is not timed.
+    configs = {size: tuple(c for c in listed if not any(f"{name}_{c.name}" in failed
+                                                         for name, pattern_block in PATTERN_BLOCKS.items()
+                                                         if pattern_block == size))
+               for size, listed in CONFIGS.items()}  # fmt: skip
     for name in args.shapes.split(","):
         heads, tokens = SHAPES[name]
         print(f"{name} ({heads} heads, {tokens} tokens)", flush=True)
-        result["shapes"][name] = latency(device, heads, tokens, args.repeats)
+        result["shapes"][name] = latency(device, heads, tokens, args.repeats, configs)
         write_json_atomic(args.out / "block_list_gpu.json", {**result, "status": "partial"})
     write_json_atomic(args.out / "block_list_gpu.json", {**result, "status": "complete"})
 

@@ -85,13 +85,20 @@ class Config(NamedTuple):
 #: The configuration per block size: the fastest of the H200 sweeps (harness.benchmarks.block_list_gpu at Wan 1.3B and
 #: 14B on SLA's critical blocks and on random tables at density 0.3). 64 tokens (run_fd15a60): descriptor loads in 3
 #: stages, 4 warps (112 KB of shared memory); they beat the pointer loads of the same tiles by 1.33-1.44x, two blocks
-#: a step (8 warps) lost (2x); warp-specialised 64-token programs gave NaN in 3 and 4 stages and ran 1.6-1.7x slower
-#: in 2 on Triton 3.6 (run_3f2b77d, run_62c9eb5). 128 tokens (run_62c9eb5): the warp-specialised 4-warp program in 2
-#: stages (192 KB), **1.01x / 1.03x the ideal** (density x pinned cuDNN) on the random tables against 1.26x / 1.22x
-#: for 8 warps in 3 stages, the earlier choice; its whole key blocks unmasked (1.15x in the probe with a mask on every
-#: block, run_eeedd2b). 16 and 32 take 64's (compiled for sm_90 without spills, not timed).
+#: a step (8 warps) lost (2x); warp-specialised 64-token programs gave NaN in 3 and 4 stages and took 1.45-1.65x the
+#: time of 1x4x3t in 2, on Triton 3.6 (run_3f2b77d, run_62c9eb5). 128 tokens (run_62c9eb5): the warp-specialised
+#: 4-warp program in 2 stages (192 KB), **1.01x / 1.03x the ideal** (density x pinned cuDNN) on the random tables
+#: against 1.26x / 1.22x for 8 warps in 3 stages, the earlier choice; its whole key blocks unmasked (1.15x in the
+#: probe with a mask on every block, run_eeedd2b). 16 and 32 take 64's (compiled for sm_90 without spills, not timed).
 BEST_CONFIGS = {16: Config(1, 4, 3, True), 32: Config(1, 4, 3, True), 64: Config(1, 4, 3, True),
                 128: Config(1, 4, 2, True, True)}  # fmt: skip
+#: Where a warp-specialised configuration was checked: Triton's release series and the GPU's compute capability. The
+#: schedule is Triton's own pass, which differs by version and architecture (on 3.6 / sm_90 it gave NaN for 64-token
+#: key tiles in 3 stages and stored a loop's initial state from a pointer store after it), so elsewhere the block
+#: size takes its unspecialised configuration (:data:`UNSPECIALISED`).
+WS_CHECKED = (("3.6", (9, 0)),)
+#: 128-token blocks without warp specialisation: 8 warps, 3 stages (1.22-1.26x the ideal in run_62c9eb5).
+UNSPECIALISED = {128: Config(1, 8, 3, True)}
 
 
 @triton_jit
@@ -202,6 +209,22 @@ def _ragged_block(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, sc
         tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_mask)
 
 
+def default_config(block: int, device: torch.device, triton_version: str | None = None,
+                   capability: tuple[int, int] | None = None) -> Config:  # fmt: skip
+    """The configuration a call with ``block``-token blocks on ``device`` runs when none is given:
+    :data:`BEST_CONFIGS`' for the block, or :data:`UNSPECIALISED`'s where that one is warp-specialised and the
+    installed Triton's release series (``triton_version``, default the installed one) and the GPU's compute capability
+    (``capability``, default ``device``'s) are not a pair in :data:`WS_CHECKED`. Under the interpreter (a CPU
+    device), which ignores the schedule, :data:`BEST_CONFIGS`' as is."""
+    config = BEST_CONFIGS[block]
+    if not config.ws or device.type != "cuda":
+        return config
+    version = triton_version if triton_version is not None else triton.__version__
+    capability = capability or torch.cuda.get_device_capability(device)
+    checked = any(version.startswith(series + ".") and capability == cap for series, cap in WS_CHECKED)
+    return config if checked else UNSPECIALISED[block]
+
+
 def block_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept key blocks of every query block, ascending, from a tile table ``kept (.., R, C)`` bool: ``lists
     (.., R, C)`` int32 (the kept ones first, the rest unread) and ``counts (.., R)`` int32. One stable sort of the
@@ -223,7 +246,8 @@ def block_list_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     if lists.stride(-1) != 1 or counts.stride(-1) != 1:
         lists, counts = lists.contiguous(), counts.contiguous()
     groups, blocks = batch * heads, lists.shape[-2]
-    with_tma = tma and all(descriptor_aligned(x) for x in (q, k, v))
+    # The output (B * H, N, D) is written through a descriptor too: its rows must be 16-byte multiples.
+    with_tma = tma and all(descriptor_aligned(x) for x in (q, k, v)) and dim * q.element_size() % 16 == 0
     if with_tma and not INTERPRETED:
         use_descriptor_scratch()
     split = with_tma and tokens % block != 0
@@ -265,12 +289,15 @@ def block_list_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, list
     key blocks: ``lists (B or 1, H or 1, R, L)`` int32, each row's first ``counts`` entries ascending (as
     :func:`block_lists` and SLA's :func:`~methods.sla.critical_lists` make them: the descriptor path takes the
     sequence's ragged last block for a row's last entry), ``counts (B or 1, H or 1, R)`` int32, blocks of ``block``
-    tokens, with ``config`` (default :data:`BEST_CONFIGS`' for the block). Returns ``(B, H, N, D)`` in q's dtype.
+    tokens, with ``config`` (default :func:`default_config` for the block and q's device). Returns ``(B, H, N, D)``
+    in q's dtype. Nothing checks the order (a device sync per call): lists that do not ascend give a wrong output on
+    the descriptor path where N is not a multiple of the block.
 
     Raises:
         HarnessError: a head dim over :data:`MAX_HEAD_DIM`, a block size not in :data:`BLOCK_SIZES`, lists or counts
-            not int32, of another batch or head count than q's (or 1), or whose row count is not ``ceil(N / block)``,
-            or a configuration with descriptor loads and more than one block a step.
+            not int32, of another batch or head count than q's (or 1), of length 0, or whose row count is not
+            ``ceil(N / block)``, or a configuration with descriptor loads and more than one block a step, or with
+            warp specialisation and pointer loads.
     """
     if q.shape[-1] > MAX_HEAD_DIM:  # tiles of wider heads overflow shared memory (a Triton error, not a message)
         raise HarnessError(f"triton-blocks takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
@@ -285,11 +312,13 @@ def block_list_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, list
     ):
         raise HarnessError(f"block lists {tuple(lists.shape)} and counts {tuple(counts.shape)} do not fit q "
                            f"{tuple(q.shape)}: (B or 1, H or 1, R, L) and (B or 1, H or 1, R)")  # fmt: skip
+    if lists.shape[-1] == 0:
+        raise HarnessError("block lists of length 0: each row's list needs room for one entry (L >= 1)")
     rows = -(-q.shape[-2] // block)
     if lists.shape[-2] != rows:
         raise HarnessError(f"block lists for {lists.shape[-2]} query blocks, but {q.shape[-2]} tokens in blocks of "
                            f"{block} make {rows}")  # fmt: skip
-    config = config or BEST_CONFIGS[block]
+    config = config or default_config(block, q.device)
     if config.tma and config.pairs != 1:
         raise HarnessError(f"configuration {config.name}: descriptor loads take one key block a step")
     if config.ws and not config.tma:
@@ -312,7 +341,8 @@ def pattern_lists(pattern: BlockSparsePattern) -> tuple[torch.Tensor, torch.Tens
 
 
 def attach_lists(pattern: BlockSparsePattern, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Give ``pattern`` the builder of its block lists (those of its tile table, in any order), run where a backend
+    """Give ``pattern`` the builder of its block lists (those of its tile table, each row's ascending, as
+    :func:`block_list_attention` takes them), run where a backend
     first reads them (:func:`pattern_lists`), for a method that has them from its own ranking (SLA's critical
     blocks): no sort of the table, and no work where another backend runs the pattern."""
     pattern.backend_plans[LISTS_KEY] = build
