@@ -391,3 +391,20 @@ def test_the_sweeps_check_fails_a_fault_confined_to_a_few_rows() -> None:
     assert not sweep.passed(error)
     assert not sweep.passed({"relative": float("nan"), "worst_row": float("nan")})
     assert not sweep.passed({"raised": "OutOfResources: shared memory"})
+
+
+def test_the_sweep_times_what_passed_and_stops_where_a_default_failed() -> None:
+    """A warp-specialised 64-token configuration failing (as on Triton 3.6) leaves the 128-token one of the same name,
+    the 128-token default, timed and the sweep running; the 128-token default failing stops it."""
+    from harness.benchmarks import block_list_gpu as sweep
+
+    good = {"relative": 2e-3, "worst_row": 8e-3}
+    cpu = torch.device("cpu")
+    errors = {name: {"flex": good, **{c.name: good for c in sweep.CONFIGS[size]}}
+              for name, size in sweep.PATTERN_BLOCKS.items()}  # fmt: skip
+    errors["tiles64"]["1x4x2tw"] = {"relative": float("nan"), "worst_row": float("nan")}
+    failed, defaults_failed, configs = sweep.verdict(errors, cpu)
+    assert list(failed) == ["tiles64_1x4x2tw"] and not defaults_failed
+    assert "1x4x2tw" not in [c.name for c in configs[64]] and "1x4x2tw" in [c.name for c in configs[128]]
+    errors["tiles128"]["1x4x2tw"] = {"raised": "CompilationError"}
+    assert sweep.verdict(errors, cpu)[1]

@@ -138,6 +138,22 @@ def latency(device: torch.device, heads: int, tokens: int, repeats: int,
     return entry
 
 
+def verdict(errors: dict[str, dict[str, Any]], device: torch.device
+            ) -> tuple[dict[str, Any], bool, dict[int, tuple[blocks.Config, ...]]]:  # fmt: skip
+    """From :func:`check`'s errors: the failed ``{pattern}_{label}`` entries, whether Flex or the configuration a
+    pattern's block size runs by default on ``device`` failed, and the configurations to time per block size (those
+    that passed on every pattern of that size)."""
+    failed = {f"{name}_{label}": error for name, labels in errors.items() for label, error in labels.items()
+              if not passed(error)}  # fmt: skip
+    defaults = {name: ("flex", blocks.default_config(size, device).name) for name, size in PATTERN_BLOCKS.items()}
+    defaults_failed = any(f"{name}_{label}" in failed for name, labels in defaults.items() for label in labels)
+    configs = {size: tuple(c for c in listed if not any(f"{name}_{c.name}" in failed
+                                                         for name, pattern_size in PATTERN_BLOCKS.items()
+                                                         if pattern_size == size))
+               for size, listed in CONFIGS.items()}  # fmt: skip
+    return failed, defaults_failed, configs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for block_list_gpu.json")
@@ -148,21 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     errors = check(device)
     print("correctness (relative error and worst row vs masked dense fp32):", json.dumps(errors, indent=1),
           flush=True)  # fmt: skip
-    failed = {f"{name}_{label}": error for name, labels in errors.items() for label, error in labels.items()
-              if not passed(error)}  # fmt: skip
+    failed, defaults_failed, configs = verdict(errors, device)
     result: dict[str, Any] = {"correctness": errors, "tolerance": BF16_RELATIVE_TOLERANCE,
                               "worst_row_tolerance": WORST_ROW_TOLERANCE, "failed": failed,
                               "environment": capture_environment(device), "shapes": {}}  # fmt: skip
-    shipped = {name: ("flex", blocks.default_config(pattern_block, device).name)
-               for name, pattern_block in PATTERN_BLOCKS.items()}  # fmt: skip
-    if any(f"{name}_{label}" in failed for name, labels in shipped.items() for label in labels):
+    if defaults_failed:
         write_json_atomic(args.out / "block_list_gpu.json", {**result, "status": "failed"})
         raise SystemExit(f"correctness failed for a shipped configuration or Flex: {failed}")
-    # A configuration that failed on any pattern of its block size is not timed.
-    configs = {size: tuple(c for c in listed if not any(f"{name}_{c.name}" in failed
-                                                         for name, pattern_block in PATTERN_BLOCKS.items()
-                                                         if pattern_block == size))
-               for size, listed in CONFIGS.items()}  # fmt: skip
     for name in args.shapes.split(","):
         heads, tokens = SHAPES[name]
         print(f"{name} ({heads} heads, {tokens} tokens)", flush=True)
