@@ -18,8 +18,9 @@ tiles at 3.8x density x cuDNN (reports/gpu/h200/run_096045e/, BLOCK 64 options),
   rescales per key at 2) are loaded by pointers (``cp.async``), or with ``TMA`` and ``PAIRS`` 1 through tensor
   descriptors (Hopper's copy engine; a whole block is one contiguous ``(b, D)`` box);
 - with descriptor loads, every listed block but the sequence's ragged last one (the row's last entry, the lists
-  ascending) runs without a column mask, that one after the loop, masked to its tokens below N; with pointer
-  loads, a key block past N is masked to -inf, a list entry past the count too;
+  ascending) runs without a column mask; that one runs in a second launch (:func:`_ragged_block`), masked to its
+  tokens below N and merged by log-sum-exp; with pointer loads, a key block past N is masked to -inf, a list entry
+  past the count too;
 - with ``WS``, the key loop is warp-specialised by Triton (``tl.range(warp_specialize=True)``: on Hopper, producer
   warps issue the descriptor loads into a ring of shared-memory stages while the program's warps compute).
 
