@@ -17,12 +17,12 @@ tiles at 3.8x density x cuDNN (reports/gpu/h200/run_096045e/, BLOCK 64 options),
 - per step, ``PAIRS`` listed key blocks (one key tile of ``PAIRS b`` rows: a wider product, half the softmax
   rescales per key at 2) are loaded by pointers (``cp.async``), or with ``TMA`` and ``PAIRS`` 1 through tensor
   descriptors (Hopper's copy engine; a whole block is one contiguous ``(b, D)`` box);
-- with descriptor loads, every listed block but the sequence's ragged last one (the row's last entry, the lists
-  ascending) runs without a column mask; that one runs in a second launch (:func:`_ragged_block`), masked to its
-  tokens below N and merged by log-sum-exp; with pointer loads, a key block past N is masked to -inf, a list entry
-  past the count too;
-- with ``WS``, the key loop is warp-specialised by Triton (``tl.range(warp_specialize=True)``: on Hopper, producer
-  warps issue the descriptor loads into a ring of shared-memory stages while the program's warps compute).
+- each step's keys past N (the ragged last block) are masked to -inf, a list entry past the count too;
+- with ``WS`` (descriptor loads), the key loop is warp-specialised by Triton (``tl.range(warp_specialize=True)``:
+  on Hopper, producer warps issue the descriptor loads into a ring of shared-memory stages while one warpgroup
+  computes), q and the output go through descriptors, and every listed block but the sequence's ragged last one
+  (the row's last entry, the lists ascending) runs without a column mask; that one runs in a second launch
+  (:func:`_ragged_block`), masked to its tokens below N and merged by log-sum-exp.
 
 Query rows of a block that keeps no key get zeros (masked dense gives NaN; no method makes such a block).
 
@@ -110,7 +110,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale
     """Program (i, g): query block i of group g = (b, h) over its listed key blocks ``lists[b, h, i, :counts[b, h,
     i]]`` (strides slb, slh, slr, 1 and scb, sch, 1: 0 where a table is shared by every batch item or head; a count
     above the lists' length L reads L entries). ``scale`` is ``log2(e) / sqrt(D)``; the output ``(B * H, N, D)``
-    contiguous. With ``SPLIT`` (descriptor loads, N not a multiple of BLOCK) a listed ragged last block is left to
+    contiguous. With ``SPLIT`` (``WS``, N not a multiple of BLOCK) a listed ragged last block is left to
     :func:`_ragged_block` and each row's base-2 log-sum-exp goes to ``lse (B * H, NP)`` fp32 for it (NP: N rounded
     up to whole blocks, each group's row 16-byte aligned for its descriptor)."""
     i, g = tl.program_id(0), tl.program_id(1)
@@ -126,9 +126,9 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale
     m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK,), dtype=tl.float32)
     acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
-    if TMA:
-        # Every read and write a whole box: Triton's warp specialisation of the loop applies only where nothing
-        # but the epilogue follows it (no masked step after it, seen compiling for sm_90).
+    if WS:  # descriptor loads (the op's condition)
+        # Every read and write a whole box, no column mask: Triton specialises the loop only where nothing but the
+        # epilogue follows it (compiled for sm_90: a masked step after or before it undid the specialisation).
         q_desc = tl.make_tensor_descriptor(q_ptr + b * sqb + h * sqh, shape=[N, D], strides=[sqn, 1],
                                            block_shape=[BLOCK, BLOCK_D])  # fmt: skip
         k_desc = tl.make_tensor_descriptor(k_base, shape=[N, D], strides=[skn, 1], block_shape=[BLOCK, BLOCK_D])
@@ -137,7 +137,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale
         whole = count
         if SPLIT:  # lists ascend: the sequence's ragged last block, where listed, is the row's last entry
             whole -= ((count > 0) & (tl.load(listed + tl.maximum(count - 1, 0)) * BLOCK + BLOCK > N)).to(tl.int32)
-        for step in tl.range(0, whole, warp_specialize=WS):
+        for step in tl.range(0, whole, warp_specialize=True):
             start = tl.load(listed + step).to(tl.int32) * BLOCK  # descriptor offsets are 32-bit
             k = k_desc.load([start, 0])
             v = v_desc.load([start, 0])
@@ -150,19 +150,32 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale
                                                  block_shape=[BLOCK])  # fmt: skip
             lse_desc.store([i * BLOCK], m_i + tl.log2(l_i))  # -inf: no key
     else:
+        # Every step masked to the keys below N: outside the specialised schedule the unmasked loop ran slower
+        # (64-token blocks: 1.49x the cuDNN call against 1.28x, run_eeedd2b/ws_probe/; with it, SLA's and the
+        # 64-token tables' 1x4x3t calls took 5-32% longer in run_3f2b77d and run_62c9eb5 than in run_fd15a60).
         q = tl.load(q_ptr + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqn + cols[None, :], mask=row_mask,
                     other=0.0)  # fmt: skip
-        # A key tile is PAIRS listed blocks, one after the other: tile row r is row r % BLOCK of entry r // BLOCK.
-        within = tl.arange(0, PAIRS * BLOCK) % BLOCK
-        part = tl.arange(0, PAIRS * BLOCK) // BLOCK
-        for step in range(0, count, PAIRS):
-            entry = step + part
-            keys = tl.load(listed + entry, mask=entry < count, other=0) * BLOCK + within
-            valid = (entry < count) & (keys < N)
-            tile_mask = valid[:, None] & inside[None, :]
-            k = tl.load(k_base + keys.to(tl.int64)[:, None] * skn + cols[None, :], mask=tile_mask, other=0.0)
-            v = tl.load(v_base + keys.to(tl.int64)[:, None] * svn + cols[None, :], mask=tile_mask, other=0.0)
-            m_i, l_i, acc = accumulate_tile(tl.dot(q, tl.trans(k)), scale, valid, v, m_i, l_i, acc, True)
+        if TMA:
+            k_desc = tl.make_tensor_descriptor(k_base, shape=[N, D], strides=[skn, 1], block_shape=[BLOCK, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[N, D], strides=[svn, 1], block_shape=[BLOCK, BLOCK_D])
+            for step in range(0, count):
+                start = tl.load(listed + step).to(tl.int32) * BLOCK
+                k = k_desc.load([start, 0])  # zeros past N
+                v = v_desc.load([start, 0])
+                valid = start + tl.arange(0, BLOCK) < N
+                m_i, l_i, acc = accumulate_tile(tl.dot(q, tl.trans(k)), scale, valid, v, m_i, l_i, acc, True)
+        else:
+            # A key tile is PAIRS listed blocks, one after the other: tile row r is row r % BLOCK of entry r // BLOCK.
+            within = tl.arange(0, PAIRS * BLOCK) % BLOCK
+            part = tl.arange(0, PAIRS * BLOCK) // BLOCK
+            for step in range(0, count, PAIRS):
+                entry = step + part
+                keys = tl.load(listed + entry, mask=entry < count, other=0) * BLOCK + within
+                valid = (entry < count) & (keys < N)
+                tile_mask = valid[:, None] & inside[None, :]
+                k = tl.load(k_base + keys.to(tl.int64)[:, None] * skn + cols[None, :], mask=tile_mask, other=0.0)
+                v = tl.load(v_base + keys.to(tl.int64)[:, None] * svn + cols[None, :], mask=tile_mask, other=0.0)
+                m_i, l_i, acc = accumulate_tile(tl.dot(q, tl.trans(k)), scale, valid, v, m_i, l_i, acc, True)
         out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
         tl.store(o_base + rows.to(tl.int64)[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=row_mask)  # fmt: skip
@@ -247,11 +260,13 @@ def block_list_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     if lists.stride(-1) != 1 or counts.stride(-1) != 1:
         lists, counts = lists.contiguous(), counts.contiguous()
     groups, blocks = batch * heads, lists.shape[-2]
-    # The output (B * H, N, D) is written through a descriptor too: its rows must be 16-byte multiples.
-    with_tma = tma and all(descriptor_aligned(x) for x in (q, k, v)) and dim * q.element_size() % 16 == 0
+    with_tma = tma and descriptor_aligned(k) and descriptor_aligned(v)
+    # The specialised program reads q and writes the output (B * H, N, D) through descriptors too: the output's rows
+    # must be 16-byte multiples (a sliced q of D = 20 passes the stride check; its output rows are 40 bytes).
+    specialised = ws and with_tma and descriptor_aligned(q) and dim * q.element_size() % 16 == 0
     if with_tma and not INTERPRETED:
         use_descriptor_scratch()
-    split = with_tma and tokens % block != 0
+    split = specialised and tokens % block != 0
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     padded = blocks * block
     lse = torch.empty((groups, padded) if split else (1,), device=q.device, dtype=torch.float32)
@@ -268,7 +283,7 @@ def block_list_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         BLOCK=block,
         PAIRS=pairs,
         TMA=with_tma,
-        WS=ws and with_tma,
+        WS=specialised,
         SPLIT=split,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -774,9 +774,8 @@ def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bloc
       cannot trace);
     - a block-level pattern triton-blocks takes on triton-blocks, eager or compiled (one opaque op): on an H200 at
       Wan 1.3B / 14B, SLA's 64-token critical blocks 1.82x / 1.35x their ideal (density x the cuDNN call) against
-      flex-tuned's 3.35x / 2.34x (reports/gpu/h200/run_d6d37b9/dfa_sla/; 1.75-2.10x / 1.46-1.51x in
-      run_3f2b77d/ and run_62c9eb5/, block_list/); random 128-token tables at density 0.3 1.01x / 1.03x the
-      density-scaled cuDNN call
+      flex-tuned's 3.35x / 2.34x (reports/gpu/h200/run_d6d37b9/dfa_sla/); random 128-token tables at density 0.3
+      1.01x / 1.03x the density-scaled cuDNN call
       under the warp-specialised schedule against flex-tuned's 1.41x / 1.32x (run_62c9eb5/block_list/); radial's
       tables 1.11x / 1.07x their ideal, xattn's 1.01x / 1.02x (run_3e31586/call6/sparse/; 1.38x and 1.35x at 1.3B
       before, run_d6d37b9/call3/sparse/). FlashInfer's BSR wrapper, preferred above for radial's head-shared table in
