@@ -32,7 +32,8 @@ DTYPES = (torch.float16, torch.bfloat16) if ON_CUDA else (torch.float16,)
 #: Relative error of the kernel's output against float64 attention on the same (rounded) inputs.
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 #: Every way the kernel loads key blocks: one per step by pointers or by tensor descriptors (with and without warp
-#: specialisation, which the interpreter ignores: on CUDA it changes the schedule, not the arithmetic), two per step.
+#: specialisation: the interpreter ignores the schedule, but the specialised program's unmasked whole blocks, second
+#: launch for the ragged block and descriptor reads of q and writes of the output run there too), two per step.
 LOADS = (
     kernel.Config(1, 4, 2),
     kernel.Config(1, 4, 2, True),
@@ -129,7 +130,8 @@ def test_inputs_the_copy_engine_cannot_read_run_on_pointer_loads() -> None:
 @needs_kernel
 def test_an_output_whose_rows_the_copy_engine_cannot_write_runs_on_pointers() -> None:
     """q, k, v sliced to D = 20 from rows of 32 (fp16): their descriptors would be aligned, but the output's 40-byte
-    rows are not (an H200 gave a relative error of 1.4e3 before the check), so the call takes the pointer path."""
+    rows are not (an H200 gave a relative error of 1.4e3 before the check), so the call runs unspecialised: k and v
+    through descriptors, q and the output by pointers, every step masked."""
     torch.manual_seed(12)
     q, k, v = (x[..., :20] for x in inputs((1, 2, 70, 32), torch.float16))
     assert all(descriptor_aligned(x) for x in (q, k, v))
@@ -173,7 +175,7 @@ def test_each_shipped_configuration_at_head_dim_128_over_a_ragged_sequence(block
 @needs_kernel
 @pytest.mark.parametrize("config", LOADS[:3], ids=lambda c: c.name)
 def test_the_ragged_last_block_alone_or_beside_others(config: kernel.Config) -> None:
-    """With descriptor loads the sequence's ragged last block runs after the others, merged into their output: rows
+    """Under warp specialisation the sequence's ragged last block runs after the others, merged into their output: rows
     that keep only it, it and others, and not it all match (70 tokens in blocks of 16: the last holds 6)."""
     torch.manual_seed(11)
     q, k, v = inputs((1, 2, 70, 16), torch.float16)

@@ -17,7 +17,8 @@ tiles at 3.8x density x cuDNN (reports/gpu/h200/run_096045e/, BLOCK 64 options),
 - per step, ``PAIRS`` listed key blocks (one key tile of ``PAIRS b`` rows: a wider product, half the softmax
   rescales per key at 2) are loaded by pointers (``cp.async``), or with ``TMA`` and ``PAIRS`` 1 through tensor
   descriptors (Hopper's copy engine; a whole block is one contiguous ``(b, D)`` box);
-- each step's keys past N (the ragged last block) are masked to -inf, a list entry past the count too;
+- without ``WS``, each step's keys past N (the ragged last block) are masked to -inf (with pointer loads a list
+  entry past the count too);
 - with ``WS`` (descriptor loads), the key loop is warp-specialised by Triton (``tl.range(warp_specialize=True)``:
   on Hopper, producer warps issue the descriptor loads into a ring of shared-memory stages while one warpgroup
   computes), q and the output go through descriptors, and every listed block but the sequence's ragged last one
@@ -69,7 +70,10 @@ BLOCK_SIZES = (16, 32, 64, 128)
 class Config(NamedTuple):
     """A launch of :func:`_attention`: key blocks per step, warps, pipeline stages, tensor-descriptor loads, and
     Triton's automatic warp specialisation of the key loop (Hopper: producer warps issue the descriptor loads while
-    the program's own warps compute; it applies to 4-warp programs, descriptor loads only)."""
+    one warpgroup computes; it applies to 4-warp programs, descriptor loads only). A specialised program also reads
+    q and writes the output through descriptors, runs whole blocks with no column mask and leaves a listed ragged
+    last block to a second launch (:func:`_ragged_block`); where q or the output's rows are not 16-byte aligned it
+    runs as the unspecialised one."""
 
     pairs: int
     num_warps: int
@@ -145,7 +149,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale
         out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], 0.0)
         o_desc = tl.make_tensor_descriptor(o_base, shape=[N, D], strides=[D, 1], block_shape=[BLOCK, BLOCK_D])
         o_desc.store([i * BLOCK, 0], out.to(o_ptr.dtype.element_ty))  # rows past N are not written
-        if SPLIT:  # a pointer store here read the loop's initial state under warp specialisation (H200, 3f2b77d)
+        if SPLIT:  # a pointer store here read the loop's initial state under warp specialisation (run_3f2b77d)
             lse_desc = tl.make_tensor_descriptor(lse_ptr + g.to(tl.int64) * NP, shape=[NP], strides=[1],
                                                  block_shape=[BLOCK])  # fmt: skip
             lse_desc.store([i * BLOCK], m_i + tl.log2(l_i))  # -inf: no key
@@ -303,11 +307,12 @@ def block_list_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, list
                          block: int, config: Config | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of q, k, v ``(B, H, N, D)`` (fp16/bf16, on CUDA or under the Triton interpreter) over the listed
     key blocks: ``lists (B or 1, H or 1, R, L)`` int32, each row's first ``counts`` entries ascending (as
-    :func:`block_lists` and SLA's :func:`~methods.sla.critical_lists` make them: the descriptor path takes the
-    sequence's ragged last block for a row's last entry), ``counts (B or 1, H or 1, R)`` int32, blocks of ``block``
-    tokens, with ``config`` (default :func:`default_config` for the block and q's device). Returns ``(B, H, N, D)``
-    in q's dtype. Nothing checks the order (a device sync per call): lists that do not ascend give a wrong output on
-    the descriptor path where N is not a multiple of the block.
+    :func:`block_lists` and SLA's :func:`~methods.sla.critical_lists` make them: the warp-specialised program takes
+    the sequence's ragged last block for a row's last entry), ``counts (B or 1, H or 1, R)`` int32, blocks of
+    ``block`` tokens, with ``config`` (default :func:`default_config` for the block and q's device). Returns ``(B,
+    H, N, D)`` in q's dtype. Nothing checks the order (a device sync per call): lists that do not ascend give a wrong
+    output under warp specialisation where N is not a multiple of the block. A warp-specialised configuration runs
+    unspecialised (masked, q and the output by pointers) where q or the output's rows are not 16-byte aligned.
 
     Raises:
         HarnessError: a head dim over :data:`MAX_HEAD_DIM`, a block size not in :data:`BLOCK_SIZES`, lists or counts
