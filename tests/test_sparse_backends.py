@@ -530,7 +530,8 @@ def test_auto_keeps_variable_blocks_on_flex_where_the_call_needs_gradients(hoppe
 
 
 def test_backend_log_names_what_auto_runs_under_compile_where_it_differs(hopper_with_flashinfer: None) -> None:
-    """Eagerly FlashInfer, compiled triton-blocks: the record names both; where they agree, only backend_used."""
+    """Eagerly FlashInfer, compiled triton-blocks: the record names both; where they agree, only backend_used, and
+    beside our kernel its launch configuration (backend_config)."""
     q = torch.randn(1, 2, N, 16)
     shared, per_head = head_shared_tiles(), kind_patterns()["tiles"]
     log = BackendLog("auto", "test")
@@ -539,7 +540,9 @@ def test_backend_log_names_what_auto_runs_under_compile_where_it_differs(hopper_
     assert log.params()["backend_used_compiled"] == {str(N): "triton-blocks"}
     other = BackendLog("auto", "test")
     other.attention(q, q, q, per_head)
-    assert other.params() == {"backend_used": {str(N): "triton-blocks"}}
+    expected_config = sparse_backends.default_config(BLOCK, q.device).name
+    assert other.params() == {"backend_used": {str(N): "triton-blocks"}, "backend_config": {str(N): expected_config}}
+    assert "backend_config" not in log.params()  # FlashInfer's wrapper names no configuration of ours
 
 
 def test_measure_skips_a_backend_refusing_the_patterns_kind_even_when_fastest() -> None:

@@ -45,7 +45,7 @@ import torch
 from harness.errors import HarnessError, UnsupportedError
 from methods.kernels import needs_gradients
 from methods.kernels.attention_states import LOG2_E, merge_attention_states
-from methods.kernels.block_list_triton import BLOCK_SIZES, block_list_attention, pattern_lists
+from methods.kernels.block_list_triton import BLOCK_SIZES, block_list_attention, default_config, pattern_lists
 from methods.kernels.block_sparse import (
     FLEX_TILE,
     KIND_DESCRIPTIONS,
@@ -57,6 +57,7 @@ from methods.kernels.block_sparse import (
     masked_dense_attention,
     num_blocks,
 )
+from methods.kernels.variable_blocks_triton import default_config as variable_config
 from methods.kernels.variable_blocks_triton import variable_block_attention
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockSparsePattern], torch.Tensor]
@@ -103,6 +104,9 @@ class Backend:
             conditions on the pattern's data), else ``None``.
         differentiable: its output carries autograd history to q, k and v. A call needing gradients (training
             through the layer) is never run on one that does not (:meth:`gradient_refusal`).
+        configuration: ``(q, pattern) -> name`` of the launch configuration a call runs by default (our kernels:
+            it depends on the block size, the Triton release and the GPU), recorded beside the backend's name
+            (:class:`BackendLog`); ``None`` where there is none to name.
     """
 
     name: str
@@ -114,6 +118,7 @@ class Backend:
     refused_kinds: Mapping[PatternKind, str] = field(default_factory=dict)
     refuses: Callable[[BlockSparsePattern], str | None] | None = None
     differentiable: bool = True
+    configuration: Callable[[torch.Tensor, BlockSparsePattern], str] | None = None
 
     def gradient_refusal(self, needs_gradients: bool) -> str | None:
         """Why this backend cannot run a call that needs gradients (:func:`needs_gradients`), or ``None``."""
@@ -169,12 +174,13 @@ def register_backend(
     refused_kinds: Mapping[PatternKind, str] | None = None,
     refuses: Callable[[BlockSparsePattern], str | None] | None = None,
     differentiable: bool = True,
+    configuration: Callable[[torch.Tensor, BlockSparsePattern], str] | None = None,
 ) -> Callable[[AttentionFn], AttentionFn]:
     """Decorator: register ``fn(q, k, v, pattern)`` as backend ``name`` with its constraints (see :class:`Backend`)."""
 
     def register(fn: AttentionFn) -> AttentionFn:
         REGISTRY[name] = Backend(name, fn, devices, dtypes, package, distribution or package, dict(refused_kinds or {}),
-                                 refuses, differentiable)  # fmt: skip
+                                 refuses, differentiable, configuration)  # fmt: skip
         return fn
 
     return register
@@ -546,7 +552,8 @@ def flashinfer_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 @register_backend("triton-variable", devices=("cuda",), dtypes=HALF_DTYPES, package="triton", differentiable=False,
                   refused_kinds={kind: "it runs variable-size blocks (SVG2's clusters) only"
-                                 for kind in ("tiles", "token-level")})  # fmt: skip
+                                 for kind in ("tiles", "token-level")},
+                  configuration=lambda q, pattern: variable_config().name)  # fmt: skip
 def triton_variable_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
                               ) -> torch.Tensor:  # fmt: skip
     """Our Triton kernel over the pattern's variable-size blocks
@@ -569,7 +576,8 @@ def _blocks_refuses(pattern: BlockSparsePattern) -> str | None:
 @register_backend("triton-blocks", devices=("cuda",), dtypes=HALF_DTYPES, package="triton", differentiable=False,
                   refuses=_blocks_refuses,
                   refused_kinds={"variable": "triton-variable runs them",
-                                 "token-level": "it computes whole tiles only"})  # fmt: skip
+                                 "token-level": "it computes whole tiles only"},
+                  configuration=lambda q, pattern: default_config(pattern.blocks[0], q.device).name)  # fmt: skip
 def triton_blocks_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
                             ) -> torch.Tensor:  # fmt: skip
     """Our Triton kernel over a block-level pattern's kept tiles
@@ -857,7 +865,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
 class BackendLog:
     """Runs a method's block-sparse calls on its ``backend`` setting and records the backend per sequence length.
 
-    ``params()`` gives ``backend_used`` ``{tokens: name}`` and, for measured choices, ``backend_report``
+    ``params()`` gives ``backend_used`` ``{tokens: name}``, for our kernels ``backend_config`` ``{tokens: launch
+    configuration}`` (:attr:`Backend.configuration`: on triton-blocks' 128-token blocks the warp-specialised
+    ``1x4x2tw`` or ``1x8x3t`` by Triton release and GPU) and, for measured choices, ``backend_report``
     ``{tokens: {backend: {"error", "ms"} or {"skipped"}}}``; where ``auto`` runs another backend under
     ``torch.compile`` than eagerly (FlashInfer eagerly, Flex compiled), ``backend_used_compiled`` names it: what run
     records and ``bench latency`` carry. Eager calls record; a compiled call changes nothing here (a change would be
@@ -870,6 +880,7 @@ class BackendLog:
         self.backend, self.label = backend, label
         self._used: dict[int, BackendChoice] = {}
         self._compiled: dict[int, str] = {}
+        self._configs: dict[int, str] = {}
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockSparsePattern
                   ) -> torch.Tensor:  # fmt: skip
@@ -878,6 +889,11 @@ class BackendLog:
         if not torch.compiler.is_compiling():
             tokens = q.shape[-2]
             self._used[tokens] = choice
+            configuration = get_backend(choice.name).configuration
+            if configuration is None:
+                self._configs.pop(tokens, None)
+            else:
+                self._configs[tokens] = configuration(q, pattern)
             if self.backend == "auto":
                 self._compiled[tokens] = auto_choice(q, k, v, pattern, compiled=True)
         return get_backend(choice.name).run(q, k, v, pattern)
@@ -885,6 +901,8 @@ class BackendLog:
     def params(self) -> dict[str, Any]:
         used = sorted(self._used.items())
         out: dict[str, Any] = {"backend_used": {str(tokens): choice.name for tokens, choice in used}}
+        if self._configs:
+            out["backend_config"] = {str(tokens): name for tokens, name in sorted(self._configs.items())}
         reports = {str(tokens): choice.report for tokens, choice in used if choice.report}
         if reports:
             out["backend_report"] = reports
