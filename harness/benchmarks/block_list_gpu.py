@@ -44,7 +44,7 @@ WORST_ROW_TOLERANCE = 5e-2
 CHECK_SHAPE = (12, 8190)
 RANDOM_DENSITY = 0.3
 SLA_CLASSES = (0.05, 0.10)  # the paper's critical and skipped shares
-#: Each pattern's block size (:func:`patterns`).
+#: Each pattern's block size: what :func:`patterns` builds and :func:`verdict` judges by.
 PATTERN_BLOCKS = {"sla": 64, "tiles64": 64, "tiles128": 128}
 #: Pointer loads and two blocks a step lost to descriptor loads at every shape in run_fd15a60 and are not swept again;
 #: the warp-specialised ones (``w``) are Triton's Hopper schedule, 4-warp programs only (it leaves 8-warp ones as
@@ -59,14 +59,16 @@ CONFIGS = {
 def patterns(q: torch.Tensor, k: torch.Tensor, seed: int) -> dict[str, tuple[BlockSparsePattern, Any]]:
     """Each pattern with its block lists: SLA's from its own ranking, the random tables' by a sort."""
     tokens = q.shape[-2]
-    sla, _ = critical_pattern(q, k, 64, *SLA_CLASSES)
+    sla, _ = critical_pattern(q, k, PATTERN_BLOCKS["sla"], *SLA_CLASSES)
     out = {"sla": (sla, blocks.pattern_lists(sla))}
     generator = torch.Generator(device=q.device).manual_seed(seed)
-    for block in (64, 128):
+    for name, block in PATTERN_BLOCKS.items():
+        if name == "sla":
+            continue
         n = num_blocks(tokens, block)
         kept = torch.rand(1, q.shape[1], n, n, device=q.device, generator=generator) < RANDOM_DENSITY
         kept[..., 0] = True  # every query block keeps a key
-        out[f"tiles{block}"] = (BlockSparsePattern(kept, tokens, block), blocks.block_lists(kept))
+        out[name] = (BlockSparsePattern(kept, tokens, block), blocks.block_lists(kept))
     return out
 
 
@@ -126,7 +128,7 @@ def latency(device: torch.device, heads: int, tokens: int, repeats: int,
                     device, repeats)  # fmt: skip
             if name == "sla":
                 calls["lists_from_ranking_with_selection"] = time_call(
-                    lambda: blocks.pattern_lists(critical_pattern(q, k, 64, *SLA_CLASSES)[0]), device,
+                    lambda: blocks.pattern_lists(critical_pattern(q, k, PATTERN_BLOCKS["sla"], *SLA_CLASSES)[0]), device,
                     repeats)  # fmt: skip
                 calls["lists_by_sort"] = time_call(lambda p=pattern: blocks.block_lists(p.kept), device, repeats)
             over = {label: stats["median_ms"] / ideal for label, stats in calls.items()
