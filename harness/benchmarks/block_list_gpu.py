@@ -127,9 +127,8 @@ def latency(device: torch.device, heads: int, tokens: int, repeats: int,
                     lambda c=config, ls=lists, cs=counts, b=block: blocks.block_list_attention(q, k, v, ls, cs, b, c),
                     device, repeats)  # fmt: skip
             if name == "sla":
-                sla_block = PATTERN_BLOCKS["sla"]
                 calls["lists_from_ranking_with_selection"] = time_call(
-                    lambda: blocks.pattern_lists(critical_pattern(q, k, sla_block, *SLA_CLASSES)[0]), device,
+                    lambda b=block: blocks.pattern_lists(critical_pattern(q, k, b, *SLA_CLASSES)[0]), device,
                     repeats)  # fmt: skip
                 calls["lists_by_sort"] = time_call(lambda p=pattern: blocks.block_lists(p.kept), device, repeats)
             over = {label: stats["median_ms"] / ideal for label, stats in calls.items()
