@@ -345,24 +345,46 @@ def method_class(name: str) -> type:
     return METHODS.get(name)
 
 
-@pytest.mark.parametrize(("method", "backend", "kind", "usable"), [
-    ("svg", "flashinfer-bsr", "token-level", "masked, flex, flex-tuned, flashinfer-split"),
-    ("svg", "flashinfer", "token-level", "masked, flex, flex-tuned, flashinfer-split"),
-    ("radial", "flashinfer-split", "tiles", "masked, flex, flex-tuned, flashinfer, flashinfer-bsr"),
-    ("svg2", "flashinfer-bsr", "variable", "masked, flex, flex-tuned, flashinfer"),
+@pytest.fixture(params=[False, True], ids=["without-triton", "with-triton"])
+def triton_importable(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
+    """``import triton`` fails (``False``) or succeeds (``True``, an empty module where Triton is not installed), so
+    that the backends a message lists do not depend on the machine running the test."""
+    if request.param:
+        if sparse_backends.import_failure("triton") is not None:
+            monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    else:
+        monkeypatch.setitem(sys.modules, "triton", None)
+    sparse_backends.import_failure.cache_clear()
+    yield request.param
+    sparse_backends.import_failure.cache_clear()
+
+
+@pytest.mark.parametrize(("method", "backend", "kind", "usable", "usable_on_triton"), [
+    ("svg", "flashinfer-bsr", "token-level", "masked, flex, flex-tuned, flashinfer-split", ""),
+    ("svg", "flashinfer", "token-level", "masked, flex, flex-tuned, flashinfer-split", ""),
+    ("radial", "flashinfer-split", "tiles", "masked, flex, flex-tuned, flashinfer, flashinfer-bsr", ", triton-blocks"),
+    ("svg2", "flashinfer-bsr", "variable", "masked, flex, flex-tuned, flashinfer", ", triton-variable"),
 ])  # fmt: skip
 def test_a_backend_refusing_the_methods_pattern_kind_is_refused_at_preflight(
-    flashinfer_importable: None, method: str, backend: str, kind: str, usable: str
+    flashinfer_importable: None,
+    triton_importable: bool,
+    method: str,
+    backend: str,
+    kind: str,
+    usable: str,
+    usable_on_triton: str,
 ) -> None:
     """Where the backend could run (CUDA, bf16, its package importable) the method's pattern kind alone refuses it,
-    before a model is built: the message names the method, the kind, why, and the backends that run the method."""
+    before a model is built: the message names the method, the kind, why, and the backends that run the method (the
+    Triton ones where Triton imports)."""
     built = build_method(method, backend=backend)
     with pytest.raises(UnsupportedError) as info:
         built.check_supported(torch.device("cuda"), torch.bfloat16)
     message = str(info.value)
     reason = get_backend(backend).kind_refusal(kind)  # type: ignore[arg-type]
+    listed = usable + (usable_on_triton if triton_importable else "")
     assert message == (f"{method}: block-sparse backend {backend!r} cannot run {method}'s {kind} patterns: {reason}. "
-                       f"Here use auto, measure, {usable}")  # fmt: skip
+                       f"Here use auto, measure, {listed}")  # fmt: skip
 
 
 @pytest.mark.parametrize(("method", "backend"), [
