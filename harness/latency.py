@@ -170,6 +170,25 @@ def measure(
     return TimingStats.from_seconds(samples, warm_seconds), results
 
 
+def back_to_back_ms(fn: Callable[[], Any], device: torch.device, calls: int = 10, samples: int = 3) -> float:
+    """Milliseconds per call of ``calls`` calls of ``fn`` issued back to back (after two warm ones) and timed as one
+    region, the median of ``samples`` such regions: what a call costs inside a forward, where the host enqueues it
+    while the GPU still runs earlier work. :func:`measure` synchronises before each timed call, so
+    its time also holds the host's work before the first launch, during which the GPU idles."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(samples):
+        region = Region(device)
+        synchronize(device)
+        region.start()
+        for _ in range(calls):
+            fn()
+        region.stop()
+        times.append(region.seconds() * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
 @dataclass
 class StageTimer:
     """Named stage durations (prompt encoding, each denoising step, decoding) of a sampling run."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import normalise
 
-from harness.latency import StageTimer, TimingStats, measure
+from harness.latency import StageTimer, TimingStats, back_to_back_ms, measure
 
 CPU = torch.device("cpu")
 
@@ -82,6 +82,20 @@ def test_measure_rejects_bad_counts(warmup: int, repeats: int) -> None:
     """repeats < 1 or warmup < 0 is a ValueError."""
     with pytest.raises(ValueError, match="need repeats >= 1"):
         measure(lambda: None, CPU, warmup=warmup, repeats=repeats)
+
+
+def test_back_to_back_is_the_median_regions_time_per_call_after_two_warm_calls() -> None:
+    """back_to_back_ms runs two warm calls, then ``samples`` regions of ``calls`` calls each, and returns a region's
+    time divided by its calls: with the first region's calls slow, the median (a fast region's) per call."""
+    calls = {"n": 0}
+
+    def fn() -> None:
+        calls["n"] += 1
+        time.sleep(0.05 if 2 < calls["n"] <= 6 else 0.002)
+
+    per_call = back_to_back_ms(fn, CPU, calls=4, samples=3)
+    assert calls["n"] == 2 + 4 * 3
+    assert 2.0 <= per_call < 25.0
 
 
 def test_stage_timer_treats_first_call_as_warmup() -> None:

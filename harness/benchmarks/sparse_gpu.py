@@ -66,7 +66,7 @@ import torch
 from harness.atomic import write_json_atomic
 from harness.benchmarks import svg2_kmeans, xattn_selection
 from harness.errors import HarnessError, check_number
-from harness.latency import Region, measure, synchronize
+from harness.latency import back_to_back_ms, measure
 from harness.latency_run import LatencyRequest, fixed_density_methods, run_latency, save_latency
 from harness.models.base import MODELS
 from methods import METHODS, AttentionContext, TokenGrid, build_method
@@ -288,25 +288,6 @@ def model_inputs(model: str, device: torch.device) -> tuple[torch.Tensor, torch.
     q, k, v = (torch.randn(1, config["num_attention_heads"], grid.tokens, config["attention_head_dim"],
                            device=device, dtype=dtype) for _ in range(3))  # fmt: skip
     return q, k, v, sparse_context(grid, adapter_cls.num_layers)
-
-
-def back_to_back_ms(fn: Callable[[], Any], device: torch.device, calls: int = 10, samples: int = 3) -> float:
-    """Milliseconds per call of ``calls`` calls of ``fn`` issued back to back (after two warm ones) and timed as one
-    region, the median of ``samples`` such regions: what a call costs inside a forward, where the host enqueues it
-    while the GPU still runs earlier work. :func:`~harness.latency.measure` synchronises before each timed call, so
-    its time also holds the host's work before the first launch, during which the GPU idles."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(samples):
-        region = Region(device)
-        synchronize(device)
-        region.start()
-        for _ in range(calls):
-            fn()
-        region.stop()
-        times.append(region.seconds() * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def top_ops(call: Callable[[], Any], device: torch.device, rows: int = 12) -> list[dict[str, Any]]:

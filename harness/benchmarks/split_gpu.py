@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from harness.atomic import write_json_atomic
-from harness.benchmarks.sparse_gpu import back_to_back_ms, model_inputs
+from harness.benchmarks.sparse_gpu import model_inputs
 from harness.environment import capture_environment
+from harness.latency import back_to_back_ms
 from methods import build_method
 from methods.kernels import sparse_backends
 from methods.kernels.attention_states import LOG2_E, merge_attention_states

@@ -90,11 +90,15 @@ class Config(NamedTuple):
 #: The configuration per block size: the fastest of the H200 sweeps (harness.benchmarks.block_list_gpu at Wan 1.3B and
 #: 14B on SLA's critical blocks and on random tables at density 0.3). 64 tokens (run_fd15a60): descriptor loads in 3
 #: stages, 4 warps (112 KB of shared memory); they beat the pointer loads of the same tiles by 1.33-1.44x, two blocks
-#: a step (8 warps) lost (2x); warp-specialised 64-token programs gave NaN in 3 and 4 stages and took 1.45-1.65x the
-#: time of 1x4x3t in 2, on Triton 3.6 (run_3f2b77d, run_62c9eb5). 128 tokens (run_62c9eb5): the warp-specialised
-#: 4-warp program in 2 stages (192 KB), **1.01x / 1.03x the ideal** (density x pinned cuDNN) on the random tables
-#: against 1.26x / 1.22x for 8 warps in 3 stages, the earlier choice; its whole key blocks unmasked (1.15x in the
-#: probe with a mask on every block, run_eeedd2b). 16 and 32 take 64's (compiled for sm_90 without spills, not timed).
+#: a step (8 warps) lost (2x). Warp-specialised 64-token programs, on Triton 3.6, gave NaN in 3 and 4 stages (with a
+#: finite initial maximum too) and took 1.8x the time of 1x4x3t in 2; at 8 warps Triton does not specialise the loop
+#: (run_3f2b77d, run_62c9eb5, run_1368e1f). What holds 64-token blocks at ~1.4x their ideal is the softmax, not the
+#: loads: the same loop without it ran at 1.17x / 1.15x, and its loads moved 6.5 TB/s from L2 against 7.6-8.3
+#: without it (run_1368e1f/l2_probe); outside warp specialisation Triton waits for each product before the softmax,
+#: so no product overlaps it. 128 tokens (run_62c9eb5): the warp-specialised 4-warp program in 2 stages (192 KB),
+#: **1.01x / 1.03x the ideal** (density x pinned cuDNN) on the random tables against 1.26x / 1.22x for 8 warps in 3
+#: stages, the earlier choice; its whole key blocks unmasked (1.15x in the probe with a mask on every block,
+#: run_eeedd2b). 16 and 32 take 64's (compiled for sm_90 without spills, not timed).
 BEST_CONFIGS = {16: Config(1, 4, 3, True), 32: Config(1, 4, 3, True), 64: Config(1, 4, 3, True),
                 128: Config(1, 4, 2, True, True)}  # fmt: skip
 #: Where a warp-specialised configuration was checked: Triton's release series and the GPU's compute capability. The
@@ -119,10 +123,6 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale
     up to whole blocks, each group's row 16-byte aligned for its descriptor)."""
     i, g = tl.program_id(0), tl.program_id(1)
     b, h = (g // H).to(tl.int64), (g % H).to(tl.int64)
-    rows = i * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, BLOCK_D)
-    inside = cols < D
-    row_mask = (rows < N)[:, None] & inside[None, :]
     count = tl.minimum(tl.load(counts_ptr + b * scb + h * sch + i), L)  # never past the row's own list
     listed = lists_ptr + b * slb + h * slh + i * slr
     k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
@@ -157,6 +157,10 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lists_ptr, counts_ptr, scale
         # Every step masked to the keys below N: outside the specialised schedule the unmasked loop ran slower
         # (64-token blocks: 1.49x the cuDNN call against 1.28x, run_eeedd2b/ws_probe/; with it, SLA's and the
         # 64-token tables' 1x4x3t calls took 5-32% longer in run_3f2b77d and run_62c9eb5 than in run_fd15a60).
+        rows = i * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, BLOCK_D)
+        inside = cols < D
+        row_mask = (rows < N)[:, None] & inside[None, :]
         q = tl.load(q_ptr + b * sqb + h * sqh + rows.to(tl.int64)[:, None] * sqn + cols[None, :], mask=row_mask,
                     other=0.0)  # fmt: skip
         if TMA:
