@@ -3,7 +3,7 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
-sys.path.insert(0, ".ref")
+sys.path.insert(0, str(Path(__file__).parent))
 import linear_ws_probe as lp
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 fn = lp._output_ws
