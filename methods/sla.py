@@ -21,10 +21,10 @@ Density recorded per call: the share of the N x N scores computed exactly (the c
 linear branch forms no score and is not counted (the paper's "95% sparsity" counts it as sparse).
 The critical branch runs through :func:`methods.kernels.sparse_backends.block_sparse_attention`: ``auto`` runs it
 on Hopper without gradients on triton-blocks (:mod:`methods.kernels.block_list_triton`), each query block streaming
-its critical key blocks from a list taken from the ranking, as SLA's own kernel does (1.61x / 1.32x the
-density-scaled cuDNN call at Wan 1.3B / 14B on an H200 with a synchronised call, 1.38x / 1.34x in device time,
-against flex-tuned's 3.35x / 2.34x: reports/gpu/h200/run_d6d37b9/, run_1368e1f/), and on compiled FlexAttention when
-training (masked dense on CPU).
+its critical key blocks from a list taken from the ranking, as SLA's own kernel does (1.46x / 1.30x the
+density-scaled cuDNN call at Wan 1.3B / 14B on an H200 synchronised before each call, 1.32x / 1.31x back to back,
+against flex-tuned's 3.06x / 2.27x: reports/gpu/h200/run_ea3d5fb/), and on compiled FlexAttention when training
+(masked dense on CPU).
 """
 
 from __future__ import annotations

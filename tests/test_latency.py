@@ -84,18 +84,22 @@ def test_measure_rejects_bad_counts(warmup: int, repeats: int) -> None:
         measure(lambda: None, CPU, warmup=warmup, repeats=repeats)
 
 
-def test_back_to_back_is_the_median_regions_time_per_call_after_two_warm_calls() -> None:
-    """back_to_back_ms runs two warm calls, then ``samples`` regions of ``calls`` calls each, and returns a region's
-    time divided by its calls: with the first region's calls slow, the median (a fast region's) per call."""
-    calls = {"n": 0}
+def test_back_to_back_is_the_median_regions_time_per_call_after_two_warm_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """back_to_back_ms runs two warm calls, then ``samples`` regions of ``calls`` calls each, and returns the median
+    region's time divided by its calls: on a clock that each call advances (50 ms for the first region's calls, 2 ms
+    for every other), 2 ms exactly (a mean of the regions would give 18, a region's whole time 8)."""
+    clock = {"now": 0.0, "calls": 0}
 
     def fn() -> None:
-        calls["n"] += 1
-        time.sleep(0.05 if 2 < calls["n"] <= 6 else 0.002)
+        clock["calls"] += 1
+        clock["now"] += 0.05 if 2 < clock["calls"] <= 6 else 0.002
 
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
     per_call = back_to_back_ms(fn, CPU, calls=4, samples=3)
-    assert calls["n"] == 2 + 4 * 3
-    assert 2.0 <= per_call < 25.0
+    assert clock["calls"] == 2 + 4 * 3
+    assert per_call == pytest.approx(2.0)
 
 
 def test_stage_timer_treats_first_call_as_warmup() -> None:

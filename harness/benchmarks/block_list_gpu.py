@@ -131,7 +131,7 @@ def latency(device: torch.device, heads: int, tokens: int, repeats: int,
                 )  # fmt: skip
             calls = {label: time_call(kernel, device, repeats) for label, kernel in kernels.items()}
             # The kernel as a forward runs it, the host's launch work hidden behind earlier calls: a synchronised call
-            # of SLA's 0.8 ms kernel also holds ~0.1 ms of the host's work before the first launch (run_1368e1f).
+            # of SLA's 0.82 ms kernel also holds ~0.08 ms of the host's work before the first launch (run_ea3d5fb).
             back_to_back = {label: back_to_back_ms(kernel, device) for label, kernel in kernels.items()}
             if name == "sla":
                 calls["lists_from_ranking_with_selection"] = time_call(

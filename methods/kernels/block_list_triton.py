@@ -92,13 +92,14 @@ class Config(NamedTuple):
 #: stages, 4 warps (112 KB of shared memory); they beat the pointer loads of the same tiles by 1.33-1.44x, two blocks
 #: a step (8 warps) lost (2x). Warp-specialised 64-token programs, on Triton 3.6, gave NaN in 3 and 4 stages (with a
 #: finite initial maximum too) and took 1.8x the time of 1x4x3t in 2; at 8 warps Triton does not specialise the loop
-#: (run_3f2b77d, run_62c9eb5, run_1368e1f). What holds 64-token blocks at ~1.4x their ideal is the softmax, not the
-#: loads: the same loop without it ran at 1.17x / 1.15x, and its loads moved 6.5 TB/s from L2 against 7.6-8.3
-#: without it (run_1368e1f/l2_probe); outside warp specialisation Triton waits for each product before the softmax,
-#: so no product overlaps it. 128 tokens (run_62c9eb5): the warp-specialised 4-warp program in 2 stages (192 KB),
-#: **1.01x / 1.03x the ideal** (density x pinned cuDNN) on the random tables against 1.26x / 1.22x for 8 warps in 3
-#: stages, the earlier choice; its whole key blocks unmasked (1.15x in the probe with a mask on every block,
-#: run_eeedd2b). 16 and 32 take 64's (compiled for sm_90 without spills, not timed).
+#: (run_3f2b77d, run_62c9eb5, run_1368e1f). Of 64-token blocks' ~1.35-1.45x their ideal about half is the softmax
+#: beside the products: the same loop without it ran at 1.17x / 1.15x, its loads drawing 7.6-7.8 TB/s from L2 (the
+#: tiles' bytes over the time) against 6.5-6.6 with it (run_1368e1f/l2_probe); outside warp specialisation Triton
+#: waits for each product before the softmax, so no product overlaps it. 128 tokens (run_62c9eb5): the
+#: warp-specialised 4-warp program in 2 stages (192 KB), **1.01x / 1.03x the ideal** (density x pinned cuDNN) on the
+#: random tables against 1.26x / 1.22x for 8 warps in 3 stages, the earlier choice; its whole key blocks unmasked
+#: (1.15x in the probe with a mask on every block, run_eeedd2b). 16 and 32 take 64's (compiled for sm_90 without
+#: spills, not timed).
 BEST_CONFIGS = {16: Config(1, 4, 3, True), 32: Config(1, 4, 3, True), 64: Config(1, 4, 3, True),
                 128: Config(1, 4, 2, True, True)}  # fmt: skip
 #: Where a warp-specialised configuration was checked: Triton's release series and the GPU's compute capability. The
