@@ -783,12 +783,11 @@ def auto_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bloc
     - a block-level pattern triton-blocks takes on triton-blocks, eager or compiled (one opaque op): on an H200 at
       Wan 1.3B / 14B, SLA's 64-token critical blocks 1.46x / 1.30x their ideal (density x the cuDNN call; 1.32x /
       1.31x back to back) against flex-tuned's 3.06x / 2.27x (reports/gpu/h200/run_ea3d5fb/); random 128-token
-      tables at density 0.3
-      1.01x / 1.03x the density-scaled cuDNN call
-      under the warp-specialised schedule against flex-tuned's 1.41x / 1.32x (run_62c9eb5/block_list/); radial's
-      tables 1.11x / 1.07x their ideal, xattn's 1.01x / 1.02x (run_3e31586/call6/sparse/; 1.38x and 1.35x at 1.3B
-      before, run_d6d37b9/call3/sparse/). FlashInfer's BSR wrapper, preferred above for radial's head-shared table in
-      eager, ran radial at 1.04x in earlier sessions (not measured against this schedule: FlashInfer not carried);
+      tables at density 0.3 1.01x / 1.03x the density-scaled cuDNN call under the warp-specialised schedule against
+      flex-tuned's 1.41x / 1.32x (run_62c9eb5/block_list/); radial's tables 1.11x / 1.07x their ideal, xattn's
+      1.01x / 1.02x (run_3e31586/call6/sparse/; 1.38x and 1.35x at 1.3B before, run_d6d37b9/call3/sparse/).
+      FlashInfer's BSR wrapper, preferred above for radial's head-shared table in eager, ran radial at 1.04x in
+      earlier sessions (not measured against this schedule: FlashInfer not carried);
     - the base choice.
 
     ``compiled`` asks for the compiled choice (``True``) or the eager one (``False``) whatever the context (``None``:
