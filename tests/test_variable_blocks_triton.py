@@ -179,6 +179,45 @@ def test_sparse_tiles_past_the_gather_cap_are_read_whole(monkeypatch: pytest.Mon
     )
 
 
+@pytest.mark.parametrize("config", [
+    kernel.Config(16, 16, 4, 1, tiles=True), kernel.Config(16, 16, 4, 1, True, True, 6),
+    kernel.Config(32, 16, 4, 1, True, True, 16), kernel.Config(16, 32, 4, 1),
+], ids=["whole", "sparse", "rows-32", "gathered"])  # fmt: skip
+def test_computed_entries_count_listed_tiles_and_gathered_keys(
+    config: kernel.Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per query block, its row tiles times its whole tiles' columns and its gathered keys in whole tiles, from
+    :func:`listed_keys` (the lists by first principles; a cap of 6 gathered keys crossed), summed over heads; the
+    kept entries are its rows times its kept keys."""
+    monkeypatch.setattr(kernel, "GATHER_CAP", 6)
+    torch.manual_seed(3)
+    blocks = random_blocks(1, 2, 90, 5, 9)
+    computed = kept_entries = 0
+    for h in range(2):
+        rows, cols, kept = blocks.row_sizes[0, h].cpu(), blocks.col_sizes[0, h].cpu(), blocks.kept[0, h].cpu()
+        tiles, gathered = listed_keys(kept, cols, config.block_n, config.sparse_below if config.tiles else 91, 6)
+        for i, r in enumerate(rows.tolist()):
+            keys = int(kept[i].repeat_interleave(cols).sum())
+            whole_columns = len(tiles[i]) * config.block_n if config.tiles else 0
+            gathered_keys = len(gathered[i]) if config.tiles else keys
+            columns = whole_columns + -(-gathered_keys // config.block_n) * config.block_n
+            computed += -(-r // config.block_m) * config.block_m * columns
+            kept_entries += r * keys
+    assert kernel.computed_entries(blocks, 90, config) == (computed, kept_entries)
+
+
+def test_computed_entries_of_blocks_shared_by_every_head_count_each_head() -> None:
+    """A table shared by the heads (batch and head axes of 1 in kept) counts once per head of the sizes."""
+    torch.manual_seed(4)
+    blocks = random_blocks(1, 3, 64, 4, 6)
+    shared = replace(blocks, kept=blocks.kept[:, :1])
+    config = kernel.Config(16, 16, 4, 1, tiles=True)
+    per_head = [kernel.computed_entries(replace(shared, row_sizes=blocks.row_sizes[:, h : h + 1],
+                                                col_sizes=blocks.col_sizes[:, h : h + 1]), 64, config)
+                for h in range(3)]  # fmt: skip
+    assert kernel.computed_entries(shared, 64, config) == tuple(map(sum, zip(*per_head, strict=True)))
+
+
 @pytest.mark.parametrize(("config", "message"), [
     (kernel.Config(64, 128, 4, 3, tiles=True), "64x128x4x3t: key tiles take BLOCK_N <= 64"),
     (kernel.Config(64, 64, 4, 3, sparse_below=40), "64x64x4x3: sparse_below 40 needs whole key tiles"),
@@ -317,7 +356,11 @@ def test_the_gpu_script_checks_then_times_every_configuration(tmp_path: Path) ->
     record = json.loads((tmp_path / "variable_blocks.json").read_text())
     (point,) = record["models"]["wan-tiny"]["points"]
     for name in ("triton-variable 16x16x4x1", "triton-variable 16x16x4x1r", "triton-variable 16x16x4x1rt8"):
-        assert point["results"][name]["passed"] and point["results"][name]["ms"] > 0
+        result = point["results"][name]
+        assert result["passed"] and result["ms"] > 0
+        # its time over the ideal split into the work over the kept entries and the time per computed entry
+        assert result["computed_entries"] >= result["kept_entries"] > 0
+        assert result["of_ideal"] == pytest.approx(result["work_over_kept"] * result["per_computed_entry"])
     full = record["models"]["wan-tiny"]["full_blocks"]
     assert full["block"] == 16
     for name in ("16x16x4x1", "16x16x4x1r", "16x16x4x1rt8"):  # every block kept: checked against dense, then timed

@@ -9,11 +9,13 @@ same q, k, v:
 - FlashInfer's variable-block wrapper (``flashinfer``), where installed, plan included (it plans per call);
 - flex-tuned on the clusters regrouped into 128-tiles.
 
-Kernel efficiency is the time over ``density x`` the cuDNN time (issue 21's bar: <= 1.2x). Then every configuration
-once more with every block kept, in blocks of ``--full-blocks`` tokens or of its BLOCK_M where larger (checked
-against dense attention first): density 1 and no partial tile, so its time over the cuDNN call's is the kernel's own
-cost per computed entry, the ceiling of its efficiency at any density (``full_blocks`` in the JSON). Prints a table
-last and writes ``variable_blocks.json`` under ``--out``::
+Kernel efficiency is the time over ``density x`` the cuDNN time (issue 21's bar: <= 1.2x), split for each
+``triton-variable`` configuration into its work (score entries computed over those kept:
+:func:`~methods.kernels.variable_blocks_triton.computed_entries`) times its rate (time per computed entry over the
+dense call's). Then every configuration once more with every block kept, in blocks of ``--full-blocks`` tokens or
+of its BLOCK_M where larger (checked against dense attention first): density 1 and no partial tile, so its time over
+the cuDNN call's is the kernel's own cost per computed entry, the ceiling of its efficiency at any density
+(``full_blocks`` in the JSON). Prints a table last and writes ``variable_blocks.json`` under ``--out``::
 
     python -m harness.benchmarks.variable_blocks_gpu --out /tmp/vb --models wan1.3b,wan14b --densities 0.1,0.295,0.5
 """
@@ -44,7 +46,7 @@ from methods.kernels.sparse_backends import (
     relative_error,
     tolerance,
 )
-from methods.kernels.variable_blocks_triton import Config, variable_block_attention
+from methods.kernels.variable_blocks_triton import Config, computed_entries, variable_block_attention
 
 CONFIGS = "64x32x4x3,64x32x4x4,64x32x4x5,64x64x4x4,64x32x4x3r,64x64x4x3r,64x32x4x4r,128x32x8x4,128x64x8x4,128x64x4x3"
 BASELINES = ("flashinfer", "flex-tuned")
@@ -96,11 +98,22 @@ def run_point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any, conf
         passed = error <= tolerance(q.dtype)
         results[name] = {"error": error, "passed": passed}
         print(f"  {name:>28}: error {error:.2e} {'ok' if passed else 'FAILED'}", flush=True)
+    batch, heads, tokens, _ = q.shape
+    for config in configs:  # what each configuration computes, for the split of its time below
+        computed, kept = computed_entries(plan.pattern.variable, tokens, config)
+        results[f"triton-variable {config.name}"] |= {"computed_entries": computed, "kept_entries": kept}
     for name, outcome in results.items():
         if outcome.get("passed"):
             ms = default_timer(candidates[name], q.device, warmup=3, repeats=10) * 1e3
             outcome |= {"ms": ms, "of_ideal": ms / (density * dense_ms)}
-            print(f"  {name:>28}: {ms:8.3f} ms, {outcome['of_ideal']:.2f}x ideal", flush=True)
+            split = ""
+            if "computed_entries" in outcome:
+                # x ideal = (computed / kept) x (time per computed entry over the dense call's)
+                outcome["work_over_kept"] = outcome["computed_entries"] / outcome["kept_entries"]
+                outcome["per_computed_entry"] = ms / (outcome["computed_entries"] / (batch * heads * tokens**2)
+                                                      * dense_ms)  # fmt: skip
+                split = f" = work {outcome['work_over_kept']:.2f} x rate {outcome['per_computed_entry']:.2f}"
+            print(f"  {name:>28}: {ms:8.3f} ms, {outcome['of_ideal']:.2f}x ideal{split}", flush=True)
     return results
 
 

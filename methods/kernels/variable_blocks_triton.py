@@ -271,6 +271,42 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_s
         tl.store(o_base + rows[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=row_mask)
 
 
+def computed_entries(blocks: VariableBlocks, tokens: int, config: Config | None = None) -> tuple[int, int]:
+    """Score entries one :func:`variable_block_attention` call over ``blocks`` (``tokens`` each side) computes with
+    ``config`` (:func:`default_config`), and those the blocks keep, each summed over every (batch, head) pair: the
+    split of the kernel's time over its ideal (density x the dense call's) into its work over the kept entries and
+    its time per computed entry. A query block of r rows runs ``ceil(r / BLOCK_M)`` tiles of BLOCK_M rows; each
+    computes BLOCK_N columns per key tile :func:`_key_tiles` lists whole and, for its gathered keys,
+    ``ceil(gathered / BLOCK_N)`` tiles of BLOCK_N (without ``tiles``: all its kept keys gathered). Torch ops, one
+    (batch, head) pair at a time (an ``(R, N)`` bool table each); on the blocks' device, one host read per pair."""
+    config = config or default_config()
+    kept = blocks.kept.bool()
+    batch, heads = (max(a, b) for a, b in zip(kept.shape[:2], blocks.row_sizes.shape[:2], strict=True))
+    kept = kept.expand(batch, heads, -1, -1)
+    rows = blocks.row_sizes.expand(batch, heads, -1)
+    cols = blocks.col_sizes.expand(batch, heads, -1)
+    computed = kept_entries = 0
+    for b in range(batch):
+        for h in range(heads):
+            token_kept = kept[b, h][:, block_ids(cols[b, h][None], tokens)[0]]  # (R, N)
+            keys = token_kept.sum(-1)
+            if config.tiles:
+                width = -(-tokens // config.block_n) * config.block_n
+                per_tile = F.pad(token_kept, (0, width - tokens)).view(len(keys), -1, config.block_n).sum(-1)
+                sparse = (per_tile > 0) & (per_tile < config.sparse_below)
+                cap = max(1, min(GATHER_CAP, tokens))
+                gathered_tile = sparse & (torch.where(sparse, per_tile, 0).cumsum(-1) <= cap)
+                whole = ((per_tile > 0) & ~gathered_tile).sum(-1)
+                gathered = torch.where(gathered_tile, per_tile, 0).sum(-1)
+            else:
+                whole, gathered = torch.zeros_like(keys), keys
+            columns = (whole + (gathered + config.block_n - 1) // config.block_n) * config.block_n
+            row_tiles = (rows[b, h] + config.block_m - 1) // config.block_m * config.block_m
+            computed += int((row_tiles * columns).sum())
+            kept_entries += int((rows[b, h] * keys).sum())
+    return computed, kept_entries
+
+
 def _running_sums(x: torch.Tensor) -> torch.Tensor:
     """``(.., L)`` -> ``(.., L + 1)`` int32: 0, then the running sums of the last axis."""
     return F.pad(x.cumsum(-1), (1, 0)).to(torch.int32)
