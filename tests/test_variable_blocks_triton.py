@@ -206,16 +206,29 @@ def test_computed_entries_count_listed_tiles_and_gathered_keys(
     assert kernel.computed_entries(blocks, 90, config) == (computed, kept_entries)
 
 
-def test_computed_entries_of_blocks_shared_by_every_head_count_each_head() -> None:
-    """A table shared by the heads (batch and head axes of 1 in kept) counts once per head of the sizes."""
+def test_computed_entries_count_every_pair_of_a_shared_table() -> None:
+    """A table shared by the heads (kept with batch and head axes of 1) counts each head with its own sizes; blocks
+    shared entirely count once per pair of the call's ``batch`` x ``heads``; per-head key sizes alone broadcast the
+    rest."""
     torch.manual_seed(4)
     blocks = random_blocks(1, 3, 64, 4, 6)
-    shared = replace(blocks, kept=blocks.kept[:, :1])
+    shared_kept = replace(blocks, kept=blocks.kept[:, :1])
     config = kernel.Config(16, 16, 4, 1, tiles=True)
-    per_head = [kernel.computed_entries(replace(shared, row_sizes=blocks.row_sizes[:, h : h + 1],
-                                                col_sizes=blocks.col_sizes[:, h : h + 1]), 64, config)
-                for h in range(3)]  # fmt: skip
-    assert kernel.computed_entries(shared, 64, config) == tuple(map(sum, zip(*per_head, strict=True)))
+    per_head = [
+        kernel.computed_entries(replace(shared_kept, row_sizes=blocks.row_sizes[:, h : h + 1],
+                                        col_sizes=blocks.col_sizes[:, h : h + 1]), 64, config)
+        for h in range(3)
+    ]  # fmt: skip
+    assert kernel.computed_entries(shared_kept, 64, config) == tuple(map(sum, zip(*per_head, strict=True)))
+    one_pair = replace(blocks, kept=blocks.kept[:, :1], row_sizes=blocks.row_sizes[:, :1],
+                       col_sizes=blocks.col_sizes[:, :1])  # fmt: skip
+    computed, kept = kernel.computed_entries(one_pair, 64, config)
+    assert kernel.computed_entries(one_pair, 64, config, batch=2, heads=3) == (6 * computed, 6 * kept)
+    per_key_sizes = [kernel.computed_entries(replace(one_pair, col_sizes=blocks.col_sizes[:, h : h + 1]), 64, config)
+                     for h in range(3)]  # fmt: skip
+    assert kernel.computed_entries(replace(one_pair, col_sizes=blocks.col_sizes), 64, config) == tuple(
+        map(sum, zip(*per_key_sizes, strict=True))
+    )  # only the key sizes per head: the others broadcast
 
 
 @pytest.mark.parametrize(("config", "message"), [

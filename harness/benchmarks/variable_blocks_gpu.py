@@ -100,7 +100,7 @@ def run_point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any, conf
         print(f"  {name:>28}: error {error:.2e} {'ok' if passed else 'FAILED'}", flush=True)
     batch, heads, tokens, _ = q.shape
     for config in configs:  # what each configuration computes, for the split of its time below
-        computed, kept = computed_entries(plan.pattern.variable, tokens, config)
+        computed, kept = computed_entries(plan.pattern.variable, tokens, config, batch, heads)
         results[f"triton-variable {config.name}"] |= {"computed_entries": computed, "kept_entries": kept}
     for name, outcome in results.items():
         if outcome.get("passed"):

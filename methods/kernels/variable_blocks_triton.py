@@ -275,18 +275,21 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tile_block_ptr, first_tile_ptr, row_s
         tl.store(o_base + rows[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=row_mask)
 
 
-def computed_entries(blocks: VariableBlocks, tokens: int, config: Config | None = None) -> tuple[int, int]:
+def computed_entries(blocks: VariableBlocks, tokens: int, config: Config | None = None, batch: int = 1,
+                     heads: int = 1) -> tuple[int, int]:  # fmt: skip
     """Score entries one :func:`variable_block_attention` call over ``blocks`` (``tokens`` each side) computes with
-    ``config`` (:func:`default_config`), and those the blocks keep, each summed over every (batch, head) pair: the
-    split of the kernel's time over its ideal (density x the dense call's) into its work over the kept entries and
-    its time per computed entry. A query block of r rows runs ``ceil(r / BLOCK_M)`` tiles of BLOCK_M rows; each
-    computes BLOCK_N columns per key tile :func:`_key_tiles` lists whole and, for its gathered keys,
-    ``ceil(gathered / BLOCK_N)`` tiles of BLOCK_N (without ``tiles``: all its kept keys gathered). Torch ops, one
-    (batch, head) pair at a time (an ``(R, N)`` bool table each); on the blocks' device, one host read per pair."""
+    ``config`` (:func:`default_config`), and those the blocks keep, each summed over every (batch, head) pair the
+    call runs: q's ``batch`` and ``heads``, or the blocks' own where larger (a table or sizes shared by every batch
+    item or head count once per pair, as the kernel runs them). The split of the kernel's time over its ideal (density
+    x the dense call's) into its work over the kept entries and its time per computed entry. A query block of r rows
+    runs ``ceil(r / BLOCK_M)`` tiles of BLOCK_M rows; each computes BLOCK_N columns per key tile :func:`_key_tiles`
+    lists whole and, for its gathered keys, ``ceil(gathered / BLOCK_N)`` tiles of BLOCK_N (without ``tiles``: all its
+    kept keys gathered). Torch ops, one (batch, head) pair at a time (an ``(R, N)`` bool table each); on the blocks'
+    device, two host reads per pair."""
     config = config or default_config()
-    kept = blocks.kept.bool()
-    batch, heads = (max(a, b) for a, b in zip(kept.shape[:2], blocks.row_sizes.shape[:2], strict=True))
-    kept = kept.expand(batch, heads, -1, -1)
+    shapes = (blocks.kept.shape[:2], blocks.row_sizes.shape[:2], blocks.col_sizes.shape[:2], (batch, heads))
+    batch, heads = (max(sizes) for sizes in zip(*shapes, strict=True))
+    kept = blocks.kept.bool().expand(batch, heads, -1, -1)
     rows = blocks.row_sizes.expand(batch, heads, -1)
     cols = blocks.col_sizes.expand(batch, heads, -1)
     computed = kept_entries = 0
