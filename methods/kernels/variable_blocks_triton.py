@@ -36,9 +36,10 @@ query clusters over 32,760 tokens a block averages 109 rows and 64-row tiles use
 run_109ff79/).
 :func:`computed_entries` counts what a call computes: at svg2's 0.295 on random q, k, v the time over the ideal is
 1.39 (entries computed over kept) x 1.55 (time per computed entry over the dense call's) at Wan 1.3B and 1.17 x 1.38
-at 14B (run_290ac86/). Query tiles that cross query blocks, each row masked to its own block's keys, computed
-1.26-1.43x the kept entries on a CPU model of svg2's plan (these tiles 1.38-1.41x there) and ran slower, 2.48x / 2.08x
-against 2.03x / 1.62x: the per-row mask cost more per entry than the rows it saved (run_e0a49c8/straddle/).
+at 14B (run_290ac86/). Query tiles that cross query blocks, each row masked to its own block's keys, computed about
+as much (1.43x / 1.36x the kept entries at 128 rows, 1.30x / 1.27x at 64) at a worse rate, 2.48x / 2.08x their ideal
+against 2.03x / 1.62x (run_e0a49c8/straddle/); 128-row tiles under warp specialisation ran at ~1.2x per computed
+entry but compute 2.12x / 1.59x the kept entries inside svg2's query blocks (run_e740db5/ws128/).
 Query rows of a block that keeps no key get zeros (masked dense gives NaN there; no method makes such a block).
 
 Shapes: q, k, v ``(B, H, N, D)`` fp16 or bf16, one dtype, any strides with a contiguous last axis, ``D <= 128``;
