@@ -1,5 +1,6 @@
 """CPU model of svg2's tile work under several query-tile schemes (random q, k at Wan 1.3B, a few heads)."""
 import sys, time, torch
+from safetensors.torch import save_file
 from dataclasses import replace
 from harness.benchmarks.sparse_gpu import model_inputs
 from methods import build_method
@@ -15,4 +16,4 @@ build_method("svg2", fixed_density=0.295).plan(q, k, v, ctx)
 plan = build_method("svg2", fixed_density=0.295).plan(q, k, v, ctx)
 print("plan s", time.time() - t, "density", float(plan.used_density()))
 vb = plan.pattern.variable
-torch.save({"kept": vb.kept, "rows": vb.row_sizes, "cols": vb.col_sizes}, f"/tmp/svg2_blocks_{model}.pt")
+save_file({"kept": vb.kept.contiguous(), "rows": vb.row_sizes.contiguous(), "cols": vb.col_sizes.contiguous()}, f"/tmp/svg2_blocks_{model}.safetensors")

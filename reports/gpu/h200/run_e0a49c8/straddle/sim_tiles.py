@@ -1,5 +1,6 @@
 import sys, torch
-d = torch.load(sys.argv[1])
+from safetensors.torch import load_file
+d = load_file(sys.argv[1])  # safetensors: tensors only
 kept, rows, cols = d["kept"][0], d["rows"][0], d["cols"][0]
 H, R, C = kept.shape
 N = int(rows[0].sum())

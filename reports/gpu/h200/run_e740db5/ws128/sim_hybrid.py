@@ -1,7 +1,9 @@
 """Cost model: 128-row tiles (warp-specialised, every listed key tile whole, rate R128 per entry) for each query
 block's whole 128-row chunks, the shipped 64-row kernel (whole tiles 1.43, gathered 2.12 per entry) for the rest."""
 import sys, torch
-d = torch.load(sys.argv[1]); kept, rows, cols = d["kept"][0], d["rows"][0], d["cols"][0]
+from safetensors.torch import load_file
+d = load_file(sys.argv[1])  # safetensors: tensors only
+kept, rows, cols = d["kept"][0], d["rows"][0], d["cols"][0]
 H, R, C = kept.shape; N = int(rows[0].sum())
 def key_tiles(tok, bn):
     T = -(-N // bn); pad = torch.zeros(T * bn, dtype=torch.int64); pad[:N] = tok

@@ -1,8 +1,9 @@
 import sys, torch
+from safetensors.torch import load_file
 from dataclasses import replace
 from methods.kernels.block_sparse import VariableBlocks
 from methods.kernels.variable_blocks_triton import Config, computed_entries
-d = torch.load(sys.argv[1])
+d = load_file(sys.argv[1])  # safetensors: tensors only
 vb = VariableBlocks(d["kept"], d["rows"], d["cols"])
 N = int(d["rows"][0, 0].sum()); H = d["kept"].shape[1]; total = H * N * N
 kept = computed_entries(vb, N, Config(64, 64, 4, 3, True, True, 40))[1] / total
