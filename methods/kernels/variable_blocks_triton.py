@@ -114,6 +114,12 @@ MAX_HEAD_DIM = 128
 MAX_KEY_TILE = 64
 
 
+def gather_cap(tokens: int, sparse_below: int) -> int:
+    """Gathered keys a query block may take (the width of its list): :data:`GATHER_CAP`, at most the sequence, and
+    1 (no list) where nothing is gathered."""
+    return max(1, min(GATHER_CAP, tokens)) if sparse_below else 1
+
+
 def default_config() -> Config:
     """:data:`DEFAULT_CONFIG`, or :data:`INTERPRETER_CONFIG` under the Triton interpreter."""
     return INTERPRETER_CONFIG if INTERPRETED else DEFAULT_CONFIG
@@ -285,15 +291,15 @@ def computed_entries(blocks: VariableBlocks, tokens: int, config: Config | None 
     x the dense call's) into its work over the kept entries and its time per computed entry. A query block of r rows
     runs ``ceil(r / BLOCK_M)`` tiles of BLOCK_M rows; each computes BLOCK_N columns per key tile :func:`_key_tiles`
     lists whole and, for its gathered keys, ``ceil(gathered / BLOCK_N)`` tiles of BLOCK_N (without ``tiles``: all its
-    kept keys gathered). Torch ops, one (batch, head) pair at a time (an ``(R, N)`` bool table each); on the blocks'
-    device, two host reads per pair."""
+    kept keys gathered). Torch ops, one (batch, head) pair at a time (an ``(R, N)`` bool table each), summed on the
+    blocks' device and read once."""
     config = config or default_config()
     shapes = (blocks.kept.shape[:2], blocks.row_sizes.shape[:2], blocks.col_sizes.shape[:2], (batch, heads))
     batch, heads = (max(sizes) for sizes in zip(*shapes, strict=True))
     kept = blocks.kept.bool().expand(batch, heads, -1, -1)
     rows = blocks.row_sizes.expand(batch, heads, -1)
     cols = blocks.col_sizes.expand(batch, heads, -1)
-    computed = kept_entries = 0
+    computed = kept_entries = torch.zeros((), dtype=torch.int64, device=kept.device)
     for b in range(batch):
         for h in range(heads):
             token_kept = kept[b, h][:, block_ids(cols[b, h][None], tokens)[0]]  # (R, N)
@@ -302,7 +308,7 @@ def computed_entries(blocks: VariableBlocks, tokens: int, config: Config | None 
                 width = -(-tokens // config.block_n) * config.block_n
                 per_tile = F.pad(token_kept, (0, width - tokens)).view(len(keys), -1, config.block_n).sum(-1)
                 sparse = (per_tile > 0) & (per_tile < config.sparse_below)
-                cap = max(1, min(GATHER_CAP, tokens))
+                cap = gather_cap(tokens, config.sparse_below)
                 gathered_tile = sparse & (torch.where(sparse, per_tile, 0).cumsum(-1) <= cap)
                 whole = ((per_tile > 0) & ~gathered_tile).sum(-1)
                 gathered = torch.where(gathered_tile, per_tile, 0).sum(-1)
@@ -310,9 +316,9 @@ def computed_entries(blocks: VariableBlocks, tokens: int, config: Config | None 
                 whole, gathered = torch.zeros_like(keys), keys
             columns = (whole + (gathered + config.block_n - 1) // config.block_n) * config.block_n
             row_tiles = (rows[b, h] + config.block_m - 1) // config.block_m * config.block_m
-            computed += int((row_tiles * columns).sum())
-            kept_entries += int((rows[b, h] * keys).sum())
-    return computed, kept_entries
+            computed = computed + (row_tiles * columns).sum()
+            kept_entries = kept_entries + (rows[b, h] * keys).sum()
+    return int(computed), int(kept_entries)
 
 
 def _running_sums(x: torch.Tensor) -> torch.Tensor:
@@ -337,7 +343,7 @@ def variable_block_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     with_tma = False
     if tiles:
         key_tiles = triton.cdiv(tokens, block_n)
-        cap = max(1, min(GATHER_CAP, tokens)) if sparse_below else 1  # nothing gathered: no list
+        cap = gather_cap(tokens, sparse_below)
         labels = block_ids(cols, tokens).to(torch.int32)
         tile_lists = torch.empty(groups * blocks_q, key_tiles, device=q.device, dtype=torch.int32)
         bits = torch.empty(groups * blocks_q, key_tiles, device=q.device, dtype=torch.int64)
